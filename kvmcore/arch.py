@@ -1,0 +1,83 @@
+"""What a backend says about itself (ArchInfo) and about each leaf it maps (Mapping)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping as _MappingABC
+
+import attrs
+
+#: Capability names a backend may claim per VM type (API.md). The conformance suite tests what
+#: is claimed and skips the rest.
+KNOWN_CAPABILITIES = frozenset({
+    "private_mem", "gmem", "gmem_mmap", "readonly_mem", "dirty_log", "manual_dirty_protect",
+    "dirty_ring", "pml", "hugepage_2m", "hugepage_1g", "relax_perms", "pre_fault", "aging",
+    "memory_attributes", "initially_set",
+})
+
+
+def _freeze_vm_types(value) -> dict[str, frozenset[str]]:
+    return {str(k): frozenset(v) for k, v in dict(value).items()}
+
+
+@attrs.frozen
+class ArchInfo:
+    """A backend's self-description.
+
+    ``vm_types`` maps each VM type it supports (``"default"`` always) to the capabilities a VM
+    of that type has; ``page_sizes`` are the leaf sizes (bytes) of the default configuration,
+    smallest first; ``levels`` its page-table levels; ``nr_address_spaces`` the memslot
+    address spaces of a VM (x86: 2, for SMM).
+    """
+
+    name: str
+    page_sizes: tuple[int, ...] = attrs.field(converter=tuple)
+    levels: int
+    vm_types: _MappingABC[str, frozenset[str]] = attrs.field(converter=_freeze_vm_types,
+                                                             hash=False)
+    nr_address_spaces: int = 1
+    description: str = ""
+
+    @vm_types.validator
+    def _check_vm_types(self, _attr, value):
+        if "default" not in value:
+            raise ValueError(f"ArchInfo {self.name!r}: vm_types must include 'default'")
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Every capability claimed by at least one VM type."""
+        return frozenset().union(*self.vm_types.values())
+
+    def capabilities_of(self, vm_type: str) -> frozenset[str]:
+        return self.vm_types[vm_type]
+
+
+@attrs.frozen(slots=True)
+class Mapping:
+    """One present leaf of the stage-2 / TDP table, whatever its hardware format.
+
+    ``gfn`` is the first 4 KiB frame it maps and ``size`` its size in bytes; ``pfn`` the host
+    frame of its first page; ``private`` whether it is the private alias (TDX mirror root) or,
+    for VMs whose private and shared pages share one table, whether it maps guest_memfd
+    private memory; ``young``/``dirty`` the hardware accessed/dirty (R/C) state; ``level`` the
+    backend's own level number; ``raw`` the entry as the hardware stores it.
+    """
+
+    gfn: int
+    size: int
+    pfn: int
+    readable: bool
+    writable: bool
+    executable: bool
+    private: bool = False
+    young: bool = False
+    dirty: bool = False
+    level: int = 0
+    raw: int = 0
+
+    @property
+    def npages(self) -> int:
+        return self.size >> 12
+
+    @property
+    def gpa(self) -> int:
+        return self.gfn << 12

@@ -1,0 +1,118 @@
+"""The core's default hook implementations, registered ``trylast`` in every VM's plugin
+manager: what is the same on every architecture (the generic pfn lookup, the memslot zap, the
+attribute pre-set filter). A backend overrides one by implementing the hook, or wraps it."""
+
+from __future__ import annotations
+
+import errno
+
+import attrs
+
+from . import hookimpl
+from .errors import KvmError
+from .exits import HwPoisonSignal, MemoryFaultExit
+from .gmem import kvm_gmem_get_pfn
+from .hva import GfnRange
+from .pfn import kvm_follow_pfn
+from .uapi import (
+    KVM_FILTER_PRIVATE,
+    KVM_FILTER_SHARED,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    KVM_PFN_ERR_FAULT,
+    KVM_PFN_ERR_HWPOISON,
+    KVM_PFN_ERR_RO_FAULT,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    RET_PF_CONTINUE,
+    RET_PF_EMULATE,
+)
+
+
+def memory_fault_exit(fault, err: int = errno.EFAULT) -> MemoryFaultExit:
+    """kvm_mmu_prepare_memory_fault_exit: gpa of the faulting gfn, size PAGE_SIZE."""
+    flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
+    return MemoryFaultExit(flags, fault.gfn << PAGE_SHIFT, PAGE_SIZE, err)
+
+
+@hookimpl(trylast=True)
+def faultin_pfn(vm, fault):
+    """__kvm_mmu_faultin_pfn: guest_memfd for private faults and gmem-only slots
+    (kvm_mmu_faultin_pfn_private), hva -> pfn otherwise (__kvm_faultin_pfn), with the error
+    handling of kvm_handle_error_pfn."""
+    slot = fault.slot
+    if fault.is_private or slot.gmem_only:
+        if not slot.has_gmem:
+            raise memory_fault_exit(fault)
+        try:
+            pfn, order = kvm_gmem_get_pfn(vm, slot, fault.gfn)
+        except KvmError as e:
+            raise memory_fault_exit(fault, e.errno) from None
+        fault.pfn = pfn
+        fault.map_writable = not slot.readonly
+        fault.max_size = PAGE_SIZE << order
+        fault.hva = 0
+        fault.pfnmap = False
+        fault.cacheable = True
+        return RET_PF_CONTINUE
+    pfn, writable, hva = kvm_follow_pfn(vm, slot, fault.gfn, fault.write)
+    fault.hva = hva
+    if pfn == KVM_PFN_ERR_RO_FAULT:
+        return RET_PF_EMULATE
+    if pfn == KVM_PFN_ERR_HWPOISON:
+        vm.stats["hwpoison_signal"] += 1
+        raise HwPoisonSignal(hva, PAGE_SHIFT)
+    if pfn == KVM_PFN_ERR_FAULT:
+        raise memory_fault_exit(fault)
+    host = vm.host
+    vma = host.find_vma(hva)
+    fault.pfn = pfn
+    fault.map_writable = writable
+    fault.host_vma = vma
+    fault.pfnmap = vma.io_pfnmap
+    fault.cacheable = not vma.io_pfnmap
+    fault.max_size = host.host_mapping_size(hva)
+    return RET_PF_CONTINUE
+
+
+@hookimpl(trylast=True)
+def flush_shadow_memslot(vm, slot):
+    """kvm_mmu_zap_memslot: zap the whole slot, both aliases, and flush."""
+    rng = GfnRange(slot, slot.base_gfn, slot.end_gfn, 0,
+                   KVM_FILTER_PRIVATE | KVM_FILTER_SHARED, True, False)
+    with vm.mmu_lock:
+        if vm.hook.unmap_gfn_range(vm=vm, range=rng):
+            vm.flush_remote_tlbs()
+    return True
+
+
+@hookimpl(trylast=True)
+def flush_shadow_all(vm):
+    """kvm_arch_flush_shadow_all: every slot, both aliases; no vCPU runs, so no flush."""
+    for slot in list(vm.all_memslots()):
+        vm.hook.unmap_gfn_range(vm=vm, range=GfnRange(
+            slot, slot.base_gfn, slot.end_gfn, 0, KVM_FILTER_PRIVATE | KVM_FILTER_SHARED,
+            True, False))
+    vm.flush_remote_tlbs()
+    return True
+
+
+@hookimpl(trylast=True)
+def pre_set_memory_attributes(vm, range):
+    """kvm_arch_pre_set_memory_attributes, without x86's huge-page straddle widening: zap the
+    *old* kind — shared when converting to private, private when converting to shared."""
+    to_private = bool(range.arg & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    rng = attrs.evolve(range, attr_filter=KVM_FILTER_SHARED if to_private else
+                       KVM_FILTER_PRIVATE)
+    return bool(vm.hook.unmap_gfn_range(vm=vm, range=rng))
+
+
+@hookimpl(trylast=True)
+def post_set_memory_attributes(vm, range):
+    return False
+
+
+@hookimpl(trylast=True)
+def page_table_bytes(vm):
+    return 0
+

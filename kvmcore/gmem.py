@@ -1,0 +1,356 @@
+"""guest_memfd (virt/kvm/guest_memfd.c; reference §3).
+
+``GmemInode`` is the memory (i_size, flags, folios); ``GuestMemfd`` is one VM's file on it
+with its bindings to memslots. ``folio_order`` (> 0) models huge-folio-backed guest_memfd,
+which is in flight upstream: upstream's kvm_gmem_get_pfn always reports order 0.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+import structlog
+from sortedcontainers import SortedKeyList
+
+from .errors import EHWPOISON, KvmError
+from .host import SigBus
+from .hva import GfnRange
+from .invalidate import kvm_mmu_unmap_gfn_range
+from .uapi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
+    KVM_FILTER_PRIVATE,
+    KVM_FILTER_SHARED,
+    KVM_MEMSLOT_GMEM_ONLY,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
+
+if TYPE_CHECKING:
+    from .memslots import Memslot
+    from .vm import VM
+
+logger = structlog.get_logger(__name__)
+
+MAX_FOLIO_ORDER = 18  # 1 GiB
+
+
+class GmemInode:
+    """The guest_memfd inode: its size, flags, folios (index of the first page -> pfn) and
+    the files (one per VM) that view it. Memory outlives the files."""
+
+    def __init__(self, host, size: int, flags: int, order: int):
+        self.host = host
+        self.size = size
+        self.flags = flags
+        self.order = order
+        self.folios: dict[int, int] = {}
+        self.poisoned: set[int] = set()
+        self.files: list[GuestMemfd] = []
+
+    @property
+    def npages(self) -> int:
+        return self.size >> PAGE_SHIFT
+
+    def invalidate_filter(self) -> int:
+        """kvm_gmem_get_invalidate_filter."""
+        return KVM_FILTER_SHARED if self.flags & GUEST_MEMFD_FLAG_INIT_SHARED else \
+            KVM_FILTER_PRIVATE
+
+    def folio_of(self, index: int) -> tuple[int, int] | None:
+        base = index & ~((1 << self.order) - 1)
+        pfn = self.folios.get(base)
+        return None if pfn is None else (base, pfn)
+
+    def get_folio(self, index: int) -> tuple[int, int]:
+        """kvm_gmem_get_folio: the folio containing ``index`` (allocated zeroed on first use)."""
+        found = self.folio_of(index)
+        if found is not None:
+            return found
+        base = index & ~((1 << self.order) - 1)
+        pfn = self.host.alloc_frames(1 << self.order)
+        self.folios[base] = pfn
+        for i in range(1 << self.order):
+            self.host.gmem_frames[pfn + i] = (self, base + i)
+        return base, pfn
+
+    def fault_user_mapping(self, index: int) -> int:
+        """kvm_gmem_fault_user_mapping: a host touch of an mmap()ed guest_memfd page."""
+        if index >= self.npages:
+            raise SigBus(f"guest_memfd: page {index} is beyond i_size")
+        if not self.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
+            raise SigBus(f"guest_memfd: page {index} is private (no INIT_SHARED)")
+        if self.order:
+            raise SigBus("guest_memfd: large folios cannot be mapped to userspace")
+        if index in self.poisoned:
+            raise SigBus(f"guest_memfd: page {index} is hardware-poisoned")
+        base, pfn = self.get_folio(index)
+        return pfn + index - base
+
+    def invalidate_begin(self, start: int, end: int) -> None:
+        for f in self.files:
+            f.invalidate_begin(start, end, self.invalidate_filter())
+
+    def invalidate_end(self, start: int, end: int) -> None:
+        for f in self.files:
+            f.invalidate_end(start, end)
+
+    def punch_hole(self, start: int, end: int) -> None:
+        """kvm_gmem_punch_hole: invalidate, truncate, end. Folios entirely inside go; the
+        covered pages of a folio that straddles an edge are zeroed (truncate_inode_pages_range
+        zeroes what it cannot drop)."""
+        self.invalidate_begin(start, end)
+        size = 1 << self.order
+        for base in [b for b in self.folios if b + size > start and b < end]:
+            pfn = self.folios[base]
+            if start <= base and base + size <= end:
+                del self.folios[base]
+                for i in range(size):
+                    self.host.gmem_frames.pop(pfn + i, None)
+                    self.host.frames.pop(pfn + i, None)
+                    self.poisoned.discard(base + i)
+            else:
+                for i in range(max(start, base) - base, min(end, base + size) - base):
+                    self.host.frames.pop(pfn + i, None)
+        self._zap_host_ptes(start, end)
+        self.invalidate_end(start, end)
+
+    def _zap_host_ptes(self, start: int, end: int) -> None:
+        """Truncation unmaps the pages from userspace mappings of the file too."""
+        for vma in list(self.host.vmas):
+            if vma.backing is self:
+                lo = max(start, vma.pgoff)
+                hi = min(end, vma.pgoff + ((vma.end - vma.start) >> PAGE_SHIFT))
+                if lo < hi:
+                    hva = vma.start + ((lo - vma.pgoff) << PAGE_SHIFT)
+                    with self.host.invalidating(hva, (hi - lo) << PAGE_SHIFT):
+                        self.host._zap_ptes(hva, hva + ((hi - lo) << PAGE_SHIFT))
+
+    def error_folio(self, index: int) -> None:
+        """kvm_gmem_error_folio: invalidate the folio's range, do not truncate; later
+        get_pfn gives -EHWPOISON."""
+        base = index & ~((1 << self.order) - 1)
+        end = base + (1 << self.order)
+        self.poisoned.update(range(base, end))
+        self.invalidate_begin(base, end)
+        self.invalidate_end(base, end)
+
+
+class GuestMemfd:
+    """A guest_memfd file (KVM_CREATE_GUEST_MEMFD): one VM's view of a GmemInode, with the
+    memslots bound to its page ranges."""
+
+    def __init__(self, vm: VM, inode: GmemInode):
+        self.vm = vm
+        self.inode = inode
+        self.bindings = SortedKeyList(key=lambda b: b[0])  # (start, end, slot)
+        self.closed = False
+        inode.files.append(self)
+
+    @property
+    def size(self) -> int:
+        return self.inode.size
+
+    @property
+    def flags(self) -> int:
+        return self.inode.flags
+
+    def __repr__(self) -> str:
+        return (f"GuestMemfd(size={self.size:#x}, flags={self.flags:#x}, "
+                f"order={self.inode.order}{', closed' if self.closed else ''})")
+
+    # ------------------------------------------------------------------ bindings
+
+    def bindings_in(self, start: int, end: int) -> list:
+        idx = max(self.bindings.bisect_key_right(start) - 1, 0)
+        out = []
+        while idx < len(self.bindings):
+            b = self.bindings[idx]
+            if b[0] >= end:
+                break
+            if b[1] > start:
+                out.append(b)
+            idx += 1
+        return out
+
+    def binding_at(self, index: int):
+        found = self.bindings_in(index, index + 1)
+        return found[0][2] if found else None
+
+    def invalidate_begin(self, start: int, end: int, attr_filter: int) -> None:
+        """__kvm_gmem_invalidate_begin."""
+        vm = self.vm
+        found = False
+        flush = False
+        try:
+            for b_start, b_end, slot in self.bindings_in(start, end):
+                pgoff = slot.gmem_pgoff
+                s = max(b_start, start)
+                e = min(b_end, end)
+                rng = GfnRange(slot, slot.base_gfn + s - pgoff, slot.base_gfn + e - pgoff,
+                               0, attr_filter, True, False)
+                if not found:
+                    found = True
+                    vm.mmu_lock.acquire()
+                    vm.mmu_invalidate_begin()
+                flush |= kvm_mmu_unmap_gfn_range(vm, rng)
+            if flush:
+                vm.flush_remote_tlbs()
+        finally:
+            if found:
+                vm.mmu_lock.release()
+
+    def invalidate_end(self, start: int, end: int) -> None:
+        """__kvm_gmem_invalidate_end."""
+        if self.bindings_in(start, end):
+            with self.vm.mmu_lock:
+                self.vm.mmu_invalidate_end()
+
+    # ------------------------------------------------------------------ file operations
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on the file (kvm_gmem_fallocate)."""
+        self._check_open()
+        for name, value in (("mode", mode), ("offset", offset), ("length", length)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise KvmError(errno.EINVAL, f"{name}={value!r} is not an integer")
+        if offset < 0 or length <= 0:
+            raise KvmError(errno.EINVAL, f"offset={offset}, length={length}: vfs_fallocate "
+                                         "needs offset >= 0 and length > 0")
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            raise KvmError(errno.EOPNOTSUPP, f"mode={mode:#x}: FALLOC_FL_KEEP_SIZE is required")
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+            raise KvmError(errno.EOPNOTSUPP, f"mode={mode:#x}: only KEEP_SIZE|PUNCH_HOLE")
+        if offset & (PAGE_SIZE - 1) or length & (PAGE_SIZE - 1):
+            raise KvmError(errno.EINVAL, f"offset={offset:#x} or length={length:#x} is not "
+                                         "page-aligned")
+        start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            self.inode.punch_hole(start, min(end, self.inode.npages))
+            self.vm.stats["gmem_punch_hole"] += 1
+            self.vm.trace("gmem.punch_hole", offset=offset, length=length)
+            return
+        if offset + length > self.size:
+            raise KvmError(errno.EINVAL, f"offset={offset:#x} + length={length:#x} is beyond "
+                                         f"the file's size {self.size:#x}")
+        for index in range(start, end, 1 << self.inode.order):
+            self.inode.get_folio(index)
+
+    def mmap(self) -> int:
+        """mmap(2) of the file, MAP_SHARED (kvm_gmem_mmap): needs GUEST_MEMFD_FLAG_MMAP."""
+        self._check_open()
+        if not self.flags & GUEST_MEMFD_FLAG_MMAP:
+            raise KvmError(errno.ENODEV, "guest_memfd was created without "
+                                         "GUEST_MEMFD_FLAG_MMAP")
+        return self.vm.host.mmap(self.size, "rw", kind="gmem", backing=self.inode)
+
+    def close(self) -> None:
+        """The last reference goes (kvm_gmem_release): bound slots lose the file, every
+        mapping from it is zapped; the inode's memory stays."""
+        if self.closed:
+            return
+        inode = self.inode
+        for _s, _e, slot in list(self.bindings):
+            slot.gmem_file = None
+        everything = 1 << 62
+        self.invalidate_begin(0, everything, inode.invalidate_filter())
+        self.invalidate_end(0, everything)
+        inode.files.remove(self)
+        self.bindings.clear()
+        self.closed = True
+        self.vm.trace("gmem.release", size=self.size)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise KvmError(errno.EBADF, "guest_memfd is closed")
+
+
+def kvm_gmem_create(vm: VM, size: int, flags: int, folio_order: int = 0) -> GuestMemfd:
+    """KVM_CREATE_GUEST_MEMFD (kvm_gmem_create / __kvm_gmem_create)."""
+    if "gmem" not in vm.capabilities:
+        err = errno.ENOTTY if "gmem" not in vm.arch_capabilities else errno.EINVAL
+        raise KvmError(err, f"create_guest_memfd: {vm.arch_info.name} VM type "
+                            f"{vm.vm_type!r} has no guest_memfd")
+    for name, value in (("size", size), ("flags", flags), ("folio_order", folio_order)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise KvmError(errno.EINVAL, f"{name}={value!r} is not an integer")
+    supported = kvm_gmem_get_supported_flags(vm)
+    if flags & ~supported:
+        raise KvmError(errno.EINVAL, f"flags={flags:#x}: unsupported bits "
+                                     f"{flags & ~supported:#x}")
+    if size <= 0 or size & (PAGE_SIZE - 1):
+        raise KvmError(errno.EINVAL, f"size={size:#x} is not a positive multiple of the page "
+                                     "size")
+    if not 0 <= folio_order <= MAX_FOLIO_ORDER or size % (PAGE_SIZE << folio_order):
+        raise KvmError(errno.EINVAL, f"folio_order={folio_order}: must be 0..{MAX_FOLIO_ORDER} "
+                                     "and divide the size")
+    inode = GmemInode(vm.host, size, flags, folio_order)
+    gmem = GuestMemfd(vm, inode)
+    vm.gmem_files.append(gmem)
+    vm.trace("gmem.create", size=size, flags=flags, order=folio_order)
+    return gmem
+
+
+def kvm_gmem_get_supported_flags(vm: VM) -> int:
+    """kvm_gmem_get_supported_flags. MMAP where the arch offers guest_memfd mmap;
+    INIT_SHARED with it where kvm_arch_supports_gmem_init_shared() holds, which on x86 (the
+    only arch with private memory) means the VM has no private memory."""
+    flags = 0
+    if "gmem_mmap" in vm.capabilities:
+        flags |= GUEST_MEMFD_FLAG_MMAP
+        if "private_mem" not in vm.capabilities:
+            flags |= GUEST_MEMFD_FLAG_INIT_SHARED
+    return flags
+
+
+def kvm_gmem_bind(vm: VM, slot: Memslot, gmem, offset: int) -> None:
+    """kvm_gmem_bind: before the slot is visible; one binding per file page."""
+    if gmem is None or (isinstance(gmem, GuestMemfd) and gmem.closed):
+        raise KvmError(errno.EBADF, "guest_memfd: not an open file")
+    if not isinstance(gmem, GuestMemfd):
+        raise KvmError(errno.EINVAL, f"guest_memfd={gmem!r} is not a guest_memfd")
+    if gmem.vm is not vm:
+        raise KvmError(errno.EINVAL, "guest_memfd belongs to another VM")
+    size = slot.npages << PAGE_SHIFT
+    if offset < 0 or offset & (PAGE_SIZE - 1) or offset + size > gmem.size:
+        raise KvmError(errno.EINVAL, f"guest_memfd_offset={offset:#x} + size {size:#x} is "
+                                     f"beyond the file's size {gmem.size:#x}")
+    start = offset >> PAGE_SHIFT
+    if gmem.bindings_in(start, start + slot.npages):
+        raise KvmError(errno.EINVAL, f"guest_memfd_offset={offset:#x}: that range of the "
+                                     "file is already bound to another memslot")
+    slot.gmem_file = gmem
+    slot.gmem_pgoff = start
+    if gmem.flags & GUEST_MEMFD_FLAG_MMAP:
+        slot.flags |= KVM_MEMSLOT_GMEM_ONLY
+    gmem.bindings.add((start, start + slot.npages, slot))
+
+
+def kvm_gmem_unbind(slot: Memslot) -> None:
+    """kvm_gmem_unbind."""
+    gmem = slot.gmem_file
+    if gmem is None:
+        return
+    for b in gmem.bindings_in(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages):
+        if b[2] is slot:
+            gmem.bindings.remove(b)
+    slot.gmem_file = None
+
+
+def kvm_gmem_get_pfn(vm: VM, slot: Memslot, gfn: int) -> tuple[int, int]:
+    """kvm_gmem_get_pfn: ``(pfn, max_order)``; KvmError EFAULT (no live file), EIO (not
+    bound to this slot), EHWPOISON (poisoned folio)."""
+    gmem = slot.gmem_file
+    if gmem is None or gmem.closed:
+        raise KvmError(errno.EFAULT, "guest_memfd: the slot's file was released")
+    index = slot.gmem_index(gfn)
+    if gmem.binding_at(index) is not slot:
+        raise KvmError(errno.EIO, f"guest_memfd: page {index} is not bound to this slot")
+    inode = gmem.inode
+    base, pfn = inode.get_folio(index)
+    if index in inode.poisoned:
+        raise KvmError(EHWPOISON, f"guest_memfd: page {index} is hardware-poisoned")
+    return pfn + (index - base), inode.order

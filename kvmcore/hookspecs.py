@@ -1,0 +1,273 @@
+"""The architecture contract: every hook a backend (or an extension) can implement.
+
+Hooks are called with keyword arguments by the core, always with ``vm`` first. The core registers
+its own default implementations ``trylast`` (``kvmcore.defaults``), so a backend overrides a
+default by implementing the hook, or adjusts it with a ``wrapper=True`` implementation that
+yields to the default. Hooks marked *firstresult* stop at the first implementation that returns
+something other than ``None``.
+
+A backend must implement ``translate``, ``map_leaf``, ``unmap_gfn_range``, ``age_gfn``,
+``test_age_gfn`` and ``leaves``; everything else has a default. The Linux function each hook
+stands for is named in its docstring.
+
+Concurrency in this model: "under the MMU lock" means the core has marked ``vm.mmu_lock`` held
+and no other flow runs until the hook returns. There is no SMP memory ordering; atomic
+(cmpxchg) updates in Linux are plain writes here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .arch import Mapping
+    from .fault import Access, PageFault, Translation, Violation
+    from .hva import GfnRange
+    from .memslots import Memslot
+    from .vm import VM, Vcpu
+
+hookspec = pluggy.HookspecMarker("kvmcore")
+
+
+# --------------------------------------------------------------------------- life cycle
+
+
+@hookspec
+def init_vm(vm: VM) -> None:
+    """Called once, when ``vm`` has been created and before it is returned to the user
+    (kvm_arch_init_vm). A backend allocates its roots here. Every implementation runs."""
+
+
+@hookspec
+def vcpu_create(vm: VM, vcpu: Vcpu) -> None:
+    """Called when ``vcpu`` has been created (kvm_arch_vcpu_create), e.g. to give it a PML
+    buffer. Every implementation runs."""
+
+
+@hookspec(firstresult=True)
+def flush_shadow_all(vm: VM) -> bool | None:
+    """Zap every mapping of ``vm``: the MMU notifier's ``release`` and VM teardown
+    (kvm_arch_flush_shadow_all). No vCPU runs any more, so no TLB flush is needed.
+    Default: ``unmap_gfn_range`` over every memslot with both filters."""
+
+
+# --------------------------------------------------------------------------- fault path
+
+
+@hookspec(firstresult=True)
+def translate(vm: VM, vcpu: Vcpu, gpa: int, access: Access) -> Translation | Violation:
+    """The hardware page walk for one guest access (the MMU's walk of the EPT / stage-2 /
+    partition-scoped table).
+
+    ``gpa`` is the guest-physical address as the guest issued it (with TDX's shared bit, for
+    example); ``access`` says read, write or fetch and the explicit private intent
+    (``access.private``: ``None`` means "as the VM type decides").
+
+    Returns a ``Translation`` when the walk succeeds (and sets accessed/dirty bits the way the
+    hardware does, e.g. EPT A/D or Power R/C), or a ``Violation`` describing the fault exactly
+    as the hardware reports it: its kind (not present, permission, access flag, misconfig), the
+    level and size of the entry that faulted, the gfn without alias bits, and ``private`` (the
+    fault's ``is_private``: TDX shared bit, SNP encryption bit, or the gfn's attribute for
+    software-protected VMs). It may raise a ``VcpuExit`` for what the hardware reports
+    outside the fault path (e.g. an arm64 address-size fault). Required of every backend.
+    """
+
+
+@hookspec(firstresult=True)
+def fast_page_fault(vm: VM, fault: PageFault) -> int | None:
+    """Try to resolve ``fault`` without the slow path, before the core snapshots
+    ``mmu_invalidate_seq`` (x86 fast_page_fault: restore W or access-tracked bits in place;
+    arm64 handle_access_fault: set AF; ppc kvmppc_hv_handle_set_rc: OR in R/C).
+
+    Must never change a pfn or a leaf size. Returns ``RET_PF_FIXED`` / ``RET_PF_SPURIOUS`` when
+    done, ``RET_PF_EMULATE`` for an MMIO access recognised from a cached MMIO entry, or
+    ``None`` to continue with the slow path. Default: ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def handle_noslot_fault(vm: VM, fault: PageFault) -> int | None:
+    """A shared fault on a gfn with no visible memslot (kvm_handle_noslot_fault), under the
+    MMU lock. A backend may cache an MMIO entry (x86 MMIO SPTE with the memslot generation).
+    Whatever it returns, the core then exits to userspace with ``MmioExit``. Default: nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def faultin_pfn(vm: VM, fault: PageFault) -> int | None:
+    """Resolve the pfn behind ``fault`` (kvm_mmu_faultin_pfn / __kvm_faultin_pfn /
+    kvm_gmem_get_pfn), after the seq snapshot and the private/shared check, without the MMU
+    lock.
+
+    Fills ``fault.pfn``, ``fault.map_writable``, ``fault.hva``, ``fault.max_size`` (the largest
+    mapping the backing allows: host PTE level, hugetlb size, or guest_memfd folio order,
+    capped by the slot's alignment is *not* applied here) and ``fault.pfnmap`` /
+    ``fault.cacheable``. The core default does guest_memfd for private faults and
+    gmem-only slots, and hva -> pfn otherwise (VM_IO|VM_PFNMAP with its retry, hwpoison,
+    read-only slots), so a backend normally wraps it (``wrapper=True``) to apply its own caps,
+    e.g. TDX's private 4 KiB limit.
+
+    Returns ``RET_PF_CONTINUE`` to go on, or ``RET_PF_RETRY``; raises ``MemoryFaultExit``,
+    ``MmioExit`` (write to a read-only slot) or ``HwPoisonSignal`` for the exits Linux takes.
+    """
+
+
+@hookspec(firstresult=True)
+def relax_perms(vm: VM, fault: PageFault) -> int | None:
+    """A permission fault on a present leaf, under the MMU lock, after the staleness check
+    (arm64 kvm_pgtable_stage2_relax_perms). Add the permissions ``fault`` needs (and the
+    backing allows: ``fault.map_writable``) to the existing leaf in place, without
+    break-before-make; never remove any; touch exactly one leaf.
+
+    Returns a ``RET_PF_*`` code when handled, or ``None`` for "not handled here", and the core
+    then calls ``map_leaf``. Default: ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def map_leaf(vm: VM, fault: PageFault) -> int:
+    """Install the leaf for ``fault`` under the MMU lock, after the staleness check
+    (kvm_tdp_mmu_map, kvm_pgtable_stage2_map, kvmppc_create_pte).
+
+    The backend chooses the level (from ``fault.max_size``, the slot's alignment, dirty
+    logging, mixed attributes), splits or replaces tables as its hardware requires (with the
+    TLB flushes that requires), sets permissions from the access and ``fault.map_writable``,
+    and marks the gfn dirty (``vm.mark_page_dirty_in_slot``) when it maps a writable leaf in a
+    dirty-logged slot. Returns ``RET_PF_FIXED``, ``RET_PF_SPURIOUS`` (already mapped), or
+    ``RET_PF_RETRY``. Required of every backend.
+    """
+
+
+# --------------------------------------------------------------------------- zapping
+
+
+@hookspec(firstresult=True)
+def unmap_gfn_range(vm: VM, range: GfnRange) -> bool:
+    """Zap every leaf that maps a gfn of ``range`` (kvm_unmap_gfn_range), under the MMU lock,
+    inside an invalidation. A huge leaf that only partly overlaps the range is zapped whole.
+
+    ``range.attr_filter`` (KVM_FILTER_SHARED / KVM_FILTER_PRIVATE) says which alias: a backend
+    with separate private and shared tables (TDX mirror / direct roots) zaps only those; a
+    backend with one table zaps its leaves whatever the filter. Returns True when the caller
+    must flush TLBs (the core then calls ``vm.flush_remote_tlbs``); a backend that invalidates
+    each leaf itself (arm64) returns False. Required of every backend.
+    """
+
+
+@hookspec(firstresult=True)
+def flush_shadow_memslot(vm: VM, slot: Memslot) -> bool | None:
+    """Zap ``slot``'s mappings before a DELETE or MOVE commits
+    (kvm_arch_flush_shadow_memslot), under the slots lock, after the slot's INVALID copy was
+    published. Default: ``unmap_gfn_range`` over the whole slot with
+    ``KVM_FILTER_PRIVATE | KVM_FILTER_SHARED`` and a flush."""
+
+
+# --------------------------------------------------------------------------- memslots
+
+
+@hookspec
+def prepare_memory_region(vm: VM, old: Memslot | None, new: Memslot | None,
+                          change: int) -> None:
+    """Arch checks before a memslot change is committed (kvm_arch_prepare_memory_region).
+    ``change`` is KVM_MR_CREATE / DELETE / MOVE / FLAGS_ONLY; ``new`` is None for DELETE.
+    Raise ``KvmError`` to refuse (e.g. arm64: dirty logging on a VM_PFNMAP range, EINVAL);
+    nothing has changed yet. Every implementation runs."""
+
+
+@hookspec
+def commit_memory_region(vm: VM, old: Memslot | None, new: Memslot | None,
+                         change: int) -> None:
+    """After a memslot change is visible (kvm_arch_commit_memory_region): e.g. enabling dirty
+    logging write-protects the slot (or clears D bits for PML, or flushes for Power's C-bit
+    harvesting) and eagerly splits huge leaves; disabling it may recover huge pages. A
+    backend flushes TLBs itself (``vm.flush_remote_tlbs_memslot``). Every implementation
+    runs."""
+
+
+# --------------------------------------------------------------------------- attributes
+
+
+@hookspec(firstresult=True)
+def pre_set_memory_attributes(vm: VM, range: GfnRange) -> bool:
+    """Before new attributes ``range.arg`` are stored for ``range`` (one memslot's part of the
+    conversion), inside the invalidation, under the MMU lock
+    (kvm_arch_pre_set_memory_attributes). Choose the alias to zap, i.e. the *old* kind:
+    converting to private zaps the shared alias (``KVM_FILTER_SHARED``), converting to shared
+    the private one, zap it, and return "flush needed". The core has already added ``range`` to
+    the invalidation; a backend may widen it (``vm.mmu_invalidate_range_add``), as x86 does
+    for huge pages that straddle the range. Default: exactly that, without the widening."""
+
+
+@hookspec(firstresult=True)
+def post_set_memory_attributes(vm: VM, range: GfnRange) -> bool:
+    """After the attributes of ``range`` were stored, under the MMU lock, before the
+    invalidation ends (kvm_arch_post_set_memory_attributes), e.g. x86's huge-page "mixed"
+    tracking. Returns "flush needed" (Linux never flushes here). Default: False."""
+
+
+# --------------------------------------------------------------------------- aging
+
+
+@hookspec(firstresult=True)
+def age_gfn(vm: VM, range: GfnRange) -> bool:
+    """Clear the accessed state (A / AF / R) of every leaf in ``range`` and return whether
+    any was young (kvm_age_gfn). No TLB flush: the core's notifier decides. Required."""
+
+
+@hookspec(firstresult=True)
+def test_age_gfn(vm: VM, range: GfnRange) -> bool:
+    """Whether any leaf in ``range`` is young, changing nothing (kvm_test_age_gfn).
+    Required."""
+
+
+# --------------------------------------------------------------------------- dirty logging
+
+
+@hookspec
+def sync_dirty_log(vm: VM, slot: Memslot) -> None:
+    """Before GET_DIRTY_LOG / CLEAR_DIRTY_LOG read ``slot``'s bitmap, move dirty state the
+    hardware keeps elsewhere into it with ``vm.mark_page_dirty_in_slot``
+    (kvm_arch_sync_dirty_log: x86 drains PML buffers; Power harvests and clears C bits).
+    Every implementation runs."""
+
+
+@hookspec(firstresult=True)
+def enable_log_dirty_pt_masked(vm: VM, slot: Memslot, gfn_offset: int, mask: int) -> None:
+    """Re-arm dirty tracking for ``slot.base_gfn + gfn_offset + i`` for each bit ``i`` set in
+    the 64-bit ``mask``, under the MMU lock (kvm_arch_mmu_enable_log_dirty_pt_masked): write
+    protect, or clear D for PML. The generic caller flushes TLBs afterwards. Default:
+    nothing (a backend that harvests hardware dirty bits needs no re-arming)."""
+
+
+@hookspec
+def dirty_pending_gfns(vm: VM, slot: Memslot) -> list[int]:
+    """Gfns of ``slot`` that the guest wrote and whose dirty state still sits in the hardware
+    (x86 PML buffer entries, Power C bits), i.e. what ``sync_dirty_log`` would log now. Used by
+    the invariant "a dirty writable leaf in a logging slot is logged or pending". Must not
+    change anything. Every implementation runs; default: none."""
+
+
+# --------------------------------------------------------------------------- introspection
+
+
+@hookspec(firstresult=True)
+def leaves(vm: VM, start: int, end: int) -> Iterator[Mapping]:
+    """Every present leaf that maps a gfn in ``[start, end)``, ascending by gfn (the private
+    alias after the shared one for the same gfn), as uniform ``Mapping`` records. Costs what is
+    mapped, not the range size. Required."""
+
+
+@hookspec(firstresult=True)
+def page_table_bytes(vm: VM) -> int:
+    """Bytes of page-table memory the backend holds now (tables, not leaves' data).
+    Default: 0."""
+
+
+@hookspec
+def check_invariants(vm: VM) -> list[str]:
+    """Architecture invariants of the current state (entry formats, alignment, table links,
+    ...). Returns the problems found, each as one sentence; every implementation runs and the
+    results are concatenated."""

@@ -1,0 +1,205 @@
+"""Checks of the whole model state against what Linux guarantees (reference core.md §9), plus
+every backend's own ``check_invariants``. Used by ``vm.check_invariants()``, the tests and the
+conformance suite. Nothing here changes state.
+
+Huge leaves are checked at their first, middle and last page: the host and guest_memfd hand
+out physically contiguous huge pages, so a mismatch anywhere shows at one of those.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .uapi import (
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+)
+
+if TYPE_CHECKING:
+    from .vm import VM
+
+
+def check_vm(vm: VM) -> list[str]:
+    problems: list[str] = []
+    problems += _check_memslots(vm)
+    problems += _check_invalidation(vm)
+    problems += _check_attributes(vm)
+    problems += _check_gmem(vm)
+    problems += _check_leaves(vm)
+    problems += _check_rings(vm)
+    for found in vm.hook.check_invariants(vm=vm):
+        problems += list(found or ())
+    return problems
+
+
+def _check_memslots(vm: VM) -> list[str]:
+    out = []
+    total = 0
+    for slots in vm.memslot_sets:
+        gen = slots.generation
+        if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
+            out.append(f"as {slots.as_id}: generation {gen:#x} still marked in flux")
+        if gen % vm.nr_address_spaces != slots.as_id:
+            out.append(f"as {slots.as_id}: generation {gen} is not congruent to its as_id")
+        prev = None
+        for slot in slots:
+            total += slot.npages
+            if slot.npages <= 0:
+                out.append(f"slot {slot.slot_id:#x} has no pages")
+            if slot.invalid:
+                out.append(f"slot {slot.slot_id:#x} is still INVALID outside an update")
+            if prev is not None and slot.base_gfn < prev.end_gfn:
+                out.append(f"slots {prev.slot_id:#x} and {slot.slot_id:#x} overlap")
+            if slots.by_id.get(slot.id) is not slot:
+                out.append(f"slot {slot.slot_id:#x} is not in the id index")
+            prev = slot
+    if total != vm.nr_memslot_pages:
+        out.append(f"nr_memslot_pages is {vm.nr_memslot_pages}, slots hold {total}")
+    return out
+
+
+def _check_invalidation(vm: VM) -> list[str]:
+    out = []
+    inv = vm.mmu_invalidate
+    if inv.in_progress < 0:
+        out.append(f"mmu_invalidate_in_progress is {inv.in_progress}")
+    if vm.mmu_lock.held:
+        out.append("the MMU lock is held between flows")
+    return out
+
+
+def _check_attributes(vm: VM) -> list[str]:
+    out = []
+    prev = None
+    for s, e, v in vm.attributes.runs():
+        if not v:
+            out.append(f"attributes: a zero run is stored at gfn {s:#x}")
+        if v & ~KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            out.append(f"attributes: unsupported bits {v:#x} at gfn {s:#x}")
+        if prev is not None and (prev[1] > s or (prev[1] == s and prev[2] == v)):
+            out.append(f"attributes: runs at gfn {prev[0]:#x} and {s:#x} overlap or are not "
+                       "merged")
+        prev = (s, e, v)
+    return out
+
+
+def _check_gmem(vm: VM) -> list[str]:
+    out = []
+    for gmem in vm.gmem_files:
+        if gmem.closed:
+            continue
+        prev_end = 0
+        for start, end, slot in gmem.bindings:
+            if start < prev_end:
+                out.append(f"guest_memfd: page {start} is bound twice")
+            if end > gmem.inode.npages:
+                out.append(f"guest_memfd: binding [{start}, {end}) is beyond i_size")
+            if slot.gmem_file is not gmem or slot.gmem_pgoff != start:
+                out.append(f"guest_memfd: slot {slot.slot_id:#x} does not point back at its "
+                           "binding")
+            if slot.flags & KVM_MEM_LOG_DIRTY_PAGES or slot.readonly:
+                out.append(f"guest_memfd slot {slot.slot_id:#x} logs dirty pages or is "
+                           "read-only")
+            prev_end = end
+    return out
+
+
+def _backing_pfn(vm: VM, slot, gfn: int, private: bool):
+    """What the leaf for ``gfn`` must map now: ``(pfn, writable_allowed, max_size)``, or a
+    string saying why nothing may be mapped."""
+    if private or slot.gmem_only:
+        gmem = slot.gmem_file
+        if gmem is None or gmem.closed:
+            return "its guest_memfd was released"
+        index = slot.gmem_index(gfn)
+        folio = gmem.inode.folio_of(index)
+        if folio is None:
+            return f"guest_memfd page {index} is not allocated (punched?)"
+        base, pfn = folio
+        return pfn + index - base, not slot.readonly, 4096 << gmem.inode.order
+    hva = slot.gfn_to_hva(gfn)
+    pte = vm.host.lookup_pte(hva)
+    if pte is None:
+        return f"the host has no page at hva {hva:#x}"
+    pfn, writable, size = pte
+    vma = vm.host.find_vma(hva)
+    if vma is not None and vma.kind == "gmem":
+        # A gmem mmap used as a slot's shared memory: the host PTE may be read-only until
+        # the host writes, yet KVM maps what the file gives.
+        writable = "w" in vma.prot
+    return pfn, writable and not slot.readonly, size
+
+
+def _check_leaves(vm: VM) -> list[str]:
+    out = []
+    inv = vm.mmu_invalidate
+    pending: dict[int, set[int]] = {}
+    ring_pending = set()
+    for vcpu in vm.vcpus:
+        if vcpu.dirty_ring is not None:
+            ring_pending |= vcpu.dirty_ring.pending()
+    private_vm = "private_mem" in vm.capabilities
+    for m in vm.mappings():
+        where = f"leaf gfn {m.gfn:#x} size {m.size:#x}"
+        npages = m.npages
+        if m.gfn % npages or m.pfn % npages:
+            out.append(f"{where}: not aligned to its size (pfn {m.pfn:#x})")
+        slot = vm.gfn_to_memslot(m.gfn)
+        if slot is None:
+            out.append(f"{where}: no live memslot maps it")
+            continue
+        if m.gfn + npages > slot.end_gfn:
+            out.append(f"{where}: crosses the end of slot {slot.slot_id:#x}")
+        attr = vm.get_memory_attributes(m.gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE
+        if npages > 1 and not vm.attributes.has(m.gfn, m.gfn + npages,
+                                                KVM_MEMORY_ATTRIBUTE_PRIVATE, attr):
+            out.append(f"{where}: the attributes under the huge leaf are mixed")
+        private = bool(attr)
+        if private_vm and m.private != private:
+            out.append(f"{where}: private={m.private} but the gfn's attribute says "
+                       f"{'private' if private else 'shared'}")
+        if not private_vm and m.private:
+            out.append(f"{where}: a private leaf in a VM without private memory")
+        for gfn in sorted({m.gfn, m.gfn + npages // 2, m.gfn + npages - 1}):
+            if inv.in_progress and inv.range_start <= gfn < inv.range_end:
+                continue
+            if slot.invalid or not slot.contains(gfn):
+                continue
+            want = _backing_pfn(vm, slot, gfn, private)
+            got = m.pfn + gfn - m.gfn
+            if isinstance(want, str):
+                out.append(f"{where}: maps pfn {got:#x} for gfn {gfn:#x} but {want}")
+                continue
+            pfn, writable_ok, max_size = want
+            if pfn != got:
+                out.append(f"{where}: maps pfn {got:#x} for gfn {gfn:#x}, the backing gives "
+                           f"{pfn:#x} (a missed invalidation)")
+            if m.writable and not writable_ok:
+                out.append(f"{where}: writable, but the slot or host mapping is read-only")
+            if m.size > max_size:
+                out.append(f"{where}: larger than its backing's {max_size:#x} mapping")
+        if m.writable and m.dirty and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            if slot.slot_id not in pending:
+                pending[slot.slot_id] = set(
+                    g for found in vm.hook.dirty_pending_gfns(vm=vm, slot=slot)
+                    for g in (found or ()))
+            for gfn in range(m.gfn, m.gfn + npages):
+                rel = gfn - slot.base_gfn
+                logged = (slot.dirty_bitmap is not None and slot.dirty_bitmap.test(rel)) or \
+                    (slot.slot_id, rel) in ring_pending or gfn in pending[slot.slot_id]
+                if not logged:
+                    out.append(f"{where}: dirty and writable in a dirty-logged slot, but gfn "
+                               f"{gfn:#x} is neither logged nor pending")
+                    break
+    return out
+
+
+def _check_rings(vm: VM) -> list[str]:
+    out = []
+    for vcpu in vm.vcpus:
+        ring = vcpu.dirty_ring
+        if ring is not None and not 0 <= ring.used <= ring.size:
+            out.append(f"vcpu {vcpu.id}: dirty ring holds {ring.used} of {ring.size}")
+    return out
+

@@ -1,0 +1,310 @@
+"""Radix page tables in their real binary format, and one walker with visitor callbacks.
+
+Tables are ``array('Q')`` objects of ``2**bits`` 64-bit entries, identified by the physical
+address an upper-level entry carries in its address bits, exactly as the hardware would follow
+them. The entry format (valid, table vs block, output address, permissions) belongs to each
+backend: it hands the walker an ``EntryFormat``. The walker is modelled on arm64's
+``hyp/pgtable.c`` (``kvm_pgtable_walk`` / ``__kvm_pgtable_visit``): a visitor is called for
+leaves and invalid entries (``LEAF``), for table entries before descending (``TABLE_PRE``) and
+after (``TABLE_POST``); after a ``LEAF`` or ``TABLE_PRE`` visit the walker reloads the entry,
+so a visitor that installs a table (a split) sees the walk continue inside it, and one that
+replaces a table by a block does not descend into the freed table.
+
+Entries are stored in CPU byte order; a backend whose hardware is big-endian (Power) converts
+at its boundary. There is no concurrent walker here: Linux's cmpxchg updates are plain stores.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+import attrs
+
+# Visit flags (KVM_PGTABLE_WALK_LEAF / TABLE_PRE / TABLE_POST).
+LEAF = 1 << 0
+TABLE_PRE = 1 << 1
+TABLE_POST = 1 << 2
+
+#: Return value of a visitor that asks the walker to stop (anything truthy stops).
+STOP = 1
+
+
+class EntryFormat(Protocol):
+    """What the walker needs to know about a backend's entries."""
+
+    def is_valid(self, pte: int, level: int) -> bool: ...
+
+    def is_table(self, pte: int, level: int) -> bool: ...
+
+    def table_address(self, pte: int, level: int) -> int: ...
+
+
+@attrs.frozen
+class Geometry:
+    """The shape of a radix tree, root first.
+
+    ``shifts[i]`` is the address shift of an entry at position ``i`` (the log2 of the size it
+    maps), ``bits[i]`` the index bits of the table at position ``i`` (the root's includes
+    concatenated tables), ``level_ids[i]`` the backend's own name for that level (x86: 4..1,
+    arm64: start level..3, Power: 0..3). ``ia_bits`` is the input-address size.
+    """
+
+    shifts: tuple[int, ...] = attrs.field(converter=tuple)
+    bits: tuple[int, ...] = attrs.field(converter=tuple)
+    level_ids: tuple[int, ...] = attrs.field(converter=tuple)
+    ia_bits: int = 48
+
+    def __attrs_post_init__(self):
+        if not (len(self.shifts) == len(self.bits) == len(self.level_ids)):
+            raise ValueError("Geometry: shifts, bits and level_ids differ in length")
+
+    @property
+    def nlevels(self) -> int:
+        return len(self.shifts)
+
+    def entry_size(self, pos: int) -> int:
+        return 1 << self.shifts[pos]
+
+    def entries(self, pos: int) -> int:
+        return 1 << self.bits[pos]
+
+    def index(self, pos: int, addr: int) -> int:
+        return (addr >> self.shifts[pos]) & ((1 << self.bits[pos]) - 1)
+
+    def pos_of(self, level_id: int) -> int:
+        return self.level_ids.index(level_id)
+
+    def pos_of_size(self, size: int) -> int | None:
+        for pos, shift in enumerate(self.shifts):
+            if 1 << shift == size:
+                return pos
+        return None
+
+
+class TableStore:
+    """Page-table memory: allocates tables at physical addresses aligned to their size (at
+    least ``min_align``) and finds them by the address an entry carries.
+
+    Addresses come from a region of their own above ``base``, so they never collide with the
+    data frames the host hands out. ``bytes_used`` is the memory a real kernel would spend.
+    """
+
+    def __init__(self, base: int = 1 << 50, min_align: int = 256):
+        self._next = base
+        self._min_align = min_align
+        self._free: dict[int, list[int]] = {}
+        self.tables: dict[int, array] = {}
+        self.bytes_used = 0
+
+    def alloc(self, nentries: int) -> int:
+        nbytes = nentries * 8
+        free = self._free.get(nbytes)
+        if free:
+            pa = free.pop()
+        else:
+            align = max(nbytes, self._min_align)
+            pa = (self._next + align - 1) & ~(align - 1)
+            self._next = pa + align
+        self.tables[pa] = array("Q", bytes(nbytes))
+        self.bytes_used += nbytes
+        return pa
+
+    def free(self, pa: int) -> None:
+        table = self.tables.pop(pa)
+        nbytes = len(table) * 8
+        self.bytes_used -= nbytes
+        self._free.setdefault(nbytes, []).append(pa)
+
+    def __getitem__(self, pa: int) -> array:
+        return self.tables[pa]
+
+    def __contains__(self, pa: int) -> bool:
+        return pa in self.tables
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+
+@attrs.define(slots=True, eq=False)
+class WalkContext:
+    """What a visitor sees (struct kvm_pgtable_visit_ctx): the entry ``table[index]`` at
+    position ``pos`` (backend level ``level``), mapping ``[addr, addr + size)``; ``flags`` says
+    which visit this is; ``arg`` is the caller's. A visitor changes the entry by storing into
+    ``table[index]`` (or ``ctx.set(new)``)."""
+
+    store: TableStore
+    geometry: Geometry
+    fmt: EntryFormat
+    table: array
+    table_pa: int
+    index: int
+    pos: int
+    level: int
+    addr: int
+    size: int
+    pte: int
+    flags: int
+    start: int
+    end: int
+    arg: object = None
+
+    def set(self, new: int) -> None:
+        self.table[self.index] = new
+        self.pte = new
+
+    @property
+    def is_last_level(self) -> bool:
+        return self.pos == self.geometry.nlevels - 1
+
+    def covered(self) -> bool:
+        """The entry's whole range lies inside the walk's ``[start, end)``."""
+        return self.start <= self.addr and self.addr + self.size <= self.end
+
+
+Visitor = Callable[[WalkContext], object]
+
+
+class PageTable:
+    """One radix tree: a root table in ``store`` and the geometry and entry format that give
+    its entries meaning."""
+
+    def __init__(self, store: TableStore, geometry: Geometry, fmt: EntryFormat):
+        self.store = store
+        self.geometry = geometry
+        self.fmt = fmt
+        self.root = store.alloc(geometry.entries(0))
+
+    # ------------------------------------------------------------------ walking
+
+    def walk(self, start: int, end: int, visitor: Visitor, flags: int = LEAF,
+             arg: object = None, visit_invalid: bool = False) -> object:
+        """Visit the entries covering ``[start, end)`` (input addresses in bytes).
+
+        ``flags`` selects the visits (``LEAF``, ``TABLE_PRE``, ``TABLE_POST``); invalid entries
+        are visited as leaves only with ``visit_invalid`` (mapping needs them, zapping does
+        not, so zaps cost what is mapped). The first truthy visitor result stops the walk and
+        is returned."""
+        g = self.geometry
+        end = min(end, 1 << g.ia_bits)
+        if start >= end:
+            return None
+        ctx = WalkContext(self.store, g, self.fmt, self.store[self.root], self.root, 0, 0,
+                          g.level_ids[0], 0, 0, 0, 0, start, end, arg)
+        return self._walk_table(ctx, self.root, 0, 0, visitor, flags, visit_invalid)
+
+    def _walk_table(self, ctx: WalkContext, table_pa: int, pos: int, base: int,
+                    visitor: Visitor, flags: int, visit_invalid: bool) -> object:
+        g, fmt, store = self.geometry, self.fmt, self.store
+        table = store[table_pa]
+        shift = g.shifts[pos]
+        size = 1 << shift
+        level = g.level_ids[pos]
+        first = (max(ctx.start, base) - base) >> shift
+        last = min(len(table), (ctx.end - base + size - 1) >> shift)
+        for idx in range(first, last):
+            pte = table[idx]
+            if not pte and not visit_invalid:
+                continue
+            addr = base + (idx << shift)
+            ctx.table, ctx.table_pa, ctx.index, ctx.pos, ctx.level = table, table_pa, idx, pos, level
+            ctx.addr, ctx.size, ctx.pte = addr, size, pte
+            is_table = pos < g.nlevels - 1 and fmt.is_valid(pte, level) and fmt.is_table(pte, level)
+            if is_table:
+                if flags & TABLE_PRE:
+                    ctx.flags = TABLE_PRE
+                    r = visitor(ctx)
+                    if r:
+                        return r
+                    pte = table[idx]
+                    is_table = fmt.is_valid(pte, level) and fmt.is_table(pte, level)
+            elif flags & LEAF and (visit_invalid or fmt.is_valid(pte, level)):
+                ctx.flags = LEAF
+                r = visitor(ctx)
+                if r:
+                    return r
+                pte = table[idx]
+                is_table = (pos < g.nlevels - 1 and fmt.is_valid(pte, level)
+                            and fmt.is_table(pte, level))
+            if not is_table:
+                continue
+            child = fmt.table_address(pte, level)
+            r = self._walk_table(ctx, child, pos + 1, addr, visitor, flags, visit_invalid)
+            if r:
+                return r
+            if flags & TABLE_POST:
+                ctx.table, ctx.table_pa, ctx.index, ctx.pos, ctx.level = (
+                    table, table_pa, idx, pos, level)
+                ctx.addr, ctx.size, ctx.pte, ctx.flags = addr, size, table[idx], TABLE_POST
+                r = visitor(ctx)
+                if r:
+                    return r
+        return None
+
+    def lookup(self, addr: int) -> tuple[int, array, int, int]:
+        """The last entry a hardware walk of ``addr`` reads: ``(pos, table, index, pte)`` —
+        a leaf, or the invalid entry where the walk stopped. The hot path of ``translate``."""
+        g, fmt, store = self.geometry, self.fmt, self.store
+        table = store[self.root]
+        last = g.nlevels - 1
+        shifts, bits, levels = g.shifts, g.bits, g.level_ids
+        pos = 0
+        while True:
+            idx = (addr >> shifts[pos]) & ((1 << bits[pos]) - 1)
+            pte = table[idx]
+            if pos == last or not pte:
+                return pos, table, idx, pte
+            level = levels[pos]
+            if not fmt.is_valid(pte, level) or not fmt.is_table(pte, level):
+                return pos, table, idx, pte
+            table = store[fmt.table_address(pte, level)]
+            pos += 1
+
+    def path(self, addr: int) -> list[tuple[int, int, int]]:
+        """Every entry a hardware walk of ``addr`` reads, as ``(pos, table_pa, index)``."""
+        g, fmt, store = self.geometry, self.fmt, self.store
+        out = []
+        pa = self.root
+        for pos in range(g.nlevels):
+            idx = g.index(pos, addr)
+            out.append((pos, pa, idx))
+            pte = store[pa][idx]
+            level = g.level_ids[pos]
+            if pos == g.nlevels - 1 or not fmt.is_valid(pte, level) or not fmt.is_table(
+                    pte, level):
+                break
+            pa = fmt.table_address(pte, level)
+        return out
+
+    def tables(self) -> Iterator[tuple[int, int]]:
+        """Every table reachable from the root, as ``(table_pa, pos)``, root first."""
+        g, fmt, store = self.geometry, self.fmt, self.store
+        stack = [(self.root, 0)]
+        while stack:
+            pa, pos = stack.pop()
+            yield pa, pos
+            if pos == g.nlevels - 1:
+                continue
+            level = g.level_ids[pos]
+            for pte in store[pa]:
+                if pte and fmt.is_valid(pte, level) and fmt.is_table(pte, level):
+                    stack.append((fmt.table_address(pte, level), pos + 1))
+
+    def free_subtree(self, table_pa: int, pos: int) -> None:
+        """Free the table at ``table_pa`` and every table below it."""
+        g, fmt, store = self.geometry, self.fmt, self.store
+        if pos < g.nlevels - 1:
+            level = g.level_ids[pos]
+            for pte in store[table_pa]:
+                if pte and fmt.is_valid(pte, level) and fmt.is_table(pte, level):
+                    self.free_subtree(fmt.table_address(pte, level), pos + 1)
+        store.free(table_pa)
+
+    def destroy(self) -> None:
+        self.free_subtree(self.root, 0)
+
+
+def table_is_empty(table: Sequence[int]) -> bool:
+    """No entry of ``table`` is non-zero."""
+    return not any(table)
