@@ -37,8 +37,7 @@ class AttributeRanges:
         idx = runs.bisect_right(gfn) - 1
         if idx < 0:
             return 0
-        start = runs.iloc[idx]
-        end, value = runs[start]
+        _start, (end, value) = runs.peekitem(idx)
         return value if gfn < end else 0
 
     def runs(self, start: int = 0, end: int = U64) -> Iterator[tuple[int, int, int]]:
@@ -75,8 +74,7 @@ class AttributeRanges:
         runs = self._runs
         # Split the runs that straddle the edges, drop everything inside, merge neighbours.
         for s, e, v in list(self.runs(start, end)):
-            orig_s = runs.bisect_right(s) - 1
-            key = runs.iloc[orig_s]
+            key = runs.keys()[runs.bisect_right(s) - 1]
             orig_e, _ = runs.pop(key)
             if key < start:
                 runs[key] = (start, v)
@@ -86,8 +84,7 @@ class AttributeRanges:
             new_s, new_e = start, end
             idx = runs.bisect_right(start) - 1
             if idx >= 0:
-                ps = runs.iloc[idx]
-                pe, pv = runs[ps]
+                ps, (pe, pv) = runs.peekitem(idx)
                 if pe == start and pv == value:
                     del runs[ps]
                     new_s = ps

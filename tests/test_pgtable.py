@@ -1,0 +1,84 @@
+"""kvmcore.pgtable: storage, geometry and the walker's visit order, on a toy 2-level format
+(bit 0 valid, bit 1 table, address in bits 12..51)."""
+
+from kvmcore.pgtable import LEAF, TABLE_POST, TABLE_PRE, Geometry, PageTable, TableStore
+
+ADDR = ((1 << 52) - 1) & ~0xFFF
+
+
+class Toy:
+    def is_valid(self, pte, level):
+        return bool(pte & 1)
+
+    def is_table(self, pte, level):
+        return bool(pte & 2)
+
+    def table_address(self, pte, level):
+        return pte & ADDR
+
+
+GEO = Geometry(shifts=(21, 12), bits=(9, 9), level_ids=(1, 0), ia_bits=30)
+
+
+def make():
+    store = TableStore()
+    pt = PageTable(store, GEO, Toy())
+    return store, pt
+
+
+def link(store, pt, idx):
+    child = store.alloc(512)
+    store[pt.root][idx] = child | 3
+    return child
+
+
+def test_alloc_is_aligned_and_accounted():
+    store = TableStore(min_align=256)
+    a, b = store.alloc(512), store.alloc(32)
+    assert a % 4096 == 0 and b % 256 == 0 and store.bytes_used == 4096 + 256
+    store.free(b)
+    assert store.alloc(32) == b
+
+
+def test_walk_order_and_zap_cost():
+    store, pt = make()
+    child = link(store, pt, 1)
+    store[child][3] = (0x1234 << 12) | 1
+    store[pt.root][5] = (0x8000 << 12) | 1       # a 2 MiB block
+    seen = []
+    pt.walk(0, 1 << 30, lambda c: seen.append((c.flags, c.level, c.addr)),
+            LEAF | TABLE_PRE | TABLE_POST)
+    assert seen == [(TABLE_PRE, 1, 2 << 20), (LEAF, 0, (2 << 20) + 3 * 4096),
+                    (TABLE_POST, 1, 2 << 20), (LEAF, 1, 10 << 20)]
+
+
+def test_visitor_installing_a_table_is_descended():
+    store, pt = make()
+    store[pt.root][0] = (0x8000 << 12) | 1       # block
+
+    def split(ctx):
+        if ctx.level == 1 and ctx.flags == LEAF:
+            new = store.alloc(512)
+            for i in range(512):
+                store[new][i] = ((0x8000 + i) << 12) | 1
+            ctx.set(new | 3)
+        return None
+
+    leaves = []
+    pt.walk(0, 4096 * 2, lambda c: split(c) or leaves.append((c.level, c.pte >> 12)), LEAF)
+    # The block was visited, replaced by a table, and the walk went on inside it.
+    assert leaves[0][0] == 1 and leaves[1:] == [(0, 0x8000), (0, 0x8001)]
+    assert pt.lookup(0x1000)[3] >> 12 == 0x8001
+
+
+def test_lookup_stops_at_invalid_and_path():
+    store, pt = make()
+    child = link(store, pt, 0)
+    store[child][7] = (0x42 << 12) | 1
+    pos, _table, idx, pte = pt.lookup(7 * 4096)
+    assert (pos, idx, pte >> 12) == (1, 7, 0x42)
+    assert pt.lookup(4 << 20)[0] == 0
+    assert [p[0] for p in pt.path(7 * 4096)] == [0, 1]
+    assert sorted(pos for _pa, pos in pt.tables()) == [0, 1]
+    pt.destroy()
+    assert store.bytes_used == 0

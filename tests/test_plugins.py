@@ -1,0 +1,83 @@
+"""Backend discovery, the plugin manager's order, extensions and the hot-hook binding."""
+
+import errno
+
+import pytest
+
+from kvmcore import VM, KvmError, hookimpl
+from kvmcore.plugins import bind_hot_hook, get_plugin_manager
+from kvmcore.testing import FlatBackend
+
+
+def test_unknown_arch_is_enodev_and_lists_installed():
+    with pytest.raises(KvmError) as e:
+        VM(arch="no_such_arch")
+    assert e.value.errno == errno.ENODEV and "installed:" in str(e.value)
+
+
+def test_module_class_string():
+    vm = VM(arch="kvmcore.testing:FlatBackend")
+    assert vm.arch_info.name == "flat"
+    with pytest.raises(KvmError) as e:
+        VM(arch="kvmcore.testing:Nope")
+    assert e.value.errno == errno.ENODEV
+
+
+def test_unknown_vm_type_and_options():
+    with pytest.raises(KvmError) as e:
+        VM(arch=FlatBackend, vm_type="tdx")
+    assert e.value.errno == errno.EINVAL and "default" in str(e.value)
+    with pytest.raises(KvmError) as e:
+        VM(arch=FlatBackend, granule=65536)
+    assert e.value.errno == errno.EINVAL
+
+
+def test_blocked_arch_is_not_installed(monkeypatch):
+    from kvmcore.plugins import installed_backends
+
+    names = list(installed_backends())
+    if not names:
+        pytest.skip("no backend installed in this environment")
+    monkeypatch.setenv("KVMCORE_DISABLE_PLUGINS", names[0])
+    assert names[0] not in installed_backends()
+    with pytest.raises(KvmError) as e:
+        VM(arch=names[0])
+    assert e.value.errno == errno.ENODEV
+
+
+def test_missing_required_hook_is_refused():
+    class Half(FlatBackend):
+        leaves = None
+
+    with pytest.raises(TypeError, match="leaves"):
+        VM(arch=Half)
+
+
+def test_hot_hooks_bind_directly_until_wrapped():
+    vm = VM(arch=FlatBackend)
+    assert getattr(vm.translate, "__self__", None) is vm.backend
+
+    class Tracer:
+        calls = 0
+
+        @hookimpl(wrapper=True)
+        def translate(self, vm, vcpu, gpa, access):
+            Tracer.calls += 1
+            return (yield)
+
+    pm = get_plugin_manager(FlatBackend(), "flat")
+    pm.register(Tracer())
+    assert bind_hot_hook(pm, "translate") is pm.hook.translate
+
+
+def test_two_architectures_side_by_side(host):
+    class Other(FlatBackend):
+        pass
+
+    a, b = VM(arch=FlatBackend, host=host), VM(arch=Other, host=host)
+    hva = host.mmap(1 << 20)
+    for vm in (a, b):
+        vm.set_user_memory_region(0, 0, 1 << 20, hva)
+        vm.create_vcpu(0).write(0, b"shared host page")
+    host.munmap(hva, 1 << 20)
+    assert list(a.mappings()) == list(b.mappings()) == []
