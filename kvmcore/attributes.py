@@ -73,7 +73,7 @@ class AttributeRanges:
     def set(self, start: int, end: int, value: int) -> None:
         runs = self._runs
         # Split the runs that straddle the edges, drop everything inside, merge neighbours.
-        for s, e, v in list(self.runs(start, end)):
+        for s, _e, v in list(self.runs(start, end)):
             key = runs.keys()[runs.bisect_right(s) - 1]
             orig_e, _ = runs.pop(key)
             if key < start:

@@ -208,7 +208,8 @@ class PageTable:
             if not pte and not visit_invalid:
                 continue
             addr = base + (idx << shift)
-            ctx.table, ctx.table_pa, ctx.index, ctx.pos, ctx.level = table, table_pa, idx, pos, level
+            ctx.table, ctx.table_pa, ctx.index = table, table_pa, idx
+            ctx.pos, ctx.level = pos, level
             ctx.addr, ctx.size, ctx.pte = addr, size, pte
             is_table = pos < g.nlevels - 1 and fmt.is_valid(pte, level) and fmt.is_table(pte, level)
             if is_table:

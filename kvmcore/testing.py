@@ -265,7 +265,7 @@ class FlatBackend:
     @hookimpl
     def check_invariants(self, vm):
         problems = []
-        for as_id, root in enumerate(self.roots):
+        for root in self.roots:
             prev_end = 0
             for gfn, leaf in root.items():
                 if gfn != leaf.gfn:

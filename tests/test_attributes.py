@@ -109,7 +109,7 @@ def test_ranges_match_a_per_gfn_model(ops, queries):
     for g in range(0, 90):
         assert ranges.get(g) == model.get(g, 0)
     runs = list(ranges.runs())
-    for (s1, e1, v1), (s2, _e2, v2) in zip(runs, runs[1:]):
+    for (_s1, e1, v1), (s2, _e2, v2) in zip(runs, runs[1:], strict=False):
         assert e1 <= s2 and not (e1 == s2 and v1 == v2)
     assert all(v for _s, _e, v in runs)
     for start, n, attrs, mask in queries:

@@ -45,11 +45,11 @@ def memslot_figures(lookups: int = 20000) -> dict:
         lookup = vm.gfn_to_memslot
         sets = vm.memslot_sets[0]
 
-        def run_full():
+        def run_full(gfns=gfns, lookup=lookup):
             for g in gfns:
                 lookup(g)
 
-        def run_bare():
+        def run_bare(gfns=gfns, sets=sets):
             search = sets.search
             for g in gfns:
                 sets.last_used_slot = None
