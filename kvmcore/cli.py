@@ -1,11 +1,271 @@
-"""The ``kvmcore`` command."""
+"""The ``kvmcore`` command: archs, run, conformance, bench.
+
+This is the only place that configures structlog: a console renderer on a terminal, JSON lines
+otherwise, and ``--trace FILE`` sends the VM's structured events to FILE as JSON lines.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+from pathlib import Path
+
 import click
+import structlog
+
+from .errors import KvmError
 
 
-@click.group()
+class UserError(click.ClickException):
+    """A user's mistake (bad scenario, unknown arch): one line, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"kvmcore: error: {self.format_message()}", err=True)
+
+
+def _configure_logging(level: str, trace_file=None) -> None:
+    numeric = getattr(logging, level.upper())
+    if trace_file is not None:
+        processors = [structlog.processors.add_log_level,
+                      structlog.processors.TimeStamper(fmt="iso"),
+                      structlog.processors.JSONRenderer(sort_keys=False)]
+        structlog.configure(processors=processors,
+                            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+                            logger_factory=structlog.WriteLoggerFactory(trace_file),
+                            cache_logger_on_first_use=False)
+        return
+    renderer = (structlog.dev.ConsoleRenderer() if sys.stderr.isatty()
+                else structlog.processors.JSONRenderer())
+    structlog.configure(processors=[structlog.processors.add_log_level,
+                                    structlog.processors.TimeStamper(fmt="iso"), renderer],
+                        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+                        cache_logger_on_first_use=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kvmcore")
-def main() -> None:
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Threshold for log messages on stderr.")
+@click.pass_context
+def main(ctx: click.Context, log_level: str) -> None:
     """kvmcore: an executable, pluggable model of the Linux KVM MMU."""
+    ctx.ensure_object(dict)
+    ctx.obj["log_level"] = log_level
+    _configure_logging(log_level)
+
+
+# --------------------------------------------------------------------------- archs
+
+def _arch_rows() -> list[dict]:
+    from .plugins import installed_backends
+
+    rows = []
+    for name, ep in installed_backends().items():
+        try:
+            cls = ep.load()
+            info = cls.arch_info
+        except Exception as e:  # a broken plugin is reported, not fatal
+            rows.append({"arch": name, "error": f"{type(e).__name__}: {e}"})
+            continue
+        dist = ep.dist
+        rows.append({"arch": name, "distribution": dist.name if dist else "?",
+                     "version": dist.version if dist else "?",
+                     "vm_types": {t: sorted(c) for t, c in info.vm_types.items()},
+                     "page_sizes": list(info.page_sizes), "levels": info.levels,
+                     "address_spaces": info.nr_address_spaces})
+    return rows
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def archs(as_json: bool) -> None:
+    """List the installed architecture backends and what they claim."""
+    rows = _arch_rows()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="kvmcore backends")
+    for col in ("arch", "distribution", "version", "page sizes", "VM types: capabilities"):
+        table.add_column(col)
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["arch"], "", "", "", f"[red]{r['error']}")
+            continue
+        types = "\n".join(f"{t}: {', '.join(c)}" for t, c in r["vm_types"].items())
+        table.add_row(r["arch"], r["distribution"], r["version"],
+                      " ".join(_size(p) for p in r["page_sizes"]), types)
+    if not rows:
+        click.echo("no backend installed (pip install kvmcore-x86-tdp, for example)")
+        return
+    Console().print(table)
+
+
+# --------------------------------------------------------------------------- run
+
+def default_arch() -> str:
+    from .plugins import installed_backends
+
+    names = list(installed_backends())
+    if "x86_tdp" in names:
+        return "x86_tdp"
+    if names:
+        return names[0]
+    return "kvmcore.testing:FlatBackend"
+
+
+@main.command()
+@click.argument("scenario", required=False)
+@click.option("--arch", help="Backend: an installed name or module:Class "
+                             "(default: x86_tdp if installed, else the first installed).")
+@click.option("--vm-type", help="VM type (default: the scenario's, or the one claiming most of "
+                                "what it needs).")
+@click.option("--seed", type=int, help="Seed for random access patterns.")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, writable=True),
+              help="Write every fault, exit, zap, conversion and notifier event as JSON lines.")
+@click.option("--picture", type=click.Path(dir_okay=False, writable=True),
+              help="Draw the guest-physical map to a .png or .svg file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def run(ctx, scenario, arch, vm_type, seed, trace_path, picture, as_json) -> None:
+    """Run SCENARIO (a TOML file, or a built-in: confidential, basic). Without one, the
+    built-in "confidential" guest of 4 GiB boots."""
+    from . import scenario as sc
+
+    try:
+        spec = sc.load(scenario or "confidential")
+    except sc.ScenarioError as e:
+        raise UserError(str(e)) from None
+    arch = arch or spec.vm["arch"] or default_arch()
+    if picture and Path(picture).suffix.lower() not in (".png", ".svg"):
+        raise UserError(f"--picture {picture}: use a .png or .svg file name")
+    trace_file = open(trace_path, "w") if trace_path else None  # noqa: SIM115
+    try:
+        if trace_file is not None:
+            _configure_logging(ctx.obj["log_level"], trace_file)
+        try:
+            runner = sc.Runner(spec, arch, vm_type, seed, trace=trace_file is not None)
+        except KvmError as e:
+            raise UserError(f"{spec.path}: {e.strerror}") from None
+        result = _run_with_progress(runner, quiet=as_json)
+    finally:
+        if trace_file is not None:
+            trace_file.close()
+            _configure_logging(ctx.obj["log_level"])
+    if picture:
+        from .picture import draw
+
+        try:
+            draw(result.vm, picture, title=f"{spec.name} on {result.arch} ({result.vm_type})")
+        except ImportError as e:
+            raise UserError(f"--picture needs matplotlib (pip install 'kvmcore[picture]'): "
+                            f"{e}") from None
+    summary = summarize(result)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    if result.failures:
+        raise click.exceptions.Exit(1)
+
+
+def _run_with_progress(runner, quiet: bool):
+    total = runner.total_accesses()
+    if quiet or total < 20000 or not sys.stderr.isatty():
+        return runner.run()
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("guest accesses", total=total)
+        runner.progress = lambda n: progress.advance(task, n)
+        return runner.run()
+
+
+def summarize(result) -> dict:
+    stats = result.stats
+    faults = {k[len("fault_"):]: v for k, v in stats.items()
+              if k.startswith("fault_") and k[len("fault_"):] in (
+                  "not_present", "permission", "access_flag", "misconfig")}
+    return {
+        "scenario": result.scenario, "arch": result.arch, "vm_type": result.vm_type,
+        "steps": result.steps_run, "accesses": result.accesses,
+        "faults": stats.get("faults", 0), "faults_by_kind": faults,
+        "retries": stats.get("fault_retry", 0),
+        "exits": dict(result.exits),
+        "zaps": stats.get("zap_ranges", 0),
+        "tlb_flushes": stats.get("tlb_flush", 0) + stats.get("tlb_flush_range", 0),
+        "mappings_by_size": {_size(k): v for k, v in sorted(result.mappings_by_size.items())},
+        "table_bytes": result.table_bytes,
+        "wall_s": round(result.wall_s, 3),
+        "skipped": result.skipped, "failures": result.failures,
+    }
+
+
+def _print_summary(s: dict) -> None:
+    lines = [
+        f"{s['scenario']} on {s['arch']} ({s['vm_type']}): {s['steps']} steps, "
+        f"{s['accesses']} guest accesses in {s['wall_s']} s",
+        f"  faults      {s['faults']}  "
+        + "  ".join(f"{k}={v}" for k, v in s["faults_by_kind"].items())
+        + f"  retries={s['retries']}",
+        "  exits       " + ("  ".join(f"{k}={v}" for k, v in s["exits"].items()) or "none"),
+        f"  zaps        {s['zaps']}    TLB flushes {s['tlb_flushes']}",
+        "  mappings    " + ("  ".join(f"{k}: {v}" for k, v in s["mappings_by_size"].items())
+                            or "none"),
+        f"  tables      {s['table_bytes']} bytes",
+    ]
+    for item in s["skipped"]:
+        lines.append(f"  skipped     {item}")
+    for item in s["failures"]:
+        lines.append(f"  FAILED      {item}")
+    click.echo("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- conformance
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--arch", "arch_names", multiple=True,
+              help="Backend to test (repeatable; default: every installed one).")
+@click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
+def conformance(arch_names, pytest_args) -> None:
+    """Run the cross-architecture conformance suite (extra arguments go to pytest)."""
+    import pytest
+
+    args = ["-p", "kvmcore.conformance"]
+    for name in arch_names:
+        args += ["--arch", name]
+    raise SystemExit(pytest.main(args + list(pytest_args)))
+
+
+# --------------------------------------------------------------------------- bench
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--arch", "arch_names", multiple=True,
+              help="Backends to measure (default: every installed one).")
+def bench(as_json: bool, arch_names) -> None:
+    """Measure the project's performance figures, each as a ratio within one run."""
+    from .bench.run import run_all
+
+    figures = run_all(list(arch_names) or None)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    for section, values in figures.items():
+        click.echo(section)
+        for k, v in values.items():
+            click.echo(f"  {k:48} {v}")

@@ -160,7 +160,7 @@ def kvm_page_fault(vm, fault: PageFault):
     from .defaults import memory_fault_exit
 
     hook = vm.hook
-    r = hook.fast_page_fault(vm=vm, fault=fault)
+    r = vm.fast_page_fault(vm=vm, fault=fault)
     if r is not None:
         vm.stats["fast_page_fault"] += 1
         return r
@@ -194,7 +194,7 @@ def kvm_page_fault(vm, fault: PageFault):
             return RET_PF_RETRY
         r = None
         if fault.kind == PERMISSION:
-            r = hook.relax_perms(vm=vm, fault=fault)
+            r = vm.relax_perms(vm=vm, fault=fault)
             if r is not None:
                 vm.stats["relax_perms"] += 1
         if r is None:

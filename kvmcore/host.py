@@ -99,6 +99,7 @@ class HostMemory:
         self.poisoned: set[int] = set()
         self.zero_pfn = self._alloc(1)
         self.vmas = SortedKeyList(key=lambda v: v.start)
+        self._last_vma: Vma | None = None  # mmap's vmacache: faults come in runs
         # Host page table: 4K, 2M and 1G entries, each (pfn, writable).
         self.ptes: dict[int, tuple[int, bool]] = {}
         self.pmds: dict[int, tuple[int, bool]] = {}
@@ -166,11 +167,21 @@ class HostMemory:
     # ------------------------------------------------------------------ VMAs
 
     def find_vma(self, hva: int) -> Vma | None:
+        vma = self._last_vma
+        if vma is not None and vma.start <= hva < vma.end:
+            return vma
         idx = self.vmas.bisect_key_right(hva) - 1
         if idx < 0:
             return None
         vma = self.vmas[idx]
-        return vma if hva < vma.end else None
+        if hva < vma.end:
+            self._last_vma = vma
+            return vma
+        return None
+
+    def _forget(self, vma: Vma) -> None:
+        self.vmas.remove(vma)
+        self._last_vma = None
 
     def vmas_in(self, start: int, end: int) -> list[Vma]:
         idx = max(self.vmas.bisect_key_right(start) - 1, 0)
@@ -235,7 +246,7 @@ class HostMemory:
                     if vma.page_size > PAGE_SIZE and cut % vma.page_size:
                         raise KvmError(errno.EINVAL, f"hva={cut:#x}: not aligned to the "
                                                      "hugetlb page size")
-                    self.vmas.remove(vma)
+                    self._forget(vma)
                     right = attrs.evolve(vma, start=cut, pfn=vma.pfn + (
                         (cut - vma.start) >> PAGE_SHIFT if vma.kind == "pfnmap" else 0),
                         pgoff=vma.pgoff_of(cut))
@@ -419,7 +430,7 @@ class HostMemory:
         with self.invalidating(hva, length):
             self._zap_ptes(hva, end)
             for vma in self.vmas_in(hva, end):
-                self.vmas.remove(vma)
+                self._forget(vma)
 
     def mprotect(self, hva: int, length: int, prot: str) -> None:
         """mprotect(2): removing a permission fires the notifiers (change_protection) and

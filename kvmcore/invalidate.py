@@ -81,9 +81,12 @@ class InvalidateState:
 def kvm_mmu_unmap_gfn_range(vm: VM, rng: GfnRange) -> bool:
     """kvm_mmu_unmap_gfn_range: add the range to the invalidation, then the arch zap."""
     vm.mmu_invalidate.range_add(rng.start, rng.end)
-    flush = vm.hook.unmap_gfn_range(vm=vm, range=rng)
+    flush = bool(vm.hook.unmap_gfn_range(vm=vm, range=rng))
     vm.stats["zap_ranges"] += 1
-    return bool(flush)
+    if vm.events is not None:
+        vm.trace("mmu.zap", slot=rng.slot.slot_id, gfn=rng.start, npages=rng.npages,
+                 attr_filter=rng.attr_filter, flush=flush)
+    return flush
 
 
 class KvmMmuNotifier:

@@ -103,6 +103,13 @@ def bind_hot_hook(pm: pluggy.PluginManager, name: str):
     and map_leaf); otherwise the hook caller itself, so extensions still see every call."""
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
+    if not impls:
+        return _none
     if len(impls) == 1 and not (impls[0].hookwrapper or impls[0].wrapper):
         return impls[0].function
     return caller
+
+
+def _none(**kwargs):
+    """A firstresult hook nobody implements returns None."""
+    return None

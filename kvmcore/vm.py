@@ -43,6 +43,8 @@ MAX_FAULT_RETRIES = 64
 #: cost of a ranged flush).
 TLB_ENTRIES = 4096
 MAX_GPA = 1 << 52
+_RET_NAMES = {RET_PF_EMULATE: "emulate", RET_PF_FIXED: "fixed", RET_PF_RETRY: "retry",
+              RET_PF_SPURIOUS: "spurious", RET_PF_WRITE_PROTECTED: "write_protected"}
 
 
 class MmuLock:
@@ -101,6 +103,8 @@ class VM:
         self.translate = bind_hot_hook(self.pm, "translate")
         self.faultin_pfn = bind_hot_hook(self.pm, "faultin_pfn")
         self.map_leaf = bind_hot_hook(self.pm, "map_leaf")
+        self.fast_page_fault = bind_hot_hook(self.pm, "fast_page_fault")
+        self.relax_perms = bind_hot_hook(self.pm, "relax_perms")
         self.nr_address_spaces = self.arch_info.nr_address_spaces
         self.memslot_sets = [MemslotSet(i) for i in range(self.nr_address_spaces)]
         self.nr_memslot_pages = 0
@@ -377,7 +381,8 @@ class Vcpu:
             raise KvmError(errno.EINVAL, f"n={n!r}: the access needs a positive length")
         if vm.closed:
             raise KvmError(errno.EBADF, "the VM was closed")
-        _dirty.check_ring_request(self)
+        if self.dirty_ring is not None:
+            _dirty.check_ring_request(self)
         access = Access(kind, private)
         out = bytearray()
         pos = 0
@@ -424,10 +429,16 @@ class Vcpu:
                               is_private=t.private, kind=t.kind, level=t.level,
                               fault_size=t.size, error_code=t.error_code, vcpu=self)
             vm.stats["faults"] += 1
+            vm.stats[f"fault_{t.kind}"] += 1
             r = yield from self._run_fault(fault)
+            if vm.events is not None:
+                vm.trace("fault.handled", vcpu=self.id, gpa=gpa, kind=t.kind, access=access.kind,
+                         private=fault.is_private, result=_RET_NAMES.get(r, r))
             if r == RET_PF_EMULATE:
                 vm.stats["exit_mmio"] += 1
                 page_data = None if data is None else data[pos:pos + chunk]
+                vm.trace("fault.exit", exit="MmioExit", phys_addr=gpa, length=chunk,
+                         is_write=access.write)
                 raise MmioExit(gpa, chunk, access.write, page_data)
             if r == RET_PF_RETRY:
                 vm.stats["fault_retry"] += 1

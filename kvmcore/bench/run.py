@@ -1,0 +1,160 @@
+"""``kvmcore bench``: every figure of the project, each as a ratio measured in one run.
+
+Per backend (every installed one, and the flat reference backend):
+
+- ``fault_4k_us`` vs ``bare_walk_us``: one end-to-end 4 KiB guest write fault (translate miss,
+  fault path, map, re-translate) against a bare 4-level ``array('Q')`` walk in the same run;
+- ``table_bytes_per_page``: page-table memory per mapped 4 KiB page, 64 MiB mapped densely;
+- ``zap_1TiB_sparse_vs_tight``: zapping a 1 TiB range holding N leaves spread over it, against
+  zapping the same N leaves packed in a tight range (1.0 means zaps cost what is mapped);
+- ``convert_1TiB_ms`` (backends with private memory);
+- ``get_dirty_log_4GiB_vs_4MiB``: GET over a 4 GiB slot against a 4 MiB slot, with the same
+  dirty pages (1.0 means GET costs what is dirty).
+
+And the core's own: memslot lookups at 8 vs 32,767 slots, slot creation, hva iteration.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+
+from ..host import HostMemory
+from ..plugins import installed_backends
+from ..uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMORY_ATTRIBUTE_PRIVATE
+from ..vm import VM
+from . import core
+from .core import best_of
+
+MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
+FLAT = "kvmcore.testing:FlatBackend"
+
+
+def _vm(arch, size: int, flags: int = 0, thp: bool = False, vm_type: str = "default"):
+    host = HostMemory()
+    vm = VM(arch=arch, vm_type=vm_type, host=host)
+    hva = host.mmap(size, thp=thp)
+    vm.set_user_memory_region(0, 0, size, hva, flags)
+    return vm, host, hva
+
+
+def bare_walk_us(n: int = 20000) -> float:
+    """A 4-level radix walk over array('Q') tables, as tight as Python allows."""
+    tables = [array("Q", bytes(4096)) for _ in range(4)]
+    for i in range(3):
+        tables[i][0] = (i + 1) << 12 | 7
+    tables[3][1] = 0x1234 << 12 | 7
+    by_addr = {(i + 1) << 12: tables[i + 1] for i in range(3)}
+    root = tables[0]
+    gpas = [0x1000] * n
+
+    def walk():
+        for gpa in gpas:
+            t = root
+            for shift in (39, 30, 21):
+                t = by_addr[t[(gpa >> shift) & 511] & ~0xFFF]
+            t[(gpa >> 12) & 511] & ~0xFFF  # noqa: B018 - the leaf read is the work
+
+    return best_of(walk) / n * 1e6
+
+
+def fault_4k_us(arch, n: int = 2000) -> float:
+    def once():
+        vm, _host, _hva = _vm(arch, 64 * MiB)
+        vcpu = vm.create_vcpu(0)
+        t0 = time.perf_counter()
+        for i in range(n):
+            vcpu.write(i << 12, b"x")
+        return time.perf_counter() - t0
+
+    return min(once() for _ in range(3)) / n * 1e6
+
+
+def table_bytes_per_page(arch, size: int = 64 * MiB) -> float:
+    vm, _host, _hva = _vm(arch, size)
+    vcpu = vm.create_vcpu(0)
+    for gfn in range(size >> 12):
+        vcpu.write(gfn << 12, b"x")
+    return vm.page_table_bytes() / (size >> 12)
+
+
+def zap_ratio(arch, n: int = 256) -> dict:
+    def setup(span: int, stride: int):
+        vm, host, hva = _vm(arch, span)
+        vcpu = vm.create_vcpu(0)
+        for i in range(n):
+            vcpu.write(i * stride, b"x")
+        return vm, host, hva
+
+    def timed(span, stride):
+        best = float("inf")
+        for _ in range(3):
+            vm, host, hva = setup(span, stride)
+            t0 = time.perf_counter()
+            host.madvise_dontneed(hva, span)
+            best = min(best, time.perf_counter() - t0)
+            assert not list(vm.mappings())
+        return best
+
+    sparse = timed(TiB, TiB // n)
+    tight = timed(n * 4096 * 2, 4096)
+    return {"zap_1TiB_sparse_ms": round(sparse * 1e3, 3), "zap_tight_ms": round(tight * 1e3, 3),
+            "zap_1TiB_sparse_vs_tight": round(sparse / tight, 2)}
+
+
+def convert_ms(arch, vm_type: str) -> float:
+    vm, _host, _hva = _vm(arch, 4 * MiB, vm_type=vm_type)
+
+    def convert():
+        vm.set_memory_attributes(GiB, TiB, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        vm.set_memory_attributes(GiB, TiB, 0)
+
+    return best_of(convert) * 1e3
+
+
+def dirty_log_ratio(arch, dirty: int = 512) -> dict:
+    def timed(size):
+        vm, _host, _hva = _vm(arch, size, KVM_MEM_LOG_DIRTY_PAGES)
+        vcpu = vm.create_vcpu(0)
+        best = float("inf")
+        for _ in range(3):
+            for i in range(dirty):
+                vcpu.write(i * 8192 % size, b"x")
+            t0 = time.perf_counter()
+            pages = vm.get_dirty_log(0)
+            best = min(best, time.perf_counter() - t0)
+            assert len(pages) == min(dirty, size // 8192)
+        return best
+
+    big, small = timed(4 * GiB), timed(4 * MiB)
+    return {"get_dirty_log_4GiB_ms": round(big * 1e3, 3),
+            "get_dirty_log_4MiB_ms": round(small * 1e3, 3),
+            "get_dirty_log_4GiB_vs_4MiB": round(big / small, 2)}
+
+
+def backend_figures(arch) -> dict:
+    from ..plugins import resolve_backend
+
+    info = resolve_backend(arch).arch_info
+    out = {}
+    walk = bare_walk_us()
+    fault = fault_4k_us(arch)
+    out["fault_4k_us"] = round(fault, 2)
+    out["bare_walk_us"] = round(walk, 3)
+    out["fault_4k_vs_bare_walk"] = round(fault / walk, 1)
+    out["table_bytes_per_page"] = round(table_bytes_per_page(arch), 2)
+    out.update(zap_ratio(arch))
+    private = [t for t, caps in info.vm_types.items() if "private_mem" in caps]
+    if private:
+        out["convert_1TiB_ms"] = round(convert_ms(arch, private[0]), 3)
+    if "dirty_log" in info.capabilities:
+        out.update(dirty_log_ratio(arch))
+    return out
+
+
+def run_all(arches: list[str] | None = None) -> dict:
+    figures = {"core": core.run_all()}
+    for arch in arches or [*installed_backends(), FLAT]:
+        name = arch.rsplit(":", 1)[-1] if ":" in arch else arch
+        figures[name] = backend_figures(arch)
+    return figures

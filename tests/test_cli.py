@@ -1,0 +1,153 @@
+"""The kvmcore command, through click's CliRunner."""
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from kvmcore import scenario as sc
+from kvmcore.cli import main
+
+FLAT = "kvmcore.testing:FlatBackend"
+
+
+@pytest.fixture
+def cli():
+    return CliRunner()
+
+
+def write(tmp_path, text, name="s.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BASE = """
+[[mmap]]
+name = "ram"
+length = "4M"
+
+[[memslot]]
+slot = 0
+size = "4M"
+mmap = "ram"
+"""
+
+
+def test_run_builtin_prints_summary(cli):
+    result = cli.invoke(main, ["run", "--arch", FLAT])
+    assert result.exit_code == 0, result.output
+    assert "confidential on flat (sw_protected)" in result.output
+    assert "faults" in result.output and "mappings" in result.output
+
+
+def test_run_json_summary_fields(cli):
+    result = cli.invoke(main, ["run", "basic", "--arch", FLAT, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["failures"] == [] and summary["exits"] == {"MmioExit": 2}
+    assert summary["accesses"] > 3000 and summary["mappings_by_size"]["2M"] > 0
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (BASE + "[[step]]\nop = 'read'\ngpa = 0\nbogus = 1\n", "step 1 (read): key 'bogus': unknown"),
+    (BASE + "[[step]]\nop = 'read'\ngpa = 'lots'\n", "step 1 (read): key 'gpa': must be a size"),
+    (BASE + "[[step]]\nop = 'teleport'\n", "step 1: key 'op': must be one of"),
+    (BASE + "[[step]]\nop = 'read'\ngpa = 0\nprivate = 'yes'\n", "key 'private': must be true"),
+    ("[vm]\nvcpus = 0\n", "[vm]: key 'vcpus'"),
+    ("[[mmap]]\nname = 'a'\nlength = 4096\nkind = 'weird'\n", "mmap 1: key 'kind'"),
+    ("not toml = = 1", "not valid TOML"),
+])
+def test_bad_scenarios_one_line_exit_2(cli, tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    result = cli.invoke(main, ["run", path, "--arch", FLAT])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and path in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_unknown_arch_and_vm_type(cli, tmp_path):
+    path = write(tmp_path, BASE)
+    for args, fragment in ((["--arch", "sparc_srmmu"], "not installed"),
+                           (["--arch", FLAT, "--vm-type", "tdx"], "vm_type='tdx'")):
+        result = cli.invoke(main, ["run", path, *args])
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1 and fragment in result.output
+
+
+def test_expectations_are_checked(cli, tmp_path):
+    path = write(tmp_path, BASE + """
+[[step]]
+op = "write"
+gpa = 0x1000
+data = "hello"
+
+[[step]]
+op = "read"
+gpa = 0x1000
+length = 5
+expect = { data = "hello" }
+
+[[step]]
+op = "read"
+gpa = "1G"
+length = 4
+expect = { exit = "memory_fault" }
+""")
+    result = cli.invoke(main, ["run", path, "--arch", FLAT])
+    assert result.exit_code == 1
+    assert "step 3 (read): gpa 0x40000000: expected exit memory_fault, got MmioExit" \
+        in result.output
+
+
+def test_errno_expectation(cli, tmp_path):
+    path = write(tmp_path, BASE + """
+[[step]]
+op = "memslot"
+slot = 1
+gpa = "2M"
+size = "4M"
+mmap = "ram"
+expect = { errno = "EEXIST" }
+""")
+    result = cli.invoke(main, ["run", path, "--arch", FLAT])
+    assert result.exit_code == 0, result.output
+
+
+def test_trace_is_json_lines_with_stable_names(cli, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    result = cli.invoke(main, ["run", "--arch", FLAT, "--trace", str(trace)])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    names = {e["event"] for e in events}
+    assert {"vm.create", "memslot.create", "fault.handled", "mmu.zap", "attributes.set",
+            "notifier.invalidate_start", "gmem.punch_hole", "fault.exit"} <= names
+    assert all(re.fullmatch(r"[a-z_]+\.[a-z_]+", name) for name in names), names
+
+
+def test_picture_is_an_image(cli, tmp_path):
+    png, svg = tmp_path / "m.png", tmp_path / "m.svg"
+    for path in (png, svg):
+        result = cli.invoke(main, ["run", "basic", "--arch", FLAT, "--picture", str(path)])
+        assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in svg.read_bytes()[:400]
+    result = cli.invoke(main, ["run", "basic", "--arch", FLAT, "--picture", "x.gif"])
+    assert result.exit_code == 2
+
+
+def test_archs_json(cli):
+    result = cli.invoke(main, ["archs", "--json"])
+    assert result.exit_code == 0
+    rows = json.loads(result.output)
+    assert isinstance(rows, list)
+    for row in rows:
+        assert {"arch", "distribution", "version", "vm_types", "page_sizes"} <= set(row)
+
+
+def test_builtin_scenarios_parse():
+    for name in sc.BUILTIN:
+        scen = sc.load(name)
+        assert scen.steps and scen.name == name
