@@ -483,7 +483,7 @@ class Vcpu:
                 raise KvmError(errno.EINVAL, f"{name}={value!r} is not a u64")
         if flags:
             raise KvmError(errno.EINVAL, f"flags={flags:#x} must be 0")
-        if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or gpa + size <= gpa:
+        if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or (gpa + size) % (1 << 64) <= gpa:
             raise KvmError(errno.EINVAL, f"gpa={gpa:#x}, size={size:#x}: not page-aligned, "
                                          "empty, or wrapping")
         if "pre_fault" not in vm.capabilities:
