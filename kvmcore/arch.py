@@ -36,6 +36,9 @@ class ArchInfo:
                                                              hash=False)
     nr_address_spaces: int = 1
     description: str = ""
+    #: KVM_INTERNAL_MEM_SLOTS: slot ids at the top that only the kernel uses (x86: 3, s390:
+    #: 1); userspace gets KVM_USER_MEM_SLOTS = 32767 - this.
+    internal_mem_slots: int = 0
 
     @vm_types.validator
     def _check_vm_types(self, _attr, value):

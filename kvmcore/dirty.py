@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .errors import KvmError
+from .memslots import kvm_user_mem_slots
 from .uapi import (
     KVM_DIRTY_GFN_F_DIRTY,
     KVM_DIRTY_GFN_F_RESET,
@@ -127,9 +128,7 @@ def _slot_for_log(vm: VM, slot: int, op: str):
     if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < 1 << 32:
         raise KvmError(errno.EINVAL, f"slot={slot!r} is not a u32")
     as_id, id_ = slot >> 16, slot & 0xFFFF
-    from .memslots import KVM_USER_MEM_SLOTS
-
-    if as_id >= vm.nr_address_spaces or id_ >= KVM_USER_MEM_SLOTS:
+    if as_id >= vm.nr_address_spaces or id_ >= kvm_user_mem_slots(vm):
         raise KvmError(errno.EINVAL, f"slot={slot:#x}: bad address space or slot id")
     return as_id, id_
 
@@ -325,10 +324,8 @@ class DirtyRing:
 
 def kvm_reset_dirty_gfn(vm: VM, slot_id: int, offset: int, mask: int) -> None:
     """kvm_reset_dirty_gfn: silently ignores bad slots and out-of-range offsets."""
-    from .memslots import KVM_USER_MEM_SLOTS
-
     as_id, id_ = slot_id >> 16, slot_id & 0xFFFF
-    if as_id >= vm.nr_address_spaces or id_ >= KVM_USER_MEM_SLOTS:
+    if as_id >= vm.nr_address_spaces or id_ >= kvm_user_mem_slots(vm):
         return
     memslot = vm.memslot_sets[as_id].by_id.get(id_)
     if memslot is None or offset + mask.bit_length() - 1 >= memslot.npages:

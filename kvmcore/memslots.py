@@ -45,8 +45,11 @@ logger = structlog.get_logger(__name__)
 U64 = 1 << 64
 #: Userspace addresses must lie below this (x86-64 TASK_SIZE_MAX with 4-level paging).
 TASK_SIZE = (1 << 47) - PAGE_SIZE
-#: No architecture here reserves internal slots, so every id below SHRT_MAX is a user slot.
-KVM_USER_MEM_SLOTS = KVM_MEM_SLOTS_NUM
+
+
+def kvm_user_mem_slots(vm: VM) -> int:
+    """KVM_USER_MEM_SLOTS: KVM_MEM_SLOTS_NUM less the arch's internal slots."""
+    return KVM_MEM_SLOTS_NUM - vm.arch_info.internal_mem_slots
 
 CHANGE_NAMES = {KVM_MR_CREATE: "create", KVM_MR_DELETE: "delete", KVM_MR_MOVE: "move",
                 KVM_MR_FLAGS_ONLY: "flags_only"}
@@ -276,9 +279,10 @@ def kvm_set_memory_region(vm: VM, slot: int, flags: int, guest_phys_addr: int,
                               ("guest_memfd_offset", guest_memfd_offset, 64)):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << bits:
             raise _einval(f"{name}={value!r} is not a u{bits}")
-    if slot & 0xFFFF >= KVM_USER_MEM_SLOTS:
+    user_slots = kvm_user_mem_slots(vm)
+    if slot & 0xFFFF >= user_slots:
         raise _einval(f"slot={slot:#x}: id {slot & 0xFFFF} is not a user memslot "
-                      f"(< {KVM_USER_MEM_SLOTS})")
+                      f"(< {user_slots})")
     as_id, id_ = slot >> 16, slot & 0xFFFF
     check_memory_region_flags(vm, flags)
     if memory_size & (PAGE_SIZE - 1):

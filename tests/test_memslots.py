@@ -153,3 +153,23 @@ def test_many_slots_lookup(vm, host):
         assert vm.gfn_to_memslot(i * 2 + 1) is None
     assert [s.id for s in vm.memslot_sets[0].in_hva_range(hva + 4096 * 10,
                                                           hva + 4096 * 12)] == [10, 11]
+
+
+def test_internal_slots_are_not_for_userspace(host):
+    import attrs
+
+    from kvmcore import VM
+    from kvmcore.testing import FlatBackend
+
+    class X86Like(FlatBackend):
+        arch_info = attrs.evolve(FlatBackend.arch_info, internal_mem_slots=3)
+
+    vm = VM(arch=X86Like, host=host)
+    hva = host.mmap(MiB)
+    with pytest.raises(KvmError, match="not a user memslot") as e:
+        region(vm, 32764, 0, MiB, hva)
+    assert e.value.errno == errno.EINVAL
+    region(vm, 32763, 0, MiB, hva)
+    with pytest.raises(KvmError) as e:
+        vm.get_dirty_log(32764)
+    assert e.value.errno == errno.EINVAL
