@@ -269,3 +269,22 @@ def bench(as_json: bool, arch_names) -> None:
         click.echo(section)
         for k, v in values.items():
             click.echo(f"  {k:48} {v}")
+
+
+# --------------------------------------------------------------------------- new-arch
+
+@main.command("new-arch")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(file_okay=False),
+              help="Where to write the distribution (default: ./kvmcore-NAME).")
+def new_arch(name: str, directory: str | None) -> None:
+    """Write a new backend distribution NAME that passes the conformance suite."""
+    from .scaffold.new_arch import write_plugin
+
+    target = Path(directory or f"kvmcore-{name.replace('_', '-')}")
+    try:
+        files = write_plugin(name, target)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    click.echo(f"wrote {len(files)} files in {target}; next: pip install -e {target} && "
+               f"kvmcore conformance --arch {name}")

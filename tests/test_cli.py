@@ -151,3 +151,24 @@ def test_builtin_scenarios_parse():
     for name in sc.BUILTIN:
         scen = sc.load(name)
         assert scen.steps and scen.name == name
+
+
+def test_new_arch_writes_a_plugin_that_works(cli, tmp_path, monkeypatch):
+    target = tmp_path / "kvmcore-toy"
+    result = cli.invoke(main, ["new-arch", "toy", "--dir", str(target)])
+    assert result.exit_code == 0, result.output
+    assert (target / "kvmcore_toy" / "backend.py").is_file()
+    assert 'toy = "kvmcore_toy:ToyBackend"' in (target / "pyproject.toml").read_text()
+    monkeypatch.syspath_prepend(str(target))
+    from kvmcore import VM, HostMemory
+
+    host = HostMemory()
+    vm = VM(arch="kvmcore_toy:ToyBackend", host=host)
+    vm.set_user_memory_region(0, 0, 1 << 21, host.mmap(1 << 21))
+    vm.create_vcpu(0).write(0x5000, b"x")
+    assert vm.arch_info.name == "toy" and vm.lookup(0x5000).raw & 1
+    vm.check_invariants()
+    again = cli.invoke(main, ["new-arch", "toy", "--dir", str(target)])
+    assert again.exit_code == 2 and "not empty" in again.output
+    bad = cli.invoke(main, ["new-arch", "Bad-Name", "--dir", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "NAME" in bad.output

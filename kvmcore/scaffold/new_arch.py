@@ -1,0 +1,110 @@
+"""``kvmcore new-arch NAME``: write a plugin distribution whose backend (a plain radix table,
+``kvmcore/scaffold/backend.py``) passes the conformance suite, for its author to turn into
+their hardware."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+NAME_RE = re.compile(r"[a-z][a-z0-9_]{1,30}")
+
+PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=69"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "kvmcore-{dist}"
+version = "0.1.0"
+description = "kvmcore backend: {name}"
+requires-python = ">=3.11"
+dependencies = ["kvmcore"]
+
+[project.optional-dependencies]
+test = ["pytest>=8,<10", "hypothesis>=6.100,<7"]
+
+[project.entry-points."kvmcore.arch"]
+{name} = "kvmcore_{name}:{cls}"
+
+[tool.setuptools.packages.find]
+include = ["kvmcore_{name}*"]
+"""
+
+TOX = """\
+[tox]
+requires = tox>=4.11
+env_list = {name}
+
+[testenv:{name}]
+description = the conformance suite and this backend's tests, with only kvmcore and it
+extras = test
+commands =
+    pytest -p kvmcore.conformance --arch {name} {{posargs}}
+    pytest tests {{posargs}}
+"""
+
+TEST = '''\
+"""{cls}'s own tests: its entry format, which the conformance suite cannot know."""
+
+from kvmcore import VM, HostMemory
+
+
+def test_a_write_maps_a_4k_leaf_with_the_hardware_bits():
+    host = HostMemory()
+    vm = VM(arch="{name}", host=host)
+    vm.set_user_memory_region(0, 0, 1 << 20, host.mmap(1 << 20))
+    vm.create_vcpu(0).write(0x3000, b"x")
+    leaf = vm.lookup(0x3000)
+    assert (leaf.gfn, leaf.size, leaf.writable) == (3, 4096, True)
+    assert leaf.raw & 1 and leaf.raw & 4            # valid, writable in this format
+    vm.check_invariants()
+'''
+
+README = """\
+# kvmcore-{dist}
+
+A kvmcore backend for {name}, started from `kvmcore new-arch`: a plain 4-level radix table
+that passes the conformance suite. Replace the entry format in `kvmcore_{name}/backend.py`
+with your hardware's, then the policies, keeping the suite green:
+
+    pip install -e ".[test]" && tox
+
+See kvmcore's docs/writing-a-backend.md and docs/hooks.md.
+"""
+
+
+def camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_")) + "Backend"
+
+
+def write_plugin(name: str, directory: Path) -> list[Path]:
+    """Write the distribution; returns the files written. Raises ValueError for a bad name or
+    a directory that is not empty."""
+    if not NAME_RE.fullmatch(name):
+        raise ValueError(f"NAME {name!r}: use lowercase letters, digits and '_', starting "
+                         "with a letter (it becomes the entry-point and package name)")
+    if directory.exists() and any(directory.iterdir()):
+        raise ValueError(f"{directory}: exists and is not empty")
+    cls, dist = camel(name), name.replace("_", "-")
+    source = resources.files("kvmcore.scaffold").joinpath("backend.py").read_text()
+    source = (source.replace("class RadixBackend", f"class {cls}")
+              .replace('name="radix"', f'name="{name}"')
+              .replace("radix: ", f"{name}: "))
+    files = {
+        "pyproject.toml": PYPROJECT.format(dist=dist, name=name, cls=cls),
+        "tox.ini": TOX.format(name=name),
+        "README.md": README.format(dist=dist, name=name),
+        f"kvmcore_{name}/__init__.py": f'"""kvmcore backend: {name}."""\n\n'
+                                       f"from .backend import {cls}\n\n__all__ = [\"{cls}\"]\n",
+        f"kvmcore_{name}/backend.py": source,
+        "tests/test_backend.py": TEST.format(cls=cls, name=name),
+    }
+    written = []
+    for rel, text in files.items():
+        path = directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written
