@@ -1,0 +1,749 @@
+"""X86TdpBackend: the kvmcore hooks of the x86 TDP MMU with EPT (arch/x86/kvm/mmu/*.c,
+arch/x86/kvm/x86.c, vmx/*.c, svm/sev.c).
+
+VM options (``VM(arch="x86_tdp", vm_type=..., **options)``):
+
+- ``tdp_level`` (4 or 5): the root level (kvm_mmu_get_tdp_level); a TDX VM's shared bit is
+  47 with 4 levels and 51 with 5.
+- ``pml`` (True, Linux's enable_pml default on CPUs with PML): dirty logging through
+  page-modification logging instead of write protection; needs A/D bits, so
+  ``ad_disabled=True`` turns it off unless ``pml=True`` is given explicitly (EINVAL).
+- ``pml_drain_on_exit`` (True): KVM drains the PML buffer on every VM exit, and each
+  ``vcpu.read/write/fetch`` is one KVM_RUN, so a logged GPA reaches the bitmap / ring when the
+  access returns. False models a guest that keeps running: the buffer is drained only when
+  full (PML-full exit) or by ``sync_dirty_log``.
+- ``ad_disabled`` (False): EPT without A/D bits (enable_ept_ad_bits=0): aging and the fast
+  path use access-tracked SPTEs.
+- ``eager_page_split`` (True), ``nx_huge_pages`` (False), ``hugepage_1g`` (True: the CPU has
+  1G EPT pages, else max_huge_page_level is 2M), ``slot_zap_all_quirk`` (True:
+  KVM_X86_QUIRK_SLOT_ZAP_ALL for DEFAULT_VM memslot deletion), ``mmio_caching`` (True:
+  enable_mmio_caching).
+
+Simplifications (each also noted where it applies): no shadow paging, nested EPT (L2 roots,
+SPTE_TDP_AD_WRPROT_ONLY) or page tracking; the NX huge-page recovery worker and
+disallowed_hugepage_adjust are not modelled (nx_huge_pages only strips X from huge leaves and
+maps exec faults at 4K); SNP keeps the EPT format (NPT entries are not modelled, the RMP is);
+a TD is always RUNNABLE with an HKID and TDX MMIO is not cached in the shared EPT; vCPUs walk
+address space 0 only (the core's accesses carry no SMM state); Linux's lockless
+cmpxchg/RCU updates are plain stores, FROZEN_SPTE appears only inside one flow.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+
+import attrs
+import structlog
+from kvmcore import hookimpl
+from kvmcore.arch import ArchInfo, Mapping
+from kvmcore.errors import KvmError
+from kvmcore.fault import MISCONFIG, PERMISSION
+from kvmcore.hva import GfnRange
+from kvmcore.uapi import (
+    KVM_FILTER_PRIVATE,
+    KVM_FILTER_SHARED,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+    KVM_MR_CREATE,
+    KVM_MR_FLAGS_ONLY,
+    KVM_MR_MOVE,
+    RET_PF_CONTINUE,
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+    is_error_noslot_pfn,
+)
+
+from . import mmu
+from .ept import PFERR_PRESENT_MASK, ept_translate
+from .pml import PmlBuffer, vmx_flush_pml_buffer
+from .sev import Rmp
+from .spte import (
+    KVM_HPAGE_SIZE,
+    KVM_MAX_HUGEPAGE_LEVEL,
+    KVM_PAGES_PER_HPAGE,
+    MMIO_SPTE_GEN_MASK,
+    PG_LEVEL_1G,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    PT64_ROOT_4LEVEL,
+    PT64_ROOT_5LEVEL,
+    PT_WRITABLE_MASK,
+    SPTE_MMU_PRESENT_MASK,
+    VMX_EPT_ACCESS_BIT,
+    VMX_EPT_DIRTY_BIT,
+    get_mmio_spte_generation,
+    is_access_track_spte,
+    is_accessed_spte,
+    is_last_spte,
+    is_mmio_spte,
+    is_mmu_writable_spte,
+    level_for_size,
+    make_mmio_spte,
+    make_spte,
+    restore_acc_track_spte,
+    SHADOW_ACC_TRACK_SAVED_BITS_SHIFT,
+    spte_ad_enabled,
+    spte_to_pfn,
+)
+from .tdp_mmu import (
+    KVM_DIRECT_ROOTS,
+    KVM_INVALID_ROOTS,
+    KVM_MIRROR_ROOTS,
+    KVM_VALID_ROOTS,
+    TdpMmu,
+    TdpRoot,
+    is_access_allowed,
+)
+from .tdx import Tdx
+
+logger = structlog.get_logger(__name__)
+
+KVM_X86_DEFAULT_VM = "default"
+KVM_X86_SW_PROTECTED_VM = "sw_protected"
+KVM_X86_SNP_VM = "snp"
+KVM_X86_TDX_VM = "tdx"
+
+_COMMON = {"memory_attributes", "dirty_log", "manual_dirty_protect", "initially_set",
+           "dirty_ring", "pml", "hugepage_2m", "hugepage_1g", "pre_fault", "aging", "gmem"}
+
+ARCH_INFO = ArchInfo(
+    name="x86_tdp",
+    page_sizes=(1 << 12, 1 << 21, 1 << 30),
+    levels=4,
+    vm_types={
+        # DEFAULT_VM: no private memory; guest_memfd only as shared, mmap-able memory.
+        KVM_X86_DEFAULT_VM: _COMMON | {"readonly_mem", "gmem_mmap"},
+        KVM_X86_SW_PROTECTED_VM: _COMMON | {"readonly_mem", "private_mem"},
+        # Protected state: no read-only memslots (kvm_arch_has_readonly_mem), no SMM.
+        KVM_X86_SNP_VM: _COMMON | {"private_mem"},
+        # Separate private (mirror / S-EPT) and shared (direct) roots.
+        KVM_X86_TDX_VM: _COMMON | {"private_mem", "private_alias"},
+    },
+    nr_address_spaces=2,
+    # KVM_INTERNAL_MEM_SLOTS: APIC access page, identity map, TSS.
+    internal_mem_slots=3,
+    description="x86 TDP MMU with EPT entries; TDX mirror roots, SNP RMP, SW-protected VMs",
+)
+
+_OPTIONS = {
+    "tdp_level": (PT64_ROOT_4LEVEL, int),
+    "pml": (True, bool),
+    "ad_disabled": (False, bool),
+    "eager_page_split": (True, bool),
+    "nx_huge_pages": (False, bool),
+    "hugepage_1g": (True, bool),
+    "slot_zap_all_quirk": (True, bool),
+    "mmio_caching": (True, bool),
+    "pml_drain_on_exit": (True, bool),
+}
+
+
+def kvm_gfn_range_filter_to_root_types(has_mirror: bool, attr_filter: int) -> int:
+    """tdp_mmu.h: without mirrored TDP every filter means the direct roots."""
+    if not has_mirror:
+        return KVM_DIRECT_ROOTS
+    types = 0
+    if attr_filter & KVM_FILTER_PRIVATE:
+        types |= KVM_MIRROR_ROOTS
+    if attr_filter & KVM_FILTER_SHARED:
+        types |= KVM_DIRECT_ROOTS
+    return types
+
+
+class X86TdpBackend:
+    """One instance per VM. ``arch_info`` is per instance because ``nr_address_spaces``
+    depends on the VM type (kvm_arch_nr_memslot_as_ids: 1 with private memory, else 2)."""
+
+    arch_info = ARCH_INFO
+
+    def __init__(self, vm_type: str = KVM_X86_DEFAULT_VM, **options):
+        if vm_type not in ARCH_INFO.vm_types:
+            raise KvmError(errno.EINVAL, f"vm_type={vm_type!r}: x86_tdp supports "
+                                         f"{sorted(ARCH_INFO.vm_types)}")
+        for name in options:
+            if name not in _OPTIONS:
+                raise KvmError(errno.EINVAL, f"option {name!r} is not an x86_tdp VM option "
+                                             f"(known: {sorted(_OPTIONS)})")
+        opts = {k: options.get(k, d) for k, (d, _t) in _OPTIONS.items()}
+        if opts["tdp_level"] not in (PT64_ROOT_4LEVEL, PT64_ROOT_5LEVEL):
+            raise KvmError(errno.EINVAL, f"tdp_level={opts['tdp_level']!r}: must be 4 or 5")
+        if opts["ad_disabled"] and "pml" not in options:
+            opts["pml"] = False
+        if opts["pml"] and opts["ad_disabled"]:
+            raise KvmError(errno.EINVAL, "pml=True needs EPT A/D bits (ad_disabled=False)")
+        self.vm_type = vm_type
+        self.options = opts
+        self.root_level = opts["tdp_level"]
+        self.pml = opts["pml"]
+        self.ad_disabled = opts["ad_disabled"]
+        self.eager_page_split = opts["eager_page_split"]
+        self.nx_huge_pages = opts["nx_huge_pages"]
+        self.max_huge_page_level = PG_LEVEL_1G if opts["hugepage_1g"] else PG_LEVEL_2M
+        self.slot_zap_all_quirk = opts["slot_zap_all_quirk"]
+        self.enable_mmio_caching = opts["mmio_caching"]
+        self.pml_drain_on_exit = opts["pml_drain_on_exit"]
+        self.has_private_mem = vm_type != KVM_X86_DEFAULT_VM
+        self.tdx = Tdx(self.root_level) if vm_type == KVM_X86_TDX_VM else None
+        self.rmp = Rmp() if vm_type == KVM_X86_SNP_VM else None
+        # TDX keeps MMIO out of the shared EPT (the guest takes #VE and asks the VMM).
+        self.shadow_mmio_value = None if self.tdx is not None else 0x6
+        nr_as = 1 if self.has_private_mem else 2
+        vm_types = dict(ARCH_INFO.vm_types)
+        if not self.pml:
+            # enable_pml=0 (or no A/D bits): this VM has no PML (cpu_dirty_log_size 0).
+            vm_types = {t: caps - {"pml"} for t, caps in vm_types.items()}
+        self.arch_info = attrs.evolve(ARCH_INFO, nr_address_spaces=nr_as, vm_types=vm_types)
+        self.nr_address_spaces = nr_as
+        self.tdp = TdpMmu(self, self.root_level)
+        self.direct_roots: dict[int, TdpRoot] = {}
+        self.mirror_roots: dict[int, TdpRoot] = {}
+        #: kvm->arch.cpu_dirty_log_size users: memslots with dirty logging (PML on/off).
+        self.nr_memslots_dirty_logging = 0
+        self._spte_templates: dict[tuple, int] = {}
+        self.removal_log = self.tdx.records if self.tdx is not None else []
+        if self.tdx is None and self.rmp is None:
+            # No vendor private_max_mapping_level (DEFAULT_VM has no private faults, SW-
+            # protected VMs have no cap) and nothing to prepare: leave the core's faultin_pfn
+            # unwrapped so its hot-path binding skips pluggy (a plain attribute hides the
+            # class's hookimpl from registration).
+            self.faultin_pfn = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def max_gpa_bits(self) -> int:
+        return 48 if self.root_level == PT64_ROOT_4LEVEL else 52
+
+    @property
+    def pml_logging(self) -> bool:
+        return self.pml and self.nr_memslots_dirty_logging > 0
+
+    def vcpu_as_id(self, vcpu) -> int:
+        """The vCPU's memslot address space (1 in SMM). The core's Access and PageFault carry
+        no address space (PageFault.as_id stays 0), so a vCPU always walks address space 0;
+        SMM memslots and roots exist for zapping and invariants."""
+        return 0
+
+    def access_is_private(self, vm, gfn: int, access) -> bool:
+        """Fault private-ness for VMs with one table (§3.2): SW-protected takes the gfn's
+        attribute (kvm_mmu_page_fault ORs PFERR_PRIVATE_ACCESS into an EPT violation's error
+        code, which VMX never sets itself, so an access's stated intent cannot change it),
+        SNP uses the C-bit the access carries, DEFAULT_VM never."""
+        if self.vm_type == KVM_X86_SW_PROTECTED_VM:
+            return vm.kvm_mem_is_private(gfn)
+        if self.vm_type == KVM_X86_SNP_VM:
+            return bool(access.private)
+        return False
+
+    def root_for(self, as_id: int, private: bool) -> TdpRoot:
+        """tdp_mmu_get_root_for_fault: the mirror root for a TDX private access."""
+        if private and self.tdx is not None:
+            return self.mirror_roots[as_id]
+        return self.direct_roots[as_id]
+
+    def _alloc_roots(self) -> None:
+        """mmu_alloc_direct_roots: the mirror root first (TDX), then the direct root."""
+        bits = self.tdx.shared_gfn_bit if self.tdx is not None else 0
+        for as_id in range(self.nr_address_spaces):
+            if self.tdx is not None and as_id not in self.mirror_roots:
+                self.mirror_roots[as_id] = self.tdp.alloc_root(as_id, True, 0)
+            if as_id not in self.direct_roots:
+                self.direct_roots[as_id] = self.tdp.alloc_root(as_id, False, bits)
+
+    def remove_external_spte(self, vm, gfn: int, level: int, old: int) -> None:
+        self.tdx.remove_private_spte(vm, gfn, level, old)
+
+    def set_external_spte_present(self, vm, table, idx, gfn, level, old, new, child_pa):
+        return self.tdx.set_external_spte_present(vm, table, idx, gfn, level, old, new,
+                                                  child_pa)
+
+    def pml_log(self, vm, vcpu, gpa: int) -> None:
+        if vcpu is None:
+            return
+        buf = vcpu.arch.get("pml")
+        if buf is None:
+            buf = vcpu.arch["pml"] = PmlBuffer()
+        if buf.full:
+            # EXIT_REASON_PML_FULL: KVM drains, then the guest retries the write.
+            vm.stats["x86_tdp.pml_full"] += 1
+            vm.trace("x86_tdp.pml_full", vcpu=vcpu.id)
+            vmx_flush_pml_buffer(vm, vcpu, buf)
+        buf.log(gpa)
+        if self.pml_drain_on_exit:
+            vmx_flush_pml_buffer(vm, vcpu, buf)
+
+    def gfn_is_private_mapping(self, vm, gfn: int, pfn: int) -> bool:
+        """Mapping.private for a single-table VM: guest-owned in the RMP (SNP), the gfn's
+        attribute (SW-protected: conversions zap the old kind)."""
+        if self.rmp is not None:
+            return self.rmp.is_private(pfn)
+        if self.vm_type == KVM_X86_SW_PROTECTED_VM:
+            return vm.kvm_mem_is_private(gfn)
+        return False
+
+    # ------------------------------------------------------------------ life cycle
+    @hookimpl
+    def init_vm(self, vm):
+        self._alloc_roots()
+        if self.pml:
+            # kvm_x86_ops.cpu_dirty_log_size: entries a vCPU may hold before KVM sees them.
+            vm.cpu_dirty_log_size = 512
+
+    @hookimpl
+    def vcpu_create(self, vm, vcpu):
+        if self.pml:
+            vcpu.arch["pml"] = PmlBuffer()
+
+    @hookimpl
+    def flush_shadow_all(self, vm):
+        """kvm_tdp_mmu_zap_all: direct and invalid roots only, whole roots, no flush; a TD's
+        private memory goes with the TD, not with the MMU notifier's release."""
+        for root in self.tdp.roots_of(KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS):
+            self.tdp.tdp_mmu_zap_root(vm, root)
+        return True
+
+    # ------------------------------------------------------------------ fault path
+    @hookimpl
+    def translate(self, vm, vcpu, gpa, access):
+        return ept_translate(self, vm, vcpu, gpa, access)
+
+    @hookimpl
+    def fast_page_fault(self, vm, fault):
+        """mmu.c fast_page_fault (and handle_mmio_page_fault for RSVD faults)."""
+        if fault.kind == MISCONFIG:
+            return self.handle_mmio_page_fault(vm, fault)
+        # page_fault_can_be_fast
+        if self.has_private_mem and fault.is_private != vm.kvm_mem_is_private(fault.gfn):
+            return None
+        present = (bool(fault.error_code & PFERR_PRESENT_MASK) if fault.error_code
+                   else fault.kind == PERMISSION)
+        if not present:
+            if not self.ad_disabled:
+                return None
+        elif not fault.write:
+            return None
+        if fault.is_private and self.tdx is not None:
+            return None
+        root = self.direct_roots.get(fault.as_id)
+        if root is None:
+            return None
+        table, idx, level, spte = self.tdp.get_last_spte(root, fault.gfn)
+        if not spte & SPTE_MMU_PRESENT_MASK or not is_last_spte(spte, level):
+            return None
+        if is_access_allowed(fault.write, fault.exec, spte):
+            return RET_PF_SPURIOUS
+        new = spte
+        if is_access_track_spte(spte):
+            new = restore_acc_track_spte(new)
+        slot = fault.slot or vm.gfn_to_memslot(fault.gfn, fault.as_id)
+        if fault.write and is_mmu_writable_spte(spte):
+            new |= PT_WRITABLE_MASK
+            if level > PG_LEVEL_4K and slot is not None and \
+                    slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                return None
+        if new == spte or not is_access_allowed(fault.write, fault.exec, new):
+            return None
+        # fast_pf_fix_direct_spte
+        gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
+        table[idx] = new
+        self.tdp.handle_changed_spte(vm, root, gfn, spte, new, level)
+        if new & PT_WRITABLE_MASK and not spte & PT_WRITABLE_MASK and slot is not None:
+            vm.mark_page_dirty_in_slot(slot, fault.gfn)
+        vm.stats["x86_tdp.fast_pf_fixed"] += 1
+        return RET_PF_FIXED
+
+    def handle_mmio_page_fault(self, vm, fault):
+        """mmu.c handle_mmio_page_fault: a current-generation MMIO SPTE emulates; a stale one
+        goes to the slow path (RET_PF_INVALID -> None); a zapped one retries."""
+        root = self.direct_roots.get(fault.as_id)
+        if root is None:
+            return None
+        _t, _i, _level, spte = self.tdp.get_last_spte(root, fault.gfn)
+        if self.shadow_mmio_value is not None and is_mmio_spte(spte, self.shadow_mmio_value,
+                                                               self.enable_mmio_caching):
+            gen = vm.memslot_generation(fault.as_id)
+            if not gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS and \
+                    gen & MMIO_SPTE_GEN_MASK == get_mmio_spte_generation(spte):
+                vm.stats["x86_tdp.mmio_spte_hit"] += 1
+                return RET_PF_EMULATE
+            vm.stats["x86_tdp.mmio_spte_stale"] += 1
+            return None
+        return RET_PF_RETRY
+
+    @hookimpl
+    def handle_noslot_fault(self, vm, fault):
+        """kvm_handle_noslot_fault + the MMIO branch of tdp_mmu_map_handle_target_level."""
+        if (not self.enable_mmio_caching or self.shadow_mmio_value is None
+                or fault.gfn >= 1 << (self.max_gpa_bits - 12)):
+            return RET_PF_EMULATE
+        root = self.direct_roots.get(fault.as_id)
+        if root is None:
+            return RET_PF_EMULATE
+        gen = vm.memslot_generation(fault.as_id)
+        spte = make_mmio_spte(fault.gfn, gen & MMIO_SPTE_GEN_MASK, self.shadow_mmio_value)
+        return self.tdp.install_mmio_spte(vm, root, fault.gfn, spte)
+
+    @hookimpl(wrapper=True)
+    def faultin_pfn(self, vm, fault):
+        """kvm_mmu_faultin_pfn_private's level cap (kvm_max_private_mapping_level with the
+        vendor's private_max_mapping_level / gmem_max_mapping_level): TDX 4K, SNP the RMP
+        entry's size; and SNP's sev_gmem_prepare for a page first handed to the guest."""
+        result = yield
+        if result != RET_PF_CONTINUE:
+            return result
+        if fault.is_private:
+            max_level = min(level_for_size(fault.max_size), KVM_MAX_HUGEPAGE_LEVEL)
+            order = (fault.max_size.bit_length() - 13) if fault.max_size > 4096 else 0
+            if self.rmp is not None:
+                self.rmp.sev_gmem_prepare(fault.pfn, fault.gfn, order)
+            if max_level > PG_LEVEL_4K:
+                if self.tdx is not None:
+                    max_level = PG_LEVEL_4K
+                elif self.rmp is not None:
+                    max_level = min(max_level, self.rmp.sev_gmem_max_mapping_level(fault.pfn))
+            fault.max_size = min(fault.max_size, KVM_HPAGE_SIZE(max_level))
+        elif self.rmp is not None and self.rmp.is_private(fault.pfn):
+            self.rmp.rmp_make_shared(fault.pfn)
+        return result
+
+    def kvm_mmu_hugepage_adjust(self, vm, fault) -> int:
+        """mmu.c kvm_mmu_hugepage_adjust: returns the goal level and aligns fault.pfn."""
+        slot = fault.slot
+        private_like = fault.is_private or (slot is not None and slot.gmem_only)
+        backing_level = min(level_for_size(fault.max_size), KVM_MAX_HUGEPAGE_LEVEL)
+        fault.max_level = backing_level if private_like else KVM_MAX_HUGEPAGE_LEVEL
+        huge_page_disallowed = fault.exec and self.nx_huge_pages
+        if fault.max_level == PG_LEVEL_4K or is_error_noslot_pfn(fault.pfn) or slot is None:
+            return PG_LEVEL_4K
+        if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            return PG_LEVEL_4K
+        if backing_level == PG_LEVEL_4K:
+            # min(host level, ...) below would give 4K whatever lpage_info says.
+            return PG_LEVEL_4K
+        req_level = mmu.kvm_mmu_max_mapping_level_(
+            vm, slot, fault.gfn, fault.max_level, private_like, self.max_huge_page_level,
+            host_level=backing_level)
+        if req_level == PG_LEVEL_4K or huge_page_disallowed:
+            return PG_LEVEL_4K
+        mask = KVM_PAGES_PER_HPAGE(req_level) - 1
+        if (fault.gfn & mask) != (fault.pfn & mask):
+            self.tdp.bug(vm, f"hugepage_adjust: gfn {fault.gfn:#x} and pfn {fault.pfn:#x} "
+                             f"not congruent at level {req_level}")
+            return PG_LEVEL_4K
+        fault.pfn &= ~mask
+        return req_level
+
+    @hookimpl
+    def map_leaf(self, vm, fault):
+        """kvm_tdp_mmu_map after kvm_mmu_hugepage_adjust."""
+        root = self.root_for(fault.as_id, fault.is_private)
+        goal = self.kvm_mmu_hugepage_adjust(vm, fault)
+        fault.goal_level = goal
+        fault.goal_size = KVM_HPAGE_SIZE(goal)
+        pfn = fault.pfn
+        slot = fault.slot
+        logging = slot is not None and bool(slot.flags & KVM_MEM_LOG_DIRTY_PAGES)
+        host_mmio = not fault.cacheable
+
+        templates = self._spte_templates
+        key_base = (fault.map_writable, fault.prefetch, host_mmio)
+
+        def make_leaf(old, level):
+            # make_spte's result is its pfn-0 value OR pfn << 12 (nothing else depends on the
+            # pfn, and the old SPTE only matters for write-tracked gfns, which TDP never has),
+            # so build each combination once per VM.
+            key = (level, *key_base)
+            template = templates.get(key)
+            if template is None:
+                template = templates[key] = make_spte(
+                    level=level, pfn=0, host_writable=fault.map_writable,
+                    prefetch=fault.prefetch, ad_disabled=self.ad_disabled,
+                    is_host_mmio=host_mmio, nx_huge_pages=self.nx_huge_pages)[0]
+            new = template | pfn << 12
+            wrprot = False
+            if new & PT_WRITABLE_MASK and logging:
+                if level > PG_LEVEL_4K:
+                    self.tdp.bug(vm, "writable huge SPTE in a dirty-logged slot")
+                vm.mark_page_dirty_in_slot(slot, fault.gfn)
+            return new, wrprot, False
+
+        if self.rmp is not None and not fault.is_private and self.rmp.is_private(pfn):
+            self.rmp.rmp_make_shared(pfn)
+        return self.tdp.kvm_tdp_mmu_map(vm, fault, root, goal, pfn, make_leaf)
+
+    # ------------------------------------------------------------------ zapping
+    def roots_for_range(self, range: GfnRange, types_extra: int = 0) -> list[TdpRoot]:
+        types = kvm_gfn_range_filter_to_root_types(self.tdx is not None, range.attr_filter)
+        return self.tdp.roots_of(types | types_extra, range.slot.as_id)
+
+    @hookimpl
+    def unmap_gfn_range(self, vm, range):
+        """kvm_unmap_gfn_range -> kvm_tdp_mmu_unmap_gfn_range: filter -> root types, plus
+        invalid roots, of the range's address space."""
+        flush = False
+        for root in self.roots_for_range(range, KVM_INVALID_ROOTS):
+            flush |= self.tdp.tdp_mmu_zap_leafs(vm, root, range.start, range.end)
+        return flush
+
+    def kvm_mmu_zap_all_fast(self, vm) -> None:
+        """mmu.c kvm_mmu_zap_all_fast: invalidate the direct roots (never mirror roots: the
+        S-EPT cannot be zapped fast), let vCPUs load new ones, and zap the old ones whole.
+        The model's vCPU TLBs are flushed, standing for the flush a new root gets on load."""
+        old = [r for r in self.tdp.roots if not r.is_mirror and not r.invalid]
+        for root in old:
+            root.invalid = True
+        self.direct_roots = {}
+        self._alloc_roots()
+        for root in old:
+            self.tdp.tdp_mmu_zap_root(vm, root)
+            self.tdp.store.free(root.pt.root)
+            self.tdp.roots.remove(root)
+        vm.stats["x86_tdp.zap_all_fast"] += 1
+        vm.trace("x86_tdp.zap_all_fast")
+        vm.flush_remote_tlbs()
+
+    @hookimpl
+    def flush_shadow_memslot(self, vm, slot):
+        """kvm_arch_flush_shadow_memslot: DEFAULT_VM with KVM_X86_QUIRK_SLOT_ZAP_ALL zaps
+        everything fast; other VMs zap the slot, both aliases (kvm_mmu_zap_memslot)."""
+        with vm.mmu_lock:
+            if self.vm_type == KVM_X86_DEFAULT_VM and self.slot_zap_all_quirk:
+                self.kvm_mmu_zap_all_fast(vm)
+                return True
+            rng = GfnRange(slot, slot.base_gfn, slot.base_gfn + slot.npages, 0,
+                           KVM_FILTER_PRIVATE | KVM_FILTER_SHARED, True, False)
+            if self.unmap_gfn_range(vm, rng):
+                vm.flush_remote_tlbs()
+        return True
+
+    # ------------------------------------------------------------------ memslots
+    @hookimpl
+    def prepare_memory_region(self, vm, old, new, change):
+        """x86.c kvm_arch_prepare_memory_region."""
+        if change in (KVM_MR_CREATE, KVM_MR_MOVE):
+            last = new.base_gfn + new.npages - 1
+            if last >= 1 << (self.max_gpa_bits - 12):
+                raise KvmError(errno.EINVAL, f"guest_phys_addr: the slot ends beyond the "
+                                             f"{self.max_gpa_bits}-bit guest physical space")
+            if self.tdx is not None and last & self.tdx.shared_gfn_bit:
+                raise KvmError(errno.EINVAL, "guest_phys_addr: a TDX memslot may not include "
+                                             f"the shared bit {self.tdx.shared_bit}")
+            mmu.kvm_alloc_memslot_metadata(new)
+            if self.has_private_mem:
+                mmu.kvm_mmu_init_memslot_memory_attributes(vm, new)
+        elif change == KVM_MR_FLAGS_ONLY and old is not None and new is not None:
+            if new.arch is not old.arch:
+                new.arch.update(old.arch)
+
+    @hookimpl
+    def commit_memory_region(self, vm, old, new, change):
+        """x86.c kvm_arch_commit_memory_region -> kvm_mmu_slot_apply_flags, and
+        kvm_arch_memslots_updated's MMIO generation wrap check."""
+        old_flags = old.flags if old is not None else 0
+        new_flags = new.flags if new is not None else 0
+        log = bool(new_flags & KVM_MEM_LOG_DIRTY_PAGES)
+        if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
+            self.nr_memslots_dirty_logging += 1 if log else -1
+        as_id = (new or old).as_id
+        gen = vm.memslot_generation(as_id)
+        if gen & MMIO_SPTE_GEN_MASK == 0 and gen:
+            # kvm_mmu_invalidate_mmio_sptes: the masked generation wrapped.
+            vm.stats["x86_tdp.mmio_gen_wrap"] += 1
+            with vm.mmu_lock:
+                self.kvm_mmu_zap_all_fast(vm)
+        if change != KVM_MR_FLAGS_ONLY or new_flags & KVM_MEM_READONLY:
+            return
+        if not (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
+            return
+        with vm.mmu_lock:
+            if not log:
+                self.kvm_mmu_recover_huge_pages(vm, new)
+                return
+            if vm.dirty_log_manual_protect_and_init_set():
+                return
+            if self.eager_page_split:
+                self.split_slot(vm, new, new.base_gfn, new.base_gfn + new.npages)
+            roots = self.tdp.roots_of(KVM_VALID_ROOTS, new.as_id)
+            start, end = new.base_gfn, new.base_gfn + new.npages
+            for root in roots:
+                if self.pml:
+                    # kvm_mmu_slot_leaf_clear_dirty + remove write access from huge pages
+                    self.tdp.clear_dirty_gfn_range(vm, root, start, end, self.ad_disabled)
+                    self.tdp.wrprot_gfn_range(vm, root, start, end, PG_LEVEL_2M)
+                else:
+                    self.tdp.wrprot_gfn_range(vm, root, start, end, PG_LEVEL_4K)
+            vm.flush_remote_tlbs_memslot(new)
+
+    def split_slot(self, vm, slot, start: int, end: int) -> None:
+        """kvm_mmu_try_split_huge_pages to 4K over [start, end) of ``slot``."""
+        for root in self.tdp.roots_of(KVM_DIRECT_ROOTS, slot.as_id):
+            self.tdp.split_huge_pages_range(vm, root, start, end, PG_LEVEL_4K)
+
+    def kvm_mmu_max_mapping_level(self, vm, slot, gfn: int) -> int:
+        is_private = slot.has_gmem and vm.kvm_mem_is_private(gfn)
+        host_level = None
+        if slot.gmem_only or is_private:
+            return PG_LEVEL_4K
+        return mmu.kvm_mmu_max_mapping_level_(vm, slot, gfn, KVM_MAX_HUGEPAGE_LEVEL,
+                                               is_private, self.max_huge_page_level,
+                                               host_level)
+
+    def kvm_mmu_recover_huge_pages(self, vm, slot) -> None:
+        """mmu.c kvm_mmu_recover_huge_pages: collapse tables back into huge leaves after dirty
+        logging, then flush the memslot if anything changed. Private/gmem-only gfns stay 4K
+        (their order is not known without a fault)."""
+        changed = False
+        for root in self.tdp.roots_of(KVM_DIRECT_ROOTS, slot.as_id):
+            changed |= self.tdp.recover_huge_pages_range(
+                vm, root, slot, lambda g: self.kvm_mmu_max_mapping_level(vm, slot, g))
+        if changed:
+            vm.flush_remote_tlbs_memslot(slot)
+
+    # ------------------------------------------------------------------ attributes
+    @hookimpl
+    def pre_set_memory_attributes(self, vm, range):
+        """mmu.c kvm_arch_pre_set_memory_attributes (§6.3)."""
+        if not self.has_private_mem:
+            vm.stats["x86_tdp.warn_pre_set_no_private_mem"] += 1
+            return False
+        slot = range.slot
+        slot_end = slot.base_gfn + slot.npages
+        for level in (PG_LEVEL_2M, PG_LEVEL_1G):
+            nr = KVM_PAGES_PER_HPAGE(level)
+            for gfn in {range.start & ~(nr - 1), (range.end - 1) & ~(nr - 1)}:
+                straddles = gfn < range.start or gfn + nr > range.end
+                if straddles and gfn >= slot.base_gfn and gfn + nr <= slot_end and \
+                        not mmu.hugepage_test_mixed(slot, gfn, level):
+                    vm.mmu_invalidate_range_add(gfn, gfn + nr)
+        to_private = bool(range.arg & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        rng = attrs.evolve(range, attr_filter=KVM_FILTER_SHARED if to_private
+                           else KVM_FILTER_PRIVATE)
+        return self.unmap_gfn_range(vm, rng)
+
+    @hookimpl
+    def post_set_memory_attributes(self, vm, range):
+        if not self.has_private_mem:
+            return False
+        mmu.kvm_arch_post_set_memory_attributes(vm, range.slot, range.start, range.end,
+                                                range.arg)
+        return False
+
+    # ------------------------------------------------------------------ aging
+    def _age(self, vm, range, test_only: bool) -> bool:
+        young = False
+        types = kvm_gfn_range_filter_to_root_types(self.tdx is not None, range.attr_filter)
+        for root in self.tdp.roots_of(types, range.slot.as_id):
+            young |= self.tdp.age_gfn_range(vm, root, range.start, range.end, test_only)
+            if young and test_only:
+                break
+        return young
+
+    @hookimpl
+    def age_gfn(self, vm, range):
+        return self._age(vm, range, False)
+
+    @hookimpl
+    def test_age_gfn(self, vm, range):
+        return self._age(vm, range, True)
+
+    # ------------------------------------------------------------------ dirty logging
+    @hookimpl
+    def sync_dirty_log(self, vm, slot):
+        """kvm_arch_sync_dirty_log: kick vCPUs so their PML buffers are drained."""
+        for vcpu in vm.vcpus:
+            buf = vcpu.arch.get("pml")
+            if buf is not None and len(buf):
+                vmx_flush_pml_buffer(vm, vcpu, buf)
+
+    @hookimpl
+    def dirty_pending_gfns(self, vm, slot):
+        """GPAs still in vCPUs' PML buffers (what sync_dirty_log would log now)."""
+        out = []
+        start, end = slot.base_gfn, slot.base_gfn + slot.npages
+        for vcpu in vm.vcpus:
+            buf = vcpu.arch.get("pml")
+            if buf is not None and len(buf):
+                out.extend(g for g in buf.pending_gfns() if start <= g < end)
+        return out
+
+    @hookimpl
+    def enable_log_dirty_pt_masked(self, vm, slot, gfn_offset, mask):
+        """mmu.c kvm_arch_mmu_enable_log_dirty_pt_masked."""
+        if not mask:
+            return None
+        base = slot.base_gfn + gfn_offset
+        start = base + (mask & -mask).bit_length() - 1
+        end = base + mask.bit_length() - 1
+        roots = self.tdp.roots_of(KVM_VALID_ROOTS, slot.as_id)
+        if vm.dirty_log_manual_protect_and_init_set():
+            if self.eager_page_split:
+                self.split_slot(vm, slot, start, end + 1)
+            for root in roots:
+                self.write_protect_gfn(vm, root, start, PG_LEVEL_2M)
+                if (start << 12) + (1 << 21) - 1 >> 21 != (end << 12) + (1 << 21) - 1 >> 21:
+                    self.write_protect_gfn(vm, root, end, PG_LEVEL_2M)
+        for root in roots:
+            self.tdp.clear_dirty_pt_masked(vm, root, base, mask,
+                                           wrprot=not self.pml or self.ad_disabled)
+        return None
+
+    def write_protect_gfn(self, vm, root, gfn: int, min_level: int) -> bool:
+        """tdp_mmu.c write_protect_gfn: clear W and MMU-writable (write tracking); needs a
+        flush, which the GET/CLEAR caller does."""
+        changed = [False]
+
+        def visit(ctx, g):
+            new = ctx.pte & ~(PT_WRITABLE_MASK | (1 << 58))
+            if new != ctx.pte:
+                self.tdp.set_spte(vm, root, ctx.table, ctx.index, g, ctx.level, new)
+                changed[0] = True
+
+        self.tdp.leaf_walk(root, gfn, gfn + 1, visit, min_level)
+        return changed[0]
+
+    # ------------------------------------------------------------------ introspection
+    def _root_leaves(self, vm, root: TdpRoot, start: int, end: int) -> list[Mapping]:
+        out = []
+        private_root = root.is_mirror
+
+        def visit(ctx, gfn):
+            spte = ctx.pte
+            level = ctx.level
+            perms = spte
+            if is_access_track_spte(spte):
+                perms |= (spte >> SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & 0x5
+            pfn = spte_to_pfn(spte)
+            private = private_root or (self.has_private_mem and self.tdx is None
+                                       and self.gfn_is_private_mapping(vm, gfn, pfn))
+            if spte_ad_enabled(spte):
+                young, dirty = bool(spte & VMX_EPT_ACCESS_BIT), bool(spte & VMX_EPT_DIRTY_BIT)
+            else:
+                young, dirty = is_accessed_spte(spte), bool(spte & PT_WRITABLE_MASK)
+            out.append(Mapping(gfn, KVM_HPAGE_SIZE(level), pfn, bool(perms & 1),
+                               bool(perms & 2), bool(perms & 4), private, young, dirty, level,
+                               spte))
+
+        self.tdp.leaf_walk(root, start, end, visit)
+        return out
+
+    @hookimpl
+    def leaves(self, vm, start, end):
+        """Present leaves of address space 0, shared (direct root) before private (mirror)."""
+        shared = self._root_leaves(vm, self.direct_roots[0], start, end)
+        if self.tdx is None:
+            return iter(shared)
+        private = self._root_leaves(vm, self.mirror_roots[0], start, end)
+        return heapq.merge(shared, private, key=lambda m: (m.gfn, m.private))
+
+    @hookimpl
+    def page_table_bytes(self, vm):
+        return self.tdp.store.bytes_used
+
+    @hookimpl
+    def check_invariants(self, vm):
+        from .invariants import check_invariants
+        return check_invariants(self, vm)

@@ -1,0 +1,532 @@
+"""The TDP MMU (arch/x86/kvm/mmu/tdp_mmu.c): roots, the map walk, zapping, splitting,
+write-protection, D-bit clearing, aging and huge-page recovery over EPT tables.
+
+Tables are ``array('Q')`` pages from one ``TableStore``; a present non-leaf SPTE carries its
+child's physical address exactly as EPT hardware follows it. Linux's lockless updates
+(cmpxchg under the read lock, RCU-freed page tables) are plain stores here: the model runs one
+flow at a time. Every SPTE write goes through ``handle_changed_spte`` which checks the
+transitions Linux BUGs/WARNs on and records violations in ``TdpMmu.bugs`` (KVM_BUG_ON), so
+``check_invariants`` can report them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+from kvmcore.pgtable import LEAF, STOP, TABLE_PRE, Geometry, PageTable, TableStore
+from kvmcore.uapi import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
+                          RET_PF_WRITE_PROTECTED)
+
+from .spte import (
+    EPT_FORMAT,
+    FROZEN_SPTE,
+    NONPRESENT_TABLE,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    PT_PAGE_SIZE_MASK,
+    PT_WRITABLE_MASK,
+    SHADOW_NONPRESENT_VALUE,
+    SPTE_BASE_ADDR_MASK,
+    SPTE_ENT_PER_PAGE,
+    SPTE_MMU_PRESENT_MASK,
+    KVM_MAX_HUGEPAGE_LEVEL,
+    KVM_PAGES_PER_HPAGE,
+    check_spte_writable_invariants,
+    is_accessed_spte,
+    is_host_writable_spte,
+    is_last_spte,
+    is_mmio_spte,
+    leaf_spte_change_needs_tlb_flush,
+    make_huge_spte,
+    make_nonleaf_spte,
+    make_small_spte,
+    mark_spte_for_access_track,
+    shadow_accessed_mask,
+    shadow_dirty_mask,
+    spte_ad_enabled,
+    spte_to_pfn,
+)
+
+if TYPE_CHECKING:
+    from kvmcore.vm import VM
+
+logger = structlog.get_logger(__name__)
+
+# enum kvm_tdp_mmu_root_types (tdp_mmu.h)
+KVM_INVALID_ROOTS = 1 << 0
+KVM_DIRECT_ROOTS = 1 << 1
+KVM_MIRROR_ROOTS = 1 << 2
+KVM_VALID_ROOTS = KVM_DIRECT_ROOTS | KVM_MIRROR_ROOTS
+KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
+
+
+def tdp_geometry(root_level: int) -> Geometry:
+    """9 index bits per level, 4K at level 1 (tdp_iter.h SPTE_INDEX); ia_bits is what the
+    root can index (48 bits for a 4-level root, 57 for 5-level)."""
+    levels = tuple(range(root_level, 0, -1))
+    shifts = tuple(12 + 9 * (lvl - 1) for lvl in levels)
+    return Geometry(shifts=shifts, bits=(9,) * root_level, level_ids=levels,
+                    ia_bits=12 + 9 * root_level)
+
+
+class TdpRoot:
+    """A root kvm_mmu_page: ``role.is_mirror``, ``role.invalid``, the address space (role.smm)
+    and the alias bits OR-ed into the walk index (kvm_gfn_root_bits)."""
+
+    __slots__ = ("pt", "as_id", "is_mirror", "gfn_bits", "level", "invalid", "table")
+
+    def __init__(self, pt: PageTable, as_id: int, is_mirror: bool, gfn_bits: int, level: int):
+        self.pt = pt
+        self.as_id = as_id
+        self.is_mirror = is_mirror
+        self.gfn_bits = gfn_bits
+        self.level = level
+        self.invalid = False
+        self.table = pt.store[pt.root]
+
+    def __repr__(self) -> str:
+        kind = "mirror" if self.is_mirror else "direct"
+        return (f"TdpRoot({kind}, as_id={self.as_id}, level={self.level}, "
+                f"gfn_bits={self.gfn_bits:#x}{', invalid' if self.invalid else ''})")
+
+
+def tdp_mmu_root_match(root: TdpRoot, types: int) -> bool:
+    if root.invalid:
+        return bool(types & KVM_INVALID_ROOTS)
+    if root.is_mirror:
+        return bool(types & KVM_MIRROR_ROOTS)
+    return bool(types & KVM_DIRECT_ROOTS)
+
+
+def is_access_allowed(write: bool, exec_: bool, spte: int) -> bool:
+    """mmu.c is_access_allowed: exec needs X, write needs W, a read needs EPT R (bit 0)."""
+    if exec_:
+        return bool(spte & 0x4)
+    if write:
+        return bool(spte & PT_WRITABLE_MASK)
+    return bool(spte & 0x1)
+
+
+class TdpMmu:
+    """kvm->arch.tdp_mmu_roots and the functions of tdp_mmu.c that work on them."""
+
+    def __init__(self, backend, root_level: int):
+        self.backend = backend
+        self.root_level = root_level
+        self.geometry = tdp_geometry(root_level)
+        self.store = TableStore(min_align=4096)
+        self.roots: list[TdpRoot] = []
+        #: KVM_BUG_ON / WARN conditions hit by an SPTE change; check_invariants reports them.
+        self.bugs: list[str] = []
+        #: Mirror (S-EPT) page tables freed so far; Linux frees them only at TD teardown.
+        self.mirror_tables_freed = 0
+
+    # ------------------------------------------------------------------ allocation
+    def alloc_sp(self) -> int:
+        """tdp_mmu_alloc_sp: a page-table page pre-filled with SHADOW_NONPRESENT_VALUE."""
+        pa = self.store.alloc(SPTE_ENT_PER_PAGE)
+        self.store.tables[pa] = NONPRESENT_TABLE[:]
+        return pa
+
+    def alloc_root(self, as_id: int, is_mirror: bool, gfn_bits: int) -> TdpRoot:
+        """kvm_tdp_mmu_alloc_root."""
+        pt = PageTable(self.store, self.geometry, EPT_FORMAT)
+        self.store.tables[pt.root] = NONPRESENT_TABLE[:]
+        root = TdpRoot(pt, as_id, is_mirror, 0 if is_mirror else gfn_bits, self.root_level)
+        self.roots.append(root)
+        return root
+
+    def roots_of(self, types: int, as_id: int | None = None) -> list[TdpRoot]:
+        return [r for r in self.roots if tdp_mmu_root_match(r, types)
+                and (as_id is None or r.as_id == as_id)]
+
+    def bug(self, vm: VM, message: str) -> None:
+        self.bugs.append(message)
+        vm.stats["x86_tdp.kvm_bug"] += 1
+        logger.warning("kvm_bug", message=message)
+
+    # ------------------------------------------------------------------ SPTE changes
+    def handle_changed_spte(self, vm: VM, root: TdpRoot, gfn: int, old: int, new: int,
+                            level: int) -> None:
+        """tdp_mmu.c handle_changed_spte: the transitions Linux forbids, leaf accounting, and
+        freeing of a page table that a zap or a huge leaf disconnected (handle_removed_pt)."""
+        was_present = bool(old & SPTE_MMU_PRESENT_MASK)
+        is_present = bool(new & SPTE_MMU_PRESENT_MASK)
+        was_leaf = was_present and is_last_spte(old, level)
+        is_leaf = is_present and is_last_spte(new, level)
+        if was_leaf and is_leaf:
+            if spte_to_pfn(old) != spte_to_pfn(new):
+                self.bug(vm, f"present leaf at gfn {gfn:#x} level {level} changed pfn "
+                             f"{spte_to_pfn(old):#x} -> {spte_to_pfn(new):#x}")
+            if is_host_writable_spte(old) != is_host_writable_spte(new):
+                self.bug(vm, f"Host-writable changed on present SPTE at gfn {gfn:#x}")
+        if is_leaf:
+            problem = check_spte_writable_invariants(new)
+            if problem:
+                self.bug(vm, problem)
+            if level > PG_LEVEL_4K:
+                mask = KVM_PAGES_PER_HPAGE(level) - 1
+                if gfn & mask or spte_to_pfn(new) & mask:
+                    self.bug(vm, f"misaligned level-{level} leaf gfn {gfn:#x} pfn "
+                                 f"{spte_to_pfn(new):#x}")
+        if not was_present and not is_present:
+            if not (is_mmio_spte(old) or is_mmio_spte(new) or new == FROZEN_SPTE
+                    or old == FROZEN_SPTE):
+                self.bug(vm, f"non-present -> non-present change {old:#x} -> {new:#x} at gfn "
+                             f"{gfn:#x}")
+        if was_leaf != is_leaf:
+            vm.stats["x86_tdp.leaf_count"] += 1 if is_leaf else -1
+        if was_present and not was_leaf and (not is_present or is_leaf):
+            self.handle_removed_pt(vm, root, old & SPTE_BASE_ADDR_MASK, level - 1, gfn)
+
+    def handle_removed_pt(self, vm: VM, root: TdpRoot, table_pa: int, level: int,
+                          base_gfn: int) -> None:
+        """tdp_mmu.c handle_removed_pt: freeze each child, handle it, free the page."""
+        table = self.store[table_pa]
+        step = KVM_PAGES_PER_HPAGE(level)
+        for i in range(SPTE_ENT_PER_PAGE):
+            old = table[i]
+            if not old & SPTE_MMU_PRESENT_MASK:
+                continue
+            gfn = base_gfn + i * step
+            if root.is_mirror and is_last_spte(old, level):
+                self.backend.remove_external_spte(vm, gfn, level, old)
+            table[i] = FROZEN_SPTE
+            self.handle_changed_spte(vm, root, gfn, old, FROZEN_SPTE, level)
+        if root.is_mirror:
+            self.mirror_tables_freed += 1
+            tdx = getattr(self.backend, "tdx", None)
+            if tdx is not None and tdx.hkid_assigned:
+                self.bug(vm, "mirror (S-EPT) page table freed while the TD's HKID is assigned")
+        self.store.free(table_pa)
+
+    def set_spte(self, vm: VM, root: TdpRoot, table, idx: int, gfn: int, level: int,
+                 new: int) -> int:
+        """tdp_mmu_set_spte / tdp_mmu_iter_set_spte: write ``new`` and handle the change."""
+        old = table[idx]
+        if old == FROZEN_SPTE:
+            self.bug(vm, f"tdp_mmu_set_spte on a FROZEN SPTE at gfn {gfn:#x}")
+        if root.is_mirror and old & SPTE_MMU_PRESENT_MASK and is_last_spte(old, level) \
+                and not new & SPTE_MMU_PRESENT_MASK:
+            self.backend.remove_external_spte(vm, gfn, level, old)
+        table[idx] = new
+        self.handle_changed_spte(vm, root, gfn, old, new, level)
+        return old
+
+    # ------------------------------------------------------------------ the map walk
+    def kvm_tdp_mmu_map(self, vm: VM, fault, root: TdpRoot, goal_level: int, pfn: int,
+                        make_leaf) -> int:
+        """tdp_mmu.c kvm_tdp_mmu_map: walk from the root down to ``goal_level``, linking new
+        tables and splitting huge leaves on the way, then install the leaf built by
+        ``make_leaf(old_spte, level)`` (tdp_mmu_map_handle_target_level)."""
+        tables = self.store.tables
+        gfn = fault.gfn
+        key = gfn + root.gfn_bits
+        table = root.table
+        level = root.level
+        ad_disabled = self.backend.ad_disabled
+        while True:
+            idx = (key >> (9 * (level - 1))) & 511
+            spte = table[idx]
+            if spte == FROZEN_SPTE:
+                return RET_PF_RETRY
+            if level == goal_level:
+                break
+            if spte & SPTE_MMU_PRESENT_MASK:
+                if not spte & PT_PAGE_SIZE_MASK:
+                    table = tables[spte & SPTE_BASE_ADDR_MASK]
+                    level -= 1
+                    continue
+                if root.is_mirror:
+                    self.bug(vm, "huge page split on a mirror root")
+                    return RET_PF_RETRY
+                level_gfn = gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
+                child_pa = self.tdp_mmu_split_huge_page(vm, root, table, idx, level_gfn, level)
+            else:
+                child_pa = self.alloc_sp()
+                new = make_nonleaf_spte(child_pa, ad_disabled)
+                if root.is_mirror:
+                    level_gfn = gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
+                    if not self.backend.set_external_spte_present(
+                            vm, table, idx, level_gfn, level, spte, new, child_pa):
+                        self.store.free(child_pa)
+                        return RET_PF_RETRY
+                else:
+                    table[idx] = new
+            table = tables[child_pa]
+            level -= 1
+        return self.tdp_mmu_map_handle_target_level(vm, fault, root, table, idx, level, pfn,
+                                                    make_leaf)
+
+    def tdp_mmu_map_handle_target_level(self, vm: VM, fault, root: TdpRoot, table, idx: int,
+                                        level: int, pfn: int, make_leaf) -> int:
+        old = table[idx]
+        gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
+        if old & SPTE_MMU_PRESENT_MASK and is_last_spte(old, level) and (
+                fault.prefetch or is_access_allowed(fault.write, fault.exec, old)):
+            if spte_to_pfn(old) != pfn:
+                self.bug(vm, f"spurious fault at gfn {gfn:#x} found pfn {spte_to_pfn(old):#x}"
+                             f", expected {pfn:#x}")
+            return RET_PF_SPURIOUS
+        new, wrprot, mmio = make_leaf(old, level)
+        if new == old:
+            return RET_PF_SPURIOUS
+        if root.is_mirror:
+            if not self.backend.set_external_spte_present(vm, table, idx, gfn, level, old,
+                                                          new, None):
+                return RET_PF_RETRY
+            self.handle_changed_spte(vm, root, gfn, old, new, level)
+        else:
+            table[idx] = new
+            self.handle_changed_spte(vm, root, gfn, old, new, level)
+        if old & SPTE_MMU_PRESENT_MASK:
+            if not is_last_spte(old, level):
+                # A table was replaced by a huge leaf: translations through it must go.
+                vm.flush_remote_tlbs_range(gfn, KVM_PAGES_PER_HPAGE(level))
+            elif leaf_spte_change_needs_tlb_flush(old, new):
+                self.bug(vm, f"leaf change at gfn {gfn:#x} needs a TLB flush in the fault path")
+        if mmio:
+            return RET_PF_EMULATE
+        if wrprot and fault.write:
+            return RET_PF_WRITE_PROTECTED
+        return RET_PF_FIXED
+
+    def tdp_mmu_split_huge_page(self, vm: VM, root: TdpRoot, table, idx: int, gfn: int,
+                                level: int) -> int:
+        """tdp_mmu_split_huge_page: fill a child table with make_small_spte and replace the
+        huge leaf by a link to it; the translation is unchanged, so no TLB flush."""
+        huge = table[idx]
+        child_pa = self.alloc_sp()
+        child = self.store.tables[child_pa]
+        nx = self.backend.nx_huge_pages
+        child_level = level - 1
+        for i in range(SPTE_ENT_PER_PAGE):
+            child[i] = make_small_spte(huge, child_level, i, nx)
+        new = make_nonleaf_spte(child_pa, self.backend.ad_disabled)
+        table[idx] = new
+        # The children took over the leaf; only the count changes.
+        vm.stats["x86_tdp.leaf_count"] += SPTE_ENT_PER_PAGE - 1
+        vm.stats["x86_tdp.split_huge_page"] += 1
+        return child_pa
+
+    # ------------------------------------------------------------------ walks
+    @staticmethod
+    def _span(root: TdpRoot, start: int, end: int) -> tuple[int, int]:
+        return (start + root.gfn_bits) << 12, (end + root.gfn_bits) << 12
+
+    def tdp_mmu_zap_leafs(self, vm: VM, root: TdpRoot, start: int, end: int) -> bool:
+        """tdp_mmu.c tdp_mmu_zap_leafs: write SHADOW_NONPRESENT_VALUE over every present leaf
+        overlapping [start, end); page tables are kept; flush unless the root is invalid."""
+        zapped = [False]
+        bits = root.gfn_bits
+
+        def visit(ctx):
+            gfn = (ctx.addr >> 12) - bits
+            self.set_spte(vm, root, ctx.table, ctx.index, gfn, ctx.level,
+                          SHADOW_NONPRESENT_VALUE)
+            ctx.pte = SHADOW_NONPRESENT_VALUE
+            zapped[0] = True
+
+        lo, hi = self._span(root, start, end)
+        root.pt.walk(lo, hi, visit, LEAF)
+        if zapped[0]:
+            vm.stats["x86_tdp.zap_leafs"] += 1
+        return zapped[0] and not root.invalid
+
+    def tdp_mmu_zap_root(self, vm: VM, root: TdpRoot) -> None:
+        """tdp_mmu_zap_root: zap every SPTE of the root, freeing all its page tables."""
+        table = root.table
+        step = KVM_PAGES_PER_HPAGE(root.level)
+        for i in range(SPTE_ENT_PER_PAGE):
+            old = table[i]
+            if old & SPTE_MMU_PRESENT_MASK:
+                self.set_spte(vm, root, table, i, max(0, i * step - root.gfn_bits),
+                              root.level, SHADOW_NONPRESENT_VALUE)
+
+    def leaf_walk(self, root: TdpRoot, start: int, end: int, visit, min_level: int = 1):
+        """Visit present leaves (level >= min_level) overlapping [start, end) as
+        ``visit(ctx, gfn)``; a truthy result stops the walk."""
+        bits = root.gfn_bits
+
+        def v(ctx):
+            if ctx.level < min_level:
+                return None
+            return visit(ctx, (ctx.addr >> 12) - bits)
+
+        lo, hi = self._span(root, start, end)
+        return root.pt.walk(lo, hi, v, LEAF)
+
+    def wrprot_gfn_range(self, vm: VM, root: TdpRoot, start: int, end: int,
+                         min_level: int) -> bool:
+        """tdp_mmu.c wrprot_gfn_range: clear W (keeping MMU-writable, so the fast path may
+        restore it) on leaves at or above ``min_level``."""
+        changed = [False]
+
+        def visit(ctx, gfn):
+            if ctx.pte & PT_WRITABLE_MASK:
+                self.set_spte(vm, root, ctx.table, ctx.index, gfn, ctx.level,
+                              ctx.pte & ~PT_WRITABLE_MASK)
+                changed[0] = True
+
+        self.leaf_walk(root, start, end, visit, min_level)
+        return changed[0]
+
+    def clear_dirty_gfn_range(self, vm: VM, root: TdpRoot, start: int, end: int,
+                              wrprot: bool) -> bool:
+        """tdp_mmu.c clear_dirty_gfn_range: clear D (or W when write protection is needed:
+        A/D disabled) on every leaf in the range."""
+        dbit = PT_WRITABLE_MASK if wrprot else shadow_dirty_mask
+        changed = [False]
+
+        def visit(ctx, gfn):
+            if ctx.pte & dbit:
+                self.set_spte(vm, root, ctx.table, ctx.index, gfn, ctx.level, ctx.pte & ~dbit)
+                changed[0] = True
+
+        self.leaf_walk(root, start, end, visit)
+        return changed[0]
+
+    def clear_dirty_pt_masked(self, vm: VM, root: TdpRoot, gfn: int, mask: int,
+                              wrprot: bool) -> None:
+        """tdp_mmu.c clear_dirty_pt_masked: only 4K leaves whose bit is set in ``mask``."""
+        dbit = PT_WRITABLE_MASK if wrprot else shadow_dirty_mask
+        if not mask:
+            return
+        start = gfn + (mask & -mask).bit_length() - 1
+        end = gfn + mask.bit_length()
+
+        def visit(ctx, g):
+            if ctx.level > PG_LEVEL_4K or not mask >> (g - gfn) & 1:
+                return None
+            if ctx.pte & dbit:
+                self.set_spte(vm, root, ctx.table, ctx.index, g, ctx.level, ctx.pte & ~dbit)
+            return None
+
+        self.leaf_walk(root, start, end, visit)
+
+    def split_huge_pages_range(self, vm: VM, root: TdpRoot, start: int, end: int,
+                               target_level: int) -> None:
+        """tdp_mmu_split_huge_pages_root: top-down, one level at a time, every huge leaf
+        overlapping the range is split until none above ``target_level`` remains."""
+        bits = root.gfn_bits
+
+        def visit(ctx):
+            if ctx.level <= target_level or not ctx.pte & SPTE_MMU_PRESENT_MASK:
+                return None
+            if not ctx.pte & PT_PAGE_SIZE_MASK:
+                return None
+            gfn = (ctx.addr >> 12) - bits
+            self.tdp_mmu_split_huge_page(vm, root, ctx.table, ctx.index, gfn, ctx.level)
+            ctx.pte = ctx.table[ctx.index]
+            return None
+
+        lo, hi = self._span(root, start, end)
+        # LEAF visits huge leaves; the walker reloads the entry and descends into the new
+        # table, so a 1G leaf becomes 2M leaves that are split in turn.
+        root.pt.walk(lo, hi, visit, LEAF)
+
+    def age_gfn_range(self, vm: VM, root: TdpRoot, start: int, end: int,
+                      test_only: bool) -> bool:
+        """tdp_mmu.c kvm_tdp_mmu_age_gfn_range / test_age: clear Accessed (A/D) or convert to
+        the access-tracked form (A/D disabled); never zaps, never flushes."""
+        young = [False]
+
+        def visit(ctx, gfn):
+            spte = ctx.pte
+            if not is_accessed_spte(spte):
+                return None
+            young[0] = True
+            if test_only:
+                return STOP
+            if spte_ad_enabled(spte):
+                new = spte & ~shadow_accessed_mask
+            else:
+                new = mark_spte_for_access_track(spte)
+            self.set_spte(vm, root, ctx.table, ctx.index, gfn, ctx.level, new)
+            return None
+
+        self.leaf_walk(root, start, end, visit)
+        return young[0]
+
+    def recover_huge_pages_range(self, vm: VM, root: TdpRoot, slot, max_level_fn) -> bool:
+        """tdp_mmu.c recover_huge_pages_range: replace a table inside the slot by a huge leaf
+        made from one of its leaves when the slot/host allow that level."""
+        bits = root.gfn_bits
+        changed = [False]
+        start, end = slot.base_gfn, slot.base_gfn + slot.npages
+
+        def visit(ctx):
+            level = ctx.level
+            if level > KVM_MAX_HUGEPAGE_LEVEL or level < PG_LEVEL_2M:
+                return None
+            gfn = (ctx.addr >> 12) - bits
+            npages = KVM_PAGES_PER_HPAGE(level)
+            if gfn < start or gfn + npages > end:
+                return None
+            if max_level_fn(gfn) < level:
+                return None
+            child = self._find_leaf_below(ctx.pte & SPTE_BASE_ADDR_MASK, level - 1)
+            if child is None:
+                return None
+            huge = make_huge_spte(child[0], level)
+            self.set_spte(vm, root, ctx.table, ctx.index, gfn, level, huge)
+            ctx.pte = huge
+            changed[0] = True
+            return None
+
+        lo, hi = self._span(root, start, end)
+        root.pt.walk(lo, hi, visit, TABLE_PRE)
+        return changed[0]
+
+    def _find_leaf_below(self, table_pa: int, level: int):
+        table = self.store[table_pa]
+        for i, spte in enumerate(table):
+            if not spte & SPTE_MMU_PRESENT_MASK:
+                continue
+            if is_last_spte(spte, level):
+                return spte, level, i
+            found = self._find_leaf_below(spte & SPTE_BASE_ADDR_MASK, level - 1)
+            if found:
+                return found
+        return None
+
+    def get_last_spte(self, root: TdpRoot, gfn: int):
+        """kvm_tdp_mmu_fast_pf_get_last_sptep: (table, index, level, spte) of the last SPTE a
+        walk of ``gfn`` reads."""
+        pos, table, idx, spte = root.pt.lookup((gfn + root.gfn_bits) << 12)
+        return table, idx, root.level - pos, spte
+
+    def install_mmio_spte(self, vm: VM, root: TdpRoot, gfn: int, spte: int) -> int:
+        """The no-slot branch of tdp_mmu_map_handle_target_level: link tables down to 4K and
+        write the MMIO SPTE there."""
+        tables = self.store.tables
+        key = gfn + root.gfn_bits
+        table = root.table
+        level = root.level
+        while True:
+            idx = (key >> (9 * (level - 1))) & 511
+            old = table[idx]
+            if old == FROZEN_SPTE:
+                return RET_PF_RETRY
+            if level == PG_LEVEL_4K:
+                break
+            if old & SPTE_MMU_PRESENT_MASK:
+                if old & PT_PAGE_SIZE_MASK:
+                    # A huge leaf maps it now: nothing to cache (the fault was stale).
+                    return RET_PF_RETRY
+                table = tables[old & SPTE_BASE_ADDR_MASK]
+            else:
+                child = self.alloc_sp()
+                table[idx] = make_nonleaf_spte(child, self.backend.ad_disabled)
+                table = tables[child]
+            level -= 1
+        if old & SPTE_MMU_PRESENT_MASK:
+            return RET_PF_RETRY
+        table[idx] = spte
+        self.handle_changed_spte(vm, root, gfn, old, spte, PG_LEVEL_4K)
+        return RET_PF_EMULATE
+
+
+__all__ = ["TdpMmu", "TdpRoot", "tdp_geometry", "is_access_allowed", "KVM_INVALID_ROOTS",
+           "KVM_DIRECT_ROOTS", "KVM_MIRROR_ROOTS", "KVM_VALID_ROOTS", "KVM_ALL_ROOTS"]
