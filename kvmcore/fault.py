@@ -153,20 +153,20 @@ def kvm_page_fault(vm, fault: PageFault):
     RET_PF_* code (or raises a VcpuExit / KvmError).
 
     Order (x86 kvm_tdp_page_fault -> kvm_mmu_faultin_pfn -> kvm_tdp_mmu_map; arm64
-    user_mem_abort / gmem_abort): fast path; memslot lookup (none: private -> memory-fault
+    user_mem_abort / gmem_abort): memslot lookup; fast path; no slot (private -> memory-fault
     exit, shared -> MMIO); slot being deleted or moved -> retry; snapshot; private/shared
     check; faultin_pfn; MMU lock; staleness check; relax_perms or map_leaf.
     """
     from .defaults import memory_fault_exit
 
     hook = vm.hook
+    # The slot is known before the fast path, as in kvm_mmu_do_page_fault.
+    slots = vm.memslot_sets[fault.as_id]
+    slot = fault.slot = slots.search(fault.gfn)
     r = vm.fast_page_fault(vm=vm, fault=fault)
     if r is not None:
         vm.stats["fast_page_fault"] += 1
         return r
-    slots = vm.memslot_sets[fault.as_id]
-    slot = slots.search(fault.gfn)
-    fault.slot = slot
     if slot is None:
         if fault.is_private:
             raise memory_fault_exit(fault)

@@ -78,7 +78,8 @@ def translate(vm: VM, vcpu: Vcpu, gpa: int, access: Access) -> Translation | Vio
 
 @hookspec(firstresult=True)
 def fast_page_fault(vm: VM, fault: PageFault) -> int | None:
-    """Try to resolve ``fault`` without the slow path, before the core snapshots
+    """Try to resolve ``fault`` without the slow path, after the memslot lookup
+    (``fault.slot``, None outside memslots) and before the core snapshots
     ``mmu_invalidate_seq`` (x86 fast_page_fault: restore W or access-tracked bits in place;
     arm64 handle_access_fault: set AF; ppc kvmppc_hv_handle_set_rc: OR in R/C).
 
