@@ -16,6 +16,7 @@ at its boundary. There is no concurrent walker here: Linux's cmpxchg updates are
 
 from __future__ import annotations
 
+import re
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -203,7 +204,10 @@ class PageTable:
         level = g.level_ids[pos]
         first = (max(ctx.start, base) - base) >> shift
         last = min(len(table), (ctx.end - base + size - 1) >> shift)
-        for idx in range(first, last):
+        indices = range(first, last)
+        if not visit_invalid and last - first > 512:
+            indices = _nonzero(table, first, last)
+        for idx in indices:
             pte = table[idx]
             if not pte and not visit_invalid:
                 continue
@@ -304,6 +308,22 @@ class PageTable:
 
     def destroy(self) -> None:
         self.free_subtree(self.root, 0)
+
+
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def _nonzero(table: array, first: int, last: int) -> list[int]:
+    """Indices in ``[first, last)`` of the non-zero entries, found by a C-speed byte scan, so
+    a walk over a sparse 8,192-entry root costs what is mapped. Read before the walk: a
+    visitor that fills an empty entry of this table does not see it visited."""
+    raw = memoryview(table).cast("B")[first * 8:last * 8]
+    seen = []
+    for m in _NONZERO.finditer(raw):
+        idx = first + (m.start() >> 3)
+        if not seen or seen[-1] != idx:
+            seen.append(idx)
+    return seen
 
 
 def table_is_empty(table: Sequence[int]) -> bool:

@@ -82,3 +82,18 @@ def test_lookup_stops_at_invalid_and_path():
     assert sorted(pos for _pa, pos in pt.tables()) == [0, 1]
     pt.destroy()
     assert store.bytes_used == 0
+
+
+def test_large_sparse_root_walk_visits_only_present_entries():
+    store = TableStore()
+    geo = Geometry(shifts=(39, 30, 21, 12), bits=(13, 9, 9, 9), level_ids=(0, 1, 2, 3),
+                   ia_bits=52)
+    pt = PageTable(store, geo, Toy())
+    store[pt.root][8000] = (0x99 << 12) | 1      # a 512 GiB block, far up the root
+    store[pt.root][3] = (0x77 << 12) | 1
+    seen = []
+    pt.walk(0, 1 << 52, lambda c: seen.append((c.index, c.pte >> 12)), LEAF)
+    assert seen == [(3, 0x77), (8000, 0x99)]
+    seen.clear()
+    pt.walk(4 << 39, 9000 << 39, lambda c: seen.append(c.index), LEAF)
+    assert seen == [8000]
