@@ -1,0 +1,484 @@
+"""PpcRadixBackend: the kvmcore hooks of a Book3S HV radix guest (arch/powerpc/kvm/book3s_hv.c,
+book3s_64_mmu_hv.c's radix dispatch, book3s_64_mmu_radix.c).
+
+VM options:
+
+- ``page_size`` = 4096 (default) or 65536: the host base page, hence the PTE level's index
+  size (9 or 5) and the size of a base-page leaf.
+- ``set_rc_faults`` (default False): the modelled MMU reports DSISR[SET_RC] instead of setting
+  R/C itself, so the ``kvmppc_hv_handle_set_rc`` fallback runs (POWER9 sets them in hardware).
+- ``huge_past_slot`` (default False): True reproduces Linux's [quirk] that a 2M/1G leaf is
+  chosen from the host PTE size and gpa/hva congruence only, so it may extend past the memslot
+  (kvmppc_book3s_instantiate_page has no slot-bounds check). The default applies x86/arm64's
+  whole-block-in-slot rule, which the cross-architecture conformance suite requires
+  (test_slot_smaller_than_block_maps_4k); the reference lists the quirk as a model option.
+- ``unaligned_dirty_quirk`` (default False): when True, dirty bits of a huge leaf unmapped
+  through a gfn in its middle start at that gfn, as ``kvmppc_unmap_pte`` does [quirk].
+
+``Mapping.raw`` (``vm.lookup`` / ``vm.mappings``) is the entry exactly as stored, i.e.
+big-endian; ``pte.be64_to_cpu(m.raw)`` gives the CPU-order value the ``_PAGE_*`` names apply
+to. ``tlbie_log`` records every TLB invalidation as (address, size, lpid) and ``pwc_flushes``
+every page-walk-cache flush; ``warnings`` the WARNs Linux would print.
+
+With 64K base pages the core's host (4 KiB pages only) is made to look like a 64K-page host:
+see ``host_pte.make_host_base_page``; memslots must then be 64K aligned (EINVAL otherwise, as
+``kvm_set_memory_region`` does when PAGE_SIZE is 64K).
+
+Not modelled: secure (Ultravisor) guests, nested (L2) guests and their rmap, the HPT MMU,
+VPA/DTL dirty pages, DSISR BADACCESS / UNSUPP_MMU / PRTABLE_FAULT (the modelled walk never
+reports them), the privileged EAA bit (decoded, not enforced: KVM copies host *user* PTEs, which
+have it clear).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+import structlog
+from kvmcore import ArchInfo, KvmError, Mapping, hookimpl
+from kvmcore.defaults import memory_fault_exit
+from kvmcore.fault import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
+from kvmcore.pgtable import LEAF, TABLE_PRE, PageTable, TableStore
+from kvmcore.uapi import (
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MR_FLAGS_ONLY,
+    RET_PF_CONTINUE,
+    RET_PF_FIXED,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+)
+
+from . import book3s_64_mmu_radix as radix_mmu
+from .host_pte import (
+    find_kvm_host_pte,
+    host_base_page_contiguous,
+    make_host_base_page,
+    make_host_base_page_writable,
+)
+from .pte import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_EXEC,
+    _PAGE_PRESENT,
+    _PAGE_PTE,
+    _PAGE_READ,
+    _PAGE_WRITE,
+    DSISR_ISSTORE,
+    DSISR_NOHPTE,
+    DSISR_PROTFAULT,
+    DSISR_SET_RC,
+    RADIX_DIR_BAD_BITS,
+    _RPAGE_PA_MAX,
+    _PAGE_PA_MAX,
+    be64_to_cpu,
+    cpu_to_be64,
+    dir_nlb,
+    dir_nls,
+    pte_pa,
+)
+from .radix import LEVEL_PGD, RADIX_FORMAT, RadixConfig, populated_span
+
+logger = structlog.get_logger(__name__)
+
+SZ_2M = 1 << 21
+SZ_1G = 1 << 30
+_CAPS = frozenset({"dirty_log", "hugepage_2m", "hugepage_1g", "aging"})
+_FAULT_GPA_TOP = 0xF000000000000000
+
+
+def _arch_info(page_size: int) -> ArchInfo:
+    return ArchInfo(
+        name="ppc_radix",
+        page_sizes=(page_size, SZ_2M, SZ_1G),
+        levels=4,
+        vm_types={"default": _CAPS},
+        description="PowerPC Book3S HV partition-scoped radix (POWER9+): big-endian PTEs, "
+                    "hardware R/C bits, dirty logging by C-bit harvesting",
+    )
+
+
+class PpcRadixBackend:
+    """One Book3S HV radix guest's partition-scoped MMU (kvm->arch.pgtable and its lpid)."""
+
+    arch_info = _arch_info(4096)
+
+    def __init__(self, vm_type: str = "default", page_size: int = 4096,
+                 set_rc_faults: bool = False, huge_past_slot: bool = False,
+                 unaligned_dirty_quirk: bool = False, **options):
+        if vm_type != "default":
+            raise KvmError(errno.EINVAL, f"vm_type {vm_type!r}: ppc_radix has only 'default'")
+        if options:
+            raise KvmError(errno.EINVAL,
+                           f"unknown ppc_radix VM option(s): {', '.join(sorted(options))}")
+        if page_size not in (4096, 65536):
+            raise KvmError(errno.EINVAL,
+                           f"page_size {page_size!r}: ppc_radix supports 4096 or 65536")
+        self.cfg = RadixConfig(page_size.bit_length() - 1)
+        self.arch_info = _arch_info(page_size)
+        self.set_rc_faults = bool(set_rc_faults)
+        self.huge_past_slot = bool(huge_past_slot)
+        self.unaligned_dirty_quirk = bool(unaligned_dirty_quirk)
+        # kvmppc_init_vm_radix: pgd_alloc; tables are aligned to their size (the NLB rule).
+        self.store = TableStore(min_align=256)
+        self.pgtable = PageTable(self.store, self.cfg.geometry, RADIX_FORMAT)
+        self.lpid = 1
+        #: Every tlbie issued: (addr aligned to size, size, lpid).
+        self.tlbie_log: list[tuple[int, int, int]] = []
+        #: Every page-walk-cache flush (the lpid).
+        self.pwc_flushes: list[int] = []
+        #: WARN / WARN_ONCE messages Linux would print.
+        self.warnings: list[str] = []
+        self._host_ptes: dict[object, tuple[int, int, bool]] = {}
+        #: While set, tlbies queue their vCPU-TLB flush here (book3s_64_mmu_radix.batched_tlbie).
+        self.tlb_batch: list[tuple[int, int]] | None = None
+
+    # ------------------------------------------------------------------ small services
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        logger.warning("ppc_radix.warn", message=message)
+
+    @staticmethod
+    def slot_logging(slot) -> bool:
+        """``large_enable`` is off when the slot has KVM_MEM_LOG_DIRTY_PAGES."""
+        return bool(slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES)
+
+    @staticmethod
+    def mmu_invalidate_retry(vm, mmu_seq: int) -> bool:
+        """mmu_invalidate_retry(kvm, mmu_seq): an invalidation is in progress, or one
+        completed since the snapshot."""
+        return vm.mmu_invalidate.retry(mmu_seq)
+
+    @staticmethod
+    def bump_mmu_invalidate_seq(vm) -> None:
+        """kvmppc_radix_flush_memslot ends with kvm->mmu_invalidate_seq++."""
+        vm.mmu_invalidate.seq += 1
+
+    @property
+    def partition_table_entry(self) -> tuple[int, int]:
+        """(dw0, dw1) of kvmppc_setup_partition_table; dw1 (the guest process table) is 0."""
+        from .radix import partition_table_dw0
+
+        return partition_table_dw0(self.pgtable.root), 0
+
+    def entry(self, gpa: int) -> int:
+        """The CPU-order value of the last entry a walk of ``gpa`` reads (for tests/dumps)."""
+        return be64_to_cpu(self.pgtable.lookup(gpa)[3])
+
+    # ------------------------------------------------------------------ life cycle
+
+    @hookimpl
+    def flush_shadow_all(self, vm):
+        """kvm_arch_flush_shadow_all is an empty inline on ppc; the tree is freed at
+        kvmppc_core_destroy_vm_hv. Returning False stops the generic default."""
+        return False
+
+    # ------------------------------------------------------------------ fault path
+
+    @hookimpl
+    def translate(self, vm, vcpu, gpa, access):
+        """The partition-scoped walk of an H_DATA_STORAGE / H_INST_STORAGE candidate: a
+        missing leaf is DSISR[NOHPTE], a permission miss DSISR[PROTFAULT], both with ISSTORE
+        on stores. R and C are set by the hardware (or reported as SET_RC)."""
+        gpa &= ~_FAULT_GPA_TOP
+        gfn = gpa >> 12
+        pos, table, idx, raw = self.pgtable.lookup(gpa)
+        store = DSISR_ISSTORE if access.write else 0
+        pte = be64_to_cpu(raw) if raw else 0
+        g = self.pgtable.geometry
+        level = g.level_ids[pos]
+        if (pte & (_PAGE_PRESENT | _PAGE_PTE)) != (_PAGE_PRESENT | _PAGE_PTE) or \
+                level == LEVEL_PGD:
+            return Violation(NOT_PRESENT, gfn, error_code=DSISR_NOHPTE | store)
+        shift = g.shifts[pos]
+        size = 1 << shift
+        if access.write:
+            allowed = pte & _PAGE_WRITE
+        elif access.exec:
+            allowed = pte & _PAGE_EXEC
+        else:
+            allowed = pte & (_PAGE_READ | _PAGE_WRITE)
+        if not allowed:
+            return Violation(PERMISSION, gfn, level=level, size=size,
+                             error_code=DSISR_PROTFAULT | store)
+        need = _PAGE_ACCESSED | (_PAGE_DIRTY if access.write else 0)
+        if pte & need != need:
+            if self.set_rc_faults:
+                return Violation(ACCESS_FLAG, gfn, level=level, size=size,
+                                 error_code=DSISR_SET_RC | store)
+            pte |= need
+            table[idx] = cpu_to_be64(pte)
+        pfn = (pte_pa(pte, self.cfg.page_shift) + (gpa & (size - 1))) >> 12
+        return Translation(gfn=gfn, pfn=pfn, size=size, readable=True,
+                           writable=bool(pte & _PAGE_WRITE), executable=bool(pte & _PAGE_EXEC),
+                           dirty=bool(pte & _PAGE_DIRTY))
+
+    @hookimpl
+    def fast_page_fault(self, vm, fault):
+        """kvmppc_book3s_radix_page_fault step 8: with DSISR[SET_RC], OR R (and C) into a
+        present leaf that allows the access, no flush, and resume without instantiating."""
+        if not fault.error_code & DSISR_SET_RC:
+            return None
+        with vm.mmu_lock:
+            fixed = radix_mmu.kvmppc_hv_handle_set_rc(self, vm, fault.write, fault.gfn << 12)
+        if fixed:
+            vm.stats["ppc_set_rc_fixed"] += 1
+            return RET_PF_FIXED
+        return None
+
+    @hookimpl(wrapper=True)
+    def faultin_pfn(self, vm, fault):
+        """kvmppc_book3s_instantiate_page steps 3-5: the generic __kvm_faultin_pfn (the
+        core's hva -> pfn, VM_IO|VM_PFNMAP included) only faults the page in and decides
+        upgrade_write; the partition PTE is then built from the host Linux PTE
+        (find_kvm_host_pte under mmu_lock with the mmu_seq check). A missing host PTE or a
+        changed seq resumes the guest, which re-faults."""
+        result = yield
+        if result not in (None, RET_PF_CONTINUE):
+            return result
+        if fault.max_size < self.cfg.page_size:
+            if make_host_base_page(vm, self, fault.hva):
+                return RET_PF_RETRY
+            if not host_base_page_contiguous(vm.host, fault.hva & ~(self.cfg.page_size - 1),
+                                             self.cfg.page_size):
+                # Cannot happen on a real 64K host; the model's 4K host may leave a 64K block
+                # straddling two VMAs. No partition PTE may map memory the host does not.
+                vm.stats["ppc_host_64k_unmappable"] += 1
+                raise memory_fault_exit(fault)
+            if fault.map_writable and not make_host_base_page_writable(
+                    vm.host, fault.hva & ~(self.cfg.page_size - 1), self.cfg.page_size):
+                fault.map_writable = False
+        with vm.mmu_lock:
+            host = find_kvm_host_pte(vm, self, fault)
+        if host is None:
+            vm.stats["ppc_host_pte_retry"] += 1
+            return RET_PF_RETRY
+        if len(self._host_ptes) > 256:
+            self._host_ptes.clear()
+        self._host_ptes[fault] = host
+        return result
+
+    @hookimpl
+    def map_leaf(self, vm, fault):
+        """kvmppc_book3s_instantiate_page steps 6-10 -> kvmppc_create_pte. 0 is FIXED,
+        -EAGAIN (mmu_seq changed) and -ENOMEM resume the guest to re-fault."""
+        host = self._host_ptes.pop(fault, None)
+        if host is None:
+            host = find_kvm_host_pte(vm, self, fault)
+            if host is None:
+                return RET_PF_RETRY
+        host_pte, host_shift, upgrade_write = host
+        before = self.entry(fault.gfn << 12)
+        ret, _level = radix_mmu.kvmppc_book3s_instantiate_page(self, vm, fault, host_pte,
+                                                               host_shift, upgrade_write)
+        if ret:
+            return RET_PF_RETRY
+        if before == self.entry(fault.gfn << 12) and before & _PAGE_PTE:
+            return RET_PF_SPURIOUS
+        return RET_PF_FIXED
+
+    # ------------------------------------------------------------------ zapping
+
+    @hookimpl
+    def unmap_gfn_range(self, vm, range):
+        """kvm_unmap_gfn_range_hv: each covering leaf unmapped whole, tlbie'd by ppc itself,
+        so no extra flush is requested (returns False). One table: the filter is moot."""
+        radix_mmu.kvm_unmap_radix(self, vm, range.slot, range.start << 12, range.end << 12)
+        return False
+
+    @hookimpl
+    def flush_shadow_memslot(self, vm, slot):
+        """kvmppc_core_flush_memslot_hv -> kvmppc_radix_flush_memslot (DELETE / MOVE)."""
+        with vm.mmu_lock:
+            radix_mmu.kvmppc_radix_flush_memslot(self, vm, slot)
+        return False
+
+    # ------------------------------------------------------------------ memslots
+
+    @hookimpl
+    def prepare_memory_region(self, vm, old, new, change):
+        """ppc does not select HAVE_KVM_READONLY_MEM: generic check_memory_region_flags
+        refuses KVM_MEM_READONLY with EINVAL (the core does it from the capability; this is
+        the backstop). With 64K base pages the host's PAGE_SIZE is 64K, so
+        kvm_set_memory_region's alignment checks (memory_size, guest_phys_addr,
+        userspace_addr & (PAGE_SIZE - 1)) refuse anything not 64K aligned with EINVAL; the
+        core checks 4 KiB, this adds the rest."""
+        if new is None:
+            return
+        if new.flags & KVM_MEM_READONLY:
+            raise KvmError(errno.EINVAL, "flags: KVM_MEM_READONLY is not supported on ppc")
+        mask = self.cfg.page_size - 1
+        if mask > 0xFFF:
+            for name, value in (("memory_size", new.npages << 12),
+                                ("guest_phys_addr", new.base_gfn << 12),
+                                ("userspace_addr", new.userspace_addr)):
+                if value & mask:
+                    raise KvmError(errno.EINVAL, f"{name} {value:#x} is not aligned to the "
+                                   f"{self.cfg.page_size:#x} base page (PAGE_SIZE)")
+
+    @hookimpl
+    def commit_memory_region(self, vm, old, new, change):
+        """kvmppc_core_commit_memory_region_hv: toggling KVM_MEM_LOG_DIRTY_PAGES flushes the
+        slot (with the old slot), on to drop huge leaves, off so they can come back."""
+        if change == KVM_MR_FLAGS_ONLY and old is not None and new is not None and \
+                (old.flags ^ new.flags) & KVM_MEM_LOG_DIRTY_PAGES:
+            with vm.mmu_lock:
+                radix_mmu.kvmppc_radix_flush_memslot(self, vm, old)
+
+    # ------------------------------------------------------------------ aging
+
+    @hookimpl
+    def age_gfn(self, vm, range):
+        """kvm_age_gfn_hv -> kvm_age_radix: clear R only, no tlbie."""
+        return radix_mmu.kvm_age_radix(self, vm, range.start << 12, range.end << 12, False)
+
+    @hookimpl
+    def test_age_gfn(self, vm, range):
+        """kvm_test_age_gfn_hv -> kvm_test_age_radix."""
+        return radix_mmu.kvm_age_radix(self, vm, range.start << 12, range.end << 12, True)
+
+    # ------------------------------------------------------------------ dirty logging
+
+    @hookimpl
+    def sync_dirty_log(self, vm, slot):
+        """kvm_vm_ioctl_get_dirty_log_hv: harvest and clear C into the log; the accumulator
+        (unmaps, mark_page_dirty) is already in the slot's bitmap."""
+        if slot.dirty_bitmap is None:
+            return
+        radix_mmu.kvmppc_hv_get_dirty_log_radix(self, vm, slot)
+
+    @hookimpl
+    def enable_log_dirty_pt_masked(self, vm, slot, gfn_offset, mask):
+        """Nothing to re-arm: W is never removed for logging; C was cleared at harvest."""
+        return None
+
+    @hookimpl
+    def dirty_pending_gfns(self, vm, slot):
+        """Pages whose C bit is set in a leaf of ``slot`` (what the next harvest logs)."""
+        out: list[int] = []
+        lo, hi = slot.base_gfn, slot.base_gfn + slot.npages
+        for m in self._leaves(slot.base_gfn, slot.base_gfn + slot.npages):
+            if m.dirty:
+                out.extend(range(max(m.gfn, lo), min(m.gfn + m.npages, hi)))
+        return out
+
+    # ------------------------------------------------------------------ introspection
+
+    def _leaves(self, start: int, end: int) -> Iterator[Mapping]:
+        found: list[Mapping] = []
+        page_shift = self.cfg.page_shift
+
+        def visit(ctx):
+            pte = be64_to_cpu(ctx.pte)
+            if not (pte & _PAGE_PTE and pte & _PAGE_PRESENT):
+                return None
+            found.append(Mapping(
+                gfn=ctx.addr >> 12, size=ctx.size, pfn=pte_pa(pte, page_shift) >> 12,
+                readable=bool(pte & (_PAGE_READ | _PAGE_WRITE)),
+                writable=bool(pte & _PAGE_WRITE), executable=bool(pte & _PAGE_EXEC),
+                young=bool(pte & _PAGE_ACCESSED), dirty=bool(pte & _PAGE_DIRTY),
+                level=ctx.level, raw=ctx.pte))
+            return None
+
+        lo, hi = populated_span(self.pgtable, start << 12, end << 12)
+        self.pgtable.walk(lo, hi, visit, LEAF)
+        return iter(found)
+
+    @hookimpl
+    def leaves(self, vm, start, end):
+        return self._leaves(start, end)
+
+    @hookimpl
+    def page_table_bytes(self, vm):
+        return self.store.bytes_used
+
+    @hookimpl
+    def check_invariants(self, vm):
+        return check_radix_invariants(self, vm)
+
+
+def check_radix_invariants(be: PpcRadixBackend, vm) -> list[str]:
+    """The ppc-radix invariants of the reference (§9) that hold of a state: geometry (1),
+    entry formats (2), X on every leaf (3), leaf levels, alignment and 52-bit RPNs (1, 6, 7),
+    base pages only while logging (6), leaves only over memslots (19)."""
+    problems: list[str] = []
+    g = be.pgtable.geometry
+    cfg = be.cfg
+    store = be.store
+    page_shift = cfg.page_shift
+    if len(store[be.pgtable.root]) != 1 << 13:
+        problems.append(f"ppc_radix: root table has {len(store[be.pgtable.root])} entries, "
+                        "not 8192 (RADIX_PGD_INDEX_SIZE 13)")
+    seen_tables = {be.pgtable.root}
+
+    def visit(ctx):
+        pte = be64_to_cpu(ctx.pte)
+        where = f"gpa {ctx.addr:#x} (level {ctx.level})"
+        if ctx.flags == TABLE_PRE:
+            nlb, nls = dir_nlb(pte), dir_nls(pte)
+            want_nls = g.bits[ctx.pos + 1]
+            if pte & RADIX_DIR_BAD_BITS:
+                problems.append(f"ppc_radix: directory entry at {where} has bad bits "
+                                f"{pte & RADIX_DIR_BAD_BITS:#x}")
+            if nls != want_nls:
+                problems.append(f"ppc_radix: directory entry at {where} has NLS {nls}, "
+                                f"the next level indexes {want_nls} bits")
+            if nlb & ((1 << (want_nls + 3)) - 1):
+                problems.append(f"ppc_radix: directory entry at {where} points to {nlb:#x}, "
+                                "not aligned to the table size")
+            if nlb not in store:
+                problems.append(f"ppc_radix: directory entry at {where} points to {nlb:#x}, "
+                                "which is not a live table")
+                return 1
+            if len(store[nlb]) != 1 << want_nls:
+                problems.append(f"ppc_radix: table at {nlb:#x} under {where} has "
+                                f"{len(store[nlb])} entries, not {1 << want_nls}")
+            if nlb in seen_tables:
+                problems.append(f"ppc_radix: table {nlb:#x} is linked twice")
+            seen_tables.add(nlb)
+            return None
+        # LEAF visit (present or not).
+        if not pte:
+            return None
+        if not pte & _PAGE_PTE:
+            if ctx.is_last_level and pte & _PAGE_PRESENT:
+                problems.append(f"ppc_radix: PTE-level entry at {where} lacks the L bit")
+            return None
+        if ctx.level == LEVEL_PGD:
+            problems.append(f"ppc_radix: 512G leaf at {where} (KVM never creates PGD leaves)")
+        if not pte & _PAGE_EXEC:
+            problems.append(f"ppc_radix: leaf at {where} lacks X (every KVM leaf has X=1)")
+        if pte & (((1 << _RPAGE_PA_MAX) - 1) & ~((1 << _PAGE_PA_MAX) - 1)):
+            problems.append(f"ppc_radix: leaf at {where} has an RPN beyond 52 bits")
+        pa = pte_pa(pte, page_shift)
+        if pa & (ctx.size - 1):
+            problems.append(f"ppc_radix: {ctx.size:#x} leaf at {where} maps {pa:#x}, not "
+                            "aligned to its size")
+        slot = _slot_of(vm, ctx.addr >> 12, (ctx.addr + ctx.size) >> 12)
+        if slot is None:
+            problems.append(f"ppc_radix: leaf at {where} maps a gpa with no memslot")
+        elif ctx.size > cfg.page_size and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            problems.append(f"ppc_radix: {ctx.size:#x} leaf at {where} in dirty-logging slot "
+                            f"{slot.id} (only base pages while logging)")
+        return None
+
+    lo, hi = populated_span(be.pgtable, 0, 1 << g.ia_bits)
+    be.pgtable.walk(lo, hi, visit, LEAF | TABLE_PRE)
+    unreachable = set(store.tables) - seen_tables
+    if unreachable:
+        problems.append(f"ppc_radix: {len(unreachable)} table(s) allocated but not linked "
+                        "(a leak: tables are freed when replaced)")
+    return problems
+
+
+def _slot_of(vm, start: int, end: int):
+    """A live memslot of address space 0 that intersects ``[start, end)``."""
+    slot = vm.gfn_to_memslot(start)
+    if slot is not None:
+        return slot
+    for slot in vm.all_memslots():
+        if slot.as_id == 0 and slot.base_gfn < end and start < slot.base_gfn + slot.npages:
+            return slot
+    return None

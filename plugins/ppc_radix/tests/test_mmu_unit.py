@@ -1,0 +1,265 @@
+"""book3s_64_mmu_radix.py against a stand-in VM: create_pte, unmap, harvest, aging,
+instantiate's PTE construction and level choice (reference §2.2-§5, invariants 1-17)."""
+
+import errno
+
+import pytest
+from kvmcore.fault import PageFault
+
+from fakevm import FakeSlot, FakeVM
+from kvmcore_ppc_radix import PpcRadixBackend
+from kvmcore_ppc_radix import book3s_64_mmu_radix as M
+from kvmcore_ppc_radix import pte as P
+from kvmcore_ppc_radix.backend import check_radix_invariants
+from kvmcore_ppc_radix.host_pte import find_kvm_host_pte
+from kvmcore_ppc_radix.radix import LEVEL_PMD, LEVEL_PTE, LEVEL_PUD
+
+SZ_2M, SZ_1G = 1 << 21, 1 << 30
+RAM = P._PAGE_PRESENT | P._PAGE_READ | P._PAGE_WRITE | P._PAGE_ACCESSED
+
+
+def leaf(pa, extra=0, shift=12):
+    return P.pfn_pte(pa, RAM | P._PAGE_EXEC | extra, shift)
+
+
+@pytest.fixture(params=[4096, 65536], ids=["4K", "64K"])
+def be(request):
+    return PpcRadixBackend(page_size=request.param)
+
+
+def test_create_pte_links_tables_with_next_level_sizes(be):
+    vm = FakeVM()
+    assert M.kvmppc_create_pte(be, vm, leaf(0x40000000), 0x1230000, LEVEL_PTE, 0) == 0
+    path = be.pgtable.path(0x1230000)
+    assert len(path) == 4
+    nls = []
+    for _pos, table_pa, idx in path[:-1]:
+        d = P.be64_to_cpu(be.store[table_pa][idx])
+        assert d & P._PAGE_PRESENT and not d & P._PAGE_PTE
+        assert P.dir_nlb(d) & ((1 << (P.dir_nls(d) + 3)) - 1) == 0
+        nls.append(P.dir_nls(d))
+    assert nls == [9, 9, be.cfg.pte_index_size]
+    assert len(be.store[path[-1][1]]) == 1 << be.cfg.pte_index_size
+    assert be.entry(0x1230000) == leaf(0x40000000)
+
+
+def test_mmu_seq_change_installs_nothing_and_frees_preallocations(be):
+    vm = FakeVM()
+    tables = len(be.store)
+    vm.mmu_invalidate.seq = 5
+    assert M.kvmppc_create_pte(be, vm, leaf(0), 0, LEVEL_PTE, 4) == -errno.EAGAIN
+    assert len(be.store) == tables and be.entry(0) == 0
+    vm.mmu_invalidate.begin()
+    assert M.kvmppc_create_pte(be, vm, leaf(0), 0, LEVEL_PTE, 5) == -errno.EAGAIN
+    assert len(be.store) == tables
+
+
+def test_refault_identical_and_or_merge_without_flush(be):
+    vm = FakeVM()
+    ro = leaf(0x100000) & ~(P._PAGE_WRITE | P._PAGE_DIRTY)
+    M.kvmppc_create_pte(be, vm, ro, 0x100000, LEVEL_PTE, 0)
+    M.kvmppc_create_pte(be, vm, ro, 0x100000, LEVEL_PTE, 0)
+    assert vm.stats["ppc_pte_identical"] == 1
+    M.kvmppc_create_pte(be, vm, ro | P._PAGE_WRITE | P._PAGE_DIRTY, 0x100000, LEVEL_PTE, 0)
+    assert be.entry(0x100000) == ro | P._PAGE_WRITE | P._PAGE_DIRTY
+    assert not be.tlbie_log and not be.warnings
+    # A re-fault without W never removes it.
+    M.kvmppc_create_pte(be, vm, ro, 0x100000, LEVEL_PTE, 0)
+    assert be.entry(0x100000) & P._PAGE_WRITE
+    # Any other difference is a WARN, and is still OR-merged.
+    M.kvmppc_create_pte(be, vm, ro | P._PAGE_NON_IDEMPOTENT, 0x100000, LEVEL_PTE, 0)
+    assert be.warnings and P.pte_att(be.entry(0x100000)) == 0x20
+
+
+def test_huge_leaf_replaces_table_flushes_pwc_and_frees(be):
+    slot = FakeSlot(0, 1024, logging=True)
+    vm = FakeVM([slot])
+    ps = be.cfg.page_size
+    M.kvmppc_create_pte(be, vm, leaf(0x600000 + ps, P._PAGE_DIRTY), ps, LEVEL_PTE, 0)
+    M.kvmppc_create_pte(be, vm, leaf(0x600000), 0, LEVEL_PTE, 0)
+    tables = len(be.store)
+    assert M.kvmppc_create_pte(be, vm, leaf(0x600000, P._PAGE_DIRTY, 21), 0, LEVEL_PMD, 0) == 0
+    assert be.pwc_flushes == [be.lpid]
+    assert len(be.store) == tables - 1                     # the PTE table is gone
+    assert {a for a, _s, _l in be.tlbie_log} == {0, ps}    # leftover leaves were unmapped
+    assert sorted(vm.dirty) == list(range(ps >> 12, 2 * ps >> 12))   # C went to the log
+    found = M.find_kvm_secondary_pte(be, 0x1000)
+    assert found[2] == 21
+
+
+def test_small_mapping_under_huge_leaf_unmaps_it_first(be):
+    slot = FakeSlot(0, 1024, logging=True)
+    vm = FakeVM([slot])
+    M.kvmppc_create_pte(be, vm, leaf(0x600000, P._PAGE_DIRTY, 21), 0, LEVEL_PMD, 0)
+    gpa = 0x30000 & ~(be.cfg.page_size - 1)
+    assert M.kvmppc_create_pte(be, vm, leaf(0x900000), gpa, LEVEL_PTE, 0) == 0
+    assert be.tlbie_log == [(0, SZ_2M, be.lpid)]
+    assert len(vm.dirty) == 512                            # the whole 2M leaf was dirty
+    assert M.find_kvm_secondary_pte(be, 0) is None
+    assert M.find_kvm_secondary_pte(be, gpa)[2] == be.cfg.page_shift
+
+
+def test_unmap_whole_covering_leaf_with_dirty_transfer_and_no_table_free(be):
+    slot = FakeSlot(0, 1 << 20, logging=True)
+    vm = FakeVM([slot])
+    M.kvmppc_create_pte(be, vm, leaf(SZ_1G, P._PAGE_DIRTY, 30), SZ_1G, LEVEL_PUD, 0)
+    M.kvmppc_create_pte(be, vm, leaf(0x5000000), 0x10000, LEVEL_PTE, 0)
+    tables = len(be.store)
+    M.kvm_unmap_radix(be, vm, slot, SZ_1G + 0x5000, SZ_1G + 0x6000)
+    assert be.entry(SZ_1G) == 0 and be.entry(SZ_1G + (SZ_1G >> 1)) == 0
+    assert be.tlbie_log == [(SZ_1G, SZ_1G, be.lpid)]
+    assert vm.flushed == [(SZ_1G >> 12, SZ_1G >> 12)]
+    assert len(vm.dirty) == SZ_1G >> 12 and min(vm.dirty) == SZ_1G >> 12
+    M.kvm_unmap_radix(be, vm, slot, 0, 1 << 40)
+    assert len(be.store) == tables                          # unmap never frees tables
+
+
+def test_unaligned_dirty_quirk_option():
+    be = PpcRadixBackend(unaligned_dirty_quirk=True)
+    slot = FakeSlot(0, 1024, logging=True)
+    vm = FakeVM([slot])
+    M.kvmppc_create_pte(be, vm, leaf(0x600000, P._PAGE_DIRTY, 21), 0, LEVEL_PMD, 0)
+    M.kvm_unmap_radix(be, vm, slot, 0x100000, 0x101000)
+    assert min(vm.dirty) == 0x100 and max(vm.dirty) == 0x100 + 511   # starts mid-leaf
+
+
+def test_aging_clears_only_r_without_tlbie(be):
+    vm = FakeVM()
+    M.kvmppc_create_pte(be, vm, leaf(0, P._PAGE_DIRTY), 0, LEVEL_PTE, 0)
+    before = be.entry(0)
+    assert M.kvm_age_radix(be, vm, 0, 1 << 21, test_only=True)
+    assert be.entry(0) == before
+    assert M.kvm_age_radix(be, vm, 0, 1 << 21, test_only=False)
+    assert be.entry(0) == before & ~P._PAGE_ACCESSED
+    assert not M.kvm_age_radix(be, vm, 0, 1 << 21, test_only=True)
+    assert not be.tlbie_log and not vm.flushed
+
+
+def test_harvest_clears_only_c_with_one_tlbie_per_page(be):
+    ps = be.cfg.page_size
+    slot = FakeSlot(0, 1024, logging=True)
+    vm = FakeVM([slot])
+    for i in range(3):
+        M.kvmppc_create_pte(be, vm, leaf(0x800000 + i * ps, P._PAGE_DIRTY if i != 1 else 0),
+                            i * ps, LEVEL_PTE, 0)
+    M.kvmppc_hv_get_dirty_log_radix(be, vm, slot)
+    assert [a for a, _s, _l in be.tlbie_log] == [0, 2 * ps]
+    assert vm.flushed == [(0, ps >> 12), (2 * ps >> 12, ps >> 12)]   # the vCPU TLBs drop both
+    assert sorted(vm.dirty) == list(range(ps >> 12)) + list(range(2 * ps >> 12, 3 * ps >> 12))
+    for i in range(3):
+        e = be.entry(i * ps)
+        assert not e & P._PAGE_DIRTY and e & P._PAGE_WRITE
+
+
+def test_batched_tlbie_merges_model_flushes_but_records_each(be):
+    ps = be.cfg.page_size
+    slot = FakeSlot(0, 1 << 12)
+    vm = FakeVM([slot])
+    for i in range(4):
+        M.kvmppc_create_pte(be, vm, leaf(0x800000 + i * ps), i * ps, LEVEL_PTE, 0)
+    M.kvm_unmap_radix(be, vm, slot, 0, 4 * ps)
+    assert len(be.tlbie_log) == 4 and vm.stats["ppc_tlbie"] == 4
+    assert vm.flushed == [(0, 4 * ps >> 12)]
+    assert be.tlb_batch is None
+
+
+def test_set_rc_ors_bits_without_flush(be):
+    vm = FakeVM()
+    bare = leaf(0) & ~(P._PAGE_ACCESSED | P._PAGE_DIRTY)
+    M.kvmppc_create_pte(be, vm, bare, 0, LEVEL_PTE, 0)
+    assert M.kvmppc_hv_handle_set_rc(be, vm, True, 0)
+    assert be.entry(0) == bare | P._PAGE_ACCESSED | P._PAGE_DIRTY
+    ro = bare & ~P._PAGE_WRITE
+    M.kvmppc_create_pte(be, vm, ro, SZ_2M, LEVEL_PTE, 0)
+    assert not M.kvmppc_hv_handle_set_rc(be, vm, True, SZ_2M)   # no W: falls through
+    assert not be.tlbie_log
+
+
+# ------------------------------------------------------------------ instantiate
+
+
+def _fault(slot, gpa, hva, write=False, max_size=4096, writable=True, cacheable=True,
+           pfnmap=False, pfn=None):
+    f = PageFault(addr=gpa, gfn=gpa >> 12, write=write)
+    f.slot, f.hva, f.map_writable, f.max_size = slot, hva, writable, max_size
+    f.cacheable, f.pfnmap = cacheable, pfnmap
+    f.pfn = (0x4000000000 + hva) >> 12 if pfn is None else pfn
+    return f
+
+
+def _instantiate(be, vm, f):
+    host = find_kvm_host_pte(vm, be, f)
+    return M.kvmppc_book3s_instantiate_page(be, vm, f, *host)
+
+
+def test_new_leaf_has_r_x_and_c_with_w(be):
+    slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000)
+    vm = FakeVM([slot])
+    _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr, write=True))
+    e = be.entry(0)
+    assert e & P._PAGE_ACCESSED and e & P._PAGE_EXEC and e & P._PAGE_WRITE and e & P._PAGE_DIRTY
+
+
+def test_read_fault_upgraded_is_writable_and_dirty(be):
+    slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000, flags=1, logging=True)
+    vm = FakeVM([slot])
+    _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr, write=False))
+    e = be.entry(0)
+    assert e & P._PAGE_WRITE and e & P._PAGE_DIRTY       # even while logging (invariant 5)
+
+
+def test_read_fault_not_upgraded_has_neither_w_nor_c(be):
+    slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000)
+    vm = FakeVM([slot])
+    _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr, writable=False))
+    e = be.entry(0)
+    assert not e & (P._PAGE_WRITE | P._PAGE_DIRTY) and e & P._PAGE_EXEC and e & P._PAGE_ACCESSED
+
+
+@pytest.mark.parametrize("gpa_off,hva_off,max_size,logging,want", [
+    (0, 0, SZ_1G, False, SZ_1G),
+    (0, 0, SZ_2M, False, SZ_2M),
+    (0, SZ_2M, SZ_1G, False, None),       # 1G host page congruent only mod 2M: base page
+    (0, 0x10000 * 3, SZ_2M, False, None),  # not congruent: base page
+    (0, 0, SZ_1G, True, None),            # logging: base page
+    (0, 0, SZ_2M, True, None),
+])
+def test_level_selection(be, gpa_off, hva_off, max_size, logging, want):
+    base_hva = 0x7F0000000000
+    slot = FakeSlot(0, 1 << 20, userspace_addr=base_hva + hva_off,
+                    flags=1 if logging else 0, logging=logging)
+    vm = FakeVM([slot])
+    gpa = SZ_1G + gpa_off + 0x50000
+    hva = slot.userspace_addr + gpa
+    host_base = 0x40_0000_0000
+    pfn = (host_base + (hva & (max_size - 1))) >> 12
+    ret, level = _instantiate(be, vm, _fault(slot, gpa, hva, max_size=max_size, pfn=pfn))
+    assert ret == 0
+    table, idx, shift, e = M.find_kvm_secondary_pte(be, gpa)
+    want = want or be.cfg.page_size
+    assert 1 << shift == want
+    # The RPN is the host huge RPN | the sub-frame of hva (invariant 7).
+    assert P.pte_pa(e, be.cfg.page_shift) == (host_base + (hva & (max_size - 1))) & ~(want - 1)
+
+
+def test_memslot_boundary_quirk_option():
+    slot = FakeSlot(0, 16, userspace_addr=0x7F0000000000)   # a 64K slot
+    vm = FakeVM([slot])
+    be = PpcRadixBackend(huge_past_slot=True)
+    _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr, max_size=SZ_2M))
+    assert M.find_kvm_secondary_pte(be, 0)[2] == 21          # [quirk] past the slot
+    assert check_radix_invariants(be, vm) == []              # it still intersects a slot
+    be2 = PpcRadixBackend()
+    _instantiate(be2, vm, _fault(slot, 0, slot.userspace_addr, max_size=SZ_2M))
+    assert M.find_kvm_secondary_pte(be2, 0)[2] == 12
+
+
+@pytest.mark.parametrize("kw,att", [({"cacheable": False, "pfnmap": True}, 0x20),
+                                    ({}, 0)])
+def test_attributes_copied_from_host_pte(be, kw, att):
+    slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000)
+    vm = FakeVM([slot])
+    _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr, **kw))
+    e = be.entry(0)
+    assert P.pte_att(e) == att
+    assert bool(e & P._PAGE_SPECIAL) == bool(kw.get("pfnmap"))
