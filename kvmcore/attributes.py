@@ -32,6 +32,9 @@ class AttributeRanges:
     def __len__(self) -> int:
         return len(self._runs)
 
+    def __bool__(self) -> bool:
+        return bool(self._runs)
+
     def get(self, gfn: int) -> int:
         runs = self._runs
         idx = runs.bisect_right(gfn) - 1

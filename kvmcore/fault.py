@@ -12,6 +12,7 @@ import errno
 
 import attrs
 
+from .defaults import memory_fault_exit
 from .errors import KvmError
 from .uapi import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_RETRY
 
@@ -157,8 +158,6 @@ def kvm_page_fault(vm, fault: PageFault):
     exit, shared -> MMIO); slot being deleted or moved -> retry; snapshot; private/shared
     check; faultin_pfn; MMU lock; staleness check; relax_perms or map_leaf.
     """
-    from .defaults import memory_fault_exit
-
     hook = vm.hook
     # The slot is known before the fast path, as in kvm_mmu_do_page_fault.
     slots = vm.memslot_sets[fault.as_id]
@@ -180,7 +179,7 @@ def kvm_page_fault(vm, fault: PageFault):
     fault.memslot_gen = slots.generation
     fault.mmu_seq = vm.mmu_invalidate.seq
     yield AFTER_SNAPSHOT
-    if fault.is_private != vm.kvm_mem_is_private(fault.gfn):
+    if fault.is_private != (bool(vm.attributes) and vm.kvm_mem_is_private(fault.gfn)):
         vm.stats["exit_private_mismatch"] += 1
         raise memory_fault_exit(fault)
     r = vm.faultin_pfn(vm=vm, fault=fault)

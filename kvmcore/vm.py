@@ -14,8 +14,8 @@ from .attributes import AttributeRanges, kvm_vm_ioctl_set_mem_attributes, \
     supported_mem_attributes
 from .errors import InvariantError, KvmError
 from .exits import MmioExit
-from .fault import (FETCH, READ, WRITE, Access, PageFault, Translation, kvm_page_fault,
-                    run_to_completion)
+from .fault import (FETCH, READ, VIOLATION_KINDS, WRITE, Access, PageFault, Translation,
+                    kvm_page_fault, run_to_completion)
 from .gmem import GuestMemfd, kvm_gmem_create
 from .host import HostMemory
 from .invalidate import InvalidateState, KvmMmuNotifier
@@ -43,6 +43,7 @@ MAX_FAULT_RETRIES = 64
 #: cost of a ranged flush).
 TLB_ENTRIES = 4096
 MAX_GPA = 1 << 52
+_FAULT_KIND_STAT = {kind: f"fault_{kind}" for kind in VIOLATION_KINDS}
 _RET_NAMES = {RET_PF_EMULATE: "emulate", RET_PF_FIXED: "fixed", RET_PF_RETRY: "retry",
               RET_PF_SPURIOUS: "spurious", RET_PF_WRITE_PROTECTED: "write_protected"}
 
@@ -428,8 +429,9 @@ class Vcpu:
             fault = PageFault(addr=gpa, gfn=t.gfn, write=access.write, exec=access.exec,
                               is_private=t.private, kind=t.kind, level=t.level,
                               fault_size=t.size, error_code=t.error_code, vcpu=self)
-            vm.stats["faults"] += 1
-            vm.stats[f"fault_{t.kind}"] += 1
+            stats = vm.stats
+            stats["faults"] += 1
+            stats[_FAULT_KIND_STAT[t.kind]] += 1
             r = yield from self._run_fault(fault)
             if vm.events is not None:
                 vm.trace("fault.handled", vcpu=self.id, gpa=gpa, kind=t.kind, access=access.kind,
