@@ -1,0 +1,417 @@
+"""``Arm64Stage2Backend``: the kvmcore backend for the arm64 stage-2 MMU.
+
+VM options (``VM(arch="arm64_stage2", granule=..., ...)``), each a fact about the modelled host
+CPU or a KVM capability, raising EINVAL when bad:
+
+* ``granule`` 4096 (default) / 16384 / 65536: the host PAGE_SIZE, hence the stage-2 granule.
+* ``ipa_bits`` 32..48, or 0 for KVM_PHYS_SHIFT (40): KVM_VM_TYPE_ARM_IPA_SIZE.
+* ``fwb`` (default True): ARM64_HAS_STAGE2_FWB (MemAttr encodings, D-cache maintenance).
+* ``cache_dic`` (default True): CTR_EL0.DIC — every Normal mapping gets X, no I-cache work.
+* ``tlbirange`` (default False): FEAT_TLBIRANGE (with FWB, unmap defers to one range TLBI).
+* ``hw_af`` (default False): VTCR_EL2.HA — the walker sets AF itself, no access-flag faults.
+* ``eager_split_chunk_size`` (default 0 = off): KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, 0 or a
+  supported block size (the capability can only change while no memslot exists; as a VM
+  option it is set before any).
+
+Capabilities: arm64 has no KVM_SET_MEMORY_ATTRIBUTES and no private memory (6.18 guest_memfd is
+mmap-able, shared-only: ``gmem`` and ``gmem_mmap``, never ``private_mem``). KVM_PRE_FAULT_MEMORY
+is not claimed: the reference lists it for no arm64 tree (arm64 support exists as posted patches
+only). ``hugepage_2m``/``hugepage_1g`` are claimed for the 4K granule only (16K: 32 MiB blocks,
+64K: 512 MiB blocks). A guest_memfd is bound only as a gmem-only slot (GUEST_MEMFD_FLAG_MMAP),
+as 6.18's kvm_arch_prepare_memory_region requires; binding any other guest_memfd is EINVAL.
+
+Model notes:
+
+* TLB maintenance: every TLBI the page-table code issues is recorded in ``tlbi_log`` and
+  empties the vCPU TLBs of its range (``vm.flush_remote_tlbs_range``; whole-VMID ones
+  ``vm.flush_remote_tlbs``). Within one walk under the MMU lock the vCPU-TLB work of adjacent
+  TLBIs is merged (no vCPU runs meanwhile); the records stay one per TLBI.
+* Stage-2 keeps no dirty state (DBM unused): ``Mapping.dirty`` and ``Translation.dirty`` are
+  the leaf's write permission.
+* 16K/64K granules on the model's 4 KiB host: see ``frames``; memslots must be granule
+  aligned in IPA space and size (EINVAL), as on a 16K/64K host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+
+import kvmcore
+import structlog
+from kvmcore.arch import ArchInfo, Mapping
+from kvmcore.errors import KvmError
+from kvmcore.exits import GuestAbort, HwPoisonSignal
+from kvmcore.fault import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
+from kvmcore.uapi import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MR_CREATE, KVM_MR_DELETE,
+                          KVM_MR_FLAGS_ONLY, KVM_MR_MOVE, RET_PF_CONTINUE)
+
+from .frames import GranuleFrames
+from .geometry import KVM_IPA_LIMIT, KVM_PGTABLE_LAST_LEVEL, Stage2Geometry
+from .mmu import ESR_ELx_FSC_ACCESS, ESR_ELx_FSC_FAULT, ESR_ELx_FSC_PERM, AbortPath
+from .pgtable import (KVM_PTE_LEAF_ATTR_HI_S2_XN, KVM_PTE_LEAF_ATTR_LO_S2_AF,
+                      KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R, KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
+                      KVM_PTE_TYPE, KVM_PTE_VALID, Stage2PageTable, Tlbi)
+
+logger = structlog.get_logger(__name__)
+
+hookimpl = kvmcore.hookimpl
+
+_COMMON_CAPS = {"gmem", "gmem_mmap", "readonly_mem", "dirty_log", "manual_dirty_protect",
+                "initially_set", "dirty_ring", "relax_perms", "aging"}
+
+
+def _arch_info(g: Stage2Geometry) -> ArchInfo:
+    granule = g.granule
+    caps = set(_COMMON_CAPS)
+    if granule == 4096:
+        caps |= {"hugepage_2m", "hugepage_1g"}
+    return ArchInfo(
+        name="arm64_stage2",
+        page_sizes=tuple(reversed(g.supported_block_sizes())),
+        levels=g.levels,
+        vm_types={"default": frozenset(caps)},
+        description=f"arm64 stage-2 ({granule // 1024}K granule): VMSAv8-64 descriptors, "
+                    "break-before-make, relax_perms, FWB, AF aging",
+    )
+
+
+_OPTIONS = {"granule", "ipa_bits", "fwb", "cache_dic", "tlbirange", "hw_af",
+            "eager_split_chunk_size"}
+
+
+class Arm64Stage2Backend:
+    """One VM's stage-2 (struct kvm_s2_mmu + struct kvm_pgtable) and its hook
+    implementations."""
+
+    arch_info = _arch_info(Stage2Geometry(4096, 40))
+
+    def __init__(self, vm_type: str = "default", granule: int = 4096, ipa_bits: int = 0,
+                 fwb: bool = True, cache_dic: bool = True, tlbirange: bool = False,
+                 hw_af: bool = False, eager_split_chunk_size: int = 0, **unknown):
+        if unknown:
+            raise KvmError(errno.EINVAL, f"{', '.join(sorted(unknown))}: not an arm64_stage2 "
+                           f"VM option (known: {', '.join(sorted(_OPTIONS))})")
+        if vm_type != "default":
+            raise KvmError(errno.EINVAL, f"vm_type={vm_type!r}: arm64_stage2 has only "
+                           "'default' (protected VMs are not modelled)")
+        self.geom = Stage2Geometry.from_options(granule=granule, ipa_bits=ipa_bits,
+                                                hw_af=hw_af)
+        for name, value in (("fwb", fwb), ("cache_dic", cache_dic), ("tlbirange", tlbirange),
+                            ("hw_af", hw_af)):
+            if not isinstance(value, bool):
+                raise KvmError(errno.EINVAL, f"{name}={value!r}: must be True or False")
+        if eager_split_chunk_size and not self.geom.is_block_size_supported(
+                eager_split_chunk_size):
+            raise KvmError(errno.EINVAL, f"eager_split_chunk_size={eager_split_chunk_size!r}:"
+                           " 0 or a supported block size (kvm_is_block_size_supported)")
+        self.vm_type = vm_type
+        self.fwb, self.cache_dic, self.hw_af = fwb, cache_dic, hw_af
+        self.eager_split_chunk_size = eager_split_chunk_size
+        self.arch_info = _arch_info(self.geom)
+        self.frames = GranuleFrames(self.geom.granule)
+        self.vm = None
+        self.pgt = Stage2PageTable(self.geom, fwb=fwb, cache_dic=cache_dic, tlbirange=tlbirange,
+                                   on_tlbi=self._on_tlbi, on_leaf_get=self.frames.get,
+                                   on_leaf_put=self.frames.put)
+        self.abort = AbortPath(self)
+        self._tlb_batch: list[Tlbi] | None = None
+
+    # Hook objects must stay hashable: identity hash/eq.
+    __hash__ = object.__hash__
+
+    @property
+    def tlbi_log(self):
+        """Every TLB invalidation issued, in order (``pgtable.Tlbi`` records)."""
+        return self.pgt.tlbi_log
+
+    def _on_tlbi(self, rec: Tlbi) -> None:
+        """Only a TLBI empties the vCPUs' TLBs: a local (nsh) one too, since the model cannot
+        say which physical CPU a vCPU last ran on. Inside a batch (one walk under the MMU lock,
+        when no vCPU can run) the vCPU-TLB work of adjacent TLBIs is merged; the TLBIs
+        themselves are all recorded."""
+        if self.vm is None:
+            return
+        self.vm.trace("arm64.tlbi", op=rec.op, ipa=rec.ipa, size=rec.size, level=rec.level,
+                      why=rec.why)
+        if self._tlb_batch is not None:
+            self._tlb_batch.append(rec)
+            return
+        self._flush_vcpu_tlbs([rec])
+
+    def _flush_vcpu_tlbs(self, recs) -> None:
+        vm = self.vm
+        ranges: list[list[int]] = []
+        for rec in recs:
+            if rec.op == "vmid":
+                vm.flush_remote_tlbs()
+                return
+            start, end = rec.ipa >> 12, (rec.ipa + max(rec.size, 4096)) >> 12
+            if ranges and ranges[-1][0] <= start <= ranges[-1][1]:
+                ranges[-1][1] = max(ranges[-1][1], end)
+            else:
+                ranges.append([start, end])
+        for start, end in ranges:
+            vm.flush_remote_tlbs_range(start, end - start)
+
+    @contextlib.contextmanager
+    def tlb_batch(self):
+        """Merge the vCPU-TLB flushes of the TLBIs issued inside (see _on_tlbi)."""
+        if self._tlb_batch is not None:
+            yield
+            return
+        self._tlb_batch = []
+        try:
+            yield
+        finally:
+            recs, self._tlb_batch = self._tlb_batch, None
+            if recs:
+                self._flush_vcpu_tlbs(recs)
+
+    # ------------------------------------------------------------------ life cycle
+
+    @hookimpl
+    def init_vm(self, vm):
+        """kvm_init_stage2_mmu: the root was allocated with the backend; remember the VM."""
+        self.vm = vm
+        vm.trace("arm64.init_stage2", vtcr=self.geom.vtcr, levels=self.geom.levels,
+                 start_level=self.geom.start_level, root_pages=self.geom.root_pages)
+
+    # ------------------------------------------------------------------ hardware walk
+
+    @hookimpl
+    def translate(self, vm, vcpu, gpa, access):
+        """The stage-2 walk of one access: translation / access-flag / permission faults (in
+        that priority) with the ESR FSC and the level, or the output page. The IPA checks of
+        kvm_handle_guest_abort come first: beyond the PARange limit an address-size fault,
+        beyond the VM's IPA size an external abort, both injected into the guest."""
+        g = self.geom
+        if gpa >= 1 << KVM_IPA_LIMIT:
+            raise GuestAbort("address_size", gpa)
+        if gpa >= g.phys_size:
+            raise GuestAbort("external_abort", gpa)
+        pos, table, idx, pte = self.pgt.pt.lookup(gpa)
+        level = g.start_level + pos
+        gfn = gpa >> 12
+        size = g.size(level)
+        if not pte & KVM_PTE_VALID or (level == KVM_PGTABLE_LAST_LEVEL
+                                       and not pte & KVM_PTE_TYPE):
+            return Violation(NOT_PRESENT, gfn, level=level, size=size,
+                             error_code=ESR_ELx_FSC_FAULT | level)
+        if not pte & KVM_PTE_LEAF_ATTR_LO_S2_AF:
+            if not self.hw_af:
+                return Violation(ACCESS_FLAG, gfn, level=level, size=size,
+                                 error_code=ESR_ELx_FSC_ACCESS | level)
+            pte |= KVM_PTE_LEAF_ATTR_LO_S2_AF
+            table[idx] = pte
+        readable = bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R)
+        writable = bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)
+        executable = not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN
+        kind = access.kind
+        if ((kind == "read" and not readable) or (kind == "write" and not writable)
+                or (kind == "fetch" and not executable)):
+            return Violation(PERMISSION, gfn, level=level, size=size,
+                             error_code=ESR_ELx_FSC_PERM | level)
+        pa = self.pgt.fmt.pte_to_phys(pte)
+        pfn = self.frames.pfn(pa, gpa & (size - 1) & ~0xFFF)
+        # No DBM: a writable leaf takes writes without a state change, so it counts as dirty.
+        return Translation(gfn, pfn, size if not self.frames.is_frame(pa) else 4096,
+                           readable, writable, executable, dirty=writable)
+
+    # ------------------------------------------------------------------ the abort path
+
+    @hookimpl
+    def fast_page_fault(self, vm, fault):
+        return self.abort.early_abort_checks(vm, fault)
+
+    @hookimpl(wrapper=True)
+    def faultin_pfn(self, vm, fault):
+        """The core's __kvm_faultin_pfn, then user_mem_abort's decisions on its result; a
+        hwpoisoned page is signalled with user_mem_abort's vma_shift as si_addr_lsb."""
+        try:
+            r = yield
+        except HwPoisonSignal as e:
+            raise HwPoisonSignal(e.hva, self.abort.vma_shift_at(vm, fault, e.hva)) from None
+        if r == RET_PF_CONTINUE:
+            self.abort.adjust_faultin(vm, fault)
+        return r
+
+    @hookimpl
+    def relax_perms(self, vm, fault):
+        return self.abort.relax_or_none(vm, fault)
+
+    @hookimpl
+    def map_leaf(self, vm, fault):
+        return self.abort.map_fault(vm, fault)
+
+    def mark_base_page_dirty(self, vm, slot, gfn: int) -> None:
+        """mark_page_dirty_in_slot for every 4 KiB gfn of the base page holding ``gfn``."""
+        n = self.geom.granule >> 12
+        first = gfn & ~(n - 1)
+        for g in range(max(first, slot.base_gfn), min(first + n, slot.end_gfn)):
+            vm.mark_page_dirty_in_slot(slot, g)
+
+    # ------------------------------------------------------------------ unmap and aging
+
+    def unmap_stage2_range(self, start: int, size: int) -> None:
+        """__unmap_stage2_range / stage2_apply_range: in chunks that end on
+        KVM_PGTABLE_MIN_BLOCK_LEVEL boundaries."""
+        chunk = self.geom.size(self.geom.min_block_level)
+        end = start + size
+        addr = start
+        with self.tlb_batch():
+            while addr < end:
+                nxt = min((addr & ~(chunk - 1)) + chunk, end)
+                self.pgt.unmap(addr, nxt - addr)
+                addr = nxt
+
+    @hookimpl
+    def unmap_gfn_range(self, vm, range):
+        """kvm_unmap_gfn_range: every TLBI is done inside, so no flush is asked of the
+        caller."""
+        self.unmap_stage2_range(range.start << 12, (range.end - range.start) << 12)
+        return False
+
+    @hookimpl
+    def flush_shadow_memslot(self, vm, slot):
+        """kvm_arch_flush_shadow_memslot: unmap the slot's range under the write lock; the
+        unmap walker invalidates each leaf, so no further flush."""
+        with vm.mmu_lock:
+            self.unmap_stage2_range(slot.base_gfn << 12, slot.npages << 12)
+        return True
+
+    @hookimpl
+    def age_gfn(self, vm, range):
+        """kvm_age_gfn: test_clear_young(mkold=True); no TLBI."""
+        return self.pgt.test_clear_young(range.start << 12, range.npages << 12, mkold=True)
+
+    @hookimpl
+    def test_age_gfn(self, vm, range):
+        return self.pgt.test_clear_young(range.start << 12, range.npages << 12, mkold=False)
+
+    # ------------------------------------------------------------------ memslots
+
+    @hookimpl
+    def prepare_memory_region(self, vm, old, new, change):
+        """kvm_arch_prepare_memory_region: the IPA bound (-EFAULT), gmem-only guest_memfd
+        slots (-EINVAL), and for each VMA: no dirty logging on VM_PFNMAP (-EINVAL; the
+        model's PFNMAP is never cacheable, so the FWB + DIC check has nothing to refuse).
+
+        With a 16K/64K granule the model adds what a 16K/64K host's generic checks give (its
+        PAGE_SIZE is the granule): guest_phys_addr, memory_size and the guest_memfd offset
+        must be granule multiples (EINVAL), since a stage-2 page cannot map part of one. The
+        userspace address is not checked: the model's host lays out VMAs at 4 KiB and every
+        4 KiB piece of a base page is resolved by its own hva (frames.py)."""
+        if change not in (KVM_MR_CREATE, KVM_MR_MOVE, KVM_MR_FLAGS_ONLY) or new is None:
+            return
+        g = self.geom
+        if (new.base_gfn + new.npages) << 12 > g.phys_size:
+            raise KvmError(errno.EFAULT, f"guest_phys_addr+memory_size="
+                           f"{(new.base_gfn + new.npages) << 12:#x}: beyond the VM's "
+                           f"{g.ipa_bits}-bit IPA space")
+        if g.granule > 4096:
+            n = g.granule >> 12
+            for name, value in (("guest_phys_addr", new.base_gfn), ("memory_size", new.npages),
+                                ("guest_memfd_offset", new.gmem_pgoff)):
+                if value % n:
+                    raise KvmError(errno.EINVAL, f"{name}: not a multiple of the {g.granule}-"
+                                   "byte PAGE_SIZE of this host")
+        if new.has_gmem and not new.gmem_only:
+            raise KvmError(errno.EINVAL, "guest_memfd: arm64 accepts only gmem-only slots "
+                           "(GUEST_MEMFD_FLAG_MMAP); there is no private memory on arm64")
+        if new.has_gmem:
+            return
+        start = new.userspace_addr
+        end = start + (new.npages << 12)
+        for vma in vm.host.vmas_in(start, end):
+            if not vma.io_pfnmap:
+                continue
+            if new.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                raise KvmError(errno.EINVAL, f"flags: KVM_MEM_LOG_DIRTY_PAGES on a VM_PFNMAP "
+                               f"range (hva {vma.start:#x})")
+
+    @hookimpl
+    def commit_memory_region(self, vm, old, new, change):
+        """kvm_arch_commit_memory_region: when logging is switched on (and not manual-protect
+        with initially-all-set), write-protect the slot, flush its TLBs, then eager-split."""
+        if change == KVM_MR_DELETE or new is None:
+            return
+        old_flags = old.flags if old is not None else 0
+        if not ((old_flags ^ new.flags) & new.flags & KVM_MEM_LOG_DIRTY_PAGES):
+            return
+        if vm.dirty_log_manual_protect_and_init_set():
+            return
+        with vm.mmu_lock:
+            self.pgt.wrprotect(new.base_gfn << 12, new.npages << 12)   # kvm_mmu_wp_memory_region
+        vm.flush_remote_tlbs_memslot(new)
+        self.split_huge_pages(vm, new.base_gfn << 12, (new.base_gfn + new.npages) << 12)
+
+    def split_huge_pages(self, vm, start: int, end: int) -> None:
+        """kvm_mmu_split_huge_pages: chunk-aligned steps; nothing when the chunk size is 0."""
+        chunk = self.eager_split_chunk_size
+        if not chunk:
+            return
+        with vm.mmu_lock, self.tlb_batch():
+            addr = start
+            while addr < end:
+                nxt = min((addr & ~(chunk - 1)) + chunk, end)
+                self.pgt.split(addr, nxt - addr)
+                addr = nxt
+        vm.stats["arm64_eager_split"] += 1
+
+    @hookimpl
+    def enable_log_dirty_pt_masked(self, vm, slot, gfn_offset, mask):
+        """kvm_arch_mmu_enable_log_dirty_pt_masked: write-protect [first set bit, last set
+        bit] (gaps included); eager-split it only with manual-protect + initially-all-set."""
+        if not mask:
+            return None
+        base = slot.base_gfn + gfn_offset
+        first = (mask & -mask).bit_length() - 1
+        last = mask.bit_length() - 1
+        start, end = (base + first) << 12, (base + last + 1) << 12
+        self.pgt.wrprotect(start, end - start)
+        if vm.dirty_log_manual_protect_and_init_set():
+            chunk = self.eager_split_chunk_size
+            if chunk:
+                self.pgt.split(start, end - start)
+        return None
+
+    # ------------------------------------------------------------------ introspection
+
+    @hookimpl
+    def leaves(self, vm, start, end):
+        """Every valid leaf touching [start, end). Stage-2 keeps no dirty bit (DBM is never
+        used): a writable leaf counts as dirty, as kvm_release_faultin_page(dirty=writable)
+        treats it, so the core can check that every writable leaf of a logging slot is
+        logged."""
+        out = []
+        frames = self.frames
+        fmt = self.pgt.fmt
+        for ipa, level, pte in self.pgt.valid_leaves(start << 12, end << 12):
+            pa = fmt.pte_to_phys(pte)
+            out.append(Mapping(
+                gfn=ipa >> 12, size=self.geom.size(level), pfn=frames.pfn(pa, 0),
+                readable=bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R),
+                writable=bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W),
+                executable=not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN,
+                young=bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_AF),
+                dirty=bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W), level=level, raw=pte))
+        return iter(out)
+
+    def pfn_of(self, gpa: int) -> int | None:
+        """The host frame a present leaf maps ``gpa`` to (for tests and dumps)."""
+        pte, level = self.pgt.get_leaf(gpa)
+        if not pte & KVM_PTE_VALID:
+            return None
+        size = self.geom.size(level)
+        return self.frames.pfn(self.pgt.fmt.pte_to_phys(pte), gpa & (size - 1) & ~0xFFF)
+
+    @hookimpl
+    def page_table_bytes(self, vm):
+        return self.pgt.bytes_used()
+
+    @hookimpl
+    def check_invariants(self, vm):
+        from .invariants import check_vm
+
+        return check_vm(self, vm)

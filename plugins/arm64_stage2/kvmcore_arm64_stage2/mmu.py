@@ -1,0 +1,298 @@
+"""The stage-2 abort path, after ``arch/arm64/kvm/mmu.c`` (6.17) with 6.18's ``gmem_abort``:
+``kvm_handle_guest_abort`` -> ``handle_access_fault`` / ``user_mem_abort`` / ``gmem_abort``
+(shared/reference/arm64_stage2.md §3).
+
+The core runs the generic order (slot lookup, seq snapshot, pfn lookup, MMU lock, staleness
+check); this module supplies what arm64 decides inside it:
+
+* ``early_abort_checks`` (from the ``fast_page_fault`` hook, before the slot lookup): an
+  instruction abort on an IPA without a memslot is injected into the guest
+  (``GuestAbort("instruction_abort")``), never MMIO; an access-flag fault goes to
+  ``handle_access_fault``.
+* ``adjust_faultin`` (a ``faultin_pfn`` wrapper, after the core's __kvm_faultin_pfn): the
+  device / PFNMAP decision (``s2_force_noncacheable``), the exec-on-device -ENOEXEC, the
+  cacheable-PFNMAP -EFAULT, and the dirty-logging read-only trick.
+* ``stage2_mapping_size``: user_mem_abort's size choice (force_pte, vma page shift, the
+  fault_supports_stage2_huge_mapping clamps, THP promotion to PMD only, keeping the faulting
+  block on a permission fault).
+* ``relax_or_none`` / ``map_fault``: the relax-vs-map selection and the call into the page table,
+  with mark_page_dirty_in_slot only for a writable, successful fault (commit 509552e65ae8).
+
+Not modelled: nested virtualization, MTE, pKVM, S1PTW and cache-maintenance aborts,
+VM_ALLOW_ANY_UNCACHED (the host model's VMAs have no such flag, so an uncached PFNMAP is always
+mapped Device-nGnRE, never Normal-NC).
+"""
+
+from __future__ import annotations
+
+import errno
+import weakref
+
+import structlog
+from kvmcore.errors import KvmError
+from kvmcore.exits import GuestAbort, HwPoisonSignal
+from kvmcore.fault import ACCESS_FLAG, PERMISSION, PageFault
+from kvmcore.uapi import RET_PF_CONTINUE, RET_PF_FIXED, RET_PF_SPURIOUS
+
+from .pgtable import FAULT_WALK_FLAGS, PROT_DEVICE, PROT_R, PROT_W, PROT_X
+
+logger = structlog.get_logger(__name__)
+
+#: ESR_ELx fault status codes [ARM]: translation 0b0001LL, access flag 0b0010LL,
+#: permission 0b0011LL.
+ESR_ELx_FSC_FAULT = 0x04
+ESR_ELx_FSC_ACCESS = 0x08
+ESR_ELx_FSC_PERM = 0x0C
+
+
+class FaultState:
+    """What user_mem_abort keeps in locals between the pfn lookup and the install, for one
+    ``PageFault`` (PageFault has no room for arch fields)."""
+
+    __slots__ = ("noncacheable", "phys", "writable", "pfns")
+
+    def __init__(self):
+        self.noncacheable = False
+        self.phys = None        # output address of the base page (granule > 4K)
+        self.writable = True
+        self.pfns = None
+
+
+class AbortPath:
+    """The arm64 abort-path decisions for one VM's backend."""
+
+    def __init__(self, backend):
+        self.b = backend
+        self._state: weakref.WeakKeyDictionary[PageFault, FaultState] = (
+            weakref.WeakKeyDictionary())
+
+    def state(self, fault: PageFault) -> FaultState:
+        st = self._state.get(fault)
+        if st is None:
+            st = self._state[fault] = FaultState()
+        return st
+
+    # ------------------------------------------------------------------ kvm_handle_guest_abort
+
+    def early_abort_checks(self, vm, fault: PageFault):
+        """kvm_handle_guest_abort, the part before user_mem_abort: exec from no memslot is an
+        injected instruction abort; an access-flag fault is handle_access_fault."""
+        if fault.exec and vm.gfn_to_memslot(fault.gfn, fault.as_id) is None:
+            vm.stats["arm64_inject_iabt"] += 1
+            raise GuestAbort("instruction_abort", fault.addr)
+        if fault.kind == ACCESS_FLAG:
+            return self.handle_access_fault(vm, fault)
+        return None
+
+    def handle_access_fault(self, vm, fault: PageFault) -> int:
+        """handle_access_fault: mkyoung under the read lock; the guest retries either way."""
+        with vm.mmu_lock:
+            ret = self.b.pgt.mkyoung(fault.addr, FAULT_WALK_FLAGS)
+        vm.stats["arm64_access_flag_fault"] += 1
+        return RET_PF_FIXED if ret == 0 else RET_PF_SPURIOUS
+
+    # ------------------------------------------------------------------ after __kvm_faultin_pfn
+
+    def adjust_faultin(self, vm, fault: PageFault) -> None:
+        """user_mem_abort steps 10-11 (and gmem_abort's writability), after the core resolved
+        the pfn."""
+        slot = fault.slot
+        st = self.state(fault)
+        if slot.has_gmem:
+            # gmem_abort: writable iff the slot is not read-only; no VMA, no logging trick.
+            st.writable = fault.map_writable
+        else:
+            if fault.pfnmap:
+                if fault.cacheable:
+                    if not (self.b.fwb and self.b.cache_dic):
+                        raise KvmError(errno.EFAULT, f"gpa={fault.gpa:#x}: cacheable PFNMAP "
+                                       "needs FWB and CTR_EL0.DIC (kvm_supports_cacheable_pfnmap)")
+                else:
+                    st.noncacheable = True      # s2_force_noncacheable
+            elif slot.logging and not fault.write:
+                # Map read-only so that the first write is trapped and logged.
+                fault.map_writable = False
+            if fault.exec and st.noncacheable:
+                vm.stats["arm64_inject_iabt"] += 1
+                raise GuestAbort("instruction_abort", fault.addr)
+            st.writable = fault.map_writable
+        if self.b.geom.granule > 4096:
+            self._resolve_base_page(vm, fault, st)
+
+    def _resolve_base_page(self, vm, fault: PageFault, st: FaultState) -> None:
+        """A base page larger than the host's frames: resolve every 4 KiB piece of it the way
+        the core resolved the faulting one (see frames.py)."""
+        from kvmcore import defaults
+
+        g = self.b.geom.granule
+        first = fault.gfn & ~((g >> 12) - 1)
+        pfns = []
+        writable = fault.map_writable
+        for gfn in range(first, first + (g >> 12)):
+            if gfn == fault.gfn:
+                pfns.append(fault.pfn)
+                continue
+            sub = PageFault(addr=gfn << 12, gfn=gfn, write=fault.write, exec=fault.exec,
+                            is_private=fault.is_private, kind=fault.kind, vcpu=fault.vcpu,
+                            as_id=fault.as_id)
+            sub.slot = fault.slot
+            try:
+                r = defaults.faultin_pfn(vm=vm, fault=sub)
+            except HwPoisonSignal:
+                # One poisoned piece poisons the whole host page of a 16K/64K host.
+                raise HwPoisonSignal(fault.hva, self.vma_shift_at(vm, fault, fault.hva)) \
+                    from None
+            if r != RET_PF_CONTINUE:
+                raise KvmError(errno.EFAULT, f"gfn={gfn:#x}: part of a {g}-byte base page "
+                               "could not be resolved")
+            pfns.append(sub.pfn)
+            if not st.noncacheable and not fault.slot.has_gmem and fault.slot.logging \
+                    and not fault.write:
+                sub.map_writable = False
+            writable = writable and sub.map_writable
+        fault.map_writable = writable
+        st.writable = writable
+        st.pfns = tuple(pfns)
+
+    # ------------------------------------------------------------------ size and prot
+
+    def vma_page_size(self, vm, fault: PageFault) -> int:
+        """get_vma_page_shift: hugetlb's size; PFNMAP's PUD/PMD when hva and PA share the
+        offset and the block fits the VMA; PAGE_SIZE for everything else (THP comes later)."""
+        g = self.b.geom
+        vma = fault.host_vma
+        if vma is None:
+            return g.granule
+        if vma.kind.startswith("hugetlb"):
+            return vma.page_size
+        if vma.io_pfnmap:
+            pa = vma.pfn << 12
+            for lvl in (1, 2):
+                if not g.level_supports_block(lvl):
+                    continue
+                size = g.size(lvl)
+                hva = fault.hva
+                if ((vma.start & (size - 1)) == (pa & (size - 1))
+                        and hva & ~(size - 1) >= vma.start
+                        and (hva & ~(size - 1)) + size <= vma.end):
+                    return size
+        return g.granule
+
+    def vma_shift_at(self, vm, fault: PageFault, hva: int) -> int:
+        """user_mem_abort's vma_shift before the pfn lookup: PAGE_SHIFT while logging, else
+        get_vma_page_shift clamped by fault_supports_stage2_huge_mapping."""
+        g = self.b.geom
+        vma = vm.host.find_vma(hva)
+        size = g.granule
+        if vma is not None and not fault.slot.logging and not fault.slot.has_gmem:
+            fault.host_vma, fault.hva = vma, hva
+            size = self._clamp_block(fault, self.vma_page_size(vm, fault))[0]
+        return size.bit_length() - 1
+
+    def _clamp_block(self, fault: PageFault, size: int) -> tuple[int, bool]:
+        """The PUD -> PMD -> PAGE fallthrough of user_mem_abort's vma_shift switch; sizes that
+        are no stage-2 block (contiguous-hint hugetlb) fall to the next block size below."""
+        g = self.b.geom
+        page = g.granule
+        if size <= page:
+            return page, False
+        for lvl in (1, 2):
+            bs = g.size(lvl)
+            if bs <= size and g.level_supports_block(lvl) \
+                    and fault.slot.supports_huge_mapping(fault.gfn, bs):
+                return bs, False
+        return page, True
+
+    def stage2_mapping_size(self, vm, fault: PageFault) -> tuple[int, bool]:
+        """user_mem_abort steps 4-6 and 15: (vma_pagesize, force_pte). gmem_abort: always
+        PAGE_SIZE."""
+        g = self.b.geom
+        slot = fault.slot
+        page = g.granule
+        if slot.has_gmem:
+            return page, False
+        st = self.state(fault)
+        if slot.logging:
+            return page, True
+        size, force_pte = self._clamp_block(fault, self.vma_page_size(vm, fault))
+        if size == page and not force_pte and not st.noncacheable:
+            if fault.kind == PERMISSION and fault.fault_size > page:
+                size = fault.fault_size           # keep the block that faulted
+            else:
+                size = self.transparent_hugepage_adjust(vm, fault)
+        return size, force_pte
+
+    def transparent_hugepage_adjust(self, vm, fault: PageFault) -> int:
+        """transparent_hugepage_adjust: PMD only, when the host maps at least a PMD and the
+        slot allows it."""
+        g = self.b.geom
+        pmd = g.pmd_size
+        if (fault.max_size >= pmd and g.level_supports_block(2)
+                and fault.slot.supports_huge_mapping(fault.gfn, pmd)):
+            vm.stats["arm64_thp_adjust"] += 1
+            return pmd
+        return g.granule
+
+    def stage2_prot(self, vm, fault: PageFault) -> int:
+        """user_mem_abort step 17 / gmem_abort: R, W iff writable, X on exec; noncacheable ->
+        DEVICE (never executable); otherwise X always with CTR_EL0.DIC."""
+        st = self.state(fault)
+        prot = PROT_R
+        if st.writable:
+            prot |= PROT_W
+        if fault.exec:
+            prot |= PROT_X
+        if st.noncacheable:
+            prot |= PROT_DEVICE
+        elif self.b.cache_dic:
+            prot |= PROT_X
+        return prot
+
+    # ------------------------------------------------------------------ install
+
+    def _finish(self, vm, fault: PageFault, ret: int, how: str, size: int) -> int:
+        """The tail of user_mem_abort: mark dirty only when writable and ret == 0; -EAGAIN
+        (nothing to change, a LOCKED entry, a lost race) is success for the guest, which
+        re-enters and faults again if it still lacks something (RET_PF_SPURIOUS)."""
+        st = self.state(fault)
+        if st.writable and ret == 0:
+            self.b.mark_base_page_dirty(vm, fault.slot, fault.gfn)
+        self._state.pop(fault, None)
+        self.b.frames.drop_unused()
+        vm.trace(f"arm64.{how}", gpa=fault.gpa, size=size, ret=ret, write=fault.write,
+                 exec=fault.exec)
+        if ret == 0:
+            return RET_PF_FIXED
+        if ret == -errno.EAGAIN:
+            vm.stats["arm64_fault_eagain"] += 1
+            return RET_PF_SPURIOUS
+        raise KvmError(-ret, f"gpa={fault.gpa:#x}: stage-2 update failed ({ret})")
+
+    def relax_or_none(self, vm, fault: PageFault) -> int | None:
+        """user_mem_abort step 18, first half: relax_perms iff the fault is a permission fault
+        and the mapping size equals the faulting leaf's size; gmem_abort never relaxes."""
+        if fault.slot.has_gmem:
+            return None
+        size, _force = self.stage2_mapping_size(vm, fault)
+        if fault.kind != PERMISSION or size != fault.fault_size:
+            return None
+        prot = self.stage2_prot(vm, fault) & (PROT_R | PROT_W | PROT_X)
+        ret = self.b.pgt.relax_perms(fault.addr, prot, FAULT_WALK_FLAGS)
+        return self._finish(vm, fault, ret, "relax_perms", size)
+
+    def map_fault(self, vm, fault: PageFault) -> int:
+        """user_mem_abort step 18, second half (and gmem_abort): kvm_pgtable_stage2_map at the
+        chosen size, IPA and PA aligned down to it."""
+        g = self.b.geom
+        size, force_pte = self.stage2_mapping_size(vm, fault)
+        prot = self.stage2_prot(vm, fault)
+        ipa = fault.gpa & ~(size - 1)
+        st = self.state(fault)
+        if size == g.granule and g.granule > 4096:
+            phys = self.b.frames.phys_for(st.pfns)
+        else:
+            phys = (fault.pfn << 12) - (fault.gpa & (size - 1))
+        if size > g.granule:
+            vm.stats[f"arm64_map_block_{size >> 10}k"] += 1
+        ret = self.b.pgt.map(ipa, size, phys, prot, FAULT_WALK_FLAGS)
+        return self._finish(vm, fault, ret, "map", size)

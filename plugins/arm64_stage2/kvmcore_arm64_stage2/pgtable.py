@@ -1,0 +1,848 @@
+"""Stage-2 descriptors, walkers and break-before-make, after ``arch/arm64/kvm/hyp/pgtable.c``
+and ``arch/arm64/include/asm/kvm_pgtable.h`` (shared/reference/arm64_stage2.md §1, §4, §5, §6,
+§8).
+
+Layout choice: the 6.17/6.18 descriptor layout (the trees whose ``mmu.c`` the abort path
+follows), i.e. **XN is the single bit 54** and the prot flags are X=bit0, W=bit1, R=bit2,
+DEVICE=bit3, NORMAL_NC=bit4, SW0..SW3=bits 55..58 (linux-next's FEAT_XNX two-bit XN [54:53]
+and PX/UX are not modelled). With one XN bit ``relax_perms`` only ever *clears* XN, so it can
+never remove execute permission.
+
+Model simplifications (each stated where it matters):
+
+* There are no concurrent walkers: the core runs one flow at a time, so Linux's cmpxchg
+  (``stage2_try_set_pte``) is a compare with the value the visitor read followed by a store.
+  A LOCKED entry can only be met if a test plants one to stand for another CPU's BBM window,
+  and every walker then behaves as Linux's does (-EAGAIN, never an overwrite).
+* Tables freed by a walker are freed at once (Linux defers them through RCU).
+* The memory cache (``kvm_mmu_memory_cache``) never runs dry, so ``-ENOMEM`` never happens
+  and eager split always builds fully populated subtrees (``force_pte``).
+* Cache maintenance is recorded as an event, not performed (there are no caches); with FWB
+  the D-cache clean is skipped, with CTR_EL0.DIC the I-cache invalidation is skipped, as
+  ``clean_dcache_guest_page`` / ``invalidate_icache_guest_page`` do.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import errno
+
+import attrs
+import structlog
+from kvmcore.pgtable import LEAF, STOP, TABLE_POST, TABLE_PRE, PageTable, TableStore
+
+from .geometry import KVM_PGTABLE_LAST_LEVEL, Stage2Geometry
+
+logger = structlog.get_logger(__name__)
+
+
+def GENMASK(hi: int, lo: int) -> int:  # noqa: N802 - Linux's name
+    return ((1 << (hi - lo + 1)) - 1) << lo
+
+
+# ---------------------------------------------------------------- descriptor bits (§1)
+
+KVM_PTE_VALID = 1 << 0
+KVM_PTE_TYPE = 1 << 1
+KVM_PTE_TYPE_BLOCK = 0
+KVM_PTE_TYPE_PAGE = 1
+KVM_PTE_TYPE_TABLE = 1
+
+#: Output address [47:PAGE_SHIFT] (no LPA2, PA <= 48 bits): see kvm_pte_addr_mask().
+KVM_PTE_ADDR_HI = 47
+
+KVM_PTE_LEAF_ATTR_LO = GENMASK(11, 2)
+KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR = GENMASK(5, 2)
+KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R = 1 << 6
+KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W = 1 << 7
+KVM_PTE_LEAF_ATTR_LO_S2_SH = GENMASK(9, 8)
+KVM_PTE_LEAF_ATTR_LO_S2_SH_IS = 3
+KVM_PTE_LEAF_ATTR_LO_S2_AF = 1 << 10
+
+#: Upper attributes [63:51] in the 6.17 layout.
+KVM_PTE_LEAF_ATTR_HI = GENMASK(63, 51)
+KVM_PTE_LEAF_ATTR_HI_SW = GENMASK(58, 55)
+KVM_PTE_LEAF_ATTR_HI_S2_XN = 1 << 54
+#: Never set by KVM stage-2 (Contiguous, DBM).
+KVM_PTE_CONT = 1 << 52
+KVM_PTE_DBM = 1 << 51
+
+KVM_PTE_LEAF_ATTR_S2_PERMS = (KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R | KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
+                              | KVM_PTE_LEAF_ATTR_HI_S2_XN)
+
+#: An invalid entry with bit 10 set: a break-before-make is in progress.
+KVM_INVALID_PTE_LOCKED = 1 << 10
+
+# MemAttr encodings (asm/memory.h MT_S2_* / MT_S2_FWB_*).
+MT_S2_NORMAL = 0xF
+MT_S2_NORMAL_NC = 0x5
+MT_S2_DEVICE_nGnRE = 0x1  # noqa: N816 - Linux's name
+MT_S2_FWB_NORMAL = 0x6
+MT_S2_FWB_NORMAL_NC = 0x5
+MT_S2_FWB_DEVICE_nGnRE = 0x1  # noqa: N816
+
+
+class KvmPgtableProt(enum.IntFlag):
+    """enum kvm_pgtable_prot, 6.17 numbering (the model uses the flags by name)."""
+
+    X = 1 << 0
+    W = 1 << 1
+    R = 1 << 2
+    DEVICE = 1 << 3
+    NORMAL_NC = 1 << 4
+    SW0 = 1 << 55
+    SW1 = 1 << 56
+    SW2 = 1 << 57
+    SW3 = 1 << 58
+
+
+# Plain-int aliases for the hot path (IntFlag arithmetic is slow); they compare equal to the
+# KvmPgtableProt members.
+PROT_R = int(KvmPgtableProt.R)
+PROT_W = int(KvmPgtableProt.W)
+PROT_X = int(KvmPgtableProt.X)
+PROT_RW = PROT_R | PROT_W
+PROT_RWX = PROT_RW | PROT_X
+PROT_DEVICE = int(KvmPgtableProt.DEVICE)
+PROT_NORMAL_NC = int(KvmPgtableProt.NORMAL_NC)
+PROT_SW = KVM_PTE_LEAF_ATTR_HI_SW
+
+# Walk flags (enum kvm_pgtable_walk_flags). LEAF/TABLE_PRE/TABLE_POST are the core walker's.
+KVM_PGTABLE_WALK_SHARED = 1 << 3
+KVM_PGTABLE_WALK_HANDLE_FAULT = 1 << 4
+KVM_PGTABLE_WALK_SKIP_BBM_TLBI = 1 << 5
+KVM_PGTABLE_WALK_SKIP_CMO = 1 << 6
+#: The flags user_mem_abort / gmem_abort / handle_access_fault pass ([6.17]).
+FAULT_WALK_FLAGS = KVM_PGTABLE_WALK_HANDLE_FAULT | KVM_PGTABLE_WALK_SHARED
+
+#: Where page-table pages live in the modelled PA space: below 2^48 so that the 48-bit output
+#: address field can carry them, far above the host's data frames.
+TABLE_PA_BASE = 1 << 47
+
+#: Level hint of a TLBI whose level is unknown (TLBI_TTL_UNKNOWN).
+TLBI_TTL_UNKNOWN = None
+
+
+def memattr_value(kind: str, fwb: bool) -> int:
+    """KVM_S2_MEMATTR(pgt, kind): the 4-bit MemAttr field."""
+    if fwb:
+        return {"normal": MT_S2_FWB_NORMAL, "normal_nc": MT_S2_FWB_NORMAL_NC,
+                "device": MT_S2_FWB_DEVICE_nGnRE}[kind]
+    return {"normal": MT_S2_NORMAL, "normal_nc": MT_S2_NORMAL_NC,
+            "device": MT_S2_DEVICE_nGnRE}[kind]
+
+
+def PAGE_S2_MEMATTR(kind: str, fwb: bool) -> int:  # noqa: N802
+    return memattr_value(kind, fwb) << 2
+
+
+def kvm_pte_valid(pte: int) -> bool:
+    return bool(pte & KVM_PTE_VALID)
+
+
+def kvm_pte_table(pte: int, level: int) -> bool:
+    if level == KVM_PGTABLE_LAST_LEVEL or not kvm_pte_valid(pte):
+        return False
+    return (pte & KVM_PTE_TYPE) >> 1 == KVM_PTE_TYPE_TABLE
+
+
+def stage2_pte_is_locked(pte: int) -> bool:
+    return not kvm_pte_valid(pte) and bool(pte & KVM_INVALID_PTE_LOCKED)
+
+
+def stage2_pte_is_counted(pte: int) -> bool:
+    """Valid entries and owner annotations hold a reference on their table page."""
+    return pte != 0
+
+
+def stage2_pte_executable(pte: int) -> bool:
+    return kvm_pte_valid(pte) and not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN
+
+
+def pte_memattr(pte: int) -> int:
+    return (pte & KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR) >> 2
+
+
+def kvm_pgtable_stage2_pte_prot(pte: int) -> KvmPgtableProt:
+    """kvm_pgtable_stage2_pte_prot: R/W/X from the leaf, and its SW bits even when invalid.
+    MemAttr is *not* returned (so a split rebuilds a device block as Normal)."""
+    prot = KvmPgtableProt(pte & KVM_PTE_LEAF_ATTR_HI_SW)
+    if not kvm_pte_valid(pte):
+        return prot
+    if pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R:
+        prot |= PROT_R
+    if pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W:
+        prot |= PROT_W
+    if not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN:
+        prot |= PROT_X
+    return prot
+
+
+def stage2_set_prot_attr(prot: int, fwb: bool) -> tuple[int, int]:
+    """stage2_set_prot_attr: (0, attr) or (-EINVAL, 0) for DEVICE+NC, DEVICE+X, NC+X."""
+    dev, nc = prot & PROT_DEVICE, prot & PROT_NORMAL_NC
+    if dev and nc:
+        return -errno.EINVAL, 0
+    if dev:
+        if prot & PROT_X:
+            return -errno.EINVAL, 0
+        attr = PAGE_S2_MEMATTR("device", fwb)
+    elif nc:
+        if prot & PROT_X:
+            return -errno.EINVAL, 0
+        attr = PAGE_S2_MEMATTR("normal_nc", fwb)
+    else:
+        attr = PAGE_S2_MEMATTR("normal", fwb)
+    if not prot & PROT_X:
+        attr |= KVM_PTE_LEAF_ATTR_HI_S2_XN
+    if prot & PROT_R:
+        attr |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R
+    if prot & PROT_W:
+        attr |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
+    attr |= KVM_PTE_LEAF_ATTR_LO_S2_SH_IS << 8
+    attr |= KVM_PTE_LEAF_ATTR_LO_S2_AF
+    attr |= int(prot) & KVM_PTE_LEAF_ATTR_HI_SW
+    return 0, attr
+
+
+class Stage2Format:
+    """The EntryFormat the core walker needs, for one granule."""
+
+    def __init__(self, page_shift: int):
+        self.page_shift = page_shift
+        self.addr_mask = GENMASK(KVM_PTE_ADDR_HI, page_shift)
+
+    def is_valid(self, pte: int, level: int) -> bool:
+        return bool(pte & KVM_PTE_VALID)
+
+    def is_table(self, pte: int, level: int) -> bool:
+        return kvm_pte_table(pte, level)
+
+    def table_address(self, pte: int, level: int) -> int:
+        return pte & self.addr_mask
+
+    # kvm_phys_to_pte / kvm_pte_to_phys
+    def phys_to_pte(self, pa: int) -> int:
+        return pa & self.addr_mask
+
+    def pte_to_phys(self, pte: int) -> int:
+        return pte & self.addr_mask
+
+    def init_table_pte(self, child_pa: int) -> int:
+        """kvm_init_table_pte: address, TYPE=table, VALID; no attributes."""
+        return self.phys_to_pte(child_pa) | KVM_PTE_TYPE_TABLE << 1 | KVM_PTE_VALID
+
+    def init_valid_leaf_pte(self, pa: int, attr: int, level: int) -> int:
+        """kvm_init_valid_leaf_pte: page TYPE at level 3, block below."""
+        ty = KVM_PTE_TYPE_PAGE if level == KVM_PGTABLE_LAST_LEVEL else KVM_PTE_TYPE_BLOCK
+        return (self.phys_to_pte(pa) | (attr & (KVM_PTE_LEAF_ATTR_LO | KVM_PTE_LEAF_ATTR_HI))
+                | ty << 1 | KVM_PTE_VALID)
+
+
+# ---------------------------------------------------------------- records for tests
+
+
+@attrs.frozen(slots=True)
+class Tlbi:
+    """One TLB invalidation KVM issued. ``op``: ``vmid_ipa`` (__kvm_tlb_flush_vmid_ipa, by IPA
+    with a level hint, inner shareable), ``vmid_ipa_nsh`` (the local variant relax_perms
+    uses), ``vmid_range`` (kvm_tlb_flush_vmid_range), ``vmid`` (__kvm_tlb_flush_vmid).
+    ``level`` None is TLBI_TTL_UNKNOWN; ``size`` is what the model invalidates in the vCPU
+    TLBs; ``why`` names the caller."""
+
+    op: str
+    ipa: int
+    size: int
+    level: int | None
+    why: str
+
+
+@attrs.frozen(slots=True)
+class PteEvent:
+    """One step of a page-table update, in order: ``break`` (entry := LOCKED), ``tlbi``,
+    ``dcache_clean_inval_poc``, ``icache_inval_pou``, ``make`` (release-store of ``new``),
+    ``set`` (in-place update without BBM: relax_perms, mkyoung, age, wrprotect), ``clear``
+    (unmap)."""
+
+    kind: str
+    ipa: int
+    level: int | None
+    old: int = 0
+    new: int = 0
+
+
+@attrs.define(slots=True)
+class _MapData:
+    phys: int
+    attr: int
+    start: int
+    force_pte: bool
+    flags: int
+
+
+@attrs.define(slots=True)
+class _AttrData:
+    attr_set: int
+    attr_clr: int
+    level: int | None = None
+    pte: int = 0
+
+
+class Stage2PageTable:
+    """struct kvm_pgtable for one stage-2 (kvm_pgtable_stage2_init and its operations).
+
+    ``on_tlbi`` is called for every TLB invalidation with its ``Tlbi`` record, after it is
+    appended to ``tlbi_log``; the backend turns it into the core's vCPU-TLB flush.
+    ``on_leaf_get`` / ``on_leaf_put`` are called with the output address of every valid leaf
+    that is installed / removed (the backend's granule frames are reference-counted that way).
+    """
+
+    def __init__(self, geom: Stage2Geometry, *, fwb: bool = True, cache_dic: bool = True,
+                 tlbirange: bool = False, on_tlbi=None, on_leaf_get=None, on_leaf_put=None,
+                 log_size: int = 1 << 16):
+        self.geom = geom
+        self.fwb = fwb
+        self.cache_dic = cache_dic
+        self.tlbirange = tlbirange
+        self.fmt = Stage2Format(geom.page_shift)
+        self.store = TableStore(base=TABLE_PA_BASE, min_align=geom.granule)
+        self.pt = PageTable(self.store, geom.core_geometry(), self.fmt)
+        #: page_count of every table page (keyed by the page's PA): 1 + counted entries.
+        self.page_count: dict[int, int] = {}
+        for i in range(geom.root_pages):
+            self.page_count[self.pt.root + i * geom.granule] = 1
+        self.tlbi_log: collections.deque[Tlbi] = collections.deque(maxlen=log_size)
+        self.events: collections.deque[PteEvent] = collections.deque(maxlen=log_size)
+        self.on_tlbi = on_tlbi
+        self.on_leaf_get = on_leaf_get
+        self.on_leaf_put = on_leaf_put
+
+    # ------------------------------------------------------------------ pages and TLBs
+
+    @property
+    def root(self) -> int:
+        return self.pt.root
+
+    def _page_of(self, table_pa: int, index: int) -> int:
+        return table_pa + ((index * 8) & ~(self.geom.granule - 1))
+
+    def _get_page(self, page: int) -> None:
+        self.page_count[page] += 1
+
+    def _put_page(self, page: int) -> None:
+        self.page_count[page] -= 1
+        if self.page_count[page] == 0:
+            del self.page_count[page]
+            self.store.free(page)
+
+    def _alloc_table(self) -> int:
+        pa = self.store.alloc(self.geom.ptrs_per_pte)
+        self.page_count[pa] = 1
+        return pa
+
+    def free_unlinked(self, table_pa: int, level: int) -> None:
+        """kvm_pgtable_stage2_free_unlinked: free a detached subtree whatever its counts."""
+        for pte in self.store[table_pa]:
+            if kvm_pte_table(pte, level):
+                self.free_unlinked(self.fmt.table_address(pte, level), level + 1)
+            elif kvm_pte_valid(pte):
+                self._leaf_put(pte)
+        self.page_count.pop(table_pa, None)
+        self.store.free(table_pa)
+
+    def _leaf_get(self, pte: int) -> None:
+        if self.on_leaf_get is not None:
+            self.on_leaf_get(self.fmt.pte_to_phys(pte))
+
+    def _leaf_put(self, pte: int) -> None:
+        if self.on_leaf_put is not None:
+            self.on_leaf_put(self.fmt.pte_to_phys(pte))
+
+    def _tlbi(self, op: str, ipa: int, size: int, level: int | None, why: str) -> None:
+        rec = Tlbi(op, ipa, size, level, why)
+        self.tlbi_log.append(rec)
+        self.events.append(PteEvent("tlbi", ipa, level))
+        if self.on_tlbi is not None:
+            self.on_tlbi(rec)
+
+    def tlb_flush_vmid_ipa(self, ipa: int, level: int | None, why: str, nsh=False) -> None:
+        """__kvm_tlb_flush_vmid_ipa(_nsh): the whole leaf containing ``ipa`` (the level hint
+        says which); with the level unknown, the base page at ``ipa``."""
+        size = self.geom.size(level) if level is not None else self.geom.granule
+        base = ipa & ~(size - 1)
+        self._tlbi("vmid_ipa_nsh" if nsh else "vmid_ipa", base, size, level, why)
+
+    def tlb_flush_vmid_range(self, ipa: int, size: int, why: str) -> None:
+        """kvm_tlb_flush_vmid_range: range TLBIs with FEAT_TLBIRANGE, else the whole VMID."""
+        if self.tlbirange:
+            self._tlbi("vmid_range", ipa, size, None, why)
+        else:
+            self._tlbi("vmid", 0, self.geom.phys_size, None, why)
+
+    # ------------------------------------------------------------------ walking
+
+    def walk(self, addr: int, size: int, visitor, flags: int, visit_invalid: bool) -> int:
+        """kvm_pgtable_walk: page-align, bound-check (-ERANGE), visit; a visitor's -EAGAIN
+        stops the walk only with HANDLE_FAULT (kvm_pgtable_walk_continue)."""
+        g = self.geom.granule
+        start = addr & ~(g - 1)
+        end = (addr + size + g - 1) & ~(g - 1)
+        limit = self.geom.phys_size
+        if start > limit or end > limit:
+            return -errno.ERANGE
+        result = 0
+
+        def visit(ctx):
+            nonlocal result
+            r = visitor(ctx)
+            if not r:
+                return None
+            if r == -errno.EAGAIN and not flags & KVM_PGTABLE_WALK_HANDLE_FAULT:
+                return None
+            result = r
+            return STOP
+
+        self.pt.walk(start, end, visit, flags & (LEAF | TABLE_PRE | TABLE_POST), arg=flags,
+                     visit_invalid=visit_invalid)
+        return result
+
+    def get_leaf(self, addr: int) -> tuple[int, int]:
+        """kvm_pgtable_get_leaf: (pte, level) of the entry a hardware walk of ``addr`` ends
+        on (a leaf, or the invalid entry that stops it)."""
+        pos, _table, _idx, pte = self.pt.lookup(addr)
+        return pte, self.pt.geometry.level_ids[pos]
+
+    # ------------------------------------------------------------------ BBM primitives
+
+    def _try_set_pte(self, ctx, new: int) -> bool:
+        """stage2_try_set_pte: cmpxchg against the value the visitor read when shared."""
+        if ctx.arg & KVM_PGTABLE_WALK_SHARED and ctx.table[ctx.index] != ctx.pte:
+            return False
+        ctx.set(new)
+        return True
+
+    def _try_break_pte(self, ctx) -> bool:
+        """stage2_try_break_pte: LOCKED -> TLBI (by range for a table, by IPA + level for a
+        leaf) -> drop the old entry's reference."""
+        old = ctx.pte
+        if stage2_pte_is_locked(old):
+            if not ctx.arg & KVM_PGTABLE_WALK_SHARED:
+                logger.warning("stage2.locked_in_exclusive_walk", ipa=ctx.addr)
+            return False
+        if not self._try_set_pte(ctx, KVM_INVALID_PTE_LOCKED):
+            return False
+        self.events.append(PteEvent("break", ctx.addr, ctx.level, old, KVM_INVALID_PTE_LOCKED))
+        if not ctx.arg & KVM_PGTABLE_WALK_SKIP_BBM_TLBI:
+            if kvm_pte_table(old, ctx.level):
+                size = self.geom.size(ctx.level)
+                self.tlb_flush_vmid_range(ctx.addr & ~(size - 1), size, "bbm_table")
+            elif kvm_pte_valid(old):
+                self.tlb_flush_vmid_ipa(ctx.addr, ctx.level, "bbm")
+        if kvm_pte_valid(old) and not kvm_pte_table(old, ctx.level):
+            self._leaf_put(old)
+        if stage2_pte_is_counted(old):
+            self._put_page(self._page_of(ctx.table_pa, ctx.index))
+        return True
+
+    def _make_pte(self, ctx, new: int) -> None:
+        """stage2_make_pte: only over LOCKED; take a reference for a counted entry."""
+        if not stage2_pte_is_locked(ctx.table[ctx.index]):
+            raise AssertionError(f"stage2_make_pte over an unlocked entry at {ctx.addr:#x}")
+        if stage2_pte_is_counted(new):
+            self._get_page(self._page_of(ctx.table_pa, ctx.index))
+        if kvm_pte_valid(new) and not kvm_pte_table(new, ctx.level):
+            self._leaf_get(new)
+        ctx.set(new)
+        self.events.append(PteEvent("make", ctx.addr, ctx.level, KVM_INVALID_PTE_LOCKED, new))
+
+    def _cmos(self, ctx, new: int, pa: int) -> None:
+        """The cache maintenance of stage2_map_walker_try_leaf, between the TLBI and the make:
+        D-cache clean+invalidate to PoC for cacheable memory (a no-op under FWB), I-cache
+        invalidate to PoU for executable memory (a no-op with CTR_EL0.DIC)."""
+        if pte_memattr(new) == memattr_value("normal", self.fwb) and not self.fwb:
+            self.events.append(PteEvent("dcache_clean_inval_poc", ctx.addr, ctx.level, 0, pa))
+        if stage2_pte_executable(new) and not self.cache_dic:
+            self.events.append(PteEvent("icache_inval_pou", ctx.addr, ctx.level, 0, pa))
+
+    # ------------------------------------------------------------------ map (§4.3, §4.4)
+
+    def _block_mapping_supported(self, ctx, phys: int) -> bool:
+        """kvm_block_mapping_supported: level allows blocks, the entry fits the walk, and
+        both IPA and PA are aligned to it."""
+        granule = ctx.size
+        if not self.geom.level_supports_block(ctx.level):
+            return False
+        if granule > ctx.end - ctx.addr:
+            return False
+        if phys & (granule - 1):
+            return False
+        return not ctx.addr & (granule - 1)
+
+    def _leaf_mapping_allowed(self, ctx, data: _MapData) -> bool:
+        if data.force_pte and ctx.level < KVM_PGTABLE_LAST_LEVEL:
+            return False
+        return self._block_mapping_supported(ctx, data.phys + (ctx.addr - ctx.start))
+
+    @staticmethod
+    def pte_needs_update(old: int, new: int) -> bool:
+        """stage2_pte_needs_update: the map path ignores a difference only in R/W/XN."""
+        if not kvm_pte_valid(old) or not kvm_pte_valid(new):
+            return True
+        return bool((old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS)
+
+    def _map_try_leaf(self, ctx, data: _MapData) -> int:
+        """stage2_map_walker_try_leaf."""
+        if not self._leaf_mapping_allowed(ctx, data):
+            return -errno.E2BIG
+        phys = data.phys + (ctx.addr - ctx.start)
+        new = self.fmt.init_valid_leaf_pte(phys, data.attr, ctx.level)
+        old = ctx.pte
+        # The 2020 rule (commit 694d071f8d85): same mapping or a permission-only difference is
+        # left alone; a vCPU that needs more permission takes a permission fault.
+        if not self.pte_needs_update(old, new):
+            return -errno.EAGAIN
+        if (not ctx.arg & KVM_PGTABLE_WALK_SHARED and kvm_pte_valid(old)
+                and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_HI_SW):
+            ctx.set(new)
+            self.events.append(PteEvent("set", ctx.addr, ctx.level, old, new))
+            return 0
+        if not self._try_break_pte(ctx):
+            return -errno.EAGAIN
+        if not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO:
+            self._cmos(ctx, new, phys)
+        self._make_pte(ctx, new)
+        return 0
+
+    def _map_walk_table_pre(self, ctx, data: _MapData) -> int:
+        """stage2_map_walk_table_pre: collapse a table into a block when one is allowed."""
+        if not self._leaf_mapping_allowed(ctx, data):
+            return 0
+        child = self.fmt.table_address(ctx.pte, ctx.level)
+        ret = self._map_try_leaf(ctx, data)
+        if ret:
+            return ret
+        self.free_unlinked(child, ctx.level + 1)
+        return 0
+
+    def _map_walk_leaf(self, ctx, data: _MapData) -> int:
+        """stage2_map_walk_leaf: a leaf where allowed, else a new table (splitting a valid
+        block without populating the rest of it)."""
+        ret = self._map_try_leaf(ctx, data)
+        if ret != -errno.E2BIG:
+            return ret
+        if ctx.level == KVM_PGTABLE_LAST_LEVEL:
+            logger.error("stage2.map_leaf_at_last_level_refused", ipa=ctx.addr)
+            return -errno.EINVAL
+        child = self._alloc_table()
+        if not self._try_break_pte(ctx):
+            self.free_unlinked(child, ctx.level + 1)
+            return -errno.EAGAIN
+        self._make_pte(ctx, self.fmt.init_table_pte(child))
+        return 0
+
+    def map(self, addr: int, size: int, phys: int, prot: int, flags: int = 0,
+            force_pte: bool = False) -> int:
+        """kvm_pgtable_stage2_map: 0, -EAGAIN (race, LOCKED, or nothing to change), -EINVAL,
+        -ERANGE."""
+        ret, attr = stage2_set_prot_attr(prot, self.fwb)
+        if ret:
+            return ret
+        data = _MapData(phys=phys, attr=attr, start=addr & ~(self.geom.granule - 1),
+                        force_pte=force_pte, flags=flags)
+
+        def visitor(ctx):
+            if ctx.flags == TABLE_PRE:
+                return self._map_walk_table_pre(ctx, data)
+            return self._map_walk_leaf(ctx, data)
+
+        return self.walk(addr, size, visitor, flags | LEAF | TABLE_PRE, visit_invalid=True)
+
+    # ------------------------------------------------------------------ unmap (§8)
+
+    def unmap_defer_tlb_flush(self) -> bool:
+        """stage2_unmap_defer_tlb_flush: FEAT_TLBIRANGE and FWB."""
+        return self.tlbirange and self.fwb
+
+    def unmap(self, addr: int, size: int) -> int:
+        """kvm_pgtable_stage2_unmap: clear every leaf touching the range (whole blocks), free
+        empty tables on the way back up, one TLBI per leaf unless deferred."""
+
+        def visitor(ctx):
+            old = ctx.pte
+            page = self._page_of(ctx.table_pa, ctx.index)
+            if not kvm_pte_valid(old):
+                if stage2_pte_is_counted(old):
+                    ctx.set(0)
+                    self._put_page(page)
+                return 0
+            child = None
+            need_flush = False
+            if kvm_pte_table(old, ctx.level):
+                if ctx.flags != TABLE_POST:
+                    return 0
+                child = self.fmt.table_address(old, ctx.level)
+                if self.page_count.get(child) != 1:
+                    return 0
+            elif pte_memattr(old) == memattr_value("normal", self.fwb):
+                need_flush = not self.fwb
+            # stage2_unmap_put_pte
+            ctx.set(0)
+            self.events.append(PteEvent("clear", ctx.addr, ctx.level, old, 0))
+            if child is None:
+                self._leaf_put(old)
+            if child is not None:
+                self.tlb_flush_vmid_ipa(ctx.addr, TLBI_TTL_UNKNOWN, "unmap_table")
+            elif not self.unmap_defer_tlb_flush():
+                self.tlb_flush_vmid_ipa(ctx.addr, ctx.level, "unmap")
+            self._put_page(page)
+            if need_flush:
+                self.events.append(PteEvent("dcache_clean_inval_poc", ctx.addr, ctx.level, 0,
+                                            self.fmt.pte_to_phys(old)))
+            if child is not None:
+                self._put_page(child)
+            return 0
+
+        ret = self.walk(addr, size, visitor, LEAF | TABLE_POST, visit_invalid=False)
+        if self.unmap_defer_tlb_flush():
+            self.tlb_flush_vmid_range(addr, size, "unmap_deferred")
+        return ret
+
+    # ------------------------------------------------------------------ attribute walkers
+
+    def update_leaf_attrs(self, addr: int, size: int, attr_set: int, attr_clr: int,
+                          flags: int) -> tuple[int, _AttrData]:
+        """stage2_update_leaf_attrs / stage2_attr_walker: in place, no BBM; an invalid or
+        LOCKED leaf gives -EAGAIN."""
+        data = _AttrData(attr_set, attr_clr)
+
+        def visitor(ctx):
+            old = ctx.pte
+            if not kvm_pte_valid(old):
+                return -errno.EAGAIN
+            data.level, data.pte = ctx.level, old
+            new = (old & ~data.attr_clr) | data.attr_set
+            if new != old:
+                if stage2_pte_executable(new) and not stage2_pte_executable(old) \
+                        and not self.cache_dic:
+                    self.events.append(PteEvent("icache_inval_pou", ctx.addr, ctx.level, 0,
+                                                self.fmt.pte_to_phys(old)))
+                if not self._try_set_pte(ctx, new):
+                    return -errno.EAGAIN
+                self.events.append(PteEvent("set", ctx.addr, ctx.level, old, new))
+            return 0
+
+        ret = self.walk(addr, size, visitor, flags | LEAF, visit_invalid=True)
+        return ret, data
+
+    def relax_perms(self, addr: int, prot: int, flags: int = FAULT_WALK_FLAGS) -> int:
+        """kvm_pgtable_stage2_relax_perms (6.17, single XN bit): set S2AP_R/W, clear XN when X
+        is asked; on one leaf; a local TLBI after success and after -EAGAIN."""
+        if int(prot) & KVM_PTE_LEAF_ATTR_HI_SW:
+            return -errno.EINVAL
+        set_, clr = 0, 0
+        if prot & PROT_R:
+            set_ |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R
+        if prot & PROT_W:
+            set_ |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
+        if prot & PROT_X:
+            clr |= KVM_PTE_LEAF_ATTR_HI_S2_XN
+        ret, data = self.update_leaf_attrs(addr, 1, set_, clr, flags)
+        if ret in (0, -errno.EAGAIN):
+            self.tlb_flush_vmid_ipa(addr, data.level, "relax_perms", nsh=True)
+        return ret
+
+    def mkyoung(self, addr: int, flags: int = FAULT_WALK_FLAGS) -> int:
+        """kvm_pgtable_stage2_mkyoung: AF on the one valid leaf; no TLBI (AF=0 entries are
+        not cached)."""
+        ret, _ = self.update_leaf_attrs(addr, 1, KVM_PTE_LEAF_ATTR_LO_S2_AF, 0, flags)
+        return ret
+
+    def wrprotect(self, addr: int, size: int) -> int:
+        """kvm_pgtable_stage2_wrprotect: clear S2AP_W on every valid leaf, exclusive walk,
+        no TLBI (the caller flushes)."""
+        ret, _ = self.update_leaf_attrs(addr, size, 0, KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W, 0)
+        return ret
+
+    def test_clear_young(self, addr: int, size: int, mkold: bool) -> bool:
+        """kvm_pgtable_stage2_test_clear_young / stage2_age_walker: no TLBI."""
+        young = False
+
+        def visitor(ctx):
+            nonlocal young
+            old = ctx.pte
+            new = old & ~KVM_PTE_LEAF_ATTR_LO_S2_AF
+            if not kvm_pte_valid(old) or new == old:
+                return 0
+            young = True
+            if mkold:
+                if not self._try_set_pte(ctx, new):
+                    return -errno.EAGAIN
+                self.events.append(PteEvent("set", ctx.addr, ctx.level, old, new))
+            return 0
+
+        self.walk(addr, size, visitor, LEAF, visit_invalid=False)
+        return young
+
+    # ------------------------------------------------------------------ split (§7)
+
+    @staticmethod
+    def block_get_nr_page_tables(geom: Stage2Geometry, level: int) -> int:
+        """stage2_block_get_nr_page_tables: pages to split a block at ``level`` to PTEs."""
+        if level == KVM_PGTABLE_LAST_LEVEL:
+            return 0
+        if level == 2:
+            return 1
+        if level == 1:
+            return geom.ptrs_per_pte + 1
+        return -errno.EINVAL
+
+    def create_unlinked(self, phys: int, level: int, prot: int, force_pte: bool) -> int:
+        """kvm_pgtable_stage2_create_unlinked: a detached table that maps the block at
+        ``level`` with ``prot`` (fully populated down to pages when ``force_pte``)."""
+        ret, attr = stage2_set_prot_attr(prot, self.fwb)
+        if ret:
+            raise ValueError(f"create_unlinked: prot {prot!r} refused ({ret})")
+        return self._build_unlinked(phys, level + 1, attr, force_pte)
+
+    def _build_unlinked(self, phys: int, level: int, attr: int, force_pte: bool) -> int:
+        table = self._alloc_table()
+        entries = self.store[table]
+        size = self.geom.size(level)
+        to_pages = force_pte and level < KVM_PGTABLE_LAST_LEVEL
+        for i in range(self.geom.ptrs_per_pte):
+            pa = phys + i * size
+            if to_pages or not self.geom.level_supports_block(level):
+                child = self._build_unlinked(pa, level + 1, attr, force_pte)
+                entries[i] = self.fmt.init_table_pte(child)
+            else:
+                entries[i] = self.fmt.init_valid_leaf_pte(pa, attr, level)
+        self.page_count[table] += self.geom.ptrs_per_pte
+        return table
+
+    def split(self, addr: int, size: int) -> int:
+        """kvm_pgtable_stage2_split / stage2_split_walker: every valid block in the range
+        becomes a table of pages with the block's R/W/X/SW, AF=1 and Normal MemAttr."""
+
+        def visitor(ctx):
+            old = ctx.pte
+            if ctx.level == KVM_PGTABLE_LAST_LEVEL or not kvm_pte_valid(old):
+                return 0
+            nr = self.block_get_nr_page_tables(self.geom, ctx.level)
+            if nr < 0:
+                return nr
+            phys = self.fmt.pte_to_phys(old)
+            prot = kvm_pgtable_stage2_pte_prot(old)
+            child = self.create_unlinked(phys, ctx.level, prot, force_pte=True)
+            if not self._try_break_pte(ctx):
+                self.free_unlinked(child, ctx.level + 1)
+                return -errno.EAGAIN
+            self._make_pte(ctx, self.fmt.init_table_pte(child))
+            return 0
+
+        return self.walk(addr, size, visitor, LEAF, visit_invalid=False)
+
+    # ------------------------------------------------------------------ introspection
+
+    def valid_leaves(self, start: int, end: int):
+        """(ipa, level, pte) of every valid leaf touching [start, end), ascending."""
+        out = []
+        g = self.geom.granule
+        start &= ~(g - 1)
+        end = min((end + g - 1) & ~(g - 1), self.geom.phys_size)
+
+        def visitor(ctx):
+            if kvm_pte_valid(ctx.pte):
+                out.append((ctx.addr, ctx.level, ctx.pte))
+            return None
+
+        if start < end:
+            self.pt.walk(start, end, visitor, LEAF, visit_invalid=False)
+        return out
+
+    def check(self) -> list[str]:
+        """The page-table half of the reference's §10 invariants (1, 2, 3, 6, 16)."""
+        problems: list[str] = []
+        g = self.geom
+        fmt = self.fmt
+        normal_set = {memattr_value(k, self.fwb) for k in ("normal", "normal_nc", "device")}
+        counts: dict[int, int] = {}
+        reachable: set[int] = set()
+        stack = [(self.pt.root, g.start_level, 0, g.root_pages * g.ptrs_per_pte)]
+        while stack:
+            table_pa, level, base, n = stack.pop()
+            if table_pa not in self.store:
+                problems.append(f"table at {table_pa:#x} (level {level}) is not allocated")
+                continue
+            reachable.add(table_pa)
+            entries = self.store[table_pa]
+            for p in range(0, max(1, n // g.ptrs_per_pte)):
+                counts[table_pa + p * g.granule] = 1
+            size = g.size(level)
+            for idx in range(len(entries)):
+                pte = entries[idx]
+                if not pte:
+                    continue
+                if not stage2_pte_is_locked(pte):
+                    # try_break_pte dropped the LOCKED entry's reference (invariant 16).
+                    counts[self._page_of(table_pa, idx)] += 1
+                ipa = base + idx * size
+                where = f"level-{level} entry for IPA {ipa:#x} ({pte:#018x})"
+                if not kvm_pte_valid(pte):
+                    if stage2_pte_is_locked(pte):
+                        problems.append(f"{where} is LOCKED outside a break-before-make window")
+                    else:
+                        problems.append(f"{where} is an invalid non-zero entry (no owner "
+                                        "annotations exist on a guest stage-2)")
+                    continue
+                if kvm_pte_table(pte, level):
+                    if pte & ~(fmt.addr_mask | KVM_PTE_TYPE | KVM_PTE_VALID):
+                        problems.append(f"{where} is a table entry with attribute bits")
+                    stack.append((fmt.table_address(pte, level), level + 1, ipa, g.ptrs_per_pte))
+                    continue
+                problems.extend(self._check_leaf(pte, level, ipa, where, normal_set))
+        for page, cnt in counts.items():
+            have = self.page_count.get(page)
+            if have != cnt:
+                problems.append(f"table page {page:#x}: page_count {have} but 1 + "
+                                f"{cnt - 1} counted entries")
+        leaked = set(self.store.tables) - reachable
+        if leaked:
+            problems.append(f"{len(leaked)} page-table page(s) allocated but unreachable")
+        return problems
+
+    def _check_leaf(self, pte: int, level: int, ipa: int, where: str, memattrs) -> list[str]:
+        g = self.geom
+        out = []
+        size = g.size(level)
+        ty = (pte & KVM_PTE_TYPE) >> 1
+        if level == KVM_PGTABLE_LAST_LEVEL and ty != KVM_PTE_TYPE_PAGE:
+            out.append(f"{where}: a level-3 leaf with TYPE=0 is reserved")
+        if level < KVM_PGTABLE_LAST_LEVEL:
+            if ty != KVM_PTE_TYPE_BLOCK:
+                out.append(f"{where}: block with TYPE=1")
+            if not g.level_supports_block(level):
+                out.append(f"{where}: block at level {level}, below KVM_PGTABLE_MIN_BLOCK_LEVEL "
+                           f"{g.min_block_level}")
+        pa = self.fmt.pte_to_phys(pte)
+        if pa & (size - 1) or ipa & (size - 1):
+            out.append(f"{where}: output address {pa:#x} not aligned to the {size:#x} leaf")
+        if (pte & KVM_PTE_LEAF_ATTR_LO_S2_SH) >> 8 != KVM_PTE_LEAF_ATTR_LO_S2_SH_IS:
+            out.append(f"{where}: SH is not Inner Shareable")
+        ma = pte_memattr(pte)
+        if ma not in memattrs:
+            out.append(f"{where}: MemAttr {ma:#x} is not one KVM writes (FWB={self.fwb})")
+        if ma != memattr_value("normal", self.fwb) and stage2_pte_executable(pte):
+            out.append(f"{where}: device / Normal-NC leaf is executable")
+        if pte & (KVM_PTE_CONT | KVM_PTE_DBM | 1 << 11 | GENMASK(50, KVM_PTE_ADDR_HI + 1)
+                  | GENMASK(63, 59)):
+            out.append(f"{where}: bits KVM never sets (Contiguous, DBM, bit 11, OA above "
+                       "bit 47 or bits [63:59]) are set")
+        if pte & (GENMASK(self.fmt.page_shift - 1, 12) if self.fmt.page_shift > 12 else 0):
+            out.append(f"{where}: output-address bits below the granule are set")
+        if ipa + size > g.phys_size:
+            out.append(f"{where}: maps beyond the {g.ipa_bits}-bit IPA space")
+        return out
+
+    def bytes_used(self) -> int:
+        return self.store.bytes_used
