@@ -96,6 +96,20 @@ def archs(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    if not rows:
+        click.echo("no backend installed (pip install kvmcore-x86-tdp, for example)")
+        return
+    if not sys.stdout.isatty():
+        for r in rows:
+            if "error" in r:
+                click.echo(f"{r['arch']}: cannot load it: {r['error']}")
+                continue
+            click.echo(f"{r['arch']} ({r['distribution']} {r['version']}): pages "
+                       f"{' '.join(_size(p) for p in r['page_sizes'])}, {r['levels']} levels, "
+                       f"{r['address_spaces']} address space(s)")
+            for vm_type, caps in r["vm_types"].items():
+                click.echo(f"  {vm_type}: {', '.join(caps)}")
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -109,9 +123,6 @@ def archs(as_json: bool) -> None:
         types = "\n".join(f"{t}: {', '.join(c)}" for t, c in r["vm_types"].items())
         table.add_row(r["arch"], r["distribution"], r["version"],
                       " ".join(_size(p) for p in r["page_sizes"]), types)
-    if not rows:
-        click.echo("no backend installed (pip install kvmcore-x86-tdp, for example)")
-        return
     Console().print(table)
 
 
