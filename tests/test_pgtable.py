@@ -97,3 +97,18 @@ def test_large_sparse_root_walk_visits_only_present_entries():
     seen.clear()
     pt.walk(4 << 39, 9000 << 39, lambda c: seen.append(c.index), LEAF)
     assert seen == [8000]
+
+
+def test_walk_skips_a_format_specific_empty_value():
+    class NonZeroEmpty(Toy):
+        empty = 1 << 63                            # like x86's SHADOW_NONPRESENT_VALUE
+
+    store = TableStore()
+    pt = PageTable(store, GEO, NonZeroEmpty())
+    root = store[pt.root]
+    for i in range(512):
+        root[i] = 1 << 63
+    root[300] = (0x55 << 12) | 1
+    seen = []
+    pt.walk(0, 1 << 30, lambda c: seen.append(c.index), LEAF)
+    assert seen == [300]

@@ -25,7 +25,7 @@ import errno
 
 from kvmcore import ArchInfo, KvmError, Mapping, hookimpl
 from kvmcore.fault import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
-from kvmcore.pgtable import LEAF, TABLE_POST, Geometry, PageTable, TableStore
+from kvmcore.pgtable import LEAF, TABLE_POST, Geometry, PageTable, TableStore, table_is_empty
 from kvmcore.uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -212,7 +212,7 @@ class RadixBackend:
             if ctx.flags == LEAF:
                 ctx.set(0)
                 zapped += 1
-            elif not any(self.store[ctx.fmt.table_address(ctx.pte, ctx.level)]):
+            elif table_is_empty(self.store[ctx.fmt.table_address(ctx.pte, ctx.level)]):
                 self.store.free(ctx.fmt.table_address(ctx.pte, ctx.level))
                 ctx.set(0)
 

@@ -361,7 +361,10 @@ def get_mmio_spte_gfn(spte: int) -> int:
 
 class EptFormat:
     """The walker's view of KVM's EPT entries: "valid" is KVM's shadow-present bit, a table is
-    a shadow-present entry above 4K without the large-page bit."""
+    a shadow-present entry above 4K without the large-page bit. New tables are filled with
+    SHADOW_NONPRESENT_VALUE, so that is the empty entry the walker skips."""
+
+    empty = SHADOW_NONPRESENT_VALUE
 
     @staticmethod
     def is_valid(pte: int, level: int) -> bool:
