@@ -11,7 +11,7 @@ import attrs
 KNOWN_CAPABILITIES = frozenset({
     "private_mem", "gmem", "gmem_mmap", "readonly_mem", "dirty_log", "manual_dirty_protect",
     "dirty_ring", "pml", "hugepage_2m", "hugepage_1g", "relax_perms", "pre_fault", "aging",
-    "memory_attributes", "initially_set",
+    "memory_attributes", "initially_set", "private_alias",
 })
 
 
@@ -44,6 +44,13 @@ class ArchInfo:
     def _check_vm_types(self, _attr, value):
         if "default" not in value:
             raise ValueError(f"ArchInfo {self.name!r}: vm_types must include 'default'")
+        # A misspelt capability would silently skip its conformance tests.
+        for vm_type, caps in value.items():
+            unknown = caps - KNOWN_CAPABILITIES
+            if unknown:
+                raise ValueError(f"ArchInfo {self.name!r}: VM type {vm_type!r} claims unknown "
+                                 f"capabilities {sorted(unknown)}; known: "
+                                 f"{', '.join(sorted(KNOWN_CAPABILITIES))}")
 
     @property
     def capabilities(self) -> frozenset[str]:

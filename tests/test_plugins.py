@@ -81,3 +81,11 @@ def test_two_architectures_side_by_side(host):
         vm.create_vcpu(0).write(0, b"shared host page")
     host.munmap(hva, 1 << 20)
     assert list(a.mappings()) == list(b.mappings()) == []
+
+
+def test_arch_info_refuses_a_misspelt_capability():
+    from kvmcore.arch import ArchInfo
+
+    with pytest.raises(ValueError, match="hugepage2m"):
+        ArchInfo(name="typo", page_sizes=(4096,), levels=1,
+                 vm_types={"default": {"hugepage2m"}})
