@@ -276,3 +276,22 @@ def test_pre_fault_memory(vm, host, slot0):
         with pytest.raises(KvmError) as e:
             vcpu.pre_fault_memory(*args)
         assert e.value.errno == errno.EINVAL
+
+
+def test_fast_path_sees_the_memslot(host):
+    """kvm_mmu_do_page_fault sets fault->slot before fast_page_fault runs."""
+    from kvmcore import VM, hookimpl
+    from kvmcore.testing import FlatBackend
+
+    seen = []
+
+    class Spy(FlatBackend):
+        @hookimpl
+        def fast_page_fault(self, vm, fault):
+            seen.append(fault.slot)
+            return super().fast_page_fault(vm, fault)
+
+    vm = VM(arch=Spy, host=host)
+    vm.set_user_memory_region(0, 0, MiB, host.mmap(MiB))
+    vm.create_vcpu(0).read(0x1000, 1)
+    assert seen == [vm.gfn_to_memslot(1)]
