@@ -50,6 +50,7 @@ from kvmcore.uapi import (
     KVM_MR_CREATE,
     KVM_MR_FLAGS_ONLY,
     KVM_MR_MOVE,
+    KVM_PFN_NOSLOT,
     RET_PF_CONTINUE,
     RET_PF_EMULATE,
     RET_PF_FIXED,
@@ -385,7 +386,10 @@ class X86TdpBackend:
             return RET_PF_EMULATE
         gen = vm.memslot_generation(fault.as_id)
         spte = make_mmio_spte(fault.gfn, gen & MMIO_SPTE_GEN_MASK, self.shadow_mmio_value)
-        return self.tdp.install_mmio_spte(vm, root, fault.gfn, spte)
+        # The same walk as any fault (kvm_tdp_mmu_map), whose target-level step writes the
+        # MMIO SPTE instead of a leaf.
+        return self.tdp.kvm_tdp_mmu_map(vm, fault, root, PG_LEVEL_4K, KVM_PFN_NOSLOT,
+                                        lambda old, level: (spte, False, True))
 
     @hookimpl(wrapper=True)
     def faultin_pfn(self, vm, fault):

@@ -497,36 +497,6 @@ class TdpMmu:
         pos, table, idx, spte = root.pt.lookup((gfn + root.gfn_bits) << 12)
         return table, idx, root.level - pos, spte
 
-    def install_mmio_spte(self, vm: VM, root: TdpRoot, gfn: int, spte: int) -> int:
-        """The no-slot branch of tdp_mmu_map_handle_target_level: link tables down to 4K and
-        write the MMIO SPTE there."""
-        tables = self.store.tables
-        key = gfn + root.gfn_bits
-        table = root.table
-        level = root.level
-        while True:
-            idx = (key >> (9 * (level - 1))) & 511
-            old = table[idx]
-            if old == FROZEN_SPTE:
-                return RET_PF_RETRY
-            if level == PG_LEVEL_4K:
-                break
-            if old & SPTE_MMU_PRESENT_MASK:
-                if old & PT_PAGE_SIZE_MASK:
-                    # A huge leaf maps it now: nothing to cache (the fault was stale).
-                    return RET_PF_RETRY
-                table = tables[old & SPTE_BASE_ADDR_MASK]
-            else:
-                child = self.alloc_sp()
-                table[idx] = make_nonleaf_spte(child, self.backend.ad_disabled)
-                table = tables[child]
-            level -= 1
-        if old & SPTE_MMU_PRESENT_MASK:
-            return RET_PF_RETRY
-        table[idx] = spte
-        self.handle_changed_spte(vm, root, gfn, old, spte, PG_LEVEL_4K)
-        return RET_PF_EMULATE
-
 
 __all__ = ["TdpMmu", "TdpRoot", "tdp_geometry", "is_access_allowed", "KVM_INVALID_ROOTS",
            "KVM_DIRECT_ROOTS", "KVM_MIRROR_ROOTS", "KVM_VALID_ROOTS", "KVM_ALL_ROOTS"]
