@@ -75,13 +75,17 @@ def faultin_pfn(vm, fault):
     return RET_PF_CONTINUE
 
 
+def whole_slot(slot) -> GfnRange:
+    """Every gfn of ``slot``, both aliases: what memslot and VM teardown zap."""
+    return GfnRange(slot, slot.base_gfn, slot.end_gfn, 0,
+                    KVM_FILTER_PRIVATE | KVM_FILTER_SHARED, True, False)
+
+
 @hookimpl(trylast=True)
 def flush_shadow_memslot(vm, slot):
     """kvm_mmu_zap_memslot: zap the whole slot, both aliases, and flush."""
-    rng = GfnRange(slot, slot.base_gfn, slot.end_gfn, 0,
-                   KVM_FILTER_PRIVATE | KVM_FILTER_SHARED, True, False)
     with vm.mmu_lock:
-        if vm.hook.unmap_gfn_range(vm=vm, range=rng):
+        if vm.hook.unmap_gfn_range(vm=vm, range=whole_slot(slot)):
             vm.flush_remote_tlbs()
     return True
 
@@ -90,9 +94,7 @@ def flush_shadow_memslot(vm, slot):
 def flush_shadow_all(vm):
     """kvm_arch_flush_shadow_all: every slot, both aliases; no vCPU runs, so no flush."""
     for slot in list(vm.all_memslots()):
-        vm.hook.unmap_gfn_range(vm=vm, range=GfnRange(
-            slot, slot.base_gfn, slot.end_gfn, 0, KVM_FILTER_PRIVATE | KVM_FILTER_SHARED,
-            True, False))
+        vm.hook.unmap_gfn_range(vm=vm, range=whole_slot(slot))
     vm.flush_remote_tlbs()
     return True
 

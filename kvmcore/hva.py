@@ -34,6 +34,16 @@ class GfnRange:
         return self.slot.as_id
 
 
+def _hva_gfn_range(slot, start: int, end: int, arg: int, may_block: bool,
+                   lockless: bool) -> GfnRange:
+    """The slot's gfns whose pages meet hva ``[start, end)``: pages only partly inside
+    count, and hva notifications never concern private memory (KVM_FILTER_SHARED)."""
+    hva_start = max(start, slot.userspace_addr)
+    hva_end = min(end, slot.userspace_addr + (slot.npages << 12))
+    return GfnRange(slot, slot.hva_to_gfn(hva_start), slot.hva_to_gfn(hva_end + 4095), arg,
+                    KVM_FILTER_SHARED, may_block, lockless)
+
+
 def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
                          flush_on_ret: bool = False, may_block: bool = False,
                          lockless: bool = False, arg: int = 0) -> tuple[bool, bool]:
@@ -55,12 +65,7 @@ def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
     try:
         for slots in vm.memslot_sets:
             for slot in slots.in_hva_range(start, end):
-                slot_end = slot.userspace_addr + (slot.npages << 12)
-                hva_start = max(start, slot.userspace_addr)
-                hva_end = min(end, slot_end)
-                rng = GfnRange(slot, slot.hva_to_gfn(hva_start),
-                               slot.hva_to_gfn(hva_end + 4095), arg, KVM_FILTER_SHARED,
-                               may_block, lockless)
+                rng = _hva_gfn_range(slot, start, end, arg, may_block, lockless)
                 if not found:
                     found = True
                     if not lockless:
@@ -97,10 +102,7 @@ def kvm_handle_hva_range_op(vm, start: int, end: int, op, lockless: bool = False
     try:
         for slots in vm.memslot_sets:
             for slot in slots.in_hva_range(start, end):
-                slot_end = slot.userspace_addr + (slot.npages << 12)
-                rng = GfnRange(slot, slot.hva_to_gfn(max(start, slot.userspace_addr)),
-                               slot.hva_to_gfn(min(end, slot_end) + 4095), arg,
-                               KVM_FILTER_SHARED, False, lockless)
+                rng = _hva_gfn_range(slot, start, end, arg, False, lockless)
                 if not lockless and not locked:
                     vm.mmu_lock.acquire()
                     locked = True

@@ -75,8 +75,6 @@ class InvalidateState:
                 return True
         return self.seq != seq
 
-    retry_gfn_unsafe = retry_gfn
-
 
 def kvm_mmu_unmap_gfn_range(vm: VM, rng: GfnRange) -> bool:
     """kvm_mmu_unmap_gfn_range: add the range to the invalidation, then the arch zap."""
