@@ -27,6 +27,11 @@ class ArchInfo:
     of that type has; ``page_sizes`` are the leaf sizes (bytes) of the default configuration,
     smallest first; ``levels`` its page-table levels; ``nr_address_spaces`` the memslot
     address spaces of a VM (x86: 2, for SMM).
+
+    The base page of a VM is its host's PAGE_SIZE, as in Linux. ``base_page_option`` names
+    the VM option that selects it (arm64 ``granule``, ppc ``page_size``); a backend without
+    one runs on 4 KiB hosts only. ``host_pmd_sizes`` gives, per PAGE_SIZE, the host PMD size
+    where it is not PAGE_SIZE^2 / 8 (Power radix with 64 KiB pages: 2 MiB).
     """
 
     name: str
@@ -39,6 +44,9 @@ class ArchInfo:
     #: KVM_INTERNAL_MEM_SLOTS: slot ids at the top that only the kernel uses (x86: 3, s390:
     #: 1); userspace gets KVM_USER_MEM_SLOTS = 32767 - this.
     internal_mem_slots: int = 0
+    base_page_option: str | None = None
+    host_pmd_sizes: _MappingABC[int, int] = attrs.field(factory=dict, converter=dict,
+                                                        hash=False)
 
     @vm_types.validator
     def _check_vm_types(self, _attr, value):
@@ -59,6 +67,12 @@ class ArchInfo:
 
     def capabilities_of(self, vm_type: str) -> frozenset[str]:
         return self.vm_types[vm_type]
+
+    def base_page(self, options: _MappingABC) -> int | None:
+        """The host PAGE_SIZE that VM ``options`` ask for, or None to follow the host."""
+        if self.base_page_option is None:
+            return 4096
+        return options.get(self.base_page_option)
 
 
 @attrs.frozen(slots=True)

@@ -15,7 +15,7 @@ from sortedcontainers import SortedDict
 
 from .errors import KvmError
 from .hva import GfnRange
-from .uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE
+from .uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT
 
 if TYPE_CHECKING:
     from .vm import VM
@@ -122,9 +122,9 @@ def kvm_vm_ioctl_set_mem_attributes(vm: VM, address: int, size: int, attributes:
                                      f"{attributes & ~supported:#x} for this VM")
     if not size or address + size >= U64:
         raise KvmError(errno.EINVAL, f"size={size:#x}: zero, or address + size wraps")
-    if address & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1):
+    if address & (vm.page_size - 1) or size & (vm.page_size - 1):
         raise KvmError(errno.EINVAL, f"address={address:#x} or size={size:#x} is not "
-                                     "page-aligned")
+                                     f"aligned to PAGE_SIZE {vm.page_size:#x}")
     kvm_vm_set_mem_attributes(vm, address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT,
                               attributes)
 

@@ -29,10 +29,12 @@ from .uapi import (
 )
 
 
-def memory_fault_exit(fault, err: int = errno.EFAULT) -> MemoryFaultExit:
-    """kvm_mmu_prepare_memory_fault_exit: gpa of the faulting gfn, size PAGE_SIZE."""
+def memory_fault_exit(vm, fault, err: int = errno.EFAULT) -> MemoryFaultExit:
+    """kvm_mmu_prepare_memory_fault_exit: the faulting page (gfn << PAGE_SHIFT, PAGE_SIZE),
+    i.e. the whole base page holding the 4 KiB gfn when PAGE_SIZE is larger."""
     flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
-    return MemoryFaultExit(flags, fault.gfn << PAGE_SHIFT, PAGE_SIZE, err)
+    size = vm.page_size
+    return MemoryFaultExit(flags, (fault.gfn << PAGE_SHIFT) & ~(size - 1), size, err)
 
 
 @hookimpl(trylast=True)
@@ -43,11 +45,11 @@ def faultin_pfn(vm, fault):
     slot = fault.slot
     if fault.is_private or slot.gmem_only:
         if not slot.has_gmem:
-            raise memory_fault_exit(fault)
+            raise memory_fault_exit(vm, fault)
         try:
             pfn, order = kvm_gmem_get_pfn(vm, slot, fault.gfn)
         except KvmError as e:
-            raise memory_fault_exit(fault, e.errno) from None
+            raise memory_fault_exit(vm, fault, e.errno) from None
         fault.pfn = pfn
         fault.map_writable = not slot.readonly
         fault.max_size = PAGE_SIZE << order
@@ -61,9 +63,9 @@ def faultin_pfn(vm, fault):
         return RET_PF_EMULATE
     if pfn == KVM_PFN_ERR_HWPOISON:
         vm.stats["hwpoison_signal"] += 1
-        raise HwPoisonSignal(hva, PAGE_SHIFT)
+        raise HwPoisonSignal(hva, vm.host.page_shift)
     if pfn == KVM_PFN_ERR_FAULT:
-        raise memory_fault_exit(fault)
+        raise memory_fault_exit(vm, fault)
     host = vm.host
     vma = host.find_vma(hva)
     fault.pfn = pfn

@@ -168,7 +168,7 @@ def kvm_page_fault(vm, fault: PageFault):
         return r
     if slot is None:
         if fault.is_private:
-            raise memory_fault_exit(fault)
+            raise memory_fault_exit(vm, fault)
         with vm.mmu_lock:
             hook.handle_noslot_fault(vm=vm, fault=fault)
         return RET_PF_EMULATE
@@ -181,7 +181,7 @@ def kvm_page_fault(vm, fault: PageFault):
     yield AFTER_SNAPSHOT
     if fault.is_private != (bool(vm.attributes) and vm.kvm_mem_is_private(fault.gfn)):
         vm.stats["exit_private_mismatch"] += 1
-        raise memory_fault_exit(fault)
+        raise memory_fault_exit(vm, fault)
     r = vm.faultin_pfn(vm=vm, fault=fault)
     if r != RET_PF_CONTINUE:
         return r

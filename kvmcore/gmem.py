@@ -3,6 +3,10 @@
 ``GmemInode`` is the memory (i_size, flags, folios); ``GuestMemfd`` is one VM's file on it
 with its bindings to memslots. ``folio_order`` (> 0) models huge-folio-backed guest_memfd,
 which is in flight upstream: upstream's kvm_gmem_get_pfn always reports order 0.
+
+Page indices are in 4 KiB frames, like the API's gfns; on a host with a larger PAGE_SIZE a
+folio of order 0 is one host page, so ``GmemInode.order`` (in frames) is
+``folio_order + log2(PAGE_SIZE / 4096)`` and every size and offset is PAGE_SIZE-aligned.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from .uapi import (
     KVM_FILTER_SHARED,
     KVM_MEMSLOT_GMEM_ONLY,
     PAGE_SHIFT,
-    PAGE_SIZE,
 )
 
 if TYPE_CHECKING:
@@ -35,18 +38,20 @@ if TYPE_CHECKING:
 
 logger = structlog.get_logger(__name__)
 
-MAX_FOLIO_ORDER = 18  # 1 GiB
+MAX_FOLIO_ORDER = 18  # 1 GiB of 4 KiB frames
 
 
 class GmemInode:
     """The guest_memfd inode: its size, flags, folios (index of the first page -> pfn) and
     the files (one per VM) that view it. Memory outlives the files."""
 
-    def __init__(self, host, size: int, flags: int, order: int):
+    def __init__(self, host, size: int, flags: int, folio_order: int):
         self.host = host
         self.size = size
         self.flags = flags
-        self.order = order
+        self.folio_order = folio_order
+        #: log2 of the 4 KiB frames per folio.
+        self.order = folio_order + host.page_shift - PAGE_SHIFT
         self.folios: dict[int, int] = {}
         self.poisoned: set[int] = set()
         self.files: list[GuestMemfd] = []
@@ -83,7 +88,7 @@ class GmemInode:
             raise SigBus(f"guest_memfd: page {index} is beyond i_size")
         if not self.flags & GUEST_MEMFD_FLAG_INIT_SHARED:
             raise SigBus(f"guest_memfd: page {index} is private (no INIT_SHARED)")
-        if self.order:
+        if self.folio_order:
             raise SigBus("guest_memfd: large folios cannot be mapped to userspace")
         if index in self.poisoned:
             raise SigBus(f"guest_memfd: page {index} is hardware-poisoned")
@@ -160,7 +165,7 @@ class GuestMemfd:
 
     def __repr__(self) -> str:
         return (f"GuestMemfd(size={self.size:#x}, flags={self.flags:#x}, "
-                f"order={self.inode.order}{', closed' if self.closed else ''})")
+                f"folio_order={self.inode.folio_order}{', closed' if self.closed else ''})")
 
     # ------------------------------------------------------------------ bindings
 
@@ -224,9 +229,10 @@ class GuestMemfd:
             raise KvmError(errno.EOPNOTSUPP, f"mode={mode:#x}: FALLOC_FL_KEEP_SIZE is required")
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
             raise KvmError(errno.EOPNOTSUPP, f"mode={mode:#x}: only KEEP_SIZE|PUNCH_HOLE")
-        if offset & (PAGE_SIZE - 1) or length & (PAGE_SIZE - 1):
+        mask = self.vm.page_size - 1
+        if offset & mask or length & mask:
             raise KvmError(errno.EINVAL, f"offset={offset:#x} or length={length:#x} is not "
-                                         "page-aligned")
+                                         f"aligned to PAGE_SIZE {mask + 1:#x}")
         start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
         if mode & FALLOC_FL_PUNCH_HOLE:
             self.inode.punch_hole(start, min(end, self.inode.npages))
@@ -281,11 +287,12 @@ def kvm_gmem_create(vm: VM, size: int, flags: int, folio_order: int = 0) -> Gues
     if flags & ~supported:
         raise KvmError(errno.EINVAL, f"flags={flags:#x}: unsupported bits "
                                      f"{flags & ~supported:#x}")
-    if size <= 0 or size & (PAGE_SIZE - 1):
-        raise KvmError(errno.EINVAL, f"size={size:#x} is not a positive multiple of the page "
-                                     "size")
-    if not 0 <= folio_order <= MAX_FOLIO_ORDER or size % (PAGE_SIZE << folio_order):
-        raise KvmError(errno.EINVAL, f"folio_order={folio_order}: must be 0..{MAX_FOLIO_ORDER} "
+    if size <= 0 or size & (vm.page_size - 1):
+        raise KvmError(errno.EINVAL, f"size={size:#x} is not a positive multiple of PAGE_SIZE "
+                                     f"{vm.page_size:#x}")
+    max_order = MAX_FOLIO_ORDER - (vm.host.page_shift - PAGE_SHIFT)
+    if not 0 <= folio_order <= max_order or size % (vm.page_size << folio_order):
+        raise KvmError(errno.EINVAL, f"folio_order={folio_order}: must be 0..{max_order} "
                                      "and divide the size")
     inode = GmemInode(vm.host, size, flags, folio_order)
     gmem = GuestMemfd(vm, inode)
@@ -315,7 +322,7 @@ def kvm_gmem_bind(vm: VM, slot: Memslot, gmem, offset: int) -> None:
     if gmem.vm is not vm:
         raise KvmError(errno.EINVAL, "guest_memfd belongs to another VM")
     size = slot.npages << PAGE_SHIFT
-    if offset < 0 or offset & (PAGE_SIZE - 1) or offset + size > gmem.size:
+    if offset < 0 or offset & (vm.page_size - 1) or offset + size > gmem.size:
         raise KvmError(errno.EINVAL, f"guest_memfd_offset={offset:#x} + size {size:#x} is "
                                      f"beyond the file's size {gmem.size:#x}")
     start = offset >> PAGE_SHIFT

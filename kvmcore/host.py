@@ -13,10 +13,20 @@ A small, honest model of the parts of Linux's mm that KVM depends on:
 - every change that Linux reports to MMU notifiers is reported to each registered VM with its
   hva range, bracketed by invalidate_range_start / end.
 
+PAGE_SIZE is the host kernel's (``HostMemory(page_size=...)``: 4 KiB, 16 KiB or 64 KiB, as an
+arm64 or Power kernel is built), and it is the base page of every VM on this host, as in Linux.
+Frame numbers stay in 4 KiB units whatever PAGE_SIZE is (``pfn = phys >> 12``, like the API's
+gfns), so one host page is ``page_size >> 12`` consecutive frames, aligned to that count. The
+host page table has one table per mapping size: PAGE_SIZE, the PMD size (THP;
+PAGE_SIZE^2 / 8 unless the architecture says otherwise: 2 MiB, 32 MiB, 512 MiB) and the
+hugetlb sizes.
+
 Simplifications, stated: no swap, no fork (so no shared COW pages other than the zero page),
 no NUMA; THP uses no huge zero page (a read of an untouched THP range allocates the huge page);
-private hugetlb mappings behave like shared ones; mmap lays mappings out upwards from 4 GiB,
-aligning those of 2 MiB or more to 2 MiB (1 GiB for hugetlb_1g).
+private hugetlb mappings behave like shared ones; ``hugetlb_2m`` and ``hugetlb_1g`` exist on
+every host (an arm64 kernel with 64 KiB pages has 2 MiB through contiguous PTEs but no 1 GiB
+size); mmap lays mappings out upwards from 4 GiB, aligning those of 2 MiB or more to 2 MiB (the
+PMD size when they span one, 1 GiB for hugetlb_1g).
 """
 
 from __future__ import annotations
@@ -35,6 +45,10 @@ from .uapi import PAGE_SHIFT, PAGE_SIZE, SZ_1G, SZ_2M
 logger = structlog.get_logger(__name__)
 
 KINDS = ("anon", "shared", "hugetlb_2m", "hugetlb_1g", "pfnmap", "gmem")
+#: PAGE_SIZE values a host kernel can be built with (x86: 4K; arm64: 4K, 16K, 64K; Power:
+#: 4K, 64K).
+HOST_PAGE_SIZES = (4096, 16384, 65536)
+_HUGETLB = {"hugetlb_2m": SZ_2M, "hugetlb_1g": SZ_1G}
 MMAP_BASE = 1 << 32
 TASK_SIZE = (1 << 47) - PAGE_SIZE
 
@@ -50,8 +64,9 @@ class SigBus(Exception):
 
 @attrs.define(eq=False)
 class Backing:
-    """Pages of a MAP_SHARED object (shmem, hugetlbfs file) by page offset. Huge backings
-    store one entry per huge page, keyed by its first offset."""
+    """Pages of a MAP_SHARED object (shmem, hugetlbfs file) by offset in 4 KiB frames: one
+    entry per page of ``page_size`` (the host's, or the huge page size), keyed by its first
+    offset."""
 
     page_size: int = PAGE_SIZE
     pages: dict = attrs.Factory(dict)
@@ -63,10 +78,11 @@ class Vma:
     end: int
     prot: str
     kind: str
+    page_size: int = PAGE_SIZE  # the host's PAGE_SIZE, or the hugetlb page size
     thp: bool = False
-    pfn: int = 0              # pfnmap: device pfn of ``start``
+    pfn: int = 0              # pfnmap: device pfn (4 KiB frames) of ``start``
     backing: object = None    # Backing, or a guest_memfd inode
-    pgoff: int = 0            # page offset of ``start`` in the backing
+    pgoff: int = 0            # offset of ``start`` in the backing, in 4 KiB frames
 
     @property
     def io_pfnmap(self) -> bool:
@@ -75,10 +91,6 @@ class Vma:
     @property
     def shared(self) -> bool:
         return self.kind != "anon"
-
-    @property
-    def page_size(self) -> int:
-        return {"hugetlb_2m": SZ_2M, "hugetlb_1g": SZ_1G}.get(self.kind, PAGE_SIZE)
 
     def pgoff_of(self, hva: int) -> int:
         return self.pgoff + ((hva - self.start) >> PAGE_SHIFT)
@@ -91,23 +103,48 @@ def _check_prot(prot: str) -> str:
 
 
 class HostMemory:
-    """A host mm with its physical memory. Public calls are those of API.md."""
+    """A host mm with its physical memory. Public calls are those of API.md.
 
-    def __init__(self):
+    ``page_size`` is the kernel's PAGE_SIZE (4096, 16384 or 65536); ``pmd_size`` the size a
+    PMD entry maps, i.e. the THP size (default PAGE_SIZE * PAGE_SIZE / 8: a table page holds
+    PAGE_SIZE / 8 entries, as on x86 and arm64; Power radix with 64 KiB pages has 2 MiB).
+    """
+
+    def __init__(self, page_size: int = PAGE_SIZE, pmd_size: int | None = None):
+        if page_size not in HOST_PAGE_SIZES:
+            raise KvmError(errno.EINVAL, f"page_size={page_size!r}: a kernel's PAGE_SIZE is "
+                                         f"one of {', '.join(map(str, HOST_PAGE_SIZES))}")
+        if pmd_size is None:
+            pmd_size = page_size * page_size // 8
+        if (not isinstance(pmd_size, int) or pmd_size <= page_size
+                or pmd_size & (pmd_size - 1)):
+            raise KvmError(errno.EINVAL, f"pmd_size={pmd_size!r}: a power of two above "
+                                         f"page_size {page_size:#x}")
+        self.page_size = page_size
+        self.page_shift = page_size.bit_length() - 1
+        self.pmd_size = pmd_size
+        #: 4 KiB frames per host page.
+        self.nr_frames = page_size >> PAGE_SHIFT
         self._next_pfn = 0x1000
         self.frames: dict[int, bytearray] = {}
-        self.poisoned: set[int] = set()
-        self.zero_pfn = self._alloc(1)
+        self.poisoned: set[int] = set()        # first frame of each poisoned host page
+        self.zero_pfn = self._alloc(self.nr_frames)
         self.vmas = SortedKeyList(key=lambda v: v.start)
         self._last_vma: Vma | None = None  # mmap's vmacache: faults come in runs
-        # Host page table: 4K, 2M and 1G entries, each (pfn, writable).
+        # The host page table: one dict per mapping size, hva >> shift -> (first frame,
+        # writable). ``ptes`` is the PAGE_SIZE one; ``_huge`` the others, smallest first.
         self.ptes: dict[int, tuple[int, bool]] = {}
-        self.pmds: dict[int, tuple[int, bool]] = {}
-        self.puds: dict[int, tuple[int, bool]] = {}
-        self.hwpoison_vpns: set[int] = set()
+        self._huge: list[tuple[int, int, dict]] = [
+            (size, size.bit_length() - 1, {})
+            for size in sorted({pmd_size, SZ_2M, SZ_1G}) if size > page_size]
+        self._tables = {page_size: self.ptes} | {size: t for size, _s, t in self._huge}
+        self.hwpoison_pages: set[int] = set()  # hva >> page_shift of poisoned user pages
         self._next_hva = MMAP_BASE
         self.notifiers: list = []
         self.gmem_frames: dict[int, tuple[object, int]] = {}
+
+    def __repr__(self) -> str:
+        return f"HostMemory(page_size={self.page_size}, pmd_size={self.pmd_size:#x})"
 
     # ------------------------------------------------------------------ frames
 
@@ -117,8 +154,13 @@ class HostMemory:
         return pfn
 
     def alloc_frames(self, npages: int) -> int:
-        """Allocate ``npages`` contiguous frames aligned to ``npages`` (a power of two)."""
+        """Allocate ``npages`` contiguous 4 KiB frames aligned to ``npages`` (a power of
+        two)."""
         return self._alloc(npages)
+
+    def page_of(self, pfn: int) -> int:
+        """The first frame of the host page holding frame ``pfn``."""
+        return pfn & ~(self.nr_frames - 1)
 
     def frame(self, pfn: int) -> bytearray:
         page = self.frames.get(pfn)
@@ -131,7 +173,7 @@ class HostMemory:
         return bytes(n) if page is None else bytes(page[offset:offset + n])
 
     def write_frame(self, pfn: int, offset: int, data: bytes) -> None:
-        if pfn == self.zero_pfn:
+        if self.page_of(pfn) == self.zero_pfn:
             raise AssertionError("write to the zero page")
         self.frame(pfn)[offset:offset + len(data)] = data
 
@@ -199,26 +241,29 @@ class HostMemory:
              pfn: int | None = None, addr: int | None = None, backing=None,
              pgoff: int = 0) -> int:
         """mmap(2). ``kind``: anon, shared, hugetlb_2m, hugetlb_1g, pfnmap (VM_IO|VM_PFNMAP,
-        ``pfn=`` is the device pfn of the first page). ``addr`` asks for a fixed address
-        (MAP_FIXED_NOREPLACE: EEXIST if taken). Returns the hva."""
+        ``pfn=`` is the device pfn of the first page, in 4 KiB frames). ``addr`` asks for a
+        fixed address (MAP_FIXED_NOREPLACE: EEXIST if taken). Returns the hva."""
         prot = _check_prot(prot)
         if kind not in KINDS or (kind == "gmem" and backing is None):
             raise KvmError(errno.EINVAL, f"kind={kind!r}: one of {', '.join(KINDS[:-1])}")
-        page = {"hugetlb_2m": SZ_2M, "hugetlb_1g": SZ_1G}.get(kind, PAGE_SIZE)
+        page = _HUGETLB.get(kind, self.page_size)
         if not isinstance(length, int) or length <= 0 or length % page:
             raise KvmError(errno.EINVAL, f"length={length!r}: not a positive multiple of "
                                          f"{page:#x}")
         if kind == "pfnmap":
-            if not isinstance(pfn, int) or pfn < 0:
-                raise KvmError(errno.EINVAL, "pfn: a pfnmap mapping needs the device pfn")
+            if not isinstance(pfn, int) or pfn < 0 or pfn % self.nr_frames:
+                raise KvmError(errno.EINVAL, f"pfn={pfn!r}: a pfnmap mapping needs the device "
+                                             f"pfn, aligned to the {self.page_size}-byte page")
         elif pfn is not None:
             raise KvmError(errno.EINVAL, f"pfn: only for kind='pfnmap', not {kind!r}")
         if thp and kind != "anon":
             raise KvmError(errno.EINVAL, "thp: transparent huge pages are for kind='anon'")
         if addr is None:
-            align = SZ_1G if kind == "hugetlb_1g" else SZ_2M if length >= SZ_2M else PAGE_SIZE
+            align = SZ_1G if kind == "hugetlb_1g" else self.pmd_size if (
+                length >= self.pmd_size) else SZ_2M if length >= SZ_2M else self.page_size
+            align = max(align, page)
             addr = (self._next_hva + align - 1) & ~(align - 1)
-            self._next_hva = addr + length + PAGE_SIZE  # a guard gap between mappings
+            self._next_hva = addr + length + self.page_size  # a guard gap between mappings
         else:
             if not isinstance(addr, int) or addr % page or addr <= 0:
                 raise KvmError(errno.EINVAL, f"addr={addr!r}: not aligned to {page:#x}")
@@ -228,13 +273,15 @@ class HostMemory:
             raise KvmError(errno.ENOMEM, f"length={length:#x}: no room below TASK_SIZE")
         if backing is None and kind in ("shared", "hugetlb_2m", "hugetlb_1g"):
             backing = Backing(page)
-        self.vmas.add(Vma(addr, addr + length, prot, kind, thp, pfn or 0, backing, pgoff))
+        self.vmas.add(Vma(addr, addr + length, prot, kind, page, thp, pfn or 0, backing,
+                          pgoff))
         return addr
 
     def _check_range(self, name: str, hva: int, length: int) -> None:
-        if not isinstance(hva, int) or hva % PAGE_SIZE:
-            raise KvmError(errno.EINVAL, f"{name}: hva={hva!r} is not page-aligned")
-        if not isinstance(length, int) or length <= 0 or length % PAGE_SIZE:
+        if not isinstance(hva, int) or hva % self.page_size:
+            raise KvmError(errno.EINVAL, f"{name}: hva={hva!r} is not aligned to the "
+                                         f"{self.page_size}-byte page")
+        if not isinstance(length, int) or length <= 0 or length % self.page_size:
             raise KvmError(errno.EINVAL, f"{name}: length={length!r} is not a positive "
                                          "multiple of the page size")
 
@@ -243,7 +290,7 @@ class HostMemory:
         for vma in self.vmas_in(start, end):
             for cut in (start, end):
                 if vma.start < cut < vma.end:
-                    if vma.page_size > PAGE_SIZE and cut % vma.page_size:
+                    if cut % vma.page_size:
                         raise KvmError(errno.EINVAL, f"hva={cut:#x}: not aligned to the "
                                                      "hugetlb page size")
                     self._forget(vma)
@@ -259,56 +306,61 @@ class HostMemory:
 
     # ------------------------------------------------------------------ host page table
 
+    def _entry(self, hva: int) -> tuple[int, bool, int] | None:
+        """The host page-table entry covering ``hva``: ``(first frame, writable, size)``."""
+        e = self.ptes.get(hva >> self.page_shift)
+        if e is not None:
+            return e[0], e[1], self.page_size
+        for size, shift, table in self._huge:
+            e = table.get(hva >> shift)
+            if e is not None:
+                return e[0], e[1], size
+        return None
+
     def lookup_pte(self, hva: int) -> tuple[int, bool, int] | None:
-        """The host PTE mapping ``hva``: ``(pfn of that 4K page, writable, mapping size)``."""
-        vpn = hva >> PAGE_SHIFT
-        e = self.ptes.get(vpn)
+        """The host mapping of ``hva``: ``(frame of its 4 KiB, writable, mapping size)``."""
+        e = self.ptes.get(hva >> self.page_shift)
         if e is not None:
-            return e[0], e[1], PAGE_SIZE
-        e = self.pmds.get(vpn >> 9)
-        if e is not None:
-            return e[0] + (vpn & 511), e[1], SZ_2M
-        e = self.puds.get(vpn >> 18)
-        if e is not None:
-            return e[0] + (vpn & 0x3FFFF), e[1], SZ_1G
+            return e[0] + ((hva & (self.page_size - 1)) >> PAGE_SHIFT), e[1], self.page_size
+        for size, shift, table in self._huge:
+            e = table.get(hva >> shift)
+            if e is not None:
+                return e[0] + ((hva & (size - 1)) >> PAGE_SHIFT), e[1], size
         return None
 
     def host_mapping_size(self, hva: int) -> int:
         """host_pfn_mapping_level / get_user_mapping_size: the size of the host mapping."""
         e = self.lookup_pte(hva)
-        return e[2] if e else PAGE_SIZE
+        return e[2] if e else self.page_size
 
     def _zap_ptes(self, start: int, end: int) -> None:
-        """Drop host PTEs in ``[start, end)``; a huge entry partly inside is split first."""
-        for vpn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT) if end - start <= (
-                64 * SZ_2M) else ():
-            self.ptes.pop(vpn, None)
-        if end - start > 64 * SZ_2M:
-            lo, hi = start >> PAGE_SHIFT, end >> PAGE_SHIFT
-            for vpn in [v for v in self.ptes if lo <= v < hi]:
-                del self.ptes[vpn]
-        for table, shift in ((self.pmds, 9), (self.puds, 18)):
-            lo, hi = start >> (PAGE_SHIFT + shift), (end - 1) >> (PAGE_SHIFT + shift)
-            keys = range(lo, hi + 1) if hi - lo < 4096 else [k for k in table if lo <= k <= hi]
+        """Drop host PTEs in ``[start, end)``; a huge entry partly inside is split first into
+        PAGE_SIZE entries (split_huge_pmd), whose outside part stays."""
+        shift = self.page_shift
+        lo, hi = start >> shift, end >> shift
+        if hi - lo <= 32768:
+            for key in range(lo, hi):
+                self.ptes.pop(key, None)
+        else:
+            for key in [k for k in self.ptes if lo <= k < hi]:
+                del self.ptes[key]
+        for size, hshift, table in self._huge:
+            hlo, hhi = start >> hshift, (end - 1) >> hshift
+            keys = range(hlo, hhi + 1) if hhi - hlo < 4096 else [
+                k for k in table if hlo <= k <= hhi]
             for key in keys:
-                e = table.get(key)
+                e = table.pop(key, None)
                 if e is None:
                     continue
-                del table[key]
-                base_vpn = key << shift
-                for i in range(1 << shift):
-                    hva = (base_vpn + i) << PAGE_SHIFT
-                    if not start <= hva < end:
-                        self.ptes[base_vpn + i] = (e[0] + i, e[1])
+                base = key << hshift
+                for off in range(0, size, self.page_size):
+                    if not start <= base + off < end:
+                        self.ptes[(base + off) >> shift] = (e[0] + (off >> PAGE_SHIFT), e[1])
 
-    def _set_pte(self, hva: int, pfn: int, writable: bool, size: int = PAGE_SIZE) -> None:
-        vpn = hva >> PAGE_SHIFT
-        if size == PAGE_SIZE:
-            self.ptes[vpn] = (pfn, writable)
-        elif size == SZ_2M:
-            self.pmds[vpn >> 9] = (pfn, writable)
-        else:
-            self.puds[vpn >> 18] = (pfn, writable)
+    def _set_pte(self, hva: int, pfn: int, writable: bool, size: int | None = None) -> None:
+        """Map the page of ``size`` (PAGE_SIZE by default) at ``hva`` to frames from ``pfn``."""
+        size = size or self.page_size
+        self._tables[size][hva >> (size.bit_length() - 1)] = (pfn, writable)
 
     # ------------------------------------------------------------------ faults
 
@@ -321,12 +373,13 @@ class HostMemory:
         if (write and "w" not in vma.prot) or (not write and "r" not in vma.prot):
             raise SigSegv(f"hva={hva:#x}: {'write' if write else 'read'} not allowed by "
                           f"prot {vma.prot!r}")
-        if hva >> PAGE_SHIFT in self.hwpoison_vpns:
+        if hva >> self.page_shift in self.hwpoison_pages:
             raise SigBus(f"hva={hva:#x}: hardware-poisoned page")
-        e = self.lookup_pte(hva)
+        e = self._entry(hva)
         if e is not None:
             pfn, writable, size = e
-            if pfn in self.poisoned:
+            piece = pfn + ((hva & (size - 1)) >> PAGE_SHIFT)
+            if self.page_of(piece) in self.poisoned:
                 raise SigBus(f"hva={hva:#x}: hardware-poisoned page")
             if not write or writable:
                 return
@@ -335,36 +388,36 @@ class HostMemory:
             else:
                 # wp_page_reuse: an exclusive or shared page just becomes writable; the pfn
                 # does not change, so no notifier fires.
-                base = hva & ~(size - 1)
-                self._set_pte(base, pfn - ((hva - base) >> PAGE_SHIFT), True, size)
+                self._set_pte(hva & ~(size - 1), pfn, True, size)
             return
         self._fault_in(vma, hva, write)
 
     def _cow_break(self, vma: Vma, hva: int) -> None:
-        page = hva & ~(PAGE_SIZE - 1)
-        with self.invalidating(page, PAGE_SIZE):
-            pfn = self._alloc(1)
-            self.ptes[page >> PAGE_SHIFT] = (pfn, True)
+        page = hva & ~(self.page_size - 1)
+        with self.invalidating(page, self.page_size):
+            self._set_pte(page, self._alloc(self.nr_frames), True)
 
     def _fault_in(self, vma: Vma, hva: int, write: bool) -> None:
         writable = "w" in vma.prot
         kind = vma.kind
+        page = hva & ~(self.page_size - 1)
         if kind == "anon":
-            block = hva & ~(SZ_2M - 1)
-            if (vma.thp and block >= vma.start and block + SZ_2M <= vma.end
-                    and not any((block >> PAGE_SHIFT) + i in self.ptes for i in range(512))):
-                self._set_pte(block, self._alloc(512), writable, SZ_2M)
+            pmd = self.pmd_size
+            block = hva & ~(pmd - 1)
+            shift = self.page_shift
+            if (vma.thp and block >= vma.start and block + pmd <= vma.end
+                    and not any(k in self.ptes for k in range(block >> shift,
+                                                              (block + pmd) >> shift))):
+                self._set_pte(block, self._alloc(pmd >> PAGE_SHIFT), writable, pmd)
             elif write:
-                self._set_pte(hva & ~(PAGE_SIZE - 1), self._alloc(1), True)
+                self._set_pte(page, self._alloc(self.nr_frames), True)
             else:
-                self._set_pte(hva & ~(PAGE_SIZE - 1), self.zero_pfn, False)
+                self._set_pte(page, self.zero_pfn, False)
         elif kind == "pfnmap":
-            page = hva & ~(PAGE_SIZE - 1)
             self._set_pte(page, vma.pfn + ((page - vma.start) >> PAGE_SHIFT), writable)
         elif kind == "gmem":
-            inode = vma.backing
-            pfn = inode.fault_user_mapping(vma.pgoff_of(hva))
-            self._set_pte(hva & ~(PAGE_SIZE - 1), pfn, writable and write)
+            pfn = vma.backing.fault_user_mapping(vma.pgoff_of(page))
+            self._set_pte(page, pfn, writable and write)
         else:
             size = vma.page_size
             base = hva & ~(size - 1)
@@ -372,9 +425,9 @@ class HostMemory:
             pfn = vma.backing.pages.get(off)
             if pfn is None:
                 pfn = vma.backing.pages[off] = self._alloc(size >> PAGE_SHIFT)
-            # Shared 4K pages are mapped read-only on a read fault and made writable on the
+            # Shared small pages are mapped read-only on a read fault and made writable on the
             # first write (do_read_fault / wp_page_shared); hugetlb maps with the VMA's prot.
-            self._set_pte(base, pfn, writable and (write or size > PAGE_SIZE), size)
+            self._set_pte(base, pfn, writable and (write or kind != "shared"), size)
 
     # ------------------------------------------------------------------ GUP
 
@@ -384,7 +437,7 @@ class HostMemory:
         if vma is None or vma.io_pfnmap:
             return None
         e = self.lookup_pte(hva)
-        if e is None or (write and not e[1]) or e[0] in self.poisoned:
+        if e is None or (write and not e[1]) or self.page_of(e[0]) in self.poisoned:
             return None
         return e[0], e[1]
 
@@ -463,11 +516,11 @@ class HostMemory:
             return
         if "w" in prot:
             return
-        for table, shift in ((self.ptes, 0), (self.pmds, 9), (self.puds, 18)):
-            lo, hi = start >> (PAGE_SHIFT + shift), (end - 1) >> (PAGE_SHIFT + shift)
+        for size, table in self._tables.items():
+            shift = size.bit_length() - 1
+            lo, hi = start >> shift, (end - 1) >> shift
             for key in [k for k in table if lo <= k <= hi]:
-                pfn, _w = table[key]
-                table[key] = (pfn, False)
+                table[key] = (table[key][0], False)
 
     def madvise_dontneed(self, hva: int, length: int) -> None:
         """madvise(MADV_DONTNEED): notifiers fire, PTEs go; anonymous pages are freed (the next
@@ -480,18 +533,18 @@ class HostMemory:
 
     def migrate(self, hva: int) -> int:
         """Migrate the page (or transparent huge page) at ``hva`` to new frames, as NUMA
-        balancing or compaction would: notifiers fire, contents move. Returns the new pfn."""
+        balancing or compaction would: notifiers fire, contents move. Returns the new frame
+        of ``hva``'s 4 KiB."""
         vma = self.find_vma(hva)
         if vma is None:
             raise KvmError(errno.EFAULT, f"migrate: hva={hva:#x} is not mapped")
         if vma.kind not in ("anon", "shared"):
             raise KvmError(errno.EINVAL, f"migrate: {vma.kind} pages do not migrate")
-        e = self.lookup_pte(hva)
+        e = self._entry(hva)
         if e is None or e[0] == self.zero_pfn:
             raise KvmError(errno.ENOENT, f"migrate: no page present at hva={hva:#x}")
-        pfn, writable, size = e
+        old, writable, size = e
         base = hva & ~(size - 1)
-        old = pfn - ((hva - base) >> PAGE_SHIFT)
         npages = size >> PAGE_SHIFT
         with self.invalidating(base, size):
             new = self._alloc(npages)
@@ -501,72 +554,81 @@ class HostMemory:
                 vma.backing.pages[vma.pgoff_of(base)] = new
         return new + ((hva - base) >> PAGE_SHIFT)
 
-    def split_huge_page(self, hva: int) -> None:
-        """split_huge_pmd: the THP at ``hva`` becomes 512 4K PTEs on the same frames; the
-        notifiers fire for the 2 MiB range."""
-        base = hva & ~(SZ_2M - 1)
-        e = self.pmds.get(base >> (PAGE_SHIFT + 9))
-        if e is None:
-            raise KvmError(errno.EINVAL, f"split_huge_page: no huge page at hva={hva:#x}")
-        vma = self.find_vma(hva)
-        if vma is None or vma.kind != "anon":
-            raise KvmError(errno.EINVAL, "split_huge_page: only transparent huge pages split")
-        with self.invalidating(base, SZ_2M):
-            del self.pmds[base >> (PAGE_SHIFT + 9)]
-            for i in range(512):
-                self.ptes[(base >> PAGE_SHIFT) + i] = (e[0] + i, e[1])
-
-    def collapse_huge_page(self, hva: int) -> int:
-        """khugepaged's collapse_huge_page: 512 present 4K pages of a THP-enabled range become
-        one new 2 MiB page (contents copied); the notifiers fire. Returns the new pfn."""
-        base = hva & ~(SZ_2M - 1)
+    def _thp_block(self, hva: int, name: str) -> tuple[int, int]:
+        pmd = self.pmd_size
+        base = hva & ~(pmd - 1)
         vma = self.find_vma(hva)
         if (vma is None or vma.kind != "anon" or not vma.thp or base < vma.start
-                or base + SZ_2M > vma.end):
-            raise KvmError(errno.EINVAL, f"collapse_huge_page: hva={hva:#x} is not in a "
-                                         "THP-enabled 2 MiB-aligned anonymous range")
-        vpn = base >> PAGE_SHIFT
-        if not all(vpn + i in self.ptes for i in range(512)):
-            raise KvmError(errno.EAGAIN, "collapse_huge_page: not all 512 pages are present")
-        with self.invalidating(base, SZ_2M):
-            new = self._alloc(512)
-            for i in range(512):
-                pfn, _w = self.ptes.pop(vpn + i)
+                or base + pmd > vma.end):
+            raise KvmError(errno.EINVAL, f"{name}: hva={hva:#x} is not in a THP-enabled, "
+                                         f"{pmd:#x}-aligned anonymous range")
+        return base, pmd
+
+    def split_huge_page(self, hva: int) -> None:
+        """split_huge_pmd: the THP at ``hva`` becomes PAGE_SIZE PTEs on the same frames; the
+        notifiers fire for the PMD's range."""
+        base, pmd = self._thp_block(hva, "split_huge_page")
+        table = self._tables[pmd]
+        e = table.get(base >> (pmd.bit_length() - 1))
+        if e is None:
+            raise KvmError(errno.EINVAL, f"split_huge_page: no huge page at hva={hva:#x}")
+        with self.invalidating(base, pmd):
+            del table[base >> (pmd.bit_length() - 1)]
+            for off in range(0, pmd, self.page_size):
+                self.ptes[(base + off) >> self.page_shift] = (e[0] + (off >> PAGE_SHIFT), e[1])
+
+    def collapse_huge_page(self, hva: int) -> int:
+        """khugepaged's collapse_huge_page: the present PAGE_SIZE pages of a PMD-sized
+        THP-enabled range become one new huge page (contents copied); the notifiers fire.
+        Returns the new pfn."""
+        base, pmd = self._thp_block(hva, "collapse_huge_page")
+        keys = range(base >> self.page_shift, (base + pmd) >> self.page_shift)
+        if not all(k in self.ptes for k in keys):
+            raise KvmError(errno.EAGAIN, "collapse_huge_page: not every page is present")
+        with self.invalidating(base, pmd):
+            new = self._alloc(pmd >> PAGE_SHIFT)
+            for i, key in enumerate(keys):
+                pfn, _w = self.ptes.pop(key)
                 if pfn != self.zero_pfn:
-                    self.copy_frames(pfn, new + i, 1)
-            self.pmds[vpn >> 9] = (new, "w" in vma.prot)
+                    self.copy_frames(pfn, new + i * self.nr_frames, self.nr_frames)
+            vma = self.find_vma(hva)
+            self._set_pte(base, new, "w" in vma.prot, pmd)
         return new
 
     def poison(self, hva: int) -> None:
         """A memory error on the page at ``hva`` (memory_failure on its pfn)."""
-        e = self.lookup_pte(hva)
         vma = self.find_vma(hva)
         if vma is None:
             raise KvmError(errno.EFAULT, f"poison: hva={hva:#x} is not mapped")
+        e = self.lookup_pte(hva)
         if e is None:
             self.handle_mm_fault(hva, False)
             e = self.lookup_pte(hva)
         self.memory_failure(e[0])
 
     def memory_failure(self, pfn: int) -> None:
-        """memory_failure(pfn): guest_memfd pages go to the file's error handler
-        (kvm_gmem_error_folio: invalidate, no truncation); other pages are unmapped from
-        every mapping (notifiers fire) and a later touch gets SIGBUS / -EHWPOISON."""
-        self.poisoned.add(pfn)
-        owner = self.gmem_frames.get(pfn)
+        """memory_failure(pfn): the host page holding frame ``pfn`` is poisoned.
+        guest_memfd pages go to the file's error handler (kvm_gmem_error_folio: invalidate,
+        no truncation); other pages are unmapped from every mapping (notifiers fire) and a
+        later touch gets SIGBUS / -EHWPOISON."""
+        first = self.page_of(pfn)
+        self.poisoned.add(first)
+        owner = self.gmem_frames.get(first)
         if owner is not None:
             inode, index = owner
             inode.error_folio(index)
             return
-        hvas = [vpn << PAGE_SHIFT for vpn, e in self.ptes.items() if e[0] == pfn]
-        for table, shift in ((self.pmds, 9), (self.puds, 18)):
+        last = first + self.nr_frames
+        hvas = []
+        for size, table in self._tables.items():
+            shift = size.bit_length() - 1
             for key, e in table.items():
-                if e[0] <= pfn < e[0] + (1 << shift):
-                    hvas.append((key << (PAGE_SHIFT + shift)) + ((pfn - e[0]) << PAGE_SHIFT))
+                if e[0] < last and first < e[0] + (size >> PAGE_SHIFT):
+                    hvas.append((key << shift) + ((first - e[0]) << PAGE_SHIFT))
         for hva in hvas:
-            with self.invalidating(hva, PAGE_SIZE):
-                self._zap_ptes(hva, hva + PAGE_SIZE)
-                self.hwpoison_vpns.add(hva >> PAGE_SHIFT)
+            with self.invalidating(hva, self.page_size):
+                self._zap_ptes(hva, hva + self.page_size)
+                self.hwpoison_pages.add(hva >> self.page_shift)
 
     def read(self, hva: int, n: int) -> bytes:
         """A host (VMM) read of ``n`` bytes at ``hva``; faults pages in as needed."""

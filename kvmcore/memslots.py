@@ -285,18 +285,22 @@ def kvm_set_memory_region(vm: VM, slot: int, flags: int, guest_phys_addr: int,
                       f"(< {user_slots})")
     as_id, id_ = slot >> 16, slot & 0xFFFF
     check_memory_region_flags(vm, flags)
-    if memory_size & (PAGE_SIZE - 1):
-        raise _einval(f"memory_size={memory_size:#x} is not page-aligned")
-    if guest_phys_addr & (PAGE_SIZE - 1):
-        raise _einval(f"guest_phys_addr={guest_phys_addr:#x} is not page-aligned")
-    if userspace_addr & (PAGE_SIZE - 1):
-        raise _einval(f"userspace_addr={userspace_addr:#x} is not page-aligned")
+    mask = vm.page_size - 1  # PAGE_SIZE: the host's, which may be 16K or 64K
+    if memory_size & mask:
+        raise _einval(f"memory_size={memory_size:#x} is not aligned to PAGE_SIZE "
+                      f"{vm.page_size:#x}")
+    if guest_phys_addr & mask:
+        raise _einval(f"guest_phys_addr={guest_phys_addr:#x} is not aligned to PAGE_SIZE "
+                      f"{vm.page_size:#x}")
+    if userspace_addr & mask:
+        raise _einval(f"userspace_addr={userspace_addr:#x} is not aligned to PAGE_SIZE "
+                      f"{vm.page_size:#x}")
     if userspace_addr + memory_size > TASK_SIZE:
         raise _einval(f"userspace_addr={userspace_addr:#x}+memory_size fails access_ok()")
-    if flags & KVM_MEM_GUEST_MEMFD and (guest_memfd_offset & (PAGE_SIZE - 1)
+    if flags & KVM_MEM_GUEST_MEMFD and (guest_memfd_offset & mask
                                         or guest_memfd_offset + memory_size >= U64):
-        raise _einval(f"guest_memfd_offset={guest_memfd_offset:#x} is not page-aligned or "
-                      "offset + size wraps")
+        raise _einval(f"guest_memfd_offset={guest_memfd_offset:#x} is not aligned to "
+                      f"PAGE_SIZE {vm.page_size:#x} or offset + size wraps")
     if as_id >= vm.nr_address_spaces or id_ >= KVM_MEM_SLOTS_NUM:
         raise _einval(f"slot={slot:#x}: address space {as_id} does not exist "
                       f"(this VM has {vm.nr_address_spaces})")

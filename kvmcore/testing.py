@@ -9,7 +9,9 @@ Its policies are Linux's where architectures agree, and arm64's where they diffe
 a read fault maps writable when the host allows it, except in a dirty-logged slot, where read
 faults map read-only and the first write adds W through ``relax_perms`` and logs the page;
 enabling logging write-protects the slot; the private/shared filter is ignored (one table,
-like x86 VMs without TDX's mirror root).
+like x86 VMs without TDX's mirror root). The ``page_size`` option (4096, 16384 or 65536, the
+host's PAGE_SIZE; default: the host's) sets the base leaf, so the suite can run the core at
+every base page without a hardware format.
 """
 
 from __future__ import annotations
@@ -66,12 +68,17 @@ class FlatBackend:
         vm_types={"default": _COMMON, "sw_protected": _COMMON | {"private_mem"}},
         nr_address_spaces=2,
         description="reference backend: leaves in a sorted map, no hardware format",
+        base_page_option="page_size",
     )
 
-    def __init__(self, vm_type: str = "default", **options):
+    def __init__(self, vm_type: str = "default", page_size: int = SZ_4K, **options):
         if options:
-            raise KvmError(errno.EINVAL, f"flat backend takes no options: {sorted(options)}")
+            raise KvmError(errno.EINVAL, f"flat backend takes only page_size: "
+                                         f"{sorted(options)}")
         self.vm_type = vm_type
+        self.base = page_size
+        if page_size != SZ_4K:
+            self.arch_info = attrs.evolve(self.arch_info, page_sizes=(page_size, SZ_2M, SZ_1G))
         self.roots: list[SortedDict] = []
 
     # ------------------------------------------------------------------ helpers
@@ -137,7 +144,7 @@ class FlatBackend:
     def _choose_size(self, vm, fault) -> int:
         slot = fault.slot
         if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-            return SZ_4K
+            return self.base
         for size in (SZ_1G, SZ_2M):
             if size > fault.max_size or not slot.supports_huge_mapping(fault.gfn, size):
                 continue
@@ -150,7 +157,7 @@ class FlatBackend:
                                                   KVM_MEMORY_ATTRIBUTE_PRIVATE, attr):
                 continue
             return size
-        return SZ_4K
+        return self.base
 
     @hookimpl
     def map_leaf(self, vm, fault):
@@ -195,9 +202,10 @@ class FlatBackend:
                 return None
             leaf.writable = True
             if fault.slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-                if leaf.size != SZ_4K:
+                if leaf.size != self.base:
                     return None
-                vm.mark_page_dirty_in_slot(fault.slot, fault.gfn)
+                for gfn in range(leaf.gfn, leaf.end):
+                    vm.mark_page_dirty_in_slot(fault.slot, gfn)
         if fault.exec:
             leaf.executable = True
         return RET_PF_FIXED

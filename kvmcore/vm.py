@@ -17,7 +17,7 @@ from .exits import MmioExit
 from .fault import (FETCH, READ, VIOLATION_KINDS, WRITE, Access, PageFault, Translation,
                     kvm_page_fault, run_to_completion)
 from .gmem import GuestMemfd, kvm_gmem_create
-from .host import HostMemory
+from .host import HOST_PAGE_SIZES, HostMemory
 from .invalidate import InvalidateState, KvmMmuNotifier
 from .memslots import Memslot, MemslotSet, kvm_set_memory_region
 from .plugins import bind_hot_hook, get_plugin_manager, resolve_backend
@@ -75,6 +75,18 @@ class MmuLock:
         return False
 
 
+def host_for(arch, options=None) -> HostMemory:
+    """A fresh host whose PAGE_SIZE is what a VM of ``arch`` (a backend name, class or its
+    ArchInfo) with these VM ``options`` runs on: ``HostMemory()`` unless the options ask for
+    another base page (arm64 ``granule=65536``, ppc ``page_size=65536``)."""
+    info = arch if isinstance(arch, ArchInfo) else resolve_backend(arch).arch_info
+    page_size = info.base_page(options or {}) or PAGE_SIZE
+    if page_size not in HOST_PAGE_SIZES:
+        raise KvmError(errno.EINVAL, f"{info.base_page_option}={page_size!r}: a host "
+                                     f"PAGE_SIZE is one of {HOST_PAGE_SIZES}")
+    return HostMemory(page_size, info.host_pmd_sizes.get(page_size))
+
+
 class VM:
     """A KVM virtual machine (``KVM_CREATE_VM``) on one architecture backend.
 
@@ -92,13 +104,25 @@ class VM:
         if vm_type not in info.vm_types:
             raise KvmError(errno.EINVAL, f"vm_type={vm_type!r}: {info.name} supports "
                                          f"{', '.join(info.vm_types)}")
+        want = info.base_page(options)
+        if host is None:
+            host = host_for(info, options)
+        elif want is not None and want != host.page_size:
+            name = info.base_page_option
+            what = f"{name}={want!r}" if name else f"arch={info.name!r} (4 KiB pages only)"
+            raise KvmError(errno.EINVAL, f"{what}: the host's PAGE_SIZE is {host.page_size}; "
+                                         "a VM's base page is its host's PAGE_SIZE")
+        if want is None and info.base_page_option:
+            options[info.base_page_option] = host.page_size
         self.backend = cls(vm_type=vm_type, **options)
         self.arch_info: ArchInfo = getattr(self.backend, "arch_info", info)
         self.vm_type = vm_type
         self.options = dict(options)
         self.capabilities: frozenset[str] = self.arch_info.capabilities_of(vm_type)
         self.arch_capabilities: frozenset[str] = self.arch_info.capabilities
-        self.host = host if host is not None else HostMemory()
+        self.host = host
+        #: PAGE_SIZE: the base page of this VM (its host's); gfns stay 4 KiB frames.
+        self.page_size: int = host.page_size
         self.pm = get_plugin_manager(self.backend, self.arch_info.name)
         self.hook = self.pm.hook
         self.translate = bind_hot_hook(self.pm, "translate")

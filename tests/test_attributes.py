@@ -20,8 +20,8 @@ TiB = 1 << 40
     (0, 4096, 1 << 4, 0, "unsupported"),
     (0, 0, PRIVATE, 0, "size"),
     ((1 << 64) - 4096, 4096, PRIVATE, 0, "wraps"),
-    (0x800, 4096, PRIVATE, 0, "page-aligned"),
-    (0, 0x800, PRIVATE, 0, "page-aligned"),
+    (0x800, 4096, PRIVATE, 0, "aligned to PAGE_SIZE"),
+    (0, 0x800, PRIVATE, 0, "aligned to PAGE_SIZE"),
 ])
 def test_validation(pvm, address, size, attributes, flags, fragment):
     before = snapshot(pvm)

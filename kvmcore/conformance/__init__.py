@@ -21,7 +21,8 @@ Without test paths the plugin runs its own suite (``kvmcore/conformance/suite``)
 ``-k`` to select.
 
 Fixtures: ``arch`` (one parameter per selected backend configuration, id = its name and
-options), ``host`` (a fresh ``HostMemory``), ``make_vm(vm_type=None, **options)`` (a VM factory:
+options), ``host`` (a fresh ``HostMemory`` whose PAGE_SIZE is the base page the options ask for,
+e.g. 64 KiB with ``granule=65536``: ``kvmcore.vm.host_for``), ``make_vm(vm_type=None, **options)`` (a VM factory:
 the VM type is the first one — ``"default"`` first — that claims every capability the test
 requires; with ``--each-vm-type`` the test runs once per VM type that claims them), ``vm``
 and ``vcpu`` (one VM made by ``make_vm()`` and its vCPU 0), ``guest`` (a
@@ -311,10 +312,11 @@ def arch(request) -> Arch:
 
 
 @pytest.fixture
-def host():
-    from kvmcore import HostMemory
+def host(arch):
+    """A fresh host whose PAGE_SIZE is the base page the run's VM options ask for."""
+    from kvmcore.vm import host_for
 
-    return HostMemory()
+    return host_for(arch.config.backend, dict(arch.config.options))
 
 
 @pytest.fixture

@@ -35,8 +35,9 @@ def pattern(tag: int, n: int = 8) -> bytes:
 
 
 def base_page(vm) -> int:
-    """The backend's base page in bytes (4 KiB unless a VM option says otherwise)."""
-    return min(vm.arch_info.page_sizes)
+    """The VM's base page in bytes: its host's PAGE_SIZE (4 KiB unless the run's VM options
+    ask for more)."""
+    return vm.page_size
 
 
 def base_page_gfns(vm, gpa: int, slot_base_gpa: int | None = None,

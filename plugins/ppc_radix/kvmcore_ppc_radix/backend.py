@@ -246,7 +246,7 @@ class PpcRadixBackend:
                 # Cannot happen on a real 64K host; the model's 4K host may leave a 64K block
                 # straddling two VMAs. No partition PTE may map memory the host does not.
                 vm.stats["ppc_host_64k_unmappable"] += 1
-                raise memory_fault_exit(fault)
+                raise memory_fault_exit(vm, fault)
             if fault.map_writable and not make_host_base_page_writable(
                     vm.host, fault.hva & ~(self.cfg.page_size - 1), self.cfg.page_size):
                 fault.map_writable = False
