@@ -22,13 +22,13 @@ Without test paths the plugin runs its own suite (``kvmcore/conformance/suite``)
 
 Fixtures: ``arch`` (one parameter per selected backend configuration, id = its name and
 options), ``host`` (a fresh ``HostMemory`` whose PAGE_SIZE is the base page the options ask for,
-e.g. 64 KiB with ``granule=65536``: ``kvmcore.vm.host_for``), ``make_vm(vm_type=None, **options)`` (a VM factory:
-the VM type is the first one — ``"default"`` first — that claims every capability the test
-requires; with ``--each-vm-type`` the test runs once per VM type that claims them), ``vm``
-and ``vcpu`` (one VM made by ``make_vm()`` and its vCPU 0), ``guest`` (a
-:class:`~kvmcore.conformance.helpers.Guest`: a VM, a vCPU and helpers to back memslots).
-Races are replayed with ``vcpu.step_access(kind, gpa, n_or_data, private=...)``, a generator
-that yields the fault path's race points (``helpers.step_until`` / ``helpers.finish``).
+e.g. 64 KiB with ``granule=65536``: ``kvmcore.vm.host_for``), ``make_vm(vm_type=None,
+**options)`` (a VM factory: the VM type is the first one — ``"default"`` first — that claims
+every capability the test requires; with ``--each-vm-type`` the test runs once per VM type that
+claims them), ``vm`` and ``vcpu`` (one VM made by ``make_vm()`` and its vCPU 0), ``guest`` (a
+:class:`~kvmcore.conformance.helpers.Guest`: a VM, a vCPU and helpers to back memslots). Races
+are replayed with ``vcpu.step_access(kind, gpa, n_or_data, private=...)``, a generator that
+yields the fault path's race points (``helpers.step_until`` / ``helpers.finish``).
 After each test ``vm.check_invariants()`` runs on every VM the test made; a broken invariant
 fails the test.
 
