@@ -341,6 +341,13 @@ def make_vm(request, arch, host):
 
 
 @pytest.fixture
+def page(vm) -> int:
+    """The base page of the test's VM in bytes (its host's PAGE_SIZE): the unit of the
+    suite's slot layouts, so one test means the same thing at 4 KiB and at 64 KiB."""
+    return vm.page_size
+
+
+@pytest.fixture
 def vm(make_vm):
     return make_vm()
 

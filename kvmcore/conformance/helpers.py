@@ -19,6 +19,9 @@ from kvmcore.uapi import (
 )
 
 PAGE = 4096
+#: The largest base page of any backend (arm64 64K granule, ppc 64K pages): a size or offset
+#: that is a multiple of it is aligned at every base page.
+MAX_PAGE = 65536
 SZ_2M = 2 << 20
 SZ_1G = 1 << 30
 EFAULT = _errno.EFAULT

@@ -12,7 +12,6 @@ import errno
 import pytest
 
 from kvmcore.conformance.helpers import (
-    PAGE,
     base_page_gfns,
     expect_errno,
     expect_errno_unchanged,
@@ -24,30 +23,36 @@ pytestmark = pytest.mark.requires("dirty_log")
 
 GPA = 0x400_0000
 NPAGES = 256
-SIZE = NPAGES * PAGE
+SLOT_PAGES = NPAGES  # the usual slot, in base pages
 EINVAL, ENOENT = errno.EINVAL, errno.ENOENT
 
 
 def dirty(vm, *offsets):
     """Slot-relative offsets a write to each page offset reports (whole base pages)."""
+    page = vm.page_size
+    slot_size = SLOT_PAGES * page
     out = set()
     for off in offsets:
-        out.update(base_page_gfns(vm, GPA + off * PAGE, GPA, SIZE))
+        out.update(base_page_gfns(vm, GPA + off * page, GPA, slot_size))
     return sorted(out)
 
 
 def test_get_dirty_log_reports_written_pages(guest):
     """GET returns exactly the written pages, ascending."""
-    guest.slot(0, GPA, SIZE, LOG)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    guest.slot(0, GPA, slot_size, LOG)
     for off in (200, 3, 64, 65):
-        guest.write(GPA + off * PAGE + 8, pattern(off))
+        guest.write(GPA + off * page + 8, pattern(off))
     assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 3, 64, 65, 200)
 
 
 def test_get_dirty_log_clears(guest):
     """Without manual protect, GET snapshots and clears: an immediate second GET is empty."""
-    guest.slot(0, GPA, SIZE, LOG)
-    guest.write(GPA + 10 * PAGE, pattern(1))
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    guest.slot(0, GPA, slot_size, LOG)
+    guest.write(GPA + 10 * page, pattern(1))
     assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 10)
     assert guest.vm.get_dirty_log(0) == []
 
@@ -55,39 +60,47 @@ def test_get_dirty_log_clears(guest):
 def test_write_after_get_reported_again(guest):
     """GET re-arms tracking for the reported pages: a write after the snapshot (even to a page
     already mapped writable) is reported next time."""
-    guest.slot(0, GPA, SIZE, LOG)
-    guest.write(GPA + 10 * PAGE, pattern(1))
-    guest.write(GPA + 11 * PAGE, pattern(2))
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    guest.slot(0, GPA, slot_size, LOG)
+    guest.write(GPA + 10 * page, pattern(1))
+    guest.write(GPA + 11 * page, pattern(2))
     guest.vm.get_dirty_log(0)
-    guest.write(GPA + 10 * PAGE, pattern(3))
+    guest.write(GPA + 10 * page, pattern(3))
     assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 10)
-    assert guest.read(GPA + 10 * PAGE) == pattern(3)
-    assert guest.read(GPA + 11 * PAGE) == pattern(2)
+    assert guest.read(GPA + 10 * page) == pattern(3)
+    assert guest.read(GPA + 11 * page) == pattern(2)
 
 
 def test_enable_logging_catches_writes_to_mapped_pages(guest):
     """FLAGS_ONLY enabling LOG_DIRTY_PAGES on a slot whose pages are already mapped writable:
     later writes to them are logged."""
-    hva = guest.slot(0, GPA, SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size)
     for off in (1, 2, 3):
-        guest.write(GPA + off * PAGE, pattern(off))
-    guest.vm.set_user_memory_region(0, GPA, SIZE, hva, LOG)
-    guest.write(GPA + 2 * PAGE, pattern(9))
+        guest.write(GPA + off * page, pattern(off))
+    guest.vm.set_user_memory_region(0, GPA, slot_size, hva, LOG)
+    guest.write(GPA + 2 * page, pattern(9))
     assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 2)
 
 
 def test_disable_logging_drops_bitmap(guest):
     """FLAGS_ONLY clearing LOG_DIRTY_PAGES frees the bitmap: GET is ENOENT."""
-    hva = guest.slot(0, GPA, SIZE, LOG)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size, LOG)
     guest.write(GPA, pattern(1))
-    guest.vm.set_user_memory_region(0, GPA, SIZE, hva, 0)
+    guest.vm.set_user_memory_region(0, GPA, slot_size, hva, 0)
     expect_errno(ENOENT, guest.vm.get_dirty_log, 0)
     assert guest.read(GPA) == pattern(1)
 
 
 def test_get_without_logging_enoent(guest):
     """GET on a slot without a bitmap, or on no slot: ENOENT."""
-    guest.slot(0, GPA, SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    guest.slot(0, GPA, slot_size)
     expect_errno(ENOENT, guest.vm.get_dirty_log, 0)
     expect_errno(ENOENT, guest.vm.get_dirty_log, 7)
 
@@ -100,9 +113,11 @@ def test_get_bad_slot_einval(guest):
 
 def test_logging_slot_maps_base_pages(guest):
     """While a slot logs, write faults map base pages only (so one dirty bit = one leaf)."""
-    guest.slot(0, GPA, SIZE, LOG)
-    guest.write(GPA + 5 * PAGE, pattern(1))
-    m = guest.vm.lookup(GPA + 5 * PAGE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    guest.slot(0, GPA, slot_size, LOG)
+    guest.write(GPA + 5 * page, pattern(1))
+    m = guest.vm.lookup(GPA + 5 * page)
     assert m.size == min(guest.vm.arch_info.page_sizes) and m.writable
 
 
@@ -110,36 +125,44 @@ def test_logging_slot_maps_base_pages(guest):
 class TestManualProtect:
     def test_get_does_not_clear(self, guest):
         """Manual protect: GET copies the bitmap out as it is, every time."""
+        page = guest.vm.page_size
+        slot_size = SLOT_PAGES * page
         guest.vm.enable_dirty_log_manual_protect()
-        guest.slot(0, GPA, SIZE, LOG)
-        guest.write(GPA + 7 * PAGE, pattern(1))
+        guest.slot(0, GPA, slot_size, LOG)
+        guest.write(GPA + 7 * page, pattern(1))
         assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 7)
         assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 7)
 
     def test_clear_clears_listed_pages_only(self, guest):
         """CLEAR clears exactly the given bits; the others stay reported."""
+        page = guest.vm.page_size
+        slot_size = SLOT_PAGES * page
         guest.vm.enable_dirty_log_manual_protect()
-        guest.slot(0, GPA, SIZE, LOG)
+        guest.slot(0, GPA, slot_size, LOG)
         for off in (1, 2, 100):
-            guest.write(GPA + off * PAGE, pattern(off))
+            guest.write(GPA + off * page, pattern(off))
         guest.vm.clear_dirty_log(0, 0, NPAGES, dirty(guest.vm, 2))
         assert guest.vm.get_dirty_log(0) == sorted(set(dirty(guest.vm, 1, 100))
                                                     - set(dirty(guest.vm, 2)))
 
     def test_write_after_clear_reported(self, guest):
         """CLEAR re-arms tracking for the cleared pages."""
+        page = guest.vm.page_size
+        slot_size = SLOT_PAGES * page
         guest.vm.enable_dirty_log_manual_protect()
-        guest.slot(0, GPA, SIZE, LOG)
-        guest.write(GPA + 64 * PAGE, pattern(1))
+        guest.slot(0, GPA, slot_size, LOG)
+        guest.write(GPA + 64 * page, pattern(1))
         guest.vm.clear_dirty_log(0, 64, NPAGES - 64, dirty(guest.vm, 64))
         assert guest.vm.get_dirty_log(0) == []
-        guest.write(GPA + 64 * PAGE, pattern(2))
+        guest.write(GPA + 64 * page, pattern(2))
         assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 64)
 
     def test_clear_first_page_unaligned_einval_before_enoent(self, guest):
         """CLEAR checks first_page & 63 (EINVAL) before the slot (ENOENT)."""
+        page = guest.vm.page_size
+        slot_size = SLOT_PAGES * page
         guest.vm.enable_dirty_log_manual_protect()
-        guest.slot(0, GPA, SIZE)
+        guest.slot(0, GPA, slot_size)
         expect_errno(EINVAL, guest.vm.clear_dirty_log, 0, 1, 64, [])
         expect_errno(ENOENT, guest.vm.clear_dirty_log, 0, 0, 64, [])
 
@@ -153,29 +176,33 @@ class TestManualProtect:
         """CLEAR: first_page > npages, num_pages > npages - first_page, num_pages not a
         multiple of 64 short of the end, a page outside the range: EINVAL, bitmap
         unchanged."""
+        page = guest.vm.page_size
+        slot_size = SLOT_PAGES * page
         guest.vm.enable_dirty_log_manual_protect()
-        guest.slot(0, GPA, SIZE, LOG)
-        guest.write(GPA + 64 * PAGE, pattern(1))
+        guest.slot(0, GPA, slot_size, LOG)
+        guest.write(GPA + 64 * page, pattern(1))
         expect_errno_unchanged(guest.vm, EINVAL, guest.vm.clear_dirty_log, 0, first, num, pages)
         assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 64)
 
     def test_clear_to_end_any_count(self, guest):
         """num_pages need not be a multiple of 64 when the range runs to the slot's end."""
+        page = guest.vm.page_size
         guest.vm.enable_dirty_log_manual_protect()
-        guest.slot(0, GPA, 100 * PAGE, LOG)
-        guest.write(GPA + 99 * PAGE, pattern(1))
+        guest.slot(0, GPA, 100 * page, LOG)
+        guest.write(GPA + 99 * page, pattern(1))
         guest.vm.clear_dirty_log(0, 64, 36, [g for g in base_page_gfns(
-            guest.vm, GPA + 99 * PAGE, GPA, 100 * PAGE)])
+            guest.vm, GPA + 99 * page, GPA, 100 * page)])
         assert guest.vm.get_dirty_log(0) == []
 
 
 @pytest.mark.requires("manual_dirty_protect", "initially_set")
 def test_initially_set(guest):
     """KVM_DIRTY_LOG_INITIALLY_SET: a bitmap allocated afterwards starts with every page set."""
+    page = guest.vm.page_size
     guest.vm.enable_dirty_log_manual_protect(initially_set=True)
-    guest.slot(0, GPA, 100 * PAGE, LOG)
+    guest.slot(0, GPA, 100 * page, LOG)
     assert guest.vm.get_dirty_log(0) == list(range(100))
     guest.vm.clear_dirty_log(0, 0, 100, list(range(100)))
     assert guest.vm.get_dirty_log(0) == []
-    guest.write(GPA + 50 * PAGE, pattern(1))
-    assert guest.vm.get_dirty_log(0) == base_page_gfns(guest.vm, GPA + 50 * PAGE, GPA, 100 * PAGE)
+    guest.write(GPA + 50 * page, pattern(1))
+    assert guest.vm.get_dirty_log(0) == base_page_gfns(guest.vm, GPA + 50 * page, GPA, 100 * page)

@@ -49,8 +49,9 @@ def test_reset_without_ring_einval(vm):
 
 def test_bitmap_ioctls_enxio_with_ring(guest):
     """With a ring and no bitmap, GET (and CLEAR) is ENXIO."""
+    page = guest.vm.page_size
     guest.vm.enable_dirty_ring(RING)
-    guest.slot(0, GPA, 64 * PAGE, LOG)
+    guest.slot(0, GPA, 64 * page, LOG)
     expect_errno(ENXIO, guest.vm.get_dirty_log, 0)
 
 
@@ -64,54 +65,59 @@ def _entries(vm, slot, gpas, base=GPA, size=64 * PAGE):
 def test_write_pushes_entry(guest):
     """A write to a logging slot pushes (slot, offset) on the running vCPU's ring; harvest
     returns the entries in ring order."""
+    page = guest.vm.page_size
     guest.vm.enable_dirty_ring(RING)
-    guest.slot(2, GPA, 64 * PAGE, LOG)
-    guest.write(GPA + 5 * PAGE, pattern(1))
-    guest.write(GPA + 9 * PAGE, pattern(2))
-    assert guest.vcpu.harvest_dirty_ring() == _entries(guest.vm, 2, [GPA + 5 * PAGE,
-                                                                     GPA + 9 * PAGE])
+    guest.slot(2, GPA, 64 * page, LOG)
+    guest.write(GPA + 5 * page, pattern(1))
+    guest.write(GPA + 9 * page, pattern(2))
+    assert guest.vcpu.harvest_dirty_ring() == _entries(guest.vm, 2, [GPA + 5 * page,
+                                                                     GPA + 9 * page])
 
 
 def test_slot_field_has_as_id(guest, host):
     """The entry's slot is (as_id << 16) | id; a slot in address space 0 has as_id 0."""
+    page = guest.vm.page_size
     guest.vm.enable_dirty_ring(RING)
-    guest.slot(0x31, GPA, 64 * PAGE, LOG)
+    guest.slot(0x31, GPA, 64 * page, LOG)
     guest.write(GPA, pattern(3))
     assert [s for s, _ in guest.vcpu.harvest_dirty_ring()] == [0x31] * len(
-        base_page_gfns(guest.vm, GPA, GPA, 64 * PAGE))
+        base_page_gfns(guest.vm, GPA, GPA, 64 * page))
 
 
 def test_reset_counts_harvested_only(guest):
     """RESET resets exactly the harvested entries and returns their number; a second RESET
     returns 0."""
+    page = guest.vm.page_size
     guest.vm.enable_dirty_ring(RING)
-    guest.slot(0, GPA, 64 * PAGE, LOG)
+    guest.slot(0, GPA, 64 * page, LOG)
     guest.write(GPA, pattern(1))
-    guest.write(GPA + 16 * PAGE, pattern(2))
+    guest.write(GPA + 16 * page, pattern(2))
     harvested = guest.vcpu.harvest_dirty_ring()
-    guest.write(GPA + 32 * PAGE, pattern(3))  # pushed, not harvested
+    guest.write(GPA + 32 * page, pattern(3))  # pushed, not harvested
     assert guest.vm.reset_dirty_rings() == len(harvested)
     assert guest.vm.reset_dirty_rings() == 0
     later = guest.vcpu.harvest_dirty_ring()
-    assert later == _entries(guest.vm, 0, [GPA + 32 * PAGE])
+    assert later == _entries(guest.vm, 0, [GPA + 32 * page])
     assert guest.vm.reset_dirty_rings() == len(later)
 
 
 def test_redirty_after_reset(guest):
     """RESET re-arms tracking of the reset gfns: writing the page again pushes it again."""
+    page = guest.vm.page_size
     guest.vm.enable_dirty_ring(RING)
-    guest.slot(0, GPA, 64 * PAGE, LOG)
-    guest.write(GPA + 3 * PAGE, pattern(1))
+    guest.slot(0, GPA, 64 * page, LOG)
+    guest.write(GPA + 3 * page, pattern(1))
     guest.vcpu.harvest_dirty_ring()
     guest.vm.reset_dirty_rings()
-    guest.write(GPA + 3 * PAGE, pattern(2))
-    assert guest.vcpu.harvest_dirty_ring() == _entries(guest.vm, 0, [GPA + 3 * PAGE])
+    guest.write(GPA + 3 * page, pattern(2))
+    assert guest.vcpu.harvest_dirty_ring() == _entries(guest.vm, 0, [GPA + 3 * page])
 
 
 def test_non_logging_slot_not_pushed(guest):
     """A slot without LOG_DIRTY_PAGES pushes nothing."""
+    page = guest.vm.page_size
     guest.vm.enable_dirty_ring(RING)
-    guest.slot(0, GPA, 64 * PAGE)
+    guest.slot(0, GPA, 64 * page)
     guest.write(GPA, pattern(1))
     assert guest.vcpu.harvest_dirty_ring() == []
 
@@ -120,14 +126,15 @@ def test_soft_full_exit(guest, arch, host):
     """When used >= soft_limit (entries - 64 - the CPU's dirty-log buffer: 512 with PML), the
     vCPU exits KVM_EXIT_DIRTY_RING_FULL before entering the guest; the access does not happen;
     after harvest + reset it runs again."""
-    size = 16 * PAGE  # 4096 entries
+    page = guest.vm.page_size
+    size = 16 * page  # 4096 entries
     entries = size // 16
     soft_limit = entries - 64 - (512 if arch.has("pml") else 0)
     bp = min(guest.vm.arch_info.page_sizes)
-    per_write = bp // PAGE
+    per_write = bp // page
     guest.vm.enable_dirty_ring(size)
-    npages = (soft_limit // per_write + 2) * (bp // PAGE)
-    hva = guest.slot(0, GPA, npages * PAGE, LOG)
+    npages = (soft_limit // per_write + 2) * (bp // page)
+    hva = guest.slot(0, GPA, npages * page, LOG)
     pushed = 0
     stride = bp
     n = 0
@@ -151,17 +158,19 @@ def test_soft_full_exit(guest, arch, host):
 def test_enable_size_below_reserved_entries(vm, arch):
     """The ring must hold more than the reserved entries (64 + the CPU's dirty-log buffer,
     512 with PML): one page (256 entries) is EINVAL with PML and accepted without."""
+    page = vm.page_size
     if arch.has("pml"):
-        expect_errno(EINVAL, vm.enable_dirty_ring, PAGE)
-        vm.enable_dirty_ring(16 * PAGE)
+        expect_errno(EINVAL, vm.enable_dirty_ring, page)
+        vm.enable_dirty_ring(16 * page)
     else:
-        vm.enable_dirty_ring(PAGE)
+        vm.enable_dirty_ring(page)
     expect_errno(EINVAL, vm.enable_dirty_ring, RING)
 
 
 @pytest.mark.requires("manual_dirty_protect")
 def test_clear_dirty_log_enxio_with_ring(guest):
     """With a ring and no bitmap, CLEAR is ENXIO too (its first check)."""
+    page = guest.vm.page_size
     guest.vm.enable_dirty_ring(RING)
-    guest.slot(0, GPA, 64 * PAGE, LOG)
+    guest.slot(0, GPA, 64 * page, LOG)
     expect_errno(ENXIO, guest.vm.clear_dirty_log, 0, 0, 64, [])

@@ -8,6 +8,7 @@ import errno
 import pytest
 
 from kvmcore.conformance.helpers import (
+    MAX_PAGE,
     PAGE,
     expect_errno,
     expect_errno_unchanged,
@@ -25,7 +26,7 @@ from kvmcore.uapi import (
 pytestmark = pytest.mark.requires("gmem")
 
 GPA = 0x100_0000
-SIZE = 16 * PAGE
+SLOT_PAGES = 16  # the usual slot, in base pages
 EINVAL, EOPNOTSUPP, ENODEV, EBADF = errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV, errno.EBADF
 PUNCH = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
@@ -33,7 +34,7 @@ PUNCH = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 @pytest.mark.parametrize("size,flags", [
     pytest.param(0, 0, id="size-zero"),
     pytest.param(PAGE + 1, 0, id="size-unaligned"),
-    pytest.param(PAGE, 1 << 2, id="unknown-flag"),
+    pytest.param(MAX_PAGE, 1 << 2, id="unknown-flag"),
 ])
 def test_create_einval(vm, size, flags):
     """kvm_gmem_create: flags outside the supported set, size <= 0 or not page-aligned."""
@@ -42,114 +43,133 @@ def test_create_einval(vm, size, flags):
 
 def test_bind_beyond_size_einval(guest, host):
     """kvm_gmem_bind: offset + size > i_size is EINVAL; no slot appears."""
-    gmem = guest.new_gmem(SIZE)
-    hva = host.mmap(SIZE)
-    expect_errno_unchanged(guest.vm, EINVAL, guest.vm.set_user_memory_region, 0, GPA, SIZE, hva,
-                           KVM_MEM_GUEST_MEMFD, guest_memfd=gmem, guest_memfd_offset=PAGE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem = guest.new_gmem(slot_size)
+    hva = host.mmap(slot_size)
+    expect_errno_unchanged(guest.vm, EINVAL, guest.vm.set_user_memory_region, 0, GPA, slot_size,
+                           hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem, guest_memfd_offset=page)
     # The failed bind left no binding behind: the whole file can still be bound.
-    guest.vm.set_user_memory_region(0, GPA, SIZE, hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
+    guest.vm.set_user_memory_region(0, GPA, slot_size, hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
 
 
 def test_bind_overlapping_binding_einval(guest, host):
     """One binding per file page: a second slot over a bound offset is EINVAL."""
-    gmem, _ = guest.gmem_slot(0, GPA, SIZE // 2, gmem=guest.new_gmem(SIZE))
-    hva = host.mmap(SIZE // 2)
-    expect_errno_unchanged(guest.vm, EINVAL, guest.vm.set_user_memory_region, 1, GPA + SIZE,
-                           SIZE // 2, hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem,
-                           guest_memfd_offset=SIZE // 2 - PAGE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem, _ = guest.gmem_slot(0, GPA, slot_size // 2, gmem=guest.new_gmem(slot_size))
+    hva = host.mmap(slot_size // 2)
+    expect_errno_unchanged(guest.vm, EINVAL, guest.vm.set_user_memory_region, 1, GPA + slot_size,
+                           slot_size // 2, hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem,
+                           guest_memfd_offset=slot_size // 2 - page)
 
 
 def test_bind_disjoint_ranges(guest, host):
     """Several slots may bind disjoint ranges of one file; each serves its own pages."""
-    gmem = guest.new_gmem(SIZE)
-    guest.gmem_slot(0, GPA, SIZE // 2, gmem=gmem, offset=0)
-    hva = host.mmap(SIZE // 2)
-    guest.vm.set_user_memory_region(1, GPA + SIZE, SIZE // 2, hva, KVM_MEM_GUEST_MEMFD,
-                                    guest_memfd=gmem, guest_memfd_offset=SIZE // 2)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem = guest.new_gmem(slot_size)
+    guest.gmem_slot(0, GPA, slot_size // 2, gmem=gmem, offset=0)
+    hva = host.mmap(slot_size // 2)
+    guest.vm.set_user_memory_region(1, GPA + slot_size, slot_size // 2, hva, KVM_MEM_GUEST_MEMFD,
+                                    guest_memfd=gmem, guest_memfd_offset=slot_size // 2)
 
 
 def test_bind_closed_file_ebadf(guest, host):
     """kvm_gmem_bind: fget fails on a closed guest_memfd -> EBADF."""
-    gmem = guest.new_gmem(SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem = guest.new_gmem(slot_size)
     gmem.close()
-    hva = host.mmap(SIZE)
-    expect_errno_unchanged(guest.vm, EBADF, guest.vm.set_user_memory_region, 0, GPA, SIZE, hva,
+    hva = host.mmap(slot_size)
+    expect_errno_unchanged(guest.vm, EBADF, guest.vm.set_user_memory_region, 0, GPA, slot_size, hva,
                            KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
 
 
 def test_bind_other_vms_file_einval(guest, host, make_vm):
     """kvm_gmem_bind: a guest_memfd of another VM is EINVAL."""
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
     other = make_vm(vm_type=guest.vm.vm_type)
-    gmem = other.create_guest_memfd(SIZE, guest.gmem_flags())
-    hva = host.mmap(SIZE)
-    expect_errno_unchanged(guest.vm, EINVAL, guest.vm.set_user_memory_region, 0, GPA, SIZE, hva,
-                           KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
+    gmem = other.create_guest_memfd(slot_size, guest.gmem_flags())
+    hva = host.mmap(slot_size)
+    expect_errno_unchanged(guest.vm, EINVAL, guest.vm.set_user_memory_region, 0, GPA, slot_size,
+                           hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
 
 
 @pytest.mark.parametrize("mode,offset,length,err", [
-    pytest.param(FALLOC_FL_PUNCH_HOLE, 0, PAGE, EOPNOTSUPP, id="no-keep-size"),
-    pytest.param(FALLOC_FL_KEEP_SIZE | 0x10, 0, PAGE, EOPNOTSUPP, id="unknown-mode-bit"),
-    pytest.param(FALLOC_FL_KEEP_SIZE, 100, PAGE, EINVAL, id="offset-unaligned"),
-    pytest.param(PUNCH, 0, PAGE + 1, EINVAL, id="len-unaligned"),
-    pytest.param(FALLOC_FL_KEEP_SIZE, SIZE - PAGE, 2 * PAGE, EINVAL, id="allocate-past-size"),
+    pytest.param(FALLOC_FL_PUNCH_HOLE, 0, MAX_PAGE, EOPNOTSUPP, id="no-keep-size"),
+    pytest.param(FALLOC_FL_KEEP_SIZE | 0x10, 0, MAX_PAGE, EOPNOTSUPP, id="unknown-mode-bit"),
+    pytest.param(FALLOC_FL_KEEP_SIZE, 100, MAX_PAGE, EINVAL, id="offset-unaligned"),
+    pytest.param(PUNCH, 0, MAX_PAGE + 1, EINVAL, id="len-unaligned"),
+    pytest.param(FALLOC_FL_KEEP_SIZE, (SLOT_PAGES - 1) * MAX_PAGE, 2 * MAX_PAGE, EINVAL,
+                 id="allocate-past-size"),
 ])
 def test_fallocate_errors(vm, mode, offset, length, err):
     """kvm_gmem_fallocate: mode must hold KEEP_SIZE and only KEEP_SIZE|PUNCH_HOLE
     (EOPNOTSUPP), offset and len page-aligned (EINVAL), allocation inside i_size (EINVAL)."""
-    gmem = vm.create_guest_memfd(SIZE)
+    gmem = vm.create_guest_memfd(SLOT_PAGES * MAX_PAGE)
     expect_errno(err, gmem.fallocate, mode, offset, length)
 
 
 @pytest.mark.requires("private_mem")
 def test_fallocate_allocate_keeps_zero_contents(guest):
     """Allocating pages hands them to the guest zeroed."""
-    gmem, _ = guest.gmem_slot(0, GPA, SIZE)
-    gmem.fallocate(FALLOC_FL_KEEP_SIZE, 0, SIZE)
-    guest.make_private(GPA, SIZE)
-    assert guest.read(GPA + 3 * PAGE, 32, private=True) == bytes(32)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem, _ = guest.gmem_slot(0, GPA, slot_size)
+    gmem.fallocate(FALLOC_FL_KEEP_SIZE, 0, slot_size)
+    guest.make_private(GPA, slot_size)
+    assert guest.read(GPA + 3 * page, 32, private=True) == bytes(32)
 
 
 @pytest.mark.requires("private_mem")
 def test_punch_hole_zaps_private_and_zeroes(guest):
     """Punch hole invalidates the private leaves of the range (KVM_FILTER_PRIVATE) and frees
     the pages: they read back zero; pages outside keep their leaf and data."""
-    gmem, _ = guest.gmem_slot(0, GPA, SIZE)
-    guest.make_private(GPA, SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem, _ = guest.gmem_slot(0, GPA, slot_size)
+    guest.make_private(GPA, slot_size)
     for i in range(4):
-        guest.write(GPA + i * PAGE, pattern(i + 1), private=True)
-    lo, hi = (GPA + PAGE) >> 12, (GPA + 3 * PAGE) >> 12
+        guest.write(GPA + i * page, pattern(i + 1), private=True)
+    lo, hi = (GPA + page) >> 12, (GPA + 3 * page) >> 12
     keep = [m for m in guest.vm.mappings() if not lo <= m.gfn < hi]
-    gmem.fallocate(PUNCH, PAGE, 2 * PAGE)
-    assert guest.vm.lookup(GPA + PAGE, private=True) is None
-    assert guest.vm.lookup(GPA + 2 * PAGE, private=True) is None
+    gmem.fallocate(PUNCH, page, 2 * page)
+    assert guest.vm.lookup(GPA + page, private=True) is None
+    assert guest.vm.lookup(GPA + 2 * page, private=True) is None
     assert list(guest.vm.mappings()) == keep
-    assert guest.read(GPA + PAGE, private=True) == bytes(8)
-    assert guest.read(GPA + 2 * PAGE, private=True) == bytes(8)
+    assert guest.read(GPA + page, private=True) == bytes(8)
+    assert guest.read(GPA + 2 * page, private=True) == bytes(8)
     assert guest.read(GPA, private=True) == pattern(1)
-    assert guest.read(GPA + 3 * PAGE, private=True) == pattern(4)
+    assert guest.read(GPA + 3 * page, private=True) == pattern(4)
 
 
 @pytest.mark.requires("private_mem")
 def test_punch_hole_with_offset_binding(guest):
     """Punch hole maps file offsets to gfns through the binding's pgoff."""
-    gmem = guest.new_gmem(2 * SIZE)
-    guest.gmem_slot(0, GPA, SIZE, gmem=gmem, offset=SIZE)
-    guest.make_private(GPA, SIZE)
-    guest.write(GPA + 2 * PAGE, pattern(5), private=True)
-    guest.write(GPA + 5 * PAGE, pattern(6), private=True)
-    gmem.fallocate(PUNCH, SIZE + 2 * PAGE, PAGE)
-    assert guest.vm.lookup(GPA + 2 * PAGE, private=True) is None
-    assert guest.vm.lookup(GPA + 5 * PAGE, private=True) is not None
-    assert guest.read(GPA + 5 * PAGE, private=True) == pattern(6)
-    assert guest.read(GPA + 2 * PAGE, private=True) == bytes(8)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem = guest.new_gmem(2 * slot_size)
+    guest.gmem_slot(0, GPA, slot_size, gmem=gmem, offset=slot_size)
+    guest.make_private(GPA, slot_size)
+    guest.write(GPA + 2 * page, pattern(5), private=True)
+    guest.write(GPA + 5 * page, pattern(6), private=True)
+    gmem.fallocate(PUNCH, slot_size + 2 * page, page)
+    assert guest.vm.lookup(GPA + 2 * page, private=True) is None
+    assert guest.vm.lookup(GPA + 5 * page, private=True) is not None
+    assert guest.read(GPA + 5 * page, private=True) == pattern(6)
+    assert guest.read(GPA + 2 * page, private=True) == bytes(8)
 
 
 @pytest.mark.requires("private_mem")
 def test_release_zaps_and_faults_efault(guest):
     """File release zaps every leaf of the file; the slot stays, and a private access then
     exits KVM_EXIT_MEMORY_FAULT (kvm_gmem_get_pfn: -EFAULT)."""
-    gmem, _ = guest.gmem_slot(0, GPA, SIZE)
-    guest.make_private(GPA, SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem, _ = guest.gmem_slot(0, GPA, slot_size)
+    guest.make_private(GPA, slot_size)
     guest.write(GPA, pattern(7), private=True)
     gmem.close()
     assert [m for m in guest.vm.mappings() if m.private] == []
@@ -160,17 +180,21 @@ def test_release_zaps_and_faults_efault(guest):
 def test_private_content_survives_zap(guest):
     """Guest-private data lives in the file: a zap (conversion round trip of another page)
     does not lose it."""
-    guest.gmem_slot(0, GPA, SIZE)
-    guest.make_private(GPA, 2 * PAGE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    guest.gmem_slot(0, GPA, slot_size)
+    guest.make_private(GPA, 2 * page)
     guest.write(GPA, pattern(8), private=True)
-    guest.make_shared(GPA + PAGE, PAGE)
-    guest.make_private(GPA + PAGE, PAGE)
+    guest.make_shared(GPA + page, page)
+    guest.make_private(GPA + page, page)
     assert guest.read(GPA, private=True) == pattern(8)
 
 
 def test_mmap_without_flag_enodev(vm):
     """kvm_gmem_mmap: a guest_memfd without GUEST_MEMFD_FLAG_MMAP cannot be mmapped."""
-    gmem = vm.create_guest_memfd(SIZE)
+    page = vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem = vm.create_guest_memfd(slot_size)
     expect_errno(ENODEV, gmem.mmap)
 
 
@@ -178,21 +202,26 @@ def test_mmap_without_flag_enodev(vm):
 def test_mmap_init_shared_host_and_guest_share(guest, host):
     """MMAP|INIT_SHARED: the host writes through the mapping and the guest's shared access of
     the gmem-only slot reads it (KVM_MEMSLOT_GMEM_ONLY serves shared faults from the file)."""
-    gmem = guest.vm.create_guest_memfd(SIZE, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem = guest.vm.create_guest_memfd(slot_size,
+                                       GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
     hva = gmem.mmap()
-    host.write(hva + PAGE, pattern(9))
-    guest.vm.set_user_memory_region(0, GPA, SIZE, hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
-    assert guest.read(GPA + PAGE) == pattern(9)
-    guest.write(GPA + 2 * PAGE, pattern(10))
-    assert host.read(hva + 2 * PAGE, 8) == pattern(10)
+    host.write(hva + page, pattern(9))
+    guest.vm.set_user_memory_region(0, GPA, slot_size, hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
+    assert guest.read(GPA + page) == pattern(9)
+    guest.write(GPA + 2 * page, pattern(10))
+    assert host.read(hva + 2 * page, 8) == pattern(10)
 
 
 @pytest.mark.requires("gmem_mmap")
 def test_mmap_without_init_shared_sigbus(vm, host):
     """kvm_gmem_fault_user_mapping: an inode without INIT_SHARED -> SIGBUS on host access."""
+    page = vm.page_size
+    slot_size = SLOT_PAGES * page
     from kvmcore.host import SigBus
 
-    gmem = vm.create_guest_memfd(SIZE, GUEST_MEMFD_FLAG_MMAP)
+    gmem = vm.create_guest_memfd(slot_size, GUEST_MEMFD_FLAG_MMAP)
     hva = gmem.mmap()
     with pytest.raises(SigBus):
         host.read(hva, 8)
@@ -202,12 +231,15 @@ def test_mmap_without_init_shared_sigbus(vm, host):
 def test_mmap_punch_hole_zaps_shared(guest, host):
     """For an INIT_SHARED file the invalidation filter is KVM_FILTER_SHARED: a punch hole
     zaps the shared leaf and the page reads back zero."""
-    gmem = guest.vm.create_guest_memfd(SIZE, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem = guest.vm.create_guest_memfd(slot_size,
+                                       GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
     hva = gmem.mmap()
-    guest.vm.set_user_memory_region(0, GPA, SIZE, hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
-    guest.write(GPA + PAGE, pattern(11))
-    assert guest.vm.lookup(GPA + PAGE) is not None
-    gmem.fallocate(PUNCH, PAGE, PAGE)
-    assert guest.vm.lookup(GPA + PAGE) is None
-    assert guest.read(GPA + PAGE) == bytes(8)
-    assert host.read(hva + PAGE, 8) == bytes(8)
+    guest.vm.set_user_memory_region(0, GPA, slot_size, hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
+    guest.write(GPA + page, pattern(11))
+    assert guest.vm.lookup(GPA + page) is not None
+    gmem.fallocate(PUNCH, page, page)
+    assert guest.vm.lookup(GPA + page) is None
+    assert guest.read(GPA + page) == bytes(8)
+    assert host.read(hva + page, 8) == bytes(8)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from kvmcore.conformance.helpers import PAGE, expect_mmio, pattern
+from kvmcore.conformance.helpers import expect_mmio, pattern
 from kvmcore.uapi import KVM_MEM_READONLY
 
 GPA = 0x20_0000
-SIZE = 8 * PAGE
+SLOT_PAGES = 8  # the usual slot, in base pages
 
 
 def test_read_no_slot(guest):
@@ -34,22 +34,26 @@ def test_mmio_is_not_cached(guest):
 
 def test_gap_between_slots(guest):
     """A hole between two slots is MMIO; both slots are memory."""
-    guest.slot(0, GPA, SIZE)
-    guest.slot(1, GPA + 2 * SIZE, SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    guest.slot(0, GPA, slot_size)
+    guest.slot(1, GPA + 2 * slot_size, slot_size)
     guest.write(GPA, pattern(2))
-    guest.write(GPA + 2 * SIZE, pattern(3))
-    expect_mmio(guest.read, GPA + SIZE + PAGE, 8, None, GPA + SIZE + PAGE)
+    guest.write(GPA + 2 * slot_size, pattern(3))
+    expect_mmio(guest.read, GPA + slot_size + page, 8, None, GPA + slot_size + page)
     assert guest.read(GPA) == pattern(2)
-    assert guest.read(GPA + 2 * SIZE) == pattern(3)
+    assert guest.read(GPA + 2 * slot_size) == pattern(3)
 
 
 @pytest.mark.requires("readonly_mem")
 def test_readonly_slot_read(guest, host):
     """A READONLY slot reads host memory; its leaf is never writable (invariant 9)."""
-    hva = guest.slot(0, GPA, SIZE, KVM_MEM_READONLY)
-    host.write(hva + PAGE, pattern(4))
-    assert guest.read(GPA + PAGE) == pattern(4)
-    m = guest.vm.lookup(GPA + PAGE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size, KVM_MEM_READONLY)
+    host.write(hva + page, pattern(4))
+    assert guest.read(GPA + page) == pattern(4)
+    m = guest.vm.lookup(GPA + page)
     assert m is not None and m.readable and not m.writable
 
 
@@ -57,10 +61,12 @@ def test_readonly_slot_read(guest, host):
 def test_readonly_slot_write_is_mmio(guest, host):
     """A write to a READONLY slot: KVM_PFN_ERR_RO_FAULT -> MMIO exit with the data; host memory
     is unchanged and no writable leaf appears."""
-    hva = guest.slot(0, GPA, SIZE, KVM_MEM_READONLY)
-    host.write(hva + 2 * PAGE, pattern(5))
-    expect_mmio(guest.write, GPA + 2 * PAGE, 8, pattern(6), GPA + 2 * PAGE, pattern(6))
-    assert host.read(hva + 2 * PAGE, 8) == pattern(5)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size, KVM_MEM_READONLY)
+    host.write(hva + 2 * page, pattern(5))
+    expect_mmio(guest.write, GPA + 2 * page, 8, pattern(6), GPA + 2 * page, pattern(6))
+    assert host.read(hva + 2 * page, 8) == pattern(5)
     assert all(not m.writable for m in guest.vm.mappings())
 
 
@@ -68,7 +74,9 @@ def test_readonly_slot_write_is_mmio(guest, host):
 def test_readonly_slot_write_after_read(guest, host):
     """A write to a READONLY page already mapped for reads is MMIO too (the permission fault
     does not grant write)."""
-    hva = guest.slot(0, GPA, SIZE, KVM_MEM_READONLY)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size, KVM_MEM_READONLY)
     host.write(hva, pattern(7))
     assert guest.read(GPA) == pattern(7)
     expect_mmio(guest.write, GPA, 4, pattern(8, 4), GPA, pattern(8, 4))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from kvmcore.conformance.helpers import (
-    PAGE,
     SZ_2M,
     covers,
     expect_memory_fault,
@@ -15,76 +14,89 @@ from kvmcore.conformance.helpers import (
 )
 
 GPA = 0x200_0000
-SIZE = 16 * PAGE
+SLOT_PAGES = 16  # the usual slot, in base pages
 
 
 def _populate(guest, n=8):
+    page = guest.vm.page_size
     for i in range(n):
-        guest.write(GPA + i * PAGE, pattern(i + 1))
+        guest.write(GPA + i * page, pattern(i + 1))
 
 
 def test_munmap_zaps_range_only(guest, host):
     """munmap: invalidate_range_start zaps the leaves of the unmapped pages; the others keep
     exactly their leaf."""
-    hva = guest.slot(0, GPA, SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size)
     _populate(guest)
-    keep = leaves_outside(guest.vm, GPA + 2 * PAGE, 3 * PAGE)
-    host.munmap(hva + 2 * PAGE, 3 * PAGE)
+    keep = leaves_outside(guest.vm, GPA + 2 * page, 3 * page)
+    host.munmap(hva + 2 * page, 3 * page)
     assert list(guest.vm.mappings()) == keep
-    assert all(guest.vm.lookup(GPA + i * PAGE) is None for i in (2, 3, 4))
-    assert guest.read(GPA + 5 * PAGE) == pattern(6)
+    assert all(guest.vm.lookup(GPA + i * page) is None for i in (2, 3, 4))
+    assert guest.read(GPA + 5 * page) == pattern(6)
 
 
 def test_munmap_zaps_every_vm(guest, host, make_vm):
     """The notifier reaches every VM of the host mm."""
-    hva = guest.slot(0, GPA, SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size)
     vm2 = make_vm()
-    vm2.set_user_memory_region(0, GPA, SIZE, hva)
+    vm2.set_user_memory_region(0, GPA, slot_size, hva)
     v2 = vm2.create_vcpu(0)
     guest.write(GPA, pattern(1))
     assert v2.read(GPA, 8, private=False) == pattern(1)
-    host.munmap(hva, PAGE)
+    host.munmap(hva, page)
     assert guest.vm.lookup(GPA) is None and vm2.lookup(GPA) is None
 
 
 def test_munmap_zaps_every_slot_of_the_hva(guest, host):
     """Two slots backed by the same hva: one munmap zaps both aliases."""
-    hva = guest.slot(0, GPA, SIZE)
-    guest.vm.set_user_memory_region(1, GPA + 4 * SIZE, SIZE, hva)
-    guest.write(GPA + PAGE, pattern(2))
-    assert guest.read(GPA + 4 * SIZE + PAGE) == pattern(2)
-    host.munmap(hva + PAGE, PAGE)
-    assert guest.vm.lookup(GPA + PAGE) is None
-    assert guest.vm.lookup(GPA + 4 * SIZE + PAGE) is None
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size)
+    guest.vm.set_user_memory_region(1, GPA + 4 * slot_size, slot_size, hva)
+    guest.write(GPA + page, pattern(2))
+    assert guest.read(GPA + 4 * slot_size + page) == pattern(2)
+    host.munmap(hva + page, page)
+    assert guest.vm.lookup(GPA + page) is None
+    assert guest.vm.lookup(GPA + 4 * slot_size + page) is None
 
 
 def test_notifier_outside_slots_changes_nothing(guest, host):
     """An hva range that no slot maps zaps nothing."""
-    guest.slot(0, GPA, SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    guest.slot(0, GPA, slot_size)
     _populate(guest, 4)
-    other = host.mmap(SIZE)
+    other = host.mmap(slot_size)
     before = list(guest.vm.mappings())
-    host.munmap(other, SIZE)
+    host.munmap(other, slot_size)
     assert list(guest.vm.mappings()) == before
 
 
 def test_madvise_dontneed_zaps_and_zeroes(guest, host):
     """MADV_DONTNEED zaps the leaf and frees the anonymous page: the guest reads zeros."""
-    hva = guest.slot(0, GPA, SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size)
     _populate(guest, 4)
-    keep = leaves_outside(guest.vm, GPA + PAGE, PAGE)
-    host.madvise_dontneed(hva + PAGE, PAGE)
+    keep = leaves_outside(guest.vm, GPA + page, page)
+    host.madvise_dontneed(hva + page, page)
     assert list(guest.vm.mappings()) == keep
-    assert guest.read(GPA + PAGE) == bytes(8)
-    assert guest.read(GPA + 2 * PAGE) == pattern(3)
+    assert guest.read(GPA + page) == bytes(8)
+    assert guest.read(GPA + 2 * page) == pattern(3)
 
 
 def test_mprotect_readonly_zaps_and_remaps_readonly(guest, host):
     """mprotect(PROT_READ) zaps the writable leaf; the next read maps it read-only."""
-    hva = guest.slot(0, GPA, SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size)
     guest.write(GPA, pattern(4))
     assert guest.vm.lookup(GPA).writable
-    host.mprotect(hva, PAGE, "r")
+    host.mprotect(hva, page, "r")
     assert guest.vm.lookup(GPA) is None
     assert guest.read(GPA) == pattern(4)
     assert not guest.vm.lookup(GPA).writable
@@ -92,53 +104,60 @@ def test_mprotect_readonly_zaps_and_remaps_readonly(guest, host):
 
 def test_migrate_zaps_and_moves(guest, host):
     """Migration: the leaf is zapped; the next access maps the new frame with the same data."""
-    hva = guest.slot(0, GPA, SIZE)
-    guest.write(GPA + 3 * PAGE, pattern(5))
-    old = guest.vm.lookup(GPA + 3 * PAGE)
-    host.migrate(hva + 3 * PAGE)
-    assert guest.vm.lookup(GPA + 3 * PAGE) is None
-    assert guest.read(GPA + 3 * PAGE) == pattern(5)
-    new = guest.vm.lookup(GPA + 3 * PAGE)
-    assert covers(new, GPA + 3 * PAGE) and new.pfn != old.pfn
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size)
+    guest.write(GPA + 3 * page, pattern(5))
+    old = guest.vm.lookup(GPA + 3 * page)
+    host.migrate(hva + 3 * page)
+    assert guest.vm.lookup(GPA + 3 * page) is None
+    assert guest.read(GPA + 3 * page) == pattern(5)
+    new = guest.vm.lookup(GPA + 3 * page)
+    assert covers(new, GPA + 3 * page) and new.pfn != old.pfn
 
 
 def test_cow_break_replaces_zero_page(guest, host):
     """A read of untouched anonymous memory maps the shared zero page read-only (GUP without
     FOLL_WRITE); the guest's write breaks COW: the notifier zaps it and a new writable page is
     mapped."""
-    guest.slot(0, GPA, SIZE)
-    assert guest.read(GPA + 6 * PAGE) == bytes(8)
-    ro = guest.vm.lookup(GPA + 6 * PAGE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    guest.slot(0, GPA, slot_size)
+    assert guest.read(GPA + 6 * page) == bytes(8)
+    ro = guest.vm.lookup(GPA + 6 * page)
     assert not ro.writable
-    guest.write(GPA + 6 * PAGE, pattern(6))
-    rw = guest.vm.lookup(GPA + 6 * PAGE)
+    guest.write(GPA + 6 * page, pattern(6))
+    rw = guest.vm.lookup(GPA + 6 * page)
     assert rw.writable and rw.pfn != ro.pfn
-    assert guest.read(GPA + 6 * PAGE) == pattern(6)
+    assert guest.read(GPA + 6 * page) == pattern(6)
     # The zero page itself is unchanged: another untouched page still reads zero.
-    assert guest.read(GPA + 7 * PAGE) == bytes(8)
+    assert guest.read(GPA + 7 * page) == bytes(8)
 
 
 @pytest.mark.requires("hugepage_2m")
 def test_thp_split_zaps_huge_leaf(guest, host):
     """Splitting a transparent huge page fires the notifier for its 2 MiB: the 2 MiB leaf goes;
     the next access maps a 4 KiB leaf on the same frame as before."""
+    page = guest.vm.page_size
     hva = host.mmap(2 * SZ_2M, thp=True)
     guest.slot(0, 0x4000_0000, 2 * SZ_2M, hva=hva)
-    guest.write(0x4000_0000 + 5 * PAGE, pattern(7))
-    huge = guest.vm.lookup(0x4000_0000 + 5 * PAGE)
+    guest.write(0x4000_0000 + 5 * page, pattern(7))
+    huge = guest.vm.lookup(0x4000_0000 + 5 * page)
     assert huge.size == SZ_2M
     host.split_huge_page(hva)
-    assert guest.vm.lookup(0x4000_0000 + 5 * PAGE) is None
-    assert guest.read(0x4000_0000 + 5 * PAGE) == pattern(7)
-    small = guest.vm.lookup(0x4000_0000 + 5 * PAGE)
-    assert small.size == PAGE and small.pfn == huge.pfn + 5
+    assert guest.vm.lookup(0x4000_0000 + 5 * page) is None
+    assert guest.read(0x4000_0000 + 5 * page) == pattern(7)
+    small = guest.vm.lookup(0x4000_0000 + 5 * page)
+    assert small.size == page and small.pfn == huge.pfn + 5
 
 
 def test_munmap_then_access_cannot_map(guest, host):
     """After munmap no leaf for the range is ever rebuilt from the dead hva."""
-    hva = guest.slot(0, GPA, SIZE)
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size)
     guest.write(GPA, pattern(8))
-    host.munmap(hva, SIZE)
+    host.munmap(hva, slot_size)
     # hva_to_pfn finds no VMA: KVM_PFN_ERR_FAULT -> KVM_EXIT_MEMORY_FAULT, errno EFAULT.
     expect_memory_fault(guest.read, GPA, private=False, gpa=GPA, exit_private=False)
     assert guest.vm.lookup(GPA) is None
