@@ -63,7 +63,7 @@ def faultin_pfn(vm, fault):
         return RET_PF_EMULATE
     if pfn == KVM_PFN_ERR_HWPOISON:
         vm.stats["hwpoison_signal"] += 1
-        raise HwPoisonSignal(hva, vm.host.page_shift)
+        raise HwPoisonSignal(hva & ~(vm.page_size - 1), vm.host.page_shift)
     if pfn == KVM_PFN_ERR_FAULT:
         raise memory_fault_exit(vm, fault)
     host = vm.host

@@ -25,7 +25,6 @@ from .uapi import (
     KVM_DIRTY_RING_MAX_ENTRIES,
     KVM_DIRTY_RING_RSVD_ENTRIES,
     KVM_MEM_LOG_DIRTY_PAGES,
-    PAGE_SIZE,
 )
 
 if TYPE_CHECKING:
@@ -342,7 +341,7 @@ def enable_dirty_ring(vm: VM, size: int) -> None:
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size & (size - 1):
         raise KvmError(errno.EINVAL, f"size_bytes={size!r} is not a power of two")
     rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + vm.cpu_dirty_log_size
-    if size < rsvd * KVM_DIRTY_GFN_SIZE or size < PAGE_SIZE:
+    if size < rsvd * KVM_DIRTY_GFN_SIZE or size < vm.page_size:
         raise KvmError(errno.EINVAL, f"size_bytes={size}: smaller than a page or than the "
                                      f"{rsvd} reserved entries")
     if size > KVM_DIRTY_RING_MAX_ENTRIES * KVM_DIRTY_GFN_SIZE:

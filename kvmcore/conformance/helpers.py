@@ -78,15 +78,16 @@ def expect_errno_unchanged(vm, err: int, fn, *args, gfns=(), **kwargs) -> KvmErr
     return e
 
 
-def expect_memory_fault(fn, *args, gpa: int, exit_private: bool, err: int = EFAULT,
+def expect_memory_fault(page: int, fn, *args, gpa: int, exit_private: bool, err: int = EFAULT,
                         **kwargs) -> MemoryFaultExit:
-    """KVM_EXIT_MEMORY_FAULT for the page at ``gpa``: flags exactly PRIVATE or 0, gpa the
-    page's gpa, size PAGE_SIZE (kvm_mmu_prepare_memory_fault_exit), KVM_RUN's errno ``err``."""
+    """KVM_EXIT_MEMORY_FAULT for the base page (``page`` bytes) at ``gpa``: flags exactly
+    PRIVATE or 0, gpa the page's gpa, size PAGE_SIZE (kvm_mmu_prepare_memory_fault_exit),
+    KVM_RUN's errno ``err``."""
     with pytest.raises(MemoryFaultExit) as info:
         fn(*args, **kwargs)
     e = info.value
     assert (e.flags, e.gpa, e.size, e.errno) == (
-        KVM_MEMORY_EXIT_FLAG_PRIVATE if exit_private else 0, gpa & ~(PAGE - 1), PAGE, err)
+        KVM_MEMORY_EXIT_FLAG_PRIVATE if exit_private else 0, gpa & ~(page - 1), page, err)
     return e
 
 

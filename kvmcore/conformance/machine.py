@@ -43,9 +43,10 @@ from kvmcore.uapi import (
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
 )
 
-PAGE = 4096
 NSLOTS = 4
-REGION = 0x10_0000          # slots live in regions [k * REGION, k * REGION + MAX_PAGES * PAGE)
+# Sizes are in base pages (``unit``: the backend's PAGE_SIZE, 4 KiB to 64 KiB); gfns and dirty
+# log offsets stay 4 KiB frames.
+REGION = 0x10_0000          # slots live in regions [k * REGION, k * REGION + MAX_PAGES * unit)
 NREGIONS = 6
 MAX_PAGES = 16
 
@@ -68,9 +69,10 @@ class Side:
     """One VM (backend under test, or flat) with its own host, vCPU and slot backings."""
 
     def __init__(self, backend, vm_type: str, options: dict):
-        from kvmcore import VM, HostMemory
+        from kvmcore import VM
+        from kvmcore.vm import host_for
 
-        self.host = HostMemory()
+        self.host = host_for(backend, options)
         self.vm = VM(arch=backend, vm_type=vm_type, host=self.host, **options)
         self.vcpu = self.vm.create_vcpu(0)
         self.hva: dict[int, int] = {}     # slot id -> userspace_addr
@@ -92,7 +94,10 @@ class ConformanceMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.t = Side(self.BACKEND, self.VM_TYPE, self.OPTIONS)
-        self.f = Side(self.REFERENCE, self.FLAT_VM_TYPE, {})
+        self.unit = self.t.vm.page_size
+        self.per = self.unit >> 12      # 4 KiB gfns per base page
+        self.f = Side(self.REFERENCE, self.FLAT_VM_TYPE,
+                      {"page_size": self.unit} if self.unit != 4096 else {})
         self.slots: dict[int, dict] = {}   # id -> {gpa, npages, flags}
         self.manual = False
         self.private = "private_mem" in self.CAPS and "gmem" in self.CAPS
@@ -120,7 +125,7 @@ class ConformanceMachine(RuleBasedStateMachine):
     def slot_of(self, gpa: int):
         g = gpa >> 12
         for sid, s in self.slots.items():
-            if s["gpa"] >> 12 <= g < (s["gpa"] >> 12) + s["npages"]:
+            if s["gpa"] >> 12 <= g < (s["gpa"] >> 12) + s["npages"] * self.per:
                 return sid, s
         return None, None
 
@@ -135,12 +140,13 @@ class ConformanceMachine(RuleBasedStateMachine):
 
     def expand(self, pages: set[int], s: dict, base: int) -> set[int]:
         """Pages as a dirty log reports them with ``base``-byte base pages."""
-        per = base // PAGE
+        per = base >> 12
         out = set()
         first = s["gpa"] >> 12
         for p in pages:
             g = (first + p) & ~(per - 1)
-            out.update(x - first for x in range(g, g + per) if 0 <= x - first < s["npages"])
+            out.update(x - first for x in range(g, g + per)
+                       if 0 <= x - first < s["npages"] * self.per)
         return out
 
     # ------------------------------------------------------------------ setup
@@ -168,9 +174,9 @@ class ConformanceMachine(RuleBasedStateMachine):
             KVM_MEM_GUEST_MEMFD if gmem else 0)
 
         def call(side):
-            hva = side.host.mmap(npages * PAGE)
-            g = side.vm.create_guest_memfd(npages * PAGE) if gmem else None
-            side.vm.set_user_memory_region(sid, gpa, npages * PAGE, hva, flags, guest_memfd=g)
+            hva = side.host.mmap(npages * self.unit)
+            g = side.vm.create_guest_memfd(npages * self.unit) if gmem else None
+            side.vm.set_user_memory_region(sid, gpa, npages * self.unit, hva, flags, guest_memfd=g)
             side.hva[sid] = hva
             if g is not None:
                 side.gmem[sid] = g
@@ -194,9 +200,9 @@ class ConformanceMachine(RuleBasedStateMachine):
     def move_slot(self, data, region, shift):
         sid = data.draw(st.sampled_from(sorted(self.slots)))
         s = self.slots[sid]
-        gpa = region * REGION + shift * PAGE
+        gpa = region * REGION + shift * self.unit
         r = self.both("move_slot", lambda side: side.vm.set_user_memory_region(
-            sid, gpa, s["npages"] * PAGE, side.hva[sid], s["flags"],
+            sid, gpa, s["npages"] * self.unit, side.hva[sid], s["flags"],
             guest_memfd=side.gmem.get(sid)))
         if r[0] == "ok":
             s["gpa"] = gpa
@@ -210,7 +216,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             return
         flags = s["flags"] ^ KVM_MEM_LOG_DIRTY_PAGES
         r = self.both("toggle_logging", lambda side: side.vm.set_user_memory_region(
-            sid, s["gpa"], s["npages"] * PAGE, side.hva[sid], flags))
+            sid, s["gpa"], s["npages"] * self.unit, side.hva[sid], flags))
         if r[0] == "ok":
             s["flags"] = flags
             self.written.pop(sid, None)
@@ -222,9 +228,10 @@ class ConformanceMachine(RuleBasedStateMachine):
         if in_slot and self.slots:  # 0: anywhere (MMIO holes too), else inside a slot
             s = self.slots[data.draw(st.sampled_from(sorted(self.slots)))]
             page = data.draw(st.integers(0, s["npages"] - 1))
-            return s["gpa"] + page * PAGE + data.draw(st.sampled_from([0, 8, 4088]))
+            return s["gpa"] + page * self.unit + data.draw(
+                st.sampled_from([0, 8, self.unit - 8]))
         region = data.draw(st.integers(0, NREGIONS - 1))
-        return region * REGION + data.draw(st.integers(0, MAX_PAGES + 3)) * PAGE
+        return region * REGION + data.draw(st.integers(0, MAX_PAGES + 3)) * self.unit
 
     def intent(self, gpa: int) -> bool:
         """The access's private intent: the gfn's current attribute. VM types differ on an
@@ -268,9 +275,9 @@ class ConformanceMachine(RuleBasedStateMachine):
     @rule(region=st.integers(0, 2), first=st.integers(0, MAX_PAGES - 1),
           npages=st.integers(1, 4), to_private=st.booleans())
     def convert(self, region, first, npages, to_private):
-        gpa = region * REGION + first * PAGE
+        gpa = region * REGION + first * self.unit
         attrs = KVM_MEMORY_ATTRIBUTE_PRIVATE if to_private else 0
-        self.both("convert", lambda side: side.vm.set_memory_attributes(gpa, npages * PAGE,
+        self.both("convert", lambda side: side.vm.set_memory_attributes(gpa, npages * self.unit,
                                                                         attrs))
 
     @precondition(lambda self: any(s["flags"] & KVM_MEM_GUEST_MEMFD
@@ -283,7 +290,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         first = data.draw(st.integers(0, n - 1))
         count = data.draw(st.integers(1, n - first))
         self.both("punch_hole", lambda side: side.gmem[sid].fallocate(
-            FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, first * PAGE, count * PAGE))
+            FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, first * self.unit, count * self.unit))
 
     # ------------------------------------------------------------------ host mm
 
@@ -300,29 +307,29 @@ class ConformanceMachine(RuleBasedStateMachine):
         if go:
             return
         sid, first, count = self.pick_hva_range(data)
-        self.both("munmap", lambda side: side.host.munmap(side.hva[sid] + first * PAGE,
-                                                          count * PAGE))
+        self.both("munmap", lambda side: side.host.munmap(side.hva[sid] + first * self.unit,
+                                                          count * self.unit))
 
     @precondition(lambda self: self.slots)
     @rule(data=st.data())
     def host_madvise(self, data):
         sid, first, count = self.pick_hva_range(data)
         self.both("madvise", lambda side: side.host.madvise_dontneed(
-            side.hva[sid] + first * PAGE, count * PAGE))
+            side.hva[sid] + first * self.unit, count * self.unit))
 
     @precondition(lambda self: self.slots)
     @rule(data=st.data(), prot=st.sampled_from(["r", "rw"]))
     def host_mprotect(self, data, prot):
         sid, first, count = self.pick_hva_range(data)
         self.both("mprotect", lambda side: side.host.mprotect(
-            side.hva[sid] + first * PAGE, count * PAGE, prot))
+            side.hva[sid] + first * self.unit, count * self.unit, prot))
 
     @precondition(lambda self: self.slots)
     @rule(data=st.data())
     def host_migrate(self, data):
         sid, first, _ = self.pick_hva_range(data)
         # The new pfn is host-internal; compare only whether the migration happened.
-        self.both("migrate", lambda side: side.host.migrate(side.hva[sid] + first * PAGE)
+        self.both("migrate", lambda side: side.host.migrate(side.hva[sid] + first * self.unit)
                   and None)
 
     @precondition(lambda self: self.slots and "aging" in self.CAPS)
@@ -333,14 +340,14 @@ class ConformanceMachine(RuleBasedStateMachine):
         toggles), so "young" is not compared between backends."""
         sid, first, count = self.pick_hva_range(data)
         s = self.slots[sid]
-        lo = (s["gpa"] >> 12) + first
-        hi = lo + count
+        lo = (s["gpa"] >> 12) + first * self.per
+        hi = lo + count * self.per
         for side, who in ((self.t, "backend"), (self.f, "flat")):
             leaves = [m for m in side.vm.mappings()
                       if m.gfn < hi and m.gfn + (m.size >> 12) > lo]
             shared_young = any(m.young for m in leaves if not m.private)
             any_young = any(m.young for m in leaves)
-            r = outcome(side.host.age, side.hva[sid] + first * PAGE, count * PAGE)
+            r = outcome(side.host.age, side.hva[sid] + first * self.unit, count * self.unit)
             self.log("age", who, r)
             assert r[0] == "ok", f"age on {who}: {r!r}"
             assert r[1] in ((True,) if shared_young else (True, False) if any_young
@@ -376,7 +383,7 @@ class ConformanceMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def clear_dirty_log(self, data):
         sid = data.draw(st.sampled_from(self.logging_slots()))
-        n = self.slots[sid]["npages"]
+        n = self.slots[sid]["npages"] * self.per
         # Clear everything each side reports (its own view), then both must report nothing
         # written since.
         for side in (self.t, self.f):

@@ -141,7 +141,7 @@ class TestManualProtect:
         guest.slot(0, GPA, slot_size, LOG)
         for off in (1, 2, 100):
             guest.write(GPA + off * page, pattern(off))
-        guest.vm.clear_dirty_log(0, 0, NPAGES, dirty(guest.vm, 2))
+        guest.vm.clear_dirty_log(0, 0, slot_size >> 12, dirty(guest.vm, 2))
         assert guest.vm.get_dirty_log(0) == sorted(set(dirty(guest.vm, 1, 100))
                                                     - set(dirty(guest.vm, 2)))
 
@@ -152,7 +152,8 @@ class TestManualProtect:
         guest.vm.enable_dirty_log_manual_protect()
         guest.slot(0, GPA, slot_size, LOG)
         guest.write(GPA + 64 * page, pattern(1))
-        guest.vm.clear_dirty_log(0, 64, NPAGES - 64, dirty(guest.vm, 64))
+        first = (64 * page) >> 12
+        guest.vm.clear_dirty_log(0, first, (slot_size >> 12) - first, dirty(guest.vm, 64))
         assert guest.vm.get_dirty_log(0) == []
         guest.write(GPA + 64 * page, pattern(2))
         assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 64)
@@ -166,13 +167,14 @@ class TestManualProtect:
         expect_errno(EINVAL, guest.vm.clear_dirty_log, 0, 1, 64, [])
         expect_errno(ENOENT, guest.vm.clear_dirty_log, 0, 0, 64, [])
 
-    @pytest.mark.parametrize("first,num,pages", [
-        pytest.param(NPAGES + 64, 0, [], id="first-past-end"),
-        pytest.param(64, NPAGES, [], id="num-past-end"),
-        pytest.param(0, 100, [], id="num-not-multiple-of-64"),
-        pytest.param(0, 64, [64], id="page-outside-range"),
+    # Bitmap offsets are 4 KiB gfns; ``end`` is the slot's count of them.
+    @pytest.mark.parametrize("args", [
+        pytest.param(lambda end: (end + 64, 0, []), id="first-past-end"),
+        pytest.param(lambda end: (64, end, []), id="num-past-end"),
+        pytest.param(lambda end: (0, 100, []), id="num-not-multiple-of-64"),
+        pytest.param(lambda end: (0, 64, [64]), id="page-outside-range"),
     ])
-    def test_clear_range_einval(self, guest, first, num, pages):
+    def test_clear_range_einval(self, guest, args):
         """CLEAR: first_page > npages, num_pages > npages - first_page, num_pages not a
         multiple of 64 short of the end, a page outside the range: EINVAL, bitmap
         unchanged."""
@@ -181,17 +183,21 @@ class TestManualProtect:
         guest.vm.enable_dirty_log_manual_protect()
         guest.slot(0, GPA, slot_size, LOG)
         guest.write(GPA + 64 * page, pattern(1))
-        expect_errno_unchanged(guest.vm, EINVAL, guest.vm.clear_dirty_log, 0, first, num, pages)
+        expect_errno_unchanged(guest.vm, EINVAL, guest.vm.clear_dirty_log, 0,
+                               *args(slot_size >> 12))
         assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 64)
 
     def test_clear_to_end_any_count(self, guest):
         """num_pages need not be a multiple of 64 when the range runs to the slot's end."""
         page = guest.vm.page_size
         guest.vm.enable_dirty_log_manual_protect()
-        guest.slot(0, GPA, 100 * page, LOG)
-        guest.write(GPA + 99 * page, pattern(1))
-        guest.vm.clear_dirty_log(0, 64, 36, [g for g in base_page_gfns(
-            guest.vm, GPA + 99 * page, GPA, 100 * page)])
+        guest.slot(0, GPA, 101 * page, LOG)   # 101 pages: never a multiple of 64 gfns
+        guest.write(GPA + 100 * page, pattern(1))
+        end = (101 * page) >> 12
+        first = end // 64 * 64
+        assert end - first not in (0, 64)
+        guest.vm.clear_dirty_log(0, first, end - first, base_page_gfns(
+            guest.vm, GPA + 100 * page, GPA, 101 * page))
         assert guest.vm.get_dirty_log(0) == []
 
 
@@ -201,8 +207,9 @@ def test_initially_set(guest):
     page = guest.vm.page_size
     guest.vm.enable_dirty_log_manual_protect(initially_set=True)
     guest.slot(0, GPA, 100 * page, LOG)
-    assert guest.vm.get_dirty_log(0) == list(range(100))
-    guest.vm.clear_dirty_log(0, 0, 100, list(range(100)))
+    end = (100 * page) >> 12
+    assert guest.vm.get_dirty_log(0) == list(range(end))
+    guest.vm.clear_dirty_log(0, 0, end, list(range(end)))
     assert guest.vm.get_dirty_log(0) == []
     guest.write(GPA + 50 * page, pattern(1))
     assert guest.vm.get_dirty_log(0) == base_page_gfns(guest.vm, GPA + 50 * page, GPA, 100 * page)

@@ -55,7 +55,9 @@ def test_bitmap_ioctls_enxio_with_ring(guest):
     expect_errno(ENXIO, guest.vm.get_dirty_log, 0)
 
 
-def _entries(vm, slot, gpas, base=GPA, size=64 * PAGE):
+def _entries(vm, slot, gpas, base=GPA, size=None):
+    """Ring entries for writes at ``gpas``: every 4 KiB gfn of each written base page."""
+    size = 64 * vm.page_size if size is None else size
     out = []
     for gpa in gpas:
         out += [(slot, off) for off in base_page_gfns(vm, gpa, base, size)]
@@ -127,16 +129,15 @@ def test_soft_full_exit(guest, arch, host):
     vCPU exits KVM_EXIT_DIRTY_RING_FULL before entering the guest; the access does not happen;
     after harvest + reset it runs again."""
     page = guest.vm.page_size
-    size = 16 * page  # 4096 entries
-    entries = size // 16
+    ring = RING  # 4096 entries of 16 bytes
+    entries = ring // 16
     soft_limit = entries - 64 - (512 if arch.has("pml") else 0)
-    bp = min(guest.vm.arch_info.page_sizes)
-    per_write = bp // page
-    guest.vm.enable_dirty_ring(size)
-    npages = (soft_limit // per_write + 2) * (bp // page)
+    per_write = page >> 12  # every 4 KiB gfn of the written base page is pushed
+    guest.vm.enable_dirty_ring(ring)
+    npages = soft_limit // per_write + 2
     hva = guest.slot(0, GPA, npages * page, LOG)
     pushed = 0
-    stride = bp
+    stride = page
     n = 0
     with pytest.raises(DirtyRingFullExit):
         while True:

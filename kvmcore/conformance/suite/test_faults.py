@@ -140,14 +140,14 @@ def test_write_to_readonly_host_mapping_exits(guest, host):
     host.write(hva + page, pattern(9))
     host.mprotect(hva, slot_size, "r")
     guest.slot(0, GPA, slot_size, hva=hva)
-    expect_memory_fault(guest.write, GPA + page + 16, pattern(10), private=False,
+    expect_memory_fault(page, guest.write, GPA + page + 16, pattern(10), private=False,
                         gpa=GPA + page, exit_private=False)
     assert host.read(hva + page, 8) == pattern(9)
 
 
 def test_hwpoison_sends_sigbus(guest, host):
     """A poisoned host page: the leaf is zapped (memory_failure unmaps, the notifier fires)
-    and the next access gets KVM's SIGBUS (kvm_send_hwpoison_signal: the hva, lsb 12)."""
+    and the next access gets KVM's SIGBUS (kvm_send_hwpoison_signal: the hva, lsb PAGE_SHIFT)."""
     page = guest.vm.page_size
     slot_size = SLOT_PAGES * page
     hva = guest.slot(0, GPA, slot_size)
@@ -156,5 +156,5 @@ def test_hwpoison_sends_sigbus(guest, host):
     assert guest.vm.lookup(GPA + 2 * page) is None
     with pytest.raises(HwPoisonSignal) as info:
         guest.read(GPA + 2 * page)
-    assert (info.value.hva, info.value.lsb) == (hva + 2 * page, 12)
+    assert (info.value.hva, info.value.lsb) == (hva + 2 * page, page.bit_length() - 1)
     assert guest.read(GPA + 3 * page) == bytes(8)

@@ -173,7 +173,7 @@ def test_release_zaps_and_faults_efault(guest):
     guest.write(GPA, pattern(7), private=True)
     gmem.close()
     assert [m for m in guest.vm.mappings() if m.private] == []
-    expect_memory_fault(guest.read, GPA, private=True, gpa=GPA, exit_private=True)
+    expect_memory_fault(page, guest.read, GPA, private=True, gpa=GPA, exit_private=True)
 
 
 @pytest.mark.requires("private_mem")

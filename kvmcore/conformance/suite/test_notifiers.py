@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from kvmcore.conformance.helpers import (
-    SZ_2M,
     covers,
     expect_memory_fault,
     leaves_outside,
@@ -136,19 +135,19 @@ def test_cow_break_replaces_zero_page(guest, host):
 
 @pytest.mark.requires("hugepage_2m")
 def test_thp_split_zaps_huge_leaf(guest, host):
-    """Splitting a transparent huge page fires the notifier for its 2 MiB: the 2 MiB leaf goes;
-    the next access maps a 4 KiB leaf on the same frame as before."""
-    page = guest.vm.page_size
-    hva = host.mmap(2 * SZ_2M, thp=True)
-    guest.slot(0, 0x4000_0000, 2 * SZ_2M, hva=hva)
+    """Splitting a transparent huge page fires the notifier for its PMD range: the huge leaf
+    goes; the next access maps a base-page leaf on the same frame as before."""
+    page, pmd = guest.vm.page_size, host.pmd_size
+    hva = host.mmap(2 * pmd, thp=True)
+    guest.slot(0, 0x4000_0000, 2 * pmd, hva=hva)
     guest.write(0x4000_0000 + 5 * page, pattern(7))
     huge = guest.vm.lookup(0x4000_0000 + 5 * page)
-    assert huge.size == SZ_2M
+    assert huge.size == max(s for s in guest.vm.arch_info.page_sizes if s <= pmd) > page
     host.split_huge_page(hva)
     assert guest.vm.lookup(0x4000_0000 + 5 * page) is None
     assert guest.read(0x4000_0000 + 5 * page) == pattern(7)
     small = guest.vm.lookup(0x4000_0000 + 5 * page)
-    assert small.size == page and small.pfn == huge.pfn + 5
+    assert small.size == page and small.pfn == huge.pfn + 5 * (page >> 12)
 
 
 def test_munmap_then_access_cannot_map(guest, host):
@@ -159,5 +158,5 @@ def test_munmap_then_access_cannot_map(guest, host):
     guest.write(GPA, pattern(8))
     host.munmap(hva, slot_size)
     # hva_to_pfn finds no VMA: KVM_PFN_ERR_FAULT -> KVM_EXIT_MEMORY_FAULT, errno EFAULT.
-    expect_memory_fault(guest.read, GPA, private=False, gpa=GPA, exit_private=False)
+    expect_memory_fault(page, guest.read, GPA, private=False, gpa=GPA, exit_private=False)
     assert guest.vm.lookup(GPA) is None

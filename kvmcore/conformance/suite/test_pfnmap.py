@@ -18,7 +18,7 @@ def test_pfnmap_maps_device_pfn(guest, host):
     guest.read(GPA + 3 * page)
     m = guest.vm.lookup(GPA + 3 * page)
     assert covers(m, GPA + 3 * page)
-    assert m.pfn + ((GPA + 3 * page) >> 12) - m.gfn == DEV_PFN + 3
+    assert m.pfn + ((GPA + 3 * page) >> 12) - m.gfn == DEV_PFN + 3 * (page >> 12)
 
 
 def test_pfnmap_each_page_its_pfn(guest, host):
@@ -30,7 +30,7 @@ def test_pfnmap_each_page_its_pfn(guest, host):
         guest.read(GPA + i * page, 4)
     for i in range(slot_size // page):
         m = guest.vm.lookup(GPA + i * page)
-        assert m.pfn + ((GPA + i * page) >> 12) - m.gfn == DEV_PFN + i
+        assert m.pfn + ((GPA + i * page) >> 12) - m.gfn == DEV_PFN + i * (page >> 12)
 
 
 def test_pfnmap_write_is_writable(guest, host):
@@ -41,7 +41,7 @@ def test_pfnmap_write_is_writable(guest, host):
     hva = guest.slot(0, GPA, slot_size, kind="pfnmap", pfn=DEV_PFN)
     guest.write(GPA + page, b"\x5a" * 8)
     m = guest.vm.lookup(GPA + page)
-    assert m.writable and m.pfn + ((GPA + page) >> 12) - m.gfn == DEV_PFN + 1
+    assert m.writable and m.pfn + ((GPA + page) >> 12) - m.gfn == DEV_PFN + (page >> 12)
     assert host.read(hva + page, 8) == b"\x5a" * 8
 
 

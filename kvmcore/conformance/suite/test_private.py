@@ -42,17 +42,16 @@ def test_set_and_get_attributes(guest):
     slot_size = SLOT_PAGES * page
     guest.gmem_slot(0, GPA, slot_size)
     guest.make_private(GPA + 2 * page, 3 * page)
-    g = GPA >> 12
-    assert [guest.vm.get_memory_attributes(g + i) for i in range(7)] == [0, 0, 8, 8, 8, 0, 0]
+    g, n = GPA >> 12, page >> 12
+    assert [guest.vm.get_memory_attributes(g + i * n) for i in range(7)] == [0, 0, 8, 8, 8, 0, 0]
 
 
 def test_attributes_without_memslot(guest):
     """Attributes may be set on gfns no memslot covers (§4: memslots are not required)."""
     page = guest.vm.page_size
     guest.make_private(0x4000_0000, 2 * page)
-    assert guest.vm.get_memory_attributes(0x4000_0000 >> 12) == PRIVATE
-    assert guest.vm.get_memory_attributes((0x4000_0000 >> 12) + 1) == PRIVATE
-    assert guest.vm.get_memory_attributes((0x4000_0000 >> 12) + 2) == 0
+    g, n = 0x4000_0000 >> 12, page >> 12
+    assert [guest.vm.get_memory_attributes(g + i * n) for i in range(3)] == [PRIVATE, PRIVATE, 0]
 
 
 @pytest.mark.parametrize("address,size,attributes,flags", [
@@ -86,7 +85,7 @@ def test_private_fault_on_shared_gfn_exits(guest):
     steps = guest.vcpu.step_access("read", GPA + 3 * page + 24, 8, private=True)
     step_until(steps, "after_snapshot")
     guest.make_shared(GPA + 3 * page, page)
-    expect_memory_fault(finish, steps, gpa=GPA + 3 * page, exit_private=True)
+    expect_memory_fault(page, finish, steps, gpa=GPA + 3 * page, exit_private=True)
     assert list(guest.vm.mappings()) == []
 
 
@@ -99,7 +98,7 @@ def test_shared_fault_on_private_gfn_exits(guest):
     steps = guest.vcpu.step_access("write", GPA + 5 * page, pattern(1), private=False)
     step_until(steps, "after_snapshot")
     guest.make_private(GPA, slot_size)
-    expect_memory_fault(finish, steps, gpa=GPA + 5 * page, exit_private=False)
+    expect_memory_fault(page, finish, steps, gpa=GPA + 5 * page, exit_private=False)
     assert list(guest.vm.mappings()) == []
 
 
@@ -109,7 +108,7 @@ def test_private_fault_without_gmem_exits(guest):
     slot_size = SLOT_PAGES * page
     guest.slot(0, GPA, slot_size)
     guest.make_private(GPA, slot_size)
-    expect_memory_fault(guest.read, GPA + page, private=True, gpa=GPA + page,
+    expect_memory_fault(page, guest.read, GPA + page, private=True, gpa=GPA + page,
                         exit_private=True)
     assert list(guest.vm.mappings()) == []
 
@@ -119,7 +118,7 @@ def test_private_fault_without_slot_exits(guest):
     page = guest.vm.page_size
     slot_size = SLOT_PAGES * page
     guest.make_private(GPA, slot_size)
-    expect_memory_fault(guest.read, GPA + 2 * page, private=True, gpa=GPA + 2 * page,
+    expect_memory_fault(page, guest.read, GPA + 2 * page, private=True, gpa=GPA + 2 * page,
                         exit_private=True)
 
 

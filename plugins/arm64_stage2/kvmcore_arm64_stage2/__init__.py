@@ -2,8 +2,8 @@
 
 Modules follow Linux's layout: ``geometry`` (asm/stage2_pgtable.h, kvm_get_vtcr), ``pgtable``
 (hyp/pgtable.c: descriptors, walkers, break-before-make), ``mmu`` (mmu.c: the abort path),
-``backend`` (the hook implementations), ``invariants`` (reference §10), ``frames`` (base pages
-larger than the host model's 4 KiB frames).
+``backend`` (the hook implementations), ``invariants`` (reference §10). The stage-2 granule is
+the host's PAGE_SIZE (VM option ``granule``: 4 KiB, 16 KiB or 64 KiB).
 """
 
 from .backend import Arm64Stage2Backend

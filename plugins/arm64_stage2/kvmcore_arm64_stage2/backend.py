@@ -3,7 +3,10 @@
 VM options (``VM(arch="arm64_stage2", granule=..., ...)``), each a fact about the modelled host
 CPU or a KVM capability, raising EINVAL when bad:
 
-* ``granule`` 4096 (default) / 16384 / 65536: the host PAGE_SIZE, hence the stage-2 granule.
+* ``granule`` 4096 / 16384 / 65536: the host PAGE_SIZE, hence the stage-2 granule, as in Linux
+  (``ArchInfo.base_page_option``): ``VM(arch="arm64_stage2", granule=65536)`` gets a host with
+  64 KiB pages (``kvmcore.vm.host_for``), a VM on a given host takes its PAGE_SIZE when the
+  option is omitted, and a granule other than the host's PAGE_SIZE is EINVAL.
 * ``ipa_bits`` 32..48, or 0 for KVM_PHYS_SHIFT (40): KVM_VM_TYPE_ARM_IPA_SIZE.
 * ``fwb`` (default True): ARM64_HAS_STAGE2_FWB (MemAttr encodings, D-cache maintenance).
 * ``cache_dic`` (default True): CTR_EL0.DIC — every Normal mapping gets X, no I-cache work.
@@ -28,8 +31,12 @@ Model notes:
   TLBIs is merged (no vCPU runs meanwhile); the records stay one per TLBI.
 * Stage-2 keeps no dirty state (DBM unused): ``Mapping.dirty`` and ``Translation.dirty`` are
   the leaf's write permission.
-* 16K/64K granules on the model's 4 KiB host: see ``frames``; memslots must be granule
-  aligned in IPA space and size (EINVAL), as on a 16K/64K host.
+* A stage-2 page maps exactly one host page (PAGE_SIZE = granule, physically contiguous), and
+  a block a physically contiguous, aligned run of host memory: every output address is the real
+  ``pfn << 12`` of the first 4 KiB frame of that page or block (the host numbers frames in
+  4 KiB units whatever its PAGE_SIZE). Memslot, guest_memfd and attribute alignment to
+  PAGE_SIZE is the core's check (EINVAL), as in Linux's generic code. Dirty logging marks
+  every 4 KiB gfn of a written base page.
 """
 
 from __future__ import annotations
@@ -46,7 +53,6 @@ from kvmcore.fault import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Vio
 from kvmcore.uapi import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MR_CREATE, KVM_MR_DELETE,
                           KVM_MR_FLAGS_ONLY, KVM_MR_MOVE, RET_PF_CONTINUE)
 
-from .frames import GranuleFrames
 from .geometry import KVM_IPA_LIMIT, KVM_PGTABLE_LAST_LEVEL, Stage2Geometry
 from .mmu import ESR_ELx_FSC_ACCESS, ESR_ELx_FSC_FAULT, ESR_ELx_FSC_PERM, AbortPath
 from .pgtable import (KVM_PTE_LEAF_ATTR_HI_S2_XN, KVM_PTE_LEAF_ATTR_LO_S2_AF,
@@ -73,6 +79,7 @@ def _arch_info(g: Stage2Geometry) -> ArchInfo:
         vm_types={"default": frozenset(caps)},
         description=f"arm64 stage-2 ({granule // 1024}K granule): VMSAv8-64 descriptors, "
                     "break-before-make, relax_perms, FWB, AF aging",
+        base_page_option="granule",
     )
 
 
@@ -109,11 +116,9 @@ class Arm64Stage2Backend:
         self.fwb, self.cache_dic, self.hw_af = fwb, cache_dic, hw_af
         self.eager_split_chunk_size = eager_split_chunk_size
         self.arch_info = _arch_info(self.geom)
-        self.frames = GranuleFrames(self.geom.granule)
         self.vm = None
         self.pgt = Stage2PageTable(self.geom, fwb=fwb, cache_dic=cache_dic, tlbirange=tlbirange,
-                                   on_tlbi=self._on_tlbi, on_leaf_get=self.frames.get,
-                                   on_leaf_put=self.frames.put)
+                                   on_tlbi=self._on_tlbi)
         self.abort = AbortPath(self)
         self._tlb_batch: list[Tlbi] | None = None
 
@@ -212,11 +217,9 @@ class Arm64Stage2Backend:
                 or (kind == "fetch" and not executable)):
             return Violation(PERMISSION, gfn, level=level, size=size,
                              error_code=ESR_ELx_FSC_PERM | level)
-        pa = self.pgt.fmt.pte_to_phys(pte)
-        pfn = self.frames.pfn(pa, gpa & (size - 1) & ~0xFFF)
+        pfn = (self.pgt.fmt.pte_to_phys(pte) + (gpa & (size - 1))) >> 12
         # No DBM: a writable leaf takes writes without a state change, so it counts as dirty.
-        return Translation(gfn, pfn, size if not self.frames.is_frame(pa) else 4096,
-                           readable, writable, executable, dirty=writable)
+        return Translation(gfn, pfn, size, readable, writable, executable, dirty=writable)
 
     # ------------------------------------------------------------------ the abort path
 
@@ -227,11 +230,14 @@ class Arm64Stage2Backend:
     @hookimpl(wrapper=True)
     def faultin_pfn(self, vm, fault):
         """The core's __kvm_faultin_pfn, then user_mem_abort's decisions on its result; a
-        hwpoisoned page is signalled with user_mem_abort's vma_shift as si_addr_lsb."""
+        hwpoisoned page is signalled with user_mem_abort's vma_shift as si_addr_lsb, at the hva
+        of the base page (gfn_to_hva_memslot_prot of ipa >> PAGE_SHIFT: with a 16K/64K
+        granule the hva of the faulting 4 KiB aligned down to the page)."""
         try:
             r = yield
         except HwPoisonSignal as e:
-            raise HwPoisonSignal(e.hva, self.abort.vma_shift_at(vm, fault, e.hva)) from None
+            hva = e.hva & ~(self.geom.granule - 1)
+            raise HwPoisonSignal(hva, self.abort.vma_shift_at(vm, fault, hva)) from None
         if r == RET_PF_CONTINUE:
             self.abort.adjust_faultin(vm, fault)
         return r
@@ -296,12 +302,8 @@ class Arm64Stage2Backend:
         """kvm_arch_prepare_memory_region: the IPA bound (-EFAULT), gmem-only guest_memfd
         slots (-EINVAL), and for each VMA: no dirty logging on VM_PFNMAP (-EINVAL; the
         model's PFNMAP is never cacheable, so the FWB + DIC check has nothing to refuse).
-
-        With a 16K/64K granule the model adds what a 16K/64K host's generic checks give (its
-        PAGE_SIZE is the granule): guest_phys_addr, memory_size and the guest_memfd offset
-        must be granule multiples (EINVAL), since a stage-2 page cannot map part of one. The
-        userspace address is not checked: the model's host lays out VMAs at 4 KiB and every
-        4 KiB piece of a base page is resolved by its own hva (frames.py)."""
+        PAGE_SIZE alignment of the addresses, size and guest_memfd offset (EINVAL) is the
+        core's generic check: PAGE_SIZE is the granule."""
         if change not in (KVM_MR_CREATE, KVM_MR_MOVE, KVM_MR_FLAGS_ONLY) or new is None:
             return
         g = self.geom
@@ -309,13 +311,6 @@ class Arm64Stage2Backend:
             raise KvmError(errno.EFAULT, f"guest_phys_addr+memory_size="
                            f"{(new.base_gfn + new.npages) << 12:#x}: beyond the VM's "
                            f"{g.ipa_bits}-bit IPA space")
-        if g.granule > 4096:
-            n = g.granule >> 12
-            for name, value in (("guest_phys_addr", new.base_gfn), ("memory_size", new.npages),
-                                ("guest_memfd_offset", new.gmem_pgoff)):
-                if value % n:
-                    raise KvmError(errno.EINVAL, f"{name}: not a multiple of the {g.granule}-"
-                                   "byte PAGE_SIZE of this host")
         if new.has_gmem and not new.gmem_only:
             raise KvmError(errno.EINVAL, "guest_memfd: arm64 accepts only gmem-only slots "
                            "(GUEST_MEMFD_FLAG_MMAP); there is no private memory on arm64")
@@ -385,12 +380,10 @@ class Arm64Stage2Backend:
         treats it, so the core can check that every writable leaf of a logging slot is
         logged."""
         out = []
-        frames = self.frames
         fmt = self.pgt.fmt
         for ipa, level, pte in self.pgt.valid_leaves(start << 12, end << 12):
-            pa = fmt.pte_to_phys(pte)
             out.append(Mapping(
-                gfn=ipa >> 12, size=self.geom.size(level), pfn=frames.pfn(pa, 0),
+                gfn=ipa >> 12, size=self.geom.size(level), pfn=fmt.pte_to_phys(pte) >> 12,
                 readable=bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R),
                 writable=bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W),
                 executable=not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN,
@@ -404,7 +397,7 @@ class Arm64Stage2Backend:
         if not pte & KVM_PTE_VALID:
             return None
         size = self.geom.size(level)
-        return self.frames.pfn(self.pgt.fmt.pte_to_phys(pte), gpa & (size - 1) & ~0xFFF)
+        return (self.pgt.fmt.pte_to_phys(pte) + (gpa & (size - 1))) >> 12
 
     @hookimpl
     def page_table_bytes(self, vm):

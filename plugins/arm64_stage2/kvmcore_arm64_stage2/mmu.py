@@ -30,9 +30,9 @@ import weakref
 
 import structlog
 from kvmcore.errors import KvmError
-from kvmcore.exits import GuestAbort, HwPoisonSignal
+from kvmcore.exits import GuestAbort
 from kvmcore.fault import ACCESS_FLAG, PERMISSION, PageFault
-from kvmcore.uapi import RET_PF_CONTINUE, RET_PF_FIXED, RET_PF_SPURIOUS
+from kvmcore.uapi import RET_PF_FIXED, RET_PF_SPURIOUS
 
 from .pgtable import FAULT_WALK_FLAGS, PROT_DEVICE, PROT_R, PROT_W, PROT_X
 
@@ -49,13 +49,11 @@ class FaultState:
     """What user_mem_abort keeps in locals between the pfn lookup and the install, for one
     ``PageFault`` (PageFault has no room for arch fields)."""
 
-    __slots__ = ("noncacheable", "phys", "writable", "pfns")
+    __slots__ = ("noncacheable", "writable")
 
     def __init__(self):
         self.noncacheable = False
-        self.phys = None        # output address of the base page (granule > 4K)
         self.writable = True
-        self.pfns = None
 
 
 class AbortPath:
@@ -116,43 +114,6 @@ class AbortPath:
                 vm.stats["arm64_inject_iabt"] += 1
                 raise GuestAbort("instruction_abort", fault.addr)
             st.writable = fault.map_writable
-        if self.b.geom.granule > 4096:
-            self._resolve_base_page(vm, fault, st)
-
-    def _resolve_base_page(self, vm, fault: PageFault, st: FaultState) -> None:
-        """A base page larger than the host's frames: resolve every 4 KiB piece of it the way
-        the core resolved the faulting one (see frames.py)."""
-        from kvmcore import defaults
-
-        g = self.b.geom.granule
-        first = fault.gfn & ~((g >> 12) - 1)
-        pfns = []
-        writable = fault.map_writable
-        for gfn in range(first, first + (g >> 12)):
-            if gfn == fault.gfn:
-                pfns.append(fault.pfn)
-                continue
-            sub = PageFault(addr=gfn << 12, gfn=gfn, write=fault.write, exec=fault.exec,
-                            is_private=fault.is_private, kind=fault.kind, vcpu=fault.vcpu,
-                            as_id=fault.as_id)
-            sub.slot = fault.slot
-            try:
-                r = defaults.faultin_pfn(vm=vm, fault=sub)
-            except HwPoisonSignal:
-                # One poisoned piece poisons the whole host page of a 16K/64K host.
-                raise HwPoisonSignal(fault.hva, self.vma_shift_at(vm, fault, fault.hva)) \
-                    from None
-            if r != RET_PF_CONTINUE:
-                raise KvmError(errno.EFAULT, f"gfn={gfn:#x}: part of a {g}-byte base page "
-                               "could not be resolved")
-            pfns.append(sub.pfn)
-            if not st.noncacheable and not fault.slot.has_gmem and fault.slot.logging \
-                    and not fault.write:
-                sub.map_writable = False
-            writable = writable and sub.map_writable
-        fault.map_writable = writable
-        st.writable = writable
-        st.pfns = tuple(pfns)
 
     # ------------------------------------------------------------------ size and prot
 
@@ -258,7 +219,6 @@ class AbortPath:
         if st.writable and ret == 0:
             self.b.mark_base_page_dirty(vm, fault.slot, fault.gfn)
         self._state.pop(fault, None)
-        self.b.frames.drop_unused()
         vm.trace(f"arm64.{how}", gpa=fault.gpa, size=size, ret=ret, write=fault.write,
                  exec=fault.exec)
         if ret == 0:
@@ -282,17 +242,22 @@ class AbortPath:
 
     def map_fault(self, vm, fault: PageFault) -> int:
         """user_mem_abort step 18, second half (and gmem_abort): kvm_pgtable_stage2_map at the
-        chosen size, IPA and PA aligned down to it."""
+        chosen size, IPA and PA aligned down to it.
+
+        ``fault.pfn`` is the 4 KiB frame of the faulting gfn, inside one host page (PAGE_SIZE =
+        granule, aligned and contiguous), so Linux's pfn of the IPA's page is that frame
+        aligned down to the granule. A block (hugetlb or PFNMAP vma_pagesize, THP's PMD) is
+        the pfn of its first page: fault_supports_stage2_huge_mapping made IPA and hva
+        congruent modulo the block size and the host maps it physically contiguous, so the
+        faulting frame minus the IPA's offset in the block (transparent_hugepage_adjust's
+        ``pfn &= ~(PTRS_PER_PMD - 1)``)."""
         g = self.b.geom
         size, force_pte = self.stage2_mapping_size(vm, fault)
         prot = self.stage2_prot(vm, fault)
         ipa = fault.gpa & ~(size - 1)
-        st = self.state(fault)
-        if size == g.granule and g.granule > 4096:
-            phys = self.b.frames.phys_for(st.pfns)
-        else:
-            phys = (fault.pfn << 12) - (fault.gpa & (size - 1))
+        phys = (fault.pfn << 12) & ~(g.granule - 1)           # the IPA's page
         if size > g.granule:
+            phys -= (fault.gpa - ipa) & ~(g.granule - 1)      # the block's first page
             vm.stats[f"arm64_map_block_{size >> 10}k"] += 1
         ret = self.b.pgt.map(ipa, size, phys, prot, FAULT_WALK_FLAGS)
         return self._finish(vm, fault, ret, "map", size)

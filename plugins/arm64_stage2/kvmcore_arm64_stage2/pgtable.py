@@ -294,12 +294,10 @@ class Stage2PageTable:
 
     ``on_tlbi`` is called for every TLB invalidation with its ``Tlbi`` record, after it is
     appended to ``tlbi_log``; the backend turns it into the core's vCPU-TLB flush.
-    ``on_leaf_get`` / ``on_leaf_put`` are called with the output address of every valid leaf
-    that is installed / removed (the backend's granule frames are reference-counted that way).
     """
 
     def __init__(self, geom: Stage2Geometry, *, fwb: bool = True, cache_dic: bool = True,
-                 tlbirange: bool = False, on_tlbi=None, on_leaf_get=None, on_leaf_put=None,
+                 tlbirange: bool = False, on_tlbi=None,
                  log_size: int = 1 << 16):
         self.geom = geom
         self.fwb = fwb
@@ -315,8 +313,6 @@ class Stage2PageTable:
         self.tlbi_log: collections.deque[Tlbi] = collections.deque(maxlen=log_size)
         self.events: collections.deque[PteEvent] = collections.deque(maxlen=log_size)
         self.on_tlbi = on_tlbi
-        self.on_leaf_get = on_leaf_get
-        self.on_leaf_put = on_leaf_put
 
     # ------------------------------------------------------------------ pages and TLBs
 
@@ -346,18 +342,8 @@ class Stage2PageTable:
         for pte in self.store[table_pa]:
             if kvm_pte_table(pte, level):
                 self.free_unlinked(self.fmt.table_address(pte, level), level + 1)
-            elif kvm_pte_valid(pte):
-                self._leaf_put(pte)
         self.page_count.pop(table_pa, None)
         self.store.free(table_pa)
-
-    def _leaf_get(self, pte: int) -> None:
-        if self.on_leaf_get is not None:
-            self.on_leaf_get(self.fmt.pte_to_phys(pte))
-
-    def _leaf_put(self, pte: int) -> None:
-        if self.on_leaf_put is not None:
-            self.on_leaf_put(self.fmt.pte_to_phys(pte))
 
     def _tlbi(self, op: str, ipa: int, size: int, level: int | None, why: str) -> None:
         rec = Tlbi(op, ipa, size, level, why)
@@ -439,8 +425,6 @@ class Stage2PageTable:
                 self.tlb_flush_vmid_range(ctx.addr & ~(size - 1), size, "bbm_table")
             elif kvm_pte_valid(old):
                 self.tlb_flush_vmid_ipa(ctx.addr, ctx.level, "bbm")
-        if kvm_pte_valid(old) and not kvm_pte_table(old, ctx.level):
-            self._leaf_put(old)
         if stage2_pte_is_counted(old):
             self._put_page(self._page_of(ctx.table_pa, ctx.index))
         return True
@@ -451,8 +435,6 @@ class Stage2PageTable:
             raise AssertionError(f"stage2_make_pte over an unlocked entry at {ctx.addr:#x}")
         if stage2_pte_is_counted(new):
             self._get_page(self._page_of(ctx.table_pa, ctx.index))
-        if kvm_pte_valid(new) and not kvm_pte_table(new, ctx.level):
-            self._leaf_get(new)
         ctx.set(new)
         self.events.append(PteEvent("make", ctx.addr, ctx.level, KVM_INVALID_PTE_LOCKED, new))
 
@@ -589,8 +571,6 @@ class Stage2PageTable:
             # stage2_unmap_put_pte
             ctx.set(0)
             self.events.append(PteEvent("clear", ctx.addr, ctx.level, old, 0))
-            if child is None:
-                self._leaf_put(old)
             if child is not None:
                 self.tlb_flush_vmid_ipa(ctx.addr, TLBI_TTL_UNKNOWN, "unmap_table")
             elif not self.unmap_defer_tlb_flush():

@@ -171,20 +171,121 @@ def test_thp_promotes_to_pmd_only(vm, host):
 
 
 @pytest.mark.parametrize("granule,block", [(16384, 32 << 20), (65536, 512 << 20)])
-def test_large_granule_blocks_from_hugetlb_1g(make_vm, host, granule, block):
+def test_large_granule_blocks_from_hugetlb_1g(make_vm, granule, block):
     vm = make_vm(granule=granule)
-    slot(vm, host, 0, SZ_1G, SZ_1G, kind="hugetlb_1g")
+    host = vm.host
+    hva = slot(vm, host, 0, SZ_1G, SZ_1G, kind="hugetlb_1g")
     vm.create_vcpu(0).read(SZ_1G + block + 3 * PAGE, 4)
     m = vm.lookup(SZ_1G + block)
     assert (m.size, m.level) == (block, 2)
+    assert m.pfn == host.lookup_pte(hva + block)[0] and m.pfn % (block >> 12) == 0
 
 
-def test_hugetlb_2m_is_a_contiguous_hint_with_64k_pages(make_vm, host):
+def test_hugetlb_2m_is_a_contiguous_hint_with_64k_pages(make_vm):
     """With 64K pages a 2 MiB hugetlb page is CONT_PTE: stage-2 maps PAGE_SIZE."""
     vm = make_vm(granule=65536)
-    slot(vm, host, 0, GPA, SZ_2M, kind="hugetlb_2m")
-    vm.create_vcpu(0).read(GPA + 3 * PAGE, 4)
-    assert vm.lookup(GPA).size == 65536
+    hva = slot(vm, vm.host, 0, GPA, SZ_2M, kind="hugetlb_2m")
+    vm.create_vcpu(0).read(GPA + 0x30000 + 3 * PAGE, 4)
+    m = vm.lookup(GPA + 0x30000)
+    assert (m.gfn, m.size) == ((GPA + 0x30000) >> 12, 65536)
+    assert m.pfn == vm.host.lookup_pte(hva + 0x30000)[0]
+
+
+# ---------------------------------------------------------------- the granule is PAGE_SIZE
+
+@pytest.mark.parametrize("granule", [16384, 65536])
+def test_granule_option_builds_a_host_with_that_page_size(granule):
+    from kvmcore import VM
+
+    vm = VM(arch="arm64_stage2", granule=granule)
+    assert vm.host.page_size == vm.page_size == granule
+    assert vm.backend.geom.granule == granule
+    assert vm.arch_info.base_page_option == "granule"
+    vm.close()
+
+
+@pytest.mark.parametrize("page_size", [4096, 16384, 65536])
+def test_the_granule_follows_the_hosts_page_size(page_size):
+    from kvmcore import VM, HostMemory
+
+    vm = VM(arch="arm64_stage2", host=HostMemory(page_size=page_size))
+    assert vm.backend.geom.granule == page_size and vm.options["granule"] == page_size
+    vm.close()
+
+
+@pytest.mark.parametrize("granule,page_size", [(65536, 4096), (4096, 65536), (16384, 65536)])
+def test_granule_other_than_the_hosts_page_size_is_einval(granule, page_size):
+    from kvmcore import VM, HostMemory
+
+    with pytest.raises(KvmError) as e:
+        VM(arch="arm64_stage2", host=HostMemory(page_size=page_size), granule=granule)
+    assert e.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("granule", [16384, 65536])
+def test_large_granule_leaf_maps_the_first_frame_of_the_host_page(make_vm, granule):
+    """One stage-2 page is one host page: the output address is the real address of its
+    first 4 KiB frame, whichever 4 KiB of it faulted."""
+    vm = make_vm(granule=granule)
+    host = vm.host
+    hva = slot(vm, host, 0, GPA, 4 * granule)
+    vcpu = vm.create_vcpu(0)
+    vcpu.write(GPA + granule + PAGE + 8, b"w")
+    m = vm.lookup(GPA + granule + PAGE)
+    first = host.lookup_pte(hva + granule)[0]
+    assert (m.gfn, m.size, m.level, m.writable) == ((GPA + granule) >> 12, granule, 3, True)
+    assert m.pfn == first and first % (granule >> 12) == 0
+    assert vm.backend.pgt.fmt.pte_to_phys(m.raw) == first << 12
+    assert len(list(vm.mappings())) == 1
+    t = vm.translate(vm=vm, vcpu=vcpu, gpa=GPA + 2 * granule - PAGE,
+                      access=Access("read"))
+    assert isinstance(t, Translation) and (t.pfn, t.size) == (first + (granule >> 12) - 1,
+                                                              granule)
+    assert host.read(hva + granule + PAGE + 8, 1) == b"w"
+
+
+def test_64k_thp_is_a_512m_block_at_level_2(make_vm):
+    """A THP on a 64K host is a PMD of 512 MiB (8192 entries of 64 KiB): stage-2 maps it as a
+    level-2 block on the huge page's frames."""
+    vm = make_vm(granule=65536)
+    host = vm.host
+    block = 512 << 20
+    assert host.pmd_size == block == vm.backend.geom.pmd_size
+    hva = slot(vm, host, 0, SZ_1G, 2 * block, thp=True)
+    vm.create_vcpu(0).write(SZ_1G + block + 0x123000, b"t")
+    m = vm.lookup(SZ_1G + block)
+    assert (m.gfn, m.size, m.level) == ((SZ_1G + block) >> 12, block, 2)
+    assert m.pfn == host.lookup_pte(hva + block)[0] and m.pfn % (block >> 12) == 0
+    assert host.host_mapping_size(hva + block) == block
+    assert vm.stats["arm64_thp_adjust"] == 1
+    assert host.read(hva + block + 0x123000, 1) == b"t"
+
+
+def test_64k_thp_not_congruent_maps_base_pages(make_vm):
+    """IPA and hva not congruent modulo the PMD: fault_supports_stage2_huge_mapping says no,
+    the fault maps one 64K page of the huge page (its own frames)."""
+    vm = make_vm(granule=65536)
+    host = vm.host
+    block = 512 << 20
+    hva = host.mmap(2 * block, thp=True)
+    vm.set_user_memory_region(0, SZ_1G + 65536, block, hva)
+    vm.create_vcpu(0).write(SZ_1G + 65536 + 0x20000 + 8, b"n")
+    m = vm.lookup(SZ_1G + 65536 + 0x20000)
+    assert (m.size, m.level) == (65536, 3)
+    assert m.pfn == host.lookup_pte(hva + 0x20000)[0]
+    assert vm.stats["arm64_thp_adjust"] == 0
+
+
+@pytest.mark.parametrize("field", ["guest_phys_addr", "memory_size", "userspace_addr"])
+def test_64k_memslot_must_be_page_aligned(make_vm, field):
+    vm = make_vm(granule=65536)
+    hva = vm.host.mmap(4 * 65536)
+    args = {"guest_phys_addr": GPA, "memory_size": 2 * 65536, "userspace_addr": hva}
+    args[field] += PAGE
+    with pytest.raises(KvmError) as e:
+        vm.set_user_memory_region(0, args["guest_phys_addr"], args["memory_size"],
+                                  args["userspace_addr"])
+    assert e.value.errno == errno.EINVAL
 
 
 # ---------------------------------------------------------------- relax vs map (invariant 8)
@@ -381,14 +482,19 @@ def test_hwpoison_signal_carries_vma_shift(vm, host, kind, lsb):
     assert (e.value.hva, e.value.lsb) == (hva, lsb)
 
 
-def test_64k_poisoned_piece_poisons_the_whole_base_page(make_vm, host):
+def test_64k_poison_signals_the_host_page(make_vm):
+    """memory_failure poisons a whole 64K host page; user_mem_abort's SIGBUS gives the page's
+    hva (gfn_to_hva of ipa >> PAGE_SHIFT) and vma_shift 16."""
     from kvmcore import HwPoisonSignal
 
     vm = make_vm(granule=65536)
+    host = vm.host
     hva = slot(vm, host, 0, GPA, 2 * 65536)
     host.write(hva, bytes(2 * 65536))
     host.poison(hva + 9 * PAGE)
+    vcpu = vm.create_vcpu(0)
     with pytest.raises(HwPoisonSignal) as e:
-        vm.create_vcpu(0).read(GPA + 2 * PAGE, 1)
-    assert (e.value.hva, e.value.lsb) == (hva + 2 * PAGE, 16)
+        vcpu.read(GPA + 2 * PAGE, 1)
+    assert (e.value.hva, e.value.lsb) == (hva, 16)
+    assert vcpu.read(GPA + 65536 + 2 * PAGE, 1) == b"\0", "the next page is unaffected"
     host.munmap(hva, 2 * 65536)

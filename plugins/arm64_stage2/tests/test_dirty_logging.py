@@ -113,8 +113,9 @@ def test_initially_set_defers_protection(vm, host):
     assert vm.lookup(GPA).writable and vm.lookup(GPA).size == SZ_2M
 
 
-def test_64k_write_logs_every_4k_gfn_of_the_base_page(make_vm, host):
+def test_64k_write_logs_every_4k_gfn_of_the_base_page(make_vm):
     vm = make_vm(granule=65536)
+    host = vm.host
     hva = host.mmap(4 * 65536)
     vm.set_user_memory_region(0, GPA, 4 * 65536, hva, KVM_MEM_LOG_DIRTY_PAGES)
     vcpu = vm.create_vcpu(0)
@@ -126,8 +127,9 @@ def test_64k_write_logs_every_4k_gfn_of_the_base_page(make_vm, host):
     assert not vm.lookup(GPA + 65536).writable, "GET_DIRTY_LOG re-protected the base page"
 
 
-def test_64k_dirty_ring_pushes_16_entries(make_vm, host):
+def test_64k_dirty_ring_pushes_16_entries(make_vm):
     vm = make_vm(granule=65536)
+    host = vm.host
     vm.enable_dirty_ring(1 << 16)
     hva = host.mmap(2 * 65536)
     vm.set_user_memory_region(0, GPA, 2 * 65536, hva, KVM_MEM_LOG_DIRTY_PAGES)
@@ -137,10 +139,11 @@ def test_64k_dirty_ring_pushes_16_entries(make_vm, host):
 
 
 @pytest.mark.parametrize("granule", [4096, 65536])
-def test_dirty_marking_only_on_success(make_vm, host, granule):
+def test_dirty_marking_only_on_success(make_vm, granule):
     """Commit 509552e65ae8: a fault that installs nothing (a permission-only map attempt that
     returns -EAGAIN) marks nothing."""
     vm = make_vm(granule=granule)
+    host = vm.host
     hva = host.mmap(4 * granule)
     host.write(hva, bytes(4 * granule))
     vm.set_user_memory_region(0, GPA, 4 * granule, hva, KVM_MEM_LOG_DIRTY_PAGES)

@@ -19,8 +19,9 @@ SIZE = 64 * 4096
 TARGET = GPA + 5 * 4096
 
 
-def _setup(make_vm, host, granule=4096):
+def _setup(make_vm, granule=4096):
     vm = make_vm(granule=granule)
+    host = vm.host
     hva = host.mmap(SIZE)
     host.write(hva, bytes(SIZE))          # host pages exist and are writable
     vm.set_user_memory_region(0, GPA, SIZE, hva, KVM_MEM_LOG_DIRTY_PAGES)
@@ -43,11 +44,11 @@ def _bbm_on_valid_leaf(backend):
 
 @pytest.mark.parametrize("granule", [4096, 65536])
 @pytest.mark.parametrize("point", [AFTER_SNAPSHOT, BEFORE_LOCK])
-def test_write_then_read_interleaved_reader_finishes_first(make_vm, host, point, granule):
+def test_write_then_read_interleaved_reader_finishes_first(make_vm, point, granule):
     """A (write) stops at the race point; B (read) maps the page read-only; A then maps RW over
     RO: a permission-only difference, so -EAGAIN and A re-faults with a permission fault that
     relax_perms resolves."""
-    vm, a, b, backend = _setup(make_vm, host, granule)
+    vm, a, b, backend = _setup(make_vm, granule)
     ga = a.step_access("write", TARGET, b"\xaa" * 8)
     _advance_to(ga, point)
     assert b.read(TARGET, 8) == bytes(8)
@@ -67,10 +68,10 @@ def test_write_then_read_interleaved_reader_finishes_first(make_vm, host, point,
 
 @pytest.mark.parametrize("granule", [4096, 65536])
 @pytest.mark.parametrize("point", [AFTER_SNAPSHOT, BEFORE_LOCK])
-def test_read_then_write_interleaved_writer_finishes_first(make_vm, host, point, granule):
+def test_read_then_write_interleaved_writer_finishes_first(make_vm, point, granule):
     """B (read) stops at the race point; A (write) maps RW and logs the page; B then maps RO
     over RW: a permission-only difference the map path leaves alone — no downgrade."""
-    vm, a, b, backend = _setup(make_vm, host, granule)
+    vm, a, b, backend = _setup(make_vm, granule)
     gb = b.step_access("read", TARGET, 8)
     _advance_to(gb, point)
     a.write(TARGET, b"\xbb" * 8)
@@ -86,12 +87,12 @@ def test_read_then_write_interleaved_writer_finishes_first(make_vm, host, point,
     assert (TARGET - GPA) >> 12 in vm.get_dirty_log(0)
 
 
-def test_pre_2020_behaviour_would_have_downgraded(make_vm, host):
+def test_pre_2020_behaviour_would_have_downgraded(make_vm):
     """Control: the map walker's filter is what saves the writable leaf. With the filter
     disabled (stage2_pte_needs_update true for permission-only changes, as before
     694d071f8d85), the same interleaving downgrades W through BBM — so the tests above
     would fail on such a walker."""
-    vm, a, b, backend = _setup(make_vm, host)
+    vm, a, b, backend = _setup(make_vm)
     pgt = backend.pgt
     pgt.pte_needs_update = lambda old, new: old != new
     gb = b.step_access("read", TARGET, 8)

@@ -1,6 +1,6 @@
 """Random guest and host activity on 4K, 16K and 64K granules, checked against a plain model of
-memory contents, with the invariants (core and arm64) after every step. Host operations act on
-whole base pages, as they would on a host whose PAGE_SIZE is the granule."""
+memory contents, with the invariants (core and arm64) after every step, each on a host whose
+PAGE_SIZE is the granule (host operations act on whole base pages)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def make_machine(granule: int):
     class Stage2Machine(RuleBasedStateMachine):
         @initialize(thp=st.booleans(), log=st.booleans(), dic=st.booleans())
         def setup(self, thp, log, dic):
-            self.host = HostMemory()
+            self.host = HostMemory(page_size=granule)
             self.vm = VM(arch="arm64_stage2", host=self.host, granule=granule, cache_dic=dic)
             self.hva = self.host.mmap(SIZE, thp=thp)
             self.flags = KVM_MEM_LOG_DIRTY_PAGES if log else 0

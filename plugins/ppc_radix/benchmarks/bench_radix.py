@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from kvmcore import VM, HostMemory
+from kvmcore import VM
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES
 
 from kvmcore_ppc_radix import PpcRadixBackend
@@ -17,8 +17,8 @@ GPA = 1 << 32
 
 
 def main(page_size: int = 4096, size: int = 64 << 20) -> None:
-    host = HostMemory()
-    vm = VM(arch=PpcRadixBackend, host=host, page_size=page_size)
+    vm = VM(arch=PpcRadixBackend, page_size=page_size)    # a host of that PAGE_SIZE
+    host = vm.host
     hva = host.mmap(size)
     vm.set_user_memory_region(0, GPA, size, hva, KVM_MEM_LOG_DIRTY_PAGES)
     vcpu = vm.create_vcpu(0)

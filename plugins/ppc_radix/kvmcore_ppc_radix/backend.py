@@ -3,8 +3,11 @@ book3s_64_mmu_hv.c's radix dispatch, book3s_64_mmu_radix.c).
 
 VM options:
 
-- ``page_size`` = 4096 (default) or 65536: the host base page, hence the PTE level's index
-  size (9 or 5) and the size of a base-page leaf.
+- ``page_size`` = 4096 or 65536: the base page, which is the host kernel's PAGE_SIZE as in
+  Linux (``ArchInfo.base_page_option``), hence the PTE level's index size (9 or 5) and the
+  size of a base-page leaf. Omitted, it follows the host (``VM(host=...)``); without a host,
+  ``VM`` builds one of this PAGE_SIZE (a 64K radix host has a 2 MiB PMD:
+  ``ArchInfo.host_pmd_sizes``); a host of another PAGE_SIZE is EINVAL.
 - ``set_rc_faults`` (default False): the modelled MMU reports DSISR[SET_RC] instead of setting
   R/C itself, so the ``kvmppc_hv_handle_set_rc`` fallback runs (POWER9 sets them in hardware).
 - ``huge_past_slot`` (default False): True reproduces Linux's [quirk] that a 2M/1G leaf is
@@ -20,9 +23,9 @@ big-endian; ``pte.be64_to_cpu(m.raw)`` gives the CPU-order value the ``_PAGE_*``
 to. ``tlbie_log`` records every TLB invalidation as (address, size, lpid) and ``pwc_flushes``
 every page-walk-cache flush; ``warnings`` the WARNs Linux would print.
 
-With 64K base pages the core's host (4 KiB pages only) is made to look like a 64K-page host:
-see ``host_pte.make_host_base_page``; memslots must then be 64K aligned (EINVAL otherwise, as
-``kvm_set_memory_region`` does when PAGE_SIZE is 64K).
+The partition PTE is built from the host Linux PTE (``host_pte.find_kvm_host_pte`` reads the
+host page table), so a base-page leaf maps one host page and a 2M/1G leaf one host THP or
+hugetlb block; memslot alignment to PAGE_SIZE is the core's (kvm_set_memory_region's EINVAL).
 
 Not modelled: secure (Ultravisor) guests, nested (L2) guests and their rmap, the HPT MMU,
 VPA/DTL dirty pages, DSISR BADACCESS / UNSUPP_MMU / PRTABLE_FAULT (the modelled walk never
@@ -37,7 +40,6 @@ from collections.abc import Iterator
 
 import structlog
 from kvmcore import ArchInfo, KvmError, Mapping, hookimpl
-from kvmcore.defaults import memory_fault_exit
 from kvmcore.fault import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from kvmcore.pgtable import LEAF, TABLE_PRE, PageTable, TableStore
 from kvmcore.uapi import (
@@ -51,12 +53,7 @@ from kvmcore.uapi import (
 )
 
 from . import book3s_64_mmu_radix as radix_mmu
-from .host_pte import (
-    find_kvm_host_pte,
-    host_base_page_contiguous,
-    make_host_base_page,
-    make_host_base_page_writable,
-)
+from .host_pte import find_kvm_host_pte
 from .pte import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -94,6 +91,9 @@ def _arch_info(page_size: int) -> ArchInfo:
         page_sizes=(page_size, SZ_2M, SZ_1G),
         levels=4,
         vm_types={"default": _CAPS},
+        base_page_option="page_size",
+        # radix-64k.h: PMD_SHIFT 21 whatever PAGE_SIZE is (4K: 2M is also PAGE_SIZE^2 / 8).
+        host_pmd_sizes={65536: SZ_2M},
         description="PowerPC Book3S HV partition-scoped radix (POWER9+): big-endian PTEs, "
                     "hardware R/C bits, dirty logging by C-bit harvesting",
     )
@@ -130,7 +130,7 @@ class PpcRadixBackend:
         self.pwc_flushes: list[int] = []
         #: WARN / WARN_ONCE messages Linux would print.
         self.warnings: list[str] = []
-        self._host_ptes: dict[object, tuple[int, int, bool]] = {}
+        self._host_ptes: dict[object, tuple[int, int]] = {}
         #: While set, tlbies queue their vCPU-TLB flush here (book3s_64_mmu_radix.batched_tlbie).
         self.tlb_batch: list[tuple[int, int]] | None = None
 
@@ -152,9 +152,14 @@ class PpcRadixBackend:
         return vm.mmu_invalidate.retry(mmu_seq)
 
     @staticmethod
-    def bump_mmu_invalidate_seq(vm) -> None:
-        """kvmppc_radix_flush_memslot ends with kvm->mmu_invalidate_seq++."""
-        vm.mmu_invalidate.seq += 1
+    def bump_mmu_invalidate_seq(vm, start_gfn: int, end_gfn: int) -> None:
+        """kvmppc_radix_flush_memslot ends with kvm->mmu_invalidate_seq++. The core has no
+        bare seq++; an invalidation bracket over the slot's gfns (kvm_mmu_invalidate_begin,
+        _range_add, _end, as guest_memfd uses) ends with exactly that seq++, and nothing runs
+        inside it."""
+        vm.mmu_invalidate_begin()
+        vm.mmu_invalidate_range_add(start_gfn, end_gfn)
+        vm.mmu_invalidate_end()
 
     @property
     def partition_table_entry(self) -> tuple[int, int]:
@@ -231,30 +236,19 @@ class PpcRadixBackend:
     @hookimpl(wrapper=True)
     def faultin_pfn(self, vm, fault):
         """kvmppc_book3s_instantiate_page steps 3-5: the generic __kvm_faultin_pfn (the
-        core's hva -> pfn, VM_IO|VM_PFNMAP included) only faults the page in and decides
+        core's hva -> pfn, VM_IO|VM_PFNMAP included) only faults the host page in and decides
         upgrade_write; the partition PTE is then built from the host Linux PTE
-        (find_kvm_host_pte under mmu_lock with the mmu_seq check). A missing host PTE or a
-        changed seq resumes the guest, which re-faults."""
+        (find_kvm_host_pte under mmu_lock with the mmu_seq check). A changed seq or a missing
+        host PTE resumes the guest, which re-faults (``ppc_host_pte_retry``)."""
         result = yield
         if result not in (None, RET_PF_CONTINUE):
             return result
-        if fault.max_size < self.cfg.page_size:
-            if make_host_base_page(vm, self, fault.hva):
-                return RET_PF_RETRY
-            if not host_base_page_contiguous(vm.host, fault.hva & ~(self.cfg.page_size - 1),
-                                             self.cfg.page_size):
-                # Cannot happen on a real 64K host; the model's 4K host may leave a 64K block
-                # straddling two VMAs. No partition PTE may map memory the host does not.
-                vm.stats["ppc_host_64k_unmappable"] += 1
-                raise memory_fault_exit(vm, fault)
-            if fault.map_writable and not make_host_base_page_writable(
-                    vm.host, fault.hva & ~(self.cfg.page_size - 1), self.cfg.page_size):
-                fault.map_writable = False
         with vm.mmu_lock:
-            host = find_kvm_host_pte(vm, self, fault)
+            host = find_kvm_host_pte(vm, self, fault.mmu_seq, fault.hva)
         if host is None:
             vm.stats["ppc_host_pte_retry"] += 1
             return RET_PF_RETRY
+        # Held from here to map_leaf, as Linux's locals are (the core's PageFault is slotted).
         if len(self._host_ptes) > 256:
             self._host_ptes.clear()
         self._host_ptes[fault] = host
@@ -266,13 +260,13 @@ class PpcRadixBackend:
         -EAGAIN (mmu_seq changed) and -ENOMEM resume the guest to re-fault."""
         host = self._host_ptes.pop(fault, None)
         if host is None:
-            host = find_kvm_host_pte(vm, self, fault)
+            host = find_kvm_host_pte(vm, self, fault.mmu_seq, fault.hva)
             if host is None:
                 return RET_PF_RETRY
-        host_pte, host_shift, upgrade_write = host
+        host_pte, host_shift = host
         before = self.entry(fault.gfn << 12)
-        ret, _level = radix_mmu.kvmppc_book3s_instantiate_page(self, vm, fault, host_pte,
-                                                               host_shift, upgrade_write)
+        ret, _level = radix_mmu.kvmppc_book3s_instantiate_page(
+            self, vm, fault, host_pte, host_shift, bool(fault.map_writable))
         if ret:
             return RET_PF_RETRY
         if before == self.entry(fault.gfn << 12) and before & _PAGE_PTE:
@@ -301,22 +295,9 @@ class PpcRadixBackend:
     def prepare_memory_region(self, vm, old, new, change):
         """ppc does not select HAVE_KVM_READONLY_MEM: generic check_memory_region_flags
         refuses KVM_MEM_READONLY with EINVAL (the core does it from the capability; this is
-        the backstop). With 64K base pages the host's PAGE_SIZE is 64K, so
-        kvm_set_memory_region's alignment checks (memory_size, guest_phys_addr,
-        userspace_addr & (PAGE_SIZE - 1)) refuse anything not 64K aligned with EINVAL; the
-        core checks 4 KiB, this adds the rest."""
-        if new is None:
-            return
-        if new.flags & KVM_MEM_READONLY:
+        the backstop). Alignment to PAGE_SIZE (64K on a 64K host) is the core's check."""
+        if new is not None and new.flags & KVM_MEM_READONLY:
             raise KvmError(errno.EINVAL, "flags: KVM_MEM_READONLY is not supported on ppc")
-        mask = self.cfg.page_size - 1
-        if mask > 0xFFF:
-            for name, value in (("memory_size", new.npages << 12),
-                                ("guest_phys_addr", new.base_gfn << 12),
-                                ("userspace_addr", new.userspace_addr)):
-                if value & mask:
-                    raise KvmError(errno.EINVAL, f"{name} {value:#x} is not aligned to the "
-                                   f"{self.cfg.page_size:#x} base page (PAGE_SIZE)")
 
     @hookimpl
     def commit_memory_region(self, vm, old, new, change):

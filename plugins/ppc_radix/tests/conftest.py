@@ -23,12 +23,15 @@ def page_size(request):
 
 
 @pytest.fixture
-def host():
+def host(page_size):
+    """A host whose PAGE_SIZE is the base page under test (64K: a 2 MiB PMD, as radix-64k)."""
     if not CORE_READY:
         pytest.skip("kvmcore.vm is not there yet")
-    from kvmcore import HostMemory
+    from kvmcore.vm import host_for
 
-    return HostMemory()
+    from kvmcore_ppc_radix import PpcRadixBackend
+
+    return host_for(PpcRadixBackend, {"page_size": page_size})
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import types
 
 from kvmcore.invalidate import InvalidateState
 
@@ -22,14 +23,45 @@ class FakeSlot:
         return start >= self.base_gfn and start + npages <= self.base_gfn + self.npages
 
 
+class FakeHost:
+    """The host page table as find_kvm_host_pte reads it: every hva is mapped by a host page
+    (or THP / hugetlb block) of ``size`` bytes whose first frame is ``base`` (byte address),
+    or, without ``base``, an identity-like layout at 0x40_0000_0000 + hva."""
+
+    def __init__(self, size=4096, base=None, writable=True, prot="rw", pfnmap=False):
+        self.size, self.base, self.writable = size, base, writable
+        self.vma = types.SimpleNamespace(prot=prot, io_pfnmap=pfnmap)
+        self.present = True
+
+    def lookup_pte(self, hva):
+        if not self.present:
+            return None
+        pa = (self.base if self.base is not None else
+              0x40_0000_0000 + (hva & ~(self.size - 1))) + (hva & (self.size - 1))
+        return pa >> 12, self.writable, self.size
+
+    def find_vma(self, hva):
+        return self.vma
+
+
 class FakeVM:
-    def __init__(self, slots=()):
+    def __init__(self, slots=(), host=None):
+        self.host = host if host is not None else FakeHost()
         self.stats = collections.Counter()
         self.mmu_invalidate = InvalidateState()
         self.slots = list(slots)
         self.flushed: list[tuple[int, int]] = []
         self.dirty: list[int] = []
         self.events: list[tuple] = []
+
+    def mmu_invalidate_begin(self):
+        self.mmu_invalidate.begin()
+
+    def mmu_invalidate_range_add(self, start, end):
+        self.mmu_invalidate.range_add(start, end)
+
+    def mmu_invalidate_end(self):
+        self.mmu_invalidate.end()
 
     def flush_remote_tlbs_range(self, start_gfn, npages):
         self.flushed.append((start_gfn, npages))

@@ -6,7 +6,7 @@ import errno
 import pytest
 from kvmcore.fault import PageFault
 
-from fakevm import FakeSlot, FakeVM
+from fakevm import FakeHost, FakeSlot, FakeVM
 from kvmcore_ppc_radix import PpcRadixBackend
 from kvmcore_ppc_radix import book3s_64_mmu_radix as M
 from kvmcore_ppc_radix import pte as P
@@ -178,23 +178,25 @@ def test_set_rc_ors_bits_without_flush(be):
 # ------------------------------------------------------------------ instantiate
 
 
-def _fault(slot, gpa, hva, write=False, max_size=4096, writable=True, cacheable=True,
-           pfnmap=False, pfn=None):
+def _fault(slot, gpa, hva, write=False, writable=True):
     f = PageFault(addr=gpa, gfn=gpa >> 12, write=write)
-    f.slot, f.hva, f.map_writable, f.max_size = slot, hva, writable, max_size
-    f.cacheable, f.pfnmap = cacheable, pfnmap
-    f.pfn = (0x4000000000 + hva) >> 12 if pfn is None else pfn
+    f.slot, f.hva, f.map_writable = slot, hva, writable
     return f
 
 
 def _instantiate(be, vm, f):
-    host = find_kvm_host_pte(vm, be, f)
-    return M.kvmppc_book3s_instantiate_page(be, vm, f, *host)
+    host = find_kvm_host_pte(vm, be, f.mmu_seq, f.hva)
+    return M.kvmppc_book3s_instantiate_page(be, vm, f, *host, f.map_writable)
+
+
+def _vm(be, slot, **host):
+    host.setdefault("size", be.cfg.page_size)
+    return FakeVM([slot], FakeHost(**host))
 
 
 def test_new_leaf_has_r_x_and_c_with_w(be):
     slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000)
-    vm = FakeVM([slot])
+    vm = _vm(be, slot)
     _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr, write=True))
     e = be.entry(0)
     assert e & P._PAGE_ACCESSED and e & P._PAGE_EXEC and e & P._PAGE_WRITE and e & P._PAGE_DIRTY
@@ -202,7 +204,7 @@ def test_new_leaf_has_r_x_and_c_with_w(be):
 
 def test_read_fault_upgraded_is_writable_and_dirty(be):
     slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000, flags=1, logging=True)
-    vm = FakeVM([slot])
+    vm = _vm(be, slot)
     _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr, write=False))
     e = be.entry(0)
     assert e & P._PAGE_WRITE and e & P._PAGE_DIRTY       # even while logging (invariant 5)
@@ -210,56 +212,89 @@ def test_read_fault_upgraded_is_writable_and_dirty(be):
 
 def test_read_fault_not_upgraded_has_neither_w_nor_c(be):
     slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000)
-    vm = FakeVM([slot])
+    vm = _vm(be, slot)
     _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr, writable=False))
     e = be.entry(0)
     assert not e & (P._PAGE_WRITE | P._PAGE_DIRTY) and e & P._PAGE_EXEC and e & P._PAGE_ACCESSED
 
 
-@pytest.mark.parametrize("gpa_off,hva_off,max_size,logging,want", [
+def test_upgrade_without_host_w_keeps_w_clear(be):
+    """W comes from the host PTE: upgrade_write on a read-only host PTE grants nothing."""
+    slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000)
+    vm = _vm(be, slot, writable=False)
+    _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr, write=True))
+    assert not be.entry(0) & (P._PAGE_WRITE | P._PAGE_DIRTY)
+
+
+@pytest.mark.parametrize("gpa_off,hva_off,host_size,logging,want", [
     (0, 0, SZ_1G, False, SZ_1G),
     (0, 0, SZ_2M, False, SZ_2M),
     (0, SZ_2M, SZ_1G, False, None),       # 1G host page congruent only mod 2M: base page
     (0, 0x10000 * 3, SZ_2M, False, None),  # not congruent: base page
     (0, 0, SZ_1G, True, None),            # logging: base page
     (0, 0, SZ_2M, True, None),
+    (0, 0, 1 << 29, False, None),         # a PMD size radix does not have: base page
+    (0, 0, None, False, None),            # a PAGE_SIZE host page
 ])
-def test_level_selection(be, gpa_off, hva_off, max_size, logging, want):
+def test_level_selection(be, gpa_off, hva_off, host_size, logging, want):
     base_hva = 0x7F0000000000
     slot = FakeSlot(0, 1 << 20, userspace_addr=base_hva + hva_off,
                     flags=1 if logging else 0, logging=logging)
-    vm = FakeVM([slot])
+    host_size = host_size or be.cfg.page_size
+    host_base = 0x40_0000_0000
+    vm = _vm(be, slot, size=host_size, base=host_base)
     gpa = SZ_1G + gpa_off + 0x50000
     hva = slot.userspace_addr + gpa
-    host_base = 0x40_0000_0000
-    pfn = (host_base + (hva & (max_size - 1))) >> 12
-    ret, level = _instantiate(be, vm, _fault(slot, gpa, hva, max_size=max_size, pfn=pfn))
+    ret, level = _instantiate(be, vm, _fault(slot, gpa, hva))
     assert ret == 0
     table, idx, shift, e = M.find_kvm_secondary_pte(be, gpa)
     want = want or be.cfg.page_size
     assert 1 << shift == want
-    # The RPN is the host huge RPN | the sub-frame of hva (invariant 7).
-    assert P.pte_pa(e, be.cfg.page_shift) == (host_base + (hva & (max_size - 1))) & ~(want - 1)
+    # The RPN is the host block's first frame | the sub-frame of hva (invariant 7).
+    assert P.pte_pa(e, be.cfg.page_shift) == (host_base + (hva & (host_size - 1))) & ~(want - 1)
+
+
+def test_host_pte_rpn_is_first_frame_of_the_host_page(be):
+    """find_kvm_host_pte: the host PTE maps the whole host page; its RPN is the first frame,
+    whatever 4 KiB of it the hva points at; shift is log2 of the host mapping."""
+    slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000)
+    ps = be.cfg.page_size
+    vm = _vm(be, slot, base=0x1230000 & ~(ps - 1))
+    pte, shift = find_kvm_host_pte(vm, be, 0, slot.userspace_addr + ps - 0x1000)
+    assert shift == be.cfg.page_shift
+    assert P.pte_pa(pte, be.cfg.page_shift) == 0x1230000 & ~(ps - 1)
+    assert pte & P._PAGE_PRESENT and pte & P._PAGE_PTE and pte & P._PAGE_WRITE
+
+
+def test_host_pte_missing_or_seq_changed_is_none(be):
+    slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000)
+    vm = _vm(be, slot)
+    assert find_kvm_host_pte(vm, be, 0, slot.userspace_addr) is not None
+    assert find_kvm_host_pte(vm, be, 1, slot.userspace_addr) is None     # seq moved on
+    vm.mmu_invalidate.begin()
+    assert find_kvm_host_pte(vm, be, 0, slot.userspace_addr) is None     # in progress
+    vm.mmu_invalidate.in_progress = 0
+    vm.host.present = False
+    assert find_kvm_host_pte(vm, be, 0, slot.userspace_addr) is None     # no host PTE
 
 
 def test_memslot_boundary_quirk_option():
     slot = FakeSlot(0, 16, userspace_addr=0x7F0000000000)   # a 64K slot
-    vm = FakeVM([slot])
+    vm = FakeVM([slot], FakeHost(size=SZ_2M))
     be = PpcRadixBackend(huge_past_slot=True)
-    _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr, max_size=SZ_2M))
+    _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr))
     assert M.find_kvm_secondary_pte(be, 0)[2] == 21          # [quirk] past the slot
     assert check_radix_invariants(be, vm) == []              # it still intersects a slot
     be2 = PpcRadixBackend()
-    _instantiate(be2, vm, _fault(slot, 0, slot.userspace_addr, max_size=SZ_2M))
+    _instantiate(be2, vm, _fault(slot, 0, slot.userspace_addr))
     assert M.find_kvm_secondary_pte(be2, 0)[2] == 12
 
 
-@pytest.mark.parametrize("kw,att", [({"cacheable": False, "pfnmap": True}, 0x20),
-                                    ({}, 0)])
+@pytest.mark.parametrize("kw,att", [({"pfnmap": True}, 0x20), ({}, 0)])
 def test_attributes_copied_from_host_pte(be, kw, att):
     slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000)
-    vm = FakeVM([slot])
-    _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr, **kw))
+    vm = _vm(be, slot, **kw)
+    _instantiate(be, vm, _fault(slot, 0, slot.userspace_addr))
     e = be.entry(0)
     assert P.pte_att(e) == att
     assert bool(e & P._PAGE_SPECIAL) == bool(kw.get("pfnmap"))
