@@ -2,10 +2,13 @@
 
 import errno
 
+import attrs
+
 import pytest
 from conftest import MiB
 
 from kvmcore import KvmError
+from kvmcore.host import HostMemory
 from kvmcore.host import SigBus, SigSegv
 
 
@@ -136,3 +139,93 @@ def test_pfnmap_gup_refused_follow_after_fixup(host):
     assert host.follow_pfnmap(hva) is None
     assert host.fixup_user_fault(hva, False) is True
     assert host.follow_pfnmap(hva) == (0x80000, True)
+
+
+# --------------------------------------------------------------------------- PAGE_SIZE > 4K
+
+K64 = 64 * 1024
+
+
+def test_host_page_size_einval():
+    for bad in (8192, 2 * MiB, "4096"):
+        with pytest.raises(KvmError) as e:
+            HostMemory(page_size=bad)
+        assert e.value.errno == errno.EINVAL and "page_size" in str(e.value)
+    with pytest.raises(KvmError) as e:
+        HostMemory(page_size=K64, pmd_size=K64)
+    assert e.value.errno == errno.EINVAL and "pmd_size" in str(e.value)
+
+
+def test_64k_host_maps_whole_aligned_pages():
+    """One host page is 16 aligned consecutive 4 KiB frames, mapped by one PTE of 64 KiB."""
+    host = HostMemory(page_size=K64)
+    hva = host.mmap(4 * K64)
+    host.write(hva + K64 + 0x1234, b"abc")
+    first, writable, size = host.lookup_pte(hva + K64)
+    assert (writable, size) == (True, K64) and first % 16 == 0
+    assert host.lookup_pte(hva + K64 + 0xF000)[0] == first + 15
+    assert host.read_frame(first + 1, 0x234, 3) == b"abc"
+    assert host.lookup_pte(hva) is None            # only the touched page is present
+    assert host.read(hva, 4) == bytes(4)           # the zero page: one 64 KiB page too
+    assert host.lookup_pte(hva + 0x8000)[0] == host.zero_pfn + 8
+
+
+def test_64k_host_refuses_sub_page_ranges(rec):
+    host = HostMemory(page_size=K64)
+    hva = host.mmap(2 * K64)
+    for call in (lambda: host.munmap(hva + 4096, 4096), lambda: host.mmap(4096),
+                 lambda: host.madvise_dontneed(hva, 4096)):
+        with pytest.raises(KvmError) as e:
+            call()
+        assert e.value.errno == errno.EINVAL
+
+
+def test_64k_host_thp_is_the_pmd_size():
+    """The PMD maps PAGE_SIZE**2 / 8: 512 MiB with 64 KiB pages (Power radix says 2 MiB)."""
+    host = HostMemory(page_size=K64)
+    assert host.pmd_size == 512 * MiB
+    hva = host.mmap(512 * MiB, thp=True)
+    host.write(hva + 3 * K64, b"x")
+    assert host.host_mapping_size(hva) == 512 * MiB
+    host.madvise_dontneed(hva + K64, K64)          # a partial zap splits into 64 KiB PTEs
+    assert host.host_mapping_size(hva + 3 * K64) == K64
+    assert host.read(hva + 3 * K64, 1) == b"x" and host.read(hva + K64, 1) == b"\0"
+    assert HostMemory(page_size=K64, pmd_size=2 * MiB).pmd_size == 2 * MiB
+
+
+def test_64k_host_poison_takes_the_whole_page():
+    host = HostMemory(page_size=K64)
+    hva = host.mmap(2 * K64)
+    host.write(hva, b"x")
+    host.poison(hva + 0x3000)
+    for off in (0, 0xF000):
+        with pytest.raises(SigBus):
+            host.read(hva + off, 1)
+    assert host.read(hva + K64, 1) == b"\0"
+
+
+def test_vm_base_page_follows_its_host():
+    """A VM's base page is its host's PAGE_SIZE: the option defaults to the host's, a
+    disagreeing option is EINVAL, and so is a 64 KiB host for a 4 KiB-only backend."""
+    from kvmcore import VM
+    from kvmcore.testing import FlatBackend
+    from kvmcore.vm import host_for
+
+    host = HostMemory(page_size=K64)
+    vm = VM(arch=FlatBackend, host=host)
+    assert vm.page_size == K64 and vm.options == {"page_size": K64}
+    with pytest.raises(KvmError) as e:
+        VM(arch=FlatBackend, host=host, page_size=4096)
+    assert e.value.errno == errno.EINVAL and "page_size=4096" in str(e.value)
+    assert VM(arch=FlatBackend, page_size=16384).host.page_size == 16384
+    assert host_for(FlatBackend, {"page_size": K64}).page_size == K64
+    with pytest.raises(KvmError) as e:
+        vm.set_user_memory_region(0, 0x10000, 4096, host.mmap(K64))
+    assert e.value.errno == errno.EINVAL and "memory_size" in str(e.value)
+
+    class FourKOnly(FlatBackend):
+        arch_info = attrs.evolve(FlatBackend.arch_info, base_page_option=None)
+
+    with pytest.raises(KvmError) as e:
+        VM(arch=FourKOnly, host=host)
+    assert e.value.errno == errno.EINVAL and "4 KiB pages only" in str(e.value)
