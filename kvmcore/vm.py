@@ -44,8 +44,17 @@ MAX_FAULT_RETRIES = 64
 TLB_ENTRIES = 4096
 MAX_GPA = 1 << 52
 _FAULT_KIND_STAT = {kind: f"fault_{kind}" for kind in VIOLATION_KINDS}
+#: Access records are immutable: one per (kind, private intent) serves every access.
+_ACCESSES = {(kind, private): Access(kind, private) for kind in (READ, WRITE, FETCH)
+             for private in (None, False, True)}
 _RET_NAMES = {RET_PF_EMULATE: "emulate", RET_PF_FIXED: "fixed", RET_PF_RETRY: "retry",
               RET_PF_SPURIOUS: "spurious", RET_PF_WRITE_PROTECTED: "write_protected"}
+
+
+def _access_record(kind: str, private) -> Access:
+    if private is None or private is True or private is False:
+        return _ACCESSES[kind, private]
+    return Access(kind, private)
 
 
 class MmuLock:
@@ -380,8 +389,8 @@ class Vcpu:
             chunk = min(n - pos, PAGE_SIZE - off)
             pfn = self._tlb_lookup(cur, kind, private)
             if pfn is None:
-                pfn = yield from self._translate_slow(cur, Access(kind, private), chunk, data,
-                                                      pos)
+                pfn = yield from self._translate_slow(cur, _access_record(kind, private),
+                                                      chunk, data, pos)
             self._move(pfn, off, chunk, data, pos, out)
             pos += chunk
         return b"".join(out) if data is None else None
@@ -398,7 +407,7 @@ class Vcpu:
             chunk = min(n - pos, PAGE_SIZE - off)
             pfn = self._tlb_lookup(cur, kind, private)
             if pfn is None:
-                pfn = self._translate(cur, Access(kind, private), chunk, data, pos)
+                pfn = self._translate(cur, _access_record(kind, private), chunk, data, pos)
             self._move(pfn, off, chunk, data, pos, out)
             pos += chunk
         return b"".join(out) if data is None else None
