@@ -157,8 +157,37 @@ def kvm_page_fault(vm, fault: PageFault):
     user_mem_abort / gmem_abort): memslot lookup; fast path; no slot (private -> memory-fault
     exit, shared -> MMIO); slot being deleted or moved -> retry; snapshot; private/shared
     check; faultin_pfn; MMU lock; staleness check; relax_perms or map_leaf.
+
+    ``kvm_page_fault_direct`` runs the same three steps without the yields; both are built
+    from ``fault_begin`` / ``fault_faultin`` / ``fault_install`` so they cannot drift.
     """
-    hook = vm.hook
+    r = fault_begin(vm, fault)
+    if r is not None:
+        return r
+    yield AFTER_SNAPSHOT
+    r = fault_faultin(vm, fault)
+    if r != RET_PF_CONTINUE:
+        return r
+    yield BEFORE_LOCK
+    return fault_install(vm, fault)
+
+
+def kvm_page_fault_direct(vm, fault: PageFault) -> int:
+    """``kvm_page_fault`` for a caller that runs nothing at the race points (every plain
+    guest access): the same steps, without a generator to drive."""
+    r = fault_begin(vm, fault)
+    if r is not None:
+        return r
+    r = fault_faultin(vm, fault)
+    if r != RET_PF_CONTINUE:
+        return r
+    return fault_install(vm, fault)
+
+
+def fault_begin(vm, fault: PageFault) -> int | None:
+    """Up to the snapshot (kvm_mmu_do_page_fault's slot lookup, fast_page_fault,
+    kvm_handle_noslot_fault, the KVM_MEMSLOT_INVALID retry, then mmu_invalidate_seq):
+    a RET_PF_* code when the fault ends here, None to go on."""
     # The slot is known before the fast path, as in kvm_mmu_do_page_fault.
     slots = vm.memslot_sets[fault.as_id]
     slot = fault.slot = slots.search(fault.gfn)
@@ -170,7 +199,7 @@ def kvm_page_fault(vm, fault: PageFault):
         if fault.is_private:
             raise memory_fault_exit(vm, fault)
         with vm.mmu_lock:
-            hook.handle_noslot_fault(vm=vm, fault=fault)
+            vm.hook.handle_noslot_fault(vm=vm, fault=fault)
         return RET_PF_EMULATE
     if slot.invalid:
         if fault.prefetch:
@@ -178,14 +207,21 @@ def kvm_page_fault(vm, fault: PageFault):
         return RET_PF_RETRY
     fault.memslot_gen = slots.generation
     fault.mmu_seq = vm.mmu_invalidate.seq
-    yield AFTER_SNAPSHOT
+    return None
+
+
+def fault_faultin(vm, fault: PageFault) -> int:
+    """After the snapshot, without the MMU lock: the private/shared check against the
+    attributes (kvm_mmu_faultin_pfn), then the pfn (faultin_pfn). RET_PF_CONTINUE to go on."""
     if fault.is_private != (bool(vm.attributes) and vm.kvm_mem_is_private(fault.gfn)):
         vm.stats["exit_private_mismatch"] += 1
         raise memory_fault_exit(vm, fault)
-    r = vm.faultin_pfn(vm=vm, fault=fault)
-    if r != RET_PF_CONTINUE:
-        return r
-    yield BEFORE_LOCK
+    return vm.faultin_pfn(vm=vm, fault=fault)
+
+
+def fault_install(vm, fault: PageFault) -> int:
+    """Under the MMU lock: is_page_fault_stale, then relax_perms for a permission fault
+    (arm64's stage-2 relax) or map_leaf."""
     with vm.mmu_lock:
         if is_page_fault_stale(vm, fault):
             vm.stats["fault_retry_stale"] += 1

@@ -13,9 +13,9 @@ from .arch import ArchInfo, Mapping
 from .attributes import AttributeRanges, kvm_vm_ioctl_set_mem_attributes, \
     supported_mem_attributes
 from .errors import InvariantError, KvmError
-from .exits import MmioExit
+from .exits import MmioExit, VcpuExit
 from .fault import (FETCH, READ, VIOLATION_KINDS, WRITE, Access, PageFault, Translation,
-                    kvm_page_fault, run_to_completion)
+                    kvm_page_fault, kvm_page_fault_direct)
 from .gmem import GuestMemfd, kvm_gmem_create
 from .host import HOST_PAGE_SIZES, HostMemory
 from .invalidate import InvalidateState, KvmMmuNotifier
@@ -44,8 +44,17 @@ MAX_FAULT_RETRIES = 64
 TLB_ENTRIES = 4096
 MAX_GPA = 1 << 52
 _FAULT_KIND_STAT = {kind: f"fault_{kind}" for kind in VIOLATION_KINDS}
+#: Access records are immutable: one per (kind, private intent) serves every access.
+_ACCESSES = {(kind, private): Access(kind, private) for kind in (READ, WRITE, FETCH)
+             for private in (None, False, True)}
 _RET_NAMES = {RET_PF_EMULATE: "emulate", RET_PF_FIXED: "fixed", RET_PF_RETRY: "retry",
               RET_PF_SPURIOUS: "spurious", RET_PF_WRITE_PROTECTED: "write_protected"}
+
+
+def _access_record(kind: str, private) -> Access:
+    if private is None or private is True or private is False:
+        return _ACCESSES[kind, private]
+    return Access(kind, private)
 
 
 class MmuLock:
@@ -375,15 +384,15 @@ class Vcpu:
 
     def read(self, gpa: int, n: int, private: bool | None = None) -> bytes:
         """A guest load of ``n`` bytes at ``gpa``."""
-        return run_to_completion(self.step_access(READ, gpa, n, private=private))
+        return self._access(READ, gpa, n, private)
 
     def write(self, gpa: int, data: bytes, private: bool | None = None) -> None:
         """A guest store of ``data`` at ``gpa``."""
-        run_to_completion(self.step_access(WRITE, gpa, bytes(data), private=private))
+        self._access(WRITE, gpa, data, private)
 
     def fetch(self, gpa: int, private: bool | None = None, n: int = 4) -> bytes:
         """An instruction fetch of ``n`` bytes at ``gpa`` (needs execute permission)."""
-        return run_to_completion(self.step_access(FETCH, gpa, n, private=private))
+        return self._access(FETCH, gpa, n, private)
 
     def step_access(self, kind: str, gpa: int, data_or_n, private: bool | None = None):
         """The same access as ``read``/``write``/``fetch``, as a generator that yields the
@@ -391,7 +400,45 @@ class Vcpu:
         read; ``"before_lock"``: pfn resolved, MMU lock not yet taken). Between two
         ``next()`` calls the caller may run any other flow — an invalidation, a conversion,
         another vCPU's access — to replay a race. Returns (StopIteration.value) the bytes read
-        or None."""
+        or None.
+
+        ``_access`` is the same loop without the yields (read/write/fetch run nothing at the
+        race points); both are built from the same helpers."""
+        data, n = self._check_access(kind, gpa, data_or_n)
+        out = []
+        pos = 0
+        while pos < n:
+            cur = gpa + pos
+            off = cur & (PAGE_SIZE - 1)
+            chunk = min(n - pos, PAGE_SIZE - off)
+            pfn = self._tlb_lookup(cur, kind, private)
+            if pfn is None:
+                pfn = yield from self._translate_slow(cur, _access_record(kind, private),
+                                                      chunk, data, pos)
+            self._move(pfn, off, chunk, data, pos, out)
+            pos += chunk
+        return b"".join(out) if data is None else None
+
+    def _access(self, kind: str, gpa: int, data_or_n, private: bool | None):
+        """``step_access`` driven to its end, without a generator per layer: the path of
+        every plain guest access."""
+        data, n = self._check_access(kind, gpa, data_or_n)
+        out = []
+        pos = 0
+        while pos < n:
+            cur = gpa + pos
+            off = cur & (PAGE_SIZE - 1)
+            chunk = min(n - pos, PAGE_SIZE - off)
+            pfn = self._tlb_lookup(cur, kind, private)
+            if pfn is None:
+                pfn = self._translate(cur, _access_record(kind, private), chunk, data, pos)
+            self._move(pfn, off, chunk, data, pos, out)
+            pos += chunk
+        return b"".join(out) if data is None else None
+
+    def _check_access(self, kind: str, gpa: int, data_or_n) -> tuple[bytes | None, int]:
+        """Argument checks of an access, then the dirty-ring request a vCPU honours before it
+        re-enters the guest. Returns ``(data to store or None, length)``."""
         vm = self.vm
         if kind not in (READ, WRITE, FETCH):
             raise KvmError(errno.EINVAL, f"kind={kind!r}: read, write or fetch")
@@ -408,72 +455,98 @@ class Vcpu:
             raise KvmError(errno.EBADF, "the VM was closed")
         if self.dirty_ring is not None:
             _dirty.check_ring_request(self)
-        access = Access(kind, private)
-        out = bytearray()
-        pos = 0
-        host = vm.host
-        while pos < n:
-            cur = gpa + pos
-            off = cur & (PAGE_SIZE - 1)
-            chunk = min(n - pos, PAGE_SIZE - off)
-            pfn = self._tlb_lookup(cur, access)
-            if pfn is None:
-                pfn = yield from self._translate_slow(cur, access, chunk, data, pos)
-            if data is None:
-                out += host.read_frame(pfn, off, chunk)
-            else:
-                host.write_frame(pfn, off, data[pos:pos + chunk])
-            pos += chunk
-        return bytes(out) if data is None else None
+        return data, n
 
-    def _tlb_lookup(self, gpa: int, access: Access) -> int | None:
-        e = self.tlb.get((gpa >> PAGE_SHIFT, access.private))
+    def _move(self, pfn: int, off: int, chunk: int, data, pos: int, out: list) -> None:
+        """The load or store of one chunk, on the host frame the walk found."""
+        if data is None:
+            out.append(self.vm.host.read_frame(pfn, off, chunk))
+        else:
+            self.vm.host.write_frame(pfn, off, data[pos:pos + chunk] if chunk < len(data)
+                                     else data)
+
+    def _tlb_lookup(self, gpa: int, kind: str, private: bool | None) -> int | None:
+        e = self.tlb.get((gpa >> PAGE_SHIFT, private))
         if e is None:
             return None
-        kind = access.kind
         if (kind == WRITE and not (e[2] and e[4])) or (kind == FETCH and not e[3]):
             return None
         return e[1]
 
     def _translate_slow(self, gpa: int, access: Access, chunk: int, data, pos: int):
-        vm = self.vm
+        """A TLB miss: the hardware walk, and the fault path while it fails (generator form,
+        yielding the fault's race points)."""
         for _attempt in range(MAX_FAULT_RETRIES):
-            vm.running_vcpu = self
-            try:
-                t = vm.translate(vm=vm, vcpu=self, gpa=gpa, access=access)
-            finally:
-                vm.running_vcpu = None
-            if isinstance(t, Translation):
-                tlb = self.tlb
-                if len(tlb) >= TLB_ENTRIES:
-                    tlb.clear()
-                tlb[(gpa >> PAGE_SHIFT, access.private)] = (t.gfn, t.pfn, t.writable,
-                                                            t.executable, t.dirty)
-                return t.pfn
-            fault = PageFault(addr=gpa, gfn=t.gfn, write=access.write, exec=access.exec,
-                              is_private=t.private, kind=t.kind, level=t.level,
-                              fault_size=t.size, error_code=t.error_code, vcpu=self)
-            stats = vm.stats
-            stats["faults"] += 1
-            stats[_FAULT_KIND_STAT[t.kind]] += 1
+            fault = self._walk(gpa, access)
+            if type(fault) is int:
+                return fault
             r = yield from self._run_fault(fault)
-            if vm.events is not None:
-                vm.trace("fault.handled", vcpu=self.id, gpa=gpa, kind=t.kind, access=access.kind,
-                         private=fault.is_private, result=_RET_NAMES.get(r, r))
-            if r == RET_PF_EMULATE:
-                vm.stats["exit_mmio"] += 1
-                page_data = None if data is None else data[pos:pos + chunk]
-                vm.trace("fault.exit", exit="MmioExit", phys_addr=gpa, length=chunk,
-                         is_write=access.write)
-                raise MmioExit(gpa, chunk, access.write, page_data)
-            if r == RET_PF_RETRY:
-                vm.stats["fault_retry"] += 1
-            elif r not in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
-                raise KvmError(errno.EIO, f"fault at gpa={gpa:#x} returned {r!r}")
-        raise KvmError(errno.EAGAIN, f"gpa={gpa:#x}: the fault retried {MAX_FAULT_RETRIES} "
-                                     "times without making progress (livelock)")
+            self._fault_done(fault, r, access, chunk, data, pos)
+        raise self._livelock(gpa)
+
+    def _translate(self, gpa: int, access: Access, chunk: int, data, pos: int) -> int:
+        """``_translate_slow`` without the yields."""
+        for _attempt in range(MAX_FAULT_RETRIES):
+            fault = self._walk(gpa, access)
+            if type(fault) is int:
+                return fault
+            r = self._run_fault_direct(fault)
+            self._fault_done(fault, r, access, chunk, data, pos)
+        raise self._livelock(gpa)
+
+    @staticmethod
+    def _livelock(gpa: int) -> KvmError:
+        return KvmError(errno.EAGAIN, f"gpa={gpa:#x}: the fault retried {MAX_FAULT_RETRIES} "
+                                      "times without making progress (livelock)")
+
+    def _walk(self, gpa: int, access: Access) -> int | PageFault:
+        """The hardware walk: the pfn (and a TLB fill) when it succeeds, else the PageFault
+        KVM builds from the exit (x86 kvm_mmu_page_fault's struct kvm_page_fault, arm64
+        kvm_handle_guest_abort), counted in the fault statistics."""
+        vm = self.vm
+        vm.running_vcpu = self
+        try:
+            t = vm.translate(vm=vm, vcpu=self, gpa=gpa, access=access)
+        finally:
+            vm.running_vcpu = None
+        if isinstance(t, Translation):
+            tlb = self.tlb
+            if len(tlb) >= TLB_ENTRIES:
+                tlb.clear()
+            tlb[(gpa >> PAGE_SHIFT, access.private)] = (t.gfn, t.pfn, t.writable,
+                                                        t.executable, t.dirty)
+            return t.pfn
+        kind = access.kind
+        fault = PageFault(gpa, t.gfn, kind == WRITE, kind == FETCH, t.private, False, t.kind,
+                          t.level, t.size, t.error_code, 0, self)
+        stats = vm.stats
+        stats["faults"] += 1
+        stats[_FAULT_KIND_STAT[t.kind]] += 1
+        return fault
+
+    def _fault_done(self, fault: PageFault, r: int, access: Access, chunk: int, data,
+                    pos: int) -> None:
+        """What the vCPU does with the fault's result: re-enter the guest (fixed, spurious,
+        retry: the caller walks again) or exit to userspace for MMIO (RET_PF_EMULATE)."""
+        vm = self.vm
+        gpa = fault.addr
+        if vm.events is not None:
+            vm.trace("fault.handled", vcpu=self.id, gpa=gpa, kind=fault.kind,
+                     access=access.kind, private=fault.is_private, result=_RET_NAMES.get(r, r))
+        if r == RET_PF_EMULATE:
+            vm.stats["exit_mmio"] += 1
+            page_data = None if data is None else data[pos:pos + chunk]
+            vm.trace("fault.exit", exit="MmioExit", phys_addr=gpa, length=chunk,
+                     is_write=access.write)
+            raise MmioExit(gpa, chunk, access.write, page_data)
+        if r == RET_PF_RETRY:
+            vm.stats["fault_retry"] += 1
+        elif r not in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
+            raise KvmError(errno.EIO, f"fault at gpa={gpa:#x} returned {r!r}")
 
     def _run_fault(self, fault: PageFault):
+        """The fault path as a generator (``kvm_page_fault``): this vCPU is the running one
+        while a step runs, not while the caller runs other flows at a race point."""
         vm = self.vm
         steps = kvm_page_fault(vm, fault)
         while True:
@@ -482,17 +555,30 @@ class Vcpu:
                 point = next(steps)
             except StopIteration as stop:
                 return stop.value
-            except BaseException as exc:
-                from .exits import VcpuExit
-
-                if isinstance(exc, VcpuExit):
-                    vm.stats[f"exit_{type(exc).__name__}"] += 1
-                    vm.trace("fault.exit", exit=type(exc).__name__, fault_gpa=fault.gpa,
-                             **{k: v for k, v in exc.fields().items() if k != "data"})
+            except VcpuExit as exc:
+                self._count_exit(fault, exc)
                 raise
             finally:
                 vm.running_vcpu = None
             yield point
+
+    def _run_fault_direct(self, fault: PageFault) -> int:
+        """``_run_fault`` without race points (``kvm_page_fault_direct``)."""
+        vm = self.vm
+        vm.running_vcpu = self
+        try:
+            return kvm_page_fault_direct(vm, fault)
+        except VcpuExit as exc:
+            self._count_exit(fault, exc)
+            raise
+        finally:
+            vm.running_vcpu = None
+
+    def _count_exit(self, fault: PageFault, exc: VcpuExit) -> None:
+        vm = self.vm
+        vm.stats[f"exit_{type(exc).__name__}"] += 1
+        vm.trace("fault.exit", exit=type(exc).__name__, fault_gpa=fault.gpa,
+                 **{k: v for k, v in exc.fields().items() if k != "data"})
 
     # ------------------------------------------------------------------ ioctls
 
@@ -530,15 +616,13 @@ class Vcpu:
         return gpa, size
 
     def _pre_fault_one(self, gpa: int, size: int) -> int:
-        from .exits import VcpuExit
-
         vm = self.vm
         gfn = gpa >> PAGE_SHIFT
         for _ in range(MAX_FAULT_RETRIES):
             fault = PageFault(addr=gpa, gfn=gfn, is_private=vm.kvm_mem_is_private(gfn),
                               prefetch=True, vcpu=self)
             try:
-                r = run_to_completion(self._run_fault(fault))
+                r = self._run_fault_direct(fault)
             except VcpuExit as e:
                 raise KvmError(e.errno or errno.EFAULT,
                                f"gpa={gpa:#x}: the pre-fault exited ({e!r})") from None

@@ -420,13 +420,13 @@ class X86TdpBackend:
         private_like = fault.is_private or (slot is not None and slot.gmem_only)
         backing_level = min(level_for_size(fault.max_size), KVM_MAX_HUGEPAGE_LEVEL)
         fault.max_level = backing_level if private_like else KVM_MAX_HUGEPAGE_LEVEL
+        if backing_level == PG_LEVEL_4K:
+            # 4K backing (the common case): each check below would end at 4K too.
+            return PG_LEVEL_4K
         huge_page_disallowed = fault.exec and self.nx_huge_pages
         if fault.max_level == PG_LEVEL_4K or is_error_noslot_pfn(fault.pfn) or slot is None:
             return PG_LEVEL_4K
         if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-            return PG_LEVEL_4K
-        if backing_level == PG_LEVEL_4K:
-            # min(host level, ...) below would give 4K whatever lpage_info says.
             return PG_LEVEL_4K
         req_level = mmu.kvm_mmu_max_mapping_level_(
             vm, slot, fault.gfn, fault.max_level, private_like, self.max_huge_page_level,
@@ -443,7 +443,8 @@ class X86TdpBackend:
 
     @hookimpl
     def map_leaf(self, vm, fault):
-        """kvm_tdp_mmu_map after kvm_mmu_hugepage_adjust."""
+        """kvm_tdp_mmu_map after kvm_mmu_hugepage_adjust (a 4K leaf over present tables takes
+        TdpMmu.tdp_mmu_map_4k, the same steps in one pass)."""
         root = self.root_for(fault.as_id, fault.is_private)
         goal = self.kvm_mmu_hugepage_adjust(vm, fault)
         fault.goal_level = goal
@@ -451,32 +452,35 @@ class X86TdpBackend:
         pfn = fault.pfn
         slot = fault.slot
         logging = slot is not None and bool(slot.flags & KVM_MEM_LOG_DIRTY_PAGES)
+        host_writable = fault.map_writable
+        prefetch = fault.prefetch
         host_mmio = not fault.cacheable
-
         templates = self._spte_templates
-        key_base = (fault.map_writable, fault.prefetch, host_mmio)
 
         def make_leaf(old, level):
             # make_spte's result is its pfn-0 value OR pfn << 12 (nothing else depends on the
             # pfn, and the old SPTE only matters for write-tracked gfns, which TDP never has),
             # so build each combination once per VM.
-            key = (level, *key_base)
+            key = (level, host_writable, prefetch, host_mmio)
             template = templates.get(key)
             if template is None:
                 template = templates[key] = make_spte(
-                    level=level, pfn=0, host_writable=fault.map_writable,
-                    prefetch=fault.prefetch, ad_disabled=self.ad_disabled,
+                    level=level, pfn=0, host_writable=host_writable,
+                    prefetch=prefetch, ad_disabled=self.ad_disabled,
                     is_host_mmio=host_mmio, nx_huge_pages=self.nx_huge_pages)[0]
             new = template | pfn << 12
-            wrprot = False
             if new & PT_WRITABLE_MASK and logging:
                 if level > PG_LEVEL_4K:
                     self.tdp.bug(vm, "writable huge SPTE in a dirty-logged slot")
                 vm.mark_page_dirty_in_slot(slot, fault.gfn)
-            return new, wrprot, False
+            return new, False, False
 
         if self.rmp is not None and not fault.is_private and self.rmp.is_private(pfn):
             self.rmp.rmp_make_shared(pfn)
+        if goal == PG_LEVEL_4K and not root.is_mirror:
+            r = self.tdp.tdp_mmu_map_4k(vm, fault, root, make_leaf)
+            if r is not None:
+                return r
         return self.tdp.kvm_tdp_mmu_map(vm, fault, root, goal, pfn, make_leaf)
 
     # ------------------------------------------------------------------ zapping
