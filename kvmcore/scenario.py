@@ -26,7 +26,7 @@ import attrs
 
 from .errors import EHWPOISON, KvmError
 from .exits import DirtyRingFullExit, GuestAbort, HwPoisonSignal, MemoryFaultExit, MmioExit
-from .host import HostMemory, SigBus, SigSegv
+from .host import SigBus, SigSegv
 from .uapi import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -389,13 +389,14 @@ class Runner:
                  seed: int | None = None, trace: bool = False,
                  progress: Callable[[int], None] | None = None):
         from .plugins import resolve_backend
-        from .vm import VM
+        from .vm import VM, host_for
 
         self.s = scenario
         cls = resolve_backend(arch)
         if vm_type is None:
             vm_type = scenario.vm["vm_type"] or choose_vm_type(cls.arch_info, scenario)
-        self.host = HostMemory()
+        # The host's PAGE_SIZE is the base page the options ask for (granule=65536...).
+        self.host = host_for(cls, scenario.vm["options"])
         self.vm = VM(arch=cls, vm_type=vm_type, host=self.host, trace=trace,
                      **scenario.vm["options"])
         self.rng = random.Random(scenario.vm["seed"] if seed is None else seed)

@@ -172,3 +172,18 @@ def test_new_arch_writes_a_plugin_that_works(cli, tmp_path, monkeypatch):
     assert again.exit_code == 2 and "not empty" in again.output
     bad = cli.invoke(main, ["new-arch", "Bad-Name", "--dir", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "NAME" in bad.output
+
+
+def test_vm_options_choose_the_host_page_size(cli, tmp_path):
+    """[vm] options that ask for a 64 KiB base page run on a 64 KiB host (it used to be a
+    4 KiB host, and the VM refused it); a sub-page memslot then fails with Linux's EINVAL."""
+    text = "[vm]\noptions = { page_size = 65536 }\n" + BASE + (
+        "[[step]]\nop = 'write'\ngpa = '0x10008'\ndata = 'ab'\n")
+    result = cli.invoke(main, ["run", write(tmp_path, text), "--arch", FLAT, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["failures"] == []
+    bad = text.replace('size = "4M"', 'size = "4K"').replace('length = "4M"', 'length = "64K"')
+    result = cli.invoke(main, ["run", write(tmp_path, bad, "bad.toml"), "--arch", FLAT])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "memslot 1: failed: [EINVAL] memory_size=0x1000 is not aligned to PAGE_SIZE" in (
+        result.output)
