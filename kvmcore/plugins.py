@@ -98,90 +98,16 @@ def get_plugin_manager(backend, arch_name: str) -> pluggy.PluginManager:
 
 
 def bind_hot_hook(pm: pluggy.PluginManager, name: str):
-    """A callable for firstresult hook ``name`` (called with keyword arguments) that skips
-    pluggy's dispatch when that is safe: one implementation and no wrapper (the common case
-    for translate, map_leaf) binds to the function itself; one implementation under new-style
-    wrappers (x86's faultin_pfn) to ``_wrapped_call``, which runs them as pluggy's _multicall
-    would. Anything else (old-style hookwrappers, several implementations, keyword-only
-    implementation arguments) gets the hook caller itself, so extensions still see every
-    call. The binding is taken once, when the VM is built: plugins registered later are
-    not seen (the core registers none after that)."""
+    """A callable for hook ``name`` that skips pluggy's dispatch when exactly one
+    implementation and no wrapper is registered (the common case for translate, faultin_pfn
+    and map_leaf); otherwise the hook caller itself, so extensions still see every call."""
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
     if not impls:
         return _none
-    plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
-    spec = caller.spec
-    if (spec is None or not spec.opts.get("firstresult") or len(plain) != 1
-            or any(i.hookwrapper or i.kwargnames for i in impls)):
-        return caller
-    argnames = set(spec.argnames)
-    impl = _positional(plain[0], argnames)
-    if len(impls) == 1:
-        return impl
-    # pluggy runs wrappers last-registered (tryfirst) outermost: the reverse of impls.
-    wrappers = tuple(_positional(w, argnames) for w in reversed(impls) if w.wrapper)
-    return functools.partial(_wrapped_call, wrappers, impl)
-
-
-def _positional(hookimpl, argnames: set[str]):
-    """The implementation as a keyword-callable taking every spec argument; pluggy passes
-    only those the implementation names."""
-    fn = hookimpl.function
-    if set(hookimpl.argnames) == argnames:
-        return fn
-    names = hookimpl.argnames
-    return lambda **kwargs: fn(*[kwargs[n] for n in names])
-
-
-def _wrapped_call(wrappers, impl, **kwargs):
-    """pluggy's _multicall for a firstresult hook with one implementation under new-style
-    wrappers: set each wrapper up (outermost first), call the implementation, then resume
-    the wrappers innermost first with its result or exception; a wrapper's return value or
-    raise replaces them."""
-    teardowns = []
-    exception = result = None
-    try:
-        for fn in wrappers:
-            gen = fn(**kwargs)
-            try:
-                next(gen)
-            except StopIteration:
-                _raise_wrapfail(gen, "did not yield")
-            teardowns.append(gen)
-        result = impl(**kwargs)
-    except BaseException as exc:
-        exception = exc
-    for gen in reversed(teardowns):
-        try:
-            if exception is not None:
-                try:
-                    gen.throw(exception)
-                except RuntimeError as re:
-                    if isinstance(exception, StopIteration) and re.__cause__ is exception:
-                        gen.close()
-                        continue
-                    raise
-            else:
-                gen.send(result)
-            gen.close()
-        except StopIteration as si:
-            result = si.value
-            exception = None
-            continue
-        except BaseException as e:
-            exception = e
-            continue
-        _raise_wrapfail(gen, "has second yield")
-    if exception is not None:
-        raise exception
-    return result
-
-
-def _raise_wrapfail(gen, msg: str):
-    co = gen.gi_code
-    raise RuntimeError(f"wrap_controller at {co.co_name!r} {co.co_filename}:"
-                       f"{co.co_firstlineno} {msg}")
+    if len(impls) == 1 and not (impls[0].hookwrapper or impls[0].wrapper):
+        return impls[0].function
+    return caller
 
 
 def _none(**kwargs):
