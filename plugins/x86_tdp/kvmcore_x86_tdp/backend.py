@@ -443,8 +443,7 @@ class X86TdpBackend:
 
     @hookimpl
     def map_leaf(self, vm, fault):
-        """kvm_tdp_mmu_map after kvm_mmu_hugepage_adjust (a 4K leaf over present tables takes
-        TdpMmu.tdp_mmu_map_4k, the same steps in one pass)."""
+        """kvm_tdp_mmu_map after kvm_mmu_hugepage_adjust."""
         root = self.root_for(fault.as_id, fault.is_private)
         goal = self.kvm_mmu_hugepage_adjust(vm, fault)
         fault.goal_level = goal
@@ -477,10 +476,6 @@ class X86TdpBackend:
 
         if self.rmp is not None and not fault.is_private and self.rmp.is_private(pfn):
             self.rmp.rmp_make_shared(pfn)
-        if goal == PG_LEVEL_4K and not root.is_mirror:
-            r = self.tdp.tdp_mmu_map_4k(vm, fault, root, make_leaf)
-            if r is not None:
-                return r
         return self.tdp.kvm_tdp_mmu_map(vm, fault, root, goal, pfn, make_leaf)
 
     # ------------------------------------------------------------------ zapping

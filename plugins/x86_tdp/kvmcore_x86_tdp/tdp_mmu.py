@@ -260,38 +260,6 @@ class TdpMmu:
         return self.tdp_mmu_map_handle_target_level(vm, fault, root, table, idx, level, pfn,
                                                     make_leaf)
 
-    def tdp_mmu_map_4k(self, vm: VM, fault, root: TdpRoot, make_leaf) -> int | None:
-        """kvm_tdp_mmu_map's most common case in one pass: a 4K leaf on a direct root whose
-        page tables are all present, over an entry holding SHADOW_NONPRESENT_VALUE (never
-        mapped, or zapped). For that case kvm_tdp_mmu_map links no table, splits no huge
-        page, meets no frozen entry, and tdp_mmu_map_handle_target_level installs without a
-        flush; this does the same writes and checks. None, with nothing changed, when the case
-        does not apply: the caller then takes the full walk."""
-        tables = self.store.tables
-        key = fault.gfn + root.gfn_bits
-        table = root.table
-        shift = 9 * (root.level - 1)
-        while shift:
-            spte = table[(key >> shift) & 511]
-            # Only a present non-leaf entry is followed; anything else needs the full walk.
-            if spte & (SPTE_MMU_PRESENT_MASK | PT_PAGE_SIZE_MASK) != SPTE_MMU_PRESENT_MASK:
-                return None
-            table = tables[spte & SPTE_BASE_ADDR_MASK]
-            shift -= 9
-        idx = key & 511
-        if table[idx] != SHADOW_NONPRESENT_VALUE:
-            return None
-        new, wrprot, mmio = make_leaf(SHADOW_NONPRESENT_VALUE, PG_LEVEL_4K)
-        if new == SHADOW_NONPRESENT_VALUE:
-            return RET_PF_SPURIOUS
-        table[idx] = new
-        self.handle_changed_spte(vm, root, fault.gfn, SHADOW_NONPRESENT_VALUE, new, PG_LEVEL_4K)
-        if mmio:
-            return RET_PF_EMULATE
-        if wrprot and fault.write:
-            return RET_PF_WRITE_PROTECTED
-        return RET_PF_FIXED
-
     def tdp_mmu_map_handle_target_level(self, vm: VM, fault, root: TdpRoot, table, idx: int,
                                         level: int, pfn: int, make_leaf) -> int:
         old = table[idx]
