@@ -595,9 +595,10 @@ class Vcpu:
                 raise KvmError(errno.EINVAL, f"{name}={value!r} is not a u64")
         if flags:
             raise KvmError(errno.EINVAL, f"flags={flags:#x} must be 0")
-        if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or (gpa + size) % (1 << 64) <= gpa:
-            raise KvmError(errno.EINVAL, f"gpa={gpa:#x}, size={size:#x}: not page-aligned, "
-                                         "empty, or wrapping")
+        mask = vm.page_size - 1
+        if gpa & mask or size & mask or (gpa + size) % (1 << 64) <= gpa:
+            raise KvmError(errno.EINVAL, f"gpa={gpa:#x}, size={size:#x}: not aligned to "
+                                         f"PAGE_SIZE {mask + 1:#x}, empty, or wrapping")
         if "pre_fault" not in vm.capabilities:
             raise KvmError(errno.EOPNOTSUPP, f"pre_fault_memory: not supported for VM type "
                                              f"{vm.vm_type!r}")
@@ -633,7 +634,7 @@ class Vcpu:
             if r not in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
                 raise KvmError(errno.EIO, f"gpa={gpa:#x}: unexpected fault result {r!r}")
             leaf = vm.lookup(gpa, private=fault.is_private)
-            leaf_size = leaf.size if leaf is not None else PAGE_SIZE
+            leaf_size = leaf.size if leaf is not None else vm.page_size
             end = (gpa & ~(leaf_size - 1)) + leaf_size
             return min(size, end - gpa)
         raise KvmError(errno.EIO, f"gpa={gpa:#x}: the pre-fault kept retrying")

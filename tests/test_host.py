@@ -229,3 +229,19 @@ def test_vm_base_page_follows_its_host():
     with pytest.raises(KvmError) as e:
         VM(arch=FourKOnly, host=host)
     assert e.value.errno == errno.EINVAL and "4 KiB pages only" in str(e.value)
+
+
+def test_pre_fault_alignment_is_page_size():
+    """KVM_PRE_FAULT_MEMORY checks PAGE_ALIGNED: on a 64 KiB host a 4 KiB-aligned gpa is
+    EINVAL, and a whole page is processed in one step."""
+    from kvmcore import VM
+    from kvmcore.testing import FlatBackend
+
+    vm = VM(arch=FlatBackend, page_size=K64)
+    vm.set_user_memory_region(0, 0, 4 * K64, vm.host.mmap(4 * K64))
+    vcpu = vm.create_vcpu(0)
+    with pytest.raises(KvmError) as e:
+        vcpu.pre_fault_memory(0x1000, K64)
+    assert e.value.errno == errno.EINVAL and "PAGE_SIZE" in str(e.value)
+    assert vcpu.pre_fault_memory(K64, K64) == (2 * K64, 0)
+    assert vm.lookup(K64).size == K64
