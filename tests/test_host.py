@@ -245,3 +245,19 @@ def test_pre_fault_alignment_is_page_size():
     assert e.value.errno == errno.EINVAL and "PAGE_SIZE" in str(e.value)
     assert vcpu.pre_fault_memory(K64, K64) == (2 * K64, 0)
     assert vm.lookup(K64).size == K64
+
+
+def test_hwpoison_signal_names_the_base_page():
+    """kvm_send_hwpoison_signal: the hva of the faulting page (gfn_to_hva of gpa >>
+    PAGE_SHIFT) and lsb PAGE_SHIFT, also for an access in the middle of a 64 KiB page."""
+    from kvmcore import VM, HwPoisonSignal
+    from kvmcore.testing import FlatBackend
+
+    vm = VM(arch=FlatBackend, page_size=K64)
+    hva = vm.host.mmap(4 * K64)
+    vm.set_user_memory_region(0, 0, 4 * K64, hva)
+    vm.host.write(hva + K64, b"x")
+    vm.host.poison(hva + K64 + 0x5000)
+    with pytest.raises(HwPoisonSignal) as e:
+        vm.create_vcpu(0).read(K64 + 0x3008, 1)
+    assert (e.value.hva, e.value.lsb) == (hva + K64, 16)
