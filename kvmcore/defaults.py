@@ -77,6 +77,20 @@ def faultin_pfn(vm, fault):
     return RET_PF_CONTINUE
 
 
+@hookimpl(trylast=True)
+def set_vcpu_events(vm, vcpu, smm):
+    """A kernel without CONFIG_KVM_SMM: entering SMM is EINVAL, leaving it a no-op."""
+    if smm:
+        raise KvmError(errno.EINVAL, f"smm=True: {vm.arch_info.name} vCPUs have no System "
+                                     "Management Mode")
+    return True
+
+
+@hookimpl(trylast=True)
+def vcpu_memslots_id(vm, vcpu):
+    return 0
+
+
 def whole_slot(slot) -> GfnRange:
     """Every gfn of ``slot``, both aliases: what memslot and VM teardown zap."""
     return GfnRange(slot, slot.base_gfn, slot.end_gfn, 0,

@@ -48,6 +48,22 @@ def vcpu_create(vm: VM, vcpu: Vcpu) -> None:
 
 
 @hookspec(firstresult=True)
+def set_vcpu_events(vm: VM, vcpu: Vcpu, smm: bool | None) -> bool | None:
+    """KVM_SET_VCPU_EVENTS, the part the MMU sees: ``smm`` is the new System Management Mode
+    state (KVM_VCPUEVENT_VALID_SMM with ``smi.smm``), or None to leave it. Called after the
+    core checked the arguments, before it reads ``vcpu_memslots_id`` again. Raise KvmError
+    (EINVAL) for a state the VM cannot have. Returns True when handled. Default: EINVAL for
+    ``smm=True`` (a kernel without CONFIG_KVM_SMM), nothing else."""
+
+
+@hookspec(firstresult=True)
+def vcpu_memslots_id(vm: VM, vcpu: Vcpu) -> int:
+    """kvm_arch_vcpu_memslots_id: the memslot address space ``vcpu`` accesses now (x86: 1 in
+    SMM). The core asks after ``set_vcpu_events`` and keeps the answer in ``vcpu.as_id``;
+    its faults look up that address space's memslots. Default: 0."""
+
+
+@hookspec(firstresult=True)
 def flush_shadow_all(vm: VM) -> bool | None:
     """Zap every mapping of ``vm``: the MMU notifier's ``release`` and VM teardown
     (kvm_arch_flush_shadow_all). No vCPU runs any more, so no TLB flush is needed.
@@ -71,8 +87,9 @@ def translate(vm: VM, vcpu: Vcpu, gpa: int, access: Access) -> Translation | Vio
     as the hardware reports it: its kind (not present, permission, access flag, misconfig), the
     level and size of the entry that faulted, the gfn without alias bits, and ``private`` (the
     fault's ``is_private``: TDX shared bit, SNP encryption bit, or the gfn's attribute for
-    software-protected VMs). It may raise a ``VcpuExit`` for what the hardware reports
-    outside the fault path (e.g. an arm64 address-size fault). Required of every backend.
+    software-protected VMs). The walk uses the root of ``vcpu.as_id`` (x86 SMM has its own).
+    It may raise a ``VcpuExit`` for what the hardware reports outside the fault path (e.g. an
+    arm64 address-size fault). Required of every backend.
     """
 
 
@@ -255,10 +272,11 @@ def dirty_pending_gfns(vm: VM, slot: Memslot) -> list[int]:
 
 
 @hookspec(firstresult=True)
-def leaves(vm: VM, start: int, end: int) -> Iterator[Mapping]:
-    """Every present leaf that maps a gfn in ``[start, end)``, ascending by gfn (the private
-    alias after the shared one for the same gfn), as uniform ``Mapping`` records. Costs what is
-    mapped, not the range size. Required."""
+def leaves(vm: VM, start: int, end: int, as_id: int) -> Iterator[Mapping]:
+    """Every present leaf of address space ``as_id`` (already checked to be below
+    ``vm.nr_address_spaces``) that maps a gfn in ``[start, end)``, ascending by gfn (the
+    private alias after the shared one for the same gfn), as uniform ``Mapping`` records.
+    Costs what is mapped, not the range size. Required."""
 
 
 @hookspec(firstresult=True)

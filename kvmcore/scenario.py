@@ -208,7 +208,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
                 "unless": r.get("unless", list, [])})
     memslots = [_memslot(_Reader(path, f"memslot {i + 1}", t, _MEMSLOT_KEYS))
                 for i, t in enumerate(items("memslot"))]
-    steps = [_step(path, i + 1, t) for i, t in enumerate(items("step"))]
+    steps = [_step(path, i + 1, t, vm_spec["vcpus"]) for i, t in enumerate(items("step"))]
     return Scenario(path, top.get("name", str, Path(path).stem),
                     top.get("description", str, ""), vm_spec, mmaps, gmems, memslots, steps)
 
@@ -239,6 +239,7 @@ _STEP_KEYS = {
     "pre_fault": {"gpa", "size", "vcpu"},
     "harvest_dirty_ring": {"vcpu"},
     "reset_dirty_rings": set(),
+    "set_vcpu_events": {"vcpu", "smm"},
 }
 _COMMON_STEP_KEYS = {"op", "requires", "unless", "expect", "label"}
 _EXPECT_KEYS = {"exit", "errno", "flags", "gpa", "size", "phys_addr", "is_write", "data",
@@ -298,7 +299,7 @@ def _data(r: _Reader, key: str) -> bytes:
     return value.encode()
 
 
-def _step(path: str, index: int, t) -> dict:
+def _step(path: str, index: int, t, nr_vcpus: int) -> dict:
     if not isinstance(t, dict):
         raise ScenarioError(f"{_where(path, f'step {index}')}: must be a table")
     op = t.get("op")
@@ -311,12 +312,15 @@ def _step(path: str, index: int, t) -> dict:
     s = {"op": op, "family": family, "index": index, "requires": r.get("requires", list, []),
          "unless": r.get("unless", list, []), "expect": _expect(r),
          "label": r.get("label", str, "")}
+    if "vcpu" in _STEP_KEYS[family]:
+        s["vcpu"] = r.get("vcpu", int, 0)
+        if s["vcpu"] >= nr_vcpus:
+            raise r.err("vcpu", f"vcpu {s['vcpu']} does not exist ([vm] vcpus = {nr_vcpus})")
     if family == "access":
         s.update(gpa=r.get("gpa", int), length=r.get("length", int, 8),
                  private=r.get("private", bool, None), count=r.get("count", int, 1),
                  pattern=r.choice("pattern", ("sequential", "random"), "sequential"),
                  span=r.get("span", int, 0), stride=r.get("stride", int, 4096),
-                 vcpu=r.get("vcpu", int, 0),
                  data=_data(r, "data") if "data" in t else None)
         if op != "write" and s["data"] is not None:
             raise r.err("data", "only a write carries data")
@@ -343,9 +347,9 @@ def _step(path: str, index: int, t) -> dict:
     elif family == "memslot":
         s.update(_memslot(r))
     elif family == "pre_fault":
-        s.update(gpa=r.get("gpa", int), size=r.get("size", int), vcpu=r.get("vcpu", int, 0))
-    elif family == "harvest_dirty_ring":
-        s.update(vcpu=r.get("vcpu", int, 0))
+        s.update(gpa=r.get("gpa", int), size=r.get("size", int))
+    elif family == "set_vcpu_events":
+        s.update(smm=r.get("smm", bool, None))
     return s
 
 
@@ -484,9 +488,6 @@ class Runner:
     # ------------------------------------------------------------------ steps
 
     def _do_access(self, st: dict, name: str) -> None:
-        if st["vcpu"] >= len(self.vcpus):
-            self._fail(name, f"vcpu {st['vcpu']} does not exist")
-            return
         vcpu = self.vcpus[st["vcpu"]]
         expect = st["expect"] or {}
         for i in range(st["count"]):
@@ -619,6 +620,10 @@ class Runner:
     def _do_harvest_dirty_ring(self, st: dict, name: str) -> None:
         got = self._guard(name, st["expect"], lambda: self.vcpus[st["vcpu"]].harvest_dirty_ring())
         self._check_pages(name, st["expect"], None if got is None else [o for _s, o in got])
+
+    def _do_set_vcpu_events(self, st: dict, name: str) -> None:
+        self._guard(name, st["expect"], lambda: self.vcpus[st["vcpu"]].set_vcpu_events(
+            smm=st["smm"]))
 
     def _do_reset_dirty_rings(self, st: dict, name: str) -> None:
         n = self._guard(name, st["expect"], self.vm.reset_dirty_rings)

@@ -115,10 +115,21 @@ class FlatBackend:
         self.roots = [SortedDict() for _ in range(vm.nr_address_spaces)]
 
     @hookimpl
+    def set_vcpu_events(self, vm, vcpu, smm):
+        """Address space 1 as x86's SMM: ``smm`` switches the vCPU to it and back."""
+        if smm is not None:
+            vcpu.arch["smm"] = smm
+        return True
+
+    @hookimpl
+    def vcpu_memslots_id(self, vm, vcpu):
+        return 1 if vcpu.arch.get("smm") else 0
+
+    @hookimpl
     def translate(self, vm, vcpu, gpa, access):
         gfn = gpa >> PAGE_SHIFT
         private = self._is_private(vm, gfn, access.private)
-        leaf = self._find(self.roots[0], gfn)
+        leaf = self._find(self.roots[vcpu.as_id], gfn)
         if leaf is None:
             return Violation(NOT_PRESENT, gfn, private)
         if not leaf.young:
@@ -264,9 +275,8 @@ class FlatBackend:
             mask ^= low
 
     @hookimpl
-    def leaves(self, vm, start, end):
-        # Only address space 0 is ever faulted in: the model's vCPUs do not enter SMM.
-        for leaf in self._overlapping(self.roots[0], start, end):
+    def leaves(self, vm, start, end, as_id):
+        for leaf in self._overlapping(self.roots[as_id], start, end):
             yield Mapping(leaf.gfn, leaf.size, leaf.pfn, True, leaf.writable,
                           leaf.executable, leaf.private, leaf.young, leaf.dirty, 0, 0)
 

@@ -177,6 +177,12 @@ class VM:
             self.events.append({"event": event, **fields})
             self._log.info(event, **fields)
 
+    def _check_as_id(self, as_id: int) -> None:
+        if (not isinstance(as_id, int) or isinstance(as_id, bool)
+                or not 0 <= as_id < self.nr_address_spaces):
+            raise KvmError(errno.EINVAL, f"as_id={as_id!r}: this VM has "
+                                         f"{self.nr_address_spaces} address space(s)")
+
     def memslot_generation(self, as_id: int = 0) -> int:
         return self.memslot_sets[as_id].generation
 
@@ -316,15 +322,20 @@ class VM:
 
     # ------------------------------------------------------------------ introspection
 
-    def mappings(self, start_gpa: int = 0, end_gpa: int = MAX_GPA) -> Iterator[Mapping]:
-        """Every present leaf mapping a gfn in the range, ascending by gfn."""
+    def mappings(self, start_gpa: int = 0, end_gpa: int = MAX_GPA,
+                 as_id: int = 0) -> Iterator[Mapping]:
+        """Every present leaf of address space ``as_id`` (x86: 1 is SMM's) mapping a gfn in
+        the range, ascending by gfn."""
+        self._check_as_id(as_id)
         return iter(self.hook.leaves(vm=self, start=start_gpa >> PAGE_SHIFT,
-                                     end=(end_gpa + PAGE_SIZE - 1) >> PAGE_SHIFT))
+                                     end=(end_gpa + PAGE_SIZE - 1) >> PAGE_SHIFT, as_id=as_id))
 
-    def lookup(self, gpa: int, private: bool = False) -> Mapping | None:
-        """The present leaf covering ``gpa``: the shared alias, or the private one."""
+    def lookup(self, gpa: int, private: bool = False, as_id: int = 0) -> Mapping | None:
+        """The present leaf covering ``gpa`` in address space ``as_id``: the shared alias, or
+        the private one."""
+        self._check_as_id(as_id)
         gfn = gpa >> PAGE_SHIFT
-        for m in self.hook.leaves(vm=self, start=gfn, end=gfn + 1):
+        for m in self.hook.leaves(vm=self, start=gfn, end=gfn + 1, as_id=as_id):
             if m.private == private and m.gfn <= gfn < m.gfn + m.npages:
                 return m
         return None
@@ -376,6 +387,8 @@ class Vcpu:
         self.arch: dict = {}
         self.dirty_ring = (_dirty.DirtyRing(vm.dirty_ring_size, vm.cpu_dirty_log_size)
                            if vm.dirty_ring_size else None)
+        #: kvm_arch_vcpu_memslots_id: the address space its accesses use (x86 SMM: 1).
+        self.as_id = 0
 
     def __repr__(self) -> str:
         return f"Vcpu({self.id})"
@@ -518,7 +531,7 @@ class Vcpu:
             return t.pfn
         kind = access.kind
         fault = PageFault(gpa, t.gfn, kind == WRITE, kind == FETCH, t.private, False, t.kind,
-                          t.level, t.size, t.error_code, 0, self)
+                          t.level, t.size, t.error_code, self.as_id, self)
         stats = vm.stats
         stats["faults"] += 1
         stats[_FAULT_KIND_STAT[t.kind]] += 1
@@ -582,6 +595,25 @@ class Vcpu:
 
     # ------------------------------------------------------------------ ioctls
 
+    def set_vcpu_events(self, *, smm: bool | None = None) -> None:
+        """KVM_SET_VCPU_EVENTS with KVM_VCPUEVENT_VALID_SMM (the only field the MMU sees):
+        ``smm`` enters or leaves System Management Mode, None leaves it as it is.
+
+        A change of mode is kvm_smm_changed -> kvm_mmu_reset_context: the vCPU loads the
+        root of its new address space, so no TLB entry of the old one serves it again (the
+        model drops the vCPU's TLB, where hardware tags entries by EPTP)."""
+        vm = self.vm
+        if smm is not None and not isinstance(smm, bool):
+            raise KvmError(errno.EINVAL, f"smm={smm!r} must be a bool or None")
+        if vm.closed:
+            raise KvmError(errno.EBADF, "the VM was closed")
+        vm.hook.set_vcpu_events(vm=vm, vcpu=self, smm=smm)
+        as_id = vm.hook.vcpu_memslots_id(vm=vm, vcpu=self)
+        if as_id != self.as_id:
+            self.as_id = as_id
+            self.tlb.clear()
+            vm.trace("vcpu.memslots_id", vcpu=self.id, as_id=as_id)
+
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
         """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory + x86 kvm_tdp_map_page): map as a
         read fault, without Accessed, without breaking COW. Returns the unprocessed
@@ -621,7 +653,7 @@ class Vcpu:
         gfn = gpa >> PAGE_SHIFT
         for _ in range(MAX_FAULT_RETRIES):
             fault = PageFault(addr=gpa, gfn=gfn, is_private=vm.kvm_mem_is_private(gfn),
-                              prefetch=True, vcpu=self)
+                              prefetch=True, as_id=self.as_id, vcpu=self)
             try:
                 r = self._run_fault_direct(fault)
             except VcpuExit as e:
@@ -633,7 +665,7 @@ class Vcpu:
                 raise KvmError(errno.ENOENT, f"gpa={gpa:#x} is not covered by a memslot")
             if r not in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
                 raise KvmError(errno.EIO, f"gpa={gpa:#x}: unexpected fault result {r!r}")
-            leaf = vm.lookup(gpa, private=fault.is_private)
+            leaf = vm.lookup(gpa, private=fault.is_private, as_id=self.as_id)
             leaf_size = leaf.size if leaf is not None else vm.page_size
             end = (gpa & ~(leaf_size - 1)) + leaf_size
             return min(size, end - gpa)

@@ -56,6 +56,11 @@ def test_run_json_summary_fields(cli):
     (BASE + "[[step]]\nop = 'teleport'\n", "step 1: key 'op': must be one of"),
     (BASE + "[[step]]\nop = 'read'\ngpa = 0\nprivate = 'yes'\n", "key 'private': must be true"),
     ("[vm]\nvcpus = 0\n", "[vm]: key 'vcpus'"),
+    (BASE + "[[step]]\nop = 'pre_fault'\ngpa = 0\nsize = 4096\nvcpu = 3\n",
+     "step 1 (pre_fault): key 'vcpu': vcpu 3 does not exist"),
+    (BASE + "[[step]]\nop = 'write'\ngpa = 0\nvcpu = 1\n",
+     "step 1 (write): key 'vcpu': vcpu 1 does not exist"),
+    (BASE + "[[step]]\nop = 'set_vcpu_events'\nsmm = 'on'\n", "key 'smm': must be"),
     ("[[mmap]]\nname = 'a'\nlength = 4096\nkind = 'weird'\n", "mmap 1: key 'kind'"),
     ("not toml = = 1", "not valid TOML"),
 ])
@@ -100,6 +105,53 @@ expect = { exit = "memory_fault" }
     assert result.exit_code == 1
     assert "step 3 (read): gpa 0x40000000: expected exit memory_fault, got MmioExit" \
         in result.output
+
+
+def test_smm_steps(cli, tmp_path):
+    """set_vcpu_events moves a vCPU to address space 1: the slot there (slot number with
+    as_id 1 in bits 16+) serves it, and address space 0's data is back after it leaves."""
+    path = write(tmp_path, BASE + """
+[[mmap]]
+name = "smram"
+length = "1M"
+
+[[memslot]]
+slot = 65536
+size = "1M"
+mmap = "smram"
+
+[[step]]
+op = "write"
+gpa = 0x1000
+data = "normal"
+
+[[step]]
+op = "set_vcpu_events"
+smm = true
+
+[[step]]
+op = "read"
+gpa = 0x1000
+length = 6
+expect = { data = "hex:000000000000" }
+
+[[step]]
+op = "read"
+gpa = "2M"
+expect = { exit = "mmio" }
+
+[[step]]
+op = "set_vcpu_events"
+smm = false
+
+[[step]]
+op = "read"
+gpa = 0x1000
+length = 6
+expect = { data = "normal" }
+""")
+    result = cli.invoke(main, ["run", path, "--arch", FLAT])
+    assert result.exit_code == 0, result.output
 
 
 def test_errno_expectation(cli, tmp_path):

@@ -23,9 +23,9 @@ Simplifications (each also noted where it applies): no shadow paging, nested EPT
 SPTE_TDP_AD_WRPROT_ONLY) or page tracking; the NX huge-page recovery worker and
 disallowed_hugepage_adjust are not modelled (nx_huge_pages only strips X from huge leaves and
 maps exec faults at 4K); SNP keeps the EPT format (NPT entries are not modelled, the RMP is);
-a TD is always RUNNABLE with an HKID and TDX MMIO is not cached in the shared EPT; vCPUs walk
-address space 0 only (the core's accesses carry no SMM state); Linux's lockless
-cmpxchg/RCU updates are plain stores, FROZEN_SPTE appears only inside one flow.
+a TD is always RUNNABLE with an HKID and TDX MMIO is not cached in the shared EPT; SMM is
+only the vCPU's address space (no SMRAM, RSM or SMI); Linux's lockless cmpxchg/RCU updates are
+plain stores, FROZEN_SPTE appears only inside one flow.
 """
 
 from __future__ import annotations
@@ -223,12 +223,6 @@ class X86TdpBackend:
     def pml_logging(self) -> bool:
         return self.pml and self.nr_memslots_dirty_logging > 0
 
-    def vcpu_as_id(self, vcpu) -> int:
-        """The vCPU's memslot address space (1 in SMM). The core's Access and PageFault carry
-        no address space (PageFault.as_id stays 0), so a vCPU always walks address space 0;
-        SMM memslots and roots exist for zapping and invariants."""
-        return 0
-
     def access_is_private(self, vm, gfn: int, access) -> bool:
         """Fault private-ness for VMs with one table (§3.2): SW-protected takes the gfn's
         attribute (kvm_mmu_page_fault ORs PFERR_PRIVATE_ACCESS into an EPT violation's error
@@ -298,6 +292,31 @@ class X86TdpBackend:
     def vcpu_create(self, vm, vcpu):
         if self.pml:
             vcpu.arch["pml"] = PmlBuffer()
+
+    @hookimpl
+    def set_vcpu_events(self, vm, vcpu, smm):
+        """kvm_vcpu_ioctl_x86_set_vcpu_events, KVM_VCPUEVENT_VALID_SMM: a change of mode is
+        kvm_smm_changed (HF_SMM_MASK). VM types with private memory have one memslot address
+        space (kvm_arch_nr_memslot_as_ids) and SEV-ES/SNP and TDX do not offer
+        KVM_CAP_X86_SMM; the model refuses SMM for all of them rather than run a vCPU over an
+        address space that can hold no memslot."""
+        if smm is None or smm == vcpu.arch.get("smm", False):
+            return True
+        if smm and self.nr_address_spaces < 2:
+            raise KvmError(errno.EINVAL, f"smm=True: a {self.vm_type} VM has no SMM address "
+                                         "space")
+        buf = vcpu.arch.get("pml")
+        if buf is not None and len(buf):
+            # Linux drains PML on every exit, so no entry logged in one mode is read back in
+            # the other; the model drains only when full or synced, so it drains here.
+            vmx_flush_pml_buffer(vm, vcpu, buf)
+        vcpu.arch["smm"] = smm
+        return True
+
+    @hookimpl
+    def vcpu_memslots_id(self, vm, vcpu):
+        """kvm_arch_vcpu_memslots_id: 1 in SMM."""
+        return 1 if vcpu.arch.get("smm", False) else 0
 
     @hookimpl
     def flush_shadow_all(self, vm):
@@ -734,12 +753,12 @@ class X86TdpBackend:
         return out
 
     @hookimpl
-    def leaves(self, vm, start, end):
-        """Present leaves of address space 0, shared (direct root) before private (mirror)."""
-        shared = self._root_leaves(vm, self.direct_roots[0], start, end)
+    def leaves(self, vm, start, end, as_id):
+        """Present leaves of ``as_id``, shared (direct root) before private (mirror)."""
+        shared = self._root_leaves(vm, self.direct_roots[as_id], start, end)
         if self.tdx is None:
             return iter(shared)
-        private = self._root_leaves(vm, self.mirror_roots[0], start, end)
+        private = self._root_leaves(vm, self.mirror_roots[as_id], start, end)
         return heapq.merge(shared, private, key=lambda m: (m.gfn, m.private))
 
     @hookimpl

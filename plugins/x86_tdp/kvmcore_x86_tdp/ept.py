@@ -75,13 +75,13 @@ def ept_translate(backend, vm, vcpu, gpa: int, access) -> Translation | Violatio
         bit = 1 << tdx.shared_bit
         private = (not gpa & bit) if access.private is None else bool(access.private)
         gfn = (gpa & ~bit) >> 12
-        # vcpu_as_id: always 0 (see X86TdpBackend.vcpu_as_id)
+        # A TD has one address space: no SMM.
         root = backend.mirror_roots[0] if private else backend.direct_roots[0]
     else:
         gfn = gpa >> 12
         private = backend.access_is_private(vm, gfn, access) if backend.has_private_mem \
             else False
-        root = backend.direct_roots[0]
+        root = backend.direct_roots[vcpu.as_id]
     # A walk stops at an entry without RWX (EPT "not present"), a leaf, or level 1.
     tables = backend.tdp.store.tables
     key = gfn + root.gfn_bits

@@ -51,7 +51,7 @@ def vmx_flush_pml_buffer(vm, vcpu, buf: PmlBuffer) -> int:
     dirty rings the entries go to that vCPU's ring, also when the drain happens outside
     KVM_RUN, e.g. in sync_dirty_log); returns how many."""
     gpas = buf.drain()
-    as_id = 0  # the vCPU's address space; see X86TdpBackend.vcpu_as_id
+    as_id = vcpu.as_id  # kvm_vcpu_gfn_to_memslot: the vCPU's address space now
     running = vm.running_vcpu
     vm.running_vcpu = vcpu
     try:
