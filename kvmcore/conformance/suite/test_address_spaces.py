@@ -126,3 +126,17 @@ def test_mappings_checks_as_id(guest):
     for bad in (-1, vm.nr_address_spaces, True):
         expect_errno(EINVAL, vm.mappings, as_id=bad)
         expect_errno(EINVAL, vm.lookup, GPA, as_id=bad)
+
+
+@pytest.mark.requires("pre_fault")
+def test_pre_fault_in_smm_maps_the_smm_slot(two_spaces):
+    """KVM_PRE_FAULT_MEMORY looks up the vCPU's memslots (kvm_vcpu_gfn_to_memslot): in SMM,
+    address space 1's."""
+    guest = two_spaces
+    page = guest.vm.page_size
+    guest.slot(0, GPA, 4 * page)
+    guest.slot(SMM | 0, GPA, 4 * page)
+    guest.vcpu.set_vcpu_events(smm=True)
+    assert guest.vcpu.pre_fault_memory(GPA, page) == (GPA + page, 0)
+    assert guest.vm.lookup(GPA, as_id=1) is not None
+    assert guest.vm.lookup(GPA) is None
