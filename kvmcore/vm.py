@@ -464,8 +464,7 @@ class Vcpu:
             raise KvmError(errno.EINVAL, f"gpa={gpa!r} is not a guest physical address")
         if not isinstance(n, int) or n <= 0:
             raise KvmError(errno.EINVAL, f"n={n!r}: the access needs a positive length")
-        if vm.closed:
-            raise KvmError(errno.EBADF, "the VM was closed")
+        vm._check_open()
         if self.dirty_ring is not None:
             _dirty.check_ring_request(self)
         return data, n
@@ -605,8 +604,7 @@ class Vcpu:
         vm = self.vm
         if smm is not None and not isinstance(smm, bool):
             raise KvmError(errno.EINVAL, f"smm={smm!r} must be a bool or None")
-        if vm.closed:
-            raise KvmError(errno.EBADF, "the VM was closed")
+        vm._check_open()
         vm.hook.set_vcpu_events(vm=vm, vcpu=self, smm=smm)
         as_id = vm.hook.vcpu_memslots_id(vm=vm, vcpu=self)
         if as_id != self.as_id:
