@@ -1,9 +1,16 @@
-"""Backend discovery and the per-VM plugin manager.
+"""Backend discovery and the plugin managers.
 
 Backends come from the entry-point group ``kvmcore.arch`` (name = architecture, value = backend
 class); extensions (tracers, statistics) from ``kvmcore.ext`` (value = an object or module with
 hook implementations). ``KVMCORE_DISABLE_PLUGINS`` is a comma-separated block-list of
-entry-point names. Entry points are read once per process; each VM gets its own manager.
+entry-point names. Entry points are read once per process.
+
+Building a pluggy manager costs milliseconds (it inspects every signature), so it is built once
+per backend class: the class's hook implementations are registered as forwarders that call the
+implementation of the VM the hook is called for (``vm.backend``). A VM that needs a manager of
+its own (a test registering a spy on ``vm.pm``) gets one on first access of ``vm.pm``: a
+``VmPluginManager`` that rebinds the VM's hot hooks whenever a plugin is registered or
+unregistered, so a wrapper added after creation is never silently skipped.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import errno
 import functools
 import importlib
+import inspect
 import os
 from importlib.metadata import EntryPoint, entry_points
 
@@ -74,11 +82,41 @@ def resolve_backend(arch) -> type:
     return backends[arch].load()
 
 
-def get_plugin_manager(backend, arch_name: str) -> pluggy.PluginManager:
-    """One VM's manager, set up in a fixed order: create, add the specs, block-list from the
-    environment, load extension entry points, register the core's defaults and the backend,
-    check that every implementation matches a spec."""
-    pm = pluggy.PluginManager("kvmcore")
+HOT_HOOKS = ("translate", "faultin_pfn", "map_leaf", "fast_page_fault", "relax_perms")
+
+
+def get_plugin_manager(backend, arch_name: str, on_change=None) -> pluggy.PluginManager:
+    """A manager for one backend instance, set up in a fixed order: create, add the specs,
+    block-list from the environment, load extension entry points, register the core's
+    defaults and the backend, check that every implementation matches a spec."""
+    pm = VmPluginManager("kvmcore")
+    _populate(pm, backend, arch_name)
+    pm._on_change = on_change
+    return pm
+
+
+class VmPluginManager(pluggy.PluginManager):
+    """A VM's own manager: ``on_change()`` runs after every register / unregister, so the
+    VM rebinds its hot hooks."""
+
+    def __init__(self, project_name: str, on_change=None):
+        super().__init__(project_name)
+        self._on_change = on_change
+
+    def register(self, plugin, name=None):
+        ret = super().register(plugin, name)
+        if self._on_change is not None:
+            self._on_change()
+        return ret
+
+    def unregister(self, plugin=None, name=None):
+        ret = super().unregister(plugin, name)
+        if self._on_change is not None:
+            self._on_change()
+        return ret
+
+
+def _populate(pm: pluggy.PluginManager, backend, arch_name: str) -> None:
     pm.add_hookspecs(hookspecs)
     blocked = blocked_names()
     for name in blocked:
@@ -94,19 +132,77 @@ def get_plugin_manager(backend, arch_name: str) -> pluggy.PluginManager:
     if missing:
         raise TypeError(f"backend {arch_name!r} does not implement required hooks: "
                         f"{', '.join(missing)}")
+
+
+def class_plugin_manager(backend, arch_name: str) -> pluggy.PluginManager | None:
+    """The manager shared by every VM whose backend is of ``backend``'s class and offers the
+    same hook implementations (an instance may hide one of its class's with a plain
+    attribute). None when the class cannot be forwarded: a hook implementation that does not
+    take ``vm``."""
+    project = hookspecs.hookspec.project_name
+    impls = []
+    for name in dir(type(backend)):
+        method = getattr(backend, name, None)
+        if callable(method) and getattr(method, f"{project}_impl", None) is not None:
+            impls.append(name)
+    return _class_manager(type(backend), tuple(impls), arch_name, frozenset(blocked_names()))
+
+
+@functools.cache
+def _class_manager(cls: type, impls: tuple, arch_name: str, _blocked: frozenset):
+    forwarder = _forwarder_for(cls, impls, hookspecs.hookspec.project_name)
+    if forwarder is None:
+        return None
+    pm = pluggy.PluginManager("kvmcore")
+    _populate(pm, forwarder, arch_name)
     return pm
 
 
-def bind_hot_hook(pm: pluggy.PluginManager, name: str):
+def _forwarder_for(cls: type, impls: tuple, project: str):
+    """An object with one forwarding hook implementation per hook implementation ``impls``
+    of ``cls``, same options and signature, calling ``vm.backend``'s method."""
+    attrs_ = {}
+    for name in impls:
+        method = getattr(cls, name)
+        opts = getattr(method, f"{project}_impl")
+        sig = inspect.signature(method)
+        params = list(sig.parameters.values())[1:]      # without self
+        names = [p.name for p in params]
+        if "vm" not in names:
+            return None
+        fwd = _forward(name, names.index("vm"), inspect.isgeneratorfunction(method))
+        fwd.__signature__ = sig.replace(parameters=params)
+        fwd.__name__ = fwd.__qualname__ = name
+        setattr(fwd, f"{project}_impl", dict(opts))
+        fwd.kvmcore_method = name
+        attrs_[name] = staticmethod(fwd)
+    return type(f"{cls.__name__}Forwarder", (), attrs_)()
+
+
+def _forward(name: str, vm_index: int, generator: bool):
+    if generator:
+        def fwd(*args):
+            return (yield from getattr(args[vm_index].backend, name)(*args))
+    else:
+        def fwd(*args):
+            return getattr(args[vm_index].backend, name)(*args)
+    return fwd
+
+
+def bind_hot_hook(pm: pluggy.PluginManager, name: str, backend=None):
     """A callable for hook ``name`` that skips pluggy's dispatch when exactly one
     implementation and no wrapper is registered (the common case for translate, faultin_pfn
-    and map_leaf); otherwise the hook caller itself, so extensions still see every call."""
+    and map_leaf); otherwise the hook caller itself, so extensions still see every call.
+    ``backend`` is the VM's backend when ``pm`` is a class manager (its forwarders are
+    replaced by the backend's own method)."""
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
     if not impls:
         return _none
     if len(impls) == 1 and not (impls[0].hookwrapper or impls[0].wrapper):
-        return impls[0].function
+        function = impls[0].function
+        method = getattr(function, "kvmcore_method", None)
+        return function if method is None else getattr(backend, method)
     return caller
 
 

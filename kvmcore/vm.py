@@ -20,7 +20,8 @@ from .gmem import GuestMemfd, kvm_gmem_create
 from .host import HOST_PAGE_SIZES, HostMemory
 from .invalidate import InvalidateState, KvmMmuNotifier
 from .memslots import Memslot, MemslotSet, kvm_set_memory_region
-from .plugins import bind_hot_hook, get_plugin_manager, resolve_backend
+from .plugins import (HOT_HOOKS, bind_hot_hook, class_plugin_manager, get_plugin_manager,
+                      resolve_backend)
 from .uapi import (
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
@@ -132,13 +133,11 @@ class VM:
         self.host = host
         #: PAGE_SIZE: the base page of this VM (its host's); gfns stay 4 KiB frames.
         self.page_size: int = host.page_size
-        self.pm = get_plugin_manager(self.backend, self.arch_info.name)
-        self.hook = self.pm.hook
-        self.translate = bind_hot_hook(self.pm, "translate")
-        self.faultin_pfn = bind_hot_hook(self.pm, "faultin_pfn")
-        self.map_leaf = bind_hot_hook(self.pm, "map_leaf")
-        self.fast_page_fault = bind_hot_hook(self.pm, "fast_page_fault")
-        self.relax_perms = bind_hot_hook(self.pm, "relax_perms")
+        self._pm = None
+        self._class_pm = class_plugin_manager(self.backend, self.arch_info.name)
+        if self._class_pm is None:
+            self._pm = get_plugin_manager(self.backend, self.arch_info.name, self._bind_hooks)
+        self._bind_hooks()
         self.nr_address_spaces = self.arch_info.nr_address_spaces
         self.memslot_sets = [MemslotSet(i) for i in range(self.nr_address_spaces)]
         self.nr_memslot_pages = 0
@@ -166,6 +165,23 @@ class VM:
 
     def __repr__(self) -> str:
         return f"VM(arch={self.arch_info.name!r}, vm_type={self.vm_type!r})"
+
+    @property
+    def pm(self):
+        """This VM's own plugin manager, built on first use (VMs share one per backend class
+        until then). Registering or unregistering a plugin on it rebinds the VM's hooks."""
+        if self._pm is None:
+            self._pm = get_plugin_manager(self.backend, self.arch_info.name, self._bind_hooks)
+            self._bind_hooks()
+        return self._pm
+
+    def _bind_hooks(self) -> None:
+        """Bind ``hook`` and the hot hooks (called once per fault or access) to the current
+        manager: directly to the one implementation when nothing wraps it."""
+        pm = self._pm or self._class_pm
+        self.hook = pm.hook
+        for name in HOT_HOOKS:
+            setattr(self, name, bind_hot_hook(pm, name, self.backend))
 
     # ------------------------------------------------------------------ services for flows
 

@@ -89,3 +89,33 @@ def test_arch_info_refuses_a_misspelt_capability():
     with pytest.raises(ValueError, match="hugepage2m"):
         ArchInfo(name="typo", page_sizes=(4096,), levels=1,
                  vm_types={"default": {"hugepage2m"}})
+
+
+def test_a_wrapper_registered_after_creation_sees_hot_hooks_of_that_vm_only():
+    """Hot hooks are bound once; a plugin registered later on ``vm.pm`` rebinds them (before,
+    a ``translate`` wrapper added after creation was silently skipped), and VMs that share
+    their backend class's manager are not affected."""
+    seen = []
+
+    class Tracer:
+        @hookimpl(wrapper=True)
+        def translate(self, vm, vcpu, gpa, access):
+            seen.append((vm, gpa))
+            return (yield)
+
+    traced, other = VM(arch=FlatBackend), VM(arch=FlatBackend)
+    for vm in (traced, other):
+        vm.set_user_memory_region(0, 0, 1 << 20, vm.host.mmap(1 << 20))
+    tracer = Tracer()
+    traced.pm.register(tracer)
+    traced.create_vcpu(0).read(0x2000, 1)
+    other.create_vcpu(0).read(0x2000, 1)
+    assert seen == [(traced, 0x2000)] * len(seen) and seen
+    traced.pm.unregister(tracer)
+    assert getattr(traced.translate, "__self__", None) is traced.backend
+
+
+def test_vms_of_one_backend_class_share_a_manager_but_call_their_own_backend():
+    a, b = VM(arch=FlatBackend), VM(arch=FlatBackend)
+    assert a.hook is b.hook
+    assert a.translate.__self__ is a.backend and b.translate.__self__ is b.backend
