@@ -139,13 +139,18 @@ def class_plugin_manager(backend, arch_name: str) -> pluggy.PluginManager | None
     same hook implementations (an instance may hide one of its class's with a plain
     attribute). None when the class cannot be forwarded: a hook implementation that does not
     take ``vm``."""
-    project = hookspecs.hookspec.project_name
-    impls = []
-    for name in dir(type(backend)):
-        method = getattr(backend, name, None)
-        if callable(method) and getattr(method, f"{project}_impl", None) is not None:
-            impls.append(name)
-    return _class_manager(type(backend), tuple(impls), arch_name, frozenset(blocked_names()))
+    marker = f"{hookspecs.hookspec.project_name}_impl"
+    impls = tuple(name for name in _impl_names(type(backend))
+                  if getattr(getattr(backend, name, None), marker, None) is not None)
+    return _class_manager(type(backend), impls, arch_name, frozenset(blocked_names()))
+
+
+@functools.cache
+def _impl_names(cls: type) -> tuple[str, ...]:
+    marker = f"{hookspecs.hookspec.project_name}_impl"
+    return tuple(name for name in dir(cls)
+                 if callable(method := getattr(cls, name, None))
+                 and getattr(method, marker, None) is not None)
 
 
 @functools.cache
