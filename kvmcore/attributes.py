@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from sortedcontainers import SortedDict
 
 from .errors import KvmError
-from .hva import GfnRange
+from .records import GfnRange
 from .uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from . import hookimpl
 from .errors import KvmError
 from .exits import HwPoisonSignal, MemoryFaultExit
 from .gmem import kvm_gmem_get_pfn
-from .hva import GfnRange
+from .records import GfnRange
 from .pfn import kvm_follow_pfn
 from .uapi import (
     KVM_FILTER_PRIVATE,

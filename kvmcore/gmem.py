@@ -19,7 +19,7 @@ from sortedcontainers import SortedKeyList
 
 from .errors import EHWPOISON, KvmError
 from .host import SigBus
-from .hva import GfnRange
+from .records import GfnRange
 from .invalidate import kvm_mmu_unmap_gfn_range
 from .uapi import (
     FALLOC_FL_KEEP_SIZE,

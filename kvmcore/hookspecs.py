@@ -24,8 +24,8 @@ import pluggy
 
 if TYPE_CHECKING:
     from .arch import Mapping
-    from .fault import Access, PageFault, Translation, Violation
-    from .hva import GfnRange
+    from .records import Access, PageFault, Translation, Violation
+    from .records import GfnRange
     from .memslots import Memslot
     from .vm import VM, Vcpu
 

@@ -3,35 +3,8 @@ kvm_handle_gfn_range) and the record handed to backends (struct kvm_gfn_range)."
 
 from __future__ import annotations
 
-import attrs
-
+from .records import GfnRange
 from .uapi import KVM_FILTER_SHARED
-
-
-@attrs.frozen(slots=True)
-class GfnRange:
-    """struct kvm_gfn_range: ``[start, end)`` in 4 KiB gfns, all inside ``slot``.
-
-    ``arg`` carries the new attributes for the attribute hooks; ``attr_filter`` says which
-    alias a zap concerns (KVM_FILTER_SHARED / KVM_FILTER_PRIVATE, or both); ``may_block``
-    and ``lockless`` are copied from the caller. Backends derive a changed copy with
-    ``attrs.evolve``."""
-
-    slot: object
-    start: int
-    end: int
-    arg: int = 0
-    attr_filter: int = KVM_FILTER_SHARED
-    may_block: bool = False
-    lockless: bool = False
-
-    @property
-    def npages(self) -> int:
-        return self.end - self.start
-
-    @property
-    def as_id(self) -> int:
-        return self.slot.as_id
 
 
 def _hva_gfn_range(slot, start: int, end: int, arg: int, may_block: bool,

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from .hva import GfnRange, kvm_handle_hva_range
+from .records import GfnRange
+
+from .hva import kvm_handle_hva_range
 
 if TYPE_CHECKING:
     from .vm import VM

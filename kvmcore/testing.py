@@ -24,7 +24,7 @@ from sortedcontainers import SortedDict
 from . import hookimpl
 from .arch import ArchInfo, Mapping
 from .errors import KvmError
-from .fault import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
+from .records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from .uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,

@@ -14,8 +14,8 @@ from .attributes import AttributeRanges, kvm_vm_ioctl_set_mem_attributes, \
     supported_mem_attributes
 from .errors import InvariantError, KvmError
 from .exits import MmioExit, VcpuExit
-from .fault import (FETCH, READ, VIOLATION_KINDS, WRITE, Access, PageFault, Translation,
-                    kvm_page_fault, kvm_page_fault_direct)
+from .fault import kvm_page_fault, kvm_page_fault_direct
+from .records import FETCH, READ, VIOLATION_KINDS, WRITE, Access, PageFault, Translation
 from .gmem import GuestMemfd, kvm_gmem_create
 from .host import HOST_PAGE_SIZES, HostMemory
 from .invalidate import InvalidateState, KvmMmuNotifier

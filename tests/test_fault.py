@@ -7,8 +7,8 @@ import pytest
 from conftest import MiB
 
 from kvmcore import HwPoisonSignal, KvmError, MemoryFaultExit, MmioExit
-from kvmcore.fault import (AFTER_SNAPSHOT, BEFORE_LOCK, PageFault, kvm_page_fault,
-                           run_to_completion)
+from kvmcore.records import PageFault
+from kvmcore.fault import AFTER_SNAPSHOT, BEFORE_LOCK, kvm_page_fault, run_to_completion
 from kvmcore.hva import kvm_handle_hva_range_op
 from kvmcore.uapi import (KVM_MEM_GUEST_MEMFD, KVM_MEM_READONLY,
                           KVM_MEMORY_ATTRIBUTE_PRIVATE as PRIVATE,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 
 from kvmcore import ArchInfo, KvmError, Mapping, hookimpl
-from kvmcore.fault import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
+from kvmcore.records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from kvmcore.pgtable import LEAF, TABLE_POST, Geometry, PageTable, TableStore, table_is_empty
 from kvmcore.uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,

@@ -49,7 +49,7 @@ import structlog
 from kvmcore.arch import ArchInfo, Mapping
 from kvmcore.errors import KvmError
 from kvmcore.exits import GuestAbort, HwPoisonSignal
-from kvmcore.fault import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
+from kvmcore.records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from kvmcore.uapi import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MR_CREATE, KVM_MR_DELETE,
                           KVM_MR_FLAGS_ONLY, KVM_MR_MOVE, RET_PF_CONTINUE)
 

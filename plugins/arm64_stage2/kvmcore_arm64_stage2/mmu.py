@@ -31,7 +31,7 @@ import weakref
 import structlog
 from kvmcore.errors import KvmError
 from kvmcore.exits import GuestAbort
-from kvmcore.fault import ACCESS_FLAG, PERMISSION, PageFault
+from kvmcore.records import ACCESS_FLAG, PERMISSION, PageFault
 from kvmcore.uapi import RET_PF_FIXED, RET_PF_SPURIOUS
 
 from .pgtable import FAULT_WALK_FLAGS, PROT_DEVICE, PROT_R, PROT_W, PROT_X

@@ -7,7 +7,7 @@ import errno
 
 import pytest
 from kvmcore import GuestAbort, KvmError, MemoryFaultExit, MmioExit
-from kvmcore.fault import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Access, Translation, Violation
+from kvmcore.records import ACCESS_FLAG, Access, NOT_PRESENT, PERMISSION, Translation, Violation
 from kvmcore.uapi import (GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
                           KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY)
 
@@ -363,7 +363,7 @@ def test_unmap_clears_whole_block_with_one_tlbi_per_leaf(vm, host):
 
 
 def test_unmap_gfn_range_returns_false_and_frees_tables(vm, host):
-    from kvmcore.hva import GfnRange
+    from kvmcore.records import GfnRange
 
     slot(vm, host, 0, GPA, 8 * PAGE)
     vcpu = vm.create_vcpu(0)
@@ -403,7 +403,7 @@ def test_gmem_faults_map_pages_only(vm, host):
     assert m.size == PAGE and m.writable and not m.private
     assert host.read(hva + 3 * PAGE, 1) == b"g"
     # gmem_abort ignores the folio size and the permission-fault granule: PAGE_SIZE always.
-    from kvmcore.fault import PageFault
+    from kvmcore.records import PageFault
 
     f = PageFault(addr=GPA, gfn=GPA >> 12, kind=PERMISSION, fault_size=SZ_2M)
     f.slot, f.max_size = vm.gfn_to_memslot(GPA >> 12), SZ_2M

@@ -151,7 +151,7 @@ def test_dirty_marking_only_on_success(make_vm, granule):
     vcpu.write(GPA, b"1")
     vm.get_dirty_log(0)             # clears and re-protects
     b = backend_of(vm)
-    from kvmcore.fault import PageFault
+    from kvmcore.records import PageFault
     from kvmcore.fault import run_to_completion, kvm_page_fault
 
     f = PageFault(addr=GPA, gfn=GPA >> 12, write=True, vcpu=vcpu)   # a stale translation fault

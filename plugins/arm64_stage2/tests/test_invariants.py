@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from kvmcore import InvariantError, MemoryFaultExit
-from kvmcore.fault import NOT_PRESENT, Access
+from kvmcore.records import Access, NOT_PRESENT
 from kvmcore.uapi import (GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
                           KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES)
 

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 
 import structlog
 from kvmcore import ArchInfo, KvmError, Mapping, hookimpl
-from kvmcore.fault import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
+from kvmcore.records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from kvmcore.pgtable import LEAF, TABLE_PRE, PageTable, TableStore
 from kvmcore.uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,

@@ -4,7 +4,7 @@ instantiate's PTE construction and level choice (reference §2.2-§5, invariants
 import errno
 
 import pytest
-from kvmcore.fault import PageFault
+from kvmcore.records import PageFault
 
 from fakevm import FakeHost, FakeSlot, FakeVM
 from kvmcore_ppc_radix import PpcRadixBackend

@@ -58,7 +58,7 @@ def fault_throughput(n: int) -> float:
 def map_leaf_throughput(n: int) -> float:
     """The backend's share of a fault: map_leaf (hugepage adjust, the TDP MMU walk, table
     allocation, make_spte, the SPTE-change checks) on PageFaults whose pfn is already known."""
-    from kvmcore.fault import PageFault
+    from kvmcore.records import PageFault
 
     vm = VM(arch="x86_tdp")
     size = n * PAGE

@@ -38,8 +38,8 @@ import structlog
 from kvmcore import hookimpl
 from kvmcore.arch import ArchInfo, Mapping
 from kvmcore.errors import KvmError
-from kvmcore.fault import MISCONFIG, PERMISSION
-from kvmcore.hva import GfnRange
+from kvmcore.records import MISCONFIG, PERMISSION
+from kvmcore.records import GfnRange
 from kvmcore.uapi import (
     KVM_FILTER_PRIVATE,
     KVM_FILTER_SHARED,

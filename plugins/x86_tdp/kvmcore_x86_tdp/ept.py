@@ -6,7 +6,7 @@ tdx.c tdx_handle_ept_violation; svm.c npf_interception for SNP's RMP faults).
 
 from __future__ import annotations
 
-from kvmcore.fault import ACCESS_FLAG, MISCONFIG, NOT_PRESENT, PERMISSION, Translation, Violation
+from kvmcore.records import ACCESS_FLAG, MISCONFIG, NOT_PRESENT, PERMISSION, Translation, Violation
 
 from .spte import (
     EPT_ILLEGAL_MEMTYPES,

@@ -97,7 +97,7 @@ def test_pre_set_widens_invalidation_for_straddling_huge_page(make):
 def test_default_vm_pre_set_is_a_no_op_warning(make):
     g = make()
     g.slot(0, 0, SZ_2M)
-    from kvmcore.hva import GfnRange
+    from kvmcore.records import GfnRange
     slot = g.vm.memslots()[0]
     assert g.b.pre_set_memory_attributes(vm=g.vm, range=GfnRange(slot, 0, 1, 8)) is False
     assert g.vm.stats["x86_tdp.warn_pre_set_no_private_mem"] == 1

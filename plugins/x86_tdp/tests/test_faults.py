@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from kvmcore import MmioExit, VM
-from kvmcore.fault import ACCESS_FLAG, MISCONFIG, NOT_PRESENT, PERMISSION, Access, Violation
+from kvmcore.records import ACCESS_FLAG, Access, MISCONFIG, NOT_PRESENT, PERMISSION, Violation
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, RET_PF_SPURIOUS
 
 from conftest import PAGE, SZ_1G, SZ_2M
@@ -222,7 +222,7 @@ def test_fast_pf_spurious(make):
     g = make()
     g.slot(0, 0, SZ_2M)
     g.vcpu.write(0, b"1")
-    from kvmcore.fault import PageFault
+    from kvmcore.records import PageFault
     f = PageFault(addr=0, gfn=0, write=True, kind=PERMISSION, error_code=PFERR_PRESENT_MASK)
     assert g.b.fast_page_fault(vm=g.vm, fault=f) == RET_PF_SPURIOUS
 

@@ -3,7 +3,7 @@ and a fault racing an invalidation."""
 
 from __future__ import annotations
 
-from kvmcore.fault import MISCONFIG, NOT_PRESENT, PageFault
+from kvmcore.records import MISCONFIG, NOT_PRESENT, PageFault
 from kvmcore.uapi import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS,
                           RET_PF_WRITE_PROTECTED)
 

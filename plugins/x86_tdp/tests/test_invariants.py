@@ -227,7 +227,7 @@ def test_2_set_spte_over_frozen_is_a_bug(g4k):
 
 def test_frozen_spte_makes_the_fault_retry(make):
     """A fault that meets a FROZEN SPTE on its walk returns RET_PF_RETRY and installs nothing."""
-    from kvmcore.fault import PageFault
+    from kvmcore.records import PageFault
     from kvmcore.uapi import RET_PF_RETRY
     g = make()
     g.slot(0, 0, SZ_2M)

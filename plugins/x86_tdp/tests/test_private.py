@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from kvmcore import MemoryFaultExit
-from kvmcore.fault import Access, PERMISSION
+from kvmcore.records import Access, PERMISSION
 from kvmcore.uapi import KVM_MEMORY_EXIT_FLAG_PRIVATE
 
 from conftest import PAGE, SZ_2M, TDX_SHARED

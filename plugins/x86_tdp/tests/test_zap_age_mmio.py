@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from kvmcore import MmioExit
-from kvmcore.hva import GfnRange
+from kvmcore.records import GfnRange
 from kvmcore.uapi import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED, RET_PF_EMULATE
 
 from conftest import PAGE, SZ_2M, TDX_SHARED
