@@ -10,7 +10,7 @@ import attrs
 
 from . import hookimpl
 from .errors import KvmError
-from .exits import HwPoisonSignal, MemoryFaultExit
+from .exits import HwPoisonSignal, memory_fault_exit
 from .gmem import kvm_gmem_get_pfn
 from .records import GfnRange
 from .pfn import kvm_follow_pfn
@@ -18,23 +18,13 @@ from .uapi import (
     KVM_FILTER_PRIVATE,
     KVM_FILTER_SHARED,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_PFN_ERR_FAULT,
     KVM_PFN_ERR_HWPOISON,
     KVM_PFN_ERR_RO_FAULT,
-    PAGE_SHIFT,
     PAGE_SIZE,
     RET_PF_CONTINUE,
     RET_PF_EMULATE,
 )
-
-
-def memory_fault_exit(vm, fault, err: int = errno.EFAULT) -> MemoryFaultExit:
-    """kvm_mmu_prepare_memory_fault_exit: the faulting page (gfn << PAGE_SHIFT, PAGE_SIZE),
-    i.e. the whole base page holding the 4 KiB gfn when PAGE_SIZE is larger."""
-    flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
-    size = vm.page_size
-    return MemoryFaultExit(flags, (fault.gfn << PAGE_SHIFT) & ~(size - 1), size, err)
 
 
 @hookimpl(trylast=True)

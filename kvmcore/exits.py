@@ -15,6 +15,7 @@ from .uapi import (
     KVM_EXIT_MEMORY_FAULT,
     KVM_EXIT_MMIO,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    PAGE_SHIFT,
 )
 
 
@@ -103,3 +104,11 @@ class GuestAbort(VcpuExit):
 
     def fields(self) -> dict:
         return {"kind": self.kind, "gpa": self.gpa}
+
+
+def memory_fault_exit(vm, fault, err: int = errno.EFAULT) -> MemoryFaultExit:
+    """kvm_mmu_prepare_memory_fault_exit: the faulting page (gfn << PAGE_SHIFT, PAGE_SIZE),
+    i.e. the whole base page holding the 4 KiB gfn when PAGE_SIZE is larger."""
+    flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
+    size = vm.page_size
+    return MemoryFaultExit(flags, (fault.gfn << PAGE_SHIFT) & ~(size - 1), size, err)

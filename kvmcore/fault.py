@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import errno
 
-from .defaults import memory_fault_exit
 from .errors import KvmError
+from .exits import memory_fault_exit
 from .records import PERMISSION, PageFault
 from .uapi import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_RETRY
 
