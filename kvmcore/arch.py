@@ -47,6 +47,9 @@ class ArchInfo:
     base_page_option: str | None = None
     host_pmd_sizes: _MappingABC[int, int] = attrs.field(factory=dict, converter=dict,
                                                         hash=False)
+    #: KVM_HAVE_MMU_RWLOCK: kvm->mmu_lock is an rwlock (x86, arm64: faults take it for read)
+    #: rather than a spinlock (ppc: every holder excludes every other).
+    mmu_rwlock: bool = True
 
     @vm_types.validator
     def _check_vm_types(self, _attr, value):

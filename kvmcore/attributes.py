@@ -7,18 +7,12 @@ bisection. Zero is "no entry", as in Linux.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedDict
 
-from .errors import KvmError
-from .records import GfnRange
-from .uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT
+from .uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE
 
-if TYPE_CHECKING:
-    from .vm import VM
 
 U64 = 1 << 64
 
@@ -98,62 +92,6 @@ class AttributeRanges:
             runs[new_s] = (new_e, value)
 
 
-def supported_mem_attributes(vm: VM) -> int:
-    """kvm_supported_mem_attributes."""
-    return KVM_MEMORY_ATTRIBUTE_PRIVATE if "private_mem" in vm.capabilities else 0
-
-
-def kvm_vm_ioctl_set_mem_attributes(vm: VM, address: int, size: int, attributes: int,
-                                    flags: int) -> None:
-    """KVM_SET_MEMORY_ATTRIBUTES: validation in Linux's order, then
-    kvm_vm_set_mem_attributes."""
-    if "memory_attributes" not in vm.arch_capabilities:
-        raise KvmError(errno.ENOTTY, f"set_memory_attributes: {vm.arch_info.name} has no "
-                                     "KVM_SET_MEMORY_ATTRIBUTES")
-    for name, value in (("address", address), ("size", size), ("attributes", attributes),
-                        ("flags", flags)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < U64:
-            raise KvmError(errno.EINVAL, f"{name}={value!r} is not a u64")
-    if flags:
-        raise KvmError(errno.EINVAL, f"flags={flags:#x} must be 0")
-    supported = supported_mem_attributes(vm)
-    if attributes & ~supported:
-        raise KvmError(errno.EINVAL, f"attributes={attributes:#x}: unsupported bits "
-                                     f"{attributes & ~supported:#x} for this VM")
-    if not size or address + size >= U64:
-        raise KvmError(errno.EINVAL, f"size={size:#x}: zero, or address + size wraps")
-    if address & (vm.page_size - 1) or size & (vm.page_size - 1):
-        raise KvmError(errno.EINVAL, f"address={address:#x} or size={size:#x} is not "
-                                     f"aligned to PAGE_SIZE {vm.page_size:#x}")
-    kvm_vm_set_mem_attributes(vm, address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT,
-                              attributes)
-
-
-def kvm_vm_set_mem_attributes(vm: VM, start: int, end: int, attributes: int) -> None:
-    """kvm_vm_set_mem_attributes: no-op check, pre_set per slot inside an invalidation (the
-    handler adds the range, then calls the arch hook), store, post_set, end."""
-    from .hva import kvm_handle_gfn_range
-
-    if vm.range_has_memory_attributes(start, end, U64 - 1, attributes):
-        return
-
-    def pre_set(vm_, rng: GfnRange) -> bool:
-        vm_.mmu_invalidate_range_add(rng.start, rng.end)
-        return vm_.hook.pre_set_memory_attributes(vm=vm_, range=rng)
-
-    def post_set(vm_, rng: GfnRange) -> bool:
-        return vm_.hook.post_set_memory_attributes(vm=vm_, range=rng)
-
-    kvm_handle_gfn_range(vm, start, end, pre_set, on_lock=vm.mmu_invalidate_begin,
-                         flush_on_ret=True, may_block=True, arg=attributes)
-    vm.attributes.set(start, end, attributes)
-    kvm_handle_gfn_range(vm, start, end, post_set, on_lock=vm.mmu_invalidate_end,
-                         flush_on_ret=False, may_block=True, arg=attributes)
-    vm.stats["set_memory_attributes"] += 1
-    vm.trace("attributes.set", gfn=start, npages=end - start, attributes=attributes)
-
-
-def private_runs(vm: VM, start: int, end: int) -> Iterator[tuple[int, int]]:
-    for s, e, v in vm.attributes.runs(start, end):
-        if v & KVM_MEMORY_ATTRIBUTE_PRIVATE:
-            yield s, e
+def supported_mem_attributes(capabilities: frozenset[str]) -> int:
+    """kvm_supported_mem_attributes, for a VM with these capabilities."""
+    return KVM_MEMORY_ATTRIBUTE_PRIVATE if "private_mem" in capabilities else 0

@@ -9,15 +9,15 @@ re-arms tracking in ``enable_log_dirty_pt_masked``.
 from __future__ import annotations
 
 import errno
-from array import array
 from typing import TYPE_CHECKING
 
 import structlog
 
 from .errors import KvmError
+from .exits import DirtyRingFullExit
+from .dirty_log import DirtyBitmap, DirtyRing
 from .memslots import kvm_user_mem_slots
 from .uapi import (
-    KVM_DIRTY_GFN_F_DIRTY,
     KVM_DIRTY_GFN_F_RESET,
     KVM_DIRTY_GFN_SIZE,
     KVM_DIRTY_LOG_MANUAL_CAPS,
@@ -29,74 +29,19 @@ from .uapi import (
 
 if TYPE_CHECKING:
     from .memslots import Memslot
-    from .vm import VM, Vcpu
+    from .kvm import Kvm, KvmVcpu
 
 logger = structlog.get_logger(__name__)
 
 U64_MASK = (1 << 64) - 1
 
 
-class DirtyBitmap:
-    """A slot's dirty bitmap: 64-bit little-endian words, plus the set of words that may be
-    non-zero so that GET costs what is dirty, not the slot size. (Linux allocates twice the
-    size and uses the second half as scratch for the snapshot; the model returns the
-    snapshot as a list instead.)"""
-
-    __slots__ = ("npages", "words", "nonzero")
-
-    def __init__(self, npages: int, initially_set: bool = False):
-        self.npages = npages
-        nwords = (npages + 63) >> 6
-        self.words = array("Q", bytes(8 * nwords))
-        self.nonzero: set[int] = set()
-        if initially_set:
-            for i in range(nwords):
-                self.words[i] = U64_MASK
-            if npages & 63:
-                self.words[nwords - 1] = (1 << (npages & 63)) - 1
-            self.nonzero = set(range(nwords))
-
-    def set(self, rel: int) -> None:
-        i = rel >> 6
-        self.words[i] |= 1 << (rel & 63)
-        self.nonzero.add(i)
-
-    def test(self, rel: int) -> bool:
-        return bool(self.words[rel >> 6] >> (rel & 63) & 1)
-
-    def xchg(self, i: int) -> int:
-        word = self.words[i]
-        self.words[i] = 0
-        self.nonzero.discard(i)
-        return word
-
-    def fetch_andnot(self, i: int, mask: int) -> int:
-        old = self.words[i]
-        new = old & ~mask & U64_MASK
-        self.words[i] = new
-        if not new:
-            self.nonzero.discard(i)
-        return old
-
-    def pages(self) -> list[int]:
-        out = []
-        words = self.words
-        for i in sorted(self.nonzero):
-            word = words[i]
-            base = i << 6
-            while word:
-                low = word & -word
-                out.append(base + low.bit_length() - 1)
-                word ^= low
-        return out
-
-
-def use_dirty_bitmap(vm: VM) -> bool:
+def use_dirty_bitmap(vm: Kvm) -> bool:
     """kvm_use_dirty_bitmap."""
     return not vm.dirty_ring_size or vm.dirty_ring_with_bitmap
 
 
-def prepare_dirty_bitmap(vm: VM, old: Memslot | None, new: Memslot) -> None:
+def prepare_dirty_bitmap(vm: Kvm, old: Memslot | None, new: Memslot) -> None:
     """The bitmap part of kvm_prepare_memory_region."""
     if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
         new.dirty_bitmap = None
@@ -106,33 +51,18 @@ def prepare_dirty_bitmap(vm: VM, old: Memslot | None, new: Memslot) -> None:
         new.dirty_bitmap = DirtyBitmap(new.npages, vm.dirty_log_manual_protect_and_init_set())
 
 
-def mark_page_dirty_in_slot(vm: VM, slot: Memslot | None, gfn: int) -> None:
-    """mark_page_dirty_in_slot: the running vCPU's ring if rings are on, else the bitmap."""
-    if slot is None or not slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-        return
-    rel = gfn - slot.base_gfn
-    vcpu = vm.running_vcpu
-    if vm.dirty_ring_size and vcpu is not None:
-        vcpu.dirty_ring.push(slot.slot_id, rel)
-    elif slot.dirty_bitmap is not None:
-        slot.dirty_bitmap.set(rel)
-    else:
-        # Linux WARNs: a write with rings on and no running vCPU is lost.
-        vm.stats["dirty_lost"] += 1
-
-
-def _slot_for_log(vm: VM, slot: int, op: str):
+def _slot_for_log(vm: Kvm, slot: int, op: str):
     if vm.dirty_ring_size and not vm.dirty_ring_with_bitmap:
         raise KvmError(errno.ENXIO, f"{op}: the dirty ring is in use without bitmaps")
     if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < 1 << 32:
         raise KvmError(errno.EINVAL, f"slot={slot!r} is not a u32")
     as_id, id_ = slot >> 16, slot & 0xFFFF
-    if as_id >= vm.nr_address_spaces or id_ >= kvm_user_mem_slots(vm):
+    if as_id >= vm.nr_address_spaces or id_ >= kvm_user_mem_slots(vm.arch_info):
         raise KvmError(errno.EINVAL, f"slot={slot:#x}: bad address space or slot id")
     return as_id, id_
 
 
-def kvm_get_dirty_log_protect(vm: VM, slot: int) -> list[int]:
+def kvm_get_dirty_log_protect(vm: Kvm, slot: int) -> list[int]:
     """KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect): snapshot and clear, re-protect,
     flush; with manual protect, the bitmap is returned as it is."""
     as_id, id_ = _slot_for_log(vm, slot, "get_dirty_log")
@@ -165,7 +95,7 @@ def kvm_get_dirty_log_protect(vm: VM, slot: int) -> list[int]:
     return snapshot
 
 
-def kvm_clear_dirty_log_protect(vm: VM, slot: int, first_page: int, num_pages: int,
+def kvm_clear_dirty_log_protect(vm: Kvm, slot: int, first_page: int, num_pages: int,
                                 pages) -> None:
     """KVM_CLEAR_DIRTY_LOG (kvm_clear_dirty_log_protect). ``pages`` are slot-relative page
     offsets to clear (the bits userspace sets in its bitmap)."""
@@ -212,7 +142,7 @@ def kvm_clear_dirty_log_protect(vm: VM, slot: int, first_page: int, num_pages: i
     vm.stats["clear_dirty_log"] += 1
 
 
-def enable_manual_protect(vm: VM, args0: int) -> None:
+def enable_manual_protect(vm: Kvm, args0: int) -> None:
     """KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) (kvm_vm_ioctl_enable_cap_generic)."""
     caps = vm.arch_capabilities
     if "manual_dirty_protect" not in caps:
@@ -230,101 +160,44 @@ def enable_manual_protect(vm: VM, args0: int) -> None:
     vm.manual_dirty_log_protect = args0
 
 
-class DirtyRing:
-    """struct kvm_dirty_ring: ``size`` entries of (flags, slot, offset); the free-running u32
-    indices ``dirty_index`` (KVM's producer) and ``reset_index`` (KVM's consumer), and
-    ``fetch_index``, where userspace harvests next."""
-
-    def __init__(self, size_bytes: int, cpu_dirty_log_size: int):
-        self.size = size_bytes // KVM_DIRTY_GFN_SIZE
-        self.soft_limit = self.size - (KVM_DIRTY_RING_RSVD_ENTRIES + cpu_dirty_log_size)
-        self.flags = array("I", bytes(4 * self.size))
-        self.slots = array("I", bytes(4 * self.size))
-        self.offsets = array("Q", bytes(8 * self.size))
-        self.dirty_index = 0
-        self.reset_index = 0
-        self.fetch_index = 0
-        self.soft_full_request = False
-
-    @property
-    def used(self) -> int:
-        return (self.dirty_index - self.reset_index) & 0xFFFFFFFF
-
-    def soft_full(self) -> bool:
-        return self.used >= self.soft_limit
-
-    def push(self, slot_id: int, offset: int) -> None:
-        """kvm_dirty_ring_push."""
-        if self.used >= self.size:
-            raise RuntimeError("dirty ring overflow: KVM would WARN and lose the entry")
-        i = self.dirty_index & (self.size - 1)
-        self.slots[i] = slot_id
-        self.offsets[i] = offset
-        self.flags[i] = KVM_DIRTY_GFN_F_DIRTY
-        self.dirty_index = (self.dirty_index + 1) & 0xFFFFFFFF
-        if self.soft_full():
-            self.soft_full_request = True
-
-    def harvest(self) -> list[tuple[int, int]]:
-        """What userspace does: collect DIRTY entries in order and mark them RESET."""
-        out = []
-        while True:
-            i = self.fetch_index & (self.size - 1)
-            if not self.flags[i] & KVM_DIRTY_GFN_F_DIRTY or self.flags[i] & KVM_DIRTY_GFN_F_RESET:
-                break
-            out.append((self.slots[i], self.offsets[i]))
-            self.flags[i] |= KVM_DIRTY_GFN_F_RESET
-            self.fetch_index = (self.fetch_index + 1) & 0xFFFFFFFF
-        return out
-
-    def pending(self) -> set[tuple[int, int]]:
-        """Entries pushed and not yet reset: (slot_id, offset)."""
-        out = set()
-        idx = self.reset_index
-        while idx != self.dirty_index:
-            i = idx & (self.size - 1)
-            out.add((self.slots[i], self.offsets[i]))
-            idx = (idx + 1) & 0xFFFFFFFF
-        return out
-
-    def reset(self, vm: VM) -> int:
-        """kvm_dirty_ring_reset: reset harvested entries in ring order, batching offsets of
-        one slot within 64 of each other into one masked re-protect."""
-        count = 0
-        cur_slot = cur_offset = mask = 0
-        first_round = True
-        while True:
-            i = self.reset_index & (self.size - 1)
-            if not self.flags[i] & KVM_DIRTY_GFN_F_RESET:
-                break
-            next_slot, next_offset = self.slots[i], self.offsets[i]
-            self.flags[i] = 0
-            self.reset_index = (self.reset_index + 1) & 0xFFFFFFFF
-            count += 1
-            if not first_round and next_slot == cur_slot:
-                delta = next_offset - cur_offset
-                if 0 <= delta < 64:
-                    mask |= 1 << delta
-                    continue
-                if -64 < delta < 0 and ((mask << -delta) & U64_MASK) >> -delta == mask:
-                    cur_offset = next_offset
-                    mask = ((mask << -delta) & U64_MASK) | 1
-                    continue
-            if not first_round:
-                kvm_reset_dirty_gfn(vm, cur_slot, cur_offset, mask)
-            cur_slot, cur_offset, mask = next_slot, next_offset, 1
-            first_round = False
+def kvm_dirty_ring_reset(vm: Kvm, ring: DirtyRing) -> int:
+    """kvm_dirty_ring_reset: reset harvested entries in ring order, batching offsets of
+    one slot within 64 of each other into one masked re-protect."""
+    count = 0
+    cur_slot = cur_offset = mask = 0
+    first_round = True
+    while True:
+        i = ring.reset_index & (ring.size - 1)
+        if not ring.flags[i] & KVM_DIRTY_GFN_F_RESET:
+            break
+        next_slot, next_offset = ring.slots[i], ring.offsets[i]
+        ring.flags[i] = 0
+        ring.reset_index = (ring.reset_index + 1) & 0xFFFFFFFF
+        count += 1
+        if not first_round and next_slot == cur_slot:
+            delta = next_offset - cur_offset
+            if 0 <= delta < 64:
+                mask |= 1 << delta
+                continue
+            if -64 < delta < 0 and ((mask << -delta) & U64_MASK) >> -delta == mask:
+                cur_offset = next_offset
+                mask = ((mask << -delta) & U64_MASK) | 1
+                continue
         if not first_round:
             kvm_reset_dirty_gfn(vm, cur_slot, cur_offset, mask)
-        if not self.soft_full():
-            self.soft_full_request = False
-        return count
+        cur_slot, cur_offset, mask = next_slot, next_offset, 1
+        first_round = False
+    if not first_round:
+        kvm_reset_dirty_gfn(vm, cur_slot, cur_offset, mask)
+    if not ring.soft_full():
+        ring.soft_full_request = False
+    return count
 
 
-def kvm_reset_dirty_gfn(vm: VM, slot_id: int, offset: int, mask: int) -> None:
+def kvm_reset_dirty_gfn(vm: Kvm, slot_id: int, offset: int, mask: int) -> None:
     """kvm_reset_dirty_gfn: silently ignores bad slots and out-of-range offsets."""
     as_id, id_ = slot_id >> 16, slot_id & 0xFFFF
-    if as_id >= vm.nr_address_spaces or id_ >= kvm_user_mem_slots(vm):
+    if as_id >= vm.nr_address_spaces or id_ >= kvm_user_mem_slots(vm.arch_info):
         return
     memslot = vm.memslot_sets[as_id].by_id.get(id_)
     if memslot is None or offset + mask.bit_length() - 1 >= memslot.npages:
@@ -333,7 +206,7 @@ def kvm_reset_dirty_gfn(vm: VM, slot_id: int, offset: int, mask: int) -> None:
         vm.hook.enable_log_dirty_pt_masked(vm=vm, slot=memslot, gfn_offset=offset, mask=mask)
 
 
-def enable_dirty_ring(vm: VM, size: int) -> None:
+def enable_dirty_ring(vm: Kvm, size: int) -> None:
     """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING) (kvm_vm_ioctl_enable_dirty_log_ring)."""
     if "dirty_ring" not in vm.arch_capabilities:
         raise KvmError(errno.EINVAL, f"KVM_CAP_DIRTY_LOG_RING is not supported by "
@@ -354,22 +227,20 @@ def enable_dirty_ring(vm: VM, size: int) -> None:
     vm.dirty_ring_size = size
 
 
-def reset_dirty_rings(vm: VM) -> int:
+def reset_dirty_rings(vm: Kvm) -> int:
     """KVM_RESET_DIRTY_RINGS (kvm_vm_ioctl_reset_dirty_pages)."""
     if not vm.dirty_ring_size:
         raise KvmError(errno.EINVAL, "reset_dirty_rings: the dirty ring is not enabled")
     cleared = 0
     for vcpu in vm.vcpus:
-        cleared += vcpu.dirty_ring.reset(vm)
+        cleared += kvm_dirty_ring_reset(vm, vcpu.dirty_ring)
     if cleared:
         vm.flush_remote_tlbs()
     return cleared
 
 
-def check_ring_request(vcpu: Vcpu) -> None:
+def check_ring_request(vcpu: KvmVcpu) -> None:
     """kvm_dirty_ring_check_request, before entering the guest."""
-    from .exits import DirtyRingFullExit
-
     ring = vcpu.dirty_ring
     if ring is not None and ring.soft_full_request:
         if ring.soft_full():

@@ -20,7 +20,7 @@ from sortedcontainers import SortedKeyList
 from .errors import EHWPOISON, KvmError
 from .host import SigBus
 from .records import GfnRange
-from .invalidate import kvm_mmu_unmap_gfn_range
+from .mmu_notifier import kvm_mmu_unmap_gfn_range
 from .uapi import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -34,7 +34,7 @@ from .uapi import (
 
 if TYPE_CHECKING:
     from .memslots import Memslot
-    from .vm import VM
+    from .kvm import Kvm
 
 logger = structlog.get_logger(__name__)
 
@@ -148,7 +148,7 @@ class GuestMemfd:
     """A guest_memfd file (KVM_CREATE_GUEST_MEMFD): one VM's view of a GmemInode, with the
     memslots bound to its page ranges."""
 
-    def __init__(self, vm: VM, inode: GmemInode):
+    def __init__(self, vm: Kvm, inode: GmemInode):
         self.vm = vm
         self.inode = inode
         self.bindings = SortedKeyList(key=lambda b: b[0])  # (start, end, slot)
@@ -274,7 +274,7 @@ class GuestMemfd:
             raise KvmError(errno.EBADF, "guest_memfd is closed")
 
 
-def kvm_gmem_create(vm: VM, size: int, flags: int, folio_order: int = 0) -> GuestMemfd:
+def kvm_gmem_create(vm: Kvm, size: int, flags: int, folio_order: int = 0) -> GuestMemfd:
     """KVM_CREATE_GUEST_MEMFD (kvm_gmem_create / __kvm_gmem_create)."""
     if "gmem" not in vm.capabilities:
         err = errno.ENOTTY if "gmem" not in vm.arch_capabilities else errno.EINVAL
@@ -301,7 +301,7 @@ def kvm_gmem_create(vm: VM, size: int, flags: int, folio_order: int = 0) -> Gues
     return gmem
 
 
-def kvm_gmem_get_supported_flags(vm: VM) -> int:
+def kvm_gmem_get_supported_flags(vm: Kvm) -> int:
     """kvm_gmem_get_supported_flags. MMAP where the arch offers guest_memfd mmap;
     INIT_SHARED with it where kvm_arch_supports_gmem_init_shared() holds, which on x86 (the
     only arch with private memory) means the VM has no private memory."""
@@ -313,7 +313,7 @@ def kvm_gmem_get_supported_flags(vm: VM) -> int:
     return flags
 
 
-def kvm_gmem_bind(vm: VM, slot: Memslot, gmem, offset: int) -> None:
+def kvm_gmem_bind(vm: Kvm, slot: Memslot, gmem, offset: int) -> None:
     """kvm_gmem_bind: before the slot is visible; one binding per file page."""
     if gmem is None or (isinstance(gmem, GuestMemfd) and gmem.closed):
         raise KvmError(errno.EBADF, "guest_memfd: not an open file")
@@ -347,7 +347,7 @@ def kvm_gmem_unbind(slot: Memslot) -> None:
     slot.gmem_file = None
 
 
-def kvm_gmem_get_pfn(vm: VM, slot: Memslot, gfn: int) -> tuple[int, int]:
+def kvm_gmem_get_pfn(vm: Kvm, slot: Memslot, gfn: int) -> tuple[int, int]:
     """kvm_gmem_get_pfn: ``(pfn, max_order)``; KvmError EFAULT (no live file), EIO (not
     bound to this slot), EHWPOISON (poisoned folio)."""
     gmem = slot.gmem_file

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .records import Access, PageFault, Translation, Violation
     from .records import GfnRange
     from .memslots import Memslot
-    from .vm import VM, Vcpu
+    from .kvm import Kvm, KvmVcpu
 
 hookspec = pluggy.HookspecMarker("kvmcore")
 
@@ -36,19 +36,19 @@ hookspec = pluggy.HookspecMarker("kvmcore")
 
 
 @hookspec
-def init_vm(vm: VM) -> None:
+def init_vm(vm: Kvm) -> None:
     """Called once, when ``vm`` has been created and before it is returned to the user
     (kvm_arch_init_vm). A backend allocates its roots here. Every implementation runs."""
 
 
 @hookspec
-def vcpu_create(vm: VM, vcpu: Vcpu) -> None:
+def vcpu_create(vm: Kvm, vcpu: KvmVcpu) -> None:
     """Called when ``vcpu`` has been created (kvm_arch_vcpu_create), e.g. to give it a PML
     buffer. Every implementation runs."""
 
 
 @hookspec(firstresult=True)
-def set_vcpu_events(vm: VM, vcpu: Vcpu, smm: bool | None) -> bool | None:
+def set_vcpu_events(vm: Kvm, vcpu: KvmVcpu, smm: bool | None) -> bool | None:
     """KVM_SET_VCPU_EVENTS, the part the MMU sees: ``smm`` is the new System Management Mode
     state (KVM_VCPUEVENT_VALID_SMM with ``smi.smm``), or None to leave it. Called after the
     core checked the arguments, before it reads ``vcpu_memslots_id`` again. Raise KvmError
@@ -57,14 +57,14 @@ def set_vcpu_events(vm: VM, vcpu: Vcpu, smm: bool | None) -> bool | None:
 
 
 @hookspec(firstresult=True)
-def vcpu_memslots_id(vm: VM, vcpu: Vcpu) -> int:
+def vcpu_memslots_id(vm: Kvm, vcpu: KvmVcpu) -> int:
     """kvm_arch_vcpu_memslots_id: the memslot address space ``vcpu`` accesses now (x86: 1 in
     SMM). The core asks after ``set_vcpu_events`` and keeps the answer in ``vcpu.as_id``;
     its faults look up that address space's memslots. Default: 0."""
 
 
 @hookspec(firstresult=True)
-def flush_shadow_all(vm: VM) -> bool | None:
+def flush_shadow_all(vm: Kvm) -> bool | None:
     """Zap every mapping of ``vm``: the MMU notifier's ``release`` and VM teardown
     (kvm_arch_flush_shadow_all). No vCPU runs any more, so no TLB flush is needed.
     Default: ``unmap_gfn_range`` over every memslot with both filters."""
@@ -74,7 +74,7 @@ def flush_shadow_all(vm: VM) -> bool | None:
 
 
 @hookspec(firstresult=True)
-def translate(vm: VM, vcpu: Vcpu, gpa: int, access: Access) -> Translation | Violation:
+def translate(vm: Kvm, vcpu: KvmVcpu, gpa: int, access: Access) -> Translation | Violation:
     """The hardware page walk for one guest access (the MMU's walk of the EPT / stage-2 /
     partition-scoped table).
 
@@ -94,7 +94,7 @@ def translate(vm: VM, vcpu: Vcpu, gpa: int, access: Access) -> Translation | Vio
 
 
 @hookspec(firstresult=True)
-def fast_page_fault(vm: VM, fault: PageFault) -> int | None:
+def fast_page_fault(vm: Kvm, fault: PageFault) -> int | None:
     """Try to resolve ``fault`` without the slow path, after the memslot lookup
     (``fault.slot``, None outside memslots) and before the core snapshots
     ``mmu_invalidate_seq`` (x86 fast_page_fault: restore W or access-tracked bits in place;
@@ -107,7 +107,7 @@ def fast_page_fault(vm: VM, fault: PageFault) -> int | None:
 
 
 @hookspec(firstresult=True)
-def handle_noslot_fault(vm: VM, fault: PageFault) -> int | None:
+def handle_noslot_fault(vm: Kvm, fault: PageFault) -> int | None:
     """A shared fault on a gfn with no visible memslot (kvm_handle_noslot_fault), under the
     MMU lock. A backend may cache an MMIO entry (x86 MMIO SPTE with the memslot generation).
     Whatever it returns, the core then exits to userspace with ``MmioExit``. Default: nothing.
@@ -115,7 +115,7 @@ def handle_noslot_fault(vm: VM, fault: PageFault) -> int | None:
 
 
 @hookspec(firstresult=True)
-def faultin_pfn(vm: VM, fault: PageFault) -> int | None:
+def faultin_pfn(vm: Kvm, fault: PageFault) -> int | None:
     """Resolve the pfn behind ``fault`` (kvm_mmu_faultin_pfn / __kvm_faultin_pfn /
     kvm_gmem_get_pfn), after the seq snapshot and the private/shared check, without the MMU
     lock.
@@ -134,7 +134,7 @@ def faultin_pfn(vm: VM, fault: PageFault) -> int | None:
 
 
 @hookspec(firstresult=True)
-def relax_perms(vm: VM, fault: PageFault) -> int | None:
+def relax_perms(vm: Kvm, fault: PageFault) -> int | None:
     """A permission fault on a present leaf, under the MMU lock, after the staleness check
     (arm64 kvm_pgtable_stage2_relax_perms). Add the permissions ``fault`` needs (and the
     backing allows: ``fault.map_writable``) to the existing leaf in place, without
@@ -146,7 +146,7 @@ def relax_perms(vm: VM, fault: PageFault) -> int | None:
 
 
 @hookspec(firstresult=True)
-def map_leaf(vm: VM, fault: PageFault) -> int:
+def map_leaf(vm: Kvm, fault: PageFault) -> int:
     """Install the leaf for ``fault`` under the MMU lock, after the staleness check
     (kvm_tdp_mmu_map, kvm_pgtable_stage2_map, kvmppc_create_pte).
 
@@ -163,7 +163,7 @@ def map_leaf(vm: VM, fault: PageFault) -> int:
 
 
 @hookspec(firstresult=True)
-def unmap_gfn_range(vm: VM, range: GfnRange) -> bool:
+def unmap_gfn_range(vm: Kvm, range: GfnRange) -> bool:
     """Zap every leaf that maps a gfn of ``range`` (kvm_unmap_gfn_range), under the MMU lock,
     inside an invalidation. A huge leaf that only partly overlaps the range is zapped whole.
 
@@ -176,7 +176,7 @@ def unmap_gfn_range(vm: VM, range: GfnRange) -> bool:
 
 
 @hookspec(firstresult=True)
-def flush_shadow_memslot(vm: VM, slot: Memslot) -> bool | None:
+def flush_shadow_memslot(vm: Kvm, slot: Memslot) -> bool | None:
     """Zap ``slot``'s mappings before a DELETE or MOVE commits
     (kvm_arch_flush_shadow_memslot), under the slots lock, after the slot's INVALID copy was
     published. Default: ``unmap_gfn_range`` over the whole slot with
@@ -187,7 +187,7 @@ def flush_shadow_memslot(vm: VM, slot: Memslot) -> bool | None:
 
 
 @hookspec
-def prepare_memory_region(vm: VM, old: Memslot | None, new: Memslot | None,
+def prepare_memory_region(vm: Kvm, old: Memslot | None, new: Memslot | None,
                           change: int) -> None:
     """Arch checks before a memslot change is committed (kvm_arch_prepare_memory_region).
     ``change`` is KVM_MR_CREATE / DELETE / MOVE / FLAGS_ONLY; ``new`` is None for DELETE.
@@ -196,7 +196,7 @@ def prepare_memory_region(vm: VM, old: Memslot | None, new: Memslot | None,
 
 
 @hookspec
-def commit_memory_region(vm: VM, old: Memslot | None, new: Memslot | None,
+def commit_memory_region(vm: Kvm, old: Memslot | None, new: Memslot | None,
                          change: int) -> None:
     """After a memslot change is visible (kvm_arch_commit_memory_region): e.g. enabling dirty
     logging write-protects the slot (or clears D bits for PML, or flushes for Power's C-bit
@@ -209,7 +209,7 @@ def commit_memory_region(vm: VM, old: Memslot | None, new: Memslot | None,
 
 
 @hookspec(firstresult=True)
-def pre_set_memory_attributes(vm: VM, range: GfnRange) -> bool:
+def pre_set_memory_attributes(vm: Kvm, range: GfnRange) -> bool:
     """Before new attributes ``range.arg`` are stored for ``range`` (one memslot's part of the
     conversion), inside the invalidation, under the MMU lock
     (kvm_arch_pre_set_memory_attributes). Choose the alias to zap, i.e. the *old* kind:
@@ -220,7 +220,7 @@ def pre_set_memory_attributes(vm: VM, range: GfnRange) -> bool:
 
 
 @hookspec(firstresult=True)
-def post_set_memory_attributes(vm: VM, range: GfnRange) -> bool:
+def post_set_memory_attributes(vm: Kvm, range: GfnRange) -> bool:
     """After the attributes of ``range`` were stored, under the MMU lock, before the
     invalidation ends (kvm_arch_post_set_memory_attributes), e.g. x86's huge-page "mixed"
     tracking. Returns "flush needed" (Linux never flushes here). Default: False."""
@@ -230,13 +230,13 @@ def post_set_memory_attributes(vm: VM, range: GfnRange) -> bool:
 
 
 @hookspec(firstresult=True)
-def age_gfn(vm: VM, range: GfnRange) -> bool:
+def age_gfn(vm: Kvm, range: GfnRange) -> bool:
     """Clear the accessed state (A / AF / R) of every leaf in ``range`` and return whether
     any was young (kvm_age_gfn). No TLB flush: the core's notifier decides. Required."""
 
 
 @hookspec(firstresult=True)
-def test_age_gfn(vm: VM, range: GfnRange) -> bool:
+def test_age_gfn(vm: Kvm, range: GfnRange) -> bool:
     """Whether any leaf in ``range`` is young, changing nothing (kvm_test_age_gfn).
     Required."""
 
@@ -245,7 +245,7 @@ def test_age_gfn(vm: VM, range: GfnRange) -> bool:
 
 
 @hookspec
-def sync_dirty_log(vm: VM, slot: Memslot) -> None:
+def sync_dirty_log(vm: Kvm, slot: Memslot) -> None:
     """Before GET_DIRTY_LOG / CLEAR_DIRTY_LOG read ``slot``'s bitmap, move dirty state the
     hardware keeps elsewhere into it with ``vm.mark_page_dirty_in_slot``
     (kvm_arch_sync_dirty_log: x86 drains PML buffers; Power harvests and clears C bits).
@@ -253,7 +253,7 @@ def sync_dirty_log(vm: VM, slot: Memslot) -> None:
 
 
 @hookspec(firstresult=True)
-def enable_log_dirty_pt_masked(vm: VM, slot: Memslot, gfn_offset: int, mask: int) -> None:
+def enable_log_dirty_pt_masked(vm: Kvm, slot: Memslot, gfn_offset: int, mask: int) -> None:
     """Re-arm dirty tracking for ``slot.base_gfn + gfn_offset + i`` for each bit ``i`` set in
     the 64-bit ``mask``, under the MMU lock (kvm_arch_mmu_enable_log_dirty_pt_masked): write
     protect, or clear D for PML. The generic caller flushes TLBs afterwards. Default:
@@ -261,7 +261,7 @@ def enable_log_dirty_pt_masked(vm: VM, slot: Memslot, gfn_offset: int, mask: int
 
 
 @hookspec
-def dirty_pending_gfns(vm: VM, slot: Memslot) -> list[int]:
+def dirty_pending_gfns(vm: Kvm, slot: Memslot) -> list[int]:
     """Gfns of ``slot`` that the guest wrote and whose dirty state still sits in the hardware
     (x86 PML buffer entries, Power C bits), i.e. what ``sync_dirty_log`` would log now. Used by
     the invariant "a dirty writable leaf in a logging slot is logged or pending". Must not
@@ -272,7 +272,7 @@ def dirty_pending_gfns(vm: VM, slot: Memslot) -> list[int]:
 
 
 @hookspec(firstresult=True)
-def leaves(vm: VM, start: int, end: int, as_id: int) -> Iterator[Mapping]:
+def leaves(vm: Kvm, start: int, end: int, as_id: int) -> Iterator[Mapping]:
     """Every present leaf of address space ``as_id`` (already checked to be below
     ``vm.nr_address_spaces``) that maps a gfn in ``[start, end)``, ascending by gfn (the
     private alias after the shared one for the same gfn), as uniform ``Mapping`` records.
@@ -280,13 +280,13 @@ def leaves(vm: VM, start: int, end: int, as_id: int) -> Iterator[Mapping]:
 
 
 @hookspec(firstresult=True)
-def page_table_bytes(vm: VM) -> int:
+def page_table_bytes(vm: Kvm) -> int:
     """Bytes of page-table memory the backend holds now (tables, not leaves' data).
     Default: 0."""
 
 
 @hookspec
-def check_invariants(vm: VM) -> list[str]:
+def check_invariants(vm: Kvm) -> list[str]:
     """Architecture invariants of the current state (entry formats, alignment, table links,
     ...). Returns the problems found, each as one sentence; every implementation runs and the
     results are concatenated."""

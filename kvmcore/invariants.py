@@ -17,10 +17,10 @@ from .uapi import (
 )
 
 if TYPE_CHECKING:
-    from .vm import VM
+    from .kvm import Kvm
 
 
-def check_vm(vm: VM) -> list[str]:
+def check_vm(vm: Kvm) -> list[str]:
     problems: list[str] = []
     problems += _check_memslots(vm)
     problems += _check_invalidation(vm)
@@ -33,7 +33,7 @@ def check_vm(vm: VM) -> list[str]:
     return problems
 
 
-def _check_memslots(vm: VM) -> list[str]:
+def _check_memslots(vm: Kvm) -> list[str]:
     out = []
     total = 0
     for slots in vm.memslot_sets:
@@ -59,7 +59,7 @@ def _check_memslots(vm: VM) -> list[str]:
     return out
 
 
-def _check_invalidation(vm: VM) -> list[str]:
+def _check_invalidation(vm: Kvm) -> list[str]:
     out = []
     inv = vm.mmu_invalidate
     if inv.in_progress < 0:
@@ -69,7 +69,7 @@ def _check_invalidation(vm: VM) -> list[str]:
     return out
 
 
-def _check_attributes(vm: VM) -> list[str]:
+def _check_attributes(vm: Kvm) -> list[str]:
     out = []
     prev = None
     for s, e, v in vm.attributes.runs():
@@ -84,7 +84,7 @@ def _check_attributes(vm: VM) -> list[str]:
     return out
 
 
-def _check_gmem(vm: VM) -> list[str]:
+def _check_gmem(vm: Kvm) -> list[str]:
     out = []
     for gmem in vm.gmem_files:
         if gmem.closed:
@@ -105,7 +105,7 @@ def _check_gmem(vm: VM) -> list[str]:
     return out
 
 
-def _backing_pfn(vm: VM, slot, gfn: int, private: bool):
+def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
     """What the leaf for ``gfn`` must map now: ``(pfn, writable_allowed, max_size)``, or a
     string saying why nothing may be mapped."""
     if private or slot.gmem_only:
@@ -131,7 +131,7 @@ def _backing_pfn(vm: VM, slot, gfn: int, private: bool):
     return pfn, writable and not slot.readonly, size
 
 
-def _check_leaves(vm: VM) -> list[str]:
+def _check_leaves(vm: Kvm) -> list[str]:
     out = []
     inv = vm.mmu_invalidate
     pending: dict[int, set[int]] = {}
@@ -195,7 +195,7 @@ def _check_leaves(vm: VM) -> list[str]:
     return out
 
 
-def _check_rings(vm: VM) -> list[str]:
+def _check_rings(vm: Kvm) -> list[str]:
     out = []
     for vcpu in vm.vcpus:
         ring = vcpu.dirty_ring

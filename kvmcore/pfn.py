@@ -19,7 +19,7 @@ from .uapi import (
 
 if TYPE_CHECKING:
     from .memslots import Memslot
-    from .vm import VM
+    from .kvm import Kvm
 
 EAGAIN = -errno.EAGAIN
 #: hva_to_pfn_remapped retries while the driver's fault handler keeps dropping the mmap lock;
@@ -27,7 +27,7 @@ EAGAIN = -errno.EAGAIN
 MAX_REMAPPED_RETRIES = 8
 
 
-def kvm_follow_pfn(vm: VM, slot: Memslot | None, gfn: int, write: bool,
+def kvm_follow_pfn(vm: Kvm, slot: Memslot | None, gfn: int, write: bool,
                    want_writable: bool = True) -> tuple[int, bool, int]:
     """kvm_follow_pfn: ``(pfn, writable, hva)``. A read-only slot never yields a writable
     mapping, and a write to it is KVM_PFN_ERR_RO_FAULT; no or an INVALID slot is
@@ -43,7 +43,7 @@ def kvm_follow_pfn(vm: VM, slot: Memslot | None, gfn: int, write: bool,
     return pfn, writable, hva
 
 
-def hva_to_pfn(vm: VM, hva: int, write: bool, want_writable: bool) -> tuple[int, bool]:
+def hva_to_pfn(vm: Kvm, hva: int, write: bool, want_writable: bool) -> tuple[int, bool]:
     """hva_to_pfn: fast path (writes, or reads that want a writable mapping), slow path (GUP
     with FOLL_HWPOISON, then a writable GUP-fast upgrade for reads), then the VMA: VM_IO |
     VM_PFNMAP goes through hva_to_pfn_remapped with its -EAGAIN retry."""
@@ -78,7 +78,7 @@ def hva_to_pfn(vm: VM, hva: int, write: bool, want_writable: bool) -> tuple[int,
     return KVM_PFN_ERR_FAULT, False
 
 
-def hva_to_pfn_remapped(vm: VM, hva: int, write: bool):
+def hva_to_pfn_remapped(vm: Kvm, hva: int, write: bool):
     """hva_to_pfn_remapped: follow the PTE of a VM_IO|VM_PFNMAP page; if it is not there,
     fixup_user_fault() populates it and, having dropped the mmap lock, asks for a retry. No
     page reference is taken: MMU notifiers keep the mapping honest."""

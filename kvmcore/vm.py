@@ -1,31 +1,34 @@
-"""VM and Vcpu: the ioctl-shaped facade (API.md) that ties the core's flows together."""
+"""VM and Vcpu: the ioctl-shaped facade (API.md) that ties the core's flows together.
+
+``VM`` is a ``Kvm`` (struct kvm) that chooses its backend, binds the hooks and offers the
+ioctls; ``Vcpu`` is a ``KvmVcpu`` with the guest's accesses. This is the only module that
+imports every flow.
+"""
 
 from __future__ import annotations
 
 import errno
-from collections import Counter
 from collections.abc import Iterator
 
 import structlog
 
 from . import dirty as _dirty
 from .arch import ArchInfo, Mapping
-from .attributes import AttributeRanges, kvm_vm_ioctl_set_mem_attributes, \
-    supported_mem_attributes
 from .errors import InvariantError, KvmError
 from .exits import MmioExit, VcpuExit
 from .fault import kvm_page_fault, kvm_page_fault_direct
 from .records import FETCH, READ, VIOLATION_KINDS, WRITE, Access, PageFault, Translation
 from .gmem import GuestMemfd, kvm_gmem_create
 from .host import HOST_PAGE_SIZES, HostMemory
-from .invalidate import InvalidateState, KvmMmuNotifier
-from .memslots import Memslot, MemslotSet, kvm_set_memory_region
+from .kvm import Kvm, KvmVcpu
+from .mmu_notifier import KvmMmuNotifier
+from .set_attributes import kvm_vm_ioctl_set_mem_attributes
+from .set_memory_region import kvm_set_memory_region
 from .plugins import (HOT_HOOKS, bind_hot_hook, class_plugin_manager, get_plugin_manager,
                       resolve_backend)
 from .uapi import (
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE,
     PAGE_SHIFT,
     PAGE_SIZE,
     RET_PF_EMULATE,
@@ -58,33 +61,6 @@ def _access_record(kind: str, private) -> Access:
     return Access(kind, private)
 
 
-class MmuLock:
-    """kvm->mmu_lock as a non-reentrant flag: taking it twice is a bug in a flow."""
-
-    __slots__ = ("held",)
-
-    def __init__(self):
-        self.held = False
-
-    def acquire(self) -> None:
-        if self.held:
-            raise RuntimeError("mmu_lock taken while already held")
-        self.held = True
-
-    def release(self) -> None:
-        if not self.held:
-            raise RuntimeError("mmu_lock released while not held")
-        self.held = False
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-        return False
-
-
 def host_for(arch, options=None) -> HostMemory:
     """A fresh host whose PAGE_SIZE is what a VM of ``arch`` (a backend name, class or its
     ArchInfo) with these VM ``options`` runs on: ``HostMemory()`` unless the options ask for
@@ -97,7 +73,7 @@ def host_for(arch, options=None) -> HostMemory:
     return HostMemory(page_size, info.host_pmd_sizes.get(page_size))
 
 
-class VM:
+class VM(Kvm):
     """A KVM virtual machine (``KVM_CREATE_VM``) on one architecture backend.
 
     ``arch`` is an installed backend name, ``"module:Class"``, or a backend class;
@@ -124,40 +100,14 @@ class VM:
                                          "a VM's base page is its host's PAGE_SIZE")
         if want is None and info.base_page_option:
             options[info.base_page_option] = host.page_size
-        self.backend = cls(vm_type=vm_type, **options)
-        self.arch_info: ArchInfo = getattr(self.backend, "arch_info", info)
-        self.vm_type = vm_type
-        self.options = dict(options)
-        self.capabilities: frozenset[str] = self.arch_info.capabilities_of(vm_type)
-        self.arch_capabilities: frozenset[str] = self.arch_info.capabilities
-        self.host = host
-        #: PAGE_SIZE: the base page of this VM (its host's); gfns stay 4 KiB frames.
-        self.page_size: int = host.page_size
+        backend = cls(vm_type=vm_type, **options)
+        super().__init__(backend, getattr(backend, "arch_info", info), vm_type, host, options,
+                         trace)
         self._pm = None
         self._class_pm = class_plugin_manager(self.backend, self.arch_info.name)
         if self._class_pm is None:
             self._pm = get_plugin_manager(self.backend, self.arch_info.name, self._bind_hooks)
         self._bind_hooks()
-        self.nr_address_spaces = self.arch_info.nr_address_spaces
-        self.memslot_sets = [MemslotSet(i) for i in range(self.nr_address_spaces)]
-        self.nr_memslot_pages = 0
-        self.nr_memslots_dirty_logging = 0
-        self.mmu_invalidate = InvalidateState()
-        self.mn_active_invalidate_count = 0
-        self.mmu_lock = MmuLock()
-        self.attributes = AttributeRanges()
-        self.gmem_files: list[GuestMemfd] = []
-        self.vcpus: list[Vcpu] = []
-        self.running_vcpu: Vcpu | None = None
-        self.stats: Counter = Counter()
-        self.dirty_ring_size = 0
-        self.dirty_ring_with_bitmap = False
-        self.manual_dirty_log_protect = 0
-        #: Entries the hardware may log before KVM sees them (PML: 512); reserved in rings.
-        self.cpu_dirty_log_size = 0
-        self.events: list[dict] | None = [] if trace else None
-        self._log = logger.bind(arch=self.arch_info.name, vm_type=vm_type)
-        self.closed = False
         self.hook.init_vm(vm=self)
         self.notifier = KvmMmuNotifier(self)
         self.host.register_notifier(self.notifier)
@@ -182,87 +132,6 @@ class VM:
         self.hook = pm.hook
         for name in HOT_HOOKS:
             setattr(self, name, bind_hot_hook(pm, name, self.backend))
-
-    # ------------------------------------------------------------------ services for flows
-
-    def trace(self, event: str, **fields) -> None:
-        """A structured event with a stable dotted name. When the VM was created with
-        ``trace=True`` it is kept in ``events`` and logged (structlog, level info); otherwise
-        it costs one test."""
-        if self.events is not None:
-            self.events.append({"event": event, **fields})
-            self._log.info(event, **fields)
-
-    def _check_as_id(self, as_id: int) -> None:
-        if (not isinstance(as_id, int) or isinstance(as_id, bool)
-                or not 0 <= as_id < self.nr_address_spaces):
-            raise KvmError(errno.EINVAL, f"as_id={as_id!r}: this VM has "
-                                         f"{self.nr_address_spaces} address space(s)")
-
-    def memslot_generation(self, as_id: int = 0) -> int:
-        return self.memslot_sets[as_id].generation
-
-    def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> Memslot | None:
-        """The visible slot containing ``gfn`` (kvm_is_visible_memslot)."""
-        slot = self.memslot_sets[as_id].search(gfn)
-        return None if slot is None or slot.invalid else slot
-
-    def all_memslots(self) -> Iterator[Memslot]:
-        for slots in self.memslot_sets:
-            yield from slots
-
-    def memslots(self, as_id: int = 0) -> list[Memslot]:
-        """The live slots of an address space, ascending by guest address."""
-        return [s for s in self.memslot_sets[as_id] if not s.invalid]
-
-    def kvm_mem_is_private(self, gfn: int) -> bool:
-        return bool(self.attributes.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
-
-    def range_has_memory_attributes(self, start: int, end: int, mask: int, attrs: int) -> bool:
-        """kvm_range_has_memory_attributes."""
-        return self.attributes.has(start, end, mask & supported_mem_attributes(self), attrs)
-
-    def mark_page_dirty_in_slot(self, slot: Memslot | None, gfn: int) -> None:
-        _dirty.mark_page_dirty_in_slot(self, slot, gfn)
-
-    def dirty_log_manual_protect_and_init_set(self) -> bool:
-        return bool(self.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
-
-    def mmu_invalidate_begin(self) -> None:
-        self.mmu_invalidate.begin()
-
-    def mmu_invalidate_range_add(self, start: int, end: int) -> None:
-        self.mmu_invalidate.range_add(start, end)
-
-    def mmu_invalidate_end(self) -> None:
-        self.mmu_invalidate.end()
-
-    @property
-    def mmu_invalidate_seq(self) -> int:
-        return self.mmu_invalidate.seq
-
-    @property
-    def mmu_invalidate_in_progress(self) -> int:
-        return self.mmu_invalidate.in_progress
-
-    def flush_remote_tlbs(self) -> None:
-        """kvm_flush_remote_tlbs: every vCPU's TLB."""
-        self.stats["tlb_flush"] += 1
-        for vcpu in self.vcpus:
-            vcpu.tlb.clear()
-
-    def flush_remote_tlbs_range(self, start_gfn: int, npages: int) -> None:
-        """kvm_flush_remote_tlbs_range."""
-        self.stats["tlb_flush_range"] += 1
-        end = start_gfn + npages
-        for vcpu in self.vcpus:
-            tlb = vcpu.tlb
-            for key in [k for k, e in tlb.items() if start_gfn <= e[0] < end]:
-                del tlb[key]
-
-    def flush_remote_tlbs_memslot(self, slot: Memslot) -> None:
-        """kvm_flush_remote_tlbs_memslot."""
-        self.flush_remote_tlbs_range(slot.base_gfn, slot.npages)
 
     # ------------------------------------------------------------------ memslots
 
@@ -384,30 +253,12 @@ class VM:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _check_open(self) -> None:
-        if self.closed:
-            raise KvmError(errno.EBADF, "the VM was closed")
 
-
-class Vcpu:
+class Vcpu(KvmVcpu):
     """A vCPU. Guest accesses go through the backend's hardware walk (with this vCPU's TLB in
     front of it); a failed walk takes the fault path; the access then completes or raises a
     VcpuExit. The model has no guest instruction stream: an access is one load, store or
     instruction fetch of ``n`` bytes."""
-
-    def __init__(self, vm: VM, vcpu_id: int):
-        self.vm = vm
-        self.id = vcpu_id
-        #: (gpa page with alias bits, private intent) -> (gfn, pfn, writable, executable, dirty)
-        self.tlb: dict = {}
-        self.arch: dict = {}
-        self.dirty_ring = (_dirty.DirtyRing(vm.dirty_ring_size, vm.cpu_dirty_log_size)
-                           if vm.dirty_ring_size else None)
-        #: kvm_arch_vcpu_memslots_id: the address space its accesses use (x86 SMM: 1).
-        self.as_id = 0
-
-    def __repr__(self) -> str:
-        return f"Vcpu({self.id})"
 
     # ------------------------------------------------------------------ accesses
 

@@ -94,6 +94,8 @@ def _arch_info(page_size: int) -> ArchInfo:
         base_page_option="page_size",
         # radix-64k.h: PMD_SHIFT 21 whatever PAGE_SIZE is (4K: 2M is also PAGE_SIZE^2 / 8).
         host_pmd_sizes={65536: SZ_2M},
+        # No KVM_HAVE_MMU_RWLOCK on powerpc: kvm->mmu_lock is a spinlock.
+        mmu_rwlock=False,
         description="PowerPC Book3S HV partition-scoped radix (POWER9+): big-endian PTEs, "
                     "hardware R/C bits, dirty logging by C-bit harvesting",
     )

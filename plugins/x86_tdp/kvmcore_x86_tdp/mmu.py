@@ -18,7 +18,7 @@ from .spte import (
 )
 
 if TYPE_CHECKING:
-    from kvmcore.vm import VM
+    from kvmcore.kvm import Kvm
 
 KVM_LPAGE_MIXED_FLAG = 1 << 31
 HUGE_LEVELS = (PG_LEVEL_2M, PG_LEVEL_1G)
@@ -97,7 +97,7 @@ def update_gfn_disallow_lpage_count(slot, gfn: int, count: int) -> None:
             raise AssertionError("disallow_lpage count flipped the MIXED flag")
 
 
-def hugepage_has_attrs(vm: VM, slot, gfn: int, level: int, attrs: int) -> bool:
+def hugepage_has_attrs(vm: Kvm, slot, gfn: int, level: int, attrs: int) -> bool:
     """mmu.c hugepage_has_attrs: 2M asks the attribute store for the whole range; 1G asks
     each 2M sub-page's MIXED flag and first gfn (so 2M must be computed first)."""
     start = gfn
@@ -111,7 +111,7 @@ def hugepage_has_attrs(vm: VM, slot, gfn: int, level: int, attrs: int) -> bool:
     return True
 
 
-def kvm_arch_post_set_memory_attributes(vm: VM, slot, start: int, end: int,
+def kvm_arch_post_set_memory_attributes(vm: Kvm, slot, start: int, end: int,
                                         attrs: int) -> None:
     """mmu.c kvm_arch_post_set_memory_attributes: for 2M then 1G, recompute the head and
     tail huge pages straddling the range (when fully inside the slot) and clear MIXED on the
@@ -141,7 +141,7 @@ def kvm_arch_post_set_memory_attributes(vm: VM, slot, start: int, end: int,
                 hugepage_set_mixed(slot, gfn, level)
 
 
-def kvm_mmu_init_memslot_memory_attributes(vm: VM, slot) -> None:
+def kvm_mmu_init_memslot_memory_attributes(vm: Kvm, slot) -> None:
     """mmu.c kvm_mmu_init_memslot_memory_attributes: compute MIXED for every huge page fully
     inside a new slot (2M first). A slot whose attributes are uniform has no mixed page, which
     the range-based attribute store answers in one query."""
@@ -160,14 +160,14 @@ def kvm_mmu_init_memslot_memory_attributes(vm: VM, slot) -> None:
                 hugepage_set_mixed(slot, gfn, level)
 
 
-def expected_mixed(vm: VM, slot, gfn: int, level: int) -> bool:
+def expected_mixed(vm: Kvm, slot, gfn: int, level: int) -> bool:
     """What MIXED must be for a huge page fully inside ``slot`` (invariant 12)."""
     nr = KVM_PAGES_PER_HPAGE(level)
     return not vm.range_has_memory_attributes(gfn, gfn + nr, ~0, vm.get_memory_attributes(gfn))
 
 
 # --------------------------------------------------------------------------- levels
-def host_pfn_mapping_level(vm: VM, slot, gfn: int) -> int:
+def host_pfn_mapping_level(vm: Kvm, slot, gfn: int) -> int:
     """mmu.c host_pfn_mapping_level: the level of the host mapping of the gfn's hva."""
     hva = slot.gfn_to_hva(gfn)
     return level_for_size(vm.host.host_mapping_size(hva))
@@ -181,7 +181,7 @@ def kvm_max_level_for_order(order: int) -> int:
     return PG_LEVEL_4K
 
 
-def kvm_mmu_max_mapping_level_(vm: VM, slot, gfn: int, max_level: int, is_private: bool,
+def kvm_mmu_max_mapping_level_(vm: Kvm, slot, gfn: int, max_level: int, is_private: bool,
                                 max_huge_page_level: int, host_level: int | None = None) -> int:
     """mmu.c __kvm_mmu_max_mapping_level: cap at max_huge_page_level, walk down past levels
     whose lpage_info disallows a huge page, then (shared only) the host mapping level."""

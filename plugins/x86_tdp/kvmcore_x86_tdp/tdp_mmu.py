@@ -49,7 +49,7 @@ from .spte import (
 )
 
 if TYPE_CHECKING:
-    from kvmcore.vm import VM
+    from kvmcore.kvm import Kvm
 
 logger = structlog.get_logger(__name__)
 
@@ -141,13 +141,13 @@ class TdpMmu:
         return [r for r in self.roots if tdp_mmu_root_match(r, types)
                 and (as_id is None or r.as_id == as_id)]
 
-    def bug(self, vm: VM, message: str) -> None:
+    def bug(self, vm: Kvm, message: str) -> None:
         self.bugs.append(message)
         vm.stats["x86_tdp.kvm_bug"] += 1
         logger.warning("kvm_bug", message=message)
 
     # ------------------------------------------------------------------ SPTE changes
-    def handle_changed_spte(self, vm: VM, root: TdpRoot, gfn: int, old: int, new: int,
+    def handle_changed_spte(self, vm: Kvm, root: TdpRoot, gfn: int, old: int, new: int,
                             level: int) -> None:
         """tdp_mmu.c handle_changed_spte: the transitions Linux forbids, leaf accounting, and
         freeing of a page table that a zap or a huge leaf disconnected (handle_removed_pt)."""
@@ -181,7 +181,7 @@ class TdpMmu:
         if was_present and not was_leaf and (not is_present or is_leaf):
             self.handle_removed_pt(vm, root, old & SPTE_BASE_ADDR_MASK, level - 1, gfn)
 
-    def handle_removed_pt(self, vm: VM, root: TdpRoot, table_pa: int, level: int,
+    def handle_removed_pt(self, vm: Kvm, root: TdpRoot, table_pa: int, level: int,
                           base_gfn: int) -> None:
         """tdp_mmu.c handle_removed_pt: freeze each child, handle it, free the page."""
         table = self.store[table_pa]
@@ -202,7 +202,7 @@ class TdpMmu:
                 self.bug(vm, "mirror (S-EPT) page table freed while the TD's HKID is assigned")
         self.store.free(table_pa)
 
-    def set_spte(self, vm: VM, root: TdpRoot, table, idx: int, gfn: int, level: int,
+    def set_spte(self, vm: Kvm, root: TdpRoot, table, idx: int, gfn: int, level: int,
                  new: int) -> int:
         """tdp_mmu_set_spte / tdp_mmu_iter_set_spte: write ``new`` and handle the change."""
         old = table[idx]
@@ -216,7 +216,7 @@ class TdpMmu:
         return old
 
     # ------------------------------------------------------------------ the map walk
-    def kvm_tdp_mmu_map(self, vm: VM, fault, root: TdpRoot, goal_level: int, pfn: int,
+    def kvm_tdp_mmu_map(self, vm: Kvm, fault, root: TdpRoot, goal_level: int, pfn: int,
                         make_leaf) -> int:
         """tdp_mmu.c kvm_tdp_mmu_map: walk from the root down to ``goal_level``, linking new
         tables and splitting huge leaves on the way, then install the leaf built by
@@ -260,7 +260,7 @@ class TdpMmu:
         return self.tdp_mmu_map_handle_target_level(vm, fault, root, table, idx, level, pfn,
                                                     make_leaf)
 
-    def tdp_mmu_map_handle_target_level(self, vm: VM, fault, root: TdpRoot, table, idx: int,
+    def tdp_mmu_map_handle_target_level(self, vm: Kvm, fault, root: TdpRoot, table, idx: int,
                                         level: int, pfn: int, make_leaf) -> int:
         old = table[idx]
         gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
@@ -293,7 +293,7 @@ class TdpMmu:
             return RET_PF_WRITE_PROTECTED
         return RET_PF_FIXED
 
-    def tdp_mmu_split_huge_page(self, vm: VM, root: TdpRoot, table, idx: int, gfn: int,
+    def tdp_mmu_split_huge_page(self, vm: Kvm, root: TdpRoot, table, idx: int, gfn: int,
                                 level: int) -> int:
         """tdp_mmu_split_huge_page: fill a child table with make_small_spte and replace the
         huge leaf by a link to it; the translation is unchanged, so no TLB flush."""
@@ -316,7 +316,7 @@ class TdpMmu:
     def _span(root: TdpRoot, start: int, end: int) -> tuple[int, int]:
         return (start + root.gfn_bits) << 12, (end + root.gfn_bits) << 12
 
-    def tdp_mmu_zap_leafs(self, vm: VM, root: TdpRoot, start: int, end: int) -> bool:
+    def tdp_mmu_zap_leafs(self, vm: Kvm, root: TdpRoot, start: int, end: int) -> bool:
         """tdp_mmu.c tdp_mmu_zap_leafs: write SHADOW_NONPRESENT_VALUE over every present leaf
         overlapping [start, end); page tables are kept; flush unless the root is invalid."""
         zapped = [False]
@@ -335,7 +335,7 @@ class TdpMmu:
             vm.stats["x86_tdp.zap_leafs"] += 1
         return zapped[0] and not root.invalid
 
-    def tdp_mmu_zap_root(self, vm: VM, root: TdpRoot) -> None:
+    def tdp_mmu_zap_root(self, vm: Kvm, root: TdpRoot) -> None:
         """tdp_mmu_zap_root: zap every SPTE of the root, freeing all its page tables."""
         table = root.table
         step = KVM_PAGES_PER_HPAGE(root.level)
@@ -358,7 +358,7 @@ class TdpMmu:
         lo, hi = self._span(root, start, end)
         return root.pt.walk(lo, hi, v, LEAF)
 
-    def wrprot_gfn_range(self, vm: VM, root: TdpRoot, start: int, end: int,
+    def wrprot_gfn_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
                          min_level: int) -> bool:
         """tdp_mmu.c wrprot_gfn_range: clear W (keeping MMU-writable, so the fast path may
         restore it) on leaves at or above ``min_level``."""
@@ -373,7 +373,7 @@ class TdpMmu:
         self.leaf_walk(root, start, end, visit, min_level)
         return changed[0]
 
-    def clear_dirty_gfn_range(self, vm: VM, root: TdpRoot, start: int, end: int,
+    def clear_dirty_gfn_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
                               wrprot: bool) -> bool:
         """tdp_mmu.c clear_dirty_gfn_range: clear D (or W when write protection is needed:
         A/D disabled) on every leaf in the range."""
@@ -388,7 +388,7 @@ class TdpMmu:
         self.leaf_walk(root, start, end, visit)
         return changed[0]
 
-    def clear_dirty_pt_masked(self, vm: VM, root: TdpRoot, gfn: int, mask: int,
+    def clear_dirty_pt_masked(self, vm: Kvm, root: TdpRoot, gfn: int, mask: int,
                               wrprot: bool) -> None:
         """tdp_mmu.c clear_dirty_pt_masked: only 4K leaves whose bit is set in ``mask``."""
         dbit = PT_WRITABLE_MASK if wrprot else shadow_dirty_mask
@@ -406,7 +406,7 @@ class TdpMmu:
 
         self.leaf_walk(root, start, end, visit)
 
-    def split_huge_pages_range(self, vm: VM, root: TdpRoot, start: int, end: int,
+    def split_huge_pages_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
                                target_level: int) -> None:
         """tdp_mmu_split_huge_pages_root: top-down, one level at a time, every huge leaf
         overlapping the range is split until none above ``target_level`` remains."""
@@ -427,7 +427,7 @@ class TdpMmu:
         # table, so a 1G leaf becomes 2M leaves that are split in turn.
         root.pt.walk(lo, hi, visit, LEAF)
 
-    def age_gfn_range(self, vm: VM, root: TdpRoot, start: int, end: int,
+    def age_gfn_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
                       test_only: bool) -> bool:
         """tdp_mmu.c kvm_tdp_mmu_age_gfn_range / test_age: clear Accessed (A/D) or convert to
         the access-tracked form (A/D disabled); never zaps, never flushes."""
@@ -450,7 +450,7 @@ class TdpMmu:
         self.leaf_walk(root, start, end, visit)
         return young[0]
 
-    def recover_huge_pages_range(self, vm: VM, root: TdpRoot, slot, max_level_fn) -> bool:
+    def recover_huge_pages_range(self, vm: Kvm, root: TdpRoot, slot, max_level_fn) -> bool:
         """tdp_mmu.c recover_huge_pages_range: replace a table inside the slot by a huge leaf
         made from one of its leaves when the slot/host allow that level."""
         bits = root.gfn_bits

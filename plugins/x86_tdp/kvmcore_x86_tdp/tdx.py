@@ -17,7 +17,7 @@ import structlog
 from .spte import FROZEN_SPTE, PG_LEVEL_4K, spte_to_pfn
 
 if TYPE_CHECKING:
-    from kvmcore.vm import VM
+    from kvmcore.kvm import Kvm
 
 logger = structlog.get_logger(__name__)
 
@@ -70,7 +70,7 @@ class Tdx:
         #: SEAMCALL names that fail once with OPERAND_BUSY (fault injection for tests).
         self.fail_next: set[str] = set()
 
-    def seamcall(self, vm: VM, op: str, gfn: int, level: int = PG_LEVEL_4K,
+    def seamcall(self, vm: Kvm, op: str, gfn: int, level: int = PG_LEVEL_4K,
                  pfn: int | None = None) -> None:
         if op in self.fail_next:
             self.fail_next.discard(op)
@@ -80,7 +80,7 @@ class Tdx:
         vm.trace(TRACE_NAMES[op], gpa=gfn << 12, level=level)
 
     # ------------------------------------------------------------------ install
-    def set_external_spte_present(self, vm: VM, table, idx: int, gfn: int, level: int,
+    def set_external_spte_present(self, vm: Kvm, table, idx: int, gfn: int, level: int,
                                   old: int, new: int, child_pa: int | None) -> bool:
         """tdp_mmu.c set_external_spte_present: freeze the mirror SPTE, tell the TDX module
         (tdx_sept_link_private_spt / tdx_sept_set_private_spte), then publish ``new``; on
@@ -104,7 +104,7 @@ class Tdx:
         return True
 
     # ------------------------------------------------------------------ removal
-    def remove_private_spte(self, vm: VM, gfn: int, level: int, old: int) -> None:
+    def remove_private_spte(self, vm: Kvm, gfn: int, level: int, old: int) -> None:
         """tdx_sept_remove_private_spte: BLOCK, TRACK + kick (the next TD entry starts a new
         epoch, which flushes the private TLB), REMOVE, WBINVD. A busy SEAMCALL is retried once
         with vCPU entry blocked (tdx_no_vcpus_enter_start/stop)."""
@@ -120,7 +120,7 @@ class Tdx:
         self.blocked.discard(gfn)
         self.seamcall(vm, TDH_PHYMEM_PAGE_WBINVD, gfn, level, spte_to_pfn(old))
 
-    def _retry(self, vm: VM, op: str, gfn: int, level: int, pfn: int | None = None) -> None:
+    def _retry(self, vm: Kvm, op: str, gfn: int, level: int, pfn: int | None = None) -> None:
         try:
             self.seamcall(vm, op, gfn, level, pfn)
         except TdxBusy:

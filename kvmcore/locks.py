@@ -1,0 +1,373 @@
+"""Locks, SRCU and waits as state, and the flows that hold them.
+
+A *flow* is one Linux thread of execution as the MMU sees it: a vCPU in KVM_RUN taking a fault,
+a host task whose mm change runs the MMU notifiers, a VMM thread in an ioctl. Each flow is
+written once, as a generator that yields a named *race point* wherever Linux lets another
+thread run: where it drops a lock, waits for one, sleeps, or installs an entry with a
+compare-and-exchange under a shared lock. Between two steps the flow holds exactly what Linux
+holds at that point (``Flow.holds``).
+
+A flow that must take a lock yields *before* taking it (the point is named ``..._lock_wait``)
+with ``Flow.wait`` saying what it needs; it is *runnable* only when that is free. A plain
+call (``vm.set_memory_attributes(...)``) drives the same generator to its end; when a paused
+flow holds what it needs, Linux would sleep or spin until that flow moves, and one plain call
+cannot, so it raises ``WouldBlock`` naming the holder. A scheduler (the explorer, a test)
+asks ``Flow.runnable`` and only resumes runnable flows.
+
+What the model leaves out: there is no SMP memory ordering (a stretch between two race points
+runs atomically), rwlocks have no writer preference (a queued writer does not hold off new
+readers), and SRCU grace periods end as soon as the readers that predate them are gone.
+
+Linux: include/linux/rwlock.h, kernel/locking/mutex.c, include/linux/srcu.h
+(``srcu_read_lock``, ``synchronize_srcu_expedited``), virt/kvm/kvm_mm.h (``KVM_MMU_LOCK``).
+"""
+
+from __future__ import annotations
+
+from itertools import count
+
+READ, WRITE = "read", "write"
+
+
+class WouldBlock(RuntimeError):
+    """A flow driven by a plain call needs a lock or a wait that a paused flow holds."""
+
+
+class Flow:
+    """One thread of execution: its generator, the locks it holds and the wait before its next
+    stretch. ``next(flow)`` runs one stretch and returns the race point it stopped at;
+    ``StopIteration.value`` (and ``result``) is the flow's result when it ends."""
+
+    __slots__ = ("name", "gen", "point", "done", "result", "error", "wait", "held",
+                 "__weakref__")
+
+    def __init__(self, name: str, gen=None):
+        self.name = name
+        self.gen = gen
+        #: The race point the flow is paused at (None before its first step).
+        self.point: str | None = None
+        self.done = False
+        self.result = None
+        self.error: BaseException | None = None
+        #: What the next stretch needs (a ``Wait``), or None.
+        self.wait: Wait | None = None
+        #: (lock, mode) pairs in the order taken.
+        self.held: list = []
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else (self.point or "new")
+        return f"<Flow {self.name} {state}>"
+
+    # ------------------------------------------------------------------ what a scheduler asks
+
+    @property
+    def runnable(self) -> bool:
+        """Not done, and whatever its next stretch waits for is free."""
+        return not self.done and (self.wait is None or self.wait.ready(self))
+
+    @property
+    def waits_for(self) -> str | None:
+        """The wait before the next stretch, as text (``"mmu_lock(write)"``), or None."""
+        return None if self.wait is None else self.wait.describe()
+
+    @property
+    def holds(self) -> list[str]:
+        """What the flow holds now, as text, in the order taken (``["srcu", "mmu_lock(read)"]``)."""
+        return [f"{lock.name}({mode})" if isinstance(lock, RwLock) and not lock.exclusive
+                else lock.name for lock, mode in self.held]
+
+    # ------------------------------------------------------------------ driving
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        """Run the next stretch; return the race point it stopped at."""
+        if self.done:
+            raise StopIteration(self.result)
+        wait = self.wait
+        if wait is not None and not wait.ready(self):
+            raise WouldBlock(f"{self.name} at {self.point}: needs {wait.describe()}, "
+                             f"held by {wait.holder_names(self)}")
+        global _current
+        prev, _current = _current, self
+        try:
+            point = self.gen.send(None)
+        except StopIteration as stop:
+            self.done = True
+            self.result = stop.value
+            self.point = None
+            raise
+        except BaseException as exc:
+            self.done = True
+            self.error = exc
+            self.point = None
+            raise
+        finally:
+            _current = prev
+        self.point = point
+        return point
+
+    def run(self):
+        """Drive the flow to its end and return its result (the plain call)."""
+        try:
+            while True:
+                self.__next__()
+        except StopIteration as stop:
+            return stop.value
+
+    def close(self) -> None:
+        """Abandon a paused flow: its ``finally`` blocks release what it holds, as if the
+        thread were killed there; whatever else it changed stays."""
+        global _current
+        prev, _current = _current, self
+        try:
+            self.gen.close()
+        finally:
+            _current = prev
+            self.done = True
+
+
+#: The flow whose stretch is running. Outside any flow (a plain call at the top level), a
+#: default flow stands for the caller's thread.
+_current = Flow("main")
+
+
+def current() -> Flow:
+    return _current
+
+
+def run(gen, name: str = "call"):
+    """A plain call: drive the flow ``gen`` to its end in a flow of its own."""
+    return Flow(name, gen).run()
+
+
+# --------------------------------------------------------------------------- waits
+
+
+class Wait:
+    """What a paused flow needs before its next stretch."""
+
+    __slots__ = ()
+
+    def ready(self, flow: Flow) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def holder_names(self, flow: Flow) -> str:
+        return "another flow"
+
+
+class LockWait(Wait):
+    __slots__ = ("lock", "mode")
+
+    def __init__(self, lock, mode):
+        self.lock = lock
+        self.mode = mode
+
+    def ready(self, flow: Flow) -> bool:
+        return self.lock.available(self.mode, flow)
+
+    def describe(self) -> str:
+        lock = self.lock
+        return lock.name if lock.exclusive else f"{lock.name}({self.mode})"
+
+    def holder_names(self, flow: Flow) -> str:
+        return ", ".join(f.name for f in self.lock.holders() if f is not flow) or "nobody"
+
+
+class Until(Wait):
+    """A condition another flow makes true (``mn_active_invalidate_count == 0``)."""
+
+    __slots__ = ("test", "text")
+
+    def __init__(self, test, text: str):
+        self.test = test
+        self.text = text
+
+    def ready(self, flow: Flow) -> bool:
+        return self.test()
+
+    def describe(self) -> str:
+        return self.text
+
+
+# --------------------------------------------------------------------------- locks
+
+
+class RwLock:
+    """An rwlock (kvm->mmu_lock with KVM_HAVE_MMU_RWLOCK: x86, arm64): readers share it, a
+    writer excludes everyone. With ``exclusive=True`` it is a spinlock (ppc's mmu_lock):
+    ``read_lock`` takes it exclusively too. Not recursive: taking it twice is a flow bug."""
+
+    __slots__ = ("name", "exclusive", "writer", "readers")
+
+    def __init__(self, name: str = "mmu_lock", exclusive: bool = False):
+        self.name = name
+        self.exclusive = exclusive
+        self.writer: Flow | None = None
+        self.readers: list[Flow] = []
+
+    def __repr__(self) -> str:
+        return f"<{self.name} writer={self.writer} readers={self.readers}>"
+
+    def holders(self) -> list[Flow]:
+        return [self.writer] if self.writer is not None else list(self.readers)
+
+    def available(self, mode: str, flow: Flow) -> bool:
+        if self.writer is not None:
+            return False
+        return not self.readers if (mode == WRITE or self.exclusive) else True
+
+    # Yielding acquisition: the race point comes first, the lock is taken when resumed.
+
+    def read_lock(self, point: str):
+        yield from _wait(self, READ, point)
+        self._take(READ)
+
+    def write_lock(self, point: str):
+        yield from _wait(self, WRITE, point)
+        self._take(WRITE)
+
+    def read_unlock(self) -> None:
+        self._drop(READ)
+
+    def write_unlock(self) -> None:
+        self._drop(WRITE)
+
+    def cond_resched(self, mode: str, point: str):
+        """cond_resched_rwlock_write/_read: drop the lock, let others run, take it again."""
+        self._drop(mode)
+        yield from _wait(self, mode, point)
+        self._take(mode)
+
+    # Immediate acquisition, for stretches that take and drop the lock without a race point
+    # between: fails (WouldBlock) rather than sleep when a paused flow holds it.
+
+    def __call__(self, mode: str = WRITE) -> _Guard:
+        return _Guard(self, mode)
+
+    def acquire(self) -> None:
+        """KVM_MMU_LOCK in generic code: the lock for write, now."""
+        self._take(WRITE)
+
+    def release(self) -> None:
+        self._drop(WRITE)
+
+    def __enter__(self):
+        self._take(WRITE)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._drop(WRITE)
+        return False
+
+    def _take(self, mode: str) -> None:
+        flow = _current
+        if self.writer is flow or flow in self.readers:
+            raise RuntimeError(f"{self.name} taken by {flow.name} while it holds it")
+        if not self.available(mode, flow):
+            raise WouldBlock(f"{flow.name}: needs {self.name}({mode}), held by "
+                             f"{', '.join(f.name for f in self.holders())}")
+        if mode == READ and not self.exclusive:
+            self.readers.append(flow)
+        else:
+            self.writer = flow
+        flow.held.append((self, mode))
+
+    def _drop(self, mode: str) -> None:
+        flow = _current
+        if mode == READ and not self.exclusive:
+            if flow not in self.readers:
+                raise RuntimeError(f"{self.name} read-unlocked by {flow.name}, not a reader")
+            self.readers.remove(flow)
+        else:
+            if self.writer is not flow:
+                raise RuntimeError(f"{self.name} unlocked by {flow.name}, not its holder")
+            self.writer = None
+        flow.held.remove((self, mode))
+
+    @property
+    def held(self) -> bool:
+        return self.writer is not None or bool(self.readers)
+
+
+class Mutex(RwLock):
+    """A sleeping lock held by one flow (slots_lock, slots_arch_lock, a file's
+    invalidate_lock taken exclusively)."""
+
+    __slots__ = ()
+
+    def __init__(self, name: str):
+        super().__init__(name, exclusive=True)
+
+    def lock(self, point: str):
+        yield from _wait(self, WRITE, point)
+        self._take(WRITE)
+
+    def unlock(self) -> None:
+        self._drop(WRITE)
+
+
+class _Guard:
+    __slots__ = ("lock", "mode")
+
+    def __init__(self, lock: RwLock, mode: str):
+        self.lock = lock
+        self.mode = mode
+
+    def __enter__(self):
+        self.lock._take(self.mode)
+        return self.lock
+
+    def __exit__(self, *exc) -> bool:
+        self.lock._drop(self.mode)
+        return False
+
+
+def _wait(lock, mode, point: str):
+    flow = _current
+    flow.wait = LockWait(lock, mode)
+    try:
+        yield point
+    finally:
+        flow.wait = None
+
+
+class Srcu:
+    """kvm->srcu: readers never block; ``synchronize`` waits for the read sides that began
+    before it (synchronize_srcu_expedited), not for later ones."""
+
+    __slots__ = ("name", "readers", "_idx")
+
+    def __init__(self, name: str = "srcu"):
+        self.name = name
+        #: read-side token -> flow
+        self.readers: dict[int, Flow] = {}
+        self._idx = count()
+
+    def read_lock(self) -> int:
+        """srcu_read_lock: returns the token to pass to ``read_unlock``."""
+        flow = _current
+        idx = next(self._idx)
+        self.readers[idx] = flow
+        flow.held.append((self, idx))
+        return idx
+
+    def read_unlock(self, idx: int) -> None:
+        flow = self.readers.pop(idx)
+        flow.held.remove((self, idx))
+
+    def synchronize(self, point: str):
+        """Yield at ``point`` until every read side that started before now has ended."""
+        flow = _current
+        earlier = tuple(i for i, f in self.readers.items() if f is not flow)
+        readers = self.readers
+        flow.wait = Until(lambda: not any(i in readers for i in earlier),
+                          f"{self.name} grace period")
+        try:
+            yield point
+        finally:
+            flow.wait = None
