@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedDict
 
+from .args import u64
 from .errors import KvmError
 from .hva import GfnRange
 from .uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT
@@ -112,8 +113,7 @@ def kvm_vm_ioctl_set_mem_attributes(vm: VM, address: int, size: int, attributes:
                                      "KVM_SET_MEMORY_ATTRIBUTES")
     for name, value in (("address", address), ("size", size), ("attributes", attributes),
                         ("flags", flags)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < U64:
-            raise KvmError(errno.EINVAL, f"{name}={value!r} is not a u64")
+        u64(name, value)
     if flags:
         raise KvmError(errno.EINVAL, f"flags={flags:#x} must be 0")
     supported = supported_mem_attributes(vm)

@@ -19,6 +19,7 @@ import attrs
 import structlog
 from sortedcontainers import SortedList
 
+from .args import unsigned
 from .errors import KvmError
 from .uapi import (
     KVM_MEM_GUEST_MEMFD,
@@ -277,8 +278,7 @@ def kvm_set_memory_region(vm: VM, slot: int, flags: int, guest_phys_addr: int,
                               ("memory_size", memory_size, 64),
                               ("userspace_addr", userspace_addr, 64),
                               ("guest_memfd_offset", guest_memfd_offset, 64)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << bits:
-            raise _einval(f"{name}={value!r} is not a u{bits}")
+        unsigned(name, value, bits)
     user_slots = kvm_user_mem_slots(vm)
     if slot & 0xFFFF >= user_slots:
         raise _einval(f"slot={slot:#x}: id {slot & 0xFFFF} is not a user memslot "
