@@ -34,13 +34,15 @@ class GfnRange:
         return self.slot.as_id
 
 
-def _hva_gfn_range(slot, start: int, end: int, arg: int, may_block: bool,
+def _hva_gfn_range(vm, slot, start: int, end: int, arg: int, may_block: bool,
                    lockless: bool) -> GfnRange:
-    """The slot's gfns whose pages meet hva ``[start, end)``: pages only partly inside
-    count, and hva notifications never concern private memory (KVM_FILTER_SHARED)."""
-    hva_start = max(start, slot.userspace_addr)
-    hva_end = min(end, slot.userspace_addr + (slot.npages << 12))
-    return GfnRange(slot, slot.hva_to_gfn(hva_start), slot.hva_to_gfn(hva_end + 4095), arg,
+    """The slot's gfns whose pages meet hva ``[start, end)``: pages (of PAGE_SIZE, the VM's
+    base page) only partly inside count, and hva notifications never concern private memory
+    (KVM_FILTER_SHARED)."""
+    mask = vm.page_size - 1
+    hva_start = max(start, slot.userspace_addr) & ~mask
+    hva_end = (min(end, slot.userspace_addr + (slot.npages << 12)) + mask) & ~mask
+    return GfnRange(slot, slot.hva_to_gfn(hva_start), slot.hva_to_gfn(hva_end), arg,
                     KVM_FILTER_SHARED, may_block, lockless)
 
 
@@ -65,7 +67,7 @@ def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
     try:
         for slots in vm.memslot_sets:
             for slot in slots.in_hva_range(start, end):
-                rng = _hva_gfn_range(slot, start, end, arg, may_block, lockless)
+                rng = _hva_gfn_range(vm, slot, start, end, arg, may_block, lockless)
                 if not found:
                     found = True
                     if not lockless:
@@ -102,7 +104,7 @@ def kvm_handle_hva_range_op(vm, start: int, end: int, op, arg: int = 0) -> int:
     (mmu_invalidate_begin/end) and no TLB flush. An empty range meets no slot: 0."""
     for slots in vm.memslot_sets:
         for slot in slots.in_hva_range(start, end) if start < end else ():
-            r = op(vm, _hva_gfn_range(slot, start, end, arg, False, True))
+            r = op(vm, _hva_gfn_range(vm, slot, start, end, arg, False, True))
             if r:
                 return r
     return 0
