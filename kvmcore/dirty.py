@@ -9,10 +9,12 @@ re-arms tracking in ``enable_log_dirty_pt_masked``.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import structlog
 
+from .args import integer, u32, u64
 from .errors import KvmError
 from .exits import DirtyRingFullExit
 from .dirty_log import DirtyBitmap, DirtyRing
@@ -54,8 +56,7 @@ def prepare_dirty_bitmap(vm: Kvm, old: Memslot | None, new: Memslot) -> None:
 def _slot_for_log(vm: Kvm, slot: int, op: str):
     if vm.dirty_ring_size and not vm.dirty_ring_with_bitmap:
         raise KvmError(errno.ENXIO, f"{op}: the dirty ring is in use without bitmaps")
-    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < 1 << 32:
-        raise KvmError(errno.EINVAL, f"slot={slot!r} is not a u32")
+    u32("slot", slot)
     as_id, id_ = slot >> 16, slot & 0xFFFF
     if as_id >= vm.nr_address_spaces or id_ >= kvm_user_mem_slots(vm.arch_info):
         raise KvmError(errno.EINVAL, f"slot={slot:#x}: bad address space or slot id")
@@ -103,9 +104,13 @@ def kvm_clear_dirty_log_protect(vm: Kvm, slot: int, first_page: int, num_pages: 
         raise KvmError(errno.ENOTTY, f"clear_dirty_log: {vm.arch_info.name} has no "
                                      "KVM_CLEAR_DIRTY_LOG")
     as_id, id_ = _slot_for_log(vm, slot, "clear_dirty_log")
-    for name, value in (("first_page", first_page), ("num_pages", num_pages)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise KvmError(errno.EINVAL, f"{name}={value!r} is not an unsigned integer")
+    u64("first_page", first_page)
+    u32("num_pages", num_pages)
+    if isinstance(pages, (str, bytes)) or not isinstance(pages, Iterable):
+        raise TypeError(f"pages must be an iterable of ints, not {type(pages).__name__}")
+    pages = list(pages)
+    for page in pages:
+        integer("pages[]", page)
     if first_page & 63:
         raise KvmError(errno.EINVAL, f"first_page={first_page} is not a multiple of 64")
     memslot = vm.memslot_sets[as_id].by_id.get(id_)
@@ -120,8 +125,7 @@ def kvm_clear_dirty_log_protect(vm: Kvm, slot: int, first_page: int, num_pages: 
                                      "short of its end")
     masks: dict[int, int] = {}
     for page in pages:
-        if (not isinstance(page, int) or isinstance(page, bool)
-                or not first_page <= page < first_page + num_pages):
+        if not first_page <= page < first_page + num_pages:
             raise KvmError(errno.EINVAL, f"pages: {page!r} is outside [first_page, "
                                          "first_page + num_pages)")
         k = (page - first_page) >> 6
@@ -211,7 +215,7 @@ def enable_dirty_ring(vm: Kvm, size: int) -> None:
     if "dirty_ring" not in vm.arch_capabilities:
         raise KvmError(errno.EINVAL, f"KVM_CAP_DIRTY_LOG_RING is not supported by "
                                      f"{vm.arch_info.name}")
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size & (size - 1):
+    if integer("size_bytes", size) <= 0 or size & (size - 1):
         raise KvmError(errno.EINVAL, f"size_bytes={size!r} is not a power of two")
     rsvd = KVM_DIRTY_RING_RSVD_ENTRIES + vm.cpu_dirty_log_size
     if size < rsvd * KVM_DIRTY_GFN_SIZE or size < vm.page_size:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 from sortedcontainers import SortedKeyList
 
+from .args import integer, u64
 from .errors import EHWPOISON, KvmError
 from .host import SigBus
 from .records import GfnRange
@@ -219,10 +220,14 @@ class GuestMemfd:
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on the file (kvm_gmem_fallocate)."""
         self._check_open()
-        for name, value in (("mode", mode), ("offset", offset), ("length", length)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise KvmError(errno.EINVAL, f"{name}={value!r} is not an integer")
-        if offset < 0 or length <= 0:
+        integer("mode", mode)
+        integer("offset", offset)
+        integer("length", length)
+        # mode is a C int and offset, length are loff_t: a value that does not fit would
+        # arrive wrapped, i.e. negative (EINVAL below) or as other mode bits (EOPNOTSUPP).
+        if not -(1 << 31) <= mode < 1 << 31:
+            raise KvmError(errno.EOPNOTSUPP, f"mode={mode:#x} does not fit in an int")
+        if offset < 0 or length <= 0 or offset >= 1 << 63 or length >= 1 << 63:
             raise KvmError(errno.EINVAL, f"offset={offset}, length={length}: vfs_fallocate "
                                          "needs offset >= 0 and length > 0")
         if not mode & FALLOC_FL_KEEP_SIZE:
@@ -280,9 +285,9 @@ def kvm_gmem_create(vm: Kvm, size: int, flags: int, folio_order: int = 0) -> Gue
         err = errno.ENOTTY if "gmem" not in vm.arch_capabilities else errno.EINVAL
         raise KvmError(err, f"create_guest_memfd: {vm.arch_info.name} VM type "
                             f"{vm.vm_type!r} has no guest_memfd")
-    for name, value in (("size", size), ("flags", flags), ("folio_order", folio_order)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise KvmError(errno.EINVAL, f"{name}={value!r} is not an integer")
+    u64("size", size)
+    u64("flags", flags)
+    integer("folio_order", folio_order)
     supported = kvm_gmem_get_supported_flags(vm)
     if flags & ~supported:
         raise KvmError(errno.EINVAL, f"flags={flags:#x}: unsupported bits "

@@ -39,6 +39,7 @@ import attrs
 import structlog
 from sortedcontainers import SortedKeyList
 
+from .args import buffer, flag, integer, string, u64
 from .errors import EHWPOISON, KvmError
 from .uapi import PAGE_SHIFT, PAGE_SIZE, SZ_1G, SZ_2M
 
@@ -97,7 +98,7 @@ class Vma:
 
 
 def _check_prot(prot: str) -> str:
-    if not isinstance(prot, str) or set(prot) - set("rwx"):
+    if set(string("prot", prot)) - set("rwx"):
         raise KvmError(errno.EINVAL, f"prot={prot!r}: use a combination of 'r', 'w', 'x'")
     return "".join(c for c in "rwx" if c in prot)
 
@@ -197,6 +198,8 @@ class HostMemory:
     def invalidating(self, hva: int, length: int) -> Iterator[None]:
         """mmu_notifier_invalidate_range_start / _end around a change of ``[hva, hva+length)``.
         Public so that a test can hold an invalidation open while other flows run."""
+        integer("hva", hva)
+        integer("length", length)
         start, end = hva, hva + length
         for n in list(self.notifiers):
             n.invalidate_range_start(start, end)
@@ -243,6 +246,13 @@ class HostMemory:
         """mmap(2). ``kind``: anon, shared, hugetlb_2m, hugetlb_1g, pfnmap (VM_IO|VM_PFNMAP,
         ``pfn=`` is the device pfn of the first page, in 4 KiB frames). ``addr`` asks for a
         fixed address (MAP_FIXED_NOREPLACE: EEXIST if taken). Returns the hva."""
+        integer("length", length)
+        string("kind", kind)
+        flag("thp", thp)
+        for name, value in (("pfn", pfn), ("addr", addr)):
+            if value is not None:
+                integer(name, value)
+        integer("pgoff", pgoff)
         prot = _check_prot(prot)
         if kind not in KINDS or (kind == "gmem" and backing is None):
             raise KvmError(errno.EINVAL, f"kind={kind!r}: one of {', '.join(KINDS[:-1])}")
@@ -278,6 +288,10 @@ class HostMemory:
         return addr
 
     def _check_range(self, name: str, hva: int, length: int) -> None:
+        integer("hva", hva)
+        integer("length", length)
+        if hva < 0:
+            raise KvmError(errno.EINVAL, f"{name}: hva={hva:#x} is negative")
         if not isinstance(hva, int) or hva % self.page_size:
             raise KvmError(errno.EINVAL, f"{name}: hva={hva!r} is not aligned to the "
                                          f"{self.page_size}-byte page")
@@ -535,6 +549,7 @@ class HostMemory:
         """Migrate the page (or transparent huge page) at ``hva`` to new frames, as NUMA
         balancing or compaction would: notifiers fire, contents move. Returns the new frame
         of ``hva``'s 4 KiB."""
+        u64("hva", hva)
         vma = self.find_vma(hva)
         if vma is None:
             raise KvmError(errno.EFAULT, f"migrate: hva={hva:#x} is not mapped")
@@ -555,6 +570,7 @@ class HostMemory:
         return new + ((hva - base) >> PAGE_SHIFT)
 
     def _thp_block(self, hva: int, name: str) -> tuple[int, int]:
+        u64("hva", hva)
         pmd = self.pmd_size
         base = hva & ~(pmd - 1)
         vma = self.find_vma(hva)
@@ -597,6 +613,7 @@ class HostMemory:
 
     def poison(self, hva: int) -> None:
         """A memory error on the page at ``hva`` (memory_failure on its pfn)."""
+        u64("hva", hva)
         vma = self.find_vma(hva)
         if vma is None:
             raise KvmError(errno.EFAULT, f"poison: hva={hva:#x} is not mapped")
@@ -611,7 +628,7 @@ class HostMemory:
         guest_memfd pages go to the file's error handler (kvm_gmem_error_folio: invalidate,
         no truncation); other pages are unmapped from every mapping (notifiers fire) and a
         later touch gets SIGBUS / -EHWPOISON."""
-        first = self.page_of(pfn)
+        first = self.page_of(u64("pfn", pfn))
         self.poisoned.add(first)
         owner = self.gmem_frames.get(first)
         if owner is not None:
@@ -632,6 +649,7 @@ class HostMemory:
 
     def read(self, hva: int, n: int) -> bytes:
         """A host (VMM) read of ``n`` bytes at ``hva``; faults pages in as needed."""
+        self._check_io(hva, integer("n", n))
         out = bytearray()
         for page_hva, off, chunk in _chunks(hva, n):
             self.handle_mm_fault(page_hva, False)
@@ -640,17 +658,28 @@ class HostMemory:
 
     def write(self, hva: int, data: bytes) -> None:
         """A host (VMM) write at ``hva``; breaks COW as needed."""
-        data = bytes(data)
+        data = buffer("data", data)
+        self._check_io(hva, len(data))
         pos = 0
         for page_hva, off, chunk in _chunks(hva, len(data)):
             self.handle_mm_fault(page_hva, True)
             self.write_frame(self.lookup_pte(page_hva)[0], off, data[pos:pos + chunk])
             pos += chunk
 
+    def _check_io(self, hva: int, n: int) -> None:
+        """A VMM access of ``n`` bytes at ``hva``: a negative length is EINVAL; an address
+        outside the user address space has no VMA, so it is SIGSEGV like any unmapped one."""
+        integer("hva", hva)
+        if n < 0:
+            raise KvmError(errno.EINVAL, f"n={n!r} is negative")
+        if not 0 <= hva <= TASK_SIZE - n:
+            raise SigSegv(f"hva={hva:#x}, n={n:#x}: outside the user address space")
+
     def age(self, hva: int, length: int, flush: bool = True) -> bool:
         """Reclaim's referenced check (folio_referenced -> clear_flush_young, or clear_young
         with ``flush=False``, as MGLRU does) on every VM of this host. True if any secondary
         mapping was young."""
+        flag("flush", flush)
         self._check_range("age", hva, length)
         young = False
         for n in list(self.notifiers):

@@ -7,13 +7,15 @@ from .records import GfnRange
 from .uapi import KVM_FILTER_SHARED
 
 
-def _hva_gfn_range(slot, start: int, end: int, arg: int, may_block: bool,
+def _hva_gfn_range(vm, slot, start: int, end: int, arg: int, may_block: bool,
                    lockless: bool) -> GfnRange:
-    """The slot's gfns whose pages meet hva ``[start, end)``: pages only partly inside
-    count, and hva notifications never concern private memory (KVM_FILTER_SHARED)."""
-    hva_start = max(start, slot.userspace_addr)
-    hva_end = min(end, slot.userspace_addr + (slot.npages << 12))
-    return GfnRange(slot, slot.hva_to_gfn(hva_start), slot.hva_to_gfn(hva_end + 4095), arg,
+    """The slot's gfns whose pages meet hva ``[start, end)``: pages (of PAGE_SIZE, the VM's
+    base page) only partly inside count, and hva notifications never concern private memory
+    (KVM_FILTER_SHARED)."""
+    mask = vm.page_size - 1
+    hva_start = max(start, slot.userspace_addr) & ~mask
+    hva_end = (min(end, slot.userspace_addr + (slot.npages << 12)) + mask) & ~mask
+    return GfnRange(slot, slot.hva_to_gfn(hva_start), slot.hva_to_gfn(hva_end), arg,
                     KVM_FILTER_SHARED, may_block, lockless)
 
 
@@ -38,7 +40,7 @@ def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
     try:
         for slots in vm.memslot_sets:
             for slot in slots.in_hva_range(start, end):
-                rng = _hva_gfn_range(slot, start, end, arg, may_block, lockless)
+                rng = _hva_gfn_range(vm, slot, start, end, arg, may_block, lockless)
                 if not found:
                     found = True
                     if not lockless:
@@ -63,29 +65,22 @@ class _Done(Exception):
     pass
 
 
-def kvm_handle_hva_range_op(vm, start: int, end: int, op, lockless: bool = False,
-                            arg: int = 0) -> int:
-    """The hva-range *operator* form proposed in the 2023 review of the gmem series: like
-    ``kvm_handle_hva_range`` but ``op(vm, range)`` returns 0 or a negative errno, and the walk
-    stops at the first error and returns it. With ``lockless`` it runs without the MMU lock
-    (the operator does its own synchronisation)."""
-    if end <= start:
-        raise ValueError(f"kvm_handle_hva_range_op: empty range [{start:#x}, {end:#x})")
-    locked = False
-    try:
-        for slots in vm.memslot_sets:
-            for slot in slots.in_hva_range(start, end):
-                rng = _hva_gfn_range(slot, start, end, arg, False, lockless)
-                if not lockless and not locked:
-                    vm.mmu_lock.acquire()
-                    locked = True
-                r = op(vm, rng)
-                if r:
-                    return r
-        return 0
-    finally:
-        if locked:
-            vm.mmu_lock.release()
+def kvm_handle_hva_range_op(vm, start: int, end: int, op, arg: int = 0) -> int:
+    """The hva-range *operator* form settled in the 2023 review ("KVM: Add HVA range
+    operator"): for every slot of every address space whose hva interval meets ``[start,
+    end)``, ``op(vm, range)`` with the slot's gfn range (pages only partly inside included,
+    KVM_FILTER_SHARED, as ``kvm_handle_hva_range``). ``op`` returns 0 or a negative errno; the
+    walk stops at the first non-zero result and returns it, else 0.
+
+    Unlike the notifier form it takes no MMU lock (``range.lockless`` is True: the operator
+    does its own synchronisation), calls no on_lock, implies no invalidation
+    (mmu_invalidate_begin/end) and no TLB flush. An empty range meets no slot: 0."""
+    for slots in vm.memslot_sets:
+        for slot in slots.in_hva_range(start, end) if start < end else ():
+            r = op(vm, _hva_gfn_range(vm, slot, start, end, arg, False, True))
+            if r:
+                return r
+    return 0
 
 
 def kvm_handle_gfn_range(vm, start: int, end: int, handler, on_lock=None,

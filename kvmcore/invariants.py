@@ -28,9 +28,21 @@ def check_vm(vm: Kvm) -> list[str]:
     problems += _check_gmem(vm)
     problems += _check_leaves(vm)
     problems += _check_rings(vm)
+    problems += _check_destroyed(vm)
     for found in vm.hook.check_invariants(vm=vm):
         problems += list(found or ())
     return problems
+
+
+def _check_destroyed(vm: Kvm) -> list[str]:
+    """A destroyed VM (kvm_destroy_vm) has no page tables left on any architecture: the
+    notifier's release zaps them where kvm_arch_flush_shadow_all does (x86, arm64), and
+    kvm_arch_destroy_vm frees the rest (ppc: kvmppc_free_radix)."""
+    if not vm.closed:
+        return []
+    left = [m for as_id in range(vm.nr_address_spaces)
+            for m in vm.hook.leaves(vm=vm, start=0, end=1 << 52, as_id=as_id)]
+    return [f"the VM was closed but {len(left)} leaves remain"] if left else []
 
 
 def _check_memslots(vm: Kvm) -> list[str]:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import structlog
 
 from .arch import ArchInfo
+from .args import integer
 from .attributes import AttributeRanges, supported_mem_attributes
 from .dirty_log import DirtyRing
 from .errors import KvmError
@@ -85,8 +86,8 @@ class Kvm:
             self._log.info(event, **fields)
 
     def _check_as_id(self, as_id: int) -> None:
-        if (not isinstance(as_id, int) or isinstance(as_id, bool)
-                or not 0 <= as_id < self.nr_address_spaces):
+        integer("as_id", as_id)
+        if not 0 <= as_id < self.nr_address_spaces:
             raise KvmError(errno.EINVAL, f"as_id={as_id!r}: this VM has "
                                          f"{self.nr_address_spaces} address space(s)")
 
@@ -103,7 +104,9 @@ class Kvm:
             yield from slots
 
     def memslots(self, as_id: int = 0) -> list[Memslot]:
-        """The live slots of an address space, ascending by guest address."""
+        """The live slots of an address space, ascending by guest address (EINVAL unless
+        0 <= as_id < nr_address_spaces)."""
+        self._check_as_id(as_id)
         return [s for s in self.memslot_sets[as_id] if not s.invalid]
 
     def kvm_mem_is_private(self, gfn: int) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+from .args import u64
 from .attributes import U64, supported_mem_attributes
 from .errors import KvmError
 from .hva import kvm_handle_gfn_range
@@ -26,8 +27,7 @@ def kvm_vm_ioctl_set_mem_attributes(vm: Kvm, address: int, size: int, attributes
                                      "KVM_SET_MEMORY_ATTRIBUTES")
     for name, value in (("address", address), ("size", size), ("attributes", attributes),
                         ("flags", flags)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < U64:
-            raise KvmError(errno.EINVAL, f"{name}={value!r} is not a u64")
+        u64(name, value)
     if flags:
         raise KvmError(errno.EINVAL, f"flags={flags:#x} must be 0")
     supported = supported_mem_attributes(vm.capabilities)

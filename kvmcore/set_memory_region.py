@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+from .args import unsigned
 from .dirty import prepare_dirty_bitmap
 from .errors import KvmError
 from .gmem import kvm_gmem_bind, kvm_gmem_unbind
@@ -66,8 +67,7 @@ def kvm_set_memory_region(vm: Kvm, slot: int, flags: int, guest_phys_addr: int,
                               ("memory_size", memory_size, 64),
                               ("userspace_addr", userspace_addr, 64),
                               ("guest_memfd_offset", guest_memfd_offset, 64)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << bits:
-            raise _einval(f"{name}={value!r} is not a u{bits}")
+        unsigned(name, value, bits)
     user_slots = kvm_user_mem_slots(vm.arch_info)
     if slot & 0xFFFF >= user_slots:
         raise _einval(f"slot={slot:#x}: id {slot & 0xFFFF} is not a user memslot "

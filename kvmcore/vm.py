@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import structlog
 
+from . import args as _args
 from . import dirty as _dirty
 from .arch import ArchInfo, Mapping
 from .errors import InvariantError, KvmError
@@ -47,6 +48,10 @@ MAX_FAULT_RETRIES = 64
 #: cost of a ranged flush).
 TLB_ENTRIES = 4096
 MAX_GPA = 1 << 52
+#: The longest access one call makes. A guest instruction touches a few bytes; the model lets
+#: one call cover many pages, and bounds it so that a bad length is EINVAL, not an exhausted
+#: host (the model's limit: Linux has no such call).
+MAX_ACCESS = 1 << 24
 _FAULT_KIND_STAT = {kind: f"fault_{kind}" for kind in VIOLATION_KINDS}
 #: Access records are immutable: one per (kind, private intent) serves every access.
 _ACCESSES = {(kind, private): Access(kind, private) for kind in (READ, WRITE, FETCH)
@@ -83,6 +88,8 @@ class VM(Kvm):
 
     def __init__(self, arch="x86_tdp", vm_type: str = "default", host: HostMemory | None = None,
                  trace: bool = False, **options):
+        _args.string("vm_type", vm_type)
+        _args.flag("trace", trace)
         cls = resolve_backend(arch)
         info: ArchInfo = getattr(cls, "arch_info", None)
         if not isinstance(info, ArchInfo):
@@ -160,7 +167,9 @@ class VM(Kvm):
         kvm_vm_ioctl_set_mem_attributes(self, address, size, attributes, flags)
 
     def get_memory_attributes(self, gfn: int) -> int:
-        """kvm_get_memory_attributes (there is no uapi "get": this is the model's view)."""
+        """kvm_get_memory_attributes (there is no uapi "get": this is the model's view, so it
+        stays readable after close). ``gfn`` is a gfn_t (u64)."""
+        _args.u64("gfn", gfn)
         return self.attributes.get(gfn)
 
     # ------------------------------------------------------------------ dirty logging
@@ -168,6 +177,9 @@ class VM(Kvm):
     def enable_dirty_log_manual_protect(self, initially_set: bool = False,
                                         enable: bool = True) -> None:
         """KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2); ``enable=False`` passes 0."""
+        self._check_open()
+        _args.flag("initially_set", initially_set)
+        _args.flag("enable", enable)
         args0 = 0
         if enable:
             args0 = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
@@ -177,26 +189,56 @@ class VM(Kvm):
 
     def get_dirty_log(self, slot: int) -> list[int]:
         """KVM_GET_DIRTY_LOG: dirty page offsets of the slot, ascending."""
+        self._check_open()
         return _dirty.kvm_get_dirty_log_protect(self, slot)
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, pages) -> None:
-        """KVM_CLEAR_DIRTY_LOG."""
-        _dirty.kvm_clear_dirty_log_protect(self, slot, first_page, num_pages, list(pages))
+        """KVM_CLEAR_DIRTY_LOG. ``pages`` is an iterable of ints; it is read after the
+        architecture check (ppc: ENOTTY whatever the arguments)."""
+        self._check_open()
+        _dirty.kvm_clear_dirty_log_protect(self, slot, first_page, num_pages, pages)
 
     def enable_dirty_ring(self, size_bytes: int) -> None:
         """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)."""
+        self._check_open()
         _dirty.enable_dirty_ring(self, size_bytes)
 
     def reset_dirty_rings(self) -> int:
         """KVM_RESET_DIRTY_RINGS: the number of entries reset."""
+        self._check_open()
         return _dirty.reset_dirty_rings(self)
+
+    # ------------------------------------------------------------------ hva ranges
+
+    def hva_range_op(self, hva_start: int, hva_end: int, handler) -> int:
+        """Run ``handler(vm, range)`` on every memslot, of every address space, whose host
+        range meets ``[hva_start, hva_end)`` (kvm_handle_hva_range_op, the operator form of
+        kvm_handle_hva_range from the 2023 "KVM: Add HVA range operator" review). ``range`` is
+        the slot's part as a struct kvm_gfn_range (``slot``, ``as_id``, gfns ``start`` ..
+        ``end``; pages only partly inside count). ``handler`` returns 0 or a negative errno;
+        the walk stops at the first non-zero result and returns it, else 0.
+
+        No MMU lock is held while ``handler`` runs, nothing is invalidated or flushed: the
+        handler does its own synchronisation. ``hva_start == hva_end`` meets no slot (0);
+        ``hva_end < hva_start`` is EINVAL. There is no ioctl: this is the kernel-internal
+        entry point, exposed so that tests can exercise it."""
+        from .hva import kvm_handle_hva_range_op
+
+        self._check_open()
+        _args.u64("hva_start", hva_start)
+        _args.u64("hva_end", hva_end)
+        _args.function("handler", handler)
+        if hva_end < hva_start:
+            raise KvmError(errno.EINVAL, f"hva_end={hva_end:#x} is below "
+                                         f"hva_start={hva_start:#x}")
+        return kvm_handle_hva_range_op(self, hva_start, hva_end, handler)
 
     # ------------------------------------------------------------------ vCPUs
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         """KVM_CREATE_VCPU."""
         self._check_open()
-        if not isinstance(vcpu_id, int) or isinstance(vcpu_id, bool) or not 0 <= vcpu_id < 4096:
+        if not 0 <= _args.integer("vcpu_id", vcpu_id) < 4096:
             raise KvmError(errno.EINVAL, f"vcpu_id={vcpu_id!r} is out of range")
         if any(v.id == vcpu_id for v in self.vcpus):
             raise KvmError(errno.EEXIST, f"vcpu_id={vcpu_id} already exists")
@@ -211,6 +253,8 @@ class VM(Kvm):
                  as_id: int = 0) -> Iterator[Mapping]:
         """Every present leaf of address space ``as_id`` (x86: 1 is SMM's) mapping a gfn in
         the range, ascending by gfn."""
+        _args.u64("start_gpa", start_gpa)
+        _args.u64("end_gpa", end_gpa)
         self._check_as_id(as_id)
         return iter(self.hook.leaves(vm=self, start=start_gpa >> PAGE_SHIFT,
                                      end=(end_gpa + PAGE_SIZE - 1) >> PAGE_SHIFT, as_id=as_id))
@@ -218,6 +262,8 @@ class VM(Kvm):
     def lookup(self, gpa: int, private: bool = False, as_id: int = 0) -> Mapping | None:
         """The present leaf covering ``gpa`` in address space ``as_id``: the shared alias, or
         the private one."""
+        _args.u64("gpa", gpa)
+        _args.flag("private", private)
         self._check_as_id(as_id)
         gfn = gpa >> PAGE_SHIFT
         for m in self.hook.leaves(vm=self, start=gfn, end=gfn + 1, as_id=as_id):
@@ -239,13 +285,36 @@ class VM(Kvm):
     # ------------------------------------------------------------------ teardown
 
     def close(self) -> None:
-        """Destroy the VM: the notifier is released (all mappings zapped), files closed."""
+        """Destroy the VM (kvm_destroy_vm, its last reference gone). In order:
+
+        - its guest_memfd files are released (kvm_gmem_release: their leaves are zapped);
+        - the MMU notifier is unregistered; its release runs kvm_arch_flush_shadow_all, which
+          zaps every leaf on x86 (the direct roots) and arm64 (the stage-2 tables) but is an
+          empty function on ppc;
+        - kvm_arch_destroy_vm frees the page tables left (ppc: kvmppc_core_destroy_vm_hv ->
+          kvmppc_free_radix). The model stands for this with a zap of every leaf still
+          present, without a TLB flush (no vCPU runs any more).
+
+        So after close ``mappings()`` is empty on every backend. Every ioctl-shaped call of
+        the VM and of its vCPUs then raises EBADF and changes nothing; the model's views
+        (``mappings``, ``lookup``, ``memslots``, ``get_memory_attributes``, ``stats``,
+        ``check_invariants``) stay readable. Closing twice does nothing, like Python files."""
         if self.closed:
             return
         for gmem in list(self.gmem_files):
             gmem.close()
         self.host.unregister_notifier(self.notifier)
+        self._free_page_tables()
         self.closed = True
+        self.trace("vm.destroy")
+
+    def _free_page_tables(self) -> None:
+        """The page-table part of kvm_arch_destroy_vm, as zaps of what is left."""
+        from .defaults import whole_slot
+
+        with self.mmu_lock:
+            for slot in list(self.all_memslots()):
+                self.hook.unmap_gfn_range(vm=self, range=whole_slot(slot))
 
     def __enter__(self) -> VM:
         return self
@@ -284,7 +353,7 @@ class Vcpu(KvmVcpu):
 
         ``_access`` is the same loop without the yields (read/write/fetch run nothing at the
         race points); both are built from the same helpers."""
-        data, n = self._check_access(kind, gpa, data_or_n)
+        data, n = self._check_access(kind, gpa, data_or_n, private)
         out = []
         pos = 0
         while pos < n:
@@ -302,7 +371,7 @@ class Vcpu(KvmVcpu):
     def _access(self, kind: str, gpa: int, data_or_n, private: bool | None):
         """``step_access`` driven to its end, without a generator per layer: the path of
         every plain guest access."""
-        data, n = self._check_access(kind, gpa, data_or_n)
+        data, n = self._check_access(kind, gpa, data_or_n, private)
         out = []
         pos = 0
         while pos < n:
@@ -316,22 +385,31 @@ class Vcpu(KvmVcpu):
             pos += chunk
         return b"".join(out) if data is None else None
 
-    def _check_access(self, kind: str, gpa: int, data_or_n) -> tuple[bytes | None, int]:
-        """Argument checks of an access, then the dirty-ring request a vCPU honours before it
-        re-enters the guest. Returns ``(data to store or None, length)``."""
+    def _check_access(self, kind: str, gpa: int, data_or_n,
+                      private) -> tuple[bytes | None, int]:
+        """Argument checks of an access (types first: TypeError; then values: EINVAL), then
+        the dirty-ring request a vCPU honours before it re-enters the guest. Returns ``(data
+        to store or None, length)``."""
         vm = self.vm
-        if kind not in (READ, WRITE, FETCH):
-            raise KvmError(errno.EINVAL, f"kind={kind!r}: read, write or fetch")
+        vm._check_open()
+        if type(gpa) is not int:
+            _args.integer("gpa", gpa)
         if kind == WRITE:
-            data = bytes(data_or_n)
+            data = _args.buffer("data", data_or_n)
             n = len(data)
         else:
             data, n = None, data_or_n
-        if not isinstance(gpa, int) or isinstance(gpa, bool) or not 0 <= gpa < MAX_GPA:
+            if type(n) is not int:
+                _args.integer("n", n)
+        if private is not None and private is not True and private is not False:
+            _args.flag("private", private)
+        if kind not in (READ, WRITE, FETCH):
+            raise KvmError(errno.EINVAL, f"kind={kind!r}: read, write or fetch")
+        if not 0 <= gpa < MAX_GPA:
             raise KvmError(errno.EINVAL, f"gpa={gpa!r} is not a guest physical address")
-        if not isinstance(n, int) or n <= 0:
-            raise KvmError(errno.EINVAL, f"n={n!r}: the access needs a positive length")
-        vm._check_open()
+        if not 0 < n <= MAX_ACCESS or gpa + n > MAX_GPA:
+            raise KvmError(errno.EINVAL, f"n={n!r}: the access needs a length in "
+                                         f"[1, {MAX_ACCESS:#x}] that ends below {MAX_GPA:#x}")
         if self.dirty_ring is not None:
             _dirty.check_ring_request(self)
         return data, n
@@ -469,9 +547,8 @@ class Vcpu(KvmVcpu):
         root of its new address space, so no TLB entry of the old one serves it again (the
         model drops the vCPU's TLB, where hardware tags entries by EPTP)."""
         vm = self.vm
-        if smm is not None and not isinstance(smm, bool):
-            raise KvmError(errno.EINVAL, f"smm={smm!r} must be a bool or None")
         vm._check_open()
+        _args.optional_flag("smm", smm)
         vm.hook.set_vcpu_events(vm=vm, vcpu=self, smm=smm)
         as_id = vm.hook.vcpu_memslots_id(vm=vm, vcpu=self)
         if as_id != self.as_id:
@@ -484,12 +561,12 @@ class Vcpu(KvmVcpu):
         read fault, without Accessed, without breaking COW. Returns the unprocessed
         ``(gpa, size)``; raises KvmError only when nothing was processed."""
         vm = self.vm
+        vm._check_open()
         if "pre_fault" not in vm.arch_capabilities:
             raise KvmError(errno.ENOTTY, f"pre_fault_memory: {vm.arch_info.name} has no "
                                          "KVM_PRE_FAULT_MEMORY")
         for name, value in (("gpa", gpa), ("size", size), ("flags", flags)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
-                raise KvmError(errno.EINVAL, f"{name}={value!r} is not a u64")
+            _args.u64(name, value)
         if flags:
             raise KvmError(errno.EINVAL, f"flags={flags:#x} must be 0")
         mask = vm.page_size - 1
@@ -538,7 +615,9 @@ class Vcpu(KvmVcpu):
 
     def harvest_dirty_ring(self) -> list[tuple[int, int]]:
         """What userspace does with the mmap()ed ring: collect the dirty (slot, offset)
-        entries in ring order and mark them for the next KVM_RESET_DIRTY_RINGS."""
+        entries in ring order and mark them for the next KVM_RESET_DIRTY_RINGS. The model
+        simplifies: a vCPU of a closed VM answers EBADF (its VM fd stands for every fd)."""
+        self.vm._check_open()
         if self.dirty_ring is None:
             raise KvmError(errno.EINVAL, "harvest_dirty_ring: the dirty ring is not enabled")
         return self.dirty_ring.harvest()

@@ -248,7 +248,7 @@ def test_hva_operator_stops_at_first_error(vm, host):
     assert kvm_handle_hva_range_op(vm, hva, hva + 3 * MiB, op) == -errno.EBUSY
     assert visited == [0, 1]
     assert not vm.mmu_lock.held
-    assert kvm_handle_hva_range_op(vm, hva, hva + MiB, op, lockless=True) == 0
+    assert kvm_handle_hva_range_op(vm, hva, hva + MiB, op) == 0
 
 
 def test_notifier_rounds_partial_pages_outward(vm, host):

@@ -16,7 +16,7 @@ PKG = Path(kvmcore.__file__).parent
 #: higher one, and the whole graph has no cycle.
 LAYERS = {
     # 0 vocabulary: constants and records that cross the hook boundary
-    "uapi": 0, "errors": 0, "exits": 0, "arch": 0, "records": 0, "__init__": 0,
+    "uapi": 0, "errors": 0, "args": 0, "exits": 0, "arch": 0, "records": 0, "__init__": 0,
     # 1 state: data structures without flows
     "locks": 1, "pgtable": 1, "host": 1, "memslots": 1, "attributes": 1, "dirty_log": 1,
     "invalidate": 1,

@@ -203,3 +203,23 @@ class Guest:
 
 
 __all__ = ["Guest", "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED"]
+
+
+def snapshot(vm, max_gfns: int = 256) -> tuple:
+    """What a failed call must leave unchanged, read without changing anything: the memslots
+    of every address space with their dirty bitmaps (the set bits, as ``get_dirty_log`` would
+    report them, read without the GET's clearing), the memory attributes of each slot's first
+    ``max_gfns`` gfns, every present leaf of every address space, and the dirty rings' pending
+    entries."""
+    slots, attributes, leaves = [], [], []
+    for as_id in range(vm.nr_address_spaces):
+        for s in vm.memslots(as_id):
+            bitmap = s.dirty_bitmap
+            slots.append((s.slot_id, s.base_gfn, s.npages, s.userspace_addr, s.flags,
+                          None if bitmap is None else tuple(bitmap.pages())))
+            attributes.append(tuple(vm.get_memory_attributes(g) for g in
+                                    range(s.base_gfn, s.base_gfn + min(s.npages, max_gfns))))
+        leaves.append(tuple(vm.mappings(as_id=as_id)))
+    rings = tuple(frozenset(v.dirty_ring.pending()) if v.dirty_ring is not None else None
+                  for v in vm.vcpus)
+    return tuple(slots), tuple(attributes), tuple(leaves), rings

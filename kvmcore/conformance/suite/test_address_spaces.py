@@ -8,7 +8,8 @@ import errno
 
 import pytest
 
-from kvmcore.conformance.helpers import expect_errno, expect_errno_unchanged, expect_mmio, pattern
+from kvmcore.conformance.helpers import (expect_errno, expect_errno_unchanged, expect_mmio,
+                                        pattern, state)
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES
 
 GPA = 0x10_0000
@@ -117,15 +118,26 @@ def test_entering_smm_with_one_address_space_is_einval(guest):
 
 @pytest.mark.parametrize("smm", ["yes", 1])
 def test_set_vcpu_events_checks_smm(guest, smm):
-    expect_errno_unchanged(guest.vm, EINVAL, guest.vcpu.set_vcpu_events, smm=smm)
+    """smm is a bool: anything else is a TypeError naming it (docs/api.md, Arguments)."""
+    before = state(guest.vm)
+    with pytest.raises(TypeError, match="smm"):
+        guest.vcpu.set_vcpu_events(smm=smm)
+    assert state(guest.vm) == before
     assert guest.vcpu.as_id == 0
 
 
 def test_mappings_checks_as_id(guest):
     vm = guest.vm
-    for bad in (-1, vm.nr_address_spaces, True):
+    for bad in (-1, vm.nr_address_spaces):
         expect_errno(EINVAL, vm.mappings, as_id=bad)
         expect_errno(EINVAL, vm.lookup, GPA, as_id=bad)
+        expect_errno(EINVAL, vm.memslots, as_id=bad)
+    for bad in (True, "0", None):
+        for call in (vm.mappings, vm.memslots):
+            with pytest.raises(TypeError, match="as_id"):
+                call(as_id=bad)
+        with pytest.raises(TypeError, match="as_id"):
+            vm.lookup(GPA, as_id=bad)
 
 
 @pytest.mark.requires("pre_fault")
