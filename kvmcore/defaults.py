@@ -12,6 +12,8 @@ from . import hookimpl
 from .errors import KvmError
 from .exits import HwPoisonSignal, memory_fault_exit
 from .gmem import kvm_gmem_get_pfn
+from .locks import drive
+from .mmu_notifier import kvm_unmap_gfn_range
 from .records import GfnRange
 from .pfn import kvm_follow_pfn
 from .uapi import (
@@ -89,10 +91,10 @@ def whole_slot(slot) -> GfnRange:
 
 @hookimpl(trylast=True)
 def flush_shadow_memslot(vm, slot):
-    """kvm_mmu_zap_memslot: zap the whole slot, both aliases, and flush."""
-    with vm.mmu_lock:
-        if vm.hook.unmap_gfn_range(vm=vm, range=whole_slot(slot)):
-            vm.flush_remote_tlbs()
+    """kvm_mmu_zap_memslot: zap the whole slot, both aliases, and flush (a flow: the core
+    holds kvm->mmu_lock for write)."""
+    if (yield from kvm_unmap_gfn_range(vm, whole_slot(slot))):
+        vm.flush_remote_tlbs()
     return True
 
 
@@ -100,7 +102,7 @@ def flush_shadow_memslot(vm, slot):
 def flush_shadow_all(vm):
     """kvm_arch_flush_shadow_all: every slot, both aliases; no vCPU runs, so no flush."""
     for slot in list(vm.all_memslots()):
-        vm.hook.unmap_gfn_range(vm=vm, range=whole_slot(slot))
+        drive(kvm_unmap_gfn_range(vm, whole_slot(slot)))
     vm.flush_remote_tlbs()
     return True
 
@@ -112,7 +114,7 @@ def pre_set_memory_attributes(vm, range):
     to_private = bool(range.arg & KVM_MEMORY_ATTRIBUTE_PRIVATE)
     rng = attrs.evolve(range, attr_filter=KVM_FILTER_SHARED if to_private else
                        KVM_FILTER_PRIVATE)
-    return bool(vm.hook.unmap_gfn_range(vm=vm, range=rng))
+    return (yield from kvm_unmap_gfn_range(vm, rng))
 
 
 @hookimpl(trylast=True)

@@ -63,9 +63,38 @@ def _slot_for_log(vm: Kvm, slot: int, op: str):
     return as_id, id_
 
 
-def kvm_get_dirty_log_protect(vm: Kvm, slot: int) -> list[int]:
-    """KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect): snapshot and clear, re-protect,
-    flush; with manual protect, the bitmap is returned as it is."""
+#: Race points of the dirty-log ioctls (reference/races.md §6): waiting for slots_lock, for
+#: kvm->mmu_lock, and after the lock is dropped with the pages write-protected but the TLBs
+#: not yet flushed (a vCPU may still write through a stale writable entry: Linux allows it,
+#: the page is already in the snapshot); reset batches each wait for the lock.
+DLOG_SLOTS_LOCK_WAIT = "dlog_slots_lock_wait"
+DLOG_LOCK_WAIT = "dlog_lock_wait"
+DLOG_UNLOCKED_BEFORE_FLUSH = "dlog_unlocked_before_flush"
+RING_RESET_BATCH = "ring_reset_batch"
+
+
+def kvm_vm_ioctl_get_dirty_log(vm: Kvm, slot: int):
+    """KVM_GET_DIRTY_LOG, a flow: kvm_get_dirty_log_protect under slots_lock."""
+    yield from vm.slots_lock.lock(DLOG_SLOTS_LOCK_WAIT)
+    try:
+        return (yield from kvm_get_dirty_log_protect(vm, slot))
+    finally:
+        vm.slots_lock.unlock()
+
+
+def kvm_vm_ioctl_clear_dirty_log(vm: Kvm, slot: int, first_page: int, num_pages: int, pages):
+    """KVM_CLEAR_DIRTY_LOG, a flow: kvm_clear_dirty_log_protect under slots_lock."""
+    yield from vm.slots_lock.lock(DLOG_SLOTS_LOCK_WAIT)
+    try:
+        return (yield from kvm_clear_dirty_log_protect(vm, slot, first_page, num_pages, pages))
+    finally:
+        vm.slots_lock.unlock()
+
+
+def kvm_get_dirty_log_protect(vm: Kvm, slot: int):
+    """kvm_get_dirty_log_protect (slots_lock held): snapshot and clear, re-protect under
+    kvm->mmu_lock, then flush after dropping it; with manual protect, the bitmap is returned
+    as it is."""
     as_id, id_ = _slot_for_log(vm, slot, "get_dirty_log")
     memslot = vm.memslot_sets[as_id].by_id.get(id_)
     if memslot is None or memslot.dirty_bitmap is None:
@@ -77,7 +106,9 @@ def kvm_get_dirty_log_protect(vm: Kvm, slot: int) -> list[int]:
         return bitmap.pages()
     snapshot = []
     flush = False
-    with vm.mmu_lock:
+    lock = vm.mmu_lock
+    yield from lock.write_lock(DLOG_LOCK_WAIT)
+    try:
         for i in sorted(bitmap.nonzero):
             mask = bitmap.xchg(i)
             if not mask:
@@ -90,14 +121,17 @@ def kvm_get_dirty_log_protect(vm: Kvm, slot: int) -> list[int]:
                 snapshot.append(base + low.bit_length() - 1)
                 word ^= low
             vm.hook.enable_log_dirty_pt_masked(vm=vm, slot=memslot, gfn_offset=base, mask=mask)
+    finally:
+        lock.write_unlock()
     if flush:
+        yield DLOG_UNLOCKED_BEFORE_FLUSH
         vm.flush_remote_tlbs_memslot(memslot)
     vm.stats["get_dirty_log"] += 1
     return snapshot
 
 
 def kvm_clear_dirty_log_protect(vm: Kvm, slot: int, first_page: int, num_pages: int,
-                                pages) -> None:
+                                pages):
     """KVM_CLEAR_DIRTY_LOG (kvm_clear_dirty_log_protect). ``pages`` are slot-relative page
     offsets to clear (the bits userspace sets in its bitmap)."""
     if "manual_dirty_protect" not in vm.arch_capabilities:
@@ -133,7 +167,9 @@ def kvm_clear_dirty_log_protect(vm: Kvm, slot: int, first_page: int, num_pages: 
     vm.hook.sync_dirty_log(vm=vm, slot=memslot)
     bitmap = memslot.dirty_bitmap
     flush = False
-    with vm.mmu_lock:
+    lock = vm.mmu_lock
+    yield from lock.write_lock(DLOG_LOCK_WAIT)
+    try:
         for k in sorted(masks):
             offset = first_page + (k << 6)
             mask = masks[k] & bitmap.fetch_andnot(offset >> 6, masks[k])
@@ -141,7 +177,10 @@ def kvm_clear_dirty_log_protect(vm: Kvm, slot: int, first_page: int, num_pages: 
                 flush = True
                 vm.hook.enable_log_dirty_pt_masked(vm=vm, slot=memslot, gfn_offset=offset,
                                                    mask=mask)
+    finally:
+        lock.write_unlock()
     if flush:
+        yield DLOG_UNLOCKED_BEFORE_FLUSH
         vm.flush_remote_tlbs_memslot(memslot)
     vm.stats["clear_dirty_log"] += 1
 
@@ -164,7 +203,7 @@ def enable_manual_protect(vm: Kvm, args0: int) -> None:
     vm.manual_dirty_log_protect = args0
 
 
-def kvm_dirty_ring_reset(vm: Kvm, ring: DirtyRing) -> int:
+def kvm_dirty_ring_reset(vm: Kvm, ring: DirtyRing):
     """kvm_dirty_ring_reset: reset harvested entries in ring order, batching offsets of
     one slot within 64 of each other into one masked re-protect."""
     count = 0
@@ -188,17 +227,17 @@ def kvm_dirty_ring_reset(vm: Kvm, ring: DirtyRing) -> int:
                 mask = ((mask << -delta) & U64_MASK) | 1
                 continue
         if not first_round:
-            kvm_reset_dirty_gfn(vm, cur_slot, cur_offset, mask)
+            yield from kvm_reset_dirty_gfn(vm, cur_slot, cur_offset, mask)
         cur_slot, cur_offset, mask = next_slot, next_offset, 1
         first_round = False
     if not first_round:
-        kvm_reset_dirty_gfn(vm, cur_slot, cur_offset, mask)
+        yield from kvm_reset_dirty_gfn(vm, cur_slot, cur_offset, mask)
     if not ring.soft_full():
         ring.soft_full_request = False
     return count
 
 
-def kvm_reset_dirty_gfn(vm: Kvm, slot_id: int, offset: int, mask: int) -> None:
+def kvm_reset_dirty_gfn(vm: Kvm, slot_id: int, offset: int, mask: int):
     """kvm_reset_dirty_gfn: silently ignores bad slots and out-of-range offsets."""
     as_id, id_ = slot_id >> 16, slot_id & 0xFFFF
     if as_id >= vm.nr_address_spaces or id_ >= kvm_user_mem_slots(vm.arch_info):
@@ -206,8 +245,12 @@ def kvm_reset_dirty_gfn(vm: Kvm, slot_id: int, offset: int, mask: int) -> None:
     memslot = vm.memslot_sets[as_id].by_id.get(id_)
     if memslot is None or offset + mask.bit_length() - 1 >= memslot.npages:
         return
-    with vm.mmu_lock:
+    lock = vm.mmu_lock
+    yield from lock.write_lock(RING_RESET_BATCH)
+    try:
         vm.hook.enable_log_dirty_pt_masked(vm=vm, slot=memslot, gfn_offset=offset, mask=mask)
+    finally:
+        lock.write_unlock()
 
 
 def enable_dirty_ring(vm: Kvm, size: int) -> None:
@@ -231,13 +274,18 @@ def enable_dirty_ring(vm: Kvm, size: int) -> None:
     vm.dirty_ring_size = size
 
 
-def reset_dirty_rings(vm: Kvm) -> int:
-    """KVM_RESET_DIRTY_RINGS (kvm_vm_ioctl_reset_dirty_pages)."""
+def reset_dirty_rings(vm: Kvm):
+    """KVM_RESET_DIRTY_RINGS (kvm_vm_ioctl_reset_dirty_pages), a flow: every vCPU's ring
+    under slots_lock, each batch under kvm->mmu_lock; one flush at the end."""
     if not vm.dirty_ring_size:
         raise KvmError(errno.EINVAL, "reset_dirty_rings: the dirty ring is not enabled")
     cleared = 0
-    for vcpu in vm.vcpus:
-        cleared += kvm_dirty_ring_reset(vm, vcpu.dirty_ring)
+    yield from vm.slots_lock.lock(DLOG_SLOTS_LOCK_WAIT)
+    try:
+        for vcpu in vm.vcpus:
+            cleared += yield from kvm_dirty_ring_reset(vm, vcpu.dirty_ring)
+    finally:
+        vm.slots_lock.unlock()
     if cleared:
         vm.flush_remote_tlbs()
     return cleared

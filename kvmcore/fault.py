@@ -9,6 +9,7 @@ lookup, MMU lock, staleness check, install. See shared/reference/core.md §2.5 a
 from __future__ import annotations
 
 import errno
+from types import GeneratorType
 
 from .errors import KvmError
 from .exits import memory_fault_exit
@@ -17,62 +18,81 @@ from .uapi import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_RETRY
 
 # --------------------------------------------------------------------------- the flow
 
-#: Where the fault path yields: Linux runs these stretches without the MMU lock, so another
-#: flow (an invalidation, a conversion, another vCPU's fault) may run here.
-AFTER_SNAPSHOT = "after_snapshot"   # mmu_invalidate_seq read; attributes and pfn not yet
-BEFORE_LOCK = "before_lock"         # pfn resolved; MMU lock not yet taken
-RACE_POINTS = (AFTER_SNAPSHOT, BEFORE_LOCK)
+#: Race points of the generic fault path, named after Linux's boundaries (reference/races.md
+#: §1): the mmu_invalidate_seq snapshot has been read (x86 kvm_mmu_faultin_pfn, arm64
+#: user_mem_abort, ppc kvmppc_book3s_instantiate_page), and the pfn is held while the fault
+#: waits for kvm->mmu_lock. Backends add their own inside the install (the compare-and-exchange
+#: of an entry under the read lock).
+PF_SEQ_SNAPSHOT = "pf_seq_snapshot"
+PF_LOCK_WAIT = "pf_lock_wait"
+RACE_POINTS = (PF_SEQ_SNAPSHOT, PF_LOCK_WAIT)
+#: The names these points had before they were named after Linux's boundaries.
+AFTER_SNAPSHOT, BEFORE_LOCK = PF_SEQ_SNAPSHOT, PF_LOCK_WAIT
 
 
 def is_page_fault_stale(vm, fault: PageFault) -> bool:
     """is_page_fault_stale: an invalidation of this gfn in progress, or any completed since
-    the snapshot. Also stale: a memslot update since the fault started — Linux's updater
-    waits for the fault's SRCU read side (synchronize_srcu) instead; a single-threaded model
-    cannot wait, so the fault retries."""
-    if vm.memslot_sets[fault.as_id].generation != fault.memslot_gen:
-        return True
+    the snapshot (mmu_invalidate_retry_gfn).
+
+    A memslot update does not make a fault stale: the fault holds kvm->srcu from its slot
+    lookup to its end, so kvm_swap_active_memslots' synchronize_srcu waits for it, and the
+    update's flush then zaps whatever it installed in the old slot."""
     return vm.mmu_invalidate.retry_gfn(fault.mmu_seq, fault.gfn)
 
 
 def kvm_page_fault(vm, fault: PageFault):
-    """The generic fault path, as a generator that yields at ``RACE_POINTS`` and returns a
-    RET_PF_* code (or raises a VcpuExit / KvmError).
+    """The generic fault path, as a generator that yields at its race points and returns a
+    RET_PF_* code (or raises a VcpuExit / KvmError). The caller holds kvm->srcu.
 
     Order (x86 kvm_tdp_page_fault -> kvm_mmu_faultin_pfn -> kvm_tdp_mmu_map; arm64
-    user_mem_abort / gmem_abort): memslot lookup; fast path; no slot (private -> memory-fault
-    exit, shared -> MMIO); slot being deleted or moved -> retry; snapshot; private/shared
-    check; faultin_pfn; MMU lock; staleness check; relax_perms or map_leaf.
-
-    ``kvm_page_fault_direct`` runs the same three steps without the yields; both are built
-    from ``fault_begin`` / ``fault_faultin`` / ``fault_install`` so they cannot drift.
-    """
+    user_mem_abort / gmem_abort; ppc kvmppc_book3s_radix_page_fault): memslot lookup; fast
+    path; no slot (private -> memory-fault exit, shared -> MMIO); slot being deleted or moved
+    -> retry; snapshot; private/shared check; faultin_pfn; mmu_lock (for read where it is an
+    rwlock); staleness check; relax_perms or map_leaf, which may yield at their own
+    compare-and-exchange points (a backend's hook written as a generator)."""
     r = fault_begin(vm, fault)
     if r is not None:
         return r
-    yield AFTER_SNAPSHOT
+    lock = vm.mmu_lock
+    if fault.slot is None:
+        # kvm_handle_noslot_fault: an MMIO access; x86 caches it in an MMIO SPTE, installed
+        # by the map path under the read lock.
+        yield from lock.read_lock(PF_LOCK_WAIT)
+        try:
+            vm.hook.handle_noslot_fault(vm=vm, fault=fault)
+        finally:
+            lock.read_unlock()
+        return RET_PF_EMULATE
+    yield PF_SEQ_SNAPSHOT
     r = fault_faultin(vm, fault)
     if r != RET_PF_CONTINUE:
         return r
-    yield BEFORE_LOCK
-    return fault_install(vm, fault)
-
-
-def kvm_page_fault_direct(vm, fault: PageFault) -> int:
-    """``kvm_page_fault`` for a caller that runs nothing at the race points (every plain
-    guest access): the same steps, without a generator to drive."""
-    r = fault_begin(vm, fault)
-    if r is not None:
+    yield from lock.read_lock(PF_LOCK_WAIT)
+    try:
+        if is_page_fault_stale(vm, fault):
+            vm.stats["fault_retry_stale"] += 1
+            vm.trace("fault.retry", gfn=fault.gfn, seq=fault.mmu_seq)
+            return RET_PF_RETRY
+        r = None
+        if fault.kind == PERMISSION:
+            r = vm.relax_perms(vm=vm, fault=fault)
+            if type(r) is GeneratorType:
+                r = yield from r
+            if r is not None:
+                vm.stats["relax_perms"] += 1
+        if r is None:
+            r = vm.map_leaf(vm=vm, fault=fault)
+            if type(r) is GeneratorType:
+                r = yield from r
         return r
-    r = fault_faultin(vm, fault)
-    if r != RET_PF_CONTINUE:
-        return r
-    return fault_install(vm, fault)
+    finally:
+        lock.read_unlock()
 
 
 def fault_begin(vm, fault: PageFault) -> int | None:
-    """Up to the snapshot (kvm_mmu_do_page_fault's slot lookup, fast_page_fault,
-    kvm_handle_noslot_fault, the KVM_MEMSLOT_INVALID retry, then mmu_invalidate_seq):
-    a RET_PF_* code when the fault ends here, None to go on."""
+    """Up to the snapshot (kvm_mmu_do_page_fault's slot lookup, fast_page_fault, the private
+    no-slot exit, the KVM_MEMSLOT_INVALID retry, then mmu_invalidate_seq): a RET_PF_* code
+    when the fault ends here, None to go on (``fault.slot`` None: an MMIO access)."""
     # The slot is known before the fast path, as in kvm_mmu_do_page_fault.
     slots = vm.memslot_sets[fault.as_id]
     slot = fault.slot = slots.search(fault.gfn)
@@ -83,14 +103,11 @@ def fault_begin(vm, fault: PageFault) -> int | None:
     if slot is None:
         if fault.is_private:
             raise memory_fault_exit(vm, fault)
-        with vm.mmu_lock:
-            vm.hook.handle_noslot_fault(vm=vm, fault=fault)
-        return RET_PF_EMULATE
+        return None
     if slot.invalid:
         if fault.prefetch:
             raise KvmError(errno.EAGAIN, "pre_fault_memory: the memslot is being updated")
         return RET_PF_RETRY
-    fault.memslot_gen = slots.generation
     fault.mmu_seq = vm.mmu_invalidate.seq
     return None
 
@@ -104,26 +121,8 @@ def fault_faultin(vm, fault: PageFault) -> int:
     return vm.faultin_pfn(vm=vm, fault=fault)
 
 
-def fault_install(vm, fault: PageFault) -> int:
-    """Under the MMU lock: is_page_fault_stale, then relax_perms for a permission fault
-    (arm64's stage-2 relax) or map_leaf."""
-    with vm.mmu_lock:
-        if is_page_fault_stale(vm, fault):
-            vm.stats["fault_retry_stale"] += 1
-            vm.trace("fault.retry", gfn=fault.gfn, seq=fault.mmu_seq)
-            return RET_PF_RETRY
-        r = None
-        if fault.kind == PERMISSION:
-            r = vm.relax_perms(vm=vm, fault=fault)
-            if r is not None:
-                vm.stats["relax_perms"] += 1
-        if r is None:
-            r = vm.map_leaf(vm=vm, fault=fault)
-    return r
-
-
-def run_to_completion(steps) -> int:
-    """Drive a fault generator to its end and return its result."""
+def run_to_completion(steps):
+    """Drive a flow (or a bare generator) to its end and return its result."""
     try:
         while True:
             next(steps)

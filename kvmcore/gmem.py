@@ -20,6 +20,7 @@ from sortedcontainers import SortedKeyList
 from .args import integer, u64
 from .errors import EHWPOISON, KvmError
 from .host import SigBus
+from .locks import Mutex, Steps, steppable
 from .records import GfnRange
 from .mmu_notifier import kvm_mmu_unmap_gfn_range
 from .uapi import (
@@ -56,6 +57,9 @@ class GmemInode:
         self.folios: dict[int, int] = {}
         self.poisoned: set[int] = set()
         self.files: list[GuestMemfd] = []
+        #: filemap_invalidate_lock of the inode's mapping: punch hole, allocation and release
+        #: exclude each other (kvm_gmem_get_pfn does not take it).
+        self.invalidate_lock = Mutex("gmem_invalidate_lock")
 
     @property
     def npages(self) -> int:
@@ -96,19 +100,34 @@ class GmemInode:
         base, pfn = self.get_folio(index)
         return pfn + index - base
 
-    def invalidate_begin(self, start: int, end: int) -> None:
-        for f in self.files:
-            f.invalidate_begin(start, end, self.invalidate_filter())
+    def invalidate_begin(self, start: int, end: int):
+        """kvm_gmem_invalidate_begin: every file (VM) viewing the inode."""
+        for f in list(self.files):
+            yield from f.invalidate_begin(start, end, self.invalidate_filter())
 
-    def invalidate_end(self, start: int, end: int) -> None:
-        for f in self.files:
-            f.invalidate_end(start, end)
+    def invalidate_end(self, start: int, end: int):
+        for f in list(self.files):
+            yield from f.invalidate_end(start, end)
 
-    def punch_hole(self, start: int, end: int) -> None:
-        """kvm_gmem_punch_hole: invalidate, truncate, end. Folios entirely inside go; the
-        covered pages of a folio that straddles an edge are zeroed (truncate_inode_pages_range
-        zeroes what it cannot drop)."""
-        self.invalidate_begin(start, end)
+    def punch_hole(self, start: int, end: int):
+        """kvm_gmem_punch_hole, a flow: under the inode's invalidate lock, invalidate (zap),
+        truncate, end. Folios entirely inside go; the covered pages of a folio that straddles
+        an edge are zeroed (truncate_inode_pages_range zeroes what it cannot drop). Race
+        points: ``gmem_inval_lock_wait``, the begin's and end's mmu_lock waits, and
+        ``gmem_begin_done`` (zapped, not yet truncated: a fault gets the old folio, then
+        retries at the mmu_lock)."""
+        yield from self.invalidate_lock.lock("gmem_inval_lock_wait")
+        try:
+            yield from self.invalidate_begin(start, end)
+            yield "gmem_begin_done"
+            self._truncate(start, end)
+            yield from self._zap_host_ptes(start, end)
+            yield from self.invalidate_end(start, end)
+        finally:
+            self.invalidate_lock.unlock()
+
+    def _truncate(self, start: int, end: int) -> None:
+        """truncate_inode_pages_range."""
         size = 1 << self.order
         for base in [b for b in self.folios if b + size > start and b < end]:
             pfn = self.folios[base]
@@ -121,10 +140,8 @@ class GmemInode:
             else:
                 for i in range(max(start, base) - base, min(end, base + size) - base):
                     self.host.frames.pop(pfn + i, None)
-        self._zap_host_ptes(start, end)
-        self.invalidate_end(start, end)
 
-    def _zap_host_ptes(self, start: int, end: int) -> None:
+    def _zap_host_ptes(self, start: int, end: int):
         """Truncation unmaps the pages from userspace mappings of the file too."""
         for vma in list(self.host.vmas):
             if vma.backing is self:
@@ -132,17 +149,23 @@ class GmemInode:
                 hi = min(end, vma.pgoff + ((vma.end - vma.start) >> PAGE_SHIFT))
                 if lo < hi:
                     hva = vma.start + ((lo - vma.pgoff) << PAGE_SHIFT)
-                    with self.host.invalidating(hva, (hi - lo) << PAGE_SHIFT):
-                        self.host._zap_ptes(hva, hva + ((hi - lo) << PAGE_SHIFT))
+                    length = (hi - lo) << PAGE_SHIFT
+                    yield from self.host._invalidate_start(hva, length)
+                    self.host._zap_ptes(hva, hva + length)
+                    yield from self.host._invalidate_end(hva, length)
 
-    def error_folio(self, index: int) -> None:
-        """kvm_gmem_error_folio: invalidate the folio's range, do not truncate; later
+    def error_folio(self, index: int):
+        """kvm_gmem_error_folio, a flow: invalidate the folio's range, do not truncate; later
         get_pfn gives -EHWPOISON."""
         base = index & ~((1 << self.order) - 1)
         end = base + (1 << self.order)
         self.poisoned.update(range(base, end))
-        self.invalidate_begin(base, end)
-        self.invalidate_end(base, end)
+        yield from self.invalidate_lock.lock("gmem_inval_lock_wait")
+        try:
+            yield from self.invalidate_begin(base, end)
+            yield from self.invalidate_end(base, end)
+        finally:
+            self.invalidate_lock.unlock()
 
 
 class GuestMemfd:
@@ -186,9 +209,13 @@ class GuestMemfd:
         found = self.bindings_in(index, index + 1)
         return found[0][2] if found else None
 
-    def invalidate_begin(self, start: int, end: int, attr_filter: int) -> None:
-        """__kvm_gmem_invalidate_begin."""
+    def invalidate_begin(self, start: int, end: int, attr_filter: int):
+        """__kvm_gmem_invalidate_begin, a flow: at the first bound slot, wait for kvm->mmu_lock
+        (``gmem_begin_lock_wait``) and begin the invalidation; zap each binding's gfns of the
+        filter's alias; flush before unlocking. No SRCU: bindings are stable under the
+        inode's invalidate lock."""
         vm = self.vm
+        lock = vm.mmu_lock
         found = False
         flush = False
         try:
@@ -199,24 +226,38 @@ class GuestMemfd:
                 rng = GfnRange(slot, slot.base_gfn + s - pgoff, slot.base_gfn + e - pgoff,
                                0, attr_filter, True, False)
                 if not found:
+                    yield from lock.write_lock("gmem_begin_lock_wait")
                     found = True
-                    vm.mmu_lock.acquire()
                     vm.mmu_invalidate_begin()
-                flush |= kvm_mmu_unmap_gfn_range(vm, rng)
+                flush |= yield from kvm_mmu_unmap_gfn_range(vm, rng)
             if flush:
                 vm.flush_remote_tlbs()
         finally:
             if found:
-                vm.mmu_lock.release()
+                lock.write_unlock()
 
-    def invalidate_end(self, start: int, end: int) -> None:
-        """__kvm_gmem_invalidate_end."""
+    def invalidate_end(self, start: int, end: int):
+        """__kvm_gmem_invalidate_end, a flow: end the invalidation under kvm->mmu_lock when a
+        slot is bound in the range (``gmem_end_lock_wait``)."""
         if self.bindings_in(start, end):
-            with self.vm.mmu_lock:
+            lock = self.vm.mmu_lock
+            yield from lock.write_lock("gmem_end_lock_wait")
+            try:
                 self.vm.mmu_invalidate_end()
+            finally:
+                lock.write_unlock()
 
     # ------------------------------------------------------------------ file operations
 
+    flow_label = "gmem"
+
+    @property
+    def steps(self) -> Steps:
+        """This file's operations started as steppable ``Flow`` objects
+        (``gmem.steps.fallocate(mode, offset, length)``, ``gmem.steps.close()``)."""
+        return Steps(self)
+
+    @steppable
     def fallocate(self, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on the file (kvm_gmem_fallocate)."""
         self._check_open()
@@ -240,15 +281,20 @@ class GuestMemfd:
                                          f"aligned to PAGE_SIZE {mask + 1:#x}")
         start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
         if mode & FALLOC_FL_PUNCH_HOLE:
-            self.inode.punch_hole(start, min(end, self.inode.npages))
+            yield from self.inode.punch_hole(start, min(end, self.inode.npages))
             self.vm.stats["gmem_punch_hole"] += 1
             self.vm.trace("gmem.punch_hole", offset=offset, length=length)
             return
         if offset + length > self.size:
             raise KvmError(errno.EINVAL, f"offset={offset:#x} + length={length:#x} is beyond "
                                          f"the file's size {self.size:#x}")
-        for index in range(start, end, 1 << self.inode.order):
-            self.inode.get_folio(index)
+        lock = self.inode.invalidate_lock
+        yield from lock.lock("gmem_inval_lock_wait")
+        try:
+            for index in range(start, end, 1 << self.inode.order):
+                self.inode.get_folio(index)
+        finally:
+            lock.unlock()
 
     def mmap(self) -> int:
         """mmap(2) of the file, MAP_SHARED (kvm_gmem_mmap): needs GUEST_MEMFD_FLAG_MMAP."""
@@ -258,17 +304,23 @@ class GuestMemfd:
                                          "GUEST_MEMFD_FLAG_MMAP")
         return self.vm.host.mmap(self.size, "rw", kind="gmem", backing=self.inode)
 
+    @steppable
     def close(self) -> None:
-        """The last reference goes (kvm_gmem_release): bound slots lose the file, every
-        mapping from it is zapped; the inode's memory stays."""
+        """The last reference goes (kvm_gmem_release): under the inode's invalidate lock,
+        bound slots lose the file and every mapping from it is zapped; the inode's memory
+        stays."""
         if self.closed:
             return
         inode = self.inode
-        for _s, _e, slot in list(self.bindings):
-            slot.gmem_file = None
-        everything = 1 << 62
-        self.invalidate_begin(0, everything, inode.invalidate_filter())
-        self.invalidate_end(0, everything)
+        yield from inode.invalidate_lock.lock("gmem_inval_lock_wait")
+        try:
+            for _s, _e, slot in list(self.bindings):
+                slot.gmem_file = None
+            everything = 1 << 62
+            yield from self.invalidate_begin(0, everything, inode.invalidate_filter())
+            yield from self.invalidate_end(0, everything)
+        finally:
+            inode.invalidate_lock.unlock()
         inode.files.remove(self)
         self.bindings.clear()
         self.closed = True

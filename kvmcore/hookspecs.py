@@ -179,8 +179,10 @@ def unmap_gfn_range(vm: Kvm, range: GfnRange) -> bool:
 def flush_shadow_memslot(vm: Kvm, slot: Memslot) -> bool | None:
     """Zap ``slot``'s mappings before a DELETE or MOVE commits
     (kvm_arch_flush_shadow_memslot), under the slots lock, after the slot's INVALID copy was
-    published. Default: ``unmap_gfn_range`` over the whole slot with
-    ``KVM_FILTER_PRIVATE | KVM_FILTER_SHARED`` and a flush."""
+    published and the faults that still used the old one have ended, with ``vm.mmu_lock``
+    held for write by the core. Default: ``unmap_gfn_range`` over the whole slot with
+    ``KVM_FILTER_PRIVATE | KVM_FILTER_SHARED`` and a flush. May be a generator (a flow whose
+    race points the core yields)."""
 
 
 # --------------------------------------------------------------------------- memslots

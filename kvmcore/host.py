@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import GeneratorType
 
 import attrs
 import structlog
@@ -41,6 +42,7 @@ from sortedcontainers import SortedKeyList
 
 from .args import buffer, flag, integer, string, u64
 from .errors import EHWPOISON, KvmError
+from .locks import Steps, drive, steppable
 from .uapi import PAGE_SHIFT, PAGE_SIZE, SZ_1G, SZ_2M
 
 logger = structlog.get_logger(__name__)
@@ -197,17 +199,35 @@ class HostMemory:
     @contextmanager
     def invalidating(self, hva: int, length: int) -> Iterator[None]:
         """mmu_notifier_invalidate_range_start / _end around a change of ``[hva, hva+length)``.
-        Public so that a test can hold an invalidation open while other flows run."""
+        Public so that a test can hold an invalidation open while other flows run (the
+        steppable host operations, ``host.steps.munmap(...)``, pause inside theirs)."""
         integer("hva", hva)
         integer("length", length)
-        start, end = hva, hva + length
-        for n in list(self.notifiers):
-            n.invalidate_range_start(start, end)
+        drive(self._invalidate_start(hva, length))
         try:
             yield
         finally:
-            for n in list(self.notifiers):
-                n.invalidate_range_end(start, end)
+            drive(self._invalidate_end(hva, length))
+
+    def _invalidate_start(self, hva: int, length: int):
+        """mmu_notifier_invalidate_range_start on every registered VM, then the window in
+        which the host changes its page table with no KVM lock held (``mn_host_window``)."""
+        for n in list(self.notifiers):
+            yield from _flow(n.invalidate_range_start(hva, hva + length))
+        yield "mn_host_window"
+
+    def _invalidate_end(self, hva: int, length: int):
+        """mmu_notifier_invalidate_range_end on every registered VM."""
+        for n in list(self.notifiers):
+            yield from _flow(n.invalidate_range_end(hva, hva + length))
+
+    flow_label = "host"
+
+    @property
+    def steps(self) -> Steps:
+        """This host's mm operations started as steppable ``Flow`` objects
+        (``host.steps.munmap(hva, length)``; see ``kvmcore.locks``)."""
+        return Steps(self)
 
     # ------------------------------------------------------------------ VMAs
 
@@ -380,7 +400,12 @@ class HostMemory:
 
     def handle_mm_fault(self, hva: int, write: bool) -> None:
         """Make ``hva`` present (and writable for a write), as a user fault would.
-        Raises SigSegv (no VMA, protection) or SigBus (hwpoison, gmem rules)."""
+        Raises SigSegv (no VMA, protection) or SigBus (hwpoison, gmem rules). A COW break
+        runs its invalidation within the caller's stretch (get_user_pages from a KVM fault)."""
+        drive(self._handle_mm_fault(hva, write))
+
+    def _handle_mm_fault(self, hva: int, write: bool):
+        """handle_mm_fault as a flow: a COW break yields at its invalidation's race points."""
         vma = self.find_vma(hva)
         if vma is None:
             raise SigSegv(f"hva={hva:#x}: no mapping")
@@ -398,7 +423,7 @@ class HostMemory:
             if not write or writable:
                 return
             if vma.kind == "anon" and pfn == self.zero_pfn:
-                self._cow_break(vma, hva)
+                yield from self._cow_break(vma, hva)
             else:
                 # wp_page_reuse: an exclusive or shared page just becomes writable; the pfn
                 # does not change, so no notifier fires.
@@ -406,10 +431,12 @@ class HostMemory:
             return
         self._fault_in(vma, hva, write)
 
-    def _cow_break(self, vma: Vma, hva: int) -> None:
+    def _cow_break(self, vma: Vma, hva: int):
+        """do_wp_page on the shared zero page: a new frame, inside an invalidation."""
         page = hva & ~(self.page_size - 1)
-        with self.invalidating(page, self.page_size):
-            self._set_pte(page, self._alloc(self.nr_frames), True)
+        yield from self._invalidate_start(page, self.page_size)
+        self._set_pte(page, self._alloc(self.nr_frames), True)
+        yield from self._invalidate_end(page, self.page_size)
 
     def _fault_in(self, vma: Vma, hva: int, write: bool) -> None:
         writable = "w" in vma.prot
@@ -487,6 +514,7 @@ class HostMemory:
 
     # ------------------------------------------------------------------ public mm calls
 
+    @steppable
     def munmap(self, hva: int, length: int) -> None:
         """munmap(2): notifiers fire for the whole range, PTEs and VMAs go."""
         self._check_range("munmap", hva, length)
@@ -494,11 +522,13 @@ class HostMemory:
         if not self.vmas_in(hva, end):
             return
         self._split_vmas(hva, end)
-        with self.invalidating(hva, length):
-            self._zap_ptes(hva, end)
-            for vma in self.vmas_in(hva, end):
-                self._forget(vma)
+        yield from self._invalidate_start(hva, length)
+        self._zap_ptes(hva, end)
+        for vma in self.vmas_in(hva, end):
+            self._forget(vma)
+        yield from self._invalidate_end(hva, length)
 
+    @steppable
     def mprotect(self, hva: int, length: int, prot: str) -> None:
         """mprotect(2): removing a permission fires the notifiers (change_protection) and
         downgrades the PTEs; adding one changes only the VMA (the next fault upgrades)."""
@@ -516,10 +546,11 @@ class HostMemory:
         vmas = self._split_vmas(hva, end)
         removes = any(set(v.prot) - set(prot) for v in vmas)
         if removes:
-            with self.invalidating(hva, length):
-                for vma in vmas:
-                    vma.prot = prot
-                self._downgrade(hva, end, prot)
+            yield from self._invalidate_start(hva, length)
+            for vma in vmas:
+                vma.prot = prot
+            self._downgrade(hva, end, prot)
+            yield from self._invalidate_end(hva, length)
         else:
             for vma in vmas:
                 vma.prot = prot
@@ -536,15 +567,18 @@ class HostMemory:
             for key in [k for k in table if lo <= k <= hi]:
                 table[key] = (table[key][0], False)
 
+    @steppable
     def madvise_dontneed(self, hva: int, length: int) -> None:
         """madvise(MADV_DONTNEED): notifiers fire, PTEs go; anonymous pages are freed (the next
         touch sees zeros), shared ones stay in their backing."""
         self._check_range("madvise_dontneed", hva, length)
         if not self.vmas_in(hva, hva + length):
             raise KvmError(errno.ENOMEM, f"madvise_dontneed: hva={hva:#x} is not mapped")
-        with self.invalidating(hva, length):
-            self._zap_ptes(hva, hva + length)
+        yield from self._invalidate_start(hva, length)
+        self._zap_ptes(hva, hva + length)
+        yield from self._invalidate_end(hva, length)
 
+    @steppable
     def migrate(self, hva: int) -> int:
         """Migrate the page (or transparent huge page) at ``hva`` to new frames, as NUMA
         balancing or compaction would: notifiers fire, contents move. Returns the new frame
@@ -561,12 +595,13 @@ class HostMemory:
         old, writable, size = e
         base = hva & ~(size - 1)
         npages = size >> PAGE_SHIFT
-        with self.invalidating(base, size):
-            new = self._alloc(npages)
-            self.copy_frames(old, new, npages)
-            self._set_pte(base, new, writable, size)
-            if vma.kind == "shared":
-                vma.backing.pages[vma.pgoff_of(base)] = new
+        yield from self._invalidate_start(base, size)
+        new = self._alloc(npages)
+        self.copy_frames(old, new, npages)
+        self._set_pte(base, new, writable, size)
+        if vma.kind == "shared":
+            vma.backing.pages[vma.pgoff_of(base)] = new
+        yield from self._invalidate_end(base, size)
         return new + ((hva - base) >> PAGE_SHIFT)
 
     def _thp_block(self, hva: int, name: str) -> tuple[int, int]:
@@ -580,6 +615,7 @@ class HostMemory:
                                          f"{pmd:#x}-aligned anonymous range")
         return base, pmd
 
+    @steppable
     def split_huge_page(self, hva: int) -> None:
         """split_huge_pmd: the THP at ``hva`` becomes PAGE_SIZE PTEs on the same frames; the
         notifiers fire for the PMD's range."""
@@ -588,11 +624,13 @@ class HostMemory:
         e = table.get(base >> (pmd.bit_length() - 1))
         if e is None:
             raise KvmError(errno.EINVAL, f"split_huge_page: no huge page at hva={hva:#x}")
-        with self.invalidating(base, pmd):
-            del table[base >> (pmd.bit_length() - 1)]
-            for off in range(0, pmd, self.page_size):
-                self.ptes[(base + off) >> self.page_shift] = (e[0] + (off >> PAGE_SHIFT), e[1])
+        yield from self._invalidate_start(base, pmd)
+        del table[base >> (pmd.bit_length() - 1)]
+        for off in range(0, pmd, self.page_size):
+            self.ptes[(base + off) >> self.page_shift] = (e[0] + (off >> PAGE_SHIFT), e[1])
+        yield from self._invalidate_end(base, pmd)
 
+    @steppable
     def collapse_huge_page(self, hva: int) -> int:
         """khugepaged's collapse_huge_page: the present PAGE_SIZE pages of a PMD-sized
         THP-enabled range become one new huge page (contents copied); the notifiers fire.
@@ -601,16 +639,18 @@ class HostMemory:
         keys = range(base >> self.page_shift, (base + pmd) >> self.page_shift)
         if not all(k in self.ptes for k in keys):
             raise KvmError(errno.EAGAIN, "collapse_huge_page: not every page is present")
-        with self.invalidating(base, pmd):
-            new = self._alloc(pmd >> PAGE_SHIFT)
-            for i, key in enumerate(keys):
-                pfn, _w = self.ptes.pop(key)
-                if pfn != self.zero_pfn:
-                    self.copy_frames(pfn, new + i * self.nr_frames, self.nr_frames)
-            vma = self.find_vma(hva)
-            self._set_pte(base, new, "w" in vma.prot, pmd)
+        yield from self._invalidate_start(base, pmd)
+        new = self._alloc(pmd >> PAGE_SHIFT)
+        for i, key in enumerate(keys):
+            pfn, _w = self.ptes.pop(key)
+            if pfn != self.zero_pfn:
+                self.copy_frames(pfn, new + i * self.nr_frames, self.nr_frames)
+        vma = self.find_vma(hva)
+        self._set_pte(base, new, "w" in vma.prot, pmd)
+        yield from self._invalidate_end(base, pmd)
         return new
 
+    @steppable
     def poison(self, hva: int) -> None:
         """A memory error on the page at ``hva`` (memory_failure on its pfn)."""
         u64("hva", hva)
@@ -619,10 +659,11 @@ class HostMemory:
             raise KvmError(errno.EFAULT, f"poison: hva={hva:#x} is not mapped")
         e = self.lookup_pte(hva)
         if e is None:
-            self.handle_mm_fault(hva, False)
+            yield from self._handle_mm_fault(hva, False)
             e = self.lookup_pte(hva)
-        self.memory_failure(e[0])
+        yield from self.memory_failure.flow(e[0])
 
+    @steppable
     def memory_failure(self, pfn: int) -> None:
         """memory_failure(pfn): the host page holding frame ``pfn`` is poisoned.
         guest_memfd pages go to the file's error handler (kvm_gmem_error_folio: invalidate,
@@ -633,7 +674,7 @@ class HostMemory:
         owner = self.gmem_frames.get(first)
         if owner is not None:
             inode, index = owner
-            inode.error_folio(index)
+            yield from inode.error_folio(index)
             return
         last = first + self.nr_frames
         hvas = []
@@ -643,9 +684,10 @@ class HostMemory:
                 if e[0] < last and first < e[0] + (size >> PAGE_SHIFT):
                     hvas.append((key << shift) + ((first - e[0]) << PAGE_SHIFT))
         for hva in hvas:
-            with self.invalidating(hva, self.page_size):
-                self._zap_ptes(hva, hva + self.page_size)
-                self.hwpoison_pages.add(hva >> self.page_shift)
+            yield from self._invalidate_start(hva, self.page_size)
+            self._zap_ptes(hva, hva + self.page_size)
+            self.hwpoison_pages.add(hva >> self.page_shift)
+            yield from self._invalidate_end(hva, self.page_size)
 
     def read(self, hva: int, n: int) -> bytes:
         """A host (VMM) read of ``n`` bytes at ``hva``; faults pages in as needed."""
@@ -656,13 +698,14 @@ class HostMemory:
             out += self.read_frame(self.lookup_pte(page_hva)[0], off, chunk)
         return bytes(out)
 
+    @steppable
     def write(self, hva: int, data: bytes) -> None:
         """A host (VMM) write at ``hva``; breaks COW as needed."""
         data = buffer("data", data)
         self._check_io(hva, len(data))
         pos = 0
         for page_hva, off, chunk in _chunks(hva, len(data)):
-            self.handle_mm_fault(page_hva, True)
+            yield from self._handle_mm_fault(page_hva, True)
             self.write_frame(self.lookup_pte(page_hva)[0], off, data[pos:pos + chunk])
             pos += chunk
 
@@ -675,6 +718,7 @@ class HostMemory:
         if not 0 <= hva <= TASK_SIZE - n:
             raise SigSegv(f"hva={hva:#x}, n={n:#x}: outside the user address space")
 
+    @steppable
     def age(self, hva: int, length: int, flush: bool = True) -> bool:
         """Reclaim's referenced check (folio_referenced -> clear_flush_young, or clear_young
         with ``flush=False``, as MGLRU does) on every VM of this host. True if any secondary
@@ -684,10 +728,18 @@ class HostMemory:
         young = False
         for n in list(self.notifiers):
             if flush:
-                young |= n.clear_flush_young(hva, hva + length)
+                young |= yield from _flow(n.clear_flush_young(hva, hva + length))
             else:
-                young |= n.clear_young(hva, hva + length)
+                young |= yield from _flow(n.clear_young(hva, hva + length))
         return young
+
+
+def _flow(result):
+    """A notifier callback's result: KVM's callbacks are flows (generators) that run inside
+    the host's operation; a plain callback (a recorder in a test) has simply returned."""
+    if type(result) is GeneratorType:
+        return (yield from result)
+    return result
 
 
 def _chunks(hva: int, n: int) -> Iterator[tuple[int, int, int]]:

@@ -3,6 +3,8 @@ kvm_handle_gfn_range) and the record handed to backends (struct kvm_gfn_range)."
 
 from __future__ import annotations
 
+from types import GeneratorType
+
 from .records import GfnRange
 from .uapi import KVM_FILTER_SHARED
 
@@ -21,14 +23,17 @@ def _hva_gfn_range(vm, slot, start: int, end: int, arg: int, may_block: bool,
 
 def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
                          flush_on_ret: bool = False, may_block: bool = False,
-                         lockless: bool = False, arg: int = 0) -> tuple[bool, bool]:
-    """kvm_handle_hva_range, the MMU-notifier form (reference §2.2).
+                         lockless: bool = False, arg: int = 0, point: str = "mn_lock_wait"):
+    """kvm_handle_hva_range, the MMU-notifier form (reference §2.2), as a flow: a generator
+    returning ``(ret, found_memslot)``.
 
-    For every slot of every address space whose hva interval meets ``[start, end)``, the gfn
-    range covering it (pages only partly inside included), with KVM_FILTER_SHARED: hva
-    notifications never concern private memory. The MMU lock is taken and ``on_lock`` run at
-    the first slot found; ``handler(vm, range)`` results are ORed. Returns ``(ret,
-    found_memslot)``; with no slot found nothing is locked or called."""
+    Under kvm->srcu, for every slot of every address space whose hva interval meets ``[start,
+    end)``, the gfn range covering it (pages only partly inside included), with
+    KVM_FILTER_SHARED: hva notifications never concern private memory. At the first slot
+    found the flow waits for kvm->mmu_lock (for write) at race point ``point``, takes it and
+    runs ``on_lock``; ``handler(vm, range)`` results (a handler may be a flow itself) are
+    ORed, and a true result flushes every TLB before the lock is dropped. With no slot found
+    nothing is locked or called."""
     if end <= start:
         raise ValueError(f"kvm_handle_hva_range: empty range [{start:#x}, {end:#x})")
     if handler is None and on_lock is None:
@@ -37,6 +42,8 @@ def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
         raise ValueError("kvm_handle_hva_range: lockless walks take no on_lock")
     ret = False
     locked = found = False
+    lock = vm.mmu_lock
+    idx = vm.srcu.read_lock()
     try:
         for slots in vm.memslot_sets:
             for slot in slots.in_hva_range(start, end):
@@ -44,25 +51,23 @@ def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
                 if not found:
                     found = True
                     if not lockless:
-                        vm.mmu_lock.acquire()
+                        yield from lock.write_lock(point)
                         locked = True
                         if on_lock is not None:
                             on_lock()
                     if handler is None:
-                        raise _Done
-                ret |= bool(handler(vm, rng))
+                        return ret, found
+                r = handler(vm, rng)
+                if type(r) is GeneratorType:
+                    r = yield from r
+                ret |= bool(r)
         if flush_on_ret and ret:
             vm.flush_remote_tlbs()
-    except _Done:
-        pass
+        return ret, found
     finally:
         if locked:
-            vm.mmu_lock.release()
-    return ret, found
-
-
-class _Done(Exception):
-    pass
+            lock.write_unlock()
+        vm.srcu.read_unlock(idx)
 
 
 def kvm_handle_hva_range_op(vm, start: int, end: int, op, arg: int = 0) -> int:
@@ -85,27 +90,33 @@ def kvm_handle_hva_range_op(vm, start: int, end: int, op, arg: int = 0) -> int:
 
 def kvm_handle_gfn_range(vm, start: int, end: int, handler, on_lock=None,
                          flush_on_ret: bool = False, may_block: bool = False,
-                         arg: int = 0) -> bool:
-    """kvm_handle_gfn_range (reference §4): the gfn-based walk of the attribute flow. Each
-    slot's part of ``[start, end)``; lock and ``on_lock`` at the first; ``attr_filter`` is
-    left for the arch hook to choose (0 here)."""
+                         arg: int = 0, point: str = "mmu_lock_wait"):
+    """kvm_handle_gfn_range (reference §3): the gfn-based walk of the attribute flow, as a
+    generator returning ``ret``. Each slot's part of ``[start, end)``; at the first, wait
+    for kvm->mmu_lock (for write) at ``point``, take it and run ``on_lock``;
+    ``attr_filter`` is left for the arch hook to choose (0 here). No SRCU: the caller holds
+    slots_lock, which keeps the memslots stable."""
     ret = False
     found = False
+    lock = vm.mmu_lock
     try:
         for slots in vm.memslot_sets:
-            for slot in slots.in_gfn_range(start, end):
+            for slot in list(slots.in_gfn_range(start, end)):
                 s, e = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
                 if s >= e:
                     continue
                 if not found:
+                    yield from lock.write_lock(point)
                     found = True
-                    vm.mmu_lock.acquire()
                     if on_lock is not None:
                         on_lock()
-                ret |= bool(handler(vm, GfnRange(slot, s, e, arg, 0, may_block, False)))
+                r = handler(vm, GfnRange(slot, s, e, arg, 0, may_block, False))
+                if type(r) is GeneratorType:
+                    r = yield from r
+                ret |= bool(r)
         if flush_on_ret and ret:
             vm.flush_remote_tlbs()
     finally:
         if found:
-            vm.mmu_lock.release()
+            lock.write_unlock()
     return ret

@@ -24,7 +24,7 @@ from .dirty_log import DirtyRing
 from .errors import KvmError
 from .host import HostMemory
 from .invalidate import InvalidateState
-from .locks import Mutex, RwLock, Srcu
+from .locks import Mutex, RwLock, Srcu, current
 from .memslots import Memslot, MemslotSet
 from .uapi import (
     KVM_DIRTY_LOG_INITIALLY_SET,
@@ -66,7 +66,6 @@ class Kvm:
         self.attributes = AttributeRanges()
         self.gmem_files: list = []
         self.vcpus: list[KvmVcpu] = []
-        self.running_vcpu: KvmVcpu | None = None
         self.stats: Counter = Counter()
         self.dirty_ring_size = 0
         self.dirty_ring_with_bitmap = False
@@ -117,13 +116,22 @@ class Kvm:
         supported = supported_mem_attributes(self.capabilities)
         return self.attributes.has(start, end, mask & supported, attrs)
 
-    def mark_page_dirty_in_slot(self, slot: Memslot | None, gfn: int) -> None:
+    @property
+    def running_vcpu(self) -> KvmVcpu | None:
+        """kvm_get_running_vcpu: the vCPU whose flow is running now, if it is one of this
+        VM's."""
+        vcpu = current().vcpu
+        return vcpu if vcpu is not None and vcpu.vm is self else None
+
+    def mark_page_dirty_in_slot(self, slot: Memslot | None, gfn: int,
+                                vcpu: KvmVcpu | None = None) -> None:
         """mark_page_dirty_in_slot: the running vCPU's ring if rings are on, else the
-        bitmap."""
+        bitmap. ``vcpu`` names the vCPU explicitly (kvm_vcpu_mark_page_dirty)."""
         if slot is None or not slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
             return
         rel = gfn - slot.base_gfn
-        vcpu = self.running_vcpu
+        if vcpu is None:
+            vcpu = self.running_vcpu
         if self.dirty_ring_size and vcpu is not None:
             vcpu.dirty_ring.push(slot.slot_id, rel)
         elif slot.dirty_bitmap is not None:
@@ -153,7 +161,12 @@ class Kvm:
         return self.mmu_invalidate.in_progress
 
     def flush_remote_tlbs(self) -> None:
-        """kvm_flush_remote_tlbs: every vCPU's TLB."""
+        """kvm_flush_remote_tlbs: every vCPU's TLB. x86 makes KVM_REQ_TLB_FLUSH on every vCPU
+        and waits until those in guest mode have taken it; arm64 flushes the VMID at once.
+        In the model no vCPU is in guest mode while another flow runs, so both come to the
+        TLBs being empty when this returns. Until a flow calls this, every vCPU keeps its
+        entries: a flow paused between a zap and its flush, or one that forgets the flush,
+        leaves vCPUs reading through stale translations."""
         self.stats["tlb_flush"] += 1
         for vcpu in self.vcpus:
             vcpu.tlb.clear()

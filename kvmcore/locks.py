@@ -30,7 +30,13 @@ READ, WRITE = "read", "write"
 
 
 class WouldBlock(RuntimeError):
-    """A flow driven by a plain call needs a lock or a wait that a paused flow holds."""
+    """A flow needs a lock or a wait that a paused flow holds. From a plain call, ``flow`` is
+    the call's own flow, left paused where Linux's thread would sleep (holding what it
+    holds): run it on (``flow.run()``) once the holder has moved, or ``close()`` it."""
+
+    def __init__(self, message: str, flow: Flow | None = None):
+        super().__init__(message)
+        self.flow = flow
 
 
 class Flow:
@@ -38,12 +44,14 @@ class Flow:
     stretch. ``next(flow)`` runs one stretch and returns the race point it stopped at;
     ``StopIteration.value`` (and ``result``) is the flow's result when it ends."""
 
-    __slots__ = ("name", "gen", "point", "done", "result", "error", "wait", "held",
+    __slots__ = ("name", "gen", "point", "done", "result", "error", "wait", "held", "vcpu",
                  "__weakref__")
 
-    def __init__(self, name: str, gen=None):
+    def __init__(self, name: str, gen=None, vcpu=None):
         self.name = name
         self.gen = gen
+        #: The vCPU this thread runs (kvm_get_running_vcpu), or None.
+        self.vcpu = vcpu
         #: The race point the flow is paused at (None before its first step).
         self.point: str | None = None
         self.done = False
@@ -88,7 +96,7 @@ class Flow:
         wait = self.wait
         if wait is not None and not wait.ready(self):
             raise WouldBlock(f"{self.name} at {self.point}: needs {wait.describe()}, "
-                             f"held by {wait.holder_names(self)}")
+                             f"held by {wait.holder_names(self)}", self)
         global _current
         prev, _current = _current, self
         try:
@@ -119,6 +127,9 @@ class Flow:
     def close(self) -> None:
         """Abandon a paused flow: its ``finally`` blocks release what it holds, as if the
         thread were killed there; whatever else it changed stays."""
+        if self.done or self.gen is None:
+            self.done = True
+            return
         global _current
         prev, _current = _current, self
         try:
@@ -126,6 +137,16 @@ class Flow:
         finally:
             _current = prev
             self.done = True
+            self.wait = None
+
+    def __del__(self):
+        # A flow dropped while paused is closed as its own thread, so that what it holds is
+        # released by its holder.
+        if not self.done and self.gen is not None:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - nothing can be raised from a finalizer
+                pass
 
 
 #: The flow whose stretch is running. Outside any flow (a plain call at the top level), a
@@ -140,6 +161,24 @@ def current() -> Flow:
 def run(gen, name: str = "call"):
     """A plain call: drive the flow ``gen`` to its end in a flow of its own."""
     return Flow(name, gen).run()
+
+
+def drive(gen):
+    """Run the generator ``gen`` to its end inside the current flow's stretch, without
+    pausing at its race points: for a nested flow Linux runs in the same thread where the
+    model cannot yield (a COW break inside get_user_pages, reached through a hook). Raises
+    WouldBlock where it would have to wait for a paused flow."""
+    flow = _current
+    try:
+        while True:
+            gen.send(None)
+            wait = flow.wait
+            if wait is not None and not wait.ready(flow):
+                gen.close()
+                raise WouldBlock(f"{flow.name}: a nested flow needs {wait.describe()}, held "
+                                 f"by {wait.holder_names(flow)}")
+    except StopIteration as stop:
+        return stop.value
 
 
 # --------------------------------------------------------------------------- waits
@@ -236,6 +275,11 @@ class RwLock:
 
     def write_unlock(self) -> None:
         self._drop(WRITE)
+
+    def wait_free(self, point: str, mode: str = WRITE):
+        """Yield at ``point`` until the lock could be taken in ``mode``, without taking it:
+        the stretch after the point calls code that takes it itself (a hook)."""
+        yield from _wait(self, mode, point)
 
     def cond_resched(self, mode: str, point: str):
         """cond_resched_rwlock_write/_read: drop the lock, let others run, take it again."""
@@ -336,6 +380,16 @@ def _wait(lock, mode, point: str):
         flow.wait = None
 
 
+def wait_until(test, text: str, point: str):
+    """Yield at ``point`` until ``test()`` is true (``text`` says what is awaited)."""
+    flow = _current
+    flow.wait = Until(test, text)
+    try:
+        yield point
+    finally:
+        flow.wait = None
+
+
 class Srcu:
     """kvm->srcu: readers never block; ``synchronize`` waits for the read sides that began
     before it (synchronize_srcu_expedited), not for later ones."""
@@ -371,3 +425,77 @@ class Srcu:
             yield point
         finally:
             flow.wait = None
+
+
+# --------------------------------------------------------------------------- starting flows
+
+
+class steppable:
+    """A flow written once, as a generator method. Calling the method runs the flow to its end
+    in a flow of its own (the plain call, ``vm.set_memory_attributes(...)``);
+    ``obj.steps.NAME(...)`` starts the same generator as a ``Flow`` to step. The object names
+    its flows with ``flow_label`` (``"vm"``, ``"vcpu1"``, ``"host"``)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        fn = self.fn
+        name = self.name
+
+        def call(*args, **kwargs):
+            return Flow(f"{obj.flow_label}.{name}", fn(obj, *args, **kwargs),
+                        getattr(obj, "flow_vcpu", None)).run()
+
+        call.__name__ = name
+        call.__doc__ = fn.__doc__
+        #: The generator itself, for a flow that runs this one inside its own.
+        call.flow = lambda *args, **kwargs: fn(obj, *args, **kwargs)
+        return call
+
+
+class Steps:
+    """``obj.steps``: every flow of ``obj`` started as a ``Flow`` instead of run to its end:
+    the methods marked ``steppable``, and the generator methods a class lists in
+    ``step_methods`` (name -> generator function, for methods kept plain because they are
+    hot)."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj):
+        self._obj = obj
+
+    def _generator_of(self, name: str):
+        cls = type(self._obj)
+        attr = getattr(cls, name, None)
+        if isinstance(attr, steppable):
+            return attr.fn
+        return getattr(cls, "step_methods", {}).get(name)
+
+    def __getattr__(self, name: str):
+        fn = self._generator_of(name)
+        if fn is None:
+            raise AttributeError(f"{type(self._obj).__name__}.{name} is not a steppable flow; "
+                                 f"those are: {', '.join(dir(self))}")
+        obj = self._obj
+
+        def start(*args, **kwargs) -> Flow:
+            return Flow(f"{obj.flow_label}.{name}", fn(obj, *args, **kwargs),
+                        getattr(obj, "flow_vcpu", None))
+
+        start.__name__ = name
+        start.__doc__ = fn.__doc__
+        return start
+
+    def __dir__(self):
+        cls = type(self._obj)
+        names = {n for n in dir(cls) if isinstance(getattr(cls, n, None), steppable)}
+        return sorted(names | set(getattr(cls, "step_methods", {})))

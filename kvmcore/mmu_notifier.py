@@ -3,6 +3,7 @@ kvm_mmu_unmap_gfn_range (virt/kvm/kvm_main.c; reference §2.4-2.5)."""
 
 from __future__ import annotations
 
+from types import GeneratorType
 from typing import TYPE_CHECKING
 
 import structlog
@@ -16,10 +17,23 @@ if TYPE_CHECKING:
 logger = structlog.get_logger(__name__)
 
 
-def kvm_mmu_unmap_gfn_range(vm: Kvm, rng: GfnRange) -> bool:
-    """kvm_mmu_unmap_gfn_range: add the range to the invalidation, then the arch zap."""
-    vm.mmu_invalidate.range_add(rng.start, rng.end)
-    flush = bool(vm.hook.unmap_gfn_range(vm=vm, range=rng))
+#: Race points of an invalidation (reference/races.md §2): waiting for kvm->mmu_lock in
+#: invalidate_range_start and _end (only when a memslot overlaps the range), and the host's
+#: window between start and end, where it changes its PTEs with no KVM lock held.
+MN_START_LOCK_WAIT = "mn_start_lock_wait"
+MN_HOST_WINDOW = "mn_host_window"
+MN_END_LOCK_WAIT = "mn_end_lock_wait"
+MN_AGE_LOCK_WAIT = "mn_age_lock_wait"
+
+
+def kvm_unmap_gfn_range(vm: Kvm, rng: GfnRange):
+    """kvm_unmap_gfn_range: the arch zap of ``rng`` (under kvm->mmu_lock for write), counted
+    and traced. A flow: the backend's zap may yield (TDX's BLOCK / TRACK / REMOVE). Returns
+    whether the caller must flush the TLBs."""
+    flush = vm.hook.unmap_gfn_range(vm=vm, range=rng)
+    if type(flush) is GeneratorType:
+        flush = yield from flush
+    flush = bool(flush)
     vm.stats["zap_ranges"] += 1
     if vm.events is not None:
         vm.trace("mmu.zap", slot=rng.slot.slot_id, gfn=rng.start, npages=rng.npages,
@@ -27,60 +41,63 @@ def kvm_mmu_unmap_gfn_range(vm: Kvm, rng: GfnRange) -> bool:
     return flush
 
 
+def kvm_mmu_unmap_gfn_range(vm: Kvm, rng: GfnRange):
+    """kvm_mmu_unmap_gfn_range: add the range to the invalidation, then the arch zap."""
+    vm.mmu_invalidate.range_add(rng.start, rng.end)
+    return (yield from kvm_unmap_gfn_range(vm, rng))
+
+
 class KvmMmuNotifier:
-    """kvm_mmu_notifier_ops: what a VM registers with its host's mm."""
+    """kvm_mmu_notifier_ops: what a VM registers with its host's mm. Each callback is a flow
+    (a generator) that the host's operation runs inside its own."""
 
     def __init__(self, vm: Kvm):
         self.vm = vm
 
-    def invalidate_range_start(self, start: int, end: int, blockable: bool = True) -> None:
+    def invalidate_range_start(self, start: int, end: int, blockable: bool = True):
+        """kvm_mmu_notifier_invalidate_range_start: count the invalidation (a memslot swap
+        now waits for it), then under kvm->mmu_lock begin it and zap every overlapping slot's
+        shared alias, flushing before the lock is dropped."""
         vm = self.vm
         vm.mn_active_invalidate_count += 1
-        _ret, found = kvm_handle_hva_range(vm, start, end, _unmap_handler,
-                                           on_lock=vm.mmu_invalidate_begin,
-                                           flush_on_ret=True, may_block=blockable)
+        _ret, found = yield from kvm_handle_hva_range(
+            vm, start, end, kvm_mmu_unmap_gfn_range, on_lock=vm.mmu_invalidate_begin,
+            flush_on_ret=True, may_block=blockable, point=MN_START_LOCK_WAIT)
         vm.stats["mn_invalidate_start"] += 1
         vm.trace("notifier.invalidate_start", hva=start, length=end - start, slots=found)
 
-    def invalidate_range_end(self, start: int, end: int) -> None:
+    def invalidate_range_end(self, start: int, end: int):
+        """kvm_mmu_notifier_invalidate_range_end: end the invalidation (seq++) under the lock,
+        then uncount it."""
         vm = self.vm
-        kvm_handle_hva_range(vm, start, end, None, on_lock=vm.mmu_invalidate_end)
+        yield from kvm_handle_hva_range(vm, start, end, None, on_lock=vm.mmu_invalidate_end,
+                                        point=MN_END_LOCK_WAIT)
         if vm.mn_active_invalidate_count <= 0:
             raise AssertionError("invalidate_range_end without a start")
         vm.mn_active_invalidate_count -= 1
         vm.trace("notifier.invalidate_end", hva=start, length=end - start)
 
-    def clear_flush_young(self, start: int, end: int) -> bool:
+    def clear_flush_young(self, start: int, end: int):
         """Reclaim's clear_flush_young. Linux flushes when a leaf was young unless
         CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG (x86 sets it); the model flushes, which only makes
         the next access re-walk."""
-        young, _ = kvm_handle_hva_range(self.vm, start, end, _age_handler, flush_on_ret=True)
+        young, _ = yield from kvm_handle_hva_range(self.vm, start, end, _age_handler,
+                                                   flush_on_ret=True, point=MN_AGE_LOCK_WAIT)
         self.vm.stats["mn_clear_flush_young"] += 1
         return young
 
-    def clear_young(self, start: int, end: int) -> bool:
-        young, _ = kvm_handle_hva_range(self.vm, start, end, _age_handler)
+    def clear_young(self, start: int, end: int):
+        young, _ = yield from kvm_handle_hva_range(self.vm, start, end, _age_handler,
+                                                   point=MN_AGE_LOCK_WAIT)
         self.vm.stats["mn_clear_young"] += 1
         return young
 
-    def test_young(self, start: int, end: int) -> bool:
-        young, _ = kvm_handle_hva_range(self.vm, start, start + 1, _test_age_handler)
-        return young
-
     def release(self) -> None:
-        """The mm is going away: kvm_flush_shadow_all."""
+        """The mm is going away: kvm_flush_shadow_all (no vCPU runs any more)."""
         vm = self.vm
         with vm.mmu_lock:
             vm.hook.flush_shadow_all(vm=vm)
 
 
-def _unmap_handler(vm: Kvm, rng: GfnRange) -> bool:
-    return kvm_mmu_unmap_gfn_range(vm, rng)
-
-
 def _age_handler(vm: Kvm, rng: GfnRange) -> bool:
     return bool(vm.hook.age_gfn(vm=vm, range=rng))
-
-
-def _test_age_handler(vm: Kvm, rng: GfnRange) -> bool:
-    return bool(vm.hook.test_age_gfn(vm=vm, range=rng))

@@ -10,12 +10,14 @@ generation that changes on every swap — is kept exactly.
 from __future__ import annotations
 
 import errno
+from types import GeneratorType
 from typing import TYPE_CHECKING
 
 from .args import unsigned
 from .dirty import prepare_dirty_bitmap
 from .errors import KvmError
 from .gmem import kvm_gmem_bind, kvm_gmem_unbind
+from .locks import drive, wait_until
 from .memslots import CHANGE_NAMES, TASK_SIZE, U64, Memslot, kvm_user_mem_slots
 from .uapi import (
     KVM_MEM_GUEST_MEMFD,
@@ -59,7 +61,20 @@ def check_memory_region_flags(vm: Kvm, flags: int) -> None:
 
 def kvm_set_memory_region(vm: Kvm, slot: int, flags: int, guest_phys_addr: int,
                           memory_size: int, userspace_addr: int, guest_memfd=None,
-                          guest_memfd_offset: int = 0) -> None:
+                          guest_memfd_offset: int = 0):
+    """kvm_vm_ioctl_set_memory_region, a flow: the rest under kvm->slots_lock."""
+    yield from vm.slots_lock.lock(SLOTS_LOCK_WAIT)
+    try:
+        return (yield from _kvm_set_memory_region(vm, slot, flags, guest_phys_addr,
+                                                  memory_size, userspace_addr, guest_memfd,
+                                                  guest_memfd_offset))
+    finally:
+        vm.slots_lock.unlock()
+
+
+def _kvm_set_memory_region(vm: Kvm, slot: int, flags: int, guest_phys_addr: int,
+                           memory_size: int, userspace_addr: int, guest_memfd=None,
+                           guest_memfd_offset: int = 0):
     """KVM_SET_USER_MEMORY_REGION2: kvm_vm_ioctl_set_memory_region + kvm_set_memory_region,
     every check in Linux's order (reference §1.2-1.3), then kvm_set_memslot."""
     for name, value, bits in (("slot", slot, 32), ("flags", flags, 32),
@@ -141,56 +156,77 @@ def kvm_set_memory_region(vm: Kvm, slot: int, flags: int, guest_phys_addr: int,
     if new is not None and flags & KVM_MEM_GUEST_MEMFD:
         kvm_gmem_bind(vm, new, guest_memfd, guest_memfd_offset)
     try:
-        kvm_set_memslot(vm, old, new, change)
+        yield from kvm_set_memslot(vm, old, new, change)
     except BaseException:
         if new is not None and new.gmem_file is not None:
             kvm_gmem_unbind(new)
         raise
 
 
-def _swap_generation(vm: Kvm, as_id: int) -> None:
-    """kvm_swap_active_memslots' generation update: bit 63 while in flux, then
-    + nr_address_spaces."""
+#: Race points of a memslot update (reference/races.md §5): waiting for slots_lock; waiting
+#: for MMU-notifier invalidations to end before a swap; after a swap is published, waiting
+#: for the SRCU readers (faults) that started before it; waiting for kvm->mmu_lock to flush
+#: the old slot; waiting for it before the arch commit, which takes it.
+SLOTS_LOCK_WAIT = "slots_lock_wait"
+SLOT_SWAP_WAIT_MN = "slot_swap_wait_mn"
+SLOT_SRCU_SYNC = "slot_srcu_sync"
+SLOT_FLUSH_LOCK_WAIT = "slot_flush_lock_wait"
+SLOT_COMMIT = "slot_commit"
+
+
+def kvm_swap_active_memslots(vm: Kvm, as_id: int, publish):
+    """kvm_swap_active_memslots, a flow: mark the generation in flux, wait until no
+    MMU-notifier invalidation is between start and end (``slot_swap_wait_mn``), publish the
+    new set (``publish()``), wait for every SRCU reader that started before
+    (``slot_srcu_sync``: a fault that looked the old slot up runs to its end), then the new
+    generation."""
     slots = vm.memslot_sets[as_id]
-    if vm.mn_active_invalidate_count:
-        # Linux waits here for invalidate_range_end; a single thread would wait forever.
-        raise RuntimeError("memslot update while an MMU-notifier invalidation is open: "
-                           "Linux would wait for invalidate_range_end")
     slots.generation |= KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
-    gen = (slots.generation & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + vm.nr_address_spaces
-    slots.generation = gen
+    if vm.mn_active_invalidate_count:
+        yield from wait_until(lambda: not vm.mn_active_invalidate_count,
+                              "mn_active_invalidate_count == 0", SLOT_SWAP_WAIT_MN)
+    publish()
     slots.last_used_slot = None
+    yield from vm.srcu.synchronize(SLOT_SRCU_SYNC)
+    slots.generation = ((slots.generation & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS)
+                        + vm.nr_address_spaces)
 
 
-def kvm_set_memslot(vm: Kvm, old: Memslot | None, new: Memslot | None, change: int) -> None:
-    """kvm_set_memslot: invalidate (DELETE/MOVE), prepare, install, commit (reference §1.4)."""
+def kvm_set_memslot(vm: Kvm, old: Memslot | None, new: Memslot | None, change: int):
+    """kvm_set_memslot, a flow (slots_lock held): invalidate (DELETE/MOVE: publish an INVALID
+    copy, wait for the faults that may still use the old one, then flush it under
+    kvm->mmu_lock), prepare, install, commit (reference §1.4)."""
     as_id = (old or new).as_id
     slots = vm.memslot_sets[as_id]
     invalid = None
     if change in (KVM_MR_DELETE, KVM_MR_MOVE):
-        # kvm_invalidate_memslot: publish an INVALID copy, then zap the old range.
         invalid = old.evolve(flags=old.flags | KVM_MEMSLOT_INVALID)
-        slots.replace(old, invalid)
-        _swap_generation(vm, as_id)
-        vm.hook.flush_shadow_memslot(vm=vm, slot=old)
+        yield from kvm_swap_active_memslots(vm, as_id, lambda: slots.replace(old, invalid))
+        lock = vm.mmu_lock
+        yield from lock.write_lock(SLOT_FLUSH_LOCK_WAIT)
+        try:
+            r = vm.hook.flush_shadow_memslot(vm=vm, slot=old)
+            if type(r) is GeneratorType:
+                yield from r
+        finally:
+            lock.write_unlock()
     try:
         if change != KVM_MR_DELETE:
             prepare_dirty_bitmap(vm, old, new)
         vm.hook.prepare_memory_region(vm=vm, old=old, new=new, change=change)
     except BaseException:
         if invalid is not None:
-            slots.replace(invalid, old)
-            _swap_generation(vm, as_id)
+            drive(kvm_swap_active_memslots(vm, as_id, lambda: slots.replace(invalid, old)))
         raise
     if change == KVM_MR_CREATE:
-        slots.replace(None, new)
+        publish = lambda: slots.replace(None, new)  # noqa: E731
     elif change == KVM_MR_DELETE:
-        slots.replace(invalid, None)
+        publish = lambda: slots.replace(invalid, None)  # noqa: E731
     elif change == KVM_MR_MOVE:
-        slots.replace(invalid, new)
+        publish = lambda: slots.replace(invalid, new)  # noqa: E731
     else:
-        slots.replace(old, new)
-    _swap_generation(vm, as_id)
+        publish = lambda: slots.replace(old, new)  # noqa: E731
+    yield from kvm_swap_active_memslots(vm, as_id, publish)
     # kvm_commit_memory_region
     if change == KVM_MR_DELETE:
         vm.nr_memslot_pages -= old.npages
@@ -199,6 +235,8 @@ def kvm_set_memslot(vm: Kvm, old: Memslot | None, new: Memslot | None, change: i
     old_log = bool(old and old.flags & KVM_MEM_LOG_DIRTY_PAGES)
     new_log = bool(new and new.flags & KVM_MEM_LOG_DIRTY_PAGES)
     vm.nr_memslots_dirty_logging += new_log - old_log
+    # kvm_arch_commit_memory_region takes kvm->mmu_lock itself where it needs it.
+    yield from vm.mmu_lock.wait_free(SLOT_COMMIT)
     vm.hook.commit_memory_region(vm=vm, old=old, new=new, change=change)
     if change == KVM_MR_DELETE and old.gmem_file is not None:
         kvm_gmem_unbind(old)

@@ -17,11 +17,12 @@ from . import dirty as _dirty
 from .arch import ArchInfo, Mapping
 from .errors import InvariantError, KvmError
 from .exits import MmioExit, VcpuExit
-from .fault import kvm_page_fault, kvm_page_fault_direct
+from .fault import kvm_page_fault
 from .records import FETCH, READ, VIOLATION_KINDS, WRITE, Access, PageFault, Translation
 from .gmem import GuestMemfd, kvm_gmem_create
 from .host import HOST_PAGE_SIZES, HostMemory
 from .kvm import Kvm, KvmVcpu
+from .locks import Flow, Steps, steppable
 from .mmu_notifier import KvmMmuNotifier
 from .set_attributes import kvm_vm_ioctl_set_mem_attributes
 from .set_memory_region import kvm_set_memory_region
@@ -123,6 +124,17 @@ class VM(Kvm):
     def __repr__(self) -> str:
         return f"VM(arch={self.arch_info.name!r}, vm_type={self.vm_type!r})"
 
+    flow_label = "vm"
+
+    @property
+    def steps(self) -> Steps:
+        """This VM's ioctls started as steppable ``Flow`` objects instead of run to their end
+        (``vm.steps.set_memory_attributes(...)``, ``set_user_memory_region``,
+        ``get_dirty_log``, ``clear_dirty_log``, ``reset_dirty_rings``, ``age``): ``next()``
+        runs to the next race point and returns its name; ``flow.runnable``, ``flow.holds``
+        and ``flow.waits_for`` say what it holds and needs (see ``kvmcore.locks``)."""
+        return Steps(self)
+
     @property
     def pm(self):
         """This VM's own plugin manager, built on first use (VMs share one per backend class
@@ -142,13 +154,14 @@ class VM(Kvm):
 
     # ------------------------------------------------------------------ memslots
 
+    @steppable
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int,
                                userspace_addr: int, flags: int = 0, guest_memfd=None,
                                guest_memfd_offset: int = 0) -> None:
         """KVM_SET_USER_MEMORY_REGION2."""
         self._check_open()
-        kvm_set_memory_region(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
-                              guest_memfd, guest_memfd_offset)
+        yield from kvm_set_memory_region(self, slot, flags, guest_phys_addr, memory_size,
+                                         userspace_addr, guest_memfd, guest_memfd_offset)
 
     # ------------------------------------------------------------------ guest_memfd
 
@@ -160,11 +173,12 @@ class VM(Kvm):
 
     # ------------------------------------------------------------------ attributes
 
+    @steppable
     def set_memory_attributes(self, address: int, size: int, attributes: int,
                               flags: int = 0) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES."""
         self._check_open()
-        kvm_vm_ioctl_set_mem_attributes(self, address, size, attributes, flags)
+        yield from kvm_vm_ioctl_set_mem_attributes(self, address, size, attributes, flags)
 
     def get_memory_attributes(self, gfn: int) -> int:
         """kvm_get_memory_attributes (there is no uapi "get": this is the model's view, so it
@@ -187,26 +201,29 @@ class VM(Kvm):
                 args0 |= KVM_DIRTY_LOG_INITIALLY_SET
         _dirty.enable_manual_protect(self, args0)
 
+    @steppable
     def get_dirty_log(self, slot: int) -> list[int]:
         """KVM_GET_DIRTY_LOG: dirty page offsets of the slot, ascending."""
         self._check_open()
-        return _dirty.kvm_get_dirty_log_protect(self, slot)
+        return (yield from _dirty.kvm_vm_ioctl_get_dirty_log(self, slot))
 
+    @steppable
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, pages) -> None:
         """KVM_CLEAR_DIRTY_LOG. ``pages`` is an iterable of ints; it is read after the
         architecture check (ppc: ENOTTY whatever the arguments)."""
         self._check_open()
-        _dirty.kvm_clear_dirty_log_protect(self, slot, first_page, num_pages, pages)
+        yield from _dirty.kvm_vm_ioctl_clear_dirty_log(self, slot, first_page, num_pages, pages)
 
     def enable_dirty_ring(self, size_bytes: int) -> None:
         """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)."""
         self._check_open()
         _dirty.enable_dirty_ring(self, size_bytes)
 
+    @steppable
     def reset_dirty_rings(self) -> int:
         """KVM_RESET_DIRTY_RINGS: the number of entries reset."""
         self._check_open()
-        return _dirty.reset_dirty_rings(self)
+        return (yield from _dirty.reset_dirty_rings(self))
 
     # ------------------------------------------------------------------ hva ranges
 
@@ -329,49 +346,43 @@ class Vcpu(KvmVcpu):
     VcpuExit. The model has no guest instruction stream: an access is one load, store or
     instruction fetch of ``n`` bytes."""
 
+    flow_label = property(lambda self: f"vcpu{self.id}")
+    flow_vcpu = property(lambda self: self)
+
+    @property
+    def steps(self) -> Steps:
+        """This vCPU's flows started as steppable ``Flow`` objects: ``steps.read(gpa, n)``,
+        ``steps.write(gpa, data)``, ``steps.fetch(gpa)``, ``steps.pre_fault_memory(gpa,
+        size)``. ``next(flow)`` runs to the next race point and returns its name."""
+        return Steps(self)
+
     # ------------------------------------------------------------------ accesses
 
     def read(self, gpa: int, n: int, private: bool | None = None) -> bytes:
         """A guest load of ``n`` bytes at ``gpa``."""
-        return self._access(READ, gpa, n, private)
+        return Flow(f"vcpu{self.id}.read", self._access(READ, gpa, n, private), self).run()
 
     def write(self, gpa: int, data: bytes, private: bool | None = None) -> None:
         """A guest store of ``data`` at ``gpa``."""
-        self._access(WRITE, gpa, data, private)
+        Flow(f"vcpu{self.id}.write", self._access(WRITE, gpa, data, private), self).run()
 
     def fetch(self, gpa: int, private: bool | None = None, n: int = 4) -> bytes:
         """An instruction fetch of ``n`` bytes at ``gpa`` (needs execute permission)."""
-        return self._access(FETCH, gpa, n, private)
+        return Flow(f"vcpu{self.id}.fetch", self._access(FETCH, gpa, n, private), self).run()
 
-    def step_access(self, kind: str, gpa: int, data_or_n, private: bool | None = None):
-        """The same access as ``read``/``write``/``fetch``, as a generator that yields the
-        name of each race point its faults reach (``"after_snapshot"``: mmu_invalidate_seq
-        read; ``"before_lock"``: pfn resolved, MMU lock not yet taken). Between two
-        ``next()`` calls the caller may run any other flow — an invalidation, a conversion,
-        another vCPU's access — to replay a race. Returns (StopIteration.value) the bytes read
-        or None.
-
-        ``_access`` is the same loop without the yields (read/write/fetch run nothing at the
-        race points); both are built from the same helpers."""
-        data, n = self._check_access(kind, gpa, data_or_n, private)
-        out = []
-        pos = 0
-        while pos < n:
-            cur = gpa + pos
-            off = cur & (PAGE_SIZE - 1)
-            chunk = min(n - pos, PAGE_SIZE - off)
-            pfn = self._tlb_lookup(cur, kind, private)
-            if pfn is None:
-                pfn = yield from self._translate_slow(cur, _access_record(kind, private),
-                                                      chunk, data, pos)
-            self._move(pfn, off, chunk, data, pos, out)
-            pos += chunk
-        return b"".join(out) if data is None else None
+    def step_access(self, kind: str, gpa: int, data_or_n, private: bool | None = None) -> Flow:
+        """The same access as ``read``/``write``/``fetch``, started as a ``Flow``: each
+        ``next()`` runs to the next race point its faults reach and returns its name
+        (``pf_seq_snapshot``, ``pf_lock_wait``, a backend's install points). Between two
+        steps the caller may run any other flow to replay a race. The flow's result
+        (StopIteration.value, ``flow.result``) is the bytes read or None."""
+        return Flow(f"vcpu{self.id}.{kind}", self._access(kind, gpa, data_or_n, private), self)
 
     def _access(self, kind: str, gpa: int, data_or_n, private: bool | None):
-        """``step_access`` driven to its end, without a generator per layer: the path of
-        every plain guest access."""
+        """One guest access, page by page: the TLB, else the hardware walk and the fault path
+        while it fails (vcpu_enter_guest -> VM exit -> kvm_mmu_page_fault, again)."""
         data, n = self._check_access(kind, gpa, data_or_n, private)
+        access = _access_record(kind, private)
         out = []
         pos = 0
         while pos < n:
@@ -380,7 +391,7 @@ class Vcpu(KvmVcpu):
             chunk = min(n - pos, PAGE_SIZE - off)
             pfn = self._tlb_lookup(cur, kind, private)
             if pfn is None:
-                pfn = self._translate(cur, _access_record(kind, private), chunk, data, pos)
+                pfn = yield from self._translate(cur, access, chunk, data, pos)
             self._move(pfn, off, chunk, data, pos, out)
             pos += chunk
         return b"".join(out) if data is None else None
@@ -430,24 +441,25 @@ class Vcpu(KvmVcpu):
             return None
         return e[1]
 
-    def _translate_slow(self, gpa: int, access: Access, chunk: int, data, pos: int):
-        """A TLB miss: the hardware walk, and the fault path while it fails (generator form,
-        yielding the fault's race points)."""
+    def _translate(self, gpa: int, access: Access, chunk: int, data, pos: int):
+        """A TLB miss: the hardware walk, and the fault path while it fails. Each fault runs
+        inside kvm->srcu's read side (x86 holds it in KVM_RUN outside guest mode, arm64
+        around kvm_handle_guest_abort), so a memslot update's synchronize_srcu waits for
+        it."""
+        vm = self.vm
+        srcu = vm.srcu
         for _attempt in range(MAX_FAULT_RETRIES):
             fault = self._walk(gpa, access)
             if type(fault) is int:
                 return fault
-            r = yield from self._run_fault(fault)
-            self._fault_done(fault, r, access, chunk, data, pos)
-        raise self._livelock(gpa)
-
-    def _translate(self, gpa: int, access: Access, chunk: int, data, pos: int) -> int:
-        """``_translate_slow`` without the yields."""
-        for _attempt in range(MAX_FAULT_RETRIES):
-            fault = self._walk(gpa, access)
-            if type(fault) is int:
-                return fault
-            r = self._run_fault_direct(fault)
+            idx = srcu.read_lock()
+            try:
+                r = yield from kvm_page_fault(vm, fault)
+            except VcpuExit as exc:
+                self._count_exit(fault, exc)
+                raise
+            finally:
+                srcu.read_unlock(idx)
             self._fault_done(fault, r, access, chunk, data, pos)
         raise self._livelock(gpa)
 
@@ -461,11 +473,7 @@ class Vcpu(KvmVcpu):
         KVM builds from the exit (x86 kvm_mmu_page_fault's struct kvm_page_fault, arm64
         kvm_handle_guest_abort), counted in the fault statistics."""
         vm = self.vm
-        vm.running_vcpu = self
-        try:
-            t = vm.translate(vm=vm, vcpu=self, gpa=gpa, access=access)
-        finally:
-            vm.running_vcpu = None
+        t = vm.translate(vm=vm, vcpu=self, gpa=gpa, access=access)
         if isinstance(t, Translation):
             tlb = self.tlb
             if len(tlb) >= TLB_ENTRIES:
@@ -501,36 +509,6 @@ class Vcpu(KvmVcpu):
         elif r not in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
             raise KvmError(errno.EIO, f"fault at gpa={gpa:#x} returned {r!r}")
 
-    def _run_fault(self, fault: PageFault):
-        """The fault path as a generator (``kvm_page_fault``): this vCPU is the running one
-        while a step runs, not while the caller runs other flows at a race point."""
-        vm = self.vm
-        steps = kvm_page_fault(vm, fault)
-        while True:
-            vm.running_vcpu = self
-            try:
-                point = next(steps)
-            except StopIteration as stop:
-                return stop.value
-            except VcpuExit as exc:
-                self._count_exit(fault, exc)
-                raise
-            finally:
-                vm.running_vcpu = None
-            yield point
-
-    def _run_fault_direct(self, fault: PageFault) -> int:
-        """``_run_fault`` without race points (``kvm_page_fault_direct``)."""
-        vm = self.vm
-        vm.running_vcpu = self
-        try:
-            return kvm_page_fault_direct(vm, fault)
-        except VcpuExit as exc:
-            self._count_exit(fault, exc)
-            raise
-        finally:
-            vm.running_vcpu = None
-
     def _count_exit(self, fault: PageFault, exc: VcpuExit) -> None:
         vm = self.vm
         vm.stats[f"exit_{type(exc).__name__}"] += 1
@@ -556,6 +534,7 @@ class Vcpu(KvmVcpu):
             self.tlb.clear()
             vm.trace("vcpu.memslots_id", vcpu=self.id, as_id=as_id)
 
+    @steppable
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
         """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory + x86 kvm_tdp_map_page): map as a
         read fault, without Accessed, without breaking COW. Returns the unprocessed
@@ -580,7 +559,7 @@ class Vcpu(KvmVcpu):
         err = None
         while size:
             try:
-                done = self._pre_fault_one(gpa, size)
+                done = yield from self._pre_fault_one(gpa, size)
             except KvmError as e:
                 err = e
                 break
@@ -590,17 +569,22 @@ class Vcpu(KvmVcpu):
             raise err
         return gpa, size
 
-    def _pre_fault_one(self, gpa: int, size: int) -> int:
+    def _pre_fault_one(self, gpa: int, size: int):
+        """kvm_tdp_map_page: the fault for one page, looping while it retries."""
         vm = self.vm
         gfn = gpa >> PAGE_SHIFT
         for _ in range(MAX_FAULT_RETRIES):
             fault = PageFault(addr=gpa, gfn=gfn, is_private=vm.kvm_mem_is_private(gfn),
                               prefetch=True, as_id=self.as_id, vcpu=self)
+            idx = vm.srcu.read_lock()
             try:
-                r = self._run_fault_direct(fault)
+                r = yield from kvm_page_fault(vm, fault)
             except VcpuExit as e:
+                self._count_exit(fault, e)
                 raise KvmError(e.errno or errno.EFAULT,
                                f"gpa={gpa:#x}: the pre-fault exited ({e!r})") from None
+            finally:
+                vm.srcu.read_unlock(idx)
             if r == RET_PF_RETRY:
                 continue
             if r == RET_PF_EMULATE:

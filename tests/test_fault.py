@@ -8,6 +8,7 @@ from conftest import MiB
 
 from kvmcore import HwPoisonSignal, KvmError, MemoryFaultExit, MmioExit
 from kvmcore.records import PageFault
+from kvmcore.locks import WouldBlock, drive
 from kvmcore.fault import AFTER_SNAPSHOT, BEFORE_LOCK, kvm_page_fault, run_to_completion
 from kvmcore.hva import kvm_handle_hva_range_op
 from kvmcore.uapi import (KVM_MEM_GUEST_MEMFD, KVM_MEM_READONLY,
@@ -220,16 +221,43 @@ def test_two_vcpus_read_then_write_end_writable(vm, host, slot0):
     assert a.read(0x8000, 4) == b"DATA"
 
 
-def test_memslot_delete_while_fault_suspended_retries(vm, host, slot0):
+def test_memslot_delete_waits_for_a_suspended_fault(vm, host, slot0):
+    """kvm_set_memslot publishes the INVALID copy, then synchronize_srcu waits for the fault
+    that looked the old slot up (it holds kvm->srcu): the fault completes on the old slot,
+    then the update's flush zaps what it installed. Before, the model had the fault retry."""
     vcpu = vm.create_vcpu(0)
-    steps = vcpu.step_access("read", 0x1000, 1)
-    next(steps)
-    next(steps)
-    vm.set_user_memory_region(0, 0, 0, slot0)
-    with pytest.raises(MmioExit):
-        for _ in steps:
-            pass
+    fault = vcpu.step_access("read", 0x1000, 1)
+    assert next(fault) == "pf_seq_snapshot"
+    assert next(fault) == "pf_lock_wait"
+    delete = vm.steps.set_user_memory_region(0, 0, 0, slot0)
+    assert next(delete) == "slots_lock_wait"
+    assert next(delete) == "slot_srcu_sync"
+    assert not delete.runnable and delete.waits_for == "srcu grace period"
+    assert "slots_lock" in delete.holds
+    with pytest.raises(WouldBlock):
+        next(delete)
+    assert fault.run() == b"\0"                 # the old slot's page, mapped
+    assert vm.lookup(0x1000) is not None
+    assert delete.runnable
+    delete.run()
     assert list(vm.mappings()) == []
+    with pytest.raises(MmioExit):
+        vcpu.read(0x1000, 1)
+
+
+def test_a_plain_call_that_would_block_leaves_its_flow_paused(vm, host, slot0):
+    """A plain call cannot sleep: it raises WouldBlock with the paused flow, which holds
+    what Linux's thread would hold while it waits, and finishes once the holder moves."""
+    vcpu = vm.create_vcpu(0)
+    fault = vcpu.step_access("read", 0x1000, 1)
+    next(fault)
+    with pytest.raises(WouldBlock) as info:
+        vm.set_user_memory_region(0, 0, 0, slot0)
+    delete = info.value.flow
+    assert delete.point == "slot_srcu_sync" and delete.holds == ["slots_lock"]
+    fault.run()
+    delete.run()
+    assert vm.memslots() == []
 
 
 # ------------------------------------------------------------------ hva iteration
@@ -257,9 +285,9 @@ def test_notifier_rounds_partial_pages_outward(vm, host):
     vcpu = vm.create_vcpu(0)
     for gfn in (1, 2, 3):
         vcpu.write(gfn << 12, b"x")
-    vm.notifier.invalidate_range_start(hva + 0x1800, hva + 0x2001)
+    drive(vm.notifier.invalidate_range_start(hva + 0x1800, hva + 0x2001))
     assert {m.gfn for m in vm.mappings()} == {3}
-    vm.notifier.invalidate_range_end(hva + 0x1800, hva + 0x2001)
+    drive(vm.notifier.invalidate_range_end(hva + 0x1800, hva + 0x2001))
     assert vm.mmu_invalidate_seq == 1
 
 

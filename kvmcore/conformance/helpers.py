@@ -119,9 +119,9 @@ def leaves_outside(vm, gpa: int, size: int) -> list:
 
 
 def step_until(steps, point: str) -> None:
-    """Drive an access generator (``vcpu.step_access``) until it yields race point ``point``
-    ("after_snapshot": mmu_invalidate_seq read; "before_lock": pfn resolved, MMU lock not
-    taken)."""
+    """Drive a flow (``vcpu.step_access``, ``vm.steps.*``) until it stops at race point
+    ``point`` ("pf_seq_snapshot": mmu_invalidate_seq read; "pf_lock_wait": pfn resolved,
+    MMU lock not taken)."""
     while next(steps) != point:
         pass
 

@@ -83,7 +83,7 @@ def test_private_fault_on_shared_gfn_exits(guest):
     guest.gmem_slot(0, GPA, slot_size)
     guest.make_private(GPA + 3 * page, page)
     steps = guest.vcpu.step_access("read", GPA + 3 * page + 24, 8, private=True)
-    step_until(steps, "after_snapshot")
+    step_until(steps, "pf_seq_snapshot")
     guest.make_shared(GPA + 3 * page, page)
     expect_memory_fault(page, finish, steps, gpa=GPA + 3 * page, exit_private=True)
     assert list(guest.vm.mappings()) == []
@@ -96,7 +96,7 @@ def test_shared_fault_on_private_gfn_exits(guest):
     slot_size = SLOT_PAGES * page
     guest.gmem_slot(0, GPA, slot_size)
     steps = guest.vcpu.step_access("write", GPA + 5 * page, pattern(1), private=False)
-    step_until(steps, "after_snapshot")
+    step_until(steps, "pf_seq_snapshot")
     guest.make_private(GPA, slot_size)
     expect_memory_fault(page, finish, steps, gpa=GPA + 5 * page, exit_private=False)
     assert list(guest.vm.mappings()) == []

@@ -19,7 +19,7 @@ GPA = 0x1000_0000
 SLOT_PAGES = 16  # the usual slot, in base pages
 
 
-@pytest.mark.parametrize("point", ["after_snapshot", "before_lock"])
+@pytest.mark.parametrize("point", ["pf_seq_snapshot", "pf_lock_wait"])
 def test_read_and_write_fault_end_writable(guest, host, point):
     """Seed: vCPU 0 faults a gfn for read and stops at a race point; vCPU 1 faults it for
     write and completes; vCPU 0 completes. The leaf ends writable, never downgraded."""
@@ -39,7 +39,7 @@ def test_read_and_write_fault_end_writable(guest, host, point):
 
 
 @pytest.mark.requires("dirty_log")
-@pytest.mark.parametrize("point", ["after_snapshot", "before_lock"])
+@pytest.mark.parametrize("point", ["pf_seq_snapshot", "pf_lock_wait"])
 def test_read_and_write_fault_end_writable_while_logging(guest, host, point):
     """The same in a dirty-logged slot, where read faults may map read-only: the late read
     fault must not replace the writable leaf by a read-only one; the write is logged."""
@@ -57,7 +57,7 @@ def test_read_and_write_fault_end_writable_while_logging(guest, host, point):
     assert 2 * (page >> 12) in guest.vm.get_dirty_log(0)
 
 
-@pytest.mark.parametrize("point", ["after_snapshot", "before_lock"])
+@pytest.mark.parametrize("point", ["pf_seq_snapshot", "pf_lock_wait"])
 def test_write_then_read_fault_end_writable(guest, host, point):
     """The other order: the write stops at the race point, the read completes first."""
     page = guest.vm.page_size
@@ -82,7 +82,7 @@ def test_fault_racing_munmap_installs_nothing(guest, host):
     hva = guest.slot(0, GPA, slot_size)
     host.write(hva + page, pattern(6))
     steps = guest.vcpu.step_access("read", GPA + page, 8, private=False)
-    step_until(steps, "before_lock")
+    step_until(steps, "pf_lock_wait")
     host.munmap(hva + page, page)
     expect_memory_fault(page, finish, steps, gpa=GPA + page, exit_private=False)
     assert guest.vm.lookup(GPA + page) is None
@@ -96,7 +96,7 @@ def test_fault_racing_madvise_sees_new_page(guest, host):
     hva = guest.slot(0, GPA, slot_size)
     host.write(hva + 4 * page, pattern(7))
     steps = guest.vcpu.step_access("read", GPA + 4 * page, 8, private=False)
-    step_until(steps, "before_lock")
+    step_until(steps, "pf_lock_wait")
     host.madvise_dontneed(hva + 4 * page, page)
     assert finish(steps) == bytes(8)
     host.write(hva + 4 * page, pattern(8))
@@ -111,7 +111,7 @@ def test_fault_racing_migration_maps_new_frame(guest, host):
     hva = guest.slot(0, GPA, slot_size)
     host.write(hva + 5 * page, pattern(9))
     steps = guest.vcpu.step_access("read", GPA + 5 * page, 8, private=False)
-    step_until(steps, "before_lock")
+    step_until(steps, "pf_lock_wait")
     host.migrate(hva + 5 * page)
     assert finish(steps) == pattern(9)
     host.write(hva + 5 * page, pattern(10))
@@ -126,7 +126,7 @@ def test_fault_racing_other_gfn_invalidation_completes(guest, host):
     hva = guest.slot(0, GPA, slot_size)
     host.write(hva + 6 * page, pattern(11))
     steps = guest.vcpu.step_access("read", GPA + 6 * page, 8, private=False)
-    step_until(steps, "before_lock")
+    step_until(steps, "pf_lock_wait")
     host.madvise_dontneed(hva + 9 * page, page)
     assert finish(steps) == pattern(11)
     assert covers(guest.vm.lookup(GPA + 6 * page), GPA + 6 * page)
@@ -140,7 +140,7 @@ def test_conversion_racing_fault_leaves_no_shared_leaf(guest):
     slot_size = SLOT_PAGES * page
     guest.gmem_slot(0, GPA, slot_size)
     steps = guest.vcpu.step_access("read", GPA + 7 * page, 8, private=False)
-    step_until(steps, "before_lock")
+    step_until(steps, "pf_lock_wait")
     guest.make_private(GPA + 7 * page, page)
     try:
         finish(steps)
@@ -159,7 +159,7 @@ def test_private_fault_racing_conversion_exits_private(guest):
     guest.gmem_slot(0, GPA, slot_size)
     guest.make_private(GPA, slot_size)
     steps = guest.vcpu.step_access("write", GPA + 8 * page, pattern(12), private=True)
-    step_until(steps, "after_snapshot")
+    step_until(steps, "pf_seq_snapshot")
     guest.make_shared(GPA + 8 * page, page)
     expect_memory_fault(page, finish, steps, gpa=GPA + 8 * page, exit_private=True)
     assert guest.vm.lookup(GPA + 8 * page, private=True) is None

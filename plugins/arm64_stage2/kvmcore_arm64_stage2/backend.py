@@ -282,8 +282,7 @@ class Arm64Stage2Backend:
     def flush_shadow_memslot(self, vm, slot):
         """kvm_arch_flush_shadow_memslot: unmap the slot's range under the write lock; the
         unmap walker invalidates each leaf, so no further flush."""
-        with vm.mmu_lock:
-            self.unmap_stage2_range(slot.base_gfn << 12, slot.npages << 12)
+        self.unmap_stage2_range(slot.base_gfn << 12, slot.npages << 12)
         return True
 
     @hookimpl

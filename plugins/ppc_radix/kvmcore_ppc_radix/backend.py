@@ -286,9 +286,9 @@ class PpcRadixBackend:
 
     @hookimpl
     def flush_shadow_memslot(self, vm, slot):
-        """kvmppc_core_flush_memslot_hv -> kvmppc_radix_flush_memslot (DELETE / MOVE)."""
-        with vm.mmu_lock:
-            radix_mmu.kvmppc_radix_flush_memslot(self, vm, slot)
+        """kvmppc_core_flush_memslot_hv -> kvmppc_radix_flush_memslot (DELETE / MOVE), under
+        kvm->mmu_lock."""
+        radix_mmu.kvmppc_radix_flush_memslot(self, vm, slot)
         return False
 
     # ------------------------------------------------------------------ memslots

@@ -257,8 +257,8 @@ def test_unrelated_invalidation_in_progress_makes_create_pte_eagain(make_vm, hos
     host.mprotect(hva, SZ_2M, "rw")
     assert vm.lookup(GPA) is None
     steps = vcpu.step_access("write", GPA, b"x")
-    assert next(steps) == "after_snapshot"
-    assert next(steps) == "before_lock"
+    assert next(steps) == "pf_seq_snapshot"
+    assert next(steps) == "pf_lock_wait"
     with host.invalidating(other, 4096):       # the core's range check lets the fault pass
         next(steps)
         assert vm.stats["ppc_create_pte_eagain"] == 1
@@ -278,9 +278,9 @@ def test_invalidation_in_progress_at_find_kvm_host_pte_resumes_guest(make_vm, ho
     re-faults."""
     vm, vcpu, hva, other = _two_slots(make_vm, host, page_size)
     steps = vcpu.step_access("write", GPA, b"x")
-    assert next(steps) == "after_snapshot"
+    assert next(steps) == "pf_seq_snapshot"
     with host.invalidating(other, page_size):  # not this gfn: the core's checks let it pass
-        assert next(steps) == "after_snapshot"  # retried from the start
+        assert next(steps) == "pf_seq_snapshot"  # retried from the start
         assert vm.stats["ppc_host_pte_retry"] == 1
         assert vm.lookup(GPA) is None
     for _point in steps:

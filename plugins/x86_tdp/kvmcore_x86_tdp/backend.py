@@ -532,14 +532,13 @@ class X86TdpBackend:
     def flush_shadow_memslot(self, vm, slot):
         """kvm_arch_flush_shadow_memslot: DEFAULT_VM with KVM_X86_QUIRK_SLOT_ZAP_ALL zaps
         everything fast; other VMs zap the slot, both aliases (kvm_mmu_zap_memslot)."""
-        with vm.mmu_lock:
-            if self.vm_type == KVM_X86_DEFAULT_VM and self.slot_zap_all_quirk:
-                self.kvm_mmu_zap_all_fast(vm)
-                return True
-            rng = GfnRange(slot, slot.base_gfn, slot.base_gfn + slot.npages, 0,
-                           KVM_FILTER_PRIVATE | KVM_FILTER_SHARED, True, False)
-            if self.unmap_gfn_range(vm, rng):
-                vm.flush_remote_tlbs()
+        if self.vm_type == KVM_X86_DEFAULT_VM and self.slot_zap_all_quirk:
+            self.kvm_mmu_zap_all_fast(vm)
+            return True
+        rng = GfnRange(slot, slot.base_gfn, slot.base_gfn + slot.npages, 0,
+                       KVM_FILTER_PRIVATE | KVM_FILTER_SHARED, True, False)
+        if self.unmap_gfn_range(vm, rng):
+            vm.flush_remote_tlbs()
         return True
 
     # ------------------------------------------------------------------ memslots

@@ -52,15 +52,10 @@ def vmx_flush_pml_buffer(vm, vcpu, buf: PmlBuffer) -> int:
     KVM_RUN, e.g. in sync_dirty_log); returns how many."""
     gpas = buf.drain()
     as_id = vcpu.as_id  # kvm_vcpu_gfn_to_memslot: the vCPU's address space now
-    running = vm.running_vcpu
-    vm.running_vcpu = vcpu
-    try:
-        for gpa in gpas:
-            gfn = gpa >> 12
-            slot = vm.gfn_to_memslot(gfn, as_id)
-            if slot is not None:
-                vm.mark_page_dirty_in_slot(slot, gfn)
-    finally:
-        vm.running_vcpu = running
+    for gpa in gpas:
+        gfn = gpa >> 12
+        slot = vm.gfn_to_memslot(gfn, as_id)
+        if slot is not None:
+            vm.mark_page_dirty_in_slot(slot, gfn, vcpu)
     vm.stats["x86_tdp.pml_drained"] += len(gpas)
     return len(gpas)

@@ -101,7 +101,7 @@ def test_fault_racing_invalidation_retries(make):
     g.host.write(hva + PAGE, b"old")
     steps = g.vcpu.step_access("read", PAGE, 3)
     point = next(steps)
-    while point != "before_lock":
+    while point != "pf_lock_wait":
         point = next(steps)
     g.host.madvise_dontneed(hva, SZ_2M)
     try:
