@@ -162,9 +162,12 @@ def run(ctx, scenario, arch, vm_type, seed, trace_path, picture, as_json) -> Non
     except sc.ScenarioError as e:
         raise UserError(str(e)) from None
     arch = arch or spec.vm["arch"] or default_arch()
-    if picture and Path(picture).suffix.lower() not in (".png", ".svg"):
-        raise UserError(f"--picture {picture}: use a .png or .svg file name")
-    trace_file = open(trace_path, "w") if trace_path else None  # noqa: SIM115
+    if picture:
+        _check_picture(picture)
+    try:
+        trace_file = open(trace_path, "w") if trace_path else None  # noqa: SIM115
+    except OSError as e:
+        raise UserError(f"--trace {trace_path}: cannot write it ({e.strerror})") from None
     try:
         if trace_file is not None:
             _configure_logging(ctx.obj["log_level"], trace_file)
@@ -172,7 +175,10 @@ def run(ctx, scenario, arch, vm_type, seed, trace_path, picture, as_json) -> Non
             runner = sc.Runner(spec, arch, vm_type, seed, trace=trace_file is not None)
         except KvmError as e:
             raise UserError(f"{spec.path}: {e.strerror}") from None
-        result = _run_with_progress(runner, quiet=as_json)
+        try:
+            result = _run_with_progress(runner, quiet=as_json)
+        except sc.ScenarioError as e:
+            raise UserError(str(e)) from None
     finally:
         if trace_file is not None:
             trace_file.close()
@@ -192,6 +198,30 @@ def run(ctx, scenario, arch, vm_type, seed, trace_path, picture, as_json) -> Non
         _print_summary(summary)
     if result.failures:
         raise click.exceptions.Exit(1)
+
+
+def _check_picture(picture: str) -> None:
+    """Refuse a picture that cannot be drawn before the run, so that its summary is not lost."""
+    if Path(picture).suffix.lower() not in (".png", ".svg"):
+        raise UserError(f"--picture {picture}: use a .png or .svg file name")
+    if not Path(picture).resolve().parent.is_dir():
+        raise UserError(f"--picture {picture}: its directory does not exist")
+    try:
+        import matplotlib  # noqa: F401 - only whether it imports
+    except ImportError as e:
+        raise UserError(f"--picture needs matplotlib (pip install 'kvmcore[picture]'): "
+                        f"{e}") from None
+
+
+def _backend_names(names) -> None:
+    """Refuse, as one line, a --arch that names no backend (sc.backend_class)."""
+    from .scenario import backend_class
+
+    for name in names:
+        try:
+            backend_class(name)
+        except KvmError as e:
+            raise UserError(f"--arch {name}: {e.strerror}") from None
 
 
 def _run_with_progress(runner, quiet: bool):
@@ -254,8 +284,14 @@ def _print_summary(s: dict) -> None:
 @click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
 def conformance(arch_names, pytest_args) -> None:
     """Run the cross-architecture conformance suite (extra arguments go to pytest)."""
-    import pytest
-
+    try:
+        import hypothesis  # noqa: F401 - the suite's state machines need it
+        import pytest
+    except ImportError as e:
+        raise UserError(f"conformance needs pytest and hypothesis (pip install "
+                        f"'kvmcore[test]'): {e}") from None
+    # Before pytest: an unknown backend would error every test of the suite.
+    _backend_names(arch_names)
     args = ["-p", "kvmcore.conformance"]
     for name in arch_names:
         args += ["--arch", name]
@@ -272,6 +308,7 @@ def bench(as_json: bool, arch_names) -> None:
     """Measure the project's performance figures, each as a ratio within one run."""
     from .bench.run import run_all
 
+    _backend_names(arch_names)
     figures = run_all(list(arch_names) or None)
     if as_json:
         click.echo(json.dumps(figures, indent=2))

@@ -13,6 +13,7 @@ The scenario uses only the public API (API.md).
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import random
 import time
@@ -24,8 +25,10 @@ from pathlib import Path
 
 import attrs
 
+from .arch import ArchInfo
 from .errors import EHWPOISON, KvmError
 from .exits import DirtyRingFullExit, GuestAbort, HwPoisonSignal, MemoryFaultExit, MmioExit
+from .gmem import MAX_FOLIO_ORDER
 from .host import SigBus, SigSegv
 from .uapi import (
     FALLOC_FL_KEEP_SIZE,
@@ -35,7 +38,10 @@ from .uapi import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
+    KVM_DIRTY_GFN_SIZE,
+    KVM_DIRTY_RING_MAX_ENTRIES,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    SZ_4K,
 )
 
 BUILTIN = ("confidential", "basic")
@@ -47,6 +53,8 @@ EXIT_KINDS = {"none": None, "mmio": MmioExit, "memory_fault": MemoryFaultExit,
               "hwpoison": HwPoisonSignal, "dirty_ring_full": DirtyRingFullExit,
               "guest_abort": GuestAbort, "sigbus": SigBus, "sigsegv": SigSegv}
 ACCESS_OPS = ("read", "write", "fetch")
+MMAP_KINDS = {"anon": SZ_4K, "shared": SZ_4K, "hugetlb_2m": 1 << 21, "hugetlb_1g": 1 << 30,
+              "pfnmap": SZ_4K}  # kind -> the page its length is a multiple of (at least)
 HOST_OPS = ("munmap", "madvise_dontneed", "migrate", "mprotect", "poison", "age",
             "host_write", "split_huge_page", "collapse_huge_page")
 
@@ -152,9 +160,13 @@ def load(source: str | Path) -> Scenario:
         return parse(text, f"<builtin:{source}>")
     path = Path(source)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ScenarioError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 by definition.
+        raise ScenarioError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                            f"{e.start})") from None
     return parse(text, str(path))
 
 
@@ -176,6 +188,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
                "seed": vm.get("seed", int, 0)}
     if not 1 <= vm_spec["vcpus"] <= 64:
         raise vm.err("vcpus", "must be between 1 and 64")
+    _check_dirty_ring(vm, vm_spec["dirty_ring"])
 
     def items(key: str) -> list:
         value = doc.get(key, [])
@@ -195,22 +208,88 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
                 "unless": r.get("unless", list, [])}
         if spec["name"] in names:
             raise r.err("name", f"{spec['name']!r} is used twice")
+        _check_mmap(r, spec)
         names.add(spec["name"])
         mmaps.append(spec)
-    gmems = []
+    gmems, gmem_names = [], set()
     for i, t in enumerate(items("gmem")):
         r = _Reader(path, f"gmem {i + 1}", t, {"name", "size", "flags", "folio_order",
                                                "requires", "unless"})
-        gmems.append({"name": r.get("name", str), "size": r.get("size", int),
-                      "flags": r.flags("flags", GMEM_FLAGS),
-                      "folio_order": r.get("folio_order", int, 0),
-                      "requires": r.get("requires", list, []),
-                "unless": r.get("unless", list, [])})
-    memslots = [_memslot(_Reader(path, f"memslot {i + 1}", t, _MEMSLOT_KEYS))
-                for i, t in enumerate(items("memslot"))]
-    steps = [_step(path, i + 1, t, vm_spec["vcpus"]) for i, t in enumerate(items("step"))]
+        spec = {"name": r.get("name", str), "size": r.get("size", int),
+                "flags": r.flags("flags", GMEM_FLAGS),
+                "folio_order": r.get("folio_order", int, 0),
+                "requires": r.get("requires", list, []),
+                "unless": r.get("unless", list, [])}
+        if spec["name"] in gmem_names:
+            raise r.err("name", f"{spec['name']!r} is used twice")
+        _check_gmem(r, spec)
+        gmem_names.add(spec["name"])
+        gmems.append(spec)
+    memslots = []
+    for i, t in enumerate(items("memslot")):
+        r = _Reader(path, f"memslot {i + 1}", t, _MEMSLOT_KEYS)
+        memslots.append(_check_names(r, _memslot(r), names, gmem_names))
+    steps = []
+    for i, t in enumerate(items("step")):
+        step = _step(path, i + 1, t, vm_spec["vcpus"])
+        r = _Reader(path, f"step {i + 1} ({step['op']})", t, set(t))
+        steps.append(_check_names(r, step, names, gmem_names))
     return Scenario(path, top.get("name", str, Path(path).stem),
                     top.get("description", str, ""), vm_spec, mmaps, gmems, memslots, steps)
+
+
+# Checks of values that every backend's API refuses: done here, they name the file, the item
+# and the key before anything runs. What depends on the backend (a 64 KiB PAGE_SIZE, the
+# capabilities of the VM type) is refused by the API at run time: Runner.run reports that too.
+
+def _check_mmap(r: _Reader, m: dict) -> None:
+    """What HostMemory.mmap refuses on any host. (Linux's mmap(2) rounds a length up to the
+    page; the model's HostMemory.mmap asks for a multiple of the page.)"""
+    if set(m["prot"]) - set("rwx"):
+        raise r.err("prot", f"use a combination of 'r', 'w', 'x', not {m['prot']!r}")
+    page = MMAP_KINDS[m["kind"]]
+    if m["length"] == 0 or m["length"] % page:
+        raise r.err("length", f"must be a positive multiple of {page:#x} for kind "
+                              f"{m['kind']!r}, not {m['length']:#x}")
+    if m["kind"] == "pfnmap" and m["pfn"] is None:
+        raise r.err("pfn", "is required for kind 'pfnmap' (the device pfn of the first page)")
+    if m["kind"] != "pfnmap" and m["pfn"] is not None:
+        raise r.err("pfn", f"is only for kind 'pfnmap', not {m['kind']!r}")
+    if m["thp"] and m["kind"] != "anon":
+        raise r.err("thp", f"transparent huge pages are for kind 'anon', not {m['kind']!r}")
+
+
+def _check_gmem(r: _Reader, g: dict) -> None:
+    """kvm_gmem_create: the size is a positive multiple of PAGE_SIZE (EINVAL); the model's
+    folio_order (in flight upstream) is at most MAX_FOLIO_ORDER and its folio divides the
+    size."""
+    if g["size"] == 0 or g["size"] % SZ_4K:
+        raise r.err("size", f"must be a positive multiple of the page (0x1000), not "
+                            f"{g['size']:#x}")
+    order = g["folio_order"]
+    if order > MAX_FOLIO_ORDER or g["size"] % (SZ_4K << order):
+        raise r.err("folio_order", f"must be 0..{MAX_FOLIO_ORDER} with folios of 4 KiB << "
+                                   f"order dividing the size, not {order}")
+
+
+def _check_dirty_ring(r: _Reader, size: int) -> None:
+    """kvm_vm_ioctl_enable_dirty_log_ring: a power of two (EINVAL), at least a page (EINVAL),
+    at most KVM_DIRTY_RING_MAX_ENTRIES entries (E2BIG). 0 leaves the ring off."""
+    if not size:
+        return
+    most = KVM_DIRTY_RING_MAX_ENTRIES * KVM_DIRTY_GFN_SIZE
+    if size & (size - 1) or not SZ_4K <= size <= most:
+        raise r.err("dirty_ring", f"must be a power of two from 4096 to {most} bytes "
+                                  f"(0: no ring), not {size}")
+
+
+def _check_names(r: _Reader, item: dict, mmaps: set, gmems: set) -> dict:
+    """An item's ``mmap`` and ``gmem`` name ones the file declares."""
+    for key, names in (("mmap", mmaps), ("gmem", gmems)):
+        if item.get(key) is not None and item[key] not in names:
+            raise r.err(key, f"no [[{key}]] is named {item[key]!r} (declared: "
+                             f"{', '.join(sorted(names)) or 'none'})")
+    return item
 
 
 _MEMSLOT_KEYS = {"slot", "gpa", "size", "mmap", "mmap_offset", "flags", "gmem", "gmem_offset",
@@ -324,8 +403,9 @@ def _step(path: str, index: int, t, nr_vcpus: int) -> dict:
                  data=_data(r, "data") if "data" in t else None)
         if op != "write" and s["data"] is not None:
             raise r.err("data", "only a write carries data")
-        if s["length"] == 0 or s["count"] == 0:
-            raise r.err("length" if s["length"] == 0 else "count", "must be positive")
+        for key in ("length", "count", "stride"):
+            if s[key] == 0:
+                raise r.err(key, "must be positive")
     elif family == "convert":
         s.update(gpa=r.get("gpa", int), size=r.get("size", int),
                  to=r.choice("to", ("private", "shared")))
@@ -386,17 +466,30 @@ def choose_vm_type(arch_info, scenario: Scenario) -> str:
     return best
 
 
+def backend_class(arch) -> type:
+    """The backend class ``arch`` names (plugins.resolve_backend), refused with ENODEV unless
+    it carries an ArchInfo, as VM() refuses it: ``--arch kvmcore.vm:VM`` is not a backend."""
+    from .plugins import resolve_backend
+
+    if isinstance(arch, str) and ":" in arch and "" in arch.partition(":")[::2]:
+        raise KvmError(_errno.ENODEV, f"arch={arch!r}: give module:Class")
+    cls = resolve_backend(arch)
+    if not isinstance(getattr(cls, "arch_info", None), ArchInfo):
+        raise KvmError(_errno.ENODEV, f"arch={arch!r}: {cls!r} is not a backend (it has no "
+                                      "ArchInfo)")
+    return cls
+
+
 class Runner:
     """Runs a Scenario on one backend; ``progress(advance)`` is called per access."""
 
     def __init__(self, scenario: Scenario, arch, vm_type: str | None = None,
                  seed: int | None = None, trace: bool = False,
                  progress: Callable[[int], None] | None = None):
-        from .plugins import resolve_backend
         from .vm import VM, host_for
 
         self.s = scenario
-        cls = resolve_backend(arch)
+        cls = backend_class(arch)
         if vm_type is None:
             vm_type = scenario.vm["vm_type"] or choose_vm_type(cls.arch_info, scenario)
         # The host's PAGE_SIZE is the base page the options ask for (granule=65536...).
@@ -413,23 +506,31 @@ class Runner:
         return sum(s["count"] for s in self.s.steps if s["family"] == "access")
 
     def run(self) -> Result:
+        """Set the VM up and run the steps. A memslot or step whose call fails is a failure of
+        the result; a call the API refuses while setting up (the [vm] table, an mmap, a gmem)
+        raises ScenarioError naming the item, as does a KvmError escaping a step."""
         t0 = time.perf_counter()
         vm, s = self.vm, self.s
-        if s.vm["manual_protect"] or s.vm["initially_set"]:
-            vm.enable_dirty_log_manual_protect(initially_set=s.vm["initially_set"])
-        if s.vm["dirty_ring"]:
-            vm.enable_dirty_ring(s.vm["dirty_ring"])
-        self.vcpus = [vm.create_vcpu(i) for i in range(s.vm["vcpus"])]
-        for m in s.mmaps:
+        with self._refused("[vm]: key 'manual_protect'"):
+            if s.vm["manual_protect"] or s.vm["initially_set"]:
+                vm.enable_dirty_log_manual_protect(initially_set=s.vm["initially_set"])
+        with self._refused("[vm]: key 'dirty_ring'"):
+            if s.vm["dirty_ring"]:
+                vm.enable_dirty_ring(s.vm["dirty_ring"])
+        with self._refused("[vm]: key 'vcpus'"):
+            self.vcpus = [vm.create_vcpu(i) for i in range(s.vm["vcpus"])]
+        for i, m in enumerate(s.mmaps):
             if self._skip(m, f"mmap {m['name']}"):
                 continue
-            self.hvas[m["name"]] = self.host.mmap(m["length"], m["prot"], m["kind"], m["thp"],
-                                                  m["pfn"])
-        for g in s.gmems:
+            with self._refused(f"mmap {i + 1} ({m['name']})"):
+                self.hvas[m["name"]] = self.host.mmap(m["length"], m["prot"], m["kind"],
+                                                      m["thp"], m["pfn"])
+        for i, g in enumerate(s.gmems):
             if self._skip(g, f"gmem {g['name']}"):
                 continue
-            self.gmems[g["name"]] = vm.create_guest_memfd(g["size"], g["flags"],
-                                                           g["folio_order"])
+            with self._refused(f"gmem {i + 1} ({g['name']})"):
+                self.gmems[g["name"]] = vm.create_guest_memfd(g["size"], g["flags"],
+                                                               g["folio_order"])
         for i, m in enumerate(s.memslots):
             if self._skip(m, f"memslot {i + 1}"):
                 continue
@@ -439,7 +540,8 @@ class Runner:
             if self._skip(step, name):
                 continue
             self.result.steps_run += 1
-            getattr(self, f"_do_{step['family']}")(step, name)
+            with self._refused(name):
+                getattr(self, f"_do_{step['family']}")(step, name)
         r = self.result
         r.stats = dict(vm.stats)
         r.mappings_by_size = dict(Counter(m.size for m in vm.mappings()))
@@ -448,6 +550,14 @@ class Runner:
         return r
 
     # ------------------------------------------------------------------ helpers
+
+    @contextlib.contextmanager
+    def _refused(self, name: str):
+        """A KvmError out of ``name`` becomes a ScenarioError naming the file and the item."""
+        try:
+            yield
+        except KvmError as e:
+            raise ScenarioError(f"{self.s.path}: {name}: {e}") from e
 
     def _skip(self, item: dict, name: str) -> bool:
         """``requires``: skip unless the VM has them all; ``unless``: skip if it has any (the

@@ -4,9 +4,13 @@ their hardware."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from importlib import resources
+from importlib.metadata import entry_points
 from pathlib import Path
+
+from ..plugins import ARCH_GROUP
 
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{1,30}")
 
@@ -79,14 +83,28 @@ def camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_")) + "Backend"
 
 
+def _installed(name: str) -> str | None:
+    """What an installed distribution already uses of ``name``: an entry point of group
+    kvmcore.arch (even a block-listed one), or the package kvmcore_NAME."""
+    if any(ep.name == name for ep in entry_points(group=ARCH_GROUP)):
+        return f"a backend named {name!r}"
+    if importlib.util.find_spec(f"kvmcore_{name}") is not None:
+        return f"a package kvmcore_{name}"
+    return None
+
+
 def write_plugin(name: str, directory: Path) -> list[Path]:
-    """Write the distribution; returns the files written. Raises ValueError for a bad name or
-    a directory that is not empty."""
+    """Write the distribution; returns the files written. Raises ValueError for a bad name, a
+    directory that is not empty, or a name an installed backend or package uses."""
     if not NAME_RE.fullmatch(name):
         raise ValueError(f"NAME {name!r}: use lowercase letters, digits and '_', starting "
                          "with a letter (it becomes the entry-point and package name)")
     if directory.exists() and any(directory.iterdir()):
         raise ValueError(f"{directory}: exists and is not empty")
+    taken = _installed(name)
+    if taken:
+        raise ValueError(f"NAME {name!r}: {taken} is installed already (the new one would "
+                         "collide with it); choose another name")
     cls, dist = camel(name), name.replace("_", "-")
     source = resources.files("kvmcore.scaffold").joinpath("backend.py").read_text()
     source = (source.replace("class RadixBackend", f"class {cls}")
