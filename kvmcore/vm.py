@@ -8,10 +8,12 @@ from collections.abc import Iterator
 
 import structlog
 
+from . import capabilities as _caps
 from . import dirty as _dirty
 from .arch import ArchInfo, Mapping
 from .attributes import AttributeRanges, kvm_vm_ioctl_set_mem_attributes, \
     supported_mem_attributes
+from .capabilities import KernelConfig
 from .errors import InvariantError, KvmError
 from .exits import MmioExit, VcpuExit
 from .fault import (FETCH, READ, VIOLATION_KINDS, WRITE, Access, PageFault, Translation,
@@ -101,11 +103,13 @@ class VM:
 
     ``arch`` is an installed backend name, ``"module:Class"``, or a backend class;
     ``vm_type`` one of ``arch_info.vm_types``; ``host`` the HostMemory it lives in (a private
-    one by default); ``options`` go to the backend (e.g. ``granule=65536`` on arm64).
+    one by default); ``options`` go to the backend (e.g. ``granule=65536`` on arm64);
+    ``kconfig`` (a ``kvmcore.capabilities.KernelConfig``) makes the VM one of a kernel that
+    offers less than the backend (no memory attributes, fewer VM types, ...).
     """
 
     def __init__(self, arch="x86_tdp", vm_type: str = "default", host: HostMemory | None = None,
-                 trace: bool = False, **options):
+                 trace: bool = False, kconfig: KernelConfig | None = None, **options):
         cls = resolve_backend(arch)
         info: ArchInfo = getattr(cls, "arch_info", None)
         if not isinstance(info, ArchInfo):
@@ -113,6 +117,8 @@ class VM:
         if vm_type not in info.vm_types:
             raise KvmError(errno.EINVAL, f"vm_type={vm_type!r}: {info.name} supports "
                                          f"{', '.join(info.vm_types)}")
+        if kconfig is not None:
+            kconfig.check_vm_type(vm_type)
         want = info.base_page(options)
         if host is None:
             host = host_for(info, options)
@@ -129,6 +135,10 @@ class VM:
         self.options = dict(options)
         self.capabilities: frozenset[str] = self.arch_info.capabilities_of(vm_type)
         self.arch_capabilities: frozenset[str] = self.arch_info.capabilities
+        self.kconfig = kconfig
+        if kconfig is not None:
+            self.arch_capabilities, self.capabilities = kconfig.apply(self.arch_capabilities,
+                                                                      self.capabilities)
         self.host = host
         #: PAGE_SIZE: the base page of this VM (its host's); gfns stay 4 KiB frames.
         self.page_size: int = host.page_size
@@ -247,6 +257,17 @@ class VM:
     def flush_remote_tlbs_memslot(self, slot: Memslot) -> None:
         """kvm_flush_remote_tlbs_memslot."""
         self.flush_remote_tlbs_range(slot.base_gfn, slot.npages)
+
+    # ------------------------------------------------------------------ capabilities
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (``cap`` a ``kvmcore.uapi.KVM_CAP_*`` number)."""
+        return _caps.kvm_vm_ioctl_check_extension(self, cap)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM fd: MANUAL_DIRTY_LOG_PROTECT2 (args[0]: its bits),
+        DIRTY_LOG_RING / DIRTY_LOG_RING_ACQ_REL (args[0]: the ring size in bytes)."""
+        _caps.kvm_vm_ioctl_enable_cap(self, cap, args, flags)
 
     # ------------------------------------------------------------------ memslots
 
@@ -630,8 +651,7 @@ class Vcpu:
             raise KvmError(errno.EINVAL, f"gpa={gpa:#x}, size={size:#x}: not aligned to "
                                          f"PAGE_SIZE {mask + 1:#x}, empty, or wrapping")
         if "pre_fault" not in vm.capabilities:
-            raise KvmError(errno.EOPNOTSUPP, f"pre_fault_memory: not supported for VM type "
-                                             f"{vm.vm_type!r}")
+            raise _caps.pre_fault_unsupported(vm)
         full = size
         err = None
         while size:
