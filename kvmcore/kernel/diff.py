@@ -288,3 +288,52 @@ class Differ:
     def table(self) -> list[tuple[str, int, int]]:
         """(ioctl, calls, agreeing) per ioctl."""
         return [(name, n, self.agree[name]) for name, n in sorted(self.calls.items())]
+
+
+def run_generated(differ: Differ, calls: int, seed: int = 0, max_calls: int = 12) -> int:
+    """Hypothesis-generated sequences until at least ``calls`` calls were compared, in
+    batches of examples (seeds ``seed``, ``seed + 1``, ...), or until a difference was found;
+    hypothesis then shrinks it and the shrunk one is in ``differ.differences``. Returns the
+    calls compared (shrinking replays are not counted)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
+
+    from .corpus import sequences
+
+    start = sum(differ.calls.values())
+    shrunk: list[Difference] = []
+
+    def batch(examples: int, batch_seed: int) -> None:
+        @hseed(batch_seed)
+        @settings(max_examples=examples, database=None, deadline=None,
+                  suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
+                  print_blob=False)
+        @given(sequences(max_calls))
+        def check(seq):
+            diff = differ.run(seq, record=not shrunk)
+            if diff is not None:
+                if not shrunk:
+                    differ.differences.pop()  # only the shrunk one is kept
+                shrunk[:] = [diff]
+                raise AssertionError(diff.format())
+
+        check()
+
+    batch_seed = seed
+    while not shrunk and sum(differ.calls.values()) - start < calls:
+        remaining = calls - (sum(differ.calls.values()) - start)
+        try:
+            batch(max(20, remaining // 5), batch_seed)
+        except AssertionError:
+            differ.differences.append(shrunk[-1])
+        batch_seed += 1
+    return sum(differ.calls.values()) - start
+
+
+def run_hand_corpus(differ: Differ) -> int:
+    from .corpus import hand_corpus
+
+    start = sum(differ.calls.values())
+    for seq in hand_corpus():
+        differ.run(seq)
+    return sum(differ.calls.values()) - start
