@@ -110,22 +110,25 @@ def _ioctl_struct(fd: int, request: int, struct: ctypes.Structure) -> int:
     return r
 
 
-def available() -> tuple[bool, str]:
-    """Whether /dev/kvm can be used here: (True, "") or (False, the reason)."""
+def available(path: str | None = None) -> tuple[bool, str]:
+    """Whether /dev/kvm (or ``path``) can be used here: (True, "") or (False, the reason)."""
+    path = path or KVM_DEVICE
     try:
-        fd = os.open(KVM_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        return False, f"{KVM_DEVICE}: {e.strerror}"
+        return False, f"{path}: {e.strerror}"
     try:
         version = fcntl.ioctl(fd, KVM_GET_API_VERSION, 0)
         if version != 12:
-            return False, f"{KVM_DEVICE}: KVM_GET_API_VERSION is {version}, not 12"
+            return False, f"{path}: KVM_GET_API_VERSION is {version}, not 12"
         try:
             vm = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
         except OSError as e:
-            return False, f"{KVM_DEVICE}: KVM_CREATE_VM failed: {e.strerror}"
+            return False, f"{path}: KVM_CREATE_VM failed: {e.strerror}"
         os.close(vm)
         return True, ""
+    except OSError as e:
+        return False, f"{path}: {e.strerror}"
     finally:
         os.close(fd)
 
