@@ -90,8 +90,13 @@ def _size(n: int) -> str:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def archs(as_json: bool) -> None:
+@click.option("--kernel", "kernel", is_flag=True,
+              help="Also show the running kernel's KVM profile beside the backend's.")
+def archs(as_json: bool, kernel: bool) -> None:
     """List the installed architecture backends and what they claim."""
+    if kernel:
+        _kernel_profile(as_json)
+        return
     rows = _arch_rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -124,6 +129,85 @@ def archs(as_json: bool) -> None:
         table.add_row(r["arch"], r["distribution"], r["version"],
                       " ".join(_size(p) for p in r["page_sizes"]), types)
     Console().print(table)
+
+
+def _kernel_profile(as_json: bool, arch: str = "x86_tdp") -> None:
+    """``archs --kernel``: the KVM_CHECK_EXTENSION answers of /dev/kvm, of the backend's
+    default VM, and of the model VM configured like the kernel."""
+    from . import VM
+    from .kernel import kvmdev
+    from .kernel.profile import KernelProfile, model_profile
+
+    ok, why = kvmdev.available()
+    if not ok:
+        raise UserError(f"--kernel: {why}")
+    profile = KernelProfile.read()
+    backend = model_profile(VM(arch))
+    configured = model_profile(VM(arch, **profile.vm_kwargs(arch)))
+    if as_json:
+        kwargs = profile.vm_kwargs(arch)
+        kconfig = kwargs.pop("kconfig")
+        click.echo(json.dumps({"kernel": profile.as_dict(), "arch": arch,
+                               "backend": backend, "configured": configured,
+                               "vm_options": kwargs,
+                               "kconfig": {"vm_types": sorted(kconfig.vm_types or ()),
+                                           "not_built": sorted(kconfig.not_built),
+                                           "disabled": sorted(kconfig.disabled),
+                                           "tdp": kconfig.tdp}}, indent=2))
+        return
+    click.echo(f"kernel {profile.release} (/dev/kvm) beside {arch}")
+    click.echo(f"  {'KVM_CAP_':28} {'kernel':>10} {arch + ' default':>18} {'configured':>10}")
+    for name, value in profile.vm.items():
+        mark = "" if configured[name] == value else "  <- differs"
+        click.echo(f"  {name:28} {value:>10} {backend[name]:>18} {configured[name]:>10}{mark}")
+    click.echo(f"  model configured as: VM({arch!r}, "
+               + ", ".join(f"{k}={v!r}" for k, v in profile.vm_kwargs(arch).items()) + ")")
+
+
+# --------------------------------------------------------------------------- diff
+
+@main.command()
+@click.option("--calls", default=2000, show_default=True,
+              help="Generated calls to compare (after the hand corpus).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the generated sequences.")
+@click.option("--no-corpus", is_flag=True, help="Skip the hand-written corpus.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def diff(calls: int, seed: int, no_corpus: bool, as_json: bool) -> None:
+    """Run the same VM-level ioctls on /dev/kvm and on the model (x86_tdp configured like the
+    running kernel) and compare errno and returned values. Exit 1 on a difference."""
+    from .kernel import kvmdev
+    from .kernel.diff import Differ, run_generated, run_hand_corpus
+
+    ok, why = kvmdev.available()
+    if not ok:
+        raise UserError(f"diff needs a usable /dev/kvm: {why}")
+    try:
+        import hypothesis  # noqa: F401
+    except ImportError:
+        raise UserError("diff needs hypothesis (pip install 'kvmcore[test]')") from None
+    with Differ() as differ:
+        hand = 0 if no_corpus else run_hand_corpus(differ)
+        generated = run_generated(differ, calls, seed) if calls > 0 else 0
+        rows = differ.table()
+        found = differ.differences
+        if as_json:
+            click.echo(json.dumps({
+                "kernel": differ.profile.as_dict(), "hand_calls": hand,
+                "generated_calls": generated,
+                "per_ioctl": {n: {"calls": c, "agree": a} for n, c, a in rows},
+                "differences": [d.format() for d in found]}, indent=2))
+        else:
+            click.echo(f"kernel {differ.profile.release}: {hand} hand-corpus calls, "
+                       f"{generated} generated calls (seed {seed})")
+            click.echo(f"  {'ioctl':32} {'calls':>7} {'agree':>7}")
+            for name, n, agree in rows:
+                click.echo(f"  {name:32} {n:>7} {agree:>7}")
+            for d in found:
+                click.echo("\nDIFFERENCE\n" + d.format())
+            if not found:
+                click.echo("0 differences")
+    if found:
+        raise click.exceptions.Exit(1)
 
 
 # --------------------------------------------------------------------------- run

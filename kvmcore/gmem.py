@@ -344,9 +344,10 @@ def kvm_gmem_create(vm: Kvm, size: int, flags: int, folio_order: int = 0) -> Gue
     if flags & ~supported:
         raise KvmError(errno.EINVAL, f"flags={flags:#x}: unsupported bits "
                                      f"{flags & ~supported:#x}")
-    if size <= 0 or size & (vm.page_size - 1):
+    # args->size is a u64 that kvm_gmem_create reads into a loff_t: 2^63 and up are negative.
+    if size <= 0 or size >= 1 << 63 or size & (vm.page_size - 1):
         raise KvmError(errno.EINVAL, f"size={size:#x} is not a positive multiple of PAGE_SIZE "
-                                     f"{vm.page_size:#x}")
+                                     f"{vm.page_size:#x} (as a signed loff_t)")
     max_order = MAX_FOLIO_ORDER - (vm.host.page_shift - PAGE_SHIFT)
     if not 0 <= folio_order <= max_order or size % (vm.page_size << folio_order):
         raise KvmError(errno.EINVAL, f"folio_order={folio_order}: must be 0..{max_order} "

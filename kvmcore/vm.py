@@ -15,6 +15,8 @@ import structlog
 from . import args as _args
 from . import dirty as _dirty
 from .arch import ArchInfo, Mapping
+from . import capabilities as _caps
+from .capabilities import KernelConfig
 from .errors import InvariantError, KvmError
 from .exits import MmioExit, VcpuExit
 from .fault import kvm_page_fault
@@ -84,11 +86,13 @@ class VM(Kvm):
 
     ``arch`` is an installed backend name, ``"module:Class"``, or a backend class;
     ``vm_type`` one of ``arch_info.vm_types``; ``host`` the HostMemory it lives in (a private
-    one by default); ``options`` go to the backend (e.g. ``granule=65536`` on arm64).
+    one by default); ``options`` go to the backend (e.g. ``granule=65536`` on arm64);
+    ``kconfig`` (a ``kvmcore.capabilities.KernelConfig``) makes the VM one of a kernel that
+    offers less than the backend (no memory attributes, fewer VM types, ...).
     """
 
     def __init__(self, arch="x86_tdp", vm_type: str = "default", host: HostMemory | None = None,
-                 trace: bool = False, **options):
+                 trace: bool = False, kconfig: KernelConfig | None = None, **options):
         _args.string("vm_type", vm_type)
         _args.flag("trace", trace)
         cls = resolve_backend(arch)
@@ -98,6 +102,8 @@ class VM(Kvm):
         if vm_type not in info.vm_types:
             raise KvmError(errno.EINVAL, f"vm_type={vm_type!r}: {info.name} supports "
                                          f"{', '.join(info.vm_types)}")
+        if kconfig is not None:
+            kconfig.check_vm_type(vm_type)
         want = info.base_page(options)
         if host is None:
             host = host_for(info, options)
@@ -111,6 +117,10 @@ class VM(Kvm):
         backend = cls(vm_type=vm_type, **options)
         super().__init__(backend, getattr(backend, "arch_info", info), vm_type, host, options,
                          trace)
+        self.kconfig = kconfig
+        if kconfig is not None:
+            self.arch_capabilities, self.capabilities = kconfig.apply(self.arch_capabilities,
+                                                                      self.capabilities)
         self._pm = None
         self._class_pm = class_plugin_manager(self.backend, self.arch_info.name)
         if self._class_pm is None:
@@ -151,6 +161,17 @@ class VM(Kvm):
         self.hook = pm.hook
         for name in HOT_HOOKS:
             setattr(self, name, bind_hot_hook(pm, name, self.backend))
+
+    # ------------------------------------------------------------------ capabilities
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (``cap`` a ``kvmcore.uapi.KVM_CAP_*`` number)."""
+        return _caps.kvm_vm_ioctl_check_extension(self, cap)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM fd: MANUAL_DIRTY_LOG_PROTECT2 (args[0]: its bits),
+        DIRTY_LOG_RING / DIRTY_LOG_RING_ACQ_REL (args[0]: the ring size in bytes)."""
+        _caps.kvm_vm_ioctl_enable_cap(self, cap, args, flags)
 
     # ------------------------------------------------------------------ memslots
 
@@ -553,8 +574,7 @@ class Vcpu(KvmVcpu):
             raise KvmError(errno.EINVAL, f"gpa={gpa:#x}, size={size:#x}: not aligned to "
                                          f"PAGE_SIZE {mask + 1:#x}, empty, or wrapping")
         if "pre_fault" not in vm.capabilities:
-            raise KvmError(errno.EOPNOTSUPP, f"pre_fault_memory: not supported for VM type "
-                                             f"{vm.vm_type!r}")
+            raise _caps.pre_fault_unsupported(vm)
         full = size
         err = None
         while size:

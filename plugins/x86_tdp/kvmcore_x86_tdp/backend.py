@@ -17,7 +17,8 @@ VM options (``VM(arch="x86_tdp", vm_type=..., **options)``):
 - ``eager_page_split`` (True), ``nx_huge_pages`` (False), ``hugepage_1g`` (True: the CPU has
   1G EPT pages, else max_huge_page_level is 2M), ``slot_zap_all_quirk`` (True:
   KVM_X86_QUIRK_SLOT_ZAP_ALL for DEFAULT_VM memslot deletion), ``mmio_caching`` (True:
-  enable_mmio_caching).
+  enable_mmio_caching), ``smm`` (True: CONFIG_KVM_SMM, a second memslot address space for
+  DEFAULT_VM; False: one, as a kernel without SMM, whose KVM_CAP_MULTI_ADDRESS_SPACE is 0).
 
 Simplifications (each also noted where it applies): no shadow paging, nested EPT (L2 roots,
 SPTE_TDP_AD_WRPROT_ONLY) or page tracking; the NX huge-page recovery worker and
@@ -141,6 +142,7 @@ _OPTIONS = {
     "slot_zap_all_quirk": (True, bool),
     "mmio_caching": (True, bool),
     "pml_drain_on_exit": (True, bool),
+    "smm": (True, bool),
 }
 
 
@@ -193,7 +195,8 @@ class X86TdpBackend:
         self.rmp = Rmp() if vm_type == KVM_X86_SNP_VM else None
         # TDX keeps MMIO out of the shared EPT (the guest takes #VE and asks the VMM).
         self.shadow_mmio_value = None if self.tdx is not None else 0x6
-        nr_as = 1 if self.has_private_mem else 2
+        # kvm_arch_nr_memslot_as_ids: SMM's address space exists only with CONFIG_KVM_SMM.
+        nr_as = 1 if self.has_private_mem or not opts["smm"] else 2
         vm_types = dict(ARCH_INFO.vm_types)
         if not self.pml:
             # enable_pml=0 (or no A/D bits): this VM has no PML (cpu_dirty_log_size 0).
