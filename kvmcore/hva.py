@@ -21,6 +21,11 @@ def _hva_gfn_range(vm, slot, start: int, end: int, arg: int, may_block: bool,
                     KVM_FILTER_SHARED, may_block, lockless)
 
 
+#: kvm_handle_hva_range has zapped and holds kvm->mmu_lock for write while its TLB flush
+#: waits for the vCPUs (reference/races.md §2, ``mn_start_flush``).
+MN_FLUSH = "mn_start_flush"
+
+
 def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
                          flush_on_ret: bool = False, may_block: bool = False,
                          lockless: bool = False, arg: int = 0, point: str = "mn_lock_wait"):
@@ -62,6 +67,9 @@ def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
                     r = yield from r
                 ret |= bool(r)
         if flush_on_ret and ret:
+            # kvm_flush_remote_tlbs under the lock: the requests are made and the flusher
+            # waits for every vCPU in guest mode to take them, holding mmu_lock for write.
+            yield MN_FLUSH
             vm.flush_remote_tlbs()
         return ret, found
     finally:

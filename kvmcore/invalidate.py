@@ -49,6 +49,15 @@ class InvalidateState:
         """mmu_invalidate_retry."""
         return bool(self.in_progress) or self.seq != seq
 
+    def in_progress_covers(self, gfn: int) -> bool:
+        """An invalidation is in progress and its range (so far) covers ``gfn``: a fault on
+        it can only retry until the invalidation ends."""
+        if not self.in_progress:
+            return False
+        if self.range_start == INVALID_GPA or self.range_end == INVALID_GPA:
+            return True
+        return self.range_start <= gfn < self.range_end
+
     def retry_gfn(self, seq: int, gfn: int) -> bool:
         """mmu_invalidate_retry_gfn (MMU lock held): an invalidation in progress of *this*
         gfn, or any that completed since the snapshot."""

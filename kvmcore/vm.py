@@ -24,7 +24,7 @@ from .records import FETCH, READ, VIOLATION_KINDS, WRITE, Access, PageFault, Tra
 from .gmem import GuestMemfd, kvm_gmem_create
 from .host import HOST_PAGE_SIZES, HostMemory
 from .kvm import Kvm, KvmVcpu
-from .locks import Flow, Steps, steppable
+from .locks import Flow, Steps, steppable, wait_until
 from .mmu_notifier import KvmMmuNotifier
 from .set_attributes import kvm_vm_ioctl_set_mem_attributes
 from .set_memory_region import kvm_set_memory_region
@@ -55,6 +55,8 @@ MAX_GPA = 1 << 52
 #: one call cover many pages, and bounds it so that a bad length is EINVAL, not an exhausted
 #: host (the model's limit: Linux has no such call).
 MAX_ACCESS = 1 << 24
+#: A fault that retried because an invalidation of its gfn is in progress waits here.
+PF_RETRY_WAIT = "pf_retry_wait"
 _FAULT_KIND_STAT = {kind: f"fault_{kind}" for kind in VIOLATION_KINDS}
 #: Access records are immutable: one per (kind, private intent) serves every access.
 _ACCESSES = {(kind, private): Access(kind, private) for kind in (READ, WRITE, FETCH)
@@ -482,6 +484,13 @@ class Vcpu(KvmVcpu):
             finally:
                 srcu.read_unlock(idx)
             self._fault_done(fault, r, access, chunk, data, pos)
+            if r == RET_PF_RETRY and vm.mmu_invalidate.in_progress_covers(fault.gfn):
+                # The vCPU re-enters the guest and faults again, and again, until the
+                # invalidation ends: modelled as one wait, since every retry in between
+                # changes nothing.
+                yield from wait_until(
+                    lambda gfn=fault.gfn: not vm.mmu_invalidate.in_progress_covers(gfn),
+                    "the invalidation of this gfn to end", PF_RETRY_WAIT)
         raise self._livelock(gpa)
 
     @staticmethod

@@ -159,10 +159,12 @@ def test_invalidation_in_progress_of_same_gfn_blocks_install(vm, host, slot0):
     next(steps)
     with host.invalidating(slot0, 0x2000):
         next(steps)
-        assert next(steps) == AFTER_SNAPSHOT          # retried
-        assert vm.lookup(0x1000) is None
-        next(steps)
-        assert next(steps) == AFTER_SNAPSHOT          # still in progress: retries again
+        assert next(steps) == "pf_retry_wait"         # retried, and retries until the end
+        assert vm.lookup(0x1000) is None and vm.stats["fault_retry_stale"] == 1
+        assert not steps.runnable
+        with pytest.raises(WouldBlock):
+            next(steps)
+    assert steps.runnable
     for _ in steps:
         pass
     assert vm.lookup(0x1000) is not None
