@@ -50,6 +50,14 @@ def kvm_page_fault(vm, fault: PageFault):
     -> retry; snapshot; private/shared check; faultin_pfn; mmu_lock (for read where it is an
     rwlock); staleness check; relax_perms or map_leaf, which may yield at their own
     compare-and-exchange points (a backend's hook written as a generator)."""
+    # The slot is known before the fast path, as in kvm_mmu_do_page_fault.
+    fault.slot = vm.memslot_sets[fault.as_id].search(fault.gfn)
+    r = vm.fast_page_fault(vm=vm, fault=fault)
+    if type(r) is GeneratorType:
+        r = yield from r
+    if r is not None:
+        vm.stats["fast_page_fault"] += 1
+        return r
     r = fault_begin(vm, fault)
     if r is not None:
         return r
@@ -65,6 +73,8 @@ def kvm_page_fault(vm, fault: PageFault):
         return RET_PF_EMULATE
     yield PF_SEQ_SNAPSHOT
     r = fault_faultin(vm, fault)
+    if type(r) is GeneratorType:
+        r = yield from r
     if r != RET_PF_CONTINUE:
         return r
     yield from lock.read_lock(PF_LOCK_WAIT)
@@ -90,16 +100,10 @@ def kvm_page_fault(vm, fault: PageFault):
 
 
 def fault_begin(vm, fault: PageFault) -> int | None:
-    """Up to the snapshot (kvm_mmu_do_page_fault's slot lookup, fast_page_fault, the private
-    no-slot exit, the KVM_MEMSLOT_INVALID retry, then mmu_invalidate_seq): a RET_PF_* code
-    when the fault ends here, None to go on (``fault.slot`` None: an MMIO access)."""
-    # The slot is known before the fast path, as in kvm_mmu_do_page_fault.
-    slots = vm.memslot_sets[fault.as_id]
-    slot = fault.slot = slots.search(fault.gfn)
-    r = vm.fast_page_fault(vm=vm, fault=fault)
-    if r is not None:
-        vm.stats["fast_page_fault"] += 1
-        return r
+    """After the fast path, up to the snapshot (the private no-slot exit, the
+    KVM_MEMSLOT_INVALID retry, then mmu_invalidate_seq): a RET_PF_* code when the fault ends
+    here, None to go on (``fault.slot`` None: an MMIO access)."""
+    slot = fault.slot
     if slot is None:
         if fault.is_private:
             raise memory_fault_exit(vm, fault)

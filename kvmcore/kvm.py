@@ -98,6 +98,16 @@ class Kvm:
         slot = self.memslot_sets[as_id].search(gfn)
         return None if slot is None or slot.invalid else slot
 
+    def leaf_memslot(self, gfn: int, as_id: int = 0) -> Memslot | None:
+        """The slot a present leaf of ``gfn`` may belong to: the visible one, or, while a
+        memslot update holds slots_lock, the INVALID copy it published (its leaves stay
+        until the update's flush, and faults that looked up the old slot may still add
+        some before synchronize_srcu returns). For invariant checks."""
+        slot = self.memslot_sets[as_id].search(gfn)
+        if slot is None or (slot.invalid and not self.slots_lock.held):
+            return None
+        return slot
+
     def all_memslots(self) -> Iterator[Memslot]:
         for slots in self.memslot_sets:
             yield from slots

@@ -22,7 +22,7 @@ def check_vm(backend, vm) -> list[str]:
     for ipa, level, pte in backend.pgt.valid_leaves(0, g.phys_size):
         size = g.size(level)
         gfn = ipa >> 12
-        slot = vm.gfn_to_memslot(gfn)
+        slot = vm.leaf_memslot(gfn)
         where = f"stage-2 leaf IPA {ipa:#x} level {level}"
         if slot is None:
             continue    # the core reports leaves outside memslots

@@ -82,10 +82,15 @@ class AbortPath:
             return self.handle_access_fault(vm, fault)
         return None
 
-    def handle_access_fault(self, vm, fault: PageFault) -> int:
-        """handle_access_fault: mkyoung under the read lock; the guest retries either way."""
-        with vm.mmu_lock:
+    def handle_access_fault(self, vm, fault: PageFault):
+        """handle_access_fault, a flow: mkyoung under the read lock (waited for at
+        ``arm64_af_lock_wait``); the guest retries either way."""
+        lock = vm.mmu_lock
+        yield from lock.read_lock("arm64_af_lock_wait")
+        try:
             ret = self.b.pgt.mkyoung(fault.addr, FAULT_WALK_FLAGS)
+        finally:
+            lock.read_unlock()
         vm.stats["arm64_access_flag_fault"] += 1
         return RET_PF_FIXED if ret == 0 else RET_PF_SPURIOUS
 

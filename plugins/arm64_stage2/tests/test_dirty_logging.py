@@ -89,6 +89,7 @@ def test_masked_reprotect_alone_changes_only_w(vm, host):
     s = vm.gfn_to_memslot(GPA >> 12)
     with vm.mmu_lock:
         vm.hook.enable_log_dirty_pt_masked(vm=vm, slot=s, gfn_offset=0, mask=0b10)
+    vm.flush_remote_tlbs()                     # what kvm_clear_dirty_log_protect does next
     assert vm.lookup(GPA + PAGE).raw == before & ~KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
 
 

@@ -126,13 +126,13 @@ class PpcRadixBackend:
         self.store = TableStore(min_align=256)
         self.pgtable = PageTable(self.store, self.cfg.geometry, RADIX_FORMAT)
         self.lpid = 1
+        self._host_ptes: dict[object, tuple[int, int]] = {}
         #: Every tlbie issued: (addr aligned to size, size, lpid).
         self.tlbie_log: list[tuple[int, int, int]] = []
         #: Every page-walk-cache flush (the lpid).
         self.pwc_flushes: list[int] = []
         #: WARN / WARN_ONCE messages Linux would print.
         self.warnings: list[str] = []
-        self._host_ptes: dict[object, tuple[int, int]] = {}
         #: While set, tlbies queue their vCPU-TLB flush here (book3s_64_mmu_radix.batched_tlbie).
         self.tlb_batch: list[tuple[int, int]] | None = None
 
@@ -228,8 +228,17 @@ class PpcRadixBackend:
         present leaf that allows the access, no flush, and resume without instantiating."""
         if not fault.error_code & DSISR_SET_RC:
             return None
-        with vm.mmu_lock:
+        return self._handle_set_rc(vm, fault)
+
+    def _handle_set_rc(self, vm, fault):
+        """kvmppc_hv_handle_set_rc under kvm->mmu_lock (a flow: it waits for the lock at
+        ``ppc_set_rc_lock_wait``); None when it did not fix the fault."""
+        lock = vm.mmu_lock
+        yield from lock.write_lock("ppc_set_rc_lock_wait")
+        try:
             fixed = radix_mmu.kvmppc_hv_handle_set_rc(self, vm, fault.write, fault.gfn << 12)
+        finally:
+            lock.write_unlock()
         if fixed:
             vm.stats["ppc_set_rc_fixed"] += 1
             return RET_PF_FIXED
@@ -239,14 +248,23 @@ class PpcRadixBackend:
     def faultin_pfn(self, vm, fault):
         """kvmppc_book3s_instantiate_page steps 3-5: the generic __kvm_faultin_pfn (the
         core's hva -> pfn, VM_IO|VM_PFNMAP included) only faults the host page in and decides
-        upgrade_write; the partition PTE is then built from the host Linux PTE
-        (find_kvm_host_pte under mmu_lock with the mmu_seq check). A changed seq or a missing
-        host PTE resumes the guest, which re-faults (``ppc_host_pte_retry``)."""
+        upgrade_write; the partition PTE is then built from the host Linux PTE, read under
+        kvm->mmu_lock (a lock section of its own, before kvmppc_create_pte's)."""
         result = yield
         if result not in (None, RET_PF_CONTINUE):
             return result
-        with vm.mmu_lock:
+        return self._find_host_pte(vm, fault)
+
+    def _find_host_pte(self, vm, fault):
+        """find_kvm_host_pte under kvm->mmu_lock with the mmu_seq check, a flow (it waits for
+        the lock at ``ppc_host_pte_lock_wait``). A changed seq or a missing host PTE resumes
+        the guest, which re-faults (``ppc_host_pte_retry``)."""
+        lock = vm.mmu_lock
+        yield from lock.write_lock("ppc_host_pte_lock_wait")
+        try:
             host = find_kvm_host_pte(vm, self, fault.mmu_seq, fault.hva)
+        finally:
+            lock.write_unlock()
         if host is None:
             vm.stats["ppc_host_pte_retry"] += 1
             return RET_PF_RETRY
@@ -254,7 +272,7 @@ class PpcRadixBackend:
         if len(self._host_ptes) > 256:
             self._host_ptes.clear()
         self._host_ptes[fault] = host
-        return result
+        return RET_PF_CONTINUE
 
     @hookimpl
     def map_leaf(self, vm, fault):

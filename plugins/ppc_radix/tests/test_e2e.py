@@ -258,6 +258,7 @@ def test_unrelated_invalidation_in_progress_makes_create_pte_eagain(make_vm, hos
     assert vm.lookup(GPA) is None
     steps = vcpu.step_access("write", GPA, b"x")
     assert next(steps) == "pf_seq_snapshot"
+    assert next(steps) == "ppc_host_pte_lock_wait"
     assert next(steps) == "pf_lock_wait"
     with host.invalidating(other, 4096):       # the core's range check lets the fault pass
         next(steps)
@@ -279,6 +280,7 @@ def test_invalidation_in_progress_at_find_kvm_host_pte_resumes_guest(make_vm, ho
     vm, vcpu, hva, other = _two_slots(make_vm, host, page_size)
     steps = vcpu.step_access("write", GPA, b"x")
     assert next(steps) == "pf_seq_snapshot"
+    assert next(steps) == "ppc_host_pte_lock_wait"
     with host.invalidating(other, page_size):  # not this gfn: the core's checks let it pass
         assert next(steps) == "pf_seq_snapshot"  # retried from the start
         assert vm.stats["ppc_host_pte_retry"] == 1

@@ -113,7 +113,7 @@ def check_invariants(backend, vm) -> list[str]:
                         problems.append(f"{where}: TDX private leaf above 4K")
                 if tdx is not None and not root.is_mirror and not key & tdx.shared_gfn_bit:
                     problems.append(f"{where}: shared-EPT leaf below the shared bit")  # 14
-                slot = vm.gfn_to_memslot(gfn, root.as_id)
+                slot = vm.leaf_memslot(gfn, root.as_id)
                 if slot is None:  # 17
                     problems.append(f"{where}: leaf maps a gfn outside every memslot")
                     continue

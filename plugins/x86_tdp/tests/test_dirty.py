@@ -122,6 +122,7 @@ def test_enable_log_dirty_pt_masked_touches_only_mask(make):
     slot = g.vm.memslots()[0]
     with g.vm.mmu_lock:
         g.b.enable_log_dirty_pt_masked(vm=g.vm, slot=slot, gfn_offset=0, mask=0b10100)
+    g.vm.flush_remote_tlbs()                   # what kvm_clear_dirty_log_protect does next
     w = [g.leaf(i * PAGE).writable for i in range(8)]
     assert w == [True, True, False, True, False, True, True, True]
     assert hva

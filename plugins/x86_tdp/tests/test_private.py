@@ -182,6 +182,7 @@ def test_invariant_18_flush_shadow_all_keeps_mirror(make):
     g.make_private(0x2000, PAGE)
     g.vcpu.write(0x2000, b"p")
     g.b.flush_shadow_all(vm=g.vm)
+    g.vm.flush_remote_tlbs()                   # no vCPU runs after kvm_flush_shadow_all
     assert [m.private for m in g.vm.mappings()] == [True]
 
 
