@@ -372,22 +372,22 @@ class _Guard:
 
 
 def _wait(lock, mode, point: str):
-    flow = _current
-    flow.wait = LockWait(lock, mode)
+    # No reference to the flow is kept in the frame: a flow and its generator must not form
+    # a cycle, so that a dropped flow is closed by Flow.__del__, as its own thread.
+    _current.wait = LockWait(lock, mode)
     try:
         yield point
     finally:
-        flow.wait = None
+        _current.wait = None
 
 
 def wait_until(test, text: str, point: str):
     """Yield at ``point`` until ``test()`` is true (``text`` says what is awaited)."""
-    flow = _current
-    flow.wait = Until(test, text)
+    _current.wait = Until(test, text)
     try:
         yield point
     finally:
-        flow.wait = None
+        _current.wait = None
 
 
 class Srcu:
@@ -416,15 +416,14 @@ class Srcu:
 
     def synchronize(self, point: str):
         """Yield at ``point`` until every read side that started before now has ended."""
-        flow = _current
-        earlier = tuple(i for i, f in self.readers.items() if f is not flow)
+        earlier = tuple(i for i, f in self.readers.items() if f is not _current)
         readers = self.readers
-        flow.wait = Until(lambda: not any(i in readers for i in earlier),
-                          f"{self.name} grace period")
+        _current.wait = Until(lambda: not any(i in readers for i in earlier),
+                              f"{self.name} grace period")
         try:
             yield point
         finally:
-            flow.wait = None
+            _current.wait = None
 
 
 # --------------------------------------------------------------------------- starting flows

@@ -393,6 +393,13 @@ class Vcpu(KvmVcpu):
         """An instruction fetch of ``n`` bytes at ``gpa`` (needs execute permission)."""
         return Flow(f"vcpu{self.id}.fetch", self._access(FETCH, gpa, n, private), self).run()
 
+    #: ``vcpu.steps.read/write/fetch``: the plain methods above stay plain (they are hot).
+    step_methods = {
+        "read": lambda self, gpa, n, private=None: self._access(READ, gpa, n, private),
+        "write": lambda self, gpa, data, private=None: self._access(WRITE, gpa, data, private),
+        "fetch": lambda self, gpa, private=None, n=4: self._access(FETCH, gpa, n, private),
+    }
+
     def step_access(self, kind: str, gpa: int, data_or_n, private: bool | None = None) -> Flow:
         """The same access as ``read``/``write``/``fetch``, started as a ``Flow``: each
         ``next()`` runs to the next race point its faults reach and returns its name
