@@ -10,9 +10,15 @@ A backend must implement ``translate``, ``map_leaf``, ``unmap_gfn_range``, ``age
 ``test_age_gfn`` and ``leaves``; everything else has a default. The Linux function each hook
 stands for is named in its docstring.
 
-Concurrency in this model: "under the MMU lock" means the core has marked ``vm.mmu_lock`` held
-and no other flow runs until the hook returns. There is no SMP memory ordering; atomic
-(cmpxchg) updates in Linux are plain writes here.
+Concurrency in this model: the core's flows are steppable (docs/races.md). A hook runs inside
+one stretch of its caller's flow; "under the MMU lock" means that flow holds ``vm.mmu_lock``
+(for read or write, as the section says). A hook whose Linux counterpart drops a lock, waits, or
+installs an entry with a compare-and-exchange under the read lock is written as a generator (or
+returns one): it yields its race points' names and takes locks with ``yield from
+vm.mmu_lock.read_lock(point)``; the core runs it with ``yield from`` (fast_page_fault,
+faultin_pfn's result, relax_perms, map_leaf, unmap_gfn_range, flush_shadow_memslot,
+pre/post_set_memory_attributes). There is no SMP memory ordering: between two race points a
+stretch runs atomically.
 """
 
 from __future__ import annotations
