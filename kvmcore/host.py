@@ -733,6 +733,16 @@ class HostMemory:
                 young |= yield from _flow(n.clear_young(hva, hva + length))
         return young
 
+    @steppable
+    def test_young(self, hva: int, length: int) -> bool:
+        """mmu_notifier_test_young on every VM of this host (page_idle, MGLRU's look-around):
+        True if any secondary mapping of the range is young; nothing is cleared."""
+        self._check_range("test_young", hva, length)
+        young = False
+        for n in list(self.notifiers):
+            young |= yield from _flow(n.test_young(hva, hva + length))
+        return young
+
 
 def _flow(result):
     """A notifier callback's result: KVM's callbacks are flows (generators) that run inside

@@ -92,6 +92,13 @@ class KvmMmuNotifier:
         self.vm.stats["mn_clear_young"] += 1
         return young
 
+    def test_young(self, start: int, end: int):
+        """kvm_mmu_notifier_test_young (page_idle, MGLRU's look-around): whether any secondary
+        mapping of the range is young, changing nothing and flushing nothing."""
+        young, _ = yield from kvm_handle_hva_range(self.vm, start, end, _test_age_handler,
+                                                   point=MN_AGE_LOCK_WAIT)
+        return young
+
     def release(self) -> None:
         """The mm is going away: kvm_flush_shadow_all (no vCPU runs any more)."""
         vm = self.vm
@@ -101,3 +108,7 @@ class KvmMmuNotifier:
 
 def _age_handler(vm: Kvm, rng: GfnRange) -> bool:
     return bool(vm.hook.age_gfn(vm=vm, range=rng))
+
+
+def _test_age_handler(vm: Kvm, rng: GfnRange) -> bool:
+    return bool(vm.hook.test_age_gfn(vm=vm, range=rng))

@@ -67,9 +67,6 @@ class Geometry:
     def nlevels(self) -> int:
         return len(self.shifts)
 
-    def entry_size(self, pos: int) -> int:
-        return 1 << self.shifts[pos]
-
     def entries(self, pos: int) -> int:
         return 1 << self.bits[pos]
 
@@ -78,12 +75,6 @@ class Geometry:
 
     def pos_of(self, level_id: int) -> int:
         return self.level_ids.index(level_id)
-
-    def pos_of_size(self, size: int) -> int | None:
-        for pos, shift in enumerate(self.shifts):
-            if 1 << shift == size:
-                return pos
-        return None
 
 
 class TableStore:

@@ -100,7 +100,6 @@ class PageFault:
     vcpu: object = None
     slot: object = None
     mmu_seq: int = 0
-    memslot_gen: int = 0
     hva: int = 0
     pfn: int = 0
     map_writable: bool = False

@@ -104,16 +104,8 @@ KVM_PFN_ERR_SIGPENDING = KVM_PFN_ERR_MASK + 3
 KVM_PFN_ERR_NEEDS_IO = KVM_PFN_ERR_MASK + 4
 
 
-def is_error_pfn(pfn: int) -> bool:
-    return bool(pfn & KVM_PFN_ERR_MASK)
-
-
 def is_error_noslot_pfn(pfn: int) -> bool:
     return bool(pfn & KVM_PFN_ERR_NOSLOT_MASK)
-
-
-def is_noslot_pfn(pfn: int) -> bool:
-    return pfn == KVM_PFN_NOSLOT
 
 
 # Fault-handler return codes (arch/x86/kvm/mmu/mmu_internal.h); the core uses them for every

@@ -70,3 +70,18 @@ def test_age_only_its_range(guest, host):
     guest.write(GPA + 8 * page, pattern(5))
     host.age(hva, page)
     assert guest.vm.lookup(GPA + 8 * page).young
+
+
+def test_test_young_reports_without_clearing(guest, host):
+    """mmu_notifier_test_young (kvm_test_age_gfn): young after an access, still young after
+    asking, old only once aged; the leaf is never touched."""
+    page = guest.vm.page_size
+    hva = guest.slot(0, GPA, SLOT_PAGES * page)
+    assert host.test_young(hva, page) is False           # nothing mapped
+    guest.write(GPA, pattern(3))
+    before = guest.vm.lookup(GPA)
+    assert host.test_young(hva, page) is True
+    assert host.test_young(hva, page) is True
+    assert guest.vm.lookup(GPA) == before
+    host.age(hva, page)
+    assert host.test_young(hva, page) is False
