@@ -170,8 +170,9 @@ def kvm_clear_dirty_log_protect(vm: VM, slot: int, first_page: int, num_pages: i
     """KVM_CLEAR_DIRTY_LOG (kvm_clear_dirty_log_protect). ``pages`` are slot-relative page
     offsets to clear (the bits userspace sets in its bitmap)."""
     if "manual_dirty_protect" not in vm.arch_capabilities:
-        raise KvmError(errno.ENOTTY, f"clear_dirty_log: {vm.arch_info.name} has no "
-                                     "KVM_CLEAR_DIRTY_LOG")
+        # Not built: kvm_vm_ioctl hands it to kvm_arch_vm_ioctl, whose default answers.
+        raise KvmError(vm.arch_info.vm_ioctl_errno, f"clear_dirty_log: {vm.arch_info.name} "
+                                                    "has no KVM_CLEAR_DIRTY_LOG")
     as_id, id_ = _slot_for_log(vm, slot, "clear_dirty_log")
     for name, value in (("first_page", first_page), ("num_pages", num_pages)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:

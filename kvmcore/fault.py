@@ -140,13 +140,15 @@ RACE_POINTS = (AFTER_SNAPSHOT, BEFORE_LOCK)
 
 
 def is_page_fault_stale(vm, fault: PageFault) -> bool:
-    """is_page_fault_stale: an invalidation of this gfn in progress, or any completed since
-    the snapshot. Also stale: a memslot update since the fault started — Linux's updater
-    waits for the fault's SRCU read side (synchronize_srcu) instead; a single-threaded model
-    cannot wait, so the fault retries."""
+    """is_page_fault_stale (x86) / user_mem_abort's and kvmppc_create_pte's retry check:
+    an invalidation completed since the snapshot, or one in progress — of this gfn for x86
+    (mmu_invalidate_retry_gfn), of anything for arm64 and ppc (mmu_invalidate_retry); the
+    backend chooses with ArchInfo.fault_retry_gfn. Also stale: a memslot update since the
+    fault started — Linux's updater waits for the fault's SRCU read side (synchronize_srcu)
+    instead; a single-threaded model cannot wait, so the fault retries."""
     if vm.memslot_sets[fault.as_id].generation != fault.memslot_gen:
         return True
-    return vm.mmu_invalidate.retry_gfn(fault.mmu_seq, fault.gfn)
+    return vm.mmu_invalidate.fault_retry(fault.mmu_seq, fault.gfn)
 
 
 def kvm_page_fault(vm, fault: PageFault):

@@ -23,14 +23,18 @@ INVALID_GPA = (1 << 64) - 1
 class InvalidateState:
     """The VM's invalidation fields (struct kvm): seq, in_progress and the range union."""
 
-    __slots__ = ("seq", "in_progress", "range_start", "range_end", "ranges_added")
+    __slots__ = ("seq", "in_progress", "range_start", "range_end", "ranges_added",
+                 "fault_retry")
 
-    def __init__(self):
+    def __init__(self, fault_retry_gfn: bool = True):
         self.seq = 0
         self.in_progress = 0
         self.range_start = INVALID_GPA
         self.range_end = INVALID_GPA
         self.ranges_added = 0
+        #: The fault path's check, ``(seq, gfn) -> stale``, chosen once per VM from
+        #: ArchInfo.fault_retry_gfn: x86's retry_gfn, or arm64/ppc's retry (gfn ignored).
+        self.fault_retry = self.retry_gfn if fault_retry_gfn else self._retry_any
 
     def begin(self) -> None:
         """kvm_mmu_invalidate_begin (MMU lock held)."""
@@ -63,6 +67,10 @@ class InvalidateState:
 
     def retry(self, seq: int) -> bool:
         """mmu_invalidate_retry."""
+        return bool(self.in_progress) or self.seq != seq
+
+    def _retry_any(self, seq: int, _gfn: int) -> bool:
+        """mmu_invalidate_retry in the shape of retry_gfn, for fault_retry."""
         return bool(self.in_progress) or self.seq != seq
 
     def retry_gfn(self, seq: int, gfn: int) -> bool:

@@ -143,7 +143,7 @@ class VM:
         self.memslot_sets = [MemslotSet(i) for i in range(self.nr_address_spaces)]
         self.nr_memslot_pages = 0
         self.nr_memslots_dirty_logging = 0
-        self.mmu_invalidate = InvalidateState()
+        self.mmu_invalidate = InvalidateState(self.arch_info.fault_retry_gfn)
         self.mn_active_invalidate_count = 0
         self.mmu_lock = MmuLock()
         self.attributes = AttributeRanges()
@@ -618,8 +618,9 @@ class Vcpu:
         ``(gpa, size)``; raises KvmError only when nothing was processed."""
         vm = self.vm
         if "pre_fault" not in vm.arch_capabilities:
-            raise KvmError(errno.ENOTTY, f"pre_fault_memory: {vm.arch_info.name} has no "
-                                         "KVM_PRE_FAULT_MEMORY")
+            # Not built: kvm_vcpu_ioctl hands it to kvm_arch_vcpu_ioctl's default.
+            raise KvmError(vm.arch_info.vcpu_ioctl_errno, f"pre_fault_memory: "
+                           f"{vm.arch_info.name} has no KVM_PRE_FAULT_MEMORY")
         for name, value in (("gpa", gpa), ("size", size), ("flags", flags)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
                 raise KvmError(errno.EINVAL, f"{name}={value!r} is not a u64")

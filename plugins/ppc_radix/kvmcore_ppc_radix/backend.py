@@ -39,7 +39,8 @@ import errno
 from collections.abc import Iterator
 
 import structlog
-from kvmcore import ArchInfo, KvmError, Mapping, hookimpl
+from kvmcore import ArchInfo, HwPoisonSignal, KvmError, Mapping, hookimpl
+from kvmcore.defaults import memory_fault_exit
 from kvmcore.fault import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from kvmcore.pgtable import LEAF, TABLE_PRE, PageTable, TableStore
 from kvmcore.uapi import (
@@ -96,6 +97,14 @@ def _arch_info(page_size: int) -> ArchInfo:
         host_pmd_sizes={65536: SZ_2M},
         description="PowerPC Book3S HV partition-scoped radix (POWER9+): big-endian PTEs, "
                     "hardware R/C bits, dirty logging by C-bit harvesting",
+        # arch/powerpc/kvm/powerpc.c: kvm_arch_vm_ioctl ends in -ENOTTY (Book3S HV's
+        # arch_vm_ioctl too), kvm_arch_vcpu_ioctl defaults to -EINVAL.
+        vm_ioctl_errno=errno.ENOTTY,
+        vcpu_ioctl_errno=errno.EINVAL,
+        # kvmppc_create_pte / find_kvm_host_pte check mmu_invalidate_retry (not the gfn form).
+        fault_retry_gfn=False,
+        # kvmppc_book3s_instantiate_page: any error pfn is -EFAULT; no hwpoison signal.
+        hwpoison_sigbus=False,
     )
 
 
@@ -239,8 +248,16 @@ class PpcRadixBackend:
         core's hva -> pfn, VM_IO|VM_PFNMAP included) only faults the host page in and decides
         upgrade_write; the partition PTE is then built from the host Linux PTE
         (find_kvm_host_pte under mmu_lock with the mmu_seq check). A changed seq or a missing
-        host PTE resumes the guest, which re-faults (``ppc_host_pte_retry``)."""
-        result = yield
+        host PTE resumes the guest, which re-faults (``ppc_host_pte_retry``).
+
+        Any error pfn, hwpoison included, is -EFAULT (is_error_noslot_pfn): ppc sends no
+        SIGBUS, unlike x86 and arm64 (kvm_send_hwpoison_signal)."""
+        try:
+            result = yield
+        except HwPoisonSignal:
+            vm.stats["hwpoison_signal"] -= 1        # counted by the core; no signal on ppc
+            vm.stats["ppc_error_pfn"] += 1
+            raise memory_fault_exit(vm, fault) from None
         if result not in (None, RET_PF_CONTINUE):
             return result
         with vm.mmu_lock:
