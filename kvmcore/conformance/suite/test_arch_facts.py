@@ -116,13 +116,13 @@ def test_shared_page_read_then_write(make_vm, host):
     """A MAP_SHARED page is mapped host-read-only by a read fault (do_read_fault); the
     guest's write then makes it writable without a notifier (wp_page_shared), and KVM
     replaces its read-only leaf by a writable one of the same pfn."""
-    _shared_page_then_write(make_vm(), host, "read")
+    _shared_page_then_write(make_vm(vm_type="default"), host, "read")
 
 
 @pytest.mark.requires("pre_fault")
 def test_shared_page_pre_fault_then_write(make_vm, host):
     """The same after KVM_PRE_FAULT_MEMORY, which maps as a read fault."""
-    _shared_page_then_write(make_vm(), host, "pre_fault")
+    _shared_page_then_write(make_vm(vm_type="default"), host, "pre_fault")
 
 
 def _shared_page_then_write(vm, host, first: str) -> None:
@@ -148,7 +148,7 @@ def test_thp_partly_dropped_then_refaulted(make_vm, host):
     """madvise(DONTNEED) of part of a THP splits the host PMD and drops those pages; a fault
     on the last page of that 2 MiB range must map 4 KiB (the host maps PAGE_SIZE there), so
     a later host write to a dropped page is what the guest reads."""
-    vm = make_vm()
+    vm = make_vm(vm_type="default")     # shared memory: the same on every VM type
     pmd = host.pmd_size
     base = 4 << 30
     hva = host.mmap(4 * pmd, thp=True)
@@ -167,7 +167,7 @@ def test_thp_partly_dropped_then_refaulted(make_vm, host):
 def test_thp_split_then_fault_on_the_last_page(make_vm, host):
     """split_huge_page: the host maps PAGE_SIZE PTEs; a fault on the range's last page maps
     no block larger than that."""
-    vm = make_vm()
+    vm = make_vm(vm_type="default")
     pmd = host.pmd_size
     base = 4 << 30
     hva = host.mmap(4 * pmd, thp=True)
