@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno as _errno
 from collections.abc import Mapping as _MappingABC
 
 import attrs
@@ -32,6 +33,20 @@ class ArchInfo:
     the VM option that selects it (arm64 ``granule``, ppc ``page_size``); a backend without
     one runs on 4 KiB hosts only. ``host_pmd_sizes`` gives, per PAGE_SIZE, the host PMD size
     where it is not PAGE_SIZE^2 / 8 (Power radix with 64 KiB pages: 2 MiB).
+
+    ``vm_ioctl_errno`` / ``vcpu_ioctl_errno``: what an ioctl the architecture does not build
+    answers. The generic kvm_vm_ioctl / kvm_vcpu_ioctl pass an ioctl they do not handle to
+    kvm_arch_vm_ioctl / kvm_arch_vcpu_ioctl, whose default case is the arch's: x86 ENOTTY for
+    both, arm64 EINVAL for both, ppc ENOTTY for VM and EINVAL for vCPU ioctls.
+
+    ``fault_retry_gfn``: the fault path's staleness check. True (x86 is_page_fault_stale):
+    mmu_invalidate_retry_gfn, so an invalidation in progress of another gfn does not stop the
+    fault. False (arm64 user_mem_abort, ppc kvmppc_create_pte): mmu_invalidate_retry, any
+    invalidation in progress makes the fault retry.
+
+    ``hwpoison_sigbus``: a fault on a hardware-poisoned host page sends SIGBUS
+    (kvm_send_hwpoison_signal: x86, arm64); False where the arch answers -EFAULT as for any
+    error pfn (ppc kvmppc_book3s_instantiate_page). The backend implements it; this says so.
     """
 
     name: str
@@ -50,6 +65,10 @@ class ArchInfo:
     #: KVM_HAVE_MMU_RWLOCK: kvm->mmu_lock is an rwlock (x86, arm64: faults take it for read)
     #: rather than a spinlock (ppc: every holder excludes every other).
     mmu_rwlock: bool = True
+    vm_ioctl_errno: int = _errno.ENOTTY
+    vcpu_ioctl_errno: int = _errno.ENOTTY
+    fault_retry_gfn: bool = True
+    hwpoison_sigbus: bool = True
 
     @vm_types.validator
     def _check_vm_types(self, _attr, value):

@@ -135,8 +135,9 @@ def kvm_clear_dirty_log_protect(vm: Kvm, slot: int, first_page: int, num_pages: 
     """KVM_CLEAR_DIRTY_LOG (kvm_clear_dirty_log_protect). ``pages`` are slot-relative page
     offsets to clear (the bits userspace sets in its bitmap)."""
     if "manual_dirty_protect" not in vm.arch_capabilities:
-        raise KvmError(errno.ENOTTY, f"clear_dirty_log: {vm.arch_info.name} has no "
-                                     "KVM_CLEAR_DIRTY_LOG")
+        # Not built: kvm_vm_ioctl hands it to kvm_arch_vm_ioctl, whose default answers.
+        raise KvmError(vm.arch_info.vm_ioctl_errno, f"clear_dirty_log: {vm.arch_info.name} "
+                                                    "has no KVM_CLEAR_DIRTY_LOG")
     as_id, id_ = _slot_for_log(vm, slot, "clear_dirty_log")
     u64("first_page", first_page)
     u32("num_pages", num_pages)

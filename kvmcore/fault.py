@@ -31,13 +31,15 @@ AFTER_SNAPSHOT, BEFORE_LOCK = PF_SEQ_SNAPSHOT, PF_LOCK_WAIT
 
 
 def is_page_fault_stale(vm, fault: PageFault) -> bool:
-    """is_page_fault_stale: an invalidation of this gfn in progress, or any completed since
-    the snapshot (mmu_invalidate_retry_gfn).
+    """is_page_fault_stale (x86) / user_mem_abort's and kvmppc_create_pte's retry check:
+    an invalidation completed since the snapshot, or one in progress — of this gfn for x86
+    (mmu_invalidate_retry_gfn), of anything for arm64 and ppc (mmu_invalidate_retry); the
+    backend chooses with ArchInfo.fault_retry_gfn.
 
     A memslot update does not make a fault stale: the fault holds kvm->srcu from its slot
     lookup to its end, so kvm_swap_active_memslots' synchronize_srcu waits for it, and the
     update's flush then zaps whatever it installed in the old slot."""
-    return vm.mmu_invalidate.retry_gfn(fault.mmu_seq, fault.gfn)
+    return vm.mmu_invalidate.fault_retry(fault.mmu_seq, fault.gfn)
 
 
 def kvm_page_fault(vm, fault: PageFault):

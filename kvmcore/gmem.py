@@ -334,7 +334,8 @@ class GuestMemfd:
 def kvm_gmem_create(vm: Kvm, size: int, flags: int, folio_order: int = 0) -> GuestMemfd:
     """KVM_CREATE_GUEST_MEMFD (kvm_gmem_create / __kvm_gmem_create)."""
     if "gmem" not in vm.capabilities:
-        err = errno.ENOTTY if "gmem" not in vm.arch_capabilities else errno.EINVAL
+        # Not built: kvm_arch_vm_ioctl's default answers (ENOTTY or EINVAL).
+        err = vm.arch_info.vm_ioctl_errno if "gmem" not in vm.arch_capabilities else errno.EINVAL
         raise KvmError(err, f"create_guest_memfd: {vm.arch_info.name} VM type "
                             f"{vm.vm_type!r} has no guest_memfd")
     u64("size", size)
@@ -360,11 +361,14 @@ def kvm_gmem_create(vm: Kvm, size: int, flags: int, folio_order: int = 0) -> Gue
 
 
 def kvm_gmem_get_supported_flags(vm: Kvm) -> int:
-    """kvm_gmem_get_supported_flags. MMAP where the arch offers guest_memfd mmap;
-    INIT_SHARED with it where kvm_arch_supports_gmem_init_shared() holds, which on x86 (the
-    only arch with private memory) means the VM has no private memory."""
+    """kvm_gmem_get_supported_flags. MMAP on every VM of an arch whose guest_memfd can be
+    mmapped (Linux: always), private memory or not; INIT_SHARED with it where
+    kvm_arch_supports_gmem_init_shared() holds, which on x86 (the only arch with private
+    memory) means the VM has no private memory. Without INIT_SHARED every page of the file
+    is private to the host, so a host access through the mapping gets SIGBUS
+    (kvm_gmem_fault_user_mapping)."""
     flags = 0
-    if "gmem_mmap" in vm.capabilities:
+    if "gmem_mmap" in vm.arch_capabilities:
         flags |= GUEST_MEMFD_FLAG_MMAP
         if "private_mem" not in vm.capabilities:
             flags |= GUEST_MEMFD_FLAG_INIT_SHARED

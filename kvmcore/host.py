@@ -391,6 +391,21 @@ class HostMemory:
                     if not start <= base + off < end:
                         self.ptes[(base + off) >> shift] = (e[0] + (off >> PAGE_SHIFT), e[1])
 
+    def _notify_range(self, start: int, end: int) -> tuple[int, int]:
+        """``(hva, length)`` the MMU notifiers see for a change of ``[start, end)``: a huge
+        entry only partly inside is split first, and split_huge_pmd invalidates the whole
+        huge range (__split_huge_pmd's mmu_notifier_range), since the mapping size of every
+        page in it changes."""
+        lo, hi = start, end
+        for size, hshift, table in self._huge:
+            for edge in (start, end - 1):
+                key = edge >> hshift
+                if key in table:
+                    base = key << hshift
+                    if base < start or base + size > end:
+                        lo, hi = min(lo, base), max(hi, base + size)
+        return lo, hi - lo
+
     def _set_pte(self, hva: int, pfn: int, writable: bool, size: int | None = None) -> None:
         """Map the page of ``size`` (PAGE_SIZE by default) at ``hva`` to frames from ``pfn``."""
         size = size or self.page_size
@@ -522,11 +537,12 @@ class HostMemory:
         if not self.vmas_in(hva, end):
             return
         self._split_vmas(hva, end)
-        yield from self._invalidate_start(hva, length)
+        nstart, nlen = self._notify_range(hva, end)
+        yield from self._invalidate_start(nstart, nlen)
         self._zap_ptes(hva, end)
         for vma in self.vmas_in(hva, end):
             self._forget(vma)
-        yield from self._invalidate_end(hva, length)
+        yield from self._invalidate_end(nstart, nlen)
 
     @steppable
     def mprotect(self, hva: int, length: int, prot: str) -> None:
@@ -546,11 +562,12 @@ class HostMemory:
         vmas = self._split_vmas(hva, end)
         removes = any(set(v.prot) - set(prot) for v in vmas)
         if removes:
-            yield from self._invalidate_start(hva, length)
+            nstart, nlen = self._notify_range(hva, end)
+            yield from self._invalidate_start(nstart, nlen)
             for vma in vmas:
                 vma.prot = prot
             self._downgrade(hva, end, prot)
-            yield from self._invalidate_end(hva, length)
+            yield from self._invalidate_end(nstart, nlen)
         else:
             for vma in vmas:
                 vma.prot = prot
@@ -574,9 +591,10 @@ class HostMemory:
         self._check_range("madvise_dontneed", hva, length)
         if not self.vmas_in(hva, hva + length):
             raise KvmError(errno.ENOMEM, f"madvise_dontneed: hva={hva:#x} is not mapped")
-        yield from self._invalidate_start(hva, length)
+        nstart, nlen = self._notify_range(hva, hva + length)
+        yield from self._invalidate_start(nstart, nlen)
         self._zap_ptes(hva, hva + length)
-        yield from self._invalidate_end(hva, length)
+        yield from self._invalidate_end(nstart, nlen)
 
     @steppable
     def migrate(self, hva: int) -> int:

@@ -9,14 +9,21 @@ INVALID_GPA = (1 << 64) - 1
 class InvalidateState:
     """The VM's invalidation fields (struct kvm): seq, in_progress and the range union."""
 
-    __slots__ = ("seq", "in_progress", "range_start", "range_end")
+    __slots__ = ("seq", "in_progress", "range_start", "range_end", "fault_retry_gfn",
+                 "fault_retry")
 
 
-    def __init__(self):
+    def __init__(self, fault_retry_gfn: bool = True):
         self.seq = 0
         self.in_progress = 0
         self.range_start = INVALID_GPA
         self.range_end = INVALID_GPA
+        #: ArchInfo.fault_retry_gfn: whether only an invalidation of the fault's own gfn
+        #: makes it retry (x86 mmu_invalidate_retry_gfn) or any (arm64, ppc
+        #: mmu_invalidate_retry). ``fault_retry`` is the check, ``(seq, gfn) -> stale``,
+        #: chosen once per VM.
+        self.fault_retry_gfn = fault_retry_gfn
+        self.fault_retry = self.retry_gfn if fault_retry_gfn else self._retry_any
 
     def begin(self) -> None:
         """kvm_mmu_invalidate_begin (MMU lock held)."""
@@ -50,13 +57,19 @@ class InvalidateState:
         return bool(self.in_progress) or self.seq != seq
 
     def in_progress_covers(self, gfn: int) -> bool:
-        """An invalidation is in progress and its range (so far) covers ``gfn``: a fault on
-        it can only retry until the invalidation ends."""
+        """An invalidation in progress makes a fault on ``gfn`` retry (this gfn's for x86,
+        any for arm64 and ppc): the fault can only retry until it ends."""
         if not self.in_progress:
             return False
+        if not self.fault_retry_gfn:
+            return True
         if self.range_start == INVALID_GPA or self.range_end == INVALID_GPA:
             return True
         return self.range_start <= gfn < self.range_end
+
+    def _retry_any(self, seq: int, _gfn: int) -> bool:
+        """mmu_invalidate_retry in the shape of retry_gfn, for fault_retry."""
+        return bool(self.in_progress) or self.seq != seq
 
     def retry_gfn(self, seq: int, gfn: int) -> bool:
         """mmu_invalidate_retry_gfn (MMU lock held): an invalidation in progress of *this*

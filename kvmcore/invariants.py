@@ -212,9 +212,13 @@ def _check_leaves(vm: Kvm) -> list[str]:
                 out.append(f"{where}: writable, but the slot or host mapping is read-only")
             if m.size > max_size:
                 out.append(f"{where}: larger than its backing's {max_size:#x} mapping")
-        # While an ioctl holds slots_lock (a memslot update before its commit write-protects,
-        # a dirty-log GET/CLEAR between its steps) a writable leaf may not be logged yet.
-        if m.writable and m.dirty and slot.flags & KVM_MEM_LOG_DIRTY_PAGES and \
+        # Every page of a writable leaf of a logging slot is logged -- except a block mapped
+        # while the slot has no bitmap (dirty ring alone): arm64's memslot_is_logging is
+        # false then, so user_mem_abort maps a block and marks one gfn for the whole write;
+        # and while an ioctl holds slots_lock (a memslot update before its commit
+        # write-protects, a dirty-log GET/CLEAR between its steps).
+        if m.writable and m.dirty and slot.flags & KVM_MEM_LOG_DIRTY_PAGES and (
+                slot.dirty_bitmap is not None or m.size <= vm.page_size) and \
                 not vm.slots_lock.held:
             if slot.slot_id not in pending:
                 pending[slot.slot_id] = set(

@@ -55,7 +55,7 @@ class Kvm:
         self.memslot_sets = [MemslotSet(i) for i in range(self.nr_address_spaces)]
         self.nr_memslot_pages = 0
         self.nr_memslots_dirty_logging = 0
-        self.mmu_invalidate = InvalidateState()
+        self.mmu_invalidate = InvalidateState(arch_info.fault_retry_gfn)
         self.mn_active_invalidate_count = 0
         #: kvm->mmu_lock: an rwlock where Linux has KVM_HAVE_MMU_RWLOCK, else a spinlock.
         self.mmu_lock = RwLock("mmu_lock", exclusive=not arch_info.mmu_rwlock)

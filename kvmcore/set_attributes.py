@@ -33,8 +33,9 @@ def kvm_vm_ioctl_set_mem_attributes(vm: Kvm, address: int, size: int, attributes
     """KVM_SET_MEMORY_ATTRIBUTES, a flow: validation in Linux's order, then
     kvm_vm_set_mem_attributes."""
     if "memory_attributes" not in vm.arch_capabilities:
-        raise KvmError(errno.ENOTTY, f"set_memory_attributes: {vm.arch_info.name} has no "
-                                     "KVM_SET_MEMORY_ATTRIBUTES")
+        # Not built: kvm_vm_ioctl hands it to kvm_arch_vm_ioctl, whose default answers.
+        raise KvmError(vm.arch_info.vm_ioctl_errno, f"set_memory_attributes: "
+                       f"{vm.arch_info.name} has no KVM_SET_MEMORY_ATTRIBUTES")
     for name, value in (("address", address), ("size", size), ("attributes", attributes),
                         ("flags", flags)):
         u64(name, value)

@@ -579,8 +579,9 @@ class Vcpu(KvmVcpu):
         vm = self.vm
         vm._check_open()
         if "pre_fault" not in vm.arch_capabilities:
-            raise KvmError(errno.ENOTTY, f"pre_fault_memory: {vm.arch_info.name} has no "
-                                         "KVM_PRE_FAULT_MEMORY")
+            # Not built: kvm_vcpu_ioctl hands it to kvm_arch_vcpu_ioctl's default.
+            raise KvmError(vm.arch_info.vcpu_ioctl_errno, f"pre_fault_memory: "
+                           f"{vm.arch_info.name} has no KVM_PRE_FAULT_MEMORY")
         for name, value in (("gpa", gpa), ("size", size), ("flags", flags)):
             _args.u64(name, value)
         if flags:

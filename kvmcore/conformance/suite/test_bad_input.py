@@ -31,7 +31,7 @@ class Ctx:
         guest.slot(1, GPA + 2 * NPAGES * page, NPAGES * page)
         self.vcpu = guest.vcpu
         for i in range(0, NPAGES, 2):
-            self.vcpu.write(GPA + i * page, pattern(i))
+            self.vcpu.write(GPA + i * page, pattern(i), private=False)
         self.gmem = guest.new_gmem(4 * page) if "gmem" in caps else None
 
 
@@ -194,7 +194,7 @@ def test_boundary_values_that_are_valid(ctx):
     vm = ctx.vm
     assert vm.get_memory_attributes((1 << 64) - 1) == 0
     assert vm.memslots(vm.nr_address_spaces - 1) is not None
-    assert ctx.vcpu.read(GPA, NPAGES * ctx.page)[:8] == pattern(0)
+    assert ctx.vcpu.read(GPA, NPAGES * ctx.page, private=False)[:8] == pattern(0)
     assert vm.hva_range_op(ctx.hva, ctx.hva, lambda v, r: -EINVAL) == 0
 
 
@@ -252,7 +252,7 @@ def test_closed_vm_dirty_ring_calls_are_ebadf(guest, call):
     guest.vm.enable_dirty_ring(1 << 16)
     guest.slot(0, GPA, NPAGES * guest.vm.page_size, KVM_MEM_LOG_DIRTY_PAGES)
     vcpu = guest.vcpu
-    vcpu.write(GPA, b"x")
+    vcpu.write(GPA, b"x", private=False)
     guest.vm.close()
     before = snapshot(guest.vm)
     with pytest.raises(KvmError) as info:

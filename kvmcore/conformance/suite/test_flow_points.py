@@ -93,7 +93,7 @@ class Setup:
         self.v0 = self.vm.create_vcpu(0)
         self.v1 = self.vm.create_vcpu(1)
         if kind == "zero":
-            self.v0.read(self.gpa, 8)              # the shared zero page, read-only
+            self.v0.read(self.gpa, 8, private=False)   # the shared zero page, read-only
         else:
             self.v0.write(self.gpa, pattern(7), private=self.private)
 
@@ -243,7 +243,7 @@ def test_a_paused_zap_holding_mmu_lock_for_write_makes_a_fault_not_runnable(gues
     hva = guest.slot(0, GPA, SLOT_PAGES * page)
     v0, v1 = guest.vm.create_vcpu(0), guest.vm.create_vcpu(1)
     for i in range(12):
-        v0.write(GPA + i * page, b"mapped")
+        v0.write(GPA + i * page, b"mapped", private=False)
     for inval in (host.steps.munmap(hva + 8 * page, page), host.steps.age(hva, 4 * page)):
         for point in inval:
             if point == "mn_start_flush":
@@ -253,7 +253,7 @@ def test_a_paused_zap_holding_mmu_lock_for_write_makes_a_fault_not_runnable(gues
     else:
         pytest.skip("this backend's zaps and aging need no flush under the lock")
     assert inval.holds[-1] in ("mmu_lock(write)", "mmu_lock")   # after kvm->srcu
-    fault = v1.step_access("read", GPA + 14 * page, 4)      # not mapped: it faults
+    fault = v1.step_access("read", GPA + 14 * page, 4, private=False)   # unmapped: it faults
     while fault.runnable:
         next(fault)
     assert fault.point.endswith("lock_wait") and fault.waits_for.startswith("mmu_lock")

@@ -80,6 +80,11 @@ def _arch_info(g: Stage2Geometry) -> ArchInfo:
         description=f"arm64 stage-2 ({granule // 1024}K granule): VMSAv8-64 descriptors, "
                     "break-before-make, relax_perms, FWB, AF aging",
         base_page_option="granule",
+        # arch/arm64/kvm/arm.c: kvm_arch_vm_ioctl and kvm_arch_vcpu_ioctl default to -EINVAL.
+        vm_ioctl_errno=errno.EINVAL,
+        vcpu_ioctl_errno=errno.EINVAL,
+        # user_mem_abort checks mmu_invalidate_retry: any invalidation in progress retries.
+        fault_retry_gfn=False,
     )
 
 

@@ -49,11 +49,14 @@ class FaultState:
     """What user_mem_abort keeps in locals between the pfn lookup and the install, for one
     ``PageFault`` (PageFault has no room for arch fields)."""
 
-    __slots__ = ("noncacheable", "writable")
+    __slots__ = ("noncacheable", "writable", "vma_pagesize")
 
     def __init__(self):
         self.noncacheable = False
         self.writable = True
+        #: vma_pagesize before transparent_hugepage_adjust: a PMD/PUD here rounded the ipa
+        #: (and so the gfn that is marked dirty) down to the block.
+        self.vma_pagesize = 0
 
 
 class AbortPath:
@@ -181,6 +184,7 @@ class AbortPath:
         if slot.logging:
             return page, True
         size, force_pte = self._clamp_block(fault, self.vma_page_size(vm, fault))
+        st.vma_pagesize = size
         if size == page and not force_pte and not st.noncacheable:
             if fault.kind == PERMISSION and fault.fault_size > page:
                 size = fault.fault_size           # keep the block that faulted
@@ -219,10 +223,19 @@ class AbortPath:
     def _finish(self, vm, fault: PageFault, ret: int, how: str, size: int) -> int:
         """The tail of user_mem_abort: mark dirty only when writable and ret == 0; -EAGAIN
         (nothing to change, a LOCKED entry, a lost race) is success for the guest, which
-        re-enters and faults again if it still lacks something (RET_PF_SPURIOUS)."""
+        re-enters and faults again if it still lacks something (RET_PF_SPURIOUS).
+
+        The gfn marked is user_mem_abort's ``gfn = ipa >> PAGE_SHIFT``, taken after the ipa
+        was rounded down to a PMD/PUD vma_pagesize (hugetlb, PFNMAP blocks): a write mapped
+        as such a block marks the block's first page, not the written one. With a bitmap the
+        slot logs and maps pages, so this shows with a dirty ring alone. A THP block
+        (transparent_hugepage_adjust, after gfn was taken) marks the written page."""
         st = self.state(fault)
         if st.writable and ret == 0:
-            self.b.mark_base_page_dirty(vm, fault.slot, fault.gfn)
+            gfn = fault.gfn
+            if st.vma_pagesize > self.b.geom.granule:
+                gfn &= ~((st.vma_pagesize >> 12) - 1)
+            self.b.mark_base_page_dirty(vm, fault.slot, gfn)
         self._state.pop(fault, None)
         vm.trace(f"arm64.{how}", gpa=fault.gpa, size=size, ret=ret, write=fault.write,
                  exec=fault.exec)

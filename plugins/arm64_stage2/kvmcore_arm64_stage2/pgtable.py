@@ -449,22 +449,32 @@ class Stage2PageTable:
 
     # ------------------------------------------------------------------ map (§4.3, §4.4)
 
+    @staticmethod
+    def _walk_addr(ctx) -> int:
+        """kvm_pgtable_visit_ctx.addr: the walk's position (data->addr), which in the first
+        entry visited is the walk's start, not the entry's base (the model's ``ctx.addr``).
+        A walk of one page at the end of an invalid 2 MiB entry must not see the whole
+        entry as inside the walk."""
+        return max(ctx.addr, ctx.start)
+
     def _block_mapping_supported(self, ctx, phys: int) -> bool:
-        """kvm_block_mapping_supported: level allows blocks, the entry fits the walk, and
-        both IPA and PA are aligned to it."""
+        """kvm_block_mapping_supported: level allows blocks, the entry fits the rest of the
+        walk, and both the walk position and PA are aligned to it."""
         granule = ctx.size
         if not self.geom.level_supports_block(ctx.level):
             return False
-        if granule > ctx.end - ctx.addr:
+        addr = self._walk_addr(ctx)
+        if granule > ctx.end - addr:
             return False
         if phys & (granule - 1):
             return False
-        return not ctx.addr & (granule - 1)
+        return not addr & (granule - 1)
 
     def _leaf_mapping_allowed(self, ctx, data: _MapData) -> bool:
         if data.force_pte and ctx.level < KVM_PGTABLE_LAST_LEVEL:
             return False
-        return self._block_mapping_supported(ctx, data.phys + (ctx.addr - ctx.start))
+        return self._block_mapping_supported(ctx, data.phys + (self._walk_addr(ctx)
+                                                               - ctx.start))
 
     @staticmethod
     def pte_needs_update(old: int, new: int) -> bool:
@@ -477,7 +487,7 @@ class Stage2PageTable:
         """stage2_map_walker_try_leaf."""
         if not self._leaf_mapping_allowed(ctx, data):
             return -errno.E2BIG
-        phys = data.phys + (ctx.addr - ctx.start)
+        phys = data.phys + (self._walk_addr(ctx) - ctx.start)
         new = self.fmt.init_valid_leaf_pte(phys, data.attr, ctx.level)
         old = ctx.pte
         # The 2020 rule (commit 694d071f8d85): same mapping or a permission-only difference is

@@ -200,3 +200,27 @@ def test_clear_with_initially_set_write_protects_and_splits_the_span(make_vm, ho
     assert len(first) == 512 and not any(m.writable for m in first)
     second = vm.lookup(GPA + SZ_2M)
     assert second.size == SZ_2M and second.writable
+
+
+def test_ring_only_write_into_a_hugetlb_block_marks_the_blocks_first_page(vm, host):
+    """With a dirty ring and no bitmap the slot does not log (memslot_is_logging needs a
+    bitmap), so a write maps a 2M block; user_mem_abort rounded the ipa down to the block
+    before gfn = ipa >> PAGE_SHIFT, so that gfn is what mark_page_dirty_in_slot pushes."""
+    vm.enable_dirty_ring(1 << 16)
+    vcpu = vm.create_vcpu(0)
+    hva = host.mmap(2 * SZ_2M, kind="hugetlb_2m")
+    vm.set_user_memory_region(0, GPA, 2 * SZ_2M, hva, KVM_MEM_LOG_DIRTY_PAGES)
+    vcpu.write(GPA + 517 * PAGE, b"x")      # page 5 of the second 2M block
+    assert vm.lookup(GPA + SZ_2M).size == SZ_2M
+    assert vcpu.harvest_dirty_ring() == [(0, 512)]
+
+
+def test_ring_only_write_into_a_thp_block_marks_the_written_page(vm, host):
+    """A THP block comes from transparent_hugepage_adjust, after gfn was taken: the written
+    page is marked."""
+    vm.enable_dirty_ring(1 << 16)
+    vcpu = vm.create_vcpu(0)
+    _thp_slot(vm, host, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    vcpu.write(GPA + 517 * PAGE, b"x")      # page 5 of the second 2M block
+    assert vm.lookup(GPA + SZ_2M).size == SZ_2M
+    assert vcpu.harvest_dirty_ring() == [(0, 517)]

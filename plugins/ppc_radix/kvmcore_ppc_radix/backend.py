@@ -39,7 +39,8 @@ import errno
 from collections.abc import Iterator
 
 import structlog
-from kvmcore import ArchInfo, KvmError, Mapping, hookimpl
+from kvmcore import ArchInfo, HwPoisonSignal, KvmError, Mapping, hookimpl
+from kvmcore.exits import memory_fault_exit
 from kvmcore.records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from kvmcore.pgtable import LEAF, TABLE_PRE, PageTable, TableStore
 from kvmcore.uapi import (
@@ -98,6 +99,14 @@ def _arch_info(page_size: int) -> ArchInfo:
         mmu_rwlock=False,
         description="PowerPC Book3S HV partition-scoped radix (POWER9+): big-endian PTEs, "
                     "hardware R/C bits, dirty logging by C-bit harvesting",
+        # arch/powerpc/kvm/powerpc.c: kvm_arch_vm_ioctl ends in -ENOTTY (Book3S HV's
+        # arch_vm_ioctl too), kvm_arch_vcpu_ioctl defaults to -EINVAL.
+        vm_ioctl_errno=errno.ENOTTY,
+        vcpu_ioctl_errno=errno.EINVAL,
+        # kvmppc_create_pte / find_kvm_host_pte check mmu_invalidate_retry (not the gfn form).
+        fault_retry_gfn=False,
+        # kvmppc_book3s_instantiate_page: any error pfn is -EFAULT; no hwpoison signal.
+        hwpoison_sigbus=False,
     )
 
 
@@ -249,8 +258,16 @@ class PpcRadixBackend:
         """kvmppc_book3s_instantiate_page steps 3-5: the generic __kvm_faultin_pfn (the
         core's hva -> pfn, VM_IO|VM_PFNMAP included) only faults the host page in and decides
         upgrade_write; the partition PTE is then built from the host Linux PTE, read under
-        kvm->mmu_lock (a lock section of its own, before kvmppc_create_pte's)."""
-        result = yield
+        kvm->mmu_lock (a lock section of its own, before kvmppc_create_pte's).
+
+        Any error pfn, hwpoison included, is -EFAULT (is_error_noslot_pfn): ppc sends no
+        SIGBUS, unlike x86 and arm64 (kvm_send_hwpoison_signal)."""
+        try:
+            result = yield
+        except HwPoisonSignal:
+            vm.stats["hwpoison_signal"] -= 1        # counted by the core; no signal on ppc
+            vm.stats["ppc_error_pfn"] += 1
+            raise memory_fault_exit(vm, fault) from None
         if result not in (None, RET_PF_CONTINUE):
             return result
         return self._find_host_pte(vm, fault)

@@ -34,7 +34,6 @@ from .spte import (
     KVM_PAGES_PER_HPAGE,
     check_spte_writable_invariants,
     is_accessed_spte,
-    is_host_writable_spte,
     is_last_spte,
     is_mmio_spte,
     leaf_spte_change_needs_tlb_flush,
@@ -160,8 +159,9 @@ class TdpMmu:
             if spte_to_pfn(old) != spte_to_pfn(new):
                 self.bug(vm, f"present leaf at gfn {gfn:#x} level {level} changed pfn "
                              f"{spte_to_pfn(old):#x} -> {spte_to_pfn(new):#x}")
-            if is_host_writable_spte(old) != is_host_writable_spte(new):
-                self.bug(vm, f"Host-writable changed on present SPTE at gfn {gfn:#x}")
+            # Host-writable may change: a write fault replaces a host-read-only leaf (a
+            # MAP_SHARED page a read fault mapped) by a writable one of the same pfn, as
+            # tdp_mmu_map_handle_target_level does; only a pfn change is forbidden.
         if is_leaf:
             problem = check_spte_writable_invariants(new)
             if problem:

@@ -179,3 +179,21 @@ def test_pml_full_drains_into_the_vcpus_ring(make):
     assert [off for _slot, off in got] == list(range(PML_LOG_NR_ENTRIES))
     assert len(g.vcpu.arch["pml"]) == 3 and g.vm.cpu_dirty_log_size == 512
     vm.check_invariants()
+
+
+def test_initially_set_keeps_writable_2m_leaves_until_clear(make):
+    """Invariant 9 with manual protect + INITIALLY_SET: kvm_mmu_slot_apply_flags returns
+    before write-protecting or splitting, so a writable 2M leaf legitimately stays in the
+    dirty-logged slot until CLEAR_DIRTY_LOG reaches it (then it is write-protected)."""
+    g = make(pml=False)
+    hva = g.slot(0, 0, 4 << 20, thp=True)
+    g.vcpu.write(0, b"h")
+    assert g.leaf(0).size == SZ_2M and g.leaf(0).writable
+    g.vm.enable_dirty_log_manual_protect(initially_set=True)
+    enable_log(g, hva, 4 << 20)
+    m = g.leaf(0)
+    assert m.size == SZ_2M and m.writable
+    g.vm.check_invariants()
+    g.vm.clear_dirty_log(0, 0, 64, range(64))
+    assert not any(m.writable and m.size > PAGE for m in g.vm.mappings())
+    g.vm.check_invariants()
