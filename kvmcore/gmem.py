@@ -22,6 +22,7 @@ from .errors import EHWPOISON, KvmError
 from .host import SigBus
 from .locks import Mutex, Steps, steppable
 from .records import GfnRange
+from .hva import kvm_handle_ranges
 from .mmu_notifier import kvm_mmu_unmap_gfn_range
 from .uapi import (
     FALLOC_FL_KEEP_SIZE,
@@ -215,26 +216,13 @@ class GuestMemfd:
         filter's alias; flush before unlocking. No SRCU: bindings are stable under the
         inode's invalidate lock."""
         vm = self.vm
-        lock = vm.mmu_lock
-        found = False
-        flush = False
-        try:
-            for b_start, b_end, slot in self.bindings_in(start, end):
-                pgoff = slot.gmem_pgoff
-                s = max(b_start, start)
-                e = min(b_end, end)
-                rng = GfnRange(slot, slot.base_gfn + s - pgoff, slot.base_gfn + e - pgoff,
-                               0, attr_filter, True, False)
-                if not found:
-                    yield from lock.write_lock("gmem_begin_lock_wait")
-                    found = True
-                    vm.mmu_invalidate_begin()
-                flush |= yield from kvm_mmu_unmap_gfn_range(vm, rng)
-            if flush:
-                vm.flush_remote_tlbs()
-        finally:
-            if found:
-                lock.write_unlock()
+        ranges = (GfnRange(slot, slot.base_gfn + max(b_start, start) - slot.gmem_pgoff,
+                           slot.base_gfn + min(b_end, end) - slot.gmem_pgoff, 0, attr_filter,
+                           True, False)
+                  for b_start, b_end, slot in self.bindings_in(start, end))
+        yield from kvm_handle_ranges(vm, ranges, kvm_mmu_unmap_gfn_range,
+                                     on_lock=vm.mmu_invalidate_begin, flush_on_ret=True,
+                                     point="gmem_begin_lock_wait")
 
     def invalidate_end(self, start: int, end: int):
         """__kvm_gmem_invalidate_end, a flow: end the invalidation under kvm->mmu_lock when a

@@ -26,6 +26,43 @@ def _hva_gfn_range(vm, slot, start: int, end: int, arg: int, may_block: bool,
 MN_FLUSH = "mn_start_flush"
 
 
+def kvm_handle_ranges(vm, ranges, handler, on_lock=None, flush_on_ret: bool = False,
+                      lockless: bool = False, point: str = "mmu_lock_wait",
+                      flush_point: str | None = None):
+    """The loop every locked walk shares (__kvm_handle_hva_range, kvm_handle_gfn_range,
+    __kvm_gmem_invalidate_begin), as a flow returning ``(ret, found)``: at the first of
+    ``ranges`` (struct kvm_gfn_range, produced lazily) wait for kvm->mmu_lock for write at
+    ``point``, take it and run ``on_lock``; OR the ``handler(vm, range)`` results (a handler
+    may be a flow itself; None: only lock and ``on_lock``); flush every TLB before dropping
+    the lock when one asked for it (pausing at ``flush_point`` first, if given: the flusher
+    waits for the vCPUs holding the lock). With no range, nothing is locked or called."""
+    ret = found = locked = False
+    lock = vm.mmu_lock
+    try:
+        for rng in ranges:
+            if not found:
+                found = True
+                if not lockless:
+                    yield from lock.write_lock(point)
+                    locked = True
+                    if on_lock is not None:
+                        on_lock()
+                if handler is None:
+                    break
+            r = handler(vm, rng)
+            if type(r) is GeneratorType:
+                r = yield from r
+            ret |= bool(r)
+        if flush_on_ret and ret:
+            if flush_point is not None:
+                yield flush_point
+            vm.flush_remote_tlbs()
+        return ret, found
+    finally:
+        if locked:
+            lock.write_unlock()
+
+
 def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
                          flush_on_ret: bool = False, may_block: bool = False,
                          lockless: bool = False, arg: int = 0, point: str = "mn_lock_wait"):
@@ -34,47 +71,21 @@ def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
 
     Under kvm->srcu, for every slot of every address space whose hva interval meets ``[start,
     end)``, the gfn range covering it (pages only partly inside included), with
-    KVM_FILTER_SHARED: hva notifications never concern private memory. At the first slot
-    found the flow waits for kvm->mmu_lock (for write) at race point ``point``, takes it and
-    runs ``on_lock``; ``handler(vm, range)`` results (a handler may be a flow itself) are
-    ORed, and a true result flushes every TLB before the lock is dropped. With no slot found
-    nothing is locked or called."""
+    KVM_FILTER_SHARED: hva notifications never concern private memory; locked, called and
+    flushed as ``kvm_handle_ranges`` does, pausing before the flush at ``mn_start_flush``."""
     if end <= start:
         raise ValueError(f"kvm_handle_hva_range: empty range [{start:#x}, {end:#x})")
     if handler is None and on_lock is None:
         raise ValueError("kvm_handle_hva_range: neither handler nor on_lock")
     if lockless and on_lock is not None:
         raise ValueError("kvm_handle_hva_range: lockless walks take no on_lock")
-    ret = False
-    locked = found = False
-    lock = vm.mmu_lock
+    ranges = (_hva_gfn_range(vm, slot, start, end, arg, may_block, lockless)
+              for slots in vm.memslot_sets for slot in slots.in_hva_range(start, end))
     idx = vm.srcu.read_lock()
     try:
-        for slots in vm.memslot_sets:
-            for slot in slots.in_hva_range(start, end):
-                rng = _hva_gfn_range(vm, slot, start, end, arg, may_block, lockless)
-                if not found:
-                    found = True
-                    if not lockless:
-                        yield from lock.write_lock(point)
-                        locked = True
-                        if on_lock is not None:
-                            on_lock()
-                    if handler is None:
-                        return ret, found
-                r = handler(vm, rng)
-                if type(r) is GeneratorType:
-                    r = yield from r
-                ret |= bool(r)
-        if flush_on_ret and ret:
-            # kvm_flush_remote_tlbs under the lock: the requests are made and the flusher
-            # waits for every vCPU in guest mode to take them, holding mmu_lock for write.
-            yield MN_FLUSH
-            vm.flush_remote_tlbs()
-        return ret, found
+        return (yield from kvm_handle_ranges(vm, ranges, handler, on_lock, flush_on_ret,
+                                             lockless, point, MN_FLUSH))
     finally:
-        if locked:
-            lock.write_unlock()
         vm.srcu.read_unlock(idx)
 
 
@@ -100,31 +111,13 @@ def kvm_handle_gfn_range(vm, start: int, end: int, handler, on_lock=None,
                          flush_on_ret: bool = False, may_block: bool = False,
                          arg: int = 0, point: str = "mmu_lock_wait"):
     """kvm_handle_gfn_range (reference §3): the gfn-based walk of the attribute flow, as a
-    generator returning ``ret``. Each slot's part of ``[start, end)``; at the first, wait
-    for kvm->mmu_lock (for write) at ``point``, take it and run ``on_lock``;
-    ``attr_filter`` is left for the arch hook to choose (0 here). No SRCU: the caller holds
-    slots_lock, which keeps the memslots stable."""
-    ret = False
-    found = False
-    lock = vm.mmu_lock
-    try:
-        for slots in vm.memslot_sets:
-            for slot in list(slots.in_gfn_range(start, end)):
-                s, e = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
-                if s >= e:
-                    continue
-                if not found:
-                    yield from lock.write_lock(point)
-                    found = True
-                    if on_lock is not None:
-                        on_lock()
-                r = handler(vm, GfnRange(slot, s, e, arg, 0, may_block, False))
-                if type(r) is GeneratorType:
-                    r = yield from r
-                ret |= bool(r)
-        if flush_on_ret and ret:
-            vm.flush_remote_tlbs()
-    finally:
-        if found:
-            lock.write_unlock()
+    generator returning ``ret``: each slot's part of ``[start, end)`` (``attr_filter`` left
+    for the arch hook to choose: 0), locked, called and flushed as ``kvm_handle_ranges`` does.
+    No SRCU: the caller holds slots_lock, which keeps the memslots stable."""
+    ranges = (GfnRange(slot, max(start, slot.base_gfn), min(end, slot.end_gfn), arg, 0,
+                       may_block, False)
+              for slots in vm.memslot_sets for slot in list(slots.in_gfn_range(start, end))
+              if max(start, slot.base_gfn) < min(end, slot.end_gfn))
+    ret, _found = yield from kvm_handle_ranges(vm, ranges, handler, on_lock, flush_on_ret,
+                                               point=point)
     return ret
