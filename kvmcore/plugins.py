@@ -176,8 +176,12 @@ def _forwarder_for(cls: type, impls: tuple, project: str):
         if "vm" not in names:
             return None
         fwd = _forward(name, names.index("vm"), inspect.isgeneratorfunction(method))
+        # pluggy reads the argument names from the signature (1.6) or from the code of the
+        # unwrapped function (1.7+): both must be the backend method's.
         fwd.__signature__ = sig.replace(parameters=params)
-        fwd.__name__ = fwd.__qualname__ = name
+        fwd.__wrapped__ = method
+        fwd.__name__ = name
+        fwd.__qualname__ = getattr(method, "__qualname__", name)
         setattr(fwd, f"{project}_impl", dict(opts))
         fwd.kvmcore_method = name
         attrs_[name] = staticmethod(fwd)
