@@ -308,6 +308,103 @@ def _backend_names(names) -> None:
             raise UserError(f"--arch {name}: {e.strerror}") from None
 
 
+@main.command()
+@click.argument("scenario", required=False)
+@click.option("--arch", help="Backend: an installed name or module:Class (default: x86_tdp if "
+                             "installed).")
+@click.option("--vm-type", help="VM type (default: the scenario's, or the first that has "
+                                "what it requires).")
+@click.option("--strategy", type=click.Choice(["dfs", "pct"]), default="dfs", show_default=True,
+              help="dfs: every schedule; pct: randomized priority schedules.")
+@click.option("--max-schedules", default=100_000, show_default=True,
+              help="Stop after this many schedules.")
+@click.option("--time", "seconds", type=float, help="Stop after this many seconds.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the pct strategy.")
+@click.option("--depth", default=3, show_default=True, help="Bug depth d of the pct strategy.")
+@click.option("--mutant", "mutants", multiple=True,
+              help="Switch a seed bug on (repeatable); --list-mutants names them.")
+@click.option("--list-mutants", is_flag=True, help="List the mutants and exit.")
+@click.option("--replay", "replay_id", help="Run one schedule by its id (e.g. A2.B1.A1) and "
+                                            "print its trace.")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False),
+              help="With --replay: write the trace as JSON lines to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, depth, mutants,
+            list_mutants, replay_id, trace_path, as_json) -> None:
+    """Search the interleavings of a race SCENARIO (a TOML file or a built-in name; without
+    one, list the built-in ones). Exit code 1 when a schedule fails an oracle."""
+    from . import explore as ex
+
+    if list_mutants:
+        for m in ex.MUTANTS.values():
+            click.echo(f"{m.name:32} {m.seed}: {m.what}")
+        return
+    if scenario is None:
+        click.echo("built-in race scenarios: " + ", ".join(ex.builtin_names()))
+        return
+    unknown = [m for m in mutants if m not in ex.MUTANTS]
+    if unknown:
+        raise UserError(f"--mutant {unknown[0]}: not one of {', '.join(ex.MUTANTS)}")
+    arch = arch or default_arch()
+    _backend_names([arch])
+    try:
+        scn = ex.load(scenario)
+        if not ex.supports(scn, arch):
+            raise UserError(f"{scn.path}: {arch} has no VM type with "
+                            f"{', '.join(scn.vm.get('requires', ()))}")
+        vm_type = vm_type or ex.choose_vm_type(scn, arch)
+        if replay_id:
+            run = ex.replay(scn, arch, replay_id, vm_type, mutants=mutants)
+            _print_replay(run, trace_path)
+            if run.failure is not None:
+                sys.exit(1)
+            return
+        result = ex.explore(scn, arch, vm_type, strategy=strategy,
+                            max_schedules=max_schedules, seconds=seconds, seed=seed,
+                            depth=depth, mutants=mutants)
+    except (ex.RaceScenarioError, ValueError) as e:
+        raise UserError(str(e)) from None
+    except KvmError as e:
+        raise UserError(f"{scenario}: {e}") from None
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"{summary['scenario']} on {summary['arch']} ({vm_type}), {strategy}"
+                   f"{' with ' + ', '.join(mutants) if mutants else ''}: "
+                   f"{summary['schedules']} schedules"
+                   f"{' (all)' if result.exhausted else ''}, {summary['steps']} steps in "
+                   f"{summary['seconds']} s ({summary['schedules_per_s']}/s), "
+                   f"{summary['distinct_end_states']} distinct end states")
+        for f in summary["failures"]:
+            click.echo(f"  FAILED {f['kind']} in schedule {f['schedule']}: {f['message']}")
+            click.echo(f"  replay: kvmcore explore {scenario} --arch {arch} --replay "
+                       f"{f['schedule']}" + "".join(f" --mutant {m}" for m in mutants))
+    if not result.clean:
+        sys.exit(1)
+
+
+def _print_replay(run, trace_path) -> None:
+    if trace_path:
+        try:
+            with open(trace_path, "w") as out:
+                for event in run.trace:
+                    out.write(json.dumps(event, default=repr) + "\n")
+        except OSError as e:
+            raise UserError(f"--trace {trace_path}: cannot write it ({e.strerror})") from None
+    for event in run.trace:
+        if "point" in event:
+            holds = ", ".join(event["holds"]) or "-"
+            click.echo(f"  {event['flow']}  {event['point']:28} holds {holds}")
+        else:
+            click.echo(f"  {event['flow']}  ends: {event['end']}")
+    if run.failure is not None:
+        click.echo(f"FAILED {run.failure.kind} at step {len(run.failure.schedule)} "
+                   f"({run.failure.id}): {run.failure.message}")
+    else:
+        click.echo("passed: every oracle holds")
+
+
 def _run_with_progress(runner, quiet: bool):
     total = runner.total_accesses()
     if quiet or total < 20000 or not sys.stderr.isatty():

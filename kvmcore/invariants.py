@@ -45,15 +45,19 @@ def _check_tlbs(vm: Kvm) -> list[str]:
         return []
     out = []
     for vcpu in vm.vcpus:
-        for (_page, _intent), (gfn, pfn, writable, _x, _d) in list(vcpu.tlb.items()):
+        for (_page, _intent), (gfn, pfn, writable, _x, dirty) in list(vcpu.tlb.items()):
             leaves = vm.hook.leaves(vm=vm, start=gfn, end=gfn + 1, as_id=vcpu.as_id)
             # An aged leaf may have lost its permissions to access tracking (x86 with A/D
-            # disabled), and aging does not flush: only the frame must agree then.
+            # disabled), and aging does not flush: only the frame must agree then. A dirty
+            # entry needs a dirty leaf: one whose D bit was cleared (PML dirty logging) but
+            # not flushed lets writes through unlogged.
             if not any(m.gfn <= gfn < m.gfn + m.npages and m.pfn + gfn - m.gfn == pfn
-                       and (m.writable or not writable or not m.young) for m in leaves):
+                       and (not m.young or ((m.writable or not writable)
+                                            and (m.dirty or not dirty))) for m in leaves):
                 out.append(f"vcpu {vcpu.id}: TLB entry gfn {gfn:#x} -> pfn {pfn:#x}"
-                           f"{' writable' if writable else ''} has no present leaf behind it "
-                           "(a zap without its TLB flush)")
+                           f"{' writable' if writable else ''}{' dirty' if dirty else ''} has "
+                           "no present leaf like it behind it (a change without its TLB "
+                           "flush)")
     return out
 
 

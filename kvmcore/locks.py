@@ -24,6 +24,7 @@ Linux: include/linux/rwlock.h, kernel/locking/mutex.c, include/linux/srcu.h
 
 from __future__ import annotations
 
+import weakref
 from itertools import count
 
 READ, WRITE = "read", "write"
@@ -241,24 +242,35 @@ class RwLock:
     writer excludes everyone. With ``exclusive=True`` it is a spinlock (ppc's mmu_lock):
     ``read_lock`` takes it exclusively too. Not recursive: taking it twice is a flow bug."""
 
-    __slots__ = ("name", "exclusive", "writer", "readers")
+    __slots__ = ("name", "exclusive", "_writer", "_readers")
+
+    # Holders are kept as weak references: a VM (and its locks) is in reference cycles, and a
+    # paused flow must not be, so that a dropped flow is finalised as its own thread.
 
     def __init__(self, name: str = "mmu_lock", exclusive: bool = False):
         self.name = name
         self.exclusive = exclusive
-        self.writer: Flow | None = None
-        self.readers: list[Flow] = []
+        self._writer = None
+        self._readers: list = []
 
     def __repr__(self) -> str:
         return f"<{self.name} writer={self.writer} readers={self.readers}>"
 
+    @property
+    def writer(self) -> Flow | None:
+        return None if self._writer is None else self._writer()
+
+    @property
+    def readers(self) -> list[Flow]:
+        return [r() for r in self._readers]
+
     def holders(self) -> list[Flow]:
-        return [self.writer] if self.writer is not None else list(self.readers)
+        return [self.writer] if self._writer is not None else self.readers
 
     def available(self, mode: str, flow: Flow) -> bool:
-        if self.writer is not None:
+        if self._writer is not None:
             return False
-        return not self.readers if (mode == WRITE or self.exclusive) else True
+        return not self._readers if (mode == WRITE or self.exclusive) else True
 
     # Yielding acquisition: the race point comes first, the lock is taken when resumed.
 
@@ -310,32 +322,46 @@ class RwLock:
 
     def _take(self, mode: str) -> None:
         flow = _current
-        if self.writer is flow or flow in self.readers:
+        ref = weakref.ref(flow)
+        if self._writer == ref or ref in self._readers:
             raise RuntimeError(f"{self.name} taken by {flow.name} while it holds it")
         if not self.available(mode, flow):
             raise WouldBlock(f"{flow.name}: needs {self.name}({mode}), held by "
-                             f"{', '.join(f.name for f in self.holders())}")
+                             f"{', '.join(f.name for f in self.holders() if f)}")
         if mode == READ and not self.exclusive:
-            self.readers.append(flow)
+            self._readers.append(ref)
         else:
-            self.writer = flow
+            self._writer = ref
         flow.held.append((self, mode))
 
     def _drop(self, mode: str) -> None:
         flow = _current
+        ref = weakref.ref(flow)
         if mode == READ and not self.exclusive:
-            if flow not in self.readers:
+            if ref in self._readers:
+                self._readers.remove(ref)
+            elif not _drop_dead(self._readers):
                 raise RuntimeError(f"{self.name} read-unlocked by {flow.name}, not a reader")
-            self.readers.remove(flow)
+        elif self._writer == ref or (self._writer is not None and self._writer() is None):
+            self._writer = None
         else:
-            if self.writer is not flow:
-                raise RuntimeError(f"{self.name} unlocked by {flow.name}, not its holder")
-            self.writer = None
-        flow.held.remove((self, mode))
+            raise RuntimeError(f"{self.name} unlocked by {flow.name}, not its holder")
+        if (self, mode) in flow.held:
+            flow.held.remove((self, mode))
 
     @property
     def held(self) -> bool:
-        return self.writer is not None or bool(self.readers)
+        return self._writer is not None or bool(self._readers)
+
+
+def _drop_dead(refs: list) -> bool:
+    """Release one hold of a flow that no longer exists (its generator being finalised after
+    it): True if there was one."""
+    for r in refs:
+        if r() is None:
+            refs.remove(r)
+            return True
+    return False
 
 
 class Mutex(RwLock):
@@ -398,25 +424,26 @@ class Srcu:
 
     def __init__(self, name: str = "srcu"):
         self.name = name
-        #: read-side token -> flow
-        self.readers: dict[int, Flow] = {}
+        #: read-side token -> weak reference to its flow
+        self.readers: dict = {}
         self._idx = count()
 
     def read_lock(self) -> int:
         """srcu_read_lock: returns the token to pass to ``read_unlock``."""
         flow = _current
         idx = next(self._idx)
-        self.readers[idx] = flow
+        self.readers[idx] = weakref.ref(flow)
         flow.held.append((self, idx))
         return idx
 
     def read_unlock(self, idx: int) -> None:
-        flow = self.readers.pop(idx)
-        flow.held.remove((self, idx))
+        flow = self.readers.pop(idx)()
+        if flow is not None and (self, idx) in flow.held:
+            flow.held.remove((self, idx))
 
     def synchronize(self, point: str):
         """Yield at ``point`` until every read side that started before now has ended."""
-        earlier = tuple(i for i, f in self.readers.items() if f is not _current)
+        earlier = tuple(i for i, f in self.readers.items() if f() is not _current)
         readers = self.readers
         _current.wait = Until(lambda: not any(i in readers for i in earlier),
                               f"{self.name} grace period")

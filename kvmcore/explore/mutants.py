@@ -1,0 +1,110 @@
+"""The seed threads' bugs, as switchable deviations from Linux (``--mutant NAME``).
+
+Each mutant is a context manager that changes one thing the flows do, for the duration of an
+exploration; ``MUTANTS`` documents what each takes away. The explorer must find every one of
+them in the built-in race scenarios, and must find nothing without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import attrs
+
+
+@attrs.frozen
+class Mutant:
+    name: str
+    seed: str
+    what: str
+    patch: object         # () -> context manager
+    scenarios: tuple      # built-in race scenarios that must catch it
+
+
+@contextlib.contextmanager
+def _setattr(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _no_stale_check():
+    from .. import fault
+
+    return _setattr(fault, "is_page_fault_stale", lambda vm, f: False)
+
+
+def _no_flush_on_zap():
+    from .. import mmu_notifier
+
+    real = mmu_notifier.kvm_unmap_gfn_range
+
+    def no_flush(vm, rng):
+        yield from real(vm, rng)
+        return False
+
+    return _setattr(mmu_notifier, "kvm_unmap_gfn_range", no_flush)
+
+
+@contextlib.contextmanager
+def _dirty_clear_no_flush():
+    from .. import dirty
+
+    real = dirty.kvm_clear_dirty_log_protect
+
+    def no_flush(vm, *args):
+        vm.flush_remote_tlbs_memslot = lambda slot: None
+        try:
+            return (yield from real(vm, *args))
+        finally:
+            del vm.flush_remote_tlbs_memslot
+
+    with _setattr(dirty, "kvm_clear_dirty_log_protect", no_flush):
+        yield
+
+
+@contextlib.contextmanager
+def _notifier_without_invalidation():
+    """Seed 3: the hva-range operator form used for the notifier's zap, which implies no
+    mmu_invalidate_begin/end: a fault that raced the zap is not made stale."""
+    from .. import mmu_notifier
+
+    cls = mmu_notifier.KvmMmuNotifier
+    start, end = cls.invalidate_range_start, cls.invalidate_range_end
+
+    def start_without(self, s, e, blockable=True):
+        vm = self.vm
+        vm.mn_active_invalidate_count += 1
+        yield from mmu_notifier.kvm_handle_hva_range(
+            vm, s, e, mmu_notifier.kvm_unmap_gfn_range, flush_on_ret=True,
+            point=mmu_notifier.MN_START_LOCK_WAIT)
+
+    def end_without(self, s, e):
+        self.vm.mn_active_invalidate_count -= 1
+        return
+        yield
+
+    cls.invalidate_range_start, cls.invalidate_range_end = start_without, end_without
+    try:
+        yield
+    finally:
+        cls.invalidate_range_start, cls.invalidate_range_end = start, end
+
+
+MUTANTS = {m.name: m for m in (
+    Mutant("no_stale_check", "seed 1: private fault vs conversion",
+           "the fault installs without is_page_fault_stale (mmu_invalidate_retry[_gfn])",
+           _no_stale_check, ("private_fault_vs_conversion", "fault_vs_munmap")),
+    Mutant("notifier_without_invalidation", "seed 3: the hva-range operator",
+           "the MMU notifier zaps through the operator form: no mmu_invalidate_begin/end",
+           _notifier_without_invalidation, ("fault_vs_munmap",)),
+    Mutant("no_flush_on_zap", "zap without its remote TLB flush",
+           "kvm_unmap_gfn_range never asks for kvm_flush_remote_tlbs",
+           _no_flush_on_zap, ("fault_vs_munmap",)),
+    Mutant("dirty_clear_no_flush", "dirty-log clear that skips the flush",
+           "kvm_clear_dirty_log_protect does not flush the memslot's TLBs",
+           _dirty_clear_no_flush, ("write_vs_clear_dirty_log",)),
+)}

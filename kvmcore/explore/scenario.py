@@ -1,0 +1,248 @@
+"""Race scenarios: a VM set up in a known state and 2-4 flows to interleave (TOML).
+
+```toml
+name = "private fault vs conversion"
+[vm]
+arch = "x86_tdp"            # optional: the CLI's --arch wins
+vm_type = "sw_protected"    # optional: the first VM type with every capability `requires` lists
+requires = ["private_mem"]
+[[slot]]                    # memslots, in base pages of the VM
+slot = 0
+gpa = 0x0
+pages = 16
+guest_memfd = true          # optional; log_dirty = true also
+private = true              # optional: the whole slot becomes private
+[[access]]                  # optional setup accesses (vCPU 0), before the flows start
+op = "write"
+gpa = 0x5000
+private = true
+[[flow]]                    # the flows to interleave, named A, B, C, ... in order
+op = "read"                 # read / write (vcpu = N, gpa, private, data)
+gpa = 0x5000
+private = true
+[[flow]]
+op = "set_memory_attributes"   # gpa, size, attributes
+gpa = 0x5000
+size = 0x1000
+attributes = 0
+```
+
+Flow ops: ``read``, ``write`` (a vCPU's access: ``vcpu`` defaults to the flow's index),
+``set_memory_attributes``, ``punch_hole`` (``slot``, ``page``), ``delete_slot`` / ``move_slot``
+(``slot``; ``gpa`` for a move), ``log_dirty`` (``slot``: turn dirty logging on),
+``get_dirty_log`` / ``clear_dirty_log`` (``slot``), and the host's ``munmap``,
+``madvise_dontneed``, ``mprotect`` (``prot``), ``migrate``, ``host_write``, ``age``
+(``slot``, ``page``: a page of the slot's host mapping). Addresses are numbers or strings
+(``"0x5000"``); pages count base pages (the VM's PAGE_SIZE).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+import attrs
+
+from ..errors import KvmError
+from ..uapi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+)
+
+ACCESS_OPS = ("read", "write")
+VM_OPS = ("set_memory_attributes", "delete_slot", "move_slot", "log_dirty", "get_dirty_log",
+          "clear_dirty_log")
+GMEM_OPS = ("punch_hole",)
+HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age")
+FLOW_OPS = ACCESS_OPS + VM_OPS + GMEM_OPS + HOST_OPS
+NAMES = "ABCD"
+
+
+class RaceScenarioError(ValueError):
+    """A race scenario that cannot be read: the message names the file, the item and key."""
+
+
+@attrs.frozen
+class RaceScenario:
+    name: str
+    path: str
+    vm: dict
+    slots: tuple
+    accesses: tuple
+    flows: tuple
+
+    def flow_names(self) -> str:
+        return NAMES[:len(self.flows)]
+
+
+def builtin_names() -> list[str]:
+    files = resources.files("kvmcore.scenarios.races")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".toml"))
+
+
+def load(source: str | Path) -> RaceScenario:
+    """A race scenario from a file, or a built-in one by name (``kvmcore/scenarios/races``)."""
+    text = None
+    path = str(source)
+    if not str(source).endswith(".toml") and str(source) in builtin_names():
+        text = (resources.files("kvmcore.scenarios.races") / f"{source}.toml").read_text()
+        path = f"<built-in {source}>"
+    else:
+        try:
+            text = Path(source).read_bytes().decode()
+        except OSError as e:
+            raise RaceScenarioError(f"{source}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise RaceScenarioError(f"{source}: not UTF-8 ({e.reason} at byte {e.start})") \
+                from None
+    return parse(text, path)
+
+
+def _num(path, item, key, value):
+    if isinstance(value, str):
+        try:
+            return int(value, 0)
+        except ValueError:
+            pass
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise RaceScenarioError(f"{path}: {item}: key {key!r}: {value!r} is not a non-negative "
+                            "number")
+
+
+def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RaceScenarioError(f"{path}: {e}") from None
+    vm = doc.get("vm", {})
+    if not isinstance(vm, dict):
+        raise RaceScenarioError(f"{path}: [vm] must be a table")
+    slots, accesses, flows = [], [], []
+    for i, s in enumerate(doc.get("slot", []), 1):
+        item = f"slot {i}"
+        slots.append({"slot": _num(path, item, "slot", s.get("slot", i - 1)),
+                      "gpa": _num(path, item, "gpa", s.get("gpa", 0)),
+                      "pages": _num(path, item, "pages", s.get("pages", 16)),
+                      "guest_memfd": bool(s.get("guest_memfd", False)),
+                      "log_dirty": bool(s.get("log_dirty", False)),
+                      "private": bool(s.get("private", False))})
+    for i, a in enumerate(doc.get("access", []), 1):
+        item = f"access {i}"
+        if a.get("op") not in ACCESS_OPS:
+            raise RaceScenarioError(f"{path}: {item}: key 'op': one of {ACCESS_OPS}")
+        accesses.append({"op": a["op"], "gpa": _num(path, item, "gpa", a.get("gpa", 0)),
+                         "private": bool(a.get("private", False))})
+    for i, f in enumerate(doc.get("flow", []), 1):
+        item = f"flow {i}"
+        op = f.get("op")
+        if op not in FLOW_OPS:
+            raise RaceScenarioError(f"{path}: {item}: key 'op': {op!r} is not one of "
+                                    f"{', '.join(FLOW_OPS)}")
+        flow = {"op": op}
+        for key, value in f.items():
+            if key in ("op", "private", "data", "prot"):
+                flow[key] = value
+            else:
+                flow[key] = _num(path, item, key, value)
+        flows.append(flow)
+    if not 1 <= len(flows) <= len(NAMES):
+        raise RaceScenarioError(f"{path}: a race scenario has 1 to {len(NAMES)} [[flow]]s, "
+                                f"not {len(flows)}")
+    if not slots:
+        raise RaceScenarioError(f"{path}: a race scenario needs at least one [[slot]]")
+    return RaceScenario(str(doc.get("name", Path(path).stem)), path, dict(vm), tuple(slots),
+                        tuple(accesses), tuple(flows))
+
+
+class World:
+    """One fresh run of a scenario: the VM in its setup state and the flows, not started."""
+
+    def __init__(self, scn: RaceScenario, arch, vm_type: str, options: dict):
+        from ..vm import VM, host_for
+
+        self.host = host_for(arch, options)
+        self.vm = vm = VM(arch=arch, vm_type=vm_type, host=self.host, **options)
+        if scn.vm.get("manual_protect"):
+            vm.enable_dirty_log_manual_protect()
+        page = self.page = vm.page_size
+        self.hvas, self.gmems = {}, {}
+        for s in scn.slots:
+            size = s["pages"] * page
+            hva = self.host.mmap(size)
+            flags = KVM_MEM_LOG_DIRTY_PAGES if s["log_dirty"] else 0
+            gmem = None
+            if s["guest_memfd"]:
+                gmem = vm.create_guest_memfd(size)
+                flags |= KVM_MEM_GUEST_MEMFD
+            vm.set_user_memory_region(s["slot"], s["gpa"], size, hva, flags, guest_memfd=gmem)
+            self.hvas[s["slot"]], self.gmems[s["slot"]] = hva, gmem
+            if s["private"]:
+                vm.set_memory_attributes(s["gpa"], size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        self.slots = {s["slot"]: s for s in scn.slots}
+        nvcpus = max([f.get("vcpu", i) for i, f in enumerate(scn.flows)] + [0]) + 1
+        self.vcpus = [vm.create_vcpu(i) for i in range(nvcpus)]
+        for a in scn.accesses:
+            self._access(self.vcpus[0], a)
+        self.flows = [self._start(i, f) for i, f in enumerate(scn.flows)]
+        for name, flow in zip(NAMES, self.flows, strict=False):
+            flow.name = f"{name}:{flow.name}"
+
+    @staticmethod
+    def _access(vcpu, a):
+        from ..exits import VcpuExit
+
+        try:
+            if a["op"] == "write":
+                vcpu.write(a["gpa"], b"\x5a" * 8, private=a["private"])
+            else:
+                vcpu.read(a["gpa"], 8, private=a["private"])
+        except (VcpuExit, KvmError):
+            pass
+
+    def _hva(self, f):
+        return self.hvas[f.get("slot", 0)] + f.get("page", 0) * self.page
+
+    def _start(self, i: int, f: dict):
+        vm, host, op = self.vm, self.host, f["op"]
+        if op in ACCESS_OPS:
+            vcpu = self.vcpus[f.get("vcpu", i)]
+            private = f.get("private", False)
+            if op == "write":
+                return vcpu.steps.write(f["gpa"], bytes(f.get("data", "W" * 8), "latin-1"),
+                                        private=private)
+            return vcpu.steps.read(f["gpa"], f.get("n", 8), private=private)
+        if op == "set_memory_attributes":
+            return vm.steps.set_memory_attributes(f["gpa"], f.get("size", self.page),
+                                                  f.get("attributes", 0))
+        if op == "punch_hole":
+            gmem = self.gmems[f.get("slot", 0)]
+            return gmem.steps.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                                        f.get("page", 0) * self.page,
+                                        f.get("pages", 1) * self.page)
+        s = self.slots.get(f.get("slot", 0))
+        if op in ("delete_slot", "move_slot", "log_dirty"):
+            size = s["pages"] * self.page
+            gpa = f.get("gpa", s["gpa"]) if op == "move_slot" else s["gpa"]
+            flags = KVM_MEM_LOG_DIRTY_PAGES if op == "log_dirty" else 0
+            return vm.steps.set_user_memory_region(s["slot"], gpa, 0 if op == "delete_slot"
+                                                   else size, self.hvas[s["slot"]], flags)
+        if op == "get_dirty_log":
+            return vm.steps.get_dirty_log(s["slot"])
+        if op == "clear_dirty_log":
+            return vm.steps.clear_dirty_log(s["slot"], 0, s["pages"] * self.page >> 12,
+                                            range(s["pages"] * self.page >> 12))
+        hva = self._hva(f)
+        if op == "mprotect":
+            return host.steps.mprotect(hva, self.page, f.get("prot", "r"))
+        if op == "migrate":
+            return host.steps.migrate(hva)
+        if op == "host_write":
+            return host.steps.write(hva, b"HOST")
+        if op == "age":
+            return host.steps.age(hva, f.get("pages", 1) * self.page)
+        return getattr(host.steps, op)(hva, f.get("pages", 1) * self.page)

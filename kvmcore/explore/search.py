@@ -1,0 +1,364 @@
+"""Searching the interleavings of a race scenario's flows.
+
+A *schedule* is the sequence of flows chosen to run one stretch each (from one race point to
+the next); its id writes runs of the same flow as the flow's letter and the run's length:
+``A2.B1.A1`` runs two stretches of A, one of B, one of A. Every schedule is run on a fresh
+world (VM creation costs a fraction of a millisecond), so the search keeps no model state:
+
+- ``dfs``: every schedule, depth first: run the lowest runnable flow at each step, then
+  backtrack to the deepest step with an untried runnable flow (stateless model checking);
+- ``pct``: probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010): random flow
+  priorities, ``depth - 1`` random steps at which the running flow drops to the lowest
+  priority; each schedule has probability >= 1/(n * k^(d-1)) of hitting a given bug of depth d.
+
+Oracles, after every step: ``vm.check_invariants()`` (the core's and the backend's, with the
+TLB check); a flow raising anything but a guest exit, KvmError or WouldBlock is a crash; no
+runnable flow while some are unfinished is a deadlock; a flow still running after
+``MAX_FLOW_STEPS`` stretches is a livelock. At the end, the invariants again (every leaf agrees
+with its backing, every TLB entry with a leaf).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import random
+import re
+import time
+
+import attrs
+
+from ..errors import InvariantError, KvmError
+from ..exits import VcpuExit
+from ..host import SigBus, SigSegv
+from .scenario import NAMES, RaceScenario, World
+
+#: A flow that has run this many stretches in one schedule is reported as a livelock.
+MAX_FLOW_STEPS = 200
+
+
+@attrs.define
+class Failure:
+    kind: str            # invariant, crash, deadlock, livelock
+    message: str
+    schedule: list
+
+    @property
+    def id(self) -> str:
+        return schedule_id(self.schedule)
+
+
+@attrs.define
+class Result:
+    scenario: str
+    arch: str
+    strategy: str
+    mutants: tuple
+    schedules: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    end_states: set = attrs.field(factory=set)
+    failures: list = attrs.field(factory=list)
+    exhausted: bool = False
+
+    @property
+    def schedules_per_second(self) -> float:
+        return self.schedules / self.seconds if self.seconds else 0.0
+
+    @property
+    def clean(self) -> bool:
+        return not self.failures
+
+    def assert_clean(self) -> None:
+        if self.failures:
+            f = self.failures[0]
+            raise AssertionError(f"{self.scenario} on {self.arch}: {f.kind} in schedule "
+                                 f"{f.id}: {f.message}")
+
+    def summary(self) -> dict:
+        return {"scenario": self.scenario, "arch": self.arch, "strategy": self.strategy,
+                "mutants": list(self.mutants), "schedules": self.schedules,
+                "exhausted": self.exhausted, "steps": self.steps,
+                "seconds": round(self.seconds, 3),
+                "schedules_per_s": round(self.schedules_per_second, 1),
+                "distinct_end_states": len(self.end_states),
+                "failures": [{"kind": f.kind, "schedule": f.id, "message": f.message}
+                             for f in self.failures]}
+
+
+def schedule_id(schedule: list) -> str:
+    out = []
+    for i in schedule:
+        if out and out[-1][0] == i:
+            out[-1][1] += 1
+        else:
+            out.append([i, 1])
+    return ".".join(f"{NAMES[i]}{n}" for i, n in out)
+
+
+def parse_schedule_id(text: str, nflows: int) -> list:
+    schedule = []
+    for part in filter(None, text.strip().split(".")):
+        m = re.fullmatch(r"([A-D])(\d+)", part)
+        if m is None or NAMES.index(m.group(1)) >= nflows:
+            raise ValueError(f"schedule id {text!r}: {part!r} is not a flow letter (A-"
+                             f"{NAMES[nflows - 1]}) and a count")
+        schedule += [NAMES.index(m.group(1))] * int(m.group(2))
+    return schedule
+
+
+@attrs.define
+class Run:
+    """One schedule run on a fresh world: the choices made, what was runnable at each step,
+    and how it ended."""
+
+    world: World
+    schedule: list = attrs.field(factory=list)
+    choices: list = attrs.field(factory=list)       # runnable flow indices at each step
+    outcomes: dict = attrs.field(factory=dict)
+    trace: list = attrs.field(factory=list)
+    failure: Failure | None = None
+
+
+class Explorer:
+    """Runs schedules of one race scenario on one backend configuration."""
+
+    def __init__(self, scn: RaceScenario, arch, vm_type: str, options: dict | None = None,
+                 trace: bool = False):
+        self.scn = scn
+        self.arch = arch
+        self.vm_type = vm_type
+        self.options = dict(options or {})
+        self.keep_trace = trace
+
+    def run(self, prefix: list, policy=None) -> Run:
+        """Run ``prefix``, then ``policy(runnable, step) -> flow index`` (the lowest runnable
+        flow by default) until every flow ends or a failure."""
+        r = Run(World(self.scn, self.arch, self.vm_type, self.options))
+        flows = r.world.flows
+        steps_of = [0] * len(flows)
+        step = 0
+        while True:
+            runnable = [i for i, f in enumerate(flows) if not f.done and f.runnable]
+            if not runnable:
+                if any(not f.done for f in flows):
+                    r.failure = Failure("deadlock", "no flow can run: " + "; ".join(
+                        f"{f.name} at {f.point} waits for {f.waits_for}"
+                        for f in flows if not f.done), r.schedule)
+                else:
+                    self._check(r, "end")
+                return r
+            if step < len(prefix):
+                choice = prefix[step]
+                if choice not in runnable:
+                    r.failure = Failure("replay", f"step {step}: flow {NAMES[choice]} cannot "
+                                        "run here", r.schedule)
+                    return r
+            else:
+                choice = policy(runnable, step) if policy else runnable[0]
+            r.choices.append(runnable)
+            r.schedule.append(choice)
+            step += 1
+            steps_of[choice] += 1
+            if steps_of[choice] > MAX_FLOW_STEPS:
+                r.failure = Failure("livelock", f"{flows[choice].name} ran {MAX_FLOW_STEPS} "
+                                    "stretches without ending", list(r.schedule))
+                return r
+            self._step(r, choice)
+            if r.failure is None:
+                self._check(r, f"after {NAMES[choice]}")
+            if r.failure is not None:
+                return r
+
+    def _step(self, r: Run, i: int) -> None:
+        flow = r.world.flows[i]
+        try:
+            point = next(flow)
+            if self.keep_trace:
+                r.trace.append({"flow": NAMES[i], "name": flow.name, "point": point,
+                                "holds": flow.holds})
+        except StopIteration as stop:
+            r.outcomes[i] = ("ok", _plain(stop.value))
+        except (VcpuExit, KvmError, SigBus, SigSegv) as e:
+            r.outcomes[i] = ("raised", type(e).__name__, str(e))
+        except Exception as e:  # noqa: BLE001 - any other exception is a crash of the model
+            r.failure = Failure("crash", f"{flow.name}: {type(e).__name__}: {e}",
+                                list(r.schedule))
+        if self.keep_trace and i in r.outcomes:
+            r.trace.append({"flow": NAMES[i], "name": flow.name, "end": r.outcomes[i]})
+
+    def _check(self, r: Run, when: str) -> None:
+        try:
+            r.world.vm.check_invariants()
+        except InvariantError as e:
+            r.failure = Failure("invariant", f"{when}: {e}", list(r.schedule))
+
+    def end_state(self, r: Run):
+        vm = r.world.vm
+        return (tuple(sorted(r.outcomes.items())),
+                tuple((m.gfn, m.size, m.pfn, m.writable, m.private)
+                      for a in range(vm.nr_address_spaces) for m in vm.mappings(as_id=a)))
+
+
+def _plain(value):
+    if isinstance(value, bytes | list | tuple | int | str | bool) or value is None:
+        return value
+    return repr(value)
+
+
+def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict | None = None,
+            strategy: str = "dfs", max_schedules: int = 100_000, seconds: float | None = None,
+            seed: int = 0, depth: int = 3, mutants=(), stop_at_first: bool = True,
+            progress=None) -> Result:
+    """Explore ``scn`` on backend ``arch``; see the module docstring."""
+    from .mutants import MUTANTS
+
+    vm_type = vm_type or choose_vm_type(scn, arch)
+    result = Result(scn.name, _arch_name(arch), strategy, tuple(mutants))
+    ex = Explorer(scn, arch, vm_type, options)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        for name in mutants:
+            stack.enter_context(MUTANTS[name].patch())
+        if strategy == "dfs":
+            schedules = _dfs(ex)
+        elif strategy == "pct":
+            schedules = _pct(ex, random.Random(seed), depth)
+        else:
+            raise ValueError(f"strategy={strategy!r}: dfs or pct")
+        for r in schedules:
+            result.schedules += 1
+            result.steps += len(r.schedule)
+            if progress is not None:
+                progress(result)
+            if r.failure is not None:
+                result.failures.append(r.failure)
+                if stop_at_first:
+                    break
+            else:
+                result.end_states.add(ex.end_state(r))
+            if result.schedules >= max_schedules or (
+                    seconds is not None and time.perf_counter() - t0 > seconds):
+                break
+        else:
+            result.exhausted = strategy == "dfs"
+        result.seconds = time.perf_counter() - t0
+        if result.failures:
+            result.failures = [_shrink(ex, f) for f in result.failures[:1]] + \
+                result.failures[1:]
+    return result
+
+
+def _dfs(ex: Explorer):
+    prefix: list = []
+    while True:
+        r = ex.run(prefix)
+        yield r
+        # Backtrack: the deepest step where a higher runnable flow was not tried yet.
+        for k in range(len(r.schedule) - 1, -1, -1):
+            later = [i for i in r.choices[k] if i > r.schedule[k]]
+            if later:
+                prefix = r.schedule[:k] + [later[0]]
+                break
+        else:
+            return
+
+
+def _pct(ex: Explorer, rng: random.Random, depth: int):
+    first = ex.run([])
+    n, k = len(ex.scn.flows), max(len(first.schedule), 1)
+    yield first
+    while True:
+        prio = list(range(depth, depth + n))
+        rng.shuffle(prio)
+        changes = {rng.randrange(k): depth - 1 - j for j in range(depth - 1)}
+
+        def policy(runnable, step, prio=prio, changes=changes):
+            best = max(runnable, key=lambda i: prio[i])
+            if step in changes:
+                prio[best] = changes[step]
+                best = max(runnable, key=lambda i: prio[i])
+            return best
+
+        yield ex.run([], policy)
+
+
+def _shrink(ex: Explorer, failure: Failure) -> Failure:
+    """A shorter, simpler schedule with the same kind of failure: the failing prefix (the
+    schedule stops at the failure), then fewer context switches (a run of one flow moved to
+    join the flow's previous run), as long as it still fails the same way."""
+    best = failure
+
+    def fails(schedule):
+        r = ex.run(schedule)
+        return r.failure if r.failure is not None and r.failure.kind == failure.kind else None
+
+    changed = True
+    while changed:
+        changed = False
+        blocks = _blocks(best.schedule)
+        for j in range(1, len(blocks)):
+            flow = blocks[j][0]
+            prev = max((i for i in range(j) if blocks[i][0] == flow), default=None)
+            if prev is None:
+                continue
+            merged = blocks[:prev + 1] + blocks[prev + 1:j] + blocks[j + 1:]
+            merged[prev] = [flow, blocks[prev][1] + blocks[j][1]]
+            f = fails([b[0] for b in merged for _ in range(b[1])])
+            if f is not None and len(_blocks(f.schedule)) < len(blocks):
+                best, changed = f, True
+                break
+    return best
+
+
+def _blocks(schedule: list) -> list:
+    out = []
+    for i in schedule:
+        if out and out[-1][0] == i:
+            out[-1][1] += 1
+        else:
+            out.append([i, 1])
+    return out
+
+
+def replay(scn: RaceScenario, arch, schedule: str | list, vm_type: str | None = None,
+           options: dict | None = None, mutants=()) -> Run:
+    """Run one schedule (an id such as ``A2.B1.A1`` or a list of flow indices) with a trace
+    of every step; after the schedule, the lowest runnable flow runs until the end."""
+    from .mutants import MUTANTS
+
+    if isinstance(schedule, str):
+        schedule = parse_schedule_id(schedule, len(scn.flows))
+    ex = Explorer(scn, arch, vm_type or choose_vm_type(scn, arch), options, trace=True)
+    with contextlib.ExitStack() as stack:
+        for name in mutants:
+            stack.enter_context(MUTANTS[name].patch())
+        return ex.run(schedule)
+
+
+def choose_vm_type(scn: RaceScenario, arch) -> str:
+    from ..plugins import resolve_backend
+
+    info = resolve_backend(arch).arch_info
+    want = scn.vm.get("vm_type")
+    if want is not None:
+        return want
+    required = set(scn.vm.get("requires", ()))
+    for vm_type, caps in info.vm_types.items():
+        if required <= caps:
+            return vm_type
+    raise KvmError(errno.EOPNOTSUPP, f"{info.name} has no VM type with {sorted(required)}")
+
+
+def supports(scn: RaceScenario, arch) -> bool:
+    from ..plugins import resolve_backend
+
+    info = resolve_backend(arch).arch_info
+    required = set(scn.vm.get("requires", ()))
+    return any(required <= caps for caps in info.vm_types.values())
+
+
+def _arch_name(arch) -> str:
+    from ..plugins import resolve_backend
+
+    return resolve_backend(arch).arch_info.name
