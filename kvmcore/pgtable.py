@@ -16,6 +16,7 @@ at its boundary. There is no concurrent walker here: Linux's cmpxchg updates are
 
 from __future__ import annotations
 
+import functools
 import re
 from array import array
 from collections.abc import Callable, Iterator
@@ -311,6 +312,13 @@ class PageTable:
         self.free_subtree(self.root, 0)
 
 
+def present_indices(table: array, empty: int = 0) -> list[int]:
+    """Indices of the entries of ``table`` that are not ``empty`` (a format's non-present
+    value), found at C speed: for code that scans whole tables outside the walker."""
+    return _present(table, 0, len(table), _empty_run_pattern(empty))
+
+
+@functools.cache
 def _empty_run_pattern(empty: int) -> re.Pattern:
     """A regex that consumes a run of whole 8-byte entries equal to ``empty`` (in this
     machine's byte order). Matching from an entry boundary keeps every match aligned."""
