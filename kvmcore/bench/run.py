@@ -9,7 +9,9 @@ Per backend (every installed one, and the flat reference backend):
   zapping the same N leaves packed in a tight range (1.0 means zaps cost what is mapped);
 - ``convert_1TiB_ms`` (backends with private memory);
 - ``get_dirty_log_4GiB_vs_4MiB``: GET over a 4 GiB slot against a 4 MiB slot, with the same
-  dirty pages (1.0 means GET costs what is dirty).
+  dirty pages (1.0 means GET costs what is dirty);
+- ``explore_seed1_schedules_per_s``: the race explorer on the 2-flow seed-1 scenario, every
+  schedule with every oracle, best of 5 rounds with the spread.
 
 And the core's own: memslot lookups at 8 vs 32,767 slots, slot creation, hva iteration.
 """
@@ -132,6 +134,26 @@ def dirty_log_ratio(arch, dirty: int = 512) -> dict:
             "get_dirty_log_4GiB_vs_4MiB": round(big / small, 2)}
 
 
+def explore_figures(arch, rounds: int = 5) -> dict:
+    """``explore_seed1_schedules_per_s``: the explorer on the 2-flow seed-1 scenario (a
+    private fault racing a conversion), every schedule, oracles after every step; the best of
+    ``rounds`` runs and the spread (worst / best) across them. Backends without private
+    memory run the 2-flow ``fault_vs_munmap`` scenario instead."""
+    from ..explore import explore, load, supports
+
+    scn = load("private_fault_vs_conversion")
+    if not supports(scn, arch):
+        scn = load("fault_vs_munmap")
+    rates = []
+    for _ in range(rounds):
+        r = explore(scn, arch)
+        rates.append(r.schedules_per_second)
+    key = "seed1" if scn.name == "private_fault_vs_conversion" else "fault_vs_munmap"
+    return {f"explore_{key}_schedules": r.schedules,
+            f"explore_{key}_schedules_per_s": round(max(rates)),
+            f"explore_{key}_spread": round(max(rates) / min(rates), 2)}
+
+
 def backend_figures(arch) -> dict:
     from ..plugins import resolve_backend
 
@@ -149,6 +171,7 @@ def backend_figures(arch) -> dict:
         out["convert_1TiB_ms"] = round(convert_ms(arch, private[0]), 3)
     if "dirty_log" in info.capabilities:
         out.update(dirty_log_ratio(arch))
+    out.update(explore_figures(arch))
     return out
 
 
