@@ -118,12 +118,34 @@ class Flow:
         return point
 
     def run(self):
-        """Drive the flow to its end and return its result (the plain call)."""
+        """Drive the flow to its end and return its result (the plain call). The same steps
+        as ``next()`` in a loop, without re-entering it per race point."""
+        if self.done:
+            return self.result
+        global _current
+        send = self.gen.send
+        prev, _current = _current, self
         try:
             while True:
-                self.__next__()
+                wait = self.wait
+                if wait is not None and not wait.ready(self):
+                    raise WouldBlock(f"{self.name} at {self.point}: needs {wait.describe()}, "
+                                     f"held by {wait.holder_names(self)}", self)
+                self.point = send(None)
         except StopIteration as stop:
+            self.done = True
+            self.result = stop.value
+            self.point = None
             return stop.value
+        except WouldBlock:
+            raise
+        except BaseException as exc:
+            self.done = True
+            self.error = exc
+            self.point = None
+            raise
+        finally:
+            _current = prev
 
     def close(self) -> None:
         """Abandon a paused flow: its ``finally`` blocks release what it holds, as if the
@@ -242,7 +264,7 @@ class RwLock:
     writer excludes everyone. With ``exclusive=True`` it is a spinlock (ppc's mmu_lock):
     ``read_lock`` takes it exclusively too. Not recursive: taking it twice is a flow bug."""
 
-    __slots__ = ("name", "exclusive", "_writer", "_readers")
+    __slots__ = ("name", "exclusive", "_writer", "_readers", "_waits")
 
     # Holders are kept as weak references: a VM (and its locks) is in reference cycles, and a
     # paused flow must not be, so that a dropped flow is finalised as its own thread.
@@ -252,6 +274,8 @@ class RwLock:
         self.exclusive = exclusive
         self._writer = None
         self._readers: list = []
+        #: One wait record per mode, shared by every flow that waits for this lock.
+        self._waits = {READ: LockWait(self, READ), WRITE: LockWait(self, WRITE)}
 
     def __repr__(self) -> str:
         return f"<{self.name} writer={self.writer} readers={self.readers}>"
@@ -400,7 +424,7 @@ class _Guard:
 def _wait(lock, mode, point: str):
     # No reference to the flow is kept in the frame: a flow and its generator must not form
     # a cycle, so that a dropped flow is closed by Flow.__del__, as its own thread.
-    _current.wait = LockWait(lock, mode)
+    _current.wait = lock._waits[mode]
     try:
         yield point
     finally:
