@@ -94,34 +94,21 @@ class Flow:
         """Run the next stretch; return the race point it stopped at."""
         if self.done:
             raise StopIteration(self.result)
-        wait = self.wait
-        if wait is not None and not wait.ready(self):
-            raise WouldBlock(f"{self.name} at {self.point}: needs {wait.describe()}, "
-                             f"held by {wait.holder_names(self)}", self)
-        global _current
-        prev, _current = _current, self
-        try:
-            point = self.gen.send(None)
-        except StopIteration as stop:
-            self.done = True
-            self.result = stop.value
-            self.point = None
-            raise
-        except BaseException as exc:
-            self.done = True
-            self.error = exc
-            self.point = None
-            raise
-        finally:
-            _current = prev
-        self.point = point
-        return point
+        return self._drive(True)
 
     def run(self):
-        """Drive the flow to its end and return its result (the plain call). The same steps
-        as ``next()`` in a loop, without re-entering it per race point."""
+        """Drive the flow to its end and return its result (the plain call)."""
         if self.done:
             return self.result
+        try:
+            self._drive(False)
+        except StopIteration as stop:
+            return stop.value
+
+    def _drive(self, once: bool):
+        """Run stretches (one, or until the end) as the current thread. A wait that cannot be
+        met raises WouldBlock before the stretch and leaves the flow paused; anything the
+        generator raises ends the flow."""
         global _current
         send = self.gen.send
         prev, _current = _current, self
@@ -131,19 +118,17 @@ class Flow:
                 if wait is not None and not wait.ready(self):
                     raise WouldBlock(f"{self.name} at {self.point}: needs {wait.describe()}, "
                                      f"held by {wait.holder_names(self)}", self)
-                self.point = send(None)
-        except StopIteration as stop:
-            self.done = True
-            self.result = stop.value
-            self.point = None
-            return stop.value
-        except WouldBlock:
-            raise
-        except BaseException as exc:
-            self.done = True
-            self.error = exc
-            self.point = None
-            raise
+                try:
+                    point = send(None)
+                except StopIteration as stop:
+                    self.done, self.result, self.point = True, stop.value, None
+                    raise
+                except BaseException as exc:
+                    self.done, self.error, self.point = True, exc, None
+                    raise
+                self.point = point
+                if once:
+                    return point
         finally:
             _current = prev
 

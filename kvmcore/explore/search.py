@@ -87,13 +87,7 @@ class Result:
 
 
 def schedule_id(schedule: list) -> str:
-    out = []
-    for i in schedule:
-        if out and out[-1][0] == i:
-            out[-1][1] += 1
-        else:
-            out.append([i, 1])
-    return ".".join(f"{NAMES[i]}{n}" for i, n in out)
+    return ".".join(f"{NAMES[i]}{n}" for i, n in _blocks(schedule))
 
 
 def parse_schedule_id(text: str, nflows: int) -> list:
