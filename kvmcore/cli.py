@@ -328,9 +328,12 @@ def _backend_names(names) -> None:
                                             "print its trace.")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False),
               help="With --replay: write the trace as JSON lines to this file.")
+@click.option("--picture", type=click.Path(dir_okay=False),
+              help="With --replay: draw the schedule as swim lanes into this PNG (needs "
+                   "matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, depth, mutants,
-            list_mutants, replay_id, trace_path, as_json) -> None:
+            list_mutants, replay_id, trace_path, picture, as_json) -> None:
     """Search the interleavings of a race SCENARIO (a TOML file or a built-in name; without
     one, list the built-in ones). Exit code 1 when a schedule fails an oracle."""
     from . import explore as ex
@@ -354,8 +357,15 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
                             f"{', '.join(scn.vm.get('requires', ()))}")
         vm_type = vm_type or ex.choose_vm_type(scn, arch)
         if replay_id:
+            if picture:
+                _check_picture(picture)
             run = ex.replay(scn, arch, replay_id, vm_type, mutants=mutants)
             _print_replay(run, trace_path)
+            if picture:
+                from .explore.picture import draw
+
+                draw(run, scn, picture, f"{scn.name} on {arch}: {replay_id}")
+                click.echo(f"picture: {picture}")
             if run.failure is not None:
                 sys.exit(1)
             return

@@ -98,3 +98,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(args):
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
     assert r.stderr.strip().startswith("kvmcore: error:")
+
+
+def test_cli_replay_draws_the_schedule(tmp_path):
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "race.png"
+    r = CliRunner().invoke(main, ["explore", "fault_vs_munmap", "--arch", FLAT, "--mutant",
+                                  "no_stale_check", "--replay", "A2.B4.A1", "--picture",
+                                  str(picture)])
+    assert r.exit_code == 1 and "FAILED invariant" in r.output
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
