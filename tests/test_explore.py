@@ -19,6 +19,7 @@ FLAT = "kvmcore.testing:FlatBackend"
 #: TLBs inside the zap, so the core's flush is not theirs to lose).
 APPLIES = {
     "no_stale_check": ["x86_tdp", "arm64_stage2", FLAT],
+    "pfnmap_no_retry": ["x86_tdp", "arm64_stage2", FLAT],
     "notifier_without_invalidation": ["x86_tdp", "arm64_stage2", "ppc_radix", FLAT],
     "no_flush_on_zap": ["x86_tdp", FLAT],
     "dirty_clear_no_flush": ["x86_tdp", "arm64_stage2", FLAT],
@@ -108,3 +109,13 @@ def test_cli_replay_draws_the_schedule(tmp_path):
                                   str(picture)])
     assert r.exit_code == 1 and "FAILED invariant" in r.output
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("mutant", sorted(APPLIES))
+def test_pct_finds_each_mutant_too(mutant):
+    """The randomized strategy finds what the exhaustive one does, within 1000 schedules."""
+    scn = load(MUTANTS[mutant].scenarios[0])
+    arch = FLAT if FLAT in APPLIES[mutant] else APPLIES[mutant][0]
+    result = explore(scn, arch, strategy="pct", seed=1, mutants=[mutant], max_schedules=1000)
+    assert result.failures, f"pct missed {mutant} in {result.schedules} schedules"
+

@@ -37,6 +37,16 @@ def _no_stale_check():
     return _setattr(fault, "is_page_fault_stale", lambda vm, f: False)
 
 
+def _pfnmap_no_retry():
+    """Seed 2: a VM_IO | VM_PFNMAP pfn (hva_to_pfn_remapped, no page reference to hold) used
+    without the mmu_invalidate retry the other pages get."""
+    from .. import fault
+
+    real = fault.is_page_fault_stale
+    return _setattr(fault, "is_page_fault_stale",
+                    lambda vm, f: False if f.pfnmap else real(vm, f))
+
+
 def _no_flush_on_zap():
     from .. import mmu_notifier
 
@@ -98,6 +108,9 @@ MUTANTS = {m.name: m for m in (
     Mutant("no_stale_check", "seed 1: private fault vs conversion",
            "the fault installs without is_page_fault_stale (mmu_invalidate_retry[_gfn])",
            _no_stale_check, ("private_fault_vs_conversion", "fault_vs_munmap")),
+    Mutant("pfnmap_no_retry", "seed 2: a PFNMAP pfn racing an invalidation",
+           "a VM_IO | VM_PFNMAP pfn is installed without the mmu_invalidate retry",
+           _pfnmap_no_retry, ("pfnmap_fault_vs_munmap",)),
     Mutant("notifier_without_invalidation", "seed 3: the hva-range operator",
            "the MMU notifier zaps through the operator form: no mmu_invalidate_begin/end",
            _notifier_without_invalidation, ("fault_vs_munmap",)),

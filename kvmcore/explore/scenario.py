@@ -10,7 +10,8 @@ requires = ["private_mem"]
 slot = 0
 gpa = 0x0
 pages = 16
-guest_memfd = true          # optional; log_dirty = true also
+guest_memfd = true          # optional; log_dirty = true also; kind = "pfnmap" (a VM_IO |
+                            #   VM_PFNMAP device range) or another host mmap kind
 private = true              # optional: the whole slot becomes private
 [[access]]                  # optional setup accesses (vCPU 0), before the flows start
 op = "write"
@@ -130,7 +131,8 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
                       "pages": _num(path, item, "pages", s.get("pages", 16)),
                       "guest_memfd": bool(s.get("guest_memfd", False)),
                       "log_dirty": bool(s.get("log_dirty", False)),
-                      "private": bool(s.get("private", False))})
+                      "private": bool(s.get("private", False)),
+                      "kind": str(s.get("kind", "anon"))})
     for i, a in enumerate(doc.get("access", []), 1):
         item = f"access {i}"
         if a.get("op") not in ACCESS_OPS:
@@ -173,7 +175,10 @@ class World:
         self.hvas, self.gmems = {}, {}
         for s in scn.slots:
             size = s["pages"] * page
-            hva = self.host.mmap(size)
+            if s["kind"] == "pfnmap":       # a device range: pfns far above RAM
+                hva = self.host.mmap(size, kind="pfnmap", pfn=0x80000)
+            else:
+                hva = self.host.mmap(size, kind=s["kind"])
             flags = KVM_MEM_LOG_DIRTY_PAGES if s["log_dirty"] else 0
             gmem = None
             if s["guest_memfd"]:
