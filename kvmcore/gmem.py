@@ -134,6 +134,8 @@ class GmemInode:
             pfn = self.folios[base]
             if start <= base and base + size <= end:
                 del self.folios[base]
+                if self.host.freed is not None:
+                    self.host.freed.update(range(pfn, pfn + size))
                 for i in range(size):
                     self.host.gmem_frames.pop(pfn + i, None)
                     self.host.frames.pop(pfn + i, None)

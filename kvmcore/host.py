@@ -145,6 +145,11 @@ class HostMemory:
         self._next_hva = MMAP_BASE
         self.notifiers: list = []
         self.gmem_frames: dict[int, tuple[object, int]] = {}
+        #: Frames given back to the allocator (anonymous pages unmapped or migrated away,
+        #: truncated guest_memfd folios), recorded only when a checker sets it to a set (the
+        #: race explorer's use-after-free oracle): the bump allocator never reuses a frame,
+        #: so a frame in here that a leaf or TLB entry still maps is a use after free.
+        self.freed: set[int] | None = None
 
     def __repr__(self) -> str:
         return f"HostMemory(page_size={self.page_size}, pmd_size={self.pmd_size:#x})"
@@ -372,6 +377,8 @@ class HostMemory:
         PAGE_SIZE entries (split_huge_pmd), whose outside part stays."""
         shift = self.page_shift
         lo, hi = start >> shift, end >> shift
+        if self.freed is not None:
+            self._record_freed(start, end)
         if hi - lo <= 32768:
             for key in range(lo, hi):
                 self.ptes.pop(key, None)
@@ -390,6 +397,22 @@ class HostMemory:
                 for off in range(0, size, self.page_size):
                     if not start <= base + off < end:
                         self.ptes[(base + off) >> shift] = (e[0] + (off >> PAGE_SHIFT), e[1])
+
+    def _record_freed(self, start: int, end: int) -> None:
+        """The anonymous frames that dropping the PTEs of ``[start, end)`` frees: private
+        pages (not the zero page, not a file's pages, which stay in their backing), and huge
+        pages wholly inside (a partly covered one is split and stays)."""
+        for vma in self.vmas_in(start, end):
+            if vma.kind != "anon":
+                continue
+            lo, hi = max(start, vma.start), min(end, vma.end)
+            for size, table in self._tables.items():
+                shift = size.bit_length() - 1
+                for key in range(lo >> shift, ((hi - 1) >> shift) + 1):
+                    e = table.get(key)
+                    if e is not None and e[0] != self.zero_pfn and \
+                            lo <= key << shift and (key + 1) << shift <= hi:
+                        self.freed.update(range(e[0], e[0] + (size >> PAGE_SHIFT)))
 
     def _notify_range(self, start: int, end: int) -> tuple[int, int]:
         """``(hva, length)`` the MMU notifiers see for a change of ``[start, end)``: a huge
@@ -617,6 +640,8 @@ class HostMemory:
         new = self._alloc(npages)
         self.copy_frames(old, new, npages)
         self._set_pte(base, new, writable, size)
+        if self.freed is not None:
+            self.freed.update(range(old, old + npages))
         if vma.kind == "shared":
             vma.backing.pages[vma.pgoff_of(base)] = new
         yield from self._invalidate_end(base, size)

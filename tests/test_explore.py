@@ -119,3 +119,102 @@ def test_pct_finds_each_mutant_too(mutant):
     result = explore(scn, arch, strategy="pct", seed=1, mutants=[mutant], max_schedules=1000)
     assert result.failures, f"pct missed {mutant} in {result.schedules} schedules"
 
+
+
+# --------------------------------------------------------------------------- the oracles
+
+UAF = """
+name = "fault vs munmap of a written page"
+[[slot]]
+pages = 16
+[[access]]
+op = "write"
+gpa = 0x6000
+[[flow]]
+op = "read"
+gpa = 0x6000
+[[flow]]
+op = "munmap"
+page = 6
+"""
+
+
+def test_a_tlb_entry_to_a_freed_frame_is_a_use_after_free():
+    """Whatever locks are held: a frame the host freed is reachable by no TLB entry or leaf.
+    (Without the zap's flush, the TLB check already fails in the host window, one step before
+    munmap frees the page; this oracle is the backstop while other flows hold locks.)"""
+    world, oracles = _world(UAF)
+    world.flows[0].run()
+    assert oracles.use_after_free() is None
+    (_gfn, pfn, *_rest), = world.vcpus[0].tlb.values()
+    world.host.freed.add(pfn)
+    kind, message = oracles.use_after_free()
+    assert kind == "use-after-free" and f"pfn {pfn:#x}" in message
+    result = explore(parse(UAF), FLAT)
+    result.assert_clean()
+    assert result.exhausted
+
+
+def test_the_host_records_the_frames_it_frees():
+    from kvmcore.host import HostMemory
+
+    host = HostMemory()
+    host.freed = set()
+    a = host.mmap(0x4000)
+    host.write(a, b"x")                     # an anonymous page
+    host.read(a + 0x1000, 1)                # the zero page
+    old = host.lookup_pte(a)[0]
+    new = host.migrate(a)
+    assert old in host.freed and new not in host.freed
+    host.munmap(a, 0x4000)
+    assert new in host.freed and host.zero_pfn not in host.freed
+    f = host.mmap(0x1000, kind="shared")
+    host.write(f, b"y")
+    host.munmap(f, 0x1000)                  # a file page stays in its backing
+    assert len(host.freed) == 2
+
+
+def _world(text: str):
+    from kvmcore.explore.oracles import Oracles
+    from kvmcore.explore.scenario import World
+
+    world = World(parse(text), FLAT, "default", {})
+    return world, Oracles(world)
+
+
+def test_a_leaf_taken_away_without_an_invalidation_is_a_downgrade():
+    world, oracles = _world(UAF)
+    flow = world.flows[0]
+    flow.run()
+    oracles.flow_ended(0, ("ok", flow.result))
+    assert oracles.downgrade(0) is None
+    vm = world.vm
+    slot = vm.leaf_memslot(6)
+    from kvmcore.records import GfnRange
+    with vm.mmu_lock:               # a zap nobody counts: not kvm_unmap_gfn_range
+        vm.hook.unmap_gfn_range(vm=vm, range=GfnRange(slot, 6, 7))
+    kind, message = oracles.downgrade(0)
+    assert kind == "downgrade" and "gpa 0x6000" in message and "gone" in message
+
+
+def test_a_write_after_the_clear_must_be_reported():
+    text = """
+[vm]
+manual_protect = true
+[[slot]]
+pages = 16
+log_dirty = true
+[[flow]]
+op = "clear_dirty_log"
+[[flow]]
+op = "write"
+gpa = 0x3000
+vcpu = 0
+"""
+    from kvmcore.explore.search import Explorer
+
+    ex = Explorer(parse(text), FLAT, "default")
+    r = ex.run([])                    # the clear, then the write
+    assert r.failure is None
+    r.world.vm.leaf_memslot(3).dirty_bitmap.xchg(0)          # a lost log
+    assert r.oracles.at_end(r)[0] == "dirty-log"

@@ -189,6 +189,7 @@ class World:
             if s["private"]:
                 vm.set_memory_attributes(s["gpa"], size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
         self.slots = {s["slot"]: s for s in scn.slots}
+        self.scn_flows = scn.flows
         nvcpus = max([f.get("vcpu", i) for i, f in enumerate(scn.flows)] + [0]) + 1
         self.vcpus = [vm.create_vcpu(i) for i in range(nvcpus)]
         for a in scn.accesses:
@@ -196,6 +197,10 @@ class World:
         self.flows = [self._start(i, f) for i, f in enumerate(scn.flows)]
         for name, flow in zip(NAMES, self.flows, strict=False):
             flow.name = f"{name}:{flow.name}"
+
+    def vcpu_of(self, i: int):
+        """The vCPU that flow ``i`` (an access) runs on."""
+        return self.vcpus[self.scn_flows[i].get("vcpu", i)]
 
     @staticmethod
     def _access(vcpu, a):

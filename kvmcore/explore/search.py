@@ -11,11 +11,15 @@ world (VM creation costs a fraction of a millisecond), so the search keeps no mo
   priorities, ``depth - 1`` random steps at which the running flow drops to the lowest
   priority; each schedule has probability >= 1/(n * k^(d-1)) of hitting a given bug of depth d.
 
-Oracles, after every step: ``vm.check_invariants()`` (the core's and the backend's, with the
-TLB check); a flow raising anything but a guest exit, KvmError or WouldBlock is a crash; no
-runnable flow while some are unfinished is a deadlock; a flow still running after
-``MAX_FLOW_STEPS`` stretches is a livelock. At the end, the invariants again (every leaf agrees
-with its backing, every TLB entry with a leaf).
+Oracles (``oracles.py``), after every step: ``vm.check_invariants()`` (the core's and the
+backend's: every leaf maps what a fresh fault would resolve now outside an invalidation in
+progress, every TLB entry is backed by a leaf once no flow holds the MMU lock); no leaf or TLB
+entry reaches a frame the host freed; a leaf that a completed access used is not taken away or
+made read-only without an invalidation; a flow raising anything but a guest exit, KvmError or a
+host signal is a crash; no runnable flow while some are unfinished is a deadlock; a flow still
+running after ``MAX_FLOW_STEPS`` stretches is a livelock. At the end, the invariants again and
+dirty-log completeness: every guest write that completed after the last dirty-log ioctl
+returned is reported by the next KVM_GET_DIRTY_LOG or dirty ring harvest.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import attrs
 from ..errors import InvariantError, KvmError
 from ..exits import VcpuExit
 from ..host import SigBus, SigSegv
+from .oracles import Oracles
 from .scenario import NAMES, RaceScenario, World
 
 #: A flow that has run this many stretches in one schedule is reported as a livelock.
@@ -110,8 +115,10 @@ class Run:
     schedule: list = attrs.field(factory=list)
     choices: list = attrs.field(factory=list)       # runnable flow indices at each step
     outcomes: dict = attrs.field(factory=dict)
+    ended_at: dict = attrs.field(factory=dict)      # flow index -> step at which it ended
     trace: list = attrs.field(factory=list)
     failure: Failure | None = None
+    oracles: Oracles | None = None
 
 
 class Explorer:
@@ -129,6 +136,7 @@ class Explorer:
         """Run ``prefix``, then ``policy(runnable, step) -> flow index`` (the lowest runnable
         flow by default) until every flow ends or a failure."""
         r = Run(World(self.scn, self.arch, self.vm_type, self.options))
+        r.oracles = Oracles(r.world)
         flows = r.world.flows
         steps_of = [0] * len(flows)
         step = 0
@@ -141,6 +149,10 @@ class Explorer:
                         for f in flows if not f.done), r.schedule)
                 else:
                     self._check(r, "end")
+                    if r.failure is None:
+                        problem = r.oracles.at_end(r)
+                        if problem:
+                            r.failure = Failure(problem[0], "end: " + problem[1], r.schedule)
                 return r
             if step < len(prefix):
                 choice = prefix[step]
@@ -160,7 +172,7 @@ class Explorer:
                 return r
             self._step(r, choice)
             if r.failure is None:
-                self._check(r, f"after {NAMES[choice]}")
+                self._check(r, f"after {NAMES[choice]}", choice)
             if r.failure is not None:
                 return r
 
@@ -178,14 +190,27 @@ class Explorer:
         except Exception as e:  # noqa: BLE001 - any other exception is a crash of the model
             r.failure = Failure("crash", f"{flow.name}: {type(e).__name__}: {e}",
                                 list(r.schedule))
-        if self.keep_trace and i in r.outcomes:
-            r.trace.append({"flow": NAMES[i], "name": flow.name, "end": r.outcomes[i]})
+        if i in r.outcomes:
+            r.ended_at[i] = len(r.schedule)
+            r.oracles.flow_ended(i, r.outcomes[i])
+            if self.keep_trace:
+                r.trace.append({"flow": NAMES[i], "name": flow.name, "end": r.outcomes[i]})
 
-    def _check(self, r: Run, when: str) -> None:
-        try:
-            r.world.vm.check_invariants()
-        except InvariantError as e:
-            r.failure = Failure("invariant", f"{when}: {e}", list(r.schedule))
+    def _check(self, r: Run, when: str, stepped: int | None = None) -> None:
+        """The oracles after a step: a use after free first (the most specific report: a
+        stale TLB entry to a freed frame is also one no leaf backs), the invariants, then
+        the downgrade check."""
+        oracles = r.oracles
+        problem = oracles.use_after_free()
+        if problem is None:
+            try:
+                r.world.vm.check_invariants()
+            except InvariantError as e:
+                problem = ("invariant", str(e))
+        if problem is None and stepped is not None:
+            problem = oracles.downgrade(stepped)
+        if problem is not None:
+            r.failure = Failure(problem[0], f"{when}: {problem[1]}", list(r.schedule))
 
     def end_state(self, r: Run):
         vm = r.world.vm

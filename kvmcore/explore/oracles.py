@@ -1,0 +1,137 @@
+"""The explorer's oracles beyond ``vm.check_invariants()``: what must hold in every schedule.
+
+- **Use after free**: no leaf and no vCPU TLB entry reaches a frame the host gave back
+  (``HostMemory.freed``: anonymous pages unmapped or migrated away, truncated guest_memfd
+  folios). Linux frees a page only after invalidate_range_start has zapped and flushed, so
+  this holds at every step, whatever locks are held.
+- **No downgrade without an invalidation**: once an access completed, the leaf it used stays
+  present (and writable, for a write) until something that may take it away has run: an
+  invalidation (mmu_invalidate_seq or _in_progress moves), a zap, aging, a dirty-log
+  write-protect, a memslot update. This is how the arm64 break-before-make race of 2020 shows:
+  a vCPU that raced another's fault replaced its valid writable entry by a read-only one.
+- **Dirty-log completeness**: at the end, every guest write that completed after the last
+  dirty-log ioctl (GET, CLEAR, or the memslot update that turned logging on) returned is
+  reported by a KVM_GET_DIRTY_LOG or the dirty rings: KVM's contract with live migration.
+
+Each check returns None or ``(kind, message)``.
+"""
+
+from __future__ import annotations
+
+from ..uapi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT
+
+#: Statistics that count something allowed to take a leaf away or write-protect it.
+_TAKES_AWAY = ("zap_ranges", "mn_clear_young", "mn_clear_flush_young", "get_dirty_log",
+               "clear_dirty_log")
+DIRTY_OPS = ("get_dirty_log", "clear_dirty_log", "log_dirty")
+
+
+class Oracles:
+    """The oracles' state for one run of a scenario (a ``World``)."""
+
+    def __init__(self, world):
+        self.world = world
+        world.host.freed = set()
+        #: Completed accesses whose leaf must stay: (gpa, private, writable, as_id, epoch).
+        self.used: list = []
+        #: Stretches run by flows other than guest accesses: any of them may be the part of
+        #: an ioctl or host operation that takes leaves away (a dirty-log write-protect runs
+        #: before the ioctl counts itself).
+        self.other_steps = 0
+        self._access = [f["op"] in ("read", "write") for f in world.scn_flows]
+
+    def epoch(self) -> tuple:
+        vm = self.world.vm
+        inv = vm.mmu_invalidate
+        stats = vm.stats
+        return (self.other_steps, inv.seq, inv.in_progress, *(stats[k] for k in _TAKES_AWAY),
+                *(s.generation for s in vm.memslot_sets))
+
+    def flow_ended(self, i: int, outcome: tuple) -> None:
+        f = self.world.scn_flows[i]
+        if f["op"] in ("read", "write") and outcome[0] == "ok":
+            # The leaf the access used: of its intent, or of the gfn's attribute where the
+            # VM type takes privateness from the attributes (sw_protected, arm64).
+            as_id, gpa = self.world.vcpu_of(i).as_id, f["gpa"]
+            # A write through a TLB entry whose leaf was already write-protected (a dirty-log
+            # clear between its zap and its flush) claims only what the leaf had.
+            for private in (bool(f.get("private", False)), not f.get("private", False)):
+                m = self.world.vm.lookup(gpa, private=private, as_id=as_id)
+                if m is not None:
+                    self.used.append((gpa, private, m.writable, as_id, self.epoch()))
+                    break
+
+    def use_after_free(self):
+        freed = self.world.host.freed
+        if not freed:
+            return None
+        vm = self.world.vm
+        for vcpu in vm.vcpus:
+            for (gfn, pfn, _w, _x, _d) in vcpu.tlb.values():
+                if pfn in freed:
+                    return ("use-after-free", f"vcpu {vcpu.id} TLB entry gfn {gfn:#x} -> pfn "
+                            f"{pfn:#x}, a frame the host has freed")
+        for as_id in range(vm.nr_address_spaces):
+            for m in vm.mappings(as_id=as_id):
+                if not freed.isdisjoint(range(m.pfn, m.pfn + m.npages)):
+                    return ("use-after-free", f"leaf gfn {m.gfn:#x} -> pfn {m.pfn:#x} maps a "
+                            "frame the host has freed")
+        return None
+
+    def downgrade(self, i: int):
+        """Flow ``i`` has just run a stretch."""
+        if not self._access[i]:
+            self.other_steps += 1
+        if not self.used:
+            return None
+        now = self.epoch()
+        vm = self.world.vm
+        keep = []
+        for rec in self.used:
+            gpa, private, writable, as_id, epoch = rec
+            if epoch != now:
+                continue           # something that may take it away ran: nothing to claim
+            keep.append(rec)
+            m = vm.lookup(gpa, private=private, as_id=as_id)
+            if m is None or (writable and not m.writable):
+                self.used = keep
+                return ("downgrade", f"the leaf of gpa {gpa:#x} that a completed "
+                        "access used is "
+                        f"{'gone' if m is None else 'read-only'}, with no invalidation, zap, "
+                        "aging or write-protect since")
+        self.used = keep
+        return None
+
+    def at_end(self, run):
+        """Dirty-log completeness (see the module docstring)."""
+        world = self.world
+        vm = world.vm
+        flows = world.scn_flows
+        last = max((run.ended_at.get(j, -1) for j, f in enumerate(flows)
+                    if f["op"] in DIRTY_OPS), default=-1)
+        reported: dict[int, set[int]] = {}
+        for i, f in enumerate(flows):
+            if f["op"] != "write" or run.outcomes.get(i, ("",))[0] != "ok" or \
+                    run.ended_at[i] <= last:
+                continue
+            gfn = f["gpa"] >> PAGE_SHIFT
+            slot = vm.leaf_memslot(gfn)
+            if slot is None or not slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                continue
+            if slot.slot_id not in reported:
+                reported[slot.slot_id] = self._reported(slot)
+            if gfn - slot.base_gfn not in reported[slot.slot_id]:
+                return ("dirty-log", f"the write to gpa {f['gpa']:#x} completed after the last "
+                        "dirty-log ioctl returned, but the next get does not report it")
+        return None
+
+    def _reported(self, slot) -> set[int]:
+        vm = self.world.vm
+        out = set()
+        if slot.dirty_bitmap is not None:
+            out.update(vm.get_dirty_log(slot.slot_id))
+        for vcpu in vm.vcpus:
+            if vcpu.dirty_ring is not None:
+                out.update(off for sid, off in vcpu.dirty_ring.pending()
+                           if sid == slot.slot_id)
+        return out
