@@ -6,6 +6,7 @@ otherwise, and ``--trace FILE`` sends the VM's structured events to FILE as JSON
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -331,9 +332,15 @@ def _backend_names(names) -> None:
 @click.option("--picture", type=click.Path(dir_okay=False),
               help="With --replay: draw the schedule as swim lanes into this PNG (needs "
                    "matplotlib).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Search in this many local processes (same schedule ids and totals).")
+@click.option("--dask", "dask_address", metavar="ADDRESS",
+              help="Shard the search over the Dask scheduler at ADDRESS (pip install "
+                   "'kvmcore[dask]').")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, depth, mutants,
-            list_mutants, replay_id, trace_path, picture, as_json) -> None:
+            list_mutants, replay_id, trace_path, picture, workers, dask_address,
+            as_json) -> None:
     """Search the interleavings of a race SCENARIO (a TOML file or a built-in name; without
     one, list the built-in ones). Exit code 1 when a schedule fails an oracle."""
     from . import explore as ex
@@ -369,9 +376,17 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
             if run.failure is not None:
                 sys.exit(1)
             return
-        result = ex.explore(scn, arch, vm_type, strategy=strategy,
-                            max_schedules=max_schedules, seconds=seconds, seed=seed,
-                            depth=depth, mutants=mutants)
+        if dask_address:
+            try:
+                import distributed  # noqa: F401 - only whether it imports
+            except ImportError as e:
+                raise UserError(f"--dask needs distributed (pip install 'kvmcore[dask]'): "
+                                f"{e}") from None
+        with _explore_progress(max_schedules, as_json) as progress:
+            result = ex.explore(scn, arch, vm_type, strategy=strategy,
+                                max_schedules=max_schedules, seconds=seconds, seed=seed,
+                                depth=depth, mutants=mutants, workers=workers,
+                                dask=dask_address or None, progress=progress)
     except (ex.RaceScenarioError, ValueError) as e:
         raise UserError(str(e)) from None
     except KvmError as e:
@@ -392,6 +407,19 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
                        f"{f['schedule']}" + "".join(f" --mutant {m}" for m in mutants))
     if not result.clean:
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _explore_progress(max_schedules: int, quiet: bool):
+    """A rich progress bar on stderr for a search that may be long (a terminal only)."""
+    if quiet or max_schedules < 5000 or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("schedules", total=max_schedules)
+        yield lambda result: bar.update(task, completed=result.schedules)
 
 
 def _print_replay(run, trace_path) -> None:

@@ -218,3 +218,37 @@ vcpu = 0
     assert r.failure is None
     r.world.vm.leaf_memslot(3).dirty_bitmap.xchg(0)          # a lost log
     assert r.oracles.at_end(r)[0] == "dirty-log"
+
+
+# --------------------------------------------------------------------------- scale
+
+def _totals(result):
+    return (result.schedules, result.steps, sorted(map(repr, result.end_states)),
+            [f.id for f in result.failures], result.exhausted)
+
+
+@pytest.mark.parametrize("strategy", ["dfs", "pct"])
+def test_workers_give_the_single_process_totals(strategy):
+    scn = load("fault_vs_munmap")
+    kw = dict(strategy=strategy, max_schedules=200, stop_at_first=False, seed=3)
+    one = explore(scn, FLAT, **kw)
+    two = explore(scn, FLAT, workers=2, **kw)
+    assert _totals(one) == _totals(two)
+    assert one.schedules == (31 if strategy == "dfs" else 200)
+    found = explore(scn, FLAT, workers=2, mutants=["no_stale_check"])
+    assert [f.id for f in found.failures] == \
+        [f.id for f in explore(scn, FLAT, mutants=["no_stale_check"]).failures]
+
+
+def test_dask_gives_the_single_process_totals():
+    distributed = pytest.importorskip("distributed")
+    scn = load("private_fault_vs_conversion")
+    one = explore(scn, FLAT, stop_at_first=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        on_dask = explore(scn, FLAT, stop_at_first=False, dask=client)
+        found = explore(scn, FLAT, dask=client, mutants=["no_stale_check"])
+    assert _totals(one) == _totals(on_dask) and one.exhausted
+    assert found.failures and found.failures[0].id == \
+        explore(scn, FLAT, mutants=["no_stale_check"]).failures[0].id

@@ -228,39 +228,34 @@ def _plain(value):
 def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict | None = None,
             strategy: str = "dfs", max_schedules: int = 100_000, seconds: float | None = None,
             seed: int = 0, depth: int = 3, mutants=(), stop_at_first: bool = True,
-            progress=None) -> Result:
-    """Explore ``scn`` on backend ``arch``; see the module docstring."""
-    from .mutants import MUTANTS
+            progress=None, workers: int = 1, dask: str | object | None = None) -> Result:
+    """Explore ``scn`` on backend ``arch``; see the module docstring.
 
+    ``workers`` > 1 runs the search in that many local processes, ``dask`` (a scheduler
+    address or a ``distributed.Client``) on a Dask cluster: the search is cut into tasks
+    (``dfs``: the subtrees under the schedule prefixes of a small frontier, in the order the
+    single-process search visits them; ``pct``: ranges of schedule numbers, each schedule's
+    random choices seeded by its number), and the results are merged in that order, so the
+    schedule ids and the totals are those of a single-process run (``seconds`` apart)."""
     vm_type = vm_type or choose_vm_type(scn, arch)
+    if strategy not in ("dfs", "pct"):
+        raise ValueError(f"strategy={strategy!r}: dfs or pct")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers={workers!r}: a positive number of processes")
     result = Result(scn.name, _arch_name(arch), strategy, tuple(mutants))
-    ex = Explorer(scn, arch, vm_type, options)
+    spec = {"scn": scn, "arch": arch, "vm_type": vm_type, "options": dict(options or {}),
+            "strategy": strategy, "seed": seed, "depth": depth, "mutants": tuple(mutants),
+            "max_schedules": max_schedules, "seconds": seconds,
+            "stop_at_first": stop_at_first}
     t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        for name in mutants:
-            stack.enter_context(MUTANTS[name].patch())
-        if strategy == "dfs":
-            schedules = _dfs(ex)
-        elif strategy == "pct":
-            schedules = _pct(ex, random.Random(seed), depth)
+    with _mutated(mutants):
+        ex = Explorer(scn, arch, vm_type, options)
+        if workers == 1 and dask is None:
+            streams = [_records(ex, spec, None)]
         else:
-            raise ValueError(f"strategy={strategy!r}: dfs or pct")
-        for r in schedules:
-            result.schedules += 1
-            result.steps += len(r.schedule)
-            if progress is not None:
-                progress(result)
-            if r.failure is not None:
-                result.failures.append(r.failure)
-                if stop_at_first:
-                    break
-            else:
-                result.end_states.add(ex.end_state(r))
-            if result.schedules >= max_schedules or (
-                    seconds is not None and time.perf_counter() - t0 > seconds):
-                break
-        else:
-            result.exhausted = strategy == "dfs"
+            tasks = _plan(ex, spec, workers if dask is None else 16)
+            streams = _run_tasks(spec, tasks, workers, dask)
+        result.exhausted = _merge(result, streams, spec, progress)
         result.seconds = time.perf_counter() - t0
         if result.failures:
             result.failures = [_shrink(ex, f) for f in result.failures[:1]] + \
@@ -268,13 +263,129 @@ def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict |
     return result
 
 
-def _dfs(ex: Explorer):
-    prefix: list = []
+@contextlib.contextmanager
+def _mutated(mutants):
+    from .mutants import MUTANTS
+
+    with contextlib.ExitStack() as stack:
+        for name in mutants:
+            stack.enter_context(MUTANTS[name].patch())
+        yield
+
+
+def _records(ex: Explorer, spec: dict, task):
+    """Run the schedules of ``task`` (None: the whole search), as records ``(steps,
+    end state or None, Failure or None)``, stopping where a single-process search would."""
+    deadline = None if spec["seconds"] is None else time.perf_counter() + spec["seconds"]
+    if spec["strategy"] == "dfs":
+        runs = _dfs(ex, [] if task is None else task)
+    else:
+        lo, hi = (0, None) if task is None else task
+        runs = _pct(ex, spec["seed"], spec["depth"], lo, hi)
+    n = 0
+    for r in runs:
+        n += 1
+        yield (len(r.schedule), None if r.failure else ex.end_state(r), r.failure)
+        if (r.failure is not None and spec["stop_at_first"]) or n >= spec["max_schedules"] \
+                or (deadline is not None and time.perf_counter() > deadline):
+            yield None          # stopped before the end of the task
+            return
+
+
+def _merge(result: Result, streams, spec: dict, progress) -> bool:
+    """Count the records of ``streams`` in order as one search; True when the search ran to
+    its end (every dfs schedule)."""
+    for stream in streams:
+        for rec in stream:
+            if rec is None:
+                return False
+            steps, end_state, failure = rec
+            result.schedules += 1
+            result.steps += steps
+            if progress is not None:
+                progress(result)
+            if failure is not None:
+                result.failures.append(failure)
+                if spec["stop_at_first"]:
+                    return False
+            else:
+                result.end_states.add(end_state)
+            if result.schedules >= spec["max_schedules"]:
+                return False
+    return spec["strategy"] == "dfs"
+
+
+def _plan(ex: Explorer, spec: dict, workers: int) -> list:
+    """Tasks for ``workers`` processes, in the single-process search's order. dfs: expand the
+    tree breadth first (one run per prefix tells the runnable flows at its next step) until
+    there are 4 prefixes per worker; pct: ranges of schedule numbers."""
+    if spec["strategy"] == "pct":
+        total = spec["max_schedules"]
+        chunk = max(1, -(-total // (4 * workers)))
+        return [(lo, min(lo + chunk, total)) for lo in range(0, total, chunk)]
+    frontier = [[]]
+    for _level in range(64):
+        if len(frontier) >= 4 * workers:
+            break
+        grown, deeper = [], False
+        for prefix in frontier:
+            r = ex.run(prefix)
+            k = len(prefix)
+            if r.failure is None and len(r.schedule) > k:
+                grown += [prefix + [c] for c in r.choices[k]]
+                deeper = True
+            else:
+                grown.append(prefix)        # a whole schedule (or a failing one): its own task
+        frontier = grown
+        if not deeper:
+            break
+    return frontier
+
+
+def _run_task(spec: dict, task) -> list:
+    """One task in a worker process (or a Dask worker): its records."""
+    with _mutated(spec["mutants"]):
+        ex = Explorer(spec["scn"], spec["arch"], spec["vm_type"], spec["options"])
+        return list(_records(ex, spec, task))
+
+
+def _run_tasks(spec: dict, tasks: list, workers: int, dask):
+    """Each task's records, in task order, from a process pool or a Dask cluster."""
+    if dask is not None:
+        from distributed import Client
+
+        client = dask if isinstance(dask, Client) else Client(dask)
+        try:
+            futures = client.map(_run_task, [spec] * len(tasks), tasks, pure=False)
+            for future in futures:
+                yield future.result()
+        finally:
+            if client is not dask:
+                client.close()
+        return
+    import concurrent.futures as cf
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_run_task, spec, task) for task in tasks]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _dfs(ex: Explorer, root: list):
+    """Every schedule that starts with ``root``, depth first (the lowest runnable flow
+    first at each step)."""
+    prefix: list = list(root)
     while True:
         r = ex.run(prefix)
         yield r
         # Backtrack: the deepest step where a higher runnable flow was not tried yet.
-        for k in range(len(r.schedule) - 1, -1, -1):
+        for k in range(len(r.schedule) - 1, len(root) - 1, -1):
             later = [i for i in r.choices[k] if i > r.schedule[k]]
             if later:
                 prefix = r.schedule[:k] + [later[0]]
@@ -283,23 +394,31 @@ def _dfs(ex: Explorer):
             return
 
 
-def _pct(ex: Explorer, rng: random.Random, depth: int):
+def _pct(ex: Explorer, seed: int, depth: int, lo: int = 0, hi: int | None = None):
+    """Schedules ``lo`` to ``hi`` of the PCT search: schedule 0 runs the lowest flow first
+    (and measures the schedule length k); schedule i draws its priorities and its d - 1
+    change points from a generator seeded by ``(seed, i)``, so any range runs anywhere."""
     first = ex.run([])
     n, k = len(ex.scn.flows), max(len(first.schedule), 1)
-    yield first
-    while True:
+    i = lo
+    if i == 0:
+        yield first
+        i = 1
+    while hi is None or i < hi:
+        rng = random.Random(f"{seed}:{i}")
         prio = list(range(depth, depth + n))
         rng.shuffle(prio)
         changes = {rng.randrange(k): depth - 1 - j for j in range(depth - 1)}
 
         def policy(runnable, step, prio=prio, changes=changes):
-            best = max(runnable, key=lambda i: prio[i])
+            best = max(runnable, key=prio.__getitem__)
             if step in changes:
                 prio[best] = changes[step]
-                best = max(runnable, key=lambda i: prio[i])
+                best = max(runnable, key=prio.__getitem__)
             return best
 
         yield ex.run([], policy)
+        i += 1
 
 
 def _shrink(ex: Explorer, failure: Failure) -> Failure:
@@ -344,14 +463,10 @@ def replay(scn: RaceScenario, arch, schedule: str | list, vm_type: str | None = 
            options: dict | None = None, mutants=()) -> Run:
     """Run one schedule (an id such as ``A2.B1.A1`` or a list of flow indices) with a trace
     of every step; after the schedule, the lowest runnable flow runs until the end."""
-    from .mutants import MUTANTS
-
     if isinstance(schedule, str):
         schedule = parse_schedule_id(schedule, len(scn.flows))
     ex = Explorer(scn, arch, vm_type or choose_vm_type(scn, arch), options, trace=True)
-    with contextlib.ExitStack() as stack:
-        for name in mutants:
-            stack.enter_context(MUTANTS[name].patch())
+    with _mutated(mutants):
         return ex.run(schedule)
 
 
