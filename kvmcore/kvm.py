@@ -57,6 +57,11 @@ class Kvm:
         self.nr_memslots_dirty_logging = 0
         self.mmu_invalidate = InvalidateState(arch_info.fault_retry_gfn)
         self.mn_active_invalidate_count = 0
+        #: The address span (log2) of one root table entry, set by a backend's init_vm: the
+        #: tables under one entry may be linked by any fault under it, so faults under
+        #: different entries touch no table in common (the explorer's reduction). None:
+        #: unknown, every two gfns may share a table.
+        self.root_entry_shift: int | None = None
         #: kvm->mmu_lock: an rwlock where Linux has KVM_HAVE_MMU_RWLOCK, else a spinlock.
         self.mmu_lock = RwLock("mmu_lock", exclusive=not arch_info.mmu_rwlock)
         #: kvm->slots_lock: memslot updates, dirty-log ioctls, attribute updates.

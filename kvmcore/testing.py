@@ -113,6 +113,8 @@ class FlatBackend:
     @hookimpl
     def init_vm(self, vm):
         self.roots = [SortedDict() for _ in range(vm.nr_address_spaces)]
+        # No tables: leaves of different 1 GiB ranges (the largest leaf) never meet.
+        vm.root_entry_shift = 30
 
     @hookimpl
     def set_vcpu_events(self, vm, vcpu, smm):

@@ -198,6 +198,31 @@ class World:
         for name, flow in zip(NAMES, self.flows, strict=False):
             flow.name = f"{name}:{flow.name}"
 
+    def footprint(self, i: int) -> dict | None:
+        """What flow ``i`` may touch, for the partial-order reduction: ``{resource: "r" or
+        "w"}``, or None for "anything" (every flow but a guest access: they take kvm->mmu_lock
+        for write, slots_lock, or change the host mm). A guest access touches its vCPU (TLB,
+        requests), kvm->srcu (read), kvm->mmu_lock (read where it is an rwlock), the page
+        tables under its gfn's root entry (a table below it may be linked by any fault under
+        the same entry; ``vm.root_entry_shift``, None where the backend does not say: one
+        region), the host page of its hva (a write may break COW), and, for a
+        write, the slot's dirty log."""
+        f = self.scn_flows[i]
+        if f["op"] not in ("read", "write"):
+            return None
+        vm, write = self.vm, f["op"] == "write"
+        gfn = f["gpa"] >> 12
+        slot = vm.leaf_memslot(gfn)
+        fp = {("vcpu", f.get("vcpu", i)): "w", "srcu": "r",
+              "mmu_lock": "r" if vm.arch_info.mmu_rwlock else "w",
+              ("tables", 0 if vm.root_entry_shift is None
+               else f["gpa"] >> vm.root_entry_shift): "w"}
+        if slot is not None:
+            fp[("host", slot.gfn_to_hva(gfn) >> 12)] = "w" if write else "r"
+            if write:
+                fp[("dirty", slot.slot_id)] = "w"
+        return fp
+
     def vcpu_of(self, i: int):
         """The vCPU that flow ``i`` (an access) runs on."""
         return self.vcpus[self.scn_flows[i].get("vcpu", i)]

@@ -65,6 +65,9 @@ class Result:
     end_states: set = attrs.field(factory=set)
     failures: list = attrs.field(factory=list)
     exhausted: bool = False
+    #: dfs with the reduction: runs stopped because every runnable flow was asleep (each
+    #: stands for a subtree of orderings equivalent to explored ones).
+    pruned: int = 0
 
     @property
     def schedules_per_second(self) -> float:
@@ -86,7 +89,7 @@ class Result:
                 "exhausted": self.exhausted, "steps": self.steps,
                 "seconds": round(self.seconds, 3),
                 "schedules_per_s": round(self.schedules_per_second, 1),
-                "distinct_end_states": len(self.end_states),
+                "distinct_end_states": len(self.end_states), "pruned": self.pruned,
                 "failures": [{"kind": f.kind, "schedule": f.id, "message": f.message}
                              for f in self.failures]}
 
@@ -114,6 +117,8 @@ class Run:
     world: World
     schedule: list = attrs.field(factory=list)
     choices: list = attrs.field(factory=list)       # runnable flow indices at each step
+    asleep: list = attrs.field(factory=list)        # the sleep set at each step (reduction)
+    pruned: bool = False        # stopped where every runnable flow was asleep: no schedule
     outcomes: dict = attrs.field(factory=dict)
     ended_at: dict = attrs.field(factory=dict)      # flow index -> step at which it ended
     trace: list = attrs.field(factory=list)
@@ -131,13 +136,33 @@ class Explorer:
         self.vm_type = vm_type
         self.options = dict(options or {})
         self.keep_trace = trace
+        self._indep = None
 
-    def run(self, prefix: list, policy=None) -> Run:
+    def independence(self, world: World) -> list:
+        """``indep[i][j]``: flows i and j commute (the partial-order reduction's relation):
+        both are guest accesses whose footprints (``World.footprint``) share nothing that one
+        of them writes. Every other pair is dependent."""
+        if self._indep is None:
+            fps = [world.footprint(i) for i in range(len(world.flows))]
+            self._indep = [[i != j and a is not None and b is not None and not any(
+                k in b and "w" in (a[k], b[k]) for k in a) for j, b in enumerate(fps)]
+                for i, a in enumerate(fps)]
+        return self._indep
+
+    def run(self, prefix: list, policy=None, reduce: bool = False) -> Run:
         """Run ``prefix``, then ``policy(runnable, step) -> flow index`` (the lowest runnable
-        flow by default) until every flow ends or a failure."""
+        flow by default) until every flow ends or a failure.
+
+        ``reduce``: keep sleep sets (Godefroid's partial-order reduction): after the choice
+        c at a step, a flow stays asleep while it commutes with what runs; a flow that was
+        runnable and below c was explored before c in the depth-first order, so it falls
+        asleep too. A step where every runnable flow is asleep would only repeat an
+        explored ordering: the run stops there (``pruned``)."""
         r = Run(World(self.scn, self.arch, self.vm_type, self.options))
         r.oracles = Oracles(r.world)
         flows = r.world.flows
+        indep = self.independence(r.world) if reduce else None
+        asleep: set = set()
         steps_of = [0] * len(flows)
         step = 0
         while True:
@@ -160,9 +185,20 @@ class Explorer:
                     r.failure = Failure("replay", f"step {step}: flow {NAMES[choice]} cannot "
                                         "run here", r.schedule)
                     return r
-            else:
+            elif indep is None:
                 choice = policy(runnable, step) if policy else runnable[0]
+            else:
+                awake = [i for i in runnable if i not in asleep]
+                if not awake:
+                    r.pruned = True
+                    return r
+                choice = awake[0]
             r.choices.append(runnable)
+            if indep is not None:
+                r.asleep.append(asleep)
+                row = indep[choice]
+                asleep = {t for t in asleep.union(i for i in runnable if i < choice)
+                          if row[t]}
             r.schedule.append(choice)
             step += 1
             steps_of[choice] += 1
@@ -228,7 +264,8 @@ def _plain(value):
 def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict | None = None,
             strategy: str = "dfs", max_schedules: int = 100_000, seconds: float | None = None,
             seed: int = 0, depth: int = 3, mutants=(), stop_at_first: bool = True,
-            progress=None, workers: int = 1, dask: str | object | None = None) -> Result:
+            progress=None, workers: int = 1, dask: str | object | None = None,
+            reduce: bool = True) -> Result:
     """Explore ``scn`` on backend ``arch``; see the module docstring.
 
     ``workers`` > 1 runs the search in that many local processes, ``dask`` (a scheduler
@@ -236,7 +273,9 @@ def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict |
     (``dfs``: the subtrees under the schedule prefixes of a small frontier, in the order the
     single-process search visits them; ``pct``: ranges of schedule numbers, each schedule's
     random choices seeded by its number), and the results are merged in that order, so the
-    schedule ids and the totals are those of a single-process run (``seconds`` apart)."""
+    schedule ids and the totals are those of a single-process run (``seconds`` apart).
+    ``reduce`` (dfs): the partial-order reduction (sleep sets over the commuting guest
+    accesses; ``Explorer.run``)."""
     vm_type = vm_type or choose_vm_type(scn, arch)
     if strategy not in ("dfs", "pct"):
         raise ValueError(f"strategy={strategy!r}: dfs or pct")
@@ -246,7 +285,7 @@ def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict |
     spec = {"scn": scn, "arch": arch, "vm_type": vm_type, "options": dict(options or {}),
             "strategy": strategy, "seed": seed, "depth": depth, "mutants": tuple(mutants),
             "max_schedules": max_schedules, "seconds": seconds,
-            "stop_at_first": stop_at_first}
+            "stop_at_first": stop_at_first, "reduce": reduce}
     t0 = time.perf_counter()
     with _mutated(mutants):
         ex = Explorer(scn, arch, vm_type, options)
@@ -278,12 +317,15 @@ def _records(ex: Explorer, spec: dict, task):
     end state or None, Failure or None)``, stopping where a single-process search would."""
     deadline = None if spec["seconds"] is None else time.perf_counter() + spec["seconds"]
     if spec["strategy"] == "dfs":
-        runs = _dfs(ex, [] if task is None else task)
+        runs = _dfs(ex, [] if task is None else task, spec["reduce"])
     else:
         lo, hi = (0, None) if task is None else task
         runs = _pct(ex, spec["seed"], spec["depth"], lo, hi)
     n = 0
     for r in runs:
+        if r.pruned:
+            yield "pruned"
+            continue
         n += 1
         yield (len(r.schedule), None if r.failure else ex.end_state(r), r.failure)
         if (r.failure is not None and spec["stop_at_first"]) or n >= spec["max_schedules"] \
@@ -299,6 +341,9 @@ def _merge(result: Result, streams, spec: dict, progress) -> bool:
         for rec in stream:
             if rec is None:
                 return False
+            if rec == "pruned":
+                result.pruned += 1
+                continue
             steps, end_state, failure = rec
             result.schedules += 1
             result.steps += steps
@@ -329,11 +374,14 @@ def _plan(ex: Explorer, spec: dict, workers: int) -> list:
             break
         grown, deeper = [], False
         for prefix in frontier:
-            r = ex.run(prefix)
+            r = ex.run(prefix, reduce=spec["reduce"])
             k = len(prefix)
             if r.failure is None and len(r.schedule) > k:
-                grown += [prefix + [c] for c in r.choices[k]]
+                asleep = r.asleep[k] if spec["reduce"] else ()
+                grown += [prefix + [c] for c in r.choices[k] if c not in asleep]
                 deeper = True
+            elif r.pruned and len(r.schedule) == k:
+                continue                    # every ordering under it is explored elsewhere
             else:
                 grown.append(prefix)        # a whole schedule (or a failing one): its own task
         frontier = grown
@@ -377,16 +425,18 @@ def _run_tasks(spec: dict, tasks: list, workers: int, dask):
                 future.cancel()
 
 
-def _dfs(ex: Explorer, root: list):
+def _dfs(ex: Explorer, root: list, reduce: bool = True):
     """Every schedule that starts with ``root``, depth first (the lowest runnable flow
-    first at each step)."""
+    first at each step); with ``reduce``, one per class of equivalent orderings (sleep sets,
+    ``Explorer.run``), the pruned runs included so that they can be counted."""
     prefix: list = list(root)
     while True:
-        r = ex.run(prefix)
+        r = ex.run(prefix, reduce=reduce)
         yield r
-        # Backtrack: the deepest step where a higher runnable flow was not tried yet.
+        # Backtrack: the deepest step with a higher runnable flow neither tried nor asleep.
         for k in range(len(r.schedule) - 1, len(root) - 1, -1):
-            later = [i for i in r.choices[k] if i > r.schedule[k]]
+            asleep = r.asleep[k] if reduce else ()
+            later = [i for i in r.choices[k] if i > r.schedule[k] and i not in asleep]
             if later:
                 prefix = r.schedule[:k] + [later[0]]
                 break
