@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+from types import GeneratorType
 
 import attrs
 import structlog
@@ -415,8 +416,9 @@ class X86TdpBackend:
         # The same walk as any fault (kvm_tdp_mmu_map), whose target-level step writes the
         # MMIO SPTE instead of a leaf; the core runs this hook plainly, so its exchanges do
         # not pause.
-        return drive(self.tdp.kvm_tdp_mmu_map(vm, fault, root, PG_LEVEL_4K, KVM_PFN_NOSLOT,
-                                              lambda old, level: (spte, False, True)))
+        r = self.tdp.kvm_tdp_mmu_map(vm, fault, root, PG_LEVEL_4K, KVM_PFN_NOSLOT,
+                                     lambda old, level: (spte, False, True))
+        return drive(r) if type(r) is GeneratorType else r
 
     @hookimpl(wrapper=True)
     def faultin_pfn(self, vm, fault):
@@ -470,8 +472,9 @@ class X86TdpBackend:
 
     @hookimpl
     def map_leaf(self, vm, fault):
-        """kvm_tdp_mmu_map after kvm_mmu_hugepage_adjust: a flow that pauses at
-        ``x86_pf_link_cmpxchg`` / ``x86_pf_leaf_cmpxchg`` (tdp_mmu.py)."""
+        """kvm_tdp_mmu_map after kvm_mmu_hugepage_adjust: a RET_PF_* code, or a flow that
+        pauses at ``x86_pf_link_cmpxchg`` / ``x86_pf_leaf_cmpxchg`` when the fault is stepped
+        (tdp_mmu.py)."""
         root = self.root_for(fault.as_id, fault.is_private)
         goal = self.kvm_mmu_hugepage_adjust(vm, fault)
         fault.goal_level = goal

@@ -8,22 +8,23 @@ in ``TdpMmu.bugs`` (KVM_BUG_ON), so ``check_invariants`` can report them.
 
 Race points (reference/races.md §1.A, §7). A fault installs under the read lock with
 tdp_mmu_set_spte_atomic, a compare-and-exchange against the SPTE its walk read: the map walk
-is a flow that pauses before each (``x86_pf_link_cmpxchg`` before linking a new page table or
-a split huge page, ``x86_pf_leaf_cmpxchg`` before the leaf) and then re-reads the entry; if
-another flow changed it meanwhile the exchange fails and the fault returns RET_PF_RETRY, as in
-Linux. The fault path is hot: it pauses there only when its flow is stepped
-(``kvmcore.locks.stepping()``); a plain call, which no other flow can interleave, goes
-straight on. A zap that may block drops the write lock between 2 MiB regions
-(``tdp_zap_yield``, tdp_mmu_iter_cond_resched), flushing first what it zapped. A stretch
-between two points runs atomically; RCU-deferred freeing of page tables is immediate, and a
-page table removed under the read lock is filled with FROZEN_SPTE (handle_removed_pt), so a
-flow paused with a pointer into it fails its exchange.
+pauses before each (``x86_pf_link_cmpxchg`` before linking a new page table or a split huge
+page, ``x86_pf_leaf_cmpxchg`` before the leaf) and then re-reads the entry; if another flow
+changed it meanwhile the exchange fails and the fault returns RET_PF_RETRY, as in Linux. The
+fault path is hot: it pauses there only when its flow is stepped
+(``kvmcore.locks.stepping()``), and only then is the walk a generator; a plain call, which no
+other flow can interleave, goes straight on. A zap that may block drops the write lock
+between 2 MiB regions (``tdp_zap_yield``, tdp_mmu_iter_cond_resched), flushing first what it
+zapped. A stretch between two points runs atomically; RCU-deferred freeing of page tables is
+immediate, and a page table removed under the read lock is filled with FROZEN_SPTE
+(handle_removed_pt), so a flow paused with a pointer into it fails its exchange.
 """
 
 from __future__ import annotations
 
 import re
 from array import array
+from types import GeneratorType
 from typing import TYPE_CHECKING
 
 import structlog
@@ -278,14 +279,16 @@ class TdpMmu:
     # ------------------------------------------------------------------ the map walk
     def kvm_tdp_mmu_map(self, vm: Kvm, fault, root: TdpRoot, goal_level: int, pfn: int,
                         make_leaf):
-        """tdp_mmu.c kvm_tdp_mmu_map, a flow (the caller holds kvm->mmu_lock for read) that
-        returns a RET_PF_* code: walk from the root down to ``goal_level``; where the SPTE is
-        missing link a new table (tdp_mmu_link_sp), where it is a huge leaf above the goal
-        split it (tdp_mmu_split_huge_page), each by an exchange against the SPTE the walk
-        read, paused first at ``x86_pf_link_cmpxchg``; a FROZEN SPTE or a failed exchange
-        frees the new table and retries the fault. Then the leaf built by
-        ``make_leaf(old_spte, level)`` (tdp_mmu_map_handle_target_level), paused at
-        ``x86_pf_leaf_cmpxchg``."""
+        """tdp_mmu.c kvm_tdp_mmu_map (the caller holds kvm->mmu_lock for read): walk from the
+        root down to ``goal_level``; where the SPTE is missing link a new table
+        (tdp_mmu_link_sp), where it is a huge leaf above the goal split it
+        (tdp_mmu_split_huge_page), each by an exchange against the SPTE the walk read; a
+        FROZEN SPTE or a failed exchange retries the fault. Then the leaf built by
+        ``make_leaf(old_spte, level)`` (tdp_mmu_map_handle_target_level).
+
+        Returns a RET_PF_* code or, when the running flow is stepped, a flow that pauses at
+        ``x86_pf_link_cmpxchg`` / ``x86_pf_leaf_cmpxchg`` before each exchange (a plain
+        call, which nothing can interleave, builds no generator: this is every fault)."""
         tables = self.store.tables
         gfn = fault.gfn
         key = gfn + root.gfn_bits
@@ -302,35 +305,50 @@ class TdpMmu:
                 table = tables[spte & SPTE_BASE_ADDR_MASK]
                 level -= 1
                 continue
-            r = yield from self._link_or_split(vm, fault, root, table, idx, level, spte)
-            if r is None:
+            if stepping():
+                return self._link_flow(vm, fault, root, table, idx, level, spte, goal_level,
+                                       pfn, make_leaf)
+            child_pa = self.tdp_mmu_link_sp(vm, fault, root, table, idx, level, spte)
+            if child_pa is None:
                 return RET_PF_RETRY
-            table = tables[r]
+            table = tables[child_pa]
             level -= 1
-        return (yield from self.tdp_mmu_map_handle_target_level(vm, fault, root, table, idx,
-                                                                level, pfn, make_leaf))
+        return self.tdp_mmu_map_handle_target_level(vm, fault, root, table, idx, level, pfn,
+                                                    make_leaf)
 
-    def _link_or_split(self, vm: Kvm, fault, root: TdpRoot, table, idx: int, level: int,
-                       spte: int):
-        """The step of kvm_tdp_mmu_map below a missing or huge SPTE, a flow returning the new
-        child table's address, or None when the exchange failed. Linux fills the table from
-        the vCPU's cache before the exchange and frees it on failure; nobody else can see it
-        until it is linked, so the model builds it after the point, and only on success."""
-        level_gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
+    def _link_flow(self, vm: Kvm, fault, root: TdpRoot, table, idx: int, level: int,
+                   spte: int, goal_level: int, pfn: int, make_leaf):
+        """The rest of a stepped kvm_tdp_mmu_map from a missing or huge SPTE: pause, link,
+        and go on down. The walk below starts again at the root, which reads what this
+        stretch just read and linked: nothing else runs in between."""
+        yield X86_PF_LINK_CMPXCHG
+        if self.tdp_mmu_link_sp(vm, fault, root, table, idx, level, spte) is None:
+            return RET_PF_RETRY
+        r = self.kvm_tdp_mmu_map(vm, fault, root, goal_level, pfn, make_leaf)
+        if type(r) is GeneratorType:
+            r = yield from r
+        return r
+
+    def tdp_mmu_link_sp(self, vm: Kvm, fault, root: TdpRoot, table, idx: int, level: int,
+                        spte: int) -> int | None:
+        """tdp_mmu_link_sp, or tdp_mmu_split_huge_page over a huge ``spte``, in the fault
+        path: a new child table exchanged in for ``spte`` (tdp_mmu_set_spte_atomic); its
+        address, or None when the exchange failed. Linux fills the table from the vCPU's
+        cache before the exchange and frees it on failure; nobody else can see it until it
+        is linked, so the model builds it only once the exchange succeeds."""
         split = bool(spte & SPTE_MMU_PRESENT_MASK)
         if split and root.is_mirror:
             self.bug(vm, "huge page split on a mirror root")
             return None
-        if stepping():
-            yield X86_PF_LINK_CMPXCHG
-        # tdp_mmu_set_spte_atomic: the exchange fails if the SPTE changed since the walk read
-        # it (another vCPU linked or split it, a zap ran, or it is frozen).
+        # The exchange fails if the SPTE changed since the walk read it (another vCPU linked
+        # or split it, a zap ran, or it is frozen).
         if table[idx] != spte:
             vm.stats["x86_tdp.pf_cmpxchg_failed"] += 1
             return None
         child_pa = self._split_child(spte, level) if split else self.alloc_sp()
         new = make_nonleaf_spte(child_pa, self.backend.ad_disabled)
         if root.is_mirror:
+            level_gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
             if not self.backend.set_external_spte_present(vm, table, idx, level_gfn, level,
                                                           spte, new, child_pa):
                 self.store.free(child_pa)
@@ -343,14 +361,15 @@ class TdpMmu:
 
     def tdp_mmu_map_handle_target_level(self, vm: Kvm, fault, root: TdpRoot, table, idx: int,
                                         level: int, pfn: int, make_leaf):
-        """tdp_mmu.c tdp_mmu_map_handle_target_level, a flow: spurious if the SPTE already
-        allows the access; else make_spte, pause at ``x86_pf_leaf_cmpxchg``, and exchange it
-        in against the SPTE the walk read (RET_PF_RETRY if another flow changed it)."""
+        """tdp_mmu.c tdp_mmu_map_handle_target_level: spurious if the SPTE already allows the
+        access; else make_spte and exchange it in against the SPTE the walk read
+        (``_set_leaf``); when the running flow is stepped, a flow that pauses at
+        ``x86_pf_leaf_cmpxchg`` first."""
         old = table[idx]
-        gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
         if old & SPTE_MMU_PRESENT_MASK and is_last_spte(old, level) and (
                 fault.prefetch or is_access_allowed(fault.write, fault.exec, old)):
             if spte_to_pfn(old) != pfn:
+                gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
                 self.bug(vm, f"spurious fault at gfn {gfn:#x} found pfn {spte_to_pfn(old):#x}"
                              f", expected {pfn:#x}")
             return RET_PF_SPURIOUS
@@ -358,18 +377,30 @@ class TdpMmu:
         if new == old:
             return RET_PF_SPURIOUS
         if stepping():
-            yield X86_PF_LEAF_CMPXCHG
+            return self._leaf_flow(vm, fault, root, table, idx, level, old, new, wrprot, mmio)
+        return self._set_leaf(vm, fault, root, table, idx, level, old, new, wrprot, mmio)
+
+    def _leaf_flow(self, vm: Kvm, fault, root: TdpRoot, table, idx: int, level: int, old: int,
+                   new: int, wrprot: bool, mmio: bool):
+        yield X86_PF_LEAF_CMPXCHG
+        return self._set_leaf(vm, fault, root, table, idx, level, old, new, wrprot, mmio)
+
+    def _set_leaf(self, vm: Kvm, fault, root: TdpRoot, table, idx: int, level: int, old: int,
+                  new: int, wrprot: bool, mmio: bool) -> int:
+        """The second half of tdp_mmu_map_handle_target_level: tdp_mmu_set_spte_atomic
+        (RET_PF_RETRY if another flow changed the SPTE since the walk read it), the flush when
+        a table became a huge leaf, the return code."""
         if table[idx] != old:
             vm.stats["x86_tdp.pf_cmpxchg_failed"] += 1
             return RET_PF_RETRY
+        gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
         if root.is_mirror:
             if not self.backend.set_external_spte_present(vm, table, idx, gfn, level, old,
                                                           new, None):
                 return RET_PF_RETRY
-            self.handle_changed_spte(vm, root, gfn, old, new, level)
         else:
             table[idx] = new
-            self.handle_changed_spte(vm, root, gfn, old, new, level)
+        self.handle_changed_spte(vm, root, gfn, old, new, level)
         if old & SPTE_MMU_PRESENT_MASK:
             if not is_last_spte(old, level):
                 # A table was replaced by a huge leaf: translations through it must go.

@@ -3,7 +3,6 @@ and a fault racing an invalidation."""
 
 from __future__ import annotations
 
-from kvmcore.locks import drive
 from kvmcore.records import MISCONFIG, NOT_PRESENT, PageFault
 from kvmcore.uapi import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS,
                           RET_PF_WRITE_PROTECTED)
@@ -23,13 +22,10 @@ def test_invariant_24_map_leaf_return_codes(make):
     g = make()
     g.slot(0, 0, SZ_2M)
     with g.vm.mmu_lock:
-        # map_leaf is a flow (it pauses before its exchanges): drive it to its result.
-        assert drive(g.b.map_leaf(vm=g.vm, fault=_fault(g, 3, write=True))) == RET_PF_FIXED
-        assert drive(g.b.map_leaf(vm=g.vm, fault=_fault(g, 3, write=True))) == \
-            RET_PF_SPURIOUS
+        assert g.b.map_leaf(vm=g.vm, fault=_fault(g, 3, write=True)) == RET_PF_FIXED
+        assert g.b.map_leaf(vm=g.vm, fault=_fault(g, 3, write=True)) == RET_PF_SPURIOUS
         # A prefetch over a present leaf is spurious too.
-        assert drive(g.b.map_leaf(vm=g.vm, fault=_fault(g, 3, prefetch=True))) == \
-            RET_PF_SPURIOUS
+        assert g.b.map_leaf(vm=g.vm, fault=_fault(g, 3, prefetch=True)) == RET_PF_SPURIOUS
 
 
 def test_invariant_24_write_protected_only_from_wrprot(make):
@@ -46,7 +42,7 @@ def test_invariant_24_write_protected_only_from_wrprot(make):
         return spte, wrprot, False
 
     with g.vm.mmu_lock:
-        r = drive(g.b.tdp.kvm_tdp_mmu_map(g.vm, f, root, 1, f.pfn, make_leaf))
+        r = g.b.tdp.kvm_tdp_mmu_map(g.vm, f, root, 1, f.pfn, make_leaf)
     assert r == RET_PF_WRITE_PROTECTED
     assert not g.leaf(4 * PAGE).writable
 

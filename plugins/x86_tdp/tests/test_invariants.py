@@ -232,7 +232,6 @@ def test_2_set_spte_over_frozen_is_a_bug(g4k):
 
 def test_frozen_spte_makes_the_fault_retry(make):
     """A fault that meets a FROZEN SPTE on its walk returns RET_PF_RETRY and installs nothing."""
-    from kvmcore.locks import drive
     from kvmcore.records import PageFault
     from kvmcore.uapi import RET_PF_RETRY
     g = make()
@@ -243,6 +242,6 @@ def test_frozen_spte_makes_the_fault_retry(make):
     f = PageFault(addr=0, gfn=0, write=True, slot=g.vm.gfn_to_memslot(0), pfn=0x4000,
                   map_writable=True)
     with g.vm.mmu_lock:
-        assert drive(g.b.map_leaf(vm=g.vm, fault=f)) == RET_PF_RETRY
+        assert g.b.map_leaf(vm=g.vm, fault=f) == RET_PF_RETRY
     root.table[0] = old
     assert list(g.vm.mappings()) == []

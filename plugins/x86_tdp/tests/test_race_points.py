@@ -11,6 +11,7 @@ from kvmcore.exits import MemoryFaultExit
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES
 
 from conftest import PAGE, SZ_2M, G
+from kvmcore_x86_tdp import spte as S
 from kvmcore_x86_tdp import tdx as T
 
 
@@ -86,6 +87,32 @@ def test_two_vcpus_race_to_link_one_table(make):
     assert len(g.b.tdp.store) == tables + 3
     assert g.vm.stats["x86_tdp.pf_cmpxchg_failed"] == 1
     assert g.vcpu.read(7 * PAGE, 1) == b"b" and v1.read(5 * PAGE, 1) == b"a"
+    g.check()
+
+
+def test_a_fault_paused_in_a_table_removed_under_the_read_lock_retries(make):
+    """A page table taken out while a fault is paused before its exchange in it (as
+    kvm_tdp_mmu_zap_invalidated_roots does under the read lock) is left all FROZEN by
+    handle_removed_pt: the fault's exchange fails instead of writing into a freed page, and
+    its retry maps the page through a new table."""
+    g = make()
+    hva = g.slot(0, 0, SZ_2M)
+    g.host.write(hva + 5 * PAGE, b"data")
+    g.vcpu.read(0, 1)
+    fault = g.vcpu.steps.read(5 * PAGE, 4)
+    step_to(fault, "x86_pf_leaf_cmpxchg")
+    root = g.b.direct_roots[0]
+    _pos, l2_pa, l2_idx = root.pt.path(5 * PAGE)[2]
+    l1_pa = g.b.tdp.store[l2_pa][l2_idx] & S.SPTE_BASE_ADDR_MASK
+    l1 = g.b.tdp.store[l1_pa]
+    g.b.tdp.set_spte(g.vm, root, g.b.tdp.store[l2_pa], l2_idx, 0, 2,
+                     S.SHADOW_NONPRESENT_VALUE)
+    g.vm.flush_remote_tlbs()
+    assert l1_pa not in g.b.tdp.store and set(l1) == {S.FROZEN_SPTE}
+    assert fault.run() == b"data"
+    assert g.vm.stats["x86_tdp.pf_cmpxchg_failed"] == 1
+    assert set(l1) == {S.FROZEN_SPTE}
+    assert g.leaf(5 * PAGE) is not None and g.leaf(0) is None
     g.check()
 
 
