@@ -17,7 +17,9 @@ installs an entry with a compare-and-exchange under the read lock is written as 
 returns one): it yields its race points' names and takes locks with ``yield from
 vm.mmu_lock.read_lock(point)``; the core runs it with ``yield from`` (fast_page_fault,
 faultin_pfn's result, relax_perms, map_leaf, unmap_gfn_range, flush_shadow_memslot,
-pre/post_set_memory_attributes). There is no SMP memory ordering: between two race points a
+pre/post_set_memory_attributes). A hot hook may return a plain result instead when
+``kvmcore.locks.stepping()`` is False (its flow runs to its end, so no other flow could run at
+a point that waits for nothing). There is no SMP memory ordering: between two race points a
 stretch runs atomically.
 """
 

@@ -46,7 +46,7 @@ class Flow:
     ``StopIteration.value`` (and ``result``) is the flow's result when it ends."""
 
     __slots__ = ("name", "gen", "point", "done", "result", "error", "wait", "held", "vcpu",
-                 "__weakref__")
+                 "stepping", "__weakref__")
 
     def __init__(self, name: str, gen=None, vcpu=None):
         self.name = name
@@ -62,6 +62,8 @@ class Flow:
         self.wait: Wait | None = None
         #: (lock, mode) pairs in the order taken.
         self.held: list = []
+        #: Driven one stretch at a time (next()), not run to its end (see ``stepping()``).
+        self.stepping = False
 
     def __repr__(self) -> str:
         state = "done" if self.done else (self.point or "new")
@@ -111,6 +113,7 @@ class Flow:
         generator raises ends the flow."""
         global _current
         send = self.gen.send
+        self.stepping = once
         prev, _current = _current, self
         try:
             while True:
@@ -164,6 +167,14 @@ _current = Flow("main")
 
 def current() -> Flow:
     return _current
+
+
+def stepping() -> bool:
+    """Whether the running flow stops at its race points (driven by ``next()``, as a test or
+    the explorer does) rather than running to its end (a plain call, ``Flow.run``, a nested
+    ``drive``). A hot path may pass a point that waits for nothing without yielding when this
+    is False: no other flow can run there then, so the point could not be observed."""
+    return _current.stepping
 
 
 def run(gen, name: str = "call"):

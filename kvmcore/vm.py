@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
+from types import GeneratorType
 
 import structlog
 
@@ -24,7 +25,7 @@ from .records import FETCH, READ, VIOLATION_KINDS, WRITE, Access, PageFault, Tra
 from .gmem import GuestMemfd, kvm_gmem_create
 from .host import HOST_PAGE_SIZES, HostMemory
 from .kvm import Kvm, KvmVcpu
-from .locks import Flow, Steps, steppable, wait_until
+from .locks import Flow, Steps, drive, steppable, wait_until
 from .mmu_notifier import KvmMmuNotifier
 from .set_attributes import kvm_vm_ioctl_set_mem_attributes
 from .set_memory_region import kvm_set_memory_region
@@ -354,7 +355,9 @@ class VM(Kvm):
 
         with self.mmu_lock:
             for slot in list(self.all_memslots()):
-                self.hook.unmap_gfn_range(vm=self, range=whole_slot(slot))
+                r = self.hook.unmap_gfn_range(vm=self, range=whole_slot(slot))
+                if type(r) is GeneratorType:
+                    drive(r)
 
     def __enter__(self) -> VM:
         return self

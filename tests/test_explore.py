@@ -70,7 +70,11 @@ def test_each_mutant_is_found_and_its_shrunk_schedule_replays(mutant, scenario, 
     again = replay(scn, arch, failure.id, mutants=[mutant])
     assert again.failure is not None and again.failure.kind == failure.kind
     assert again.failure.message == failure.message
-    assert replay(scn, arch, failure.id).failure is None     # Linux's code: clean
+    # Linux's code fails no oracle on that schedule; it may stop short of the schedule's end
+    # where a Linux flow waits and the mutant's did not (the fault, made stale by a notifier
+    # with its invalidation, waits at pf_retry_wait for the invalidation to end).
+    clean = replay(scn, arch, failure.id).failure
+    assert clean is None or clean.kind == "replay", clean
 
 
 def test_a_scenario_error_names_the_item():

@@ -262,6 +262,34 @@ def test_a_plain_call_that_would_block_leaves_its_flow_paused(vm, host, slot0):
     assert vm.memslots() == []
 
 
+def test_stepping_says_whether_the_running_flow_stops_at_its_points():
+    """locks.stepping(): True inside a flow driven by next(), False in a plain run (Flow.run,
+    a nested drive) and outside any flow; it follows the flow, not the caller."""
+    from kvmcore.locks import Flow, stepping
+
+    seen = []
+
+    def flow():
+        seen.append(stepping())
+        yield "a"
+        seen.append(stepping())
+        seen.append(drive(nested()))
+
+    def nested():
+        return stepping()
+        yield
+
+    f = Flow("f", flow())
+    assert next(f) == "a"
+    f.run()
+    assert seen == [True, False, False] and not stepping()
+    g = Flow("g", flow())
+    assert next(g) == "a"
+    with pytest.raises(StopIteration):
+        next(g)
+    assert seen[3:] == [True, True, True]
+
+
 # ------------------------------------------------------------------ hva iteration
 
 

@@ -74,6 +74,8 @@ def test_fault_during_an_invalidation_of_another_gfn(guest, host):
     with host.invalidating(hva + 8 * page, page):
         try:
             point = next(steps)
+            while point != "pf_retry_wait":     # the backend's own install points
+                point = next(steps)
         except StopIteration as stop:
             point, data = None, stop.value
         if vm.arch_info.fault_retry_gfn:

@@ -25,20 +25,25 @@ SPTE_TDP_AD_WRPROT_ONLY) or page tracking; the NX huge-page recovery worker and
 disallowed_hugepage_adjust are not modelled (nx_huge_pages only strips X from huge leaves and
 maps exec faults at 4K); SNP keeps the EPT format (NPT entries are not modelled, the RMP is);
 a TD is always RUNNABLE with an HKID and TDX MMIO is not cached in the shared EPT; SMM is
-only the vCPU's address space (no SMRAM, RSM or SMI); Linux's lockless cmpxchg/RCU updates are
-plain stores, FROZEN_SPTE appears only inside one flow.
+only the vCPU's address space (no SMRAM, RSM or SMI). The fault's exchanges under the read
+lock, a zap's lock drops and TDX's removal steps are race points (tdp_mmu.py, tdx.py); the
+fast path's lockless exchange (fast_page_fault) and the SEAMCALLs between freezing a mirror
+SPTE and publishing it run in one stretch, so no walk meets a FROZEN_SPTE in a live table
+between two points; RCU-deferred freeing is immediate.
 """
 
 from __future__ import annotations
 
 import errno
 import heapq
+from types import GeneratorType
 
 import attrs
 import structlog
 from kvmcore import hookimpl
 from kvmcore.arch import ArchInfo, Mapping
 from kvmcore.errors import KvmError
+from kvmcore.locks import drive
 from kvmcore.records import MISCONFIG, PERMISSION
 from kvmcore.records import GfnRange
 from kvmcore.uapi import (
@@ -46,7 +51,6 @@ from kvmcore.uapi import (
     KVM_FILTER_SHARED,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     KVM_MR_CREATE,
     KVM_MR_FLAGS_ONLY,
@@ -93,6 +97,7 @@ from .spte import (
     spte_to_pfn,
 )
 from .tdp_mmu import (
+    ZAP_YIELD_GFNS,
     KVM_DIRECT_ROOTS,
     KVM_INVALID_ROOTS,
     KVM_MIRROR_ROOTS,
@@ -206,8 +211,6 @@ class X86TdpBackend:
         self.tdp = TdpMmu(self, self.root_level)
         self.direct_roots: dict[int, TdpRoot] = {}
         self.mirror_roots: dict[int, TdpRoot] = {}
-        #: kvm->arch.cpu_dirty_log_size users: memslots with dirty logging (PML on/off).
-        self.nr_memslots_dirty_logging = 0
         self._spte_templates: dict[tuple, int] = {}
         self.removal_log = self.tdx.records if self.tdx is not None else []
         if self.tdx is None and self.rmp is None:
@@ -222,9 +225,10 @@ class X86TdpBackend:
     def max_gpa_bits(self) -> int:
         return 48 if self.root_level == PT64_ROOT_4LEVEL else 52
 
-    @property
-    def pml_logging(self) -> bool:
-        return self.pml and self.nr_memslots_dirty_logging > 0
+    def pml_logging(self, vm) -> bool:
+        """PML logs writes while any memslot has dirty logging on
+        (vmx_update_cpu_dirty_logging reads kvm->nr_memslots_dirty_logging)."""
+        return self.pml and vm.nr_memslots_dirty_logging > 0
 
     def access_is_private(self, vm, gfn: int, access) -> bool:
         """Fault private-ness for VMs with one table (§3.2): SW-protected takes the gfn's
@@ -252,8 +256,9 @@ class X86TdpBackend:
             if as_id not in self.direct_roots:
                 self.direct_roots[as_id] = self.tdp.alloc_root(as_id, False, bits)
 
-    def remove_external_spte(self, vm, gfn: int, level: int, old: int) -> None:
-        self.tdx.remove_private_spte(vm, gfn, level, old)
+    def remove_external_spte(self, vm, gfn: int, level: int, old: int):
+        """kvm_x86_ops.remove_external_spte (tdx_sept_remove_private_spte), a flow."""
+        return self.tdx.remove_private_spte(vm, gfn, level, old)
 
     def set_external_spte_present(self, vm, table, idx, gfn, level, old, new, child_pa):
         return self.tdx.set_external_spte_present(vm, table, idx, gfn, level, old, new,
@@ -409,9 +414,11 @@ class X86TdpBackend:
         gen = vm.memslot_generation(fault.as_id)
         spte = make_mmio_spte(fault.gfn, gen & MMIO_SPTE_GEN_MASK, self.shadow_mmio_value)
         # The same walk as any fault (kvm_tdp_mmu_map), whose target-level step writes the
-        # MMIO SPTE instead of a leaf.
-        return self.tdp.kvm_tdp_mmu_map(vm, fault, root, PG_LEVEL_4K, KVM_PFN_NOSLOT,
-                                        lambda old, level: (spte, False, True))
+        # MMIO SPTE instead of a leaf; the core runs this hook plainly, so its exchanges do
+        # not pause.
+        r = self.tdp.kvm_tdp_mmu_map(vm, fault, root, PG_LEVEL_4K, KVM_PFN_NOSLOT,
+                                     lambda old, level: (spte, False, True))
+        return drive(r) if type(r) is GeneratorType else r
 
     @hookimpl(wrapper=True)
     def faultin_pfn(self, vm, fault):
@@ -465,7 +472,9 @@ class X86TdpBackend:
 
     @hookimpl
     def map_leaf(self, vm, fault):
-        """kvm_tdp_mmu_map after kvm_mmu_hugepage_adjust."""
+        """kvm_tdp_mmu_map after kvm_mmu_hugepage_adjust: a RET_PF_* code, or a flow that
+        pauses at ``x86_pf_link_cmpxchg`` / ``x86_pf_leaf_cmpxchg`` when the fault is stepped
+        (tdp_mmu.py)."""
         root = self.root_for(fault.as_id, fault.is_private)
         goal = self.kvm_mmu_hugepage_adjust(vm, fault)
         fault.goal_level = goal
@@ -508,10 +517,24 @@ class X86TdpBackend:
     @hookimpl
     def unmap_gfn_range(self, vm, range):
         """kvm_unmap_gfn_range -> kvm_tdp_mmu_unmap_gfn_range: filter -> root types, plus
-        invalid roots, of the range's address space."""
+        invalid roots, of the range's address space, each zapped by tdp_mmu_zap_leafs with
+        ``can_yield = range.may_block``. A flow where it may pause (a range that may block
+        and spans two yield regions, or mirror roots: TDX's removal steps); else a plain
+        zap, which is what the flow would do without a point on its way."""
+        roots = self.roots_for_range(range, KVM_INVALID_ROOTS)
+        spans = range.start // ZAP_YIELD_GFNS != (range.end - 1) // ZAP_YIELD_GFNS
+        if (range.may_block and spans) or any(root.is_mirror for root in roots):
+            return self._unmap_gfn_range(vm, range, roots)
         flush = False
-        for root in self.roots_for_range(range, KVM_INVALID_ROOTS):
-            flush |= self.tdp.tdp_mmu_zap_leafs(vm, root, range.start, range.end)
+        for root in roots:
+            flush |= self.tdp.zap_leafs_locked(vm, root, range.start, range.end)
+        return flush
+
+    def _unmap_gfn_range(self, vm, range, roots):
+        flush = False
+        for root in roots:
+            flush = yield from self.tdp.tdp_mmu_zap_leafs(vm, root, range.start, range.end,
+                                                          range.may_block, flush)
         return flush
 
     def kvm_mmu_zap_all_fast(self, vm) -> None:
@@ -534,15 +557,12 @@ class X86TdpBackend:
     @hookimpl
     def flush_shadow_memslot(self, vm, slot):
         """kvm_arch_flush_shadow_memslot: DEFAULT_VM with KVM_X86_QUIRK_SLOT_ZAP_ALL zaps
-        everything fast; other VMs zap the slot, both aliases (kvm_mmu_zap_memslot)."""
+        everything fast; other VMs zap the slot, both aliases, and flush
+        (kvm_mmu_zap_memslot): the core's default (None: not handled here)."""
         if self.vm_type == KVM_X86_DEFAULT_VM and self.slot_zap_all_quirk:
             self.kvm_mmu_zap_all_fast(vm)
             return True
-        rng = GfnRange(slot, slot.base_gfn, slot.base_gfn + slot.npages, 0,
-                       KVM_FILTER_PRIVATE | KVM_FILTER_SHARED, True, False)
-        if self.unmap_gfn_range(vm, rng):
-            vm.flush_remote_tlbs()
-        return True
+        return None
 
     # ------------------------------------------------------------------ memslots
     @hookimpl
@@ -570,8 +590,6 @@ class X86TdpBackend:
         old_flags = old.flags if old is not None else 0
         new_flags = new.flags if new is not None else 0
         log = bool(new_flags & KVM_MEM_LOG_DIRTY_PAGES)
-        if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
-            self.nr_memslots_dirty_logging += 1 if log else -1
         as_id = (new or old).as_id
         gen = vm.memslot_generation(as_id)
         if gen & MMIO_SPTE_GEN_MASK == 0 and gen:
@@ -630,7 +648,9 @@ class X86TdpBackend:
     # ------------------------------------------------------------------ attributes
     @hookimpl
     def pre_set_memory_attributes(self, vm, range):
-        """mmu.c kvm_arch_pre_set_memory_attributes (§6.3)."""
+        """mmu.c kvm_arch_pre_set_memory_attributes (§6.3): the x86 part, widening the
+        invalidation to the huge pages that straddle the range and are not MIXED; then the
+        core's default zaps the old kind (None: not handled here)."""
         if not self.has_private_mem:
             vm.stats["x86_tdp.warn_pre_set_no_private_mem"] += 1
             return False
@@ -643,10 +663,7 @@ class X86TdpBackend:
                 if straddles and gfn >= slot.base_gfn and gfn + nr <= slot_end and \
                         not mmu.hugepage_test_mixed(slot, gfn, level):
                     vm.mmu_invalidate_range_add(gfn, gfn + nr)
-        to_private = bool(range.arg & KVM_MEMORY_ATTRIBUTE_PRIVATE)
-        rng = attrs.evolve(range, attr_filter=KVM_FILTER_SHARED if to_private
-                           else KVM_FILTER_PRIVATE)
-        return self.unmap_gfn_range(vm, rng)
+        return None
 
     @hookimpl
     def post_set_memory_attributes(self, vm, range):

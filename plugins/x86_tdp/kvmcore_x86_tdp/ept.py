@@ -99,6 +99,12 @@ def ept_translate(backend, vm, vcpu, gpa: int, access) -> Translation | Violatio
     if rwx == 0 or rwx == 0x2 or rwx == 0x6 or not (
             rwx & 0x4 if exec_ else rwx & 0x2 if write else rwx & 0x1) or (
             leaf and (spte >> VMX_EPT_MT_EPTE_SHIFT) & 0x7 in EPT_ILLEGAL_MEMTYPES):
+        if root.is_mirror and tdx.removing:
+            # The CPU walks the TDX module's S-EPT, not KVM's mirror: a page whose mirror
+            # SPTE is zapped stays mapped there until TDH.MEM.RANGE.BLOCK.
+            pfn = tdx.sept_translation(gfn)
+            if pfn is not None:
+                return Translation(gfn, pfn, 4096, True, True, True, True, True)
         return _violation(spte, rwx, leaf, level, gfn, private, write or (
             private and tdx is not None), exec_)
     size = 4096 << (9 * (level - 1))
@@ -118,7 +124,7 @@ def ept_translate(backend, vm, vcpu, gpa: int, access) -> Translation | Violatio
         new = spte | VMX_EPT_ACCESS_BIT
         if write:
             new |= VMX_EPT_DIRTY_BIT
-            if not spte & VMX_EPT_DIRTY_BIT and backend.pml_logging:
+            if not spte & VMX_EPT_DIRTY_BIT and backend.pml_logging(vm):
                 backend.pml_log(vm, vcpu, gfn << 12)
         if new != spte:
             table[idx] = new

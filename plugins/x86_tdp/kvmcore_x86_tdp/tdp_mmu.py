@@ -2,19 +2,35 @@
 write-protection, D-bit clearing, aging and huge-page recovery over EPT tables.
 
 Tables are ``array('Q')`` pages from one ``TableStore``; a present non-leaf SPTE carries its
-child's physical address exactly as EPT hardware follows it. Linux's lockless updates
-(cmpxchg under the read lock, RCU-freed page tables) are plain stores here: the model runs one
-flow at a time. Every SPTE write goes through ``handle_changed_spte`` which checks the
-transitions Linux BUGs/WARNs on and records violations in ``TdpMmu.bugs`` (KVM_BUG_ON), so
-``check_invariants`` can report them.
+child's physical address exactly as EPT hardware follows it. Every SPTE write goes through
+``handle_changed_spte`` which checks the transitions Linux BUGs/WARNs on and records violations
+in ``TdpMmu.bugs`` (KVM_BUG_ON), so ``check_invariants`` can report them.
+
+Race points (reference/races.md §1.A, §7). A fault installs under the read lock with
+tdp_mmu_set_spte_atomic, a compare-and-exchange against the SPTE its walk read: the map walk
+pauses before each (``x86_pf_link_cmpxchg`` before linking a new page table or a split huge
+page, ``x86_pf_leaf_cmpxchg`` before the leaf) and then re-reads the entry; if another flow
+changed it meanwhile the exchange fails and the fault returns RET_PF_RETRY, as in Linux. The
+fault path is hot: it pauses there only when its flow is stepped
+(``kvmcore.locks.stepping()``), and only then is the walk a generator; a plain call, which no
+other flow can interleave, goes straight on. A zap that may block drops the write lock
+between 2 MiB regions (``tdp_zap_yield``, tdp_mmu_iter_cond_resched), flushing first what it
+zapped. A stretch between two points runs atomically; RCU-deferred freeing of page tables is
+immediate, and a page table removed under the read lock is filled with FROZEN_SPTE
+(handle_removed_pt), so a flow paused with a pointer into it fails its exchange.
 """
 
 from __future__ import annotations
 
+import re
+from array import array
+from types import GeneratorType
 from typing import TYPE_CHECKING
 
 import structlog
-from kvmcore.pgtable import LEAF, STOP, TABLE_PRE, Geometry, PageTable, TableStore
+from kvmcore.locks import WRITE, drive, stepping
+from kvmcore.pgtable import (LEAF, STOP, TABLE_PRE, Geometry, PageTable, TableStore,
+                             present_indices)
 from kvmcore.uapi import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
                           RET_PF_WRITE_PROTECTED)
 
@@ -52,6 +68,20 @@ if TYPE_CHECKING:
 
 logger = structlog.get_logger(__name__)
 
+#: Race points of the map walk (kvm_tdp_mmu_map: tdp_mmu_link_sp / tdp_mmu_split_huge_page
+#: and tdp_mmu_map_handle_target_level, each a tdp_mmu_set_spte_atomic) and of a zap that may
+#: block (tdp_mmu_zap_leafs -> tdp_mmu_iter_cond_resched).
+X86_PF_LINK_CMPXCHG = "x86_pf_link_cmpxchg"
+X86_PF_LEAF_CMPXCHG = "x86_pf_leaf_cmpxchg"
+TDP_ZAP_YIELD = "tdp_zap_yield"
+RACE_POINTS = (X86_PF_LINK_CMPXCHG, X86_PF_LEAF_CMPXCHG, TDP_ZAP_YIELD)
+
+#: Gfns per yield region of a zap: the model's grain for tdp_mmu_iter_cond_resched.
+ZAP_YIELD_GFNS = 512
+
+#: What handle_removed_pt leaves in a page table it took out of the paging structure.
+FROZEN_TABLE = array("Q", [FROZEN_SPTE]) * SPTE_ENT_PER_PAGE
+
 # enum kvm_tdp_mmu_root_types (tdp_mmu.h)
 KVM_INVALID_ROOTS = 1 << 0
 KVM_DIRECT_ROOTS = 1 << 1
@@ -67,6 +97,25 @@ def tdp_geometry(root_level: int) -> Geometry:
     shifts = tuple(12 + 9 * (lvl - 1) for lvl in levels)
     return Geometry(shifts=shifts, bits=(9,) * root_level, level_ids=levels,
                     ia_bits=12 + 9 * root_level)
+
+
+#: A run of SHADOW_NONPRESENT_VALUE entries, in this machine's byte order.
+_NONPRESENT_RUN = re.compile(b"(?:" + re.escape(array("Q", [SHADOW_NONPRESENT_VALUE]).tobytes())
+                             + b")*")
+
+
+def _present_from(table, first: int, last: int):
+    """Indices in [first, last) of the entries that are not SHADOW_NONPRESENT_VALUE, found
+    lazily at C speed: a walk restarted at a gfn pays only up to the next present entry."""
+    match = _NONPRESENT_RUN.match
+    raw = memoryview(table).cast("B")
+    pos, end = first * 8, last * 8
+    while pos < end:
+        pos = match(raw, pos, end).end()
+        if pos >= end:
+            return
+        yield pos >> 3
+        pos += 8
 
 
 class TdpRoot:
@@ -120,6 +169,10 @@ class TdpMmu:
         self.bugs: list[str] = []
         #: Mirror (S-EPT) page tables freed so far; Linux frees them only at TD teardown.
         self.mirror_tables_freed = 0
+        #: Bumped whenever a page table is taken out of a tree (handle_removed_pt) or a huge
+        #: leaf becomes one: a walk that dropped the lock restarts from the root only if it
+        #: changed meanwhile.
+        self.pt_changes = 0
 
     # ------------------------------------------------------------------ allocation
     def alloc_sp(self) -> int:
@@ -183,18 +236,23 @@ class TdpMmu:
 
     def handle_removed_pt(self, vm: Kvm, root: TdpRoot, table_pa: int, level: int,
                           base_gfn: int) -> None:
-        """tdp_mmu.c handle_removed_pt: freeze each child, handle it, free the page."""
+        """tdp_mmu.c handle_removed_pt: freeze each child, handle it (a mirror leaf then goes
+        through remove_external_spte), free the page. Every entry ends FROZEN, as the shared
+        (read-lock) form leaves them: a fault paused with this table in its walk then fails
+        its compare-and-exchange instead of writing into a freed page."""
+        self.pt_changes += 1
         table = self.store[table_pa]
         step = KVM_PAGES_PER_HPAGE(level)
-        for i in range(SPTE_ENT_PER_PAGE):
+        for i in present_indices(table, SHADOW_NONPRESENT_VALUE):
             old = table[i]
             if not old & SPTE_MMU_PRESENT_MASK:
                 continue
             gfn = base_gfn + i * step
-            if root.is_mirror and is_last_spte(old, level):
-                self.backend.remove_external_spte(vm, gfn, level, old)
             table[i] = FROZEN_SPTE
             self.handle_changed_spte(vm, root, gfn, old, FROZEN_SPTE, level)
+            if root.is_mirror and is_last_spte(old, level):
+                drive(self.backend.remove_external_spte(vm, gfn, level, old))
+        table[:] = FROZEN_TABLE
         if root.is_mirror:
             self.mirror_tables_freed += 1
             tdx = getattr(self.backend, "tdx", None)
@@ -204,29 +262,38 @@ class TdpMmu:
 
     def set_spte(self, vm: Kvm, root: TdpRoot, table, idx: int, gfn: int, level: int,
                  new: int) -> int:
-        """tdp_mmu_set_spte / tdp_mmu_iter_set_spte: write ``new`` and handle the change."""
+        """tdp_mmu_set_spte / tdp_mmu_iter_set_spte (write lock): write ``new``, handle the
+        change, then for a mirror leaf going away remove_external_spte (TDX's BLOCK, TRACK,
+        REMOVE), run through without pausing: callers that may pause there use
+        ``tdp_mmu_zap_leafs``."""
         old = table[idx]
         if old == FROZEN_SPTE:
             self.bug(vm, f"tdp_mmu_set_spte on a FROZEN SPTE at gfn {gfn:#x}")
-        if root.is_mirror and old & SPTE_MMU_PRESENT_MASK and is_last_spte(old, level) \
-                and not new & SPTE_MMU_PRESENT_MASK:
-            self.backend.remove_external_spte(vm, gfn, level, old)
         table[idx] = new
         self.handle_changed_spte(vm, root, gfn, old, new, level)
+        if root.is_mirror and old & SPTE_MMU_PRESENT_MASK and is_last_spte(old, level) \
+                and not new & SPTE_MMU_PRESENT_MASK:
+            drive(self.backend.remove_external_spte(vm, gfn, level, old))
         return old
 
     # ------------------------------------------------------------------ the map walk
     def kvm_tdp_mmu_map(self, vm: Kvm, fault, root: TdpRoot, goal_level: int, pfn: int,
-                        make_leaf) -> int:
-        """tdp_mmu.c kvm_tdp_mmu_map: walk from the root down to ``goal_level``, linking new
-        tables and splitting huge leaves on the way, then install the leaf built by
-        ``make_leaf(old_spte, level)`` (tdp_mmu_map_handle_target_level)."""
+                        make_leaf):
+        """tdp_mmu.c kvm_tdp_mmu_map (the caller holds kvm->mmu_lock for read): walk from the
+        root down to ``goal_level``; where the SPTE is missing link a new table
+        (tdp_mmu_link_sp), where it is a huge leaf above the goal split it
+        (tdp_mmu_split_huge_page), each by an exchange against the SPTE the walk read; a
+        FROZEN SPTE or a failed exchange retries the fault. Then the leaf built by
+        ``make_leaf(old_spte, level)`` (tdp_mmu_map_handle_target_level).
+
+        Returns a RET_PF_* code or, when the running flow is stepped, a flow that pauses at
+        ``x86_pf_link_cmpxchg`` / ``x86_pf_leaf_cmpxchg`` before each exchange (a plain
+        call, which nothing can interleave, builds no generator: this is every fault)."""
         tables = self.store.tables
         gfn = fault.gfn
         key = gfn + root.gfn_bits
         table = root.table
         level = root.level
-        ad_disabled = self.backend.ad_disabled
         while True:
             idx = (key >> (9 * (level - 1))) & 511
             spte = table[idx]
@@ -234,53 +301,106 @@ class TdpMmu:
                 return RET_PF_RETRY
             if level == goal_level:
                 break
-            if spte & SPTE_MMU_PRESENT_MASK:
-                if not spte & PT_PAGE_SIZE_MASK:
-                    table = tables[spte & SPTE_BASE_ADDR_MASK]
-                    level -= 1
-                    continue
-                if root.is_mirror:
-                    self.bug(vm, "huge page split on a mirror root")
-                    return RET_PF_RETRY
-                level_gfn = gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
-                child_pa = self.tdp_mmu_split_huge_page(vm, root, table, idx, level_gfn, level)
-            else:
-                child_pa = self.alloc_sp()
-                new = make_nonleaf_spte(child_pa, ad_disabled)
-                if root.is_mirror:
-                    level_gfn = gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
-                    if not self.backend.set_external_spte_present(
-                            vm, table, idx, level_gfn, level, spte, new, child_pa):
-                        self.store.free(child_pa)
-                        return RET_PF_RETRY
-                else:
-                    table[idx] = new
+            if spte & SPTE_MMU_PRESENT_MASK and not spte & PT_PAGE_SIZE_MASK:
+                table = tables[spte & SPTE_BASE_ADDR_MASK]
+                level -= 1
+                continue
+            if stepping():
+                return self._link_flow(vm, fault, root, table, idx, level, spte, goal_level,
+                                       pfn, make_leaf)
+            child_pa = self.tdp_mmu_link_sp(vm, fault, root, table, idx, level, spte)
+            if child_pa is None:
+                return RET_PF_RETRY
             table = tables[child_pa]
             level -= 1
         return self.tdp_mmu_map_handle_target_level(vm, fault, root, table, idx, level, pfn,
                                                     make_leaf)
 
+    def _link_flow(self, vm: Kvm, fault, root: TdpRoot, table, idx: int, level: int,
+                   spte: int, goal_level: int, pfn: int, make_leaf):
+        """The rest of a stepped kvm_tdp_mmu_map from a missing or huge SPTE: pause, link,
+        and go on down. The walk below starts again at the root, which reads what this
+        stretch just read and linked: nothing else runs in between."""
+        yield X86_PF_LINK_CMPXCHG
+        if self.tdp_mmu_link_sp(vm, fault, root, table, idx, level, spte) is None:
+            return RET_PF_RETRY
+        r = self.kvm_tdp_mmu_map(vm, fault, root, goal_level, pfn, make_leaf)
+        if type(r) is GeneratorType:
+            r = yield from r
+        return r
+
+    def tdp_mmu_link_sp(self, vm: Kvm, fault, root: TdpRoot, table, idx: int, level: int,
+                        spte: int) -> int | None:
+        """tdp_mmu_link_sp, or tdp_mmu_split_huge_page over a huge ``spte``, in the fault
+        path: a new child table exchanged in for ``spte`` (tdp_mmu_set_spte_atomic); its
+        address, or None when the exchange failed. Linux fills the table from the vCPU's
+        cache before the exchange and frees it on failure; nobody else can see it until it
+        is linked, so the model builds it only once the exchange succeeds."""
+        split = bool(spte & SPTE_MMU_PRESENT_MASK)
+        if split and root.is_mirror:
+            self.bug(vm, "huge page split on a mirror root")
+            return None
+        # The exchange fails if the SPTE changed since the walk read it (another vCPU linked
+        # or split it, a zap ran, or it is frozen).
+        if table[idx] != spte:
+            vm.stats["x86_tdp.pf_cmpxchg_failed"] += 1
+            return None
+        child_pa = self._split_child(spte, level) if split else self.alloc_sp()
+        new = make_nonleaf_spte(child_pa, self.backend.ad_disabled)
+        if root.is_mirror:
+            level_gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
+            if not self.backend.set_external_spte_present(vm, table, idx, level_gfn, level,
+                                                          spte, new, child_pa):
+                self.store.free(child_pa)
+                return None
+        else:
+            table[idx] = new
+        if split:
+            self._account_split(vm)
+        return child_pa
+
     def tdp_mmu_map_handle_target_level(self, vm: Kvm, fault, root: TdpRoot, table, idx: int,
-                                        level: int, pfn: int, make_leaf) -> int:
+                                        level: int, pfn: int, make_leaf):
+        """tdp_mmu.c tdp_mmu_map_handle_target_level: spurious if the SPTE already allows the
+        access; else make_spte and exchange it in against the SPTE the walk read
+        (``_set_leaf``); when the running flow is stepped, a flow that pauses at
+        ``x86_pf_leaf_cmpxchg`` first."""
         old = table[idx]
-        gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
         if old & SPTE_MMU_PRESENT_MASK and is_last_spte(old, level) and (
                 fault.prefetch or is_access_allowed(fault.write, fault.exec, old)):
             if spte_to_pfn(old) != pfn:
+                gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
                 self.bug(vm, f"spurious fault at gfn {gfn:#x} found pfn {spte_to_pfn(old):#x}"
                              f", expected {pfn:#x}")
             return RET_PF_SPURIOUS
         new, wrprot, mmio = make_leaf(old, level)
         if new == old:
             return RET_PF_SPURIOUS
+        if stepping():
+            return self._leaf_flow(vm, fault, root, table, idx, level, old, new, wrprot, mmio)
+        return self._set_leaf(vm, fault, root, table, idx, level, old, new, wrprot, mmio)
+
+    def _leaf_flow(self, vm: Kvm, fault, root: TdpRoot, table, idx: int, level: int, old: int,
+                   new: int, wrprot: bool, mmio: bool):
+        yield X86_PF_LEAF_CMPXCHG
+        return self._set_leaf(vm, fault, root, table, idx, level, old, new, wrprot, mmio)
+
+    def _set_leaf(self, vm: Kvm, fault, root: TdpRoot, table, idx: int, level: int, old: int,
+                  new: int, wrprot: bool, mmio: bool) -> int:
+        """The second half of tdp_mmu_map_handle_target_level: tdp_mmu_set_spte_atomic
+        (RET_PF_RETRY if another flow changed the SPTE since the walk read it), the flush when
+        a table became a huge leaf, the return code."""
+        if table[idx] != old:
+            vm.stats["x86_tdp.pf_cmpxchg_failed"] += 1
+            return RET_PF_RETRY
+        gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
         if root.is_mirror:
             if not self.backend.set_external_spte_present(vm, table, idx, gfn, level, old,
                                                           new, None):
                 return RET_PF_RETRY
-            self.handle_changed_spte(vm, root, gfn, old, new, level)
         else:
             table[idx] = new
-            self.handle_changed_spte(vm, root, gfn, old, new, level)
+        self.handle_changed_spte(vm, root, gfn, old, new, level)
         if old & SPTE_MMU_PRESENT_MASK:
             if not is_last_spte(old, level):
                 # A table was replaced by a huge leaf: translations through it must go.
@@ -293,22 +413,31 @@ class TdpMmu:
             return RET_PF_WRITE_PROTECTED
         return RET_PF_FIXED
 
-    def tdp_mmu_split_huge_page(self, vm: Kvm, root: TdpRoot, table, idx: int, gfn: int,
-                                level: int) -> int:
-        """tdp_mmu_split_huge_page: fill a child table with make_small_spte and replace the
-        huge leaf by a link to it; the translation is unchanged, so no TLB flush."""
-        huge = table[idx]
+    def _split_child(self, huge: int, level: int) -> int:
+        """A new child table holding ``huge``'s translation in 512 smaller SPTEs
+        (make_small_spte), not linked yet."""
         child_pa = self.alloc_sp()
         child = self.store.tables[child_pa]
         nx = self.backend.nx_huge_pages
         child_level = level - 1
         for i in range(SPTE_ENT_PER_PAGE):
             child[i] = make_small_spte(huge, child_level, i, nx)
-        new = make_nonleaf_spte(child_pa, self.backend.ad_disabled)
-        table[idx] = new
+        return child_pa
+
+    def _account_split(self, vm: Kvm) -> None:
+        self.pt_changes += 1
         # The children took over the leaf; only the count changes.
         vm.stats["x86_tdp.leaf_count"] += SPTE_ENT_PER_PAGE - 1
         vm.stats["x86_tdp.split_huge_page"] += 1
+
+    def tdp_mmu_split_huge_page(self, vm: Kvm, root: TdpRoot, table, idx: int, gfn: int,
+                                level: int) -> int:
+        """tdp_mmu_split_huge_page under the write lock (eager splitting): fill a child table
+        with make_small_spte and replace the huge leaf by a link to it; the translation is
+        unchanged, so no TLB flush."""
+        child_pa = self._split_child(table[idx], level)
+        table[idx] = make_nonleaf_spte(child_pa, self.backend.ad_disabled)
+        self._account_split(vm)
         return child_pa
 
     # ------------------------------------------------------------------ walks
@@ -316,9 +445,11 @@ class TdpMmu:
     def _span(root: TdpRoot, start: int, end: int) -> tuple[int, int]:
         return (start + root.gfn_bits) << 12, (end + root.gfn_bits) << 12
 
-    def tdp_mmu_zap_leafs(self, vm: Kvm, root: TdpRoot, start: int, end: int) -> bool:
-        """tdp_mmu.c tdp_mmu_zap_leafs: write SHADOW_NONPRESENT_VALUE over every present leaf
-        overlapping [start, end); page tables are kept; flush unless the root is invalid."""
+    def zap_leafs_locked(self, vm: Kvm, root: TdpRoot, start: int, end: int) -> bool:
+        """tdp_mmu.c tdp_mmu_zap_leafs where it cannot yield (``can_yield`` false, or a range
+        inside one yield region) on a direct root: write SHADOW_NONPRESENT_VALUE over every
+        present leaf overlapping [start, end); page tables are kept; flush unless the root is
+        invalid."""
         zapped = [False]
         bits = root.gfn_bits
 
@@ -334,6 +465,87 @@ class TdpMmu:
         if zapped[0]:
             vm.stats["x86_tdp.zap_leafs"] += 1
         return zapped[0] and not root.invalid
+
+    def tdp_mmu_zap_leafs(self, vm: Kvm, root: TdpRoot, start: int, end: int,
+                          can_yield: bool, flush: bool):
+        """tdp_mmu.c tdp_mmu_zap_leafs, a flow (the caller holds kvm->mmu_lock for write) that
+        returns whether a TLB flush is still owed: every present leaf overlapping [start, end)
+        becomes SHADOW_NONPRESENT_VALUE (tdp_mmu_iter_set_spte); a mirror leaf then goes
+        through remove_external_spte, whose TDX steps pause at their own points.
+
+        With ``can_yield`` (range.may_block) it stands for tdp_mmu_iter_cond_resched: Linux
+        may yield before any SPTE once it has made progress, when need_resched() or the lock
+        is contended; the model yields at the first leaf of each 2 MiB region
+        (``ZAP_YIELD_GFNS``) after one where it zapped something, which keeps the explorer's
+        schedules few while a fault can still run between two parts of the zap. Before
+        yielding it flushes what it zapped (kvm_flush_remote_tlbs) and then owes nothing; it
+        drops the lock at ``tdp_zap_yield`` and, having taken it again, goes on from the gfn
+        it stopped at (the iterator's restart from the root)."""
+        lock = vm.mmu_lock
+        mirror = root.is_mirror
+        flush_needed = not root.invalid
+        leaves = self.iter_leaves(root, start, end)
+        region = None
+        progress = zapped = False
+        while True:
+            item = next(leaves, None)
+            if item is None:
+                break
+            table, idx, level, gfn = item
+            here = gfn // ZAP_YIELD_GFNS
+            if can_yield and progress and here != region:
+                if flush:
+                    vm.flush_remote_tlbs()
+                    flush = False
+                changes = self.pt_changes
+                yield from lock.cond_resched(WRITE, TDP_ZAP_YIELD)
+                progress = False
+                if self.pt_changes != changes:
+                    # A table on the walk's path may be gone, or this leaf split: start
+                    # again from the root. Otherwise the lazy walk, which reads each entry
+                    # when it gets there, already sees what others changed.
+                    leaves = self.iter_leaves(root, max(gfn, start), end)
+                    continue
+            region = here
+            old = table[idx]
+            if not old & SPTE_MMU_PRESENT_MASK:
+                continue        # zapped by another flow while this one had yielded
+            table[idx] = SHADOW_NONPRESENT_VALUE
+            self.handle_changed_spte(vm, root, gfn, old, SHADOW_NONPRESENT_VALUE, level)
+            if mirror:
+                yield from self.backend.remove_external_spte(vm, gfn, level, old)
+            progress = zapped = True
+            flush = flush or flush_needed
+        if zapped:
+            vm.stats["x86_tdp.zap_leafs"] += 1
+        return flush
+
+    def iter_leaves(self, root: TdpRoot, start: int, end: int):
+        """The present leaves overlapping gfns [start, end), in gfn order, as ``(table,
+        index, level, gfn)``: a lazy for_each_tdp_pte_min_level(PG_LEVEL_4K) that reads each
+        table when it gets there, so a walk restarted after a yield sees the tables as they
+        are then."""
+        bits = root.gfn_bits
+        lo, hi = start + bits, end + bits
+        tables = self.store.tables
+
+        def walk(table, level, base):
+            shift = 9 * (level - 1)
+            first = max(lo - base, 0) >> shift
+            last = min(SPTE_ENT_PER_PAGE, (hi - base + (1 << shift) - 1) >> shift)
+            indices = range(first, last) if last - first <= 16 else \
+                _present_from(table, first, last)
+            for i in indices:
+                spte = table[i]
+                if not spte & SPTE_MMU_PRESENT_MASK:
+                    continue
+                key = base + (i << shift)
+                if level == PG_LEVEL_4K or spte & PT_PAGE_SIZE_MASK:
+                    yield table, i, level, key - bits
+                else:
+                    yield from walk(tables[spte & SPTE_BASE_ADDR_MASK], level - 1, key)
+
+        return walk(root.table, root.level, 0)
 
     def tdp_mmu_zap_root(self, vm: Kvm, root: TdpRoot) -> None:
         """tdp_mmu_zap_root: zap every SPTE of the root, freeing all its page tables."""
@@ -500,4 +712,5 @@ class TdpMmu:
 
 
 __all__ = ["TdpMmu", "TdpRoot", "tdp_geometry", "is_access_allowed", "KVM_INVALID_ROOTS",
-           "KVM_DIRECT_ROOTS", "KVM_MIRROR_ROOTS", "KVM_VALID_ROOTS", "KVM_ALL_ROOTS"]
+           "KVM_DIRECT_ROOTS", "KVM_MIRROR_ROOTS", "KVM_VALID_ROOTS", "KVM_ALL_ROOTS",
+           "X86_PF_LINK_CMPXCHG", "X86_PF_LEAF_CMPXCHG", "TDP_ZAP_YIELD", "RACE_POINTS"]

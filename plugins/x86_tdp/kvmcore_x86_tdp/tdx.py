@@ -32,6 +32,14 @@ KICK = "KVM_REQ_OUTSIDE_GUEST_MODE"
 TDH_MEM_PAGE_REMOVE = "TDH.MEM.PAGE.REMOVE"
 TDH_PHYMEM_PAGE_WBINVD = "TDH.PHYMEM.PAGE.WBINVD"
 
+#: Race points of a private page's removal (tdx_sept_remove_private_spte): before BLOCK,
+#: before TRACK and the kick, before PAGE.REMOVE. The zapping flow holds kvm->mmu_lock for
+#: write at each (reference/races.md §7).
+TDX_BLOCK = "tdx_block"
+TDX_TRACK_KICK = "tdx_track_kick"
+TDX_PAGE_REMOVE = "tdx_page_remove"
+RACE_POINTS = (TDX_BLOCK, TDX_TRACK_KICK, TDX_PAGE_REMOVE)
+
 #: The removal sequence of one private leaf (tdx_sept_remove_private_spte).
 REMOVAL_ORDER = (TDH_MEM_RANGE_BLOCK, TDH_MEM_TRACK, KICK, TDH_MEM_PAGE_REMOVE,
                  TDH_PHYMEM_PAGE_WBINVD)
@@ -67,6 +75,8 @@ class Tdx:
         self.sept: dict[int, int] = {}
         self.sept_tables: set[tuple[int, int]] = set()
         self.blocked: set[int] = set()
+        #: Gfns whose removal (BLOCK, TRACK + kick, REMOVE) a paused flow is in the middle of.
+        self.removing: set[int] = set()
         #: SEAMCALL names that fail once with OPERAND_BUSY (fault injection for tests).
         self.fail_next: set[str] = set()
 
@@ -104,21 +114,46 @@ class Tdx:
         return True
 
     # ------------------------------------------------------------------ removal
-    def remove_private_spte(self, vm: Kvm, gfn: int, level: int, old: int) -> None:
-        """tdx_sept_remove_private_spte: BLOCK, TRACK + kick (the next TD entry starts a new
-        epoch, which flushes the private TLB), REMOVE, WBINVD. A busy SEAMCALL is retried once
-        with vCPU entry blocked (tdx_no_vcpus_enter_start/stop)."""
+    def remove_private_spte(self, vm: Kvm, gfn: int, level: int, old: int):
+        """tdx_sept_remove_private_spte, as a flow (KVM holds kvm->mmu_lock for write and has
+        already made the mirror SPTE non-present): BLOCK (tdx_sept_zap_private_spte), TRACK
+        and the kick (tdx_track), then REMOVE and WBINVD (tdx_sept_drop_private_spte). It
+        pauses before each of the three steps, at ``tdx_block``, ``tdx_track_kick`` and
+        ``tdx_page_remove``: until BLOCK the TDX module's S-EPT still maps the page, so a
+        vCPU's walk still finds it; until the kick a vCPU may still use what its TLB holds;
+        the page is only removed once every vCPU has left guest mode and so will flush its
+        private TLB on the next TD entry (the new TD epoch). Faults are held off by the write
+        lock throughout. A busy SEAMCALL is retried once with vCPU entry blocked
+        (tdx_no_vcpus_enter_start/stop)."""
         if not self.hkid_assigned:
             raise AssertionError("KVM bug: removing a private page from a TD without HKID")
+        self.removing.add(gfn)
+        yield TDX_BLOCK
+        self.tdx_sept_zap_private_spte(vm, gfn, level)
+        yield TDX_TRACK_KICK
+        self.tdx_track(vm, gfn, level)
+        yield TDX_PAGE_REMOVE
+        self.tdx_sept_drop_private_spte(vm, gfn, level, spte_to_pfn(old))
+        self.removing.discard(gfn)
+
+    def tdx_sept_zap_private_spte(self, vm: Kvm, gfn: int, level: int) -> None:
+        """TDH.MEM.RANGE.BLOCK: the S-EPT entry stops giving new translations."""
         self._retry(vm, TDH_MEM_RANGE_BLOCK, gfn, level)
         self.blocked.add(gfn)
+
+    def tdx_track(self, vm: Kvm, gfn: int, level: int) -> None:
+        """TDH.MEM.TRACK, then kvm_make_all_cpus_request(KVM_REQ_OUTSIDE_GUEST_MODE): every
+        vCPU leaves guest mode, and its next TD entry flushes the private TLB."""
         self._retry(vm, TDH_MEM_TRACK, gfn, level)
         self.seamcall(vm, KICK, gfn, level)
         vm.flush_remote_tlbs_range(gfn, 1)
-        self._retry(vm, TDH_MEM_PAGE_REMOVE, gfn, level, spte_to_pfn(old))
+
+    def tdx_sept_drop_private_spte(self, vm: Kvm, gfn: int, level: int, pfn: int) -> None:
+        """TDH.MEM.PAGE.REMOVE, then TDH.PHYMEM.PAGE.WBINVD of the page."""
+        self._retry(vm, TDH_MEM_PAGE_REMOVE, gfn, level, pfn)
         self.sept.pop(gfn, None)
         self.blocked.discard(gfn)
-        self.seamcall(vm, TDH_PHYMEM_PAGE_WBINVD, gfn, level, spte_to_pfn(old))
+        self.seamcall(vm, TDH_PHYMEM_PAGE_WBINVD, gfn, level, pfn)
 
     def _retry(self, vm: Kvm, op: str, gfn: int, level: int, pfn: int | None = None) -> None:
         try:
@@ -127,10 +162,19 @@ class Tdx:
             vm.stats["x86_tdp.tdx_no_vcpus_enter"] += 1
             self.seamcall(vm, op, gfn, level, pfn)
 
+    def sept_translation(self, gfn: int) -> int | None:
+        """The pfn the TDX module's S-EPT still maps for ``gfn`` while KVM removes it (its
+        mirror SPTE already zapped, BLOCK not yet done), else None: what a vCPU's walk of a
+        private gfn finds once the mirror is empty."""
+        if gfn in self.removing and gfn not in self.blocked:
+            return self.sept.get(gfn)
+        return None
+
     # ------------------------------------------------------------------ checks
-    def removal_order_problems(self) -> list[str]:
+    def removal_order_problems(self, in_flight=()) -> list[str]:
         """Every PAGE.REMOVE is preceded, for that gfn and since its last AUG, by exactly
-        BLOCK, TRACK, kick in that order and followed by WBINVD."""
+        BLOCK, TRACK, kick in that order and followed by WBINVD; a removal may stop part way
+        only for the gfns of ``in_flight`` (a flow paused in it)."""
         problems = []
         seq: dict[int, list[str]] = {}
         for rec in self.records:
@@ -151,6 +195,6 @@ class Tdx:
             elif len(s) == len(REMOVAL_ORDER):
                 seq[rec.gfn] = []
         for gfn, s in seq.items():
-            if s:
+            if s and gfn not in in_flight:
                 problems.append(f"TDX gfn {gfn:#x}: removal stopped after {s}")
         return problems

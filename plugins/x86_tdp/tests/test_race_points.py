@@ -1,0 +1,275 @@
+"""The x86 backend's own race points (docs/races.md): the fault's compare-and-exchanges under
+the read lock (x86_pf_link_cmpxchg, x86_pf_leaf_cmpxchg), a zap that drops the write lock
+between regions (tdp_zap_yield), and TDX's private removal steps (tdx_block, tdx_track_kick,
+tdx_page_remove), each paused while another flow runs."""
+
+from __future__ import annotations
+
+import pytest
+from kvmcore import InvariantError
+from kvmcore.exits import MemoryFaultExit
+from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES
+
+from conftest import PAGE, SZ_2M, G
+from kvmcore_x86_tdp import spte as S
+from kvmcore_x86_tdp import tdx as T
+
+
+def step_to(flow, point):
+    """Step ``flow`` until it stops at ``point``; the points passed on the way."""
+    seen = []
+    while True:
+        p = next(flow)
+        seen.append(p)
+        if p == point:
+            return seen
+
+
+def tlb_gfns(vcpu):
+    return {gfn for gfn, _private in vcpu.tlb}
+
+
+def test_a_stepped_first_touch_stops_before_each_exchange(make):
+    """A fault in an empty tree links three tables (4-level root) and then the leaf, each by
+    an exchange it pauses before; a plain call runs the same path without pausing."""
+    g = make()
+    g.slot(0, 0, SZ_2M)
+    fault = g.vcpu.steps.read(5 * PAGE, 4)
+    assert list(fault) == ["pf_seq_snapshot", "pf_lock_wait", "x86_pf_link_cmpxchg",
+                           "x86_pf_link_cmpxchg", "x86_pf_link_cmpxchg", "x86_pf_leaf_cmpxchg"]
+    assert fault.result == bytes(4)
+    assert list(g.vcpu.steps.read(6 * PAGE, 4)) == ["pf_seq_snapshot", "pf_lock_wait",
+                                                      "x86_pf_leaf_cmpxchg"]
+    assert g.vcpu.read(7 * PAGE, 4) == bytes(4)
+
+
+def test_two_vcpus_race_on_one_gfn_at_the_leaf_cmpxchg(make):
+    """Two vCPUs fault on one gfn and both reach the leaf's exchange holding mmu_lock for read.
+    The first installs; the second's exchange sees the first's SPTE instead of the
+    non-present one it read, fails (tdp_mmu_set_spte_atomic: -EBUSY -> RET_PF_RETRY), and the
+    vCPU's retry finds the translation. Both read the page's data; one leaf maps it."""
+    g = make()
+    hva = g.slot(0, 0, SZ_2M)
+    g.host.write(hva + 5 * PAGE, b"data")
+    g.vcpu.read(0, 1)                                    # the tables exist
+    v1 = g.vm.create_vcpu(1)
+    a = g.vcpu.steps.read(5 * PAGE, 4)
+    b = v1.steps.read(5 * PAGE, 4)
+    assert step_to(a, "x86_pf_leaf_cmpxchg")[-2:] == ["pf_lock_wait", "x86_pf_leaf_cmpxchg"]
+    step_to(b, "x86_pf_leaf_cmpxchg")
+    assert "mmu_lock(read)" in a.holds and "mmu_lock(read)" in b.holds
+    retries = g.vm.stats["fault_retry"]
+    assert a.run() == b"data"
+    leaf = g.leaf(5 * PAGE)
+    assert b.run() == b"data"
+    assert g.vm.stats["x86_tdp.pf_cmpxchg_failed"] == 1
+    assert g.vm.stats["fault_retry"] == retries + 1
+    assert g.leaf(5 * PAGE) == leaf and g.vm.stats["x86_tdp.leaf_count"] == 2
+    assert 5 in tlb_gfns(v1)
+    g.check()
+
+
+def test_two_vcpus_race_to_link_one_table(make):
+    """Two faults on different gfns of one empty region both want to link the same new page
+    table. The second's exchange fails: its table is never linked (nothing leaks), it retries
+    and installs its leaf below the first one's table."""
+    g = make()
+    g.slot(0, 0, SZ_2M)
+    v1 = g.vm.create_vcpu(1)
+    a = g.vcpu.steps.write(5 * PAGE, b"a")
+    b = v1.steps.write(7 * PAGE, b"b")
+    step_to(a, "x86_pf_link_cmpxchg")
+    step_to(b, "x86_pf_link_cmpxchg")
+    tables = len(g.b.tdp.store)
+    a.run()
+    assert len(g.b.tdp.store) == tables + 3
+    b.run()
+    assert len(g.b.tdp.store) == tables + 3
+    assert g.vm.stats["x86_tdp.pf_cmpxchg_failed"] == 1
+    assert g.vcpu.read(7 * PAGE, 1) == b"b" and v1.read(5 * PAGE, 1) == b"a"
+    g.check()
+
+
+def test_a_fault_paused_in_a_table_removed_under_the_read_lock_retries(make):
+    """A page table taken out while a fault is paused before its exchange in it (as
+    kvm_tdp_mmu_zap_invalidated_roots does under the read lock) is left all FROZEN by
+    handle_removed_pt: the fault's exchange fails instead of writing into a freed page, and
+    its retry maps the page through a new table."""
+    g = make()
+    hva = g.slot(0, 0, SZ_2M)
+    g.host.write(hva + 5 * PAGE, b"data")
+    g.vcpu.read(0, 1)
+    fault = g.vcpu.steps.read(5 * PAGE, 4)
+    step_to(fault, "x86_pf_leaf_cmpxchg")
+    root = g.b.direct_roots[0]
+    _pos, l2_pa, l2_idx = root.pt.path(5 * PAGE)[2]
+    l1_pa = g.b.tdp.store[l2_pa][l2_idx] & S.SPTE_BASE_ADDR_MASK
+    l1 = g.b.tdp.store[l1_pa]
+    g.b.tdp.set_spte(g.vm, root, g.b.tdp.store[l2_pa], l2_idx, 0, 2,
+                     S.SHADOW_NONPRESENT_VALUE)
+    g.vm.flush_remote_tlbs()
+    assert l1_pa not in g.b.tdp.store and set(l1) == {S.FROZEN_SPTE}
+    assert fault.run() == b"data"
+    assert g.vm.stats["x86_tdp.pf_cmpxchg_failed"] == 1
+    assert set(l1) == {S.FROZEN_SPTE}
+    assert g.leaf(5 * PAGE) is not None and g.leaf(0) is None
+    g.check()
+
+
+def test_munmap_waits_for_a_fault_paused_at_its_leaf_cmpxchg(make):
+    """A fault paused before its exchange holds mmu_lock for read: the munmap's notifier needs
+    it for write, so it cannot zap until the fault has installed; it then zaps the new leaf
+    and flushes it from the vCPU's TLB."""
+    g = make()
+    hva = g.slot(0, 0, SZ_2M)
+    g.host.write(hva + 5 * PAGE, b"data")
+    g.vcpu.read(0, 1)
+    fault = g.vcpu.steps.read(5 * PAGE, 4)
+    step_to(fault, "x86_pf_leaf_cmpxchg")
+    unmap = g.host.steps.munmap(hva + 5 * PAGE, PAGE)
+    assert next(unmap) == "mn_start_lock_wait"
+    assert not unmap.runnable and unmap.waits_for == "mmu_lock(write)"
+    assert g.vm.mmu_invalidate_in_progress == 0       # begun only under the lock
+    assert fault.run() == b"data"
+    assert 5 in tlb_gfns(g.vcpu) and g.leaf(5 * PAGE) is not None
+    assert unmap.runnable
+    unmap.run()
+    assert g.leaf(5 * PAGE) is None and 5 not in tlb_gfns(g.vcpu)
+    g.check()
+
+
+def test_a_zap_paused_at_tdp_zap_yield_lets_a_fault_in(make):
+    """A notifier zap over two 2 MiB regions drops mmu_lock after the first one
+    (tdp_mmu_iter_cond_resched), having flushed what it zapped. A fault outside the
+    invalidated range takes the lock and installs meanwhile; one inside it takes the lock too,
+    finds itself stale and waits for the invalidation to end; the zap then takes the lock
+    again for the second region."""
+    g = make()
+    hva = g.slot(0, 0, 2 * SZ_2M)
+    g.slot(1, 4 * SZ_2M, SZ_2M)
+    g.vcpu.write(PAGE, b"1")
+    g.vcpu.write(SZ_2M + PAGE, b"2")
+    zap = g.host.steps.madvise_dontneed(hva, 2 * SZ_2M)
+    assert step_to(zap, "tdp_zap_yield") == ["mn_start_lock_wait", "tdp_zap_yield"]
+    assert not any(h.startswith("mmu_lock") for h in zap.holds)
+    assert g.leaf(PAGE) is None and g.leaf(SZ_2M + PAGE) is not None
+    assert not tlb_gfns(g.vcpu)                          # flushed before yielding
+    g.check()                                            # no stale TLB entry behind
+    v1 = g.vm.create_vcpu(1)
+    assert v1.read(4 * SZ_2M, 1) == bytes(1)            # another slot: installs
+    inside = v1.steps.read(PAGE, 1)
+    assert step_to(inside, "pf_retry_wait")[-1] == "pf_retry_wait"
+    assert g.vm.stats["fault_retry_stale"] == 1
+    assert not inside.runnable
+    assert zap.runnable
+    zap.run()
+    assert g.leaf(SZ_2M + PAGE) is None
+    assert inside.run() == bytes(1)                     # DONTNEED: a new zero page
+    assert g.vcpu.read(SZ_2M + PAGE, 1) == bytes(1)
+    g.check()
+
+
+def test_only_a_zap_that_may_block_yields(make):
+    """A zap whose range may not block (an MMU notifier that is not blockable) runs to its
+    end under the lock and leaves the flush to its caller; one that may block flushes the
+    first region before it drops the lock, and owes the flush of the second."""
+    from kvmcore.defaults import whole_slot
+    from kvmcore.locks import drive
+    import attrs
+
+    g = make()
+    g.slot(0, 0, 2 * SZ_2M, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    g.vcpu.write(PAGE, b"1")
+    g.vcpu.write(SZ_2M + PAGE, b"2")
+    slot = g.vm.gfn_to_memslot(0)
+    rng = attrs.evolve(whole_slot(slot), may_block=False)
+    flushes = g.vm.stats["tlb_flush"]
+    with g.vm.mmu_lock:
+        assert g.b.unmap_gfn_range(vm=g.vm, range=rng) is True
+    assert g.vm.stats["tlb_flush"] == flushes
+    g.vm.flush_remote_tlbs()
+    g.vcpu.write(PAGE, b"1")
+    g.vcpu.write(SZ_2M + PAGE, b"2")
+    flushes = g.vm.stats["tlb_flush"]
+    with g.vm.mmu_lock:
+        flow = g.b.unmap_gfn_range(vm=g.vm, range=whole_slot(slot))
+        assert next(flow) == "tdp_zap_yield" and not g.vm.mmu_lock.held
+        assert g.vm.stats["tlb_flush"] == flushes + 1 and not tlb_gfns(g.vcpu) & {1}
+        assert drive(flow) is True
+    g.vm.flush_remote_tlbs()
+    assert not list(g.vm.mappings())
+    g.check()
+
+
+@pytest.fixture
+def td(make):
+    """A TD with a private page at gfn 5 written by vCPU 0 (its TLB holds it)."""
+    g = make("tdx")
+    g.gmem_slot(0, 0, SZ_2M)
+    g.make_private(0, SZ_2M)
+    g.vcpu.write(5 * PAGE, b"priv")
+    g.tdx = g.b.tdx
+    return g
+
+
+def test_tdx_private_zap_pauses_between_block_track_and_remove(td):
+    """Converting a TD's private page to shared zaps its mirror SPTE under the write lock,
+    then removes it from the TDX module in three steps (tdx_sept_remove_private_spte):
+    - before BLOCK the S-EPT still maps the page: a vCPU that walks now still reads it;
+    - after BLOCK no new translation is made (a walk faults and waits for mmu_lock), but a
+      vCPU's TLB still serves it until TRACK and the kick;
+    - after the kick every vCPU's TLB has lost it, before PAGE.REMOVE frees it.
+    The model's invariants hold at every pause."""
+    g, tdx = td, td.tdx
+    v1, v2 = g.vm.create_vcpu(1), g.vm.create_vcpu(2)
+    conv = g.vm.steps.set_memory_attributes(5 * PAGE, PAGE, 0)
+    assert step_to(conv, "tdx_block") == ["attr_slots_lock_wait", "attr_pre_lock_wait",
+                                          "tdx_block"]
+    assert conv.holds == ["slots_lock", "mmu_lock(write)"]
+    assert g.leaf(5 * PAGE, private=True) is None and tdx.sept[5] is not None
+    g.check()
+    assert g.vcpu.read(5 * PAGE, 4) == b"priv"           # its TLB
+    assert v1.read(5 * PAGE, 4) == b"priv"               # a walk of the S-EPT
+
+    assert next(conv) == "tdx_track_kick"
+    assert 5 in tdx.blocked
+    g.check()
+    assert g.vcpu.read(5 * PAGE, 4) == b"priv" and v1.read(5 * PAGE, 4) == b"priv"
+    walker = v2.steps.read(5 * PAGE, 4)
+    step_to(walker, "pf_lock_wait")
+    assert not walker.runnable and walker.waits_for == "mmu_lock(read)"
+
+    assert next(conv) == "tdx_page_remove"
+    assert not tlb_gfns(g.vcpu) & {5} and not tlb_gfns(v1) & {5}
+    assert tdx.sept[5] is not None                       # not removed yet
+    g.check()
+    stuck = g.vcpu.steps.read(5 * PAGE, 4)
+    step_to(stuck, "pf_lock_wait")
+    assert not stuck.runnable
+
+    conv.run()
+    ops = [r.op for r in tdx.records if r.gfn == 5]
+    assert ops[-5:] == list(T.REMOVAL_ORDER)
+    assert 5 not in tdx.sept and not tdx.removing
+    for flow in (walker, stuck):                         # private accesses of a shared gfn
+        with pytest.raises(MemoryFaultExit):
+            flow.run()
+    g.check()
+
+
+def test_tdx_removal_abandoned_midway_is_reported():
+    """A removal stopped for good between BLOCK and REMOVE (its flow closed, its locks
+    released) leaves the S-EPT holding a BLOCKED page KVM's mirror no longer maps: the
+    invariants, which allow that only while the removing flow holds mmu_lock, report it."""
+    g = G("tdx")
+    g.gmem_slot(0, 0, SZ_2M)
+    g.make_private(0, SZ_2M)
+    g.vcpu.write(5 * PAGE, b"priv")
+    conv = g.vm.steps.set_memory_attributes(5 * PAGE, PAGE, 0)
+    step_to(conv, "tdx_track_kick")
+    g.check()
+    conv.close()
+    assert not g.vm.mmu_lock.held
+    with pytest.raises(InvariantError, match="S-EPT differ") as e:
+        g.vm.check_invariants()
+    assert "left BLOCKED" in str(e.value) and "removal stopped" in str(e.value)
