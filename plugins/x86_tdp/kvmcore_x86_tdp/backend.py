@@ -292,6 +292,7 @@ class X86TdpBackend:
     @hookimpl
     def init_vm(self, vm):
         self._alloc_roots()
+        vm.root_entry_shift = self.tdp.geometry.shifts[0]
         if self.pml:
             # kvm_x86_ops.cpu_dirty_log_size: entries a vCPU may hold before KVM sees them.
             vm.cpu_dirty_log_size = 512
