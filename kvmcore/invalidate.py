@@ -52,6 +52,11 @@ class InvalidateState:
         if self.in_progress < 0:
             raise AssertionError("KVM_BUG_ON: mmu_invalidate_in_progress < 0")
 
+    def seq_bump(self) -> None:
+        """mmu_invalidate_seq++ alone (ppc kvmppc_radix_flush_memslot): every snapshot taken
+        before it is stale; no invalidation begins or ends."""
+        self.seq += 1
+
     def retry(self, seq: int) -> bool:
         """mmu_invalidate_retry."""
         return bool(self.in_progress) or self.seq != seq

@@ -167,6 +167,13 @@ class Kvm:
     def mmu_invalidate_end(self) -> None:
         self.mmu_invalidate.end()
 
+    def mmu_invalidate_seq_bump(self) -> None:
+        """A bare ``kvm->mmu_invalidate_seq++`` under kvm->mmu_lock, outside any
+        begin/end bracket: in_progress and the range stay as they are. ppc's
+        kvmppc_radix_flush_memslot does it so that a fault which looked up the memslot
+        before the flush fails mmu_invalidate_retry and installs nothing."""
+        self.mmu_invalidate.seq_bump()
+
     @property
     def mmu_invalidate_seq(self) -> int:
         return self.mmu_invalidate.seq

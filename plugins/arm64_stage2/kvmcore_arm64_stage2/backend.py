@@ -284,13 +284,6 @@ class Arm64Stage2Backend:
         return False
 
     @hookimpl
-    def flush_shadow_memslot(self, vm, slot):
-        """kvm_arch_flush_shadow_memslot: unmap the slot's range under the write lock; the
-        unmap walker invalidates each leaf, so no further flush."""
-        self.unmap_stage2_range(slot.base_gfn << 12, slot.npages << 12)
-        return True
-
-    @hookimpl
     def age_gfn(self, vm, range):
         """kvm_age_gfn: test_clear_young(mkold=True); no TLBI."""
         return self.pgt.test_clear_young(range.start << 12, range.npages << 12, mkold=True)

@@ -162,16 +162,6 @@ class PpcRadixBackend:
         completed since the snapshot."""
         return vm.mmu_invalidate.retry(mmu_seq)
 
-    @staticmethod
-    def bump_mmu_invalidate_seq(vm, start_gfn: int, end_gfn: int) -> None:
-        """kvmppc_radix_flush_memslot ends with kvm->mmu_invalidate_seq++. The core has no
-        bare seq++; an invalidation bracket over the slot's gfns (kvm_mmu_invalidate_begin,
-        _range_add, _end, as guest_memfd uses) ends with exactly that seq++, and nothing runs
-        inside it."""
-        vm.mmu_invalidate_begin()
-        vm.mmu_invalidate_range_add(start_gfn, end_gfn)
-        vm.mmu_invalidate_end()
-
     @property
     def partition_table_entry(self) -> tuple[int, int]:
         """(dw0, dw1) of kvmppc_setup_partition_table; dw1 (the guest process table) is 0."""

@@ -209,7 +209,7 @@ def kvmppc_radix_flush_memslot(be, vm, memslot) -> None:
     start = memslot.base_gfn << SZ_4K_SHIFT
     end = (memslot.base_gfn + memslot.npages) << SZ_4K_SHIFT
     kvm_unmap_radix(be, vm, memslot, start, end)
-    be.bump_mmu_invalidate_seq(vm, memslot.base_gfn, memslot.base_gfn + memslot.npages)
+    vm.mmu_invalidate_seq_bump()
 
 
 def _unmap_leftover(be, vm, table_pa: int, pos: int, base: int) -> None:

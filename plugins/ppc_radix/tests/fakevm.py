@@ -63,6 +63,9 @@ class FakeVM:
     def mmu_invalidate_end(self):
         self.mmu_invalidate.end()
 
+    def mmu_invalidate_seq_bump(self):
+        self.mmu_invalidate.seq_bump()
+
     def flush_remote_tlbs_range(self, start_gfn, npages):
         self.flushed.append((start_gfn, npages))
 

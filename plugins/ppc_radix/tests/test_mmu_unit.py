@@ -114,6 +114,24 @@ def test_unmap_whole_covering_leaf_with_dirty_transfer_and_no_table_free(be):
     assert len(be.store) == tables                          # unmap never frees tables
 
 
+def test_flush_memslot_bumps_the_seq_alone(be):
+    """kvmppc_radix_flush_memslot ends with a bare mmu_invalidate_seq++: a fault that
+    snapshotted the seq before it retries, and an invalidation in progress elsewhere keeps
+    its count and range (no begin/end bracket)."""
+    slot = FakeSlot(0, 512)
+    vm = FakeVM([slot])
+    M.kvmppc_create_pte(be, vm, leaf(0x5000000), 0x3000, LEVEL_PTE, 0)
+    inv = vm.mmu_invalidate
+    inv.begin()
+    inv.range_add(1 << 20, (1 << 20) + 16)
+    M.kvmppc_radix_flush_memslot(be, vm, slot)
+    assert be.entry(0x3000) == 0
+    assert (inv.seq, inv.in_progress, inv.range_start, inv.range_end) == (
+        1, 1, 1 << 20, (1 << 20) + 16)
+    inv.end()
+    assert inv.retry(1) and not inv.retry(2)
+
+
 def test_unaligned_dirty_quirk_option():
     be = PpcRadixBackend(unaligned_dirty_quirk=True)
     slot = FakeSlot(0, 1024, logging=True)
