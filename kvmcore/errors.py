@@ -23,6 +23,12 @@ class KvmError(OSError):
         return f"[{name}] {self.strerror}"
 
 
+class FaultLivelock(KvmError):
+    """A guest access whose fault kept retrying without progress (EAGAIN): Linux's vCPU
+    would re-enter the guest and fault again for ever. The race explorer reports it as a
+    livelock."""
+
+
 class InvariantError(AssertionError):
     """``vm.check_invariants()`` found model state that Linux forbids; ``problems`` lists it."""
 

@@ -18,7 +18,7 @@ from . import dirty as _dirty
 from .arch import ArchInfo, Mapping
 from . import capabilities as _caps
 from .capabilities import KernelConfig
-from .errors import InvariantError, KvmError
+from .errors import FaultLivelock, InvariantError, KvmError
 from .exits import MmioExit, VcpuExit
 from .fault import kvm_page_fault
 from .records import FETCH, READ, VIOLATION_KINDS, WRITE, Access, PageFault, Translation
@@ -505,8 +505,8 @@ class Vcpu(KvmVcpu):
 
     @staticmethod
     def _livelock(gpa: int) -> KvmError:
-        return KvmError(errno.EAGAIN, f"gpa={gpa:#x}: the fault retried {MAX_FAULT_RETRIES} "
-                                      "times without making progress (livelock)")
+        return FaultLivelock(errno.EAGAIN, f"gpa={gpa:#x}: the fault retried "
+                             f"{MAX_FAULT_RETRIES} times without making progress (livelock)")
 
     def _walk(self, gpa: int, access: Access) -> int | PageFault:
         """The hardware walk: the pfn (and a TLB fill) when it succeeds, else the PageFault

@@ -17,8 +17,9 @@ progress, every TLB entry is backed by a leaf once no flow holds the MMU lock); 
 entry reaches a frame the host freed; a leaf that a completed access used is not taken away or
 made read-only without an invalidation; a flow raising anything but a guest exit, KvmError or a
 host signal is a crash; no runnable flow while some are unfinished is a deadlock; a flow still
-running after ``MAX_FLOW_STEPS`` stretches is a livelock. At the end, the invariants again and
-dirty-log completeness: every guest write that completed after the last dirty-log ioctl
+running after ``MAX_FLOW_STEPS`` stretches, or a vCPU access whose fault retried without
+progress until it gave up (``FaultLivelock``), is a livelock. At the end, the invariants again
+and dirty-log completeness: every guest write that completed after the last dirty-log ioctl
 returned is reported by the next KVM_GET_DIRTY_LOG or dirty ring harvest.
 """
 
@@ -32,7 +33,7 @@ import time
 
 import attrs
 
-from ..errors import InvariantError, KvmError
+from ..errors import FaultLivelock, InvariantError, KvmError
 from ..exits import VcpuExit
 from ..host import SigBus, SigSegv
 from .oracles import Oracles
@@ -221,6 +222,8 @@ class Explorer:
                                 "holds": flow.holds})
         except StopIteration as stop:
             r.outcomes[i] = ("ok", _plain(stop.value))
+        except FaultLivelock as e:
+            r.failure = Failure("livelock", f"{flow.name}: {e}", list(r.schedule))
         except (VcpuExit, KvmError, SigBus, SigSegv) as e:
             r.outcomes[i] = ("raised", type(e).__name__, str(e))
         except Exception as e:  # noqa: BLE001 - any other exception is a crash of the model

@@ -15,6 +15,8 @@ CPU or a KVM capability, raising EINVAL when bad:
 * ``eager_split_chunk_size`` (default 0 = off): KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, 0 or a
   supported block size (the capability can only change while no memslot exists; as a VM
   option it is set before any).
+* ``relax_perms_only`` (default False): not a host fact but a mutant for the race explorer,
+  user_mem_abort's relax-vs-map choice before commit 7d894834a305 (mmu.py explains it).
 
 Capabilities: arm64 has no KVM_SET_MEMORY_ATTRIBUTES and no private memory (6.18 guest_memfd is
 mmap-able, shared-only: ``gmem`` and ``gmem_mmap``, never ``private_mem``). KVM_PRE_FAULT_MEMORY
@@ -49,6 +51,7 @@ import structlog
 from kvmcore.arch import ArchInfo, Mapping
 from kvmcore.errors import KvmError
 from kvmcore.exits import GuestAbort, HwPoisonSignal
+from kvmcore.locks import WRITE
 from kvmcore.records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from kvmcore.uapi import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MR_CREATE, KVM_MR_DELETE,
                           KVM_MR_FLAGS_ONLY, KVM_MR_MOVE, RET_PF_CONTINUE)
@@ -62,6 +65,10 @@ from .pgtable import (KVM_PTE_LEAF_ATTR_HI_S2_XN, KVM_PTE_LEAF_ATTR_LO_S2_AF,
 logger = structlog.get_logger(__name__)
 
 hookimpl = kvmcore.hookimpl
+
+#: stage2_apply_range's cond_resched_rwlock_write between two chunks of a may_block unmap
+#: (reference/races.md §8): the write lock is dropped and taken again.
+S2_UNMAP_RESCHED = "s2_unmap_resched"
 
 _COMMON_CAPS = {"gmem", "gmem_mmap", "readonly_mem", "dirty_log", "manual_dirty_protect",
                 "initially_set", "dirty_ring", "relax_perms", "aging"}
@@ -89,7 +96,7 @@ def _arch_info(g: Stage2Geometry) -> ArchInfo:
 
 
 _OPTIONS = {"granule", "ipa_bits", "fwb", "cache_dic", "tlbirange", "hw_af",
-            "eager_split_chunk_size"}
+            "eager_split_chunk_size", "relax_perms_only"}
 
 
 class Arm64Stage2Backend:
@@ -100,7 +107,8 @@ class Arm64Stage2Backend:
 
     def __init__(self, vm_type: str = "default", granule: int = 4096, ipa_bits: int = 0,
                  fwb: bool = True, cache_dic: bool = True, tlbirange: bool = False,
-                 hw_af: bool = False, eager_split_chunk_size: int = 0, **unknown):
+                 hw_af: bool = False, eager_split_chunk_size: int = 0,
+                 relax_perms_only: bool = False, **unknown):
         if unknown:
             raise KvmError(errno.EINVAL, f"{', '.join(sorted(unknown))}: not an arm64_stage2 "
                            f"VM option (known: {', '.join(sorted(_OPTIONS))})")
@@ -110,7 +118,7 @@ class Arm64Stage2Backend:
         self.geom = Stage2Geometry.from_options(granule=granule, ipa_bits=ipa_bits,
                                                 hw_af=hw_af)
         for name, value in (("fwb", fwb), ("cache_dic", cache_dic), ("tlbirange", tlbirange),
-                            ("hw_af", hw_af)):
+                            ("hw_af", hw_af), ("relax_perms_only", relax_perms_only)):
             if not isinstance(value, bool):
                 raise KvmError(errno.EINVAL, f"{name}={value!r}: must be True or False")
         if eager_split_chunk_size and not self.geom.is_block_size_supported(
@@ -120,6 +128,7 @@ class Arm64Stage2Backend:
         self.vm_type = vm_type
         self.fwb, self.cache_dic, self.hw_af = fwb, cache_dic, hw_af
         self.eager_split_chunk_size = eager_split_chunk_size
+        self.relax_perms_only = relax_perms_only
         self.arch_info = _arch_info(self.geom)
         self.vm = None
         self.pgt = Stage2PageTable(self.geom, fwb=fwb, cache_dic=cache_dic, tlbirange=tlbirange,
@@ -264,23 +273,50 @@ class Arm64Stage2Backend:
 
     # ------------------------------------------------------------------ unmap and aging
 
-    def unmap_stage2_range(self, start: int, size: int) -> None:
-        """__unmap_stage2_range / stage2_apply_range: in chunks that end on
-        KVM_PGTABLE_MIN_BLOCK_LEVEL boundaries."""
+    def stage2_range_addr_end(self, addr: int, end: int) -> int:
+        """stage2_range_addr_end: the end of ``addr``'s chunk, a block of
+        KVM_PGTABLE_MIN_BLOCK_LEVEL (1 GiB with 4K pages, 32 MiB with 16K, 512 MiB with
+        64K), or ``end``."""
         chunk = self.geom.size(self.geom.min_block_level)
+        return min((addr & ~(chunk - 1)) + chunk, end)
+
+    def unmap_stage2_range(self, start: int, size: int) -> None:
+        """__unmap_stage2_range without rescheduling: stage2_apply_range's chunks, one after
+        the other under the write lock."""
         end = start + size
         addr = start
         with self.tlb_batch():
             while addr < end:
-                nxt = min((addr & ~(chunk - 1)) + chunk, end)
+                nxt = self.stage2_range_addr_end(addr, end)
                 self.pgt.unmap(addr, nxt - addr)
                 addr = nxt
 
+    def unmap_stage2_range_resched(self, vm, start: int, size: int):
+        """__unmap_stage2_range with may_block, a flow: stage2_apply_range with resched, so
+        cond_resched_rwlock_write between two chunks (``s2_unmap_resched``, the write lock
+        dropped: faults may take the read lock there). The vCPU TLBs of a chunk's TLBIs are
+        emptied before the lock is dropped, as Linux's TLBIs complete inside the walk."""
+        end = start + size
+        addr = start
+        while True:
+            nxt = self.stage2_range_addr_end(addr, end)
+            with self.tlb_batch():
+                self.pgt.unmap(addr, nxt - addr)
+            if nxt == end:
+                return False
+            vm.stats["arm64_s2_unmap_resched"] += 1
+            yield from vm.mmu_lock.cond_resched(WRITE, S2_UNMAP_RESCHED)
+            addr = nxt
+
     @hookimpl
     def unmap_gfn_range(self, vm, range):
-        """kvm_unmap_gfn_range: every TLBI is done inside, so no flush is asked of the
-        caller."""
-        self.unmap_stage2_range(range.start << 12, (range.end - range.start) << 12)
+        """kvm_unmap_gfn_range: every TLBI is done inside, so no flush is asked of the caller.
+        With ``range.may_block`` (notifiers that may sleep, memslot flushes, guest_memfd) a
+        range of more than one chunk is a flow that yields between chunks."""
+        start, size = range.start << 12, (range.end - range.start) << 12
+        if range.may_block and self.stage2_range_addr_end(start, start + size) < start + size:
+            return self.unmap_stage2_range_resched(vm, start, size)
+        self.unmap_stage2_range(start, size)
         return False
 
     @hookimpl

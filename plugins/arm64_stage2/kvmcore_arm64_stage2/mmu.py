@@ -17,6 +17,23 @@ check); this module supplies what arm64 decides inside it:
   block on a permission fault).
 * ``relax_or_none`` / ``map_fault``: the relax-vs-map selection and the call into the page table,
   with mark_page_dirty_in_slot only for a writable, successful fault (commit 509552e65ae8).
+  In a stepped flow (``kvmcore.locks.stepping()``) both return the page-table walk as a
+  generator, so the fault stops at its race points (``arm64_pte_break``, ``arm64_pte_make``,
+  ``arm64_relax_cmpxchg``: see pgtable.py); a flow run to its end walks without them, since
+  nothing could run at them.
+* A fault whose walk met another walker's LOCKED entry gets -EAGAIN and the vCPU re-faults
+  until that walker's make: Linux's vCPU re-enters the guest and faults again and again, each
+  time changing nothing, so the model makes its next fault wait once
+  (``arm64_pte_locked_wait``, as the core's ``pf_retry_wait``) until the entry is no longer
+  LOCKED, then re-enter the guest.
+* ``relax_perms_only`` (a VM option, default False): user_mem_abort's choice before commit
+  7d894834a305 (2020), a mutant for the race explorer. Linux relaxes only a permission fault
+  taken at the level it would map (``vma_pagesize == fault_granule``) and sends every other
+  fault to the map walker; before the fix every permission fault relaxed except a write to a
+  dirty-logged slot (``!(logging_active && writable)``), which went to the map walker. Since
+  the map walker leaves a permission-only change alone (694d071f8d85, same series), such a
+  write on a page another vCPU's read fault mapped read-only is -EAGAIN for ever: the vCPU
+  livelocks, which the explorer finds when a read and a write fault race on one gfn.
 
 Not modelled: nested virtualization, MTE, pKVM, S1PTW and cache-maintenance aborts,
 VM_ALLOW_ANY_UNCACHED (the host model's VMAs have no such flag, so an uncached PFNMAP is always
@@ -31,10 +48,12 @@ import weakref
 import structlog
 from kvmcore.errors import KvmError
 from kvmcore.exits import GuestAbort
+from kvmcore.locks import stepping, wait_until
 from kvmcore.records import ACCESS_FLAG, PERMISSION, PageFault
 from kvmcore.uapi import RET_PF_FIXED, RET_PF_SPURIOUS
 
-from .pgtable import FAULT_WALK_FLAGS, PROT_DEVICE, PROT_R, PROT_W, PROT_X
+from .pgtable import (FAULT_WALK_FLAGS, PROT_DEVICE, PROT_R, PROT_W, PROT_X,
+                      stage2_pte_is_locked)
 
 logger = structlog.get_logger(__name__)
 
@@ -43,6 +62,10 @@ logger = structlog.get_logger(__name__)
 ESR_ELx_FSC_FAULT = 0x04
 ESR_ELx_FSC_ACCESS = 0x08
 ESR_ELx_FSC_PERM = 0x0C
+
+#: A vCPU whose last fault met another walker's LOCKED entry waits here, at its next fault,
+#: until that walker's stage2_make_pte (see the module docstring).
+ARM64_PTE_LOCKED_WAIT = "arm64_pte_locked_wait"
 
 
 class FaultState:
@@ -66,6 +89,8 @@ class AbortPath:
         self.b = backend
         self._state: weakref.WeakKeyDictionary[PageFault, FaultState] = (
             weakref.WeakKeyDictionary())
+        #: vCPU -> (table, index, gfn): the LOCKED entry its last fault backed off from.
+        self._locked_refault: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def state(self, fault: PageFault) -> FaultState:
         st = self._state.get(fault)
@@ -77,13 +102,29 @@ class AbortPath:
 
     def early_abort_checks(self, vm, fault: PageFault):
         """kvm_handle_guest_abort, the part before user_mem_abort: exec from no memslot is an
-        injected instruction abort; an access-flag fault is handle_access_fault."""
+        injected instruction abort; an access-flag fault is handle_access_fault. First, a
+        vCPU that backed off from a LOCKED entry waits for its make (``locked_refault``)."""
+        if self._locked_refault:
+            rec = self._locked_refault.pop(fault.vcpu, None)
+            if rec is not None and rec[2] == fault.gfn and stage2_pte_is_locked(rec[0][rec[1]]):
+                return self.locked_refault(vm, rec[0], rec[1])
         if fault.exec and vm.gfn_to_memslot(fault.gfn, fault.as_id) is None:
             vm.stats["arm64_inject_iabt"] += 1
             raise GuestAbort("instruction_abort", fault.addr)
         if fault.kind == ACCESS_FLAG:
             return self.handle_access_fault(vm, fault)
         return None
+
+    def locked_refault(self, vm, table, index: int):
+        """The re-faults of a vCPU whose fault met a LOCKED entry (stage2_pte_is_locked:
+        -EAGAIN, back to the guest, the same fault again) until the walker that holds it
+        stores the new entry: one wait instead of the spin, since every re-fault in between
+        changes nothing; then the vCPU re-enters the guest and walks again."""
+        yield from wait_until(lambda: not stage2_pte_is_locked(table[index]),
+                              "another walker's break-before-make to end (stage2_make_pte)",
+                              ARM64_PTE_LOCKED_WAIT)
+        vm.stats["arm64_locked_refault_wait"] += 1
+        return RET_PF_SPURIOUS
 
     def handle_access_fault(self, vm, fault: PageFault):
         """handle_access_fault, a flow: mkyoung under the read lock (waited for at
@@ -246,21 +287,43 @@ class AbortPath:
             return RET_PF_SPURIOUS
         raise KvmError(-ret, f"gpa={fault.gpa:#x}: stage-2 update failed ({ret})")
 
-    def relax_or_none(self, vm, fault: PageFault) -> int | None:
+    def relax_or_none(self, vm, fault: PageFault):
         """user_mem_abort step 18, first half: relax_perms iff the fault is a permission fault
-        and the mapping size equals the faulting leaf's size; gmem_abort never relaxes."""
-        if fault.slot.has_gmem:
+        and the mapping size equals the faulting leaf's size (with ``relax_perms_only``, the
+        pre-7d894834a305 choice: any permission fault but a write to a logging slot);
+        gmem_abort never relaxes. None, or a RET_PF_* code (a generator returning it in a
+        stepped flow, with the race point ``arm64_relax_cmpxchg``)."""
+        if fault.slot.has_gmem or fault.kind != PERMISSION:
             return None
         size, _force = self.stage2_mapping_size(vm, fault)
-        if fault.kind != PERMISSION or size != fault.fault_size:
+        if self.b.relax_perms_only:
+            if fault.slot.logging and self.state(fault).writable:
+                return None
+        elif size != fault.fault_size:
             return None
         prot = self.stage2_prot(vm, fault) & (PROT_R | PROT_W | PROT_X)
-        ret = self.b.pgt.relax_perms(fault.addr, prot, FAULT_WALK_FLAGS)
-        return self._finish(vm, fault, ret, "relax_perms", size)
+        if stepping():
+            return self._relax_steps(vm, fault, prot, size)
+        ret, locked = self.b.pgt.relax_perms_walk(fault.addr, prot, FAULT_WALK_FLAGS)
+        return self._installed(vm, fault, ret, locked, "relax_perms", size)
 
-    def map_fault(self, vm, fault: PageFault) -> int:
+    def _relax_steps(self, vm, fault: PageFault, prot: int, size: int):
+        ret, locked = yield from self.b.pgt.relax_perms_steps(fault.addr, prot,
+                                                              FAULT_WALK_FLAGS)
+        return self._installed(vm, fault, ret, locked, "relax_perms", size)
+
+    def _installed(self, vm, fault: PageFault, ret: int, locked, how: str, size: int) -> int:
+        """After the walk: remember a LOCKED entry it backed off from for the vCPU's next
+        fault (``locked_refault``), then the tail of user_mem_abort."""
+        if locked is not None and fault.vcpu is not None:
+            self._locked_refault[fault.vcpu] = (locked[0], locked[1], fault.gfn)
+        return self._finish(vm, fault, ret, how, size)
+
+    def map_fault(self, vm, fault: PageFault):
         """user_mem_abort step 18, second half (and gmem_abort): kvm_pgtable_stage2_map at the
-        chosen size, IPA and PA aligned down to it.
+        chosen size, IPA and PA aligned down to it: a RET_PF_* code (a generator returning it
+        in a stepped flow, with the race points ``arm64_pte_break`` and ``arm64_pte_make`` of
+        every entry it replaces).
 
         ``fault.pfn`` is the 4 KiB frame of the faulting gfn, inside one host page (PAGE_SIZE =
         granule, aligned and contiguous), so Linux's pfn of the IPA's page is that frame
@@ -277,5 +340,11 @@ class AbortPath:
         if size > g.granule:
             phys -= (fault.gpa - ipa) & ~(g.granule - 1)      # the block's first page
             vm.stats[f"arm64_map_block_{size >> 10}k"] += 1
-        ret = self.b.pgt.map(ipa, size, phys, prot, FAULT_WALK_FLAGS)
-        return self._finish(vm, fault, ret, "map", size)
+        if stepping():
+            return self._map_steps(vm, fault, ipa, size, phys, prot)
+        ret, locked = self.b.pgt.map_walk(ipa, size, phys, prot, FAULT_WALK_FLAGS)
+        return self._installed(vm, fault, ret, locked, "map", size)
+
+    def _map_steps(self, vm, fault: PageFault, ipa: int, size: int, phys: int, prot: int):
+        ret, locked = yield from self.b.pgt.map_steps(ipa, size, phys, prot, FAULT_WALK_FLAGS)
+        return self._installed(vm, fault, ret, locked, "map", size)

@@ -10,11 +10,18 @@ never remove execute permission.
 
 Model simplifications (each stated where it matters):
 
-* There are no concurrent walkers: the core runs one flow at a time, so Linux's cmpxchg
-  (``stage2_try_set_pte``) is a compare with the value the visitor read followed by a store.
-  A LOCKED entry can only be met if a test plants one to stand for another CPU's BBM window,
-  and every walker then behaves as Linux's does (-EAGAIN, never an overwrite).
-* Tables freed by a walker are freed at once (Linux defers them through RCU).
+* Shared walks (KVM_PGTABLE_WALK_SHARED, under the read MMU lock: the fault path's map and
+  relax_perms) are generators (``map_steps``, ``relax_perms_steps``) that yield a race point
+  where Linux lets another walker in between its read of an entry and its cmpxchg:
+  ``arm64_pte_break`` (the old entry read, before the cmpxchg to LOCKED),
+  ``arm64_pte_make`` (the entry LOCKED and its TLB invalidated, before the new entry is
+  stored), ``arm64_relax_cmpxchg`` (relax_perms' old entry read, before its cmpxchg). A
+  stretch between two points runs alone, so Linux's cmpxchg (``stage2_try_set_pte``) is a
+  compare with the value the visitor read followed by a store; another walker that meets a
+  LOCKED entry gets -EAGAIN, never overwrites it. Exclusive walks (write lock) yield nothing.
+* Tables a shared walker unlinks (a table replaced by a block) are freed once no shared walk
+  is in progress (Linux frees them through RCU, after the walkers' rcu_read_lock sections);
+  exclusive walks free at once.
 * The memory cache (``kvm_mmu_memory_cache``) never runs dry, so ``-ENOMEM`` never happens
   and eager split always builds fully populated subtrees (``force_pte``).
 * Cache maintenance is recorded as an event, not performed (there are no caches); with FWB
@@ -27,10 +34,12 @@ from __future__ import annotations
 import collections
 import enum
 import errno
+from types import GeneratorType
 
 import attrs
 import structlog
-from kvmcore.pgtable import LEAF, STOP, TABLE_POST, TABLE_PRE, PageTable, TableStore
+from kvmcore.pgtable import (LEAF, STOP, TABLE_POST, TABLE_PRE, PageTable, TableStore,
+                             WalkContext)
 
 from .geometry import KVM_PGTABLE_LAST_LEVEL, Stage2Geometry
 
@@ -115,6 +124,13 @@ KVM_PGTABLE_WALK_SKIP_BBM_TLBI = 1 << 5
 KVM_PGTABLE_WALK_SKIP_CMO = 1 << 6
 #: The flags user_mem_abort / gmem_abort / handle_access_fault pass ([6.17]).
 FAULT_WALK_FLAGS = KVM_PGTABLE_WALK_HANDLE_FAULT | KVM_PGTABLE_WALK_SHARED
+
+#: Race points of the shared walks (reference/races.md §1.B): the old entry read, before the
+#: cmpxchg to LOCKED (stage2_try_break_pte); the entry LOCKED, before the new one is stored
+#: (stage2_make_pte); relax_perms' old entry read, before its cmpxchg (stage2_attr_walker).
+ARM64_PTE_BREAK = "arm64_pte_break"
+ARM64_PTE_MAKE = "arm64_pte_make"
+ARM64_RELAX_CMPXCHG = "arm64_relax_cmpxchg"
 
 #: Where page-table pages live in the modelled PA space: below 2^48 so that the 48-bit output
 #: address field can carry them, far above the host's data frames.
@@ -279,6 +295,10 @@ class _MapData:
     start: int
     force_pte: bool
     flags: int
+    #: Yield the race points (a shared walk of a stepped flow).
+    steps: bool = False
+    #: (table, index) of a LOCKED entry the walk met (its -EAGAIN), or None.
+    locked: tuple | None = None
 
 
 @attrs.define(slots=True)
@@ -287,6 +307,7 @@ class _AttrData:
     attr_clr: int
     level: int | None = None
     pte: int = 0
+    locked: tuple | None = None
 
 
 class Stage2PageTable:
@@ -313,6 +334,13 @@ class Stage2PageTable:
         self.tlbi_log: collections.deque[Tlbi] = collections.deque(maxlen=log_size)
         self.events: collections.deque[PteEvent] = collections.deque(maxlen=log_size)
         self.on_tlbi = on_tlbi
+        #: Entries a paused shared walker holds LOCKED between its break and its make:
+        #: (table_pa, index) -> the entry it replaced.
+        self.bbm_windows: dict[tuple[int, int], int] = {}
+        #: Shared walks in progress (each an RCU read side), and the subtrees they unlinked
+        #: (table, its level, its IPA), freed when the last one ends.
+        self.shared_walkers = 0
+        self.rcu_deferred: list[tuple[int, int, int]] = []
 
     # ------------------------------------------------------------------ pages and TLBs
 
@@ -336,6 +364,18 @@ class Stage2PageTable:
         pa = self.store.alloc(self.geom.ptrs_per_pte)
         self.page_count[pa] = 1
         return pa
+
+    def _free_unlinked_shared(self, table_pa: int, level: int, ipa: int) -> None:
+        """mm_ops->free_unlinked_table from a shared walk: after an RCU grace period, i.e. once
+        no shared walk is in progress (another one may still be inside the subtree)."""
+        self.rcu_deferred.append((table_pa, level, ipa))
+
+    def _rcu_read_unlock(self) -> None:
+        self.shared_walkers -= 1
+        if not self.shared_walkers and self.rcu_deferred:
+            deferred, self.rcu_deferred = self.rcu_deferred, []
+            for table_pa, level, _ipa in deferred:
+                self.free_unlinked(table_pa, level)
 
     def free_unlinked(self, table_pa: int, level: int) -> None:
         """kvm_pgtable_stage2_free_unlinked: free a detached subtree whatever its counts."""
@@ -393,6 +433,65 @@ class Stage2PageTable:
                      visit_invalid=visit_invalid)
         return result
 
+    def walk_steps(self, addr: int, size: int, visitor, flags: int):
+        """kvm_pgtable_walk as a generator, for a walk whose visitor may return a generator
+        (a break-before-make or cmpxchg that yields its race points) instead of a result: as
+        ``walk`` with invalid entries visited, LEAF and TABLE_PRE visits only. Returns 0 or
+        the error that stopped the walk."""
+        g = self.geom.granule
+        start = addr & ~(g - 1)
+        end = (addr + size + g - 1) & ~(g - 1)
+        limit = self.geom.phys_size
+        if start > limit or end > limit:
+            return -errno.ERANGE
+        pt = self.pt
+        ctx = WalkContext(pt.store, pt.geometry, pt.fmt, pt.store[pt.root], pt.root, 0, 0,
+                          pt.geometry.level_ids[0], 0, 0, 0, 0, start, end, flags)
+        return (yield from self._walk_table_steps(ctx, pt.root, 0, 0, visitor, flags))
+
+    def _walk_table_steps(self, ctx, table_pa: int, pos: int, base: int, visitor, flags: int):
+        """__kvm_pgtable_walk over one table (the core walker's order: visit, reload the
+        entry, descend into a table); -EAGAIN stops the walk only with HANDLE_FAULT."""
+        pt = self.pt
+        geo = pt.geometry
+        table = pt.store[table_pa]
+        shift = geo.shifts[pos]
+        size = 1 << shift
+        level = geo.level_ids[pos]
+        leaf_level = pos == geo.nlevels - 1
+        first = (max(ctx.start, base) - base) >> shift
+        last = min(len(table), (ctx.end - base + size - 1) >> shift)
+        table_pre = flags & TABLE_PRE
+        for idx in range(first, last):
+            pte = table[idx]
+            addr = base + (idx << shift)
+            ctx.table, ctx.table_pa, ctx.index = table, table_pa, idx
+            ctx.pos, ctx.level, ctx.addr, ctx.size, ctx.pte = pos, level, addr, size, pte
+            if not leaf_level and kvm_pte_table(pte, level):
+                if table_pre:
+                    ctx.flags = TABLE_PRE
+                    r = visitor(ctx)
+                    if type(r) is GeneratorType:
+                        r = yield from r
+                    if r and (r != -errno.EAGAIN or flags & KVM_PGTABLE_WALK_HANDLE_FAULT):
+                        return r
+                    pte = table[idx]
+            else:
+                ctx.flags = LEAF
+                r = visitor(ctx)
+                if type(r) is GeneratorType:
+                    r = yield from r
+                if r and (r != -errno.EAGAIN or flags & KVM_PGTABLE_WALK_HANDLE_FAULT):
+                    return r
+                pte = table[idx]
+            if leaf_level or not kvm_pte_table(pte, level):
+                continue
+            r = yield from self._walk_table_steps(ctx, self.fmt.table_address(pte, level),
+                                                  pos + 1, addr, visitor, flags)
+            if r:
+                return r
+        return 0
+
     def get_leaf(self, addr: int) -> tuple[int, int]:
         """kvm_pgtable_get_leaf: (pte, level) of the entry a hardware walk of ``addr`` ends
         on (a leaf, or the invalid entry that stops it)."""
@@ -437,6 +536,44 @@ class Stage2PageTable:
             self._get_page(self._page_of(ctx.table_pa, ctx.index))
         ctx.set(new)
         self.events.append(PteEvent("make", ctx.addr, ctx.level, KVM_INVALID_PTE_LOCKED, new))
+
+    def _bbm(self, ctx, data, new, phys: int | None):
+        """A break-before-make in a map walk (stage2_try_break_pte, the cache maintenance of
+        a leaf at ``phys``, stage2_make_pte): 0, or -EAGAIN when the entry is another
+        walker's (LOCKED: remembered in ``data.locked`` for the vCPU's wait) or changed since
+        it was read. ``new`` may be a callable giving the entry: a table from the memory cache,
+        taken only at the make (no other walker can see it before). In a stepped shared walk,
+        a generator that yields the race points."""
+        if ctx.arg & KVM_PGTABLE_WALK_SHARED and stage2_pte_is_locked(ctx.pte):
+            data.locked = (ctx.table, ctx.index)
+            return -errno.EAGAIN
+        if data.steps:
+            return self._bbm_steps(ctx, new, phys)
+        if not self._try_break_pte(ctx):
+            return -errno.EAGAIN
+        if phys is not None and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO:
+            self._cmos(ctx, new, phys)
+        self._make_pte(ctx, new() if callable(new) else new)
+        return 0
+
+    def _bbm_steps(self, ctx, new, phys: int | None):
+        """``_bbm`` with its points: the old entry read, before the cmpxchg to LOCKED; then,
+        the entry LOCKED and its TLBs invalidated (others that meet it back off), before the
+        store of the new one."""
+        yield ARM64_PTE_BREAK
+        old = ctx.pte
+        if not self._try_break_pte(ctx):
+            return -errno.EAGAIN
+        if phys is not None and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO:
+            self._cmos(ctx, new, phys)
+        key = (ctx.table_pa, ctx.index)
+        self.bbm_windows[key] = old
+        try:
+            yield ARM64_PTE_MAKE
+        finally:
+            self.bbm_windows.pop(key, None)
+        self._make_pte(ctx, new() if callable(new) else new)
+        return 0
 
     def _cmos(self, ctx, new: int, pa: int) -> None:
         """The cache maintenance of stage2_map_walker_try_leaf, between the TLBI and the make:
@@ -483,8 +620,10 @@ class Stage2PageTable:
             return True
         return bool((old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS)
 
-    def _map_try_leaf(self, ctx, data: _MapData) -> int:
-        """stage2_map_walker_try_leaf."""
+    def _map_try_leaf(self, ctx, data: _MapData):
+        """stage2_map_walker_try_leaf: -E2BIG where no leaf fits; nothing when only the
+        permissions differ; in place for a software-bit change in an exclusive walk; else the
+        break-before-make (a generator in a stepped shared walk)."""
         if not self._leaf_mapping_allowed(ctx, data):
             return -errno.E2BIG
         phys = data.phys + (self._walk_addr(ctx) - ctx.start)
@@ -499,56 +638,103 @@ class Stage2PageTable:
             ctx.set(new)
             self.events.append(PteEvent("set", ctx.addr, ctx.level, old, new))
             return 0
-        if not self._try_break_pte(ctx):
-            return -errno.EAGAIN
-        if not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO:
-            self._cmos(ctx, new, phys)
-        self._make_pte(ctx, new)
-        return 0
+        return self._bbm(ctx, data, new, phys)
 
-    def _map_walk_table_pre(self, ctx, data: _MapData) -> int:
+    def _map_walk_table_pre(self, ctx, data: _MapData):
         """stage2_map_walk_table_pre: collapse a table into a block when one is allowed."""
         if not self._leaf_mapping_allowed(ctx, data):
             return 0
         child = self.fmt.table_address(ctx.pte, ctx.level)
-        ret = self._map_try_leaf(ctx, data)
-        if ret:
-            return ret
-        self.free_unlinked(child, ctx.level + 1)
-        return 0
+        r = self._map_try_leaf(ctx, data)
+        if type(r) is GeneratorType:
+            return self._map_collapse(ctx, r, child)
+        if not r:
+            self._free_removed_table(ctx, child)
+        return r
 
-    def _map_walk_leaf(self, ctx, data: _MapData) -> int:
+    def _map_collapse(self, ctx, bbm, child: int):
+        ret = yield from bbm
+        if not ret:
+            self._free_removed_table(ctx, child)
+        return ret
+
+    def _free_removed_table(self, ctx, child: int) -> None:
+        """The block replaced the table: free the detached subtree, after the shared walks in
+        progress (which may be inside it) when this walk is shared."""
+        if ctx.arg & KVM_PGTABLE_WALK_SHARED:
+            self._free_unlinked_shared(child, ctx.level + 1, ctx.addr)
+        else:
+            self.free_unlinked(child, ctx.level + 1)
+
+    def _map_walk_leaf(self, ctx, data: _MapData):
         """stage2_map_walk_leaf: a leaf where allowed, else a new table (splitting a valid
         block without populating the rest of it)."""
-        ret = self._map_try_leaf(ctx, data)
-        if ret != -errno.E2BIG:
-            return ret
+        r = self._map_try_leaf(ctx, data)
+        if r != -errno.E2BIG:
+            return r
         if ctx.level == KVM_PGTABLE_LAST_LEVEL:
             logger.error("stage2.map_leaf_at_last_level_refused", ipa=ctx.addr)
             return -errno.EINVAL
-        child = self._alloc_table()
-        if not self._try_break_pte(ctx):
-            self.free_unlinked(child, ctx.level + 1)
-            return -errno.EAGAIN
-        self._make_pte(ctx, self.fmt.init_table_pte(child))
-        return 0
+        # The table comes from the memory cache, which never runs dry here.
+        return self._bbm(ctx, data, lambda: self.fmt.init_table_pte(self._alloc_table()), None)
 
-    def map(self, addr: int, size: int, phys: int, prot: int, flags: int = 0,
-            force_pte: bool = False) -> int:
-        """kvm_pgtable_stage2_map: 0, -EAGAIN (race, LOCKED, or nothing to change), -EINVAL,
-        -ERANGE."""
+    def _map_data(self, addr: int, phys: int, prot: int, flags: int, force_pte: bool,
+                  steps: bool):
         ret, attr = stage2_set_prot_attr(prot, self.fwb)
         if ret:
-            return ret
+            return ret, None
         data = _MapData(phys=phys, attr=attr, start=addr & ~(self.geom.granule - 1),
-                        force_pte=force_pte, flags=flags)
+                        force_pte=force_pte, flags=flags,
+                        steps=steps and bool(flags & KVM_PGTABLE_WALK_SHARED))
 
         def visitor(ctx):
             if ctx.flags == TABLE_PRE:
                 return self._map_walk_table_pre(ctx, data)
             return self._map_walk_leaf(ctx, data)
 
-        return self.walk(addr, size, visitor, flags | LEAF | TABLE_PRE, visit_invalid=True)
+        return data, visitor
+
+    def map_steps(self, addr: int, size: int, phys: int, prot: int, flags: int = 0,
+                  force_pte: bool = False):
+        """kvm_pgtable_stage2_map as a generator: a shared walk yields the break/make race
+        points of every entry it replaces. Returns ``(ret, locked)`` as ``map_walk``."""
+        data, visitor = self._map_data(addr, phys, prot, flags, force_pte, True)
+        if visitor is None:
+            return data, None
+        shared = flags & KVM_PGTABLE_WALK_SHARED
+        if shared:
+            self.shared_walkers += 1
+        try:
+            ret = yield from self.walk_steps(addr, size, visitor, flags | LEAF | TABLE_PRE)
+        finally:
+            if shared:
+                self._rcu_read_unlock()
+        return ret, data.locked
+
+    def map_walk(self, addr: int, size: int, phys: int, prot: int, flags: int = 0,
+                 force_pte: bool = False) -> tuple[int, tuple | None]:
+        """kvm_pgtable_stage2_map run to its end, without race points (nothing else runs
+        meanwhile). ``(ret, locked)``: ret 0, -EAGAIN (a LOCKED entry, or nothing to
+        change), -EINVAL or -ERANGE; ``locked`` the (table, index) of the LOCKED entry behind
+        an -EAGAIN, else None."""
+        data, visitor = self._map_data(addr, phys, prot, flags, force_pte, False)
+        if visitor is None:
+            return data, None
+        shared = flags & KVM_PGTABLE_WALK_SHARED
+        if shared:
+            self.shared_walkers += 1
+        try:
+            ret = self.walk(addr, size, visitor, flags | LEAF | TABLE_PRE, visit_invalid=True)
+        finally:
+            if shared:
+                self._rcu_read_unlock()
+        return ret, data.locked
+
+    def map(self, addr: int, size: int, phys: int, prot: int, flags: int = 0,
+            force_pte: bool = False) -> int:
+        """kvm_pgtable_stage2_map: 0, -EAGAIN (race, LOCKED, or nothing to change), -EINVAL,
+        -ERANGE."""
+        return self.map_walk(addr, size, phys, prot, flags, force_pte)[0]
 
     # ------------------------------------------------------------------ unmap (§8)
 
@@ -625,11 +811,11 @@ class Stage2PageTable:
         ret = self.walk(addr, size, visitor, flags | LEAF, visit_invalid=True)
         return ret, data
 
-    def relax_perms(self, addr: int, prot: int, flags: int = FAULT_WALK_FLAGS) -> int:
-        """kvm_pgtable_stage2_relax_perms (6.17, single XN bit): set S2AP_R/W, clear XN when X
-        is asked; on one leaf; a local TLBI after success and after -EAGAIN."""
-        if int(prot) & KVM_PTE_LEAF_ATTR_HI_SW:
-            return -errno.EINVAL
+    def _relax_data(self, prot: int, flags: int, steps: bool):
+        """kvm_pgtable_stage2_relax_perms' attribute walker (6.17, single XN bit): set
+        S2AP_R/W, clear XN when X is asked; an invalid (or LOCKED) leaf gives -EAGAIN; the
+        cmpxchg, with the ``arm64_relax_cmpxchg`` point before it in a stepped shared walk, as
+        a generator."""
         set_, clr = 0, 0
         if prot & PROT_R:
             set_ |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R
@@ -637,10 +823,72 @@ class Stage2PageTable:
             set_ |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
         if prot & PROT_X:
             clr |= KVM_PTE_LEAF_ATTR_HI_S2_XN
-        ret, data = self.update_leaf_attrs(addr, 1, set_, clr, flags)
+        data = _AttrData(set_, clr)
+        shared = flags & KVM_PGTABLE_WALK_SHARED
+        steps = steps and shared
+
+        def cmpxchg(ctx, old, new):
+            if not self._try_set_pte(ctx, new):
+                return -errno.EAGAIN
+            self.events.append(PteEvent("set", ctx.addr, ctx.level, old, new))
+            return 0
+
+        def cmpxchg_steps(ctx, old, new):
+            yield ARM64_RELAX_CMPXCHG
+            return cmpxchg(ctx, old, new)
+
+        def visitor(ctx):
+            old = ctx.pte
+            if not kvm_pte_valid(old):
+                if shared and stage2_pte_is_locked(old):
+                    data.locked = (ctx.table, ctx.index)
+                return -errno.EAGAIN
+            data.level, data.pte = ctx.level, old
+            new = (old & ~data.attr_clr) | data.attr_set
+            if new == old:
+                return 0
+            if stage2_pte_executable(new) and not stage2_pte_executable(old) \
+                    and not self.cache_dic:
+                self.events.append(PteEvent("icache_inval_pou", ctx.addr, ctx.level, 0,
+                                            self.fmt.pte_to_phys(old)))
+            return cmpxchg_steps(ctx, old, new) if steps else cmpxchg(ctx, old, new)
+
+        return data, visitor
+
+    def relax_perms_steps(self, addr: int, prot: int, flags: int = FAULT_WALK_FLAGS):
+        """kvm_pgtable_stage2_relax_perms as a generator (its race point in a shared walk:
+        ``arm64_relax_cmpxchg``). Returns ``(ret, locked)`` as ``relax_perms_walk``."""
+        if int(prot) & KVM_PTE_LEAF_ATTR_HI_SW:
+            return -errno.EINVAL, None
+        data, visitor = self._relax_data(prot, flags, True)
+        shared = flags & KVM_PGTABLE_WALK_SHARED
+        if shared:
+            self.shared_walkers += 1
+        try:
+            ret = yield from self.walk_steps(addr, 1, visitor, flags | LEAF)
+        finally:
+            if shared:
+                self._rcu_read_unlock()
+        return self._relax_done(addr, ret, data)
+
+    def relax_perms_walk(self, addr: int, prot: int,
+                         flags: int = FAULT_WALK_FLAGS) -> tuple[int, tuple | None]:
+        """kvm_pgtable_stage2_relax_perms run to its end: on one leaf; a local TLBI after
+        success and after -EAGAIN. ``(ret, locked)`` as ``map_walk``."""
+        if int(prot) & KVM_PTE_LEAF_ATTR_HI_SW:
+            return -errno.EINVAL, None
+        data, visitor = self._relax_data(prot, flags, False)
+        ret = self.walk(addr, 1, visitor, flags | LEAF, visit_invalid=True)
+        return self._relax_done(addr, ret, data)
+
+    def _relax_done(self, addr: int, ret: int, data: _AttrData) -> tuple[int, tuple | None]:
         if ret in (0, -errno.EAGAIN):
             self.tlb_flush_vmid_ipa(addr, data.level, "relax_perms", nsh=True)
-        return ret
+        return ret, data.locked
+
+    def relax_perms(self, addr: int, prot: int, flags: int = FAULT_WALK_FLAGS) -> int:
+        """kvm_pgtable_stage2_relax_perms: 0, -EAGAIN, -EINVAL."""
+        return self.relax_perms_walk(addr, prot, flags)[0]
 
     def mkyoung(self, addr: int, flags: int = FAULT_WALK_FLAGS) -> int:
         """kvm_pgtable_stage2_mkyoung: AF on the one valid leaf; no TLBI (AF=0 entries are
@@ -759,6 +1007,9 @@ class Stage2PageTable:
         counts: dict[int, int] = {}
         reachable: set[int] = set()
         stack = [(self.pt.root, g.start_level, 0, g.root_pages * g.ptrs_per_pte)]
+        # Unlinked by a shared walker, still allocated until the walks in progress end.
+        stack += [(pa, level, ipa, g.ptrs_per_pte) for pa, level, ipa in self.rcu_deferred]
+        windows = self.bbm_windows
         while stack:
             table_pa, level, base, n = stack.pop()
             if table_pa not in self.store:
@@ -780,7 +1031,14 @@ class Stage2PageTable:
                 where = f"level-{level} entry for IPA {ipa:#x} ({pte:#018x})"
                 if not kvm_pte_valid(pte):
                     if stage2_pte_is_locked(pte):
-                        problems.append(f"{where} is LOCKED outside a break-before-make window")
+                        old = windows.get((table_pa, idx))
+                        if old is None:
+                            problems.append(f"{where} is LOCKED outside a break-before-make "
+                                            "window")
+                        elif kvm_pte_table(old, level):
+                            # The table it replaces is freed only after the make.
+                            stack.append((fmt.table_address(old, level), level + 1, ipa,
+                                          g.ptrs_per_pte))
                     else:
                         problems.append(f"{where} is an invalid non-zero entry (no owner "
                                         "annotations exist on a guest stage-2)")
