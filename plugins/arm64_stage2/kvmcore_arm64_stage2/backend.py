@@ -193,6 +193,7 @@ class Arm64Stage2Backend:
     def init_vm(self, vm):
         """kvm_init_stage2_mmu: the root was allocated with the backend; remember the VM."""
         self.vm = vm
+        vm.root_entry_shift = self.pgt.pt.geometry.shifts[0]
         vm.trace("arm64.init_stage2", vtcr=self.geom.vtcr, levels=self.geom.levels,
                  start_level=self.geom.start_level, root_pages=self.geom.root_pages)
 

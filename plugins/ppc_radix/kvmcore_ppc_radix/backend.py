@@ -176,6 +176,12 @@ class PpcRadixBackend:
     # ------------------------------------------------------------------ life cycle
 
     @hookimpl
+    def init_vm(self, vm):
+        """kvmppc_core_init_vm_hv, radix part: the tree was allocated with the backend. The
+        race explorer's page-table regions are the root's entries."""
+        vm.root_entry_shift = self.pgtable.geometry.shifts[0]
+
+    @hookimpl
     def flush_shadow_all(self, vm):
         """kvm_arch_flush_shadow_all is an empty inline on ppc; the tree is freed at
         kvmppc_core_destroy_vm_hv. Returning False stops the generic default."""
