@@ -347,7 +347,8 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
 
     if list_mutants:
         for m in ex.MUTANTS.values():
-            click.echo(f"{m.name:32} {m.seed}: {m.what}")
+            where = f" [{m.arch}]" if m.arch else ""
+            click.echo(f"{m.name:32} {m.seed}{where}: {m.what}")
         return
     if scenario is None:
         click.echo("built-in race scenarios: " + ", ".join(ex.builtin_names()))

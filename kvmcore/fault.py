@@ -120,11 +120,32 @@ def fault_begin(vm, fault: PageFault) -> int | None:
 
 def fault_faultin(vm, fault: PageFault) -> int:
     """After the snapshot, without the MMU lock: the private/shared check against the
-    attributes (kvm_mmu_faultin_pfn), then the pfn (faultin_pfn). RET_PF_CONTINUE to go on."""
+    attributes (kvm_mmu_faultin_pfn), then the pfn (faultin_pfn). RET_PF_CONTINUE to go on,
+    or a generator returning it when a shared write meets the host's zero page.
+
+    That write's get_user_pages breaks COW (hva_to_pfn_slow -> handle_mm_fault ->
+    do_wp_page), whose MMU-notifier invalidation takes kvm->mmu_lock for write and so may
+    wait for a paused fault holding it for read. The model runs that COW break in the fault's
+    own flow, first thing in faultin (nothing KVM does is observable before GUP there), so it
+    pauses at the notifier's points; the GUP that follows finds the new page writable."""
     if fault.is_private != (bool(vm.attributes) and vm.kvm_mem_is_private(fault.gfn)):
         vm.stats["exit_private_mismatch"] += 1
         raise memory_fault_exit(vm, fault)
+    if fault.write and not fault.is_private:
+        slot = fault.slot
+        if not slot.readonly and not slot.gmem_only:
+            cow = vm.host.wp_fault(slot.gfn_to_hva(fault.gfn))
+            if cow is not None:
+                return _faultin_after_cow(vm, fault, cow)
     return vm.faultin_pfn(vm=vm, fault=fault)
+
+
+def _faultin_after_cow(vm, fault: PageFault, cow):
+    yield from cow
+    r = vm.faultin_pfn(vm=vm, fault=fault)
+    if type(r) is GeneratorType:
+        r = yield from r
+    return r
 
 
 def run_to_completion(steps):

@@ -469,6 +469,20 @@ class HostMemory:
             return
         self._fault_in(vma, hva, write)
 
+    def wp_fault(self, hva: int):
+        """The flow of a write fault's COW break at ``hva`` (do_wp_page on the shared zero page
+        of a writable anonymous VMA: a new frame inside an invalidation), or None when a write
+        GUP there would not break COW. KVM's fault runs it as part of its own flow, where its
+        get_user_pages would (see fault_faultin), so the invalidation can wait for the MMU
+        lock a paused flow holds."""
+        e = self._entry(hva)
+        if e is None or e[1] or e[0] != self.zero_pfn:
+            return None
+        vma = self.find_vma(hva)
+        if vma is None or vma.kind != "anon" or "w" not in vma.prot:
+            return None
+        return self._cow_break(vma, hva)
+
     def _cow_break(self, vma: Vma, hva: int):
         """do_wp_page on the shared zero page: a new frame, inside an invalidation."""
         page = hva & ~(self.page_size - 1)

@@ -46,6 +46,11 @@ def _entry_points(group: str) -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
+def entry_points_of(group: str) -> dict[str, EntryPoint]:
+    """The entry points of ``group`` by name (read once per process)."""
+    return _entry_points(group)
+
+
 def installed_backends() -> dict[str, EntryPoint]:
     """Installed, not block-listed backends by architecture name, sorted by name."""
     blocked = blocked_names()

@@ -3,13 +3,22 @@
 Each mutant is a context manager that changes one thing the flows do, for the duration of an
 exploration; ``MUTANTS`` documents what each takes away. The explorer must find every one of
 them in the built-in race scenarios, and must find nothing without them.
+
+The core's mutants are here; a backend adds those of its own hardware (a TDX removal order, a
+stage-2 walker's choice) under the entry-point group ``kvmcore.mutants``: name = the mutant's
+name, value = a dict of the other ``Mutant`` fields (``seed``, ``what``, ``patch``,
+``scenarios``, ``arch``; a backend module imports no tool), read once per process on first use
+of ``MUTANTS``.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 
 import attrs
+
+MUTANT_GROUP = "kvmcore.mutants"
 
 
 @attrs.frozen
@@ -19,6 +28,8 @@ class Mutant:
     what: str
     patch: object         # () -> context manager
     scenarios: tuple      # built-in race scenarios that must catch it
+    #: The backend whose code it changes (None: the core's).
+    arch: str | None = None
 
 
 @contextlib.contextmanager
@@ -104,7 +115,7 @@ def _notifier_without_invalidation():
         cls.invalidate_range_start, cls.invalidate_range_end = start, end
 
 
-MUTANTS = {m.name: m for m in (
+_CORE = {m.name: m for m in (
     Mutant("no_stale_check", "seed 1: private fault vs conversion",
            "the fault installs without is_page_fault_stale (mmu_invalidate_retry[_gfn])",
            _no_stale_check, ("private_fault_vs_conversion", "fault_vs_munmap")),
@@ -121,3 +132,41 @@ MUTANTS = {m.name: m for m in (
            "kvm_clear_dirty_log_protect does not flush the memslot's TLBs",
            _dirty_clear_no_flush, ("write_vs_clear_dirty_log",)),
 )}
+
+
+class _Registry(Mapping):
+    """The core's mutants, then the installed backends' (entry points not block-listed by
+    KVMCORE_DISABLE_PLUGINS), loaded on first use."""
+
+    def __init__(self):
+        self._all: dict[str, Mutant] | None = None
+
+    def _load(self) -> dict[str, Mutant]:
+        if self._all is None:
+            from ..plugins import blocked_names, entry_points_of
+
+            found = dict(_CORE)
+            blocked = blocked_names()
+            for name, ep in entry_points_of(MUTANT_GROUP).items():
+                if name in blocked or name in found:
+                    continue
+                fields = ep.load()
+                try:
+                    found[name] = Mutant(name=name, **fields)
+                except TypeError as e:
+                    raise TypeError(f"entry point {MUTANT_GROUP}:{name} ({ep.value}): not the "
+                                    f"fields of a Mutant: {e}") from None
+            self._all = found
+        return self._all
+
+    def __getitem__(self, name: str) -> Mutant:
+        return self._load()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+MUTANTS: Mapping[str, Mutant] = _Registry()

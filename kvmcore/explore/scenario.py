@@ -11,7 +11,8 @@ slot = 0
 gpa = 0x0
 pages = 16
 guest_memfd = true          # optional; log_dirty = true also; kind = "pfnmap" (a VM_IO |
-                            #   VM_PFNMAP device range) or another host mmap kind
+                            #   VM_PFNMAP device range) or another host mmap kind;
+                            #   populate = true: the VMM wrote every page first (no zero page)
 private = true              # optional: the whole slot becomes private
 [[access]]                  # optional setup accesses (vCPU 0), before the flows start
 op = "write"
@@ -132,6 +133,7 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
                       "guest_memfd": bool(s.get("guest_memfd", False)),
                       "log_dirty": bool(s.get("log_dirty", False)),
                       "private": bool(s.get("private", False)),
+                      "populate": bool(s.get("populate", False)),
                       "kind": str(s.get("kind", "anon"))})
     for i, a in enumerate(doc.get("access", []), 1):
         item = f"access {i}"
@@ -179,6 +181,9 @@ class World:
                 hva = self.host.mmap(size, kind="pfnmap", pfn=0x80000)
             else:
                 hva = self.host.mmap(size, kind=s["kind"])
+                if s["populate"]:
+                    for off in range(0, size, page):
+                        self.host.write(hva + off, b"\0")
             flags = KVM_MEM_LOG_DIRTY_PAGES if s["log_dirty"] else 0
             gmem = None
             if s["guest_memfd"]:

@@ -26,8 +26,8 @@ check); this module supplies what arm64 decides inside it:
   time changing nothing, so the model makes its next fault wait once
   (``arm64_pte_locked_wait``, as the core's ``pf_retry_wait``) until the entry is no longer
   LOCKED, then re-enter the guest.
-* ``relax_perms_only`` (a VM option, default False): user_mem_abort's choice before commit
-  7d894834a305 (2020), a mutant for the race explorer. Linux relaxes only a permission fault
+* ``relax_perms_only`` (the explorer's mutant ``arm64_relax_perms_only``): user_mem_abort's
+  choice before commit 7d894834a305 (2020). Linux relaxes only a permission fault
   taken at the level it would map (``vma_pagesize == fault_granule``) and sends every other
   fault to the map walker; before the fix every permission fault relaxed except a write to a
   dirty-logged slot (``!(logging_active && writable)``), which went to the map walker. Since

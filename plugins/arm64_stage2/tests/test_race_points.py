@@ -12,7 +12,7 @@
   vCPU A writes and vCPU B reads one gfn of a dirty-logged slot (where a read fault maps
   read-only). Upstream, the map walker never changes permissions only, so B's read never
   downgrades A's writable leaf, and A's write that finds B's read-only leaf comes back as a
-  permission fault relax_perms resolves in place. With the VM option ``relax_perms_only``
+  permission fault relax_perms resolves in place. With the mutant ``arm64_relax_perms_only``
   (user_mem_abort's choice before 7d894834a305) that permission fault goes to the map walker,
   which leaves it alone: A livelocks, and the explorer finds the interleaving.
 """
@@ -22,9 +22,8 @@ from __future__ import annotations
 import errno
 
 import pytest
-from kvmcore.errors import FaultLivelock
-from kvmcore.explore import explore
-from kvmcore.explore.scenario import parse
+from kvmcore.errors import FaultLivelock, KvmError
+from kvmcore.explore import MUTANTS, explore, load
 from kvmcore.fault import PF_LOCK_WAIT, PF_SEQ_SNAPSHOT
 from kvmcore.locks import WouldBlock
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES
@@ -199,14 +198,22 @@ def test_a_collapse_keeps_the_old_table_until_its_make_and_blocks_the_region(mak
     assert [(m.gfn, m.size) for m in vm.mappings()] == [(GPA >> 12, SZ_2M)]
 
 
-def test_a_table_unlinked_under_a_paused_walker_is_freed_after_its_walk(make_vm, host):
+@pytest.fixture
+def relax_perms_only():
+    """The explorer's mutant ``arm64_relax_perms_only``: user_mem_abort before 7d894834a305."""
+    with MUTANTS["arm64_relax_perms_only"].patch():
+        yield
+
+
+def test_a_table_unlinked_under_a_paused_walker_is_freed_after_its_walk(make_vm, host,
+                                                                         relax_perms_only):
     """RCU: a walker inside a table that another walker replaces by a block finishes on the
     unlinked table, which is freed only when no shared walk is in progress any more. Here B
     relaxes a page of the table (``relax_perms_only`` makes a page-level permission fault
     relax under a THP, before 7d894834a305) while A collapses it."""
     from conftest import SZ_2M
 
-    vm = make_vm(relax_perms_only=True)
+    vm = make_vm()
     size = 2 * SZ_2M
     hva = host.mmap(size, thp=True)
     host.write(hva, bytes(size))
@@ -321,12 +328,12 @@ def test_pre_2020_map_walker_would_have_downgraded(make_vm):
     assert "vmid_ipa" in {t.op for t in backend.tlbi_log}
 
 
-def test_relax_perms_only_livelocks_a_write_after_a_racing_read(make_vm):
+def test_relax_perms_only_livelocks_a_write_after_a_racing_read(make_vm, relax_perms_only):
     """``relax_perms_only`` (before 7d894834a305): A's write that finds B's read-only leaf
     is a permission fault in a logging slot with a writable pfn, so it goes to the map
     walker, which leaves a permission-only change alone (-EAGAIN): A re-faults until it gives
     up. Linux since the fix relaxes it (the test above)."""
-    vm, a, b, _backend = _setup(make_vm, flags=KVM_MEM_LOG_DIRTY_PAGES, relax_perms_only=True)
+    vm, a, b, _backend = _setup(make_vm, flags=KVM_MEM_LOG_DIRTY_PAGES)
     fa = a.steps.write(TARGET, b"\xaa" * 8)
     _advance_to(fa, PF_LOCK_WAIT)
     assert b.read(TARGET, 8) == bytes(8)
@@ -338,54 +345,34 @@ def test_relax_perms_only_livelocks_a_write_after_a_racing_read(make_vm):
     assert vm.stats["relax_perms"] == 0
 
 
-def test_relax_perms_only_still_relaxes_outside_dirty_logging(make_vm):
+def test_relax_perms_only_still_relaxes_outside_dirty_logging(make_vm, relax_perms_only):
     """Before the fix a permission fault relaxed whatever the level it was taken at, unless
     it was a write to a logging slot: reads and writes elsewhere behave as today."""
-    vm, a, _b, _backend = _setup(make_vm, relax_perms_only=True)
+    vm, a, _b, _backend = _setup(make_vm)
     a.write(TARGET, b"\x01")
     assert vm.lookup(TARGET).writable
-    with pytest.raises(Exception) as e:
-        make_vm(relax_perms_only=1)
-    assert getattr(e.value, "errno", None) == errno.EINVAL
 
 
-# A shared mapping: a read maps a real page read-only and the write makes it writable in
-# place (wp_page_shared), with no COW break whose notifier would need mmu_lock inside the
-# write fault's stretch. The neighbour's access builds the tables, so each fault breaks and
-# makes only its leaf.
-RACE = """
-name = "read_vs_write_logging"
-[[slot]]
-slot = 0
-gpa = 0x0
-pages = 16
-log_dirty = true
-kind = "shared"
-[[access]]
-op = "read"
-gpa = 0x4000
-[[flow]]
-op = "write"
-gpa = 0x5000
-vcpu = 0
-[[flow]]
-op = "read"
-gpa = 0x5000
-vcpu = 1
-"""
+def test_the_pre_fix_choice_is_a_mutant_not_a_vm_option(make_vm):
+    with pytest.raises(KvmError) as e:
+        make_vm(relax_perms_only=True)
+    assert e.value.errno == errno.EINVAL
 
 
-def test_the_explorer_finds_the_2020_bug_only_with_the_option():
-    """Every interleaving of a read and a write fault on one gfn of a dirty-logged slot: with
-    Linux's user_mem_abort every oracle holds; with ``relax_perms_only`` the explorer finds
-    the schedule where the read maps read-only first and the write livelocks."""
-    scn = parse(RACE)
+@pytest.mark.parametrize("mutant, kind", [("arm64_relax_perms_only", "livelock"),
+                                           ("arm64_map_replaces_perms", "downgrade")])
+def test_the_explorer_finds_each_half_of_the_2020_bug_only_with_its_mutant(mutant, kind):
+    """Every interleaving of a read and a write fault on one gfn of a dirty-logged slot (the
+    built-in ``two_faults_one_entry``): with Linux's user_mem_abort every oracle holds; with
+    the relax-vs-map choice before 7d894834a305 the write livelocks behind the read's
+    read-only leaf; without the map walker's permission filter (694d071f8d85) the read
+    downgrades the write's leaf."""
+    scn = load("two_faults_one_entry")
     clean = explore(scn, "arm64_stage2")
     clean.assert_clean()
     assert clean.exhausted and clean.schedules > 3
-    bad = explore(scn, "arm64_stage2", options={"relax_perms_only": True})
-    assert bad.failures and bad.failures[0].kind == "livelock"
-    assert "livelock" in bad.failures[0].message
+    bad = explore(scn, "arm64_stage2", mutants=[mutant])
+    assert bad.failures and bad.failures[0].kind == kind, bad.failures[:1]
 
 
 # --------------------------------------------------------------------------- unmap

@@ -1,0 +1,77 @@
+"""x86's mutants for the race explorer (entry-point group ``kvmcore.mutants``: each the
+fields of a ``kvmcore.explore.Mutant`` but its name): seed 4, a TDX private zap racing a
+conversion and the TLB flush.
+
+* ``tdx_zap_shared_alias``: a zap asked for the private alias (a conversion to shared, a
+  guest_memfd invalidation) walks the direct roots, the shared alias, instead of the mirror
+  root (kvm_gfn_range_filter_to_root_types with the two filters exchanged): the private leaf
+  and the TDX module's S-EPT entry survive the conversion, and the guest keeps reading its
+  private page where the gfn is now shared.
+* ``tdx_remove_before_track``: tdx_sept_remove_private_spte doing TDH.MEM.PAGE.REMOVE right
+  after BLOCK, before TDH.MEM.TRACK and the kick: the page leaves the TD while a vCPU's TLB
+  may still translate to it (the TDX module refuses this with TDX_TLB_TRACKING_NOT_DONE; the
+  model's check of the removal order reports it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from kvmcore.uapi import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
+
+from . import backend
+from .spte import spte_to_pfn
+from .tdx import TDX_BLOCK, TDX_PAGE_REMOVE, TDX_TRACK_KICK, Tdx
+
+SCENARIOS = ("tdx_conversion_vs_private_read",)
+
+
+@contextlib.contextmanager
+def _replace(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _zap_shared_alias():
+    real = backend.kvm_gfn_range_filter_to_root_types
+
+    def swapped(has_mirror: bool, attr_filter: int) -> int:
+        both = KVM_FILTER_PRIVATE | KVM_FILTER_SHARED
+        if attr_filter & both != both:
+            attr_filter ^= both
+        return real(has_mirror, attr_filter)
+
+    return _replace(backend, "kvm_gfn_range_filter_to_root_types", swapped)
+
+
+def _remove_before_track():
+    def remove_private_spte(self, vm, gfn: int, level: int, old: int):
+        if not self.hkid_assigned:
+            raise AssertionError("KVM bug: removing a private page from a TD without HKID")
+        self.removing.add(gfn)
+        yield TDX_BLOCK
+        self.tdx_sept_zap_private_spte(vm, gfn, level)
+        yield TDX_PAGE_REMOVE
+        self.tdx_sept_drop_private_spte(vm, gfn, level, spte_to_pfn(old))
+        yield TDX_TRACK_KICK
+        self.tdx_track(vm, gfn, level)
+        self.removing.discard(gfn)
+
+    return _replace(Tdx, "remove_private_spte", remove_private_spte)
+
+
+TDX_ZAP_SHARED_ALIAS = dict(
+    seed="seed 4: a TDX private zap racing a conversion",
+    what="a private-alias zap (conversion to shared, guest_memfd invalidation) walks the direct "
+    "roots instead of the mirror root: the private leaf outlives the conversion",
+    patch=_zap_shared_alias, scenarios=SCENARIOS, arch="x86_tdp")
+
+TDX_REMOVE_BEFORE_TRACK = dict(
+    seed="seed 4: a TDX private zap racing the flush",
+    what="tdx_sept_remove_private_spte removes the page (TDH.MEM.PAGE.REMOVE) before TDH.MEM.TRACK "
+    "and the kick: a vCPU's TLB may still reach it",
+    patch=_remove_before_track, scenarios=SCENARIOS, arch="x86_tdp")
