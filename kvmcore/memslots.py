@@ -20,6 +20,7 @@ from sortedcontainers import SortedList
 
 from .uapi import (
     KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     KVM_MEM_SLOTS_NUM,
     KVM_MEMSLOT_GMEM_ONLY,
@@ -40,6 +41,17 @@ logger = structlog.get_logger(__name__)
 U64 = 1 << 64
 #: Userspace addresses must lie below this (x86-64 TASK_SIZE_MAX with 4-level paging).
 TASK_SIZE = (1 << 47) - PAGE_SIZE
+
+
+def dirty_logging_toggled(old: Memslot | None, new: Memslot | None) -> int:
+    """The test every kvm_arch_commit_memory_region makes first: whether the update flips
+    KVM_MEM_LOG_DIRTY_PAGES (``(old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES``, a missing
+    slot having no flags). +1 when it turns logging on, -1 off, 0 when it does neither."""
+    old_flags = old.flags if old is not None else 0
+    new_flags = new.flags if new is not None else 0
+    if not (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
+        return 0
+    return 1 if new_flags & KVM_MEM_LOG_DIRTY_PAGES else -1
 
 
 def kvm_user_mem_slots(arch_info: ArchInfo) -> int:

@@ -70,9 +70,11 @@ def _finish(flow):
 
 
 class Setup:
-    """A fresh guest of the backend under test with one 16-page slot at GPA (dirty-logged or
-    guest_memfd-backed as the flow needs), two vCPUs, and the target page written by vCPU 0
-    (so a leaf maps it; read instead for ``zero``: a leaf maps the host's zero page)."""
+    """A fresh guest of the backend under test with one 16-page slot at GPA (dirty-logged,
+    with manual protect, or guest_memfd-backed as the flow needs), two vCPUs, and the target
+    page written by vCPU 0 (so a leaf maps it; read instead for ``zero``: a leaf maps the
+    host's zero page; for ``fresh`` the host wrote the page and no leaf maps it yet, so vCPU 0's
+    own fault is the flow)."""
 
     def __init__(self, make_vm, arch, kind: str):
         from kvmcore.vm import host_for
@@ -88,12 +90,18 @@ class Setup:
             self.gmem, self.hva = g.gmem_slot(0, GPA, size)
             g.make_private(GPA, size)
         else:
-            flags = KVM_MEM_LOG_DIRTY_PAGES if kind == "logged" else 0
-            self.hva = g.slot(0, GPA, size, flags)
+            if kind == "manual":
+                self.vm.enable_dirty_log_manual_protect()
+            logged = kind in ("logged", "manual", "fresh")
+            self.hva = g.slot(0, GPA, size, KVM_MEM_LOG_DIRTY_PAGES if logged else 0)
         self.v0 = self.vm.create_vcpu(0)
         self.v1 = self.vm.create_vcpu(1)
         if kind == "zero":
             self.v0.read(self.gpa, 8, private=False)   # the shared zero page, read-only
+        elif kind == "fresh":
+            self.host.write(self.hva + TARGET * page, pattern(7))
+            # The neighbour's fault builds the tables, so the two faults race on one leaf.
+            self.v0.read(self.gpa + page, 8, private=False)
         else:
             self.v0.write(self.gpa, pattern(7), private=self.private)
 
@@ -145,6 +153,19 @@ def _get_dirty_log(s):
     return s.vm.steps.get_dirty_log(0)
 
 
+def _clear_dirty_log(s):
+    npages = SLOT_PAGES * s.page >> 12
+    return s.vm.steps.clear_dirty_log(0, 0, npages, range(npages))
+
+
+def _fault_read(s):
+    return s.v0.steps.read(s.gpa, 8, private=False)
+
+
+def _fault_write(s):
+    return s.v0.steps.write(s.gpa, pattern(3), private=False)
+
+
 def _to_shared(s):
     return s.vm.steps.set_memory_attributes(s.gpa, s.page, 0)
 
@@ -170,6 +191,12 @@ FLOWS = {
     "memslot_move": (_move, "anon", "read", ()),
     "memslot_log_dirty": (_log_dirty, "anon", "write", ("dirty_log",)),
     "get_dirty_log": (_get_dirty_log, "logged", "write", ("dirty_log",)),
+    "clear_dirty_log": (_clear_dirty_log, "manual", "write",
+                        ("dirty_log", "manual_dirty_protect")),
+    # Two vCPUs' faults on one leaf of a dirty-logged slot (seed 5): vCPU 0's fault paused at
+    # each of its points, its own install's compare-and-exchange ones included.
+    "fault_read": (_fault_read, "fresh", "write", ("dirty_log",)),
+    "fault_write": (_fault_write, "fresh", "read", ("dirty_log",)),
     "convert_to_shared": (_to_shared, "private", "read", ("private_mem", "gmem")),
     "convert_to_private": (_to_private, "anon", "read", ("private_mem",)),
     "punch_hole": (_punch, "private", "read", ("private_mem", "gmem")),

@@ -50,6 +50,7 @@ from kvmcore.arch import ArchInfo, Mapping
 from kvmcore.errors import KvmError
 from kvmcore.exits import GuestAbort, HwPoisonSignal
 from kvmcore.locks import WRITE
+from kvmcore.memslots import dirty_logging_toggled
 from kvmcore.records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from kvmcore.uapi import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MR_CREATE, KVM_MR_DELETE,
                           KVM_MR_FLAGS_ONLY, KVM_MR_MOVE, RET_PF_CONTINUE)
@@ -365,8 +366,7 @@ class Arm64Stage2Backend:
         with initially-all-set), write-protect the slot, flush its TLBs, then eager-split."""
         if change == KVM_MR_DELETE or new is None:
             return
-        old_flags = old.flags if old is not None else 0
-        if not ((old_flags ^ new.flags) & new.flags & KVM_MEM_LOG_DIRTY_PAGES):
+        if dirty_logging_toggled(old, new) <= 0:
             return
         if vm.dirty_log_manual_protect_and_init_set():
             return

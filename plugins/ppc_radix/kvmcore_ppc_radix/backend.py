@@ -41,6 +41,7 @@ from collections.abc import Iterator
 import structlog
 from kvmcore import ArchInfo, HwPoisonSignal, KvmError, Mapping, hookimpl
 from kvmcore.exits import memory_fault_exit
+from kvmcore.memslots import dirty_logging_toggled
 from kvmcore.records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from kvmcore.pgtable import LEAF, TABLE_PRE, PageTable, TableStore
 from kvmcore.uapi import (
@@ -336,8 +337,7 @@ class PpcRadixBackend:
     def commit_memory_region(self, vm, old, new, change):
         """kvmppc_core_commit_memory_region_hv: toggling KVM_MEM_LOG_DIRTY_PAGES flushes the
         slot (with the old slot), on to drop huge leaves, off so they can come back."""
-        if change == KVM_MR_FLAGS_ONLY and old is not None and new is not None and \
-                (old.flags ^ new.flags) & KVM_MEM_LOG_DIRTY_PAGES:
+        if change == KVM_MR_FLAGS_ONLY and dirty_logging_toggled(old, new):
             with vm.mmu_lock:
                 radix_mmu.kvmppc_radix_flush_memslot(self, vm, old)
 

@@ -44,6 +44,7 @@ from kvmcore import hookimpl
 from kvmcore.arch import ArchInfo, Mapping
 from kvmcore.errors import KvmError
 from kvmcore.locks import drive
+from kvmcore.memslots import dirty_logging_toggled
 from kvmcore.records import MISCONFIG, PERMISSION
 from kvmcore.records import GfnRange
 from kvmcore.uapi import (
@@ -588,9 +589,7 @@ class X86TdpBackend:
     def commit_memory_region(self, vm, old, new, change):
         """x86.c kvm_arch_commit_memory_region -> kvm_mmu_slot_apply_flags, and
         kvm_arch_memslots_updated's MMIO generation wrap check."""
-        old_flags = old.flags if old is not None else 0
         new_flags = new.flags if new is not None else 0
-        log = bool(new_flags & KVM_MEM_LOG_DIRTY_PAGES)
         as_id = (new or old).as_id
         gen = vm.memslot_generation(as_id)
         if gen & MMIO_SPTE_GEN_MASK == 0 and gen:
@@ -600,10 +599,11 @@ class X86TdpBackend:
                 self.kvm_mmu_zap_all_fast(vm)
         if change != KVM_MR_FLAGS_ONLY or new_flags & KVM_MEM_READONLY:
             return
-        if not (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
+        toggled = dirty_logging_toggled(old, new)
+        if not toggled:
             return
         with vm.mmu_lock:
-            if not log:
+            if toggled < 0:
                 self.kvm_mmu_recover_huge_pages(vm, new)
                 return
             if vm.dirty_log_manual_protect_and_init_set():
