@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvmcore.cli import main
-from kvmcore.explore import (MUTANTS, builtin_names, explore, load, parse,
+from kvmcore.explore import (MUTANTS, builtin_names, choose_vm_type, explore, load, parse,
                              parse_schedule_id, replay, schedule_id, supports)
 from kvmcore.plugins import installed_backends
 
@@ -92,6 +92,24 @@ def test_each_mutant_is_found_and_its_shrunk_schedule_replays(mutant, scenario, 
 def test_a_scenario_error_names_the_item():
     with pytest.raises(ValueError, match="flow 1: key 'op'"):
         parse("[[slot]]\n[[flow]]\nop = 'fly'\n")
+
+
+def test_a_scenario_names_pages_so_it_means_the_same_at_every_page_size():
+    """``page``/``pages`` are the VM's base pages: on arm64 with 64 KiB pages the fault and
+    the munmap of fault_vs_munmap still race on one page (they did not when the scenario gave
+    4 KiB byte addresses), and a slot reference must name a [[slot]]."""
+    from kvmcore.explore.scenario import World
+
+    scn = load("fault_vs_munmap")
+    for arch, options in ((FLAT, {}), ("arm64_stage2", {"granule": 65536})):
+        if not _available(arch):
+            continue
+        w = World(scn, arch, choose_vm_type(scn, arch), options)
+        assert w.scn_flows[0]["gpa"] == 6 * w.vm.page_size
+        slot = w.vm.leaf_memslot(6 * w.vm.page_size >> 12)
+        assert w._hva(w.scn_flows[1]) == slot.gfn_to_hva(6 * w.vm.page_size >> 12)
+    with pytest.raises(ValueError, match="flow 1: key 'slot': no \\[\\[slot\\]\\] 3"):
+        parse("[[slot]]\n[[flow]]\nop = 'read'\nslot = 3\npage = 1\n")
 
 
 def test_cli_finds_a_mutant_and_replays_it(tmp_path):

@@ -16,18 +16,20 @@ guest_memfd = true          # optional; log_dirty = true also; kind = "pfnmap" (
 private = true              # optional: the whole slot becomes private
 [[access]]                  # optional setup accesses (vCPU 0), before the flows start
 op = "write"
-gpa = 0x5000
+page = 5                    # page 5 of slot 0 (``slot = N`` for another); or ``gpa = 0x5000``
 private = true
 [[flow]]                    # the flows to interleave, named A, B, C, ... in order
-op = "read"                 # read / write (vcpu = N, gpa, private, data)
-gpa = 0x5000
+op = "read"                 # read / write (vcpu = N, page or gpa, private, data)
+page = 5
 private = true
 [[flow]]
-op = "set_memory_attributes"   # gpa, size, attributes
-gpa = 0x5000
-size = 0x1000
+op = "set_memory_attributes"   # page and pages, or gpa and size; attributes
+page = 5
 attributes = 0
 ```
+
+Pages are the VM's base pages, so one scenario means the same layout at every page size; a
+``gpa`` or ``size`` is in bytes as given.
 
 Flow ops: ``read``, ``write`` (a vCPU's access: ``vcpu`` defaults to the flow's index),
 ``set_memory_attributes``, ``punch_hole`` (``slot``, ``page``), ``delete_slot`` / ``move_slot``
@@ -139,8 +141,11 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
         item = f"access {i}"
         if a.get("op") not in ACCESS_OPS:
             raise RaceScenarioError(f"{path}: {item}: key 'op': one of {ACCESS_OPS}")
-        accesses.append({"op": a["op"], "gpa": _num(path, item, "gpa", a.get("gpa", 0)),
-                         "private": bool(a.get("private", False))})
+        access = {"op": a["op"], "private": bool(a.get("private", False))}
+        for key in ("gpa", "page", "slot"):
+            if key in a:
+                access[key] = _num(path, item, key, a[key])
+        accesses.append(access)
     for i, f in enumerate(doc.get("flow", []), 1):
         item = f"flow {i}"
         op = f.get("op")
@@ -159,6 +164,14 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
                                 f"not {len(flows)}")
     if not slots:
         raise RaceScenarioError(f"{path}: a race scenario needs at least one [[slot]]")
+    ids = {s["slot"] for s in slots}
+    for kind, items in (("access", accesses), ("flow", flows)):
+        for i, item in enumerate(items, 1):
+            if item.get("slot", 0) not in ids:
+                raise RaceScenarioError(f"{path}: {kind} {i}: key 'slot': no [[slot]] "
+                                        f"{item['slot']}")
+            if item["op"] in ACCESS_OPS + ("set_memory_attributes",) and "page" not in item:
+                item.setdefault("gpa", 0)
     return RaceScenario(str(doc.get("name", Path(path).stem)), path, dict(vm), tuple(slots),
                         tuple(accesses), tuple(flows))
 
@@ -194,14 +207,25 @@ class World:
             if s["private"]:
                 vm.set_memory_attributes(s["gpa"], size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
         self.slots = {s["slot"]: s for s in scn.slots}
-        self.scn_flows = scn.flows
+        self.scn_flows = tuple(self._in_bytes(f) for f in scn.flows)
         nvcpus = max([f.get("vcpu", i) for i, f in enumerate(scn.flows)] + [0]) + 1
         self.vcpus = [vm.create_vcpu(i) for i in range(nvcpus)]
         for a in scn.accesses:
-            self._access(self.vcpus[0], a)
-        self.flows = [self._start(i, f) for i, f in enumerate(scn.flows)]
+            self._access(self.vcpus[0], self._in_bytes(a))
+        self.flows = [self._start(i, f) for i, f in enumerate(self.scn_flows)]
         for name, flow in zip(NAMES, self.flows, strict=False):
             flow.name = f"{name}:{flow.name}"
+
+    def _in_bytes(self, f: dict) -> dict:
+        """An access or attribute item with ``page`` (of ``slot``) and ``pages`` turned into
+        the ``gpa`` and ``size`` in bytes its ioctl takes; host items keep their pages."""
+        if f["op"] not in ACCESS_OPS + ("set_memory_attributes",) or "page" not in f:
+            return f
+        f = dict(f)
+        f["gpa"] = self.slots[f.get("slot", 0)]["gpa"] + f.pop("page") * self.page
+        if f["op"] == "set_memory_attributes" and "size" not in f:
+            f["size"] = f.pop("pages", 1) * self.page
+        return f
 
     def footprint(self, i: int) -> dict | None:
         """What flow ``i`` may touch, for the partial-order reduction: ``{resource: "r" or
