@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from unittest.mock import patch
 
 import attrs
 
@@ -32,20 +33,10 @@ class Mutant:
     arch: str | None = None
 
 
-@contextlib.contextmanager
-def _setattr(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
 def _no_stale_check():
     from .. import fault
 
-    return _setattr(fault, "is_page_fault_stale", lambda vm, f: False)
+    return patch.object(fault, "is_page_fault_stale", lambda vm, f: False)
 
 
 def _pfnmap_no_retry():
@@ -54,7 +45,7 @@ def _pfnmap_no_retry():
     from .. import fault
 
     real = fault.is_page_fault_stale
-    return _setattr(fault, "is_page_fault_stale",
+    return patch.object(fault, "is_page_fault_stale",
                     lambda vm, f: False if f.pfnmap else real(vm, f))
 
 
@@ -67,7 +58,7 @@ def _no_flush_on_zap():
         yield from real(vm, rng)
         return False
 
-    return _setattr(mmu_notifier, "kvm_unmap_gfn_range", no_flush)
+    return patch.object(mmu_notifier, "kvm_unmap_gfn_range", no_flush)
 
 
 @contextlib.contextmanager
@@ -83,7 +74,7 @@ def _dirty_clear_no_flush():
         finally:
             del vm.flush_remote_tlbs_memslot
 
-    with _setattr(dirty, "kvm_clear_dirty_log_protect", no_flush):
+    with patch.object(dirty, "kvm_clear_dirty_log_protect", no_flush):
         yield
 
 

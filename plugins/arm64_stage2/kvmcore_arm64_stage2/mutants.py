@@ -15,7 +15,7 @@ halves of the 2020 fix for two vCPUs faulting on one stage-2 entry (seed 5), eac
 
 from __future__ import annotations
 
-import contextlib
+from unittest.mock import patch
 
 
 from .backend import Arm64Stage2Backend
@@ -24,25 +24,15 @@ from .pgtable import Stage2PageTable, kvm_pte_valid
 SCENARIOS = ("two_faults_one_entry",)
 
 
-@contextlib.contextmanager
-def _setattr(obj, name, value):
-    old = obj.__dict__[name]
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
 def _map_replaces_perms():
     def needs_update(old: int, new: int) -> bool:
         return not kvm_pte_valid(old) or not kvm_pte_valid(new) or old != new
 
-    return _setattr(Stage2PageTable, "pte_needs_update", staticmethod(needs_update))
+    return patch.object(Stage2PageTable, "pte_needs_update", staticmethod(needs_update))
 
 
 def _relax_perms_only():
-    return _setattr(Arm64Stage2Backend, "relax_perms_only", True)
+    return patch.object(Arm64Stage2Backend, "relax_perms_only", True)
 
 
 ARM64_MAP_REPLACES_PERMS = dict(

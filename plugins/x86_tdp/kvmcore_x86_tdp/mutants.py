@@ -15,7 +15,7 @@ conversion and the TLB flush.
 
 from __future__ import annotations
 
-import contextlib
+from unittest.mock import patch
 
 from kvmcore.uapi import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 
@@ -24,16 +24,6 @@ from .spte import spte_to_pfn
 from .tdx import TDX_BLOCK, TDX_PAGE_REMOVE, TDX_TRACK_KICK, Tdx
 
 SCENARIOS = ("tdx_conversion_vs_private_read",)
-
-
-@contextlib.contextmanager
-def _replace(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
 
 
 def _zap_shared_alias():
@@ -45,7 +35,7 @@ def _zap_shared_alias():
             attr_filter ^= both
         return real(has_mirror, attr_filter)
 
-    return _replace(backend, "kvm_gfn_range_filter_to_root_types", swapped)
+    return patch.object(backend, "kvm_gfn_range_filter_to_root_types", swapped)
 
 
 def _remove_before_track():
@@ -61,7 +51,7 @@ def _remove_before_track():
         self.tdx_track(vm, gfn, level)
         self.removing.discard(gfn)
 
-    return _replace(Tdx, "remove_private_spte", remove_private_spte)
+    return patch.object(Tdx, "remove_private_spte", remove_private_spte)
 
 
 TDX_ZAP_SHARED_ALIAS = dict(
