@@ -467,17 +467,9 @@ class Stage2PageTable:
             addr = base + (idx << shift)
             ctx.table, ctx.table_pa, ctx.index = table, table_pa, idx
             ctx.pos, ctx.level, ctx.addr, ctx.size, ctx.pte = pos, level, addr, size, pte
-            if not leaf_level and kvm_pte_table(pte, level):
-                if table_pre:
-                    ctx.flags = TABLE_PRE
-                    r = visitor(ctx)
-                    if type(r) is GeneratorType:
-                        r = yield from r
-                    if r and (r != -errno.EAGAIN or flags & KVM_PGTABLE_WALK_HANDLE_FAULT):
-                        return r
-                    pte = table[idx]
-            else:
-                ctx.flags = LEAF
+            is_table = not leaf_level and kvm_pte_table(pte, level)
+            if table_pre or not is_table:
+                ctx.flags = TABLE_PRE if is_table else LEAF
                 r = visitor(ctx)
                 if type(r) is GeneratorType:
                     r = yield from r
