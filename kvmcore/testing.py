@@ -269,3 +269,31 @@ class FlatBackend(WriteProtectDirtyLog):
                                     f"size {leaf.size:#x}")
                 prev_end = leaf.end
         return problems
+
+
+class VmFactory:
+    """``make(**options)``: VMs of one backend on one host; ``close()`` checks each one's
+    invariants and closes it. The ``make_vm`` fixture of a backend's own tests::
+
+        @pytest.fixture
+        def make_vm(host):
+            make = VmFactory("riscv_gstage", host)
+            yield make
+            make.close()
+    """
+
+    def __init__(self, arch, host):
+        self.arch, self.host, self.vms = arch, host, []
+
+    def __call__(self, **options):
+        from .vm import VM
+
+        vm = VM(arch=self.arch, host=self.host, **options)
+        self.vms.append(vm)
+        return vm
+
+    def close(self) -> None:
+        for vm in self.vms:
+            vm.check_invariants()
+            vm.close()
+

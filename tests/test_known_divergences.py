@@ -10,6 +10,7 @@ import attrs
 from click.testing import CliRunner
 
 import kvmcore.cli as cli_mod
+from kvmcore.conformance import SUITE_DIR
 from kvmcore.testing import FlatBackend
 
 pytest_plugins = ["pytester"]
@@ -42,10 +43,15 @@ class Diverging(FlatBackend):
 
 
 def _run(pytester, extra=""):
-    pytester.makepyfile(diverging=textwrap.dedent(BACKEND.format(extra=extra)))
+    # A module name of its own per test: an in-process run keeps what the last one imported.
+    module = f"diverging_{abs(hash(extra))}"
+    pytester.makepyfile(**{module: textwrap.dedent(BACKEND.format(extra=extra))})
     pytester.syspathinsert()
+    # Only the suite's test_faults.py: the whole suite would import modules whose names this
+    # process already holds from tests/ (test_gmem, test_memslots).
     return pytester.runpytest_inprocess(
-        "-p", "kvmcore.conformance", "--arch", "diverging:Diverging", "-p", "no:cacheprovider",
+        "-p", "kvmcore.conformance", "--arch", f"{module}:Diverging", "-p", "no:cacheprovider",
+        str(SUITE_DIR / "test_faults.py"),
         "-k", "test_write_fault_installs_writable_leaf or test_read_fault_installs_readable",
         "-rxX")
 

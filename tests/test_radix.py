@@ -169,3 +169,14 @@ def test_scaffold_leaves_carry_the_format_bits():
     assert m.raw & T == 0
     vm.check_invariants()
     assert vm.page_table_bytes() == 3 * 4096
+
+
+def test_vm_factory_checks_and_closes_its_vms():
+    from kvmcore.testing import VmFactory
+
+    make = VmFactory(RadixBackend, HostMemory())
+    vm = make()
+    vm.set_user_memory_region(0, 0, SZ_2M, make.host.mmap(SZ_2M))
+    vm.create_vcpu(0).write(0x1000, b"x")
+    make.close()
+    assert vm.closed and list(vm.mappings()) == []

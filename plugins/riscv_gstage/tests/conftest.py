@@ -1,32 +1,23 @@
 from __future__ import annotations
 
 import pytest
-from kvmcore import VM, HostMemory
+from kvmcore import HostMemory
+from kvmcore.testing import VmFactory
 
 GPA = 0x8000_0000
-SZ_2M = 2 << 20
-SZ_1G = 1 << 30
 
 
 @pytest.fixture
-def host():
-    return HostMemory()
-
-
-@pytest.fixture
-def make_vm(host):
-    """A VM factory; every VM's invariants are checked when the test ends."""
-    vms = []
-
-    def make(**options):
-        vm = VM(arch="kvmcore_riscv_gstage:RiscvGstageBackend", host=host, **options)
-        vms.append(vm)
-        return vm
-
+def make_vm():
+    """VMs on one host, each checked and closed when the test ends."""
+    make = VmFactory("kvmcore_riscv_gstage:RiscvGstageBackend", HostMemory())
     yield make
-    for vm in vms:
-        vm.check_invariants()
-        vm.close()
+    make.close()
+
+
+@pytest.fixture
+def host(make_vm):
+    return make_vm.host
 
 
 @pytest.fixture

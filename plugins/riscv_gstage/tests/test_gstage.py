@@ -10,9 +10,9 @@ import errno
 import pytest
 from kvmcore import KvmError, MmioExit
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES as LOG
-from kvmcore.uapi import KVM_MEM_READONLY
+from kvmcore.uapi import KVM_MEM_READONLY, SZ_1G, SZ_2M
 
-from conftest import GPA, SZ_1G, SZ_2M, entry, pfn_of
+from conftest import GPA, entry, pfn_of
 
 V, R, W, X, U, A, D = 1, 2, 4, 8, 16, 64, 128
 LEAF_RW = V | R | W | X | U | A | D          # pte_mkdirty(pfn_pte(pfn, PAGE_WRITE_EXEC))

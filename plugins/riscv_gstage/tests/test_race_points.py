@@ -9,12 +9,18 @@ from kvmcore_riscv_gstage.backend import RISCV_UNMAP_RESCHED
 from conftest import GPA
 
 
-def test_a_may_block_unmap_drops_the_lock_between_leaves(vm, host):
+def _two_leaves(vm, host):
+    """A slot of 4 pages, the first and third mapped: the hva and the vCPU."""
     hva = host.mmap(4 * 4096)
     vm.set_user_memory_region(0, GPA, 4 * 4096, hva)
     a = vm.create_vcpu(0)
     a.write(GPA, b"a")
     a.write(GPA + 0x2000, b"b")
+    return hva, a
+
+
+def test_a_may_block_unmap_drops_the_lock_between_leaves(vm, host):
+    hva, a = _two_leaves(vm, host)
     zap = host.steps.madvise_dontneed(hva, 4 * 4096)
     while next(zap) != RISCV_UNMAP_RESCHED:
         pass
@@ -33,10 +39,6 @@ def test_a_may_block_unmap_drops_the_lock_between_leaves(vm, host):
 
 
 def test_an_unmap_run_to_its_end_has_no_point(vm, host):
-    hva = host.mmap(4 * 4096)
-    vm.set_user_memory_region(0, GPA, 4 * 4096, hva)
-    a = vm.create_vcpu(0)
-    a.write(GPA, b"a")
-    a.write(GPA + 0x2000, b"b")
+    hva, _a = _two_leaves(vm, host)
     host.madvise_dontneed(hva, 4 * 4096)
     assert list(vm.mappings()) == [] and vm.stats["riscv_unmap_resched"] == 0
