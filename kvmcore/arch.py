@@ -47,6 +47,16 @@ class ArchInfo:
     ``hwpoison_sigbus``: a fault on a hardware-poisoned host page sends SIGBUS
     (kvm_send_hwpoison_signal: x86, arm64); False where the arch answers -EFAULT as for any
     error pfn (ppc kvmppc_book3s_instantiate_page). The backend implements it; this says so.
+
+    ``known_divergences``: where Linux on this architecture departs from the common contract
+    the conformance suite checks, ``{test: "Linux file:function — why"}``. ``test`` is a
+    conformance test's name (``test_x``: every parametrization), its name with the other
+    parameters (``test_x[pf_lock_wait]``), or either prefixed by its file
+    (``test_races.py::test_x``); ``state_machine:<step>:<ERRNO>`` lets the state machine
+    accept that errno from the backend for that step (the reference does not run it). The
+    suite reports each test as a strict xfail with that reason
+    (an unexpected pass fails: the divergence is gone and the entry must go too);
+    ``kvmcore archs`` lists them. Linux-exact behaviour is the default, not an option.
     """
 
     name: str
@@ -69,6 +79,8 @@ class ArchInfo:
     vcpu_ioctl_errno: int = _errno.ENOTTY
     fault_retry_gfn: bool = True
     hwpoison_sigbus: bool = True
+    known_divergences: _MappingABC[str, str] = attrs.field(factory=dict, converter=dict,
+                                                           hash=False)
 
     @vm_types.validator
     def _check_vm_types(self, _attr, value):

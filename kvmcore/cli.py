@@ -78,7 +78,8 @@ def _arch_rows() -> list[dict]:
                      "version": dist.version if dist else "?",
                      "vm_types": {t: sorted(c) for t, c in info.vm_types.items()},
                      "page_sizes": list(info.page_sizes), "levels": info.levels,
-                     "address_spaces": info.nr_address_spaces})
+                     "address_spaces": info.nr_address_spaces,
+                     "known_divergences": dict(info.known_divergences)})
     return rows
 
 
@@ -115,8 +116,11 @@ def archs(as_json: bool, kernel: bool) -> None:
                        f"{r['address_spaces']} address space(s)")
             for vm_type, caps in r["vm_types"].items():
                 click.echo(f"  {vm_type}: {', '.join(caps)}")
+            for test, why in r["known_divergences"].items():
+                click.echo(f"  known divergence {test}: {why}")
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="kvmcore backends")
@@ -126,7 +130,9 @@ def archs(as_json: bool, kernel: bool) -> None:
         if "error" in r:
             table.add_row(r["arch"], "", "", "", f"[red]{r['error']}")
             continue
-        types = "\n".join(f"{t}: {', '.join(c)}" for t, c in r["vm_types"].items())
+        types = "\n".join([f"{t}: {', '.join(c)}" for t, c in r["vm_types"].items()]
+                          + [f"[yellow]known divergence[/] {escape(t)}: {escape(why)}"
+                             for t, why in r["known_divergences"].items()])
         table.add_row(r["arch"], r["distribution"], r["version"],
                       " ".join(_size(p) for p in r["page_sizes"]), types)
     Console().print(table)

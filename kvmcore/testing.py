@@ -24,11 +24,10 @@ from sortedcontainers import SortedDict
 from . import hookimpl
 from .arch import ArchInfo, Mapping
 from .errors import KvmError
+from .radix import WriteProtectDirtyLog, mapping_size
 from .records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from .uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_MR_DELETE,
     PAGE_SHIFT,
     RET_PF_FIXED,
     RET_PF_SPURIOUS,
@@ -58,7 +57,7 @@ class Leaf:
         return self.gfn + (self.size >> PAGE_SHIFT)
 
 
-class FlatBackend:
+class FlatBackend(WriteProtectDirtyLog):
     """A backend with no page-table format: one sorted map of leaves per address space."""
 
     arch_info = ArchInfo(
@@ -154,34 +153,16 @@ class FlatBackend:
         leaf.young = True
         return RET_PF_FIXED
 
-    def _choose_size(self, vm, fault) -> int:
-        slot = fault.slot
-        if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-            return self.base
-        for size in (SZ_1G, SZ_2M):
-            if size > fault.max_size or not slot.supports_huge_mapping(fault.gfn, size):
-                continue
-            npages = size >> PAGE_SHIFT
-            start = fault.gfn & ~(npages - 1)
-            if (fault.pfn - (fault.gfn - start)) % npages:
-                continue
-            attr = vm.get_memory_attributes(fault.gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE
-            if not vm.range_has_memory_attributes(start, start + npages,
-                                                  KVM_MEMORY_ATTRIBUTE_PRIVATE, attr):
-                continue
-            return size
-        return self.base
-
     @hookimpl
     def map_leaf(self, vm, fault):
         root = self.roots[fault.as_id]
         slot = fault.slot
-        size = self._choose_size(vm, fault)
+        logging = self.logging(slot)
+        size = mapping_size(vm, fault, self.arch_info.page_sizes, logging, pfnmap_blocks=True)
         npages = size >> PAGE_SHIFT
         start = fault.gfn & ~(npages - 1)
         pfn = fault.pfn - (fault.gfn - start)
-        logging = slot.flags & KVM_MEM_LOG_DIRTY_PAGES
-        writable = fault.map_writable and (fault.write or not logging)
+        writable = self.writable(fault)
         existing = self._overlapping(root, start, start + npages)
         if (len(existing) == 1 and existing[0].gfn == start and existing[0].size == size
                 and existing[0].pfn == pfn):
@@ -252,29 +233,20 @@ class FlatBackend:
         return any(leaf.young for leaf in self._overlapping(self.roots[range.slot.as_id],
                                                              range.start, range.end))
 
-    @hookimpl
-    def commit_memory_region(self, vm, old, new, change):
-        if change == KVM_MR_DELETE or new is None:
-            return
-        was = bool(old and old.flags & KVM_MEM_LOG_DIRTY_PAGES)
-        if new.flags & KVM_MEM_LOG_DIRTY_PAGES and not was:
-            if vm.dirty_log_manual_protect_and_init_set():
-                return
-            for leaf in self._overlapping(self.roots[new.as_id], new.base_gfn, new.end_gfn):
-                leaf.writable = False
-            vm.flush_remote_tlbs_memslot(new)
+    def wrprotect_gfns(self, vm, as_id, start, end) -> bool:
+        leaves = self._overlapping(self.roots[as_id], start, end)
+        for leaf in leaves:
+            leaf.writable = False
+        return bool(leaves)
 
-    @hookimpl
-    def enable_log_dirty_pt_masked(self, vm, slot, gfn_offset, mask):
-        root = self.roots[slot.as_id]
-        base = slot.base_gfn + gfn_offset
+    def wrprotect_mask(self, vm, slot, base_gfn, mask) -> bool:
         while mask:
             low = mask & -mask
-            leaf = self._find(root, base + low.bit_length() - 1)
+            leaf = self._find(self.roots[slot.as_id], base_gfn + low.bit_length() - 1)
             if leaf is not None:
-                leaf.writable = False
-                leaf.dirty = False
+                leaf.writable = leaf.dirty = False
             mask ^= low
+        return True
 
     @hookimpl
     def leaves(self, vm, start, end, as_id):
@@ -297,3 +269,31 @@ class FlatBackend:
                                     f"size {leaf.size:#x}")
                 prev_end = leaf.end
         return problems
+
+
+class VmFactory:
+    """``make(**options)``: VMs of one backend on one host; ``close()`` checks each one's
+    invariants and closes it. The ``make_vm`` fixture of a backend's own tests::
+
+        @pytest.fixture
+        def make_vm(host):
+            make = VmFactory("riscv_gstage", host)
+            yield make
+            make.close()
+    """
+
+    def __init__(self, arch, host):
+        self.arch, self.host, self.vms = arch, host, []
+
+    def __call__(self, **options):
+        from .vm import VM
+
+        vm = VM(arch=self.arch, host=self.host, **options)
+        self.vms.append(vm)
+        return vm
+
+    def close(self) -> None:
+        for vm in self.vms:
+            vm.check_invariants()
+            vm.close()
+

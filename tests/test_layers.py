@@ -20,8 +20,9 @@ LAYERS = {
     # 1 state: data structures without flows
     "locks": 1, "pgtable": 1, "host": 1, "memslots": 1, "attributes": 1, "dirty_log": 1,
     "invalidate": 1,
-    # 2 the core object (struct kvm / kvm_vcpu) and the contract typed against it
-    "kvm": 2, "hookspecs": 2,
+    # 2 the core object (struct kvm / kvm_vcpu), the contract typed against it, and the
+    # generic radix operations backends build on (radix: over pgtable and the records)
+    "kvm": 2, "hookspecs": 2, "radix": 2,
     # 3 flows, each over Kvm
     "hva": 3, "mmu_notifier": 3, "pfn": 3, "gmem": 3, "dirty": 3, "set_attributes": 3,
     "set_memory_region": 3, "capabilities": 3, "fault": 3, "defaults": 3, "invariants": 3,

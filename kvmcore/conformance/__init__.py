@@ -34,9 +34,12 @@ fails the test.
 
 Capabilities are data: ``@pytest.mark.requires("private_mem", "hugepage_2m")`` skips the test
 with the reason ``"<arch> does not claim <cap>"`` when no VM type of the backend claims them all;
-a claimed capability's tests must pass. The suite has no other skips. A known bug of one
-backend is marked ``@pytest.mark.xfail_on("<ArchInfo.name>", reason="...")``: a strict xfail
-on that backend, an ordinary test on the others.
+a claimed capability's tests must pass. The suite has no other skips. Where Linux on one
+architecture departs from the common contract, the backend declares it as data,
+``ArchInfo.known_divergences = {"test_name": "Linux file:function — why"}``: the test is a
+strict xfail with that reason on that backend, an ordinary test on the others. A known bug of
+one backend may still be marked in a suite file, ``@pytest.mark.xfail_on("<ArchInfo.name>",
+reason="...")``; no test uses it: keep such facts with the backend.
 
 Hypothesis profiles: ``ci`` (the default while this plugin is loaded; derandomized, small) and
 ``long`` (``--hypothesis-profile=long``).
@@ -202,15 +205,37 @@ def pytest_generate_tests(metafunc):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        marks = list(item.iter_markers("xfail_on"))
         callspec = getattr(item, "callspec", None)
-        if not marks or callspec is None or "arch" not in callspec.params:
+        if callspec is None or "arch" not in callspec.params:
             continue
         param = callspec.params["arch"]
-        name = arch_name(param[0] if isinstance(param, tuple) else param)
-        for mark in marks:
+        cfg = param[0] if isinstance(param, tuple) else param
+        why = divergence_reason(item, cfg)
+        if why is not None:
+            item.add_marker(pytest.mark.xfail(strict=True, reason=why))
+            continue
+        name = arch_name(cfg)
+        for mark in item.iter_markers("xfail_on"):
             if name in mark.args:
                 item.add_marker(pytest.mark.xfail(strict=True, reason=mark.kwargs["reason"]))
+
+
+def divergence_reason(item, cfg: ArchConfig) -> str | None:
+    """The reason ``cfg``'s backend declares for ``item`` in ArchInfo.known_divergences: keys
+    name the test (every parametrization), the test with its other parameters (``[...]``
+    without the arch's id), either one after ``file.py::``."""
+    divergences = arch_divergences(cfg)
+    if not divergences:
+        return None
+    ids = [p for p in item.callspec.id.split("-") if p != cfg.id and p]
+    names = [item.originalname]
+    if ids:
+        names.append(f"{item.originalname}[{'-'.join(ids)}]")
+    for name in names:
+        for key in (name, f"{item.path.name}::{name}"):
+            if key in divergences:
+                return f"known divergence: {divergences[key]}"
+    return None
 
 
 @pytest.hookimpl(wrapper=True)
@@ -243,16 +268,25 @@ def vm_type_capabilities(cfg: ArchConfig) -> dict[str, frozenset[str]]:
     return _PROBES[cfg]
 
 
-_NAMES: dict = {}
+_INFOS: dict = {}
+
+
+def arch_info(cfg: ArchConfig):
+    """The ArchInfo of a configuration's VMs (a backend may describe itself per option)."""
+    if cfg not in _INFOS:
+        from kvmcore import VM
+
+        _INFOS[cfg] = VM(arch=cfg.backend, **dict(cfg.options)).arch_info
+    return _INFOS[cfg]
 
 
 def arch_name(cfg: ArchConfig) -> str:
     """The backend's own name (ArchInfo.name) for a configuration."""
-    if cfg not in _NAMES:
-        from kvmcore import VM
+    return arch_info(cfg).name
 
-        _NAMES[cfg] = VM(arch=cfg.backend, **dict(cfg.options)).arch_info.name
-    return _NAMES[cfg]
+
+def arch_divergences(cfg: ArchConfig) -> dict[str, str]:
+    return dict(arch_info(cfg).known_divergences)
 
 
 def required_capabilities(node) -> tuple[str, ...]:

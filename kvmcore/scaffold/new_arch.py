@@ -5,10 +5,12 @@ their hardware."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from importlib import resources
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, distribution, entry_points
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from ..plugins import ARCH_GROUP
 
@@ -27,7 +29,7 @@ requires-python = ">=3.11"
 dependencies = ["kvmcore"]
 
 [project.optional-dependencies]
-test = ["pytest>=8,<10", "hypothesis>=6.100,<7"]
+test = ["pytest>=8,<10", "hypothesis>=6.100,<7", "tox>=4.11"]
 
 [project.entry-points."kvmcore.arch"]
 {name} = "kvmcore_{name}:{cls}"
@@ -43,6 +45,8 @@ env_list = {name}
 
 [testenv:{name}]
 description = the conformance suite and this backend's tests, with only kvmcore and it
+# kvmcore as it is installed where this project was generated ({origin}), not from an index
+deps = {kvmcore}
 extras = test
 commands =
     pytest -p kvmcore.conformance --arch {name} {{posargs}}
@@ -79,6 +83,21 @@ See kvmcore's docs/writing-a-backend.md and docs/hooks.md.
 """
 
 
+def kvmcore_requirement() -> tuple[str, str]:
+    """What the generated tox environment installs kvmcore from, and why: the local checkout
+    the running kvmcore was installed from (its PEP 610 direct_url.json), so that tox never
+    asks an index for a kvmcore that is not published there; else the name."""
+    try:
+        text = distribution("kvmcore").read_text("direct_url.json")
+        url = json.loads(text)["url"] if text else ""
+    except (PackageNotFoundError, ValueError, KeyError):
+        url = ""
+    if url.startswith("file://"):
+        path = Path(unquote(urlparse(url).path))
+        return str(path), f"the checkout {path}"
+    return "kvmcore", "an index"
+
+
 def camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_")) + "Backend"
 
@@ -106,13 +125,13 @@ def write_plugin(name: str, directory: Path) -> list[Path]:
         raise ValueError(f"NAME {name!r}: {taken} is installed already (the new one would "
                          "collide with it); choose another name")
     cls, dist = camel(name), name.replace("_", "-")
+    kvmcore, origin = kvmcore_requirement()
     source = resources.files("kvmcore.scaffold").joinpath("backend.py").read_text()
     source = (source.replace("class RadixBackend", f"class {cls}")
-              .replace('name="radix"', f'name="{name}"')
-              .replace("radix: ", f"{name}: "))
+              .replace('name="radix"', f'name="{name}"'))
     files = {
         "pyproject.toml": PYPROJECT.format(dist=dist, name=name, cls=cls),
-        "tox.ini": TOX.format(name=name),
+        "tox.ini": TOX.format(name=name, kvmcore=kvmcore, origin=origin),
         "README.md": README.format(dist=dist, name=name),
         f"kvmcore_{name}/__init__.py": f'"""kvmcore backend: {name}."""\n\n'
                                        f"from .backend import {cls}\n\n__all__ = [\"{cls}\"]\n",

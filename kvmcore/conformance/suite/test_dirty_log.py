@@ -15,6 +15,7 @@ from kvmcore.conformance.helpers import (
     base_page_gfns,
     expect_errno,
     expect_errno_unchanged,
+    expect_memory_fault,
     pattern,
 )
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES as LOG
@@ -119,6 +120,34 @@ def test_logging_slot_maps_base_pages(guest):
     guest.write(GPA + 5 * page, pattern(1))
     m = guest.vm.lookup(GPA + 5 * page)
     assert m.size == min(guest.vm.arch_info.page_sizes) and m.writable
+
+
+def test_write_to_a_logged_page_the_host_made_read_only_exits(guest, host):
+    """A dirty-logged slot whose host pages mprotect(PROT_READ) made read-only: a page mapped
+    writable before is zapped by the notifier, a page read afterwards maps read-only; a
+    write to either takes the host fault path (hva_to_pfn fails for the write:
+    KVM_PFN_ERR_FAULT, KVM_EXIT_MEMORY_FAULT with EFAULT) and never gets W on its base-page
+    leaf — a backend that grants W to any 4 KiB leaf of a logging slot on a write fault
+    (the dirty-log fast path) would let the guest write a read-only host page. Nothing is
+    logged, the host memory is unchanged."""
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size, LOG)
+    host.write(hva + 3 * page, pattern(1))
+    guest.write(GPA + 4 * page, pattern(2))        # a writable leaf, logged
+    host.mprotect(hva, slot_size, "r")
+    assert guest.vm.lookup(GPA + 4 * page) is None
+    assert guest.read(GPA + 3 * page) == pattern(1)
+    assert not guest.vm.lookup(GPA + 3 * page).writable
+    assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 4)
+    for off, before in ((3, pattern(1)), (4, pattern(2))):
+        expect_memory_fault(page, guest.write, GPA + off * page + 8, pattern(9),
+                            private=False, gpa=GPA + off * page, exit_private=False)
+        m = guest.vm.lookup(GPA + off * page)
+        assert m is None or not m.writable
+        assert host.read(hva + off * page, 8) == before
+    assert guest.vm.get_dirty_log(0) == []
+    assert guest.read(GPA + 4 * page) == pattern(2)
 
 
 @pytest.mark.requires("manual_dirty_protect")
