@@ -37,6 +37,7 @@ import attrs
 from . import hookimpl
 from .arch import Mapping
 from .errors import KvmError
+from .memslots import dirty_logging_toggled
 from .pgtable import LEAF, TABLE_POST, TABLE_PRE, Geometry, PageTable, TableStore
 from .records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from .uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MR_DELETE, \
@@ -507,9 +508,7 @@ class WriteProtectDirtyLog:
     def commit_memory_region(self, vm, old, new, change):
         """kvm_arch_commit_memory_region: logging switched on (and not manual-protect with
         initially-all-set) write-protects the slot, flushes, then eager-splits."""
-        if change == KVM_MR_DELETE or new is None or not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
-            return
-        if (old is not None and old.flags & KVM_MEM_LOG_DIRTY_PAGES) or \
+        if change == KVM_MR_DELETE or dirty_logging_toggled(old, new) <= 0 or \
                 vm.dirty_log_manual_protect_and_init_set():
             return
         with vm.mmu_lock:
