@@ -305,3 +305,38 @@ def test_the_reduction_keeps_every_end_state_with_fewer_schedules():
     assert reduced.pruned and reduced.schedules * 4 < full.schedules
     two = explore(scn, FLAT, stop_at_first=False, workers=2)
     assert _totals(two) == _totals(reduced) and two.pruned == reduced.pruned
+
+
+def test_each_node_of_the_schedule_tree_is_checked_once(monkeypatch):
+    """The depth-first search re-runs a schedule's prefix without checking it again (its
+    states were checked by the run that first took it): fewer checks, the same verdicts."""
+    from kvmcore.explore import search
+
+    scn = load("fault_vs_munmap")
+    calls = []
+    real = search.Explorer._check
+
+    def counting(self, r, when, stepped=None):
+        calls.append((tuple(r.schedule), when == "end"))
+        return real(self, r, when, stepped)
+
+    monkeypatch.setattr(search.Explorer, "_check", counting)
+    clean = explore(scn, FLAT)
+    assert len(calls) == len(set(calls)), "a state was checked twice"
+    once = len(calls)
+    calls.clear()
+    real_run = search.Explorer.run
+    monkeypatch.setattr(search.Explorer, "run",
+                        lambda self, prefix, policy=None, reduce=False, checked=0:
+                        real_run(self, prefix, policy, reduce, 0))
+    again = explore(scn, FLAT)
+    assert len(calls) > once
+    assert (again.schedules, again.steps, again.end_states) == \
+        (clean.schedules, clean.steps, clean.end_states)
+    monkeypatch.undo()
+    found = explore(scn, FLAT, mutants=["no_stale_check"], stop_at_first=False)
+    monkeypatch.setattr(search.Explorer, "run",
+                        lambda self, prefix, policy=None, reduce=False, checked=0:
+                        real_run(self, prefix, policy, reduce, 0))
+    everywhere = explore(scn, FLAT, mutants=["no_stale_check"], stop_at_first=False)
+    assert [f.id for f in everywhere.failures] == [f.id for f in found.failures]

@@ -78,10 +78,14 @@ class Oracles:
                             "frame the host has freed")
         return None
 
-    def downgrade(self, i: int):
-        """Flow ``i`` has just run a stretch."""
+    def count_step(self, i: int) -> None:
+        """Flow ``i`` has just run a stretch (the bookkeeping of ``downgrade``)."""
         if not self._access[i]:
             self.other_steps += 1
+
+    def downgrade(self, i: int):
+        """Flow ``i`` has just run a stretch."""
+        self.count_step(i)
         if not self.used:
             return None
         now = self.epoch()

@@ -150,9 +150,15 @@ class Explorer:
                 for i, a in enumerate(fps)]
         return self._indep
 
-    def run(self, prefix: list, policy=None, reduce: bool = False) -> Run:
+    def run(self, prefix: list, policy=None, reduce: bool = False, checked: int = 0) -> Run:
         """Run ``prefix``, then ``policy(runnable, step) -> flow index`` (the lowest runnable
         flow by default) until every flow ends or a failure.
+
+        ``checked``: the first steps of ``prefix`` whose states an earlier run of the same
+        prefix has already checked (the model is deterministic, so the state after a prefix
+        is always the same): the per-step oracles skip them, keeping only their bookkeeping.
+        The depth-first search passes the depth it backtracked to, so each node of the
+        schedule tree is checked once rather than once per schedule through it.
 
         ``reduce``: keep sleep sets (Godefroid's partial-order reduction): after the choice
         c at a step, a flow stays asleep while it commutes with what runs; a flow that was
@@ -208,7 +214,9 @@ class Explorer:
                                     "stretches without ending", list(r.schedule))
                 return r
             self._step(r, choice)
-            if r.failure is None:
+            if step <= checked:
+                r.oracles.count_step(choice)
+            elif r.failure is None:
                 self._check(r, f"after {NAMES[choice]}", choice)
             if r.failure is not None:
                 return r
@@ -433,8 +441,9 @@ def _dfs(ex: Explorer, root: list, reduce: bool = True):
     first at each step); with ``reduce``, one per class of equivalent orderings (sleep sets,
     ``Explorer.run``), the pruned runs included so that they can be counted."""
     prefix: list = list(root)
+    checked = 0
     while True:
-        r = ex.run(prefix, reduce=reduce)
+        r = ex.run(prefix, reduce=reduce, checked=checked)
         yield r
         # Backtrack: the deepest step with a higher runnable flow neither tried nor asleep.
         for k in range(len(r.schedule) - 1, len(root) - 1, -1):
@@ -442,6 +451,7 @@ def _dfs(ex: Explorer, root: list, reduce: bool = True):
             later = [i for i in r.choices[k] if i > r.schedule[k] and i not in asleep]
             if later:
                 prefix = r.schedule[:k] + [later[0]]
+                checked = k
                 break
         else:
             return
