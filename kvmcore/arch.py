@@ -47,6 +47,10 @@ class ArchInfo:
     ``hwpoison_sigbus``: a fault on a hardware-poisoned host page sends SIGBUS
     (kvm_send_hwpoison_signal: x86, arm64); False where the arch answers -EFAULT as for any
     error pfn (ppc kvmppc_book3s_instantiate_page). The backend implements it; this says so.
+    ``hwpoison_lsb_vma``: the signal's si_addr_lsb is the VMA's page shift (the hugetlb page
+    size: RISC-V kvm_riscv_mmu_map's vma_pageshift), not PAGE_SHIFT (x86
+    kvm_send_hwpoison_signal); the core's default faultin_pfn reads it. arm64 clamps the shift
+    to a stage-2 block size and says so in its own hook.
 
     ``known_divergences``: where Linux on this architecture departs from the common contract
     the conformance suite checks, ``{test: "Linux file:function — why"}``. ``test`` is a
@@ -79,6 +83,7 @@ class ArchInfo:
     vcpu_ioctl_errno: int = _errno.ENOTTY
     fault_retry_gfn: bool = True
     hwpoison_sigbus: bool = True
+    hwpoison_lsb_vma: bool = False
     known_divergences: _MappingABC[str, str] = attrs.field(factory=dict, converter=dict,
                                                            hash=False)
 

@@ -55,7 +55,10 @@ def faultin_pfn(vm, fault):
         return RET_PF_EMULATE
     if pfn == KVM_PFN_ERR_HWPOISON:
         vm.stats["hwpoison_signal"] += 1
-        raise HwPoisonSignal(hva & ~(vm.page_size - 1), vm.host.page_shift)
+        shift = vm.host.page_shift
+        if vm.arch_info.hwpoison_lsb_vma:
+            shift = vm.host.find_vma(hva).page_size.bit_length() - 1
+        raise HwPoisonSignal(hva & ~(vm.page_size - 1), shift)
     if pfn == KVM_PFN_ERR_FAULT:
         raise memory_fault_exit(vm, fault)
     host = vm.host

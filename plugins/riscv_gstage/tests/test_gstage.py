@@ -166,3 +166,17 @@ def test_accessed_bit_by_fault_or_by_hardware(make_vm, host, svadu):
     cpu.read(GPA, 1)
     assert entry(vm, GPA)[1] & A
     assert vm.stats["fault_access_flag"] == faults + (0 if svadu else 1)
+
+
+def test_hwpoison_in_a_hugetlb_vma_signals_the_vma_page_shift(vm, host):
+    """kvm_riscv_mmu_map sends kvm_send_hwpoison_signal(hva, vma_pageshift): the hugetlb
+    page's shift, where x86 always says PAGE_SHIFT."""
+    from kvmcore import HwPoisonSignal
+
+    hva = host.mmap(SZ_2M, kind="hugetlb_2m")
+    vm.set_user_memory_region(0, GPA, SZ_2M, hva)
+    host.poison(hva + 0x3000)
+    with pytest.raises(HwPoisonSignal) as info:
+        vm.create_vcpu(0).read(GPA + 0x3000, 8)
+    assert info.value.lsb == 21
+    assert info.value.hva == hva + 0x3000
