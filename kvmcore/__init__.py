@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pluggy
 
-from .arch import ArchInfo, Mapping
+from .arch import ArchInfo, Mapping, VmOption
 from .errors import InvariantError, KvmError
 from .exits import (DirtyRingFullExit, GuestAbort, HwPoisonSignal, MemoryFaultExit, MmioExit,
                     VcpuExit)
@@ -31,6 +31,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'kvmcore' has no attribute {name!r}")
 
 
-__all__ = ["VM", "Vcpu", "HostMemory", "GuestMemfd", "ArchInfo", "Mapping", "KvmError",
+__all__ = ["VM", "Vcpu", "HostMemory", "GuestMemfd", "ArchInfo", "Mapping", "VmOption", "KvmError",
            "InvariantError", "VcpuExit", "MemoryFaultExit", "MmioExit", "DirtyRingFullExit",
            "HwPoisonSignal", "GuestAbort", "hookimpl"]

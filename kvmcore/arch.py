@@ -7,6 +7,8 @@ from collections.abc import Mapping as _MappingABC
 
 import attrs
 
+from .errors import KvmError
+
 #: Capability names a backend may claim per VM type (API.md). The conformance suite tests what
 #: is claimed and skips the rest.
 KNOWN_CAPABILITIES = frozenset({
@@ -14,6 +16,41 @@ KNOWN_CAPABILITIES = frozenset({
     "dirty_ring", "pml", "hugepage_2m", "hugepage_1g", "relax_perms", "pre_fault", "aging",
     "memory_attributes", "initially_set", "private_alias",
 })
+
+
+@attrs.frozen
+class VmOption:
+    """A declared VM option (``VM(arch, name=value)``): its default, the values it may take
+    (None: any value of the default's type) and one line for ``kvmcore archs``."""
+
+    default: object
+    choices: tuple | None = None
+    doc: str = ""
+
+    def check(self, name: str, value) -> None:
+        """EINVAL, naming the option, for a value of another type or outside ``choices``
+        (True is not 1 here: a flag wants a bool, a size an int)."""
+        if type(value) is not type(self.default):
+            raise KvmError(_errno.EINVAL, f"{name}={value!r}: must be a "
+                                          f"{type(self.default).__name__}")
+        if self.choices is not None and value not in self.choices:
+            raise KvmError(_errno.EINVAL, f"{name}={value!r}: one of "
+                                          f"{', '.join(map(repr, self.choices))}")
+
+
+def vm_options(arch: str, declared: _MappingABC[str, VmOption], given: dict) -> dict:
+    """Every declared option's value, ``given`` or its default, each checked; EINVAL for a
+    name ``declared`` does not have. What a backend's ``__init__`` does with its options."""
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        raise KvmError(_errno.EINVAL, f"{', '.join(unknown)}: not a {arch} VM option (known: "
+                                      f"{', '.join(sorted(declared)) or 'none'})")
+    values = {}
+    for name, opt in declared.items():
+        value = given.get(name, opt.default)
+        opt.check(name, value)
+        values[name] = value
+    return values
 
 
 def _freeze_vm_types(value) -> dict[str, frozenset[str]]:

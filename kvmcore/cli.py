@@ -79,8 +79,15 @@ def _arch_rows() -> list[dict]:
                      "vm_types": {t: sorted(c) for t, c in info.vm_types.items()},
                      "page_sizes": list(info.page_sizes), "levels": info.levels,
                      "address_spaces": info.nr_address_spaces,
-                     "known_divergences": dict(info.known_divergences)})
+                     "known_divergences": dict(info.known_divergences),
+                     "options": {n: {"default": o.default, "choices": o.choices, "doc": o.doc}
+                                 for n, o in getattr(cls, "OPTIONS", {}).items()}})
     return rows
+
+
+def _option(name: str, o: dict) -> str:
+    choices = f" of {'/'.join(map(str, o['choices']))}" if o["choices"] else ""
+    return f"{name}={o['default']!r}{choices}" + (f" ({o['doc']})" if o["doc"] else "")
 
 
 def _size(n: int) -> str:
@@ -116,6 +123,8 @@ def archs(as_json: bool, kernel: bool) -> None:
                        f"{r['address_spaces']} address space(s)")
             for vm_type, caps in r["vm_types"].items():
                 click.echo(f"  {vm_type}: {', '.join(caps)}")
+            for name, o in r["options"].items():
+                click.echo(f"  option {_option(name, o)}")
             for test, why in r["known_divergences"].items():
                 click.echo(f"  known divergence {test}: {why}")
         return
@@ -131,6 +140,8 @@ def archs(as_json: bool, kernel: bool) -> None:
             table.add_row(r["arch"], "", "", "", f"[red]{r['error']}")
             continue
         types = "\n".join([f"{t}: {', '.join(c)}" for t, c in r["vm_types"].items()]
+                          + [f"[cyan]option[/] {escape(_option(n, o))}"
+                             for n, o in r["options"].items()]
                           + [f"[yellow]known divergence[/] {escape(t)}: {escape(why)}"
                              for t, why in r["known_divergences"].items()])
         table.add_row(r["arch"], r["distribution"], r["version"],

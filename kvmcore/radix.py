@@ -29,14 +29,11 @@ its one walker: no walk is written here again):
 
 from __future__ import annotations
 
-import errno
 from array import array
 
-import attrs
 
 from . import hookimpl
-from .arch import Mapping
-from .errors import KvmError
+from .arch import Mapping, vm_options
 from .memslots import dirty_logging_toggled
 from .pgtable import LEAF, TABLE_POST, TABLE_PRE, Geometry, PageTable, TableStore
 from .records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
@@ -533,14 +530,6 @@ class WriteProtectDirtyLog:
             self.split_gfns(vm, slot.as_id, base + first, base + last + 1)
 
 
-@attrs.frozen
-class VmOption:
-    """A declared VM option: its default and, when not None, the values it may take."""
-
-    default: object
-    choices: tuple | None = None
-
-
 class RadixBackend(WriteProtectDirtyLog):
     """The generic hooks of a backend whose tables are ``RadixTable`` s of one ``FORMAT``
     (one table per address space), dirty logging by write protection. A subclass sets
@@ -556,16 +545,7 @@ class RadixBackend(WriteProtectDirtyLog):
     free_tables = True
 
     def __init__(self, vm_type: str = "default", **options):
-        unknown = set(options) - set(self.OPTIONS)
-        if unknown:
-            raise KvmError(errno.EINVAL, f"{', '.join(sorted(unknown))}: not a "
-                           f"{self.arch_info.name} VM option (known: "
-                           f"{', '.join(sorted(self.OPTIONS)) or 'none'})")
-        for name, opt in self.OPTIONS.items():
-            value = options.get(name, opt.default)
-            if opt.choices is not None and value not in opt.choices:
-                raise KvmError(errno.EINVAL, f"{name}={value!r}: one of "
-                               f"{', '.join(map(repr, opt.choices))}")
+        for name, value in vm_options(self.arch_info.name, self.OPTIONS, options).items():
             setattr(self, name, value)
         self.vm_type = vm_type
         self.tables: list[RadixTable] = []

@@ -46,7 +46,7 @@ import errno
 
 import kvmcore
 import structlog
-from kvmcore.arch import ArchInfo, Mapping
+from kvmcore.arch import ArchInfo, Mapping, VmOption, vm_options
 from kvmcore.errors import KvmError
 from kvmcore.exits import GuestAbort, HwPoisonSignal
 from kvmcore.locks import WRITE
@@ -94,8 +94,15 @@ def _arch_info(g: Stage2Geometry) -> ArchInfo:
     )
 
 
-_OPTIONS = {"granule", "ipa_bits", "fwb", "cache_dic", "tlbirange", "hw_af",
-            "eager_split_chunk_size"}
+OPTIONS = {
+    "granule": VmOption(4096, (4096, 16384, 65536), "stage-2 translation granule"),
+    "ipa_bits": VmOption(0, doc="KVM_VM_TYPE_ARM_IPA_SIZE (0: 40 bits)"),
+    "fwb": VmOption(True, doc="ARM64_HAS_STAGE2_FWB"),
+    "cache_dic": VmOption(True, doc="CTR_EL0.DIC"),
+    "tlbirange": VmOption(False, doc="ARM64_HAS_TLB_RANGE"),
+    "hw_af": VmOption(False, doc="hardware access-flag updates (VTCR_EL2.HA)"),
+    "eager_split_chunk_size": VmOption(0, doc="KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE"),
+}
 
 
 class Arm64Stage2Backend:
@@ -107,22 +114,17 @@ class Arm64Stage2Backend:
     #: user_mem_abort's relax-vs-map choice before commit 7d894834a305 (mmu.py), switched on
     #: only by the race explorer's mutant ``arm64_relax_perms_only`` (mutants.py).
     relax_perms_only = False
+    OPTIONS = OPTIONS
 
-    def __init__(self, vm_type: str = "default", granule: int = 4096, ipa_bits: int = 0,
-                 fwb: bool = True, cache_dic: bool = True, tlbirange: bool = False,
-                 hw_af: bool = False, eager_split_chunk_size: int = 0, **unknown):
-        if unknown:
-            raise KvmError(errno.EINVAL, f"{', '.join(sorted(unknown))}: not an arm64_stage2 "
-                           f"VM option (known: {', '.join(sorted(_OPTIONS))})")
+    def __init__(self, vm_type: str = "default", **options):
         if vm_type != "default":
             raise KvmError(errno.EINVAL, f"vm_type={vm_type!r}: arm64_stage2 has only "
                            "'default' (protected VMs are not modelled)")
-        self.geom = Stage2Geometry.from_options(granule=granule, ipa_bits=ipa_bits,
-                                                hw_af=hw_af)
-        for name, value in (("fwb", fwb), ("cache_dic", cache_dic), ("tlbirange", tlbirange),
-                            ("hw_af", hw_af)):
-            if not isinstance(value, bool):
-                raise KvmError(errno.EINVAL, f"{name}={value!r}: must be True or False")
+        opts = vm_options("arm64_stage2", OPTIONS, options)
+        fwb, cache_dic, hw_af = opts["fwb"], opts["cache_dic"], opts["hw_af"]
+        eager_split_chunk_size = opts["eager_split_chunk_size"]
+        self.geom = Stage2Geometry.from_options(granule=opts["granule"],
+                                                ipa_bits=opts["ipa_bits"], hw_af=hw_af)
         if eager_split_chunk_size and not self.geom.is_block_size_supported(
                 eager_split_chunk_size):
             raise KvmError(errno.EINVAL, f"eager_split_chunk_size={eager_split_chunk_size!r}:"
@@ -132,7 +134,8 @@ class Arm64Stage2Backend:
         self.eager_split_chunk_size = eager_split_chunk_size
         self.arch_info = _arch_info(self.geom)
         self.vm = None
-        self.pgt = Stage2PageTable(self.geom, fwb=fwb, cache_dic=cache_dic, tlbirange=tlbirange,
+        self.pgt = Stage2PageTable(self.geom, fwb=fwb, cache_dic=cache_dic,
+                                   tlbirange=opts["tlbirange"],
                                    on_tlbi=self._on_tlbi)
         self.abort = AbortPath(self)
         self._tlb_batch: list[Tlbi] | None = None

@@ -10,13 +10,13 @@ VM options:
   ``ArchInfo.host_pmd_sizes``); a host of another PAGE_SIZE is EINVAL.
 - ``set_rc_faults`` (default False): the modelled MMU reports DSISR[SET_RC] instead of setting
   R/C itself, so the ``kvmppc_hv_handle_set_rc`` fallback runs (POWER9 sets them in hardware).
-- ``huge_past_slot`` (default False): True reproduces Linux's [quirk] that a 2M/1G leaf is
-  chosen from the host PTE size and gpa/hva congruence only, so it may extend past the memslot
-  (kvmppc_book3s_instantiate_page has no slot-bounds check). The default applies x86/arm64's
-  whole-block-in-slot rule, which the cross-architecture conformance suite requires
-  (test_slot_smaller_than_block_maps_4k); the reference lists the quirk as a model option.
-- ``unaligned_dirty_quirk`` (default False): when True, dirty bits of a huge leaf unmapped
-  through a gfn in its middle start at that gfn, as ``kvmppc_unmap_pte`` does [quirk].
+- ``huge_past_slot`` (default True, Linux): a 2M/1G leaf is chosen from the host PTE size and
+  gpa/hva congruence only, so it may extend past the memslot (kvmppc_book3s_instantiate_page
+  has no slot-bounds check) [quirk]; declared in ``ArchInfo.known_divergences`` against
+  test_slot_smaller_than_block_maps_4k. False applies x86/arm64's whole-block-in-slot rule.
+- ``unaligned_dirty_quirk`` (default True, Linux): dirty bits of a huge leaf unmapped through a
+  gfn in its middle start at that gfn, as ``kvmppc_unmap_pte`` does [quirk]; False starts them
+  at the leaf's first gfn.
 
 ``Mapping.raw`` (``vm.lookup`` / ``vm.mappings``) is the entry exactly as stored, i.e.
 big-endian; ``pte.be64_to_cpu(m.raw)`` gives the CPU-order value the ``_PAGE_*`` names apply
@@ -39,7 +39,8 @@ import errno
 from collections.abc import Iterator
 
 import structlog
-from kvmcore import ArchInfo, HwPoisonSignal, KvmError, Mapping, hookimpl
+from kvmcore import ArchInfo, HwPoisonSignal, KvmError, Mapping, VmOption, hookimpl
+from kvmcore.arch import vm_options
 from kvmcore.exits import memory_fault_exit
 from kvmcore.memslots import dirty_logging_toggled
 from kvmcore.records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
@@ -87,7 +88,16 @@ _CAPS = frozenset({"dirty_log", "hugepage_2m", "hugepage_1g", "aging"})
 _FAULT_GPA_TOP = 0xF000000000000000
 
 
-def _arch_info(page_size: int) -> ArchInfo:
+#: With ``huge_past_slot`` (Linux's behaviour, the default).
+_HUGE_PAST_SLOT = {
+    "test_slot_smaller_than_block_maps_4k": (
+        "arch/powerpc/kvm/book3s_64_mmu_radix.c:kvmppc_book3s_instantiate_page — the leaf "
+        "size comes from the host PTE size and gpa/hva congruence only, with no check that "
+        "the block lies inside the memslot, so a 2M/1G leaf may map past the slot's end"),
+}
+
+
+def _arch_info(page_size: int, huge_past_slot: bool = True) -> ArchInfo:
     return ArchInfo(
         name="ppc_radix",
         page_sizes=(page_size, SZ_2M, SZ_1G),
@@ -108,6 +118,7 @@ def _arch_info(page_size: int) -> ArchInfo:
         fault_retry_gfn=False,
         # kvmppc_book3s_instantiate_page: any error pfn is -EFAULT; no hwpoison signal.
         hwpoison_sigbus=False,
+        known_divergences=_HUGE_PAST_SLOT if huge_past_slot else {},
     )
 
 
@@ -116,22 +127,25 @@ class PpcRadixBackend:
 
     arch_info = _arch_info(4096)
 
-    def __init__(self, vm_type: str = "default", page_size: int = 4096,
-                 set_rc_faults: bool = False, huge_past_slot: bool = False,
-                 unaligned_dirty_quirk: bool = False, **options):
+    OPTIONS = {
+        "page_size": VmOption(4096, (4096, 65536), "the host's PAGE_SIZE (4K or 64K kernel)"),
+        "set_rc_faults": VmOption(False, doc="R/C updates fault to KVM instead of hardware"),
+        "huge_past_slot": VmOption(True, doc="False: the block must lie inside the memslot, "
+                                   "as on x86 and arm64"),
+        "unaligned_dirty_quirk": VmOption(True, doc="False: a huge leaf's dirty bits start "
+                                          "at its first gfn"),
+    }
+
+    def __init__(self, vm_type: str = "default", **options):
         if vm_type != "default":
             raise KvmError(errno.EINVAL, f"vm_type {vm_type!r}: ppc_radix has only 'default'")
-        if options:
-            raise KvmError(errno.EINVAL,
-                           f"unknown ppc_radix VM option(s): {', '.join(sorted(options))}")
-        if page_size not in (4096, 65536):
-            raise KvmError(errno.EINVAL,
-                           f"page_size {page_size!r}: ppc_radix supports 4096 or 65536")
+        opts = vm_options("ppc_radix", self.OPTIONS, options)
+        page_size = opts["page_size"]
         self.cfg = RadixConfig(page_size.bit_length() - 1)
-        self.arch_info = _arch_info(page_size)
-        self.set_rc_faults = bool(set_rc_faults)
-        self.huge_past_slot = bool(huge_past_slot)
-        self.unaligned_dirty_quirk = bool(unaligned_dirty_quirk)
+        self.arch_info = _arch_info(page_size, opts["huge_past_slot"])
+        self.set_rc_faults = opts["set_rc_faults"]
+        self.huge_past_slot = opts["huge_past_slot"]
+        self.unaligned_dirty_quirk = opts["unaligned_dirty_quirk"]
         # kvmppc_init_vm_radix: pgd_alloc; tables are aligned to their size (the NLB rule).
         self.store = TableStore(min_align=256)
         self.pgtable = PageTable(self.store, self.cfg.geometry, RADIX_FORMAT)

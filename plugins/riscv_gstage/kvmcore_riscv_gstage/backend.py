@@ -20,9 +20,9 @@ from __future__ import annotations
 import errno
 
 import attrs
-from kvmcore import ArchInfo, KvmError, hookimpl
+from kvmcore import ArchInfo, KvmError, VmOption, hookimpl
 from kvmcore.locks import WRITE, stepping
-from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X, RadixBackend, VmOption, \
+from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X, RadixBackend, \
     mapping_size
 from kvmcore.records import NOT_PRESENT, Violation
 from kvmcore.uapi import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MR_CREATE, KVM_MR_FLAGS_ONLY,

@@ -41,7 +41,7 @@ from types import GeneratorType
 import attrs
 import structlog
 from kvmcore import hookimpl
-from kvmcore.arch import ArchInfo, Mapping
+from kvmcore.arch import ArchInfo, Mapping, VmOption, vm_options
 from kvmcore.errors import KvmError
 from kvmcore.locks import drive
 from kvmcore.memslots import dirty_logging_toggled
@@ -138,17 +138,18 @@ ARCH_INFO = ArchInfo(
     description="x86 TDP MMU with EPT entries; TDX mirror roots, SNP RMP, SW-protected VMs",
 )
 
-_OPTIONS = {
-    "tdp_level": (PT64_ROOT_4LEVEL, int),
-    "pml": (True, bool),
-    "ad_disabled": (False, bool),
-    "eager_page_split": (True, bool),
-    "nx_huge_pages": (False, bool),
-    "hugepage_1g": (True, bool),
-    "slot_zap_all_quirk": (True, bool),
-    "mmio_caching": (True, bool),
-    "pml_drain_on_exit": (True, bool),
-    "smm": (True, bool),
+OPTIONS = {
+    "tdp_level": VmOption(PT64_ROOT_4LEVEL, (PT64_ROOT_4LEVEL, PT64_ROOT_5LEVEL),
+                          "TDP root level (4 or 5, tdp_root_level)"),
+    "pml": VmOption(True, doc="enable_pml: dirty logging through PML"),
+    "ad_disabled": VmOption(False, doc="EPT without A/D bits (enable_ept_ad_bits=0)"),
+    "eager_page_split": VmOption(True, doc="eager_page_split module parameter"),
+    "nx_huge_pages": VmOption(False, doc="nx_huge_pages module parameter"),
+    "hugepage_1g": VmOption(True, doc="1 GiB leaves (tdp_mmu max level)"),
+    "slot_zap_all_quirk": VmOption(True, doc="KVM_X86_QUIRK_SLOT_ZAP_ALL"),
+    "mmio_caching": VmOption(True, doc="enable_mmio_caching"),
+    "pml_drain_on_exit": VmOption(True, doc="PML buffer drained on every exit"),
+    "smm": VmOption(True, doc="CONFIG_KVM_SMM: a second address space"),
 }
 
 
@@ -169,18 +170,13 @@ class X86TdpBackend:
     depends on the VM type (kvm_arch_nr_memslot_as_ids: 1 with private memory, else 2)."""
 
     arch_info = ARCH_INFO
+    OPTIONS = OPTIONS
 
     def __init__(self, vm_type: str = KVM_X86_DEFAULT_VM, **options):
         if vm_type not in ARCH_INFO.vm_types:
             raise KvmError(errno.EINVAL, f"vm_type={vm_type!r}: x86_tdp supports "
                                          f"{sorted(ARCH_INFO.vm_types)}")
-        for name in options:
-            if name not in _OPTIONS:
-                raise KvmError(errno.EINVAL, f"option {name!r} is not an x86_tdp VM option "
-                                             f"(known: {sorted(_OPTIONS)})")
-        opts = {k: options.get(k, d) for k, (d, _t) in _OPTIONS.items()}
-        if opts["tdp_level"] not in (PT64_ROOT_4LEVEL, PT64_ROOT_5LEVEL):
-            raise KvmError(errno.EINVAL, f"tdp_level={opts['tdp_level']!r}: must be 4 or 5")
+        opts = vm_options("x86_tdp", OPTIONS, options)
         if opts["ad_disabled"] and "pml" not in options:
             opts["pml"] = False
         if opts["pml"] and opts["ad_disabled"]:
