@@ -10,6 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from kvmcore.cli import main
+from kvmcore.explore.oracles import Oracles
+from kvmcore.explore.scenario import World
 from kvmcore.explore import (MUTANTS, builtin_names, choose_vm_type, explore, load, parse,
                              parse_schedule_id, replay, schedule_id, supports)
 from kvmcore.plugins import installed_backends
@@ -215,9 +217,6 @@ def test_the_host_records_the_frames_it_frees():
 
 
 def _world(text: str):
-    from kvmcore.explore.oracles import Oracles
-    from kvmcore.explore.scenario import World
-
     world = World(parse(text), FLAT, "default", {})
     return world, Oracles(world)
 
@@ -235,6 +234,19 @@ def test_a_leaf_taken_away_without_an_invalidation_is_a_downgrade():
         vm.hook.unmap_gfn_range(vm=vm, range=GfnRange(slot, 6, 7))
     kind, message = oracles.downgrade(0)
     assert kind == "downgrade" and "gpa 0x6000" in message and "gone" in message
+
+
+def test_a_shared_leaf_on_a_private_gmem_page_is_a_private_leak():
+    import attrs
+
+    world = World(load("private_fault_vs_conversion"), FLAT, "sw_protected", {})
+    oracles = Oracles(world)
+    world.flows[0].run()                    # the private read maps the guest_memfd page
+    assert oracles.use_after_free() is None
+    vm, real = world.vm, world.vm.mappings
+    vm.mappings = lambda as_id=0: [attrs.evolve(m, private=False) for m in real(as_id=as_id)]
+    kind, message = oracles.use_after_free()
+    assert kind == "private-leak" and "gfn 0x5" in message
 
 
 def test_a_write_after_the_clear_must_be_reported():

@@ -4,6 +4,8 @@
   (``HostMemory.freed``: anonymous pages unmapped or migrated away, truncated guest_memfd
   folios). Linux frees a page only after invalidate_range_start has zapped and flushed, so
   this holds at every step, whatever locks are held.
+- **No private leak**: no shared (non-private) leaf maps a page of a guest_memfd that is not
+  shared (without GUEST_MEMFD_FLAG_INIT_SHARED): a shared access never reaches private memory.
 - **No downgrade without an invalidation**: once an access completed, the leaf it used stays
   present (and writable, for a write) until something that may take it away has run: an
   invalidation (mmu_invalidate_seq or _in_progress moves), a zap, aging, a dirty-log
@@ -18,7 +20,7 @@ Each check returns None or ``(kind, message)``.
 
 from __future__ import annotations
 
-from ..uapi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT
+from ..uapi import GUEST_MEMFD_FLAG_INIT_SHARED, KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT
 
 #: Statistics that count something allowed to take a leaf away or write-protect it.
 _TAKES_AWAY = ("zap_ranges", "mn_clear_young", "mn_clear_flush_young", "get_dirty_log",
@@ -62,20 +64,31 @@ class Oracles:
                     break
 
     def use_after_free(self):
-        freed = self.world.host.freed
-        if not freed:
+        """Use after free, and a shared leaf that reaches a private guest_memfd page (one
+        pass over the leaves, only when the host has freed a frame or guest_memfd holds
+        one)."""
+        host = self.world.host
+        freed, gmem = host.freed, host.gmem_frames
+        if not freed and not gmem:
             return None
         vm = self.world.vm
-        for vcpu in vm.vcpus:
-            for (gfn, pfn, _w, _x, _d) in vcpu.tlb.values():
-                if pfn in freed:
-                    return ("use-after-free", f"vcpu {vcpu.id} TLB entry gfn {gfn:#x} -> pfn "
-                            f"{pfn:#x}, a frame the host has freed")
+        if freed:
+            for vcpu in vm.vcpus:
+                for (gfn, pfn, _w, _x, _d) in vcpu.tlb.values():
+                    if pfn in freed:
+                        return ("use-after-free", f"vcpu {vcpu.id} TLB entry gfn {gfn:#x} -> "
+                                f"pfn {pfn:#x}, a frame the host has freed")
         for as_id in range(vm.nr_address_spaces):
             for m in vm.mappings(as_id=as_id):
-                if not freed.isdisjoint(range(m.pfn, m.pfn + m.npages)):
+                frames = range(m.pfn, m.pfn + m.npages)
+                if freed and not freed.isdisjoint(frames):
                     return ("use-after-free", f"leaf gfn {m.gfn:#x} -> pfn {m.pfn:#x} maps a "
                             "frame the host has freed")
+                if gmem and not m.private:
+                    owner = gmem.get(m.pfn)
+                    if owner is not None and not owner[0].flags & GUEST_MEMFD_FLAG_INIT_SHARED:
+                        return ("private-leak", f"shared leaf gfn {m.gfn:#x} -> pfn "
+                                f"{m.pfn:#x} maps a private guest_memfd page")
         return None
 
     def count_step(self, i: int) -> None:
