@@ -43,7 +43,7 @@ from sortedcontainers import SortedKeyList
 
 from .args import buffer, flag, integer, string, u64
 from .errors import EHWPOISON, KvmError
-from .locks import Steps, drive, steppable
+from .locks import Steps, drive, steppable, stepping
 from .uapi import PAGE_SHIFT, PAGE_SIZE, SZ_1G, SZ_2M
 
 logger = structlog.get_logger(__name__)
@@ -87,10 +87,11 @@ class Vma:
     pfn: int = 0              # pfnmap: device pfn (4 KiB frames) of ``start``
     backing: object = None    # Backing, or a guest_memfd inode
     pgoff: int = 0            # offset of ``start`` in the backing, in 4 KiB frames
+    #: VM_IO | VM_PFNMAP (``kind`` "pfnmap", which never changes): read on every fault.
+    io_pfnmap: bool = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def io_pfnmap(self) -> bool:
-        return self.kind == "pfnmap"
+    def __attrs_post_init__(self):
+        self.io_pfnmap = self.kind == "pfnmap"
 
     @property
     def shared(self) -> bool:
@@ -355,7 +356,8 @@ class HostMemory:
         which the host changes its page table with no KVM lock held (``mn_host_window``)."""
         for n in list(self.notifiers):
             yield from _flow(n.invalidate_range_start(hva, hva + length))
-        yield "mn_host_window"
+        if stepping():      # a point that waits for nothing: only a stepped flow stops
+            yield "mn_host_window"
 
     def _invalidate_end(self, hva: int, length: int):
         """mmu_notifier_invalidate_range_end on every registered VM."""

@@ -30,7 +30,7 @@ def kvm_unmap_gfn_range(vm: Kvm, rng: GfnRange):
     """kvm_unmap_gfn_range: the arch zap of ``rng`` (under kvm->mmu_lock for write), counted
     and traced. A flow: the backend's zap may yield (TDX's BLOCK / TRACK / REMOVE). Returns
     whether the caller must flush the TLBs."""
-    flush = vm.hook.unmap_gfn_range(vm=vm, range=rng)
+    flush = vm.unmap_gfn_range(vm=vm, range=rng)
     if type(flush) is GeneratorType:
         flush = yield from flush
     flush = bool(flush)

@@ -83,7 +83,8 @@ def resolve_backend(arch) -> type:
     return backends[arch].load()
 
 
-HOT_HOOKS = ("translate", "faultin_pfn", "map_leaf", "fast_page_fault", "relax_perms")
+HOT_HOOKS = ("translate", "faultin_pfn", "map_leaf", "fast_page_fault", "relax_perms",
+             "unmap_gfn_range")
 
 
 def get_plugin_manager(backend, arch_name: str, on_change=None) -> pluggy.PluginManager:

@@ -21,7 +21,7 @@ VIOLATION_KINDS = (NOT_PRESENT, PERMISSION, ACCESS_FLAG, MISCONFIG)
 READ, WRITE, FETCH = "read", "write", "fetch"
 
 
-class _Record:
+class Record:
     """A small record of a hot path: slotted, built by a plain ``__init__`` (an attrs frozen
     class costs three times as much per instance, and a fault builds two or three), compared
     and shown by its fields. Treat instances as immutable."""
@@ -44,7 +44,7 @@ class _Record:
         return f"{type(self).__name__}({args})"
 
 
-class Access(_Record):
+class Access(Record):
     """One guest access: ``kind`` is read, write or fetch; ``private`` the explicit private
     intent (SNP C-bit, TDX alias) or None for "as the VM type decides". ``write`` and
     ``exec`` say which kind it is."""
@@ -64,7 +64,7 @@ class Access(_Record):
         return f"Access(kind={self.kind!r}, private={self.private!r})"
 
 
-class Translation(_Record):
+class Translation(Record):
     """A successful hardware walk: the 4 KiB page at ``gfn`` is host frame ``pfn``, through a
     leaf of ``size`` bytes with these permissions; ``dirty`` is the leaf's dirty state after
     the access (a TLB entry filled by a read cannot serve a write that must set D)."""
@@ -84,7 +84,7 @@ class Translation(_Record):
         self.private = private
 
 
-class Violation(_Record):
+class Violation(Record):
     """A failed walk, as the hardware reports it. ``gfn`` excludes alias bits; ``private`` is
     the fault's is_private; ``level``/``size`` are those of the entry that faulted (the leaf for
     a permission or access-flag fault: arm64's fault granule) or None/0; ``error_code`` the
@@ -116,7 +116,9 @@ class PageFault:
     ``fault_size`` (from the violation). Set by the flow: ``slot``, ``mmu_seq``; by
     ``faultin_pfn``: ``hva``, ``pfn``, ``map_writable``, ``max_size`` (the backing's largest
     mapping in bytes), ``pfnmap``, ``cacheable``; by the backend: ``max_level``, ``goal_level``
-    (its own level numbers) and ``goal_size``.
+    (its own level numbers) and ``goal_size``, and ``arch``: whatever else its fault handler
+    keeps from one step to the next (what Linux keeps in user_mem_abort's or
+    kvmppc_book3s_instantiate_page's locals).
     """
 
     addr: int
@@ -143,6 +145,7 @@ class PageFault:
     goal_level: int = 0
     goal_size: int = 4096
     host_vma: object = None
+    arch: object = None
 
     @property
     def read(self) -> bool:

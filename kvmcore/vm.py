@@ -512,8 +512,10 @@ class Vcpu(KvmVcpu):
             tlb = self.tlb
             if len(tlb) >= TLB_ENTRIES:
                 tlb.clear()
-            tlb[(gpa >> PAGE_SHIFT, access.private)] = (t.gfn, t.pfn, t.writable,
-                                                        t.executable, t.dirty)
+            page = gpa >> PAGE_SHIFT
+            if page != t.gfn:
+                self.tlb_aliased = True
+            tlb[(page, access.private)] = (t.gfn, t.pfn, t.writable, t.executable, t.dirty)
             return t.pfn
         kind = access.kind
         fault = PageFault(gpa, t.gfn, kind == WRITE, kind == FETCH, t.private, False, t.kind,
