@@ -76,15 +76,21 @@ def resolve_backend(arch) -> type:
         except (ImportError, AttributeError) as e:
             raise KvmError(errno.ENODEV, f"arch={arch!r}: cannot import it ({e})") from None
         return obj
-    backends = installed_backends()
-    if arch not in backends:
+    if arch not in _entry_points(ARCH_GROUP) or arch in blocked_names():
+        backends = installed_backends()
         raise KvmError(errno.ENODEV, f"arch={arch!r} is not installed; installed: "
                                      f"{', '.join(backends) or 'none'}")
-    return backends[arch].load()
+    return _load_backend(arch)
+
+
+@functools.cache
+def _load_backend(name: str) -> type:
+    """An installed backend's class, loaded once per process (every VM looks it up)."""
+    return _entry_points(ARCH_GROUP)[name].load()
 
 
 HOT_HOOKS = ("translate", "faultin_pfn", "map_leaf", "fast_page_fault", "relax_perms",
-             "unmap_gfn_range")
+             "unmap_gfn_range", "leaves")
 
 
 def get_plugin_manager(backend, arch_name: str, on_change=None) -> pluggy.PluginManager:

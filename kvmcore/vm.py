@@ -297,8 +297,8 @@ class VM(Kvm):
         _args.u64("start_gpa", start_gpa)
         _args.u64("end_gpa", end_gpa)
         self._check_as_id(as_id)
-        return iter(self.hook.leaves(vm=self, start=start_gpa >> PAGE_SHIFT,
-                                     end=(end_gpa + PAGE_SIZE - 1) >> PAGE_SHIFT, as_id=as_id))
+        return iter(self.leaves(vm=self, start=start_gpa >> PAGE_SHIFT,
+                                end=(end_gpa + PAGE_SIZE - 1) >> PAGE_SHIFT, as_id=as_id))
 
     def lookup(self, gpa: int, private: bool = False, as_id: int = 0) -> Mapping | None:
         """The present leaf covering ``gpa`` in address space ``as_id``: the shared alias, or
@@ -307,7 +307,7 @@ class VM(Kvm):
         _args.flag("private", private)
         self._check_as_id(as_id)
         gfn = gpa >> PAGE_SHIFT
-        for m in self.hook.leaves(vm=self, start=gfn, end=gfn + 1, as_id=as_id):
+        for m in self.leaves(vm=self, start=gfn, end=gfn + 1, as_id=as_id):
             if m.private == private and m.gfn <= gfn < m.gfn + m.npages:
                 return m
         return None
