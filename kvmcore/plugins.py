@@ -218,16 +218,21 @@ def bind_hot_hook(pm: pluggy.PluginManager, name: str, backend=None):
     if not impls:
         return _none
     plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
-    if len(impls) == 1 and plain:
-        return _function(impls[0], backend)
     spec = caller.spec
+    if any(i.kwargnames for i in impls):
+        return caller
+    if len(impls) == 1 and plain:
+        function = _function(impls[0], backend)
+        if spec is not None and impls[0].argnames != spec.argnames:
+            # It takes fewer arguments than the spec: pass it those, as pluggy does.
+            return _only(function, impls[0].argnames)
+        return function
+    if spec is not None and any(i.argnames != spec.argnames for i in impls):
+        return caller
     if (len(impls) == 2 and len(plain) == 1 and spec is not None
             and spec.opts.get("firstresult") and plain[0].plugin_name == DEFAULTS_NAME):
         wrapper = next(i for i in impls if i is not plain[0])
-        if (wrapper.wrapper and _is_backend(wrapper, backend)
-                and wrapper.argnames == spec.argnames
-                and plain[0].argnames == spec.argnames and not wrapper.kwargnames
-                and not plain[0].kwargnames):
+        if wrapper.wrapper and _is_backend(wrapper, backend):
             return _wrapped_call(_function(wrapper, backend), _function(plain[0], backend))
     return caller
 
@@ -241,6 +246,16 @@ def _is_backend(impl, backend) -> bool:
 def _function(impl, backend):
     method = getattr(impl.function, "kvmcore_method", None)
     return impl.function if method is None else getattr(backend, method)
+
+
+def _only(function, argnames: tuple):
+    """``function`` called with the hook's arguments it takes (``argnames``), in order."""
+
+    def call(**kwargs):
+        return function(*[kwargs[name] for name in argnames])
+
+    call.__name__ = getattr(function, "__name__", "hook")
+    return call
 
 
 def _wrapped_call(wrapper, inner):

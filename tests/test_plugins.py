@@ -180,3 +180,18 @@ def test_a_backend_wrapper_over_the_default_is_called_as_pluggy_calls_it():
     vm = VM(arch=FlatBackend)
     vm.pm.register(Tracer())
     assert vm.faultin_pfn == vm.pm.hook.faultin_pfn
+
+
+def test_a_hot_hook_taking_fewer_arguments_gets_only_those():
+    """An implementation that declares fewer arguments than the spec (pluggy passes it only
+    those) is bound directly and called with the ones it takes."""
+    seen = []
+
+    class Narrow(FlatBackend):
+        @hookimpl
+        def leaves(self, vm, start, end):
+            seen.append((start, end))
+            return iter(())
+
+    vm = VM(arch=Narrow)
+    assert vm.lookup(0x3000) is None and seen == [(3, 4)]
