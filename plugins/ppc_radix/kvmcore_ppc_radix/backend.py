@@ -329,7 +329,7 @@ class PpcRadixBackend:
             self, vm, fault, host_pte, host_shift, bool(fault.map_writable))
         if ret:
             return RET_PF_RETRY
-        if before == self.entry(fault.gfn << 12) and before & _PAGE_PTE:
+        if before & _PAGE_PTE and before == self.entry(fault.gfn << 12):
             return RET_PF_SPURIOUS
         return RET_PF_FIXED
 
