@@ -541,18 +541,24 @@ def conformance(arch_names, pytest_args) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--arch", "arch_names", multiple=True,
               help="Backends to measure (default: every installed one).")
-def bench(as_json: bool, arch_names) -> None:
+@click.option("--rounds", type=click.IntRange(1, 100), default=7, show_default=True,
+              help="Rounds of the interleaved fault figures.")
+@click.option("--memory-mib", type=click.IntRange(0, 1 << 20), default=1024,
+              show_default=True, help="Guest memory read for bytes_per_page (0: skip it).")
+def bench(as_json: bool, arch_names, rounds: int, memory_mib: int) -> None:
     """Measure the project's performance figures, each as a ratio within one run."""
     from .bench.run import run_all
 
     _backend_names(arch_names)
-    figures = run_all(list(arch_names) or None)
+    figures = run_all(list(arch_names) or None, memory_size=memory_mib << 20, rounds=rounds)
     if as_json:
         click.echo(json.dumps(figures, indent=2))
         return
     for section, values in figures.items():
         click.echo(section)
         for k, v in values.items():
+            if isinstance(v, dict) and set(v) == {"ratio", "spread"}:
+                v = f"{v['ratio']}  (rounds {v['spread'][0]}..{v['spread'][1]})"
             click.echo(f"  {k:48} {v}")
 
 

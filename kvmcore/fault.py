@@ -13,6 +13,7 @@ from types import GeneratorType
 
 from .errors import KvmError
 from .exits import memory_fault_exit
+from .locks import READ, stepping
 from .records import PERMISSION, PageFault
 from .uapi import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_RETRY
 
@@ -51,7 +52,11 @@ def kvm_page_fault(vm, fault: PageFault):
     path; no slot (private -> memory-fault exit, shared -> MMIO); slot being deleted or moved
     -> retry; snapshot; private/shared check; faultin_pfn; mmu_lock (for read where it is an
     rwlock); staleness check; relax_perms or map_leaf, which may yield at their own
-    compare-and-exchange points (a backend's hook written as a generator)."""
+    compare-and-exchange points (a backend's hook written as a generator).
+
+    The snapshot's point waits for nothing and the lock's only for the lock: a flow that is
+    not stepped (``stepping()`` False: a plain call, which no other flow can interleave)
+    passes them without yielding when the lock is free, as every plain fault does."""
     # The slot is known before the fast path, as in kvm_mmu_do_page_fault.
     fault.slot = vm.memslot_sets[fault.as_id].search(fault.gfn)
     r = vm.fast_page_fault(vm=vm, fault=fault)
@@ -67,19 +72,22 @@ def kvm_page_fault(vm, fault: PageFault):
     if fault.slot is None:
         # kvm_handle_noslot_fault: an MMIO access; x86 caches it in an MMIO SPTE, installed
         # by the map path under the read lock.
-        yield from lock.read_lock(PF_LOCK_WAIT)
+        if stepping() or not lock.try_lock(READ):
+            yield from lock.read_lock(PF_LOCK_WAIT)
         try:
             vm.hook.handle_noslot_fault(vm=vm, fault=fault)
         finally:
             lock.read_unlock()
         return RET_PF_EMULATE
-    yield PF_SEQ_SNAPSHOT
+    if stepping():
+        yield PF_SEQ_SNAPSHOT
     r = fault_faultin(vm, fault)
     if type(r) is GeneratorType:
         r = yield from r
     if r != RET_PF_CONTINUE:
         return r
-    yield from lock.read_lock(PF_LOCK_WAIT)
+    if stepping() or not lock.try_lock(READ):
+        yield from lock.read_lock(PF_LOCK_WAIT)
     try:
         if is_page_fault_stale(vm, fault):
             vm.stats["fault_retry_stale"] += 1

@@ -32,6 +32,7 @@ PMD size when they span one, 1 GiB for hugetlb_1g).
 from __future__ import annotations
 
 import errno
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import GeneratorType
@@ -42,7 +43,7 @@ from sortedcontainers import SortedKeyList
 
 from .args import buffer, flag, integer, string, u64
 from .errors import EHWPOISON, KvmError
-from .locks import Steps, drive, steppable
+from .locks import Steps, drive, steppable, stepping
 from .uapi import PAGE_SHIFT, PAGE_SIZE, SZ_1G, SZ_2M
 
 logger = structlog.get_logger(__name__)
@@ -86,10 +87,11 @@ class Vma:
     pfn: int = 0              # pfnmap: device pfn (4 KiB frames) of ``start``
     backing: object = None    # Backing, or a guest_memfd inode
     pgoff: int = 0            # offset of ``start`` in the backing, in 4 KiB frames
+    #: VM_IO | VM_PFNMAP (``kind`` "pfnmap", which never changes): read on every fault.
+    io_pfnmap: bool = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def io_pfnmap(self) -> bool:
-        return self.kind == "pfnmap"
+    def __attrs_post_init__(self):
+        self.io_pfnmap = self.kind == "pfnmap"
 
     @property
     def shared(self) -> bool:
@@ -97,6 +99,137 @@ class Vma:
 
     def pgoff_of(self, hva: int) -> int:
         return self.pgoff + ((hva - self.start) >> PAGE_SHIFT)
+
+
+#: Bits of a host PTE word besides the frame's physical address (pfn << 12): present,
+#: writable, and special (a VM_IO|VM_PFNMAP page, which GUP-fast refuses: pte_special).
+_PTE_PRESENT = 1 << 0
+_PTE_WRITE = 1 << 1
+_PTE_SPECIAL = 1 << 2
+
+
+class PteTable:
+    """The PAGE_SIZE level of the host page table: one PTE page (``array('Q')``, a PMD's worth
+    of entries) per PMD-sized hva range that ever had a PTE, each entry the frame's physical
+    address | present | writable | special, as Linux's PTE pages hold them: 8 bytes per
+    mapped page. Keys are page indexes (``hva >> page_shift``); as a mapping it reads and
+    writes ``(first frame, writable)``."""
+
+    __slots__ = ("pages", "bits", "mask", "_empty")
+
+    def __init__(self, entries_per_page: int):
+        #: PMD index -> PTE page.
+        self.pages: dict[int, array] = {}
+        self.bits = entries_per_page.bit_length() - 1
+        self.mask = entries_per_page - 1
+        self._empty = bytes(8 * entries_per_page)
+
+    def word(self, key: int) -> int:
+        """The PTE word of page index ``key`` (0: none)."""
+        page = self.pages.get(key >> self.bits)
+        return 0 if page is None else page[key & self.mask]
+
+    def set_word(self, key: int, word: int) -> None:
+        page = self.pages.get(key >> self.bits)
+        if page is None:
+            page = self.pages[key >> self.bits] = array("Q", self._empty)
+        page[key & self.mask] = word
+
+    def get(self, key: int, default=None):
+        page = self.pages.get(key >> self.bits)
+        if page is None:
+            return default
+        w = page[key & self.mask]
+        return (w >> PAGE_SHIFT, bool(w & _PTE_WRITE)) if w else default
+
+    def __getitem__(self, key: int) -> tuple[int, bool]:
+        e = self.get(key)
+        if e is None:
+            raise KeyError(key)
+        return e
+
+    def __setitem__(self, key: int, value: tuple[int, bool]) -> None:
+        pfn, writable = value
+        self.set_word(key, pfn << PAGE_SHIFT | _PTE_PRESENT | (_PTE_WRITE if writable else 0))
+
+    def __contains__(self, key: int) -> bool:
+        return bool(self.word(key))
+
+    def pop(self, key: int, *default):
+        e = self.get(key)
+        if e is None:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        self.pages[key >> self.bits][key & self.mask] = 0
+        return e
+
+    def __delitem__(self, key: int) -> None:
+        self.pop(key)
+
+    def wrprotect(self, key: int) -> None:
+        """Clear the writable bit of a present entry (a special one keeps its bit)."""
+        page = self.pages.get(key >> self.bits)
+        if page is not None:
+            page[key & self.mask] &= ~_PTE_WRITE
+
+    def _pmds(self, lo: int, hi: int):
+        """The PMD indexes with a PTE page that page indexes ``[lo, hi)`` touch."""
+        first, last = lo >> self.bits, (hi - 1) >> self.bits
+        if last - first <= len(self.pages):
+            return [k for k in range(first, last + 1) if k in self.pages]
+        return sorted(k for k in self.pages if first <= k <= last)
+
+    def clear_range(self, lo: int, hi: int) -> None:
+        """Clear the entries of page indexes ``[lo, hi)`` (zap_pte_range)."""
+        if hi <= lo:
+            return
+        bits, mask = self.bits, self.mask
+        for pmd in self._pmds(lo, hi):
+            page = self.pages[pmd]
+            base = pmd << bits
+            first, last = max(lo - base, 0), min(hi - base, mask + 1)
+            page[first:last] = array("Q", bytes(8 * (last - first)))
+
+    def wrprotect_range(self, lo: int, hi: int) -> None:
+        """Clear the writable bit of the entries of page indexes ``[lo, hi)``."""
+        if hi <= lo:
+            return
+        bits, mask = self.bits, self.mask
+        for pmd in self._pmds(lo, hi):
+            page = self.pages[pmd]
+            base = pmd << bits
+            for i in range(max(lo - base, 0), min(hi - base, mask + 1)):
+                if page[i]:
+                    page[i] &= ~_PTE_WRITE
+
+    def keys_in(self, lo: int, hi: int) -> list[int]:
+        """The page indexes in ``[lo, hi)`` that have an entry, ascending."""
+        out: list[int] = []
+        if hi <= lo:
+            return out
+        bits, mask = self.bits, self.mask
+        for pmd in self._pmds(lo, hi):
+            page = self.pages[pmd]
+            base = pmd << bits
+            first, last = max(lo - base, 0), min(hi - base, mask + 1)
+            out.extend(base + i for i in range(first, last) if page[i])
+        return out
+
+    def __iter__(self):
+        bits = self.bits
+        for pmd, page in list(self.pages.items()):
+            base = pmd << bits
+            for i, w in enumerate(page):
+                if w:
+                    yield base + i
+
+    def items(self):
+        for key in self:
+            yield key, self.get(key)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _check_prot(prot: str) -> str:
@@ -134,9 +267,13 @@ class HostMemory:
         self.zero_pfn = self._alloc(self.nr_frames)
         self.vmas = SortedKeyList(key=lambda v: v.start)
         self._last_vma: Vma | None = None  # mmap's vmacache: faults come in runs
-        # The host page table: one dict per mapping size, hva >> shift -> (first frame,
-        # writable). ``ptes`` is the PAGE_SIZE one; ``_huge`` the others, smallest first.
-        self.ptes: dict[int, tuple[int, bool]] = {}
+        # The host page table: per mapping size, hva >> shift -> (first frame, writable).
+        # ``ptes`` is the PAGE_SIZE level (PTE pages, see PteTable); ``_huge`` the others
+        # (dicts of PMD / PUD entries), smallest first.
+        self.ptes = PteTable(pmd_size // page_size)
+        self._pte_pages = self.ptes.pages
+        self._pte_mask = self.ptes.mask
+        self._pmd_shift = pmd_size.bit_length() - 1
         self._huge: list[tuple[int, int, dict]] = [
             (size, size.bit_length() - 1, {})
             for size in sorted({pmd_size, SZ_2M, SZ_1G}) if size > page_size]
@@ -219,7 +356,8 @@ class HostMemory:
         which the host changes its page table with no KVM lock held (``mn_host_window``)."""
         for n in list(self.notifiers):
             yield from _flow(n.invalidate_range_start(hva, hva + length))
-        yield "mn_host_window"
+        if stepping():      # a point that waits for nothing: only a stepped flow stops
+            yield "mn_host_window"
 
     def _invalidate_end(self, hva: int, length: int):
         """mmu_notifier_invalidate_range_end on every registered VM."""
@@ -347,9 +485,11 @@ class HostMemory:
 
     def _entry(self, hva: int) -> tuple[int, bool, int] | None:
         """The host page-table entry covering ``hva``: ``(first frame, writable, size)``."""
-        e = self.ptes.get(hva >> self.page_shift)
-        if e is not None:
-            return e[0], e[1], self.page_size
+        page = self._pte_pages.get(hva >> self._pmd_shift)
+        if page is not None:
+            w = page[(hva >> self.page_shift) & self._pte_mask]
+            if w:
+                return w >> PAGE_SHIFT, bool(w & _PTE_WRITE), self.page_size
         for size, shift, table in self._huge:
             e = table.get(hva >> shift)
             if e is not None:
@@ -358,9 +498,12 @@ class HostMemory:
 
     def lookup_pte(self, hva: int) -> tuple[int, bool, int] | None:
         """The host mapping of ``hva``: ``(frame of its 4 KiB, writable, mapping size)``."""
-        e = self.ptes.get(hva >> self.page_shift)
-        if e is not None:
-            return e[0] + ((hva & (self.page_size - 1)) >> PAGE_SHIFT), e[1], self.page_size
+        page = self._pte_pages.get(hva >> self._pmd_shift)
+        if page is not None:
+            w = page[(hva >> self.page_shift) & self._pte_mask]
+            if w:
+                return ((w >> PAGE_SHIFT) + ((hva & (self.page_size - 1)) >> PAGE_SHIFT),
+                        bool(w & _PTE_WRITE), self.page_size)
         for size, shift, table in self._huge:
             e = table.get(hva >> shift)
             if e is not None:
@@ -379,12 +522,7 @@ class HostMemory:
         lo, hi = start >> shift, end >> shift
         if self.freed is not None:
             self._record_freed(start, end)
-        if hi - lo <= 32768:
-            for key in range(lo, hi):
-                self.ptes.pop(key, None)
-        else:
-            for key in [k for k in self.ptes if lo <= k < hi]:
-                del self.ptes[key]
+        self.ptes.clear_range(lo, hi)
         for size, hshift, table in self._huge:
             hlo, hhi = start >> hshift, (end - 1) >> hshift
             keys = range(hlo, hhi + 1) if hhi - hlo < 4096 else [
@@ -429,22 +567,34 @@ class HostMemory:
                         lo, hi = min(lo, base), max(hi, base + size)
         return lo, hi - lo
 
-    def _set_pte(self, hva: int, pfn: int, writable: bool, size: int | None = None) -> None:
-        """Map the page of ``size`` (PAGE_SIZE by default) at ``hva`` to frames from ``pfn``."""
-        size = size or self.page_size
+    def _set_pte(self, hva: int, pfn: int, writable: bool, size: int | None = None,
+                 special: bool = False) -> None:
+        """Map the page of ``size`` (PAGE_SIZE by default) at ``hva`` to frames from ``pfn``;
+        ``special``: a VM_IO|VM_PFNMAP page (pte_special)."""
+        if size is None or size == self.page_size:
+            self.ptes.set_word(hva >> self.page_shift, pfn << PAGE_SHIFT | _PTE_PRESENT
+                               | (_PTE_WRITE if writable else 0)
+                               | (_PTE_SPECIAL if special else 0))
+            return
         self._tables[size][hva >> (size.bit_length() - 1)] = (pfn, writable)
 
     # ------------------------------------------------------------------ faults
 
-    def handle_mm_fault(self, hva: int, write: bool) -> None:
-        """Make ``hva`` present (and writable for a write), as a user fault would.
-        Raises SigSegv (no VMA, protection) or SigBus (hwpoison, gmem rules). A COW break
-        runs its invalidation within the caller's stretch (get_user_pages from a KVM fault)."""
-        drive(self._handle_mm_fault(hva, write))
+    def handle_mm_fault(self, hva: int, write: bool, vma: Vma | None = None) -> None:
+        """Make ``hva`` present (and writable for a write), as a user fault would; ``vma`` is
+        the caller's find_vma(hva) when it has it. Raises SigSegv (no VMA, protection) or
+        SigBus (hwpoison, gmem rules). A COW break runs its invalidation within the caller's
+        stretch (get_user_pages from a KVM fault)."""
+        cow = self._handle_mm_fault(hva, write, vma)
+        if cow is not None:
+            drive(cow)
 
-    def _handle_mm_fault(self, hva: int, write: bool):
-        """handle_mm_fault as a flow: a COW break yields at its invalidation's race points."""
-        vma = self.find_vma(hva)
+    def _handle_mm_fault(self, hva: int, write: bool, vma: Vma | None = None):
+        """handle_mm_fault: None when the page is there, or the flow still to run (a
+        generator) when it needs a COW break, which yields at its invalidation's race
+        points."""
+        if vma is None:
+            vma = self.find_vma(hva)
         if vma is None:
             raise SigSegv(f"hva={hva:#x}: no mapping")
         if (write and "w" not in vma.prot) or (not write and "r" not in vma.prot):
@@ -459,15 +609,15 @@ class HostMemory:
             if self.page_of(piece) in self.poisoned:
                 raise SigBus(f"hva={hva:#x}: hardware-poisoned page")
             if not write or writable:
-                return
+                return None
             if vma.kind == "anon" and pfn == self.zero_pfn:
-                yield from self._cow_break(vma, hva)
-            else:
-                # wp_page_reuse: an exclusive or shared page just becomes writable; the pfn
-                # does not change, so no notifier fires.
-                self._set_pte(hva & ~(size - 1), pfn, True, size)
-            return
+                return self._cow_break(vma, hva)
+            # wp_page_reuse: an exclusive or shared page just becomes writable; the pfn
+            # does not change, so no notifier fires.
+            self._set_pte(hva & ~(size - 1), pfn, True, size)
+            return None
         self._fault_in(vma, hva, write)
+        return None
 
     def wp_fault(self, hva: int):
         """The flow of a write fault's COW break at ``hva`` (do_wp_page on the shared zero page
@@ -499,15 +649,15 @@ class HostMemory:
             block = hva & ~(pmd - 1)
             shift = self.page_shift
             if (vma.thp and block >= vma.start and block + pmd <= vma.end
-                    and not any(k in self.ptes for k in range(block >> shift,
-                                                              (block + pmd) >> shift))):
+                    and not self.ptes.keys_in(block >> shift, (block + pmd) >> shift)):
                 self._set_pte(block, self._alloc(pmd >> PAGE_SHIFT), writable, pmd)
             elif write:
                 self._set_pte(page, self._alloc(self.nr_frames), True)
             else:
                 self._set_pte(page, self.zero_pfn, False)
         elif kind == "pfnmap":
-            self._set_pte(page, vma.pfn + ((page - vma.start) >> PAGE_SHIFT), writable)
+            self._set_pte(page, vma.pfn + ((page - vma.start) >> PAGE_SHIFT), writable,
+                          special=True)
         elif kind == "gmem":
             pfn = vma.backing.fault_user_mapping(vma.pgoff_of(page))
             self._set_pte(page, pfn, writable and write)
@@ -525,14 +675,23 @@ class HostMemory:
     # ------------------------------------------------------------------ GUP
 
     def gup_fast(self, hva: int, write: bool) -> tuple[int, bool] | None:
-        """get_user_pages_fast_only: never faults; fails on special (VM_PFNMAP) PTEs."""
-        vma = self.find_vma(hva)
-        if vma is None or vma.io_pfnmap:
+        """get_user_pages_fast_only: a walk of the page table alone (no VMA), which never
+        faults and fails on special (VM_PFNMAP) PTEs and on poisoned pages."""
+        page = self._pte_pages.get(hva >> self._pmd_shift)
+        w = 0 if page is None else page[(hva >> self.page_shift) & self._pte_mask]
+        if w:
+            if w & _PTE_SPECIAL or (write and not w & _PTE_WRITE):
+                return None
+            pfn = (w >> PAGE_SHIFT) + ((hva & (self.page_size - 1)) >> PAGE_SHIFT)
+            writable = bool(w & _PTE_WRITE)
+        else:
+            e = self.lookup_pte(hva)
+            if e is None or (write and not e[1]):
+                return None
+            pfn, writable = e[0], e[1]
+        if self.poisoned and self.page_of(pfn) in self.poisoned:
             return None
-        e = self.lookup_pte(hva)
-        if e is None or (write and not e[1]) or self.page_of(e[0]) in self.poisoned:
-            return None
-        return e[0], e[1]
+        return pfn, writable
 
     def gup(self, hva: int, write: bool) -> int:
         """get_user_pages_unlocked with FOLL_HWPOISON: faults the page in. Raises
@@ -541,7 +700,7 @@ class HostMemory:
         if vma is None or vma.io_pfnmap:
             raise OSError(errno.EFAULT, f"hva={hva:#x}: GUP refuses this address")
         try:
-            self.handle_mm_fault(hva, write)
+            self.handle_mm_fault(hva, write, vma)
         except SigSegv as e:
             raise OSError(errno.EFAULT, str(e)) from None
         except SigBus as e:
@@ -615,7 +774,8 @@ class HostMemory:
             return
         if "w" in prot:
             return
-        for size, table in self._tables.items():
+        self.ptes.wrprotect_range(start >> self.page_shift, ((end - 1) >> self.page_shift) + 1)
+        for size, _shift, table in self._huge:
             shift = size.bit_length() - 1
             lo, hi = start >> shift, (end - 1) >> shift
             for key in [k for k in table if lo <= k <= hi]:
@@ -716,7 +876,9 @@ class HostMemory:
             raise KvmError(errno.EFAULT, f"poison: hva={hva:#x} is not mapped")
         e = self.lookup_pte(hva)
         if e is None:
-            yield from self._handle_mm_fault(hva, False)
+            cow = self._handle_mm_fault(hva, False)
+            if cow is not None:
+                yield from cow
             e = self.lookup_pte(hva)
         yield from self.memory_failure.flow(e[0])
 
@@ -762,7 +924,9 @@ class HostMemory:
         self._check_io(hva, len(data))
         pos = 0
         for page_hva, off, chunk in _chunks(hva, len(data)):
-            yield from self._handle_mm_fault(page_hva, True)
+            cow = self._handle_mm_fault(page_hva, True)
+            if cow is not None:
+                yield from cow
             self.write_frame(self.lookup_pte(page_hva)[0], off, data[pos:pos + chunk])
             pos += chunk
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import GeneratorType
 
+from .locks import WRITE, stepping
 from .records import GfnRange
 from .uapi import KVM_FILTER_SHARED
 
@@ -35,7 +36,9 @@ def kvm_handle_ranges(vm, ranges, handler, on_lock=None, flush_on_ret: bool = Fa
     ``point``, take it and run ``on_lock``; OR the ``handler(vm, range)`` results (a handler
     may be a flow itself; None: only lock and ``on_lock``); flush every TLB before dropping
     the lock when one asked for it (pausing at ``flush_point`` first, if given: the flusher
-    waits for the vCPUs holding the lock). With no range, nothing is locked or called."""
+    waits for the vCPUs holding the lock). With no range, nothing is locked or called. A
+    flow that is not stepped passes the points without yielding when the lock is free
+    (``stepping()``: no other flow could run there)."""
     ret = found = locked = False
     lock = vm.mmu_lock
     try:
@@ -43,7 +46,8 @@ def kvm_handle_ranges(vm, ranges, handler, on_lock=None, flush_on_ret: bool = Fa
             if not found:
                 found = True
                 if not lockless:
-                    yield from lock.write_lock(point)
+                    if stepping() or not lock.try_lock(WRITE):
+                        yield from lock.write_lock(point)
                     locked = True
                     if on_lock is not None:
                         on_lock()
@@ -54,7 +58,7 @@ def kvm_handle_ranges(vm, ranges, handler, on_lock=None, flush_on_ret: bool = Fa
                 r = yield from r
             ret |= bool(r)
         if flush_on_ret and ret:
-            if flush_point is not None:
+            if flush_point is not None and stepping():
                 yield flush_point
             vm.flush_remote_tlbs()
         return ret, found

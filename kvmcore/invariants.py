@@ -46,7 +46,7 @@ def _check_tlbs(vm: Kvm) -> list[str]:
     out = []
     for vcpu in vm.vcpus:
         for (_page, _intent), (gfn, pfn, writable, _x, dirty) in list(vcpu.tlb.items()):
-            leaves = vm.hook.leaves(vm=vm, start=gfn, end=gfn + 1, as_id=vcpu.as_id)
+            leaves = vm.leaves(vm=vm, start=gfn, end=gfn + 1, as_id=vcpu.as_id)
             # An aged leaf may have lost its permissions to access tracking (x86 with A/D
             # disabled), and aging does not flush: only the frame must agree then. A dirty
             # entry needs a dirty leaf: one whose D bit was cleared (PML dirty logging) but
@@ -68,7 +68,7 @@ def _check_destroyed(vm: Kvm) -> list[str]:
     if not vm.closed:
         return []
     left = [m for as_id in range(vm.nr_address_spaces)
-            for m in vm.hook.leaves(vm=vm, start=0, end=1 << 52, as_id=as_id)]
+            for m in vm.leaves(vm=vm, start=0, end=1 << 52, as_id=as_id)]
     return [f"the VM was closed but {len(left)} leaves remain"] if left else []
 
 

@@ -38,7 +38,7 @@ logger = structlog.get_logger(__name__)
 class Kvm:
     """struct kvm: one VM's state. Built by the facade (``kvmcore.vm.VM``), which chooses the
     backend and binds the hooks (``hook``, ``translate``, ``faultin_pfn``, ``map_leaf``,
-    ``fast_page_fault``, ``relax_perms``)."""
+    ``fast_page_fault``, ``relax_perms``, ``unmap_gfn_range``, ``leaves``)."""
 
     def __init__(self, backend, arch_info: ArchInfo, vm_type: str, host: HostMemory,
                  options: dict, trace: bool = False):
@@ -192,6 +192,7 @@ class Kvm:
         self.stats["tlb_flush"] += 1
         for vcpu in self.vcpus:
             vcpu.tlb.clear()
+            vcpu.tlb_aliased = False
 
     def flush_remote_tlbs_range(self, start_gfn: int, npages: int) -> None:
         """kvm_flush_remote_tlbs_range."""
@@ -199,8 +200,19 @@ class Kvm:
         end = start_gfn + npages
         for vcpu in self.vcpus:
             tlb = vcpu.tlb
-            for key in [k for k, e in tlb.items() if start_gfn <= e[0] < end]:
-                del tlb[key]
+            if not tlb:
+                continue
+            if vcpu.tlb_aliased or 3 * npages > len(tlb):
+                for key in [k for k, e in tlb.items() if start_gfn <= e[0] < end]:
+                    del tlb[key]
+                continue
+            # Every key is (gfn, private intent) when no access went through an alias: the
+            # range's entries are found by key, not by scanning the TLB.
+            pop = tlb.pop
+            for gfn in range(start_gfn, end):
+                pop((gfn, None), None)
+                pop((gfn, False), None)
+                pop((gfn, True), None)
 
     def flush_remote_tlbs_memslot(self, slot: Memslot) -> None:
         """kvm_flush_remote_tlbs_memslot."""
@@ -220,6 +232,8 @@ class KvmVcpu:
         self.id = vcpu_id
         #: (gpa page with alias bits, private intent) -> (gfn, pfn, writable, executable, dirty)
         self.tlb: dict = {}
+        #: Some entry's gpa page carries alias bits (is not its gfn): a ranged flush scans.
+        self.tlb_aliased = False
         self.arch: dict = {}
         self.dirty_ring = (DirtyRing(vm.dirty_ring_size, vm.cpu_dirty_log_size)
                            if vm.dirty_ring_size else None)

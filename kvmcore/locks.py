@@ -308,6 +308,17 @@ class RwLock:
     def write_unlock(self) -> None:
         self._drop(WRITE)
 
+    def try_lock(self, mode: str) -> bool:
+        """Take the lock now if it is free (True), without the race point before it: for a
+        hot path whose flow is not stepped (``stepping()`` False), where no other flow could
+        run at that point. False: the caller waits at its point (``read_lock`` /
+        ``write_lock``), so a plain call still stops there, paused, when a paused flow
+        holds the lock."""
+        if self._writer is not None or (self._readers and (mode == WRITE or self.exclusive)):
+            return False
+        self._take(mode)
+        return True
+
     def wait_free(self, point: str, mode: str = WRITE):
         """Yield at ``point`` until the lock could be taken in ``mode``, without taking it:
         the stretch after the point calls code that takes it itself (a hook)."""

@@ -30,7 +30,7 @@ def kvm_unmap_gfn_range(vm: Kvm, rng: GfnRange):
     """kvm_unmap_gfn_range: the arch zap of ``rng`` (under kvm->mmu_lock for write), counted
     and traced. A flow: the backend's zap may yield (TDX's BLOCK / TRACK / REMOVE). Returns
     whether the caller must flush the TLBs."""
-    flush = vm.hook.unmap_gfn_range(vm=vm, range=rng)
+    flush = vm.unmap_gfn_range(vm=vm, range=rng)
     if type(flush) is GeneratorType:
         flush = yield from flush
     flush = bool(flush)
@@ -64,7 +64,8 @@ class KvmMmuNotifier:
             vm, start, end, kvm_mmu_unmap_gfn_range, on_lock=vm.mmu_invalidate_begin,
             flush_on_ret=True, may_block=blockable, point=MN_START_LOCK_WAIT)
         vm.stats["mn_invalidate_start"] += 1
-        vm.trace("notifier.invalidate_start", hva=start, length=end - start, slots=found)
+        if vm.events is not None:
+            vm.trace("notifier.invalidate_start", hva=start, length=end - start, slots=found)
 
     def invalidate_range_end(self, start: int, end: int):
         """kvm_mmu_notifier_invalidate_range_end: end the invalidation (seq++) under the lock,
@@ -75,7 +76,8 @@ class KvmMmuNotifier:
         if vm.mn_active_invalidate_count <= 0:
             raise AssertionError("invalidate_range_end without a start")
         vm.mn_active_invalidate_count -= 1
-        vm.trace("notifier.invalidate_end", hva=start, length=end - start)
+        if vm.events is not None:
+            vm.trace("notifier.invalidate_end", hva=start, length=end - start)
 
     def clear_flush_young(self, start: int, end: int):
         """Reclaim's clear_flush_young. Linux flushes when a leaf was young unless

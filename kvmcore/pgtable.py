@@ -17,7 +17,6 @@ at its boundary. There is no concurrent walker here: Linux's cmpxchg updates are
 from __future__ import annotations
 
 import functools
-import re
 from array import array
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -170,8 +169,6 @@ class PageTable:
         self.geometry = geometry
         self.fmt = fmt
         self.empty = getattr(fmt, "empty", 0)
-        self._empty_word = array("Q", [self.empty]).tobytes()
-        self._empty_run = _empty_run_pattern(self.empty)
         self.root = store.alloc(geometry.entries(0))
 
     # ------------------------------------------------------------------ walking
@@ -204,11 +201,8 @@ class PageTable:
         empty = self.empty
         indices = range(first, last)
         if not visit_invalid and last - first > 16:
-            # A byte-level count (an estimate: it could see an empty word straddling two
-            # entries) decides whether skipping runs of empty entries pays off.
-            n_empty = table.tobytes().count(self._empty_word)
-            if n_empty * 4 > len(table):   # sparse: find the rest at C speed
-                indices = _present(table, first, last, self._empty_run)
+            # Find the entries that are not empty at C speed: a walk costs what is mapped.
+            indices = _present(table, first, last, empty)
         for idx in indices:
             pte = table[idx]
             if pte == empty and not visit_invalid:
@@ -315,30 +309,66 @@ class PageTable:
 def present_indices(table: array, empty: int = 0) -> list[int]:
     """Indices of the entries of ``table`` that are not ``empty`` (a format's non-present
     value), found at C speed: for code that scans whole tables outside the walker."""
-    return _present(table, 0, len(table), _empty_run_pattern(empty))
+    return _present(table, 0, len(table), empty)
+
+
+#: Entries per chunk of ``_present``'s scan.
+_CHUNK = 64
 
 
 @functools.cache
-def _empty_run_pattern(empty: int) -> re.Pattern:
-    """A regex that consumes a run of whole 8-byte entries equal to ``empty`` (in this
-    machine's byte order). Matching from an entry boundary keeps every match aligned."""
+def _empty_chunk(empty: int) -> tuple[bytes, int, bytes]:
+    """A chunk of ``empty`` entries (in this machine's byte order) as bytes and as an int,
+    and one empty entry's bytes."""
     word = array("Q", [empty]).tobytes()
-    return re.compile(b"(?:" + re.escape(word) + b")*")
+    chunk = word * _CHUNK
+    return chunk, int.from_bytes(chunk, "little"), word
 
 
-def _present(table: array, first: int, last: int, empty_run: re.Pattern) -> list[int]:
-    """Indices in ``[first, last)`` of the entries that are not empty: one regex match skips
-    each run of empty entries, so a walk of a sparse table costs what is mapped. Read before
-    the visits: an entry a visitor fills in this table is not visited."""
-    raw = memoryview(table).cast("B")
-    pos, end = first * 8, last * 8
-    found = []
-    while pos < end:
-        pos = empty_run.match(raw, pos, end).end()
-        if pos >= end:
-            break
-        found.append(pos >> 3)
-        pos += 8
+@functools.lru_cache(maxsize=16)
+def _empty_table(empty: int, n: int) -> bytes:
+    return array("Q", [empty]).tobytes() * n
+
+
+def _present(table: array, first: int, last: int, empty: int) -> list[int]:
+    """Indices in ``[first, last)`` of the entries that are not ``empty``, read before the
+    visits (an entry a visitor fills in this table is not visited). Spans of the table are
+    compared with empty ones (C speed), halving those that differ down to chunks; in a chunk
+    with few entries each is found as the lowest set bit of the chunk XOR an empty one (one
+    big-int step per entry), a chunk with many is read entry by entry."""
+    empty_chunk, empty_int, word = _empty_chunk(empty)
+    raw = table.tobytes()
+    n = len(table)
+    blank = _empty_table(empty, n)
+    found: list[int] = []
+    spans = [(first - first % _CHUNK, min(n, last + (-last % _CHUNK)))]
+    while spans:
+        lo, hi = spans.pop()
+        if raw[lo * 8:hi * 8] == blank[lo * 8:hi * 8]:
+            continue
+        if hi - lo > _CHUNK:
+            mid = lo + max(1, (hi - lo) // (2 * _CHUNK)) * _CHUNK
+            spans.append((mid, hi))
+            spans.append((lo, mid))
+            continue
+        seg = raw[lo * 8:hi * 8]
+        # A byte-level count of empty words (an estimate: one may straddle two entries).
+        if seg.count(word) * 4 < hi - lo:
+            found.extend(i for i in range(max(lo, first), min(hi, last))
+                         if table[i] != empty)
+            continue
+        x = int.from_bytes(seg, "little") ^ (
+            empty_int if hi - lo == _CHUNK else int.from_bytes(empty_chunk[:(hi - lo) * 8],
+                                                               "little"))
+        base = lo
+        while x:
+            i = ((x & -x).bit_length() - 1) >> 6
+            if base + i >= last:
+                break
+            if base + i >= first:
+                found.append(base + i)
+            x >>= (i + 1) << 6
+            base += i + 1
     return found
 
 

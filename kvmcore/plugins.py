@@ -33,6 +33,7 @@ logger = structlog.get_logger(__name__)
 ARCH_GROUP = "kvmcore.arch"
 EXT_GROUP = "kvmcore.ext"
 DISABLE_ENV = "KVMCORE_DISABLE_PLUGINS"
+DEFAULTS_NAME = "kvmcore.defaults"
 REQUIRED_HOOKS = ("translate", "map_leaf", "unmap_gfn_range", "age_gfn", "test_age_gfn",
                   "leaves")
 
@@ -80,14 +81,21 @@ def resolve_backend(arch) -> type:
         except (ImportError, AttributeError) as e:
             raise KvmError(errno.ENODEV, f"arch={arch!r}: cannot import it ({e})") from None
         return obj
-    backends = installed_backends()
-    if arch not in backends:
+    if arch not in _entry_points(ARCH_GROUP) or arch in blocked_names():
+        backends = installed_backends()
         raise KvmError(errno.ENODEV, f"arch={arch!r} is not installed; installed: "
                                      f"{', '.join(backends) or 'none'}")
-    return backends[arch].load()
+    return _load_backend(arch)
 
 
-HOT_HOOKS = ("translate", "faultin_pfn", "map_leaf", "fast_page_fault", "relax_perms")
+@functools.cache
+def _load_backend(name: str) -> type:
+    """An installed backend's class, loaded once per process (every VM looks it up)."""
+    return _entry_points(ARCH_GROUP)[name].load()
+
+
+HOT_HOOKS = ("translate", "faultin_pfn", "map_leaf", "fast_page_fault", "relax_perms",
+             "unmap_gfn_range", "leaves")
 
 
 def get_plugin_manager(backend, arch_name: str, on_change=None) -> pluggy.PluginManager:
@@ -129,7 +137,7 @@ def _populate(pm: pluggy.PluginManager, backend, arch_name: str) -> None:
     for name in sorted(_entry_points(EXT_GROUP)):
         if name not in blocked:
             pm.register(_load_extension(name), name=name)
-    pm.register(defaults, name="kvmcore.defaults")
+    pm.register(defaults, name=DEFAULTS_NAME)
     pm.register(backend, name=arch_name)
     pm.check_pending()
     missing = [h for h in REQUIRED_HOOKS
@@ -204,20 +212,86 @@ def _forward(name: str, vm_index: int, generator: bool):
 
 
 def bind_hot_hook(pm: pluggy.PluginManager, name: str, backend=None):
-    """A callable for hook ``name`` that skips pluggy's dispatch when exactly one
-    implementation and no wrapper is registered (the common case for translate, faultin_pfn
-    and map_leaf); otherwise the hook caller itself, so extensions still see every call.
-    ``backend`` is the VM's backend when ``pm`` is a class manager (its forwarders are
-    replaced by the backend's own method)."""
+    """A callable for hook ``name`` that skips pluggy's general dispatch where it can: the one
+    implementation itself when nothing wraps it (the common case for translate and map_leaf),
+    or the backend's own new-style wrapper around the core's default implementation, called
+    as pluggy calls them (``faultin_pfn``); otherwise the hook caller itself,
+    so extensions still see every call. ``backend`` is the VM's backend when ``pm`` is a
+    class manager (its forwarders are replaced by the backend's own method)."""
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
     if not impls:
         return _none
-    if len(impls) == 1 and not (impls[0].hookwrapper or impls[0].wrapper):
-        function = impls[0].function
-        method = getattr(function, "kvmcore_method", None)
-        return function if method is None else getattr(backend, method)
+    plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
+    spec = caller.spec
+    if any(i.kwargnames for i in impls):
+        return caller
+    if len(impls) == 1 and plain:
+        function = _function(impls[0], backend)
+        if spec is not None and impls[0].argnames != spec.argnames:
+            # It takes fewer arguments than the spec: pass it those, as pluggy does.
+            return _only(function, impls[0].argnames)
+        return function
+    if spec is not None and any(i.argnames != spec.argnames for i in impls):
+        return caller
+    if (len(impls) == 2 and len(plain) == 1 and spec is not None
+            and spec.opts.get("firstresult") and plain[0].plugin_name == DEFAULTS_NAME):
+        wrapper = next(i for i in impls if i is not plain[0])
+        if wrapper.wrapper and _is_backend(wrapper, backend):
+            return _wrapped_call(_function(wrapper, backend), _function(plain[0], backend))
     return caller
+
+
+def _is_backend(impl, backend) -> bool:
+    """The implementation is the VM's backend's (or its class forwarder's), not an
+    extension's: extensions always go through pluggy."""
+    return impl.plugin is backend or getattr(impl.function, "kvmcore_method", None) is not None
+
+
+def _function(impl, backend):
+    method = getattr(impl.function, "kvmcore_method", None)
+    return impl.function if method is None else getattr(backend, method)
+
+
+def _only(function, argnames: tuple):
+    """``function`` called with the hook's arguments it takes (``argnames``), in order."""
+
+    def call(**kwargs):
+        return function(*[kwargs[name] for name in argnames])
+
+    call.__name__ = getattr(function, "__name__", "hook")
+    return call
+
+
+def _wrapped_call(wrapper, inner):
+    """pluggy's ``_multicall`` for one new-style wrapper around one implementation of a
+    firstresult hook, without its general loop: the wrapper runs to its ``yield``, then the
+    implementation; the wrapper gets the result (or has the exception thrown in) and what it
+    returns (or raises) is the hook's."""
+
+    def call(**kwargs):
+        teardown = wrapper(**kwargs)
+        try:
+            next(teardown)
+        except StopIteration:
+            raise RuntimeError(f"wrap_controller {wrapper!r} did not yield") from None
+        try:
+            result = inner(**kwargs)
+        except BaseException as exc:
+            try:
+                teardown.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                teardown.send(result)
+            except StopIteration as stop:
+                return stop.value
+        teardown.close()
+        raise RuntimeError(f"wrap_controller {wrapper!r} has second yield")
+
+    call.__name__ = getattr(wrapper, "__name__", "wrapped")
+    return call
 
 
 def _none(**kwargs):

@@ -21,52 +21,85 @@ VIOLATION_KINDS = (NOT_PRESENT, PERMISSION, ACCESS_FLAG, MISCONFIG)
 READ, WRITE, FETCH = "read", "write", "fetch"
 
 
-@attrs.frozen(slots=True)
-class Access:
+class Record:
+    """A small record of a hot path: slotted, built by a plain ``__init__`` (an attrs frozen
+    class costs three times as much per instance, and a fault builds two or three), compared
+    and shown by its fields. Treat instances as immutable."""
+
+    __slots__ = ()
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._fields()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({args})"
+
+
+class Access(Record):
     """One guest access: ``kind`` is read, write or fetch; ``private`` the explicit private
-    intent (SNP C-bit, TDX alias) or None for "as the VM type decides"."""
+    intent (SNP C-bit, TDX alias) or None for "as the VM type decides". ``write`` and
+    ``exec`` say which kind it is."""
 
-    kind: str
-    private: bool | None = None
+    __slots__ = ("kind", "private", "write", "exec")
 
-    @property
-    def write(self) -> bool:
-        return self.kind == WRITE
+    def __init__(self, kind: str, private: bool | None = None):
+        self.kind = kind
+        self.private = private
+        self.write = kind == WRITE
+        self.exec = kind == FETCH
 
-    @property
-    def exec(self) -> bool:
-        return self.kind == FETCH
+    def _fields(self) -> tuple:
+        return self.kind, self.private
+
+    def __repr__(self) -> str:
+        return f"Access(kind={self.kind!r}, private={self.private!r})"
 
 
-@attrs.frozen(slots=True)
-class Translation:
+class Translation(Record):
     """A successful hardware walk: the 4 KiB page at ``gfn`` is host frame ``pfn``, through a
     leaf of ``size`` bytes with these permissions; ``dirty`` is the leaf's dirty state after
     the access (a TLB entry filled by a read cannot serve a write that must set D)."""
 
-    gfn: int
-    pfn: int
-    size: int
-    readable: bool
-    writable: bool
-    executable: bool
-    dirty: bool = False
-    private: bool = False
+    __slots__ = ("gfn", "pfn", "size", "readable", "writable", "executable", "dirty",
+                 "private")
+
+    def __init__(self, gfn: int, pfn: int, size: int, readable: bool, writable: bool,
+                 executable: bool, dirty: bool = False, private: bool = False):
+        self.gfn = gfn
+        self.pfn = pfn
+        self.size = size
+        self.readable = readable
+        self.writable = writable
+        self.executable = executable
+        self.dirty = dirty
+        self.private = private
 
 
-@attrs.frozen(slots=True)
-class Violation:
+class Violation(Record):
     """A failed walk, as the hardware reports it. ``gfn`` excludes alias bits; ``private`` is
     the fault's is_private; ``level``/``size`` are those of the entry that faulted (the leaf for
     a permission or access-flag fault: arm64's fault granule) or None/0; ``error_code`` the
     hardware's raw syndrome where it has one (x86 PFERR bits, arm64 ESR FSC, Power DSISR)."""
 
-    kind: str
-    gfn: int
-    private: bool = False
-    level: int | None = None
-    size: int = 0
-    error_code: int = 0
+    __slots__ = ("kind", "gfn", "private", "level", "size", "error_code")
+
+    def __init__(self, kind: str, gfn: int, private: bool = False, level: int | None = None,
+                 size: int = 0, error_code: int = 0):
+        self.kind = kind
+        self.gfn = gfn
+        self.private = private
+        self.level = level
+        self.size = size
+        self.error_code = error_code
 
     @property
     def present(self) -> bool:
@@ -83,7 +116,9 @@ class PageFault:
     ``fault_size`` (from the violation). Set by the flow: ``slot``, ``mmu_seq``; by
     ``faultin_pfn``: ``hva``, ``pfn``, ``map_writable``, ``max_size`` (the backing's largest
     mapping in bytes), ``pfnmap``, ``cacheable``; by the backend: ``max_level``, ``goal_level``
-    (its own level numbers) and ``goal_size``.
+    (its own level numbers) and ``goal_size``, and ``arch``: whatever else its fault handler
+    keeps from one step to the next (what Linux keeps in user_mem_abort's or
+    kvmppc_book3s_instantiate_page's locals).
     """
 
     addr: int
@@ -110,6 +145,7 @@ class PageFault:
     goal_level: int = 0
     goal_size: int = 4096
     host_vma: object = None
+    arch: object = None
 
     @property
     def read(self) -> bool:

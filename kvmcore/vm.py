@@ -297,8 +297,8 @@ class VM(Kvm):
         _args.u64("start_gpa", start_gpa)
         _args.u64("end_gpa", end_gpa)
         self._check_as_id(as_id)
-        return iter(self.hook.leaves(vm=self, start=start_gpa >> PAGE_SHIFT,
-                                     end=(end_gpa + PAGE_SIZE - 1) >> PAGE_SHIFT, as_id=as_id))
+        return iter(self.leaves(vm=self, start=start_gpa >> PAGE_SHIFT,
+                                end=(end_gpa + PAGE_SIZE - 1) >> PAGE_SHIFT, as_id=as_id))
 
     def lookup(self, gpa: int, private: bool = False, as_id: int = 0) -> Mapping | None:
         """The present leaf covering ``gpa`` in address space ``as_id``: the shared alias, or
@@ -307,7 +307,7 @@ class VM(Kvm):
         _args.flag("private", private)
         self._check_as_id(as_id)
         gfn = gpa >> PAGE_SHIFT
-        for m in self.hook.leaves(vm=self, start=gfn, end=gfn + 1, as_id=as_id):
+        for m in self.leaves(vm=self, start=gfn, end=gfn + 1, as_id=as_id):
             if m.private == private and m.gfn <= gfn < m.gfn + m.npages:
                 return m
         return None
@@ -416,16 +416,25 @@ class Vcpu(KvmVcpu):
         while it fails (vcpu_enter_guest -> VM exit -> kvm_mmu_page_fault, again)."""
         data, n = self._check_access(kind, gpa, data_or_n, private)
         access = _access_record(kind, private)
+        write, fetch = access.write, access.exec
+        tlb = self.tlb
+        host = self.vm.host
         out = []
         pos = 0
         while pos < n:
             cur = gpa + pos
             off = cur & (PAGE_SIZE - 1)
             chunk = min(n - pos, PAGE_SIZE - off)
-            pfn = self._tlb_lookup(cur, kind, private)
-            if pfn is None:
+            # The TLB (_tlb_lookup, inline: every access does it).
+            e = tlb.get((cur >> PAGE_SHIFT, private))
+            if e is None or (write and not (e[2] and e[4])) or (fetch and not e[3]):
                 pfn = yield from self._translate(cur, access, chunk, data, pos)
-            self._move(pfn, off, chunk, data, pos, out)
+            else:
+                pfn = e[1]
+            if data is None:
+                out.append(host.read_frame(pfn, off, chunk))
+            else:
+                host.write_frame(pfn, off, data[pos:pos + chunk] if chunk < len(data) else data)
             pos += chunk
         return b"".join(out) if data is None else None
 
@@ -458,22 +467,6 @@ class Vcpu(KvmVcpu):
             _dirty.check_ring_request(self)
         return data, n
 
-    def _move(self, pfn: int, off: int, chunk: int, data, pos: int, out: list) -> None:
-        """The load or store of one chunk, on the host frame the walk found."""
-        if data is None:
-            out.append(self.vm.host.read_frame(pfn, off, chunk))
-        else:
-            self.vm.host.write_frame(pfn, off, data[pos:pos + chunk] if chunk < len(data)
-                                     else data)
-
-    def _tlb_lookup(self, gpa: int, kind: str, private: bool | None) -> int | None:
-        e = self.tlb.get((gpa >> PAGE_SHIFT, private))
-        if e is None:
-            return None
-        if (kind == WRITE and not (e[2] and e[4])) or (kind == FETCH and not e[3]):
-            return None
-        return e[1]
-
     def _translate(self, gpa: int, access: Access, chunk: int, data, pos: int):
         """A TLB miss: the hardware walk, and the fault path while it fails. Each fault runs
         inside kvm->srcu's read side (x86 holds it in KVM_RUN outside guest mode, arm64
@@ -493,7 +486,8 @@ class Vcpu(KvmVcpu):
                 raise
             finally:
                 srcu.read_unlock(idx)
-            self._fault_done(fault, r, access, chunk, data, pos)
+            if r != RET_PF_FIXED or vm.events is not None:
+                self._fault_done(fault, r, access, chunk, data, pos)
             if r == RET_PF_RETRY and vm.mmu_invalidate.in_progress_covers(fault.gfn):
                 # The vCPU re-enters the guest and faults again, and again, until the
                 # invalidation ends: modelled as one wait, since every retry in between
@@ -518,8 +512,10 @@ class Vcpu(KvmVcpu):
             tlb = self.tlb
             if len(tlb) >= TLB_ENTRIES:
                 tlb.clear()
-            tlb[(gpa >> PAGE_SHIFT, access.private)] = (t.gfn, t.pfn, t.writable,
-                                                        t.executable, t.dirty)
+            page = gpa >> PAGE_SHIFT
+            if page != t.gfn:
+                self.tlb_aliased = True
+            tlb[(page, access.private)] = (t.gfn, t.pfn, t.writable, t.executable, t.dirty)
             return t.pfn
         kind = access.kind
         fault = PageFault(gpa, t.gfn, kind == WRITE, kind == FETCH, t.private, False, t.kind,

@@ -8,7 +8,7 @@ from conftest import MiB
 
 from kvmcore import HwPoisonSignal, KvmError, MemoryFaultExit, MmioExit
 from kvmcore.records import PageFault
-from kvmcore.locks import WouldBlock, drive
+from kvmcore.locks import Flow, WouldBlock, drive
 from kvmcore.fault import AFTER_SNAPSHOT, BEFORE_LOCK, kvm_page_fault, run_to_completion
 from kvmcore.hva import kvm_handle_hva_range_op
 from kvmcore.uapi import (KVM_MEM_GUEST_MEMFD, KVM_MEM_READONLY,
@@ -193,8 +193,10 @@ def test_conversion_retry_then_mismatch_exit(pvm, host):
     hva = host.mmap(MiB)
     pvm.set_user_memory_region(0, 0, MiB, hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
     vcpu = pvm.create_vcpu(0)
-    # A fault whose intent is fixed by its builder (as an SNP shared access would be).
-    steps = kvm_page_fault(pvm, PageFault(addr=0x4000, gfn=4, write=True, vcpu=vcpu))
+    # A fault whose intent is fixed by its builder (as an SNP shared access would be),
+    # stepped in a flow of its own (a plain run passes the points without pausing).
+    steps = Flow("vcpu0.fault", kvm_page_fault(pvm, PageFault(addr=0x4000, gfn=4, write=True,
+                                                             vcpu=vcpu)), vcpu)
     next(steps)
     next(steps)
     pvm.set_memory_attributes(0x4000, 4096, PRIVATE)
@@ -202,7 +204,8 @@ def test_conversion_retry_then_mismatch_exit(pvm, host):
         next(steps)
     assert stop.value.value == RET_PF_RETRY and pvm.lookup(0x4000) is None
     # The retried fault (same intent: shared) now meets a private gfn: memory-fault exit.
-    retry = kvm_page_fault(pvm, PageFault(addr=0x4000, gfn=4, write=True, vcpu=vcpu))
+    retry = Flow("vcpu0.fault", kvm_page_fault(pvm, PageFault(addr=0x4000, gfn=4, write=True,
+                                                             vcpu=vcpu)), vcpu)
     assert next(retry) == AFTER_SNAPSHOT
     with pytest.raises(MemoryFaultExit) as e:
         next(retry)
@@ -353,3 +356,29 @@ def test_fast_path_sees_the_memslot(host):
     vm.set_user_memory_region(0, 0, MiB, host.mmap(MiB))
     vm.create_vcpu(0).read(0x1000, 1)
     assert seen == [vm.gfn_to_memslot(1)]
+
+
+def test_a_plain_fault_waits_at_pf_lock_wait_only_while_the_lock_is_held(vm, host, slot0):
+    """A plain fault passes its points without pausing (locks.RwLock.try_lock), but when a
+    paused flow holds mmu_lock it stops at pf_lock_wait as before: WouldBlock, the fault
+    paused there, and it completes once the holder has moved."""
+    from kvmcore.fault import PF_LOCK_WAIT
+
+    vcpu = vm.create_vcpu(0)
+
+    def holder():
+        yield from vm.mmu_lock.write_lock("test_lock_wait")
+        try:
+            yield "test_holding"
+        finally:
+            vm.mmu_lock.write_unlock()
+
+    h = Flow("holder", holder())
+    assert next(h) == "test_lock_wait" and next(h) == "test_holding"
+    with pytest.raises(WouldBlock) as info:
+        vcpu.read(0x1000, 1)
+    fault = info.value.flow
+    assert fault.point == PF_LOCK_WAIT and not fault.runnable and "srcu" in fault.holds
+    h.run()
+    assert fault.run() == b"\0" and vm.lookup(0x1000) is not None
+    assert vcpu.read(0x2000, 1) == b"\0" and not vm.mmu_lock.held

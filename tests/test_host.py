@@ -261,3 +261,26 @@ def test_hwpoison_signal_names_the_base_page():
     with pytest.raises(HwPoisonSignal) as e:
         vm.create_vcpu(0).read(K64 + 0x3008, 1)
     assert (e.value.hva, e.value.lsb) == (hva + K64, 16)
+
+
+def test_pte_pages_hold_one_word_per_page():
+    """The PAGE_SIZE level of the host page table is PTE pages of 8-byte words (frame
+    address | present | writable | special), keyed by page index like a mapping; ranged
+    clears and write-protection cross PTE pages; GUP-fast refuses a special PTE."""
+    from kvmcore.host import PteTable
+
+    t = PteTable(512)
+    t[5] = (0x1234, True)
+    t[512 + 7] = (0x99, False)
+    assert t.get(5) == (0x1234, True) and t[519] == (0x99, False) and 6 not in t
+    assert list(t) == [5, 519] and len(t) == 2 and t.keys_in(0, 600) == [5, 519]
+    t.wrprotect_range(0, 1024)
+    assert t.get(5) == (0x1234, False)
+    t.clear_range(6, 1024)
+    assert list(t) == [5] and t.pop(5) == (0x1234, False) and t.pop(5, None) is None
+    assert len(t.pages) == 2 and all(len(p) == 512 for p in t.pages.values())
+    host = HostMemory()
+    hva = host.mmap(1 << 20, kind="pfnmap", pfn=0x80000)
+    assert host.gup_fast(hva, False) is None
+    host.fixup_user_fault(hva, False)
+    assert host.follow_pfnmap(hva) == (0x80000, True) and host.gup_fast(hva, False) is None

@@ -119,3 +119,79 @@ def test_vms_of_one_backend_class_share_a_manager_but_call_their_own_backend():
     a, b = VM(arch=FlatBackend), VM(arch=FlatBackend)
     assert a.hook is b.hook
     assert a.translate.__self__ is a.backend and b.translate.__self__ is b.backend
+
+
+def test_a_backend_wrapper_over_the_default_is_called_as_pluggy_calls_it():
+    """bind_hot_hook calls the backend's own new-style wrapper around the core's default
+    without pluggy's loop: the wrapper sees the default's result (or its exception) and
+    what it returns or raises is the hook's; an extension's wrapper still goes through
+    pluggy."""
+    from kvmcore.plugins import _wrapped_call
+
+    seen = []
+
+    class Wrapping(FlatBackend):
+        @hookimpl(wrapper=True)
+        def faultin_pfn(self, vm, fault):
+            r = yield
+            seen.append(r)
+            return r
+
+    vm = VM(arch=Wrapping)
+    assert vm.faultin_pfn is not vm.pm.hook.faultin_pfn
+    hva = vm.host.mmap(1 << 20)
+    vm.set_user_memory_region(0, 0, 1 << 20, hva)
+    vm.create_vcpu(0).read(0x1000, 1)
+    assert seen == [0]                          # RET_PF_CONTINUE from the default
+
+    def wrapper(x):
+        try:
+            r = yield
+        except KeyError:
+            raise ValueError("replaced") from None
+        return r + 1
+
+    def inner(x):
+        if x < 0:
+            raise KeyError(x)
+        if x == 0:
+            raise IndexError(x)
+        return x * 10
+
+    call = _wrapped_call(wrapper, inner)
+    assert call(x=2) == 21
+    with pytest.raises(ValueError, match="replaced"):
+        call(x=-1)
+    with pytest.raises(IndexError):
+        call(x=0)
+
+    def twice(x):
+        yield
+        yield
+
+    with pytest.raises(RuntimeError, match="second yield"):
+        _wrapped_call(twice, inner)(x=1)
+
+    class Tracer:
+        @hookimpl(wrapper=True)
+        def faultin_pfn(self, vm, fault):
+            return (yield)
+
+    vm = VM(arch=FlatBackend)
+    vm.pm.register(Tracer())
+    assert vm.faultin_pfn == vm.pm.hook.faultin_pfn
+
+
+def test_a_hot_hook_taking_fewer_arguments_gets_only_those():
+    """An implementation that declares fewer arguments than the spec (pluggy passes it only
+    those) is bound directly and called with the ones it takes."""
+    seen = []
+
+    class Narrow(FlatBackend):
+        @hookimpl
+        def leaves(self, vm, start, end):
+            seen.append((start, end))
+            return iter(())
+
+    vm = VM(arch=Narrow)
+    assert vm.lookup(0x3000) is None and seen == [(3, 4)]

@@ -1,10 +1,11 @@
 """``kvmcore bench``: every figure of the project, each as a ratio measured in one run.
 
+Issue 14's figures (``kvmcore.bench.faults``): first-touch read and write faults per backend
+against the CPython floor and against x86_tdp, the zero-page-then-write fault, VM creation, faults
+with 32,764 memslots against 8, model memory per mapped page and page-table bytes per dense page.
+
 Per backend (every installed one, and the flat reference backend):
 
-- ``fault_4k_us`` vs ``bare_walk_us``: one end-to-end 4 KiB guest write fault (translate miss,
-  fault path, map, re-translate) against a bare 4-level ``array('Q')`` walk in the same run;
-- ``table_bytes_per_page``: page-table memory per mapped 4 KiB page, 64 MiB mapped densely;
 - ``zap_1TiB_sparse_vs_tight``: zapping a 1 TiB range holding N leaves spread over it, against
   zapping the same N leaves packed in a tight range (1.0 means zaps cost what is mapped);
 - ``convert_1TiB_ms`` (backends with private memory);
@@ -19,13 +20,12 @@ And the core's own: memslot lookups at 8 vs 32,767 slots, slot creation, hva ite
 from __future__ import annotations
 
 import time
-from array import array
 
 from ..host import HostMemory
 from ..plugins import installed_backends
 from ..uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMORY_ATTRIBUTE_PRIVATE
 from ..vm import VM
-from . import core
+from . import core, faults
 from .core import best_of
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
@@ -38,46 +38,6 @@ def _vm(arch, size: int, flags: int = 0, thp: bool = False, vm_type: str = "defa
     hva = host.mmap(size, thp=thp)
     vm.set_user_memory_region(0, 0, size, hva, flags)
     return vm, host, hva
-
-
-def bare_walk_us(n: int = 20000) -> float:
-    """A 4-level radix walk over array('Q') tables, as tight as Python allows."""
-    tables = [array("Q", bytes(4096)) for _ in range(4)]
-    for i in range(3):
-        tables[i][0] = (i + 1) << 12 | 7
-    tables[3][1] = 0x1234 << 12 | 7
-    by_addr = {(i + 1) << 12: tables[i + 1] for i in range(3)}
-    root = tables[0]
-    gpas = [0x1000] * n
-
-    def walk():
-        for gpa in gpas:
-            t = root
-            for shift in (39, 30, 21):
-                t = by_addr[t[(gpa >> shift) & 511] & ~0xFFF]
-            t[(gpa >> 12) & 511] & ~0xFFF  # noqa: B018 - the leaf read is the work
-
-    return best_of(walk) / n * 1e6
-
-
-def fault_4k_us(arch, n: int = 2000) -> float:
-    def once():
-        vm, _host, _hva = _vm(arch, 64 * MiB)
-        vcpu = vm.create_vcpu(0)
-        t0 = time.perf_counter()
-        for i in range(n):
-            vcpu.write(i << 12, b"x")
-        return time.perf_counter() - t0
-
-    return min(once() for _ in range(3)) / n * 1e6
-
-
-def table_bytes_per_page(arch, size: int = 64 * MiB) -> float:
-    vm, _host, _hva = _vm(arch, size)
-    vcpu = vm.create_vcpu(0)
-    for gfn in range(size >> 12):
-        vcpu.write(gfn << 12, b"x")
-    return vm.page_table_bytes() / (size >> 12)
 
 
 def zap_ratio(arch, n: int = 256) -> dict:
@@ -159,12 +119,6 @@ def backend_figures(arch) -> dict:
 
     info = resolve_backend(arch).arch_info
     out = {}
-    walk = bare_walk_us()
-    fault = fault_4k_us(arch)
-    out["fault_4k_us"] = round(fault, 2)
-    out["bare_walk_us"] = round(walk, 3)
-    out["fault_4k_vs_bare_walk"] = round(fault / walk, 1)
-    out["table_bytes_per_page"] = round(table_bytes_per_page(arch), 2)
     out.update(zap_ratio(arch))
     private = [t for t, caps in info.vm_types.items() if "private_mem" in caps]
     if private:
@@ -175,9 +129,14 @@ def backend_figures(arch) -> dict:
     return out
 
 
-def run_all(arches: list[str] | None = None) -> dict:
-    figures = {"core": core.run_all()}
-    for arch in arches or [*installed_backends(), FLAT]:
+def run_all(arches: list[str] | None = None, memory_size: int = GiB,
+            rounds: int = 7) -> dict:
+    """Every figure: issue 14's (``faults``, then per backend), the core's, and each
+    backend's others. ``memory_size`` 0 leaves out the (slow) tracemalloc figure."""
+    arches = list(arches or [*installed_backends(), FLAT])
+    figures = faults.run(arches, memory_size=memory_size, rounds=rounds)
+    figures["core"] = core.run_all()
+    for arch in arches:
         name = arch.rsplit(":", 1)[-1] if ":" in arch else arch
-        figures[name] = backend_figures(arch)
+        figures.setdefault(name, {}).update(backend_figures(arch))
     return figures

@@ -139,6 +139,10 @@ class Arm64Stage2Backend:
                                    on_tlbi=self._on_tlbi)
         self.abort = AbortPath(self)
         self._tlb_batch: list[Tlbi] | None = None
+        core = self.pgt.pt.geometry
+        self._walk_shifts = core.shifts
+        self._walk_masks = tuple((1 << b) - 1 for b in core.bits)
+        self._walk_last = core.nlevels - 1
 
     # Hook objects must stay hashable: identity hash/eq.
     __hash__ = object.__hash__
@@ -155,8 +159,9 @@ class Arm64Stage2Backend:
         themselves are all recorded."""
         if self.vm is None:
             return
-        self.vm.trace("arm64.tlbi", op=rec.op, ipa=rec.ipa, size=rec.size, level=rec.level,
-                      why=rec.why)
+        if self.vm.events is not None:
+            self.vm.trace("arm64.tlbi", op=rec.op, ipa=rec.ipa, size=rec.size,
+                          level=rec.level, why=rec.why)
         if self._tlb_batch is not None:
             self._tlb_batch.append(rec)
             return
@@ -214,18 +219,31 @@ class Arm64Stage2Backend:
             raise GuestAbort("address_size", gpa)
         if gpa >= g.phys_size:
             raise GuestAbort("external_abort", gpa)
-        pos, table, idx, pte = self.pgt.pt.lookup(gpa)
+        # The walk (PageTable.lookup's loop), inline: every TLB miss runs it. It stops at an
+        # invalid entry, a block, or the last level.
+        pt = self.pgt.pt
+        tables = pt.store.tables
+        shifts, masks, last = self._walk_shifts, self._walk_masks, self._walk_last
+        addr_mask = self.pgt.fmt.addr_mask
+        table = tables[pt.root]
+        pos = 0
+        while True:
+            idx = (gpa >> shifts[pos]) & masks[pos]
+            pte = table[idx]
+            if pos == last or pte & 3 != 3:     # not kvm_pte_table
+                break
+            table = tables[pte & addr_mask]
+            pos += 1
         level = g.start_level + pos
         gfn = gpa >> 12
         size = g.size(level)
         if not pte & KVM_PTE_VALID or (level == KVM_PGTABLE_LAST_LEVEL
                                        and not pte & KVM_PTE_TYPE):
-            return Violation(NOT_PRESENT, gfn, level=level, size=size,
-                             error_code=ESR_ELx_FSC_FAULT | level)
+            return Violation(NOT_PRESENT, gfn, False, level, size, ESR_ELx_FSC_FAULT | level)
         if not pte & KVM_PTE_LEAF_ATTR_LO_S2_AF:
             if not self.hw_af:
-                return Violation(ACCESS_FLAG, gfn, level=level, size=size,
-                                 error_code=ESR_ELx_FSC_ACCESS | level)
+                return Violation(ACCESS_FLAG, gfn, False, level, size,
+                                 ESR_ELx_FSC_ACCESS | level)
             pte |= KVM_PTE_LEAF_ATTR_LO_S2_AF
             table[idx] = pte
         readable = bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R)
@@ -234,11 +252,10 @@ class Arm64Stage2Backend:
         kind = access.kind
         if ((kind == "read" and not readable) or (kind == "write" and not writable)
                 or (kind == "fetch" and not executable)):
-            return Violation(PERMISSION, gfn, level=level, size=size,
-                             error_code=ESR_ELx_FSC_PERM | level)
-        pfn = (self.pgt.fmt.pte_to_phys(pte) + (gpa & (size - 1))) >> 12
+            return Violation(PERMISSION, gfn, False, level, size, ESR_ELx_FSC_PERM | level)
+        pfn = ((pte & addr_mask) + (gpa & (size - 1))) >> 12
         # No DBM: a writable leaf takes writes without a state change, so it counts as dirty.
-        return Translation(gfn, pfn, size, readable, writable, executable, dirty=writable)
+        return Translation(gfn, pfn, size, readable, writable, executable, writable)
 
     # ------------------------------------------------------------------ the abort path
 

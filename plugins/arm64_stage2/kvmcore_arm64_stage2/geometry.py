@@ -80,6 +80,15 @@ class Stage2Geometry:
     granule: int
     ipa_bits: int
     hw_af: bool = False
+    # Derived once (the walks read them on every access): see the functions above.
+    page_shift: int = attrs.field(init=False, eq=False, repr=False)
+    ptrs_per_pte: int = attrs.field(init=False, eq=False, repr=False)
+    levels: int = attrs.field(init=False, eq=False, repr=False)
+    start_level: int = attrs.field(init=False, eq=False, repr=False)
+    root_pages: int = attrs.field(init=False, eq=False, repr=False)
+    min_block_level: int = attrs.field(init=False, eq=False, repr=False)
+    phys_size: int = attrs.field(init=False, eq=False, repr=False)
+    _sizes: tuple = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self):
         if self.granule not in GRANULES:
@@ -87,6 +96,21 @@ class Stage2Geometry:
         if not ARM64_MIN_PARANGE_BITS <= self.ipa_bits <= KVM_IPA_LIMIT:
             raise KvmError(errno.EINVAL, f"ipa_bits={self.ipa_bits}: must lie in "
                            f"[{ARM64_MIN_PARANGE_BITS}, {KVM_IPA_LIMIT}] (kvm_init_ipa_range)")
+        page_shift = page_shift_of(self.granule)
+        levels = stage2_pgtable_levels(self.ipa_bits, page_shift)
+        derived = {
+            "page_shift": page_shift,
+            "ptrs_per_pte": 1 << (page_shift - 3),
+            "levels": levels,
+            "start_level": 4 - levels,
+            "root_pages": kvm_pgd_pages(self.ipa_bits, 4 - levels, page_shift),
+            "min_block_level": min_block_level(self.granule),
+            # kvm_phys_size: 2^ipa_bits.
+            "phys_size": 1 << self.ipa_bits,
+            "_sizes": tuple(1 << granule_shift(page_shift, lvl) for lvl in range(4)),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def from_options(cls, granule=4096, ipa_bits=0, hw_af=False) -> Stage2Geometry:
@@ -100,36 +124,12 @@ class Stage2Geometry:
 
     # ------------------------------------------------------------------ sizes per level
 
-    @property
-    def page_shift(self) -> int:
-        return page_shift_of(self.granule)
-
-    @property
-    def ptrs_per_pte(self) -> int:
-        return 1 << (self.page_shift - 3)
-
     def shift(self, level: int) -> int:
         return granule_shift(self.page_shift, level)
 
     def size(self, level: int) -> int:
         """kvm_granule_size(level)."""
-        return 1 << self.shift(level)
-
-    @property
-    def levels(self) -> int:
-        return stage2_pgtable_levels(self.ipa_bits, self.page_shift)
-
-    @property
-    def start_level(self) -> int:
-        return 4 - self.levels
-
-    @property
-    def root_pages(self) -> int:
-        return kvm_pgd_pages(self.ipa_bits, self.start_level, self.page_shift)
-
-    @property
-    def min_block_level(self) -> int:
-        return min_block_level(self.granule)
+        return self._sizes[level]
 
     @property
     def pmd_size(self) -> int:
@@ -138,11 +138,6 @@ class Stage2Geometry:
     @property
     def pud_size(self) -> int:
         return self.size(1)
-
-    @property
-    def phys_size(self) -> int:
-        """kvm_phys_size: 2^ipa_bits."""
-        return 1 << self.ipa_bits
 
     def level_supports_block(self, level: int) -> bool:
         """kvm_level_supports_block_mapping."""

@@ -70,7 +70,7 @@ ARM64_PTE_LOCKED_WAIT = "arm64_pte_locked_wait"
 
 class FaultState:
     """What user_mem_abort keeps in locals between the pfn lookup and the install, for one
-    ``PageFault`` (PageFault has no room for arch fields)."""
+    ``PageFault`` (its ``arch`` field)."""
 
     __slots__ = ("noncacheable", "writable", "vma_pagesize")
 
@@ -87,15 +87,14 @@ class AbortPath:
 
     def __init__(self, backend):
         self.b = backend
-        self._state: weakref.WeakKeyDictionary[PageFault, FaultState] = (
-            weakref.WeakKeyDictionary())
         #: vCPU -> (table, index, gfn): the LOCKED entry its last fault backed off from.
         self._locked_refault: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def state(self, fault: PageFault) -> FaultState:
-        st = self._state.get(fault)
+    @staticmethod
+    def state(fault: PageFault) -> FaultState:
+        st = fault.arch
         if st is None:
-            st = self._state[fault] = FaultState()
+            st = fault.arch = FaultState()
         return st
 
     # ------------------------------------------------------------------ kvm_handle_guest_abort
@@ -277,9 +276,9 @@ class AbortPath:
             if st.vma_pagesize > self.b.geom.granule:
                 gfn &= ~((st.vma_pagesize >> 12) - 1)
             self.b.mark_base_page_dirty(vm, fault.slot, gfn)
-        self._state.pop(fault, None)
-        vm.trace(f"arm64.{how}", gpa=fault.gpa, size=size, ret=ret, write=fault.write,
-                 exec=fault.exec)
+        if vm.events is not None:
+            vm.trace(f"arm64.{how}", gpa=fault.gpa, size=size, ret=ret, write=fault.write,
+                     exec=fault.exec)
         if ret == 0:
             return RET_PF_FIXED
         if ret == -errno.EAGAIN:

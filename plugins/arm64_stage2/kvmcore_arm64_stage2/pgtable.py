@@ -40,6 +40,7 @@ import attrs
 import structlog
 from kvmcore.pgtable import (LEAF, STOP, TABLE_POST, TABLE_PRE, PageTable, TableStore,
                              WalkContext)
+from kvmcore.records import Record
 
 from .geometry import KVM_PGTABLE_LAST_LEVEL, Stage2Geometry
 
@@ -140,13 +141,17 @@ TABLE_PA_BASE = 1 << 47
 TLBI_TTL_UNKNOWN = None
 
 
+_MEMATTR = {
+    (True, "normal"): MT_S2_FWB_NORMAL, (True, "normal_nc"): MT_S2_FWB_NORMAL_NC,
+    (True, "device"): MT_S2_FWB_DEVICE_nGnRE,
+    (False, "normal"): MT_S2_NORMAL, (False, "normal_nc"): MT_S2_NORMAL_NC,
+    (False, "device"): MT_S2_DEVICE_nGnRE,
+}
+
+
 def memattr_value(kind: str, fwb: bool) -> int:
     """KVM_S2_MEMATTR(pgt, kind): the 4-bit MemAttr field."""
-    if fwb:
-        return {"normal": MT_S2_FWB_NORMAL, "normal_nc": MT_S2_FWB_NORMAL_NC,
-                "device": MT_S2_FWB_DEVICE_nGnRE}[kind]
-    return {"normal": MT_S2_NORMAL, "normal_nc": MT_S2_NORMAL_NC,
-            "device": MT_S2_DEVICE_nGnRE}[kind]
+    return _MEMATTR[bool(fwb), kind]
 
 
 def PAGE_S2_MEMATTR(kind: str, fwb: bool) -> int:  # noqa: N802
@@ -259,33 +264,37 @@ class Stage2Format:
 # ---------------------------------------------------------------- records for tests
 
 
-@attrs.frozen(slots=True)
-class Tlbi:
+class Tlbi(Record):
     """One TLB invalidation KVM issued. ``op``: ``vmid_ipa`` (__kvm_tlb_flush_vmid_ipa, by IPA
     with a level hint, inner shareable), ``vmid_ipa_nsh`` (the local variant relax_perms
     uses), ``vmid_range`` (kvm_tlb_flush_vmid_range), ``vmid`` (__kvm_tlb_flush_vmid).
     ``level`` None is TLBI_TTL_UNKNOWN; ``size`` is what the model invalidates in the vCPU
     TLBs; ``why`` names the caller."""
 
-    op: str
-    ipa: int
-    size: int
-    level: int | None
-    why: str
+    __slots__ = ("op", "ipa", "size", "level", "why")
+
+    def __init__(self, op: str, ipa: int, size: int, level: int | None, why: str):
+        self.op = op
+        self.ipa = ipa
+        self.size = size
+        self.level = level
+        self.why = why
 
 
-@attrs.frozen(slots=True)
-class PteEvent:
+class PteEvent(Record):
     """One step of a page-table update, in order: ``break`` (entry := LOCKED), ``tlbi``,
     ``dcache_clean_inval_poc``, ``icache_inval_pou``, ``make`` (release-store of ``new``),
     ``set`` (in-place update without BBM: relax_perms, mkyoung, age, wrprotect), ``clear``
     (unmap)."""
 
-    kind: str
-    ipa: int
-    level: int | None
-    old: int = 0
-    new: int = 0
+    __slots__ = ("kind", "ipa", "level", "old", "new")
+
+    def __init__(self, kind: str, ipa: int, level: int | None, old: int = 0, new: int = 0):
+        self.kind = kind
+        self.ipa = ipa
+        self.level = level
+        self.old = old
+        self.new = new
 
 
 @attrs.define(slots=True)
@@ -310,16 +319,33 @@ class _AttrData:
     locked: tuple | None = None
 
 
+def run_plain(walk):
+    """Run a walk generator whose visitors return plain results (a walk that is not stepped)
+    to its end: it never yields, so one send ends it."""
+    try:
+        point = walk.send(None)
+    except StopIteration as stop:
+        return stop.value
+    walk.close()
+    raise AssertionError(f"a plain stage-2 walk stopped at {point!r}")
+
+
+#: kvm_pte_table: a valid entry of TYPE table (below the last level).
+_TABLE_BITS = KVM_PTE_VALID | KVM_PTE_TYPE
+
+
 class Stage2PageTable:
     """struct kvm_pgtable for one stage-2 (kvm_pgtable_stage2_init and its operations).
 
     ``on_tlbi`` is called for every TLB invalidation with its ``Tlbi`` record, after it is
-    appended to ``tlbi_log``; the backend turns it into the core's vCPU-TLB flush.
+    appended to ``tlbi_log``; the backend turns it into the core's vCPU-TLB flush. The logs
+    keep the last ``log_size`` records (what a test reads after clearing them; a longer log
+    would cost more model memory per mapped page than the page table itself).
     """
 
     def __init__(self, geom: Stage2Geometry, *, fwb: bool = True, cache_dic: bool = True,
                  tlbirange: bool = False, on_tlbi=None,
-                 log_size: int = 1 << 16):
+                 log_size: int = 1 << 12):
         self.geom = geom
         self.fwb = fwb
         self.cache_dic = cache_dic
@@ -341,6 +367,12 @@ class Stage2PageTable:
         #: (table, its level, its IPA), freed when the last one ends.
         self.shared_walkers = 0
         self.rcu_deferred: list[tuple[int, int, int]] = []
+        # What the walks read on every entry, derived once from the geometry.
+        core = self.pt.geometry
+        self._shifts, self._level_ids, self._nlevels = core.shifts, core.level_ids, core.nlevels
+        self._block_levels = frozenset(lvl for lvl in range(KVM_PGTABLE_LAST_LEVEL + 1)
+                                       if geom.level_supports_block(lvl))
+        self._normal_memattr = memattr_value("normal", fwb)
 
     # ------------------------------------------------------------------ pages and TLBs
 
@@ -435,9 +467,10 @@ class Stage2PageTable:
 
     def walk_steps(self, addr: int, size: int, visitor, flags: int):
         """kvm_pgtable_walk as a generator, for a walk whose visitor may return a generator
-        (a break-before-make or cmpxchg that yields its race points) instead of a result: as
-        ``walk`` with invalid entries visited, LEAF and TABLE_PRE visits only. Returns 0 or
-        the error that stopped the walk."""
+        (a break-before-make or cmpxchg that yields its race points in a stepped walk)
+        instead of a result: as ``walk`` with invalid entries visited, LEAF and TABLE_PRE
+        visits only. Returns 0 or the error that stopped the walk. The fault's walks (map,
+        relax_perms) always run here; one that is not stepped never yields (``run_plain``)."""
         g = self.geom.granule
         start = addr & ~(g - 1)
         end = (addr + size + g - 1) & ~(g - 1)
@@ -452,34 +485,35 @@ class Stage2PageTable:
     def _walk_table_steps(self, ctx, table_pa: int, pos: int, base: int, visitor, flags: int):
         """__kvm_pgtable_walk over one table (the core walker's order: visit, reload the
         entry, descend into a table); -EAGAIN stops the walk only with HANDLE_FAULT."""
-        pt = self.pt
-        geo = pt.geometry
-        table = pt.store[table_pa]
-        shift = geo.shifts[pos]
+        table = self.store.tables[table_pa]
+        shift = self._shifts[pos]
         size = 1 << shift
-        level = geo.level_ids[pos]
-        leaf_level = pos == geo.nlevels - 1
+        level = self._level_ids[pos]
+        leaf_level = pos == self._nlevels - 1
         first = (max(ctx.start, base) - base) >> shift
         last = min(len(table), (ctx.end - base + size - 1) >> shift)
         table_pre = flags & TABLE_PRE
+        stops_on_eagain = flags & KVM_PGTABLE_WALK_HANDLE_FAULT
+        addr_mask = self.fmt.addr_mask
         for idx in range(first, last):
             pte = table[idx]
             addr = base + (idx << shift)
             ctx.table, ctx.table_pa, ctx.index = table, table_pa, idx
             ctx.pos, ctx.level, ctx.addr, ctx.size, ctx.pte = pos, level, addr, size, pte
-            is_table = not leaf_level and kvm_pte_table(pte, level)
+            # kvm_pte_table, inline: this runs for every entry of every fault's walk.
+            is_table = not leaf_level and pte & _TABLE_BITS == _TABLE_BITS
             if table_pre or not is_table:
                 ctx.flags = TABLE_PRE if is_table else LEAF
                 r = visitor(ctx)
                 if type(r) is GeneratorType:
                     r = yield from r
-                if r and (r != -errno.EAGAIN or flags & KVM_PGTABLE_WALK_HANDLE_FAULT):
+                if r and (r != -errno.EAGAIN or stops_on_eagain):
                     return r
                 pte = table[idx]
-            if leaf_level or not kvm_pte_table(pte, level):
+            if leaf_level or pte & _TABLE_BITS != _TABLE_BITS:
                 continue
-            r = yield from self._walk_table_steps(ctx, self.fmt.table_address(pte, level),
-                                                  pos + 1, addr, visitor, flags)
+            r = yield from self._walk_table_steps(ctx, pte & addr_mask, pos + 1, addr, visitor,
+                                                  flags)
             if r:
                 return r
         return 0
@@ -510,7 +544,7 @@ class Stage2PageTable:
         if not self._try_set_pte(ctx, KVM_INVALID_PTE_LOCKED):
             return False
         self.events.append(PteEvent("break", ctx.addr, ctx.level, old, KVM_INVALID_PTE_LOCKED))
-        if not ctx.arg & KVM_PGTABLE_WALK_SKIP_BBM_TLBI:
+        if old and not ctx.arg & KVM_PGTABLE_WALK_SKIP_BBM_TLBI:
             if kvm_pte_table(old, ctx.level):
                 size = self.geom.size(ctx.level)
                 self.tlb_flush_vmid_range(ctx.addr & ~(size - 1), size, "bbm_table")
@@ -571,9 +605,9 @@ class Stage2PageTable:
         """The cache maintenance of stage2_map_walker_try_leaf, between the TLBI and the make:
         D-cache clean+invalidate to PoC for cacheable memory (a no-op under FWB), I-cache
         invalidate to PoU for executable memory (a no-op with CTR_EL0.DIC)."""
-        if pte_memattr(new) == memattr_value("normal", self.fwb) and not self.fwb:
+        if not self.fwb and pte_memattr(new) == self._normal_memattr:
             self.events.append(PteEvent("dcache_clean_inval_poc", ctx.addr, ctx.level, 0, pa))
-        if stage2_pte_executable(new) and not self.cache_dic:
+        if not self.cache_dic and stage2_pte_executable(new):
             self.events.append(PteEvent("icache_inval_pou", ctx.addr, ctx.level, 0, pa))
 
     # ------------------------------------------------------------------ map (§4.3, §4.4)
@@ -590,9 +624,9 @@ class Stage2PageTable:
         """kvm_block_mapping_supported: level allows blocks, the entry fits the rest of the
         walk, and both the walk position and PA are aligned to it."""
         granule = ctx.size
-        if not self.geom.level_supports_block(ctx.level):
+        if ctx.level not in self._block_levels:      # kvm_level_supports_block_mapping
             return False
-        addr = self._walk_addr(ctx)
+        addr = max(ctx.addr, ctx.start)               # _walk_addr
         if granule > ctx.end - addr:
             return False
         if phys & (granule - 1):
@@ -602,7 +636,7 @@ class Stage2PageTable:
     def _leaf_mapping_allowed(self, ctx, data: _MapData) -> bool:
         if data.force_pte and ctx.level < KVM_PGTABLE_LAST_LEVEL:
             return False
-        return self._block_mapping_supported(ctx, data.phys + (self._walk_addr(ctx)
+        return self._block_mapping_supported(ctx, data.phys + (max(ctx.addr, ctx.start)
                                                                - ctx.start))
 
     @staticmethod
@@ -618,7 +652,7 @@ class Stage2PageTable:
         break-before-make (a generator in a stepped shared walk)."""
         if not self._leaf_mapping_allowed(ctx, data):
             return -errno.E2BIG
-        phys = data.phys + (self._walk_addr(ctx) - ctx.start)
+        phys = data.phys + (max(ctx.addr, ctx.start) - ctx.start)    # _walk_addr
         new = self.fmt.init_valid_leaf_pte(phys, data.attr, ctx.level)
         old = ctx.pte
         # The 2020 rule (commit 694d071f8d85): same mapping or a permission-only difference is
@@ -687,10 +721,11 @@ class Stage2PageTable:
         return data, visitor
 
     def map_steps(self, addr: int, size: int, phys: int, prot: int, flags: int = 0,
-                  force_pte: bool = False):
-        """kvm_pgtable_stage2_map as a generator: a shared walk yields the break/make race
-        points of every entry it replaces. Returns ``(ret, locked)`` as ``map_walk``."""
-        data, visitor = self._map_data(addr, phys, prot, flags, force_pte, True)
+                  force_pte: bool = False, steps: bool = True):
+        """kvm_pgtable_stage2_map as a generator: a shared walk with ``steps`` (a stepped
+        flow's) yields the break/make race points of every entry it replaces. Returns
+        ``(ret, locked)`` as ``map_walk``."""
+        data, visitor = self._map_data(addr, phys, prot, flags, force_pte, steps)
         if visitor is None:
             return data, None
         shared = flags & KVM_PGTABLE_WALK_SHARED
@@ -706,21 +741,10 @@ class Stage2PageTable:
     def map_walk(self, addr: int, size: int, phys: int, prot: int, flags: int = 0,
                  force_pte: bool = False) -> tuple[int, tuple | None]:
         """kvm_pgtable_stage2_map run to its end, without race points (nothing else runs
-        meanwhile). ``(ret, locked)``: ret 0, -EAGAIN (a LOCKED entry, or nothing to
-        change), -EINVAL or -ERANGE; ``locked`` the (table, index) of the LOCKED entry behind
-        an -EAGAIN, else None."""
-        data, visitor = self._map_data(addr, phys, prot, flags, force_pte, False)
-        if visitor is None:
-            return data, None
-        shared = flags & KVM_PGTABLE_WALK_SHARED
-        if shared:
-            self.shared_walkers += 1
-        try:
-            ret = self.walk(addr, size, visitor, flags | LEAF | TABLE_PRE, visit_invalid=True)
-        finally:
-            if shared:
-                self._rcu_read_unlock()
-        return ret, data.locked
+        meanwhile): the same walk as ``map_steps``. ``(ret, locked)``: ret 0, -EAGAIN (a
+        LOCKED entry, or nothing to change), -EINVAL or -ERANGE; ``locked`` the (table,
+        index) of the LOCKED entry behind an -EAGAIN, else None."""
+        return run_plain(self.map_steps(addr, size, phys, prot, flags, force_pte, False))
 
     def map(self, addr: int, size: int, phys: int, prot: int, flags: int = 0,
             force_pte: bool = False) -> int:
@@ -847,12 +871,14 @@ class Stage2PageTable:
 
         return data, visitor
 
-    def relax_perms_steps(self, addr: int, prot: int, flags: int = FAULT_WALK_FLAGS):
-        """kvm_pgtable_stage2_relax_perms as a generator (its race point in a shared walk:
-        ``arm64_relax_cmpxchg``). Returns ``(ret, locked)`` as ``relax_perms_walk``."""
+    def relax_perms_steps(self, addr: int, prot: int, flags: int = FAULT_WALK_FLAGS,
+                          steps: bool = True):
+        """kvm_pgtable_stage2_relax_perms as a generator (its race point in a shared walk of
+        a stepped flow: ``arm64_relax_cmpxchg``). Returns ``(ret, locked)`` as
+        ``relax_perms_walk``."""
         if int(prot) & KVM_PTE_LEAF_ATTR_HI_SW:
             return -errno.EINVAL, None
-        data, visitor = self._relax_data(prot, flags, True)
+        data, visitor = self._relax_data(prot, flags, steps)
         shared = flags & KVM_PGTABLE_WALK_SHARED
         if shared:
             self.shared_walkers += 1
@@ -865,13 +891,10 @@ class Stage2PageTable:
 
     def relax_perms_walk(self, addr: int, prot: int,
                          flags: int = FAULT_WALK_FLAGS) -> tuple[int, tuple | None]:
-        """kvm_pgtable_stage2_relax_perms run to its end: on one leaf; a local TLBI after
-        success and after -EAGAIN. ``(ret, locked)`` as ``map_walk``."""
-        if int(prot) & KVM_PTE_LEAF_ATTR_HI_SW:
-            return -errno.EINVAL, None
-        data, visitor = self._relax_data(prot, flags, False)
-        ret = self.walk(addr, 1, visitor, flags | LEAF, visit_invalid=True)
-        return self._relax_done(addr, ret, data)
+        """kvm_pgtable_stage2_relax_perms run to its end (the walk of ``relax_perms_steps``):
+        on one leaf; a local TLBI after success and after -EAGAIN. ``(ret, locked)`` as
+        ``map_walk``."""
+        return run_plain(self.relax_perms_steps(addr, prot, flags, False))
 
     def _relax_done(self, addr: int, ret: int, data: _AttrData) -> tuple[int, tuple | None]:
         if ret in (0, -errno.EAGAIN):

@@ -42,6 +42,7 @@ import structlog
 from kvmcore import ArchInfo, HwPoisonSignal, KvmError, Mapping, VmOption, hookimpl
 from kvmcore.arch import vm_options
 from kvmcore.exits import memory_fault_exit
+from kvmcore.locks import WRITE, stepping
 from kvmcore.memslots import dirty_logging_toggled
 from kvmcore.records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from kvmcore.pgtable import LEAF, TABLE_PRE, PageTable, TableStore
@@ -73,10 +74,13 @@ from .pte import (
     _RPAGE_PA_MAX,
     _PAGE_PA_MAX,
     be64_to_cpu,
-    cpu_to_be64,
+    RPDB_MASK,
     dir_nlb,
     dir_nls,
+    load_be64,
     pte_pa,
+    pte_rpn_mask,
+    store_be64,
 )
 from .radix import LEVEL_PGD, RADIX_FORMAT, RadixConfig, populated_span
 
@@ -149,8 +153,12 @@ class PpcRadixBackend:
         # kvmppc_init_vm_radix: pgd_alloc; tables are aligned to their size (the NLB rule).
         self.store = TableStore(min_align=256)
         self.pgtable = PageTable(self.store, self.cfg.geometry, RADIX_FORMAT)
+        geometry = self.pgtable.geometry
+        self._walk_shifts = geometry.shifts
+        self._walk_masks = tuple((1 << b) - 1 for b in geometry.bits)
+        self._walk_levels = geometry.level_ids
+        self._rpn_mask = pte_rpn_mask(self.cfg.page_shift)
         self.lpid = 1
-        self._host_ptes: dict[object, tuple[int, int]] = {}
         #: Every tlbie issued: (addr aligned to size, size, lpid).
         self.tlbie_log: list[tuple[int, int, int]] = []
         #: Every page-walk-cache flush (the lpid).
@@ -185,8 +193,25 @@ class PpcRadixBackend:
         return partition_table_dw0(self.pgtable.root), 0
 
     def entry(self, gpa: int) -> int:
-        """The CPU-order value of the last entry a walk of ``gpa`` reads (for tests/dumps)."""
-        return be64_to_cpu(self.pgtable.lookup(gpa)[3])
+        """The CPU-order value of the last entry a walk of ``gpa`` reads."""
+        return self.radix_walk(gpa)[3]
+
+    def radix_walk(self, gpa: int) -> tuple[int, object, int, int]:
+        """The partition-scoped walk the hardware does for ``gpa`` (PageTable.lookup's loop,
+        inline: every TLB miss runs it), each entry loaded as a __be64: ``(pos, table, index,
+        entry in CPU order)`` of the last entry it reads, a leaf or the one that stops it
+        (not V, or the PTE level)."""
+        tables = self.store.tables
+        shifts, masks = self._walk_shifts, self._walk_masks
+        table = tables[self.pgtable.root]
+        pos = 0
+        while True:
+            idx = (gpa >> shifts[pos]) & masks[pos]
+            pte = load_be64(table, idx << 3)[0]
+            if pos == 3 or not pte & _PAGE_PRESENT or pte & _PAGE_PTE:
+                return pos, table, idx, pte
+            table = tables[pte & RPDB_MASK]           # dir_nlb
+            pos += 1
 
     # ------------------------------------------------------------------ life cycle
 
@@ -211,36 +236,31 @@ class PpcRadixBackend:
         on stores. R and C are set by the hardware (or reported as SET_RC)."""
         gpa &= ~_FAULT_GPA_TOP
         gfn = gpa >> 12
-        pos, table, idx, raw = self.pgtable.lookup(gpa)
-        store = DSISR_ISSTORE if access.write else 0
-        pte = be64_to_cpu(raw) if raw else 0
-        g = self.pgtable.geometry
-        level = g.level_ids[pos]
+        pos, table, idx, pte = self.radix_walk(gpa)
+        write = access.write
+        store = DSISR_ISSTORE if write else 0
+        level = self._walk_levels[pos]
         if (pte & (_PAGE_PRESENT | _PAGE_PTE)) != (_PAGE_PRESENT | _PAGE_PTE) or \
                 level == LEVEL_PGD:
-            return Violation(NOT_PRESENT, gfn, error_code=DSISR_NOHPTE | store)
-        shift = g.shifts[pos]
-        size = 1 << shift
-        if access.write:
+            return Violation(NOT_PRESENT, gfn, False, None, 0, DSISR_NOHPTE | store)
+        size = 1 << self._walk_shifts[pos]
+        if write:
             allowed = pte & _PAGE_WRITE
         elif access.exec:
             allowed = pte & _PAGE_EXEC
         else:
             allowed = pte & (_PAGE_READ | _PAGE_WRITE)
         if not allowed:
-            return Violation(PERMISSION, gfn, level=level, size=size,
-                             error_code=DSISR_PROTFAULT | store)
-        need = _PAGE_ACCESSED | (_PAGE_DIRTY if access.write else 0)
+            return Violation(PERMISSION, gfn, False, level, size, DSISR_PROTFAULT | store)
+        need = _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
         if pte & need != need:
             if self.set_rc_faults:
-                return Violation(ACCESS_FLAG, gfn, level=level, size=size,
-                                 error_code=DSISR_SET_RC | store)
+                return Violation(ACCESS_FLAG, gfn, False, level, size, DSISR_SET_RC | store)
             pte |= need
-            table[idx] = cpu_to_be64(pte)
-        pfn = (pte_pa(pte, self.cfg.page_shift) + (gpa & (size - 1))) >> 12
-        return Translation(gfn=gfn, pfn=pfn, size=size, readable=True,
-                           writable=bool(pte & _PAGE_WRITE), executable=bool(pte & _PAGE_EXEC),
-                           dirty=bool(pte & _PAGE_DIRTY))
+            store_be64(table, idx << 3, pte)
+        pfn = ((pte & self._rpn_mask) + (gpa & (size - 1))) >> 12      # pte_pa
+        return Translation(gfn, pfn, size, True, bool(pte & _PAGE_WRITE),
+                           bool(pte & _PAGE_EXEC), bool(pte & _PAGE_DIRTY))
 
     @hookimpl
     def fast_page_fault(self, vm, fault):
@@ -284,29 +304,36 @@ class PpcRadixBackend:
         return self._find_host_pte(vm, fault)
 
     def _find_host_pte(self, vm, fault):
-        """find_kvm_host_pte under kvm->mmu_lock with the mmu_seq check, a flow (it waits for
-        the lock at ``ppc_host_pte_lock_wait``). A changed seq or a missing host PTE resumes
+        """find_kvm_host_pte under kvm->mmu_lock with the mmu_seq check, a flow that waits for
+        the lock at ``ppc_host_pte_lock_wait`` (a flow that is not stepped takes a free lock
+        without pausing: see kvm_page_fault). A changed seq or a missing host PTE resumes
         the guest, which re-faults (``ppc_host_pte_retry``)."""
-        lock = vm.mmu_lock
-        yield from lock.write_lock("ppc_host_pte_lock_wait")
+        if stepping() or not vm.mmu_lock.try_lock(WRITE):
+            return self._find_host_pte_steps(vm, fault)
+        return self._find_host_pte_locked(vm, fault)
+
+    def _find_host_pte_steps(self, vm, fault):
+        yield from vm.mmu_lock.write_lock("ppc_host_pte_lock_wait")
+        return self._find_host_pte_locked(vm, fault)
+
+    def _find_host_pte_locked(self, vm, fault) -> int:
+        """The lock section (kvm->mmu_lock taken, dropped here)."""
         try:
             host = find_kvm_host_pte(vm, self, fault.mmu_seq, fault.hva)
         finally:
-            lock.write_unlock()
+            vm.mmu_lock.write_unlock()
         if host is None:
             vm.stats["ppc_host_pte_retry"] += 1
             return RET_PF_RETRY
-        # Held from here to map_leaf, as Linux's locals are (the core's PageFault is slotted).
-        if len(self._host_ptes) > 256:
-            self._host_ptes.clear()
-        self._host_ptes[fault] = host
+        # Held from here to map_leaf, as Linux's locals are.
+        fault.arch = host
         return RET_PF_CONTINUE
 
     @hookimpl
     def map_leaf(self, vm, fault):
         """kvmppc_book3s_instantiate_page steps 6-10 -> kvmppc_create_pte. 0 is FIXED,
         -EAGAIN (mmu_seq changed) and -ENOMEM resume the guest to re-fault."""
-        host = self._host_ptes.pop(fault, None)
+        host = fault.arch
         if host is None:
             host = find_kvm_host_pte(vm, self, fault.mmu_seq, fault.hva)
             if host is None:
@@ -317,7 +344,7 @@ class PpcRadixBackend:
             self, vm, fault, host_pte, host_shift, bool(fault.map_writable))
         if ret:
             return RET_PF_RETRY
-        if before == self.entry(fault.gfn << 12) and before & _PAGE_PTE:
+        if before & _PAGE_PTE and before == self.entry(fault.gfn << 12):
             return RET_PF_SPURIOUS
         return RET_PF_FIXED
 

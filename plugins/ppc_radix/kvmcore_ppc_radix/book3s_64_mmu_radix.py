@@ -37,8 +37,9 @@ from .pte import (
     _PAGE_PTE,
     _PAGE_WRITE,
     PTE_BITS_MUST_MATCH,
+    load_be64,
+    store_be64,
     be64_to_cpu,
-    cpu_to_be64,
     dir_entry,
     dir_nlb,
     pte_dirty,
@@ -55,11 +56,13 @@ SZ_4K_SHIFT = 12
 
 
 def _get(table, idx) -> int:
-    return be64_to_cpu(table[idx])
+    """be64_to_cpu(*ptep)."""
+    return load_be64(table, idx << 3)[0]
 
 
 def _set(table, idx, val: int) -> None:
-    table[idx] = cpu_to_be64(val)
+    """*ptep = cpu_to_be64(val)."""
+    store_be64(table, idx << 3, val)
 
 
 # --------------------------------------------------------------------------- TLB primitives
@@ -255,30 +258,37 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
     Returns 0, -EAGAIN (mmu_seq changed: nothing installed) or -ENOMEM."""
     g = be.pgtable.geometry
     store = be.store
+    tables = store.tables
     cfg = be.cfg
-    root = store[be.pgtable.root]
-    pgd_idx = g.index(0, gpa)
+    root = tables[be.pgtable.root]
+    # The table indexes of gpa, root first (pgd_index, pud_index, pmd_index, pte_index).
+    shifts, masks = be._walk_shifts, be._walk_masks
+    pgd_idx = (gpa >> shifts[0]) & masks[0]
+    pud_idx = (gpa >> shifts[1]) & masks[1]
+    pmd_idx = (gpa >> shifts[2]) & masks[2]
+    pte_idx = (gpa >> shifts[3]) & masks[3]
 
     # Step A: pre-allocate from a lockless look at the tree.
     new_pud = new_pmd = new_ptep = None
     pgd = _get(root, pgd_idx)
-    pud_table = store[dir_nlb(pgd)] if pgd & _PAGE_PRESENT else None
+    pud_table = tables[dir_nlb(pgd)] if pgd & _PAGE_PRESENT else None
     if pud_table is None:
         new_pud = store.alloc(g.entries(1))
-    pud = _get(pud_table, g.index(1, gpa)) if pud_table is not None else 0
+    pud = _get(pud_table, pud_idx) if pud_table is not None else 0
     if level <= LEVEL_PMD and (not pud & _PAGE_PRESENT or pud & _PAGE_PTE):
         new_pmd = store.alloc(g.entries(2))
     pmd = 0
     if pud & _PAGE_PRESENT and not pud & _PAGE_PTE:
-        pmd = _get(store[dir_nlb(pud)], g.index(2, gpa))
+        pmd = _get(tables[dir_nlb(pud)], pmd_idx)
     if level == LEVEL_PTE and not (pmd & _PAGE_PRESENT and not pmd & _PAGE_PTE):
         new_ptep = store.alloc(g.entries(3))
 
     def cleanup(ret):
         # Step I: free what was not used.
-        for pa in (new_pud, new_pmd, new_ptep):
-            if pa is not None:
-                store.free(pa)
+        if new_pud is not None or new_pmd is not None or new_ptep is not None:
+            for pa in (new_pud, new_pmd, new_ptep):
+                if pa is not None:
+                    store.free(pa)
         return ret
 
     # Step B: the sequence check under mmu_lock.
@@ -292,8 +302,7 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
             return cleanup(-errno.ENOMEM)
         _set(root, pgd_idx, dir_entry(new_pud, cfg.next_index_size(LEVEL_PGD)))
         new_pud = None
-    pud_table = store[dir_nlb(_get(root, pgd_idx))]
-    pud_idx = g.index(1, gpa)
+    pud_table = tables[dir_nlb(_get(root, pgd_idx))]
 
     # Step D: PUD entry.
     ret = _install_at(be, vm, pud_table, pud_idx, 1, LEVEL_PUD, pte, gpa, level,
@@ -306,8 +315,7 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
             return cleanup(-errno.ENOMEM)
         _set(pud_table, pud_idx, dir_entry(new_pmd, cfg.next_index_size(LEVEL_PUD)))
         new_pmd = None
-    pmd_table = store[dir_nlb(_get(pud_table, pud_idx))]
-    pmd_idx = g.index(2, gpa)
+    pmd_table = tables[dir_nlb(_get(pud_table, pud_idx))]
 
     # Step F: PMD entry.
     ret = _install_at(be, vm, pmd_table, pmd_idx, 2, LEVEL_PMD, pte, gpa, level,
@@ -320,8 +328,7 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
             return cleanup(-errno.ENOMEM)
         _set(pmd_table, pmd_idx, dir_entry(new_ptep, cfg.next_index_size(LEVEL_PMD)))
         new_ptep = None
-    pte_table = store[dir_nlb(_get(pmd_table, pmd_idx))]
-    pte_idx = g.index(3, gpa)
+    pte_table = tables[dir_nlb(_get(pmd_table, pmd_idx))]
 
     # Step H: base-page entry.
     old = _get(pte_table, pte_idx)
@@ -416,7 +423,8 @@ def kvmppc_book3s_instantiate_page(be, vm, fault, host_pte: int, host_shift: int
         pte &= ~(_PAGE_WRITE | _PAGE_DIRTY)
 
     gpa_aligned = gpa & ~((1 << cfg.level_shift(level)) - 1)
-    vm.trace("ppc.instantiate", gpa=gpa_aligned, level=level, pte=pte)
+    if vm.events is not None:
+        vm.trace("ppc.instantiate", gpa=gpa_aligned, level=level, pte=pte)
     # Step 8.
     ret = kvmppc_create_pte(be, vm, pte, gpa_aligned, level, fault.mmu_seq)
     # Step 10.

@@ -9,6 +9,7 @@ byte-swapped value. ``cpu_to_be64`` / ``be64_to_cpu`` are the only crossing poin
 
 from __future__ import annotations
 
+import struct
 import sys
 
 # --------------------------------------------------------------------------- byte order
@@ -23,6 +24,12 @@ else:  # pragma: no cover - a big-endian host stores CPU order as is
         return raw
 
     cpu_to_be64 = be64_to_cpu
+
+_BE64 = struct.Struct(">Q")
+#: ``be64_to_cpu(table[idx])`` and ``table[idx] = cpu_to_be64(val)`` in one C call each, on the
+#: table's bytes (a load of a __be64 entry and its conversion): ``load_be64(table, idx << 3)[0]``.
+load_be64 = _BE64.unpack_from
+store_be64 = _BE64.pack_into
 
 # --------------------------------------------------------------------------- leaf bits
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import attrs
 from kvmcore.pgtable import Geometry
 
-from .pte import _PAGE_PRESENT, _PAGE_PTE, be64_to_cpu, dir_nlb
+from .pte import _PAGE_PRESENT, _PAGE_PTE, be64_to_cpu, cpu_to_be64, dir_nlb
 
 RADIX_PGTABLE_EADDR_SIZE = 52
 RADIX_PGD_INDEX_SIZE = 13
@@ -70,6 +70,13 @@ class RadixConfig:
                 LEVEL_PMD: self.pte_index_size}[level]
 
 
+#: V and L as they sit in a stored (big-endian) entry: a bit test commutes with the byte
+#: swap, so a stored entry is tested without converting it, as Linux's pte_present does
+#: (``pte_raw(pte) & cpu_to_be64(_PAGE_PRESENT)``).
+_RAW_PRESENT = cpu_to_be64(_PAGE_PRESENT)
+_RAW_PTE = cpu_to_be64(_PAGE_PTE)
+
+
 class RadixFormat:
     """The walker's view of stored (big-endian) entries: hardware follows a directory entry
     when V is set and L is clear; a leaf is V and L (the hardware ignores Linux's software
@@ -78,10 +85,10 @@ class RadixFormat:
     __slots__ = ()
 
     def is_valid(self, raw: int, level: int) -> bool:
-        return bool(be64_to_cpu(raw) & _PAGE_PRESENT)
+        return bool(raw & _RAW_PRESENT)
 
     def is_table(self, raw: int, level: int) -> bool:
-        return not be64_to_cpu(raw) & _PAGE_PTE
+        return not raw & _RAW_PTE
 
     def table_address(self, raw: int, level: int) -> int:
         return dir_nlb(be64_to_cpu(raw))

@@ -449,22 +449,14 @@ class TdpMmu:
         """tdp_mmu.c tdp_mmu_zap_leafs where it cannot yield (``can_yield`` false, or a range
         inside one yield region) on a direct root: write SHADOW_NONPRESENT_VALUE over every
         present leaf overlapping [start, end); page tables are kept; flush unless the root is
-        invalid."""
-        zapped = [False]
-        bits = root.gfn_bits
-
-        def visit(ctx):
-            gfn = (ctx.addr >> 12) - bits
-            self.set_spte(vm, root, ctx.table, ctx.index, gfn, ctx.level,
-                          SHADOW_NONPRESENT_VALUE)
-            ctx.pte = SHADOW_NONPRESENT_VALUE
-            zapped[0] = True
-
-        lo, hi = self._span(root, start, end)
-        root.pt.walk(lo, hi, visit, LEAF)
-        if zapped[0]:
+        invalid. The same iteration as ``tdp_mmu_zap_leafs`` (for_each_tdp_pte_min_level)."""
+        zapped = False
+        for table, idx, level, gfn in self.iter_leaves(root, start, end):
+            self.set_spte(vm, root, table, idx, gfn, level, SHADOW_NONPRESENT_VALUE)
+            zapped = True
+        if zapped:
             vm.stats["x86_tdp.zap_leafs"] += 1
-        return zapped[0] and not root.invalid
+        return zapped and not root.invalid
 
     def tdp_mmu_zap_leafs(self, vm: Kvm, root: TdpRoot, start: int, end: int,
                           can_yield: bool, flush: bool):
