@@ -180,26 +180,24 @@ class PteTable:
             return [k for k in range(first, last + 1) if k in self.pages]
         return sorted(k for k in self.pages if first <= k <= last)
 
-    def clear_range(self, lo: int, hi: int) -> None:
-        """Clear the entries of page indexes ``[lo, hi)`` (zap_pte_range)."""
+    def _spans(self, lo: int, hi: int):
+        """``(PTE page, first, last)`` for each PTE page under page indexes ``[lo, hi)``."""
         if hi <= lo:
             return
         bits, mask = self.bits, self.mask
         for pmd in self._pmds(lo, hi):
-            page = self.pages[pmd]
             base = pmd << bits
-            first, last = max(lo - base, 0), min(hi - base, mask + 1)
+            yield self.pages[pmd], max(lo - base, 0), min(hi - base, mask + 1)
+
+    def clear_range(self, lo: int, hi: int) -> None:
+        """Clear the entries of page indexes ``[lo, hi)`` (zap_pte_range)."""
+        for page, first, last in self._spans(lo, hi):
             page[first:last] = array("Q", bytes(8 * (last - first)))
 
     def wrprotect_range(self, lo: int, hi: int) -> None:
         """Clear the writable bit of the entries of page indexes ``[lo, hi)``."""
-        if hi <= lo:
-            return
-        bits, mask = self.bits, self.mask
-        for pmd in self._pmds(lo, hi):
-            page = self.pages[pmd]
-            base = pmd << bits
-            for i in range(max(lo - base, 0), min(hi - base, mask + 1)):
+        for page, first, last in self._spans(lo, hi):
+            for i in range(first, last):
                 if page[i]:
                     page[i] &= ~_PTE_WRITE
 

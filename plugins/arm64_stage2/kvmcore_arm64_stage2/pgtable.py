@@ -440,14 +440,22 @@ class Stage2PageTable:
 
     # ------------------------------------------------------------------ walking
 
-    def walk(self, addr: int, size: int, visitor, flags: int, visit_invalid: bool) -> int:
-        """kvm_pgtable_walk: page-align, bound-check (-ERANGE), visit; a visitor's -EAGAIN
-        stops the walk only with HANDLE_FAULT (kvm_pgtable_walk_continue)."""
+    def _walk_range(self, addr: int, size: int) -> tuple:
+        """The walk's granule-aligned ``[start, end)``, or (None, None) past the IPA space
+        (kvm_pgtable_walk's -ERANGE)."""
         g = self.geom.granule
         start = addr & ~(g - 1)
         end = (addr + size + g - 1) & ~(g - 1)
         limit = self.geom.phys_size
         if start > limit or end > limit:
+            return None, None
+        return start, end
+
+    def walk(self, addr: int, size: int, visitor, flags: int, visit_invalid: bool) -> int:
+        """kvm_pgtable_walk: page-align, bound-check (-ERANGE), visit; a visitor's -EAGAIN
+        stops the walk only with HANDLE_FAULT (kvm_pgtable_walk_continue)."""
+        start, end = self._walk_range(addr, size)
+        if start is None:
             return -errno.ERANGE
         result = 0
 
@@ -471,11 +479,8 @@ class Stage2PageTable:
         instead of a result: as ``walk`` with invalid entries visited, LEAF and TABLE_PRE
         visits only. Returns 0 or the error that stopped the walk. The fault's walks (map,
         relax_perms) always run here; one that is not stepped never yields (``run_plain``)."""
-        g = self.geom.granule
-        start = addr & ~(g - 1)
-        end = (addr + size + g - 1) & ~(g - 1)
-        limit = self.geom.phys_size
-        if start > limit or end > limit:
+        start, end = self._walk_range(addr, size)
+        if start is None:
             return -errno.ERANGE
         pt = self.pt
         ctx = WalkContext(pt.store, pt.geometry, pt.fmt, pt.store[pt.root], pt.root, 0, 0,
