@@ -21,85 +21,57 @@ VIOLATION_KINDS = (NOT_PRESENT, PERMISSION, ACCESS_FLAG, MISCONFIG)
 READ, WRITE, FETCH = "read", "write", "fetch"
 
 
-class Record:
-    """A small record of a hot path: slotted, built by a plain ``__init__`` (an attrs frozen
-    class costs three times as much per instance, and a fault builds two or three), compared
-    and shown by its fields. Treat instances as immutable."""
-
-    __slots__ = ()
-
-    def _fields(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self._fields()))
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__name__}({args})"
+#: The hot records (a fault builds two or three): slotted attrs classes with a plain
+#: ``__init__`` (a frozen one costs three times as much per instance). Treat them as
+#: immutable; they compare and hash by their fields.
+record = attrs.define(slots=True, unsafe_hash=True)
 
 
-class Access(Record):
+@record
+class Access:
     """One guest access: ``kind`` is read, write or fetch; ``private`` the explicit private
     intent (SNP C-bit, TDX alias) or None for "as the VM type decides". ``write`` and
     ``exec`` say which kind it is."""
 
-    __slots__ = ("kind", "private", "write", "exec")
+    kind: str
+    private: bool | None = None
+    write: bool = attrs.field(init=False, eq=False, repr=False)
+    exec: bool = attrs.field(init=False, eq=False, repr=False)
 
-    def __init__(self, kind: str, private: bool | None = None):
-        self.kind = kind
-        self.private = private
-        self.write = kind == WRITE
-        self.exec = kind == FETCH
-
-    def _fields(self) -> tuple:
-        return self.kind, self.private
-
-    def __repr__(self) -> str:
-        return f"Access(kind={self.kind!r}, private={self.private!r})"
+    def __attrs_post_init__(self):
+        self.write = self.kind == WRITE
+        self.exec = self.kind == FETCH
 
 
-class Translation(Record):
+@record
+class Translation:
     """A successful hardware walk: the 4 KiB page at ``gfn`` is host frame ``pfn``, through a
     leaf of ``size`` bytes with these permissions; ``dirty`` is the leaf's dirty state after
     the access (a TLB entry filled by a read cannot serve a write that must set D)."""
 
-    __slots__ = ("gfn", "pfn", "size", "readable", "writable", "executable", "dirty",
-                 "private")
-
-    def __init__(self, gfn: int, pfn: int, size: int, readable: bool, writable: bool,
-                 executable: bool, dirty: bool = False, private: bool = False):
-        self.gfn = gfn
-        self.pfn = pfn
-        self.size = size
-        self.readable = readable
-        self.writable = writable
-        self.executable = executable
-        self.dirty = dirty
-        self.private = private
+    gfn: int
+    pfn: int
+    size: int
+    readable: bool
+    writable: bool
+    executable: bool
+    dirty: bool = False
+    private: bool = False
 
 
-class Violation(Record):
+@record
+class Violation:
     """A failed walk, as the hardware reports it. ``gfn`` excludes alias bits; ``private`` is
     the fault's is_private; ``level``/``size`` are those of the entry that faulted (the leaf for
     a permission or access-flag fault: arm64's fault granule) or None/0; ``error_code`` the
     hardware's raw syndrome where it has one (x86 PFERR bits, arm64 ESR FSC, Power DSISR)."""
 
-    __slots__ = ("kind", "gfn", "private", "level", "size", "error_code")
-
-    def __init__(self, kind: str, gfn: int, private: bool = False, level: int | None = None,
-                 size: int = 0, error_code: int = 0):
-        self.kind = kind
-        self.gfn = gfn
-        self.private = private
-        self.level = level
-        self.size = size
-        self.error_code = error_code
+    kind: str
+    gfn: int
+    private: bool = False
+    level: int | None = None
+    size: int = 0
+    error_code: int = 0
 
     @property
     def present(self) -> bool:

@@ -40,7 +40,7 @@ import attrs
 import structlog
 from kvmcore.pgtable import (LEAF, STOP, TABLE_POST, TABLE_PRE, PageTable, TableStore,
                              WalkContext)
-from kvmcore.records import Record
+from kvmcore.records import record
 
 from .geometry import KVM_PGTABLE_LAST_LEVEL, Stage2Geometry
 
@@ -264,37 +264,33 @@ class Stage2Format:
 # ---------------------------------------------------------------- records for tests
 
 
-class Tlbi(Record):
+@record
+class Tlbi:
     """One TLB invalidation KVM issued. ``op``: ``vmid_ipa`` (__kvm_tlb_flush_vmid_ipa, by IPA
     with a level hint, inner shareable), ``vmid_ipa_nsh`` (the local variant relax_perms
     uses), ``vmid_range`` (kvm_tlb_flush_vmid_range), ``vmid`` (__kvm_tlb_flush_vmid).
     ``level`` None is TLBI_TTL_UNKNOWN; ``size`` is what the model invalidates in the vCPU
     TLBs; ``why`` names the caller."""
 
-    __slots__ = ("op", "ipa", "size", "level", "why")
-
-    def __init__(self, op: str, ipa: int, size: int, level: int | None, why: str):
-        self.op = op
-        self.ipa = ipa
-        self.size = size
-        self.level = level
-        self.why = why
+    op: str
+    ipa: int
+    size: int
+    level: int | None
+    why: str
 
 
-class PteEvent(Record):
+@record
+class PteEvent:
     """One step of a page-table update, in order: ``break`` (entry := LOCKED), ``tlbi``,
     ``dcache_clean_inval_poc``, ``icache_inval_pou``, ``make`` (release-store of ``new``),
     ``set`` (in-place update without BBM: relax_perms, mkyoung, age, wrprotect), ``clear``
     (unmap)."""
 
-    __slots__ = ("kind", "ipa", "level", "old", "new")
-
-    def __init__(self, kind: str, ipa: int, level: int | None, old: int = 0, new: int = 0):
-        self.kind = kind
-        self.ipa = ipa
-        self.level = level
-        self.old = old
-        self.new = new
+    kind: str
+    ipa: int
+    level: int | None
+    old: int = 0
+    new: int = 0
 
 
 @attrs.define(slots=True)
