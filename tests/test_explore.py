@@ -352,3 +352,34 @@ def test_each_node_of_the_schedule_tree_is_checked_once(monkeypatch):
                         real_run(self, prefix, policy, reduce, 0))
     everywhere = explore(scn, FLAT, mutants=["no_stale_check"], stop_at_first=False)
     assert [f.id for f in everywhere.failures] == [f.id for f in found.failures]
+
+
+ZERO_PAGE_RACE = """
+name = "read maps the zero page, write breaks COW"
+[[slot]]
+pages = 16
+log_dirty = true
+[[access]]
+op = "read"
+page = 6
+[[flow]]
+op = "write"
+page = 5
+vcpu = 0
+[[flow]]
+op = "read"
+page = 5
+vcpu = 1
+"""
+
+
+@pytest.mark.parametrize("arch", ["x86_tdp", "arm64_stage2", FLAT])
+def test_a_write_breaking_cow_waits_for_a_paused_reader_of_the_mmu_lock(arch):
+    """B's read maps the host's zero page; A's write breaks COW, whose notifier needs
+    kvm->mmu_lock for write while B may be paused holding it for read. The COW break runs in
+    A's own flow and waits there (it used to run nested and raise WouldBlock: a crash)."""
+    if not _available(arch):
+        pytest.skip(f"{arch} is not installed")
+    result = explore(parse(ZERO_PAGE_RACE), arch)
+    result.assert_clean()
+    assert result.exhausted and result.schedules > 20
