@@ -278,6 +278,55 @@ class PageTable:
             pa = fmt.table_address(pte, level)
         return out
 
+    def iter_present(self, start: int, end: int, leaves_only: bool = False
+                     ) -> Iterator[tuple[array, int, int, int, int]]:
+        """Every valid entry touching ``[start, end)`` in address order, a table entry before
+        the entries below it, as ``(table, index, pos, addr, pte)``: the Python form of x86's
+        ``for_each_tdp_pte`` for code that is not a visitor (``leaves_only``: only entries
+        that map, for_each_tdp_pte_min_level).
+
+        Lazy, as Linux's iterator: a table is read when the iteration reaches it, each entry
+        when the iteration gets to it (spans of empty entries are skipped ``_CHUNK`` at a
+        time, at C speed). A caller that drops the MMU lock between two entries therefore
+        sees what other flows changed in the tables it has not passed yet; if a table on its
+        path may have been freed meanwhile, it starts a new iteration from where it stopped
+        (the tdp_iter restart from the root)."""
+        g, fmt, tables = self.geometry, self.fmt, self.store.tables
+        end = min(end, 1 << g.ia_bits)
+        if start >= end:
+            return
+        empty = self.empty
+        blank = array("Q", [empty]) * _CHUNK
+        last_pos = g.nlevels - 1
+        # Frames of (table, pos, base address, next index); the parent's frame waits under
+        # its child's.
+        stack = [(tables[self.root], 0, 0, start >> g.shifts[0])]
+        while stack:
+            table, pos, base, idx = stack.pop()
+            shift = g.shifts[pos]
+            level = g.level_ids[pos]
+            stop = min(len(table), (end - base + (1 << shift) - 1) >> shift)
+            while idx < stop:
+                if not idx % _CHUNK and idx + _CHUNK <= stop and \
+                        table[idx:idx + _CHUNK] == blank:
+                    idx += _CHUNK
+                    continue
+                pte = table[idx]
+                if pte == empty or not fmt.is_valid(pte, level):
+                    idx += 1
+                    continue
+                addr = base + (idx << shift)
+                if pos < last_pos and fmt.is_table(pte, level):
+                    if not leaves_only:
+                        yield table, idx, pos, addr, pte
+                    stack.append((table, pos, base, idx + 1))
+                    child_shift = g.shifts[pos + 1]
+                    stack.append((tables[fmt.table_address(pte, level)], pos + 1, addr,
+                                  (max(start, addr) - addr) >> child_shift))
+                    break
+                yield table, idx, pos, addr, pte
+                idx += 1
+
     def tables(self) -> Iterator[tuple[int, int]]:
         """Every table reachable from the root, as ``(table_pa, pos)``, root first."""
         g, fmt, store = self.geometry, self.fmt, self.store
@@ -314,6 +363,8 @@ def present_indices(table: array, empty: int = 0) -> list[int]:
 
 #: Entries per chunk of ``_present``'s scan.
 _CHUNK = 64
+#: Present entries in a chunk above which ``_present`` reads the chunk entry by entry.
+_BIGINT_MAX = 6
 
 
 @functools.cache
@@ -352,10 +403,12 @@ def _present(table: array, first: int, last: int, empty: int) -> list[int]:
             spans.append((lo, mid))
             continue
         seg = raw[lo * 8:hi * 8]
-        # A byte-level count of empty words (an estimate: one may straddle two entries).
-        if seg.count(word) * 4 < hi - lo:
-            found.extend(i for i in range(max(lo, first), min(hi, last))
-                         if table[i] != empty)
+        # Present entries estimated from a byte-level count of empty words (one may straddle
+        # two entries); past a few, reading each entry beats one big-int step per entry.
+        if hi - lo - seg.count(word) > _BIGINT_MAX:
+            a, b = max(lo, first), min(hi, last)
+            found.extend([i for i, v in zip(range(a, b), table[a:b], strict=True)
+                          if v != empty])
             continue
         x = int.from_bytes(seg, "little") ^ (
             empty_int if hi - lo == _CHUNK else int.from_bytes(empty_chunk[:(hi - lo) * 8],

@@ -35,7 +35,7 @@ from array import array
 from . import hookimpl
 from .arch import Mapping, vm_options
 from .memslots import dirty_logging_toggled
-from .pgtable import LEAF, TABLE_POST, TABLE_PRE, Geometry, PageTable, TableStore
+from .pgtable import LEAF, TABLE_POST, Geometry, PageTable, TableStore
 from .records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from .uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MR_DELETE, \
     RET_PF_FIXED
@@ -384,17 +384,11 @@ class RadixTable:
     def present(self, start: int, end: int):
         """Every present entry touching the range, tables before what they hold, as
         ``(addr, level, pte, is_leaf)`` (x86 for_each_tdp_pte, for code that is not a
-        visitor). Costs what is mapped."""
-        out = []
-        ld, fmt = self.ld, self.fmt
-
-        def visit(ctx):
-            pte = ld(ctx.pte)
-            out.append((ctx.addr, ctx.level, pte, ctx.flags == LEAF and fmt.is_leaf(
-                pte, ctx.level)))
-
-        self.pt.walk(start, end, visit, LEAF | TABLE_PRE)
-        return iter(out)
+        visitor; lazy, ``PageTable.iter_present``). Costs what is mapped."""
+        ld, fmt, levels = self.ld, self.fmt, self.g.level_ids
+        for _table, _idx, pos, addr, raw in self.pt.iter_present(start, end):
+            pte, level = ld(raw), levels[pos]
+            yield addr, level, pte, fmt.is_leaf(pte, level)
 
     def leaves(self, start: int, end: int):
         """``(addr, level, pte)`` of every valid leaf touching ``[start, end)``, ascending."""
