@@ -20,13 +20,17 @@ if TYPE_CHECKING:
     from .kvm import Kvm
 
 
-def check_vm(vm: Kvm) -> list[str]:
+def check_vm(vm: Kvm, leaves: list | None = None) -> list[str]:
+    """Every broken invariant of ``vm``'s state. ``leaves``: the present leaves of each
+    address space (``vm.mappings(as_id=...)`` as lists), when the caller already has them."""
+    if leaves is None:
+        leaves = all_leaves(vm)
     problems: list[str] = []
     problems += _check_memslots(vm)
     problems += _check_invalidation(vm)
     problems += _check_attributes(vm)
     problems += _check_gmem(vm)
-    problems += _check_leaves(vm)
+    problems += _check_leaves(vm, leaves)
     problems += _check_rings(vm)
     problems += _check_tlbs(vm)
     problems += _check_destroyed(vm)
@@ -168,7 +172,12 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
     return pfn, writable and not slot.readonly, size
 
 
-def _check_leaves(vm: Kvm) -> list[str]:
+def all_leaves(vm: Kvm) -> list[list]:
+    """The present leaves of every address space, one list per ``as_id``."""
+    return [list(vm.mappings(as_id=a)) for a in range(vm.nr_address_spaces)]
+
+
+def _check_leaves(vm: Kvm, leaves: list) -> list[str]:
     out = []
     inv = vm.mmu_invalidate
     pending: dict[int, set[int]] = {}
@@ -177,12 +186,12 @@ def _check_leaves(vm: Kvm) -> list[str]:
         if vcpu.dirty_ring is not None:
             ring_pending |= vcpu.dirty_ring.pending()
     private_vm = "private_mem" in vm.capabilities
-    for m in vm.mappings():
+    for as_id, m in ((a, m) for a, per_as in enumerate(leaves) for m in per_as):
         where = f"leaf gfn {m.gfn:#x} size {m.size:#x}"
         npages = m.npages
         if m.gfn % npages or m.pfn % npages:
             out.append(f"{where}: not aligned to its size (pfn {m.pfn:#x})")
-        slot = vm.leaf_memslot(m.gfn)
+        slot = vm.leaf_memslot(m.gfn, as_id)
         if slot is None:
             out.append(f"{where}: no live memslot maps it")
             continue

@@ -361,67 +361,41 @@ def present_indices(table: array, empty: int = 0) -> list[int]:
     return _present(table, 0, len(table), empty)
 
 
-#: Entries per chunk of ``_present``'s scan.
+#: Entries per chunk of ``iter_present``'s skip over empty spans.
 _CHUNK = 64
-#: Present entries in a chunk above which ``_present`` reads the chunk entry by entry.
-_BIGINT_MAX = 6
+#: Present entries ``_present`` finds one big-int step each before it reads the rest of the
+#: span entry by entry (one step costs about what reading 30 entries does).
+_DENSE = 8
 
 
-@functools.cache
-def _empty_chunk(empty: int) -> tuple[bytes, int, bytes]:
-    """A chunk of ``empty`` entries (in this machine's byte order) as bytes and as an int,
-    and one empty entry's bytes."""
-    word = array("Q", [empty]).tobytes()
-    chunk = word * _CHUNK
-    return chunk, int.from_bytes(chunk, "little"), word
-
-
-@functools.lru_cache(maxsize=16)
-def _empty_table(empty: int, n: int) -> bytes:
-    return array("Q", [empty]).tobytes() * n
+@functools.lru_cache(maxsize=64)
+def _empty_span(empty: int, n: int) -> tuple[bytes, int]:
+    """``n`` entries of ``empty`` (in this machine's byte order) as bytes and as an int."""
+    raw = array("Q", [empty]).tobytes() * n
+    return raw, int.from_bytes(raw, "little")
 
 
 def _present(table: array, first: int, last: int, empty: int) -> list[int]:
     """Indices in ``[first, last)`` of the entries that are not ``empty``, read before the
-    visits (an entry a visitor fills in this table is not visited). Spans of the table are
-    compared with empty ones (C speed), halving those that differ down to chunks; in a chunk
-    with few entries each is found as the lowest set bit of the chunk XOR an empty one (one
-    big-int step per entry), a chunk with many is read entry by entry."""
-    empty_chunk, empty_int, word = _empty_chunk(empty)
-    raw = table.tobytes()
-    n = len(table)
-    blank = _empty_table(empty, n)
+    visits (an entry a visitor fills in this table is not visited). At C speed: the span is
+    compared with an empty one, then XOR-ed with it as one big int whose lowest set bit
+    gives the next present entry; past a few entries the rest is read entry by entry."""
+    raw = table[first:last].tobytes()
+    blank, blank_int = _empty_span(empty, last - first)
+    if raw == blank:
+        return []
+    x = int.from_bytes(raw, "little") ^ blank_int
     found: list[int] = []
-    spans = [(first - first % _CHUNK, min(n, last + (-last % _CHUNK)))]
-    while spans:
-        lo, hi = spans.pop()
-        if raw[lo * 8:hi * 8] == blank[lo * 8:hi * 8]:
-            continue
-        if hi - lo > _CHUNK:
-            mid = lo + max(1, (hi - lo) // (2 * _CHUNK)) * _CHUNK
-            spans.append((mid, hi))
-            spans.append((lo, mid))
-            continue
-        seg = raw[lo * 8:hi * 8]
-        # Present entries estimated from a byte-level count of empty words (one may straddle
-        # two entries); past a few, reading each entry beats one big-int step per entry.
-        if hi - lo - seg.count(word) > _BIGINT_MAX:
-            a, b = max(lo, first), min(hi, last)
-            found.extend([i for i, v in zip(range(a, b), table[a:b], strict=True)
+    base = first
+    while x:
+        if len(found) == _DENSE:
+            found.extend([i for i, v in zip(range(base, last), table[base:last], strict=True)
                           if v != empty])
-            continue
-        x = int.from_bytes(seg, "little") ^ (
-            empty_int if hi - lo == _CHUNK else int.from_bytes(empty_chunk[:(hi - lo) * 8],
-                                                               "little"))
-        base = lo
-        while x:
-            i = ((x & -x).bit_length() - 1) >> 6
-            if base + i >= last:
-                break
-            if base + i >= first:
-                found.append(base + i)
-            x >>= (i + 1) << 6
-            base += i + 1
+            break
+        i = ((x & -x).bit_length() - 1) >> 6
+        found.append(base + i)
+        x >>= (i + 1) << 6
+        base += i + 1
     return found
 
 

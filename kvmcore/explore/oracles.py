@@ -20,6 +20,7 @@ Each check returns None or ``(kind, message)``.
 
 from __future__ import annotations
 
+from ..invariants import all_leaves
 from ..uapi import GUEST_MEMFD_FLAG_INIT_SHARED, KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT
 
 #: Statistics that count something allowed to take a leaf away or write-protect it.
@@ -63,23 +64,25 @@ class Oracles:
                     self.used.append((gpa, private, m.writable, as_id, self.epoch()))
                     break
 
-    def use_after_free(self):
+    def use_after_free(self, leaves: list | None = None):
         """Use after free, and a shared leaf that reaches a private guest_memfd page (one
-        pass over the leaves, only when the host has freed a frame or guest_memfd holds
-        one)."""
+        pass over ``leaves``, the present leaves per address space, only when the host has
+        freed a frame or guest_memfd holds one)."""
         host = self.world.host
         freed, gmem = host.freed, host.gmem_frames
         if not freed and not gmem:
             return None
         vm = self.world.vm
+        if leaves is None:
+            leaves = all_leaves(vm)
         if freed:
             for vcpu in vm.vcpus:
                 for (gfn, pfn, _w, _x, _d) in vcpu.tlb.values():
                     if pfn in freed:
                         return ("use-after-free", f"vcpu {vcpu.id} TLB entry gfn {gfn:#x} -> "
                                 f"pfn {pfn:#x}, a frame the host has freed")
-        for as_id in range(vm.nr_address_spaces):
-            for m in vm.mappings(as_id=as_id):
+        for per_as in leaves:
+            for m in per_as:
                 frames = range(m.pfn, m.pfn + m.npages)
                 if freed and not freed.isdisjoint(frames):
                     return ("use-after-free", f"leaf gfn {m.gfn:#x} -> pfn {m.pfn:#x} maps a "

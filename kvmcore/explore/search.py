@@ -36,6 +36,7 @@ import attrs
 from ..errors import FaultLivelock, InvariantError, KvmError
 from ..exits import VcpuExit
 from ..host import SigBus, SigSegv
+from ..invariants import all_leaves, check_vm
 from .oracles import Oracles
 from .scenario import NAMES, RaceScenario, World
 
@@ -248,12 +249,14 @@ class Explorer:
         stale TLB entry to a freed frame is also one no leaf backs), the invariants, then
         the downgrade check."""
         oracles = r.oracles
-        problem = oracles.use_after_free()
+        vm = r.world.vm
+        # One enumeration of the leaves serves every oracle of this step.
+        leaves = all_leaves(vm)
+        problem = oracles.use_after_free(leaves)
         if problem is None:
-            try:
-                r.world.vm.check_invariants()
-            except InvariantError as e:
-                problem = ("invariant", str(e))
+            found = check_vm(vm, leaves)
+            if found:
+                problem = ("invariant", str(InvariantError(found)))
         if problem is None and stepped is not None:
             problem = oracles.downgrade(stepped)
         if problem is not None:
