@@ -94,3 +94,20 @@ def test_invariants_catch_a_stale_tlb_free_pfn_change():
     host.migrate(hva)
     with pytest.raises(InvariantError, match="missed invalidation"):
         vm.check_invariants()
+
+
+def test_invariants_check_every_address_space():
+    """A leaf of address space 1 (x86 SMM) that no memslot of that space backs is reported:
+    the leaf checks once looked at address space 0 only."""
+    pytest.importorskip("kvmcore_x86_tdp")
+    host = HostMemory()
+    vm = VM(arch="x86_tdp", host=host)
+    vm.set_user_memory_region(1 << 16, 0, MiB, host.mmap(MiB))
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_vcpu_events(smm=True)
+    vcpu.write(0, b"x")
+    vm.check_invariants()
+    smm_slots = vm.memslot_sets[1]
+    smm_slots.remove(smm_slots.search(0))   # planted: the slot goes, its leaf stays
+    with pytest.raises(InvariantError, match="no live memslot maps it"):
+        vm.check_invariants()
