@@ -17,6 +17,7 @@ at its boundary. There is no concurrent walker here: Linux's cmpxchg updates are
 from __future__ import annotations
 
 import functools
+from bisect import bisect_left
 from array import array
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -380,13 +381,34 @@ def _present(table: array, first: int, last: int, empty: int) -> list[int]:
     visits (an entry a visitor fills in this table is not visited). At C speed: the span is
     compared with an empty one, then XOR-ed with it as one big int whose lowest set bit
     gives the next present entry; past a few entries the rest is read entry by entry."""
-    raw = table[first:last].tobytes()
-    blank, blank_int = _empty_span(empty, last - first)
+    raw = table.tobytes()
+    seen = _SEEN.get(id(table))
+    if seen is None or seen[0] != raw or seen[1] != empty:
+        found = _scan(table, raw, empty)
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        _SEEN[id(table)] = (raw, empty, found)
+    else:
+        found = seen[2]
+    if first or last < len(table):
+        return found[bisect_left(found, first):bisect_left(found, last)]
+    return found[:]
+
+
+#: The last scan of each table, keyed by ``id``: a table whose bytes have not changed since
+#: (one C-speed compare) has the same present entries. The explorer's oracles walk every
+#: table after every step, and a step changes few of them.
+_SEEN: dict[int, tuple[bytes, int, list[int]]] = {}
+_SEEN_MAX = 256
+
+
+def _scan(table: array, raw: bytes, empty: int) -> list[int]:
+    blank, blank_int = _empty_span(empty, len(table))
     if raw == blank:
         return []
     x = int.from_bytes(raw, "little") ^ blank_int
     found: list[int] = []
-    base = first
+    base, last = 0, len(table)
     while x:
         if len(found) == _DENSE:
             found.extend([i for i, v in zip(range(base, last), table[base:last], strict=True)
