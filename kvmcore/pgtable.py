@@ -378,16 +378,18 @@ def _empty_span(empty: int, n: int) -> tuple[bytes, int]:
 
 def _present(table: array, first: int, last: int, empty: int) -> list[int]:
     """Indices in ``[first, last)`` of the entries that are not ``empty``, read before the
-    visits (an entry a visitor fills in this table is not visited). At C speed: the span is
-    compared with an empty one, then XOR-ed with it as one big int whose lowest set bit
-    gives the next present entry; past a few entries the rest is read entry by entry."""
+    visits (an entry a visitor fills in this table is not visited). At C speed: a table whose
+    bytes are those of its last scan (``_SEEN``) reuses it; otherwise the table is compared
+    with an empty one, then XOR-ed with it as one big int whose lowest set bit gives the
+    next present entry; past a few entries the rest is read entry by entry."""
     raw = table.tobytes()
     seen = _SEEN.get(id(table))
     if seen is None or seen[0] != raw or seen[1] != empty:
         found = _scan(table, raw, empty)
         if len(_SEEN) >= _SEEN_MAX:
             _SEEN.clear()
-        _SEEN[id(table)] = (raw, empty, found)
+        if len(raw) <= _SEEN_BIG:
+            _SEEN[id(table)] = (raw, empty, found)
     else:
         found = seen[2]
     if first or last < len(table):
@@ -400,6 +402,8 @@ def _present(table: array, first: int, last: int, empty: int) -> list[int]:
 #: table after every step, and a step changes few of them.
 _SEEN: dict[int, tuple[bytes, int, list[int]]] = {}
 _SEEN_MAX = 256
+#: Tables bigger than this (bytes) are not remembered: at most 256 x 4 KiB, about 1 MiB.
+_SEEN_BIG = 4096
 
 
 def _scan(table: array, raw: bytes, empty: int) -> list[int]:
