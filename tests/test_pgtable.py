@@ -120,9 +120,9 @@ def test_walk_skips_a_format_specific_empty_value():
 
 @pytest.mark.parametrize("empty", [0, 1 << 63, 0x1234])
 def test_present_indices_match_a_plain_scan(empty):
-    """present_indices / the walker's scan (spans compared with empty ones, halved down to
-    chunks, each entry found as a set bit or read one by one) find exactly the entries that
-    are not empty, in order, in any range of a table of any size and density."""
+    """present_indices / the walker's scan (a compare with an empty table, each entry found
+    as a set bit, or read one by one when many) find exactly the entries that are not empty,
+    in order, in any range of a table of any size and density."""
     import random
 
     from kvmcore.pgtable import _present, present_indices
@@ -140,3 +140,75 @@ def test_present_indices_match_a_plain_scan(empty):
         assert _present(table, first, last, empty) == [
             i for i in range(first, last) if table[i] != empty]
         assert present_indices(table, empty) == [i for i in range(n) if table[i] != empty]
+
+
+def test_a_remembered_scan_is_redone_when_the_table_changes():
+    """The scan of a table is remembered by the table's identity and checked against its
+    bytes: a table changed since (an entry set, cleared, or the same entry rewritten) is
+    scanned again."""
+    from kvmcore.pgtable import _present
+
+    table = array("Q", bytes(4096))
+    assert _present(table, 0, 512, 0) == []
+    table[7] = 5
+    assert _present(table, 0, 512, 0) == [7]
+    table[300] = 9
+    assert _present(table, 0, 512, 0) == [7, 300]
+    assert _present(table, 8, 512, 0) == [300]
+    table[7] = 0
+    assert _present(table, 0, 512, 0) == [300]
+    found = _present(table, 0, 512, 0)
+    found.append(1)                             # a caller's list is its own
+    assert _present(table, 0, 512, 0) == [300]
+
+
+def _random_tree(rng):
+    store, pt = make()
+    for _ in range(rng.randint(0, 12)):
+        idx = rng.randrange(512)
+        pte = store[pt.root][idx]
+        if pte & 1 and not pte & 2:
+            continue
+        if rng.random() < 0.3 and not pte & 1:
+            store[pt.root][idx] = (idx << 21) | 1                  # a block
+            continue
+        child = pte & ADDR if pte & 1 else link(store, pt, idx)
+        for j in rng.sample(range(512), rng.choice([1, 3, 100])):
+            store[child][j] = (((idx << 9) | j) << 12) | 1
+    return store, pt
+
+
+def test_iter_present_yields_what_the_walker_visits():
+    """iter_present (for_each_tdp_pte) gives the entries the visitor walk gives with LEAF |
+    TABLE_PRE, in the same order, for any range; ``leaves_only`` drops the table entries."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        _store, pt = _random_tree(rng)
+        start = rng.randrange(1 << 30)
+        end = rng.choice([rng.randrange(start, (1 << 30) + 1), 1 << 40])
+        want = []
+        pt.walk(start, end, lambda c: want.append((c.pos, c.addr, c.pte)), LEAF | TABLE_PRE)
+        got = [(pos, addr, pte) for _t, _i, pos, addr, pte in pt.iter_present(start, end)]
+        assert got == want
+        leaves = [(pos, addr) for _t, _i, pos, addr, pte in
+                  pt.iter_present(start, end, leaves_only=True)]
+        assert leaves == [(pos, addr) for pos, addr, pte in want if pos == 1 or not pte & 2]
+
+
+def test_iter_present_reads_each_entry_when_it_gets_there():
+    """Lazy, as Linux's iterator: an entry set behind the iteration's position while it is
+    paused is seen, one cleared is not, and the tuple gives the table and index to store
+    into."""
+    store, pt = make()
+    child = link(store, pt, 0)
+    store[child][1] = (1 << 12) | 1
+    it = pt.iter_present(0, 1 << 30, leaves_only=True)
+    table, idx, pos, addr, _pte = next(it)
+    assert table is store[child] and (idx, pos, addr) == (1, 1, 1 << 12)
+    store[child][400] = (400 << 12) | 1          # another flow maps a page further on
+    store[pt.root][5] = (5 << 21) | 1            # and a block in the root
+    store[child][2] = 0
+    rest = [(pos, addr) for _t, _i, pos, addr, _p in it]
+    assert rest == [(1, 400 << 12), (0, 5 << 21)]
