@@ -188,8 +188,9 @@ def test_iter_present_yields_what_the_walker_visits():
         _store, pt = _random_tree(rng)
         start = rng.randrange(1 << 30)
         end = rng.choice([rng.randrange(start, (1 << 30) + 1), 1 << 40])
-        want = []
-        pt.walk(start, end, lambda c: want.append((c.pos, c.addr, c.pte)), LEAF | TABLE_PRE)
+        want: list = []
+        pt.walk(start, end, lambda c, out=want: out.append((c.pos, c.addr, c.pte)),
+                LEAF | TABLE_PRE)
         got = [(pos, addr, pte) for _t, _i, pos, addr, pte in pt.iter_present(start, end)]
         assert got == want
         leaves = [(pos, addr) for _t, _i, pos, addr, pte in
