@@ -170,6 +170,10 @@ class PageTable:
         self.fmt = fmt
         self.empty = getattr(fmt, "empty", 0)
         self.root = store.alloc(geometry.entries(0))
+        #: What ``lookup`` reads per level, computed once: shifts, index masks, level ids, and
+        #: the last position.
+        self._per_level = (geometry.shifts, tuple((1 << b) - 1 for b in geometry.bits),
+                           geometry.level_ids, geometry.nlevels - 1)
 
     # ------------------------------------------------------------------ walking
 
@@ -243,23 +247,33 @@ class PageTable:
                     return r
         return None
 
+    def walk_subtree(self, table_pa: int, pos: int, base: int, visitor: Visitor,
+                     flags: int = LEAF) -> object:
+        """``walk`` over the table at ``table_pa`` (position ``pos``, mapping from ``base``)
+        and the tables below it, whether the tree still links it or not: Power empties a
+        subtree after unlinking it (kvmppc_unmap_free_pmd after pud_clear)."""
+        g = self.geometry
+        end = base + (1 << (g.shifts[pos] + g.bits[pos]))
+        ctx = WalkContext(self.store, g, self.fmt, self.store[table_pa], table_pa, 0, pos,
+                          g.level_ids[pos], base, 0, 0, 0, base, end)
+        return self._walk_table(ctx, table_pa, pos, base, visitor, flags, False)
+
     def lookup(self, addr: int) -> tuple[int, array, int, int]:
         """The last entry a hardware walk of ``addr`` reads: ``(pos, table, index, pte)`` —
         a leaf, or the invalid entry where the walk stopped. The hot path of ``translate``."""
-        g, fmt, store = self.geometry, self.fmt, self.store
-        table = store[self.root]
-        last = g.nlevels - 1
-        shifts, bits, levels = g.shifts, g.bits, g.level_ids
+        fmt, tables = self.fmt, self.store.tables
+        table = tables[self.root]
+        shifts, masks, levels, last = self._per_level
         pos = 0
         while True:
-            idx = (addr >> shifts[pos]) & ((1 << bits[pos]) - 1)
+            idx = (addr >> shifts[pos]) & masks[pos]
             pte = table[idx]
             if pos == last or not pte:
                 return pos, table, idx, pte
             level = levels[pos]
             if not fmt.is_valid(pte, level) or not fmt.is_table(pte, level):
                 return pos, table, idx, pte
-            table = store[fmt.table_address(pte, level)]
+            table = tables[fmt.table_address(pte, level)]
             pos += 1
 
     def path(self, addr: int) -> list[tuple[int, int, int]]:
@@ -333,6 +347,8 @@ class PageTable:
         stack = [(self.root, 0)]
         while stack:
             pa, pos = stack.pop()
+            if pa not in store:
+                continue            # a corrupt link: the table's parent entry says where
             yield pa, pos
             if pos == g.nlevels - 1:
                 continue
