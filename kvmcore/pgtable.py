@@ -35,7 +35,9 @@ STOP = 1
 class EntryFormat(Protocol):
     """What the walker needs to know about a backend's entries. A format may also define
     ``empty`` (default 0): the value of an entry that maps nothing and needs no visit — x86
-    fills new tables with SHADOW_NONPRESENT_VALUE, not 0."""
+    fills new tables with SHADOW_NONPRESENT_VALUE, not 0 — and ``table_bits = (mask, value)``
+    when an entry above the last level links a table exactly if ``pte & mask == value``:
+    ``lookup`` then tests that inline instead of calling ``is_valid`` and ``is_table``."""
 
     def is_valid(self, pte: int, level: int) -> bool: ...
 
@@ -170,10 +172,11 @@ class PageTable:
         self.fmt = fmt
         self.empty = getattr(fmt, "empty", 0)
         self.root = store.alloc(geometry.entries(0))
-        #: What ``lookup`` reads per level, computed once: shifts, index masks, level ids, and
-        #: the last position.
+        #: What ``lookup`` reads per level, computed once: shifts, index masks, level ids, the
+        #: last position, the format's ``table_bits``.
         self._per_level = (geometry.shifts, tuple((1 << b) - 1 for b in geometry.bits),
-                           geometry.level_ids, geometry.nlevels - 1)
+                           geometry.level_ids, geometry.nlevels - 1,
+                           getattr(fmt, "table_bits", None) or (None, None))
 
     # ------------------------------------------------------------------ walking
 
@@ -263,7 +266,7 @@ class PageTable:
         a leaf, or the invalid entry where the walk stopped. The hot path of ``translate``."""
         fmt, tables = self.fmt, self.store.tables
         table = tables[self.root]
-        shifts, masks, levels, last = self._per_level
+        shifts, masks, levels, last, (tmask, tvalue) = self._per_level
         pos = 0
         while True:
             idx = (addr >> shifts[pos]) & masks[pos]
@@ -271,7 +274,10 @@ class PageTable:
             if pos == last or not pte:
                 return pos, table, idx, pte
             level = levels[pos]
-            if not fmt.is_valid(pte, level) or not fmt.is_table(pte, level):
+            if tmask is not None:
+                if pte & tmask != tvalue:
+                    return pos, table, idx, pte
+            elif not fmt.is_valid(pte, level) or not fmt.is_table(pte, level):
                 return pos, table, idx, pte
             table = tables[fmt.table_address(pte, level)]
             pos += 1

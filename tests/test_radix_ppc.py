@@ -1,9 +1,12 @@
 """The core additions the Power backend's migration onto kvmcore.radix needs: a format's own view
 of stored entries (``RadixFormat.stored``), ``Mapping.raw`` as stored, ``check`` and ``tables``
 surviving a link to no table, ``check`` reading only the non-empty entries, the walk of an
-unlinked subtree (``PageTable.walk_subtree``) and ``lookup`` over precomputed masks."""
+unlinked subtree (``PageTable.walk_subtree``) and ``lookup`` over precomputed masks and a
+format's declared ``table_bits``."""
 
 from __future__ import annotations
+
+import pytest
 
 from kvmcore.pgtable import LEAF, TABLE_POST, Geometry
 from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X, RadixFormat, RadixTable, \
@@ -134,11 +137,25 @@ def test_walk_subtree_visits_an_unlinked_table():
     assert list(t.leaves(0, 1 << 40)) == []
 
 
-def test_lookup_stops_where_the_hardware_does():
-    fmt = Big()
+class Declared(InPlace):
+    """The same tests, the table test declared as bits (V and T set, stored order)."""
+
+    table_bits = (bswap64(V | T), bswap64(V | T))
+
+
+@pytest.mark.parametrize("view", [InPlace, Declared])
+def test_lookup_stops_where_the_hardware_does(view):
+    fmt = BigInPlace()
+    fmt.view = view()
     t = RadixTable(fmt)
     t.map(0x4020_0000, 1, fmt.make_leaf(0x8000_0000, 1, RWXAD))
+    t.map(0x8000_3000, 0, fmt.make_leaf(0x5000, 0, RWXAD))
+    fmt.view.calls = 0
     pos, _table, idx, raw = t.pt.lookup(0x4021_2345)
     assert (pos, idx, bswap64(raw)) == (1, 1, fmt.make_leaf(0x8000_0000, 1, RWXAD))
-    pos, _table, idx, raw = t.pt.lookup(0x8000_0000)
-    assert (pos, idx, raw) == (0, 2, 0)
+    pos, _table, idx, raw = t.pt.lookup(0x8000_3008)
+    assert (pos, idx, bswap64(raw)) == (2, 3, fmt.make_leaf(0x5000, 0, RWXAD))
+    pos, _table, idx, raw = t.pt.lookup(0xC000_0000)
+    assert (pos, idx, raw) == (0, 3, 0)
+    # Declared table bits are tested inline: is_valid is not called.
+    assert (fmt.view.calls == 0) == (view is Declared)

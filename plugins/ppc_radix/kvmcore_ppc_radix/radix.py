@@ -108,9 +108,11 @@ class _StoredRadix:
 
     __slots__ = ("_nlb",)
     empty = 0
+    #: A directory entry: V without L (PageTable.lookup tests it inline).
+    table_bits = (_RAW_PRESENT | _RAW_PTE, _RAW_PRESENT)
 
     def __init__(self):
-        self._nlb: dict[int, int] = {}
+        self._nlb = _NlbOf()
 
     def is_valid(self, raw: int, level: int) -> int:
         return raw & _RAW_PRESENT
@@ -119,9 +121,14 @@ class _StoredRadix:
         return not raw & _RAW_PTE
 
     def table_address(self, raw: int, level: int) -> int:
-        nlb = self._nlb.get(raw)
-        if nlb is None:
-            nlb = self._nlb[raw] = dir_nlb(cpu_to_be64(raw))
+        return self._nlb[raw]
+
+
+class _NlbOf(dict):
+    """Stored directory entry -> its NLB, filled on first use."""
+
+    def __missing__(self, raw: int) -> int:
+        nlb = self[raw] = dir_nlb(cpu_to_be64(raw))
         return nlb
 
 
