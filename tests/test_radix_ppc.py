@@ -8,39 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvmcore.pgtable import LEAF, TABLE_POST, Geometry
-from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X, RadixFormat, RadixTable, \
-    _Stored, bswap64
-
-V, T, W, X, A, D = 1, 2, 4, 8, 32, 64
-ADDR = ((1 << 52) - 1) & ~0xFFF
-RWXAD = PERM_R | PERM_W | PERM_X | PERM_A | PERM_D
-
-
-class Big(RadixFormat):
-    """Three levels (1G, 2M, 4K), leaves at every level, stored byte-swapped."""
-
-    geometry = Geometry(shifts=(30, 21, 12), bits=(10, 9, 9), level_ids=(2, 1, 0), ia_bits=40)
-    leaf_levels = frozenset({0, 1, 2})
-    big_endian = True
-    R, W, X, A, D = V, W, X, A, D
-
-    def is_valid(self, pte, level):
-        return bool(pte & V)
-
-    def is_table(self, pte, level):
-        return level > 0 and bool(pte & T)
-
-    def table_address(self, pte, level):
-        return pte & ADDR
-
-    output_address = table_address
-
-    def make_table(self, pa, level):
-        return pa | V | T
-
-    def make_leaf(self, pa, level, perms):
-        return pa | V | self.perm_bits(perms)
+from kvmcore.pgtable import LEAF, TABLE_POST
+from kvmcore.radix import RadixTable, _Stored, bswap64
+from test_radix import RWXAD, T, V
+from test_radix import BigToy as Big
 
 
 class InPlace:
@@ -59,7 +30,7 @@ class InPlace:
         return level > 0 and raw & bswap64(T)
 
     def table_address(self, raw, level):
-        return bswap64(raw) & ADDR
+        return Big().table_address(bswap64(raw), level)
 
 
 class BigInPlace(Big):
