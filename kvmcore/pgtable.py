@@ -36,7 +36,9 @@ STOP = 1
 class EntryFormat(Protocol):
     """What the walker needs to know about a backend's entries. A format may also define
     ``empty`` (default 0): the value of an entry that maps nothing and needs no visit — x86
-    fills new tables with SHADOW_NONPRESENT_VALUE, not 0."""
+    fills new tables with SHADOW_NONPRESENT_VALUE, not 0 — and ``table_bits = (mask, value)``
+    when an entry above the last level links a table exactly if ``pte & mask == value``:
+    ``lookup`` then tests that inline instead of calling ``is_valid`` and ``is_table``."""
 
     def is_valid(self, pte: int, level: int) -> bool: ...
 
@@ -171,6 +173,11 @@ class PageTable:
         self.fmt = fmt
         self.empty = getattr(fmt, "empty", 0)
         self.root = store.alloc(geometry.entries(0))
+        #: What ``lookup`` reads per level, computed once: shifts, index masks, level ids, the
+        #: last position, the format's ``table_bits``.
+        self._per_level = (geometry.shifts, tuple((1 << b) - 1 for b in geometry.bits),
+                           geometry.level_ids, geometry.nlevels - 1,
+                           getattr(fmt, "table_bits", None) or (None, None))
 
     # ------------------------------------------------------------------ walking
 
@@ -244,23 +251,36 @@ class PageTable:
                     return r
         return None
 
+    def walk_subtree(self, table_pa: int, pos: int, base: int, visitor: Visitor,
+                     flags: int = LEAF) -> object:
+        """``walk`` over the table at ``table_pa`` (position ``pos``, mapping from ``base``)
+        and the tables below it, whether the tree still links it or not: Power empties a
+        subtree after unlinking it (kvmppc_unmap_free_pmd after pud_clear)."""
+        g = self.geometry
+        end = base + (1 << (g.shifts[pos] + g.bits[pos]))
+        ctx = WalkContext(self.store, g, self.fmt, self.store[table_pa], table_pa, 0, pos,
+                          g.level_ids[pos], base, 0, 0, 0, base, end)
+        return self._walk_table(ctx, table_pa, pos, base, visitor, flags, False)
+
     def lookup(self, addr: int) -> tuple[int, array, int, int]:
         """The last entry a hardware walk of ``addr`` reads: ``(pos, table, index, pte)`` —
         a leaf, or the invalid entry where the walk stopped. The hot path of ``translate``."""
-        g, fmt, store = self.geometry, self.fmt, self.store
-        table = store[self.root]
-        last = g.nlevels - 1
-        shifts, bits, levels = g.shifts, g.bits, g.level_ids
+        fmt, tables = self.fmt, self.store.tables
+        table = tables[self.root]
+        shifts, masks, levels, last, (tmask, tvalue) = self._per_level
         pos = 0
         while True:
-            idx = (addr >> shifts[pos]) & ((1 << bits[pos]) - 1)
+            idx = (addr >> shifts[pos]) & masks[pos]
             pte = table[idx]
             if pos == last or not pte:
                 return pos, table, idx, pte
             level = levels[pos]
-            if not fmt.is_valid(pte, level) or not fmt.is_table(pte, level):
+            if tmask is not None:
+                if pte & tmask != tvalue:
+                    return pos, table, idx, pte
+            elif not fmt.is_valid(pte, level) or not fmt.is_table(pte, level):
                 return pos, table, idx, pte
-            table = store[fmt.table_address(pte, level)]
+            table = tables[fmt.table_address(pte, level)]
             pos += 1
 
     def path(self, addr: int) -> list[tuple[int, int, int]]:
@@ -334,6 +354,8 @@ class PageTable:
         stack = [(self.root, 0)]
         while stack:
             pa, pos = stack.pop()
+            if pa not in store:
+                continue            # a corrupt link: the table's parent entry says where
             yield pa, pos
             if pos == g.nlevels - 1:
                 continue

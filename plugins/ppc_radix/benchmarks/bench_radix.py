@@ -28,8 +28,8 @@ def main(page_size: int = 4096, size: int = 64 << 20) -> None:
         vcpu.write(GPA + i * page_size, b"x")
     dt = time.perf_counter() - t
     print(f"page_size={page_size}: {npages} write faults in {dt:.2f}s "
-          f"({npages / dt:,.0f}/s); tables {vm.backend.store.bytes_used} bytes "
-          f"({vm.backend.store.bytes_used / (size >> 12):.1f} B per 4K mapped)")
+          f"({npages / dt:,.0f}/s); tables {vm.page_table_bytes()} bytes "
+          f"({vm.page_table_bytes() / (size >> 12):.1f} B per 4K mapped)")
     t = time.perf_counter()
     log = vm.get_dirty_log(0)
     dt = time.perf_counter() - t

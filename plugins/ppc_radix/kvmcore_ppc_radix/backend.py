@@ -36,53 +36,26 @@ have it clear).
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 
 import structlog
-from kvmcore import ArchInfo, HwPoisonSignal, KvmError, Mapping, VmOption, hookimpl
+from kvmcore import ArchInfo, HwPoisonSignal, KvmError, VmOption, hookimpl
 from kvmcore.arch import vm_options
 from kvmcore.exits import memory_fault_exit
 from kvmcore.locks import WRITE, stepping
 from kvmcore.memslots import dirty_logging_toggled
+from kvmcore.pgtable import LEAF, STOP, TABLE_PRE, TableStore
+from kvmcore.radix import RadixTable
 from kvmcore.records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
-from kvmcore.pgtable import LEAF, TABLE_PRE, PageTable, TableStore
-from kvmcore.uapi import (
-    KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_MEM_READONLY,
-    KVM_MR_FLAGS_ONLY,
-    RET_PF_CONTINUE,
-    RET_PF_FIXED,
-    RET_PF_RETRY,
-    RET_PF_SPURIOUS,
-)
+from kvmcore.uapi import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MR_FLAGS_ONLY,
+                          RET_PF_CONTINUE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS)
 
 from . import book3s_64_mmu_radix as radix_mmu
 from .host_pte import find_kvm_host_pte
-from .pte import (
-    _PAGE_ACCESSED,
-    _PAGE_DIRTY,
-    _PAGE_EXEC,
-    _PAGE_PRESENT,
-    _PAGE_PTE,
-    _PAGE_READ,
-    _PAGE_WRITE,
-    DSISR_ISSTORE,
-    DSISR_NOHPTE,
-    DSISR_PROTFAULT,
-    DSISR_SET_RC,
-    RADIX_DIR_BAD_BITS,
-    _RPAGE_PA_MAX,
-    _PAGE_PA_MAX,
-    be64_to_cpu,
-    RPDB_MASK,
-    dir_nlb,
-    dir_nls,
-    load_be64,
-    pte_pa,
-    pte_rpn_mask,
-    store_be64,
-)
-from .radix import LEVEL_PGD, RADIX_FORMAT, RadixConfig, populated_span
+from .pte import (_PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_EXEC, _PAGE_PA_MAX, _PAGE_PRESENT, _PAGE_PTE,
+                  _PAGE_READ, _PAGE_WRITE, _RPAGE_PA_MAX, DSISR_ISSTORE, DSISR_NOHPTE,
+                  DSISR_PROTFAULT, DSISR_SET_RC, RADIX_DIR_BAD_BITS, be64_to_cpu, dir_nlb,
+                  dir_nls, load_be64, store_be64)
+from .radix import LEVEL_PGD, RADIX_PGD_INDEX_SIZE, PpcRadixFormat, partition_table_dw0
 
 logger = structlog.get_logger(__name__)
 
@@ -145,19 +118,16 @@ class PpcRadixBackend:
             raise KvmError(errno.EINVAL, f"vm_type {vm_type!r}: ppc_radix has only 'default'")
         opts = vm_options("ppc_radix", self.OPTIONS, options)
         page_size = opts["page_size"]
-        self.cfg = RadixConfig(page_size.bit_length() - 1)
+        self.fmt = PpcRadixFormat(page_size.bit_length() - 1)
         self.arch_info = _arch_info(page_size, opts["huge_past_slot"])
         self.set_rc_faults = opts["set_rc_faults"]
         self.huge_past_slot = opts["huge_past_slot"]
         self.unaligned_dirty_quirk = opts["unaligned_dirty_quirk"]
         # kvmppc_init_vm_radix: pgd_alloc; tables are aligned to their size (the NLB rule).
-        self.store = TableStore(min_align=256)
-        self.pgtable = PageTable(self.store, self.cfg.geometry, RADIX_FORMAT)
-        geometry = self.pgtable.geometry
-        self._walk_shifts = geometry.shifts
-        self._walk_masks = tuple((1 << b) - 1 for b in geometry.bits)
-        self._walk_levels = geometry.level_ids
-        self._rpn_mask = pte_rpn_mask(self.cfg.page_shift)
+        self.table = RadixTable(self.fmt, TableStore(min_align=256))
+        # The hardware walk of translate, bound once: every TLB miss runs it.
+        self._lookup = self.table.pt.lookup
+        self._shifts, self._levels = self.fmt.geometry.shifts, self.fmt.geometry.level_ids
         self.lpid = 1
         #: Every tlbie issued: (addr aligned to size, size, lpid).
         self.tlbie_log: list[tuple[int, int, int]] = []
@@ -188,30 +158,12 @@ class PpcRadixBackend:
     @property
     def partition_table_entry(self) -> tuple[int, int]:
         """(dw0, dw1) of kvmppc_setup_partition_table; dw1 (the guest process table) is 0."""
-        from .radix import partition_table_dw0
-
-        return partition_table_dw0(self.pgtable.root), 0
+        return partition_table_dw0(self.table.pt.root), 0
 
     def entry(self, gpa: int) -> int:
         """The CPU-order value of the last entry a walk of ``gpa`` reads."""
-        return self.radix_walk(gpa)[3]
-
-    def radix_walk(self, gpa: int) -> tuple[int, object, int, int]:
-        """The partition-scoped walk the hardware does for ``gpa`` (PageTable.lookup's loop,
-        inline: every TLB miss runs it), each entry loaded as a __be64: ``(pos, table, index,
-        entry in CPU order)`` of the last entry it reads, a leaf or the one that stops it
-        (not V, or the PTE level)."""
-        tables = self.store.tables
-        shifts, masks = self._walk_shifts, self._walk_masks
-        table = tables[self.pgtable.root]
-        pos = 0
-        while True:
-            idx = (gpa >> shifts[pos]) & masks[pos]
-            pte = load_be64(table, idx << 3)[0]
-            if pos == 3 or not pte & _PAGE_PRESENT or pte & _PAGE_PTE:
-                return pos, table, idx, pte
-            table = tables[pte & RPDB_MASK]           # dir_nlb
-            pos += 1
+        _pos, table, idx, _raw = self._lookup(gpa)
+        return load_be64(table, idx << 3)[0]
 
     # ------------------------------------------------------------------ life cycle
 
@@ -219,7 +171,7 @@ class PpcRadixBackend:
     def init_vm(self, vm):
         """kvmppc_core_init_vm_hv, radix part: the tree was allocated with the backend. The
         race explorer's page-table regions are the root's entries."""
-        vm.root_entry_shift = self.pgtable.geometry.shifts[0]
+        vm.root_entry_shift = self._shifts[0]
 
     @hookimpl
     def flush_shadow_all(self, vm):
@@ -236,14 +188,15 @@ class PpcRadixBackend:
         on stores. R and C are set by the hardware (or reported as SET_RC)."""
         gpa &= ~_FAULT_GPA_TOP
         gfn = gpa >> 12
-        pos, table, idx, pte = self.radix_walk(gpa)
+        pos, table, idx, _raw = self._lookup(gpa)
+        pte = load_be64(table, idx << 3)[0]
         write = access.write
         store = DSISR_ISSTORE if write else 0
-        level = self._walk_levels[pos]
+        level = self._levels[pos]
         if (pte & (_PAGE_PRESENT | _PAGE_PTE)) != (_PAGE_PRESENT | _PAGE_PTE) or \
                 level == LEVEL_PGD:
             return Violation(NOT_PRESENT, gfn, False, None, 0, DSISR_NOHPTE | store)
-        size = 1 << self._walk_shifts[pos]
+        size = 1 << self._shifts[pos]
         if write:
             allowed = pte & _PAGE_WRITE
         elif access.exec:
@@ -258,7 +211,7 @@ class PpcRadixBackend:
                 return Violation(ACCESS_FLAG, gfn, False, level, size, DSISR_SET_RC | store)
             pte |= need
             store_be64(table, idx << 3, pte)
-        pfn = ((pte & self._rpn_mask) + (gpa & (size - 1))) >> 12      # pte_pa
+        pfn = ((pte & self.fmt.rpn_mask) + (gpa & (size - 1))) >> 12      # pte_pa
         return Translation(gfn, pfn, size, True, bool(pte & _PAGE_WRITE),
                            bool(pte & _PAGE_EXEC), bool(pte & _PAGE_DIRTY))
 
@@ -414,40 +367,20 @@ class PpcRadixBackend:
         """Pages whose C bit is set in a leaf of ``slot`` (what the next harvest logs)."""
         out: list[int] = []
         lo, hi = slot.base_gfn, slot.base_gfn + slot.npages
-        for m in self._leaves(slot.base_gfn, slot.base_gfn + slot.npages):
+        for m in self.table.mappings(lo, hi):
             if m.dirty:
                 out.extend(range(max(m.gfn, lo), min(m.gfn + m.npages, hi)))
         return out
 
     # ------------------------------------------------------------------ introspection
 
-    def _leaves(self, start: int, end: int) -> Iterator[Mapping]:
-        found: list[Mapping] = []
-        page_shift = self.cfg.page_shift
-
-        def visit(ctx):
-            pte = be64_to_cpu(ctx.pte)
-            if not (pte & _PAGE_PTE and pte & _PAGE_PRESENT):
-                return None
-            found.append(Mapping(
-                gfn=ctx.addr >> 12, size=ctx.size, pfn=pte_pa(pte, page_shift) >> 12,
-                readable=bool(pte & (_PAGE_READ | _PAGE_WRITE)),
-                writable=bool(pte & _PAGE_WRITE), executable=bool(pte & _PAGE_EXEC),
-                young=bool(pte & _PAGE_ACCESSED), dirty=bool(pte & _PAGE_DIRTY),
-                level=ctx.level, raw=ctx.pte))
-            return None
-
-        lo, hi = populated_span(self.pgtable, start << 12, end << 12)
-        self.pgtable.walk(lo, hi, visit, LEAF)
-        return iter(found)
-
     @hookimpl
     def leaves(self, vm, start, end):
-        return self._leaves(start, end)
+        return self.table.mappings(start, end)
 
     @hookimpl
     def page_table_bytes(self, vm):
-        return self.store.bytes_used
+        return self.table.page_table_bytes()
 
     @hookimpl
     def check_invariants(self, vm):
@@ -455,25 +388,24 @@ class PpcRadixBackend:
 
 
 def check_radix_invariants(be: PpcRadixBackend, vm) -> list[str]:
-    """The ppc-radix invariants of the reference (§9) that hold of a state: geometry (1),
-    entry formats (2), X on every leaf (3), leaf levels, alignment and 52-bit RPNs (1, 6, 7),
-    base pages only while logging (6), leaves only over memslots (19)."""
-    problems: list[str] = []
-    g = be.pgtable.geometry
-    cfg = be.cfg
-    store = be.store
-    page_shift = cfg.page_shift
-    if len(store[be.pgtable.root]) != 1 << 13:
-        problems.append(f"ppc_radix: root table has {len(store[be.pgtable.root])} entries, "
+    """The ppc-radix invariants of the reference (§9) that hold of a state: the format's
+    (``RadixTable.check``: table links, no leaked table (15), leaves only at PTE/PMD/PUD level
+    and aligned (1, 7)), then the geometry (1), directory entries (2), X on every leaf (3),
+    52-bit RPNs (7), base pages only while logging (6), leaves only over memslots (19)."""
+    t, fmt = be.table, be.fmt
+    store = t.store
+    problems = t.check("ppc_radix")
+    if len(store[t.pt.root]) != 1 << RADIX_PGD_INDEX_SIZE:
+        problems.append(f"ppc_radix: root table has {len(store[t.pt.root])} entries, "
                         "not 8192 (RADIX_PGD_INDEX_SIZE 13)")
-    seen_tables = {be.pgtable.root}
+    seen_tables = set()
 
     def visit(ctx):
         pte = be64_to_cpu(ctx.pte)
         where = f"gpa {ctx.addr:#x} (level {ctx.level})"
         if ctx.flags == TABLE_PRE:
             nlb, nls = dir_nlb(pte), dir_nls(pte)
-            want_nls = g.bits[ctx.pos + 1]
+            want_nls = fmt.index_sizes[ctx.pos + 1]
             if pte & RADIX_DIR_BAD_BITS:
                 problems.append(f"ppc_radix: directory entry at {where} has bad bits "
                                 f"{pte & RADIX_DIR_BAD_BITS:#x}")
@@ -484,47 +416,27 @@ def check_radix_invariants(be: PpcRadixBackend, vm) -> list[str]:
                 problems.append(f"ppc_radix: directory entry at {where} points to {nlb:#x}, "
                                 "not aligned to the table size")
             if nlb not in store:
-                problems.append(f"ppc_radix: directory entry at {where} points to {nlb:#x}, "
-                                "which is not a live table")
-                return 1
-            if len(store[nlb]) != 1 << want_nls:
-                problems.append(f"ppc_radix: table at {nlb:#x} under {where} has "
-                                f"{len(store[nlb])} entries, not {1 << want_nls}")
+                return STOP                 # a broken link: RadixTable.check reports it
             if nlb in seen_tables:
                 problems.append(f"ppc_radix: table {nlb:#x} is linked twice")
             seen_tables.add(nlb)
             return None
-        # LEAF visit (present or not).
-        if not pte:
+        if not pte & _PAGE_PTE:             # only a PTE-level entry is a leaf without L
+            problems.append(f"ppc_radix: PTE-level entry at {where} lacks the L bit")
             return None
-        if not pte & _PAGE_PTE:
-            if ctx.is_last_level and pte & _PAGE_PRESENT:
-                problems.append(f"ppc_radix: PTE-level entry at {where} lacks the L bit")
-            return None
-        if ctx.level == LEVEL_PGD:
-            problems.append(f"ppc_radix: 512G leaf at {where} (KVM never creates PGD leaves)")
         if not pte & _PAGE_EXEC:
             problems.append(f"ppc_radix: leaf at {where} lacks X (every KVM leaf has X=1)")
         if pte & (((1 << _RPAGE_PA_MAX) - 1) & ~((1 << _PAGE_PA_MAX) - 1)):
             problems.append(f"ppc_radix: leaf at {where} has an RPN beyond 52 bits")
-        pa = pte_pa(pte, page_shift)
-        if pa & (ctx.size - 1):
-            problems.append(f"ppc_radix: {ctx.size:#x} leaf at {where} maps {pa:#x}, not "
-                            "aligned to its size")
         slot = _slot_of(vm, ctx.addr >> 12, (ctx.addr + ctx.size) >> 12)
         if slot is None:
             problems.append(f"ppc_radix: leaf at {where} maps a gpa with no memslot")
-        elif ctx.size > cfg.page_size and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        elif ctx.size > fmt.page_size and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
             problems.append(f"ppc_radix: {ctx.size:#x} leaf at {where} in dirty-logging slot "
                             f"{slot.id} (only base pages while logging)")
         return None
 
-    lo, hi = populated_span(be.pgtable, 0, 1 << g.ia_bits)
-    be.pgtable.walk(lo, hi, visit, LEAF | TABLE_PRE)
-    unreachable = set(store.tables) - seen_tables
-    if unreachable:
-        problems.append(f"ppc_radix: {len(unreachable)} table(s) allocated but not linked "
-                        "(a leak: tables are freed when replaced)")
+    t.pt.walk(0, 1 << fmt.geometry.ia_bits, visit, LEAF | TABLE_PRE)
     return problems
 
 

@@ -29,25 +29,9 @@ from contextlib import contextmanager
 import structlog
 from kvmcore.pgtable import LEAF, STOP
 
-from .pte import (
-    _PAGE_ACCESSED,
-    _PAGE_DIRTY,
-    _PAGE_EXEC,
-    _PAGE_PRESENT,
-    _PAGE_PTE,
-    _PAGE_WRITE,
-    PTE_BITS_MUST_MATCH,
-    load_be64,
-    store_be64,
-    be64_to_cpu,
-    dir_entry,
-    dir_nlb,
-    pte_dirty,
-    pte_pa,
-    pte_present,
-    pte_write,
-    pte_young,
-)
+from .pte import (_PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_EXEC, _PAGE_PRESENT, _PAGE_PTE, _PAGE_WRITE,
+                  PTE_BITS_MUST_MATCH, be64_to_cpu, dir_nlb, load_be64, pte_dirty, pte_present,
+                  pte_write, pte_young, store_be64)
 from .radix import LEVEL_PGD, LEVEL_PMD, LEVEL_PTE, LEVEL_PUD, PMD_SHIFT, PUD_SHIFT
 
 logger = structlog.get_logger(__name__)
@@ -79,7 +63,7 @@ def kvmppc_radix_tlbie_page(be, vm, addr: int, pshift: int) -> None:
     """Invalidate one translation of size 1 << pshift (PAGE_SIZE when 0) at ``addr`` aligned
     down to it (radix__flush_tlb_lpid_page). The model records it and drops the vCPUs' TLB
     entries for that range."""
-    size = 1 << pshift if pshift else be.cfg.page_size
+    size = 1 << pshift if pshift else be.fmt.page_size
     addr &= ~(size - 1)
     be.tlbie_log.append((addr, size, be.lpid))
     vm.stats["ppc_tlbie"] += 1
@@ -128,13 +112,13 @@ def kvmppc_radix_flush_pwc(be, vm) -> None:
 def find_kvm_secondary_pte(be, gpa: int):
     """The present leaf covering ``gpa`` at any level: ``(table, idx, shift, pte)``, or None
     (find_kvm_secondary_pte / __find_linux_pte on the partition tree)."""
-    pos, table, idx, raw = be.pgtable.lookup(gpa)
+    pos, table, idx, raw = be.table.pt.lookup(gpa)
     if not raw:
         return None
     pte = be64_to_cpu(raw)
     if not (pte & _PAGE_PTE) or not pte_present(pte):
         return None
-    return table, idx, be.pgtable.geometry.shifts[pos], pte
+    return table, idx, be.fmt.geometry.shifts[pos], pte
 
 
 # --------------------------------------------------------------------------- dirty accumulator
@@ -172,8 +156,8 @@ def kvmppc_unmap_pte(be, vm, table, idx, gpa: int, shift: int, memslot=None) -> 
     accumulator before it goes (kvmppc_unmap_pte). Returns the old entry."""
     old = kvmppc_radix_update_pte(table, idx, ~0 & (2**64 - 1), 0)
     kvmppc_radix_tlbie_page(be, vm, gpa, shift)
-    page_size = be.cfg.page_size
-    if shift and shift != be.cfg.page_shift:
+    page_size = be.fmt.page_size
+    if shift and shift != be.fmt.page_shift:
         page_size = 1 << shift
         if shift == PMD_SHIFT:
             vm.stats["num_2M_pages"] -= 1
@@ -203,7 +187,7 @@ def kvm_unmap_radix(be, vm, memslot, start_gpa: int, end_gpa: int) -> None:
         return None
 
     with batched_tlbie(be, vm):
-        be.pgtable.walk(start_gpa, end_gpa, visit, LEAF)
+        be.table.pt.walk(start_gpa, end_gpa, visit, LEAF)
 
 
 def kvmppc_radix_flush_memslot(be, vm, memslot) -> None:
@@ -215,38 +199,27 @@ def kvmppc_radix_flush_memslot(be, vm, memslot) -> None:
     vm.mmu_invalidate_seq_bump()
 
 
-def _unmap_leftover(be, vm, table_pa: int, pos: int, base: int) -> None:
-    """kvmppc_unmap_free_pmd / kvmppc_unmap_free_pte with full=false: unmap leaves left in a
-    table being replaced (WARN for huge ones), then free it and its subtables."""
-    g = be.pgtable.geometry
-    table = be.store[table_pa]
-    shift = g.shifts[pos]
-    for idx in range(len(table)):
-        raw = table[idx]
-        if not raw:
-            continue
-        pte = be64_to_cpu(raw)
-        addr = base + (idx << shift)
-        if pte & _PAGE_PTE:
-            if pte_present(pte):
-                if pos != g.nlevels - 1:
-                    be.warn(f"leftover {1 << shift:#x} leaf at gpa {addr:#x} under a table "
-                            "being replaced")
-                kvmppc_unmap_pte(be, vm, table, idx, addr, shift, None)
-        elif pte & _PAGE_PRESENT and pos < g.nlevels - 1:
-            _unmap_leftover(be, vm, dir_nlb(pte), pos + 1, addr)
-            _set(table, idx, 0)
-    be.store.free(table_pa)
-
-
 def kvmppc_unmap_free_entry_table(be, vm, table, idx, pos: int, gpa: int) -> None:
     """kvmppc_unmap_free_pud_entry_table / kvmppc_unmap_free_pmd_entry_table: clear the
-    directory entry, flush the page-walk cache, unmap what is left below, free the tables."""
+    directory entry, flush the page-walk cache, then kvmppc_unmap_free_pmd / _pte with
+    full=false: unmap the leaves left below (WARN for huge ones) and free the tables."""
     pde = _get(table, idx)
     _set(table, idx, 0)
     kvmppc_radix_flush_pwc(be, vm)
-    base = gpa & ~((1 << be.pgtable.geometry.shifts[pos]) - 1)
-    _unmap_leftover(be, vm, dir_nlb(pde), pos + 1, base)
+    pt = be.table.pt
+    shifts = pt.geometry.shifts
+
+    def leftover(ctx):
+        pte = be64_to_cpu(ctx.pte)
+        if pte & _PAGE_PTE and pte_present(pte):
+            if not ctx.is_last_level:
+                be.warn(f"leftover {ctx.size:#x} leaf at gpa {ctx.addr:#x} under a table "
+                        "being replaced")
+            kvmppc_unmap_pte(be, vm, ctx.table, ctx.index, ctx.addr, shifts[ctx.pos], None)
+
+    child, base = dir_nlb(pde), gpa & ~((1 << shifts[pos]) - 1)
+    pt.walk_subtree(child, pos + 1, base, leftover)
+    pt.free_subtree(child, pos + 1)
     vm.stats["ppc_table_freed"] += 1
 
 
@@ -256,13 +229,13 @@ def kvmppc_unmap_free_entry_table(be, vm, table, idx, pos: int, gpa: int) -> Non
 def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> int:
     """Install ``pte`` (CPU order) for ``gpa`` at KVM level ``level`` (kvmppc_create_pte).
     Returns 0, -EAGAIN (mmu_seq changed: nothing installed) or -ENOMEM."""
-    g = be.pgtable.geometry
-    store = be.store
+    fmt = be.fmt
+    g = fmt.geometry
+    store = be.table.store
     tables = store.tables
-    cfg = be.cfg
-    root = tables[be.pgtable.root]
+    root = tables[be.table.pt.root]
     # The table indexes of gpa, root first (pgd_index, pud_index, pmd_index, pte_index).
-    shifts, masks = be._walk_shifts, be._walk_masks
+    shifts, masks = g.shifts, fmt.index_masks
     pgd_idx = (gpa >> shifts[0]) & masks[0]
     pud_idx = (gpa >> shifts[1]) & masks[1]
     pmd_idx = (gpa >> shifts[2]) & masks[2]
@@ -300,7 +273,7 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
     if not pgd:
         if new_pud is None:
             return cleanup(-errno.ENOMEM)
-        _set(root, pgd_idx, dir_entry(new_pud, cfg.next_index_size(LEVEL_PGD)))
+        _set(root, pgd_idx, fmt.make_table(new_pud, LEVEL_PGD))
         new_pud = None
     pud_table = tables[dir_nlb(_get(root, pgd_idx))]
 
@@ -313,7 +286,7 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
     if not _get(pud_table, pud_idx):
         if new_pmd is None:
             return cleanup(-errno.ENOMEM)
-        _set(pud_table, pud_idx, dir_entry(new_pmd, cfg.next_index_size(LEVEL_PUD)))
+        _set(pud_table, pud_idx, fmt.make_table(new_pmd, LEVEL_PUD))
         new_pmd = None
     pmd_table = tables[dir_nlb(_get(pud_table, pud_idx))]
 
@@ -326,7 +299,7 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
     if not _get(pmd_table, pmd_idx):
         if new_ptep is None:
             return cleanup(-errno.ENOMEM)
-        _set(pmd_table, pmd_idx, dir_entry(new_ptep, cfg.next_index_size(LEVEL_PMD)))
+        _set(pmd_table, pmd_idx, fmt.make_table(new_ptep, LEVEL_PMD))
         new_ptep = None
     pte_table = tables[dir_nlb(_get(pmd_table, pmd_idx))]
 
@@ -345,7 +318,7 @@ def _install_at(be, vm, table, idx, pos: int, here: int, pte: int, gpa: int, lev
     """Steps D and F: the entry at KVM level ``here`` (PUD or PMD). Returns a result when the
     install is finished here, None to go on down."""
     cur = _get(table, idx)
-    shift = be.pgtable.geometry.shifts[pos]
+    shift = be.fmt.geometry.shifts[pos]
     if cur & _PAGE_PTE and pte_present(cur):
         if level == here:
             _merge_extra_bits(be, vm, table, idx, cur, pte, gpa)
@@ -387,9 +360,9 @@ def kvmppc_book3s_instantiate_page(be, vm, fault, host_pte: int, host_shift: int
                                    upgrade_write: bool) -> tuple[int, int]:
     """Build the partition PTE from the host Linux PTE and install it
     (kvmppc_book3s_instantiate_page, steps 6-10). Returns ``(ret, level)``."""
-    cfg = be.cfg
-    page_shift = cfg.page_shift
-    page_size = cfg.page_size
+    fmt = be.fmt
+    page_shift = fmt.page_shift
+    page_size = fmt.page_size
     memslot = fault.slot
     writing = fault.write
     gpa = fault.gfn << SZ_4K_SHIFT
@@ -410,7 +383,7 @@ def kvmppc_book3s_instantiate_page(be, vm, fault, host_pte: int, host_shift: int
             pte |= hva & ((1 << host_shift) - page_size)
     if not be.huge_past_slot and level != LEVEL_PTE:
         # Option: x86/arm64's rule that the whole block lies in the slot (off by default).
-        if not memslot.supports_huge_mapping(fault.gfn, 1 << cfg.level_shift(level)):
+        if not memslot.supports_huge_mapping(fault.gfn, 1 << fmt.level_shift(level)):
             level = LEVEL_PTE
             pte = host_pte | (hva & ((1 << host_shift) - page_size))
 
@@ -422,7 +395,7 @@ def kvmppc_book3s_instantiate_page(be, vm, fault, host_pte: int, host_shift: int
     else:
         pte &= ~(_PAGE_WRITE | _PAGE_DIRTY)
 
-    gpa_aligned = gpa & ~((1 << cfg.level_shift(level)) - 1)
+    gpa_aligned = gpa & ~((1 << fmt.level_shift(level)) - 1)
     if vm.events is not None:
         vm.trace("ppc.instantiate", gpa=gpa_aligned, level=level, pte=pte)
     # Step 8.
@@ -480,7 +453,7 @@ def kvmppc_hv_get_dirty_log_radix(be, vm, memslot) -> None:
             dirty.append(max(ctx.addr, start))
         return None
 
-    be.pgtable.walk(start, end, visit, LEAF)
+    be.table.pt.walk(start, end, visit, LEAF)
     with batched_tlbie(be, vm):
         for gpa in dirty:
             base, size = kvm_radix_test_clear_dirty(be, vm, gpa)
@@ -506,7 +479,7 @@ def kvm_age_radix(be, vm, start_gpa: int, end_gpa: int, test_only: bool) -> bool
             kvmppc_radix_update_pte(ctx.table, ctx.index, _PAGE_ACCESSED, 0)
         return None
 
-    be.pgtable.walk(start_gpa, end_gpa, visit, LEAF)
+    be.table.pt.walk(start_gpa, end_gpa, visit, LEAF)
     return young
 
 
@@ -515,5 +488,5 @@ __all__ = [
     "find_kvm_secondary_pte", "kvmppc_update_dirty_map", "kvmppc_unmap_pte", "kvm_unmap_radix",
     "kvmppc_radix_flush_memslot", "kvmppc_create_pte", "kvmppc_book3s_instantiate_page",
     "kvmppc_hv_handle_set_rc", "kvm_radix_test_clear_dirty", "kvmppc_hv_get_dirty_log_radix",
-    "kvm_age_radix", "pte_pa", "LEVEL_PGD",
+    "kvm_age_radix", "LEVEL_PGD",
 ]

@@ -79,4 +79,4 @@ def find_kvm_host_pte(vm, be, mmu_seq: int, hva: int):
     frame, writable, size = e
     first = frame - ((hva & (size - 1)) >> 12)        # the host page's / block's first frame
     prot = host_pgprot(host.find_vma(hva), writable)
-    return pfn_pte(first << 12, prot, be.cfg.page_shift), size.bit_length() - 1
+    return pfn_pte(first << 12, prot, be.fmt.page_shift), size.bit_length() - 1

@@ -2,28 +2,19 @@
 radix.h, mmu.h).
 
 Power stores page-table entries big-endian; the tables here are ``array('Q')`` holding exactly
-the bytes the hardware would read, so on a little-endian host every stored word is the
-byte-swapped value. ``cpu_to_be64`` / ``be64_to_cpu`` are the only crossing points (Linux's
+the bytes the hardware would read, so on the little-endian hosts the model runs on every stored
+word is the byte-swapped value (``kvmcore.radix.RadixFormat.big_endian``: the core swaps with
+the same ``bswap64``). ``cpu_to_be64`` / ``be64_to_cpu`` are the crossing points (Linux's
 ``pte_raw`` / ``__pte_raw``); everything else works on CPU-order values.
 """
 
 from __future__ import annotations
 
 import struct
-import sys
 
-# --------------------------------------------------------------------------- byte order
+from kvmcore.radix import bswap64
 
-if sys.byteorder == "little":
-    def be64_to_cpu(raw: int) -> int:
-        return int.from_bytes(raw.to_bytes(8, "little"), "big")
-
-    cpu_to_be64 = be64_to_cpu
-else:  # pragma: no cover - a big-endian host stores CPU order as is
-    def be64_to_cpu(raw: int) -> int:
-        return raw
-
-    cpu_to_be64 = be64_to_cpu
+be64_to_cpu = cpu_to_be64 = bswap64
 
 _BE64 = struct.Struct(">Q")
 #: ``be64_to_cpu(table[idx])`` and ``table[idx] = cpu_to_be64(val)`` in one C call each, on the
@@ -95,19 +86,6 @@ def pte_present(pte: int) -> bool:
     return bool(pte & _PAGE_PTE) and bool(pte & (_PAGE_PRESENT | _PAGE_INVALID))
 
 
-def pte_is_leaf(pte: int) -> bool:
-    """pmd_is_leaf / pud_is_leaf: the L bit."""
-    return bool(pte & _PAGE_PTE)
-
-
-def pmd_present(pmd: int) -> bool:
-    return bool(pmd & (_PAGE_PRESENT | _PAGE_INVALID))
-
-
-def pud_present(pud: int) -> bool:
-    return bool(pud & _PAGE_PRESENT)
-
-
 def pte_young(pte: int) -> bool:
     return bool(pte & _PAGE_ACCESSED)
 
@@ -118,14 +96,6 @@ def pte_dirty(pte: int) -> bool:
 
 def pte_write(pte: int) -> bool:
     return bool(pte & _PAGE_WRITE)
-
-
-def pte_exec(pte: int) -> bool:
-    return bool(pte & _PAGE_EXEC)
-
-
-def pte_read(pte: int) -> bool:
-    return bool(pte & _PAGE_READ)
 
 
 def pte_ci(pte: int) -> bool:
@@ -172,11 +142,6 @@ def dir_nlb(pde: int) -> int:
 
 def dir_nls(pde: int) -> int:
     return pde & RPDS_MASK
-
-
-def is_dir_entry(pde: int) -> bool:
-    """A valid entry without the L bit points to the next table."""
-    return bool(pde & _PAGE_PRESENT) and not pde & _PAGE_PTE
 
 
 def describe(pte: int) -> str:

@@ -301,14 +301,14 @@ def test_delete_and_move_flush_the_slot(make_vm, host, page_size):
     vcpu = vm.create_vcpu(0)
     vcpu.write(GPA, b"a")
     vcpu.write(GPA + 4 * page_size, b"b")
-    tables = len(vm.backend.store)
+    tables = len(vm.backend.table.store)
     seq = vm.mmu_invalidate.seq
     vm.backend.tlbie_log.clear()
     vm.set_user_memory_region(0, 2 * GPA, SZ_2M, hva)        # MOVE
     assert list(vm.mappings()) == []
     assert [a for a, _s, _l in vm.backend.tlbie_log] == [GPA, GPA + 4 * page_size]
     assert vm.mmu_invalidate.seq > seq
-    assert len(vm.backend.store) == tables
+    assert len(vm.backend.table.store) == tables
     assert vcpu.read(2 * GPA, 1) == b"a"
     vm.set_user_memory_region(0, 2 * GPA, 0, hva)             # DELETE
     assert list(vm.mappings()) == []
@@ -344,7 +344,7 @@ def test_partition_table_entry(make_vm):
     dw0, _dw1 = vm.backend.partition_table_entry
     assert dw0 >> 63 == 1 and dw0 & 0x1F == 13                # HR, RPDS = 13
     assert (dw0 >> 61) & 3 == 2 and (dw0 >> 5) & 7 == 5       # RTS = 21: a 52-bit tree
-    assert dw0 & 0x0FFFFFFFFFFFF000 == vm.backend.pgtable.root
+    assert dw0 & 0x0FFFFFFFFFFFF000 == vm.backend.table.pt.root
 
 
 # ------------------------------------------------------------------ the host's PAGE_SIZE
@@ -356,7 +356,7 @@ def test_vm_without_host_gets_a_radix_host_of_its_page_size(page_size):
     from kvmcore import VM
 
     vm = VM(arch="ppc_radix", page_size=page_size)
-    assert vm.page_size == vm.host.page_size == vm.backend.cfg.page_size == page_size
+    assert vm.page_size == vm.host.page_size == vm.backend.fmt.page_size == page_size
     assert vm.host.pmd_size == SZ_2M
 
 
@@ -364,9 +364,9 @@ def test_vm_follows_its_hosts_page_size():
     from kvmcore import VM, HostMemory
 
     vm = VM(arch="ppc_radix", host=HostMemory(page_size=65536, pmd_size=SZ_2M))
-    assert vm.page_size == vm.backend.cfg.page_size == 65536
-    assert vm.backend.cfg.pte_index_size == 5 and min(vm.arch_info.page_sizes) == 65536
-    assert VM(arch="ppc_radix", host=HostMemory()).backend.cfg.page_size == 4096
+    assert vm.page_size == vm.backend.fmt.page_size == 65536
+    assert vm.backend.fmt.pte_index_size == 5 and min(vm.arch_info.page_sizes) == 65536
+    assert VM(arch="ppc_radix", host=HostMemory()).backend.fmt.page_size == 4096
 
 
 @pytest.mark.parametrize("host_page,opts", [
@@ -395,7 +395,7 @@ def test_base_page_leaf_maps_the_host_page_from_its_first_frame(make_vm, host, p
     m = vm.lookup(GPA + 0x3000)
     assert m.size == page_size and m.gfn == (GPA + (0x3000 & ~(page_size - 1))) >> 12
     assert m.pfn == host.page_of(frame) == frame - ((0x3000 & (page_size - 1)) >> 12)
-    assert P.pte_pa(cpu(m), vm.backend.cfg.page_shift) == m.pfn << 12
+    assert P.pte_pa(cpu(m), vm.backend.fmt.page_shift) == m.pfn << 12
     host.write(hva + page_size - 8, b"lastword")
     assert vcpu.read(GPA + page_size - 8, 8) == b"lastword"
     assert_invariants(vm)

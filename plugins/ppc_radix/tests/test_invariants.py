@@ -26,8 +26,8 @@ def setup(request):
 
 
 def _dir_slot(be, gpa, pos):
-    _pos, table_pa, idx = be.pgtable.path(gpa)[pos]
-    return be.store[table_pa], idx
+    _pos, table_pa, idx = be.table.pt.path(gpa)[pos]
+    return be.table.store[table_pa], idx
 
 
 def _poke(table, idx, fn):
@@ -57,7 +57,7 @@ def test_directory_to_non_table(setup):
     be, vm, _ = setup
     t, i = _dir_slot(be, 0x10000, 2)
     _poke(t, i, lambda d: d + 0x100000)
-    _expect(be, vm, "not a live table")
+    _expect(be, vm, "not a table of the next level")
 
 
 def test_leaf_without_x(setup):
@@ -69,10 +69,10 @@ def test_leaf_without_x(setup):
 
 def test_pgd_leaf(setup):
     be, vm, _ = setup
-    root = be.store[be.pgtable.root]
+    root = be.table.store[be.table.pt.root]
     root[1] = P.cpu_to_be64(P.pfn_pte(1 << 39, RAM, 12))
     vm.slots.append(FakeSlot(1 << 27, 1 << 20, id=1))
-    _expect(be, vm, "512G leaf")
+    _expect(be, vm, "is a leaf at a level without leaves")
 
 
 def test_rpn_beyond_52_bits(setup):
@@ -85,7 +85,7 @@ def test_rpn_beyond_52_bits(setup):
 def test_misaligned_huge_rpn(setup):
     be, vm, _ = setup
     t, i = _dir_slot(be, 1 << 21, 2)
-    _poke(t, i, lambda e: e + be.cfg.page_size)
+    _poke(t, i, lambda e: e + be.fmt.page_size)
     _expect(be, vm, "not aligned")
 
 
@@ -103,8 +103,8 @@ def test_leaf_without_memslot(setup):
 
 def test_leaked_table(setup):
     be, vm, _ = setup
-    be.store.alloc(512)
-    _expect(be, vm, "not linked")
+    be.table.store.alloc(512)
+    _expect(be, vm, "not reachable from the root")
 
 
 def test_table_linked_twice(setup):

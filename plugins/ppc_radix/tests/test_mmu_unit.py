@@ -30,28 +30,28 @@ def be(request):
 def test_create_pte_links_tables_with_next_level_sizes(be):
     vm = FakeVM()
     assert M.kvmppc_create_pte(be, vm, leaf(0x40000000), 0x1230000, LEVEL_PTE, 0) == 0
-    path = be.pgtable.path(0x1230000)
+    path = be.table.pt.path(0x1230000)
     assert len(path) == 4
     nls = []
     for _pos, table_pa, idx in path[:-1]:
-        d = P.be64_to_cpu(be.store[table_pa][idx])
+        d = P.be64_to_cpu(be.table.store[table_pa][idx])
         assert d & P._PAGE_PRESENT and not d & P._PAGE_PTE
         assert P.dir_nlb(d) & ((1 << (P.dir_nls(d) + 3)) - 1) == 0
         nls.append(P.dir_nls(d))
-    assert nls == [9, 9, be.cfg.pte_index_size]
-    assert len(be.store[path[-1][1]]) == 1 << be.cfg.pte_index_size
+    assert nls == [9, 9, be.fmt.pte_index_size]
+    assert len(be.table.store[path[-1][1]]) == 1 << be.fmt.pte_index_size
     assert be.entry(0x1230000) == leaf(0x40000000)
 
 
 def test_mmu_seq_change_installs_nothing_and_frees_preallocations(be):
     vm = FakeVM()
-    tables = len(be.store)
+    tables = len(be.table.store)
     vm.mmu_invalidate.seq = 5
     assert M.kvmppc_create_pte(be, vm, leaf(0), 0, LEVEL_PTE, 4) == -errno.EAGAIN
-    assert len(be.store) == tables and be.entry(0) == 0
+    assert len(be.table.store) == tables and be.entry(0) == 0
     vm.mmu_invalidate.begin()
     assert M.kvmppc_create_pte(be, vm, leaf(0), 0, LEVEL_PTE, 5) == -errno.EAGAIN
-    assert len(be.store) == tables
+    assert len(be.table.store) == tables
 
 
 def test_refault_identical_and_or_merge_without_flush(be):
@@ -74,13 +74,13 @@ def test_refault_identical_and_or_merge_without_flush(be):
 def test_huge_leaf_replaces_table_flushes_pwc_and_frees(be):
     slot = FakeSlot(0, 1024, logging=True)
     vm = FakeVM([slot])
-    ps = be.cfg.page_size
+    ps = be.fmt.page_size
     M.kvmppc_create_pte(be, vm, leaf(0x600000 + ps, P._PAGE_DIRTY), ps, LEVEL_PTE, 0)
     M.kvmppc_create_pte(be, vm, leaf(0x600000), 0, LEVEL_PTE, 0)
-    tables = len(be.store)
+    tables = len(be.table.store)
     assert M.kvmppc_create_pte(be, vm, leaf(0x600000, P._PAGE_DIRTY, 21), 0, LEVEL_PMD, 0) == 0
     assert be.pwc_flushes == [be.lpid]
-    assert len(be.store) == tables - 1                     # the PTE table is gone
+    assert len(be.table.store) == tables - 1                     # the PTE table is gone
     assert {a for a, _s, _l in be.tlbie_log} == {0, ps}    # leftover leaves were unmapped
     assert sorted(vm.dirty) == list(range(ps >> 12, 2 * ps >> 12))   # C went to the log
     found = M.find_kvm_secondary_pte(be, 0x1000)
@@ -91,12 +91,12 @@ def test_small_mapping_under_huge_leaf_unmaps_it_first(be):
     slot = FakeSlot(0, 1024, logging=True)
     vm = FakeVM([slot])
     M.kvmppc_create_pte(be, vm, leaf(0x600000, P._PAGE_DIRTY, 21), 0, LEVEL_PMD, 0)
-    gpa = 0x30000 & ~(be.cfg.page_size - 1)
+    gpa = 0x30000 & ~(be.fmt.page_size - 1)
     assert M.kvmppc_create_pte(be, vm, leaf(0x900000), gpa, LEVEL_PTE, 0) == 0
     assert be.tlbie_log == [(0, SZ_2M, be.lpid)]
     assert len(vm.dirty) == 512                            # the whole 2M leaf was dirty
     assert M.find_kvm_secondary_pte(be, 0) is None
-    assert M.find_kvm_secondary_pte(be, gpa)[2] == be.cfg.page_shift
+    assert M.find_kvm_secondary_pte(be, gpa)[2] == be.fmt.page_shift
 
 
 def test_unmap_whole_covering_leaf_with_dirty_transfer_and_no_table_free(be):
@@ -104,7 +104,7 @@ def test_unmap_whole_covering_leaf_with_dirty_transfer_and_no_table_free(be):
     vm = FakeVM([slot])
     M.kvmppc_create_pte(be, vm, leaf(SZ_1G, P._PAGE_DIRTY, 30), SZ_1G, LEVEL_PUD, 0)
     M.kvmppc_create_pte(be, vm, leaf(0x5000000), 0x10000, LEVEL_PTE, 0)
-    tables = len(be.store)
+    tables = len(be.table.store)
     M.kvm_unmap_radix(be, vm, slot, SZ_1G + 0x5000, SZ_1G + 0x6000)
     assert be.entry(SZ_1G) == 0 and be.entry(SZ_1G + (SZ_1G >> 1)) == 0
     assert be.tlbie_log == [(SZ_1G, SZ_1G, be.lpid)]
@@ -113,7 +113,7 @@ def test_unmap_whole_covering_leaf_with_dirty_transfer_and_no_table_free(be):
     first = (SZ_1G + 0x5000 if be.unaligned_dirty_quirk else SZ_1G) >> 12
     assert len(vm.dirty) == SZ_1G >> 12 and min(vm.dirty) == first
     M.kvm_unmap_radix(be, vm, slot, 0, 1 << 40)
-    assert len(be.store) == tables                          # unmap never frees tables
+    assert len(be.table.store) == tables                          # unmap never frees tables
 
 
 def test_flush_memslot_bumps_the_seq_alone(be):
@@ -159,7 +159,7 @@ def test_aging_clears_only_r_without_tlbie(be):
 
 
 def test_harvest_clears_only_c_with_one_tlbie_per_page(be):
-    ps = be.cfg.page_size
+    ps = be.fmt.page_size
     slot = FakeSlot(0, 1024, logging=True)
     vm = FakeVM([slot])
     for i in range(3):
@@ -175,7 +175,7 @@ def test_harvest_clears_only_c_with_one_tlbie_per_page(be):
 
 
 def test_batched_tlbie_merges_model_flushes_but_records_each(be):
-    ps = be.cfg.page_size
+    ps = be.fmt.page_size
     slot = FakeSlot(0, 1 << 12)
     vm = FakeVM([slot])
     for i in range(4):
@@ -213,7 +213,7 @@ def _instantiate(be, vm, f):
 
 
 def _vm(be, slot, **host):
-    host.setdefault("size", be.cfg.page_size)
+    host.setdefault("size", be.fmt.page_size)
     return FakeVM([slot], FakeHost(**host))
 
 
@@ -263,7 +263,7 @@ def test_level_selection(be, gpa_off, hva_off, host_size, logging, want):
     base_hva = 0x7F0000000000
     slot = FakeSlot(0, 1 << 20, userspace_addr=base_hva + hva_off,
                     flags=1 if logging else 0, logging=logging)
-    host_size = host_size or be.cfg.page_size
+    host_size = host_size or be.fmt.page_size
     host_base = 0x40_0000_0000
     vm = _vm(be, slot, size=host_size, base=host_base)
     gpa = SZ_1G + gpa_off + 0x50000
@@ -271,21 +271,21 @@ def test_level_selection(be, gpa_off, hva_off, host_size, logging, want):
     ret, level = _instantiate(be, vm, _fault(slot, gpa, hva))
     assert ret == 0
     table, idx, shift, e = M.find_kvm_secondary_pte(be, gpa)
-    want = want or be.cfg.page_size
+    want = want or be.fmt.page_size
     assert 1 << shift == want
     # The RPN is the host block's first frame | the sub-frame of hva (invariant 7).
-    assert P.pte_pa(e, be.cfg.page_shift) == (host_base + (hva & (host_size - 1))) & ~(want - 1)
+    assert P.pte_pa(e, be.fmt.page_shift) == (host_base + (hva & (host_size - 1))) & ~(want - 1)
 
 
 def test_host_pte_rpn_is_first_frame_of_the_host_page(be):
     """find_kvm_host_pte: the host PTE maps the whole host page; its RPN is the first frame,
     whatever 4 KiB of it the hva points at; shift is log2 of the host mapping."""
     slot = FakeSlot(0, 1 << 20, userspace_addr=0x7F0000000000)
-    ps = be.cfg.page_size
+    ps = be.fmt.page_size
     vm = _vm(be, slot, base=0x1230000 & ~(ps - 1))
     pte, shift = find_kvm_host_pte(vm, be, 0, slot.userspace_addr + ps - 0x1000)
-    assert shift == be.cfg.page_shift
-    assert P.pte_pa(pte, be.cfg.page_shift) == 0x1230000 & ~(ps - 1)
+    assert shift == be.fmt.page_shift
+    assert P.pte_pa(pte, be.fmt.page_shift) == 0x1230000 & ~(ps - 1)
     assert pte & P._PAGE_PRESENT and pte & P._PAGE_PTE and pte & P._PAGE_WRITE
 
 

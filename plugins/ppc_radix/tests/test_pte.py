@@ -5,7 +5,9 @@ from array import array
 import pytest
 
 from kvmcore_ppc_radix import pte as P
-from kvmcore_ppc_radix.radix import RADIX_FORMAT, RadixConfig
+from kvmcore_ppc_radix.radix import PpcRadixFormat
+
+FMT = PpcRadixFormat(12)
 
 
 def test_storage_is_big_endian():
@@ -26,7 +28,7 @@ def test_leaf_bit_values():
 
 def test_pte_present_and_leaf():
     leaf = P.pfn_pte(0x5000, P._PAGE_PRESENT | P._PAGE_READ, 12)
-    assert P.pte_present(leaf) and P.pte_is_leaf(leaf)
+    assert P.pte_present(leaf) and FMT.is_leaf(leaf, 1) and not FMT.is_table(leaf, 1)
     # _PAGE_INVALID | L counts as present for Linux (THP invalidation), V alone does not.
     assert P.pte_present((leaf & ~P._PAGE_PRESENT) | P._PAGE_INVALID)
     assert not P.pte_present(P._PAGE_PRESENT)
@@ -55,13 +57,15 @@ def test_cache_attribute_helpers():
 def test_directory_entry_format():
     d = P.dir_entry(0x4000_0000_1000, 9)
     assert d == 0x8000_4000_0000_1009
-    assert P.is_dir_entry(d) and not d & P.RADIX_DIR_BAD_BITS
+    assert FMT.is_valid(d, 1) and FMT.is_table(d, 1) and not d & P.RADIX_DIR_BAD_BITS
     assert P.dir_nlb(d) == 0x4000_0000_1000 and P.dir_nls(d) == 9
-    raw = P.cpu_to_be64(d)
-    assert RADIX_FORMAT.is_valid(raw, 1) and RADIX_FORMAT.is_table(raw, 1)
-    assert RADIX_FORMAT.table_address(raw, 1) == 0x4000_0000_1000
+    assert FMT.make_table(0x4000_0000_1000, 2) == d
+    # The walker's view tests the stored (big-endian) words in place.
+    stored, raw = FMT.stored(), P.cpu_to_be64(d)
+    assert stored.is_valid(raw, 1) and stored.is_table(raw, 1)
+    assert stored.table_address(raw, 1) == 0x4000_0000_1000
     leaf = P.cpu_to_be64(P.pfn_pte(0x200000, P._PAGE_PRESENT, 12))
-    assert RADIX_FORMAT.is_valid(leaf, 1) and not RADIX_FORMAT.is_table(leaf, 1)
+    assert stored.is_valid(leaf, 1) and not stored.is_table(leaf, 1)
 
 
 @pytest.mark.parametrize("page_size,bits,shifts", [
@@ -69,7 +73,7 @@ def test_directory_entry_format():
     (65536, (13, 9, 9, 5), (39, 30, 21, 16)),
 ])
 def test_geometry(page_size, bits, shifts):
-    cfg = RadixConfig(page_size.bit_length() - 1)
+    cfg = PpcRadixFormat(page_size.bit_length() - 1)
     g = cfg.geometry
     assert g.bits == bits and g.shifts == shifts and g.ia_bits == 52
     assert sum(bits) + shifts[-1] == 52
@@ -84,16 +88,15 @@ def test_describe():
     assert "ATT=0x20" in P.describe(P.pfn_pte(0, P.pgprot_noncached(P._PAGE_PRESENT), 12))
 
 
-def test_populated_span_clips_to_nonzero_root_entries():
-    from kvmcore_ppc_radix import PpcRadixBackend
-    from kvmcore_ppc_radix.radix import populated_span
+def test_leaf_permissions_and_output_address():
+    """The format's logical view: EAA RW grants read, R/C are accessed/dirty, the RPN masks
+    the base page."""
+    from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X
 
-    be = PpcRadixBackend()
-    assert populated_span(be.pgtable, 0, 1 << 52) == (0, 0)
-    root = be.store[be.pgtable.root]
-    root[3] = P.cpu_to_be64(P.dir_entry(0x1000, 9))
-    root[8191] = P.cpu_to_be64(P.dir_entry(0x2000, 9))
-    assert populated_span(be.pgtable, 0, 1 << 52) == (3 << 39, 1 << 52)
-    root[8191] = 0
-    assert populated_span(be.pgtable, 0, 1 << 52) == (3 << 39, 4 << 39)
-    assert populated_span(be.pgtable, (3 << 39) + 5, 1 << 52) == ((3 << 39) + 5, 4 << 39)
+    leaf = P.pfn_pte(0x1234_5000, P._PAGE_PRESENT | P._PAGE_WRITE | P._PAGE_DIRTY, 12)
+    assert FMT.perms(leaf) == PERM_R | PERM_W | PERM_D
+    assert FMT.output_address(leaf, 0) == P.pte_pa(leaf, 12) == 0x1234_5000
+    made = FMT.make_leaf(0x20_0000, 1, PERM_R | PERM_X | PERM_A)
+    assert made == P.pfn_pte(0x20_0000, P._PAGE_PRESENT | P._PAGE_READ | P._PAGE_EXEC
+                             | P._PAGE_ACCESSED, 12)
+    assert PpcRadixFormat(16).output_address(made | 0x8000, 1) == 0x20_0000
