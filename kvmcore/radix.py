@@ -422,15 +422,15 @@ class RadixTable:
 
 
 def check_entries(trees, problems: list[str]):
-    """``RadixTable.check`` over ``trees`` (``(name, RadixTable)`` pairs) that share one store
-    (x86: the direct, mirror and invalid roots): appends to ``problems`` a table entry that
-    does not point at a table of the next level's size, a table linked twice, tables
-    reachable from no tree (leaked), a non-empty entry neither valid nor a placeholder, a
-    leaf at a level without leaves or not aligned to its size; and yields every other
-    non-empty entry as ``(tree, level, addr, pte, is_leaf)`` (``pte`` in logical order) for
-    the backend's own invariants, so that it walks nothing again."""
+    """``RadixTable.check`` over ``trees``, ``(label, RadixTable)`` pairs that share one store
+    (x86: the direct, mirror and invalid roots; a label names its tree in problems): appends
+    to ``problems`` a table entry that does not point at a table of the next level's size, a
+    table linked twice, tables reachable from no tree (leaked), a non-empty entry neither
+    valid nor a placeholder, a leaf at a level without leaves or not aligned to its size;
+    and yields every other non-empty entry as ``(label, level, addr, pte, is_leaf)`` (``pte``
+    in logical order) for the backend's own invariants, so that it walks nothing again."""
     seen, tables = set(), {}
-    for name, t in trees:
+    for label, t in trees:
         g, fmt, ld, tables = t.g, t.fmt, t.ld, t.store.tables
         empty, last, leaf_size = t.st(fmt.empty), g.nlevels - 1, t.leaf_size
         is_valid, is_table, is_placeholder = fmt.is_valid, fmt.is_table, fmt.is_placeholder
@@ -438,7 +438,7 @@ def check_entries(trees, problems: list[str]):
         while stack:
             pa, pos, base = stack.pop()
             if pa in seen:
-                problems.append(f"{name}: the table at {pa:#x} is linked twice")
+                problems.append(f"{label}: the table at {pa:#x} is linked twice")
                 continue
             seen.add(pa)
             table, level, shift = tables[pa], g.level_ids[pos], g.shifts[pos]
@@ -448,29 +448,30 @@ def check_entries(trees, problems: list[str]):
                 leaf, problem = False, None
                 if not is_valid(pte, level):
                     if not is_placeholder(pte, level):
-                        problems.append(f"{name}: entry {idx} of the level-{level} table at "
+                        problems.append(f"{label}: entry {idx} of the level-{level} table at "
                                         f"{pa:#x} is invalid but not empty ({pte:#x})")
                         continue
                 elif pos < last and is_table(pte, level):
                     child = fmt.table_address(pte, level)
-                    if len(tables.get(child, ())) == g.entries(pos + 1):
+                    if len(tables.get(child, ())) == 1 << g.bits[pos + 1]:
                         stack.append((child, pos + 1, addr))
                     else:
                         problem = f"links {child:#x}, not a table of the next level"
                 else:
                     leaf = True
-                    if level not in leaf_size:
+                    size = leaf_size.get(level)
+                    if size is None:
                         problem = "is a leaf at a level without leaves"
-                    elif fmt.output_address(pte, level) % leaf_size[level]:
+                    elif fmt.output_address(pte, level) % size:
                         problem = "is a leaf not aligned to its size"
                 if problem:
-                    problems.append(f"{name}: entry {idx} of the level-{level} table at "
+                    problems.append(f"{label}: entry {idx} of the level-{level} table at "
                                     f"{pa:#x} {problem}")
-                yield t, level, addr, pte, leaf
+                yield label, level, addr, pte, leaf
     leaked = len(tables) - len(seen)
     if leaked:
         where = "the root" if len(trees) == 1 else "any root"
-        problems.append(f"{', '.join(name for name, _ in trees)}: {leaked} table(s) are "
+        problems.append(f"{', '.join(str(label) for label, _ in trees)}: {leaked} table(s) are "
                         f"leaked, not reachable from {where}")
 
 

@@ -42,8 +42,8 @@ def test_a_placeholder_is_yielded_not_flagged():
     problems = []
     entries = list(check_entries([("t", t)], problems))
     assert problems == []
-    assert (t, 0, 0x6000, MMIO, False) in entries
-    assert (t, 0, 0x5000, t.fmt.make_leaf(0x9000, 0, PERM_R), True) in entries
+    assert ("t", 0, 0x6000, MMIO, False) in entries
+    assert ("t", 0, 0x5000, t.fmt.make_leaf(0x9000, 0, PERM_R), True) in entries
     table[idx] = MMIO | 0x100                      # not declared: invalid but not empty
     assert any("invalid but not empty" in p for p in t.check("t"))
 
@@ -53,9 +53,9 @@ def test_trees_sharing_a_store(trees):
     problems = []
     entries = list(check_entries([("a", a), ("b", b)], problems))
     assert problems == []
-    # Each tree's tables and its leaf, with the address each entry maps (logical order).
-    assert {(t, addr) for t, level, addr, pte, leaf in entries if leaf} == {
-        (a, 0x20_1000), (b, 0x4000_0000)}
+    # Each tree's tables and its leaf, with the address each entry maps, under its label.
+    assert {(label, addr) for label, level, addr, pte, leaf in entries if leaf} == {
+        ("a", 0x20_1000), ("b", 0x4000_0000)}
     # Alone, a tree calls the other's tables leaked.
     assert any("leaked, not reachable from the root" in p for p in a.check("a"))
     a.store.alloc(512)

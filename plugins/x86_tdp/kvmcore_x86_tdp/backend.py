@@ -734,22 +734,18 @@ class X86TdpBackend:
 
     # ------------------------------------------------------------------ introspection
     def _root_leaves(self, vm, root: TdpRoot, start: int, end: int) -> list[Mapping]:
-        out = []
-        perms, bits = self.tdp.fmt.perms, root.gfn_bits
+        perms = self.tdp.fmt.perms
         # A mirror leaf is private; for one-table VMs the RMP or the attribute says.
         per_gfn = self.has_private_mem and self.tdx is None
-
-        def visit(ctx):
-            spte, level = ctx.pte, ctx.level
-            gfn = (ctx.addr >> 12) - bits
+        out = []
+        for table, idx, level, gfn in self.tdp.iter_leaves(root, start, end):
+            spte = table[idx]
             pfn = spte_to_pfn(spte)
             p = perms(spte)
             out.append(Mapping(gfn, KVM_HPAGE_SIZE(level), pfn, bool(p & PERM_R),
                                bool(p & PERM_W), bool(p & PERM_X), root.is_mirror or (
                                    per_gfn and self.gfn_is_private_mapping(vm, gfn, pfn)),
                                bool(p & PERM_A), bool(p & PERM_D), level, spte))
-
-        root.pt.walk(*self.tdp._span(root, start, end), visit)
         return out
 
     @hookimpl

@@ -48,12 +48,8 @@ def check_invariants(backend, vm) -> list[str]:
             problems.append(f"root level {root.level} is neither 4 nor 5")
 
     mirror_leaves: dict[int, int] = {}
-    names = {r.rt: f"{'mirror' if r.is_mirror else 'direct'} root as{r.as_id}"
-             for r in tdp.roots}
-    roots = {r.rt: r for r in tdp.roots}
-    trees = [(name, rt) for rt, name in names.items()]
-    for rt, level, addr, spte, leaf in check_entries(trees, problems):
-        root = roots[rt]
+    for root, level, addr, spte, leaf in check_entries([(r, r.rt) for r in tdp.roots],
+                                                       problems):
         if root.invalid:
             continue
         key = addr >> 12
@@ -97,7 +93,7 @@ def check_invariants(backend, vm) -> list[str]:
                 _slot_leaf_problems(backend, vm, root, slot, level, gfn, spte, pfn, init_set,
                                     found)
         if found:
-            where = f"{names[rt]} level {level} gfn {gfn:#x}"
+            where = f"{root.name} level {level} gfn {gfn:#x}"
             problems.extend(f"{where}: {p}" for p in found)
 
     # 20: the mirror and the TDX module's S-EPT agree -- except for the pages a flow paused

@@ -8,6 +8,7 @@ Hardware bits follow the SDM's EPT format; KVM's software bits follow
 
 from __future__ import annotations
 
+import functools
 from array import array
 
 from kvmcore.pgtable import Geometry
@@ -362,6 +363,7 @@ def get_mmio_spte_gfn(spte: int) -> int:
     return (spte & SPTE_BASE_ADDR_MASK) >> 12
 
 
+@functools.cache
 def tdp_geometry(root_level: int) -> Geometry:
     """9 index bits per level, 4K at level 1 (tdp_iter.h SPTE_INDEX); ia_bits is what the
     root can index (48 bits for a 4-level root, 57 for 5-level)."""
@@ -412,9 +414,9 @@ class EptFormat(RadixFormat):
         return make_nonleaf_spte(pa, self.ad_disabled)
 
     def make_leaf(self, pa: int, level: int, perms: int) -> int:
-        """make_spte for a host-writable-if-W page; without PERM_A it is prefetched."""
-        access = ((ACC_USER_MASK if perms & PERM_R else 0) | (ACC_WRITE_MASK if perms & PERM_W
-              else 0) | (ACC_EXEC_MASK if perms & PERM_X else 0))
+        """make_spte: R is ACC_USER, W needs a host-writable page, no PERM_A is a prefetch."""
+        access = (ACC_USER_MASK if perms & PERM_R else 0) | (
+            ACC_WRITE_MASK if perms & PERM_W else 0) | (ACC_EXEC_MASK if perms & PERM_X else 0)
         return make_spte(level=level, pfn=pa >> 12, host_writable=bool(perms & PERM_W),
                          prefetch=not perms & PERM_A, ad_disabled=self.ad_disabled,
                          nx_huge_pages=self.nx_huge_pages, pte_access=access)[0]

@@ -1,10 +1,13 @@
 """The TDP MMU (arch/x86/kvm/mmu/tdp_mmu.c): roots, the map walk, zapping, splitting,
 write-protection, D-bit clearing, aging and huge-page recovery over EPT tables.
 
-Tables are ``array('Q')`` pages from one ``TableStore``; a present non-leaf SPTE carries its
-child's physical address exactly as EPT hardware follows it. Every SPTE write goes through
-``handle_changed_spte`` which checks the transitions Linux BUGs/WARNs on and records violations
-in ``TdpMmu.bugs`` (KVM_BUG_ON), so ``check_invariants`` can report them.
+Each root is a ``kvmcore.radix.RadixTable`` of the VM's ``EptFormat`` in one ``TableStore``; a
+present non-leaf SPTE carries its child's physical address exactly as EPT hardware follows it.
+The leaf loops (for_each_tdp_pte_min_level) are the core's ``PageTable.iter_present``, the
+split and recovery walks visitors of its ``walk``; the map walk is the fault's own flow, for
+its exchanges. Every SPTE write goes through ``handle_changed_spte`` which checks the
+transitions Linux BUGs/WARNs on and records violations in ``TdpMmu.bugs`` (KVM_BUG_ON), so
+``check_invariants`` can report them.
 
 Race points (reference/races.md §1.A, §7). A fault installs under the read lock with
 tdp_mmu_set_spte_atomic, a compare-and-exchange against the SPTE its walk read: the map walk
@@ -93,7 +96,8 @@ class TdpRoot:
     its PageTable), ``role.is_mirror``, ``role.invalid``, the address space (role.smm) and
     the alias bits OR-ed into the walk index (kvm_gfn_root_bits)."""
 
-    __slots__ = ("rt", "pt", "as_id", "is_mirror", "gfn_bits", "level", "invalid", "table")
+    __slots__ = ("rt", "pt", "as_id", "is_mirror", "gfn_bits", "level", "invalid", "table",
+                 "name")
 
     def __init__(self, rt: RadixTable, as_id: int, is_mirror: bool, gfn_bits: int, level: int):
         self.rt = rt
@@ -104,6 +108,10 @@ class TdpRoot:
         self.level = level
         self.invalid = False
         self.table = pt.store[pt.root]
+        self.name = f"{'mirror' if is_mirror else 'direct'} root as{as_id}"
+
+    def __str__(self) -> str:
+        return self.name
 
     def __repr__(self) -> str:
         kind = "mirror" if self.is_mirror else "direct"
