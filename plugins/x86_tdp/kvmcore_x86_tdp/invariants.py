@@ -28,10 +28,10 @@ from .spte import (
 
 
 def check_invariants(backend, vm) -> list[str]:
-    """The core's format invariants over every root at once (``radix.check_entries``: table
-    linkage, tables linked twice or leaked from all roots, non-empty entries that are
-    neither present nor MMIO / FROZEN, leaf levels and pfn alignment), then the x86 ones
-    on each entry it yields."""
+    """The core's format invariants over every root at once (``radix.check_entries``: 1, a
+    non-present SPTE is SHADOW_NONPRESENT_VALUE, MMIO or FROZEN; table links, tables linked
+    twice or leaked from all roots; 11, leaves at 4K-1G aligned to their size), then the
+    x86 ones on each entry it yields."""
     tdp = backend.tdp
     tdx = backend.tdx
     problems: list[str] = list(tdp.bugs)
