@@ -84,6 +84,11 @@ class RadixFormat:
         """A leaf at ``level`` mapping physical address ``pa`` with ``perms`` (PERM_*)."""
         raise NotImplementedError
 
+    def is_placeholder(self, pte: int, level: int) -> bool:
+        """An entry neither empty nor valid that belongs there (x86: an MMIO SPTE, a frozen
+        one): ``check`` leaves it to the backend's own invariants."""
+        return False
+
     def is_leaf(self, pte: int, level: int) -> bool:
         return self.is_valid(pte, level) and (
             level == self.geometry.level_ids[-1] or not self.is_table(pte, level))
@@ -416,33 +421,65 @@ class RadixTable:
     def check(self, name: str) -> list[str]:
         """Format invariants: every table entry points at a table of the next level's size,
         no table is unreachable (the store is this tree's alone), every other non-empty
-        entry is a leaf at a leaf level, aligned to its size."""
-        g, fmt, store, ld = self.g, self.fmt, self.store, self.ld
-        problems, seen = [], set()
-        empty = self.st(fmt.empty)
-        for pa, pos in self.pt.tables():
-            seen.add(pa)
-            level = g.level_ids[pos]
-            table = store[pa]
-            # Only the entries that are not empty, found at C speed (a root may have 8192).
-            for idx in present_indices(table, empty):
-                pte = ld(table[idx])
-                where = f"{name}: entry {idx} of the level-{level} table at {pa:#x}"
-                if not fmt.is_valid(pte, level):
-                    problems.append(f"{where} is invalid but not empty ({pte:#x})")
-                elif not fmt.is_leaf(pte, level):
-                    child = fmt.table_address(pte, level)
-                    if child not in store or len(store[child]) != g.entries(pos + 1):
-                        problems.append(f"{where} links {child:#x}, not a table of the next "
-                                        "level")
-                elif level not in self.leaf_size:
-                    problems.append(f"{where} is a leaf at a level without leaves")
-                elif fmt.output_address(pte, level) % self.leaf_size[level]:
-                    problems.append(f"{where} is a leaf not aligned to its size")
-        leaked = len(store) - len(seen)
-        if leaked:
-            problems.append(f"{name}: {leaked} table(s) are not reachable from the root")
+        entry is a leaf at a leaf level, aligned to its size (``check_entries``)."""
+        problems: list[str] = []
+        for _ in check_entries([(name, self)], problems):
+            pass
         return problems
+
+
+def check_entries(trees, problems: list[str]):
+    """``RadixTable.check`` over ``trees``, ``(label, RadixTable)`` pairs that share one store
+    (x86: the direct, mirror and invalid roots; a label names its tree in problems): appends
+    to ``problems`` a table entry that does not point at a table of the next level's size, a
+    table linked twice, tables reachable from no tree (leaked), a non-empty entry neither
+    valid nor a placeholder, a leaf at a level without leaves or not aligned to its size;
+    and yields every other non-empty entry as ``(label, level, addr, pte, is_leaf)`` (``pte``
+    in logical order) for the backend's own invariants, so that it walks nothing again."""
+    seen, tables = set(), {}
+    for label, t in trees:
+        g, fmt, ld, tables = t.g, t.fmt, t.ld, t.store.tables
+        empty, last, leaf_size = t.st(fmt.empty), g.nlevels - 1, t.leaf_size
+        is_valid, is_table, is_placeholder = fmt.is_valid, fmt.is_table, fmt.is_placeholder
+        stack = [(t.pt.root, 0, 0)]
+        while stack:
+            pa, pos, base = stack.pop()
+            if pa in seen:
+                problems.append(f"{label}: the table at {pa:#x} is linked twice")
+                continue
+            seen.add(pa)
+            table, level, shift = tables[pa], g.level_ids[pos], g.shifts[pos]
+            for idx in present_indices(table, empty):
+                pte = table[idx] if ld is _ident else ld(table[idx])
+                addr = base + (idx << shift)
+                leaf, problem = False, None
+                if not is_valid(pte, level):
+                    if not is_placeholder(pte, level):
+                        problems.append(f"{label}: entry {idx} of the level-{level} table at "
+                                        f"{pa:#x} is invalid but not empty ({pte:#x})")
+                        continue
+                elif pos < last and is_table(pte, level):
+                    child = fmt.table_address(pte, level)
+                    if len(tables.get(child, ())) == 1 << g.bits[pos + 1]:
+                        stack.append((child, pos + 1, addr))
+                    else:
+                        problem = f"links {child:#x}, not a table of the next level"
+                else:
+                    leaf = True
+                    size = leaf_size.get(level)
+                    if size is None:
+                        problem = "is a leaf at a level without leaves"
+                    elif fmt.output_address(pte, level) % size:
+                        problem = "is a leaf not aligned to its size"
+                if problem:
+                    problems.append(f"{label}: entry {idx} of the level-{level} table at "
+                                    f"{pa:#x} {problem}")
+                yield label, level, addr, pte, leaf
+    leaked = len(tables) - len(seen)
+    if leaked:
+        where = "the root" if len(trees) == 1 else "any root"
+        problems.append(f"{', '.join(str(label) for label, _ in trees)}: {leaked} table(s) are "
+                        f"leaked, not reachable from {where}")
 
 
 # --------------------------------------------------------------------------- policies

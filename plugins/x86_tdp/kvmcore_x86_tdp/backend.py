@@ -45,6 +45,7 @@ from kvmcore.arch import ArchInfo, Mapping, VmOption, vm_options
 from kvmcore.errors import KvmError
 from kvmcore.locks import drive
 from kvmcore.memslots import dirty_logging_toggled
+from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X
 from kvmcore.records import MISCONFIG, PERMISSION
 from kvmcore.records import GfnRange
 from kvmcore.uapi import (
@@ -81,11 +82,8 @@ from .spte import (
     PT64_ROOT_5LEVEL,
     PT_WRITABLE_MASK,
     SPTE_MMU_PRESENT_MASK,
-    VMX_EPT_ACCESS_BIT,
-    VMX_EPT_DIRTY_BIT,
     get_mmio_spte_generation,
     is_access_track_spte,
-    is_accessed_spte,
     is_last_spte,
     is_mmio_spte,
     is_mmu_writable_spte,
@@ -93,8 +91,7 @@ from .spte import (
     make_mmio_spte,
     make_spte,
     restore_acc_track_spte,
-    SHADOW_ACC_TRACK_SAVED_BITS_SHIFT,
-    spte_ad_enabled,
+    shadow_mmu_writable_mask,
     spte_to_pfn,
 )
 from .tdp_mmu import (
@@ -732,40 +729,23 @@ class X86TdpBackend:
     def write_protect_gfn(self, vm, root, gfn: int, min_level: int) -> bool:
         """tdp_mmu.c write_protect_gfn: clear W and MMU-writable (write tracking); needs a
         flush, which the GET/CLEAR caller does."""
-        changed = [False]
-
-        def visit(ctx, g):
-            new = ctx.pte & ~(PT_WRITABLE_MASK | (1 << 58))
-            if new != ctx.pte:
-                self.tdp.set_spte(vm, root, ctx.table, ctx.index, g, ctx.level, new)
-                changed[0] = True
-
-        self.tdp.leaf_walk(root, gfn, gfn + 1, visit, min_level)
-        return changed[0]
+        return self.tdp.clear_spte_bits(vm, root, gfn, gfn + 1,
+                                        PT_WRITABLE_MASK | shadow_mmu_writable_mask, min_level)
 
     # ------------------------------------------------------------------ introspection
     def _root_leaves(self, vm, root: TdpRoot, start: int, end: int) -> list[Mapping]:
+        perms = self.tdp.fmt.perms
+        # A mirror leaf is private; for one-table VMs the RMP or the attribute says.
+        per_gfn = self.has_private_mem and self.tdx is None
         out = []
-        private_root = root.is_mirror
-
-        def visit(ctx, gfn):
-            spte = ctx.pte
-            level = ctx.level
-            perms = spte
-            if is_access_track_spte(spte):
-                perms |= (spte >> SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & 0x5
+        for table, idx, level, gfn in self.tdp.iter_leaves(root, start, end):
+            spte = table[idx]
             pfn = spte_to_pfn(spte)
-            private = private_root or (self.has_private_mem and self.tdx is None
-                                       and self.gfn_is_private_mapping(vm, gfn, pfn))
-            if spte_ad_enabled(spte):
-                young, dirty = bool(spte & VMX_EPT_ACCESS_BIT), bool(spte & VMX_EPT_DIRTY_BIT)
-            else:
-                young, dirty = is_accessed_spte(spte), bool(spte & PT_WRITABLE_MASK)
-            out.append(Mapping(gfn, KVM_HPAGE_SIZE(level), pfn, bool(perms & 1),
-                               bool(perms & 2), bool(perms & 4), private, young, dirty, level,
-                               spte))
-
-        self.tdp.leaf_walk(root, start, end, visit)
+            p = perms(spte)
+            out.append(Mapping(gfn, KVM_HPAGE_SIZE(level), pfn, bool(p & PERM_R),
+                               bool(p & PERM_W), bool(p & PERM_X), root.is_mirror or (
+                                   per_gfn and self.gfn_is_private_mapping(vm, gfn, pfn)),
+                               bool(p & PERM_A), bool(p & PERM_D), level, spte))
         return out
 
     @hookimpl

@@ -8,7 +8,11 @@ Hardware bits follow the SDM's EPT format; KVM's software bits follow
 
 from __future__ import annotations
 
+import functools
 from array import array
+
+from kvmcore.pgtable import Geometry
+from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X, RadixFormat
 
 # --------------------------------------------------------------------------- hardware bits
 VMX_EPT_READABLE_MASK = 1 << 0
@@ -359,12 +363,34 @@ def get_mmio_spte_gfn(spte: int) -> int:
     return (spte & SPTE_BASE_ADDR_MASK) >> 12
 
 
-class EptFormat:
-    """The walker's view of KVM's EPT entries: "valid" is KVM's shadow-present bit, a table is
-    a shadow-present entry above 4K without the large-page bit. New tables are filled with
-    SHADOW_NONPRESENT_VALUE, so that is the empty entry the walker skips."""
+@functools.cache
+def tdp_geometry(root_level: int) -> Geometry:
+    """9 index bits per level, 4K at level 1 (tdp_iter.h SPTE_INDEX); ia_bits is what the
+    root can index (48 bits for a 4-level root, 57 for 5-level)."""
+    levels = tuple(range(root_level, 0, -1))
+    return Geometry(shifts=tuple(12 + 9 * (lvl - 1) for lvl in levels),
+                    bits=(9,) * root_level, level_ids=levels, ia_bits=12 + 9 * root_level)
 
+
+class EptFormat(RadixFormat):
+    """KVM's EPT entries declared for the core's walks: "valid" is KVM's shadow-present bit
+    (not the hardware's RWX: that walk is ``ept.ept_translate``), a table is a present entry
+    above 4K without the large-page bit, leaves live at 4K, 2M and 1G. New tables are filled
+    with SHADOW_NONPRESENT_VALUE (mmu_shadow_page_cache.init_value), the empty entry; MMIO
+    SPTEs (per VM, ``mmio_value``) and FROZEN_SPTE are neither empty nor present. One
+    instance per VM: the root level, A/D bits and the NX workaround are per VM."""
+
+    leaf_levels = frozenset({PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G})
     empty = SHADOW_NONPRESENT_VALUE
+    R, W, X = VMX_EPT_READABLE_MASK, PT_WRITABLE_MASK, VMX_EPT_EXECUTABLE_MASK
+    A, D = shadow_accessed_mask, shadow_dirty_mask
+
+    def __init__(self, root_level: int = PT64_ROOT_4LEVEL, ad_disabled: bool = False,
+                 nx_huge_pages: bool = False, mmio_value: int | None = shadow_mmio_value):
+        self.geometry = tdp_geometry(root_level)
+        self.ad_disabled = ad_disabled
+        self.nx_huge_pages = nx_huge_pages
+        self.mmio_value = mmio_value
 
     @staticmethod
     def is_valid(pte: int, level: int) -> bool:
@@ -378,5 +404,33 @@ class EptFormat:
     def table_address(pte: int, level: int) -> int:
         return pte & SPTE_BASE_ADDR_MASK
 
+    output_address = table_address
 
-EPT_FORMAT = EptFormat()
+    def is_placeholder(self, pte: int, level: int) -> bool:
+        return pte == FROZEN_SPTE or (self.mmio_value is not None
+                                      and is_mmio_spte(pte, self.mmio_value))
+
+    def make_table(self, pa: int, level: int) -> int:
+        return make_nonleaf_spte(pa, self.ad_disabled)
+
+    def make_leaf(self, pa: int, level: int, perms: int) -> int:
+        """make_spte: R is ACC_USER, W needs a host-writable page, no PERM_A is a prefetch."""
+        access = (ACC_USER_MASK if perms & PERM_R else 0) | (
+            ACC_WRITE_MASK if perms & PERM_W else 0) | (ACC_EXEC_MASK if perms & PERM_X else 0)
+        return make_spte(level=level, pfn=pa >> 12, host_writable=bool(perms & PERM_W),
+                         prefetch=not perms & PERM_A, ad_disabled=self.ad_disabled,
+                         nx_huge_pages=self.nx_huge_pages, pte_access=access)[0]
+
+    def split_child(self, pte: int, level: int, child_level: int, index: int) -> int:
+        return make_small_spte(pte, child_level, index, self.nx_huge_pages)
+
+    def perms(self, pte: int) -> int:
+        """R/W/X, young and dirty as KVM reads them (is_accessed_spte, is_dirty_spte): without
+        A/D bits a leaf is young unless access-tracked (its parked R/X count) and dirty when
+        writable."""
+        if spte_ad_enabled(pte):
+            return (pte & VMX_EPT_RWX_MASK) | (PERM_A if pte & shadow_accessed_mask else 0) | (
+                PERM_D if pte & shadow_dirty_mask else 0)
+        if is_access_track_spte(pte):
+            return restore_acc_track_spte(pte) & VMX_EPT_RWX_MASK
+        return (pte & VMX_EPT_RWX_MASK) | PERM_A | (PERM_D if pte & PT_WRITABLE_MASK else 0)

@@ -1,10 +1,13 @@
 """The TDP MMU (arch/x86/kvm/mmu/tdp_mmu.c): roots, the map walk, zapping, splitting,
 write-protection, D-bit clearing, aging and huge-page recovery over EPT tables.
 
-Tables are ``array('Q')`` pages from one ``TableStore``; a present non-leaf SPTE carries its
-child's physical address exactly as EPT hardware follows it. Every SPTE write goes through
-``handle_changed_spte`` which checks the transitions Linux BUGs/WARNs on and records violations
-in ``TdpMmu.bugs`` (KVM_BUG_ON), so ``check_invariants`` can report them.
+Each root is a ``kvmcore.radix.RadixTable`` of the VM's ``EptFormat`` in one ``TableStore``; a
+present non-leaf SPTE carries its child's physical address exactly as EPT hardware follows it.
+The leaf loops (for_each_tdp_pte_min_level) are the core's ``PageTable.iter_present``, the
+split and recovery walks visitors of its ``walk``; the map walk is the fault's own flow, for
+its exchanges. Every SPTE write goes through ``handle_changed_spte`` which checks the
+transitions Linux BUGs/WARNs on and records violations in ``TdpMmu.bugs`` (KVM_BUG_ON), so
+``check_invariants`` can report them.
 
 Race points (reference/races.md §1.A, §7). A fault installs under the read lock with
 tdp_mmu_set_spte_atomic, a compare-and-exchange against the SPTE its walk read: the map walk
@@ -22,20 +25,18 @@ immediate, and a page table removed under the read lock is filled with FROZEN_SP
 
 from __future__ import annotations
 
-import re
 from array import array
 from types import GeneratorType
 from typing import TYPE_CHECKING
 
 import structlog
 from kvmcore.locks import WRITE, drive, stepping
-from kvmcore.pgtable import (LEAF, STOP, TABLE_PRE, Geometry, PageTable, TableStore,
-                             present_indices)
+from kvmcore.pgtable import LEAF, TABLE_PRE, TableStore, present_indices
+from kvmcore.radix import RadixTable
 from kvmcore.uapi import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
                           RET_PF_WRITE_PROTECTED)
 
 from .spte import (
-    EPT_FORMAT,
     FROZEN_SPTE,
     NONPRESENT_TABLE,
     PG_LEVEL_2M,
@@ -48,19 +49,19 @@ from .spte import (
     SPTE_MMU_PRESENT_MASK,
     KVM_MAX_HUGEPAGE_LEVEL,
     KVM_PAGES_PER_HPAGE,
+    EptFormat,
     check_spte_writable_invariants,
     is_accessed_spte,
     is_last_spte,
     is_mmio_spte,
     leaf_spte_change_needs_tlb_flush,
     make_huge_spte,
-    make_nonleaf_spte,
-    make_small_spte,
     mark_spte_for_access_track,
     shadow_accessed_mask,
     shadow_dirty_mask,
     spte_ad_enabled,
     spte_to_pfn,
+    tdp_geometry,
 )
 
 if TYPE_CHECKING:
@@ -90,48 +91,27 @@ KVM_VALID_ROOTS = KVM_DIRECT_ROOTS | KVM_MIRROR_ROOTS
 KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
 
 
-def tdp_geometry(root_level: int) -> Geometry:
-    """9 index bits per level, 4K at level 1 (tdp_iter.h SPTE_INDEX); ia_bits is what the
-    root can index (48 bits for a 4-level root, 57 for 5-level)."""
-    levels = tuple(range(root_level, 0, -1))
-    shifts = tuple(12 + 9 * (lvl - 1) for lvl in levels)
-    return Geometry(shifts=shifts, bits=(9,) * root_level, level_ids=levels,
-                    ia_bits=12 + 9 * root_level)
-
-
-#: A run of SHADOW_NONPRESENT_VALUE entries, in this machine's byte order.
-_NONPRESENT_RUN = re.compile(b"(?:" + re.escape(array("Q", [SHADOW_NONPRESENT_VALUE]).tobytes())
-                             + b")*")
-
-
-def _present_from(table, first: int, last: int):
-    """Indices in [first, last) of the entries that are not SHADOW_NONPRESENT_VALUE, found
-    lazily at C speed: a walk restarted at a gfn pays only up to the next present entry."""
-    match = _NONPRESENT_RUN.match
-    raw = memoryview(table).cast("B")
-    pos, end = first * 8, last * 8
-    while pos < end:
-        pos = match(raw, pos, end).end()
-        if pos >= end:
-            return
-        yield pos >> 3
-        pos += 8
-
-
 class TdpRoot:
-    """A root kvm_mmu_page: ``role.is_mirror``, ``role.invalid``, the address space (role.smm)
-    and the alias bits OR-ed into the walk index (kvm_gfn_root_bits)."""
+    """A root kvm_mmu_page: its tree (``rt``, a RadixTable in the VM's shared store; ``pt``
+    its PageTable), ``role.is_mirror``, ``role.invalid``, the address space (role.smm) and
+    the alias bits OR-ed into the walk index (kvm_gfn_root_bits)."""
 
-    __slots__ = ("pt", "as_id", "is_mirror", "gfn_bits", "level", "invalid", "table")
+    __slots__ = ("rt", "pt", "as_id", "is_mirror", "gfn_bits", "level", "invalid", "table",
+                 "name")
 
-    def __init__(self, pt: PageTable, as_id: int, is_mirror: bool, gfn_bits: int, level: int):
-        self.pt = pt
+    def __init__(self, rt: RadixTable, as_id: int, is_mirror: bool, gfn_bits: int, level: int):
+        self.rt = rt
+        self.pt = pt = rt.pt
         self.as_id = as_id
         self.is_mirror = is_mirror
         self.gfn_bits = gfn_bits
         self.level = level
         self.invalid = False
         self.table = pt.store[pt.root]
+        self.name = f"{'mirror' if is_mirror else 'direct'} root as{as_id}"
+
+    def __str__(self) -> str:
+        return self.name
 
     def __repr__(self) -> str:
         kind = "mirror" if self.is_mirror else "direct"
@@ -162,7 +142,9 @@ class TdpMmu:
     def __init__(self, backend, root_level: int):
         self.backend = backend
         self.root_level = root_level
-        self.geometry = tdp_geometry(root_level)
+        self.fmt = EptFormat(root_level, backend.ad_disabled, backend.nx_huge_pages,
+                             backend.shadow_mmio_value)
+        self.geometry = self.fmt.geometry
         self.store = TableStore(min_align=4096)
         self.roots: list[TdpRoot] = []
         #: KVM_BUG_ON / WARN conditions hit by an SPTE change; check_invariants reports them.
@@ -183,9 +165,8 @@ class TdpMmu:
 
     def alloc_root(self, as_id: int, is_mirror: bool, gfn_bits: int) -> TdpRoot:
         """kvm_tdp_mmu_alloc_root."""
-        pt = PageTable(self.store, self.geometry, EPT_FORMAT)
-        self.store.tables[pt.root] = NONPRESENT_TABLE[:]
-        root = TdpRoot(pt, as_id, is_mirror, 0 if is_mirror else gfn_bits, self.root_level)
+        root = TdpRoot(RadixTable(self.fmt, self.store), as_id, is_mirror,
+                       0 if is_mirror else gfn_bits, self.root_level)
         self.roots.append(root)
         return root
 
@@ -346,7 +327,7 @@ class TdpMmu:
             vm.stats["x86_tdp.pf_cmpxchg_failed"] += 1
             return None
         child_pa = self._split_child(spte, level) if split else self.alloc_sp()
-        new = make_nonleaf_spte(child_pa, self.backend.ad_disabled)
+        new = self.fmt.make_table(child_pa, level)
         if root.is_mirror:
             level_gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
             if not self.backend.set_external_spte_present(vm, table, idx, level_gfn, level,
@@ -418,10 +399,9 @@ class TdpMmu:
         (make_small_spte), not linked yet."""
         child_pa = self.alloc_sp()
         child = self.store.tables[child_pa]
-        nx = self.backend.nx_huge_pages
-        child_level = level - 1
+        split_child = self.fmt.split_child
         for i in range(SPTE_ENT_PER_PAGE):
-            child[i] = make_small_spte(huge, child_level, i, nx)
+            child[i] = split_child(huge, level, level - 1, i)
         return child_pa
 
     def _account_split(self, vm: Kvm) -> None:
@@ -436,7 +416,7 @@ class TdpMmu:
         with make_small_spte and replace the huge leaf by a link to it; the translation is
         unchanged, so no TLB flush."""
         child_pa = self._split_child(table[idx], level)
-        table[idx] = make_nonleaf_spte(child_pa, self.backend.ad_disabled)
+        table[idx] = self.fmt.make_table(child_pa, level)
         self._account_split(vm)
         return child_pa
 
@@ -514,30 +494,12 @@ class TdpMmu:
 
     def iter_leaves(self, root: TdpRoot, start: int, end: int):
         """The present leaves overlapping gfns [start, end), in gfn order, as ``(table,
-        index, level, gfn)``: a lazy for_each_tdp_pte_min_level(PG_LEVEL_4K) that reads each
-        table when it gets there, so a walk restarted after a yield sees the tables as they
-        are then."""
-        bits = root.gfn_bits
-        lo, hi = start + bits, end + bits
-        tables = self.store.tables
-
-        def walk(table, level, base):
-            shift = 9 * (level - 1)
-            first = max(lo - base, 0) >> shift
-            last = min(SPTE_ENT_PER_PAGE, (hi - base + (1 << shift) - 1) >> shift)
-            indices = range(first, last) if last - first <= 16 else \
-                _present_from(table, first, last)
-            for i in indices:
-                spte = table[i]
-                if not spte & SPTE_MMU_PRESENT_MASK:
-                    continue
-                key = base + (i << shift)
-                if level == PG_LEVEL_4K or spte & PT_PAGE_SIZE_MASK:
-                    yield table, i, level, key - bits
-                else:
-                    yield from walk(tables[spte & SPTE_BASE_ADDR_MASK], level - 1, key)
-
-        return walk(root.table, root.level, 0)
+        index, level, gfn)``: for_each_tdp_pte_min_level(PG_LEVEL_4K), the core's lazy
+        iterator, which reads each table when it gets there, so a walk restarted after a
+        yield sees the tables as they are then."""
+        bits, top = root.gfn_bits, root.level
+        return ((table, idx, top - pos, (addr >> 12) - bits) for table, idx, pos, addr, _
+                in root.pt.iter_present(*self._span(root, start, end), leaves_only=True))
 
     def tdp_mmu_zap_root(self, vm: Kvm, root: TdpRoot) -> None:
         """tdp_mmu_zap_root: zap every SPTE of the root, freeing all its page tables."""
@@ -549,48 +511,30 @@ class TdpMmu:
                 self.set_spte(vm, root, table, i, max(0, i * step - root.gfn_bits),
                               root.level, SHADOW_NONPRESENT_VALUE)
 
-    def leaf_walk(self, root: TdpRoot, start: int, end: int, visit, min_level: int = 1):
-        """Visit present leaves (level >= min_level) overlapping [start, end) as
-        ``visit(ctx, gfn)``; a truthy result stops the walk."""
-        bits = root.gfn_bits
-
-        def v(ctx):
-            if ctx.level < min_level:
-                return None
-            return visit(ctx, (ctx.addr >> 12) - bits)
-
-        lo, hi = self._span(root, start, end)
-        return root.pt.walk(lo, hi, v, LEAF)
+    def clear_spte_bits(self, vm: Kvm, root: TdpRoot, start: int, end: int, mask: int,
+                        min_level: int = PG_LEVEL_4K) -> bool:
+        """tdp_mmu_clear_spte_bits on every present leaf at or above ``min_level`` overlapping
+        [start, end) that has any bit of ``mask``; whether one changed."""
+        changed = False
+        for table, idx, level, gfn in self.iter_leaves(root, start, end):
+            old = table[idx]
+            if level >= min_level and old & mask:
+                self.set_spte(vm, root, table, idx, gfn, level, old & ~mask)
+                changed = True
+        return changed
 
     def wrprot_gfn_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
                          min_level: int) -> bool:
         """tdp_mmu.c wrprot_gfn_range: clear W (keeping MMU-writable, so the fast path may
         restore it) on leaves at or above ``min_level``."""
-        changed = [False]
-
-        def visit(ctx, gfn):
-            if ctx.pte & PT_WRITABLE_MASK:
-                self.set_spte(vm, root, ctx.table, ctx.index, gfn, ctx.level,
-                              ctx.pte & ~PT_WRITABLE_MASK)
-                changed[0] = True
-
-        self.leaf_walk(root, start, end, visit, min_level)
-        return changed[0]
+        return self.clear_spte_bits(vm, root, start, end, PT_WRITABLE_MASK, min_level)
 
     def clear_dirty_gfn_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
                               wrprot: bool) -> bool:
         """tdp_mmu.c clear_dirty_gfn_range: clear D (or W when write protection is needed:
         A/D disabled) on every leaf in the range."""
-        dbit = PT_WRITABLE_MASK if wrprot else shadow_dirty_mask
-        changed = [False]
-
-        def visit(ctx, gfn):
-            if ctx.pte & dbit:
-                self.set_spte(vm, root, ctx.table, ctx.index, gfn, ctx.level, ctx.pte & ~dbit)
-                changed[0] = True
-
-        self.leaf_walk(root, start, end, visit)
-        return changed[0]
+        return self.clear_spte_bits(vm, root, start, end,
+                                    PT_WRITABLE_MASK if wrprot else shadow_dirty_mask)
 
     def clear_dirty_pt_masked(self, vm: Kvm, root: TdpRoot, gfn: int, mask: int,
                               wrprot: bool) -> None:
@@ -599,16 +543,10 @@ class TdpMmu:
         if not mask:
             return
         start = gfn + (mask & -mask).bit_length() - 1
-        end = gfn + mask.bit_length()
-
-        def visit(ctx, g):
-            if ctx.level > PG_LEVEL_4K or not mask >> (g - gfn) & 1:
-                return None
-            if ctx.pte & dbit:
-                self.set_spte(vm, root, ctx.table, ctx.index, g, ctx.level, ctx.pte & ~dbit)
-            return None
-
-        self.leaf_walk(root, start, end, visit)
+        for table, idx, level, g in self.iter_leaves(root, start, gfn + mask.bit_length()):
+            old = table[idx]
+            if level == PG_LEVEL_4K and mask >> (g - gfn) & 1 and old & dbit:
+                self.set_spte(vm, root, table, idx, g, level, old & ~dbit)
 
     def split_huge_pages_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
                                target_level: int) -> None:
@@ -617,14 +555,9 @@ class TdpMmu:
         bits = root.gfn_bits
 
         def visit(ctx):
-            if ctx.level <= target_level or not ctx.pte & SPTE_MMU_PRESENT_MASK:
-                return None
-            if not ctx.pte & PT_PAGE_SIZE_MASK:
-                return None
-            gfn = (ctx.addr >> 12) - bits
-            self.tdp_mmu_split_huge_page(vm, root, ctx.table, ctx.index, gfn, ctx.level)
-            ctx.pte = ctx.table[ctx.index]
-            return None
+            if ctx.level > target_level and ctx.pte & PT_PAGE_SIZE_MASK:
+                self.tdp_mmu_split_huge_page(vm, root, ctx.table, ctx.index,
+                                             (ctx.addr >> 12) - bits, ctx.level)
 
         lo, hi = self._span(root, start, end)
         # LEAF visits huge leaves; the walker reloads the entry and descends into the new
@@ -635,24 +568,18 @@ class TdpMmu:
                       test_only: bool) -> bool:
         """tdp_mmu.c kvm_tdp_mmu_age_gfn_range / test_age: clear Accessed (A/D) or convert to
         the access-tracked form (A/D disabled); never zaps, never flushes."""
-        young = [False]
-
-        def visit(ctx, gfn):
-            spte = ctx.pte
+        young = False
+        for table, idx, level, gfn in self.iter_leaves(root, start, end):
+            spte = table[idx]
             if not is_accessed_spte(spte):
-                return None
-            young[0] = True
+                continue
+            young = True
             if test_only:
-                return STOP
-            if spte_ad_enabled(spte):
-                new = spte & ~shadow_accessed_mask
-            else:
-                new = mark_spte_for_access_track(spte)
-            self.set_spte(vm, root, ctx.table, ctx.index, gfn, ctx.level, new)
-            return None
-
-        self.leaf_walk(root, start, end, visit)
-        return young[0]
+                break
+            new = spte & ~shadow_accessed_mask if spte_ad_enabled(spte) else \
+                mark_spte_for_access_track(spte)
+            self.set_spte(vm, root, table, idx, gfn, level, new)
+        return young
 
     def recover_huge_pages_range(self, vm: Kvm, root: TdpRoot, slot, max_level_fn) -> bool:
         """tdp_mmu.c recover_huge_pages_range: replace a table inside the slot by a huge leaf
@@ -671,30 +598,19 @@ class TdpMmu:
                 return None
             if max_level_fn(gfn) < level:
                 return None
-            child = self._find_leaf_below(ctx.pte & SPTE_BASE_ADDR_MASK, level - 1)
+            # Any leaf below: the first one the core's iterator meets.
+            child = next(root.pt.iter_present(ctx.addr, ctx.addr + ctx.size,
+                                                   leaves_only=True), None)
             if child is None:
                 return None
-            huge = make_huge_spte(child[0], level)
+            huge = make_huge_spte(child[4], level)
             self.set_spte(vm, root, ctx.table, ctx.index, gfn, level, huge)
-            ctx.pte = huge
             changed[0] = True
             return None
 
         lo, hi = self._span(root, start, end)
         root.pt.walk(lo, hi, visit, TABLE_PRE)
         return changed[0]
-
-    def _find_leaf_below(self, table_pa: int, level: int):
-        table = self.store[table_pa]
-        for i, spte in enumerate(table):
-            if not spte & SPTE_MMU_PRESENT_MASK:
-                continue
-            if is_last_spte(spte, level):
-                return spte, level, i
-            found = self._find_leaf_below(spte & SPTE_BASE_ADDR_MASK, level - 1)
-            if found:
-                return found
-        return None
 
     def get_last_spte(self, root: TdpRoot, gfn: int):
         """kvm_tdp_mmu_fast_pf_get_last_sptep: (table, index, level, spte) of the last SPTE a

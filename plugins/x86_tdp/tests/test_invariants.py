@@ -40,7 +40,7 @@ def test_valid_state_has_no_problems(g4k):
 
 
 @pytest.mark.parametrize("name,mutate,expect", [
-    ("1: zero SPTE", lambda s: 0, "neither SHADOW_NONPRESENT_VALUE nor MMIO"),
+    ("1: zero SPTE", lambda s: 0, "invalid but not empty"),
     ("2: frozen left", lambda s: S.FROZEN_SPTE, "FROZEN_SPTE left behind"),
     ("3: W without MMU-writable", lambda s: s & ~S.EPT_SPTE_MMU_WRITABLE,
      "not MMU-writable"),

@@ -171,3 +171,28 @@ def test_invariant_25_geometry(root_level, ia_bits):
     gpa = 0x1234_5678_9000 & ((1 << ia_bits) - 1)
     for pos, lvl in enumerate(g.level_ids):
         assert g.index(pos, gpa) == (gpa >> (12 + 9 * (lvl - 1))) & 511
+
+
+def test_ept_format_is_kvm_spte_builders():
+    """EptFormat, the RadixFormat the core walks: KVM's shadow-present bit is "valid", leaves
+    at 4K-1G; its builders are make_spte / make_nonleaf_spte / make_small_spte; MMIO and
+    FROZEN SPTEs are placeholders; perms read A/D and access tracking as KVM does."""
+    from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X
+    rwx = PERM_R | PERM_W | PERM_X
+    fmt = S.EptFormat(4, nx_huge_pages=True)
+    assert fmt.geometry == tdp_geometry(4) and fmt.empty == S.SHADOW_NONPRESENT_VALUE
+    huge = fmt.make_leaf(1 << 21, 2, rwx | PERM_A | PERM_D)
+    assert huge == S.make_spte(level=2, pfn=0x200, host_writable=True, nx_huge_pages=True)[0]
+    assert fmt.output_address(huge, 2) == 1 << 21 and fmt.is_leaf(huge, 2)
+    assert fmt.split_child(huge, 2, 1, 3) == S.make_small_spte(huge, 1, 3, True)
+    table = fmt.make_table(0x5000, 2)
+    assert table == S.make_nonleaf_spte(0x5000) and not fmt.is_leaf(table, 2)
+    assert fmt.table_address(table, 2) == 0x5000
+    mmio = S.make_mmio_spte(5, 0)
+    assert fmt.is_placeholder(S.FROZEN_SPTE, 1) and fmt.is_placeholder(mmio, 1)
+    assert not fmt.is_placeholder(0, 1) and not fmt.is_valid(mmio, 1)
+    assert not S.EptFormat(4, mmio_value=None).is_placeholder(mmio, 1)
+    assert fmt.perms(huge) == PERM_R | PERM_W | PERM_A | PERM_D     # NX strips X from huge
+    no_ad = S.make_spte(level=1, pfn=5, host_writable=True, ad_disabled=True)[0]
+    assert fmt.perms(no_ad) == rwx | PERM_A | PERM_D                # dirty == writable
+    assert fmt.perms(S.mark_spte_for_access_track(no_ad)) == PERM_R | PERM_X
