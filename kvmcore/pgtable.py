@@ -299,8 +299,8 @@ class PageTable:
             pa = fmt.table_address(pte, level)
         return out
 
-    def iter_present(self, start: int, end: int, leaves_only: bool = False
-                     ) -> Iterator[tuple[array, int, int, int, int]]:
+    def iter_present(self, start: int, end: int, leaves_only: bool = False,
+                     snapshot: bool = False) -> Iterator[tuple[array, int, int, int, int]]:
         """Every valid entry touching ``[start, end)`` in address order, a table entry before
         the entries below it, as ``(table, index, pos, addr, pte)``: the Python form of x86's
         ``for_each_tdp_pte`` for code that is not a visitor (``leaves_only``: only entries
@@ -311,7 +311,12 @@ class PageTable:
         at a time, at C speed). A caller that drops the MMU lock between two entries therefore
         sees what other flows changed in the tables it has not passed yet; if a table on its
         path may have been freed meanwhile, it starts a new iteration from where it stopped
-        (the tdp_iter restart from the root)."""
+        (the tdp_iter restart from the root).
+
+        ``snapshot``: for a caller that changes nothing and lets no other flow run while it
+        iterates (an enumeration of the leaves, an invariant check): each table's present
+        entries are found when the iteration enters it, by the walker's scan, which a table
+        unchanged since its last scan does not repeat."""
         g, fmt, tables = self.geometry, self.fmt, self.store.tables
         end = min(end, 1 << g.ia_bits)
         if start >= end:
@@ -329,29 +334,46 @@ class PageTable:
                 stop = (end - base + (1 << shift) - 1) >> shift
                 if stop > len(table):
                     stop = len(table)
-                while idx < stop:
-                    pte = table[idx]
-                    if pte == empty:
-                        if not idx % _CHUNK and idx + _CHUNK <= stop and \
-                                table[idx:idx + _CHUNK] == blank:
-                            idx += _CHUNK
-                        elif not idx % 8 and idx + 8 <= stop and table[idx:idx + 8] == blank8:
-                            idx += 8
-                        else:
-                            idx += 1
-                        continue
-                    if not is_valid(pte, level):
-                        idx += 1
-                        continue
-                    addr = base + (idx << shift)
-                    if pos < last_pos and is_table(pte, level):
-                        if not leaves_only:
-                            yield table, idx, pos, addr, pte
+                if snapshot:
+                    # The same loop over the entries the scan found, ending in the same ways.
+                    found = _present(table, idx, stop, empty)
+                    for idx in found:  # noqa: B020 - the loop leaves idx where it stopped
+                        pte = table[idx]
+                        if not is_valid(pte, level):
+                            continue
+                        addr = base + (idx << shift)
+                        if pos < last_pos and is_table(pte, level):
+                            if not leaves_only:
+                                yield table, idx, pos, addr, pte
+                            break
+                        yield table, idx, pos, addr, pte
+                    else:
                         break
-                    yield table, idx, pos, addr, pte
-                    idx += 1
                 else:
-                    break
+                    while idx < stop:
+                        pte = table[idx]
+                        if pte == empty:
+                            if not idx % _CHUNK and idx + _CHUNK <= stop and \
+                                    table[idx:idx + _CHUNK] == blank:
+                                idx += _CHUNK
+                            elif not idx % 8 and idx + 8 <= stop and \
+                                    table[idx:idx + 8] == blank8:
+                                idx += 8
+                            else:
+                                idx += 1
+                            continue
+                        if not is_valid(pte, level):
+                            idx += 1
+                            continue
+                        addr = base + (idx << shift)
+                        if pos < last_pos and is_table(pte, level):
+                            if not leaves_only:
+                                yield table, idx, pos, addr, pte
+                            break
+                        yield table, idx, pos, addr, pte
+                        idx += 1
+                    else:
+                        break
                 # Descend into the table at ``idx``; its parent waits on the stack if the range
                 # goes on past it.
                 if idx + 1 < stop:

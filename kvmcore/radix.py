@@ -393,23 +393,26 @@ class RadixTable:
 
     # ------------------------------------------------------------------ introspection
 
-    def present(self, start: int, end: int):
+    def present(self, start: int, end: int, snapshot: bool = False):
         """Every present entry touching the range, tables before what they hold, as
         ``(addr, level, pte, is_leaf)`` (x86 for_each_tdp_pte, for code that is not a
-        visitor; lazy, ``PageTable.iter_present``). Costs what is mapped."""
+        visitor; ``PageTable.iter_present``, lazy unless ``snapshot``). Costs what is
+        mapped."""
         ld, fmt, levels = self.ld, self.fmt, self.g.level_ids
-        for _table, _idx, pos, addr, raw in self.pt.iter_present(start, end):
+        for _table, _idx, pos, addr, raw in self.pt.iter_present(start, end,
+                                                                snapshot=snapshot):
             pte, level = ld(raw), levels[pos]
             yield addr, level, pte, fmt.is_leaf(pte, level)
 
-    def leaves(self, start: int, end: int):
+    def leaves(self, start: int, end: int, snapshot: bool = False):
         """``(addr, level, pte)`` of every valid leaf touching ``[start, end)``, ascending."""
-        return ((a, lvl, pte) for a, lvl, pte, leaf in self.present(start, end) if leaf)
+        return ((a, lvl, pte) for a, lvl, pte, leaf in self.present(start, end, snapshot)
+                if leaf)
 
     def mappings(self, start_gfn: int, end_gfn: int, private: bool = False):
         """The leaves as the core's uniform ``Mapping`` records (``raw`` as stored)."""
         fmt = self.fmt
-        for addr, level, pte in self.leaves(start_gfn << 12, end_gfn << 12):
+        for addr, level, pte in self.leaves(start_gfn << 12, end_gfn << 12, snapshot=True):
             p = fmt.perms(pte)
             yield Mapping(addr >> 12, self.size[level], fmt.output_address(pte, level) >> 12,
                           bool(p & PERM_R), bool(p & PERM_W), bool(p & PERM_X), private,

@@ -180,7 +180,8 @@ def _random_tree(rng):
 
 def test_iter_present_yields_what_the_walker_visits():
     """iter_present (for_each_tdp_pte) gives the entries the visitor walk gives with LEAF |
-    TABLE_PRE, in the same order, for any range; ``leaves_only`` drops the table entries."""
+    TABLE_PRE, in the same order, for any range; ``leaves_only`` drops the table entries;
+    ``snapshot`` (each table's entries found on entry, by the walker's scan) gives the same."""
     import random
 
     rng = random.Random(7)
@@ -196,6 +197,9 @@ def test_iter_present_yields_what_the_walker_visits():
         leaves = [(pos, addr) for _t, _i, pos, addr, pte in
                   pt.iter_present(start, end, leaves_only=True)]
         assert leaves == [(pos, addr) for pos, addr, pte in want if pos == 1 or not pte & 2]
+        for leaves_only in (False, True):
+            assert [e[2:] for e in pt.iter_present(start, end, leaves_only, snapshot=True)] \
+                == [e[2:] for e in pt.iter_present(start, end, leaves_only)]
 
 
 def test_iter_present_reads_each_entry_when_it_gets_there():

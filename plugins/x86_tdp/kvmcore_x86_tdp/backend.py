@@ -738,7 +738,7 @@ class X86TdpBackend:
         # A mirror leaf is private; for one-table VMs the RMP or the attribute says.
         per_gfn = self.has_private_mem and self.tdx is None
         out = []
-        for table, idx, level, gfn in self.tdp.iter_leaves(root, start, end):
+        for table, idx, level, gfn in self.tdp.iter_leaves(root, start, end, snapshot=True):
             spte = table[idx]
             pfn = spte_to_pfn(spte)
             p = perms(spte)

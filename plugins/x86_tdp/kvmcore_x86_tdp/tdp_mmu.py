@@ -492,14 +492,16 @@ class TdpMmu:
             vm.stats["x86_tdp.zap_leafs"] += 1
         return flush
 
-    def iter_leaves(self, root: TdpRoot, start: int, end: int):
+    def iter_leaves(self, root: TdpRoot, start: int, end: int, snapshot: bool = False):
         """The present leaves overlapping gfns [start, end), in gfn order, as ``(table,
         index, level, gfn)``: for_each_tdp_pte_min_level(PG_LEVEL_4K), the core's lazy
         iterator, which reads each table when it gets there, so a walk restarted after a
-        yield sees the tables as they are then."""
+        yield sees the tables as they are then (``snapshot``: for a reader that yields
+        nothing, ``PageTable.iter_present``'s)."""
         bits, top = root.gfn_bits, root.level
         return ((table, idx, top - pos, (addr >> 12) - bits) for table, idx, pos, addr, _
-                in root.pt.iter_present(*self._span(root, start, end), leaves_only=True))
+                in root.pt.iter_present(*self._span(root, start, end), leaves_only=True,
+                                        snapshot=snapshot))
 
     def tdp_mmu_zap_root(self, vm: Kvm, root: TdpRoot) -> None:
         """tdp_mmu_zap_root: zap every SPTE of the root, freeing all its page tables."""
