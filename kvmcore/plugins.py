@@ -38,8 +38,15 @@ REQUIRED_HOOKS = ("translate", "map_leaf", "unmap_gfn_range", "age_gfn", "test_a
                   "leaves")
 
 
-def blocked_names() -> set[str]:
-    return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+def blocked_names() -> frozenset[str]:
+    """The names block-listed by the environment variable, read at every call (a test may
+    set it between two VMs); parsed once per value."""
+    return _parse_blocked(os.environ.get(DISABLE_ENV, ""))
+
+
+@functools.cache
+def _parse_blocked(value: str) -> frozenset[str]:
+    return frozenset(n.strip() for n in value.split(",") if n.strip())
 
 
 @functools.cache
@@ -155,7 +162,7 @@ def class_plugin_manager(backend, arch_name: str) -> pluggy.PluginManager | None
     marker = f"{hookspecs.hookspec.project_name}_impl"
     impls = tuple(name for name in _impl_names(type(backend))
                   if getattr(getattr(backend, name, None), marker, None) is not None)
-    return _class_manager(type(backend), impls, arch_name, frozenset(blocked_names()))
+    return _class_manager(type(backend), impls, arch_name, blocked_names())
 
 
 @functools.cache

@@ -35,6 +35,7 @@ between two points; RCU-deferred freeing is immediate.
 from __future__ import annotations
 
 import errno
+import functools
 import heapq
 from types import GeneratorType
 
@@ -162,6 +163,17 @@ def kvm_gfn_range_filter_to_root_types(has_mirror: bool, attr_filter: int) -> in
     return types
 
 
+
+@functools.cache
+def _arch_info(nr_as: int, pml: bool) -> ArchInfo:
+    """ARCH_INFO for a VM with ``nr_as`` address spaces, without PML when ``pml`` is off
+    (enable_pml=0 or no A/D bits: cpu_dirty_log_size 0); one record per combination."""
+    vm_types = dict(ARCH_INFO.vm_types)
+    if not pml:
+        vm_types = {t: caps - {"pml"} for t, caps in vm_types.items()}
+    return attrs.evolve(ARCH_INFO, nr_address_spaces=nr_as, vm_types=vm_types)
+
+
 class X86TdpBackend:
     """One instance per VM. ``arch_info`` is per instance because ``nr_address_spaces``
     depends on the VM type (kvm_arch_nr_memslot_as_ids: 1 with private memory, else 2)."""
@@ -196,11 +208,7 @@ class X86TdpBackend:
         self.shadow_mmio_value = None if self.tdx is not None else 0x6
         # kvm_arch_nr_memslot_as_ids: SMM's address space exists only with CONFIG_KVM_SMM.
         nr_as = 1 if self.has_private_mem or not opts["smm"] else 2
-        vm_types = dict(ARCH_INFO.vm_types)
-        if not self.pml:
-            # enable_pml=0 (or no A/D bits): this VM has no PML (cpu_dirty_log_size 0).
-            vm_types = {t: caps - {"pml"} for t, caps in vm_types.items()}
-        self.arch_info = attrs.evolve(ARCH_INFO, nr_address_spaces=nr_as, vm_types=vm_types)
+        self.arch_info = _arch_info(nr_as, self.pml)
         self.nr_address_spaces = nr_as
         self.tdp = TdpMmu(self, self.root_level)
         self.direct_roots: dict[int, TdpRoot] = {}
