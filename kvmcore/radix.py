@@ -35,7 +35,7 @@ from array import array
 from . import hookimpl
 from .arch import Mapping, vm_options
 from .memslots import dirty_logging_toggled
-from .pgtable import LEAF, TABLE_POST, Geometry, PageTable, TableStore
+from .pgtable import LEAF, TABLE_POST, Geometry, PageTable, TableStore, present_indices
 from .records import ACCESS_FLAG, NOT_PRESENT, PERMISSION, Translation, Violation
 from .uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MR_DELETE, \
     RET_PF_FIXED
@@ -167,6 +167,10 @@ _ident = int
 class RadixTable:
     """One radix tree of a declared format and the generic operations on it. Addresses are
     input addresses in bytes; levels are the format's level ids."""
+
+    #: ``on_update(addr, level, old, new)`` after a generic operation changed a leaf in place
+    #: (wrprotect, test_clear_young): arm64 records each such store.
+    on_update = None
 
     def __init__(self, fmt: RadixFormat, store: TableStore | None = None,
                  free_tables: bool = True):
@@ -324,7 +328,7 @@ class RadixTable:
     def _update(self, start: int, end: int, change) -> Span:
         """Apply ``change(perms) -> perms`` to every leaf in the range; the span of those
         that changed."""
-        fmt, ld, st = self.fmt, self.ld, self.st
+        fmt, ld, st, on_update = self.fmt, self.ld, self.st, self.on_update
         span = Span()
 
         def visit(ctx):
@@ -333,6 +337,8 @@ class RadixTable:
             if new != pte:
                 ctx.set(st(new))
                 span.add(ctx.addr, ctx.size)
+                if on_update is not None:
+                    on_update(ctx.addr, ctx.level, pte, new)
 
         self.pt.walk(start, end, visit, LEAF)
         return span
@@ -363,7 +369,7 @@ class RadixTable:
     def test_clear_young(self, start: int, end: int, clear: bool) -> bool:
         """Whether any leaf in the range is young; clear A with ``clear``
         (kvm_pgtable_stage2_test_clear_young). No flush, as Linux."""
-        fmt, ld, st = self.fmt, self.ld, self.st
+        fmt, ld, st, on_update = self.fmt, self.ld, self.st, self.on_update
         young = False
 
         def visit(ctx):
@@ -373,7 +379,10 @@ class RadixTable:
                 young = True
                 if not clear:
                     return True
-                ctx.set(st(fmt.with_perms(pte, fmt.perms(pte) & ~PERM_A)))
+                new = fmt.with_perms(pte, fmt.perms(pte) & ~PERM_A)
+                ctx.set(st(new))
+                if on_update is not None:
+                    on_update(ctx.addr, ctx.level, pte, new)
             return None
 
         self.pt.walk(start, end, visit, LEAF)
@@ -406,25 +415,40 @@ class RadixTable:
     def page_table_bytes(self) -> int:
         return self.store.bytes_used
 
-    def check(self, name: str) -> list[str]:
+    def check(self, name: str, entry=None, detached=()) -> list[str]:
         """Format invariants: every table entry points at a table of the next level's size,
         no table is unreachable (the store is this tree's alone), every other non-empty
-        entry is a leaf at a leaf level, aligned to its size."""
+        entry is a leaf at a leaf level, aligned to its size.
+
+        A backend adds its own through ``entry(table_pa, pos, index, addr, pte)``, called
+        for every non-empty entry: it returns its problems with the entry and the entry to
+        check in its place — the entry itself, or for one the backend holds in the middle of
+        an update (arm64's LOCKED entry in a break-before-make window) the entry it replaced
+        — and judges the entries that are not valid. ``detached``: ``(table_pa, pos, addr)``
+        of subtrees unlinked but not freed yet (arm64 frees them once no walk may be inside),
+        checked as reachable."""
         g, fmt, store, ld = self.g, self.fmt, self.store, self.ld
         problems, seen = [], set()
-        for pa, pos in self.pt.tables():
+        stack = [(self.pt.root, 0, 0), *detached]
+        empty = self.st(fmt.empty)
+        while stack:
+            pa, pos, base = stack.pop()
             seen.add(pa)
-            level = g.level_ids[pos]
-            for idx, raw in enumerate(store[pa]):
-                pte = ld(raw)
-                if pte == fmt.empty:
-                    continue
+            table, level, shift = store[pa], g.level_ids[pos], g.shifts[pos]
+            for idx in present_indices(table, empty):
+                pte, addr = ld(table[idx]), base + (idx << shift)
+                if entry is not None:
+                    found, pte = entry(pa, pos, idx, addr, pte)
+                    problems += found
                 where = f"{name}: entry {idx} of the level-{level} table at {pa:#x}"
                 if not fmt.is_valid(pte, level):
-                    problems.append(f"{where} is invalid but not empty ({pte:#x})")
+                    if entry is None:
+                        problems.append(f"{where} is invalid but not empty ({pte:#x})")
                 elif not fmt.is_leaf(pte, level):
                     child = fmt.table_address(pte, level)
-                    if child not in store or len(store[child]) != g.entries(pos + 1):
+                    if child in store and len(store[child]) == g.entries(pos + 1):
+                        stack.append((child, pos + 1, addr))
+                    else:
                         problems.append(f"{where} links {child:#x}, not a table of the next "
                                         "level")
                 elif level not in self.leaf_size:
