@@ -171,6 +171,7 @@ class PageTable:
         self.fmt = fmt
         self.empty = getattr(fmt, "empty", 0)
         self.root = store.alloc(geometry.entries(0))
+        self._last_pos = geometry.nlevels - 1
 
     # ------------------------------------------------------------------ walking
 
@@ -184,7 +185,7 @@ class PageTable:
         is returned. (``walk_steps`` run to its end: its visits never yield here.)"""
         walk = self.walk_steps(start, end, visitor, flags, arg, visit_invalid)
         try:
-            walk.send(None)
+            next(walk)
         except StopIteration as done:
             return done.value
         walk.close()
@@ -203,20 +204,19 @@ class PageTable:
         g = self.geometry
         end = min(end, 1 << g.ia_bits)
         if start >= end:
-            return None
-        ctx = WalkContext(self.store, g, self.fmt, self.store[self.root], self.root, 0, 0,
-                          g.level_ids[0], 0, 0, 0, 0, start, end, arg)
-        return (yield from self._walk_table(ctx, self.root, 0, 0, visitor, flags,
-                                            visit_invalid, stop))
+            return iter(())
+        ctx = WalkContext(self.store, g, self.fmt, None, self.root, 0, 0, g.level_ids[0], 0, 0,
+                          0, 0, start, end, arg)
+        return self._walk_table(ctx, self.root, 0, 0, visitor, flags, visit_invalid, stop)
 
     def _walk_table(self, ctx: WalkContext, table_pa: int, pos: int, base: int,
                     visitor: Visitor, flags: int, visit_invalid: bool, stop):
         g, fmt = self.geometry, self.fmt
-        table = self.store[table_pa]
+        table = self.store.tables[table_pa]
         shift = g.shifts[pos]
         size = 1 << shift
         level = g.level_ids[pos]
-        last_pos = pos == g.nlevels - 1
+        last_pos = pos == self._last_pos
         first = (max(ctx.start, base) - base) >> shift
         last = min(len(table), (ctx.end - base + size - 1) >> shift)
         empty = self.empty
@@ -240,8 +240,10 @@ class PageTable:
                     r = yield from r
                 if r and (stop is None or stop(r)):
                     return r
-                pte = table[idx]
-                is_table = not last_pos and fmt.is_valid(pte, level) and fmt.is_table(pte, level)
+                if table[idx] != pte:
+                    pte = table[idx]
+                    is_table = not last_pos and fmt.is_valid(pte, level) and fmt.is_table(
+                        pte, level)
             if not is_table:
                 continue
             r = yield from self._walk_table(ctx, fmt.table_address(pte, level), pos + 1, addr,

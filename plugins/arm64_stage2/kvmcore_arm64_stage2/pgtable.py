@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import enum
 import errno
+import functools
 from types import GeneratorType
 
 import attrs
@@ -207,8 +208,10 @@ def kvm_pgtable_stage2_pte_prot(pte: int) -> KvmPgtableProt:
     return prot
 
 
+@functools.cache
 def stage2_set_prot_attr(prot: int, fwb: bool) -> tuple[int, int]:
-    """stage2_set_prot_attr: (0, attr) or (-EINVAL, 0) for DEVICE+NC, DEVICE+X, NC+X."""
+    """stage2_set_prot_attr: (0, attr) or (-EINVAL, 0) for DEVICE+NC, DEVICE+X, NC+X (kept
+    per prot: every fault asks)."""
     dev, nc = prot & PROT_DEVICE, prot & PROT_NORMAL_NC
     if dev and nc:
         return -errno.EINVAL, 0
@@ -357,7 +360,7 @@ def run_plain(walk):
     """Run a walk generator whose visitors return plain results (a walk that is not stepped)
     to its end: it never yields, so one send ends it."""
     try:
-        point = walk.send(None)
+        point = next(walk)
     except StopIteration as stop:
         return stop.value
     walk.close()
@@ -379,6 +382,12 @@ class _Stage2Store(TableStore):
 
 def _not_eagain(ret: int) -> bool:
     return ret != -errno.EAGAIN
+
+
+def _erange():
+    """The walk of a range past the IPA space (kvm_pgtable_walk's -ERANGE)."""
+    return -errno.ERANGE
+    yield
 
 
 class Stage2PageTable:
@@ -490,19 +499,18 @@ class Stage2PageTable:
         return start, end
 
     def walk(self, addr: int, size: int, visitor, flags: int, visit_invalid: bool = True):
-        """kvm_pgtable_walk, a generator: page-align, bound-check (-ERANGE), visit (the core
-        walker, ``PageTable.walk_steps``); a visitor's -EAGAIN stops the walk only with
-        HANDLE_FAULT (kvm_pgtable_walk_continue). A visitor may return a generator instead of
-        a result (a break-before-make or cmpxchg that yields its race points in a stepped
-        walk); a walk whose visitors return none never yields (``run_plain``). Returns 0 or
-        the error that stopped the walk."""
+        """kvm_pgtable_walk: page-align, bound-check (-ERANGE), visit; a visitor's -EAGAIN
+        stops the walk only with HANDLE_FAULT (kvm_pgtable_walk_continue). The core walker's
+        generator (``PageTable.walk_steps``), to run with ``yield from``: a visitor may
+        return a generator instead of a result (a break-before-make or cmpxchg that yields
+        its race points in a stepped walk); a walk whose visitors return none never yields
+        (``run_plain``). It returns None, or the error that stopped the walk."""
         start, end = self._walk_range(addr, size)
         if start is None:
-            return -errno.ERANGE
-        ret = yield from self.pt.walk_steps(
+            return _erange()
+        return self.pt.walk_steps(
             start, end, visitor, flags & (LEAF | TABLE_PRE | TABLE_POST), flags, visit_invalid,
             None if flags & KVM_PGTABLE_WALK_HANDLE_FAULT else _not_eagain)
-        return ret or 0
 
     def get_leaf(self, addr: int) -> tuple[int, int]:
         """kvm_pgtable_get_leaf: (pte, level) of the entry a hardware walk of ``addr`` ends
@@ -717,7 +725,7 @@ class Stage2PageTable:
         if shared:
             self.shared_walkers += 1
         try:
-            ret = yield from self.walk(addr, size, visitor, flags | LEAF | TABLE_PRE)
+            ret = (yield from self.walk(addr, size, visitor, flags | LEAF | TABLE_PRE)) or 0
         finally:
             if shared:
                 self._rcu_read_unlock()
@@ -780,7 +788,7 @@ class Stage2PageTable:
                 self._put_page(child)
             return 0
 
-        ret = run_plain(self.walk(addr, size, visitor, LEAF | TABLE_POST, visit_invalid=False))
+        ret = run_plain(self.walk(addr, size, visitor, LEAF | TABLE_POST, False)) or 0
         if self.unmap_defer_tlb_flush():
             self.tlb_flush_vmid_range(addr, size, "unmap_deferred")
         return ret
@@ -827,7 +835,7 @@ class Stage2PageTable:
         if shared:
             self.shared_walkers += 1
         try:
-            ret = yield from self.walk(addr, size, visitor, flags | LEAF)
+            ret = (yield from self.walk(addr, size, visitor, flags | LEAF)) or 0
         finally:
             if shared:
                 self._rcu_read_unlock()
@@ -940,7 +948,7 @@ class Stage2PageTable:
             self._make_pte(ctx, self.fmt.init_table_pte(child))
             return 0
 
-        return run_plain(self.walk(addr, size, visitor, LEAF, visit_invalid=False))
+        return run_plain(self.walk(addr, size, visitor, LEAF, visit_invalid=False)) or 0
 
     # ------------------------------------------------------------------ introspection
 
