@@ -440,21 +440,24 @@ class RadixTable:
                 if entry is not None:
                     found, pte = entry(pa, pos, idx, addr, pte)
                     problems += found
-                where = f"{name}: entry {idx} of the level-{level} table at {pa:#x}"
                 if not fmt.is_valid(pte, level):
-                    if entry is None:
-                        problems.append(f"{where} is invalid but not empty ({pte:#x})")
+                    problem = None if entry else f"is invalid but not empty ({pte:#x})"
                 elif not fmt.is_leaf(pte, level):
                     child = fmt.table_address(pte, level)
+                    problem = None
                     if child in store and len(store[child]) == g.entries(pos + 1):
                         stack.append((child, pos + 1, addr))
                     else:
-                        problems.append(f"{where} links {child:#x}, not a table of the next "
-                                        "level")
+                        problem = f"links {child:#x}, not a table of the next level"
                 elif level not in self.leaf_size:
-                    problems.append(f"{where} is a leaf at a level without leaves")
+                    problem = "is a leaf at a level without leaves"
                 elif fmt.output_address(pte, level) % self.leaf_size[level]:
-                    problems.append(f"{where} is a leaf not aligned to its size")
+                    problem = "is a leaf not aligned to its size"
+                else:
+                    continue
+                if problem:
+                    problems.append(f"{name}: entry {idx} of the level-{level} table at "
+                                    f"{pa:#x} {problem}")
         leaked = len(store) - len(seen)
         if leaked:
             problems.append(f"{name}: {leaked} table(s) are not reachable from the root")

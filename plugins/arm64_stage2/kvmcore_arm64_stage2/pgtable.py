@@ -965,24 +965,26 @@ class Stage2PageTable:
         memattrs = {memattr_value(k, self.fwb) for k in ("normal", "normal_nc", "device")}
         locked: collections.Counter = collections.Counter()
 
-        def entry(table_pa, pos, idx, ipa, pte):
-            level = start + pos
-            where = f"level-{level} entry for IPA {ipa:#x} ({pte:#018x})"
+        def judge(table_pa, idx, level, ipa, pte):
             if not kvm_pte_valid(pte):
                 if not stage2_pte_is_locked(pte):
-                    return [f"{where} is an invalid non-zero entry (no owner annotations "
-                            "exist on a guest stage-2)"], pte
+                    return [" is an invalid non-zero entry (no owner annotations exist on a "
+                            "guest stage-2)"], pte
                 # try_break_pte dropped the LOCKED entry's reference (invariant 16).
                 locked[self._page_of(table_pa, idx)] += 1
                 old = self.bbm_windows.get((table_pa, idx))
                 if old is None:
-                    return [f"{where} is LOCKED outside a break-before-make window"], pte
+                    return [" is LOCKED outside a break-before-make window"], pte
                 return [], old      # a table it replaces is freed only after the make
             if kvm_pte_table(pte, level):
-                if pte & ~(self.fmt.addr_mask | KVM_PTE_TYPE | KVM_PTE_VALID):
-                    return [f"{where} is a table entry with attribute bits"], pte
-                return [], pte
-            return self._check_leaf(pte, level, ipa, where, memattrs), pte
+                bad = pte & ~(self.fmt.addr_mask | KVM_PTE_TYPE | KVM_PTE_VALID)
+                return [" is a table entry with attribute bits"] if bad else [], pte
+            return self._check_leaf(pte, level, ipa, memattrs), pte
+
+        def entry(table_pa, pos, idx, ipa, pte):
+            found, in_place = judge(table_pa, idx, start + pos, ipa, pte)
+            where = f"level-{start + pos} entry for IPA {ipa:#x} ({pte:#018x})" if found else ""
+            return [where + m for m in found], in_place
 
         # Unlinked by a shared walker, still allocated until the walks in progress end.
         detached = [(pa, level - start, ipa) for pa, level, ipa in self.rcu_deferred]
@@ -998,24 +1000,24 @@ class Stage2PageTable:
                                     f"{cnt - 1} counted entries")
         return problems
 
-    def _check_leaf(self, pte: int, level: int, ipa: int, where: str, memattrs) -> list[str]:
+    def _check_leaf(self, pte: int, level: int, ipa: int, memattrs) -> list[str]:
         g = self.geom
         out = []
         if level == KVM_PGTABLE_LAST_LEVEL and not pte & KVM_PTE_TYPE:
-            out.append(f"{where}: a level-3 leaf with TYPE=0 is reserved")
+            out.append(": a level-3 leaf with TYPE=0 is reserved")
         if (pte & KVM_PTE_LEAF_ATTR_LO_S2_SH) >> 8 != KVM_PTE_LEAF_ATTR_LO_S2_SH_IS:
-            out.append(f"{where}: SH is not Inner Shareable")
+            out.append(": SH is not Inner Shareable")
         ma = pte_memattr(pte)
         if ma not in memattrs:
-            out.append(f"{where}: MemAttr {ma:#x} is not one KVM writes (FWB={self.fwb})")
+            out.append(f": MemAttr {ma:#x} is not one KVM writes (FWB={self.fwb})")
         if ma != self._normal_memattr and stage2_pte_executable(pte):
-            out.append(f"{where}: device / Normal-NC leaf is executable")
+            out.append(": device / Normal-NC leaf is executable")
         if pte & (KVM_PTE_CONT | KVM_PTE_DBM | 1 << 11 | GENMASK(50, KVM_PTE_ADDR_HI + 1)
                   | GENMASK(63, 59)):
-            out.append(f"{where}: bits KVM never sets (Contiguous, DBM, bit 11, OA above "
+            out.append(": bits KVM never sets (Contiguous, DBM, bit 11, OA above "
                        "bit 47 or bits [63:59]) are set")
         if pte & (GENMASK(self.fmt.page_shift - 1, 12) if self.fmt.page_shift > 12 else 0):
-            out.append(f"{where}: output-address bits below the granule are set")
+            out.append(": output-address bits below the granule are set")
         if ipa + g.size(level) > g.phys_size:
-            out.append(f"{where}: maps beyond the {g.ipa_bits}-bit IPA space")
+            out.append(f": maps beyond the {g.ipa_bits}-bit IPA space")
         return out
