@@ -369,11 +369,18 @@ def run_plain(walk):
 
 class _Stage2Store(TableStore):
     """Page-table pages and their page_count (1 + the counted entries, keyed by the page's
-    PA), which goes with the page when it is freed."""
+    PA), which comes and goes with the page."""
 
     def __init__(self, geom: Stage2Geometry):
         super().__init__(base=TABLE_PA_BASE, min_align=geom.granule)
+        self.granule = geom.granule
         self.page_count: dict[int, int] = {}
+
+    def alloc(self, nentries: int) -> int:
+        pa = super().alloc(nentries)
+        for page in range(pa, pa + nentries * 8, self.granule):
+            self.page_count[page] = 1
+        return pa
 
     def free(self, pa: int) -> None:
         self.page_count.pop(pa, None)
@@ -412,8 +419,6 @@ class Stage2PageTable:
         self.rt.on_update = self._set_event
         self.pt = self.rt.pt
         self.page_count = self.store.page_count
-        for i in range(geom.root_pages):
-            self.page_count[self.pt.root + i * geom.granule] = 1
         self.tlbi_log: collections.deque[Tlbi] = collections.deque(maxlen=log_size)
         self.events: collections.deque[PteEvent] = collections.deque(maxlen=log_size)
         self.on_tlbi = on_tlbi
@@ -444,9 +449,7 @@ class Stage2PageTable:
             self.store.free(page)
 
     def _alloc_table(self) -> int:
-        pa = self.store.alloc(self.geom.ptrs_per_pte)
-        self.page_count[pa] = 1
-        return pa
+        return self.store.alloc(self.geom.ptrs_per_pte)
 
     def _free_unlinked_shared(self, table_pa: int, level: int, ipa: int) -> None:
         """mm_ops->free_unlinked_table from a shared walk: after an RCU grace period, i.e. once
@@ -656,7 +659,7 @@ class Stage2PageTable:
         if (not ctx.arg & KVM_PGTABLE_WALK_SHARED and kvm_pte_valid(old)
                 and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_HI_SW):
             ctx.set(new)
-            self.events.append(PteEvent("set", ctx.addr, ctx.level, old, new))
+            self._set_event(ctx.addr, ctx.level, old, new)
             return 0
         return self._bbm(ctx, data, new, phys)
 
