@@ -261,31 +261,24 @@ class Stage2Format(RadixFormat):
         """kvm_pte_table, inline: the walks ask it of every entry."""
         return level != KVM_PGTABLE_LAST_LEVEL and pte & _TABLE_BITS == _TABLE_BITS
 
-    # kvm_phys_to_pte / kvm_pte_to_phys
-    def phys_to_pte(self, pa: int) -> int:
-        return pa & self.addr_mask
-
-    def pte_to_phys(self, pte: int) -> int:
+    def pte_to_phys(self, pte: int, level: int = 0) -> int:
+        """kvm_pte_to_phys, and kvm_phys_to_pte: without LPA2 the address field holds the
+        PA's own bits."""
         return pte & self.addr_mask
 
-    def table_address(self, pte: int, level: int) -> int:
-        return pte & self.addr_mask
+    phys_to_pte = table_address = output_address = pte_to_phys
 
-    def output_address(self, pte: int, level: int) -> int:
-        return pte & self.addr_mask
-
-    def init_table_pte(self, child_pa: int) -> int:
+    def make_table(self, pa: int, level: int = 0) -> int:
         """kvm_init_table_pte: address, TYPE=table, VALID; no attributes."""
-        return self.phys_to_pte(child_pa) | KVM_PTE_TYPE_TABLE << 1 | KVM_PTE_VALID
+        return self.phys_to_pte(pa) | KVM_PTE_TYPE_TABLE << 1 | KVM_PTE_VALID
+
+    init_table_pte = make_table
 
     def init_valid_leaf_pte(self, pa: int, attr: int, level: int) -> int:
         """kvm_init_valid_leaf_pte: page TYPE at level 3, block below."""
         ty = KVM_PTE_TYPE_PAGE if level == KVM_PGTABLE_LAST_LEVEL else KVM_PTE_TYPE_BLOCK
         return (self.phys_to_pte(pa) | (attr & (KVM_PTE_LEAF_ATTR_LO | KVM_PTE_LEAF_ATTR_HI))
                 | ty << 1 | KVM_PTE_VALID)
-
-    def make_table(self, pa: int, level: int) -> int:
-        return self.init_table_pte(pa)
 
     def make_leaf(self, pa: int, level: int, perms: int) -> int:
         """A Normal-memory leaf as stage2_set_prot_attr encodes ``perms``, AF only with
