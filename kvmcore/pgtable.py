@@ -194,13 +194,13 @@ class PageTable:
     def walk_steps(self, start: int, end: int, visitor: Visitor, flags: int = LEAF,
                    arg: object = None, visit_invalid: bool = False,
                    stop: Callable[[object], bool] | None = None):
-        """``walk`` as a generator, for a walk with race points (arm64's shared walks, where
-        another walker may come between an entry's read and its compare-and-exchange): a
-        visit may return a generator, which the walk runs with ``yield from`` and whose
-        return value is the visit's result. A truthy result stops the walk when ``stop`` is
-        None or ``stop(result)`` is true (arm64: -EAGAIN stops only a fault's walk). Returns
-        the result that stopped the walk, else None; a walk whose visits return no
-        generator never yields."""
+        """``walk`` as a generator (run it with ``yield from``), for a walk with race points
+        (arm64's shared walks, where another walker may come between an entry's read and its
+        compare-and-exchange): a visit may return a generator, which the walk runs with
+        ``yield from`` and whose return value is the visit's result. A truthy result stops
+        the walk when ``stop`` is None or ``stop(result)`` is true (arm64: -EAGAIN stops only
+        a fault's walk). The walk returns the result that stopped it, else None; one whose
+        visits return no generator never yields."""
         g = self.geometry
         end = min(end, 1 << g.ia_bits)
         if start >= end:
