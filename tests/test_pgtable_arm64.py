@@ -2,28 +2,16 @@
 and the plain ``walk`` drives: visits that yield race points, the stop rule, the empty range."""
 
 import pytest
+from test_pgtable import ADDR, GEO, Toy
 
-from kvmcore.pgtable import LEAF, TABLE_PRE, Geometry, PageTable, TableStore
+from kvmcore.pgtable import LEAF, TABLE_PRE, PageTable, TableStore
 
-ADDR = ((1 << 52) - 1) & ~0xFFF
 EAGAIN = -11
-
-
-class Toy:
-    def is_valid(self, pte, level):
-        return bool(pte & 1)
-
-    def is_table(self, pte, level):
-        return bool(pte & 2)
-
-    def table_address(self, pte, level):
-        return pte & ADDR
 
 
 def make():
     store = TableStore()
-    pt = PageTable(store, Geometry(shifts=(21, 12), bits=(9, 9), level_ids=(1, 0),
-                                   ia_bits=30), Toy())
+    pt = PageTable(store, GEO, Toy())
     child = store.alloc(512)
     store[pt.root][1] = child | 3
     for i in (3, 4):

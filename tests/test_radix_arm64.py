@@ -4,34 +4,11 @@ in-place updates of the generic operations."""
 
 from __future__ import annotations
 
-from kvmcore.pgtable import Geometry
-from kvmcore.radix import PERM_A, PERM_R, PERM_W, RadixFormat, RadixTable
+from test_radix import A, W, Toy
 
-V, T, W, A = 1, 2, 4, 32
+from kvmcore.radix import PERM_A, PERM_R, PERM_W, RadixTable
+
 LOCKED = 1 << 10
-
-
-class Toy(RadixFormat):
-    geometry = Geometry(shifts=(30, 21, 12), bits=(10, 9, 9), level_ids=(2, 1, 0), ia_bits=40)
-    leaf_levels = frozenset({0, 1})
-    R, W, A = V, W, A
-
-    def is_valid(self, pte, level):
-        return bool(pte & V)
-
-    def is_table(self, pte, level):
-        return level > 0 and bool(pte & T)
-
-    def table_address(self, pte, level):
-        return pte & ((1 << 52) - 1) & ~0xFFF
-
-    output_address = table_address
-
-    def make_table(self, pa, level):
-        return pa | V | T
-
-    def make_leaf(self, pa, level, perms):
-        return pa | V | self.perm_bits(perms)
 
 
 def test_check_lets_the_backend_judge_its_entries():
