@@ -17,9 +17,10 @@ at its boundary. There is no concurrent walker here: Linux's cmpxchg updates are
 from __future__ import annotations
 
 import functools
-from bisect import bisect_left
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from types import GeneratorType
 from typing import Protocol
 
 import attrs
@@ -178,6 +179,7 @@ class PageTable:
         self._per_level = (geometry.shifts, tuple((1 << b) - 1 for b in geometry.bits),
                            geometry.level_ids, geometry.nlevels - 1,
                            getattr(fmt, "table_bits", None) or (None, None))
+        self._last_pos = geometry.nlevels - 1
 
     # ------------------------------------------------------------------ walking
 
@@ -188,22 +190,35 @@ class PageTable:
         ``flags`` selects the visits (``LEAF``, ``TABLE_PRE``, ``TABLE_POST``); invalid entries
         are visited as leaves only with ``visit_invalid`` (mapping needs them, zapping does
         not, so zaps cost what is mapped). The first truthy visitor result stops the walk and
-        is returned."""
+        is returned. (``walk_steps`` run to its end: its visits never yield here.)"""
+        return _run_plain(self.walk_steps(start, end, visitor, flags, arg, visit_invalid))
+
+    def walk_steps(self, start: int, end: int, visitor: Visitor, flags: int = LEAF,
+                   arg: object = None, visit_invalid: bool = False,
+                   stop: Callable[[object], bool] | None = None):
+        """``walk`` as a generator (run it with ``yield from``), for a walk with race points
+        (arm64's shared walks, where another walker may come between an entry's read and its
+        compare-and-exchange): a visit may return a generator, which the walk runs with
+        ``yield from`` and whose return value is the visit's result. A truthy result stops
+        the walk when ``stop`` is None or ``stop(result)`` is true (arm64: -EAGAIN stops only
+        a fault's walk). The walk returns the result that stopped it, else None; one whose
+        visits return no generator never yields."""
         g = self.geometry
         end = min(end, 1 << g.ia_bits)
         if start >= end:
-            return None
-        ctx = WalkContext(self.store, g, self.fmt, self.store[self.root], self.root, 0, 0,
-                          g.level_ids[0], 0, 0, 0, 0, start, end, arg)
-        return self._walk_table(ctx, self.root, 0, 0, visitor, flags, visit_invalid)
+            return iter(())
+        ctx = WalkContext(self.store, g, self.fmt, None, self.root, 0, 0, g.level_ids[0], 0, 0,
+                          0, 0, start, end, arg)
+        return self._walk_table(ctx, self.root, 0, 0, visitor, flags, visit_invalid, stop)
 
     def _walk_table(self, ctx: WalkContext, table_pa: int, pos: int, base: int,
-                    visitor: Visitor, flags: int, visit_invalid: bool) -> object:
-        g, fmt, store = self.geometry, self.fmt, self.store
-        table = store[table_pa]
+                    visitor: Visitor, flags: int, visit_invalid: bool, stop):
+        g, fmt = self.geometry, self.fmt
+        table = self.store.tables[table_pa]
         shift = g.shifts[pos]
         size = 1 << shift
         level = g.level_ids[pos]
+        last_pos = pos == self._last_pos
         first = (max(ctx.start, base) - base) >> shift
         last = min(len(table), (ctx.end - base + size - 1) >> shift)
         empty = self.empty
@@ -217,29 +232,24 @@ class PageTable:
                 continue
             addr = base + (idx << shift)
             ctx.table, ctx.table_pa, ctx.index = table, table_pa, idx
-            ctx.pos, ctx.level = pos, level
-            ctx.addr, ctx.size, ctx.pte = addr, size, pte
-            is_table = pos < g.nlevels - 1 and fmt.is_valid(pte, level) and fmt.is_table(pte, level)
-            if is_table:
-                if flags & TABLE_PRE:
-                    ctx.flags = TABLE_PRE
-                    r = visitor(ctx)
-                    if r:
-                        return r
-                    pte = table[idx]
-                    is_table = fmt.is_valid(pte, level) and fmt.is_table(pte, level)
-            elif flags & LEAF and (visit_invalid or fmt.is_valid(pte, level)):
-                ctx.flags = LEAF
+            ctx.pos, ctx.level, ctx.addr, ctx.size, ctx.pte = pos, level, addr, size, pte
+            valid = fmt.is_valid(pte, level)
+            is_table = valid and not last_pos and fmt.is_table(pte, level)
+            if flags & TABLE_PRE if is_table else flags & LEAF and (valid or visit_invalid):
+                ctx.flags = TABLE_PRE if is_table else LEAF
                 r = visitor(ctx)
-                if r:
+                if type(r) is GeneratorType:
+                    r = yield from r
+                if r and (stop is None or stop(r)):
                     return r
-                pte = table[idx]
-                is_table = (pos < g.nlevels - 1 and fmt.is_valid(pte, level)
-                            and fmt.is_table(pte, level))
+                if table[idx] != pte:
+                    pte = table[idx]
+                    is_table = not last_pos and fmt.is_valid(pte, level) and fmt.is_table(
+                        pte, level)
             if not is_table:
                 continue
-            child = fmt.table_address(pte, level)
-            r = self._walk_table(ctx, child, pos + 1, addr, visitor, flags, visit_invalid)
+            r = yield from self._walk_table(ctx, fmt.table_address(pte, level), pos + 1, addr,
+                                            visitor, flags, visit_invalid, stop)
             if r:
                 return r
             if flags & TABLE_POST:
@@ -247,7 +257,9 @@ class PageTable:
                     table, table_pa, idx, pos, level)
                 ctx.addr, ctx.size, ctx.pte, ctx.flags = addr, size, table[idx], TABLE_POST
                 r = visitor(ctx)
-                if r:
+                if type(r) is GeneratorType:
+                    r = yield from r
+                if r and (stop is None or stop(r)):
                     return r
         return None
 
@@ -260,7 +272,8 @@ class PageTable:
         end = base + (1 << (g.shifts[pos] + g.bits[pos]))
         ctx = WalkContext(self.store, g, self.fmt, self.store[table_pa], table_pa, 0, pos,
                           g.level_ids[pos], base, 0, 0, 0, base, end)
-        return self._walk_table(ctx, table_pa, pos, base, visitor, flags, False)
+        return _run_plain(self._walk_table(ctx, table_pa, pos, base, visitor, flags, False,
+                                           None))
 
     def lookup(self, addr: int) -> tuple[int, array, int, int]:
         """The last entry a hardware walk of ``addr`` reads: ``(pos, table, index, pte)`` —
@@ -409,6 +422,16 @@ class PageTable:
 
     def destroy(self) -> None:
         self.free_subtree(self.root, 0)
+
+
+def _run_plain(walk) -> object:
+    """A walk whose visits return no generator, run to its end: its result."""
+    try:
+        next(walk)
+    except StopIteration as done:
+        return done.value
+    walk.close()
+    raise RuntimeError("a visit of a plain walk yielded: use walk_steps")
 
 
 def present_indices(table: array, empty: int = 0) -> list[int]:

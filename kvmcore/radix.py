@@ -180,6 +180,10 @@ class RadixTable:
     """One radix tree of a declared format and the generic operations on it. Addresses are
     input addresses in bytes; levels are the format's level ids."""
 
+    #: ``on_update(addr, level, old, new)`` after a generic operation changed a leaf in place
+    #: (wrprotect, test_clear_young): arm64 records each such store.
+    on_update = None
+
     def __init__(self, fmt: RadixFormat, store: TableStore | None = None,
                  free_tables: bool = True):
         self.fmt = fmt
@@ -336,7 +340,7 @@ class RadixTable:
     def _update(self, start: int, end: int, change) -> Span:
         """Apply ``change(perms) -> perms`` to every leaf in the range; the span of those
         that changed."""
-        fmt, ld, st = self.fmt, self.ld, self.st
+        fmt, ld, st, on_update = self.fmt, self.ld, self.st, self.on_update
         span = Span()
 
         def visit(ctx):
@@ -345,6 +349,8 @@ class RadixTable:
             if new != pte:
                 ctx.set(st(new))
                 span.add(ctx.addr, ctx.size)
+                if on_update is not None:
+                    on_update(ctx.addr, ctx.level, pte, new)
 
         self.pt.walk(start, end, visit, LEAF)
         return span
@@ -375,7 +381,7 @@ class RadixTable:
     def test_clear_young(self, start: int, end: int, clear: bool) -> bool:
         """Whether any leaf in the range is young; clear A with ``clear``
         (kvm_pgtable_stage2_test_clear_young). No flush, as Linux."""
-        fmt, ld, st = self.fmt, self.ld, self.st
+        fmt, ld, st, on_update = self.fmt, self.ld, self.st, self.on_update
         young = False
 
         def visit(ctx):
@@ -385,7 +391,10 @@ class RadixTable:
                 young = True
                 if not clear:
                     return True
-                ctx.set(st(fmt.with_perms(pte, fmt.perms(pte) & ~PERM_A)))
+                new = fmt.with_perms(pte, fmt.perms(pte) & ~PERM_A)
+                ctx.set(st(new))
+                if on_update is not None:
+                    on_update(ctx.addr, ctx.level, pte, new)
             return None
 
         self.pt.walk(start, end, visit, LEAF)
@@ -421,30 +430,39 @@ class RadixTable:
     def page_table_bytes(self) -> int:
         return self.store.bytes_used
 
-    def check(self, name: str) -> list[str]:
+    def check(self, name: str, entry=None, detached=()) -> list[str]:
         """Format invariants: every table entry points at a table of the next level's size,
         no table is unreachable (the store is this tree's alone), every other non-empty
-        entry is a leaf at a leaf level, aligned to its size (``check_entries``)."""
+        entry is a leaf at a leaf level, aligned to its size (``check_entries``, which says
+        what ``entry`` and ``detached`` add)."""
         problems: list[str] = []
-        for _ in check_entries([(name, self)], problems):
+        for _ in check_entries([(name, self)], problems, entry, detached):
             pass
         return problems
 
 
-def check_entries(trees, problems: list[str]):
+def check_entries(trees, problems: list[str], entry=None, detached=()):
     """``RadixTable.check`` over ``trees``, ``(label, RadixTable)`` pairs that share one store
     (x86: the direct, mirror and invalid roots; a label names its tree in problems): appends
     to ``problems`` a table entry that does not point at a table of the next level's size, a
     table linked twice, tables reachable from no tree (leaked), a non-empty entry neither
     valid nor a placeholder, a leaf at a level without leaves or not aligned to its size;
     and yields every other non-empty entry as ``(label, level, addr, pte, is_leaf)`` (``pte``
-    in logical order) for the backend's own invariants, so that it walks nothing again."""
+    in logical order) for the backend's own invariants, so that it walks nothing again.
+
+    A backend may also judge each non-empty entry in the pass, through ``entry(table_pa,
+    pos, index, addr, pte)``: it returns its problems with the entry and the entry to check
+    in its place — the entry itself, or for one the backend holds in the middle of an update
+    (arm64's LOCKED entry in a break-before-make window) the entry it replaced — and then
+    judges the entries that are not valid itself. ``detached``: ``(table_pa, pos, addr)`` of
+    subtrees unlinked but not freed yet (arm64 frees them once no walk may be inside them),
+    checked with the first tree as reachable."""
     seen, tables = set(), {}
-    for label, t in trees:
+    for n, (label, t) in enumerate(trees):
         g, fmt, ld, tables = t.g, t.fmt, t.ld, t.store.tables
         empty, last, leaf_size = t.st(fmt.empty), g.nlevels - 1, t.leaf_size
         is_valid, is_table, is_placeholder = fmt.is_valid, fmt.is_table, fmt.is_placeholder
-        stack = [(t.pt.root, 0, 0)]
+        stack = [(t.pt.root, 0, 0), *(detached if n == 0 else ())]
         while stack:
             pa, pos, base = stack.pop()
             if pa in seen:
@@ -455,9 +473,12 @@ def check_entries(trees, problems: list[str]):
             for idx in present_indices(table, empty):
                 pte = table[idx] if ld is _ident else ld(table[idx])
                 addr = base + (idx << shift)
+                if entry is not None:
+                    found, pte = entry(pa, pos, idx, addr, pte)
+                    problems += found
                 leaf, problem = False, None
                 if not is_valid(pte, level):
-                    if not is_placeholder(pte, level):
+                    if entry is None and not is_placeholder(pte, level):
                         problems.append(f"{label}: entry {idx} of the level-{level} table at "
                                         f"{pa:#x} is invalid but not empty ({pte:#x})")
                         continue

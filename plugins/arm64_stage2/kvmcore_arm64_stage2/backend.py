@@ -46,7 +46,7 @@ import errno
 
 import kvmcore
 import structlog
-from kvmcore.arch import ArchInfo, Mapping, VmOption, vm_options
+from kvmcore.arch import ArchInfo, VmOption, vm_options
 from kvmcore.errors import KvmError
 from kvmcore.exits import GuestAbort, HwPoisonSignal
 from kvmcore.locks import WRITE
@@ -429,33 +429,20 @@ class Arm64Stage2Backend:
 
     @hookimpl
     def leaves(self, vm, start, end):
-        """Every valid leaf touching [start, end). Stage-2 keeps no dirty bit (DBM is never
-        used): a writable leaf counts as dirty, as kvm_release_faultin_page(dirty=writable)
-        treats it, so the core can check that every writable leaf of a logging slot is
-        logged."""
-        out = []
-        fmt = self.pgt.fmt
-        for ipa, level, pte in self.pgt.valid_leaves(start << 12, end << 12):
-            out.append(Mapping(
-                gfn=ipa >> 12, size=self.geom.size(level), pfn=fmt.pte_to_phys(pte) >> 12,
-                readable=bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R),
-                writable=bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W),
-                executable=not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN,
-                young=bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_AF),
-                dirty=bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W), level=level, raw=pte))
-        return iter(out)
+        """Every valid leaf touching [start, end) (the core's ``RadixTable.mappings``).
+        Stage-2 keeps no dirty bit (DBM is never used): a writable leaf counts as dirty, as
+        kvm_release_faultin_page(dirty=writable) treats it, so the core can check that every
+        writable leaf of a logging slot is logged."""
+        return self.pgt.rt.mappings(start, end)
 
     def pfn_of(self, gpa: int) -> int | None:
         """The host frame a present leaf maps ``gpa`` to (for tests and dumps)."""
-        pte, level = self.pgt.get_leaf(gpa)
-        if not pte & KVM_PTE_VALID:
-            return None
-        size = self.geom.size(level)
-        return (self.pgt.fmt.pte_to_phys(pte) + (gpa & (size - 1))) >> 12
+        m = next(self.pgt.rt.mappings(gpa >> 12, (gpa >> 12) + 1), None)
+        return None if m is None else m.pfn + ((gpa - m.gpa) >> 12)
 
     @hookimpl
     def page_table_bytes(self, vm):
-        return self.pgt.bytes_used()
+        return self.pgt.rt.page_table_bytes()
 
     @hookimpl
     def check_invariants(self, vm):

@@ -1,6 +1,9 @@
 """Stage-2 descriptors, walkers and break-before-make, after ``arch/arm64/kvm/hyp/pgtable.c``
 and ``arch/arm64/include/asm/kvm_pgtable.h`` (shared/reference/arm64_stage2.md §1, §4, §5, §6,
-§8).
+§8). The descriptor is a ``kvmcore.radix.RadixFormat`` (``Stage2Format``) and the tree a
+``RadixTable``: the walker (``PageTable.walk_steps``), the leaf iteration, write-protect, aging
+and the format invariants are the core's; the visitors, break-before-make, TLBIs, cache
+maintenance and page counts are arm64's.
 
 Layout choice: the 6.17/6.18 descriptor layout (the trees whose ``mmu.c`` the abort path
 follows), i.e. **XN is the single bit 54** and the prot flags are X=bit0, W=bit1, R=bit2,
@@ -34,12 +37,13 @@ from __future__ import annotations
 import collections
 import enum
 import errno
+import functools
 from types import GeneratorType
 
 import attrs
 import structlog
-from kvmcore.pgtable import (LEAF, STOP, TABLE_POST, TABLE_PRE, PageTable, TableStore,
-                             WalkContext)
+from kvmcore.pgtable import LEAF, TABLE_POST, TABLE_PRE, TableStore
+from kvmcore.radix import PERM_A, PERM_R, PERM_W, PERM_X, RadixFormat, RadixTable
 from kvmcore.records import record
 
 from .geometry import KVM_PGTABLE_LAST_LEVEL, Stage2Geometry
@@ -162,6 +166,10 @@ def kvm_pte_valid(pte: int) -> bool:
     return bool(pte & KVM_PTE_VALID)
 
 
+#: kvm_pte_table: a valid entry of TYPE table (below the last level).
+_TABLE_BITS = KVM_PTE_VALID | KVM_PTE_TYPE
+
+
 def kvm_pte_table(pte: int, level: int) -> bool:
     if level == KVM_PGTABLE_LAST_LEVEL or not kvm_pte_valid(pte):
         return False
@@ -200,8 +208,10 @@ def kvm_pgtable_stage2_pte_prot(pte: int) -> KvmPgtableProt:
     return prot
 
 
+@functools.cache
 def stage2_set_prot_attr(prot: int, fwb: bool) -> tuple[int, int]:
-    """stage2_set_prot_attr: (0, attr) or (-EINVAL, 0) for DEVICE+NC, DEVICE+X, NC+X."""
+    """stage2_set_prot_attr: (0, attr) or (-EINVAL, 0) for DEVICE+NC, DEVICE+X, NC+X (kept
+    per prot: every fault asks)."""
     dev, nc = prot & PROT_DEVICE, prot & PROT_NORMAL_NC
     if dev and nc:
         return -errno.EINVAL, 0
@@ -227,38 +237,64 @@ def stage2_set_prot_attr(prot: int, fwb: bool) -> tuple[int, int]:
     return 0, attr
 
 
-class Stage2Format:
-    """The EntryFormat the core walker needs, for one granule."""
+class Stage2Format(RadixFormat):
+    """The stage-2 descriptor of one geometry (§1): VALID, TYPE (table, or a page at level 3
+    and a block above), the output address for the granule, S2AP R/W, XN, AF as the accessed
+    bit and no dirty bit (DBM is never set: a writable leaf counts as dirty); leaves at the
+    levels that allow blocks (kvm_level_supports_block_mapping) and at level 3."""
 
-    def __init__(self, page_shift: int):
-        self.page_shift = page_shift
-        self.addr_mask = GENMASK(KVM_PTE_ADDR_HI, page_shift)
+    R, W = KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R, KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
+    XN, A = KVM_PTE_LEAF_ATTR_HI_S2_XN, KVM_PTE_LEAF_ATTR_LO_S2_AF
+
+    def __init__(self, geom: Stage2Geometry, fwb: bool = True):
+        self.geometry = geom.core_geometry()
+        self.leaf_levels = frozenset(lvl for lvl in self.geometry.level_ids
+                                     if geom.level_supports_block(lvl))
+        self.page_shift = geom.page_shift
+        self.addr_mask = GENMASK(KVM_PTE_ADDR_HI, geom.page_shift)
+        self.fwb = fwb
 
     def is_valid(self, pte: int, level: int) -> bool:
-        return bool(pte & KVM_PTE_VALID)
+        return pte & KVM_PTE_VALID == KVM_PTE_VALID
 
     def is_table(self, pte: int, level: int) -> bool:
-        return kvm_pte_table(pte, level)
+        """kvm_pte_table, inline: the walks ask it of every entry."""
+        return level != KVM_PGTABLE_LAST_LEVEL and pte & _TABLE_BITS == _TABLE_BITS
 
-    def table_address(self, pte: int, level: int) -> int:
+    def pte_to_phys(self, pte: int, level: int = 0) -> int:
+        """kvm_pte_to_phys, and kvm_phys_to_pte: without LPA2 the address field holds the
+        PA's own bits."""
         return pte & self.addr_mask
 
-    # kvm_phys_to_pte / kvm_pte_to_phys
-    def phys_to_pte(self, pa: int) -> int:
-        return pa & self.addr_mask
+    phys_to_pte = table_address = output_address = pte_to_phys
 
-    def pte_to_phys(self, pte: int) -> int:
-        return pte & self.addr_mask
-
-    def init_table_pte(self, child_pa: int) -> int:
+    def make_table(self, pa: int, level: int = 0) -> int:
         """kvm_init_table_pte: address, TYPE=table, VALID; no attributes."""
-        return self.phys_to_pte(child_pa) | KVM_PTE_TYPE_TABLE << 1 | KVM_PTE_VALID
+        return self.phys_to_pte(pa) | KVM_PTE_TYPE_TABLE << 1 | KVM_PTE_VALID
+
+    init_table_pte = make_table
 
     def init_valid_leaf_pte(self, pa: int, attr: int, level: int) -> int:
         """kvm_init_valid_leaf_pte: page TYPE at level 3, block below."""
         ty = KVM_PTE_TYPE_PAGE if level == KVM_PGTABLE_LAST_LEVEL else KVM_PTE_TYPE_BLOCK
         return (self.phys_to_pte(pa) | (attr & (KVM_PTE_LEAF_ATTR_LO | KVM_PTE_LEAF_ATTR_HI))
                 | ty << 1 | KVM_PTE_VALID)
+
+    def make_leaf(self, pa: int, level: int, perms: int) -> int:
+        """A Normal-memory leaf as stage2_set_prot_attr encodes ``perms``, AF only with
+        PERM_A."""
+        prot = ((PROT_R if perms & PERM_R else 0) | (PROT_W if perms & PERM_W else 0)
+                | (PROT_X if perms & PERM_X else 0))
+        attr = stage2_set_prot_attr(prot, self.fwb)[1]
+        return self.init_valid_leaf_pte(pa, attr if perms & PERM_A else attr & ~self.A, level)
+
+    def split_child(self, pte: int, level: int, child_level: int, index: int) -> int:
+        """A child of a split block (kvm_pgtable_stage2_split): the block's R/W/X and SW
+        bits, AF set, Normal memory (a device block is rebuilt as Normal)."""
+        attr = stage2_set_prot_attr(kvm_pgtable_stage2_pte_prot(pte), self.fwb)[1]
+        child = 1 << self.geometry.shifts[self.geometry.pos_of(child_level)]
+        return self.init_valid_leaf_pte(self.pte_to_phys(pte) + index * child, attr,
+                                        child_level)
 
 
 # ---------------------------------------------------------------- records for tests
@@ -297,9 +333,7 @@ class PteEvent:
 class _MapData:
     phys: int
     attr: int
-    start: int
     force_pte: bool
-    flags: int
     #: Yield the race points (a shared walk of a stepped flow).
     steps: bool = False
     #: (table, index) of a LOCKED entry the walk met (its -EAGAIN), or None.
@@ -319,15 +353,41 @@ def run_plain(walk):
     """Run a walk generator whose visitors return plain results (a walk that is not stepped)
     to its end: it never yields, so one send ends it."""
     try:
-        point = walk.send(None)
+        point = next(walk)
     except StopIteration as stop:
         return stop.value
     walk.close()
     raise AssertionError(f"a plain stage-2 walk stopped at {point!r}")
 
 
-#: kvm_pte_table: a valid entry of TYPE table (below the last level).
-_TABLE_BITS = KVM_PTE_VALID | KVM_PTE_TYPE
+class _Stage2Store(TableStore):
+    """Page-table pages and their page_count (1 + the counted entries, keyed by the page's
+    PA), which comes and goes with the page."""
+
+    def __init__(self, geom: Stage2Geometry):
+        super().__init__(base=TABLE_PA_BASE, min_align=geom.granule)
+        self.granule = geom.granule
+        self.page_count: dict[int, int] = {}
+
+    def alloc(self, nentries: int) -> int:
+        pa = super().alloc(nentries)
+        for page in range(pa, pa + nentries * 8, self.granule):
+            self.page_count[page] = 1
+        return pa
+
+    def free(self, pa: int) -> None:
+        self.page_count.pop(pa, None)
+        super().free(pa)
+
+
+def _not_eagain(ret: int) -> bool:
+    return ret != -errno.EAGAIN
+
+
+def _erange():
+    """The walk of a range past the IPA space (kvm_pgtable_walk's -ERANGE)."""
+    return -errno.ERANGE
+    yield
 
 
 class Stage2PageTable:
@@ -346,13 +406,12 @@ class Stage2PageTable:
         self.fwb = fwb
         self.cache_dic = cache_dic
         self.tlbirange = tlbirange
-        self.fmt = Stage2Format(geom.page_shift)
-        self.store = TableStore(base=TABLE_PA_BASE, min_align=geom.granule)
-        self.pt = PageTable(self.store, geom.core_geometry(), self.fmt)
-        #: page_count of every table page (keyed by the page's PA): 1 + counted entries.
-        self.page_count: dict[int, int] = {}
-        for i in range(geom.root_pages):
-            self.page_count[self.pt.root + i * geom.granule] = 1
+        self.fmt = Stage2Format(geom, fwb)
+        self.store = _Stage2Store(geom)
+        self.rt = RadixTable(self.fmt, self.store)
+        self.rt.on_update = self._set_event
+        self.pt = self.rt.pt
+        self.page_count = self.store.page_count
         self.tlbi_log: collections.deque[Tlbi] = collections.deque(maxlen=log_size)
         self.events: collections.deque[PteEvent] = collections.deque(maxlen=log_size)
         self.on_tlbi = on_tlbi
@@ -363,11 +422,6 @@ class Stage2PageTable:
         #: (table, its level, its IPA), freed when the last one ends.
         self.shared_walkers = 0
         self.rcu_deferred: list[tuple[int, int, int]] = []
-        # What the walks read on every entry, derived once from the geometry.
-        core = self.pt.geometry
-        self._shifts, self._level_ids, self._nlevels = core.shifts, core.level_ids, core.nlevels
-        self._block_levels = frozenset(lvl for lvl in range(KVM_PGTABLE_LAST_LEVEL + 1)
-                                       if geom.level_supports_block(lvl))
         self._normal_memattr = memattr_value("normal", fwb)
 
     # ------------------------------------------------------------------ pages and TLBs
@@ -385,13 +439,10 @@ class Stage2PageTable:
     def _put_page(self, page: int) -> None:
         self.page_count[page] -= 1
         if self.page_count[page] == 0:
-            del self.page_count[page]
             self.store.free(page)
 
     def _alloc_table(self) -> int:
-        pa = self.store.alloc(self.geom.ptrs_per_pte)
-        self.page_count[pa] = 1
-        return pa
+        return self.store.alloc(self.geom.ptrs_per_pte)
 
     def _free_unlinked_shared(self, table_pa: int, level: int, ipa: int) -> None:
         """mm_ops->free_unlinked_table from a shared walk: after an RCU grace period, i.e. once
@@ -407,11 +458,7 @@ class Stage2PageTable:
 
     def free_unlinked(self, table_pa: int, level: int) -> None:
         """kvm_pgtable_stage2_free_unlinked: free a detached subtree whatever its counts."""
-        for pte in self.store[table_pa]:
-            if kvm_pte_table(pte, level):
-                self.free_unlinked(self.fmt.table_address(pte, level), level + 1)
-        self.page_count.pop(table_pa, None)
-        self.store.free(table_pa)
+        self.pt.free_subtree(table_pa, level - self.geom.start_level)
 
     def _tlbi(self, op: str, ipa: int, size: int, level: int | None, why: str) -> None:
         rec = Tlbi(op, ipa, size, level, why)
@@ -447,83 +494,29 @@ class Stage2PageTable:
             return None, None
         return start, end
 
-    def walk(self, addr: int, size: int, visitor, flags: int, visit_invalid: bool) -> int:
+    def walk(self, addr: int, size: int, visitor, flags: int, visit_invalid: bool = True):
         """kvm_pgtable_walk: page-align, bound-check (-ERANGE), visit; a visitor's -EAGAIN
-        stops the walk only with HANDLE_FAULT (kvm_pgtable_walk_continue)."""
+        stops the walk only with HANDLE_FAULT (kvm_pgtable_walk_continue). The core walker's
+        generator (``PageTable.walk_steps``), to run with ``yield from``: a visitor may
+        return a generator instead of a result (a break-before-make or cmpxchg that yields
+        its race points in a stepped walk); a walk whose visitors return none never yields
+        (``run_plain``). It returns None, or the error that stopped the walk."""
         start, end = self._walk_range(addr, size)
         if start is None:
-            return -errno.ERANGE
-        result = 0
-
-        def visit(ctx):
-            nonlocal result
-            r = visitor(ctx)
-            if not r:
-                return None
-            if r == -errno.EAGAIN and not flags & KVM_PGTABLE_WALK_HANDLE_FAULT:
-                return None
-            result = r
-            return STOP
-
-        self.pt.walk(start, end, visit, flags & (LEAF | TABLE_PRE | TABLE_POST), arg=flags,
-                     visit_invalid=visit_invalid)
-        return result
-
-    def walk_steps(self, addr: int, size: int, visitor, flags: int):
-        """kvm_pgtable_walk as a generator, for a walk whose visitor may return a generator
-        (a break-before-make or cmpxchg that yields its race points in a stepped walk)
-        instead of a result: as ``walk`` with invalid entries visited, LEAF and TABLE_PRE
-        visits only. Returns 0 or the error that stopped the walk. The fault's walks (map,
-        relax_perms) always run here; one that is not stepped never yields (``run_plain``)."""
-        start, end = self._walk_range(addr, size)
-        if start is None:
-            return -errno.ERANGE
-        pt = self.pt
-        ctx = WalkContext(pt.store, pt.geometry, pt.fmt, pt.store[pt.root], pt.root, 0, 0,
-                          pt.geometry.level_ids[0], 0, 0, 0, 0, start, end, flags)
-        return (yield from self._walk_table_steps(ctx, pt.root, 0, 0, visitor, flags))
-
-    def _walk_table_steps(self, ctx, table_pa: int, pos: int, base: int, visitor, flags: int):
-        """__kvm_pgtable_walk over one table (the core walker's order: visit, reload the
-        entry, descend into a table); -EAGAIN stops the walk only with HANDLE_FAULT."""
-        table = self.store.tables[table_pa]
-        shift = self._shifts[pos]
-        size = 1 << shift
-        level = self._level_ids[pos]
-        leaf_level = pos == self._nlevels - 1
-        first = (max(ctx.start, base) - base) >> shift
-        last = min(len(table), (ctx.end - base + size - 1) >> shift)
-        table_pre = flags & TABLE_PRE
-        stops_on_eagain = flags & KVM_PGTABLE_WALK_HANDLE_FAULT
-        addr_mask = self.fmt.addr_mask
-        for idx in range(first, last):
-            pte = table[idx]
-            addr = base + (idx << shift)
-            ctx.table, ctx.table_pa, ctx.index = table, table_pa, idx
-            ctx.pos, ctx.level, ctx.addr, ctx.size, ctx.pte = pos, level, addr, size, pte
-            # kvm_pte_table, inline: this runs for every entry of every fault's walk.
-            is_table = not leaf_level and pte & _TABLE_BITS == _TABLE_BITS
-            if table_pre or not is_table:
-                ctx.flags = TABLE_PRE if is_table else LEAF
-                r = visitor(ctx)
-                if type(r) is GeneratorType:
-                    r = yield from r
-                if r and (r != -errno.EAGAIN or stops_on_eagain):
-                    return r
-                pte = table[idx]
-            if leaf_level or pte & _TABLE_BITS != _TABLE_BITS:
-                continue
-            r = yield from self._walk_table_steps(ctx, pte & addr_mask, pos + 1, addr, visitor,
-                                                  flags)
-            if r:
-                return r
-        return 0
+            return _erange()
+        return self.pt.walk_steps(
+            start, end, visitor, flags & (LEAF | TABLE_PRE | TABLE_POST), flags, visit_invalid,
+            None if flags & KVM_PGTABLE_WALK_HANDLE_FAULT else _not_eagain)
 
     def get_leaf(self, addr: int) -> tuple[int, int]:
         """kvm_pgtable_get_leaf: (pte, level) of the entry a hardware walk of ``addr`` ends
         on (a leaf, or the invalid entry that stops it)."""
-        pos, _table, _idx, pte = self.pt.lookup(addr)
-        return pte, self.pt.geometry.level_ids[pos]
+        level, _table, _idx, pte = self.rt.lookup(addr)
+        return pte, level
+
+    def _set_event(self, ipa: int, level: int, old: int, new: int) -> None:
+        """An in-place update without break-before-make, for the tests' event log."""
+        self.events.append(PteEvent("set", ipa, level, old, new))
 
     # ------------------------------------------------------------------ BBM primitives
 
@@ -613,21 +606,17 @@ class Stage2PageTable:
 
     # ------------------------------------------------------------------ map (§4.3, §4.4)
 
-    @staticmethod
-    def _walk_addr(ctx) -> int:
-        """kvm_pgtable_visit_ctx.addr: the walk's position (data->addr), which in the first
-        entry visited is the walk's start, not the entry's base (the model's ``ctx.addr``).
-        A walk of one page at the end of an invalid 2 MiB entry must not see the whole
-        entry as inside the walk."""
-        return max(ctx.addr, ctx.start)
-
     def _block_mapping_supported(self, ctx, phys: int) -> bool:
         """kvm_block_mapping_supported: level allows blocks, the entry fits the rest of the
         walk, and both the walk position and PA are aligned to it."""
         granule = ctx.size
-        if ctx.level not in self._block_levels:      # kvm_level_supports_block_mapping
+        if ctx.level not in self.fmt.leaf_levels:     # kvm_level_supports_block_mapping
             return False
-        addr = max(ctx.addr, ctx.start)               # _walk_addr
+        # _walk_addr: kvm_pgtable_visit_ctx.addr is the walk's position (data->addr), in the
+        # first entry visited the walk's start, not the entry's base (the model's
+        # ``ctx.addr``): a walk of one page at the end of an invalid 2 MiB entry must not see
+        # the whole entry as inside the walk.
+        addr = max(ctx.addr, ctx.start)
         if granule > ctx.end - addr:
             return False
         if phys & (granule - 1):
@@ -663,7 +652,7 @@ class Stage2PageTable:
         if (not ctx.arg & KVM_PGTABLE_WALK_SHARED and kvm_pte_valid(old)
                 and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_HI_SW):
             ctx.set(new)
-            self.events.append(PteEvent("set", ctx.addr, ctx.level, old, new))
+            self._set_event(ctx.addr, ctx.level, old, new)
             return 0
         return self._bbm(ctx, data, new, phys)
 
@@ -710,8 +699,7 @@ class Stage2PageTable:
         ret, attr = stage2_set_prot_attr(prot, self.fwb)
         if ret:
             return ret, None
-        data = _MapData(phys=phys, attr=attr, start=addr & ~(self.geom.granule - 1),
-                        force_pte=force_pte, flags=flags,
+        data = _MapData(phys=phys, attr=attr, force_pte=force_pte,
                         steps=steps and bool(flags & KVM_PGTABLE_WALK_SHARED))
 
         def visitor(ctx):
@@ -733,7 +721,7 @@ class Stage2PageTable:
         if shared:
             self.shared_walkers += 1
         try:
-            ret = yield from self.walk_steps(addr, size, visitor, flags | LEAF | TABLE_PRE)
+            ret = (yield from self.walk(addr, size, visitor, flags | LEAF | TABLE_PRE)) or 0
         finally:
             if shared:
                 self._rcu_read_unlock()
@@ -779,7 +767,7 @@ class Stage2PageTable:
                 child = self.fmt.table_address(old, ctx.level)
                 if self.page_count.get(child) != 1:
                     return 0
-            elif pte_memattr(old) == memattr_value("normal", self.fwb):
+            elif pte_memattr(old) == self._normal_memattr:
                 need_flush = not self.fwb
             # stage2_unmap_put_pte
             ctx.set(0)
@@ -796,7 +784,7 @@ class Stage2PageTable:
                 self._put_page(child)
             return 0
 
-        ret = self.walk(addr, size, visitor, LEAF | TABLE_POST, visit_invalid=False)
+        ret = run_plain(self.walk(addr, size, visitor, LEAF | TABLE_POST, False)) or 0
         if self.unmap_defer_tlb_flush():
             self.tlb_flush_vmid_range(addr, size, "unmap_deferred")
         return ret
@@ -804,50 +792,20 @@ class Stage2PageTable:
     # ------------------------------------------------------------------ attribute walkers
 
     def update_leaf_attrs(self, addr: int, size: int, attr_set: int, attr_clr: int,
-                          flags: int) -> tuple[int, _AttrData]:
-        """stage2_update_leaf_attrs / stage2_attr_walker: in place, no BBM; an invalid or
-        LOCKED leaf gives -EAGAIN."""
+                          flags: int, steps: bool = False):
+        """stage2_update_leaf_attrs / stage2_attr_walker, a generator returning ``(ret,
+        data)``: in place, no BBM; an invalid leaf gives -EAGAIN (a LOCKED one, in a shared
+        walk, is remembered in ``data.locked`` for the vCPU's wait); the I-cache is
+        invalidated for a leaf that becomes executable; the cmpxchg, with the
+        ``arm64_relax_cmpxchg`` point before it in a stepped shared walk."""
         data = _AttrData(attr_set, attr_clr)
-
-        def visitor(ctx):
-            old = ctx.pte
-            if not kvm_pte_valid(old):
-                return -errno.EAGAIN
-            data.level, data.pte = ctx.level, old
-            new = (old & ~data.attr_clr) | data.attr_set
-            if new != old:
-                if stage2_pte_executable(new) and not stage2_pte_executable(old) \
-                        and not self.cache_dic:
-                    self.events.append(PteEvent("icache_inval_pou", ctx.addr, ctx.level, 0,
-                                                self.fmt.pte_to_phys(old)))
-                if not self._try_set_pte(ctx, new):
-                    return -errno.EAGAIN
-                self.events.append(PteEvent("set", ctx.addr, ctx.level, old, new))
-            return 0
-
-        ret = self.walk(addr, size, visitor, flags | LEAF, visit_invalid=True)
-        return ret, data
-
-    def _relax_data(self, prot: int, flags: int, steps: bool):
-        """kvm_pgtable_stage2_relax_perms' attribute walker (6.17, single XN bit): set
-        S2AP_R/W, clear XN when X is asked; an invalid (or LOCKED) leaf gives -EAGAIN; the
-        cmpxchg, with the ``arm64_relax_cmpxchg`` point before it in a stepped shared walk, as
-        a generator."""
-        set_, clr = 0, 0
-        if prot & PROT_R:
-            set_ |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R
-        if prot & PROT_W:
-            set_ |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
-        if prot & PROT_X:
-            clr |= KVM_PTE_LEAF_ATTR_HI_S2_XN
-        data = _AttrData(set_, clr)
         shared = flags & KVM_PGTABLE_WALK_SHARED
         steps = steps and shared
 
         def cmpxchg(ctx, old, new):
             if not self._try_set_pte(ctx, new):
                 return -errno.EAGAIN
-            self.events.append(PteEvent("set", ctx.addr, ctx.level, old, new))
+            self._set_event(ctx.addr, ctx.level, old, new)
             return 0
 
         def cmpxchg_steps(ctx, old, new):
@@ -861,7 +819,7 @@ class Stage2PageTable:
                     data.locked = (ctx.table, ctx.index)
                 return -errno.EAGAIN
             data.level, data.pte = ctx.level, old
-            new = (old & ~data.attr_clr) | data.attr_set
+            new = (old & ~attr_clr) | attr_set
             if new == old:
                 return 0
             if stage2_pte_executable(new) and not stage2_pte_executable(old) \
@@ -870,37 +828,40 @@ class Stage2PageTable:
                                             self.fmt.pte_to_phys(old)))
             return cmpxchg_steps(ctx, old, new) if steps else cmpxchg(ctx, old, new)
 
-        return data, visitor
-
-    def relax_perms_steps(self, addr: int, prot: int, flags: int = FAULT_WALK_FLAGS,
-                          steps: bool = True):
-        """kvm_pgtable_stage2_relax_perms as a generator (its race point in a shared walk of
-        a stepped flow: ``arm64_relax_cmpxchg``). Returns ``(ret, locked)`` as
-        ``relax_perms_walk``."""
-        if int(prot) & KVM_PTE_LEAF_ATTR_HI_SW:
-            return -errno.EINVAL, None
-        data, visitor = self._relax_data(prot, flags, steps)
-        shared = flags & KVM_PGTABLE_WALK_SHARED
         if shared:
             self.shared_walkers += 1
         try:
-            ret = yield from self.walk_steps(addr, 1, visitor, flags | LEAF)
+            ret = (yield from self.walk(addr, size, visitor, flags | LEAF)) or 0
         finally:
             if shared:
                 self._rcu_read_unlock()
-        return self._relax_done(addr, ret, data)
+        return ret, data
 
-    def relax_perms_walk(self, addr: int, prot: int,
-                         flags: int = FAULT_WALK_FLAGS) -> tuple[int, tuple | None]:
-        """kvm_pgtable_stage2_relax_perms run to its end (the walk of ``relax_perms_steps``):
-        on one leaf; a local TLBI after success and after -EAGAIN. ``(ret, locked)`` as
-        ``map_walk``."""
-        return run_plain(self.relax_perms_steps(addr, prot, flags, False))
-
-    def _relax_done(self, addr: int, ret: int, data: _AttrData) -> tuple[int, tuple | None]:
+    def relax_perms_steps(self, addr: int, prot: int, flags: int = FAULT_WALK_FLAGS,
+                          steps: bool = True):
+        """kvm_pgtable_stage2_relax_perms as a generator (6.17, single XN bit: set S2AP_R/W,
+        clear XN when X is asked; its race point in a shared walk of a stepped flow:
+        ``arm64_relax_cmpxchg``): on one leaf; a local TLBI after success and after -EAGAIN.
+        Returns ``(ret, locked)`` as ``map_walk``."""
+        if int(prot) & KVM_PTE_LEAF_ATTR_HI_SW:
+            return -errno.EINVAL, None
+        set_, clr = 0, 0
+        if prot & PROT_R:
+            set_ |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R
+        if prot & PROT_W:
+            set_ |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W
+        if prot & PROT_X:
+            clr |= KVM_PTE_LEAF_ATTR_HI_S2_XN
+        ret, data = yield from self.update_leaf_attrs(addr, 1, set_, clr, flags, steps)
         if ret in (0, -errno.EAGAIN):
             self.tlb_flush_vmid_ipa(addr, data.level, "relax_perms", nsh=True)
         return ret, data.locked
+
+    def relax_perms_walk(self, addr: int, prot: int,
+                         flags: int = FAULT_WALK_FLAGS) -> tuple[int, tuple | None]:
+        """kvm_pgtable_stage2_relax_perms run to its end (the walk of ``relax_perms_steps``
+        without its race point)."""
+        return run_plain(self.relax_perms_steps(addr, prot, flags, False))
 
     def relax_perms(self, addr: int, prot: int, flags: int = FAULT_WALK_FLAGS) -> int:
         """kvm_pgtable_stage2_relax_perms: 0, -EAGAIN, -EINVAL."""
@@ -909,34 +870,23 @@ class Stage2PageTable:
     def mkyoung(self, addr: int, flags: int = FAULT_WALK_FLAGS) -> int:
         """kvm_pgtable_stage2_mkyoung: AF on the one valid leaf; no TLBI (AF=0 entries are
         not cached)."""
-        ret, _ = self.update_leaf_attrs(addr, 1, KVM_PTE_LEAF_ATTR_LO_S2_AF, 0, flags)
-        return ret
+        return run_plain(self.update_leaf_attrs(addr, 1, KVM_PTE_LEAF_ATTR_LO_S2_AF, 0,
+                                                flags))[0]
 
     def wrprotect(self, addr: int, size: int) -> int:
         """kvm_pgtable_stage2_wrprotect: clear S2AP_W on every valid leaf, exclusive walk,
-        no TLBI (the caller flushes)."""
-        ret, _ = self.update_leaf_attrs(addr, size, 0, KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W, 0)
-        return ret
+        no TLBI (the caller flushes): the core's ``RadixTable.wrprotect``."""
+        start, end = self._walk_range(addr, size)
+        if start is None:
+            return -errno.ERANGE
+        self.rt.wrprotect(start, end)
+        return 0
 
     def test_clear_young(self, addr: int, size: int, mkold: bool) -> bool:
-        """kvm_pgtable_stage2_test_clear_young / stage2_age_walker: no TLBI."""
-        young = False
-
-        def visitor(ctx):
-            nonlocal young
-            old = ctx.pte
-            new = old & ~KVM_PTE_LEAF_ATTR_LO_S2_AF
-            if not kvm_pte_valid(old) or new == old:
-                return 0
-            young = True
-            if mkold:
-                if not self._try_set_pte(ctx, new):
-                    return -errno.EAGAIN
-                self.events.append(PteEvent("set", ctx.addr, ctx.level, old, new))
-            return 0
-
-        self.walk(addr, size, visitor, LEAF, visit_invalid=False)
-        return young
+        """kvm_pgtable_stage2_test_clear_young / stage2_age_walker: no TLBI (the core's
+        ``RadixTable.test_clear_young``, AF being the format's accessed bit)."""
+        start, end = self._walk_range(addr, size)
+        return start is not None and self.rt.test_clear_young(start, end, mkold)
 
     # ------------------------------------------------------------------ split (§7)
 
@@ -994,119 +944,76 @@ class Stage2PageTable:
             self._make_pte(ctx, self.fmt.init_table_pte(child))
             return 0
 
-        return self.walk(addr, size, visitor, LEAF, visit_invalid=False)
+        return run_plain(self.walk(addr, size, visitor, LEAF, visit_invalid=False)) or 0
 
     # ------------------------------------------------------------------ introspection
 
-    def valid_leaves(self, start: int, end: int):
+    def valid_leaves(self, start: int, end: int) -> list:
         """(ipa, level, pte) of every valid leaf touching [start, end), ascending."""
-        out = []
-        g = self.geom.granule
-        start &= ~(g - 1)
-        end = min((end + g - 1) & ~(g - 1), self.geom.phys_size)
-
-        def visitor(ctx):
-            if kvm_pte_valid(ctx.pte):
-                out.append((ctx.addr, ctx.level, ctx.pte))
-            return None
-
-        if start < end:
-            self.pt.walk(start, end, visitor, LEAF, visit_invalid=False)
-        return out
+        return list(self.rt.leaves(start, end))
 
     def check(self) -> list[str]:
-        """The page-table half of the reference's §10 invariants (1, 2, 3, 6, 16)."""
-        problems: list[str] = []
-        g = self.geom
-        fmt = self.fmt
-        normal_set = {memattr_value(k, self.fwb) for k in ("normal", "normal_nc", "device")}
-        counts: dict[int, int] = {}
-        reachable: set[int] = set()
-        stack = [(self.pt.root, g.start_level, 0, g.root_pages * g.ptrs_per_pte)]
-        # Unlinked by a shared walker, still allocated until the walks in progress end.
-        stack += [(pa, level, ipa, g.ptrs_per_pte) for pa, level, ipa in self.rcu_deferred]
-        windows = self.bbm_windows
-        while stack:
-            table_pa, level, base, n = stack.pop()
-            if table_pa not in self.store:
-                problems.append(f"table at {table_pa:#x} (level {level}) is not allocated")
-                continue
-            reachable.add(table_pa)
-            entries = self.store[table_pa]
-            for p in range(0, max(1, n // g.ptrs_per_pte)):
-                counts[table_pa + p * g.granule] = 1
-            size = g.size(level)
-            for idx in range(len(entries)):
-                pte = entries[idx]
-                if not pte:
-                    continue
+        """The page-table half of the reference's §10 invariants (1, 2, 3, 6, 16): the
+        format's (linkage, leaked tables, leaf levels and alignment) are the core's
+        (``RadixTable.check``), with the subtrees a shared walk unlinked and has not freed
+        yet; the encoding, LOCKED entries and page counts are checked here."""
+        g, start = self.geom, self.geom.start_level
+        memattrs = {memattr_value(k, self.fwb) for k in ("normal", "normal_nc", "device")}
+        locked: collections.Counter = collections.Counter()
+
+        def judge(table_pa, idx, level, ipa, pte):
+            if not kvm_pte_valid(pte):
                 if not stage2_pte_is_locked(pte):
-                    # try_break_pte dropped the LOCKED entry's reference (invariant 16).
-                    counts[self._page_of(table_pa, idx)] += 1
-                ipa = base + idx * size
-                where = f"level-{level} entry for IPA {ipa:#x} ({pte:#018x})"
-                if not kvm_pte_valid(pte):
-                    if stage2_pte_is_locked(pte):
-                        old = windows.get((table_pa, idx))
-                        if old is None:
-                            problems.append(f"{where} is LOCKED outside a break-before-make "
-                                            "window")
-                        elif kvm_pte_table(old, level):
-                            # The table it replaces is freed only after the make.
-                            stack.append((fmt.table_address(old, level), level + 1, ipa,
-                                          g.ptrs_per_pte))
-                    else:
-                        problems.append(f"{where} is an invalid non-zero entry (no owner "
-                                        "annotations exist on a guest stage-2)")
-                    continue
-                if kvm_pte_table(pte, level):
-                    if pte & ~(fmt.addr_mask | KVM_PTE_TYPE | KVM_PTE_VALID):
-                        problems.append(f"{where} is a table entry with attribute bits")
-                    stack.append((fmt.table_address(pte, level), level + 1, ipa, g.ptrs_per_pte))
-                    continue
-                problems.extend(self._check_leaf(pte, level, ipa, where, normal_set))
-        for page, cnt in counts.items():
-            have = self.page_count.get(page)
-            if have != cnt:
-                problems.append(f"table page {page:#x}: page_count {have} but 1 + "
-                                f"{cnt - 1} counted entries")
-        leaked = set(self.store.tables) - reachable
-        if leaked:
-            problems.append(f"{len(leaked)} page-table page(s) allocated but unreachable")
+                    return [" is an invalid non-zero entry (no owner annotations exist on a "
+                            "guest stage-2)"], pte
+                # try_break_pte dropped the LOCKED entry's reference (invariant 16).
+                locked[self._page_of(table_pa, idx)] += 1
+                old = self.bbm_windows.get((table_pa, idx))
+                if old is None:
+                    return [" is LOCKED outside a break-before-make window"], pte
+                return [], old      # a table it replaces is freed only after the make
+            if kvm_pte_table(pte, level):
+                bad = pte & ~(self.fmt.addr_mask | KVM_PTE_TYPE | KVM_PTE_VALID)
+                return [" is a table entry with attribute bits"] if bad else [], pte
+            return self._check_leaf(pte, level, ipa, memattrs), pte
+
+        def entry(table_pa, pos, idx, ipa, pte):
+            found, in_place = judge(table_pa, idx, start + pos, ipa, pte)
+            where = f"level-{start + pos} entry for IPA {ipa:#x} ({pte:#018x})" if found else ""
+            return [where + m for m in found], in_place
+
+        # Unlinked by a shared walker, still allocated until the walks in progress end.
+        detached = [(pa, level - start, ipa) for pa, level, ipa in self.rcu_deferred]
+        problems = self.rt.check("stage-2", entry, detached)
+        ptrs = g.ptrs_per_pte
+        for pa, table in self.store.tables.items():
+            for first in range(0, len(table), ptrs):
+                page = pa + first * 8
+                cnt = 1 + ptrs - table[first:first + ptrs].count(0) - locked[page]
+                have = self.page_count.get(page)
+                if have != cnt:
+                    problems.append(f"table page {page:#x}: page_count {have} but 1 + "
+                                    f"{cnt - 1} counted entries")
         return problems
 
-    def _check_leaf(self, pte: int, level: int, ipa: int, where: str, memattrs) -> list[str]:
+    def _check_leaf(self, pte: int, level: int, ipa: int, memattrs) -> list[str]:
         g = self.geom
         out = []
-        size = g.size(level)
-        ty = (pte & KVM_PTE_TYPE) >> 1
-        if level == KVM_PGTABLE_LAST_LEVEL and ty != KVM_PTE_TYPE_PAGE:
-            out.append(f"{where}: a level-3 leaf with TYPE=0 is reserved")
-        if level < KVM_PGTABLE_LAST_LEVEL:
-            if ty != KVM_PTE_TYPE_BLOCK:
-                out.append(f"{where}: block with TYPE=1")
-            if not g.level_supports_block(level):
-                out.append(f"{where}: block at level {level}, below KVM_PGTABLE_MIN_BLOCK_LEVEL "
-                           f"{g.min_block_level}")
-        pa = self.fmt.pte_to_phys(pte)
-        if pa & (size - 1) or ipa & (size - 1):
-            out.append(f"{where}: output address {pa:#x} not aligned to the {size:#x} leaf")
+        if level == KVM_PGTABLE_LAST_LEVEL and not pte & KVM_PTE_TYPE:
+            out.append(": a level-3 leaf with TYPE=0 is reserved")
         if (pte & KVM_PTE_LEAF_ATTR_LO_S2_SH) >> 8 != KVM_PTE_LEAF_ATTR_LO_S2_SH_IS:
-            out.append(f"{where}: SH is not Inner Shareable")
+            out.append(": SH is not Inner Shareable")
         ma = pte_memattr(pte)
         if ma not in memattrs:
-            out.append(f"{where}: MemAttr {ma:#x} is not one KVM writes (FWB={self.fwb})")
-        if ma != memattr_value("normal", self.fwb) and stage2_pte_executable(pte):
-            out.append(f"{where}: device / Normal-NC leaf is executable")
+            out.append(f": MemAttr {ma:#x} is not one KVM writes (FWB={self.fwb})")
+        if ma != self._normal_memattr and stage2_pte_executable(pte):
+            out.append(": device / Normal-NC leaf is executable")
         if pte & (KVM_PTE_CONT | KVM_PTE_DBM | 1 << 11 | GENMASK(50, KVM_PTE_ADDR_HI + 1)
                   | GENMASK(63, 59)):
-            out.append(f"{where}: bits KVM never sets (Contiguous, DBM, bit 11, OA above "
+            out.append(": bits KVM never sets (Contiguous, DBM, bit 11, OA above "
                        "bit 47 or bits [63:59]) are set")
         if pte & (GENMASK(self.fmt.page_shift - 1, 12) if self.fmt.page_shift > 12 else 0):
-            out.append(f"{where}: output-address bits below the granule are set")
-        if ipa + size > g.phys_size:
-            out.append(f"{where}: maps beyond the {g.ipa_bits}-bit IPA space")
+            out.append(": output-address bits below the granule are set")
+        if ipa + g.size(level) > g.phys_size:
+            out.append(f": maps beyond the {g.ipa_bits}-bit IPA space")
         return out
-
-    def bytes_used(self) -> int:
-        return self.store.bytes_used

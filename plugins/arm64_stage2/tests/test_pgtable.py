@@ -106,7 +106,7 @@ def test_check_catches_illegal_block_level():
     table[idx] = 0
     pt.page_count[pt._page_of(pt.pt.path(1 << 29)[1][1], idx)] -= 1
     root[0] = pte  # root entry 0 now a block at level 1
-    assert any("below KVM_PGTABLE_MIN_BLOCK_LEVEL" in p for p in pt.check())
+    assert any("a leaf at a level without leaves" in p for p in pt.check())
 
 
 # ---------------------------------------------------------------- invariant 3: bad prots
@@ -399,3 +399,28 @@ def test_shared_walk_update_is_a_compare_and_exchange():
     pt.pt.walk(0x1000, 0x2000, visitor, LEAF, arg=KVM_PGTABLE_WALK_SHARED)
     assert seen == [(False, False)]
     assert pt.get_leaf(0x1000)[0] == other
+
+
+# ---------------------------------------------------------------- the declared format
+
+@pytest.mark.parametrize("granule", [4096, 16384, 65536])
+def test_format_declares_what_the_walks_install(granule):
+    """Stage2Format as a kvmcore.radix.RadixFormat: leaf levels from the granule, make_leaf
+    is the leaf kvm_pgtable_stage2_map installs, split_child the pages a split makes, and
+    perms reads S2AP/XN/AF (dirty = writable: no DBM)."""
+    from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X
+
+    g = Stage2Geometry(granule, 48)
+    pt = Stage2PageTable(g)
+    fmt = pt.fmt
+    assert fmt.leaf_levels == {lvl for lvl in range(g.start_level, 4)
+                               if g.level_supports_block(lvl)}
+    pmd = g.size(2)
+    pt.map(pmd, pmd, 1 << 40, PROT_RWX, FAULT_WALK_FLAGS)
+    block, level = leaf_at(pt, pmd)
+    assert block == fmt.make_leaf(1 << 40, 2, PERM_R | PERM_W | PERM_X | PERM_A)
+    assert fmt.perms(block) == PERM_R | PERM_W | PERM_X | PERM_A | PERM_D
+    assert fmt.perms(block & ~KVM_PTE_LEAF_ATTR_LO_S2_AF) & PERM_A == 0
+    children = [fmt.split_child(block, 2, 3, i) for i in range(g.ptrs_per_pte)]
+    pt.split(pmd, pmd)
+    assert [pte for _, _, pte in pt.valid_leaves(pmd, 2 * pmd)] == children
