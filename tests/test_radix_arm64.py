@@ -21,7 +21,7 @@ def test_check_lets_the_backend_judge_its_entries():
     table[idx] = LOCKED                                     # a walker holds it in a BBM
     plain = t.check("toy")
     assert any("invalid but not empty" in p for p in plain)
-    assert any("1 table(s) are not reachable" in p for p in plain)
+    assert any("1 table(s) are leaked, not reachable from the root" in p for p in plain)
     seen = []
 
     def entry(table_pa, pos, index, addr, value):
