@@ -39,7 +39,9 @@ class EntryFormat(Protocol):
     ``empty`` (default 0): the value of an entry that maps nothing and needs no visit — x86
     fills new tables with SHADOW_NONPRESENT_VALUE, not 0 — and ``table_bits = (mask, value)``
     when an entry above the last level links a table exactly if ``pte & mask == value``:
-    ``lookup`` then tests that inline instead of calling ``is_valid`` and ``is_table``."""
+    ``lookup`` then tests that inline instead of calling ``is_valid`` and ``is_table``; a
+    third element, ``addr_mask``, says the table's address is ``pte & addr_mask`` (no
+    ``table_address`` call either)."""
 
     def is_valid(self, pte: int, level: int) -> bool: ...
 
@@ -178,7 +180,7 @@ class PageTable:
         #: last position, the format's ``table_bits``.
         self._per_level = (geometry.shifts, tuple((1 << b) - 1 for b in geometry.bits),
                            geometry.level_ids, geometry.nlevels - 1,
-                           getattr(fmt, "table_bits", None) or (None, None))
+                           (*getattr(fmt, "table_bits", (None, None)), None)[:3])
         self._last_pos = geometry.nlevels - 1
 
     # ------------------------------------------------------------------ walking
@@ -280,20 +282,22 @@ class PageTable:
         a leaf, or the invalid entry where the walk stopped. The hot path of ``translate``."""
         fmt, tables = self.fmt, self.store.tables
         table = tables[self.root]
-        shifts, masks, levels, last, (tmask, tvalue) = self._per_level
+        shifts, masks, levels, last, (tmask, tvalue, amask) = self._per_level
         pos = 0
         while True:
             idx = (addr >> shifts[pos]) & masks[pos]
             pte = table[idx]
             if pos == last or not pte:
                 return pos, table, idx, pte
-            level = levels[pos]
-            if tmask is not None:
-                if pte & tmask != tvalue:
+            if tmask is None:
+                level = levels[pos]
+                if not fmt.is_valid(pte, level) or not fmt.is_table(pte, level):
                     return pos, table, idx, pte
-            elif not fmt.is_valid(pte, level) or not fmt.is_table(pte, level):
+                table = tables[fmt.table_address(pte, level)]
+            elif pte & tmask != tvalue:
                 return pos, table, idx, pte
-            table = tables[fmt.table_address(pte, level)]
+            else:
+                table = tables[pte & amask if amask else fmt.table_address(pte, levels[pos])]
             pos += 1
 
     def path(self, addr: int) -> list[tuple[int, int, int]]:

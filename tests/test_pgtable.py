@@ -217,3 +217,31 @@ def test_iter_present_reads_each_entry_when_it_gets_there():
     store[child][2] = 0
     rest = [(pos, addr) for _t, _i, pos, addr, _p in it]
     assert rest == [(1, 400 << 12), (0, 5 << 21)]
+
+
+def test_lookup_with_declared_table_bits_matches_the_format_tests():
+    """A format that declares ``table_bits = (mask, value[, addr_mask])`` gets the same
+    lookups as one whose ``is_valid`` / ``is_table`` / ``table_address`` are called."""
+    import random
+
+    class Declared(Toy):
+        table_bits = (3, 3)
+
+    class DeclaredWithAddress(Toy):
+        table_bits = (3, 3, ADDR)
+
+    rng = random.Random(5)
+    for _ in range(50):
+        _store, pt = _random_tree(rng)
+        fast = [PageTable.__new__(PageTable) for _ in range(2)]
+        for view, fmt in zip(fast, (Declared(), DeclaredWithAddress()), strict=True):
+            view.__dict__.update(pt.__dict__)
+            view.fmt = fmt
+            view._per_level = (*pt._per_level[:4], (*fmt.table_bits, None)[:3])
+        for _ in range(20):
+            addr = rng.randrange(1 << 30)
+            want = pt.lookup(addr)
+            for view in fast:
+                got = view.lookup(addr)
+                assert (got[0], got[1] is want[1], got[2], got[3]) == (
+                    want[0], True, want[2], want[3])

@@ -139,10 +139,6 @@ class Arm64Stage2Backend:
                                    on_tlbi=self._on_tlbi)
         self.abort = AbortPath(self)
         self._tlb_batch: list[Tlbi] | None = None
-        core = self.pgt.pt.geometry
-        self._walk_shifts = core.shifts
-        self._walk_masks = tuple((1 << b) - 1 for b in core.bits)
-        self._walk_last = core.nlevels - 1
 
     # Hook objects must stay hashable: identity hash/eq.
     __hash__ = object.__hash__
@@ -219,21 +215,8 @@ class Arm64Stage2Backend:
             raise GuestAbort("address_size", gpa)
         if gpa >= g.phys_size:
             raise GuestAbort("external_abort", gpa)
-        # The walk (PageTable.lookup's loop), inline: every TLB miss runs it. It stops at an
-        # invalid entry, a block, or the last level.
-        pt = self.pgt.pt
-        tables = pt.store.tables
-        shifts, masks, last = self._walk_shifts, self._walk_masks, self._walk_last
+        pos, table, idx, pte = self.pgt.pt.lookup(gpa)
         addr_mask = self.pgt.fmt.addr_mask
-        table = tables[pt.root]
-        pos = 0
-        while True:
-            idx = (gpa >> shifts[pos]) & masks[pos]
-            pte = table[idx]
-            if pos == last or pte & 3 != 3:     # not kvm_pte_table
-                break
-            table = tables[pte & addr_mask]
-            pos += 1
         level = g.start_level + pos
         gfn = gpa >> 12
         size = g.size(level)

@@ -252,6 +252,8 @@ class Stage2Format(RadixFormat):
                                      if geom.level_supports_block(lvl))
         self.page_shift = geom.page_shift
         self.addr_mask = GENMASK(KVM_PTE_ADDR_HI, geom.page_shift)
+        #: kvm_pte_table above the last level, and the next table's address (for lookup).
+        self.table_bits = (_TABLE_BITS, _TABLE_BITS, self.addr_mask)
         self.fwb = fwb
 
     def is_valid(self, pte: int, level: int) -> bool:
