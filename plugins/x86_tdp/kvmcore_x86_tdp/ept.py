@@ -65,8 +65,11 @@ def is_ept_misconfig(spte: int, leaf: bool) -> bool:
 
 def ept_translate(backend, vm, vcpu, gpa: int, access) -> Translation | Violation:
     """One guest access through the EPT: private/shared per VM type, the root it uses, the
-    walk, and on success the A/D (and PML) updates the CPU makes. This is every TLB miss, so
-    the walk is inlined (PageTable.lookup's loop with EPT's own stop condition)."""
+    walk, and on success the A/D (and PML) updates the CPU makes. The walk is the core's
+    ``PageTable.lookup``, which descends through KVM's present non-leaf SPTEs; the CPU
+    descends through any entry with R, W or X, but KVM writes every non-leaf SPTE present and
+    RWX (invariant 6) and every other entry with neither, so the two walks end on the same
+    entry, whose RWX decides below."""
     kind = access.kind
     write = kind == "write"
     exec_ = kind == "fetch"
@@ -82,18 +85,8 @@ def ept_translate(backend, vm, vcpu, gpa: int, access) -> Translation | Violatio
         private = backend.access_is_private(vm, gfn, access) if backend.has_private_mem \
             else False
         root = backend.direct_roots[vcpu.as_id]
-    # A walk stops at an entry without RWX (EPT "not present"), a leaf, or level 1.
-    tables = backend.tdp.store.tables
-    key = gfn + root.gfn_bits
-    table = root.table
-    level = root.level
-    while True:
-        idx = (key >> (9 * (level - 1))) & 511
-        spte = table[idx]
-        if level == 1 or not spte & VMX_EPT_RWX_MASK or spte & PT_PAGE_SIZE_MASK:
-            break
-        table = tables[spte & SPTE_BASE_ADDR_MASK]
-        level -= 1
+    pos, table, idx, spte = root.pt.lookup((gfn + root.gfn_bits) << 12)
+    level = root.level - pos
     rwx = spte & VMX_EPT_RWX_MASK
     leaf = level == 1 or bool(spte & PT_PAGE_SIZE_MASK)
     if rwx == 0 or rwx == 0x2 or rwx == 0x6 or not (

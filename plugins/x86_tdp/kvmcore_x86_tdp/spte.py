@@ -374,14 +374,18 @@ def tdp_geometry(root_level: int) -> Geometry:
 
 class EptFormat(RadixFormat):
     """KVM's EPT entries declared for the core's walks: "valid" is KVM's shadow-present bit
-    (not the hardware's RWX: that walk is ``ept.ept_translate``), a table is a present entry
-    above 4K without the large-page bit, leaves live at 4K, 2M and 1G. New tables are filled
-    with SHADOW_NONPRESENT_VALUE (mmu_shadow_page_cache.init_value), the empty entry; MMIO
-    SPTEs (per VM, ``mmio_value``) and FROZEN_SPTE are neither empty nor present. One
-    instance per VM: the root level, A/D bits and the NX workaround are per VM."""
+    (the hardware's is RWX; ``ept.ept_translate`` says why the two agree), a table is a
+    present entry above 4K without the large-page bit, leaves live at 4K, 2M and 1G. New
+    tables are filled with SHADOW_NONPRESENT_VALUE (mmu_shadow_page_cache.init_value), the
+    empty entry; MMIO SPTEs (per VM, ``mmio_value``) and FROZEN_SPTE are neither empty nor
+    present. One instance per VM: the root level, A/D bits and the NX workaround are per
+    VM."""
 
     leaf_levels = frozenset({PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G})
     empty = SHADOW_NONPRESENT_VALUE
+    #: is_valid and is_table above 4K, and table_address, for PageTable.lookup.
+    table_bits = (SPTE_MMU_PRESENT_MASK | PT_PAGE_SIZE_MASK, SPTE_MMU_PRESENT_MASK,
+                  SPTE_BASE_ADDR_MASK)
     R, W, X = VMX_EPT_READABLE_MASK, PT_WRITABLE_MASK, VMX_EPT_EXECUTABLE_MASK
     A, D = shadow_accessed_mask, shadow_dirty_mask
 
