@@ -67,7 +67,7 @@ from kvmcore.uapi import (
     is_error_noslot_pfn,
 )
 
-from . import mmu
+from . import invariants, mmu
 from .ept import PFERR_PRESENT_MASK, ept_translate
 from .pml import PmlBuffer, vmx_flush_pml_buffer
 from .sev import Rmp
@@ -771,5 +771,4 @@ class X86TdpBackend:
 
     @hookimpl
     def check_invariants(self, vm):
-        from .invariants import check_invariants
-        return check_invariants(self, vm)
+        return invariants.check_invariants(self, vm)
