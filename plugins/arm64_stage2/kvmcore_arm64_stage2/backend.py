@@ -57,6 +57,7 @@ from kvmcore.uapi import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MR_CREATE, KVM_MR_DELETE,
 
 from .geometry import KVM_IPA_LIMIT, KVM_PGTABLE_LAST_LEVEL, Stage2Geometry
 from .mmu import ESR_ELx_FSC_ACCESS, ESR_ELx_FSC_FAULT, ESR_ELx_FSC_PERM, AbortPath
+from .invariants import check_vm
 from .pgtable import (KVM_PTE_LEAF_ATTR_HI_S2_XN, KVM_PTE_LEAF_ATTR_LO_S2_AF,
                       KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R, KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
                       KVM_PTE_TYPE, KVM_PTE_VALID, Stage2PageTable, Tlbi)
@@ -429,6 +430,5 @@ class Arm64Stage2Backend:
 
     @hookimpl
     def check_invariants(self, vm):
-        from .invariants import check_vm
 
         return check_vm(self, vm)
