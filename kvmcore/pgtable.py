@@ -10,8 +10,14 @@ after (``TABLE_POST``); after a ``LEAF`` or ``TABLE_PRE`` visit the walker reloa
 so a visitor that installs a table (a split) sees the walk continue inside it, and one that
 replaces a table by a block does not descend into the freed table.
 
+Beside the walker: ``iter_present``, the same order as a lazy iterator (x86's
+``for_each_tdp_pte``), and ``lookup``, the hardware's walk of one address.
+
 Entries are stored in CPU byte order; a backend whose hardware is big-endian (Power) converts
-at its boundary. There is no concurrent walker here: Linux's cmpxchg updates are plain stores.
+at its boundary (``kvmcore.radix``). No two walkers run at the same instant (no SMP memory
+ordering): Linux's cmpxchg updates are plain stores, and where another flow may come between
+a walker's read of an entry and its exchange, the visit yields a race point (``walk_steps``)
+and re-reads the entry after it.
 """
 
 from __future__ import annotations
