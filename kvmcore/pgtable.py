@@ -510,8 +510,3 @@ def _scan(table: array, raw: bytes, empty: int) -> list[int]:
         x >>= (i + 1) << 6
         base += i + 1
     return found
-
-
-def table_is_empty(table: array) -> bool:
-    """No entry of ``table`` is non-zero (a C-speed byte test)."""
-    return not table.tobytes().strip(b"\x00")
