@@ -445,7 +445,4 @@ def _slot_of(vm, start: int, end: int):
     slot = vm.gfn_to_memslot(start)
     if slot is not None:
         return slot
-    for slot in vm.all_memslots():
-        if slot.as_id == 0 and slot.base_gfn < end and start < slot.base_gfn + slot.npages:
-            return slot
-    return None
+    return next(vm.memslot_sets[0].in_gfn_range(start, end), None)

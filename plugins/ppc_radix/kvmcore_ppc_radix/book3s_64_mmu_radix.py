@@ -140,12 +140,8 @@ def _slot_for(vm, gpa: int, memslot):
     if memslot is not None:
         return memslot
     # Invalid slots are still live (the DELETE path publishes an INVALID copy first), and
-    # their bitmap is still the one GET would read.
-    gfn = gpa >> SZ_4K_SHIFT
-    for slot in vm.all_memslots():
-        if slot.as_id == 0 and slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
-            return slot
-    return None
+    # their bitmap is still the one GET would read: search them too (one bisection).
+    return vm.memslot_sets[0].search(gpa >> SZ_4K_SHIFT)
 
 
 # --------------------------------------------------------------------------- unmap

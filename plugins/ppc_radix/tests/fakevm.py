@@ -80,8 +80,24 @@ class FakeVM:
     def all_memslots(self):
         return list(self.slots)
 
+    @property
+    def memslot_sets(self):
+        """Address space 0's slots with MemslotSet's two lookups."""
+        return [_Slots(self.slots)]
+
     def gfn_to_memslot(self, gfn, as_id=0):
         for s in self.slots:
             if s.base_gfn <= gfn < s.base_gfn + s.npages:
                 return s
         return None
+
+
+class _Slots:
+    def __init__(self, slots):
+        self.slots = sorted(slots, key=lambda s: s.base_gfn)
+
+    def search(self, gfn):
+        return next((s for s in self.slots if s.base_gfn <= gfn < s.base_gfn + s.npages), None)
+
+    def in_gfn_range(self, start, end):
+        return (s for s in self.slots if s.base_gfn < end and start < s.base_gfn + s.npages)
