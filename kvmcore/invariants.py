@@ -8,6 +8,7 @@ out physically contiguous huge pages, so a mismatch anywhere shows at one of tho
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from typing import TYPE_CHECKING
 
 from .uapi import (
@@ -32,14 +33,14 @@ def check_vm(vm: Kvm, leaves: list | None = None) -> list[str]:
     problems += _check_gmem(vm)
     problems += _check_leaves(vm, leaves)
     problems += _check_rings(vm)
-    problems += _check_tlbs(vm)
+    problems += _check_tlbs(vm, leaves)
     problems += _check_destroyed(vm)
     for found in vm.hook.check_invariants(vm=vm):
         problems += list(found or ())
     return problems
 
 
-def _check_tlbs(vm: Kvm) -> list[str]:
+def _check_tlbs(vm: Kvm, leaves: list) -> list[str]:
     """Every vCPU TLB entry is backed by a present leaf with the same frame and at least its
     write permission: what a zap removes is flushed before the zapping flow lets go of
     kvm->mmu_lock (notifiers, memslot flushes) or of slots_lock (dirty-log GET/CLEAR flush
@@ -48,16 +49,21 @@ def _check_tlbs(vm: Kvm) -> list[str]:
     if vm.mmu_lock.held or vm.slots_lock.held or vm.closed:
         return []
     out = []
+    # The leaves of each address space are in gfn order; those that may cover a gfn start
+    # less than the largest leaf's size below it.
+    starts = [[m.gfn for m in per_as] for per_as in leaves]
+    spans = [max((m.npages for m in per_as), default=1) for per_as in leaves]
     for vcpu in vm.vcpus:
+        per_as, gfns, span = leaves[vcpu.as_id], starts[vcpu.as_id], spans[vcpu.as_id]
         for (_page, _intent), (gfn, pfn, writable, _x, dirty) in list(vcpu.tlb.items()):
-            leaves = vm.leaves(vm=vm, start=gfn, end=gfn + 1, as_id=vcpu.as_id)
+            near = per_as[bisect_left(gfns, gfn - span + 1):bisect_right(gfns, gfn)]
             # An aged leaf may have lost its permissions to access tracking (x86 with A/D
             # disabled), and aging does not flush: only the frame must agree then. A dirty
             # entry needs a dirty leaf: one whose D bit was cleared (PML dirty logging) but
             # not flushed lets writes through unlogged.
             if not any(m.gfn <= gfn < m.gfn + m.npages and m.pfn + gfn - m.gfn == pfn
                        and (not m.young or ((m.writable or not writable)
-                                            and (m.dirty or not dirty))) for m in leaves):
+                                            and (m.dirty or not dirty))) for m in near):
                 out.append(f"vcpu {vcpu.id}: TLB entry gfn {gfn:#x} -> pfn {pfn:#x}"
                            f"{' writable' if writable else ''}{' dirty' if dirty else ''} has "
                            "no present leaf like it behind it (a change without its TLB "

@@ -321,7 +321,8 @@ def test_the_reduction_keeps_every_end_state_with_fewer_schedules():
 
 def test_each_node_of_the_schedule_tree_is_checked_once(monkeypatch):
     """The depth-first search re-runs a schedule's prefix without checking it again (its
-    states were checked by the run that first took it): fewer checks, the same verdicts."""
+    states were checked by the run that first took it), and the end state of a schedule is
+    the state after its last step, checked then: fewer checks, the same verdicts."""
     from kvmcore.explore import search
 
     scn = load("fault_vs_munmap")
@@ -335,6 +336,7 @@ def test_each_node_of_the_schedule_tree_is_checked_once(monkeypatch):
     monkeypatch.setattr(search.Explorer, "_check", counting)
     clean = explore(scn, FLAT)
     assert len(calls) == len(set(calls)), "a state was checked twice"
+    assert not any(end for _, end in calls), "an end state was checked after its last step"
     once = len(calls)
     calls.clear()
     real_run = search.Explorer.run

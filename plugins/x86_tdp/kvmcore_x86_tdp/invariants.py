@@ -149,6 +149,9 @@ def _slot_leaf_problems(backend, vm, root, slot, level, gfn, spte, pfn, init_set
 def _mixed_problems(vm, slot, info) -> list[str]:
     out = []
     base, end = slot.base_gfn, slot.base_gfn + slot.npages
+    nr_2m = KVM_PAGES_PER_HPAGE(mmu.HUGE_LEVELS[0])
+    if end - ((base + nr_2m - 1) & ~(nr_2m - 1)) < nr_2m:
+        return out      # no 2M page lies wholly inside the slot, so no larger one does either
     uniform = vm.range_has_memory_attributes(base, end, ~0, vm.get_memory_attributes(base))
     for level in mmu.HUGE_LEVELS:
         nr = KVM_PAGES_PER_HPAGE(level)
