@@ -40,7 +40,6 @@ import errno
 import functools
 from types import GeneratorType
 
-import attrs
 import structlog
 from kvmcore.pgtable import LEAF, TABLE_POST, TABLE_PRE, TableStore
 from kvmcore.radix import PERM_A, PERM_R, PERM_W, PERM_X, RadixFormat, RadixTable
@@ -176,8 +175,12 @@ def kvm_pte_table(pte: int, level: int) -> bool:
     return (pte & KVM_PTE_TYPE) >> 1 == KVM_PTE_TYPE_TABLE
 
 
+#: stage2_pte_is_locked as one test: not VALID, LOCKED set.
+_LOCKED_BITS = KVM_PTE_VALID | KVM_INVALID_PTE_LOCKED
+
+
 def stage2_pte_is_locked(pte: int) -> bool:
-    return not kvm_pte_valid(pte) and bool(pte & KVM_INVALID_PTE_LOCKED)
+    return pte & _LOCKED_BITS == KVM_INVALID_PTE_LOCKED
 
 
 def stage2_pte_is_counted(pte: int) -> bool:
@@ -331,24 +334,33 @@ class PteEvent:
     new: int = 0
 
 
-@attrs.define(slots=True)
 class _MapData:
-    phys: int
-    attr: int
-    force_pte: bool
-    #: Yield the race points (a shared walk of a stepped flow).
-    steps: bool = False
-    #: (table, index) of a LOCKED entry the walk met (its -EAGAIN), or None.
-    locked: tuple | None = None
+    """The map walker's data (stage2_map_data), one per walk: a plain slotted class (a fault
+    builds one)."""
+
+    __slots__ = ("phys", "attr", "force_pte", "steps", "locked")
+
+    def __init__(self, phys: int, attr: int, force_pte: bool, steps: bool = False):
+        self.phys = phys
+        self.attr = attr
+        self.force_pte = force_pte
+        #: Yield the race points (a shared walk of a stepped flow).
+        self.steps = steps
+        #: (table, index) of a LOCKED entry the walk met (its -EAGAIN), or None.
+        self.locked: tuple | None = None
 
 
-@attrs.define(slots=True)
 class _AttrData:
-    attr_set: int
-    attr_clr: int
-    level: int | None = None
-    pte: int = 0
-    locked: tuple | None = None
+    """stage2_attr_data, one per walk."""
+
+    __slots__ = ("attr_set", "attr_clr", "level", "pte", "locked")
+
+    def __init__(self, attr_set: int, attr_clr: int):
+        self.attr_set = attr_set
+        self.attr_clr = attr_clr
+        self.level: int | None = None
+        self.pte = 0
+        self.locked: tuple | None = None
 
 
 def run_plain(walk):
@@ -425,6 +437,10 @@ class Stage2PageTable:
         self.shared_walkers = 0
         self.rcu_deferred: list[tuple[int, int, int]] = []
         self._normal_memattr = memattr_value("normal", fwb)
+        #: What the map walker reads at every visit, bound once: the levels that allow
+        #: blocks, and the mask giving an entry's table page (``_page_of``).
+        self._leaf_levels = self.fmt.leaf_levels
+        self._page_mask = ~(geom.granule - 1)
 
     # ------------------------------------------------------------------ pages and TLBs
 
@@ -521,6 +537,10 @@ class Stage2PageTable:
         self.events.append(PteEvent("set", ipa, level, old, new))
 
     # ------------------------------------------------------------------ BBM primitives
+    #
+    # The fault path runs these once per fault: the pure tests on an entry (kvm_pte_valid,
+    # stage2_pte_is_locked, stage2_pte_is_counted, kvm_pte_table) and mm_ops' page counts are
+    # written inline as the bit tests they are; the steps themselves stay one method each.
 
     def _try_set_pte(self, ctx, new: int) -> bool:
         """stage2_try_set_pte: cmpxchg against the value the visitor read when shared."""
@@ -533,29 +553,30 @@ class Stage2PageTable:
         """stage2_try_break_pte: LOCKED -> TLBI (by range for a table, by IPA + level for a
         leaf) -> drop the old entry's reference."""
         old = ctx.pte
-        if stage2_pte_is_locked(old):
+        if old & _LOCKED_BITS == KVM_INVALID_PTE_LOCKED:          # stage2_pte_is_locked
             if not ctx.arg & KVM_PGTABLE_WALK_SHARED:
                 logger.warning("stage2.locked_in_exclusive_walk", ipa=ctx.addr)
             return False
         if not self._try_set_pte(ctx, KVM_INVALID_PTE_LOCKED):
             return False
         self.events.append(PteEvent("break", ctx.addr, ctx.level, old, KVM_INVALID_PTE_LOCKED))
-        if old and not ctx.arg & KVM_PGTABLE_WALK_SKIP_BBM_TLBI:
-            if kvm_pte_table(old, ctx.level):
-                size = self.geom.size(ctx.level)
-                self.tlb_flush_vmid_range(ctx.addr & ~(size - 1), size, "bbm_table")
-            elif kvm_pte_valid(old):
-                self.tlb_flush_vmid_ipa(ctx.addr, ctx.level, "bbm")
-        if stage2_pte_is_counted(old):
-            self._put_page(self._page_of(ctx.table_pa, ctx.index))
+        if old:
+            if not ctx.arg & KVM_PGTABLE_WALK_SKIP_BBM_TLBI:
+                if kvm_pte_table(old, ctx.level):
+                    size = self.geom.size(ctx.level)
+                    self.tlb_flush_vmid_range(ctx.addr & ~(size - 1), size, "bbm_table")
+                elif old & KVM_PTE_VALID:
+                    self.tlb_flush_vmid_ipa(ctx.addr, ctx.level, "bbm")
+            # stage2_pte_is_counted: mm_ops->put_page on the entry's table page.
+            self._put_page(ctx.table_pa + ((ctx.index << 3) & self._page_mask))
         return True
 
     def _make_pte(self, ctx, new: int) -> None:
         """stage2_make_pte: only over LOCKED; take a reference for a counted entry."""
-        if not stage2_pte_is_locked(ctx.table[ctx.index]):
+        if ctx.table[ctx.index] & _LOCKED_BITS != KVM_INVALID_PTE_LOCKED:
             raise AssertionError(f"stage2_make_pte over an unlocked entry at {ctx.addr:#x}")
-        if stage2_pte_is_counted(new):
-            self._get_page(self._page_of(ctx.table_pa, ctx.index))
+        if new:         # stage2_pte_is_counted: mm_ops->get_page
+            self.page_count[ctx.table_pa + ((ctx.index << 3) & self._page_mask)] += 1
         ctx.set(new)
         self.events.append(PteEvent("make", ctx.addr, ctx.level, KVM_INVALID_PTE_LOCKED, new))
 
@@ -566,7 +587,8 @@ class Stage2PageTable:
         it was read. ``new`` may be a callable giving the entry: a table from the memory cache,
         taken only at the make (no other walker can see it before). In a stepped shared walk,
         a generator that yields the race points."""
-        if ctx.arg & KVM_PGTABLE_WALK_SHARED and stage2_pte_is_locked(ctx.pte):
+        if (ctx.arg & KVM_PGTABLE_WALK_SHARED
+                and ctx.pte & _LOCKED_BITS == KVM_INVALID_PTE_LOCKED):
             data.locked = (ctx.table, ctx.index)
             return -errno.EAGAIN
         if data.steps:
@@ -608,33 +630,33 @@ class Stage2PageTable:
 
     # ------------------------------------------------------------------ map (§4.3, §4.4)
 
-    def _block_mapping_supported(self, ctx, phys: int) -> bool:
-        """kvm_block_mapping_supported: level allows blocks, the entry fits the rest of the
-        walk, and both the walk position and PA are aligned to it."""
-        granule = ctx.size
-        if ctx.level not in self.fmt.leaf_levels:     # kvm_level_supports_block_mapping
+    def _leaf_mapping_allowed(self, ctx, data: _MapData) -> bool:
+        """stage2_leaf_mapping_allowed: no block with force_pte, else
+        kvm_block_mapping_supported (written inline: the map walker asks it at every level):
+        the level allows blocks (kvm_level_supports_block_mapping), the entry fits the rest of
+        the walk, and both the walk position and the PA are aligned to it.
+
+        _walk_addr: kvm_pgtable_visit_ctx.addr is the walk's position (data->addr), in the
+        first entry visited the walk's start, not the entry's base (the model's
+        ``ctx.addr``): a walk of one page at the end of an invalid 2 MiB entry must not see
+        the whole entry as inside the walk."""
+        level = ctx.level
+        if level != KVM_PGTABLE_LAST_LEVEL and (data.force_pte
+                                                or level not in self._leaf_levels):
             return False
-        # _walk_addr: kvm_pgtable_visit_ctx.addr is the walk's position (data->addr), in the
-        # first entry visited the walk's start, not the entry's base (the model's
-        # ``ctx.addr``): a walk of one page at the end of an invalid 2 MiB entry must not see
-        # the whole entry as inside the walk.
-        addr = max(ctx.addr, ctx.start)
+        start = ctx.start
+        addr = ctx.addr
+        if addr < start:
+            addr = start
+        granule = ctx.size
         if granule > ctx.end - addr:
             return False
-        if phys & (granule - 1):
-            return False
-        return not addr & (granule - 1)
-
-    def _leaf_mapping_allowed(self, ctx, data: _MapData) -> bool:
-        if data.force_pte and ctx.level < KVM_PGTABLE_LAST_LEVEL:
-            return False
-        return self._block_mapping_supported(ctx, data.phys + (max(ctx.addr, ctx.start)
-                                                               - ctx.start))
+        return not ((data.phys + (addr - start)) | addr) & (granule - 1)
 
     @staticmethod
     def pte_needs_update(old: int, new: int) -> bool:
         """stage2_pte_needs_update: the map path ignores a difference only in R/W/XN."""
-        if not kvm_pte_valid(old) or not kvm_pte_valid(new):
+        if not old & KVM_PTE_VALID or not new & KVM_PTE_VALID:
             return True
         return bool((old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS)
 
@@ -644,17 +666,19 @@ class Stage2PageTable:
         break-before-make (a generator in a stepped shared walk)."""
         if not self._leaf_mapping_allowed(ctx, data):
             return -errno.E2BIG
-        phys = data.phys + (max(ctx.addr, ctx.start) - ctx.start)    # _walk_addr
+        start = ctx.start
+        addr = ctx.addr
+        phys = data.phys + ((addr if addr > start else start) - start)    # _walk_addr
         new = self.fmt.init_valid_leaf_pte(phys, data.attr, ctx.level)
         old = ctx.pte
         # The 2020 rule (commit 694d071f8d85): same mapping or a permission-only difference is
         # left alone; a vCPU that needs more permission takes a permission fault.
         if not self.pte_needs_update(old, new):
             return -errno.EAGAIN
-        if (not ctx.arg & KVM_PGTABLE_WALK_SHARED and kvm_pte_valid(old)
+        if (not ctx.arg & KVM_PGTABLE_WALK_SHARED and old & KVM_PTE_VALID
                 and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_HI_SW):
             ctx.set(new)
-            self._set_event(ctx.addr, ctx.level, old, new)
+            self._set_event(addr, ctx.level, old, new)
             return 0
         return self._bbm(ctx, data, new, phys)
 
@@ -694,20 +718,24 @@ class Stage2PageTable:
             logger.error("stage2.map_leaf_at_last_level_refused", ipa=ctx.addr)
             return -errno.EINVAL
         # The table comes from the memory cache, which never runs dry here.
-        return self._bbm(ctx, data, lambda: self.fmt.init_table_pte(self._alloc_table()), None)
+        return self._bbm(ctx, data, self._new_table_pte, None)
+
+    def _new_table_pte(self) -> int:
+        """A table from the memory cache, as the entry that links it (kvm_init_table_pte)."""
+        return self.fmt.init_table_pte(self._alloc_table())
 
     def _map_data(self, addr: int, phys: int, prot: int, flags: int, force_pte: bool,
                   steps: bool):
         ret, attr = stage2_set_prot_attr(prot, self.fwb)
         if ret:
             return ret, None
-        data = _MapData(phys=phys, attr=attr, force_pte=force_pte,
-                        steps=steps and bool(flags & KVM_PGTABLE_WALK_SHARED))
+        data = _MapData(phys, attr, force_pte, steps and bool(flags & KVM_PGTABLE_WALK_SHARED))
+        table_pre, leaf = self._map_walk_table_pre, self._map_walk_leaf
 
         def visitor(ctx):
             if ctx.flags == TABLE_PRE:
-                return self._map_walk_table_pre(ctx, data)
-            return self._map_walk_leaf(ctx, data)
+                return table_pre(ctx, data)
+            return leaf(ctx, data)
 
         return data, visitor
 
