@@ -282,7 +282,8 @@ class Stage2Format(RadixFormat):
     def init_valid_leaf_pte(self, pa: int, attr: int, level: int) -> int:
         """kvm_init_valid_leaf_pte: page TYPE at level 3, block below."""
         ty = KVM_PTE_TYPE_PAGE if level == KVM_PGTABLE_LAST_LEVEL else KVM_PTE_TYPE_BLOCK
-        return (self.phys_to_pte(pa) | (attr & (KVM_PTE_LEAF_ATTR_LO | KVM_PTE_LEAF_ATTR_HI))
+        # kvm_phys_to_pte, inline: the PA's own bits.
+        return (pa & self.addr_mask | (attr & (KVM_PTE_LEAF_ATTR_LO | KVM_PTE_LEAF_ATTR_HI))
                 | ty << 1 | KVM_PTE_VALID)
 
     def make_leaf(self, pa: int, level: int, perms: int) -> int:
@@ -441,6 +442,10 @@ class Stage2PageTable:
         #: blocks, and the mask giving an entry's table page (``_page_of``).
         self._leaf_levels = self.fmt.leaf_levels
         self._page_mask = ~(geom.granule - 1)
+        self._granule = geom.granule
+        self._phys_size = geom.phys_size
+        #: _cmos does nothing (FWB: no D-cache clean; CTR_EL0.DIC: no I-cache invalidation).
+        self._cmos_noop = fwb and cache_dic
 
     # ------------------------------------------------------------------ pages and TLBs
 
@@ -519,8 +524,11 @@ class Stage2PageTable:
         return a generator instead of a result (a break-before-make or cmpxchg that yields
         its race points in a stepped walk); a walk whose visitors return none never yields
         (``run_plain``). It returns None, or the error that stopped the walk."""
-        start, end = self._walk_range(addr, size)
-        if start is None:
+        g = self._granule                       # _walk_range, inline: every fault walks
+        start = addr & ~(g - 1)
+        end = (addr + size + g - 1) & ~(g - 1)
+        limit = self._phys_size
+        if start > limit or end > limit:
             return _erange()
         return self.pt.walk_steps(
             start, end, visitor, flags & (LEAF | TABLE_PRE | TABLE_POST), flags, visit_invalid,
@@ -575,18 +583,19 @@ class Stage2PageTable:
         """stage2_make_pte: only over LOCKED; take a reference for a counted entry."""
         if ctx.table[ctx.index] & _LOCKED_BITS != KVM_INVALID_PTE_LOCKED:
             raise AssertionError(f"stage2_make_pte over an unlocked entry at {ctx.addr:#x}")
+        index = ctx.index
         if new:         # stage2_pte_is_counted: mm_ops->get_page
-            self.page_count[ctx.table_pa + ((ctx.index << 3) & self._page_mask)] += 1
-        ctx.set(new)
+            self.page_count[ctx.table_pa + ((index << 3) & self._page_mask)] += 1
+        ctx.table[index] = ctx.pte = new        # smp_store_release (ctx.set)
         self.events.append(PteEvent("make", ctx.addr, ctx.level, KVM_INVALID_PTE_LOCKED, new))
 
     def _bbm(self, ctx, data, new, phys: int | None):
         """A break-before-make in a map walk (stage2_try_break_pte, the cache maintenance of
         a leaf at ``phys``, stage2_make_pte): 0, or -EAGAIN when the entry is another
         walker's (LOCKED: remembered in ``data.locked`` for the vCPU's wait) or changed since
-        it was read. ``new`` may be a callable giving the entry: a table from the memory cache,
-        taken only at the make (no other walker can see it before). In a stepped shared walk,
-        a generator that yields the race points."""
+        it was read. ``new`` None is a table from the memory cache, taken only at the make
+        (no other walker can see it before). In a stepped shared walk, a generator that
+        yields the race points."""
         if (ctx.arg & KVM_PGTABLE_WALK_SHARED
                 and ctx.pte & _LOCKED_BITS == KVM_INVALID_PTE_LOCKED):
             data.locked = (ctx.table, ctx.index)
@@ -595,9 +604,10 @@ class Stage2PageTable:
             return self._bbm_steps(ctx, new, phys)
         if not self._try_break_pte(ctx):
             return -errno.EAGAIN
-        if phys is not None and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO:
+        if (phys is not None and not self._cmos_noop
+                and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO):
             self._cmos(ctx, new, phys)
-        self._make_pte(ctx, new() if callable(new) else new)
+        self._make_pte(ctx, self._new_table_pte() if new is None else new)
         return 0
 
     def _bbm_steps(self, ctx, new, phys: int | None):
@@ -608,7 +618,8 @@ class Stage2PageTable:
         old = ctx.pte
         if not self._try_break_pte(ctx):
             return -errno.EAGAIN
-        if phys is not None and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO:
+        if (phys is not None and not self._cmos_noop
+                and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO):
             self._cmos(ctx, new, phys)
         key = (ctx.table_pa, ctx.index)
         self.bbm_windows[key] = old
@@ -616,7 +627,7 @@ class Stage2PageTable:
             yield ARM64_PTE_MAKE
         finally:
             self.bbm_windows.pop(key, None)
-        self._make_pte(ctx, new() if callable(new) else new)
+        self._make_pte(ctx, self._new_table_pte() if new is None else new)
         return 0
 
     def _cmos(self, ctx, new: int, pa: int) -> None:
@@ -718,36 +729,30 @@ class Stage2PageTable:
             logger.error("stage2.map_leaf_at_last_level_refused", ipa=ctx.addr)
             return -errno.EINVAL
         # The table comes from the memory cache, which never runs dry here.
-        return self._bbm(ctx, data, self._new_table_pte, None)
+        return self._bbm(ctx, data, None, None)
 
     def _new_table_pte(self) -> int:
         """A table from the memory cache, as the entry that links it (kvm_init_table_pte)."""
         return self.fmt.init_table_pte(self._alloc_table())
-
-    def _map_data(self, addr: int, phys: int, prot: int, flags: int, force_pte: bool,
-                  steps: bool):
-        ret, attr = stage2_set_prot_attr(prot, self.fwb)
-        if ret:
-            return ret, None
-        data = _MapData(phys, attr, force_pte, steps and bool(flags & KVM_PGTABLE_WALK_SHARED))
-        table_pre, leaf = self._map_walk_table_pre, self._map_walk_leaf
-
-        def visitor(ctx):
-            if ctx.flags == TABLE_PRE:
-                return table_pre(ctx, data)
-            return leaf(ctx, data)
-
-        return data, visitor
 
     def map_steps(self, addr: int, size: int, phys: int, prot: int, flags: int = 0,
                   force_pte: bool = False, steps: bool = True):
         """kvm_pgtable_stage2_map as a generator: a shared walk with ``steps`` (a stepped
         flow's) yields the break/make race points of every entry it replaces. Returns
         ``(ret, locked)`` as ``map_walk``."""
-        data, visitor = self._map_data(addr, phys, prot, flags, force_pte, steps)
-        if visitor is None:
-            return data, None
+        ret, attr = stage2_set_prot_attr(prot, self.fwb)
+        if ret:
+            return ret, None
         shared = flags & KVM_PGTABLE_WALK_SHARED
+        data = _MapData(phys, attr, force_pte, steps and bool(shared))
+        table_pre, leaf = self._map_walk_table_pre, self._map_walk_leaf
+
+        def visitor(ctx):
+            """stage2_map_walker."""
+            if ctx.flags == TABLE_PRE:
+                return table_pre(ctx, data)
+            return leaf(ctx, data)
+
         if shared:
             self.shared_walkers += 1
         try:
