@@ -150,6 +150,9 @@ class Arm64Stage2Backend:
         self._size_at = tuple(self.geom.size(lvl) for lvl in range(self.geom.start_level,
                                                                    KVM_PGTABLE_LAST_LEVEL + 1))
         self._phys_size = self.geom.phys_size
+        self._start_level = self.geom.start_level
+        #: 4 KiB gfns per base page (mark_base_page_dirty).
+        self._gfns_per_page = self.geom.granule >> 12
 
     # Hook objects must stay hashable: identity hash/eq.
     __hash__ = object.__hash__
@@ -226,7 +229,7 @@ class Arm64Stage2Backend:
         if gpa >= self._phys_size:
             raise GuestAbort("external_abort", gpa)
         pos, table, idx, pte = self._lookup(gpa)
-        level = self.geom.start_level + pos
+        level = self._start_level + pos
         gfn = gpa >> 12
         size = self._size_at[pos]
         if not pte & KVM_PTE_VALID or (level == KVM_PGTABLE_LAST_LEVEL
@@ -238,8 +241,8 @@ class Arm64Stage2Backend:
                                  ESR_ELx_FSC_ACCESS | level)
             pte |= KVM_PTE_LEAF_ATTR_LO_S2_AF
             table[idx] = pte
-        readable = bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R)
-        writable = bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)
+        readable = pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R != 0
+        writable = pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W != 0
         executable = not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN
         kind = access.kind
         if ((kind == "read" and not readable) or (kind == "write" and not writable)
@@ -280,9 +283,12 @@ class Arm64Stage2Backend:
 
     def mark_base_page_dirty(self, vm, slot, gfn: int) -> None:
         """mark_page_dirty_in_slot for every 4 KiB gfn of the base page holding ``gfn``."""
-        n = self.geom.granule >> 12
+        n = self._gfns_per_page
         first = gfn & ~(n - 1)
-        for g in range(max(first, slot.base_gfn), min(first + n, slot.end_gfn)):
+        base = slot.base_gfn
+        end = base + slot.npages
+        last = first + n
+        for g in range(first if first > base else base, last if last < end else end):
             vm.mark_page_dirty_in_slot(slot, g)
 
     # ------------------------------------------------------------------ unmap and aging

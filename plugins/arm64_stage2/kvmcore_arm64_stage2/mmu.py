@@ -276,32 +276,6 @@ class AbortPath:
 
     # ------------------------------------------------------------------ install
 
-    def _finish(self, vm, fault: PageFault, ret: int, how: str, size: int) -> int:
-        """The tail of user_mem_abort: mark dirty only when writable and ret == 0; -EAGAIN
-        (nothing to change, a LOCKED entry, a lost race) is success for the guest, which
-        re-enters and faults again if it still lacks something (RET_PF_SPURIOUS).
-
-        The gfn marked is user_mem_abort's ``gfn = ipa >> PAGE_SHIFT``, taken after the ipa
-        was rounded down to a PMD/PUD vma_pagesize (hugetlb, PFNMAP blocks): a write mapped
-        as such a block marks the block's first page, not the written one. With a bitmap the
-        slot logs and maps pages, so this shows with a dirty ring alone. A THP block
-        (transparent_hugepage_adjust, after gfn was taken) marks the written page."""
-        st = fault.arch or self.state(fault)
-        if st.writable and ret == 0:
-            gfn = fault.gfn
-            if st.vma_pagesize > self.granule:
-                gfn &= ~((st.vma_pagesize >> 12) - 1)
-            self.b.mark_base_page_dirty(vm, fault.slot, gfn)
-        if vm.events is not None:
-            vm.trace(f"arm64.{how}", gpa=fault.gpa, size=size, ret=ret, write=fault.write,
-                     exec=fault.exec)
-        if ret == 0:
-            return RET_PF_FIXED
-        if ret == -errno.EAGAIN:
-            vm.stats["arm64_fault_eagain"] += 1
-            return RET_PF_SPURIOUS
-        raise KvmError(-ret, f"gpa={fault.gpa:#x}: stage-2 update failed ({ret})")
-
     def relax_or_none(self, vm, fault: PageFault):
         """user_mem_abort step 18, first half: relax_perms iff the fault is a permission fault
         and the mapping size equals the faulting leaf's size (with ``relax_perms_only``, the
@@ -329,11 +303,34 @@ class AbortPath:
 
     def _installed(self, vm, fault: PageFault, ret: int, locked, how: str, size: int) -> int:
         """After the walk: remember a LOCKED entry it backed off from for the vCPU's next
-        fault (``locked_refault``), then the tail of user_mem_abort."""
+        fault (``locked_refault``); then the tail of user_mem_abort: mark dirty only when
+        writable and ret == 0; -EAGAIN (nothing to change, a LOCKED entry, a lost race) is
+        success for the guest, which re-enters and faults again if it still lacks something
+        (RET_PF_SPURIOUS).
+
+        The gfn marked is user_mem_abort's ``gfn = ipa >> PAGE_SHIFT``, taken after the ipa
+        was rounded down to a PMD/PUD vma_pagesize (hugetlb, PFNMAP blocks): a write mapped
+        as such a block marks the block's first page, not the written one. With a bitmap the
+        slot logs and maps pages, so this shows with a dirty ring alone. A THP block
+        (transparent_hugepage_adjust, after gfn was taken) marks the written page."""
         if locked is not None and fault.vcpu is not None:
             self._locked_refault[fault.vcpu] = (locked[0], locked[1], fault.gfn)
             self._refault_pending = True
-        return self._finish(vm, fault, ret, how, size)
+        st = fault.arch or self.state(fault)
+        if st.writable and ret == 0:
+            gfn = fault.gfn
+            if st.vma_pagesize > self.granule:
+                gfn &= ~((st.vma_pagesize >> 12) - 1)
+            self.b.mark_base_page_dirty(vm, fault.slot, gfn)
+        if vm.events is not None:
+            vm.trace(f"arm64.{how}", gpa=fault.gpa, size=size, ret=ret, write=fault.write,
+                     exec=fault.exec)
+        if ret == 0:
+            return RET_PF_FIXED
+        if ret == -errno.EAGAIN:
+            vm.stats["arm64_fault_eagain"] += 1
+            return RET_PF_SPURIOUS
+        raise KvmError(-ret, f"gpa={fault.gpa:#x}: stage-2 update failed ({ret})")
 
     def map_fault(self, vm, fault: PageFault):
         """user_mem_abort step 18, second half (and gmem_abort): kvm_pgtable_stage2_map at the

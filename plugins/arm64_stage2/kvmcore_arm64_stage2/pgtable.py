@@ -552,9 +552,10 @@ class Stage2PageTable:
 
     def _try_set_pte(self, ctx, new: int) -> bool:
         """stage2_try_set_pte: cmpxchg against the value the visitor read when shared."""
-        if ctx.arg & KVM_PGTABLE_WALK_SHARED and ctx.table[ctx.index] != ctx.pte:
+        table, index = ctx.table, ctx.index
+        if ctx.arg & KVM_PGTABLE_WALK_SHARED and table[index] != ctx.pte:
             return False
-        ctx.set(new)
+        table[index] = ctx.pte = new            # ctx.set
         return True
 
     def _try_break_pte(self, ctx) -> bool:
