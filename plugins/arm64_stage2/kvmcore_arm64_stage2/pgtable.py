@@ -746,13 +746,12 @@ class Stage2PageTable:
             return ret, None
         shared = flags & KVM_PGTABLE_WALK_SHARED
         data = _MapData(phys, attr, force_pte, steps and bool(shared))
-        table_pre, leaf = self._map_walk_table_pre, self._map_walk_leaf
 
         def visitor(ctx):
             """stage2_map_walker."""
             if ctx.flags == TABLE_PRE:
-                return table_pre(ctx, data)
-            return leaf(ctx, data)
+                return self._map_walk_table_pre(ctx, data)
+            return self._map_walk_leaf(ctx, data)
 
         if shared:
             self.shared_walkers += 1
