@@ -70,6 +70,9 @@ hookimpl = kvmcore.hookimpl
 #: (reference/races.md §8): the write lock is dropped and taken again.
 S2_UNMAP_RESCHED = "s2_unmap_resched"
 
+#: kvm_handle_guest_abort's PARange limit (1 << KVM_IPA_LIMIT): beyond it, an address-size fault.
+_IPA_LIMIT_SIZE = 1 << KVM_IPA_LIMIT
+
 _COMMON_CAPS = {"gmem", "gmem_mmap", "readonly_mem", "dirty_log", "manual_dirty_protect",
                 "initially_set", "dirty_ring", "relax_perms", "aging"}
 
@@ -140,6 +143,16 @@ class Arm64Stage2Backend:
                                    on_tlbi=self._on_tlbi)
         self.abort = AbortPath(self)
         self._tlb_batch: list[Tlbi] | None = None
+        #: What ``translate`` reads on every access, bound once: the hardware walk, the
+        #: output-address mask, the leaf size of each walk position, the VM's IPA limit.
+        self._lookup = self.pgt.pt.lookup
+        self._addr_mask = self.pgt.fmt.addr_mask
+        self._size_at = tuple(self.geom.size(lvl) for lvl in range(self.geom.start_level,
+                                                                   KVM_PGTABLE_LAST_LEVEL + 1))
+        self._phys_size = self.geom.phys_size
+        self._start_level = self.geom.start_level
+        #: 4 KiB gfns per base page (mark_base_page_dirty).
+        self._gfns_per_page = self.geom.granule >> 12
 
     # Hook objects must stay hashable: identity hash/eq.
     __hash__ = object.__hash__
@@ -211,16 +224,14 @@ class Arm64Stage2Backend:
         that priority) with the ESR FSC and the level, or the output page. The IPA checks of
         kvm_handle_guest_abort come first: beyond the PARange limit an address-size fault,
         beyond the VM's IPA size an external abort, both injected into the guest."""
-        g = self.geom
-        if gpa >= 1 << KVM_IPA_LIMIT:
+        if gpa >= _IPA_LIMIT_SIZE:
             raise GuestAbort("address_size", gpa)
-        if gpa >= g.phys_size:
+        if gpa >= self._phys_size:
             raise GuestAbort("external_abort", gpa)
-        pos, table, idx, pte = self.pgt.pt.lookup(gpa)
-        addr_mask = self.pgt.fmt.addr_mask
-        level = g.start_level + pos
+        pos, table, idx, pte = self._lookup(gpa)
+        level = self._start_level + pos
         gfn = gpa >> 12
-        size = g.size(level)
+        size = self._size_at[pos]
         if not pte & KVM_PTE_VALID or (level == KVM_PGTABLE_LAST_LEVEL
                                        and not pte & KVM_PTE_TYPE):
             return Violation(NOT_PRESENT, gfn, False, level, size, ESR_ELx_FSC_FAULT | level)
@@ -230,14 +241,14 @@ class Arm64Stage2Backend:
                                  ESR_ELx_FSC_ACCESS | level)
             pte |= KVM_PTE_LEAF_ATTR_LO_S2_AF
             table[idx] = pte
-        readable = bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R)
-        writable = bool(pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)
+        readable = pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R != 0
+        writable = pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W != 0
         executable = not pte & KVM_PTE_LEAF_ATTR_HI_S2_XN
         kind = access.kind
         if ((kind == "read" and not readable) or (kind == "write" and not writable)
                 or (kind == "fetch" and not executable)):
             return Violation(PERMISSION, gfn, False, level, size, ESR_ELx_FSC_PERM | level)
-        pfn = ((pte & addr_mask) + (gpa & (size - 1))) >> 12
+        pfn = ((pte & self._addr_mask) + (gpa & (size - 1))) >> 12
         # No DBM: a writable leaf takes writes without a state change, so it counts as dirty.
         return Translation(gfn, pfn, size, readable, writable, executable, writable)
 
@@ -272,9 +283,12 @@ class Arm64Stage2Backend:
 
     def mark_base_page_dirty(self, vm, slot, gfn: int) -> None:
         """mark_page_dirty_in_slot for every 4 KiB gfn of the base page holding ``gfn``."""
-        n = self.geom.granule >> 12
+        n = self._gfns_per_page
         first = gfn & ~(n - 1)
-        for g in range(max(first, slot.base_gfn), min(first + n, slot.end_gfn)):
+        base = slot.base_gfn
+        end = base + slot.npages
+        last = first + n
+        for g in range(first if first > base else base, last if last < end else end):
             vm.mark_page_dirty_in_slot(slot, g)
 
     # ------------------------------------------------------------------ unmap and aging

@@ -87,8 +87,16 @@ class AbortPath:
 
     def __init__(self, backend):
         self.b = backend
+        #: What every fault reads, bound once (the geometry and the page table never change).
+        self.geom = backend.geom
+        self.granule = backend.geom.granule
+        self.pmd_size = backend.geom.pmd_size
+        self.pgt = backend.pgt
         #: vCPU -> (table, index, gfn): the LOCKED entry its last fault backed off from.
         self._locked_refault: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        #: False while ``_locked_refault`` is known to be empty (its len is a Python call,
+        #: and every fault would ask it).
+        self._refault_pending = False
 
     @staticmethod
     def state(fault: PageFault) -> FaultState:
@@ -103,10 +111,14 @@ class AbortPath:
         """kvm_handle_guest_abort, the part before user_mem_abort: exec from no memslot is an
         injected instruction abort; an access-flag fault is handle_access_fault. First, a
         vCPU that backed off from a LOCKED entry waits for its make (``locked_refault``)."""
-        if self._locked_refault:
-            rec = self._locked_refault.pop(fault.vcpu, None)
-            if rec is not None and rec[2] == fault.gfn and stage2_pte_is_locked(rec[0][rec[1]]):
-                return self.locked_refault(vm, rec[0], rec[1])
+        if self._refault_pending:
+            if self._locked_refault:
+                rec = self._locked_refault.pop(fault.vcpu, None)
+                if (rec is not None and rec[2] == fault.gfn
+                        and stage2_pte_is_locked(rec[0][rec[1]])):
+                    return self.locked_refault(vm, rec[0], rec[1])
+            else:
+                self._refault_pending = False
         if fault.exec and vm.gfn_to_memslot(fault.gfn, fault.as_id) is None:
             vm.stats["arm64_inject_iabt"] += 1
             raise GuestAbort("instruction_abort", fault.addr)
@@ -143,7 +155,9 @@ class AbortPath:
         """user_mem_abort steps 10-11 (and gmem_abort's writability), after the core resolved
         the pfn."""
         slot = fault.slot
-        st = self.state(fault)
+        st = fault.arch
+        if st is None:
+            st = fault.arch = FaultState()
         if slot.has_gmem:
             # gmem_abort: writable iff the slot is not read-only; no VMA, no logging trick.
             st.writable = fault.map_writable
@@ -168,13 +182,13 @@ class AbortPath:
     def vma_page_size(self, vm, fault: PageFault) -> int:
         """get_vma_page_shift: hugetlb's size; PFNMAP's PUD/PMD when hva and PA share the
         offset and the block fits the VMA; PAGE_SIZE for everything else (THP comes later)."""
-        g = self.b.geom
         vma = fault.host_vma
         if vma is None:
-            return g.granule
+            return self.granule
         if vma.kind.startswith("hugetlb"):
             return vma.page_size
         if vma.io_pfnmap:
+            g = self.geom
             pa = vma.pfn << 12
             for lvl in (1, 2):
                 if not g.level_supports_block(lvl):
@@ -185,7 +199,7 @@ class AbortPath:
                         and hva & ~(size - 1) >= vma.start
                         and (hva & ~(size - 1)) + size <= vma.end):
                     return size
-        return g.granule
+        return self.granule
 
     def vma_shift_at(self, vm, fault: PageFault, hva: int) -> int:
         """user_mem_abort's vma_shift before the pfn lookup: PAGE_SHIFT while logging, else
@@ -215,15 +229,18 @@ class AbortPath:
     def stage2_mapping_size(self, vm, fault: PageFault) -> tuple[int, bool]:
         """user_mem_abort steps 4-6 and 15: (vma_pagesize, force_pte). gmem_abort: always
         PAGE_SIZE."""
-        g = self.b.geom
         slot = fault.slot
-        page = g.granule
+        page = self.granule
         if slot.has_gmem:
             return page, False
-        st = self.state(fault)
+        st = fault.arch or self.state(fault)
         if slot.logging:
             return page, True
-        size, force_pte = self._clamp_block(fault, self.vma_page_size(vm, fault))
+        size = self.vma_page_size(vm, fault)
+        if size <= page:
+            size, force_pte = page, False       # _clamp_block's first case, inline
+        else:
+            size, force_pte = self._clamp_block(fault, size)
         st.vma_pagesize = size
         if size == page and not force_pte and not st.noncacheable:
             if fault.kind == PERMISSION and fault.fault_size > page:
@@ -235,18 +252,17 @@ class AbortPath:
     def transparent_hugepage_adjust(self, vm, fault: PageFault) -> int:
         """transparent_hugepage_adjust: PMD only, when the host maps at least a PMD and the
         slot allows it."""
-        g = self.b.geom
-        pmd = g.pmd_size
-        if (fault.max_size >= pmd and g.level_supports_block(2)
+        pmd = self.pmd_size
+        if (fault.max_size >= pmd and self.geom.level_supports_block(2)
                 and fault.slot.supports_huge_mapping(fault.gfn, pmd)):
             vm.stats["arm64_thp_adjust"] += 1
             return pmd
-        return g.granule
+        return self.granule
 
     def stage2_prot(self, vm, fault: PageFault) -> int:
         """user_mem_abort step 17 / gmem_abort: R, W iff writable, X on exec; noncacheable ->
         DEVICE (never executable); otherwise X always with CTR_EL0.DIC."""
-        st = self.state(fault)
+        st = fault.arch or self.state(fault)
         prot = PROT_R
         if st.writable:
             prot |= PROT_W
@@ -259,32 +275,6 @@ class AbortPath:
         return prot
 
     # ------------------------------------------------------------------ install
-
-    def _finish(self, vm, fault: PageFault, ret: int, how: str, size: int) -> int:
-        """The tail of user_mem_abort: mark dirty only when writable and ret == 0; -EAGAIN
-        (nothing to change, a LOCKED entry, a lost race) is success for the guest, which
-        re-enters and faults again if it still lacks something (RET_PF_SPURIOUS).
-
-        The gfn marked is user_mem_abort's ``gfn = ipa >> PAGE_SHIFT``, taken after the ipa
-        was rounded down to a PMD/PUD vma_pagesize (hugetlb, PFNMAP blocks): a write mapped
-        as such a block marks the block's first page, not the written one. With a bitmap the
-        slot logs and maps pages, so this shows with a dirty ring alone. A THP block
-        (transparent_hugepage_adjust, after gfn was taken) marks the written page."""
-        st = self.state(fault)
-        if st.writable and ret == 0:
-            gfn = fault.gfn
-            if st.vma_pagesize > self.b.geom.granule:
-                gfn &= ~((st.vma_pagesize >> 12) - 1)
-            self.b.mark_base_page_dirty(vm, fault.slot, gfn)
-        if vm.events is not None:
-            vm.trace(f"arm64.{how}", gpa=fault.gpa, size=size, ret=ret, write=fault.write,
-                     exec=fault.exec)
-        if ret == 0:
-            return RET_PF_FIXED
-        if ret == -errno.EAGAIN:
-            vm.stats["arm64_fault_eagain"] += 1
-            return RET_PF_SPURIOUS
-        raise KvmError(-ret, f"gpa={fault.gpa:#x}: stage-2 update failed ({ret})")
 
     def relax_or_none(self, vm, fault: PageFault):
         """user_mem_abort step 18, first half: relax_perms iff the fault is a permission fault
@@ -313,10 +303,34 @@ class AbortPath:
 
     def _installed(self, vm, fault: PageFault, ret: int, locked, how: str, size: int) -> int:
         """After the walk: remember a LOCKED entry it backed off from for the vCPU's next
-        fault (``locked_refault``), then the tail of user_mem_abort."""
+        fault (``locked_refault``); then the tail of user_mem_abort: mark dirty only when
+        writable and ret == 0; -EAGAIN (nothing to change, a LOCKED entry, a lost race) is
+        success for the guest, which re-enters and faults again if it still lacks something
+        (RET_PF_SPURIOUS).
+
+        The gfn marked is user_mem_abort's ``gfn = ipa >> PAGE_SHIFT``, taken after the ipa
+        was rounded down to a PMD/PUD vma_pagesize (hugetlb, PFNMAP blocks): a write mapped
+        as such a block marks the block's first page, not the written one. With a bitmap the
+        slot logs and maps pages, so this shows with a dirty ring alone. A THP block
+        (transparent_hugepage_adjust, after gfn was taken) marks the written page."""
         if locked is not None and fault.vcpu is not None:
             self._locked_refault[fault.vcpu] = (locked[0], locked[1], fault.gfn)
-        return self._finish(vm, fault, ret, how, size)
+            self._refault_pending = True
+        st = fault.arch or self.state(fault)
+        if st.writable and ret == 0:
+            gfn = fault.gfn
+            if st.vma_pagesize > self.granule:
+                gfn &= ~((st.vma_pagesize >> 12) - 1)
+            self.b.mark_base_page_dirty(vm, fault.slot, gfn)
+        if vm.events is not None:
+            vm.trace(f"arm64.{how}", gpa=fault.gpa, size=size, ret=ret, write=fault.write,
+                     exec=fault.exec)
+        if ret == 0:
+            return RET_PF_FIXED
+        if ret == -errno.EAGAIN:
+            vm.stats["arm64_fault_eagain"] += 1
+            return RET_PF_SPURIOUS
+        raise KvmError(-ret, f"gpa={fault.gpa:#x}: stage-2 update failed ({ret})")
 
     def map_fault(self, vm, fault: PageFault):
         """user_mem_abort step 18, second half (and gmem_abort): kvm_pgtable_stage2_map at the
@@ -331,17 +345,18 @@ class AbortPath:
         congruent modulo the block size and the host maps it physically contiguous, so the
         faulting frame minus the IPA's offset in the block (transparent_hugepage_adjust's
         ``pfn &= ~(PTRS_PER_PMD - 1)``)."""
-        g = self.b.geom
+        granule = self.granule
         size, force_pte = self.stage2_mapping_size(vm, fault)
         prot = self.stage2_prot(vm, fault)
-        ipa = fault.gpa & ~(size - 1)
-        phys = (fault.pfn << 12) & ~(g.granule - 1)           # the IPA's page
-        if size > g.granule:
-            phys -= (fault.gpa - ipa) & ~(g.granule - 1)      # the block's first page
+        gpa = fault.gpa
+        ipa = gpa & ~(size - 1)
+        phys = (fault.pfn << 12) & ~(granule - 1)             # the IPA's page
+        if size > granule:
+            phys -= (gpa - ipa) & ~(granule - 1)              # the block's first page
             vm.stats[f"arm64_map_block_{size >> 10}k"] += 1
         if stepping():
             return self._map_steps(vm, fault, ipa, size, phys, prot)
-        ret, locked = self.b.pgt.map_walk(ipa, size, phys, prot, FAULT_WALK_FLAGS)
+        ret, locked = self.pgt.map_walk(ipa, size, phys, prot, FAULT_WALK_FLAGS)
         return self._installed(vm, fault, ret, locked, "map", size)
 
     def _map_steps(self, vm, fault: PageFault, ipa: int, size: int, phys: int, prot: int):

@@ -40,7 +40,6 @@ import errno
 import functools
 from types import GeneratorType
 
-import attrs
 import structlog
 from kvmcore.pgtable import LEAF, TABLE_POST, TABLE_PRE, TableStore
 from kvmcore.radix import PERM_A, PERM_R, PERM_W, PERM_X, RadixFormat, RadixTable
@@ -176,8 +175,12 @@ def kvm_pte_table(pte: int, level: int) -> bool:
     return (pte & KVM_PTE_TYPE) >> 1 == KVM_PTE_TYPE_TABLE
 
 
+#: stage2_pte_is_locked as one test: not VALID, LOCKED set.
+_LOCKED_BITS = KVM_PTE_VALID | KVM_INVALID_PTE_LOCKED
+
+
 def stage2_pte_is_locked(pte: int) -> bool:
-    return not kvm_pte_valid(pte) and bool(pte & KVM_INVALID_PTE_LOCKED)
+    return pte & _LOCKED_BITS == KVM_INVALID_PTE_LOCKED
 
 
 def stage2_pte_is_counted(pte: int) -> bool:
@@ -279,7 +282,8 @@ class Stage2Format(RadixFormat):
     def init_valid_leaf_pte(self, pa: int, attr: int, level: int) -> int:
         """kvm_init_valid_leaf_pte: page TYPE at level 3, block below."""
         ty = KVM_PTE_TYPE_PAGE if level == KVM_PGTABLE_LAST_LEVEL else KVM_PTE_TYPE_BLOCK
-        return (self.phys_to_pte(pa) | (attr & (KVM_PTE_LEAF_ATTR_LO | KVM_PTE_LEAF_ATTR_HI))
+        # kvm_phys_to_pte, inline: the PA's own bits.
+        return (pa & self.addr_mask | (attr & (KVM_PTE_LEAF_ATTR_LO | KVM_PTE_LEAF_ATTR_HI))
                 | ty << 1 | KVM_PTE_VALID)
 
     def make_leaf(self, pa: int, level: int, perms: int) -> int:
@@ -331,24 +335,33 @@ class PteEvent:
     new: int = 0
 
 
-@attrs.define(slots=True)
 class _MapData:
-    phys: int
-    attr: int
-    force_pte: bool
-    #: Yield the race points (a shared walk of a stepped flow).
-    steps: bool = False
-    #: (table, index) of a LOCKED entry the walk met (its -EAGAIN), or None.
-    locked: tuple | None = None
+    """The map walker's data (stage2_map_data), one per walk: a plain slotted class (a fault
+    builds one)."""
+
+    __slots__ = ("phys", "attr", "force_pte", "steps", "locked")
+
+    def __init__(self, phys: int, attr: int, force_pte: bool, steps: bool = False):
+        self.phys = phys
+        self.attr = attr
+        self.force_pte = force_pte
+        #: Yield the race points (a shared walk of a stepped flow).
+        self.steps = steps
+        #: (table, index) of a LOCKED entry the walk met (its -EAGAIN), or None.
+        self.locked: tuple | None = None
 
 
-@attrs.define(slots=True)
 class _AttrData:
-    attr_set: int
-    attr_clr: int
-    level: int | None = None
-    pte: int = 0
-    locked: tuple | None = None
+    """stage2_attr_data, one per walk."""
+
+    __slots__ = ("attr_set", "attr_clr", "level", "pte", "locked")
+
+    def __init__(self, attr_set: int, attr_clr: int):
+        self.attr_set = attr_set
+        self.attr_clr = attr_clr
+        self.level: int | None = None
+        self.pte = 0
+        self.locked: tuple | None = None
 
 
 def run_plain(walk):
@@ -425,6 +438,14 @@ class Stage2PageTable:
         self.shared_walkers = 0
         self.rcu_deferred: list[tuple[int, int, int]] = []
         self._normal_memattr = memattr_value("normal", fwb)
+        #: What the map walker reads at every visit, bound once: the levels that allow
+        #: blocks, and the mask giving an entry's table page (``_page_of``).
+        self._leaf_levels = self.fmt.leaf_levels
+        self._page_mask = ~(geom.granule - 1)
+        self._granule = geom.granule
+        self._phys_size = geom.phys_size
+        #: _cmos does nothing (FWB: no D-cache clean; CTR_EL0.DIC: no I-cache invalidation).
+        self._cmos_noop = fwb and cache_dic
 
     # ------------------------------------------------------------------ pages and TLBs
 
@@ -503,8 +524,11 @@ class Stage2PageTable:
         return a generator instead of a result (a break-before-make or cmpxchg that yields
         its race points in a stepped walk); a walk whose visitors return none never yields
         (``run_plain``). It returns None, or the error that stopped the walk."""
-        start, end = self._walk_range(addr, size)
-        if start is None:
+        g = self._granule                       # _walk_range, inline: every fault walks
+        start = addr & ~(g - 1)
+        end = (addr + size + g - 1) & ~(g - 1)
+        limit = self._phys_size
+        if start > limit or end > limit:
             return _erange()
         return self.pt.walk_steps(
             start, end, visitor, flags & (LEAF | TABLE_PRE | TABLE_POST), flags, visit_invalid,
@@ -521,61 +545,70 @@ class Stage2PageTable:
         self.events.append(PteEvent("set", ipa, level, old, new))
 
     # ------------------------------------------------------------------ BBM primitives
+    #
+    # The fault path runs these once per fault: the pure tests on an entry (kvm_pte_valid,
+    # stage2_pte_is_locked, stage2_pte_is_counted, kvm_pte_table) and mm_ops' page counts are
+    # written inline as the bit tests they are; the steps themselves stay one method each.
 
     def _try_set_pte(self, ctx, new: int) -> bool:
         """stage2_try_set_pte: cmpxchg against the value the visitor read when shared."""
-        if ctx.arg & KVM_PGTABLE_WALK_SHARED and ctx.table[ctx.index] != ctx.pte:
+        table, index = ctx.table, ctx.index
+        if ctx.arg & KVM_PGTABLE_WALK_SHARED and table[index] != ctx.pte:
             return False
-        ctx.set(new)
+        table[index] = ctx.pte = new            # ctx.set
         return True
 
     def _try_break_pte(self, ctx) -> bool:
         """stage2_try_break_pte: LOCKED -> TLBI (by range for a table, by IPA + level for a
         leaf) -> drop the old entry's reference."""
         old = ctx.pte
-        if stage2_pte_is_locked(old):
+        if old & _LOCKED_BITS == KVM_INVALID_PTE_LOCKED:          # stage2_pte_is_locked
             if not ctx.arg & KVM_PGTABLE_WALK_SHARED:
                 logger.warning("stage2.locked_in_exclusive_walk", ipa=ctx.addr)
             return False
         if not self._try_set_pte(ctx, KVM_INVALID_PTE_LOCKED):
             return False
         self.events.append(PteEvent("break", ctx.addr, ctx.level, old, KVM_INVALID_PTE_LOCKED))
-        if old and not ctx.arg & KVM_PGTABLE_WALK_SKIP_BBM_TLBI:
-            if kvm_pte_table(old, ctx.level):
-                size = self.geom.size(ctx.level)
-                self.tlb_flush_vmid_range(ctx.addr & ~(size - 1), size, "bbm_table")
-            elif kvm_pte_valid(old):
-                self.tlb_flush_vmid_ipa(ctx.addr, ctx.level, "bbm")
-        if stage2_pte_is_counted(old):
-            self._put_page(self._page_of(ctx.table_pa, ctx.index))
+        if old:
+            if not ctx.arg & KVM_PGTABLE_WALK_SKIP_BBM_TLBI:
+                if kvm_pte_table(old, ctx.level):
+                    size = self.geom.size(ctx.level)
+                    self.tlb_flush_vmid_range(ctx.addr & ~(size - 1), size, "bbm_table")
+                elif old & KVM_PTE_VALID:
+                    self.tlb_flush_vmid_ipa(ctx.addr, ctx.level, "bbm")
+            # stage2_pte_is_counted: mm_ops->put_page on the entry's table page.
+            self._put_page(ctx.table_pa + ((ctx.index << 3) & self._page_mask))
         return True
 
     def _make_pte(self, ctx, new: int) -> None:
         """stage2_make_pte: only over LOCKED; take a reference for a counted entry."""
-        if not stage2_pte_is_locked(ctx.table[ctx.index]):
+        if ctx.table[ctx.index] & _LOCKED_BITS != KVM_INVALID_PTE_LOCKED:
             raise AssertionError(f"stage2_make_pte over an unlocked entry at {ctx.addr:#x}")
-        if stage2_pte_is_counted(new):
-            self._get_page(self._page_of(ctx.table_pa, ctx.index))
-        ctx.set(new)
+        index = ctx.index
+        if new:         # stage2_pte_is_counted: mm_ops->get_page
+            self.page_count[ctx.table_pa + ((index << 3) & self._page_mask)] += 1
+        ctx.table[index] = ctx.pte = new        # smp_store_release (ctx.set)
         self.events.append(PteEvent("make", ctx.addr, ctx.level, KVM_INVALID_PTE_LOCKED, new))
 
     def _bbm(self, ctx, data, new, phys: int | None):
         """A break-before-make in a map walk (stage2_try_break_pte, the cache maintenance of
         a leaf at ``phys``, stage2_make_pte): 0, or -EAGAIN when the entry is another
         walker's (LOCKED: remembered in ``data.locked`` for the vCPU's wait) or changed since
-        it was read. ``new`` may be a callable giving the entry: a table from the memory cache,
-        taken only at the make (no other walker can see it before). In a stepped shared walk,
-        a generator that yields the race points."""
-        if ctx.arg & KVM_PGTABLE_WALK_SHARED and stage2_pte_is_locked(ctx.pte):
+        it was read. ``new`` None is a table from the memory cache, taken only at the make
+        (no other walker can see it before). In a stepped shared walk, a generator that
+        yields the race points."""
+        if (ctx.arg & KVM_PGTABLE_WALK_SHARED
+                and ctx.pte & _LOCKED_BITS == KVM_INVALID_PTE_LOCKED):
             data.locked = (ctx.table, ctx.index)
             return -errno.EAGAIN
         if data.steps:
             return self._bbm_steps(ctx, new, phys)
         if not self._try_break_pte(ctx):
             return -errno.EAGAIN
-        if phys is not None and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO:
+        if (phys is not None and not self._cmos_noop
+                and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO):
             self._cmos(ctx, new, phys)
-        self._make_pte(ctx, new() if callable(new) else new)
+        self._make_pte(ctx, self._new_table_pte() if new is None else new)
         return 0
 
     def _bbm_steps(self, ctx, new, phys: int | None):
@@ -586,7 +619,8 @@ class Stage2PageTable:
         old = ctx.pte
         if not self._try_break_pte(ctx):
             return -errno.EAGAIN
-        if phys is not None and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO:
+        if (phys is not None and not self._cmos_noop
+                and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO):
             self._cmos(ctx, new, phys)
         key = (ctx.table_pa, ctx.index)
         self.bbm_windows[key] = old
@@ -594,7 +628,7 @@ class Stage2PageTable:
             yield ARM64_PTE_MAKE
         finally:
             self.bbm_windows.pop(key, None)
-        self._make_pte(ctx, new() if callable(new) else new)
+        self._make_pte(ctx, self._new_table_pte() if new is None else new)
         return 0
 
     def _cmos(self, ctx, new: int, pa: int) -> None:
@@ -608,33 +642,33 @@ class Stage2PageTable:
 
     # ------------------------------------------------------------------ map (§4.3, §4.4)
 
-    def _block_mapping_supported(self, ctx, phys: int) -> bool:
-        """kvm_block_mapping_supported: level allows blocks, the entry fits the rest of the
-        walk, and both the walk position and PA are aligned to it."""
-        granule = ctx.size
-        if ctx.level not in self.fmt.leaf_levels:     # kvm_level_supports_block_mapping
+    def _leaf_mapping_allowed(self, ctx, data: _MapData) -> bool:
+        """stage2_leaf_mapping_allowed: no block with force_pte, else
+        kvm_block_mapping_supported (written inline: the map walker asks it at every level):
+        the level allows blocks (kvm_level_supports_block_mapping), the entry fits the rest of
+        the walk, and both the walk position and the PA are aligned to it.
+
+        _walk_addr: kvm_pgtable_visit_ctx.addr is the walk's position (data->addr), in the
+        first entry visited the walk's start, not the entry's base (the model's
+        ``ctx.addr``): a walk of one page at the end of an invalid 2 MiB entry must not see
+        the whole entry as inside the walk."""
+        level = ctx.level
+        if level != KVM_PGTABLE_LAST_LEVEL and (data.force_pte
+                                                or level not in self._leaf_levels):
             return False
-        # _walk_addr: kvm_pgtable_visit_ctx.addr is the walk's position (data->addr), in the
-        # first entry visited the walk's start, not the entry's base (the model's
-        # ``ctx.addr``): a walk of one page at the end of an invalid 2 MiB entry must not see
-        # the whole entry as inside the walk.
-        addr = max(ctx.addr, ctx.start)
+        start = ctx.start
+        addr = ctx.addr
+        if addr < start:
+            addr = start
+        granule = ctx.size
         if granule > ctx.end - addr:
             return False
-        if phys & (granule - 1):
-            return False
-        return not addr & (granule - 1)
-
-    def _leaf_mapping_allowed(self, ctx, data: _MapData) -> bool:
-        if data.force_pte and ctx.level < KVM_PGTABLE_LAST_LEVEL:
-            return False
-        return self._block_mapping_supported(ctx, data.phys + (max(ctx.addr, ctx.start)
-                                                               - ctx.start))
+        return not ((data.phys + (addr - start)) | addr) & (granule - 1)
 
     @staticmethod
     def pte_needs_update(old: int, new: int) -> bool:
         """stage2_pte_needs_update: the map path ignores a difference only in R/W/XN."""
-        if not kvm_pte_valid(old) or not kvm_pte_valid(new):
+        if not old & KVM_PTE_VALID or not new & KVM_PTE_VALID:
             return True
         return bool((old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS)
 
@@ -644,17 +678,19 @@ class Stage2PageTable:
         break-before-make (a generator in a stepped shared walk)."""
         if not self._leaf_mapping_allowed(ctx, data):
             return -errno.E2BIG
-        phys = data.phys + (max(ctx.addr, ctx.start) - ctx.start)    # _walk_addr
+        start = ctx.start
+        addr = ctx.addr
+        phys = data.phys + ((addr if addr > start else start) - start)    # _walk_addr
         new = self.fmt.init_valid_leaf_pte(phys, data.attr, ctx.level)
         old = ctx.pte
         # The 2020 rule (commit 694d071f8d85): same mapping or a permission-only difference is
         # left alone; a vCPU that needs more permission takes a permission fault.
         if not self.pte_needs_update(old, new):
             return -errno.EAGAIN
-        if (not ctx.arg & KVM_PGTABLE_WALK_SHARED and kvm_pte_valid(old)
+        if (not ctx.arg & KVM_PGTABLE_WALK_SHARED and old & KVM_PTE_VALID
                 and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_HI_SW):
             ctx.set(new)
-            self._set_event(ctx.addr, ctx.level, old, new)
+            self._set_event(addr, ctx.level, old, new)
             return 0
         return self._bbm(ctx, data, new, phys)
 
@@ -694,32 +730,29 @@ class Stage2PageTable:
             logger.error("stage2.map_leaf_at_last_level_refused", ipa=ctx.addr)
             return -errno.EINVAL
         # The table comes from the memory cache, which never runs dry here.
-        return self._bbm(ctx, data, lambda: self.fmt.init_table_pte(self._alloc_table()), None)
+        return self._bbm(ctx, data, None, None)
 
-    def _map_data(self, addr: int, phys: int, prot: int, flags: int, force_pte: bool,
-                  steps: bool):
-        ret, attr = stage2_set_prot_attr(prot, self.fwb)
-        if ret:
-            return ret, None
-        data = _MapData(phys=phys, attr=attr, force_pte=force_pte,
-                        steps=steps and bool(flags & KVM_PGTABLE_WALK_SHARED))
-
-        def visitor(ctx):
-            if ctx.flags == TABLE_PRE:
-                return self._map_walk_table_pre(ctx, data)
-            return self._map_walk_leaf(ctx, data)
-
-        return data, visitor
+    def _new_table_pte(self) -> int:
+        """A table from the memory cache, as the entry that links it (kvm_init_table_pte)."""
+        return self.fmt.init_table_pte(self._alloc_table())
 
     def map_steps(self, addr: int, size: int, phys: int, prot: int, flags: int = 0,
                   force_pte: bool = False, steps: bool = True):
         """kvm_pgtable_stage2_map as a generator: a shared walk with ``steps`` (a stepped
         flow's) yields the break/make race points of every entry it replaces. Returns
         ``(ret, locked)`` as ``map_walk``."""
-        data, visitor = self._map_data(addr, phys, prot, flags, force_pte, steps)
-        if visitor is None:
-            return data, None
+        ret, attr = stage2_set_prot_attr(prot, self.fwb)
+        if ret:
+            return ret, None
         shared = flags & KVM_PGTABLE_WALK_SHARED
+        data = _MapData(phys, attr, force_pte, steps and bool(shared))
+
+        def visitor(ctx):
+            """stage2_map_walker."""
+            if ctx.flags == TABLE_PRE:
+                return self._map_walk_table_pre(ctx, data)
+            return self._map_walk_leaf(ctx, data)
+
         if shared:
             self.shared_walkers += 1
         try:
