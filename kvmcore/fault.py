@@ -91,7 +91,8 @@ def kvm_page_fault(vm, fault: PageFault):
     try:
         if is_page_fault_stale(vm, fault):
             vm.stats["fault_retry_stale"] += 1
-            vm.trace("fault.retry", gfn=fault.gfn, seq=fault.mmu_seq)
+            if vm.events is not None:
+                vm.trace("fault.retry", gfn=fault.gfn, seq=fault.mmu_seq)
             return RET_PF_RETRY
         r = None
         if fault.kind == PERMISSION:

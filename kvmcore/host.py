@@ -351,16 +351,24 @@ class HostMemory:
 
     def _invalidate_start(self, hva: int, length: int):
         """mmu_notifier_invalidate_range_start on every registered VM, then the window in
-        which the host changes its page table with no KVM lock held (``mn_host_window``)."""
+        which the host changes its page table with no KVM lock held (``mn_host_window``).
+        A callback's result is run as ``_flow`` would, without a generator of its own."""
+        end = hva + length
         for n in list(self.notifiers):
-            yield from _flow(n.invalidate_range_start(hva, hva + length))
+            r = n.invalidate_range_start(hva, end)
+            if type(r) is GeneratorType:
+                yield from r
         if stepping():      # a point that waits for nothing: only a stepped flow stops
             yield "mn_host_window"
 
     def _invalidate_end(self, hva: int, length: int):
-        """mmu_notifier_invalidate_range_end on every registered VM."""
+        """mmu_notifier_invalidate_range_end on every registered VM (each result as in
+        ``_invalidate_start``)."""
+        end = hva + length
         for n in list(self.notifiers):
-            yield from _flow(n.invalidate_range_end(hva, hva + length))
+            r = n.invalidate_range_end(hva, end)
+            if type(r) is GeneratorType:
+                yield from r
 
     flow_label = "host"
 
@@ -622,9 +630,15 @@ class HostMemory:
         of a writable anonymous VMA: a new frame inside an invalidation), or None when a write
         GUP there would not break COW. KVM's fault runs it as part of its own flow, where its
         get_user_pages would (see fault_faultin), so the invalidation can wait for the MMU
-        lock a paused flow holds."""
-        e = self._entry(hva)
-        if e is None or e[1] or e[0] != self.zero_pfn:
+        lock a paused flow holds.
+
+        The zero page is only ever mapped by a PTE (no huge zero page), so the PTE word alone
+        says whether there is one to break: read in place, as gup_fast reads it."""
+        page = self._pte_pages.get(hva >> self._pmd_shift)
+        if page is None:
+            return None
+        w = page[(hva >> self.page_shift) & self._pte_mask]
+        if not w or w & _PTE_WRITE or w >> PAGE_SHIFT != self.zero_pfn:
             return None
         vma = self.find_vma(hva)
         if vma is None or vma.kind != "anon" or "w" not in vma.prot:

@@ -16,8 +16,10 @@ def _hva_gfn_range(vm, slot, start: int, end: int, arg: int, may_block: bool,
     base page) only partly inside count, and hva notifications never concern private memory
     (KVM_FILTER_SHARED)."""
     mask = vm.page_size - 1
-    hva_start = max(start, slot.userspace_addr) & ~mask
-    hva_end = (min(end, slot.userspace_addr + (slot.npages << 12)) + mask) & ~mask
+    uaddr = slot.userspace_addr
+    slot_end = uaddr + (slot.npages << 12)
+    hva_start = (start if start > uaddr else uaddr) & ~mask
+    hva_end = ((end if end < slot_end else slot_end) + mask) & ~mask
     return GfnRange(slot, slot.hva_to_gfn(hva_start), slot.hva_to_gfn(hva_end), arg,
                     KVM_FILTER_SHARED, may_block, lockless)
 
@@ -29,18 +31,22 @@ MN_FLUSH = "mn_start_flush"
 
 def kvm_handle_ranges(vm, ranges, handler, on_lock=None, flush_on_ret: bool = False,
                       lockless: bool = False, point: str = "mmu_lock_wait",
-                      flush_point: str | None = None):
+                      flush_point: str | None = None, srcu=None):
     """The loop every locked walk shares (__kvm_handle_hva_range, kvm_handle_gfn_range,
     __kvm_gmem_invalidate_begin), as a flow returning ``(ret, found)``: at the first of
     ``ranges`` (struct kvm_gfn_range, produced lazily) wait for kvm->mmu_lock for write at
     ``point``, take it and run ``on_lock``; OR the ``handler(vm, range)`` results (a handler
-    may be a flow itself; None: only lock and ``on_lock``); flush every TLB before dropping
-    the lock when one asked for it (pausing at ``flush_point`` first, if given: the flusher
-    waits for the vCPUs holding the lock). With no range, nothing is locked or called. A
-    flow that is not stepped passes the points without yielding when the lock is free
-    (``stepping()``: no other flow could run there)."""
+    may be a flow itself; None: only lock and ``on_lock``, and ``ranges`` need only say
+    whether there is one); flush every TLB before dropping the lock when one asked for it
+    (pausing at ``flush_point`` first, if given: the flusher waits for the vCPUs holding the
+    lock). With no range, nothing is locked or called. A flow that is not stepped passes the
+    points without yielding when the lock is free (``stepping()``: no other flow could run
+    there). ``srcu``: the walk runs inside its read side (__kvm_handle_hva_range's
+    srcu_read_lock, taken before the memslots are read and dropped after mmu_lock)."""
     ret = found = locked = False
     lock = vm.mmu_lock
+    if srcu is not None:
+        idx = srcu.read_lock()
     try:
         for rng in ranges:
             if not found:
@@ -65,32 +71,36 @@ def kvm_handle_ranges(vm, ranges, handler, on_lock=None, flush_on_ret: bool = Fa
     finally:
         if locked:
             lock.write_unlock()
+        if srcu is not None:
+            srcu.read_unlock(idx)
 
 
 def kvm_handle_hva_range(vm, start: int, end: int, handler, on_lock=None,
                          flush_on_ret: bool = False, may_block: bool = False,
                          lockless: bool = False, arg: int = 0, point: str = "mn_lock_wait"):
     """kvm_handle_hva_range, the MMU-notifier form (reference §2.2), as a flow: a generator
-    returning ``(ret, found_memslot)``.
+    returning ``(ret, found_memslot)`` (``kvm_handle_ranges``' own: the arguments are checked
+    when this is called).
 
     Under kvm->srcu, for every slot of every address space whose hva interval meets ``[start,
     end)``, the gfn range covering it (pages only partly inside included), with
     KVM_FILTER_SHARED: hva notifications never concern private memory; locked, called and
-    flushed as ``kvm_handle_ranges`` does, pausing before the flush at ``mn_start_flush``."""
+    flushed as ``kvm_handle_ranges`` does, pausing before the flush at ``mn_start_flush``.
+    With no handler (invalidate_range_end's kvm_null_fn) no range record is built: the
+    slots alone say whether the walk locks and runs ``on_lock``."""
     if end <= start:
         raise ValueError(f"kvm_handle_hva_range: empty range [{start:#x}, {end:#x})")
     if handler is None and on_lock is None:
         raise ValueError("kvm_handle_hva_range: neither handler nor on_lock")
     if lockless and on_lock is not None:
         raise ValueError("kvm_handle_hva_range: lockless walks take no on_lock")
-    ranges = (_hva_gfn_range(vm, slot, start, end, arg, may_block, lockless)
-              for slots in vm.memslot_sets for slot in slots.in_hva_range(start, end))
-    idx = vm.srcu.read_lock()
-    try:
-        return (yield from kvm_handle_ranges(vm, ranges, handler, on_lock, flush_on_ret,
-                                             lockless, point, MN_FLUSH))
-    finally:
-        vm.srcu.read_unlock(idx)
+    if handler is None:
+        ranges = (slot for slots in vm.memslot_sets for slot in slots.in_hva_range(start, end))
+    else:
+        ranges = (_hva_gfn_range(vm, slot, start, end, arg, may_block, lockless)
+                  for slots in vm.memslot_sets for slot in slots.in_hva_range(start, end))
+    return kvm_handle_ranges(vm, ranges, handler, on_lock, flush_on_ret, lockless, point,
+                             MN_FLUSH, vm.srcu)
 
 
 def kvm_handle_hva_range_op(vm, start: int, end: int, op, arg: int = 0) -> int:

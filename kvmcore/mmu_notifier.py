@@ -42,9 +42,11 @@ def kvm_unmap_gfn_range(vm: Kvm, rng: GfnRange):
 
 
 def kvm_mmu_unmap_gfn_range(vm: Kvm, rng: GfnRange):
-    """kvm_mmu_unmap_gfn_range: add the range to the invalidation, then the arch zap."""
+    """kvm_mmu_unmap_gfn_range: add the range to the invalidation, then the arch zap. The
+    range is added when this is called; the zap is the flow returned (kvm_unmap_gfn_range's
+    own generator, which the caller runs)."""
     vm.mmu_invalidate.range_add(rng.start, rng.end)
-    return (yield from kvm_unmap_gfn_range(vm, rng))
+    return kvm_unmap_gfn_range(vm, rng)
 
 
 class KvmMmuNotifier:

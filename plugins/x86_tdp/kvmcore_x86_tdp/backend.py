@@ -525,12 +525,19 @@ class X86TdpBackend:
         and spans two yield regions, or mirror roots: TDX's removal steps); else a plain
         zap, which is what the flow would do without a point on its way."""
         roots = self.roots_for_range(range, KVM_INVALID_ROOTS)
-        spans = range.start // ZAP_YIELD_GFNS != (range.end - 1) // ZAP_YIELD_GFNS
-        if (range.may_block and spans) or any(root.is_mirror for root in roots):
+        start, end = range.start, range.end
+        pauses = range.may_block and start // ZAP_YIELD_GFNS != (end - 1) // ZAP_YIELD_GFNS
+        if not pauses:
+            for root in roots:
+                if root.is_mirror:
+                    pauses = True
+                    break
+        if pauses:
             return self._unmap_gfn_range(vm, range, roots)
         flush = False
+        zap_leafs_locked = self.tdp.zap_leafs_locked
         for root in roots:
-            flush |= self.tdp.zap_leafs_locked(vm, root, range.start, range.end)
+            flush |= zap_leafs_locked(vm, root, start, end)
         return flush
 
     def _unmap_gfn_range(self, vm, range, roots):
