@@ -899,7 +899,14 @@ class HostMemory:
         """memory_failure(pfn): the host page holding frame ``pfn`` is poisoned.
         guest_memfd pages go to the file's error handler (kvm_gmem_error_folio: invalidate,
         no truncation); other pages are unmapped from every mapping (notifiers fire) and a
-        later touch gets SIGBUS / -EHWPOISON."""
+        later touch gets SIGBUS / -EHWPOISON.
+
+        A huge entry holding the page is split first and its whole range is notified, as
+        Linux's mm does before it unmaps the one page: a THP through try_to_split_thp_page
+        (split_huge_page, whose __split_huge_pmd invalidates the PMD's range), a hugetlb page
+        through try_to_unmap_one, whose range is the huge page. The model then drops that one
+        page and keeps the rest of a hugetlb page mapped by PAGE_SIZE entries, where Linux
+        unmaps the hugetlb page whole."""
         first = self.page_of(u64("pfn", pfn))
         self.poisoned.add(first)
         owner = self.gmem_frames.get(first)
@@ -915,10 +922,11 @@ class HostMemory:
                 if e[0] < last and first < e[0] + (size >> PAGE_SHIFT):
                     hvas.append((key << shift) + ((first - e[0]) << PAGE_SHIFT))
         for hva in hvas:
-            yield from self._invalidate_start(hva, self.page_size)
+            nstart, nlen = self._notify_range(hva, hva + self.page_size)
+            yield from self._invalidate_start(nstart, nlen)
             self._zap_ptes(hva, hva + self.page_size)
             self.hwpoison_pages.add(hva >> self.page_shift)
-            yield from self._invalidate_end(hva, self.page_size)
+            yield from self._invalidate_end(nstart, nlen)
 
     def read(self, hva: int, n: int) -> bytes:
         """A host (VMM) read of ``n`` bytes at ``hva``; faults pages in as needed."""

@@ -130,6 +130,22 @@ def test_poison(host, rec):
     host.read(hva + 4096, 1)
 
 
+@pytest.mark.parametrize("kind", ["thp", "hugetlb_2m"])
+def test_poison_in_a_huge_page_notifies_its_whole_range(host, rec, kind):
+    """memory_failure splits a THP before it unmaps the poisoned page (try_to_split_thp_page:
+    __split_huge_pmd invalidates the PMD's range), and try_to_unmap_one's range for a hugetlb
+    page is the huge page: a secondary MMU is never told about part of a huge mapping."""
+    hva = host.mmap(4 * MiB, thp=True) if kind == "thp" else host.mmap(4 * MiB, kind=kind)
+    host.write(hva + 2 * MiB, b"x")
+    assert host.host_mapping_size(hva + 2 * MiB) == 2 * MiB
+    rec.calls.clear()
+    host.poison(hva + 2 * MiB + 0x3000)
+    assert rec.calls == [("start", hva + 2 * MiB, hva + 4 * MiB),
+                         ("end", hva + 2 * MiB, hva + 4 * MiB)]
+    with pytest.raises(SigBus):
+        host.read(hva + 2 * MiB + 0x3000, 1)
+
+
 def test_pfnmap_gup_refused_follow_after_fixup(host):
     hva = host.mmap(MiB, kind="pfnmap", pfn=0x80000)
     assert host.gup_fast(hva, False) is None
