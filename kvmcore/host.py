@@ -959,29 +959,75 @@ class HostMemory:
         if not 0 <= hva <= TASK_SIZE - n:
             raise SigSegv(f"hva={hva:#x}, n={n:#x}: outside the user address space")
 
+    def _mapped_units(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """``(hva, size, first frame)`` of every present host page-table entry touching
+        ``[start, end)``, ascending: a PAGE_SIZE PTE, or a huge entry (a THP's PMD, a hugetlb
+        page) whole, even when the range covers only part of it. Costs what is mapped, not
+        the range's length."""
+        shift = self.page_shift
+        word = self.ptes.word
+        units = [(key << shift, self.page_size, word(key) >> PAGE_SHIFT)
+                 for key in self.ptes.keys_in(start >> shift, ((end - 1) >> shift) + 1)]
+        for size, hshift, table in self._huge:
+            lo, hi = start >> hshift, (end - 1) >> hshift
+            keys = range(lo, hi + 1) if hi - lo < 4096 else sorted(
+                k for k in table if lo <= k <= hi)
+            units += [(key << hshift, size, e[0]) for key in keys
+                      if (e := table.get(key)) is not None]
+        units.sort()
+        return units
+
+    def _still_mapped(self, hva: int, size: int, pfn: int) -> bool:
+        """The entry ``_mapped_units`` found at ``hva`` is still there, same size and frame
+        (page_vma_mapped_walk finds a folio only where it is still mapped)."""
+        e = self._entry(hva)
+        return e is not None and e[2] == size and e[0] == pfn
+
     @steppable
     def age(self, hva: int, length: int, flush: bool = True) -> bool:
-        """Reclaim's referenced check (folio_referenced -> clear_flush_young, or clear_young
-        with ``flush=False``, as MGLRU does) on every VM of this host. True if any secondary
-        mapping was young."""
+        """Reclaim's referenced check on every VM of this host, one host mapping at a time:
+        folio_referenced -> folio_referenced_one asks each mapping of a folio with
+        ptep_clear_flush_young_notify (a PTE: one page) or pmdp_clear_flush_young_notify (a
+        PMD-mapped THP: the PMD's whole range), so each mmu_notifier_clear_flush_young
+        covers one host page or one huge page; ``flush=False`` asks with clear_young
+        instead, as page_idle and DAMON do (ptep_ / pmdp_clear_young_notify). Every present
+        entry touching ``[hva, hva+length)`` is asked about once, a huge one for its whole
+        range; a page with no entry is not (reclaim reaches mappings through their folios'
+        rmap). Entries are listed first and each is looked up again before its turn, so one
+        unmapped or moved meanwhile is skipped, as by page_vma_mapped_walk. True if any
+        secondary mapping was young.
+
+        Simplified: the model has no LRU, so it asks about the zero page, VM_PFNMAP pages and
+        hugetlb pages too (a hugetlb page as one entry), which Linux's reclaim never scans."""
         flag("flush", flush)
         self._check_range("age", hva, length)
         young = False
-        for n in list(self.notifiers):
-            if flush:
-                young |= yield from _flow(n.clear_flush_young(hva, hva + length))
-            else:
-                young |= yield from _flow(n.clear_young(hva, hva + length))
+        for addr, size, pfn in self._mapped_units(hva, hva + length):
+            if not self._still_mapped(addr, size, pfn):
+                continue
+            for n in list(self.notifiers):
+                if flush:
+                    young |= yield from _flow(n.clear_flush_young(addr, addr + size))
+                else:
+                    young |= yield from _flow(n.clear_young(addr, addr + size))
         return young
 
     @steppable
     def test_young(self, hva: int, length: int) -> bool:
-        """mmu_notifier_test_young on every VM of this host (page_idle, MGLRU's look-around):
-        True if any secondary mapping of the range is young; nothing is cleared."""
+        """mmu_notifier_test_young on every VM of this host, once per present entry touching
+        ``[hva, hva+length)``, at the entry's first page: the notifier takes one address
+        (include/linux/mmu_notifier.h; KVM looks at [address, address + 1), one page), and
+        its callers ask once per mapping — khugepaged per PTE it scans
+        (hpage_collapse_scan_pmd), DAMON per PTE or PMD mapping of a folio
+        (damon_folio_young_one) — so a huge entry is asked about at its first page only.
+        True if any answer was young; nothing is cleared."""
         self._check_range("test_young", hva, length)
         young = False
-        for n in list(self.notifiers):
-            young |= yield from _flow(n.test_young(hva, hva + length))
+        for addr, size, pfn in self._mapped_units(hva, hva + length):
+            if not self._still_mapped(addr, size, pfn):
+                continue
+            for n in list(self.notifiers):
+                young |= yield from _flow(n.test_young(addr, addr + self.page_size))
         return young
 
 

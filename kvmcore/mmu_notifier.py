@@ -82,23 +82,27 @@ class KvmMmuNotifier:
             vm.trace("notifier.invalidate_end", hva=start, length=end - start)
 
     def clear_flush_young(self, start: int, end: int):
-        """Reclaim's clear_flush_young. Linux flushes when a leaf was young unless
-        CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG (x86 sets it); the model flushes, which only makes
-        the next access re-walk."""
+        """Reclaim's clear_flush_young (kvm_mmu_notifier_clear_flush_young), asked per host
+        mapping: one page or one huge page (``HostMemory.age``). Linux flushes when a leaf
+        was young unless CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG (x86 sets it); the model
+        flushes, which only makes the next access re-walk."""
         young, _ = yield from kvm_handle_hva_range(self.vm, start, end, _age_handler,
                                                    flush_on_ret=True, point=MN_AGE_LOCK_WAIT)
         self.vm.stats["mn_clear_flush_young"] += 1
         return young
 
     def clear_young(self, start: int, end: int):
+        """kvm_mmu_notifier_clear_young (page_idle, DAMON): as ``clear_flush_young``, no
+        flush."""
         young, _ = yield from kvm_handle_hva_range(self.vm, start, end, _age_handler,
                                                    point=MN_AGE_LOCK_WAIT)
         self.vm.stats["mn_clear_young"] += 1
         return young
 
     def test_young(self, start: int, end: int):
-        """kvm_mmu_notifier_test_young (page_idle, MGLRU's look-around): whether any secondary
-        mapping of the range is young, changing nothing and flushing nothing."""
+        """kvm_mmu_notifier_test_young (khugepaged, DAMON): whether any secondary mapping of
+        the range is young, changing nothing and flushing nothing. Linux's notifier takes one
+        address and looks at [address, address + 1), one page: the host passes that page."""
         young, _ = yield from kvm_handle_hva_range(self.vm, start, end, _test_age_handler,
                                                    point=MN_AGE_LOCK_WAIT)
         return young

@@ -146,6 +146,80 @@ def test_poison_in_a_huge_page_notifies_its_whole_range(host, rec, kind):
         host.read(hva + 2 * MiB + 0x3000, 1)
 
 
+class AgeRecorder(Recorder):
+    """Records each aging callback's range; ``on_first`` runs inside the first one."""
+
+    def __init__(self, on_first=None):
+        super().__init__()
+        self.on_first = on_first
+
+    def _age(self, name, start, end):
+        self.calls.append((name, start, end))
+        if self.on_first is not None:
+            self.on_first, run = None, self.on_first
+            run()
+        return True
+
+    def clear_flush_young(self, start, end):
+        return self._age("clear_flush_young", start, end)
+
+    def clear_young(self, start, end):
+        return self._age("clear_young", start, end)
+
+    def test_young(self, start, end):
+        return self._age("test_young", start, end)
+
+
+def _thp_then_pages(host):
+    """A THP at ``hva`` (the second PMD of its VMA never touched), then 4 KiB pages 0 and 2
+    of an anonymous VMA right after it."""
+    hva = host.mmap(4 * MiB, thp=True)
+    host.write(hva + 0x5000, b"huge")
+    small = host.mmap(MiB, addr=hva + 4 * MiB)
+    host.write(small, b"a")
+    host.write(small + 0x2000, b"b")
+    assert host.host_mapping_size(hva) == 2 * MiB
+    return hva, small
+
+
+@pytest.mark.parametrize("flush,name", [(True, "clear_flush_young"),
+                                        (False, "clear_young")])
+def test_age_notifies_once_per_host_mapping(host, flush, name):
+    """folio_referenced_one asks per mapping: a PTE for its page, a PMD-mapped THP for the
+    PMD's whole range (even if the aged range covers part of it); hvas with no entry are
+    not asked about."""
+    hva, small = _thp_then_pages(host)
+    rec = AgeRecorder()
+    host.register_notifier(rec)
+    assert host.age(hva + MiB, 3 * MiB + 0x3000, flush=flush) is True
+    assert rec.calls == [(name, hva, hva + 2 * MiB), (name, small, small + 0x1000),
+                         (name, small + 0x2000, small + 0x3000)]
+    rec.calls.clear()
+    assert host.age(hva + 2 * MiB, MiB, flush=flush) is False     # nothing mapped
+    assert rec.calls == []
+
+
+def test_test_young_asks_at_the_first_page_of_each_mapping(host):
+    """mmu_notifier_test_young takes one address: one page per PTE, a THP's first page."""
+    hva, small = _thp_then_pages(host)
+    rec = AgeRecorder()
+    host.register_notifier(rec)
+    assert host.test_young(hva, 4 * MiB + 0x3000) is True
+    assert rec.calls == [("test_young", hva, hva + 0x1000), ("test_young", small, small + 0x1000),
+                         ("test_young", small + 0x2000, small + 0x3000)]
+
+
+def test_age_skips_a_mapping_gone_before_its_turn(host):
+    """The entries are looked up again before their turn: a page unmapped meanwhile (by
+    another flow, here from inside the first callback) is not asked about."""
+    _hva, small = _thp_then_pages(host)
+    rec = AgeRecorder(on_first=lambda: host.madvise_dontneed(small + 0x2000, 0x1000))
+    host.register_notifier(rec)
+    host.age(small, 0x3000)
+    assert [c for c in rec.calls if c[0] == "clear_flush_young"] == [
+        ("clear_flush_young", small, small + 0x1000)]
+
+
 def test_pfnmap_gup_refused_follow_after_fixup(host):
     hva = host.mmap(MiB, kind="pfnmap", pfn=0x80000)
     assert host.gup_fast(hva, False) is None
