@@ -7,12 +7,13 @@ pgd_levels; ``svadu`` (default False): the hardware sets A and D (Svadu) instead
 guest page fault on an entry without them; ``eager_page_split`` (default True): mmu.c's
 module parameter.
 
-What the core does for it: the walks (``kvmcore.radix``: unmap, write-protect, split, aging,
-leaves, invariants), the size policy (``radix.mapping_size``) and dirty logging by write
-protection (``radix.WriteProtectDirtyLog``). What is RISC-V's and written here: the format
-(``gstage``), the memslot checks, and kvm_riscv_mmu_map / kvm_riscv_gstage_map_page, whose
+What the core does for it: the walks (``kvmcore.radix``: write-protect, split, leaves,
+invariants), the size policy (``radix.mapping_size``) and dirty logging by write protection
+(``radix.WriteProtectDirtyLog``). What is RISC-V's and written here: the format
+(``gstage``), the memslot checks, kvm_riscv_mmu_map / kvm_riscv_gstage_map_page, whose
 permission update *replaces* a same-frame leaf's permissions — the divergences
-``ArchInfo.known_divergences`` declares.
+``ArchInfo.known_divergences`` declares — and aging, which looks at the one leaf at the
+range's start (kvm_age_gfn).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import errno
 
 import attrs
+import structlog
 from kvmcore import ArchInfo, KvmError, VmOption, hookimpl
 from kvmcore.locks import WRITE, stepping
 from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X, RadixBackend, \
@@ -30,9 +32,14 @@ from kvmcore.uapi import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MR_CREATE, KVM_MR_FLAGS_O
 
 from .gstage import GstageFormat, kvm_riscv_gstage_gpa_bits
 
+logger = structlog.get_logger(__name__)
+
 #: kvm_riscv_gstage_unmap_range's cond_resched_rwlock_write after each leaf of a may_block
 #: unmap: the write lock is dropped and taken again.
 RISCV_UNMAP_RESCHED = "riscv_unmap_resched"
+#: vm.stats key: kvm_age_gfn / kvm_test_age_gfn's WARN_ON, a range that is not one PAGE_SIZE,
+#: PMD_SIZE or PUD_SIZE.
+RISCV_AGE_RANGE_WARN = "riscv_age_range_warn"
 #: HGATP.MODE -> pgd_levels (kvm_riscv_gstage_mode).
 MODES = {"sv39x4": 3, "sv48x4": 4, "sv57x4": 5}
 SIZES = (SZ_4K, SZ_2M, SZ_1G)
@@ -98,9 +105,18 @@ class RiscvGstageBackend(RadixBackend):
         self.hw_ad = self.svadu
         self.eager_split = self.eager_page_split
         self.gpa_bits = kvm_riscv_gstage_gpa_bits(self.pgd_levels)
+        #: WARN / WARN_ONCE messages Linux would print.
+        self.warnings: list[str] = []
 
     def make_format(self) -> GstageFormat:
         return GstageFormat(self.pgd_levels)
+
+    def warn(self, vm, stat: str, message: str) -> None:
+        """A WARN Linux would print: counted in ``vm.stats[stat]``, kept in ``warnings``,
+        logged; the model goes on, as the kernel does."""
+        vm.stats[stat] += 1
+        self.warnings.append(message)
+        logger.warning("riscv_gstage.warn", message=message)
 
     @hookimpl
     def translate(self, vm, vcpu, gpa, access):
@@ -173,6 +189,48 @@ class RiscvGstageBackend(RadixBackend):
             size = t.size[level]
             vm.flush_remote_tlbs_range((gpa & ~(size - 1)) >> 12, size >> 12)
         return RET_PF_FIXED
+
+    @hookimpl
+    def age_gfn(self, vm, range):
+        """kvm_age_gfn: ptep_test_and_clear_young on the one leaf that maps ``range.start``
+        (kvm_riscv_gstage_get_leaf), whatever the range's length. Linux relies on its
+        callers asking about one host mapping at a time — a page, a PMD or a PUD
+        (``HostMemory.age``) — and WARNs on any other length; the model records that WARN
+        (``warn``) and goes on. So a huge host page over small leaves (a THP under dirty
+        logging's 4 KiB leaves) has only its first leaf aged, and none when that page is
+        not mapped: a Linux quirk the other architectures, which walk the whole range, do
+        not share. No flush (the notifier decides)."""
+        t = self.tables[range.as_id]
+        ptep = self._age_leaf(vm, t, range, "kvm_age_gfn")
+        if ptep is None:
+            return False
+        table, idx, pte = ptep
+        if not pte & t.fmt.A:
+            return False
+        table[idx] = t.st(pte & ~t.fmt.A)
+        return True
+
+    @hookimpl
+    def test_age_gfn(self, vm, range):
+        """kvm_test_age_gfn: pte_young of the leaf that maps ``range.start``, with
+        kvm_age_gfn's WARN; nothing changes."""
+        t = self.tables[range.as_id]
+        ptep = self._age_leaf(vm, t, range, "kvm_test_age_gfn")
+        return ptep is not None and bool(ptep[2] & t.fmt.A)
+
+    def _age_leaf(self, vm, t, range, caller: str):
+        """The aging hooks' common start: the WARN_ON on the range's length, then
+        kvm_riscv_gstage_get_leaf at ``range.start``: ``(table, index, pte)`` or None."""
+        size = range.npages << 12
+        if size not in SIZES:
+            self.warn(vm, RISCV_AGE_RANGE_WARN,
+                      f"{caller}: gfns [{range.start:#x}, {range.end:#x}) are {size:#x} bytes, "
+                      "not one PAGE_SIZE, PMD_SIZE or PUD_SIZE")
+        leaf = t.get_leaf(range.start << 12)
+        if leaf is None:
+            return None
+        _level, table, idx, pte = leaf
+        return table, idx, pte
 
     @hookimpl
     def unmap_gfn_range(self, vm, range):
