@@ -24,7 +24,7 @@ import attrs
 import structlog
 from kvmcore import ArchInfo, KvmError, VmOption, hookimpl
 from kvmcore.locks import WRITE, stepping
-from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X, RadixBackend, \
+from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X, RadixBackend, Span, \
     mapping_size
 from kvmcore.records import NOT_PRESENT, Violation
 from kvmcore.uapi import (KVM_MEM_LOG_DIRTY_PAGES, KVM_MR_CREATE, KVM_MR_FLAGS_ONLY,
@@ -40,6 +40,9 @@ RISCV_UNMAP_RESCHED = "riscv_unmap_resched"
 #: vm.stats key: kvm_age_gfn / kvm_test_age_gfn's WARN_ON, a range that is not one PAGE_SIZE,
 #: PMD_SIZE or PUD_SIZE.
 RISCV_AGE_RANGE_WARN = "riscv_age_range_warn"
+#: vm.stats key: kvm_riscv_gstage_unmap_range skipped a leaf the range does not hold from
+#: its start (a WARN_ONCE in the newest gstage.c).
+RISCV_UNMAP_SKIP = "riscv_unmap_skip"
 #: HGATP.MODE -> pgd_levels (kvm_riscv_gstage_mode).
 MODES = {"sv39x4": 3, "sv48x4": 4, "sv57x4": 5}
 SIZES = (SZ_4K, SZ_2M, SZ_1G)
@@ -111,10 +114,13 @@ class RiscvGstageBackend(RadixBackend):
     def make_format(self) -> GstageFormat:
         return GstageFormat(self.pgd_levels)
 
-    def warn(self, vm, stat: str, message: str) -> None:
-        """A WARN Linux would print: counted in ``vm.stats[stat]``, kept in ``warnings``,
-        logged; the model goes on, as the kernel does."""
+    def warn(self, vm, stat: str, message: str, once: bool = False) -> None:
+        """A WARN Linux would print: counted in ``vm.stats[stat]``, kept in ``warnings`` and
+        logged (a WARN_ONCE, ``once``, only the first time it is counted); the model goes
+        on, as the kernel does."""
         vm.stats[stat] += 1
+        if once and vm.stats[stat] > 1:
+            return
         self.warnings.append(message)
         logger.warning("riscv_gstage.warn", message=message)
 
@@ -234,22 +240,74 @@ class RiscvGstageBackend(RadixBackend):
 
     @hookimpl
     def unmap_gfn_range(self, vm, range):
-        """kvm_unmap_gfn_range -> kvm_riscv_gstage_unmap_range: each leaf cleared and its
-        hfence issued (kvm_riscv_gstage_op_pte); with ``range.may_block``, the write lock is
-        dropped between two leaves (``riscv_unmap_resched``), so a stepped unmap is a flow.
-        Nothing is left for the caller to flush."""
+        """kvm_unmap_gfn_range -> kvm_riscv_gstage_unmap_range over the range; with
+        ``range.may_block``, the write lock is dropped between two leaves
+        (``riscv_unmap_resched``), so a stepped unmap is a flow. Each leaf cleared is
+        flushed (kvm_riscv_gstage_op_pte's hfence; the model flushes what one pass cleared
+        at once): nothing is left for the caller to flush."""
+        t = self.tables[range.as_id]
         if range.may_block and stepping():
-            return self._unmap_resched(vm, self.tables[range.as_id], range.start << 12,
-                                       range.end << 12)
-        return RadixBackend.unmap_gfn_range(self, vm, range)
+            return self._unmap_resched(vm, t, range.start << 12, range.end << 12)
+        self.kvm_riscv_gstage_unmap_range(vm, t, range.start << 12, range.end << 12)
+        return False
+
+    def kvm_riscv_gstage_unmap_range(self, vm, t, start: int, end: int) -> None:
+        """Clear the leaves of ``[start, end)`` as Linux's walk does. ``addr`` goes from
+        ``start``; the leaf mapping ``addr`` (kvm_riscv_gstage_get_leaf) is cleared only if
+        ``addr`` is its start and the leaf ends inside the range; otherwise it is skipped
+        — not split, not cleared; a WARN_ONCE in the newest gstage.c, counted here as
+        ``riscv_unmap_skip`` — and either way ``addr`` advances by the leaf's size. A walk
+        that starts inside a huge leaf therefore stays off alignment: it skips later leaves
+        too and never looks at those it steps over, until an empty entry brings it back in
+        line (the newest gstage.c aligns ``addr`` up to the empty entry's end; the
+        6.18-era one added the entry's size, unaligned, which can step over leaves as
+        well). A Linux quirk, harmless for Linux's callers: the primary MMU notifies a huge
+        page's whole range (it splits first: __split_huge_pmd), memory failure too
+        (``HostMemory.memory_failure``), and a memslot holds its huge leaves whole
+        (fault_supports_gstage_huge_mapping).
+
+        The model visits the present leaves in order instead of stepping through empty
+        entries: the addresses Linux's steps land on are the same (past an empty entry the
+        next leaf is reached at its start)."""
+        span = Span()
+        addr = start
+        for leaf in t.pt.iter_present(start, end, leaves_only=True):
+            if leaf[3] + (1 << t.g.shifts[leaf[2]]) <= addr:
+                continue                  # stepped over by an off-alignment stride
+            addr = self._unmap_leaf(vm, t, addr, end, leaf, span)
+            if addr >= end:
+                break
+        span.flush(vm)
 
     def _unmap_resched(self, vm, t, addr: int, end: int):
-        while (leaf := next(t.leaves(addr, end), None)) is not None:
-            start, level, _pte = leaf
-            addr = start + t.size[level]
-            t.unmap_range(start, addr).flush(vm)
-            if next(t.leaves(addr, end), None) is None:
+        """kvm_riscv_gstage_unmap_range with may_block: cond_resched_rwlock_write between
+        two leaves. Each leaf is found again from ``addr`` after the lock was dropped."""
+        while (leaf := next(t.pt.iter_present(addr, end, leaves_only=True), None)) \
+                is not None:
+            span = Span()
+            addr = self._unmap_leaf(vm, t, addr, end, leaf, span)
+            span.flush(vm)
+            if addr >= end or next(t.pt.iter_present(addr, end, leaves_only=True),
+                                   None) is None:
                 break
             vm.stats["riscv_unmap_resched"] += 1
             yield from vm.mmu_lock.cond_resched(WRITE, RISCV_UNMAP_RESCHED)
         return False
+
+    def _unmap_leaf(self, vm, t, addr: int, end: int, leaf, span: Span) -> int:
+        """One step of kvm_riscv_gstage_unmap_range on ``leaf`` (``iter_present``'s
+        ``(table, index, pos, leaf_addr, raw)``), the first leaf touching ``[addr, end)``:
+        GSTAGE_OP_CLEAR if the walk is at its start and it fits, else the skip. Returns the
+        next ``addr``."""
+        table, idx, pos, start, _raw = leaf
+        size = 1 << t.g.shifts[pos]
+        if start > addr:
+            addr = start                  # the empty entries before it, stepped over
+        if addr == start and end - addr >= size:
+            table[idx] = t.st(t.fmt.empty)
+            span.add(start, size)
+        else:
+            self.warn(vm, RISCV_UNMAP_SKIP,
+                      f"kvm_riscv_gstage_unmap_range: the {size:#x} leaf at {start:#x} is "
+                      f"skipped (walk at {addr:#x}, range end {end:#x})", once=True)
+        return addr + size
