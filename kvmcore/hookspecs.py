@@ -242,7 +242,10 @@ def post_set_memory_attributes(vm: Kvm, range: GfnRange) -> bool:
 @hookspec(firstresult=True)
 def age_gfn(vm: Kvm, range: GfnRange) -> bool:
     """Clear the accessed state (A / AF / R) of every leaf in ``range`` and return whether
-    any was young (kvm_age_gfn). No TLB flush: the core's notifier decides. Required."""
+    any was young (kvm_age_gfn). No TLB flush: the core's notifier decides. Required.
+    The host asks one host mapping at a time (a page, or a huge page whole: reclaim's
+    folio_referenced_one), and a backend may rely on it as Linux's does: RISC-V looks only
+    at the leaf at ``range.start``."""
 
 
 @hookspec(firstresult=True)
