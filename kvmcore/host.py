@@ -796,13 +796,29 @@ class HostMemory:
     @steppable
     def madvise_dontneed(self, hva: int, length: int) -> None:
         """madvise(MADV_DONTNEED): notifiers fire, PTEs go; anonymous pages are freed (the next
-        touch sees zeros), shared ones stay in their backing."""
+        touch sees zeros), shared ones stay in their backing.
+
+        A hugetlb page is never split (madvise_dontneed_free_valid_vma): a range starting
+        inside one is EINVAL, and one ending inside one stops at its start (the end is
+        rounded down to the huge page size), so nothing may be left to do. The model checks
+        the start before it zaps anything, where Linux would have zapped the VMAs before
+        the failing one."""
         self._check_range("madvise_dontneed", hva, length)
-        if not self.vmas_in(hva, hva + length):
+        end = hva + length
+        vmas = self.vmas_in(hva, end)
+        if not vmas:
             raise KvmError(errno.ENOMEM, f"madvise_dontneed: hva={hva:#x} is not mapped")
-        nstart, nlen = self._notify_range(hva, hva + length)
+        first, last = vmas[0], vmas[-1]
+        if first.kind in _HUGETLB and max(hva, first.start) % first.page_size:
+            raise KvmError(errno.EINVAL, f"madvise_dontneed: hva={hva:#x} is inside a "
+                                         f"{first.page_size:#x} hugetlb page")
+        if last.kind in _HUGETLB and end < last.end:
+            end = max(end & ~(last.page_size - 1), last.start)
+        if end <= hva:
+            return
+        nstart, nlen = self._notify_range(hva, end)
         yield from self._invalidate_start(nstart, nlen)
-        self._zap_ptes(hva, hva + length)
+        self._zap_ptes(hva, end)
         yield from self._invalidate_end(nstart, nlen)
 
     @steppable

@@ -146,6 +146,26 @@ def test_poison_in_a_huge_page_notifies_its_whole_range(host, rec, kind):
         host.read(hva + 2 * MiB + 0x3000, 1)
 
 
+def test_dontneed_never_splits_a_hugetlb_page(host, rec):
+    """madvise_dontneed_free_valid_vma: a start inside a hugetlb page is EINVAL, an end
+    inside one is rounded down to its start (nothing zapped, nothing notified, if that
+    leaves nothing)."""
+    hva = host.mmap(4 * MiB, kind="hugetlb_2m")
+    host.write(hva, b"a")
+    host.write(hva + 2 * MiB, b"b")
+    rec.calls.clear()
+    with pytest.raises(KvmError) as e:
+        host.madvise_dontneed(hva + 0x1000, 0x1000)
+    assert e.value.errno == errno.EINVAL and rec.calls == []
+    host.madvise_dontneed(hva + 2 * MiB, 0x1000)
+    assert rec.calls == [] and host.host_mapping_size(hva + 2 * MiB) == 2 * MiB
+    host.madvise_dontneed(hva, 2 * MiB + 0x1000)
+    assert rec.calls == [("start", hva, hva + 2 * MiB), ("end", hva, hva + 2 * MiB)]
+    assert host.lookup_pte(hva) is None
+    assert host.host_mapping_size(hva + 2 * MiB) == 2 * MiB
+    assert host.read(hva + 2 * MiB, 1) == b"b"
+
+
 class AgeRecorder(Recorder):
     """Records each aging callback's range; ``on_first`` runs inside the first one."""
 

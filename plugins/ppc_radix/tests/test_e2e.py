@@ -326,9 +326,10 @@ def test_flush_shadow_all_is_a_no_op(make_vm, host):
 
 
 def test_unmap_of_one_gfn_removes_whole_huge_leaf(make_vm, host, page_size):
-    """Invariant 14: one base page of a 2M leaf removes the leaf; the tlbie is at 2M."""
+    """Invariant 14: one base page of a 2M leaf removes the leaf; the tlbie is at 2M. (A
+    THP: MADV_DONTNEED of part of a hugetlb page is EINVAL.)"""
     vm = make_vm()
-    hva = host.mmap(SZ_2M, kind="hugetlb_2m")
+    hva = host.mmap(SZ_2M, thp=True)
     vm.set_user_memory_region(0, GPA, SZ_2M, hva)
     vm.create_vcpu(0).write(GPA + 0x7000, b"a")
     assert vm.lookup(GPA).size == SZ_2M
