@@ -45,7 +45,8 @@ class EntryFormat(Protocol):
     ``empty`` (default 0): the value of an entry that maps nothing and needs no visit — x86
     fills new tables with SHADOW_NONPRESENT_VALUE, not 0 — and ``table_bits = (mask, value)``
     when an entry above the last level links a table exactly if ``pte & mask == value``:
-    ``lookup`` then tests that inline instead of calling ``is_valid`` and ``is_table``; a
+    ``lookup``, the walker and ``iter_present`` then test that inline instead of calling
+    ``is_valid`` and ``is_table`` (still called for the entries that do not link a table); a
     third element, ``addr_mask``, says the table's address is ``pte & addr_mask`` (no
     ``table_address`` call either)."""
 
@@ -188,6 +189,7 @@ class PageTable:
                            geometry.level_ids, geometry.nlevels - 1,
                            (*getattr(fmt, "table_bits", (None, None)), None)[:3])
         self._last_pos = geometry.nlevels - 1
+        self._ia_end = 1 << geometry.ia_bits
 
     # ------------------------------------------------------------------ walking
 
@@ -227,9 +229,14 @@ class PageTable:
         size = 1 << shift
         level = g.level_ids[pos]
         last_pos = pos == self._last_pos
-        first = (max(ctx.start, base) - base) >> shift
-        last = min(len(table), (ctx.end - base + size - 1) >> shift)
+        start, end = ctx.start, ctx.end
+        first = (start - base) >> shift if start > base else 0
+        last = (end - base + size - 1) >> shift
+        if last > len(table):
+            last = len(table)
         empty = self.empty
+        # A format's table_bits test a table link inline (no is_valid / is_table calls).
+        tmask, tvalue, amask = self._per_level[4]
         indices = range(first, last)
         if not visit_invalid and last - first > 16:
             # Find the entries that are not empty at C speed: a walk costs what is mapped.
@@ -241,9 +248,11 @@ class PageTable:
             addr = base + (idx << shift)
             ctx.table, ctx.table_pa, ctx.index = table, table_pa, idx
             ctx.pos, ctx.level, ctx.addr, ctx.size, ctx.pte = pos, level, addr, size, pte
-            valid = fmt.is_valid(pte, level)
-            is_table = valid and not last_pos and fmt.is_table(pte, level)
-            if flags & TABLE_PRE if is_table else flags & LEAF and (valid or visit_invalid):
+            is_table = not last_pos and (
+                pte & tmask == tvalue if tmask is not None else
+                fmt.is_valid(pte, level) and fmt.is_table(pte, level))
+            if flags & TABLE_PRE if is_table else flags & LEAF and (
+                    visit_invalid or fmt.is_valid(pte, level)):
                 ctx.flags = TABLE_PRE if is_table else LEAF
                 r = visitor(ctx)
                 if type(r) is GeneratorType:
@@ -252,12 +261,14 @@ class PageTable:
                     return r
                 if table[idx] != pte:
                     pte = table[idx]
-                    is_table = not last_pos and fmt.is_valid(pte, level) and fmt.is_table(
-                        pte, level)
+                    is_table = not last_pos and (
+                        pte & tmask == tvalue if tmask is not None else
+                        fmt.is_valid(pte, level) and fmt.is_table(pte, level))
             if not is_table:
                 continue
-            r = yield from self._walk_table(ctx, fmt.table_address(pte, level), pos + 1, addr,
-                                            visitor, flags, visit_invalid, stop)
+            r = yield from self._walk_table(
+                ctx, pte & amask if amask else fmt.table_address(pte, level), pos + 1, addr,
+                visitor, flags, visit_invalid, stop)
             if r:
                 return r
             if flags & TABLE_POST:
@@ -340,14 +351,14 @@ class PageTable:
         iterates (an enumeration of the leaves, an invariant check): each table's present
         entries are found when the iteration enters it, by the walker's scan, which a table
         unchanged since its last scan does not repeat."""
-        g, fmt, tables = self.geometry, self.fmt, self.store.tables
-        end = min(end, 1 << g.ia_bits)
+        fmt, tables = self.fmt, self.store.tables
+        shifts, _masks, level_ids, last_pos, (tmask, tvalue, amask) = self._per_level
+        if end > self._ia_end:
+            end = self._ia_end
         if start >= end:
             return
         empty = self.empty
-        blank, blank8 = _blank_spans(empty)
         is_valid, is_table = fmt.is_valid, fmt.is_table
-        shifts, level_ids, last_pos = g.shifts, g.level_ids, g.nlevels - 1
         # Frames of (table, pos, base address, next index) of the tables a descent left.
         stack = [(tables[self.root], 0, 0, start >> shifts[0])]
         while stack:
@@ -360,24 +371,27 @@ class PageTable:
                 # A few entries are read one by one; more are skipped at C speed.
                 for idx in (range(idx, stop) if stop - idx <= 16 else  # noqa: B020
                             _present(table, idx, stop, empty) if snapshot else
-                            _nonempty_from(table, idx, stop, empty, blank, blank8)):
+                            _nonempty_from(table, idx, stop, empty, *_blank_spans(empty))):
                     pte = table[idx]
-                    if pte == empty or not is_valid(pte, level):
+                    if pte == empty:
                         continue
                     addr = base + (idx << shift)
-                    if pos < last_pos and is_table(pte, level):
+                    if pos < last_pos and (pte & tmask == tvalue if tmask is not None else
+                                           is_valid(pte, level) and is_table(pte, level)):
                         if not leaves_only:
                             yield table, idx, pos, addr, pte
                         break
-                    yield table, idx, pos, addr, pte
+                    if is_valid(pte, level):
+                        yield table, idx, pos, addr, pte
                 else:
                     break
                 # Descend into the table at ``idx``; its parent waits on the stack if the range
                 # goes on past it.
                 if idx + 1 < stop:
                     stack.append((table, pos, base, idx + 1))
-                table, pos, base = tables[fmt.table_address(pte, level)], pos + 1, addr
-                idx = (max(start, addr) - addr) >> shifts[pos]
+                table, pos, base = tables[pte & amask if amask else
+                                          fmt.table_address(pte, level)], pos + 1, addr
+                idx = (start - addr) >> shifts[pos] if start > addr else 0
 
     def tables(self) -> Iterator[tuple[int, int]]:
         """Every table reachable from the root, as ``(table_pa, pos)``, root first."""

@@ -243,3 +243,43 @@ def test_lookup_with_declared_table_bits_matches_the_format_tests():
                 got = view.lookup(addr)
                 assert (got[0], got[1] is want[1], got[2], got[3]) == (
                     want[0], True, want[2], want[3])
+
+
+def test_walk_and_iter_present_with_declared_table_bits_match_the_format_tests():
+    """The walker and ``iter_present`` test a declared ``table_bits`` inline: the visits
+    (flags, position, address, entry) and the iterated entries are those of a format whose
+    tests are called, valid and invalid entries alike."""
+    import random
+
+    class Declared(Toy):
+        table_bits = (3, 3)
+
+    class DeclaredWithAddress(Toy):
+        table_bits = (3, 3, ADDR)
+
+    def visits(pt, start, end, visit_invalid):
+        seen = []
+        pt.walk(start, end, lambda ctx: seen.append((ctx.flags, ctx.pos, ctx.addr, ctx.pte)),
+                LEAF | TABLE_PRE | TABLE_POST, visit_invalid=visit_invalid)
+        return seen
+
+    rng = random.Random(7)
+    for _ in range(30):
+        store, pt = _random_tree(rng)
+        for table in list(store.tables.values()):
+            for idx in rng.sample(range(512), 8):
+                if not table[idx]:              # invalid entries, one with the table bit
+                    table[idx] = rng.choice([1 << 12, (idx << 12) | 2])
+        views = [PageTable(store, GEO, fmt) for fmt in (Declared(), DeclaredWithAddress())]
+        for view in views:
+            view.root = pt.root
+        for _ in range(10):
+            start = rng.randrange(1 << 30)
+            end = start + rng.choice([1, 1 << 12, 1 << 21, 1 << 30])
+            for visit_invalid in (False, True):
+                want = visits(pt, start, end, visit_invalid)
+                assert all(visits(v, start, end, visit_invalid) == want for v in views)
+            for leaves_only in (False, True):
+                want = [e[2:] for e in pt.iter_present(start, end, leaves_only)]
+                assert all([e[2:] for e in v.iter_present(start, end, leaves_only)] == want
+                           for v in views)

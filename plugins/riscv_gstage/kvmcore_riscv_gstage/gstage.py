@@ -41,6 +41,8 @@ class GstageFormat(RadixFormat):
 
     R, W, X, A, D = _PAGE_READ, _PAGE_WRITE, _PAGE_EXEC, _PAGE_ACCESSED, _PAGE_DIRTY
     leaf_levels = frozenset({0, 1, 2})
+    #: A non-leaf PTE: V with none of R, W, X (the walker tests it inline).
+    table_bits = (_PAGE_PRESENT | _PAGE_LEAF, _PAGE_PRESENT)
 
     def __init__(self, pgd_levels: int):
         self.pgd_levels = pgd_levels
