@@ -802,12 +802,16 @@ class HostMemory:
         inside one is EINVAL, and one ending inside one stops at its start (the end is
         rounded down to the huge page size), so nothing may be left to do. The model checks
         the start before it zaps anything, where Linux would have zapped the VMAs before
-        the failing one."""
+        the failing one; so with a VM_PFNMAP mapping in the range (EINVAL too)."""
         self._check_range("madvise_dontneed", hva, length)
         end = hva + length
         vmas = self.vmas_in(hva, end)
         if not vmas:
             raise KvmError(errno.ENOMEM, f"madvise_dontneed: hva={hva:#x} is not mapped")
+        pfnmap = next((v for v in vmas if v.kind == "pfnmap"), None)
+        if pfnmap is not None:
+            raise KvmError(errno.EINVAL, f"madvise_dontneed: hva={hva:#x}: the range holds a "
+                                         f"VM_PFNMAP mapping at {pfnmap.start:#x}")
         first, last = vmas[0], vmas[-1]
         if first.kind in _HUGETLB and max(hva, first.start) % first.page_size:
             raise KvmError(errno.EINVAL, f"madvise_dontneed: hva={hva:#x} is inside a "

@@ -394,3 +394,12 @@ def test_pte_pages_hold_one_word_per_page():
     assert host.gup_fast(hva, False) is None
     host.fixup_user_fault(hva, False)
     assert host.follow_pfnmap(hva) == (0x80000, True) and host.gup_fast(hva, False) is None
+
+
+def test_dontneed_of_a_pfnmap_range_is_einval(host, rec):
+    """madvise_dontneed_free_valid_vma forbids VM_PFNMAP: EINVAL, nothing notified."""
+    hva = host.mmap(4 * 4096, kind="pfnmap", pfn=0x80000)
+    rec.calls.clear()
+    with pytest.raises(KvmError) as e:
+        host.madvise_dontneed(hva, 4096)
+    assert e.value.errno == errno.EINVAL and "VM_PFNMAP" in str(e.value) and rec.calls == []
