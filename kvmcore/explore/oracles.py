@@ -99,20 +99,23 @@ class Oracles:
         if not self._access[i]:
             self.other_steps += 1
 
-    def downgrade(self, i: int):
-        """Flow ``i`` has just run a stretch."""
+    def downgrade(self, i: int, leaves: list | None = None):
+        """Flow ``i`` has just run a stretch. ``leaves``: the present leaves per address
+        space, as ``use_after_free`` takes them (the leaf each claim names is looked up in
+        them: the state they were enumerated from is the state now)."""
         self.count_step(i)
         if not self.used:
             return None
         now = self.epoch()
-        vm = self.world.vm
+        if leaves is None:
+            leaves = all_leaves(self.world.vm)
         keep = []
         for rec in self.used:
             gpa, private, writable, as_id, epoch = rec
             if epoch != now:
                 continue           # something that may take it away ran: nothing to claim
             keep.append(rec)
-            m = vm.lookup(gpa, private=private, as_id=as_id)
+            m = _leaf_at(leaves[as_id], gpa >> PAGE_SHIFT, private)
             if m is None or (writable and not m.writable):
                 self.used = keep
                 return ("downgrade", f"the leaf of gpa {gpa:#x} that a completed "
@@ -155,3 +158,14 @@ class Oracles:
                 out.update(off for sid, off in vcpu.dirty_ring.pending()
                            if sid == slot.slot_id)
         return out
+
+
+def _leaf_at(leaves: list, gfn: int, private: bool):
+    """``vm.lookup``'s answer from an enumeration of the leaves (ascending by gfn): the
+    first leaf of this privateness that covers ``gfn``."""
+    for m in leaves:
+        if m.gfn > gfn:
+            break
+        if m.private == private and gfn < m.gfn + m.npages:
+            return m
+    return None

@@ -261,7 +261,7 @@ class Explorer:
             if found:
                 problem = ("invariant", str(InvariantError(found)))
         if problem is None and stepped is not None:
-            problem = oracles.downgrade(stepped)
+            problem = oracles.downgrade(stepped, leaves)
         if problem is not None:
             r.failure = Failure(problem[0], f"{when}: {problem[1]}", list(r.schedule))
 
