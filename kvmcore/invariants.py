@@ -35,7 +35,7 @@ def check_vm(vm: Kvm, leaves: list | None = None) -> list[str]:
     problems += _check_rings(vm)
     problems += _check_tlbs(vm, leaves)
     problems += _check_destroyed(vm)
-    for found in vm.hook.check_invariants(vm=vm):
+    for found in vm.arch_check_invariants(vm=vm):
         problems += list(found or ())
     return problems
 

@@ -38,7 +38,8 @@ logger = structlog.get_logger(__name__)
 class Kvm:
     """struct kvm: one VM's state. Built by the facade (``kvmcore.vm.VM``), which chooses the
     backend and binds the hooks (``hook``, ``translate``, ``faultin_pfn``, ``map_leaf``,
-    ``fast_page_fault``, ``relax_perms``, ``unmap_gfn_range``, ``leaves``)."""
+    ``fast_page_fault``, ``relax_perms``, ``unmap_gfn_range``, ``leaves``,
+    ``arch_check_invariants``)."""
 
     def __init__(self, backend, arch_info: ArchInfo, vm_type: str, host: HostMemory,
                  options: dict, trace: bool = False):

@@ -220,25 +220,27 @@ def _forward(name: str, vm_index: int, generator: bool):
 
 def bind_hot_hook(pm: pluggy.PluginManager, name: str, backend=None):
     """A callable for hook ``name`` that skips pluggy's general dispatch where it can: the one
-    implementation itself when nothing wraps it (the common case for translate and map_leaf),
-    or the backend's own new-style wrapper around the core's default implementation, called
+    implementation itself when nothing wraps it (the common case for translate and map_leaf;
+    for a hook that is not firstresult, its result as pluggy's list of results), or the
+    backend's own new-style wrapper around the core's default implementation, called
     as pluggy calls them (``faultin_pfn``); otherwise the hook caller itself,
     so extensions still see every call. ``backend`` is the VM's backend when ``pm`` is a
     class manager (its forwarders are replaced by the backend's own method)."""
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
-    if not impls:
-        return _none
-    plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
     spec = caller.spec
+    listed = spec is not None and not spec.opts.get("firstresult")
+    if not impls:
+        return _no_results if listed else _none
+    plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
     if any(i.kwargnames for i in impls):
         return caller
     if len(impls) == 1 and plain:
         function = _function(impls[0], backend)
         if spec is not None and impls[0].argnames != spec.argnames:
             # It takes fewer arguments than the spec: pass it those, as pluggy does.
-            return _only(function, impls[0].argnames)
-        return function
+            function = _only(function, impls[0].argnames)
+        return _listed(function) if listed else function
     if spec is not None and any(i.argnames != spec.argnames for i in impls):
         return caller
     if (len(impls) == 2 and len(plain) == 1 and spec is not None
@@ -301,6 +303,23 @@ def _wrapped_call(wrapper, inner):
     return call
 
 
+def _listed(function):
+    """pluggy's call of a hook that is not firstresult with ``function`` its one
+    implementation: the list of the results that are not None."""
+
+    def call(**kwargs):
+        result = function(**kwargs)
+        return [] if result is None else [result]
+
+    call.__name__ = getattr(function, "__name__", "hook")
+    return call
+
+
 def _none(**kwargs):
     """A firstresult hook nobody implements returns None."""
     return None
+
+
+def _no_results(**kwargs):
+    """A hook that is not firstresult and that nobody implements returns no results."""
+    return []

@@ -164,6 +164,9 @@ class VM(Kvm):
         self.hook = pm.hook
         for name in HOT_HOOKS:
             setattr(self, name, bind_hot_hook(pm, name, self.backend))
+        # Called once per state check (the explorer checks after every step), under a name
+        # of its own: ``check_invariants`` is the VM's method that runs every check.
+        self.arch_check_invariants = bind_hot_hook(pm, "check_invariants", self.backend)
 
     # ------------------------------------------------------------------ capabilities
 

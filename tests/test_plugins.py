@@ -195,3 +195,35 @@ def test_a_hot_hook_taking_fewer_arguments_gets_only_those():
 
     vm = VM(arch=Narrow)
     assert vm.lookup(0x3000) is None and seen == [(3, 4)]
+
+
+def test_a_bound_hook_that_is_not_firstresult_returns_pluggys_list():
+    """``vm.arch_check_invariants`` (bound once) answers what ``vm.hook.check_invariants``
+    does: the list of the implementations' results that are not None, whether the backend
+    alone implements it or an extension adds its own."""
+
+    class Broken(FlatBackend):
+        @hookimpl
+        def check_invariants(self, vm):
+            return ["broken"]
+
+    class Silent(FlatBackend):
+        @hookimpl
+        def check_invariants(self, vm):
+            return None
+
+    class Extra:
+        @hookimpl
+        def check_invariants(self, vm):
+            return ["extra"]
+
+    for arch, want in ((Broken, [["broken"]]), (Silent, [])):
+        vm = VM(arch=arch)
+        assert vm.arch_check_invariants is not vm.hook.check_invariants
+        assert vm.arch_check_invariants(vm=vm) == vm.hook.check_invariants(vm=vm) == want
+    vm = VM(arch=Broken)
+    vm.pm.register(Extra())
+    assert sorted(vm.arch_check_invariants(vm=vm)) == [["broken"], ["extra"]]
+    pm = get_plugin_manager(FlatBackend(), "flat")
+    assert not pm.hook.dirty_pending_gfns.get_hookimpls()
+    assert bind_hot_hook(pm, "dirty_pending_gfns")(vm=vm, slot=None) == []
