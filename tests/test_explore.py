@@ -243,8 +243,8 @@ def test_a_shared_leaf_on_a_private_gmem_page_is_a_private_leak():
     oracles = Oracles(world)
     world.flows[0].run()                    # the private read maps the guest_memfd page
     assert oracles.use_after_free() is None
-    vm, real = world.vm, world.vm.mappings
-    vm.mappings = lambda as_id=0: [attrs.evolve(m, private=False) for m in real(as_id=as_id)]
+    vm, real = world.vm, world.vm.leaves
+    vm.leaves = lambda **kw: [attrs.evolve(m, private=False) for m in real(**kw)]
     kind, message = oracles.use_after_free()
     assert kind == "private-leak" and "gfn 0x5" in message
 

@@ -266,10 +266,9 @@ class Explorer:
             r.failure = Failure(problem[0], f"{when}: {problem[1]}", list(r.schedule))
 
     def end_state(self, r: Run):
-        vm = r.world.vm
         return (tuple(sorted(r.outcomes.items())),
                 tuple((m.gfn, m.size, m.pfn, m.writable, m.private)
-                      for a in range(vm.nr_address_spaces) for m in vm.mappings(as_id=a)))
+                      for per_as in all_leaves(r.world.vm) for m in per_as))
 
 
 def _plain(value):
