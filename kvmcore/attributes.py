@@ -40,16 +40,15 @@ class AttributeRanges:
     def runs(self, start: int = 0, end: int = U64) -> Iterator[tuple[int, int, int]]:
         """Runs intersecting ``[start, end)``, clipped to it: ``(start, end, value)``."""
         runs = self._runs
-        idx = max(runs.bisect_right(start) - 1, 0)
-        keys = runs.keys()
-        while idx < len(keys):
-            s = keys[idx]
+        # The starts in order from the run that may straddle ``start``: one iterator over the
+        # map's sorted keys (the whole map when that is its first run), not an index per key.
+        first = runs.bisect_right(start) - 1
+        for s in runs.islice(first) if first > 0 else runs:
             if s >= end:
                 break
             e, v = runs[s]
             if e > start:
                 yield max(s, start), min(e, end), v
-            idx += 1
 
     def has(self, start: int, end: int, mask: int, attrs_: int) -> bool:
         """kvm_range_has_memory_attributes with ``mask`` already limited to what is
