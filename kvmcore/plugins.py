@@ -159,9 +159,13 @@ def class_plugin_manager(backend, arch_name: str) -> pluggy.PluginManager | None
     same hook implementations (an instance may hide one of its class's with a plain
     attribute). None when the class cannot be forwarded: a hook implementation that does not
     take ``vm``."""
-    marker = f"{hookspecs.hookspec.project_name}_impl"
-    impls = tuple(name for name in _impl_names(type(backend))
-                  if getattr(getattr(backend, name, None), marker, None) is not None)
+    impls = _impl_names(type(backend))
+    own = getattr(backend, "__dict__", None)
+    if own and not own.keys().isdisjoint(impls):
+        # Some instance attribute hides a method of the class: keep those still marked.
+        marker = f"{hookspecs.hookspec.project_name}_impl"
+        impls = tuple(name for name in impls
+                      if getattr(getattr(backend, name, None), marker, None) is not None)
     return _class_manager(type(backend), impls, arch_name, blocked_names())
 
 
@@ -180,6 +184,9 @@ def _class_manager(cls: type, impls: tuple, arch_name: str, _blocked: frozenset)
         return None
     pm = pluggy.PluginManager("kvmcore")
     _populate(pm, forwarder, arch_name)
+    # Nothing registers on a class manager after this (a VM that wants to gets a manager of
+    # its own, ``vm.pm``), so how each hook binds is worked out once, for every VM.
+    pm.kvmcore_binders = {}
     return pm
 
 
@@ -226,29 +233,67 @@ def bind_hot_hook(pm: pluggy.PluginManager, name: str, backend=None):
     as pluggy calls them (``faultin_pfn``); otherwise the hook caller itself,
     so extensions still see every call. ``backend`` is the VM's backend when ``pm`` is a
     class manager (its forwarders are replaced by the backend's own method)."""
+    binders = getattr(pm, "kvmcore_binders", None)
+    if binders is None:
+        return _binder(pm, name)(backend)
+    binder = binders.get(name)
+    if binder is None:
+        binder = binders[name] = _binder(pm, name)
+    return binder(backend)
+
+
+class BoundHooks:
+    """A VM's ``vm.hook``: pluggy's hook relay, each hook bound (``bind_hot_hook``) on its
+    first call and kept. A call answers what pluggy's would, with pluggy's dispatch skipped
+    where nothing but the backend and the core's defaults implement the hook; a VM whose
+    manager changes gets a new relay."""
+
+    def __init__(self, pm: pluggy.PluginManager, backend):
+        self._pm = pm
+        self._backend = backend
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        bound = bind_hot_hook(self._pm, name, self._backend)
+        setattr(self, name, bound)
+        return bound
+
+
+def _binder(pm: pluggy.PluginManager, name: str):
+    """``bind_hot_hook``'s choice for hook ``name`` of ``pm`` as registered now, as a function
+    of the VM's backend."""
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
     spec = caller.spec
     listed = spec is not None and not spec.opts.get("firstresult")
     if not impls:
-        return _no_results if listed else _none
+        return lambda backend: _no_results if listed else _none
     plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
     if any(i.kwargnames for i in impls):
-        return caller
+        return lambda backend: caller
     if len(impls) == 1 and plain:
-        function = _function(impls[0], backend)
-        if spec is not None and impls[0].argnames != spec.argnames:
-            # It takes fewer arguments than the spec: pass it those, as pluggy does.
-            function = _only(function, impls[0].argnames)
-        return _listed(function) if listed else function
+        impl = impls[0]
+        # It may take fewer arguments than the spec: pass it those, as pluggy does.
+        only = spec is not None and impl.argnames != spec.argnames
+
+        def bind(backend):
+            function = _function(impl, backend)
+            if only:
+                function = _only(function, impl.argnames)
+            return _listed(function) if listed else function
+
+        return bind
     if spec is not None and any(i.argnames != spec.argnames for i in impls):
-        return caller
+        return lambda backend: caller
     if (len(impls) == 2 and len(plain) == 1 and spec is not None
             and spec.opts.get("firstresult") and plain[0].plugin_name == DEFAULTS_NAME):
         wrapper = next(i for i in impls if i is not plain[0])
-        if wrapper.wrapper and _is_backend(wrapper, backend):
-            return _wrapped_call(_function(wrapper, backend), _function(plain[0], backend))
-    return caller
+        if wrapper.wrapper:
+            return lambda backend: (
+                _wrapped_call(_function(wrapper, backend), _function(plain[0], backend))
+                if _is_backend(wrapper, backend) else caller)
+    return lambda backend: caller
 
 
 def _is_backend(impl, backend) -> bool:

@@ -117,8 +117,9 @@ def test_a_wrapper_registered_after_creation_sees_hot_hooks_of_that_vm_only():
 
 def test_vms_of_one_backend_class_share_a_manager_but_call_their_own_backend():
     a, b = VM(arch=FlatBackend), VM(arch=FlatBackend)
-    assert a.hook is b.hook
+    assert a._class_pm is b._class_pm and a._pm is None and b._pm is None
     assert a.translate.__self__ is a.backend and b.translate.__self__ is b.backend
+    assert a.hook.leaves.__self__ is a.backend and b.hook.leaves.__self__ is b.backend
 
 
 def test_a_backend_wrapper_over_the_default_is_called_as_pluggy_calls_it():
@@ -227,3 +228,25 @@ def test_a_bound_hook_that_is_not_firstresult_returns_pluggys_list():
     pm = get_plugin_manager(FlatBackend(), "flat")
     assert not pm.hook.dirty_pending_gfns.get_hookimpls()
     assert bind_hot_hook(pm, "dirty_pending_gfns")(vm=vm, slot=None) == []
+
+
+def test_vm_hook_binds_each_hook_at_its_first_call_and_rebinds_on_a_new_plugin():
+    """``vm.hook`` answers what pluggy's relay does; a plugin registered on ``vm.pm`` after a
+    hook was bound sees that hook's next call."""
+    vm = VM(arch=FlatBackend)
+    assert vm.hook.page_table_bytes(vm=vm) == vm.pm.hook.page_table_bytes(vm=vm)
+    assert vm.hook.check_invariants(vm=vm) == vm.pm.hook.check_invariants(vm=vm)
+    hva = vm.host.mmap(1 << 20)
+    vm.set_user_memory_region(0, 0, 1 << 20, hva)
+    seen = []
+
+    class Spy:
+        @hookimpl
+        def commit_memory_region(self, vm, old, new, change):
+            seen.append(change)
+
+    vm.pm.register(Spy())
+    vm.set_user_memory_region(0, 0, 0, hva)
+    assert seen and vm.hook.commit_memory_region == vm.pm.hook.commit_memory_region
+    with pytest.raises(AttributeError):
+        vm.hook.no_such_hook  # noqa: B018
