@@ -159,14 +159,14 @@ def class_plugin_manager(backend, arch_name: str) -> pluggy.PluginManager | None
     same hook implementations (an instance may hide one of its class's with a plain
     attribute). None when the class cannot be forwarded: a hook implementation that does not
     take ``vm``."""
-    impls = _impl_names(type(backend))
     own = getattr(backend, "__dict__", None)
-    if own and not own.keys().isdisjoint(impls):
-        # Some instance attribute hides a method of the class: keep those still marked.
+    hidden = own.keys() & _impl_names(type(backend)) if own else ()
+    if hidden:
+        # Instance attributes hide these methods of the class: those not marked drop out.
         marker = f"{hookspecs.hookspec.project_name}_impl"
-        impls = tuple(name for name in impls
-                      if getattr(getattr(backend, name, None), marker, None) is not None)
-    return _class_manager(type(backend), impls, arch_name, blocked_names())
+        hidden = frozenset(name for name in hidden
+                           if getattr(own[name], marker, None) is None)
+    return _class_manager(type(backend), frozenset(hidden), arch_name, blocked_names())
 
 
 @functools.cache
@@ -178,7 +178,8 @@ def _impl_names(cls: type) -> tuple[str, ...]:
 
 
 @functools.cache
-def _class_manager(cls: type, impls: tuple, arch_name: str, _blocked: frozenset):
+def _class_manager(cls: type, dropped: frozenset, arch_name: str, _blocked: frozenset):
+    impls = tuple(name for name in _impl_names(cls) if name not in dropped)
     forwarder = _forwarder_for(cls, impls, hookspecs.hookspec.project_name)
     if forwarder is None:
         return None
@@ -274,11 +275,12 @@ def _binder(pm: pluggy.PluginManager, name: str):
         return lambda backend: caller
     if len(impls) == 1 and plain:
         impl = impls[0]
+        method = getattr(impl.function, "kvmcore_method", None)
         # It may take fewer arguments than the spec: pass it those, as pluggy does.
         only = spec is not None and impl.argnames != spec.argnames
 
         def bind(backend):
-            function = _function(impl, backend)
+            function = impl.function if method is None else getattr(backend, method)
             if only:
                 function = _only(function, impl.argnames)
             return _listed(function) if listed else function
