@@ -228,12 +228,13 @@ def _forward(name: str, vm_index: int, generator: bool):
 
 def bind_hot_hook(pm: pluggy.PluginManager, name: str, backend=None):
     """A callable for hook ``name`` that skips pluggy's general dispatch where it can: the one
-    implementation itself when nothing wraps it (the common case for translate and map_leaf;
-    for a hook that is not firstresult, its result as pluggy's list of results), or the
-    backend's own new-style wrapper around the core's default implementation, called
-    as pluggy calls them (``faultin_pfn``); otherwise the hook caller itself,
-    so extensions still see every call. ``backend`` is the VM's backend when ``pm`` is a
-    class manager (its forwarders are replaced by the backend's own method)."""
+    implementation itself when nothing wraps it (the common case for translate and map_leaf),
+    the backend's and the core's default implementations called in pluggy's order (a
+    firstresult hook stops at the first result that is not None; another returns pluggy's
+    list of results), or the backend's own new-style wrapper around the core's default
+    implementation, called as pluggy calls them (``faultin_pfn``); otherwise the hook caller
+    itself, so extensions still see every call. ``backend`` is the VM's backend when ``pm`` is
+    a class manager (its forwarders are replaced by the backend's own method)."""
     binders = getattr(pm, "kvmcore_binders", None)
     if binders is None:
         return _binder(pm, name)(backend)
@@ -267,29 +268,38 @@ def _binder(pm: pluggy.PluginManager, name: str):
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
     spec = caller.spec
-    listed = spec is not None and not spec.opts.get("firstresult")
+    firstresult = spec is None or spec.opts.get("firstresult")
     if not impls:
-        return lambda backend: _no_results if listed else _none
-    plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
+        return lambda backend: _none if firstresult else _no_results
     if any(i.kwargnames for i in impls):
         return lambda backend: caller
-    if len(impls) == 1 and plain:
-        impl = impls[0]
-        method = getattr(impl.function, "kvmcore_method", None)
-        # It may take fewer arguments than the spec: pass it those, as pluggy does.
-        only = spec is not None and impl.argnames != spec.argnames
+    plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
+    if len(plain) == len(impls):
+        # pluggy calls the last registered first, trylast ones (the core's defaults) after
+        # the others; an extension's implementation among several goes through pluggy.
+        order = impls[::-1]
+        methods = [getattr(i.function, "kvmcore_method", None) for i in order]
+        # An implementation may take fewer arguments than the spec: pass it those, as pluggy
+        # does.
+        fewer = [spec is not None and i.argnames != spec.argnames for i in order]
 
         def bind(backend):
-            function = impl.function if method is None else getattr(backend, method)
-            if only:
-                function = _only(function, impl.argnames)
-            return _listed(function) if listed else function
+            if len(order) > 1 and not all(i.plugin_name == DEFAULTS_NAME
+                                          or _is_backend(i, backend) for i in order):
+                return caller
+            functions = [i.function if method is None else getattr(backend, method)
+                         for i, method in zip(order, methods, strict=True)]
+            functions = [_only(f, i.argnames) if only else f
+                         for f, i, only in zip(functions, order, fewer, strict=True)]
+            if not firstresult:
+                return _listed(functions)
+            return functions[0] if len(functions) == 1 else _first_result(functions)
 
         return bind
     if spec is not None and any(i.argnames != spec.argnames for i in impls):
         return lambda backend: caller
-    if (len(impls) == 2 and len(plain) == 1 and spec is not None
-            and spec.opts.get("firstresult") and plain[0].plugin_name == DEFAULTS_NAME):
+    if (len(impls) == 2 and len(plain) == 1 and firstresult
+            and plain[0].plugin_name == DEFAULTS_NAME):
         wrapper = next(i for i in impls if i is not plain[0])
         if wrapper.wrapper:
             return lambda backend: (
@@ -350,15 +360,36 @@ def _wrapped_call(wrapper, inner):
     return call
 
 
-def _listed(function):
-    """pluggy's call of a hook that is not firstresult with ``function`` its one
-    implementation: the list of the results that are not None."""
+def _first_result(functions: list):
+    """pluggy's call of a firstresult hook whose implementations are ``functions``, in the
+    order pluggy calls them: the first result that is not None."""
 
     def call(**kwargs):
-        result = function(**kwargs)
-        return [] if result is None else [result]
+        for function in functions:
+            result = function(**kwargs)
+            if result is not None:
+                return result
+        return None
 
-    call.__name__ = getattr(function, "__name__", "hook")
+    call.__name__ = getattr(functions[0], "__name__", "hook")
+    return call
+
+
+def _listed(functions: list):
+    """pluggy's call of a hook that is not firstresult whose implementations are
+    ``functions``, in the order pluggy calls them: the list of their results that are not
+    None."""
+    if len(functions) == 1:
+        function = functions[0]
+
+        def call(**kwargs):
+            result = function(**kwargs)
+            return [] if result is None else [result]
+    else:
+        def call(**kwargs):
+            return [r for r in (f(**kwargs) for f in functions) if r is not None]
+
+    call.__name__ = getattr(functions[0], "__name__", "hook")
     return call
 
 

@@ -250,3 +250,38 @@ def test_vm_hook_binds_each_hook_at_its_first_call_and_rebinds_on_a_new_plugin()
     assert seen and vm.hook.commit_memory_region == vm.pm.hook.commit_memory_region
     with pytest.raises(AttributeError):
         vm.hook.no_such_hook  # noqa: B018
+
+
+def test_the_backend_and_the_default_bound_together_answer_as_pluggy():
+    """A firstresult hook that the backend and the core's default implement is bound to both
+    in pluggy's order: the backend's answer, or the default's where the backend declines
+    (None); with an extension's implementation among them, pluggy calls them all."""
+
+    class Answers(FlatBackend):
+        @hookimpl
+        def page_table_bytes(self, vm):
+            return 4096
+
+    class Declines(FlatBackend):
+        @hookimpl
+        def page_table_bytes(self, vm):
+            return None
+
+    class Extension:
+        @hookimpl
+        def page_table_bytes(self, vm):
+            return None
+
+    for arch, want in ((Answers, 4096), (Declines, 0)):
+        vm = VM(arch=arch)
+        assert len(vm.pm.hook.page_table_bytes.get_hookimpls()) == 2
+        assert vm.hook.page_table_bytes is not vm.pm.hook.page_table_bytes
+        assert vm.hook.page_table_bytes(vm=vm) == vm.pm.hook.page_table_bytes(vm=vm) == want
+        vm.pm.register(Extension())
+        assert vm.hook.page_table_bytes == vm.pm.hook.page_table_bytes
+        assert vm.page_table_bytes() == want
+    from kvmcore.plugins import _first_result, _listed
+
+    assert _listed([lambda x: [x], lambda x: None, lambda x: [2]])(x=1) == [[1], [2]]
+    assert _first_result([lambda x: None, lambda x: x, lambda x: 3])(x=0) == 0
+    assert _first_result([lambda x: None])(x=0) is None
