@@ -237,10 +237,10 @@ def bind_hot_hook(pm: pluggy.PluginManager, name: str, backend=None):
     a class manager (its forwarders are replaced by the backend's own method)."""
     binders = getattr(pm, "kvmcore_binders", None)
     if binders is None:
-        return _binder(pm, name)(backend)
+        return _binder(pm, name, backend)(backend)
     binder = binders.get(name)
     if binder is None:
-        binder = binders[name] = _binder(pm, name)
+        binder = binders[name] = _binder(pm, name, backend)
     return binder(backend)
 
 
@@ -262,9 +262,10 @@ class BoundHooks:
         return bound
 
 
-def _binder(pm: pluggy.PluginManager, name: str):
+def _binder(pm: pluggy.PluginManager, name: str, backend):
     """``bind_hot_hook``'s choice for hook ``name`` of ``pm`` as registered now, as a function
-    of the VM's backend."""
+    of the VM's backend (of nothing else for a class manager: its backend implementations
+    are forwarders)."""
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
     spec = caller.spec
@@ -274,38 +275,39 @@ def _binder(pm: pluggy.PluginManager, name: str):
     if any(i.kwargnames for i in impls):
         return lambda backend: caller
     plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
-    if len(plain) == len(impls):
+    if len(plain) == len(impls) and (len(impls) == 1 or all(
+            i.plugin_name == DEFAULTS_NAME or _is_backend(i, backend) for i in impls)):
         # pluggy calls the last registered first, trylast ones (the core's defaults) after
-        # the others; an extension's implementation among several goes through pluggy.
-        order = impls[::-1]
-        methods = [getattr(i.function, "kvmcore_method", None) for i in order]
-        # An implementation may take fewer arguments than the spec: pass it those, as pluggy
-        # does.
-        fewer = [spec is not None and i.argnames != spec.argnames for i in order]
-
-        def bind(backend):
-            if len(order) > 1 and not all(i.plugin_name == DEFAULTS_NAME
-                                          or _is_backend(i, backend) for i in order):
-                return caller
-            functions = [i.function if method is None else getattr(backend, method)
-                         for i, method in zip(order, methods, strict=True)]
-            functions = [_only(f, i.argnames) if only else f
-                         for f, i, only in zip(functions, order, fewer, strict=True)]
-            if not firstresult:
-                return _listed(functions)
-            return functions[0] if len(functions) == 1 else _first_result(functions)
-
-        return bind
+        # the others. An implementation may take fewer arguments than the spec: it is passed
+        # those, as pluggy does.
+        parts = [(i.function, getattr(i.function, "kvmcore_method", None),
+                  i.argnames if spec is not None and i.argnames != spec.argnames else None)
+                 for i in reversed(impls)]
+        if len(parts) == 1:
+            part = parts[0]
+            if firstresult:
+                return lambda backend: _resolved(backend, *part)
+            return lambda backend: _listed([_resolved(backend, *part)])
+        return lambda backend: (_first_result if firstresult else _listed)(
+            [_resolved(backend, *part) for part in parts])
     if spec is not None and any(i.argnames != spec.argnames for i in impls):
         return lambda backend: caller
     if (len(impls) == 2 and len(plain) == 1 and firstresult
             and plain[0].plugin_name == DEFAULTS_NAME):
         wrapper = next(i for i in impls if i is not plain[0])
-        if wrapper.wrapper:
-            return lambda backend: (
-                _wrapped_call(_function(wrapper, backend), _function(plain[0], backend))
-                if _is_backend(wrapper, backend) else caller)
+        if wrapper.wrapper and _is_backend(wrapper, backend):
+            return lambda backend: _wrapped_call(_function(wrapper, backend),
+                                                 _function(plain[0], backend))
     return lambda backend: caller
+
+
+def _resolved(backend, function, method: str | None, argnames: tuple | None):
+    """A hook implementation ready to call with the hook's keyword arguments: a forwarder's
+    backend method (``method``), or ``function``; given only ``argnames`` when it takes
+    fewer than the spec."""
+    if method is not None:
+        function = getattr(backend, method)
+    return function if argnames is None else _only(function, argnames)
 
 
 def _is_backend(impl, backend) -> bool:
