@@ -329,9 +329,9 @@ def test_each_node_of_the_schedule_tree_is_checked_once(monkeypatch):
     calls = []
     real = search.Explorer._check
 
-    def counting(self, r, when, stepped=None):
+    def counting(self, r, when, stepped=None, ended=False):
         calls.append((tuple(r.schedule), when == "end"))
-        return real(self, r, when, stepped)
+        return real(self, r, when, stepped, ended)
 
     monkeypatch.setattr(search.Explorer, "_check", counting)
     clean = explore(scn, FLAT)

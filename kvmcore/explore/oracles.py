@@ -50,7 +50,9 @@ class Oracles:
         return (self.other_steps, inv.seq, inv.in_progress, *(stats[k] for k in _TAKES_AWAY),
                 *(s.generation for s in vm.memslot_sets))
 
-    def flow_ended(self, i: int, outcome: tuple) -> None:
+    def flow_ended(self, i: int, outcome: tuple, leaves: list | None = None) -> None:
+        """Flow ``i`` has just ended with ``outcome``. ``leaves``: the present leaves per
+        address space now, if the caller has them (else each leaf is looked up)."""
         f = self.world.scn_flows[i]
         if f["op"] in ("read", "write") and outcome[0] == "ok":
             # The leaf the access used: of its intent, or of the gfn's attribute where the
@@ -59,7 +61,8 @@ class Oracles:
             # A write through a TLB entry whose leaf was already write-protected (a dirty-log
             # clear between its zap and its flush) claims only what the leaf had.
             for private in (bool(f.get("private", False)), not f.get("private", False)):
-                m = self.world.vm.lookup(gpa, private=private, as_id=as_id)
+                m = (self.world.vm.lookup(gpa, private=private, as_id=as_id) if leaves is None
+                     else _leaf_at(leaves[as_id], gpa >> PAGE_SHIFT, private))
                 if m is not None:
                     self.used.append((gpa, private, m.writable, as_id, self.epoch()))
                     break
@@ -142,6 +145,9 @@ class Oracles:
             if slot is None or not slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
                 continue
             if slot.slot_id not in reported:
+                # KVM_GET_DIRTY_LOG write-protects what it reports: the end state is not the
+                # state the oracles checked last any more.
+                run.leaves = None
                 reported[slot.slot_id] = self._reported(slot)
             if gfn - slot.base_gfn not in reported[slot.slot_id]:
                 return ("dirty-log", f"the write to gpa {f['gpa']:#x} completed after the last "

@@ -126,6 +126,9 @@ class Run:
     trace: list = attrs.field(factory=list)
     failure: Failure | None = None
     oracles: Oracles | None = None
+    #: The present leaves of the state the oracles checked last (``all_leaves``), while it is
+    #: the state now: the end state reads them.
+    leaves: list | None = None
 
 
 class Explorer:
@@ -217,15 +220,19 @@ class Explorer:
                 r.failure = Failure("livelock", f"{flows[choice].name} ran {MAX_FLOW_STEPS} "
                                     "stretches without ending", list(r.schedule))
                 return r
-            self._step(r, choice)
+            ended = self._step(r, choice)
             if step <= checked:
+                if ended:
+                    r.oracles.flow_ended(choice, r.outcomes[choice])
                 r.oracles.count_step(choice)
             elif r.failure is None:
-                self._check(r, f"after {NAMES[choice]}", choice)
+                self._check(r, f"after {NAMES[choice]}", choice, ended)
             if r.failure is not None:
                 return r
 
-    def _step(self, r: Run, i: int) -> None:
+    def _step(self, r: Run, i: int) -> bool:
+        """Run a stretch of flow ``i``: True when the flow ended (``r.outcomes[i]``), for the
+        oracles to record (``Oracles.flow_ended``)."""
         flow = r.world.flows[i]
         try:
             point = next(flow)
@@ -241,20 +248,25 @@ class Explorer:
         except Exception as e:  # noqa: BLE001 - any other exception is a crash of the model
             r.failure = Failure("crash", f"{flow.name}: {type(e).__name__}: {e}",
                                 list(r.schedule))
-        if i in r.outcomes:
-            r.ended_at[i] = len(r.schedule)
-            r.oracles.flow_ended(i, r.outcomes[i])
-            if self.keep_trace:
-                r.trace.append({"flow": NAMES[i], "name": flow.name, "end": r.outcomes[i]})
+        if i not in r.outcomes:
+            return False
+        r.ended_at[i] = len(r.schedule)
+        if self.keep_trace:
+            r.trace.append({"flow": NAMES[i], "name": flow.name, "end": r.outcomes[i]})
+        return True
 
-    def _check(self, r: Run, when: str, stepped: int | None = None) -> None:
-        """The oracles after a step: a use after free first (the most specific report: a
-        stale TLB entry to a freed frame is also one no leaf backs), the invariants, then
-        the downgrade check."""
+    def _check(self, r: Run, when: str, stepped: int | None = None,
+               ended: bool = False) -> None:
+        """The oracles after a step (``ended``: the step ended flow ``stepped``, whose
+        completed access the downgrade oracle records first): a use after free first (the
+        most specific report: a stale TLB entry to a freed frame is also one no leaf backs),
+        the invariants, then the downgrade check."""
         oracles = r.oracles
         vm = r.world.vm
         # One enumeration of the leaves serves every oracle of this step.
-        leaves = all_leaves(vm)
+        r.leaves = leaves = all_leaves(vm)
+        if ended:
+            oracles.flow_ended(stepped, r.outcomes[stepped], leaves)
         problem = oracles.use_after_free(leaves)
         if problem is None:
             found = check_vm(vm, leaves)
@@ -266,9 +278,10 @@ class Explorer:
             r.failure = Failure(problem[0], f"{when}: {problem[1]}", list(r.schedule))
 
     def end_state(self, r: Run):
+        leaves = r.leaves if r.leaves is not None else all_leaves(r.world.vm)
         return (tuple(sorted(r.outcomes.items())),
                 tuple((m.gfn, m.size, m.pfn, m.writable, m.private)
-                      for per_as in all_leaves(r.world.vm) for m in per_as))
+                      for per_as in leaves for m in per_as))
 
 
 def _plain(value):
