@@ -186,8 +186,10 @@ def _class_manager(cls: type, dropped: frozenset, arch_name: str, _blocked: froz
     pm = pluggy.PluginManager("kvmcore")
     _populate(pm, forwarder, arch_name)
     # Nothing registers on a class manager after this (a VM that wants to gets a manager of
-    # its own, ``vm.pm``), so how each hook binds is worked out once, for every VM.
+    # its own, ``vm.pm``), so how each hook binds is worked out once, for every VM, and one
+    # relay bound through the forwarders serves every VM as its ``vm.hook``.
     pm.kvmcore_binders = {}
+    pm.kvmcore_hooks = BoundHooks(pm)
     return pm
 
 
@@ -234,7 +236,8 @@ def bind_hot_hook(pm: pluggy.PluginManager, name: str, backend=None):
     list of results), or the backend's own new-style wrapper around the core's default
     implementation, called as pluggy calls them (``faultin_pfn``); otherwise the hook caller
     itself, so extensions still see every call. ``backend`` is the VM's backend when ``pm`` is
-    a class manager (its forwarders are replaced by the backend's own method)."""
+    a class manager (its forwarders are replaced by the backend's own method); without it,
+    the class's forwarders call the method of the backend of the VM each call is for."""
     binders = getattr(pm, "kvmcore_binders", None)
     if binders is None:
         return _binder(pm, name, backend)(backend)
@@ -245,12 +248,13 @@ def bind_hot_hook(pm: pluggy.PluginManager, name: str, backend=None):
 
 
 class BoundHooks:
-    """A VM's ``vm.hook``: pluggy's hook relay, each hook bound (``bind_hot_hook``) on its
-    first call and kept. A call answers what pluggy's would, with pluggy's dispatch skipped
-    where nothing but the backend and the core's defaults implement the hook; a VM whose
-    manager changes gets a new relay."""
+    """``vm.hook``: pluggy's hook relay, each hook bound (``bind_hot_hook``) on its first call
+    and kept. A call answers what pluggy's would, with pluggy's dispatch skipped where nothing
+    but the backend and the core's defaults implement the hook. A class manager's relay
+    (``backend`` None) serves every VM of the class; a VM with a manager of its own has its
+    own relay, replaced whenever the manager changes."""
 
-    def __init__(self, pm: pluggy.PluginManager, backend):
+    def __init__(self, pm: pluggy.PluginManager, backend=None):
         self._pm = pm
         self._backend = backend
 
@@ -280,8 +284,8 @@ def _binder(pm: pluggy.PluginManager, name: str, backend):
         # pluggy calls the last registered first, trylast ones (the core's defaults) after
         # the others. An implementation may take fewer arguments than the spec: it is passed
         # those, as pluggy does.
-        parts = [(i.function, getattr(i.function, "kvmcore_method", None),
-                  i.argnames if spec is not None and i.argnames != spec.argnames else None)
+        parts = [(i.function, getattr(i.function, "kvmcore_method", None), i.argnames,
+                  spec is not None and i.argnames != spec.argnames)
                  for i in reversed(impls)]
         if len(parts) == 1:
             part = parts[0]
@@ -296,18 +300,35 @@ def _binder(pm: pluggy.PluginManager, name: str, backend):
             and plain[0].plugin_name == DEFAULTS_NAME):
         wrapper = next(i for i in impls if i is not plain[0])
         if wrapper.wrapper and _is_backend(wrapper, backend):
-            return lambda backend: _wrapped_call(_function(wrapper, backend),
-                                                 _function(plain[0], backend))
+            return lambda backend: caller if backend is None else _wrapped_call(
+                _function(wrapper, backend), _function(plain[0], backend))
     return lambda backend: caller
 
 
-def _resolved(backend, function, method: str | None, argnames: tuple | None):
-    """A hook implementation ready to call with the hook's keyword arguments: a forwarder's
-    backend method (``method``), or ``function``; given only ``argnames`` when it takes
-    fewer than the spec."""
+def _resolved(backend, function, method: str | None, argnames: tuple, fewer: bool):
+    """A hook implementation ready to call with the hook's keyword arguments: a class
+    forwarder's backend method (``method``) -- the backend's own, or without ``backend`` the
+    method of the backend of the VM each call is for -- or ``function``; given only its
+    ``argnames`` when it takes ``fewer`` than the spec."""
     if method is not None:
+        if backend is None:
+            return _vm_backends(method, argnames if fewer else None)
         function = getattr(backend, method)
-    return function if argnames is None else _only(function, argnames)
+    return _only(function, argnames) if fewer else function
+
+
+def _vm_backends(method: str, argnames: tuple | None):
+    """What a class forwarder does, called with keyword arguments: ``vm.backend``'s method
+    ``method``, given only ``argnames`` when it takes fewer than the spec."""
+    if argnames is None:
+        def call(**kwargs):
+            return getattr(kwargs["vm"].backend, method)(**kwargs)
+    else:
+        def call(**kwargs):
+            return getattr(kwargs["vm"].backend, method)(*[kwargs[n] for n in argnames])
+
+    call.__name__ = method
+    return call
 
 
 def _is_backend(impl, backend) -> bool:

@@ -162,7 +162,7 @@ class VM(Kvm):
         fault or access) to the current manager: directly to the one implementation when
         nothing wraps it."""
         pm = self._pm or self._class_pm
-        self.hook = BoundHooks(pm, self.backend)
+        self.hook = pm.kvmcore_hooks if self._pm is None else BoundHooks(pm, self.backend)
         for name in HOT_HOOKS:
             setattr(self, name, bind_hot_hook(pm, name, self.backend))
         # Called once per state check (the explorer checks after every step), under a name
