@@ -94,9 +94,10 @@ def _check_destroyed(vm: Kvm) -> list[str]:
 def _check_memslots(vm: Kvm) -> list[str]:
     out = []
     total = 0
+    updating = vm.slots_lock.held
     for slots in vm.memslot_sets:
         gen = slots.generation
-        if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS and not vm.slots_lock.held:
+        if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS and not updating:
             out.append(f"as {slots.as_id}: generation {gen:#x} still marked in flux")
         if gen % vm.nr_address_spaces != slots.as_id:
             out.append(f"as {slots.as_id}: generation {gen} is not congruent to its as_id")
@@ -105,14 +106,14 @@ def _check_memslots(vm: Kvm) -> list[str]:
             total += slot.npages
             if slot.npages <= 0:
                 out.append(f"slot {slot.slot_id:#x} has no pages")
-            if slot.invalid and not vm.slots_lock.held:
+            if slot.invalid and not updating:
                 out.append(f"slot {slot.slot_id:#x} is still INVALID outside an update")
             if prev is not None and slot.base_gfn < prev.end_gfn:
                 out.append(f"slots {prev.slot_id:#x} and {slot.slot_id:#x} overlap")
             if slots.by_id.get(slot.id) is not slot:
                 out.append(f"slot {slot.slot_id:#x} is not in the id index")
             prev = slot
-    if total != vm.nr_memslot_pages and not vm.slots_lock.held:
+    if total != vm.nr_memslot_pages and not updating:
         out.append(f"nr_memslot_pages is {vm.nr_memslot_pages}, slots hold {total}")
     return out
 
@@ -197,6 +198,8 @@ def all_leaves(vm: Kvm) -> list[list]:
 
 def _check_leaves(vm: Kvm, leaves: list) -> list[str]:
     out = []
+    if not any(leaves):
+        return out
     inv = vm.mmu_invalidate
     pending: dict[int, set[int]] = {}
     ring_pending = set()
@@ -215,7 +218,7 @@ def _check_leaves(vm: Kvm, leaves: list) -> list[str]:
             continue
         if m.gfn + npages > slot.end_gfn:
             out.append(f"{where}: crosses the end of slot {slot.slot_id:#x}")
-        attr = vm.get_memory_attributes(m.gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE
+        attr = vm.attributes.get(m.gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE
         if npages > 1 and not vm.attributes.has(m.gfn, m.gfn + npages,
                                                 KVM_MEMORY_ATTRIBUTE_PRIVATE, attr):
             out.append(f"{where}: the attributes under the huge leaf are mixed")

@@ -37,6 +37,7 @@ from ..errors import FaultLivelock, InvariantError, KvmError
 from ..exits import VcpuExit
 from ..host import SigBus, SigSegv
 from ..invariants import all_leaves, check_vm
+from ..plugins import resolve_backend
 from .oracles import Oracles
 from .scenario import NAMES, RaceScenario, World
 
@@ -142,6 +143,8 @@ class Explorer:
         self.options = dict(options or {})
         self.keep_trace = trace
         self._indep = None
+        #: The backend class, resolved once for every world of the search.
+        self.backend = resolve_backend(arch)
 
     def independence(self, world: World) -> list:
         """``indep[i][j]``: flows i and j commute (the partial-order reduction's relation):
@@ -169,15 +172,15 @@ class Explorer:
         runnable and below c was explored before c in the depth-first order, so it falls
         asleep too. A step where every runnable flow is asleep would only repeat an
         explored ordering: the run stops there (``pruned``)."""
-        r = Run(World(self.scn, self.arch, self.vm_type, self.options))
+        r = Run(World(self.scn, self.backend, self.vm_type, self.options))
         r.oracles = Oracles(r.world)
         flows = r.world.flows
         indep = self.independence(r.world) if reduce else None
         asleep: set = set()
         steps_of = [0] * len(flows)
-        step = 0
+        step, replayed = 0, len(prefix)
         while True:
-            runnable = [i for i, f in enumerate(flows) if not f.done and f.runnable]
+            runnable = [i for i, f in enumerate(flows) if f.runnable]
             if not runnable:
                 if any(not f.done for f in flows):
                     r.failure = Failure("deadlock", "no flow can run: " + "; ".join(
@@ -193,7 +196,7 @@ class Explorer:
                         if problem:
                             r.failure = Failure(problem[0], "end: " + problem[1], r.schedule)
                 return r
-            if step < len(prefix):
+            if step < replayed:
                 choice = prefix[step]
                 if choice not in runnable:
                     r.failure = Failure("replay", f"step {step}: flow {NAMES[choice]} cannot "
@@ -211,7 +214,8 @@ class Explorer:
             if indep is not None:
                 r.asleep.append(asleep)
                 row = indep[choice]
-                asleep = {t for t in asleep.union(i for i in runnable if i < choice)
+                # ``runnable`` is ascending: the flows before ``choice`` in it are below it.
+                asleep = {t for t in asleep.union(runnable[:runnable.index(choice)])
                           if row[t]}
             r.schedule.append(choice)
             step += 1
@@ -552,8 +556,6 @@ def replay(scn: RaceScenario, arch, schedule: str | list, vm_type: str | None = 
 
 
 def choose_vm_type(scn: RaceScenario, arch) -> str:
-    from ..plugins import resolve_backend
-
     info = resolve_backend(arch).arch_info
     want = scn.vm.get("vm_type")
     if want is not None:
@@ -566,14 +568,10 @@ def choose_vm_type(scn: RaceScenario, arch) -> str:
 
 
 def supports(scn: RaceScenario, arch) -> bool:
-    from ..plugins import resolve_backend
-
     info = resolve_backend(arch).arch_info
     required = set(scn.vm.get("requires", ()))
     return any(required <= caps for caps in info.vm_types.values())
 
 
 def _arch_name(arch) -> str:
-    from ..plugins import resolve_backend
-
     return resolve_backend(arch).arch_info.name
