@@ -197,6 +197,8 @@ class RadixTable:
         self.size = {lvl: 1 << s for lvl, s in zip(g.level_ids, g.shifts, strict=True)}
         self.leaf_size = {lvl: self.size[lvl] for lvl in fmt.leaf_levels}
         self.level_of = {size: lvl for lvl, size in self.leaf_size.items()}
+        #: By position: the length of the table an entry there may link (0 at the last).
+        self.linked_len = [1 << bits for bits in g.bits[1:]] + [0]
 
     def _fill(self, pa: int) -> None:
         if self.fmt.empty:
@@ -462,9 +464,7 @@ def check_entries(trees, problems: list[str], entry=None, detached=()):
         g, fmt, ld, tables = t.g, t.fmt, t.ld, t.store.tables
         empty, leaf_size, swapped = t.st(fmt.empty), t.leaf_size, ld is not _ident
         is_valid, is_table, is_placeholder = fmt.is_valid, fmt.is_table, fmt.is_placeholder
-        level_ids, shifts = g.level_ids, g.shifts
-        # The length of the table an entry at each position may link (none at the last).
-        linked_len = [1 << bits for bits in g.bits[1:]] + [0]
+        level_ids, shifts, linked_len = g.level_ids, g.shifts, t.linked_len
         stack = [(t.pt.root, 0, 0), *(detached if n == 0 else ())]
         while stack:
             pa, pos, base = stack.pop()
