@@ -19,6 +19,7 @@ import errno
 import functools
 import importlib
 import inspect
+import operator
 import os
 from importlib.metadata import EntryPoint, entry_points
 
@@ -239,7 +240,7 @@ def bind_hot_hook(pm: pluggy.PluginManager, name: str, backend=None):
     a class manager (its forwarders are replaced by the backend's own method); without it,
     the class's forwarders call the method of the backend of the VM each call is for."""
     binders = getattr(pm, "kvmcore_binders", None)
-    if binders is None:
+    if binders is None or backend is None:
         return _binder(pm, name, backend)(backend)
     binder = binders.get(name)
     if binder is None:
@@ -269,7 +270,7 @@ class BoundHooks:
 def _binder(pm: pluggy.PluginManager, name: str, backend):
     """``bind_hot_hook``'s choice for hook ``name`` of ``pm`` as registered now, as a function
     of the VM's backend (of nothing else for a class manager: its backend implementations
-    are forwarders)."""
+    are forwarders) -- of a backend, or of None only, as ``backend`` is one or None."""
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
     spec = caller.spec
@@ -289,6 +290,9 @@ def _binder(pm: pluggy.PluginManager, name: str, backend):
                  for i in reversed(impls)]
         if len(parts) == 1:
             part = parts[0]
+            if firstresult and backend is not None and part[1] is not None and not part[3]:
+                # The common case, the backend's own method: looked up in C for each VM.
+                return operator.attrgetter(part[1])
             if firstresult:
                 return lambda backend: _resolved(backend, *part)
             return lambda backend: _listed([_resolved(backend, *part)])
