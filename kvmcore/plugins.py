@@ -7,10 +7,13 @@ entry-point names. Entry points are read once per process.
 
 Building a pluggy manager costs milliseconds (it inspects every signature), so it is built once
 per backend class: the class's hook implementations are registered as forwarders that call the
-implementation of the VM the hook is called for (``vm.backend``). A VM that needs a manager of
-its own (a test registering a spy on ``vm.pm``) gets one on first access of ``vm.pm``: a
-``VmPluginManager`` that rebinds the VM's hot hooks whenever a plugin is registered or
-unregistered, so a wrapper added after creation is never silently skipped.
+implementation of the VM the hook is called for (``vm.backend``). Hooks are called without
+pluggy's general dispatch where it adds nothing (``bind_hot_hook``): each VM binds its hot hooks
+to its backend's methods, and the class manager's relay (``BoundHooks``), each hook bound once,
+is every such VM's ``vm.hook``. A VM that needs a manager of its own (a test registering a spy
+on ``vm.pm``) gets one on first access of ``vm.pm``: a ``VmPluginManager`` that rebinds the
+VM's hooks whenever a plugin is registered or unregistered, so a wrapper added after creation
+is never silently skipped.
 """
 
 from __future__ import annotations
@@ -269,8 +272,9 @@ class BoundHooks:
 
 def _binder(pm: pluggy.PluginManager, name: str, backend):
     """``bind_hot_hook``'s choice for hook ``name`` of ``pm`` as registered now, as a function
-    of the VM's backend (of nothing else for a class manager: its backend implementations
-    are forwarders) -- of a backend, or of None only, as ``backend`` is one or None."""
+    of the VM's backend: of any VM's backend (a class manager's binders are kept for every
+    VM of the class: its backend implementations are forwarders), or of None alone when
+    ``backend`` is None (the binding a class manager's relay shares between its VMs)."""
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
     spec = caller.spec
