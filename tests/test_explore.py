@@ -385,3 +385,27 @@ def test_a_write_breaking_cow_waits_for_a_paused_reader_of_the_mmu_lock(arch):
     result = explore(parse(ZERO_PAGE_RACE), arch)
     result.assert_clean()
     assert result.exhausted and result.schedules > 20
+
+
+@pytest.mark.parametrize("name", ["write_vs_clear_dirty_log", "private_fault_vs_conversion"])
+def test_the_end_state_is_read_from_the_state_after_the_run(name):
+    """A schedule's end state comes from the leaves its last check enumerated, unless the
+    dirty-log oracle's KVM_GET_DIRTY_LOG changed the tables since: either way, what a fresh
+    enumeration of the VM after the run finds."""
+    from kvmcore.explore.search import Explorer, _dfs
+    from kvmcore.invariants import all_leaves
+
+    scn = load(name)
+    arch = "x86_tdp" if "x86_tdp" in installed_backends() else FLAT
+    ex = Explorer(scn, arch, choose_vm_type(scn, arch), {})
+    harvested = runs = 0
+    for r in _dfs(ex, []):
+        if r.pruned or r.failure is not None:
+            continue
+        runs += 1
+        harvested += r.leaves is None
+        fresh = [(m.gfn, m.size, m.pfn, m.writable, m.private)
+                 for per_as in all_leaves(r.world.vm) for m in per_as]
+        assert ex.end_state(r)[1] == tuple(fresh)
+    assert runs and (0 < harvested < runs if name == "write_vs_clear_dirty_log"
+                     else not harvested)
