@@ -20,6 +20,9 @@ from .uapi import (
 if TYPE_CHECKING:
     from .kvm import Kvm
 
+#: An end gfn past every gfn (the leaves hook costs what is mapped, not the range's size).
+EVERY_GFN = 1 << 52
+
 
 def check_vm(vm: Kvm, leaves: list | None = None) -> list[str]:
     """Every broken invariant of ``vm``'s state. ``leaves``: the present leaves of each
@@ -35,7 +38,7 @@ def check_vm(vm: Kvm, leaves: list | None = None) -> list[str]:
     problems += _check_rings(vm)
     problems += _check_tlbs(vm, leaves)
     problems += _check_destroyed(vm)
-    for found in vm.hook.check_invariants(vm=vm):
+    for found in vm.arch_check_invariants(vm=vm):
         problems += list(found or ())
     return problems
 
@@ -50,11 +53,17 @@ def _check_tlbs(vm: Kvm, leaves: list) -> list[str]:
         return []
     out = []
     # The leaves of each address space are in gfn order; those that may cover a gfn start
-    # less than the largest leaf's size below it.
-    starts = [[m.gfn for m in per_as] for per_as in leaves]
-    spans = [max((m.npages for m in per_as), default=1) for per_as in leaves]
+    # less than the largest leaf's size below it. Indexed for the address spaces of vCPUs
+    # whose TLB holds entries (after a flush, none does).
+    index: dict[int, tuple[list, list[int], int]] = {}
     for vcpu in vm.vcpus:
-        per_as, gfns, span = leaves[vcpu.as_id], starts[vcpu.as_id], spans[vcpu.as_id]
+        if not vcpu.tlb:
+            continue
+        if vcpu.as_id not in index:
+            per_as = leaves[vcpu.as_id]
+            index[vcpu.as_id] = (per_as, [m.gfn for m in per_as],
+                                 max((m.npages for m in per_as), default=1))
+        per_as, gfns, span = index[vcpu.as_id]
         for (_page, _intent), (gfn, pfn, writable, _x, dirty) in list(vcpu.tlb.items()):
             near = per_as[bisect_left(gfns, gfn - span + 1):bisect_right(gfns, gfn)]
             # An aged leaf may have lost its permissions to access tracking (x86 with A/D
@@ -78,16 +87,17 @@ def _check_destroyed(vm: Kvm) -> list[str]:
     if not vm.closed:
         return []
     left = [m for as_id in range(vm.nr_address_spaces)
-            for m in vm.leaves(vm=vm, start=0, end=1 << 52, as_id=as_id)]
+            for m in vm.leaves(vm=vm, start=0, end=EVERY_GFN, as_id=as_id)]
     return [f"the VM was closed but {len(left)} leaves remain"] if left else []
 
 
 def _check_memslots(vm: Kvm) -> list[str]:
     out = []
     total = 0
+    updating = vm.slots_lock.held
     for slots in vm.memslot_sets:
         gen = slots.generation
-        if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS and not vm.slots_lock.held:
+        if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS and not updating:
             out.append(f"as {slots.as_id}: generation {gen:#x} still marked in flux")
         if gen % vm.nr_address_spaces != slots.as_id:
             out.append(f"as {slots.as_id}: generation {gen} is not congruent to its as_id")
@@ -96,14 +106,14 @@ def _check_memslots(vm: Kvm) -> list[str]:
             total += slot.npages
             if slot.npages <= 0:
                 out.append(f"slot {slot.slot_id:#x} has no pages")
-            if slot.invalid and not vm.slots_lock.held:
+            if slot.invalid and not updating:
                 out.append(f"slot {slot.slot_id:#x} is still INVALID outside an update")
             if prev is not None and slot.base_gfn < prev.end_gfn:
                 out.append(f"slots {prev.slot_id:#x} and {slot.slot_id:#x} overlap")
             if slots.by_id.get(slot.id) is not slot:
                 out.append(f"slot {slot.slot_id:#x} is not in the id index")
             prev = slot
-    if total != vm.nr_memslot_pages and not vm.slots_lock.held:
+    if total != vm.nr_memslot_pages and not updating:
         out.append(f"nr_memslot_pages is {vm.nr_memslot_pages}, slots hold {total}")
     return out
 
@@ -179,12 +189,17 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
 
 
 def all_leaves(vm: Kvm) -> list[list]:
-    """The present leaves of every address space, one list per ``as_id``."""
-    return [list(vm.mappings(as_id=a)) for a in range(vm.nr_address_spaces)]
+    """The present leaves of every address space, one list per ``as_id``: ``vm.mappings``
+    of every gfn, straight from the bound ``leaves`` hook (its arguments need no checks)."""
+    leaves = vm.leaves
+    return [list(leaves(vm=vm, start=0, end=EVERY_GFN, as_id=a))
+            for a in range(vm.nr_address_spaces)]
 
 
 def _check_leaves(vm: Kvm, leaves: list) -> list[str]:
     out = []
+    if not any(leaves):
+        return out
     inv = vm.mmu_invalidate
     pending: dict[int, set[int]] = {}
     ring_pending = set()
@@ -203,7 +218,7 @@ def _check_leaves(vm: Kvm, leaves: list) -> list[str]:
             continue
         if m.gfn + npages > slot.end_gfn:
             out.append(f"{where}: crosses the end of slot {slot.slot_id:#x}")
-        attr = vm.get_memory_attributes(m.gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE
+        attr = vm.attributes.get(m.gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE
         if npages > 1 and not vm.attributes.has(m.gfn, m.gfn + npages,
                                                 KVM_MEMORY_ATTRIBUTE_PRIVATE, attr):
             out.append(f"{where}: the attributes under the huge leaf are mixed")

@@ -7,10 +7,13 @@ entry-point names. Entry points are read once per process.
 
 Building a pluggy manager costs milliseconds (it inspects every signature), so it is built once
 per backend class: the class's hook implementations are registered as forwarders that call the
-implementation of the VM the hook is called for (``vm.backend``). A VM that needs a manager of
-its own (a test registering a spy on ``vm.pm``) gets one on first access of ``vm.pm``: a
-``VmPluginManager`` that rebinds the VM's hot hooks whenever a plugin is registered or
-unregistered, so a wrapper added after creation is never silently skipped.
+implementation of the VM the hook is called for (``vm.backend``). Hooks are called without
+pluggy's general dispatch where it adds nothing (``bind_hot_hook``): each VM binds its hot hooks
+to its backend's methods, and the class manager's relay (``BoundHooks``), each hook bound once,
+is every such VM's ``vm.hook``. A VM that needs a manager of its own (a test registering a spy
+on ``vm.pm``) gets one on first access of ``vm.pm``: a ``VmPluginManager`` that rebinds the
+VM's hooks whenever a plugin is registered or unregistered, so a wrapper added after creation
+is never silently skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import errno
 import functools
 import importlib
 import inspect
+import operator
 import os
 from importlib.metadata import EntryPoint, entry_points
 
@@ -159,10 +163,14 @@ def class_plugin_manager(backend, arch_name: str) -> pluggy.PluginManager | None
     same hook implementations (an instance may hide one of its class's with a plain
     attribute). None when the class cannot be forwarded: a hook implementation that does not
     take ``vm``."""
-    marker = f"{hookspecs.hookspec.project_name}_impl"
-    impls = tuple(name for name in _impl_names(type(backend))
-                  if getattr(getattr(backend, name, None), marker, None) is not None)
-    return _class_manager(type(backend), impls, arch_name, blocked_names())
+    own = getattr(backend, "__dict__", None)
+    hidden = own.keys() & _impl_names(type(backend)) if own else ()
+    if hidden:
+        # Instance attributes hide these methods of the class: those not marked drop out.
+        marker = f"{hookspecs.hookspec.project_name}_impl"
+        hidden = frozenset(name for name in hidden
+                           if getattr(own[name], marker, None) is None)
+    return _class_manager(type(backend), frozenset(hidden), arch_name, blocked_names())
 
 
 @functools.cache
@@ -174,12 +182,18 @@ def _impl_names(cls: type) -> tuple[str, ...]:
 
 
 @functools.cache
-def _class_manager(cls: type, impls: tuple, arch_name: str, _blocked: frozenset):
+def _class_manager(cls: type, dropped: frozenset, arch_name: str, _blocked: frozenset):
+    impls = tuple(name for name in _impl_names(cls) if name not in dropped)
     forwarder = _forwarder_for(cls, impls, hookspecs.hookspec.project_name)
     if forwarder is None:
         return None
     pm = pluggy.PluginManager("kvmcore")
     _populate(pm, forwarder, arch_name)
+    # Nothing registers on a class manager after this (a VM that wants to gets a manager of
+    # its own, ``vm.pm``), so how each hook binds is worked out once, for every VM, and one
+    # relay bound through the forwarders serves every VM as its ``vm.hook``.
+    pm.kvmcore_binders = {}
+    pm.kvmcore_hooks = BoundHooks(pm)
     return pm
 
 
@@ -221,32 +235,108 @@ def _forward(name: str, vm_index: int, generator: bool):
 def bind_hot_hook(pm: pluggy.PluginManager, name: str, backend=None):
     """A callable for hook ``name`` that skips pluggy's general dispatch where it can: the one
     implementation itself when nothing wraps it (the common case for translate and map_leaf),
-    or the backend's own new-style wrapper around the core's default implementation, called
-    as pluggy calls them (``faultin_pfn``); otherwise the hook caller itself,
-    so extensions still see every call. ``backend`` is the VM's backend when ``pm`` is a
-    class manager (its forwarders are replaced by the backend's own method)."""
+    the backend's and the core's default implementations called in pluggy's order (a
+    firstresult hook stops at the first result that is not None; another returns pluggy's
+    list of results), or the backend's own new-style wrapper around the core's default
+    implementation, called as pluggy calls them (``faultin_pfn``); otherwise the hook caller
+    itself, so extensions still see every call. ``backend`` is the VM's backend when ``pm`` is
+    a class manager (its forwarders are replaced by the backend's own method); without it,
+    the class's forwarders call the method of the backend of the VM each call is for."""
+    binders = getattr(pm, "kvmcore_binders", None)
+    if binders is None or backend is None:
+        return _binder(pm, name, backend)(backend)
+    binder = binders.get(name)
+    if binder is None:
+        binder = binders[name] = _binder(pm, name, backend)
+    return binder(backend)
+
+
+class BoundHooks:
+    """``vm.hook``: pluggy's hook relay, each hook bound (``bind_hot_hook``) on its first call
+    and kept. A call answers what pluggy's would, with pluggy's dispatch skipped where nothing
+    but the backend and the core's defaults implement the hook. A class manager's relay
+    (``backend`` None) serves every VM of the class; a VM with a manager of its own has its
+    own relay, replaced whenever the manager changes."""
+
+    def __init__(self, pm: pluggy.PluginManager, backend=None):
+        self._pm = pm
+        self._backend = backend
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        bound = bind_hot_hook(self._pm, name, self._backend)
+        setattr(self, name, bound)
+        return bound
+
+
+def _binder(pm: pluggy.PluginManager, name: str, backend):
+    """``bind_hot_hook``'s choice for hook ``name`` of ``pm`` as registered now, as a function
+    of the VM's backend: of any VM's backend (a class manager's binders are kept for every
+    VM of the class: its backend implementations are forwarders), or of None alone when
+    ``backend`` is None (the binding a class manager's relay shares between its VMs)."""
     caller = getattr(pm.hook, name)
     impls = caller.get_hookimpls()
-    if not impls:
-        return _none
-    plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
     spec = caller.spec
+    firstresult = spec is None or spec.opts.get("firstresult")
+    if not impls:
+        return lambda backend: _none if firstresult else _no_results
     if any(i.kwargnames for i in impls):
-        return caller
-    if len(impls) == 1 and plain:
-        function = _function(impls[0], backend)
-        if spec is not None and impls[0].argnames != spec.argnames:
-            # It takes fewer arguments than the spec: pass it those, as pluggy does.
-            return _only(function, impls[0].argnames)
-        return function
+        return lambda backend: caller
+    plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
+    if len(plain) == len(impls) and (len(impls) == 1 or all(
+            i.plugin_name == DEFAULTS_NAME or _is_backend(i, backend) for i in impls)):
+        # pluggy calls the last registered first, trylast ones (the core's defaults) after
+        # the others. An implementation may take fewer arguments than the spec: it is passed
+        # those, as pluggy does.
+        parts = [(i.function, getattr(i.function, "kvmcore_method", None), i.argnames,
+                  spec is not None and i.argnames != spec.argnames)
+                 for i in reversed(impls)]
+        if len(parts) == 1:
+            part = parts[0]
+            if firstresult and backend is not None and part[1] is not None and not part[3]:
+                # The common case, the backend's own method: looked up in C for each VM.
+                return operator.attrgetter(part[1])
+            if firstresult:
+                return lambda backend: _resolved(backend, *part)
+            return lambda backend: _listed([_resolved(backend, *part)])
+        return lambda backend: (_first_result if firstresult else _listed)(
+            [_resolved(backend, *part) for part in parts])
     if spec is not None and any(i.argnames != spec.argnames for i in impls):
-        return caller
-    if (len(impls) == 2 and len(plain) == 1 and spec is not None
-            and spec.opts.get("firstresult") and plain[0].plugin_name == DEFAULTS_NAME):
+        return lambda backend: caller
+    if (len(impls) == 2 and len(plain) == 1 and firstresult
+            and plain[0].plugin_name == DEFAULTS_NAME):
         wrapper = next(i for i in impls if i is not plain[0])
         if wrapper.wrapper and _is_backend(wrapper, backend):
-            return _wrapped_call(_function(wrapper, backend), _function(plain[0], backend))
-    return caller
+            return lambda backend: caller if backend is None else _wrapped_call(
+                _function(wrapper, backend), _function(plain[0], backend))
+    return lambda backend: caller
+
+
+def _resolved(backend, function, method: str | None, argnames: tuple, fewer: bool):
+    """A hook implementation ready to call with the hook's keyword arguments: a class
+    forwarder's backend method (``method``) -- the backend's own, or without ``backend`` the
+    method of the backend of the VM each call is for -- or ``function``; given only its
+    ``argnames`` when it takes ``fewer`` than the spec."""
+    if method is not None:
+        if backend is None:
+            return _vm_backends(method, argnames if fewer else None)
+        function = getattr(backend, method)
+    return _only(function, argnames) if fewer else function
+
+
+def _vm_backends(method: str, argnames: tuple | None):
+    """What a class forwarder does, called with keyword arguments: ``vm.backend``'s method
+    ``method``, given only ``argnames`` when it takes fewer than the spec."""
+    if argnames is None:
+        def call(**kwargs):
+            return getattr(kwargs["vm"].backend, method)(**kwargs)
+    else:
+        def call(**kwargs):
+            return getattr(kwargs["vm"].backend, method)(*[kwargs[n] for n in argnames])
+
+    call.__name__ = method
+    return call
 
 
 def _is_backend(impl, backend) -> bool:
@@ -301,6 +391,44 @@ def _wrapped_call(wrapper, inner):
     return call
 
 
+def _first_result(functions: list):
+    """pluggy's call of a firstresult hook whose implementations are ``functions``, in the
+    order pluggy calls them: the first result that is not None."""
+
+    def call(**kwargs):
+        for function in functions:
+            result = function(**kwargs)
+            if result is not None:
+                return result
+        return None
+
+    call.__name__ = getattr(functions[0], "__name__", "hook")
+    return call
+
+
+def _listed(functions: list):
+    """pluggy's call of a hook that is not firstresult whose implementations are
+    ``functions``, in the order pluggy calls them: the list of their results that are not
+    None."""
+    if len(functions) == 1:
+        function = functions[0]
+
+        def call(**kwargs):
+            result = function(**kwargs)
+            return [] if result is None else [result]
+    else:
+        def call(**kwargs):
+            return [r for r in (f(**kwargs) for f in functions) if r is not None]
+
+    call.__name__ = getattr(functions[0], "__name__", "hook")
+    return call
+
+
 def _none(**kwargs):
     """A firstresult hook nobody implements returns None."""
     return None
+
+
+def _no_results(**kwargs):
+    """A hook that is not firstresult and that nobody implements returns no results."""
+    return []

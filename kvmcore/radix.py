@@ -197,6 +197,8 @@ class RadixTable:
         self.size = {lvl: 1 << s for lvl, s in zip(g.level_ids, g.shifts, strict=True)}
         self.leaf_size = {lvl: self.size[lvl] for lvl in fmt.leaf_levels}
         self.level_of = {size: lvl for lvl, size in self.leaf_size.items()}
+        #: By position: the length of the table an entry there may link (0 at the last).
+        self.linked_len = [1 << bits for bits in g.bits[1:]] + [0]
 
     def _fill(self, pa: int) -> None:
         if self.fmt.empty:
@@ -460,8 +462,9 @@ def check_entries(trees, problems: list[str], entry=None, detached=()):
     seen, tables = set(), {}
     for n, (label, t) in enumerate(trees):
         g, fmt, ld, tables = t.g, t.fmt, t.ld, t.store.tables
-        empty, last, leaf_size = t.st(fmt.empty), g.nlevels - 1, t.leaf_size
+        empty, leaf_size, swapped = t.st(fmt.empty), t.leaf_size, ld is not _ident
         is_valid, is_table, is_placeholder = fmt.is_valid, fmt.is_table, fmt.is_placeholder
+        level_ids, shifts, linked_len = g.level_ids, g.shifts, t.linked_len
         stack = [(t.pt.root, 0, 0), *(detached if n == 0 else ())]
         while stack:
             pa, pos, base = stack.pop()
@@ -469,9 +472,10 @@ def check_entries(trees, problems: list[str], entry=None, detached=()):
                 problems.append(f"{label}: the table at {pa:#x} is linked twice")
                 continue
             seen.add(pa)
-            table, level, shift = tables[pa], g.level_ids[pos], g.shifts[pos]
+            table, level, shift = tables[pa], level_ids[pos], shifts[pos]
+            child_len = linked_len[pos]
             for idx in present_indices(table, empty):
-                pte = table[idx] if ld is _ident else ld(table[idx])
+                pte = ld(table[idx]) if swapped else table[idx]
                 addr = base + (idx << shift)
                 if entry is not None:
                     found, pte = entry(pa, pos, idx, addr, pte)
@@ -482,9 +486,9 @@ def check_entries(trees, problems: list[str], entry=None, detached=()):
                         problems.append(f"{label}: entry {idx} of the level-{level} table at "
                                         f"{pa:#x} is invalid but not empty ({pte:#x})")
                         continue
-                elif pos < last and is_table(pte, level):
+                elif child_len and is_table(pte, level):
                     child = fmt.table_address(pte, level)
-                    if len(tables.get(child, ())) == 1 << g.bits[pos + 1]:
+                    if len(tables.get(child, ())) == child_len:
                         stack.append((child, pos + 1, addr))
                     else:
                         problem = f"links {child:#x}, not a table of the next level"

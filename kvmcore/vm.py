@@ -29,8 +29,8 @@ from .locks import Flow, Steps, drive, steppable, wait_until
 from .mmu_notifier import KvmMmuNotifier
 from .set_attributes import kvm_vm_ioctl_set_mem_attributes
 from .set_memory_region import kvm_set_memory_region
-from .plugins import (HOT_HOOKS, bind_hot_hook, class_plugin_manager, get_plugin_manager,
-                      resolve_backend)
+from .plugins import (HOT_HOOKS, BoundHooks, bind_hot_hook, class_plugin_manager,
+                      get_plugin_manager, resolve_backend)
 from .uapi import (
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
@@ -158,12 +158,16 @@ class VM(Kvm):
         return self._pm
 
     def _bind_hooks(self) -> None:
-        """Bind ``hook`` and the hot hooks (called once per fault or access) to the current
-        manager: directly to the one implementation when nothing wraps it."""
+        """Bind ``hook`` (each hook on its first call) and the hot hooks (called once per
+        fault or access) to the current manager: directly to the one implementation when
+        nothing wraps it."""
         pm = self._pm or self._class_pm
-        self.hook = pm.hook
+        self.hook = pm.kvmcore_hooks if self._pm is None else BoundHooks(pm, self.backend)
         for name in HOT_HOOKS:
             setattr(self, name, bind_hot_hook(pm, name, self.backend))
+        # Called once per state check (the explorer checks after every step), under a name
+        # of its own: ``check_invariants`` is the VM's method that runs every check.
+        self.arch_check_invariants = bind_hot_hook(pm, "check_invariants", self.backend)
 
     # ------------------------------------------------------------------ capabilities
 

@@ -243,8 +243,8 @@ def test_a_shared_leaf_on_a_private_gmem_page_is_a_private_leak():
     oracles = Oracles(world)
     world.flows[0].run()                    # the private read maps the guest_memfd page
     assert oracles.use_after_free() is None
-    vm, real = world.vm, world.vm.mappings
-    vm.mappings = lambda as_id=0: [attrs.evolve(m, private=False) for m in real(as_id=as_id)]
+    vm, real = world.vm, world.vm.leaves
+    vm.leaves = lambda **kw: [attrs.evolve(m, private=False) for m in real(**kw)]
     kind, message = oracles.use_after_free()
     assert kind == "private-leak" and "gfn 0x5" in message
 
@@ -329,9 +329,9 @@ def test_each_node_of_the_schedule_tree_is_checked_once(monkeypatch):
     calls = []
     real = search.Explorer._check
 
-    def counting(self, r, when, stepped=None):
+    def counting(self, r, when, stepped=None, ended=False):
         calls.append((tuple(r.schedule), when == "end"))
-        return real(self, r, when, stepped)
+        return real(self, r, when, stepped, ended)
 
     monkeypatch.setattr(search.Explorer, "_check", counting)
     clean = explore(scn, FLAT)
@@ -385,3 +385,27 @@ def test_a_write_breaking_cow_waits_for_a_paused_reader_of_the_mmu_lock(arch):
     result = explore(parse(ZERO_PAGE_RACE), arch)
     result.assert_clean()
     assert result.exhausted and result.schedules > 20
+
+
+@pytest.mark.parametrize("name", ["write_vs_clear_dirty_log", "private_fault_vs_conversion"])
+def test_the_end_state_is_read_from_the_state_after_the_run(name):
+    """A schedule's end state comes from the leaves its last check enumerated, unless the
+    dirty-log oracle's KVM_GET_DIRTY_LOG changed the tables since: either way, what a fresh
+    enumeration of the VM after the run finds."""
+    from kvmcore.explore.search import Explorer, _dfs
+    from kvmcore.invariants import all_leaves
+
+    scn = load(name)
+    arch = "x86_tdp" if "x86_tdp" in installed_backends() else FLAT
+    ex = Explorer(scn, arch, choose_vm_type(scn, arch), {})
+    harvested = runs = 0
+    for r in _dfs(ex, []):
+        if r.pruned or r.failure is not None:
+            continue
+        runs += 1
+        harvested += r.leaves is None
+        fresh = [(m.gfn, m.size, m.pfn, m.writable, m.private)
+                 for per_as in all_leaves(r.world.vm) for m in per_as]
+        assert ex.end_state(r)[1] == tuple(fresh)
+    assert runs and (0 < harvested < runs if name == "write_vs_clear_dirty_log"
+                     else not harvested)

@@ -119,6 +119,10 @@ def test_vms_of_one_backend_class_share_a_manager_but_call_their_own_backend():
     a, b = VM(arch=FlatBackend), VM(arch=FlatBackend)
     assert a.hook is b.hook
     assert a.translate.__self__ is a.backend and b.translate.__self__ is b.backend
+    a.set_user_memory_region(0, 0, 1 << 20, a.host.mmap(1 << 20))
+    a.create_vcpu(0).read(0x1000, 1)
+    for vm, want in ((a, 1), (b, 0)):      # the shared relay forwards to vm.backend
+        assert len(list(vm.hook.leaves(vm=vm, start=0, end=1 << 40, as_id=0))) == want
 
 
 def test_a_backend_wrapper_over_the_default_is_called_as_pluggy_calls_it():
@@ -195,3 +199,92 @@ def test_a_hot_hook_taking_fewer_arguments_gets_only_those():
 
     vm = VM(arch=Narrow)
     assert vm.lookup(0x3000) is None and seen == [(3, 4)]
+
+
+def test_a_bound_hook_that_is_not_firstresult_returns_pluggys_list():
+    """``vm.arch_check_invariants`` (bound once) answers what ``vm.hook.check_invariants``
+    does: the list of the implementations' results that are not None, whether the backend
+    alone implements it or an extension adds its own."""
+
+    class Broken(FlatBackend):
+        @hookimpl
+        def check_invariants(self, vm):
+            return ["broken"]
+
+    class Silent(FlatBackend):
+        @hookimpl
+        def check_invariants(self, vm):
+            return None
+
+    class Extra:
+        @hookimpl
+        def check_invariants(self, vm):
+            return ["extra"]
+
+    for arch, want in ((Broken, [["broken"]]), (Silent, [])):
+        vm = VM(arch=arch)
+        assert vm.arch_check_invariants is not vm.hook.check_invariants
+        assert vm.arch_check_invariants(vm=vm) == vm.hook.check_invariants(vm=vm) == want
+    vm = VM(arch=Broken)
+    vm.pm.register(Extra())
+    assert sorted(vm.arch_check_invariants(vm=vm)) == [["broken"], ["extra"]]
+    pm = get_plugin_manager(FlatBackend(), "flat")
+    assert not pm.hook.dirty_pending_gfns.get_hookimpls()
+    assert bind_hot_hook(pm, "dirty_pending_gfns")(vm=vm, slot=None) == []
+
+
+def test_vm_hook_binds_each_hook_at_its_first_call_and_rebinds_on_a_new_plugin():
+    """``vm.hook`` answers what pluggy's relay does; a plugin registered on ``vm.pm`` after a
+    hook was bound sees that hook's next call."""
+    vm = VM(arch=FlatBackend)
+    assert vm.hook.page_table_bytes(vm=vm) == vm.pm.hook.page_table_bytes(vm=vm)
+    assert vm.hook.check_invariants(vm=vm) == vm.pm.hook.check_invariants(vm=vm)
+    hva = vm.host.mmap(1 << 20)
+    vm.set_user_memory_region(0, 0, 1 << 20, hva)
+    seen = []
+
+    class Spy:
+        @hookimpl
+        def commit_memory_region(self, vm, old, new, change):
+            seen.append(change)
+
+    vm.pm.register(Spy())
+    vm.set_user_memory_region(0, 0, 0, hva)
+    assert seen and vm.hook.commit_memory_region == vm.pm.hook.commit_memory_region
+    with pytest.raises(AttributeError):
+        vm.hook.no_such_hook  # noqa: B018
+
+
+def test_the_backend_and_the_default_bound_together_answer_as_pluggy():
+    """A firstresult hook that the backend and the core's default implement is bound to both
+    in pluggy's order: the backend's answer, or the default's where the backend declines
+    (None); with an extension's implementation among them, pluggy calls them all."""
+
+    class Answers(FlatBackend):
+        @hookimpl
+        def page_table_bytes(self, vm):
+            return 4096
+
+    class Declines(FlatBackend):
+        @hookimpl
+        def page_table_bytes(self, vm):
+            return None
+
+    class Extension:
+        @hookimpl
+        def page_table_bytes(self, vm):
+            return None
+
+    for arch, want in ((Answers, 4096), (Declines, 0)):
+        vm = VM(arch=arch)
+        assert len(vm.pm.hook.page_table_bytes.get_hookimpls()) == 2
+        assert vm.hook.page_table_bytes is not vm.pm.hook.page_table_bytes
+        assert vm.hook.page_table_bytes(vm=vm) == vm.pm.hook.page_table_bytes(vm=vm) == want
+        vm.pm.register(Extension())
+        assert vm.hook.page_table_bytes == vm.pm.hook.page_table_bytes
+        assert vm.page_table_bytes() == want
+    from kvmcore.plugins import _first_result, _listed
+
+    assert _listed([lambda x: [x], lambda x: None, lambda x: [2]])(x=1) == [[1], [2]]
+    assert _first_result([lambda x: None, lambda x: x, lambda x: 3])(x=0) == 0
+    assert _first_result([lambda x: None])(x=0) is None

@@ -50,7 +50,9 @@ class Oracles:
         return (self.other_steps, inv.seq, inv.in_progress, *(stats[k] for k in _TAKES_AWAY),
                 *(s.generation for s in vm.memslot_sets))
 
-    def flow_ended(self, i: int, outcome: tuple) -> None:
+    def flow_ended(self, i: int, outcome: tuple, leaves: list | None = None) -> None:
+        """Flow ``i`` has just ended with ``outcome``. ``leaves``: the present leaves per
+        address space now, if the caller has them (else each leaf is looked up)."""
         f = self.world.scn_flows[i]
         if f["op"] in ("read", "write") and outcome[0] == "ok":
             # The leaf the access used: of its intent, or of the gfn's attribute where the
@@ -59,7 +61,8 @@ class Oracles:
             # A write through a TLB entry whose leaf was already write-protected (a dirty-log
             # clear between its zap and its flush) claims only what the leaf had.
             for private in (bool(f.get("private", False)), not f.get("private", False)):
-                m = self.world.vm.lookup(gpa, private=private, as_id=as_id)
+                m = (self.world.vm.lookup(gpa, private=private, as_id=as_id) if leaves is None
+                     else _leaf_at(leaves[as_id], gpa >> PAGE_SHIFT, private))
                 if m is not None:
                     self.used.append((gpa, private, m.writable, as_id, self.epoch()))
                     break
@@ -99,20 +102,23 @@ class Oracles:
         if not self._access[i]:
             self.other_steps += 1
 
-    def downgrade(self, i: int):
-        """Flow ``i`` has just run a stretch."""
+    def downgrade(self, i: int, leaves: list | None = None):
+        """Flow ``i`` has just run a stretch. ``leaves``: the present leaves per address
+        space, as ``use_after_free`` takes them (the leaf each claim names is looked up in
+        them: the state they were enumerated from is the state now)."""
         self.count_step(i)
         if not self.used:
             return None
         now = self.epoch()
-        vm = self.world.vm
+        if leaves is None:
+            leaves = all_leaves(self.world.vm)
         keep = []
         for rec in self.used:
             gpa, private, writable, as_id, epoch = rec
             if epoch != now:
                 continue           # something that may take it away ran: nothing to claim
             keep.append(rec)
-            m = vm.lookup(gpa, private=private, as_id=as_id)
+            m = _leaf_at(leaves[as_id], gpa >> PAGE_SHIFT, private)
             if m is None or (writable and not m.writable):
                 self.used = keep
                 return ("downgrade", f"the leaf of gpa {gpa:#x} that a completed "
@@ -139,6 +145,9 @@ class Oracles:
             if slot is None or not slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
                 continue
             if slot.slot_id not in reported:
+                # KVM_GET_DIRTY_LOG write-protects what it reports: the end state is not the
+                # state the oracles checked last any more.
+                run.leaves = None
                 reported[slot.slot_id] = self._reported(slot)
             if gfn - slot.base_gfn not in reported[slot.slot_id]:
                 return ("dirty-log", f"the write to gpa {f['gpa']:#x} completed after the last "
@@ -155,3 +164,14 @@ class Oracles:
                 out.update(off for sid, off in vcpu.dirty_ring.pending()
                            if sid == slot.slot_id)
         return out
+
+
+def _leaf_at(leaves: list, gfn: int, private: bool):
+    """``vm.lookup``'s answer from an enumeration of the leaves (ascending by gfn): the
+    first leaf of this privateness that covers ``gfn``."""
+    for m in leaves:
+        if m.gfn > gfn:
+            break
+        if m.private == private and gfn < m.gfn + m.npages:
+            return m
+    return None

@@ -37,6 +37,7 @@ from ..errors import FaultLivelock, InvariantError, KvmError
 from ..exits import VcpuExit
 from ..host import SigBus, SigSegv
 from ..invariants import all_leaves, check_vm
+from ..plugins import resolve_backend
 from .oracles import Oracles
 from .scenario import NAMES, RaceScenario, World
 
@@ -126,6 +127,9 @@ class Run:
     trace: list = attrs.field(factory=list)
     failure: Failure | None = None
     oracles: Oracles | None = None
+    #: The present leaves of the state the oracles checked last (``all_leaves``), while it is
+    #: the state now: the end state reads them.
+    leaves: list | None = None
 
 
 class Explorer:
@@ -139,6 +143,8 @@ class Explorer:
         self.options = dict(options or {})
         self.keep_trace = trace
         self._indep = None
+        #: The backend class, resolved once for every world of the search.
+        self.backend = resolve_backend(arch)
 
     def independence(self, world: World) -> list:
         """``indep[i][j]``: flows i and j commute (the partial-order reduction's relation):
@@ -166,15 +172,15 @@ class Explorer:
         runnable and below c was explored before c in the depth-first order, so it falls
         asleep too. A step where every runnable flow is asleep would only repeat an
         explored ordering: the run stops there (``pruned``)."""
-        r = Run(World(self.scn, self.arch, self.vm_type, self.options))
+        r = Run(World(self.scn, self.backend, self.vm_type, self.options))
         r.oracles = Oracles(r.world)
         flows = r.world.flows
         indep = self.independence(r.world) if reduce else None
         asleep: set = set()
         steps_of = [0] * len(flows)
-        step = 0
+        step, replayed = 0, len(prefix)
         while True:
-            runnable = [i for i, f in enumerate(flows) if not f.done and f.runnable]
+            runnable = [i for i, f in enumerate(flows) if f.runnable]
             if not runnable:
                 if any(not f.done for f in flows):
                     r.failure = Failure("deadlock", "no flow can run: " + "; ".join(
@@ -190,7 +196,7 @@ class Explorer:
                         if problem:
                             r.failure = Failure(problem[0], "end: " + problem[1], r.schedule)
                 return r
-            if step < len(prefix):
+            if step < replayed:
                 choice = prefix[step]
                 if choice not in runnable:
                     r.failure = Failure("replay", f"step {step}: flow {NAMES[choice]} cannot "
@@ -208,7 +214,8 @@ class Explorer:
             if indep is not None:
                 r.asleep.append(asleep)
                 row = indep[choice]
-                asleep = {t for t in asleep.union(i for i in runnable if i < choice)
+                # ``runnable`` is ascending: the flows before ``choice`` in it are below it.
+                asleep = {t for t in asleep.union(runnable[:runnable.index(choice)])
                           if row[t]}
             r.schedule.append(choice)
             step += 1
@@ -217,15 +224,19 @@ class Explorer:
                 r.failure = Failure("livelock", f"{flows[choice].name} ran {MAX_FLOW_STEPS} "
                                     "stretches without ending", list(r.schedule))
                 return r
-            self._step(r, choice)
+            ended = self._step(r, choice)
             if step <= checked:
+                if ended:
+                    r.oracles.flow_ended(choice, r.outcomes[choice])
                 r.oracles.count_step(choice)
             elif r.failure is None:
-                self._check(r, f"after {NAMES[choice]}", choice)
+                self._check(r, f"after {NAMES[choice]}", choice, ended)
             if r.failure is not None:
                 return r
 
-    def _step(self, r: Run, i: int) -> None:
+    def _step(self, r: Run, i: int) -> bool:
+        """Run a stretch of flow ``i``: True when the flow ended (``r.outcomes[i]``), for the
+        oracles to record (``Oracles.flow_ended``)."""
         flow = r.world.flows[i]
         try:
             point = next(flow)
@@ -241,35 +252,40 @@ class Explorer:
         except Exception as e:  # noqa: BLE001 - any other exception is a crash of the model
             r.failure = Failure("crash", f"{flow.name}: {type(e).__name__}: {e}",
                                 list(r.schedule))
-        if i in r.outcomes:
-            r.ended_at[i] = len(r.schedule)
-            r.oracles.flow_ended(i, r.outcomes[i])
-            if self.keep_trace:
-                r.trace.append({"flow": NAMES[i], "name": flow.name, "end": r.outcomes[i]})
+        if i not in r.outcomes:
+            return False
+        r.ended_at[i] = len(r.schedule)
+        if self.keep_trace:
+            r.trace.append({"flow": NAMES[i], "name": flow.name, "end": r.outcomes[i]})
+        return True
 
-    def _check(self, r: Run, when: str, stepped: int | None = None) -> None:
-        """The oracles after a step: a use after free first (the most specific report: a
-        stale TLB entry to a freed frame is also one no leaf backs), the invariants, then
-        the downgrade check."""
+    def _check(self, r: Run, when: str, stepped: int | None = None,
+               ended: bool = False) -> None:
+        """The oracles after a step (``ended``: the step ended flow ``stepped``, whose
+        completed access the downgrade oracle records first): a use after free first (the
+        most specific report: a stale TLB entry to a freed frame is also one no leaf backs),
+        the invariants, then the downgrade check."""
         oracles = r.oracles
         vm = r.world.vm
         # One enumeration of the leaves serves every oracle of this step.
-        leaves = all_leaves(vm)
+        r.leaves = leaves = all_leaves(vm)
+        if ended:
+            oracles.flow_ended(stepped, r.outcomes[stepped], leaves)
         problem = oracles.use_after_free(leaves)
         if problem is None:
             found = check_vm(vm, leaves)
             if found:
                 problem = ("invariant", str(InvariantError(found)))
         if problem is None and stepped is not None:
-            problem = oracles.downgrade(stepped)
+            problem = oracles.downgrade(stepped, leaves)
         if problem is not None:
             r.failure = Failure(problem[0], f"{when}: {problem[1]}", list(r.schedule))
 
     def end_state(self, r: Run):
-        vm = r.world.vm
+        leaves = r.leaves if r.leaves is not None else all_leaves(r.world.vm)
         return (tuple(sorted(r.outcomes.items())),
                 tuple((m.gfn, m.size, m.pfn, m.writable, m.private)
-                      for a in range(vm.nr_address_spaces) for m in vm.mappings(as_id=a)))
+                      for per_as in leaves for m in per_as))
 
 
 def _plain(value):
@@ -540,8 +556,6 @@ def replay(scn: RaceScenario, arch, schedule: str | list, vm_type: str | None = 
 
 
 def choose_vm_type(scn: RaceScenario, arch) -> str:
-    from ..plugins import resolve_backend
-
     info = resolve_backend(arch).arch_info
     want = scn.vm.get("vm_type")
     if want is not None:
@@ -554,14 +568,10 @@ def choose_vm_type(scn: RaceScenario, arch) -> str:
 
 
 def supports(scn: RaceScenario, arch) -> bool:
-    from ..plugins import resolve_backend
-
     info = resolve_backend(arch).arch_info
     required = set(scn.vm.get("requires", ()))
     return any(required <= caps for caps in info.vm_types.values())
 
 
 def _arch_name(arch) -> str:
-    from ..plugins import resolve_backend
-
     return resolve_backend(arch).arch_info.name

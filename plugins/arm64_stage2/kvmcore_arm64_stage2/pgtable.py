@@ -984,8 +984,9 @@ class Stage2PageTable:
     # ------------------------------------------------------------------ introspection
 
     def valid_leaves(self, start: int, end: int) -> list:
-        """(ipa, level, pte) of every valid leaf touching [start, end), ascending."""
-        return list(self.rt.leaves(start, end))
+        """(ipa, level, pte) of every valid leaf touching [start, end), ascending (an
+        enumeration that changes nothing and lets no flow run: ``snapshot``)."""
+        return list(self.rt.leaves(start, end, snapshot=True))
 
     def check(self) -> list[str]:
         """The page-table half of the reference's §10 invariants (1, 2, 3, 6, 16): the

@@ -38,14 +38,15 @@ def check_invariants(backend, vm) -> list[str]:
     init_set = vm.dirty_log_manual_protect_and_init_set()
 
     # 15: root kinds per VM type.
-    mirrors = [r for r in tdp.roots if r.is_mirror]
+    mirrors = False
+    for root in tdp.roots:
+        mirrors = mirrors or root.is_mirror
+        if root.level not in (4, 5):  # 25
+            problems.append(f"root level {root.level} is neither 4 nor 5")
     if tdx is None and mirrors:
         problems.append("a non-TDX VM has mirror roots")
     if tdx is not None and not mirrors:
         problems.append("a TDX VM has no mirror root")
-    for root in tdp.roots:
-        if root.level not in (4, 5):  # 25
-            problems.append(f"root level {root.level} is neither 4 nor 5")
 
     mirror_leaves: dict[int, int] = {}
     for root, level, addr, spte, leaf in check_entries([(r, r.rt) for r in tdp.roots],
@@ -110,14 +111,19 @@ def check_invariants(backend, vm) -> list[str]:
             problems.append(f"S-EPT entries left BLOCKED: {sorted(blocked)[:8]}")
         problems.extend(tdx.removal_order_problems(in_flight))  # 19
 
-    # 12: MIXED flags.
+    # 12: MIXED flags, of the slots with a whole 2M page inside (a larger one lies in such
+    # a slot too).
     if backend.has_private_mem:
         for slot in vm.all_memslots():
             info = slot.arch.get("lpage_info")
-            if info is None:
-                continue
-            problems.extend(_mixed_problems(vm, slot, info))
+            if info is not None and slot.base_gfn + slot.npages - (
+                    (slot.base_gfn + _NR_2M - 1) & ~(_NR_2M - 1)) >= _NR_2M:
+                problems.extend(_mixed_problems(vm, slot, info))
     return problems
+
+
+#: Base pages per 2M page.
+_NR_2M = KVM_PAGES_PER_HPAGE(mmu.HUGE_LEVELS[0])
 
 
 def _slot_leaf_problems(backend, vm, root, slot, level, gfn, spte, pfn, init_set, found):
@@ -149,9 +155,6 @@ def _slot_leaf_problems(backend, vm, root, slot, level, gfn, spte, pfn, init_set
 def _mixed_problems(vm, slot, info) -> list[str]:
     out = []
     base, end = slot.base_gfn, slot.base_gfn + slot.npages
-    nr_2m = KVM_PAGES_PER_HPAGE(mmu.HUGE_LEVELS[0])
-    if end - ((base + nr_2m - 1) & ~(nr_2m - 1)) < nr_2m:
-        return out      # no 2M page lies wholly inside the slot, so no larger one does either
     uniform = vm.range_has_memory_attributes(base, end, ~0, vm.get_memory_attributes(base))
     for level in mmu.HUGE_LEVELS:
         nr = KVM_PAGES_PER_HPAGE(level)
