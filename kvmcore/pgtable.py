@@ -359,19 +359,22 @@ class PageTable:
             return
         empty = self.empty
         is_valid, is_table = fmt.is_valid, fmt.is_table
-        # Frames of (table, pos, base address, next index) of the tables a descent left.
-        stack = [(tables[self.root], 0, 0, start >> shifts[0])]
+        # Frames of (table, pos, base address, next index, the index iterator it was left
+        # in) of the tables a descent left: a table's entries are found once, on entry.
+        stack = [(tables[self.root], 0, 0, start >> shifts[0], None)]
         while stack:
-            table, pos, base, idx = stack.pop()
+            table, pos, base, idx, it = stack.pop()
             while True:
                 shift, level = shifts[pos], level_ids[pos]
                 stop = (end - base + (1 << shift) - 1) >> shift
                 if stop > len(table):
                     stop = len(table)
-                # A few entries are read one by one; more are skipped at C speed.
-                for idx in (range(idx, stop) if stop - idx <= 16 else  # noqa: B020
-                            _present(table, idx, stop, empty) if snapshot else
-                            _nonempty_from(table, idx, stop, empty, *_blank_spans(empty))):
+                if it is None:
+                    # A few entries are read one by one; more are skipped at C speed.
+                    it = iter(range(idx, stop) if stop - idx <= 16 else
+                              _present(table, idx, stop, empty) if snapshot else
+                              _nonempty_from(table, idx, stop, empty, *_blank_spans(empty)))
+                for idx in it:  # noqa: B020
                     pte = table[idx]
                     if pte == empty:
                         continue
@@ -388,10 +391,11 @@ class PageTable:
                 # Descend into the table at ``idx``; its parent waits on the stack if the range
                 # goes on past it.
                 if idx + 1 < stop:
-                    stack.append((table, pos, base, idx + 1))
+                    stack.append((table, pos, base, idx + 1, it))
                 table, pos, base = tables[pte & amask if amask else
                                           fmt.table_address(pte, level)], pos + 1, addr
                 idx = (start - addr) >> shifts[pos] if start > addr else 0
+                it = None
 
     def tables(self) -> Iterator[tuple[int, int]]:
         """Every table reachable from the root, as ``(table_pa, pos)``, root first."""
