@@ -277,6 +277,9 @@ class HostMemory:
             for size in sorted({pmd_size, SZ_2M, SZ_1G}) if size > page_size]
         self._tables = {page_size: self.ptes} | {size: t for size, _s, t in self._huge}
         self.hwpoison_pages: set[int] = set()  # hva >> page_shift of poisoned user pages
+        #: base hva -> size of each hugetlb page whose mapping is a hwpoison entry (the huge
+        #: page is poisoned whole: an access anywhere in it is SIGBUS).
+        self.hwpoison_huge: dict[int, int] = {}
         self._next_hva = MMAP_BASE
         self.notifiers: list = []
         self.gmem_frames: dict[int, tuple[object, int]] = {}
@@ -392,6 +395,17 @@ class HostMemory:
             self._last_vma = vma
             return vma
         return None
+
+    def _forget_hwpoison(self, start: int, end: int) -> None:
+        """munmap drops the hwpoison entries of ``[start, end)`` with the other PTEs: a new
+        mapping there gets fresh pages (a hugetlb page's entry goes with its whole page:
+        munmap of hugetlb is aligned to it)."""
+        shift = self.page_shift
+        if self.hwpoison_pages:
+            self.hwpoison_pages -= {k for k in self.hwpoison_pages
+                                    if start >> shift <= k < end >> shift}
+        for base in [b for b in self.hwpoison_huge if start <= b < end]:
+            del self.hwpoison_huge[base]
 
     def _forget(self, vma: Vma) -> None:
         self.vmas.remove(vma)
@@ -606,7 +620,9 @@ class HostMemory:
         if (write and "w" not in vma.prot) or (not write and "r" not in vma.prot):
             raise SigSegv(f"hva={hva:#x}: {'write' if write else 'read'} not allowed by "
                           f"prot {vma.prot!r}")
-        if hva >> self.page_shift in self.hwpoison_pages:
+        if hva >> self.page_shift in self.hwpoison_pages or (
+                self.hwpoison_huge and vma.kind in _HUGETLB
+                and hva & ~(vma.page_size - 1) in self.hwpoison_huge):
             raise SigBus(f"hva={hva:#x}: hardware-poisoned page")
         e = self._entry(hva)
         if e is not None:
@@ -748,6 +764,7 @@ class HostMemory:
         nstart, nlen = self._notify_range(hva, end)
         yield from self._invalidate_start(nstart, nlen)
         self._zap_ptes(hva, end)
+        self._forget_hwpoison(hva, end)
         for vma in self.vmas_in(hva, end):
             self._forget(vma)
         yield from self._invalidate_end(nstart, nlen)
@@ -921,12 +938,11 @@ class HostMemory:
         no truncation); other pages are unmapped from every mapping (notifiers fire) and a
         later touch gets SIGBUS / -EHWPOISON.
 
-        A huge entry holding the page is split first and its whole range is notified, as
-        Linux's mm does before it unmaps the one page: a THP through try_to_split_thp_page
-        (split_huge_page, whose __split_huge_pmd invalidates the PMD's range), a hugetlb page
-        through try_to_unmap_one, whose range is the huge page. The model then drops that one
-        page and keeps the rest of a hugetlb page mapped by PAGE_SIZE entries, where Linux
-        unmaps the hugetlb page whole."""
+        A THP holding the page is split first (try_to_split_thp_page: split_huge_page, whose
+        __split_huge_pmd invalidates the PMD's whole range) and only the poisoned page goes.
+        A hugetlb page is poisoned whole (try_memory_failure_hugetlb): try_to_unmap_one
+        replaces its mapping by a hwpoison entry, with the huge page's range notified, and
+        a later access anywhere in it is SIGBUS (VM_FAULT_HWPOISON_LARGE)."""
         first = self.page_of(u64("pfn", pfn))
         self.poisoned.add(first)
         owner = self.gmem_frames.get(first)
@@ -942,6 +958,14 @@ class HostMemory:
                 if e[0] < last and first < e[0] + (size >> PAGE_SHIFT):
                     hvas.append((key << shift) + ((first - e[0]) << PAGE_SHIFT))
         for hva in hvas:
+            vma = self.find_vma(hva)
+            if vma is not None and vma.kind in _HUGETLB:
+                base, size = hva & ~(vma.page_size - 1), vma.page_size
+                yield from self._invalidate_start(base, size)
+                self._zap_ptes(base, base + size)
+                self.hwpoison_huge[base] = size
+                yield from self._invalidate_end(base, size)
+                continue
             nstart, nlen = self._notify_range(hva, hva + self.page_size)
             yield from self._invalidate_start(nstart, nlen)
             self._zap_ptes(hva, hva + self.page_size)

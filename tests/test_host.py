@@ -144,6 +144,29 @@ def test_poison_in_a_huge_page_notifies_its_whole_range(host, rec, kind):
                          ("end", hva + 2 * MiB, hva + 4 * MiB)]
     with pytest.raises(SigBus):
         host.read(hva + 2 * MiB + 0x3000, 1)
+    # The rest of a THP stays mapped; a hugetlb page is poisoned whole.
+    if kind == "thp":
+        assert host.read(hva + 2 * MiB, 1) == b"x"
+    else:
+        with pytest.raises(SigBus):
+            host.read(hva + 2 * MiB, 1)
+    assert host.read(hva, 1) == b"\0"
+
+
+def test_munmap_drops_hwpoison_entries():
+    """A hwpoison entry is a PTE: munmap takes it away, and a new mapping at the same
+    address gets a fresh page (a hugetlb page's entry too)."""
+    host = HostMemory()
+    for kind in ("anon", "hugetlb_2m"):
+        hva = host.mmap(2 * MiB, kind=kind)
+        host.write(hva + 0x5000, b"x")
+        host.poison(hva + 0x5000)
+        with pytest.raises(SigBus):
+            host.read(hva + 0x5000, 1)
+        host.munmap(hva, 2 * MiB)
+        assert host.mmap(2 * MiB, kind=kind, addr=hva) == hva
+        assert host.read(hva + 0x5000, 1) == b"\0"
+        host.munmap(hva, 2 * MiB)
 
 
 def test_dontneed_never_splits_a_hugetlb_page(host, rec):

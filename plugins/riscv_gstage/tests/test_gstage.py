@@ -176,7 +176,12 @@ def test_hwpoison_in_a_hugetlb_vma_signals_the_vma_page_shift(vm, host):
     hva = host.mmap(SZ_2M, kind="hugetlb_2m")
     vm.set_user_memory_region(0, GPA, SZ_2M, hva)
     host.poison(hva + 0x3000)
+    vcpu = vm.create_vcpu(0)
     with pytest.raises(HwPoisonSignal) as info:
-        vm.create_vcpu(0).read(GPA + 0x3000, 8)
+        vcpu.read(GPA + 0x3000, 8)
     assert info.value.lsb == 21
     assert info.value.hva == hva + 0x3000
+    # The hugetlb page is poisoned whole: any other page of it too.
+    with pytest.raises(HwPoisonSignal) as info:
+        vcpu.read(GPA + 0x100000, 8)
+    assert (info.value.hva, info.value.lsb) == (hva + 0x100000, 21)
