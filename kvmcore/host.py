@@ -544,10 +544,7 @@ class HostMemory:
             self._record_freed(start, end)
         self.ptes.clear_range(lo, hi)
         for size, hshift, table in self._huge:
-            hlo, hhi = start >> hshift, (end - 1) >> hshift
-            keys = range(hlo, hhi + 1) if hhi - hlo < 4096 else [
-                k for k in table if hlo <= k <= hhi]
-            for key in keys:
+            for key in _huge_keys(table, hshift, start, end):
                 e = table.pop(key, None)
                 if e is None:
                     continue
@@ -1013,10 +1010,8 @@ class HostMemory:
         units = [(key << shift, self.page_size, word(key) >> PAGE_SHIFT)
                  for key in self.ptes.keys_in(start >> shift, ((end - 1) >> shift) + 1)]
         for size, hshift, table in self._huge:
-            lo, hi = start >> hshift, (end - 1) >> hshift
-            keys = range(lo, hi + 1) if hi - lo < 4096 else sorted(
-                k for k in table if lo <= k <= hi)
-            units += [(key << hshift, size, e[0]) for key in keys
+            units += [(key << hshift, size, e[0])
+                      for key in _huge_keys(table, hshift, start, end)
                       if (e := table.get(key)) is not None]
         units.sort()
         return units
@@ -1073,6 +1068,16 @@ class HostMemory:
             for n in list(self.notifiers):
                 young |= yield from _flow(n.test_young(addr, addr + self.page_size))
         return young
+
+
+def _huge_keys(table: dict, hshift: int, start: int, end: int):
+    """The keys a huge-entry ``table`` (hva >> ``hshift`` -> entry) may hold for entries
+    touching ``[start, end)``: the range's keys when they are few, else the table's own keys
+    in it (a range far bigger than what is mapped costs what is mapped)."""
+    lo, hi = start >> hshift, (end - 1) >> hshift
+    if hi - lo < 4096:
+        return range(lo, hi + 1)
+    return sorted(k for k in table if lo <= k <= hi)
 
 
 def _flow(result):

@@ -315,28 +315,15 @@ def _binder(pm: pluggy.PluginManager, name: str, backend):
 
 def _resolved(backend, function, method: str | None, argnames: tuple, fewer: bool):
     """A hook implementation ready to call with the hook's keyword arguments: a class
-    forwarder's backend method (``method``) -- the backend's own, or without ``backend`` the
-    method of the backend of the VM each call is for -- or ``function``; given only its
-    ``argnames`` when it takes ``fewer`` than the spec."""
+    forwarder's backend method (``method``), the backend's own; without ``backend`` the
+    forwarder itself (it calls the method of the backend of the VM each call is for), given
+    its ``argnames`` as pluggy gives them; or ``function``, given only its ``argnames`` when
+    it takes ``fewer`` than the spec."""
     if method is not None:
         if backend is None:
-            return _vm_backends(method, argnames if fewer else None)
+            return _only(function, argnames)
         function = getattr(backend, method)
     return _only(function, argnames) if fewer else function
-
-
-def _vm_backends(method: str, argnames: tuple | None):
-    """What a class forwarder does, called with keyword arguments: ``vm.backend``'s method
-    ``method``, given only ``argnames`` when it takes fewer than the spec."""
-    if argnames is None:
-        def call(**kwargs):
-            return getattr(kwargs["vm"].backend, method)(**kwargs)
-    else:
-        def call(**kwargs):
-            return getattr(kwargs["vm"].backend, method)(*[kwargs[n] for n in argnames])
-
-    call.__name__ = method
-    return call
 
 
 def _is_backend(impl, backend) -> bool:
