@@ -47,8 +47,10 @@ class EntryFormat(Protocol):
     when an entry above the last level links a table exactly if ``pte & mask == value``:
     ``lookup``, the walker and ``iter_present`` then test that inline instead of calling
     ``is_valid`` and ``is_table`` (still called for the entries that do not link a table); a
-    third element, ``addr_mask``, says the table's address is ``pte & addr_mask`` (no
-    ``table_address`` call either)."""
+    third element says where the table is without a ``table_address`` call: an int
+    ``addr_mask`` (the table is at ``pte & addr_mask``) or a mapping from the entry to the
+    table's address (a cache, for entries whose address is not a mask of their bits: Power's
+    big-endian directory entries)."""
 
     def is_valid(self, pte: int, level: int) -> bool: ...
 
@@ -185,9 +187,13 @@ class PageTable:
         self.root = store.alloc(geometry.entries(0))
         #: What ``lookup`` reads per level, computed once: shifts, index masks, level ids, the
         #: last position, the format's ``table_bits``.
+        tmask, tvalue, where = (*getattr(fmt, "table_bits", (None, None)), None)[:3]
+        #: The table an entry links is at ``pte & amask``, else ``addr_of[pte]``.
+        amask = where if isinstance(where, int) else None
+        addr_of = None if where is None or isinstance(where, int) else where
         self._per_level = (geometry.shifts, tuple((1 << b) - 1 for b in geometry.bits),
                            geometry.level_ids, geometry.nlevels - 1,
-                           (*getattr(fmt, "table_bits", (None, None)), None)[:3])
+                           (tmask, tvalue, amask, addr_of))
         self._last_pos = geometry.nlevels - 1
         self._ia_end = 1 << geometry.ia_bits
 
@@ -236,7 +242,7 @@ class PageTable:
             last = len(table)
         empty = self.empty
         # A format's table_bits test a table link inline (no is_valid / is_table calls).
-        tmask, tvalue, amask = self._per_level[4]
+        tmask, tvalue, amask, addr_of = self._per_level[4]
         indices = range(first, last)
         if not visit_invalid and last - first > 16:
             # Find the entries that are not empty at C speed: a walk costs what is mapped.
@@ -267,7 +273,8 @@ class PageTable:
             if not is_table:
                 continue
             r = yield from self._walk_table(
-                ctx, pte & amask if amask else fmt.table_address(pte, level), pos + 1, addr,
+                ctx, pte & amask if amask else addr_of[pte] if addr_of is not None else
+                fmt.table_address(pte, level), pos + 1, addr,
                 visitor, flags, visit_invalid, stop)
             if r:
                 return r
@@ -299,7 +306,7 @@ class PageTable:
         a leaf, or the invalid entry where the walk stopped. The hot path of ``translate``."""
         fmt, tables = self.fmt, self.store.tables
         table = tables[self.root]
-        shifts, masks, levels, last, (tmask, tvalue, amask) = self._per_level
+        shifts, masks, levels, last, (tmask, tvalue, amask, addr_of) = self._per_level
         pos = 0
         while True:
             idx = (addr >> shifts[pos]) & masks[pos]
@@ -313,8 +320,12 @@ class PageTable:
                 table = tables[fmt.table_address(pte, level)]
             elif pte & tmask != tvalue:
                 return pos, table, idx, pte
+            elif amask:
+                table = tables[pte & amask]
+            elif addr_of is not None:
+                table = tables[addr_of[pte]]
             else:
-                table = tables[pte & amask if amask else fmt.table_address(pte, levels[pos])]
+                table = tables[fmt.table_address(pte, levels[pos])]
             pos += 1
 
     def path(self, addr: int) -> list[tuple[int, int, int]]:
@@ -352,7 +363,7 @@ class PageTable:
         entries are found when the iteration enters it, by the walker's scan, which a table
         unchanged since its last scan does not repeat."""
         fmt, tables = self.fmt, self.store.tables
-        shifts, _masks, level_ids, last_pos, (tmask, tvalue, amask) = self._per_level
+        shifts, _masks, level_ids, last_pos, (tmask, tvalue, amask, addr_of) = self._per_level
         if end > self._ia_end:
             end = self._ia_end
         if start >= end:
@@ -392,7 +403,8 @@ class PageTable:
                 # goes on past it.
                 if idx + 1 < stop:
                     stack.append((table, pos, base, idx + 1, it))
-                table, pos, base = tables[pte & amask if amask else
+                table, pos, base = tables[pte & amask if amask else addr_of[pte]
+                                          if addr_of is not None else
                                           fmt.table_address(pte, level)], pos + 1, addr
                 idx = (start - addr) >> shifts[pos] if start > addr else 0
                 it = None

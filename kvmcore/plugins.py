@@ -309,7 +309,7 @@ def _binder(pm: pluggy.PluginManager, name: str, backend):
         wrapper = next(i for i in impls if i is not plain[0])
         if wrapper.wrapper and _is_backend(wrapper, backend):
             return lambda backend: caller if backend is None else _wrapped_call(
-                _function(wrapper, backend), _function(plain[0], backend))
+                _function(wrapper, backend), _function(plain[0], backend), spec.argnames)
     return lambda backend: caller
 
 
@@ -347,35 +347,42 @@ def _only(function, argnames: tuple):
     return call
 
 
-def _wrapped_call(wrapper, inner):
+def _wrapped_call(wrapper, inner, argnames: tuple):
     """pluggy's ``_multicall`` for one new-style wrapper around one implementation of a
     firstresult hook, without its general loop: the wrapper runs to its ``yield``, then the
     implementation; the wrapper gets the result (or has the exception thrown in) and what it
-    returns (or raises) is the hook's."""
-
-    def call(**kwargs):
-        teardown = wrapper(**kwargs)
-        try:
-            next(teardown)
-        except StopIteration:
-            raise RuntimeError(f"wrap_controller {wrapper!r} did not yield") from None
-        try:
-            result = inner(**kwargs)
-        except BaseException as exc:
-            try:
-                teardown.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                teardown.send(result)
-            except StopIteration as stop:
-                return stop.value
-        teardown.close()
-        raise RuntimeError(f"wrap_controller {wrapper!r} has second yield")
-
+    returns (or raises) is the hook's. The call takes the hook's ``argnames`` as parameters
+    of its own (generated, as attrs generates an ``__init__``), so the keyword call of a hot
+    hook builds no dictionary of them."""
+    params = ", ".join(argnames)
+    namespace = {"_relay": _relay, "wrapper": wrapper, "inner": inner}
+    exec(f"def call({params}):\n    return _relay(wrapper({params}), inner, {params})\n",
+         namespace)
+    call = namespace["call"]
     call.__name__ = getattr(wrapper, "__name__", "wrapped")
     return call
+
+
+def _relay(teardown, inner, *args):
+    """The wrapper protocol of ``_wrapped_call``: ``teardown`` is the wrapper's generator."""
+    try:
+        next(teardown)
+    except StopIteration:
+        raise RuntimeError(f"wrap_controller {teardown!r} did not yield") from None
+    try:
+        result = inner(*args)
+    except BaseException as exc:
+        try:
+            teardown.throw(exc)
+        except StopIteration as stop:
+            return stop.value
+    else:
+        try:
+            teardown.send(result)
+        except StopIteration as stop:
+            return stop.value
+    teardown.close()
+    raise RuntimeError(f"wrap_controller {teardown!r} has second yield")
 
 
 def _first_result(functions: list):

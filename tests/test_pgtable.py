@@ -219,9 +219,25 @@ def test_iter_present_reads_each_entry_when_it_gets_there():
     assert rest == [(1, 400 << 12), (0, 5 << 21)]
 
 
+class _AddressOf(dict):
+    """Entry -> the table it links, filled on first use (as Power's stored NLBs)."""
+
+    def __missing__(self, pte):
+        addr = self[pte] = pte & ADDR
+        return addr
+
+
+class DeclaredWithMapping(Toy):
+    """``table_bits`` whose third element maps an entry to its table."""
+
+    def __init__(self):
+        self.table_bits = (3, 3, _AddressOf())
+
+
 def test_lookup_with_declared_table_bits_matches_the_format_tests():
-    """A format that declares ``table_bits = (mask, value[, addr_mask])`` gets the same
-    lookups as one whose ``is_valid`` / ``is_table`` / ``table_address`` are called."""
+    """A format that declares ``table_bits = (mask, value[, addr_mask or a mapping])`` gets
+    the same lookups as one whose ``is_valid`` / ``is_table`` / ``table_address`` are
+    called."""
     import random
 
     class Declared(Toy):
@@ -233,7 +249,8 @@ def test_lookup_with_declared_table_bits_matches_the_format_tests():
     rng = random.Random(5)
     for _ in range(50):
         store, pt = _random_tree(rng)
-        fast = [PageTable(store, GEO, fmt) for fmt in (Declared(), DeclaredWithAddress())]
+        fast = [PageTable(store, GEO, fmt) for fmt in (Declared(), DeclaredWithAddress(),
+                                                       DeclaredWithMapping())]
         for view in fast:
             view.root = pt.root                 # the same tree, read through another format
         for _ in range(20):
@@ -270,7 +287,8 @@ def test_walk_and_iter_present_with_declared_table_bits_match_the_format_tests()
             for idx in rng.sample(range(512), 8):
                 if not table[idx]:              # invalid entries, one with the table bit
                     table[idx] = rng.choice([1 << 12, (idx << 12) | 2])
-        views = [PageTable(store, GEO, fmt) for fmt in (Declared(), DeclaredWithAddress())]
+        views = [PageTable(store, GEO, fmt) for fmt in (Declared(), DeclaredWithAddress(),
+                                                        DeclaredWithMapping())]
         for view in views:
             view.root = pt.root
         for _ in range(10):

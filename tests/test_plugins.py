@@ -162,7 +162,7 @@ def test_a_backend_wrapper_over_the_default_is_called_as_pluggy_calls_it():
             raise IndexError(x)
         return x * 10
 
-    call = _wrapped_call(wrapper, inner)
+    call = _wrapped_call(wrapper, inner, ("x",))
     assert call(x=2) == 21
     with pytest.raises(ValueError, match="replaced"):
         call(x=-1)
@@ -174,7 +174,7 @@ def test_a_backend_wrapper_over_the_default_is_called_as_pluggy_calls_it():
         yield
 
     with pytest.raises(RuntimeError, match="second yield"):
-        _wrapped_call(twice, inner)(x=1)
+        _wrapped_call(twice, inner, ("x",))(x=1)
 
     class Tracer:
         @hookimpl(wrapper=True)

@@ -125,6 +125,8 @@ class PpcRadixBackend:
         self.unaligned_dirty_quirk = opts["unaligned_dirty_quirk"]
         # kvmppc_init_vm_radix: pgd_alloc; tables are aligned to their size (the NLB rule).
         self.table = RadixTable(self.fmt, TableStore(min_align=256))
+        #: Stored directory entry -> the table it links (kvmppc_create_pte follows them).
+        self.nlb_of = self.fmt.stored().nlb_of
         # The hardware walk of translate, bound once: every TLB miss runs it.
         self._lookup = self.table.pt.lookup
         self._shifts, self._levels = self.fmt.geometry.shifts, self.fmt.geometry.level_ids

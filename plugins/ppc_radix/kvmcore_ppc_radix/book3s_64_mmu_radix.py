@@ -29,9 +29,10 @@ from contextlib import contextmanager
 import structlog
 from kvmcore.pgtable import LEAF, STOP
 
-from .pte import (_PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_EXEC, _PAGE_PRESENT, _PAGE_PTE, _PAGE_WRITE,
-                  PTE_BITS_MUST_MATCH, be64_to_cpu, dir_nlb, load_be64, pte_dirty, pte_present,
-                  pte_write, pte_young, store_be64)
+from .pte import (_PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_EXEC, _PAGE_PTE, _PAGE_WRITE,
+                  _RAW_PRESENT, _RAW_PRESENT_OR_INVALID, _RAW_PTE, PTE_BITS_MUST_MATCH,
+                  be64_to_cpu, dir_nlb, load_be64, pte_dirty, pte_present, pte_write, pte_young,
+                  store_be64)
 from .radix import LEVEL_PGD, LEVEL_PMD, LEVEL_PTE, LEVEL_PUD, PMD_SHIFT, PUD_SHIFT
 
 logger = structlog.get_logger(__name__)
@@ -224,11 +225,17 @@ def kvmppc_unmap_free_entry_table(be, vm, table, idx, pos: int, gpa: int) -> Non
 
 def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> int:
     """Install ``pte`` (CPU order) for ``gpa`` at KVM level ``level`` (kvmppc_create_pte).
-    Returns 0, -EAGAIN (mmu_seq changed: nothing installed) or -ENOMEM."""
+    Returns 0, -EAGAIN (mmu_seq changed: nothing installed) or -ENOMEM.
+
+    Entries are read as stored and tested with the stored form of their bits, as Linux's
+    p4d_present, pud_leaf and pte_present test ``pte_raw`` against cpu_to_be64 constants; a
+    directory entry's table is ``nlb_of[raw]`` (pud_pgtable, pmd_page_vaddr), and only the
+    value of a leaf that is merged into is converted."""
     fmt = be.fmt
     g = fmt.geometry
     store = be.table.store
     tables = store.tables
+    nlb_of = be.nlb_of
     root = tables[be.table.pt.root]
     # The table indexes of gpa, root first (pgd_index, pud_index, pmd_index, pte_index).
     shifts, masks = g.shifts, fmt.index_masks
@@ -239,17 +246,17 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
 
     # Step A: pre-allocate from a lockless look at the tree.
     new_pud = new_pmd = new_ptep = None
-    pgd = _get(root, pgd_idx)
-    pud_table = tables[dir_nlb(pgd)] if pgd & _PAGE_PRESENT else None
+    pgd = root[pgd_idx]
+    pud_table = tables[nlb_of[pgd]] if pgd & _RAW_PRESENT else None
     if pud_table is None:
         new_pud = store.alloc(g.entries(1))
-    pud = _get(pud_table, pud_idx) if pud_table is not None else 0
-    if level <= LEVEL_PMD and (not pud & _PAGE_PRESENT or pud & _PAGE_PTE):
+    pud = pud_table[pud_idx] if pud_table is not None else 0
+    if level <= LEVEL_PMD and (not pud & _RAW_PRESENT or pud & _RAW_PTE):
         new_pmd = store.alloc(g.entries(2))
     pmd = 0
-    if pud & _PAGE_PRESENT and not pud & _PAGE_PTE:
-        pmd = _get(tables[dir_nlb(pud)], pmd_idx)
-    if level == LEVEL_PTE and not (pmd & _PAGE_PRESENT and not pmd & _PAGE_PTE):
+    if pud & _RAW_PRESENT and not pud & _RAW_PTE:
+        pmd = tables[nlb_of[pud]][pmd_idx]
+    if level == LEVEL_PTE and not (pmd & _RAW_PRESENT and not pmd & _RAW_PTE):
         new_ptep = store.alloc(g.entries(3))
 
     def cleanup(ret):
@@ -265,13 +272,13 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
         vm.stats["ppc_create_pte_eagain"] += 1
         return cleanup(-errno.EAGAIN)
 
-    # Step C: PGD.
-    if not pgd:
+    # Step C: PGD, read again under the lock.
+    if not root[pgd_idx]:
         if new_pud is None:
             return cleanup(-errno.ENOMEM)
         _set(root, pgd_idx, fmt.make_table(new_pud, LEVEL_PGD))
         new_pud = None
-    pud_table = tables[dir_nlb(_get(root, pgd_idx))]
+    pud_table = tables[nlb_of[root[pgd_idx]]]
 
     # Step D: PUD entry.
     ret = _install_at(be, vm, pud_table, pud_idx, 1, LEVEL_PUD, pte, gpa, level,
@@ -279,12 +286,12 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
     if ret is not None:
         return cleanup(ret)
     # Step E: populate PUD.
-    if not _get(pud_table, pud_idx):
+    if not pud_table[pud_idx]:
         if new_pmd is None:
             return cleanup(-errno.ENOMEM)
         _set(pud_table, pud_idx, fmt.make_table(new_pmd, LEVEL_PUD))
         new_pmd = None
-    pmd_table = tables[dir_nlb(_get(pud_table, pud_idx))]
+    pmd_table = tables[nlb_of[pud_table[pud_idx]]]
 
     # Step F: PMD entry.
     ret = _install_at(be, vm, pmd_table, pmd_idx, 2, LEVEL_PMD, pte, gpa, level,
@@ -292,17 +299,17 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
     if ret is not None:
         return cleanup(ret)
     # Step G: populate PMD.
-    if not _get(pmd_table, pmd_idx):
+    if not pmd_table[pmd_idx]:
         if new_ptep is None:
             return cleanup(-errno.ENOMEM)
         _set(pmd_table, pmd_idx, fmt.make_table(new_ptep, LEVEL_PMD))
         new_ptep = None
-    pte_table = tables[dir_nlb(_get(pmd_table, pmd_idx))]
+    pte_table = tables[nlb_of[pmd_table[pmd_idx]]]
 
     # Step H: base-page entry.
-    old = _get(pte_table, pte_idx)
-    if pte_present(old):
-        _merge_extra_bits(be, vm, pte_table, pte_idx, old, pte, gpa)
+    old = pte_table[pte_idx]
+    if old & _RAW_PTE and old & _RAW_PRESENT_OR_INVALID:        # pte_present
+        _merge_extra_bits(be, vm, pte_table, pte_idx, be64_to_cpu(old), pte, gpa)
         return cleanup(0)
     _set(pte_table, pte_idx, pte)
     vm.stats["ppc_set_pte"] += 1
@@ -313,15 +320,15 @@ def _install_at(be, vm, table, idx, pos: int, here: int, pte: int, gpa: int, lev
                 have_table: bool):
     """Steps D and F: the entry at KVM level ``here`` (PUD or PMD). Returns a result when the
     install is finished here, None to go on down."""
-    cur = _get(table, idx)
-    shift = be.fmt.geometry.shifts[pos]
-    if cur & _PAGE_PTE and pte_present(cur):
+    cur = table[idx]
+    if cur & _RAW_PTE and cur & _RAW_PRESENT_OR_INVALID:       # a present leaf
         if level == here:
-            _merge_extra_bits(be, vm, table, idx, cur, pte, gpa)
+            _merge_extra_bits(be, vm, table, idx, be64_to_cpu(cur), pte, gpa)
             return 0
         # A smaller mapping under an existing huge leaf: the leaf goes first.
         if not have_table:
             return -errno.EAGAIN
+        shift = be.fmt.geometry.shifts[pos]
         kvmppc_unmap_pte(be, vm, table, idx, gpa & ~((1 << shift) - 1), shift, None)
         cur = 0
     if level == here:

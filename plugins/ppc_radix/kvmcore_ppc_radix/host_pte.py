@@ -14,9 +14,8 @@ protection and attribute bits are rebuilt from them:
   writable (the model's host has no clean writable PTEs: GUP-for-write or the write fault
   dirtied it) | EXEC if the VMA is executable;
 - ATT: 0 for cacheable memory, 0x20 (``pgprot_noncached``, what vfio-pci and most drivers'
-  remap_pfn_range use) for a VM_IO|VM_PFNMAP range, 0x30 when the VMA says write-combining
-  (``pgprot_writecombine``), read from a ``cache`` attribute of the VMA, which the core's
-  Vma does not have yet (so never, today);
+  remap_pfn_range use) for a VM_IO|VM_PFNMAP range. The core's Vma carries no cache mode, so
+  a write-combining mapping (``pgprot_writecombine``, 0x30) is not modelled;
 - _PAGE_SPECIAL for pfnmap ranges (remap_pfn_range installs special PTEs).
 """
 
@@ -32,16 +31,7 @@ from .pte import (
     _PAGE_WRITE,
     pfn_pte,
     pgprot_noncached,
-    pgprot_writecombine,
 )
-
-
-def _vma_attr(vma, *names, default=None):
-    for name in names:
-        value = getattr(vma, name, None)
-        if value is not None:
-            return value
-    return default
 
 
 def host_pgprot(vma, writable: bool) -> int:
@@ -51,17 +41,10 @@ def host_pgprot(vma, writable: bool) -> int:
         prot |= _PAGE_WRITE | _PAGE_DIRTY
     if vma is None:
         return prot
-    vprot = _vma_attr(vma, "prot", default="")
-    if isinstance(vprot, str) and "x" in vprot:
+    if "x" in vma.prot:
         prot |= _PAGE_EXEC
-    pfnmap = bool(getattr(vma, "io_pfnmap", False))
-    cache = _vma_attr(vma, "cache", "cache_mode", "pgprot_cache", default=None)
-    if cache in ("wc", "writecombine", "tolerant"):
-        prot = pgprot_writecombine(prot)
-    elif cache in ("uc", "noncached", "guarded") or (cache is None and pfnmap):
-        prot = pgprot_noncached(prot)
-    if pfnmap:
-        prot |= _PAGE_SPECIAL
+    if vma.io_pfnmap:
+        prot = pgprot_noncached(prot) | _PAGE_SPECIAL
     return prot
 
 

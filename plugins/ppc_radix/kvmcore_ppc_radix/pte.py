@@ -60,6 +60,13 @@ def pte_rpn_mask(page_shift: int) -> int:
     return ((1 << _PAGE_PA_MAX) - 1) & ~((1 << page_shift) - 1)
 
 
+#: The bits above as they sit in a stored (big-endian) entry: a bit test commutes with the byte
+#: swap, so a stored entry is tested without converting it, as Linux's pte_present, pud_leaf
+#: and pmd_present do (``pte_raw(pte) & cpu_to_be64(_PAGE_PRESENT)``).
+_RAW_PRESENT = cpu_to_be64(_PAGE_PRESENT)
+_RAW_PTE = cpu_to_be64(_PAGE_PTE)
+_RAW_PRESENT_OR_INVALID = cpu_to_be64(_PAGE_PRESENT | _PAGE_INVALID)
+
 # --------------------------------------------------------------------------- directory bits
 
 RPDB_MASK = 0x0FFFFFFFFFFFFF00          # NLB: next-level base

@@ -13,7 +13,8 @@ from kvmcore.pgtable import Geometry
 from kvmcore.radix import PERM_R, PERM_W, RadixFormat
 
 from .pte import (_PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_EXEC, _PAGE_PRESENT, _PAGE_PTE, _PAGE_READ,
-                  _PAGE_WRITE, cpu_to_be64, dir_entry, dir_nlb, pfn_pte, pte_rpn_mask)
+                  _PAGE_WRITE, _RAW_PRESENT, _RAW_PTE, cpu_to_be64, dir_entry, dir_nlb, pfn_pte,
+                  pte_rpn_mask)
 
 RADIX_PGTABLE_EADDR_SIZE = 52
 RADIX_PGD_INDEX_SIZE = 13
@@ -31,12 +32,6 @@ LEVEL_PTE, LEVEL_PMD, LEVEL_PUD, LEVEL_PGD = 0, 1, 2, 3
 #: (radix__get_tree_size).
 RTS_FIELD = (0x2 << 61) | (0x5 << 5)
 PATB_HR = 1 << 63
-
-#: V and L as they sit in a stored (big-endian) entry: a bit test commutes with the byte
-#: swap, so a stored entry is tested without converting it, as Linux's pte_present does
-#: (``pte_raw(pte) & cpu_to_be64(_PAGE_PRESENT)``).
-_RAW_PRESENT = cpu_to_be64(_PAGE_PRESENT)
-_RAW_PTE = cpu_to_be64(_PAGE_PTE)
 
 
 class PpcRadixFormat(RadixFormat):
@@ -106,13 +101,15 @@ class _StoredRadix:
     """The walker's tests on stored entries: V and L tested in place; the NLB of a directory
     entry read once per distinct entry (there are as many as tables), not swapped per walk."""
 
-    __slots__ = ("_nlb",)
+    __slots__ = ("nlb_of", "table_bits")
     empty = 0
-    #: A directory entry: V without L (PageTable.lookup tests it inline).
-    table_bits = (_RAW_PRESENT | _RAW_PTE, _RAW_PRESENT)
 
     def __init__(self):
-        self._nlb = _NlbOf()
+        #: Stored directory entry -> the table it links (pud_pgtable, pmd_page_vaddr).
+        self.nlb_of = _NlbOf()
+        #: A directory entry is V without L, its table ``nlb_of[raw]`` (PageTable.lookup
+        #: tests and follows it inline).
+        self.table_bits = (_RAW_PRESENT | _RAW_PTE, _RAW_PRESENT, self.nlb_of)
 
     def is_valid(self, raw: int, level: int) -> int:
         return raw & _RAW_PRESENT
@@ -121,7 +118,7 @@ class _StoredRadix:
         return not raw & _RAW_PTE
 
     def table_address(self, raw: int, level: int) -> int:
-        return self._nlb[raw]
+        return self.nlb_of[raw]
 
 
 class _NlbOf(dict):
