@@ -196,6 +196,9 @@ class PageTable:
                            (tmask, tvalue, amask, addr_of))
         self._last_pos = geometry.nlevels - 1
         self._ia_end = 1 << geometry.ia_bits
+        #: What ``_walk_table`` reads at every level, in one tuple.
+        self._walk_consts = (fmt, store.tables, geometry.shifts, geometry.level_ids,
+                             self._last_pos, self.empty, tmask, tvalue, amask, addr_of)
 
     # ------------------------------------------------------------------ walking
 
@@ -229,20 +232,19 @@ class PageTable:
 
     def _walk_table(self, ctx: WalkContext, table_pa: int, pos: int, base: int,
                     visitor: Visitor, flags: int, visit_invalid: bool, stop):
-        g, fmt = self.geometry, self.fmt
-        table = self.store.tables[table_pa]
-        shift = g.shifts[pos]
+        # A format's table_bits test a table link inline (no is_valid / is_table calls).
+        fmt, tables, shifts, level_ids, last_pos, empty, tmask, tvalue, amask, addr_of = \
+            self._walk_consts
+        table = tables[table_pa]
+        shift = shifts[pos]
         size = 1 << shift
-        level = g.level_ids[pos]
-        last_pos = pos == self._last_pos
+        level = level_ids[pos]
+        last_pos = pos == last_pos
         start, end = ctx.start, ctx.end
         first = (start - base) >> shift if start > base else 0
         last = (end - base + size - 1) >> shift
         if last > len(table):
             last = len(table)
-        empty = self.empty
-        # A format's table_bits test a table link inline (no is_valid / is_table calls).
-        tmask, tvalue, amask, addr_of = self._per_level[4]
         indices = range(first, last)
         if not visit_invalid and last - first > 16:
             # Find the entries that are not empty at C speed: a walk costs what is mapped.

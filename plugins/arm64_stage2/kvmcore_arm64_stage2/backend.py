@@ -283,6 +283,8 @@ class Arm64Stage2Backend:
 
     def mark_base_page_dirty(self, vm, slot, gfn: int) -> None:
         """mark_page_dirty_in_slot for every 4 KiB gfn of the base page holding ``gfn``."""
+        if not slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            return          # its kvm_slot_dirty_track_enabled test, once for the base page
         n = self._gfns_per_page
         first = gfn & ~(n - 1)
         base = slot.base_gfn
