@@ -102,15 +102,13 @@ class Flow:
         """Drive the flow to its end and return its result (the plain call)."""
         if self.done:
             return self.result
-        try:
-            self._drive(False)
-        except StopIteration as stop:
-            return stop.value
+        return self._drive(False)
 
     def _drive(self, once: bool):
-        """Run stretches (one, or until the end) as the current thread. A wait that cannot be
-        met raises WouldBlock before the stretch and leaves the flow paused; anything the
-        generator raises ends the flow."""
+        """Run stretches (one, or until the end) as the current thread: the point the stretch
+        stopped at (``once``), else the flow's result; a flow that ends under ``once`` raises
+        StopIteration with it. A wait that cannot be met raises WouldBlock before the stretch
+        and leaves the flow paused; anything the generator raises ends the flow."""
         global _current
         send = self.gen.send
         self.stepping = once
@@ -125,7 +123,9 @@ class Flow:
                     point = send(None)
                 except StopIteration as stop:
                     self.done, self.result, self.point = True, stop.value, None
-                    raise
+                    if once:
+                        raise
+                    return stop.value
                 except BaseException as exc:
                     self.done, self.error, self.point = True, exc, None
                     raise
@@ -352,15 +352,17 @@ class RwLock:
         return False
 
     def _take(self, mode: str) -> None:
+        # available(), inline: every lock taken on the fault path comes here.
         flow = _current
         ref = weakref.ref(flow)
-        if self._writer == ref or ref in self._readers:
+        writer, readers = self._writer, self._readers
+        if writer == ref or ref in readers:
             raise RuntimeError(f"{self.name} taken by {flow.name} while it holds it")
-        if not self.available(mode, flow):
+        if writer is not None or (readers and (mode == WRITE or self.exclusive)):
             raise WouldBlock(f"{flow.name}: needs {self.name}({mode}), held by "
                              f"{', '.join(f.name for f in self.holders() if f)}")
         if mode == READ and not self.exclusive:
-            self._readers.append(ref)
+            readers.append(ref)
         else:
             self._writer = ref
         flow.held.append((self, mode))
@@ -377,8 +379,10 @@ class RwLock:
             self._writer = None
         else:
             raise RuntimeError(f"{self.name} unlocked by {flow.name}, not its holder")
-        if (self, mode) in flow.held:
+        try:
             flow.held.remove((self, mode))
+        except ValueError:
+            pass                # a dead flow's hold (_drop_dead), or one taken by another
 
     @property
     def held(self) -> bool:

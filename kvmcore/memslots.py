@@ -162,6 +162,8 @@ class MemslotSet:
         self._uaddrs: list[int] = []
         self._by_hva: list[Memslot] = []
         self._lengths = SortedList()
+        #: The longest slot's length in bytes (``_lengths[-1]``, read by every hva walk).
+        self._longest = 0
         self.last_used_slot: Memslot | None = None
 
     def __len__(self) -> int:
@@ -180,6 +182,7 @@ class MemslotSet:
         self._uaddrs.insert(j, slot.userspace_addr)
         self._by_hva.insert(j, slot)
         self._lengths.add(slot.npages << PAGE_SHIFT)
+        self._longest = self._lengths[-1]
 
     def remove(self, slot: Memslot) -> None:
         del self.by_id[slot.id]
@@ -192,6 +195,7 @@ class MemslotSet:
             j += 1
         del self._uaddrs[j], self._by_hva[j]
         self._lengths.remove(slot.npages << PAGE_SHIFT)
+        self._longest = self._lengths[-1] if self._lengths else 0
         if self.last_used_slot is slot:
             self.last_used_slot = None
 
@@ -230,9 +234,9 @@ class MemslotSet:
 
     def in_hva_range(self, start: int, end: int) -> list[Memslot]:
         """Every slot whose hva interval intersects ``[start, end)``, ascending by hva."""
-        if not self._lengths:
+        longest = self._longest
+        if not longest:
             return []
-        longest = self._lengths[-1]
         slots = self._by_hva
         idx = bisect_left(self._uaddrs, end) - 1
         found = []
