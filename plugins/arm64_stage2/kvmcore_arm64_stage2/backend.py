@@ -41,7 +41,6 @@ Model notes:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 
 import kvmcore
@@ -153,6 +152,8 @@ class Arm64Stage2Backend:
         self._start_level = self.geom.start_level
         #: 4 KiB gfns per base page (mark_base_page_dirty).
         self._gfns_per_page = self.geom.granule >> 12
+        #: stage2_apply_range's chunk (stage2_range_addr_end).
+        self._apply_chunk = self.geom.size(self.geom.min_block_level)
 
     # Hook objects must stay hashable: identity hash/eq.
     __hash__ = object.__hash__
@@ -192,19 +193,9 @@ class Arm64Stage2Backend:
         for start, end in ranges:
             vm.flush_remote_tlbs_range(start, end - start)
 
-    @contextlib.contextmanager
-    def tlb_batch(self):
+    def tlb_batch(self) -> "_TlbBatch":
         """Merge the vCPU-TLB flushes of the TLBIs issued inside (see _on_tlbi)."""
-        if self._tlb_batch is not None:
-            yield
-            return
-        self._tlb_batch = []
-        try:
-            yield
-        finally:
-            recs, self._tlb_batch = self._tlb_batch, None
-            if recs:
-                self._flush_vcpu_tlbs(recs)
+        return _TlbBatch(self)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -299,8 +290,9 @@ class Arm64Stage2Backend:
         """stage2_range_addr_end: the end of ``addr``'s chunk, a block of
         KVM_PGTABLE_MIN_BLOCK_LEVEL (1 GiB with 4K pages, 32 MiB with 16K, 512 MiB with
         64K), or ``end``."""
-        chunk = self.geom.size(self.geom.min_block_level)
-        return min((addr & ~(chunk - 1)) + chunk, end)
+        chunk = self._apply_chunk
+        nxt = (addr & ~(chunk - 1)) + chunk
+        return nxt if nxt < end else end
 
     def unmap_stage2_range(self, start: int, size: int) -> None:
         """__unmap_stage2_range without rescheduling: stage2_apply_range's chunks, one after
@@ -448,3 +440,27 @@ class Arm64Stage2Backend:
     def check_invariants(self, vm):
 
         return check_vm(self, vm)
+
+
+class _TlbBatch:
+    """``tlb_batch``'s context: the outermost one collects the TLBIs and flushes the vCPU
+    TLBs once at its end; one inside it adds to the same batch."""
+
+    __slots__ = ("be", "outer")
+
+    def __init__(self, be: Arm64Stage2Backend):
+        self.be = be
+
+    def __enter__(self) -> None:
+        be = self.be
+        self.outer = be._tlb_batch is None
+        if self.outer:
+            be._tlb_batch = []
+
+    def __exit__(self, *exc) -> bool:
+        if self.outer:
+            be = self.be
+            recs, be._tlb_batch = be._tlb_batch, None
+            if recs:
+                be._flush_vcpu_tlbs(recs)
+        return False

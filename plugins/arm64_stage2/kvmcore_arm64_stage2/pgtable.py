@@ -335,6 +335,20 @@ class PteEvent:
     new: int = 0
 
 
+class _EventLog(collections.deque):
+    """``Stage2PageTable.events``: the steps kept as tuples (a fault adds two, so they cost
+    what a tuple costs) and read as ``PteEvent`` records."""
+
+    def __iter__(self):
+        return (PteEvent(*e) for e in super().__iter__())
+
+    def __reversed__(self):
+        return (PteEvent(*e) for e in super().__reversed__())
+
+    def __getitem__(self, index):
+        return PteEvent(*super().__getitem__(index))
+
+
 class _MapData:
     """The map walker's data (stage2_map_data), one per walk: a plain slotted class (a fault
     builds one)."""
@@ -428,7 +442,7 @@ class Stage2PageTable:
         self.pt = self.rt.pt
         self.page_count = self.store.page_count
         self.tlbi_log: collections.deque[Tlbi] = collections.deque(maxlen=log_size)
-        self.events: collections.deque[PteEvent] = collections.deque(maxlen=log_size)
+        self.events: collections.deque[PteEvent] = _EventLog(maxlen=log_size)
         self.on_tlbi = on_tlbi
         #: Entries a paused shared walker holds LOCKED between its break and its make:
         #: (table_pa, index) -> the entry it replaced.
@@ -486,7 +500,7 @@ class Stage2PageTable:
     def _tlbi(self, op: str, ipa: int, size: int, level: int | None, why: str) -> None:
         rec = Tlbi(op, ipa, size, level, why)
         self.tlbi_log.append(rec)
-        self.events.append(PteEvent("tlbi", ipa, level))
+        self.events.append(("tlbi", ipa, level))
         if self.on_tlbi is not None:
             self.on_tlbi(rec)
 
@@ -542,7 +556,7 @@ class Stage2PageTable:
 
     def _set_event(self, ipa: int, level: int, old: int, new: int) -> None:
         """An in-place update without break-before-make, for the tests' event log."""
-        self.events.append(PteEvent("set", ipa, level, old, new))
+        self.events.append(("set", ipa, level, old, new))
 
     # ------------------------------------------------------------------ BBM primitives
     #
@@ -568,7 +582,7 @@ class Stage2PageTable:
             return False
         if not self._try_set_pte(ctx, KVM_INVALID_PTE_LOCKED):
             return False
-        self.events.append(PteEvent("break", ctx.addr, ctx.level, old, KVM_INVALID_PTE_LOCKED))
+        self.events.append(("break", ctx.addr, ctx.level, old, KVM_INVALID_PTE_LOCKED))
         if old:
             if not ctx.arg & KVM_PGTABLE_WALK_SKIP_BBM_TLBI:
                 if kvm_pte_table(old, ctx.level):
@@ -588,7 +602,7 @@ class Stage2PageTable:
         if new:         # stage2_pte_is_counted: mm_ops->get_page
             self.page_count[ctx.table_pa + ((index << 3) & self._page_mask)] += 1
         ctx.table[index] = ctx.pte = new        # smp_store_release (ctx.set)
-        self.events.append(PteEvent("make", ctx.addr, ctx.level, KVM_INVALID_PTE_LOCKED, new))
+        self.events.append(("make", ctx.addr, ctx.level, KVM_INVALID_PTE_LOCKED, new))
 
     def _bbm(self, ctx, data, new, phys: int | None):
         """A break-before-make in a map walk (stage2_try_break_pte, the cache maintenance of
@@ -636,9 +650,9 @@ class Stage2PageTable:
         D-cache clean+invalidate to PoC for cacheable memory (a no-op under FWB), I-cache
         invalidate to PoU for executable memory (a no-op with CTR_EL0.DIC)."""
         if not self.fwb and pte_memattr(new) == self._normal_memattr:
-            self.events.append(PteEvent("dcache_clean_inval_poc", ctx.addr, ctx.level, 0, pa))
+            self.events.append(("dcache_clean_inval_poc", ctx.addr, ctx.level, 0, pa))
         if not self.cache_dic and stage2_pte_executable(new):
-            self.events.append(PteEvent("icache_inval_pou", ctx.addr, ctx.level, 0, pa))
+            self.events.append(("icache_inval_pou", ctx.addr, ctx.level, 0, pa))
 
     # ------------------------------------------------------------------ map (§4.3, §4.4)
 
@@ -786,41 +800,44 @@ class Stage2PageTable:
         """kvm_pgtable_stage2_unmap: clear every leaf touching the range (whole blocks), free
         empty tables on the way back up, one TLBI per leaf unless deferred."""
 
+        defer = self.unmap_defer_tlb_flush()
+
         def visitor(ctx):
+            """stage2_unmap_walker (its entry tests written inline, as the map walker's)."""
             old = ctx.pte
-            page = self._page_of(ctx.table_pa, ctx.index)
-            if not kvm_pte_valid(old):
-                if stage2_pte_is_counted(old):
+            if not old & KVM_PTE_VALID:
+                if old:                                 # stage2_pte_is_counted
                     ctx.set(0)
-                    self._put_page(page)
+                    self._put_page(ctx.table_pa + ((ctx.index << 3) & self._page_mask))
                 return 0
             child = None
             need_flush = False
-            if kvm_pte_table(old, ctx.level):
+            level = ctx.level
+            if level != KVM_PGTABLE_LAST_LEVEL and old & _TABLE_BITS == _TABLE_BITS:
                 if ctx.flags != TABLE_POST:
                     return 0
-                child = self.fmt.table_address(old, ctx.level)
+                child = old & self.fmt.addr_mask
                 if self.page_count.get(child) != 1:
                     return 0
             elif pte_memattr(old) == self._normal_memattr:
                 need_flush = not self.fwb
             # stage2_unmap_put_pte
             ctx.set(0)
-            self.events.append(PteEvent("clear", ctx.addr, ctx.level, old, 0))
+            self.events.append(("clear", ctx.addr, level, old, 0))
             if child is not None:
                 self.tlb_flush_vmid_ipa(ctx.addr, TLBI_TTL_UNKNOWN, "unmap_table")
-            elif not self.unmap_defer_tlb_flush():
-                self.tlb_flush_vmid_ipa(ctx.addr, ctx.level, "unmap")
-            self._put_page(page)
+            elif not defer:
+                self.tlb_flush_vmid_ipa(ctx.addr, level, "unmap")
+            self._put_page(ctx.table_pa + ((ctx.index << 3) & self._page_mask))
             if need_flush:
-                self.events.append(PteEvent("dcache_clean_inval_poc", ctx.addr, ctx.level, 0,
-                                            self.fmt.pte_to_phys(old)))
+                self.events.append(("dcache_clean_inval_poc", ctx.addr, level, 0,
+                                    self.fmt.pte_to_phys(old)))
             if child is not None:
                 self._put_page(child)
             return 0
 
         ret = run_plain(self.walk(addr, size, visitor, LEAF | TABLE_POST, False)) or 0
-        if self.unmap_defer_tlb_flush():
+        if defer:
             self.tlb_flush_vmid_range(addr, size, "unmap_deferred")
         return ret
 
@@ -859,8 +876,8 @@ class Stage2PageTable:
                 return 0
             if stage2_pte_executable(new) and not stage2_pte_executable(old) \
                     and not self.cache_dic:
-                self.events.append(PteEvent("icache_inval_pou", ctx.addr, ctx.level, 0,
-                                            self.fmt.pte_to_phys(old)))
+                self.events.append(("icache_inval_pou", ctx.addr, ctx.level, 0,
+                                    self.fmt.pte_to_phys(old)))
             return cmpxchg_steps(ctx, old, new) if steps else cmpxchg(ctx, old, new)
 
         if shared:

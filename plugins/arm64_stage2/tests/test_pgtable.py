@@ -12,7 +12,7 @@ from kvmcore_arm64_stage2.pgtable import (
     FAULT_WALK_FLAGS, KVM_INVALID_PTE_LOCKED, KVM_PTE_LEAF_ATTR_HI_S2_XN,
     KVM_PTE_LEAF_ATTR_LO_S2_AF, KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R, KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
     PROT_DEVICE, PROT_NORMAL_NC, PROT_R, PROT_RW, PROT_RWX, PROT_W, PROT_X, KvmPgtableProt,
-    Stage2PageTable, kvm_pgtable_stage2_pte_prot, pte_memattr, stage2_set_prot_attr)
+    PteEvent, Stage2PageTable, kvm_pgtable_stage2_pte_prot, pte_memattr, stage2_set_prot_attr)
 
 SZ_2M, SZ_1G = 2 << 20, 1 << 30
 PA = 0x8000_0000
@@ -145,6 +145,24 @@ def test_map_with_af_clear_goes_through_bbm():
     assert pt.map(0x1000, 4096, PA, PROT_RW, FAULT_WALK_FLAGS) == 0
     assert [e.kind for e in pt.events] == ["break", "tlbi", "make"]
     assert leaf_at(pt, 0x1000)[0] & KVM_PTE_LEAF_ATTR_LO_S2_AF
+
+
+def test_the_event_log_reads_as_pte_event_records():
+    """The log keeps tuples and hands out PteEvent records however it is read: iterated,
+    reversed, indexed from either end; it keeps its last ``log_size`` steps."""
+    pt = make(log_size=4)
+    pt.map(0x1000, 4096, PA, PROT_RW, FAULT_WALK_FLAGS)
+    pt.map(0x1000, 4096, PA + 0x10000, PROT_RW, FAULT_WALK_FLAGS)
+    events = list(pt.events)
+    assert len(events) == len(pt.events) == 4 and all(isinstance(e, PteEvent) for e in events)
+    assert [e.kind for e in events] == ["make", "break", "tlbi", "make"]
+    assert list(reversed(pt.events)) == events[::-1]
+    assert pt.events[0] == events[0] and pt.events[-1] == events[-1]
+    assert pt.events[-1] == PteEvent("make", 0x1000, 3, KVM_INVALID_PTE_LOCKED,
+                                     leaf_at(pt, 0x1000)[0])
+    assert pt.events[2] == PteEvent("tlbi", 0x1000, 3)
+    pt.events.clear()
+    assert not pt.events
 
 
 # ---------------------------------------------------------------- invariant 5: BBM order
