@@ -354,13 +354,22 @@ def _wrapped_call(wrapper, inner, argnames: tuple):
     returns (or raises) is the hook's. The call takes the hook's ``argnames`` as parameters
     of its own (generated, as attrs generates an ``__init__``), so the keyword call of a hot
     hook builds no dictionary of them."""
-    params = ", ".join(argnames)
-    namespace = {"_relay": _relay, "wrapper": wrapper, "inner": inner}
-    exec(f"def call({params}):\n    return _relay(wrapper({params}), inner, {params})\n",
-         namespace)
-    call = namespace["call"]
+    call = _relay_maker(tuple(argnames))(wrapper, inner)
     call.__name__ = getattr(wrapper, "__name__", "wrapped")
     return call
+
+
+@functools.cache
+def _relay_maker(argnames: tuple):
+    """The function that makes ``_wrapped_call``'s calls for a hook with ``argnames``,
+    generated once per hook signature (a VM binds its hooks when it is created)."""
+    params = ", ".join(argnames)
+    namespace = {"_relay": _relay}
+    exec(f"def make(wrapper, inner):\n"
+         f"    def call({params}):\n"
+         f"        return _relay(wrapper({params}), inner, {params})\n"
+         f"    return call\n", namespace)
+    return namespace["make"]
 
 
 def _relay(teardown, inner, *args):

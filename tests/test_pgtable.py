@@ -129,7 +129,7 @@ def test_present_indices_match_a_plain_scan(empty):
 
     rng = random.Random(empty)
     for _ in range(300):
-        n = rng.choice([32, 64, 100, 200, 512, 1024, 8192])
+        n = rng.choice([32, 64, 100, 200, 512, 520, 1000, 1024, 8192])
         table = array("Q", [empty]) * n
         for i in rng.sample(range(n), min(n, rng.choice([0, 1, 2, 5, 40, n // 2, n]))):
             table[i] = rng.getrandbits(64) | 1
