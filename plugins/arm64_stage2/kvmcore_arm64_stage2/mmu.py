@@ -72,9 +72,13 @@ class FaultState:
     """What user_mem_abort keeps in locals between the pfn lookup and the install, for one
     ``PageFault`` (its ``arch`` field)."""
 
-    __slots__ = ("noncacheable", "writable", "vma_pagesize")
+    __slots__ = ("gmem", "logging_active", "noncacheable", "writable", "vma_pagesize")
 
-    def __init__(self):
+    def __init__(self, slot):
+        #: kvm_handle_guest_abort's choice of gmem_abort (kvm_slot_has_gmem), and
+        #: user_mem_abort's ``logging_active`` (memslot_is_logging): read once per fault.
+        self.gmem = slot.has_gmem
+        self.logging_active = slot.logging
         self.noncacheable = False
         self.writable = True
         #: vma_pagesize before transparent_hugepage_adjust: a PMD/PUD here rounded the ipa
@@ -102,7 +106,7 @@ class AbortPath:
     def state(fault: PageFault) -> FaultState:
         st = fault.arch
         if st is None:
-            st = fault.arch = FaultState()
+            st = fault.arch = FaultState(fault.slot)
         return st
 
     # ------------------------------------------------------------------ kvm_handle_guest_abort
@@ -154,11 +158,10 @@ class AbortPath:
     def adjust_faultin(self, vm, fault: PageFault) -> None:
         """user_mem_abort steps 10-11 (and gmem_abort's writability), after the core resolved
         the pfn."""
-        slot = fault.slot
         st = fault.arch
         if st is None:
-            st = fault.arch = FaultState()
-        if slot.has_gmem:
+            st = fault.arch = FaultState(fault.slot)
+        if st.gmem:
             # gmem_abort: writable iff the slot is not read-only; no VMA, no logging trick.
             st.writable = fault.map_writable
         else:
@@ -169,7 +172,7 @@ class AbortPath:
                                        "needs FWB and CTR_EL0.DIC (kvm_supports_cacheable_pfnmap)")
                 else:
                     st.noncacheable = True      # s2_force_noncacheable
-            elif slot.logging and not fault.write:
+            elif st.logging_active and not fault.write:
                 # Map read-only so that the first write is trapped and logged.
                 fault.map_writable = False
             if fault.exec and st.noncacheable:
@@ -229,12 +232,11 @@ class AbortPath:
     def stage2_mapping_size(self, vm, fault: PageFault) -> tuple[int, bool]:
         """user_mem_abort steps 4-6 and 15: (vma_pagesize, force_pte). gmem_abort: always
         PAGE_SIZE."""
-        slot = fault.slot
         page = self.granule
-        if slot.has_gmem:
-            return page, False
         st = fault.arch or self.state(fault)
-        if slot.logging:
+        if st.gmem:
+            return page, False
+        if st.logging_active:
             return page, True
         size = self.vma_page_size(vm, fault)
         if size <= page:
