@@ -40,6 +40,7 @@ import errno
 import functools
 from types import GeneratorType
 
+import attrs
 import structlog
 from kvmcore.pgtable import LEAF, TABLE_POST, TABLE_PRE, TableStore
 from kvmcore.radix import PERM_A, PERM_R, PERM_W, PERM_X, RadixFormat, RadixTable
@@ -336,8 +337,8 @@ class PteEvent:
 
 
 class _EventLog(collections.deque):
-    """``Stage2PageTable.events``: the steps kept as tuples (a fault adds two, so they cost
-    what a tuple costs) and read as ``PteEvent`` records."""
+    """``Stage2PageTable.events``: the steps kept as tuples of PteEvent's fields (a fault adds
+    two, so they cost what a tuple costs) and read as ``PteEvent`` records."""
 
     def __iter__(self):
         return (PteEvent(*e) for e in super().__iter__())
@@ -347,6 +348,15 @@ class _EventLog(collections.deque):
 
     def __getitem__(self, index):
         return PteEvent(*super().__getitem__(index))
+
+    def __contains__(self, event) -> bool:
+        return isinstance(event, PteEvent) and super().__contains__(attrs.astuple(event))
+
+    def __copy__(self):
+        return type(self)(super().__iter__(), self.maxlen)
+
+    def __reduce__(self):
+        return type(self), (list(super().__iter__()), self.maxlen)
 
 
 class _MapData:
@@ -500,7 +510,7 @@ class Stage2PageTable:
     def _tlbi(self, op: str, ipa: int, size: int, level: int | None, why: str) -> None:
         rec = Tlbi(op, ipa, size, level, why)
         self.tlbi_log.append(rec)
-        self.events.append(("tlbi", ipa, level))
+        self.events.append(("tlbi", ipa, level, 0, 0))
         if self.on_tlbi is not None:
             self.on_tlbi(rec)
 

@@ -3,7 +3,9 @@ page-table invariants of §10 (1-7, 9, 13, 15, 16, 20)."""
 
 from __future__ import annotations
 
+import copy
 import errno
+import pickle
 
 import pytest
 
@@ -161,6 +163,9 @@ def test_the_event_log_reads_as_pte_event_records():
     assert pt.events[-1] == PteEvent("make", 0x1000, 3, KVM_INVALID_PTE_LOCKED,
                                      leaf_at(pt, 0x1000)[0])
     assert pt.events[2] == PteEvent("tlbi", 0x1000, 3)
+    assert PteEvent("tlbi", 0x1000, 3) in pt.events and ("tlbi", 0x1000, 3) not in pt.events
+    for other in (copy.copy(pt.events), pickle.loads(pickle.dumps(pt.events))):
+        assert list(other) == events and other.maxlen == 4
     pt.events.clear()
     assert not pt.events
 
