@@ -185,12 +185,13 @@ class PageTable:
         self.fmt = fmt
         self.empty = getattr(fmt, "empty", 0)
         self.root = store.alloc(geometry.entries(0))
-        #: What ``lookup`` reads per level, computed once: shifts, index masks, level ids, the
-        #: last position, the format's ``table_bits``.
+        # The format's table_bits: the test of a table link, and where the table it links is
+        # (``pte & amask``, else ``addr_of[pte]``, else a ``table_address`` call).
         tmask, tvalue, where = (*getattr(fmt, "table_bits", (None, None)), None)[:3]
-        #: The table an entry links is at ``pte & amask``, else ``addr_of[pte]``.
         amask = where if isinstance(where, int) else None
         addr_of = None if where is None or isinstance(where, int) else where
+        #: What ``lookup`` reads per level, computed once: shifts, index masks, level ids, the
+        #: last position, the table_bits.
         self._per_level = (geometry.shifts, tuple((1 << b) - 1 for b in geometry.bits),
                            geometry.level_ids, geometry.nlevels - 1,
                            (tmask, tvalue, amask, addr_of))
@@ -233,13 +234,13 @@ class PageTable:
     def _walk_table(self, ctx: WalkContext, table_pa: int, pos: int, base: int,
                     visitor: Visitor, flags: int, visit_invalid: bool, stop):
         # A format's table_bits test a table link inline (no is_valid / is_table calls).
-        fmt, tables, shifts, level_ids, last_pos, empty, tmask, tvalue, amask, addr_of = \
+        fmt, tables, shifts, level_ids, final_pos, empty, tmask, tvalue, amask, addr_of = \
             self._walk_consts
         table = tables[table_pa]
         shift = shifts[pos]
         size = 1 << shift
         level = level_ids[pos]
-        last_pos = pos == last_pos
+        last_pos = pos == final_pos
         start, end = ctx.start, ctx.end
         first = (start - base) >> shift if start > base else 0
         last = (end - base + size - 1) >> shift

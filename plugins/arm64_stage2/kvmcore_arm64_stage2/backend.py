@@ -193,7 +193,7 @@ class Arm64Stage2Backend:
         for start, end in ranges:
             vm.flush_remote_tlbs_range(start, end - start)
 
-    def tlb_batch(self) -> "_TlbBatch":
+    def tlb_batch(self) -> _TlbBatch:
         """Merge the vCPU-TLB flushes of the TLBIs issued inside (see _on_tlbi)."""
         return _TlbBatch(self)
 
