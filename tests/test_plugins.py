@@ -186,6 +186,25 @@ def test_a_backend_wrapper_over_the_default_is_called_as_pluggy_calls_it():
     assert vm.faultin_pfn == vm.pm.hook.faultin_pfn
 
 
+def test_a_wrapper_relay_is_generated_once_per_hook_signature():
+    """Binding a backend's wrapper generates its relay's code once per hook signature, not
+    once per VM (a VM binds its hot hooks when it is created; the explorer makes one per
+    schedule)."""
+    from kvmcore.plugins import _relay_maker
+
+    class Wrapping(FlatBackend):
+        @hookimpl(wrapper=True)
+        def faultin_pfn(self, vm, fault):
+            return (yield)
+
+    VM(arch=Wrapping).faultin_pfn  # noqa: B018
+    before = _relay_maker.cache_info()
+    vms = [VM(arch=Wrapping) for _ in range(3)]
+    after = _relay_maker.cache_info()
+    assert after.misses == before.misses and after.hits >= before.hits + 3
+    assert len({vm.faultin_pfn.__code__ for vm in vms}) == 1
+
+
 def test_a_hot_hook_taking_fewer_arguments_gets_only_those():
     """An implementation that declares fewer arguments than the spec (pluggy passes it only
     those) is bound directly and called with the ones it takes."""
