@@ -20,7 +20,7 @@ from sortedcontainers import SortedKeyList
 from .args import integer, u64
 from .errors import EHWPOISON, KvmError
 from .host import SigBus
-from .locks import Mutex, Steps, steppable
+from .locks import WRITE, RwLock, Steps, steppable, stepping
 from .records import GfnRange
 from .hva import kvm_handle_ranges
 from .mmu_notifier import kvm_mmu_unmap_gfn_range
@@ -43,6 +43,14 @@ logger = structlog.get_logger(__name__)
 
 MAX_FOLIO_ORDER = 18  # 1 GiB of 4 KiB frames
 
+#: Race points of the guest_memfd flows: waiting for the inode's invalidate lock (punch hole,
+#: allocation, memory error, release), release waiting for kvm->slots_lock, and a memslot
+#: update's bind and unbind waiting for the invalidate lock.
+GMEM_INVAL_LOCK_WAIT = "gmem_inval_lock_wait"
+GMEM_SLOTS_LOCK_WAIT = "gmem_slots_lock_wait"
+GMEM_BIND_LOCK_WAIT = "gmem_bind_lock_wait"
+GMEM_UNBIND_LOCK_WAIT = "gmem_unbind_lock_wait"
+
 
 class GmemInode:
     """The guest_memfd inode: its size, flags, folios (index of the first page -> pfn) and
@@ -58,9 +66,10 @@ class GmemInode:
         self.folios: dict[int, int] = {}
         self.poisoned: set[int] = set()
         self.files: list[GuestMemfd] = []
-        #: filemap_invalidate_lock of the inode's mapping: punch hole, allocation and release
-        #: exclude each other (kvm_gmem_get_pfn does not take it).
-        self.invalidate_lock = Mutex("gmem_invalidate_lock")
+        #: filemap_invalidate_lock of the inode's mapping, an rw_semaphore: punch hole, release,
+        #: bind and unbind take it for write, allocation and a memory error for read
+        #: (kvm_gmem_get_pfn does not take it).
+        self.invalidate_lock = RwLock("gmem_invalidate_lock")
 
     @property
     def npages(self) -> int:
@@ -117,7 +126,7 @@ class GmemInode:
         points: ``gmem_inval_lock_wait``, the begin's and end's mmu_lock waits, and
         ``gmem_begin_done`` (zapped, not yet truncated: a fault gets the old folio, then
         retries at the mmu_lock)."""
-        yield from self.invalidate_lock.lock("gmem_inval_lock_wait")
+        yield from self.invalidate_lock.write_lock(GMEM_INVAL_LOCK_WAIT)
         try:
             yield from self.invalidate_begin(start, end)
             yield "gmem_begin_done"
@@ -125,7 +134,7 @@ class GmemInode:
             yield from self._zap_host_ptes(start, end)
             yield from self.invalidate_end(start, end)
         finally:
-            self.invalidate_lock.unlock()
+            self.invalidate_lock.write_unlock()
 
     def _truncate(self, start: int, end: int) -> None:
         """truncate_inode_pages_range."""
@@ -158,17 +167,18 @@ class GmemInode:
                     yield from self.host._invalidate_end(hva, length)
 
     def error_folio(self, index: int):
-        """kvm_gmem_error_folio, a flow: invalidate the folio's range, do not truncate; later
-        get_pfn gives -EHWPOISON."""
+        """kvm_gmem_error_folio, a flow: under the invalidate lock taken shared (two memory
+        errors, or one and an allocation, run together), invalidate the folio's range, do not
+        truncate; later get_pfn gives -EHWPOISON."""
         base = index & ~((1 << self.order) - 1)
         end = base + (1 << self.order)
         self.poisoned.update(range(base, end))
-        yield from self.invalidate_lock.lock("gmem_inval_lock_wait")
+        yield from self.invalidate_lock.read_lock(GMEM_INVAL_LOCK_WAIT)
         try:
             yield from self.invalidate_begin(base, end)
             yield from self.invalidate_end(base, end)
         finally:
-            self.invalidate_lock.unlock()
+            self.invalidate_lock.read_unlock()
 
 
 class GuestMemfd:
@@ -180,6 +190,8 @@ class GuestMemfd:
         self.inode = inode
         self.bindings = SortedKeyList(key=lambda b: b[0])  # (start, end, slot)
         self.closed = False
+        #: The last reference was dropped and release (``close``) has begun.
+        self.dying = False
         inode.files.append(self)
 
     @property
@@ -278,13 +290,15 @@ class GuestMemfd:
         if offset + length > self.size:
             raise KvmError(errno.EINVAL, f"offset={offset:#x} + length={length:#x} is beyond "
                                          f"the file's size {self.size:#x}")
+        # kvm_gmem_allocate: the invalidate lock shared, so allocations run together but not
+        # beside a punch hole.
         lock = self.inode.invalidate_lock
-        yield from lock.lock("gmem_inval_lock_wait")
+        yield from lock.read_lock(GMEM_INVAL_LOCK_WAIT)
         try:
             for index in range(start, end, 1 << self.inode.order):
                 self.inode.get_folio(index)
         finally:
-            lock.unlock()
+            lock.read_unlock()
 
     def mmap(self) -> int:
         """mmap(2) of the file, MAP_SHARED (kvm_gmem_mmap): needs GUEST_MEMFD_FLAG_MMAP."""
@@ -296,21 +310,31 @@ class GuestMemfd:
 
     @steppable
     def close(self) -> None:
-        """The last reference goes (kvm_gmem_release): under the inode's invalidate lock,
-        bound slots lose the file and every mapping from it is zapped; the inode's memory
-        stays."""
-        if self.closed:
+        """The last reference goes (kvm_gmem_release): under kvm->slots_lock (so that no
+        memslot update unbinds and frees a slot while release walks the bindings), then the
+        inode's invalidate lock, bound slots lose the file and every mapping from it is
+        zapped; the inode's memory stays. From its start the file is ``dying``: its fd is
+        gone (a bind gets EBADF) and an unbind no longer takes its invalidate lock
+        (kvm_gmem_unbind when get_file_active fails). The model simplifies one thing: in
+        Linux kvm_gmem_get_pfn already fails (EFAULT) in that window, before release has
+        zapped; here the file serves faults until release clears the slots' file."""
+        if self.closed or self.dying:
             return
-        inode = self.inode
-        yield from inode.invalidate_lock.lock("gmem_inval_lock_wait")
+        self.dying = True
+        inode, slots_lock = self.inode, self.vm.slots_lock
+        yield from slots_lock.lock(GMEM_SLOTS_LOCK_WAIT)
         try:
-            for _s, _e, slot in list(self.bindings):
-                slot.gmem_file = None
-            everything = 1 << 62
-            yield from self.invalidate_begin(0, everything, inode.invalidate_filter())
-            yield from self.invalidate_end(0, everything)
+            yield from inode.invalidate_lock.write_lock(GMEM_INVAL_LOCK_WAIT)
+            try:
+                for _s, _e, slot in list(self.bindings):
+                    slot.gmem_file = None
+                everything = 1 << 62
+                yield from self.invalidate_begin(0, everything, inode.invalidate_filter())
+                yield from self.invalidate_end(0, everything)
+            finally:
+                inode.invalidate_lock.write_unlock()
         finally:
-            inode.invalidate_lock.unlock()
+            slots_lock.unlock()
         inode.files.remove(self)
         self.bindings.clear()
         self.closed = True
@@ -365,9 +389,13 @@ def kvm_gmem_get_supported_flags(vm: Kvm) -> int:
     return flags
 
 
-def kvm_gmem_bind(vm: Kvm, slot: Memslot, gmem, offset: int) -> None:
-    """kvm_gmem_bind: before the slot is visible; one binding per file page."""
-    if gmem is None or (isinstance(gmem, GuestMemfd) and gmem.closed):
+def kvm_gmem_bind(vm: Kvm, slot: Memslot, gmem, offset: int):
+    """kvm_gmem_bind, a flow: before the slot is visible; one binding per file page. The
+    file is checked first (EBADF, EINVAL), then, under the inode's invalidate lock taken for
+    write (``gmem_bind_lock_wait``), that the range is unbound (EINVAL) and the binding
+    stored: a punch hole or release never sees the bindings change between its begin and
+    its end."""
+    if gmem is None or (isinstance(gmem, GuestMemfd) and (gmem.closed or gmem.dying)):
         raise KvmError(errno.EBADF, "guest_memfd: not an open file")
     if not isinstance(gmem, GuestMemfd):
         raise KvmError(errno.EINVAL, f"guest_memfd={gmem!r} is not a guest_memfd")
@@ -377,22 +405,48 @@ def kvm_gmem_bind(vm: Kvm, slot: Memslot, gmem, offset: int) -> None:
     if offset < 0 or offset & (vm.page_size - 1) or offset + size > gmem.size:
         raise KvmError(errno.EINVAL, f"guest_memfd_offset={offset:#x} + size {size:#x} is "
                                      f"beyond the file's size {gmem.size:#x}")
-    start = offset >> PAGE_SHIFT
-    if gmem.bindings_in(start, start + slot.npages):
-        raise KvmError(errno.EINVAL, f"guest_memfd_offset={offset:#x}: that range of the "
-                                     "file is already bound to another memslot")
-    slot.gmem_file = gmem
-    slot.gmem_pgoff = start
-    if gmem.flags & GUEST_MEMFD_FLAG_MMAP:
-        slot.flags |= KVM_MEMSLOT_GMEM_ONLY
-    gmem.bindings.add((start, start + slot.npages, slot))
+    lock = gmem.inode.invalidate_lock
+    if stepping() or not lock.try_lock(WRITE):
+        yield from lock.write_lock(GMEM_BIND_LOCK_WAIT)
+    try:
+        start = offset >> PAGE_SHIFT
+        if gmem.bindings_in(start, start + slot.npages):
+            raise KvmError(errno.EINVAL, f"guest_memfd_offset={offset:#x}: that range of the "
+                                         "file is already bound to another memslot")
+        slot.gmem_file = gmem
+        slot.gmem_pgoff = start
+        if gmem.flags & GUEST_MEMFD_FLAG_MMAP:
+            slot.flags |= KVM_MEMSLOT_GMEM_ONLY
+        gmem.bindings.add((start, start + slot.npages, slot))
+    finally:
+        lock.write_unlock()
 
 
-def kvm_gmem_unbind(slot: Memslot) -> None:
-    """kvm_gmem_unbind."""
+def kvm_gmem_unbind(slot: Memslot):
+    """kvm_gmem_unbind, a flow: the slot's binding goes under the inode's invalidate lock
+    (``gmem_unbind_lock_wait``), or without it when the file is dying (release holds
+    slots_lock for its whole walk, which the caller holds too)."""
     gmem = slot.gmem_file
     if gmem is None:
         return
+    lock = None if gmem.dying else gmem.inode.invalidate_lock
+    if lock is not None and (stepping() or not lock.try_lock(WRITE)):
+        yield from lock.write_lock(GMEM_UNBIND_LOCK_WAIT)
+    try:
+        _unbind(gmem, slot)
+    finally:
+        if lock is not None:
+            lock.write_unlock()
+
+
+def kvm_gmem_unbind_now(slot: Memslot) -> None:
+    """kvm_gmem_unbind where the caller cannot wait (a memslot update being abandoned: its
+    flow is closed as a killed thread, which cannot sleep for the lock)."""
+    if slot.gmem_file is not None:
+        _unbind(slot.gmem_file, slot)
+
+
+def _unbind(gmem: GuestMemfd, slot: Memslot) -> None:
     for b in gmem.bindings_in(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages):
         if b[2] is slot:
             gmem.bindings.remove(b)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .args import unsigned
 from .dirty import prepare_dirty_bitmap
 from .errors import KvmError
-from .gmem import kvm_gmem_bind, kvm_gmem_unbind
+from .gmem import kvm_gmem_bind, kvm_gmem_unbind, kvm_gmem_unbind_now
 from .locks import drive, wait_until
 from .memslots import CHANGE_NAMES, TASK_SIZE, U64, Memslot, kvm_user_mem_slots
 from .uapi import (
@@ -154,12 +154,16 @@ def _kvm_set_memory_region(vm: Kvm, slot: int, flags: int, guest_phys_addr: int,
             # MOVE gets it anew from the backend's prepare_memory_region.
             new.arch = old.arch
     if new is not None and flags & KVM_MEM_GUEST_MEMFD:
-        kvm_gmem_bind(vm, new, guest_memfd, guest_memfd_offset)
+        yield from kvm_gmem_bind(vm, new, guest_memfd, guest_memfd_offset)
     try:
         yield from kvm_set_memslot(vm, old, new, change)
+    except GeneratorExit:
+        if new is not None:
+            kvm_gmem_unbind_now(new)
+        raise
     except BaseException:
         if new is not None and new.gmem_file is not None:
-            kvm_gmem_unbind(new)
+            yield from kvm_gmem_unbind(new)
         raise
 
 
@@ -239,7 +243,8 @@ def kvm_set_memslot(vm: Kvm, old: Memslot | None, new: Memslot | None, change: i
     yield from vm.mmu_lock.wait_free(SLOT_COMMIT)
     vm.hook.commit_memory_region(vm=vm, old=old, new=new, change=change)
     if change == KVM_MR_DELETE and old.gmem_file is not None:
-        kvm_gmem_unbind(old)
+        # kvm_free_memslot
+        yield from kvm_gmem_unbind(old)
     vm.stats[f"memslot_{CHANGE_NAMES[change]}"] += 1
     vm.trace(f"memslot.{CHANGE_NAMES[change]}", slot=(old or new).slot_id,
              gpa=(new or old).base_gfn << PAGE_SHIFT, size=(new or old).npages << PAGE_SHIFT,

@@ -75,4 +75,4 @@ def test_the_readme_example_runs(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[2:] == ["pf_seq_snapshot",
                        "gmem_inval_lock_wait gmem_begin_lock_wait gmem_begin_done",
-                       "pf_lock_wait pf_retry_wait", "False ['gmem_invalidate_lock']", "1"]
+                       "pf_lock_wait pf_retry_wait", "False ['gmem_invalidate_lock(write)']", "1"]

@@ -14,6 +14,7 @@ from kvmcore.conformance.helpers import (
     expect_errno_unchanged,
     expect_memory_fault,
     pattern,
+    step_until,
 )
 from kvmcore.uapi import (
     FALLOC_FL_KEEP_SIZE,
@@ -178,6 +179,108 @@ def test_release_zaps_and_faults_efault(guest):
     gmem.close()
     assert [m for m in guest.vm.mappings() if m.private] == []
     expect_memory_fault(page, guest.read, GPA, private=True, gpa=GPA, exit_private=True)
+
+
+# The inode's invalidate lock (filemap_invalidate_lock, an rw_semaphore) keeps a file's
+# bindings stable across a punch hole, a memory error and release, so that each one's
+# invalidate begin and end are balanced (guest_memfd.c: kvm_gmem_bind, kvm_gmem_unbind,
+# kvm_gmem_release, kvm_gmem_allocate, kvm_gmem_error_folio).
+
+@pytest.mark.requires("private_mem")
+def test_slot_delete_waits_for_a_punch_hole(guest):
+    """A memslot DELETE unbinds under the invalidate lock: it waits while a punch hole is
+    between its begin and end, and once both are done a new slot there faults normally (no
+    invalidation is left in progress)."""
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem, hva = guest.gmem_slot(0, GPA, slot_size)
+    guest.make_private(GPA, slot_size)
+    guest.write(GPA, pattern(3), private=True)
+    punch = gmem.steps.fallocate(PUNCH, 0, page)
+    step_until(punch, "gmem_begin_done")
+    delete = guest.vm.steps.set_user_memory_region(0, GPA, 0, hva, 0)
+    step_until(delete, "gmem_unbind_lock_wait")
+    assert not delete.runnable
+    assert delete.waits_for == "gmem_invalidate_lock(write)"
+    punch.run()
+    delete.run()
+    guest.gmem_slot(1, GPA, slot_size)
+    assert guest.read(GPA, private=True) == bytes(8)
+    guest.vm.check_invariants()
+
+
+@pytest.mark.requires("private_mem")
+def test_slot_create_waits_for_a_punch_hole(guest):
+    """kvm_gmem_bind checks and stores the binding under the invalidate lock: a CREATE on
+    another range of the file waits for a punch hole in progress."""
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem = guest.new_gmem(2 * slot_size)
+    guest.gmem_slot(0, GPA, slot_size, gmem=gmem)
+    guest.make_private(GPA, 2 * slot_size)
+    guest.write(GPA, pattern(4), private=True)
+    punch = gmem.steps.fallocate(PUNCH, 0, page)
+    step_until(punch, "gmem_begin_done")
+    hva = guest.host.mmap(slot_size, prot="rw", kind="anon")
+    create = guest.vm.steps.set_user_memory_region(1, GPA + slot_size, slot_size, hva,
+                                                   KVM_MEM_GUEST_MEMFD, guest_memfd=gmem,
+                                                   guest_memfd_offset=slot_size)
+    step_until(create, "gmem_bind_lock_wait")
+    assert not create.runnable
+    punch.run()
+    create.run()
+    assert guest.read(GPA + slot_size, private=True) == bytes(8)
+    guest.vm.check_invariants()
+
+
+@pytest.mark.requires("private_mem")
+def test_release_excludes_memslot_updates(guest):
+    """kvm_gmem_release holds kvm->slots_lock for its whole walk: a DELETE of a bound slot
+    waits for it, and a release waits for a memslot update that holds slots_lock."""
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem, hva = guest.gmem_slot(0, GPA, slot_size)
+    guest.make_private(GPA, slot_size)
+    guest.write(GPA, pattern(5), private=True)
+    close = gmem.steps.close()
+    step_until(close, "gmem_begin_lock_wait")
+    delete = guest.vm.steps.set_user_memory_region(0, GPA, 0, hva, 0)
+    assert next(delete) == "slots_lock_wait" and not delete.runnable
+    close.run()
+    delete.run()
+    assert list(guest.vm.mappings()) == []
+
+    gmem2, hva2 = guest.gmem_slot(1, GPA, slot_size)
+    other = guest.host.mmap(slot_size, prot="rw", kind="anon")
+    update = guest.vm.steps.set_user_memory_region(2, GPA + slot_size, slot_size, other)
+    step_until(update, "slot_srcu_sync")
+    close2 = gmem2.steps.close()
+    assert next(close2) == "gmem_slots_lock_wait" and not close2.runnable
+    update.run()
+    close2.run()
+    guest.vm.check_invariants()
+
+
+@pytest.mark.requires("private_mem")
+def test_memory_error_shares_the_invalidate_lock_with_allocation(guest, host):
+    """kvm_gmem_error_folio and kvm_gmem_allocate take the invalidate lock shared: an
+    allocation completes beside a memory error in progress, a punch hole waits for it."""
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    gmem, _ = guest.gmem_slot(0, GPA, slot_size)
+    guest.make_private(GPA, slot_size)
+    guest.write(GPA, pattern(6), private=True)
+    pfn = guest.vm.lookup(GPA, private=True).pfn
+    error = host.steps.memory_failure(pfn)
+    step_until(error, "gmem_begin_lock_wait")
+    assert error.holds == ["gmem_invalidate_lock(read)"]
+    gmem.fallocate(FALLOC_FL_KEEP_SIZE, page, page)
+    punch = gmem.steps.fallocate(PUNCH, 2 * page, page)
+    assert next(punch) == "gmem_inval_lock_wait" and not punch.runnable
+    error.run()
+    punch.run()
+    assert guest.vm.lookup(GPA, private=True) is None
+    guest.vm.check_invariants()
 
 
 @pytest.mark.requires("private_mem")
