@@ -81,6 +81,15 @@ class ArchInfo:
     fault. False (arm64 user_mem_abort, ppc kvmppc_create_pte): mmu_invalidate_retry, any
     invalidation in progress makes the fault retry.
 
+    ``invalid_slot_retry``: True (x86 kvm_mmu_faultin_pfn): the fault reads mmu_invalidate_seq
+    and checks private/shared first; then a missing slot is MMIO and a slot being deleted or
+    moved (KVM_MEMSLOT_INVALID) makes it retry until the update is done. False (arm64
+    kvm_handle_guest_abort, ppc kvmppc_book3s_radix_page_fault, riscv
+    kvm_riscv_gstage_page_fault): the gfn's hva is looked up first, and neither a missing nor
+    an INVALID slot has one (__gfn_to_hva_many): the access is MMIO, before any snapshot.
+    ``faultin_retry_unsafe``: the fault tests mmu_invalidate_retry_gfn_unsafe before and after
+    it gets the pfn and retries without taking mmu_lock (x86 kvm_mmu_faultin_pfn).
+
     ``hwpoison_sigbus``: a fault on a hardware-poisoned host page sends SIGBUS
     (kvm_send_hwpoison_signal: x86, arm64); False where the arch answers -EFAULT as for any
     error pfn (ppc kvmppc_book3s_instantiate_page). The backend implements it; this says so.
@@ -119,6 +128,8 @@ class ArchInfo:
     vm_ioctl_errno: int = _errno.ENOTTY
     vcpu_ioctl_errno: int = _errno.ENOTTY
     fault_retry_gfn: bool = True
+    invalid_slot_retry: bool = True
+    faultin_retry_unsafe: bool = True
     hwpoison_sigbus: bool = True
     hwpoison_lsb_vma: bool = False
     known_divergences: _MappingABC[str, str] = attrs.field(factory=dict, converter=dict,

@@ -1,9 +1,11 @@
 """Guest page faults: the access and walk records, PageFault, and the generic fault path.
 
 The flow (``kvm_page_fault``) mirrors x86's kvm_mmu_page_fault -> kvm_tdp_page_fault ->
-kvm_mmu_faultin_pfn -> is_page_fault_stale -> kvm_tdp_mmu_map and arm64's user_mem_abort /
-gmem_abort, which share its order: slot lookup, seq snapshot, private/shared check, pfn
-lookup, MMU lock, staleness check, install. See shared/reference/core.md §2.5 and §4.
+kvm_mmu_faultin_pfn -> is_page_fault_stale -> kvm_tdp_mmu_map and arm64's
+kvm_handle_guest_abort -> user_mem_abort / gmem_abort, which share its order: slot lookup,
+seq snapshot, private/shared check, pfn lookup, MMU lock, staleness check, install; they
+differ in where a missing or INVALID slot is decided (``kvm_page_fault``). See
+shared/reference/core.md §2.5 and §4, races.md §1.
 """
 
 from __future__ import annotations
@@ -47,45 +49,63 @@ def kvm_page_fault(vm, fault: PageFault):
     """The generic fault path, as a generator that yields at its race points and returns a
     RET_PF_* code (or raises a VcpuExit / KvmError). The caller holds kvm->srcu.
 
-    Order (x86 kvm_tdp_page_fault -> kvm_mmu_faultin_pfn -> kvm_tdp_mmu_map; arm64
-    user_mem_abort / gmem_abort; ppc kvmppc_book3s_radix_page_fault): memslot lookup; fast
-    path; no slot (private -> memory-fault exit, shared -> MMIO); slot being deleted or moved
-    -> retry; snapshot; private/shared check; faultin_pfn; mmu_lock (for read where it is an
-    rwlock); staleness check; relax_perms or map_leaf, which may yield at their own
-    compare-and-exchange points (a backend's hook written as a generator).
+    Order, after the memslot lookup and the fast path, where the backend's ArchInfo says
+    ``invalid_slot_retry`` (x86 kvm_tdp_page_fault -> kvm_mmu_faultin_pfn): the
+    mmu_invalidate_seq snapshot; the private/shared check (a memory-fault exit); no slot (MMIO,
+    kvm_handle_noslot_fault); a slot being deleted or moved (KVM_MEMSLOT_INVALID) -> retry;
+    mmu_invalidate_retry_gfn_unsafe (``faultin_retry_unsafe``) -> retry; faultin_pfn; the same
+    lockless check again. Otherwise (arm64 kvm_handle_guest_abort, ppc
+    kvmppc_book3s_radix_page_fault, riscv kvm_riscv_gstage_page_fault) the gfn's hva is looked
+    up first, and a missing or INVALID slot has none (__gfn_to_hva_many): the access is MMIO,
+    decided before any snapshot; then the snapshot and faultin_pfn. Then, on every arch:
+    mmu_lock (for read where it is an rwlock); staleness check; relax_perms or map_leaf,
+    which may yield at their own compare-and-exchange points (a backend's hook written as a
+    generator).
 
     The snapshot's point waits for nothing and the lock's only for the lock: a flow that is
     not stepped (``stepping()`` False: a plain call, which no other flow can interleave)
     passes them without yielding when the lock is free, as every plain fault does."""
     # The slot is known before the fast path, as in kvm_mmu_do_page_fault.
-    fault.slot = vm.memslot_sets[fault.as_id].search(fault.gfn)
+    fault.slot = slot = vm.memslot_sets[fault.as_id].search(fault.gfn)
     r = vm.fast_page_fault(vm=vm, fault=fault)
     if type(r) is GeneratorType:
         r = yield from r
     if r is not None:
         vm.stats["fast_page_fault"] += 1
         return r
-    r = fault_begin(vm, fault)
-    if r is not None:
-        return r
-    lock = vm.mmu_lock
-    if fault.slot is None:
-        # kvm_handle_noslot_fault: an MMIO access; x86 caches it in an MMIO SPTE, installed
-        # by the map path under the read lock.
-        if stepping() or not lock.try_lock(READ):
-            yield from lock.read_lock(PF_LOCK_WAIT)
-        try:
-            vm.hook.handle_noslot_fault(vm=vm, fault=fault)
-        finally:
-            lock.read_unlock()
-        return RET_PF_EMULATE
-    if stepping():
-        yield PF_SEQ_SNAPSHOT
+    if vm.invalid_slot_retry:
+        fault.mmu_seq = vm.mmu_invalidate.seq
+        if stepping():
+            yield PF_SEQ_SNAPSHOT
+        kvm_mem_check_private(vm, fault)
+        if slot is None:
+            return (yield from kvm_handle_noslot_fault(vm, fault))
+        if slot.invalid:
+            if fault.prefetch:
+                raise KvmError(errno.EAGAIN, "pre_fault_memory: the memslot is being updated")
+            return RET_PF_RETRY
+    else:
+        if slot is None or slot.invalid:
+            fault.slot = None
+            return (yield from kvm_handle_noslot_fault(vm, fault))
+        fault.mmu_seq = vm.mmu_invalidate.seq
+        if stepping():
+            yield PF_SEQ_SNAPSHOT
+        kvm_mem_check_private(vm, fault)
+    unsafe = vm.faultin_retry_unsafe
+    if unsafe and vm.mmu_invalidate.retry_gfn(fault.mmu_seq, fault.gfn):
+        vm.stats["fault_retry_unsafe"] += 1
+        return RET_PF_RETRY
     r = fault_faultin(vm, fault)
     if type(r) is GeneratorType:
         r = yield from r
     if r != RET_PF_CONTINUE:
         return r
+    if unsafe and vm.mmu_invalidate.retry_gfn(fault.mmu_seq, fault.gfn):
+        # The pfn is let go (kvm_release_faultin_page): nothing is refcounted in the model.
+        vm.stats["fault_retry_unsafe"] += 1
+        return RET_PF_RETRY
+    lock = vm.mmu_lock
     if stepping() or not lock.try_lock(READ):
         yield from lock.read_lock(PF_LOCK_WAIT)
     try:
@@ -110,36 +130,40 @@ def kvm_page_fault(vm, fault: PageFault):
         lock.read_unlock()
 
 
-def fault_begin(vm, fault: PageFault) -> int | None:
-    """After the fast path, up to the snapshot (the private no-slot exit, the
-    KVM_MEMSLOT_INVALID retry, then mmu_invalidate_seq): a RET_PF_* code when the fault ends
-    here, None to go on (``fault.slot`` None: an MMIO access)."""
-    slot = fault.slot
-    if slot is None:
-        if fault.is_private:
-            raise memory_fault_exit(vm, fault)
-        return None
-    if slot.invalid:
-        if fault.prefetch:
-            raise KvmError(errno.EAGAIN, "pre_fault_memory: the memslot is being updated")
-        return RET_PF_RETRY
-    fault.mmu_seq = vm.mmu_invalidate.seq
-    return None
+def kvm_mem_check_private(vm, fault: PageFault) -> None:
+    """kvm_mmu_faultin_pfn's private/shared check, after the snapshot: a fault whose intent
+    differs from the gfn's attribute exits to userspace (KVM_EXIT_MEMORY_FAULT)."""
+    if fault.is_private != (bool(vm.attributes) and vm.kvm_mem_is_private(fault.gfn)):
+        vm.stats["exit_private_mismatch"] += 1
+        raise memory_fault_exit(vm, fault)
+
+
+def kvm_handle_noslot_fault(vm, fault: PageFault):
+    """kvm_handle_noslot_fault, a flow: a private access exits (KVM_EXIT_MEMORY_FAULT); a
+    shared one is MMIO, which the backend may cache (x86's MMIO SPTE, installed under the
+    read lock); RET_PF_EMULATE."""
+    if fault.is_private:
+        raise memory_fault_exit(vm, fault)
+    lock = vm.mmu_lock
+    if stepping() or not lock.try_lock(READ):
+        yield from lock.read_lock(PF_LOCK_WAIT)
+    try:
+        vm.hook.handle_noslot_fault(vm=vm, fault=fault)
+    finally:
+        lock.read_unlock()
+    return RET_PF_EMULATE
 
 
 def fault_faultin(vm, fault: PageFault) -> int:
-    """After the snapshot, without the MMU lock: the private/shared check against the
-    attributes (kvm_mmu_faultin_pfn), then the pfn (faultin_pfn). RET_PF_CONTINUE to go on,
-    or a generator returning it when a shared write meets the host's zero page.
+    """After the snapshot and the checks, without the MMU lock: the pfn (faultin_pfn).
+    RET_PF_CONTINUE to go on, or a generator returning it when a shared write meets the
+    host's zero page.
 
     That write's get_user_pages breaks COW (hva_to_pfn_slow -> handle_mm_fault ->
     do_wp_page), whose MMU-notifier invalidation takes kvm->mmu_lock for write and so may
     wait for a paused fault holding it for read. The model runs that COW break in the fault's
     own flow, first thing in faultin (nothing KVM does is observable before GUP there), so it
     pauses at the notifier's points; the GUP that follows finds the new page writable."""
-    if fault.is_private != (bool(vm.attributes) and vm.kvm_mem_is_private(fault.gfn)):
-        vm.stats["exit_private_mismatch"] += 1
-        raise memory_fault_exit(vm, fault)
     if fault.write and not fault.is_private:
         slot = fault.slot
         if not slot.readonly and not slot.gmem_only:

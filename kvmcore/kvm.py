@@ -57,6 +57,9 @@ class Kvm:
         self.nr_memslot_pages = 0
         self.nr_memslots_dirty_logging = 0
         self.mmu_invalidate = InvalidateState(arch_info.fault_retry_gfn)
+        #: The fault path's arch choices (ArchInfo), read once per fault.
+        self.invalid_slot_retry = arch_info.invalid_slot_retry
+        self.faultin_retry_unsafe = arch_info.faultin_retry_unsafe
         self.mn_active_invalidate_count = 0
         #: The address span (log2) of one root table entry, set by a backend's init_vm: the
         #: tables under one entry may be linked by any fault under it, so faults under

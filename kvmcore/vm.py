@@ -492,14 +492,24 @@ class Vcpu(KvmVcpu):
                 srcu.read_unlock(idx)
             if r != RET_PF_FIXED or vm.events is not None:
                 self._fault_done(fault, r, access, chunk, data, pos)
-            if r == RET_PF_RETRY and vm.mmu_invalidate.in_progress_covers(fault.gfn):
-                # The vCPU re-enters the guest and faults again, and again, until the
-                # invalidation ends: modelled as one wait, since every retry in between
-                # changes nothing.
-                yield from wait_until(
-                    lambda gfn=fault.gfn: not vm.mmu_invalidate.in_progress_covers(gfn),
-                    "the invalidation of this gfn to end", PF_RETRY_WAIT)
+            if r == RET_PF_RETRY and self._retry_blocked(fault.gfn):
+                # The vCPU re-enters the guest (leaving kvm->srcu) and faults again, and
+                # again, until the invalidation ends or the memslot update that made its slot
+                # INVALID is done: modelled as one wait, since every retry in between changes
+                # nothing.
+                yield from wait_until(lambda gfn=fault.gfn: not self._retry_blocked(gfn),
+                                      "the invalidation of this gfn or the update of its "
+                                      "memslot to end", PF_RETRY_WAIT)
         raise self._livelock(gpa)
+
+    def _retry_blocked(self, gfn: int) -> bool:
+        """Whether a fault on ``gfn`` can only retry now: an invalidation of it is in
+        progress, or its memslot is INVALID (a DELETE or MOVE between its swaps)."""
+        vm = self.vm
+        if vm.mmu_invalidate.in_progress_covers(gfn):
+            return True
+        slot = vm.memslot_sets[self.as_id].search(gfn)
+        return slot is not None and slot.invalid and vm.invalid_slot_retry
 
     @staticmethod
     def _livelock(gpa: int) -> KvmError:

@@ -7,7 +7,13 @@ import errno
 
 import pytest
 
-from kvmcore.conformance.helpers import expect_errno_unchanged, expect_mmio, pattern
+from kvmcore.conformance.helpers import (
+    expect_errno_unchanged,
+    expect_mmio,
+    finish,
+    pattern,
+    step_until,
+)
 from kvmcore.uapi import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -297,6 +303,37 @@ def test_delete_zaps_and_unmaps(guest):
     guest.vm.set_user_memory_region(0, GPA, 0, 0)
     assert list(guest.vm.mappings()) == []
     expect_mmio(guest.read, GPA + page, 8, None, GPA + page)
+
+
+@pytest.mark.parametrize("change", ["delete", "move"])
+def test_fault_while_the_invalid_copy_is_published(guest, change):
+    """A fault between a DELETE's or MOVE's first swap (the INVALID copy published) and its
+    end: where ArchInfo.invalid_slot_retry (x86 kvm_mmu_faultin_pfn) the vCPU retries until
+    the update is done, outside kvm->srcu, so the update's synchronize_srcu is not held up,
+    and then sees the new memslots; elsewhere (arm64 kvm_handle_guest_abort, ppc
+    kvmppc_book3s_radix_page_fault, riscv kvm_riscv_gstage_page_fault) an INVALID slot has no
+    hva and the access is MMIO at once. Never a livelock, never a leaf in the old range (the
+    one already there serves accesses until the update's flush)."""
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size)
+    guest.write(GPA + page, pattern(7))
+    new_gpa = GPA + 4 * slot_size
+    update = guest.vm.steps.set_user_memory_region(
+        0, GPA if change == "delete" else new_gpa, 0 if change == "delete" else slot_size, hva)
+    step_until(update, "slot_srcu_sync")
+    untouched = GPA + 3 * page          # no leaf yet: the access faults
+    access = guest.vcpu.steps.read(untouched, 8)
+    if guest.vm.arch_info.invalid_slot_retry:
+        assert step_until(access, "pf_retry_wait") is None and not access.runnable
+        assert list(update) and access.runnable
+    expect_mmio(finish, untouched, 8, None, access)
+    assert bool(guest.vm.stats["fault_retry"]) == guest.vm.arch_info.invalid_slot_retry
+    finish(update)
+    assert all(m.gfn >= new_gpa >> 12 for m in guest.vm.mappings())
+    if change == "move":
+        assert guest.read(new_gpa + page) == pattern(7)
+    guest.vm.check_invariants()
 
 
 def test_delete_keeps_other_slots(guest):

@@ -122,6 +122,17 @@ def test_private_fault_without_slot_exits(guest):
                         exit_private=True)
 
 
+def test_shared_fault_on_private_gfn_without_slot_exits(guest):
+    """kvm_mmu_faultin_pfn checks private/shared right after the seq snapshot, before it
+    looks at the slot: a shared access with no memslot whose gfn turns private after the
+    snapshot exits KVM_EXIT_MEMORY_FAULT (flags 0), not MMIO."""
+    page = guest.vm.page_size
+    steps = guest.vcpu.step_access("read", GPA + 3 * page, 8, private=False)
+    step_until(steps, "pf_seq_snapshot")
+    guest.make_private(GPA, SLOT_PAGES * page)
+    expect_memory_fault(page, finish, steps, gpa=GPA + 3 * page, exit_private=False)
+
+
 def test_private_access_maps_private_leaf(guest):
     """A private access to a private gfn maps the private alias; the data round-trips."""
     page = guest.vm.page_size

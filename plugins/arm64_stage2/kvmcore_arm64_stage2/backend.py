@@ -94,6 +94,9 @@ def _arch_info(g: Stage2Geometry) -> ArchInfo:
         vcpu_ioctl_errno=errno.EINVAL,
         # user_mem_abort checks mmu_invalidate_retry: any invalidation in progress retries.
         fault_retry_gfn=False,
+        # kvm_handle_guest_abort: a missing or INVALID slot has no hva, the abort is MMIO
+        invalid_slot_retry=False,
+        faultin_retry_unsafe=False,
     )
 
 

@@ -93,6 +93,9 @@ def _arch_info(page_size: int, huge_past_slot: bool = True) -> ArchInfo:
         vcpu_ioctl_errno=errno.EINVAL,
         # kvmppc_create_pte / find_kvm_host_pte check mmu_invalidate_retry (not the gfn form).
         fault_retry_gfn=False,
+        # kvmppc_book3s_radix_page_fault: no slot or an INVALID one is emulated MMIO
+        invalid_slot_retry=False,
+        faultin_retry_unsafe=False,
         # kvmppc_book3s_instantiate_page: any error pfn is -EFAULT; no hwpoison signal.
         hwpoison_sigbus=False,
         known_divergences=_HUGE_PAST_SLOT if huge_past_slot else {},

@@ -87,6 +87,9 @@ def _arch_info(pgd_levels: int) -> ArchInfo:
         vm_ioctl_errno=errno.EINVAL, vcpu_ioctl_errno=errno.EINVAL,
         # kvm_riscv_mmu_map checks mmu_invalidate_retry: any invalidation retries.
         fault_retry_gfn=False,
+        # kvm_riscv_gstage_page_fault: a missing or INVALID slot has no hva, the access is MMIO
+        invalid_slot_retry=False,
+        faultin_retry_unsafe=False,
         # kvm_riscv_mmu_map: kvm_send_hwpoison_signal(hva, vma_pageshift).
         hwpoison_lsb_vma=True,
         known_divergences=KNOWN_DIVERGENCES)

@@ -141,9 +141,9 @@ def test_munmap_waits_for_a_fault_paused_at_its_leaf_cmpxchg(make):
 def test_a_zap_paused_at_tdp_zap_yield_lets_a_fault_in(make):
     """A notifier zap over two 2 MiB regions drops mmu_lock after the first one
     (tdp_mmu_iter_cond_resched), having flushed what it zapped. A fault outside the
-    invalidated range takes the lock and installs meanwhile; one inside it takes the lock too,
-    finds itself stale and waits for the invalidation to end; the zap then takes the lock
-    again for the second region."""
+    invalidated range takes the lock and installs meanwhile; one inside it sees the
+    invalidation before it looks its pfn up (mmu_invalidate_retry_gfn_unsafe) and waits for
+    it to end; the zap then takes the lock again for the second region."""
     g = make()
     hva = g.slot(0, 0, 2 * SZ_2M)
     g.slot(1, 4 * SZ_2M, SZ_2M)
@@ -158,8 +158,8 @@ def test_a_zap_paused_at_tdp_zap_yield_lets_a_fault_in(make):
     v1 = g.vm.create_vcpu(1)
     assert v1.read(4 * SZ_2M, 1) == bytes(1)            # another slot: installs
     inside = v1.steps.read(PAGE, 1)
-    assert step_to(inside, "pf_retry_wait")[-1] == "pf_retry_wait"
-    assert g.vm.stats["fault_retry_stale"] == 1
+    assert step_to(inside, "pf_retry_wait") == ["pf_seq_snapshot", "pf_retry_wait"]
+    assert g.vm.stats["fault_retry_unsafe"] == 1
     assert not inside.runnable
     assert zap.runnable
     zap.run()
@@ -216,8 +216,9 @@ def test_tdx_private_zap_pauses_between_block_track_and_remove(td):
     """Converting a TD's private page to shared zaps its mirror SPTE under the write lock,
     then removes it from the TDX module in three steps (tdx_sept_remove_private_spte):
     - before BLOCK the S-EPT still maps the page: a vCPU that walks now still reads it;
-    - after BLOCK no new translation is made (a walk faults and waits for mmu_lock), but a
-      vCPU's TLB still serves it until TRACK and the kick;
+    - after BLOCK no new translation is made (a walk faults, sees the invalidation in
+      progress and retries until it ends), but a vCPU's TLB still serves it until TRACK and
+      the kick;
     - after the kick every vCPU's TLB has lost it, before PAGE.REMOVE frees it.
     The model's invariants hold at every pause."""
     g, tdx = td, td.tdx
@@ -236,15 +237,15 @@ def test_tdx_private_zap_pauses_between_block_track_and_remove(td):
     g.check()
     assert g.vcpu.read(5 * PAGE, 4) == b"priv" and v1.read(5 * PAGE, 4) == b"priv"
     walker = v2.steps.read(5 * PAGE, 4)
-    step_to(walker, "pf_lock_wait")
-    assert not walker.runnable and walker.waits_for == "mmu_lock(read)"
+    step_to(walker, "pf_retry_wait")
+    assert not walker.runnable
 
     assert next(conv) == "tdx_page_remove"
     assert not tlb_gfns(g.vcpu) & {5} and not tlb_gfns(v1) & {5}
     assert tdx.sept[5] is not None                       # not removed yet
     g.check()
     stuck = g.vcpu.steps.read(5 * PAGE, 4)
-    step_to(stuck, "pf_lock_wait")
+    step_to(stuck, "pf_retry_wait")
     assert not stuck.runnable
 
     conv.run()
