@@ -151,10 +151,6 @@ class TdpMmu:
         self.bugs: list[str] = []
         #: Mirror (S-EPT) page tables freed so far; Linux frees them only at TD teardown.
         self.mirror_tables_freed = 0
-        #: Bumped whenever a page table is taken out of a tree (handle_removed_pt) or a huge
-        #: leaf becomes one: a walk that dropped the lock restarts from the root only if it
-        #: changed meanwhile.
-        self.pt_changes = 0
 
     # ------------------------------------------------------------------ allocation
     def alloc_sp(self) -> int:
@@ -221,7 +217,6 @@ class TdpMmu:
         through remove_external_spte), free the page. Every entry ends FROZEN, as the shared
         (read-lock) form leaves them: a fault paused with this table in its walk then fails
         its compare-and-exchange instead of writing into a freed page."""
-        self.pt_changes += 1
         table = self.store[table_pa]
         step = KVM_PAGES_PER_HPAGE(level)
         for i in present_indices(table, SHADOW_NONPRESENT_VALUE):
@@ -405,7 +400,6 @@ class TdpMmu:
         return child_pa
 
     def _account_split(self, vm: Kvm) -> None:
-        self.pt_changes += 1
         # The children took over the leaf; only the count changes.
         vm.stats["x86_tdp.leaf_count"] += SPTE_ENT_PER_PAGE - 1
         vm.stats["x86_tdp.split_huge_page"] += 1
@@ -469,15 +463,13 @@ class TdpMmu:
                 if flush:
                     vm.flush_remote_tlbs()
                     flush = False
-                changes = self.pt_changes
                 yield from lock.cond_resched(WRITE, TDP_ZAP_YIELD)
                 progress = False
-                if self.pt_changes != changes:
-                    # A table on the walk's path may be gone, or this leaf split: start
-                    # again from the root. Otherwise the lazy walk, which reads each entry
-                    # when it gets there, already sees what others changed.
-                    leaves = self.iter_leaves(root, max(gfn, start), end)
-                    continue
+                # tdp_iter_restart: the walk starts again from the root at this gfn and reads
+                # every entry as it is now: a table on its path may be gone, this leaf split,
+                # or a table linked where it was (a leaf is zapped, a table never).
+                leaves = self.iter_leaves(root, max(gfn, start), end)
+                continue
             region = here
             old = table[idx]
             if not old & SPTE_MMU_PRESENT_MASK:

@@ -201,6 +201,45 @@ def test_only_a_zap_that_may_block_yields(make):
     g.check()
 
 
+def test_a_zap_restarts_from_the_root_after_it_yields(make):
+    """tdp_mmu_zap_leafs restarts its walk from the root after tdp_mmu_iter_cond_resched: if
+    the huge leaf it was about to zap was replaced by a page table while the lock was
+    dropped, the table is walked, not zapped, and leaves outside the range stay."""
+    from kvmcore.locks import WRITE, Flow
+
+    g = make()
+    raw = g.host.mmap(3 * SZ_2M, thp=True)
+    hva = (raw + SZ_2M - 1) & ~(SZ_2M - 1)
+    g.slot(0, 0, 2 * SZ_2M, hva=hva)
+    g.vcpu.read(0, 1)
+    g.vcpu.read(SZ_2M, 1)
+    assert [m.size for m in g.vm.mappings()] == [SZ_2M, SZ_2M]
+    tdp, root = g.b.tdp, g.b.direct_roots[0]
+
+    def zap():
+        yield from g.vm.mmu_lock.write_lock("zap_lock_wait")
+        try:
+            return (yield from tdp.tdp_mmu_zap_leafs(g.vm, root, 0, 600, True, False))
+        finally:
+            g.vm.mmu_lock.write_unlock()
+
+    flow = Flow("zap", zap())
+    assert [next(flow), next(flow)] == ["zap_lock_wait", "tdp_zap_yield"]
+    # Lock dropped: the 2M leaf at gfn 512 goes, and a fault outside the zap's range links
+    # a 4K table where it was.
+    with g.vm.mmu_lock(WRITE):
+        table, idx, level, _ = tdp.get_last_spte(root, 512)
+        tdp.set_spte(g.vm, root, table, idx, 512, level, S.SHADOW_NONPRESENT_VALUE)
+    g.vm.flush_remote_tlbs()
+    g.host.split_huge_page(hva + SZ_2M)
+    g.vcpu.read(800 << 12, 1)
+    assert [(m.gfn, m.size) for m in g.vm.mappings()] == [(800, PAGE)]
+    flow.run()
+    assert [(m.gfn, m.size) for m in g.vm.mappings()] == [(800, PAGE)]
+    assert not tdp.bugs
+    g.check()
+
+
 @pytest.fixture
 def td(make):
     """A TD with a private page at gfn 5 written by vCPU 0 (its TLB holds it)."""
