@@ -87,6 +87,9 @@ class ArchInfo:
     kvm_handle_guest_abort, ppc kvmppc_book3s_radix_page_fault, riscv
     kvm_riscv_gstage_page_fault): the gfn's hva is looked up first, and neither a missing nor
     an INVALID slot has one (__gfn_to_hva_many): the access is MMIO, before any snapshot.
+    ``mmu_lockless_aging``: CONFIG_KVM_MMU_LOCKLESS_AGING (x86): the MMU notifier's aging
+    callbacks walk without kvm->mmu_lock (kvm_age_hva_range's ``lockless``), beside faults
+    and zaps; elsewhere they take it for write.
     ``faultin_retry_unsafe``: the fault tests mmu_invalidate_retry_gfn_unsafe before and after
     it gets the pfn and retries without taking mmu_lock (x86 kvm_mmu_faultin_pfn).
 
@@ -130,6 +133,7 @@ class ArchInfo:
     fault_retry_gfn: bool = True
     invalid_slot_retry: bool = True
     faultin_retry_unsafe: bool = True
+    mmu_lockless_aging: bool = False
     hwpoison_sigbus: bool = True
     hwpoison_lsb_vma: bool = False
     known_divergences: _MappingABC[str, str] = attrs.field(factory=dict, converter=dict,

@@ -35,7 +35,8 @@ def kvm_handle_ranges(vm, ranges, handler, on_lock=None, flush_on_ret: bool = Fa
     """The loop every locked walk shares (__kvm_handle_hva_range, kvm_handle_gfn_range,
     __kvm_gmem_invalidate_begin), as a flow returning ``(ret, found)``: at the first of
     ``ranges`` (struct kvm_gfn_range, produced lazily) wait for kvm->mmu_lock for write at
-    ``point``, take it and run ``on_lock``; OR the ``handler(vm, range)`` results (a handler
+    ``point``, take it and run ``on_lock`` (a ``lockless`` walk takes no lock: it only pauses
+    at ``point`` when stepped); OR the ``handler(vm, range)`` results (a handler
     may be a flow itself; None: only lock and ``on_lock``, and ``ranges`` need only say
     whether there is one); flush every TLB before dropping the lock when one asked for it
     (pausing at ``flush_point`` first, if given: the flusher waits for the vCPUs holding the
@@ -57,6 +58,8 @@ def kvm_handle_ranges(vm, ranges, handler, on_lock=None, flush_on_ret: bool = Fa
                     locked = True
                     if on_lock is not None:
                         on_lock()
+                elif stepping():
+                    yield point     # no mmu_lock: the walk runs beside faults and zaps
                 if handler is None:
                     break
             r = handler(vm, rng)

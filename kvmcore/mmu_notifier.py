@@ -24,6 +24,9 @@ MN_START_LOCK_WAIT = "mn_start_lock_wait"
 MN_HOST_WINDOW = "mn_host_window"
 MN_END_LOCK_WAIT = "mn_end_lock_wait"
 MN_AGE_LOCK_WAIT = "mn_age_lock_wait"
+#: Aging where CONFIG_KVM_MMU_LOCKLESS_AGING (ArchInfo.mmu_lockless_aging): under kvm->srcu
+#: only, before the walk, which faults holding mmu_lock for read and zaps may run beside.
+MN_AGE_LOCKLESS = "mn_age_lockless"
 
 
 def kvm_unmap_gfn_range(vm: Kvm, rng: GfnRange):
@@ -86,16 +89,14 @@ class KvmMmuNotifier:
         mapping: one page or one huge page (``HostMemory.age``). Linux flushes when a leaf
         was young unless CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG (x86 sets it); the model
         flushes, which only makes the next access re-walk."""
-        young, _ = yield from kvm_handle_hva_range(self.vm, start, end, _age_handler,
-                                                   flush_on_ret=True, point=MN_AGE_LOCK_WAIT)
+        young, _ = yield from self._age(start, end, _age_handler, True)
         self.vm.stats["mn_clear_flush_young"] += 1
         return young
 
     def clear_young(self, start: int, end: int):
         """kvm_mmu_notifier_clear_young (page_idle, DAMON): as ``clear_flush_young``, no
         flush."""
-        young, _ = yield from kvm_handle_hva_range(self.vm, start, end, _age_handler,
-                                                   point=MN_AGE_LOCK_WAIT)
+        young, _ = yield from self._age(start, end, _age_handler, False)
         self.vm.stats["mn_clear_young"] += 1
         return young
 
@@ -103,9 +104,20 @@ class KvmMmuNotifier:
         """kvm_mmu_notifier_test_young (khugepaged, DAMON): whether any secondary mapping of
         the range is young, changing nothing and flushing nothing. Linux's notifier takes one
         address and looks at [address, address + 1), one page: the host passes that page."""
-        young, _ = yield from kvm_handle_hva_range(self.vm, start, end, _test_age_handler,
-                                                   point=MN_AGE_LOCK_WAIT)
+        young, _ = yield from self._age(start, end, _test_age_handler, False)
         return young
+
+    def _age(self, start: int, end: int, handler, flush: bool):
+        """kvm_age_hva_range: the walk under kvm->mmu_lock for write (``mn_age_lock_wait``),
+        or, where the arch selects CONFIG_KVM_MMU_LOCKLESS_AGING (x86), under kvm->srcu only
+        (``mn_age_lockless``): the backend's aging then races faults that hold the lock for
+        read, and zaps, with atomic updates of one entry at a time (the model updates each
+        entry in one step, so a compare-and-exchange it would lose cannot happen inside the
+        walk; a fault's that loses to it retries)."""
+        lockless = self.vm.arch_info.mmu_lockless_aging
+        return kvm_handle_hva_range(self.vm, start, end, handler, flush_on_ret=flush,
+                                    lockless=lockless,
+                                    point=MN_AGE_LOCKLESS if lockless else MN_AGE_LOCK_WAIT)
 
     def release(self) -> None:
         """The mm is going away: kvm_flush_shadow_all (no vCPU runs any more)."""

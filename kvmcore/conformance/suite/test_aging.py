@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvmcore.conformance.helpers import pattern
+from kvmcore.locks import Flow
 
 pytestmark = pytest.mark.requires("aging")
 
@@ -85,3 +86,35 @@ def test_test_young_reports_without_clearing(guest, host):
     assert guest.vm.lookup(GPA) == before
     host.age(hva, page)
     assert host.test_young(hva, page) is False
+
+
+def _holding_mmu_lock(vm):
+    """A thread that takes kvm->mmu_lock for write and stops there (a zap's, say)."""
+    yield from vm.mmu_lock.write_lock("holder_lock_wait")
+    try:
+        yield "holding"
+    finally:
+        vm.mmu_lock.write_unlock()
+
+
+def test_aging_beside_a_flow_holding_mmu_lock(guest, host):
+    """kvm_age_hva_range: where the arch selects CONFIG_KVM_MMU_LOCKLESS_AGING (x86, the TDP
+    MMU ages under RCU) aging runs while another flow holds kvm->mmu_lock, and ages the
+    leaves; elsewhere it takes the lock for write and waits."""
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size)
+    guest.write(GPA + page, pattern(3))
+    holder = Flow("holder", _holding_mmu_lock(guest.vm))
+    assert [next(holder), next(holder)] == ["holder_lock_wait", "holding"]
+    age = host.steps.age(hva + page, page)
+    if guest.vm.arch_info.mmu_lockless_aging:
+        assert age.run() is True
+        assert not guest.vm.lookup(GPA + page).young
+    else:
+        assert next(age) == "mn_age_lock_wait" and not age.runnable
+    holder.run()
+    if not age.done:
+        assert age.run() is True
+    assert not guest.vm.lookup(GPA + page).young
+    guest.vm.check_invariants()

@@ -133,6 +133,8 @@ ARCH_INFO = ArchInfo(
     nr_address_spaces=2,
     # KVM_INTERNAL_MEM_SLOTS: APIC access page, identity map, TSS.
     internal_mem_slots=3,
+    # arch/x86/kvm/Kconfig selects KVM_MMU_LOCKLESS_AGING: the TDP MMU ages under RCU.
+    mmu_lockless_aging=True,
     description="x86 TDP MMU with EPT entries; TDX mirror roots, SNP RMP, SW-protected VMs",
 )
 
