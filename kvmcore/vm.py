@@ -607,35 +607,43 @@ class Vcpu(KvmVcpu):
             raise _caps.pre_fault_unsupported(vm)
         full = size
         err = None
-        while size:
-            try:
-                done = yield from self._pre_fault_one(gpa, size)
-            except KvmError as e:
-                err = e
-                break
-            size -= done
-            gpa += done
+        # kvm->srcu is held across the whole loop, not per page: a memslot update's
+        # synchronize_srcu waits for the pre-fault to end.
+        idx = vm.srcu.read_lock()
+        try:
+            while size:
+                try:
+                    done = yield from self._pre_fault_one(gpa, size)
+                except KvmError as e:
+                    err = e
+                    break
+                size -= done
+                gpa += done
+        finally:
+            vm.srcu.read_unlock(idx)
         if size == full and err is not None:
             raise err
         return gpa, size
 
     def _pre_fault_one(self, gpa: int, size: int):
-        """kvm_tdp_map_page: the fault for one page, looping while it retries."""
+        """kvm_tdp_map_page: the fault for one page, looping while it retries (the caller
+        holds kvm->srcu). While an invalidation of the gfn is in progress Linux spins
+        (cond_resched) fault after fault, each retrying: modelled as one wait."""
         vm = self.vm
         gfn = gpa >> PAGE_SHIFT
         for _ in range(MAX_FAULT_RETRIES):
             fault = PageFault(addr=gpa, gfn=gfn, is_private=vm.kvm_mem_is_private(gfn),
                               prefetch=True, as_id=self.as_id, vcpu=self)
-            idx = vm.srcu.read_lock()
             try:
                 r = yield from kvm_page_fault(vm, fault)
             except VcpuExit as e:
                 self._count_exit(fault, e)
                 raise KvmError(e.errno or errno.EFAULT,
                                f"gpa={gpa:#x}: the pre-fault exited ({e!r})") from None
-            finally:
-                vm.srcu.read_unlock(idx)
             if r == RET_PF_RETRY:
+                if self._retry_blocked(gfn):
+                    yield from wait_until(lambda: not self._retry_blocked(gfn),
+                                          "the invalidation of this gfn to end", PF_RETRY_WAIT)
                 continue
             if r == RET_PF_EMULATE:
                 raise KvmError(errno.ENOENT, f"gpa={gpa:#x} is not covered by a memslot")

@@ -7,7 +7,13 @@ import errno
 
 import pytest
 
-from kvmcore.conformance.helpers import MAX_PAGE, covers, expect_errno_unchanged, pattern
+from kvmcore.conformance.helpers import (
+    MAX_PAGE,
+    covers,
+    expect_errno_unchanged,
+    pattern,
+    step_until,
+)
 
 pytestmark = pytest.mark.requires("pre_fault")
 
@@ -80,3 +86,22 @@ def test_pre_fault_private(guest):
     assert guest.vcpu.pre_fault_memory(GPA, page) == (GPA + page, 0)
     m = guest.vm.lookup(GPA, private=True)
     assert covers(m, GPA) and m.private
+
+
+def test_pre_fault_waits_for_an_invalidation_holding_srcu(guest, host):
+    """kvm_vcpu_pre_fault_memory holds kvm->srcu across its loop, and kvm_tdp_map_page
+    faults again while the fault retries: a pre-fault that meets an invalidation of its page
+    waits for it to end (still in the SRCU read side), then maps the page."""
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size)
+    pre = guest.vcpu.steps.pre_fault_memory(GPA + 2 * page, 2 * page)
+    step_until(pre, "pf_seq_snapshot")
+    zap = host.steps.madvise_dontneed(hva, slot_size)
+    step_until(zap, "mn_host_window")
+    assert next(pre) == "pf_retry_wait" and not pre.runnable and "srcu" in pre.holds
+    zap.run()
+    assert pre.run() == (GPA + 4 * page, 0)
+    assert covers(guest.vm.lookup(GPA + 2 * page), GPA + 2 * page)
+    assert covers(guest.vm.lookup(GPA + 3 * page), GPA + 3 * page)
+    guest.vm.check_invariants()
