@@ -60,7 +60,8 @@ def kvm_page_fault(vm, fault: PageFault):
     decided before any snapshot; then the snapshot and faultin_pfn. Then, on every arch:
     mmu_lock (for read where it is an rwlock); staleness check; relax_perms or map_leaf,
     which may yield at their own compare-and-exchange points (a backend's hook written as a
-    generator).
+    generator); unlock; then what the backend left for after the unlock
+    (``fault.after_unlock``: arm64 marks the page dirty there), at its own point.
 
     The snapshot's point waits for nothing and the lock's only for the lock: a flow that is
     not stepped (``stepping()`` False: a plain call, which no other flow can interleave)
@@ -92,8 +93,12 @@ def kvm_page_fault(vm, fault: PageFault):
         if stepping():
             yield PF_SEQ_SNAPSHOT
         kvm_mem_check_private(vm, fault)
+    # mmu_invalidate_retry_gfn_unsafe, whose answer is no unless an invalidation is in
+    # progress or the seq moved: those two reads first.
+    inv = vm.mmu_invalidate
     unsafe = vm.faultin_retry_unsafe
-    if unsafe and vm.mmu_invalidate.retry_gfn(fault.mmu_seq, fault.gfn):
+    if unsafe and (inv.in_progress or inv.seq != fault.mmu_seq) and \
+            inv.retry_gfn(fault.mmu_seq, fault.gfn):
         vm.stats["fault_retry_unsafe"] += 1
         return RET_PF_RETRY
     r = fault_faultin(vm, fault)
@@ -101,7 +106,8 @@ def kvm_page_fault(vm, fault: PageFault):
         r = yield from r
     if r != RET_PF_CONTINUE:
         return r
-    if unsafe and vm.mmu_invalidate.retry_gfn(fault.mmu_seq, fault.gfn):
+    if unsafe and (inv.in_progress or inv.seq != fault.mmu_seq) and \
+            inv.retry_gfn(fault.mmu_seq, fault.gfn):
         # The pfn is let go (kvm_release_faultin_page): nothing is refcounted in the model.
         vm.stats["fault_retry_unsafe"] += 1
         return RET_PF_RETRY
@@ -125,9 +131,14 @@ def kvm_page_fault(vm, fault: PageFault):
             r = vm.map_leaf(vm=vm, fault=fault)
             if type(r) is GeneratorType:
                 r = yield from r
-        return r
     finally:
         lock.read_unlock()
+    after = fault.after_unlock
+    if after is not None:
+        if stepping():
+            yield after[0]
+        after[1](*after[2])
+    return r
 
 
 def kvm_mem_check_private(vm, fault: PageFault) -> None:

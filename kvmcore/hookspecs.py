@@ -276,7 +276,8 @@ def enable_log_dirty_pt_masked(vm: Kvm, slot: Memslot, gfn_offset: int, mask: in
 @hookspec
 def dirty_pending_gfns(vm: Kvm, slot: Memslot) -> list[int]:
     """Gfns of ``slot`` that the guest wrote and whose dirty state still sits in the hardware
-    (x86 PML buffer entries, Power C bits), i.e. what ``sync_dirty_log`` would log now. Used by
+    (x86 PML buffer entries, Power C bits), i.e. what ``sync_dirty_log`` would log now, or
+    that a fault in flight marks once it has dropped mmu_lock (arm64). Used by
     the invariant "a dirty writable leaf in a logging slot is logged or pending". Must not
     change anything. Every implementation runs; default: none."""
 

@@ -88,9 +88,11 @@ class PageFault:
     ``fault_size`` (from the violation). Set by the flow: ``slot``, ``mmu_seq``; by
     ``faultin_pfn``: ``hva``, ``pfn``, ``map_writable``, ``max_size`` (the backing's largest
     mapping in bytes), ``pfnmap``, ``cacheable``; by the backend: ``max_level``, ``goal_level``
-    (its own level numbers) and ``goal_size``, and ``arch``: whatever else its fault handler
+    (its own level numbers) and ``goal_size``, ``arch``: whatever else its fault handler
     keeps from one step to the next (what Linux keeps in user_mem_abort's or
-    kvmppc_book3s_instantiate_page's locals).
+    kvmppc_book3s_instantiate_page's locals), and ``after_unlock``: ``(point, fn, args)``,
+    what the fault does once it has dropped kvm->mmu_lock (arm64's mark_page_dirty_in_slot
+    after kvm_fault_unlock), run by the core after pausing at ``point``.
     """
 
     addr: int
@@ -118,6 +120,7 @@ class PageFault:
     goal_size: int = 4096
     host_vma: object = None
     arch: object = None
+    after_unlock: tuple | None = None
 
     @property
     def read(self) -> bool:

@@ -155,6 +155,8 @@ class Arm64Stage2Backend:
         self._start_level = self.geom.start_level
         #: 4 KiB gfns per base page (mark_base_page_dirty).
         self._gfns_per_page = self.geom.granule >> 12
+        #: (slot, gfn) a fault has mapped writable and marks dirty after dropping mmu_lock.
+        self.dirty_marks_in_flight: set = set()
         #: stage2_apply_range's chunk (stage2_range_addr_end).
         self._apply_chunk = self.geom.size(self.geom.min_block_level)
 
@@ -274,6 +276,19 @@ class Arm64Stage2Backend:
     @hookimpl
     def map_leaf(self, vm, fault):
         return self.abort.map_fault(vm, fault)
+
+    def mark_dirty_after_unlock(self, vm, slot, gfn: int) -> None:
+        """user_mem_abort's mark_page_dirty_in_slot, after kvm_fault_unlock."""
+        self.dirty_marks_in_flight.discard((slot, gfn))
+        self.mark_base_page_dirty(vm, slot, gfn)
+
+    @hookimpl
+    def dirty_pending_gfns(self, vm, slot):
+        """The pages of ``slot`` that a fault has mapped writable and will mark dirty once it
+        has dropped mmu_lock (``arm64_pf_mark_dirty``)."""
+        n = self._gfns_per_page
+        return [g for s, gfn in self.dirty_marks_in_flight if s is slot
+                for g in range(gfn & ~(n - 1), (gfn & ~(n - 1)) + n)]
 
     def mark_base_page_dirty(self, vm, slot, gfn: int) -> None:
         """mark_page_dirty_in_slot for every 4 KiB gfn of the base page holding ``gfn``."""

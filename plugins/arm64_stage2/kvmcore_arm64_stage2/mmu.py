@@ -16,7 +16,8 @@ check); this module supplies what arm64 decides inside it:
   fault_supports_stage2_huge_mapping clamps, THP promotion to PMD only, keeping the faulting
   block on a permission fault).
 * ``relax_or_none`` / ``map_fault``: the relax-vs-map selection and the call into the page table,
-  with mark_page_dirty_in_slot only for a writable, successful fault (commit 509552e65ae8).
+  with mark_page_dirty_in_slot only for a writable, successful fault (commit 509552e65ae8),
+  after kvm->mmu_lock is dropped (``PageFault.after_unlock``, at ``arm64_pf_mark_dirty``).
   In a stepped flow (``kvmcore.locks.stepping()``) both return the page-table walk as a
   generator, so the fault stops at its race points (``arm64_pte_break``, ``arm64_pte_make``,
   ``arm64_relax_cmpxchg``: see pgtable.py); a flow run to its end walks without them, since
@@ -50,7 +51,7 @@ from kvmcore.errors import KvmError
 from kvmcore.exits import GuestAbort
 from kvmcore.locks import stepping, wait_until
 from kvmcore.records import ACCESS_FLAG, PERMISSION, PageFault
-from kvmcore.uapi import RET_PF_FIXED, RET_PF_SPURIOUS
+from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES, RET_PF_FIXED, RET_PF_SPURIOUS
 
 from .pgtable import (FAULT_WALK_FLAGS, PROT_DEVICE, PROT_R, PROT_W, PROT_X,
                       stage2_pte_is_locked)
@@ -66,6 +67,9 @@ ESR_ELx_FSC_PERM = 0x0C
 #: A vCPU whose last fault met another walker's LOCKED entry waits here, at its next fault,
 #: until that walker's stage2_make_pte (see the module docstring).
 ARM64_PTE_LOCKED_WAIT = "arm64_pte_locked_wait"
+#: user_mem_abort has dropped kvm->mmu_lock (kvm_fault_unlock) and has not yet marked the
+#: page it mapped writable dirty (mark_page_dirty_in_slot).
+ARM64_PF_MARK_DIRTY = "arm64_pf_mark_dirty"
 
 
 class FaultState:
@@ -323,7 +327,13 @@ class AbortPath:
             gfn = fault.gfn
             if st.vma_pagesize > self.granule:
                 gfn &= ~((st.vma_pagesize >> 12) - 1)
-            self.b.mark_base_page_dirty(vm, fault.slot, gfn)
+            slot = fault.slot
+            if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                # After kvm_fault_unlock: a dirty-log ioctl may run between the install and
+                # the mark (``arm64_pf_mark_dirty``); the gfn is pending until then.
+                self.b.dirty_marks_in_flight.add((slot, gfn))
+                fault.after_unlock = (ARM64_PF_MARK_DIRTY, self.b.mark_dirty_after_unlock,
+                                      (vm, slot, gfn))
         if vm.events is not None:
             vm.trace(f"arm64.{how}", gpa=fault.gpa, size=size, ret=ret, write=fault.write,
                      exec=fault.exec)
