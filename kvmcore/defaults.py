@@ -12,6 +12,7 @@ from . import hookimpl
 from .errors import KvmError
 from .exits import HwPoisonSignal, memory_fault_exit
 from .gmem import kvm_gmem_get_pfn
+from .hookspecs import SLOT_FLUSH_LOCK_WAIT
 from .locks import drive
 from .mmu_notifier import kvm_unmap_gfn_range
 from .records import GfnRange
@@ -94,10 +95,15 @@ def whole_slot(slot) -> GfnRange:
 
 @hookimpl(trylast=True)
 def flush_shadow_memslot(vm, slot):
-    """kvm_mmu_zap_memslot: zap the whole slot, both aliases, and flush (a flow: the core
-    holds kvm->mmu_lock for write)."""
-    if (yield from kvm_unmap_gfn_range(vm, whole_slot(slot))):
-        vm.flush_remote_tlbs()
+    """kvm_mmu_zap_memslot, a flow: under kvm->mmu_lock for write (``slot_flush_lock_wait``),
+    zap the whole slot, both aliases, and flush."""
+    lock = vm.mmu_lock
+    yield from lock.write_lock(SLOT_FLUSH_LOCK_WAIT)
+    try:
+        if (yield from kvm_unmap_gfn_range(vm, whole_slot(slot))):
+            vm.flush_remote_tlbs()
+    finally:
+        lock.write_unlock()
     return True
 
 

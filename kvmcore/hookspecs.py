@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from .memslots import Memslot
     from .kvm import Kvm, KvmVcpu
 
+
+#: A memslot DELETE or MOVE's flush (``flush_shadow_memslot``) waits here for kvm->mmu_lock.
+SLOT_FLUSH_LOCK_WAIT = "slot_flush_lock_wait"
+
 hookspec = pluggy.HookspecMarker("kvmcore")
 
 
@@ -187,10 +191,11 @@ def unmap_gfn_range(vm: Kvm, range: GfnRange) -> bool:
 def flush_shadow_memslot(vm: Kvm, slot: Memslot) -> bool | None:
     """Zap ``slot``'s mappings before a DELETE or MOVE commits
     (kvm_arch_flush_shadow_memslot), under the slots lock, after the slot's INVALID copy was
-    published and the faults that still used the old one have ended, with ``vm.mmu_lock``
-    held for write by the core. Default: ``unmap_gfn_range`` over the whole slot with
-    ``KVM_FILTER_PRIVATE | KVM_FILTER_SHARED`` and a flush. May be a generator (a flow whose
-    race points the core yields)."""
+    published and the faults that still used the old one have ended. As in Linux, the arch
+    takes ``vm.mmu_lock`` itself, waiting at ``SLOT_FLUSH_LOCK_WAIT`` (a flow: a generator
+    whose race points the core yields). Default: for write, ``unmap_gfn_range`` over the
+    whole slot with ``KVM_FILTER_PRIVATE | KVM_FILTER_SHARED`` and a flush
+    (kvm_mmu_zap_memslot)."""
 
 
 # --------------------------------------------------------------------------- memslots

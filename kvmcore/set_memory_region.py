@@ -169,12 +169,12 @@ def _kvm_set_memory_region(vm: Kvm, slot: int, flags: int, guest_phys_addr: int,
 
 #: Race points of a memslot update (reference/races.md §5): waiting for slots_lock; waiting
 #: for MMU-notifier invalidations to end before a swap; after a swap is published, waiting
-#: for the SRCU readers (faults) that started before it; waiting for kvm->mmu_lock to flush
-#: the old slot; waiting for it before the arch commit, which takes it.
+#: for the SRCU readers (faults) that started before it; the arch's flush of the old slot
+#: (``hookspecs.SLOT_FLUSH_LOCK_WAIT`` and the backend's own points); waiting for kvm->mmu_lock
+#: before the arch commit, which takes it.
 SLOTS_LOCK_WAIT = "slots_lock_wait"
 SLOT_SWAP_WAIT_MN = "slot_swap_wait_mn"
 SLOT_SRCU_SYNC = "slot_srcu_sync"
-SLOT_FLUSH_LOCK_WAIT = "slot_flush_lock_wait"
 SLOT_COMMIT = "slot_commit"
 
 
@@ -206,14 +206,10 @@ def kvm_set_memslot(vm: Kvm, old: Memslot | None, new: Memslot | None, change: i
     if change in (KVM_MR_DELETE, KVM_MR_MOVE):
         invalid = old.evolve(flags=old.flags | KVM_MEMSLOT_INVALID)
         yield from kvm_swap_active_memslots(vm, as_id, lambda: slots.replace(old, invalid))
-        lock = vm.mmu_lock
-        yield from lock.write_lock(SLOT_FLUSH_LOCK_WAIT)
-        try:
-            r = vm.hook.flush_shadow_memslot(vm=vm, slot=old)
-            if type(r) is GeneratorType:
-                yield from r
-        finally:
-            lock.write_unlock()
+        # kvm_arch_flush_shadow_memslot takes kvm->mmu_lock itself, as each arch needs it.
+        r = vm.hook.flush_shadow_memslot(vm=vm, slot=old)
+        if type(r) is GeneratorType:
+            yield from r
     try:
         if change != KVM_MR_DELETE:
             prepare_dirty_bitmap(vm, old, new)

@@ -41,6 +41,7 @@ import structlog
 from kvmcore import ArchInfo, HwPoisonSignal, KvmError, VmOption, hookimpl
 from kvmcore.arch import vm_options
 from kvmcore.exits import memory_fault_exit
+from kvmcore.hookspecs import SLOT_FLUSH_LOCK_WAIT
 from kvmcore.locks import WRITE, stepping
 from kvmcore.memslots import dirty_logging_toggled
 from kvmcore.pgtable import LEAF, STOP, TABLE_PRE, TableStore
@@ -317,9 +318,14 @@ class PpcRadixBackend:
 
     @hookimpl
     def flush_shadow_memslot(self, vm, slot):
-        """kvmppc_core_flush_memslot_hv -> kvmppc_radix_flush_memslot (DELETE / MOVE), under
-        kvm->mmu_lock."""
-        radix_mmu.kvmppc_radix_flush_memslot(self, vm, slot)
+        """kvmppc_core_flush_memslot_hv -> kvmppc_radix_flush_memslot (DELETE / MOVE), a
+        flow: under kvm->mmu_lock (``slot_flush_lock_wait``)."""
+        lock = vm.mmu_lock
+        yield from lock.write_lock(SLOT_FLUSH_LOCK_WAIT)
+        try:
+            radix_mmu.kvmppc_radix_flush_memslot(self, vm, slot)
+        finally:
+            lock.write_unlock()
         return False
 
     # ------------------------------------------------------------------ memslots

@@ -44,6 +44,7 @@ import structlog
 from kvmcore import hookimpl
 from kvmcore.arch import ArchInfo, Mapping, VmOption, vm_options
 from kvmcore.errors import KvmError
+from kvmcore.hookspecs import SLOT_FLUSH_LOCK_WAIT
 from kvmcore.locks import drive
 from kvmcore.memslots import dirty_logging_toggled
 from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X
@@ -96,6 +97,7 @@ from .spte import (
     spte_to_pfn,
 )
 from .tdp_mmu import (
+    X86_ZAP_INVALIDATED_LOCK_WAIT,
     ZAP_YIELD_GFNS,
     KVM_DIRECT_ROOTS,
     KVM_INVALID_ROOTS,
@@ -549,22 +551,38 @@ class X86TdpBackend:
                                                           range.may_block, flush)
         return flush
 
-    def kvm_mmu_zap_all_fast(self, vm) -> None:
-        """mmu.c kvm_mmu_zap_all_fast: invalidate the direct roots (never mirror roots: the
-        S-EPT cannot be zapped fast), let vCPUs load new ones, and zap the old ones whole.
-        The model's vCPU TLBs are flushed, standing for the flush a new root gets on load."""
-        old = [r for r in self.tdp.roots if not r.is_mirror and not r.invalid]
-        for root in old:
-            root.invalid = True
-        self.direct_roots = {}
-        self._alloc_roots()
-        for root in old:
-            self.tdp.tdp_mmu_zap_root(vm, root)
-            self.tdp.store.free(root.pt.root)
-            self.tdp.roots.remove(root)
+    def kvm_mmu_zap_all_fast(self, vm):
+        """mmu.c kvm_mmu_zap_all_fast, a flow. Under kvm->mmu_lock for write
+        (``slot_flush_lock_wait``): invalidate the direct roots (never mirror roots: the S-EPT
+        cannot be zapped fast) and make every vCPU drop its root
+        (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS): the model loads the new roots at once and flushes
+        the vCPUs' TLBs, standing for the flush a new root gets on load. Then, the write lock
+        dropped, kvm_tdp_mmu_zap_invalidated_roots with ``shared``: under the lock for read
+        (``x86_zap_invalidated_lock_wait``) the old roots are zapped whole and freed, while
+        faults on the new roots run beside it and an MMU notifier, which zaps invalid roots
+        too, waits. Linux may also yield inside a root's zap (cond_resched_rwlock_read); the
+        model zaps each root in one stretch."""
+        lock = vm.mmu_lock
+        yield from lock.write_lock(SLOT_FLUSH_LOCK_WAIT)
+        try:
+            old = [r for r in self.tdp.roots if not r.is_mirror and not r.invalid]
+            for root in old:
+                root.invalid = True
+            self.direct_roots = {}
+            self._alloc_roots()
+            vm.flush_remote_tlbs()
+        finally:
+            lock.write_unlock()
         vm.stats["x86_tdp.zap_all_fast"] += 1
         vm.trace("x86_tdp.zap_all_fast")
-        vm.flush_remote_tlbs()
+        yield from lock.read_lock(X86_ZAP_INVALIDATED_LOCK_WAIT)
+        try:
+            for root in old:
+                self.tdp.tdp_mmu_zap_root(vm, root)
+                self.tdp.store.free(root.pt.root)
+                self.tdp.roots.remove(root)
+        finally:
+            lock.read_unlock()
 
     @hookimpl
     def flush_shadow_memslot(self, vm, slot):
@@ -572,8 +590,7 @@ class X86TdpBackend:
         everything fast; other VMs zap the slot, both aliases, and flush
         (kvm_mmu_zap_memslot): the core's default (None: not handled here)."""
         if self.vm_type == KVM_X86_DEFAULT_VM and self.slot_zap_all_quirk:
-            self.kvm_mmu_zap_all_fast(vm)
-            return True
+            return self.kvm_mmu_zap_all_fast(vm)
         return None
 
     # ------------------------------------------------------------------ memslots
@@ -605,8 +622,7 @@ class X86TdpBackend:
         if gen & MMIO_SPTE_GEN_MASK == 0 and gen:
             # kvm_mmu_invalidate_mmio_sptes: the masked generation wrapped.
             vm.stats["x86_tdp.mmio_gen_wrap"] += 1
-            with vm.mmu_lock:
-                self.kvm_mmu_zap_all_fast(vm)
+            drive(self.kvm_mmu_zap_all_fast(vm))
         if change != KVM_MR_FLAGS_ONLY or new_flags & KVM_MEM_READONLY:
             return
         toggled = dirty_logging_toggled(old, new)

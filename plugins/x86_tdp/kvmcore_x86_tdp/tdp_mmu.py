@@ -75,7 +75,11 @@ logger = structlog.get_logger(__name__)
 X86_PF_LINK_CMPXCHG = "x86_pf_link_cmpxchg"
 X86_PF_LEAF_CMPXCHG = "x86_pf_leaf_cmpxchg"
 TDP_ZAP_YIELD = "tdp_zap_yield"
-RACE_POINTS = (X86_PF_LINK_CMPXCHG, X86_PF_LEAF_CMPXCHG, TDP_ZAP_YIELD)
+#: kvm_mmu_zap_all_fast has invalidated the roots and dropped the write lock; its
+#: kvm_tdp_mmu_zap_invalidated_roots waits for the lock for read.
+X86_ZAP_INVALIDATED_LOCK_WAIT = "x86_zap_invalidated_lock_wait"
+RACE_POINTS = (X86_PF_LINK_CMPXCHG, X86_PF_LEAF_CMPXCHG, TDP_ZAP_YIELD,
+               X86_ZAP_INVALIDATED_LOCK_WAIT)
 
 #: Gfns per yield region of a zap: the model's grain for tdp_mmu_iter_cond_resched.
 ZAP_YIELD_GFNS = 512

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from kvmcore.locks import drive
 from kvmcore import MemoryFaultExit
 from kvmcore.records import Access, PERMISSION
 from kvmcore.uapi import KVM_MEMORY_EXIT_FLAG_PRIVATE
@@ -226,8 +227,7 @@ def test_tdx_fast_zap_never_touches_mirror(make):
     g.vcpu.write(0x2000, b"p")
     g.vcpu.write(TDX_SHARED | 0x1000, b"s")
     mirror = g.b.mirror_roots[0]
-    with g.vm.mmu_lock:
-        g.b.kvm_mmu_zap_all_fast(g.vm)
+    drive(g.b.kvm_mmu_zap_all_fast(g.vm))
     assert g.b.mirror_roots[0] is mirror
     assert [m.private for m in g.vm.mappings()] == [True]
 

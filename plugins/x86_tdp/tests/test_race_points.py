@@ -240,6 +240,33 @@ def test_a_zap_restarts_from_the_root_after_it_yields(make):
     g.check()
 
 
+def test_zap_all_fast_zaps_the_old_roots_after_dropping_the_write_lock(make):
+    """kvm_mmu_zap_all_fast (a DEFAULT_VM's memslot DELETE): the roots are invalidated and
+    the vCPUs sent to new ones under the write lock; the old roots are zapped afterwards under
+    the read lock (kvm_tdp_mmu_zap_invalidated_roots), so in between an invalid root still
+    holds its leaves while a fault installs through the new root."""
+    from kvmcore_x86_tdp.tdp_mmu import X86_ZAP_INVALIDATED_LOCK_WAIT
+
+    g = make()
+    hva = g.slot(0, 0, SZ_2M)
+    g.slot(1, 4 * SZ_2M, SZ_2M)
+    g.vcpu.write(PAGE, b"1")
+    g.vcpu.write(4 * SZ_2M, b"2")
+    delete = g.vm.steps.set_user_memory_region(0, 0, 0, hva)
+    assert step_to(delete, X86_ZAP_INVALIDATED_LOCK_WAIT)[-2:] == [
+        "slot_flush_lock_wait", X86_ZAP_INVALIDATED_LOCK_WAIT]
+    assert not any(h.startswith("mmu_lock") for h in delete.holds)
+    old = [r for r in g.b.tdp.roots if r.invalid]
+    assert old and any(True for _ in old[0].pt.iter_present(0, 1 << 52, leaves_only=True))
+    assert not tlb_gfns(g.vcpu)
+    assert g.vcpu.read(4 * SZ_2M, 1) == b"2"             # through the new root
+    assert g.leaf(4 * SZ_2M) is not None
+    delete.run()
+    assert not [r for r in g.b.tdp.roots if r.invalid]
+    assert g.vm.stats["x86_tdp.zap_all_fast"] == 1
+    g.check()
+
+
 @pytest.fixture
 def td(make):
     """A TD with a private page at gfn 5 written by vCPU 0 (its TLB holds it)."""
