@@ -85,7 +85,7 @@ class ArchInfo:
     and checks private/shared first; then a missing slot is MMIO and a slot being deleted or
     moved (KVM_MEMSLOT_INVALID) makes it retry until the update is done. False (arm64
     kvm_handle_guest_abort, ppc kvmppc_book3s_radix_page_fault, riscv
-    kvm_riscv_gstage_page_fault): the gfn's hva is looked up first, and neither a missing nor
+    vcpu_exit.c gstage_page_fault): the gfn's hva is looked up first, and neither a missing nor
     an INVALID slot has one (__gfn_to_hva_many): the access is MMIO, before any snapshot.
     ``mmu_lockless_aging``: CONFIG_KVM_MMU_LOCKLESS_AGING (x86): the MMU notifier's aging
     callbacks walk without kvm->mmu_lock (kvm_age_hva_range's ``lockless``), beside faults

@@ -55,7 +55,7 @@ def kvm_page_fault(vm, fault: PageFault):
     kvm_handle_noslot_fault); a slot being deleted or moved (KVM_MEMSLOT_INVALID) -> retry;
     mmu_invalidate_retry_gfn_unsafe (``faultin_retry_unsafe``) -> retry; faultin_pfn; the same
     lockless check again. Otherwise (arm64 kvm_handle_guest_abort, ppc
-    kvmppc_book3s_radix_page_fault, riscv kvm_riscv_gstage_page_fault) the gfn's hva is looked
+    kvmppc_book3s_radix_page_fault, riscv gstage_page_fault) the gfn's hva is looked
     up first, and a missing or INVALID slot has none (__gfn_to_hva_many): the access is MMIO,
     decided before any snapshot; then the snapshot and faultin_pfn. Then, on every arch:
     mmu_lock (for read where it is an rwlock); staleness check; relax_perms or map_leaf,

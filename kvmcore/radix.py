@@ -553,8 +553,8 @@ class WriteProtectDirtyLog:
     base_gfn, mask)`` and ``split_gfns(vm, as_id, start, end)``, each returning "flush
     needed"."""
 
-    #: Split blocks when logging starts (RISC-V eager_page_split, default on; arm64
-    #: KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE, default off).
+    #: Split blocks when logging starts (RISC-V's later eager_page_split, arm64
+    #: KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE; both off by default).
     eager_split = False
 
     @staticmethod

@@ -311,7 +311,7 @@ def test_fault_while_the_invalid_copy_is_published(guest, change):
     end: where ArchInfo.invalid_slot_retry (x86 kvm_mmu_faultin_pfn) the vCPU retries until
     the update is done, outside kvm->srcu, so the update's synchronize_srcu is not held up,
     and then sees the new memslots; elsewhere (arm64 kvm_handle_guest_abort, ppc
-    kvmppc_book3s_radix_page_fault, riscv kvm_riscv_gstage_page_fault) an INVALID slot has no
+    kvmppc_book3s_radix_page_fault, riscv gstage_page_fault) an INVALID slot has no
     hva and the access is MMIO at once. Never a livelock, never a leaf in the old range (the
     one already there serves accesses until the update's flush)."""
     page = guest.vm.page_size

@@ -8,7 +8,8 @@ widened by kvm_riscv_gstage_pgd_xbits = 2: a 16 KiB root, asm/kvm_gstage.h), so 
 physical address has 2 more bits than the mode's virtual one: 41, 50 or 59
 (kvm_riscv_gstage_gpa_bits). Linux's levels count from the leaf: 0 is 4 KiB, 1 is 2 MiB,
 2 is 1 GiB (gstage_page_size_to_level); KVM maps leaves at those three only
-(kvm_riscv_mmu_map's PAGE_SIZE / PMD_SIZE / PUD_SIZE).
+(kvm_riscv_mmu_map's PAGE_SIZE / PMD_SIZE / PUD_SIZE). All of this is the same in 6.18 and
+later kernels.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ kvm_riscv_gstage_pgd_xbits = 2
 
 
 def kvm_riscv_gstage_gpa_bits(pgd_levels: int) -> int:
+    """The gpa bits of a G-stage of ``pgd_levels`` levels. 6.18's asm/kvm_gstage.h has it as
+    a macro of the global kvm_riscv_gstage_pgd_levels (the boot-time mode every VM uses);
+    the per-VM HGATP mode series (2026) makes it this function of the VM's levels."""
     return HGATP_PAGE_SHIFT + pgd_levels * kvm_riscv_gstage_index_bits + \
         kvm_riscv_gstage_pgd_xbits
 

@@ -1,7 +1,9 @@
-"""The G-stage entries KVM writes, exactly (arch/riscv/kvm/gstage.c, mmu.c): leaves
-V|R|X|U|A|D[|W], non-leaves V alone, the 16 KiB root, the three cases of
-kvm_riscv_gstage_map_page, write protection and eager split for dirty logging, the memslot
-checks of kvm_arch_prepare_memory_region, the modes, Svadu."""
+"""The G-stage entries KVM writes, exactly (Linux 6.18's arch/riscv/kvm/gstage.c, mmu.c):
+leaves V|R|X|U|A|D[|W], non-leaves V alone, the 16 KiB root, 4 KiB leaves for THP-backed
+memory, kvm_riscv_gstage_set_pte's -EEXIST on a bigger leaf and its overwrite of the entry
+at the fault's level, write protection for dirty logging, the memslot checks of
+kvm_arch_prepare_memory_region, the modes, Svadu; and the later kernels' behaviour the VM
+options turn on (THP blocks, split on fault, eager split, INITIALLY_SET)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import errno
 import pytest
 from kvmcore import KvmError, MmioExit
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES as LOG
-from kvmcore.uapi import KVM_MEM_READONLY, SZ_1G, SZ_2M
+from kvmcore.uapi import (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_CAPS,
+                          KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_READONLY, SZ_1G, SZ_2M)
 
 from conftest import GPA, entry, pfn_of
 
@@ -47,9 +50,10 @@ def test_logging_read_maps_read_only_then_the_write_adds_w_and_logs(vm, host):
     assert entry(vm, GPA)[1] & 0x3FF == LEAF_RO              # re-protected: W off, D kept
 
 
-@pytest.mark.parametrize("kind,size,level", [("thp", SZ_2M, 1), ("hugetlb_1g", SZ_1G, 2)])
-def test_huge_leaves(vm, host, kind, size, level):
-    hva = host.mmap(2 * size, thp=True) if kind == "thp" else host.mmap(2 * size, kind=kind)
+@pytest.mark.parametrize("kind,size,level", [("hugetlb_2m", SZ_2M, 1),
+                                              ("hugetlb_1g", SZ_1G, 2)])
+def test_hugetlb_leaves(vm, host, kind, size, level):
+    hva = host.mmap(2 * size, kind=kind)
     vm.set_user_memory_region(0, SZ_1G, 2 * size, hva)
     vm.create_vcpu(0).write(SZ_1G + size + 0x5000, b"x")
     lvl, pte = entry(vm, SZ_1G + size)
@@ -57,30 +61,104 @@ def test_huge_leaves(vm, host, kind, size, level):
     assert (pfn_of(pte) << 12) % size == 0
 
 
-def test_enabling_logging_write_protects_and_eagerly_splits(vm, host):
+def test_thp_backed_memory_maps_4k_leaves(vm, host):
+    """6.18's kvm_riscv_mmu_map has no transparent_hugepage_adjust: a THP is mapped a page
+    at a time, though the host maps it with a PMD."""
     hva = host.mmap(2 * SZ_2M, thp=True)
+    vm.set_user_memory_region(0, GPA, 2 * SZ_2M, hva)
+    vm.create_vcpu(0).write(GPA + SZ_2M + 0x5000, b"x")
+    assert host.host_mapping_size(hva + SZ_2M) == SZ_2M
+    assert [(m.gfn - (GPA >> 12), m.size) for m in vm.mappings()] == [(517, 4096)]
+
+
+def test_transparent_hugepage_maps_a_thp_with_a_2m_leaf(make_vm, host):
+    """The option: 7.0's transparent_hugepage_adjust (ed7ae7a34bea)."""
+    vm = make_vm(transparent_hugepage=True)
+    hva = host.mmap(2 * SZ_2M, thp=True)
+    vm.set_user_memory_region(0, GPA, 2 * SZ_2M, hva)
+    vm.create_vcpu(0).write(GPA + SZ_2M + 0x5000, b"x")
+    lvl, pte = entry(vm, GPA + SZ_2M)
+    assert (lvl, pte & 0x3FF) == (1, LEAF_RW)
+    assert pfn_of(pte) == host.lookup_pte(hva + SZ_2M)[0]
+
+
+def _logging_over_a_block(vm, host):
+    """A hugetlb slot mapped with a 2 MiB block, then dirty logging switched on."""
+    hva = host.mmap(2 * SZ_2M, kind="hugetlb_2m")
     vm.set_user_memory_region(0, GPA, 2 * SZ_2M, hva)
     cpu = vm.create_vcpu(0)
     cpu.write(GPA, b"x")
-    block = entry(vm, GPA)[1]
     vm.set_user_memory_region(0, GPA, 2 * SZ_2M, hva, LOG)
+    return cpu
+
+
+def test_enabling_logging_write_protects_without_splitting(vm, host):
+    """6.18's kvm_arch_commit_memory_region write-protects the slot and splits nothing
+    (no eager_page_split before the 2026 series)."""
+    _logging_over_a_block(vm, host)
+    level, pte = entry(vm, GPA)
+    assert level == 1 and pte & 0x3FF == LEAF_RO
+    assert vm.stats["riscv_unmap_skip"] == 0
+
+
+def test_a_logging_write_meeting_the_block_fails_kvm_run_with_eexist(vm, host):
+    """The write maps 4 KiB (logging); kvm_riscv_gstage_set_pte's walk meets the 2 MiB leaf
+    above that level: -EEXIST, which kvm_riscv_mmu_map and gstage_page_fault return out of
+    KVM_RUN. The gfn was marked dirty first; the block stays, read-only; reads still work."""
+    cpu = _logging_over_a_block(vm, host)
+    with pytest.raises(KvmError) as e:
+        cpu.write(GPA + 0x3000, b"y")
+    assert e.value.errno == errno.EEXIST
+    level, pte = entry(vm, GPA + 0x3000)
+    assert level == 1 and pte & 0x3FF == LEAF_RO
+    assert vm.get_dirty_log(0) == [3]
+    assert cpu.read(GPA, 1) == b"x"
+    with pytest.raises(KvmError) as e:
+        cpu.write(GPA + 0x3000, b"y")                       # again: nothing changed
+    assert e.value.errno == errno.EEXIST
+
+
+@pytest.mark.parametrize("series,after", [
+    (False, [(0, SZ_2M, True)]),
+    (True, [(0, 4096, True), (3, 4096, True)])])
+def test_a_block_fault_over_small_leaves(make_vm, host, series, after):
+    """Logging off again, a write to a 4 KiB leaf left read-only maps the hugetlb page's
+    2 MiB: 6.18's kvm_riscv_gstage_set_pte stops at level 1 and overwrites the table entry
+    there with the block; with ``split_huge_on_fault`` map_page finds the small leaf of the
+    same frame and gives it W in place (kvm_riscv_gstage_update_pte_prot)."""
+    vm = make_vm(split_huge_on_fault=series)
+    hva = host.mmap(2 * SZ_2M, kind="hugetlb_2m")
+    vm.set_user_memory_region(0, GPA, 2 * SZ_2M, hva, LOG)
+    cpu = vm.create_vcpu(0)
+    cpu.write(GPA, b"x")
+    cpu.read(GPA + 0x3000, 1)
+    assert [m.size for m in vm.mappings()] == [4096, 4096]
+    vm.set_user_memory_region(0, GPA, 2 * SZ_2M, hva)
+    cpu.write(GPA + 0x3000, b"y")
+    assert [(m.gfn - (GPA >> 12), m.size, m.writable) for m in vm.mappings()] == after
+    assert cpu.read(GPA, 1) == b"x"
+    vm.check_invariants()
+
+
+def test_eager_page_split_splits_when_logging_starts(make_vm, host):
+    """The option: the 2026 series' mmu_split_memory_region after the write protection."""
+    vm = make_vm(eager_page_split=True)
+    cpu = _logging_over_a_block(vm, host)
+    block = pfn_of(entry(vm, GPA)[1])
     leaves = list(vm.mappings(GPA, GPA + SZ_2M))
     assert len(leaves) == 512 and all(m.size == 4096 and not m.writable for m in leaves)
-    assert all(m.raw & 0x3FF == LEAF_RO and pfn_of(m.raw) == pfn_of(block) + i
+    assert all(m.raw & 0x3FF == LEAF_RO and pfn_of(m.raw) == block + i
                for i, m in enumerate(leaves))                # make_child_pte
     cpu.write(GPA + 0x7000, b"y")
     assert vm.lookup(GPA + 0x7000).writable and not vm.lookup(GPA + 0x8000).writable
     assert vm.get_dirty_log(0) == [7]
 
 
-def test_without_eager_split_a_logging_write_splits_the_block_on_the_fault(make_vm, host):
-    """map_page case 1: the leaf found is bigger than the size the fault maps."""
-    vm = make_vm(eager_page_split=False)
-    hva = host.mmap(2 * SZ_2M, thp=True)
-    vm.set_user_memory_region(0, GPA, 2 * SZ_2M, hva)
-    cpu = vm.create_vcpu(0)
-    cpu.write(GPA, b"x")
-    vm.set_user_memory_region(0, GPA, 2 * SZ_2M, hva, LOG)
+def test_split_huge_on_fault_splits_the_block_on_the_write(make_vm, host):
+    """The option: 6ad36f39a769's map_page, case 1 — the leaf found is bigger than the size
+    the fault maps: split, then the fault's leaf is set."""
+    vm = make_vm(split_huge_on_fault=True)
+    cpu = _logging_over_a_block(vm, host)
     level, pte = entry(vm, GPA)
     assert level == 1 and pte & 0x3FF == LEAF_RO             # protected, not split
     cpu.write(GPA + 0x3000, b"y")
@@ -90,10 +168,70 @@ def test_without_eager_split_a_logging_write_splits_the_block_on_the_fault(make_
     assert vm.get_dirty_log(0) == [3]
 
 
+def test_clear_dirty_log_reprotects_from_the_first_to_the_last_bit(vm, host):
+    """kvm_arch_mmu_enable_log_dirty_pt_masked: 6.18's kvm_riscv_gstage_wp_range over
+    [first set bit, last set bit] takes W from page 1 too, whose bit is clear."""
+    vm.enable_dirty_log_manual_protect()
+    hva = host.mmap(1 << 20)
+    vm.set_user_memory_region(0, GPA, 1 << 20, hva, LOG)
+    cpu = vm.create_vcpu(0)
+    for page in range(4):
+        cpu.write(GPA + page * 4096, b"x")
+    vm.clear_dirty_log(0, 0, 64, [0, 2])
+    assert [p for p in range(4) if not vm.lookup(GPA + p * 4096).writable] == [0, 1, 2]
+
+
+def test_a_ring_reset_leaves_a_block_writable(vm, host):
+    """With the dirty ring alone a hugetlb block is mapped writable in a logging slot (see
+    below); resetting its harvested gfn runs kvm_riscv_gstage_wp_range over that one page,
+    which does not hold the block whole: the block keeps W, and later writes to it are not
+    seen (the lost write protection of huge pages that 2026's a216e24fc947 fixes, by its
+    subject)."""
+    vm.enable_dirty_ring(1 << 16)
+    hva = host.mmap(SZ_2M, kind="hugetlb_2m")
+    vm.set_user_memory_region(0, GPA, SZ_2M, hva, LOG)
+    cpu = vm.create_vcpu(0)
+    cpu.write(GPA + 0x5000, b"x")
+    assert cpu.harvest_dirty_ring() == [(0, 0)]
+    vm.reset_dirty_rings()
+    assert entry(vm, GPA)[1] & 0x3FF == LEAF_RW
+    cpu.write(GPA + 0x7000, b"y")
+    assert cpu.harvest_dirty_ring() == []
+
+
+def test_the_options_take_their_divergences_away(make_vm):
+    """A later kernel's behaviour, turned on, is no divergence any more (the conformance
+    suite runs with ``--vm-option``)."""
+    assert {"test_thp_maps_pmd", "test_enabling_logging_splits_writes"} <= \
+        set(make_vm().arch_info.known_divergences)
+    assert "test_thp_maps_pmd" not in \
+        make_vm(transparent_hugepage=True).arch_info.known_divergences
+    for option in ("split_huge_on_fault", "eager_page_split"):
+        assert "test_enabling_logging_splits_writes" not in \
+            make_vm(**{option: True}).arch_info.known_divergences
+
+
+def test_initially_set_is_not_offered(vm):
+    """6.18's riscv kvm_host.h leaves KVM_DIRTY_LOG_MANUAL_CAPS at the generic
+    PROTECT_ENABLE; INITIALLY_SET came in 6.19 (the option)."""
+    assert vm.check_extension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) == \
+        KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+    with pytest.raises(KvmError) as e:
+        vm.enable_dirty_log_manual_protect(initially_set=True)
+    assert e.value.errno == errno.EINVAL
+    vm.enable_dirty_log_manual_protect()
+
+
+def test_dirty_log_initially_set_offers_it(make_vm):
+    vm = make_vm(dirty_log_initially_set=True)
+    assert vm.check_extension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) == KVM_DIRTY_LOG_MANUAL_CAPS
+    vm.enable_dirty_log_manual_protect(initially_set=True)
+
+
 def test_a_same_frame_fault_replaces_the_permissions_in_place(vm, host):
-    """map_page case 3 (and case 2, a smaller leaf of the same frame): a late read fault in a
-    logging slot takes W away (kvm_riscv_gstage_update_pte_prot); the next write faults
-    again and is logged again — the declared divergence, step by step."""
+    """kvm_riscv_gstage_set_pte stores the fault's whole PTE over the leaf of its level: a
+    late read fault in a logging slot takes W away; the next write faults again and is
+    logged again — the declared divergence, step by step."""
     hva = host.mmap(1 << 20)
     host.write(hva, b"present")                # one frame throughout: no COW of a zero page
     vm.set_user_memory_region(0, GPA, 1 << 20, hva, LOG)
@@ -169,7 +307,7 @@ def test_accessed_bit_by_fault_or_by_hardware(make_vm, host, svadu):
 
 
 def test_hwpoison_in_a_hugetlb_vma_signals_the_vma_page_shift(vm, host):
-    """kvm_riscv_mmu_map sends kvm_send_hwpoison_signal(hva, vma_pageshift): the hugetlb
+    """kvm_riscv_mmu_map sends send_sig_mceerr(BUS_MCEERR_AR, hva, vma_pageshift): the hugetlb
     page's shift, where x86 always says PAGE_SHIFT."""
     from kvmcore import HwPoisonSignal
 
@@ -185,3 +323,18 @@ def test_hwpoison_in_a_hugetlb_vma_signals_the_vma_page_shift(vm, host):
     with pytest.raises(HwPoisonSignal) as info:
         vcpu.read(GPA + 0x100000, 8)
     assert (info.value.hva, info.value.lsb) == (hva + 0x100000, 21)
+
+
+def test_with_the_dirty_ring_alone_the_fault_path_does_not_log(vm, host):
+    """6.18's kvm_riscv_mmu_map logs when memslot->dirty_bitmap is set, and the dirty ring
+    alone leaves it NULL: in a LOG_DIRTY_PAGES slot a read fault maps writable (and pushes
+    its gfn: mark_page_dirty_in_slot before every writable mapping), and a hugetlb page is
+    mapped whole."""
+    vm.enable_dirty_ring(1 << 16)
+    hva = host.mmap(SZ_2M, kind="hugetlb_2m")
+    vm.set_user_memory_region(0, GPA, SZ_2M, hva, LOG)
+    cpu = vm.create_vcpu(0)
+    cpu.read(GPA + 0x5000, 8)
+    level, pte = entry(vm, GPA)
+    assert (level, pte & 0x3FF) == (1, LEAF_RW)
+    assert cpu.harvest_dirty_ring() == [(0, 0)]          # the block's first gfn

@@ -1,6 +1,6 @@
-"""riscv_unmap_resched: kvm_riscv_gstage_unmap_range drops the write lock between two leaves
-of a may_block unmap (cond_resched_rwlock_write); a fault let in there retries until the
-invalidation ends."""
+"""riscv_unmap_resched: kvm_riscv_gstage_unmap_range drops kvm->mmu_lock (a spinlock in
+6.18: cond_resched_lock) between two leaves of a may_block unmap; a fault let in there
+retries until the invalidation ends."""
 
 from __future__ import annotations
 
