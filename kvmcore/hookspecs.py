@@ -217,7 +217,8 @@ def commit_memory_region(vm: Kvm, old: Memslot | None, new: Memslot | None,
     logging write-protects the slot (or clears D bits for PML, or flushes for Power's C-bit
     harvesting) and eagerly splits huge leaves; disabling it may recover huge pages. A
     backend flushes TLBs itself (``vm.flush_remote_tlbs_memslot``). Every implementation
-    runs."""
+    runs; one may be a generator (a flow whose race points the core yields: arm64's
+    write protection drops kvm->mmu_lock between chunks)."""
 
 
 # --------------------------------------------------------------------------- attributes

@@ -237,7 +237,9 @@ def kvm_set_memslot(vm: Kvm, old: Memslot | None, new: Memslot | None, change: i
     vm.nr_memslots_dirty_logging += new_log - old_log
     # kvm_arch_commit_memory_region takes kvm->mmu_lock itself where it needs it.
     yield from vm.mmu_lock.wait_free(SLOT_COMMIT)
-    vm.hook.commit_memory_region(vm=vm, old=old, new=new, change=change)
+    for r in vm.hook.commit_memory_region(vm=vm, old=old, new=new, change=change):
+        if type(r) is GeneratorType:
+            yield from r
     if change == KVM_MR_DELETE and old.gmem_file is not None:
         # kvm_free_memslot
         yield from kvm_gmem_unbind(old)

@@ -68,6 +68,9 @@ hookimpl = kvmcore.hookimpl
 #: stage2_apply_range's cond_resched_rwlock_write between two chunks of a may_block unmap
 #: (reference/races.md §8): the write lock is dropped and taken again.
 S2_UNMAP_RESCHED = "s2_unmap_resched"
+#: kvm_stage2_wp_range (stage2_apply_range_resched) between two chunks of the write
+#: protection that dirty logging starts with: the write lock is dropped and taken again.
+S2_WP_RESCHED = "s2_wp_resched"
 
 #: kvm_handle_guest_abort's PARange limit (1 << KVM_IPA_LIMIT): beyond it, an address-size fault.
 _IPA_LIMIT_SIZE = 1 << KVM_IPA_LIMIT
@@ -400,10 +403,34 @@ class Arm64Stage2Backend:
             return
         if vm.dirty_log_manual_protect_and_init_set():
             return
-        with vm.mmu_lock:
-            self.pgt.wrprotect(new.base_gfn << 12, new.npages << 12)   # kvm_mmu_wp_memory_region
-        vm.flush_remote_tlbs_memslot(new)
+        return self._start_logging(vm, new)
+
+    def _start_logging(self, vm, new):
+        yield from self.kvm_mmu_wp_memory_region(vm, new)
         self.split_huge_pages(vm, new.base_gfn << 12, (new.base_gfn + new.npages) << 12)
+
+    def kvm_mmu_wp_memory_region(self, vm, slot):
+        """kvm_mmu_wp_memory_region, a flow: under kvm->mmu_lock for write, kvm_stage2_wp_range
+        over the slot, stage2_apply_range with resched: between two chunks
+        (stage2_range_addr_end) the lock is dropped and taken again (``s2_wp_resched``),
+        where a vCPU may still write, unfaulted and unlogged, to a chunk not yet protected;
+        then the slot's TLBs are flushed."""
+        lock = vm.mmu_lock
+        if not lock.try_lock(WRITE):
+            yield from lock.write_lock(S2_WP_RESCHED)
+        try:
+            addr = slot.base_gfn << 12
+            end = addr + (slot.npages << 12)
+            while True:
+                nxt = self.stage2_range_addr_end(addr, end)
+                self.pgt.wrprotect(addr, nxt - addr)
+                if nxt == end:
+                    break
+                yield from lock.cond_resched(WRITE, S2_WP_RESCHED)
+                addr = nxt
+        finally:
+            lock.write_unlock()
+        vm.flush_remote_tlbs_memslot(slot)
 
     def split_huge_pages(self, vm, start: int, end: int) -> None:
         """kvm_mmu_split_huge_pages: chunk-aligned steps; nothing when the chunk size is 0."""

@@ -449,3 +449,31 @@ def test_a_write_fault_marks_its_page_dirty_after_dropping_mmu_lock(make_vm):
     assert vm.get_dirty_log(0) == [5]
     assert not backend.dirty_marks_in_flight
     vm.check_invariants()
+
+
+def test_starting_dirty_logging_write_protects_a_chunk_at_a_time(make_vm):
+    """kvm_mmu_wp_memory_region -> kvm_stage2_wp_range: stage2_apply_range with resched drops
+    the write lock between two 1 GiB chunks (``s2_wp_resched``); meanwhile a write to the
+    chunk not yet protected completes without a fault (and unlogged), then the rest is
+    protected and flushed."""
+    from kvmcore_arm64_stage2.backend import S2_WP_RESCHED
+
+    vm = make_vm(granule=4096)
+    size = 2 << 30
+    hva = vm.host.mmap(size)
+    vm.set_user_memory_region(0, 0, size, hva)
+    v = vm.create_vcpu(0)
+    v.write(0x1000, b"a")
+    v.write((1 << 30) + 0x1000, b"b")
+    faults = vm.stats["faults"]
+    update = vm.steps.set_user_memory_region(0, 0, size, hva, KVM_MEM_LOG_DIRTY_PAGES)
+    _advance_to(update, S2_WP_RESCHED)
+    assert not any(h.startswith("mmu_lock") for h in update.holds)
+    assert not vm.lookup(0x1000).writable
+    assert vm.lookup((1 << 30) + 0x1000).writable
+    v.write((1 << 30) + 0x1000, b"c")
+    assert vm.stats["faults"] == faults
+    update.run()
+    assert not vm.lookup((1 << 30) + 0x1000).writable
+    assert vm.get_dirty_log(0) == []
+    vm.check_invariants()
