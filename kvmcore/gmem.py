@@ -331,11 +331,11 @@ class GuestMemfd:
                 everything = 1 << 62
                 yield from self.invalidate_begin(0, everything, inode.invalidate_filter())
                 yield from self.invalidate_end(0, everything)
+                inode.files.remove(self)
             finally:
                 inode.invalidate_lock.write_unlock()
         finally:
             slots_lock.unlock()
-        inode.files.remove(self)
         self.bindings.clear()
         self.closed = True
         self.vm.trace("gmem.release", size=self.size)
