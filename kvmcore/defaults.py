@@ -63,12 +63,15 @@ def faultin_pfn(vm, fault):
     if pfn == KVM_PFN_ERR_FAULT:
         raise memory_fault_exit(vm, fault)
     host = vm.host
+    # None when GUP-fast found the PTE of a range munmap has already detached (its
+    # notifiers' window): the fault goes on with the pfn, and the staleness check stops it.
     vma = host.find_vma(hva)
+    pfnmap = vma is not None and vma.io_pfnmap
     fault.pfn = pfn
     fault.map_writable = writable
     fault.host_vma = vma
-    fault.pfnmap = vma.io_pfnmap
-    fault.cacheable = not vma.io_pfnmap
+    fault.pfnmap = pfnmap
+    fault.cacheable = not pfnmap
     fault.max_size = host.host_mapping_size(hva)
     return RET_PF_CONTINUE
 

@@ -535,13 +535,14 @@ class HostMemory:
         e = self.lookup_pte(hva)
         return e[2] if e else self.page_size
 
-    def _zap_ptes(self, start: int, end: int) -> None:
+    def _zap_ptes(self, start: int, end: int, vmas: list | None = None) -> None:
         """Drop host PTEs in ``[start, end)``; a huge entry partly inside is split first into
-        PAGE_SIZE entries (split_huge_pmd), whose outside part stays."""
+        PAGE_SIZE entries (split_huge_pmd), whose outside part stays. ``vmas``: the VMAs of
+        the range when they are no longer in the tree (munmap detached them first)."""
         shift = self.page_shift
         lo, hi = start >> shift, end >> shift
         if self.freed is not None:
-            self._record_freed(start, end)
+            self._record_freed(start, end, vmas)
         self.ptes.clear_range(lo, hi)
         for size, hshift, table in self._huge:
             for key in _huge_keys(table, hshift, start, end):
@@ -553,11 +554,11 @@ class HostMemory:
                     if not start <= base + off < end:
                         self.ptes[(base + off) >> shift] = (e[0] + (off >> PAGE_SHIFT), e[1])
 
-    def _record_freed(self, start: int, end: int) -> None:
+    def _record_freed(self, start: int, end: int, vmas: list | None = None) -> None:
         """The anonymous frames that dropping the PTEs of ``[start, end)`` frees: private
         pages (not the zero page, not a file's pages, which stay in their backing), and huge
         pages wholly inside (a partly covered one is split and stays)."""
-        for vma in self.vmas_in(start, end):
+        for vma in self.vmas_in(start, end) if vmas is None else vmas:
             if vma.kind != "anon":
                 continue
             lo, hi = max(start, vma.start), min(end, vma.end)
@@ -752,18 +753,21 @@ class HostMemory:
 
     @steppable
     def munmap(self, hva: int, length: int) -> None:
-        """munmap(2): notifiers fire for the whole range, PTEs and VMAs go."""
+        """munmap(2): the VMAs are detached first (vms_gather_munmap_vmas, under the mmap
+        lock for write), so a GUP in the notifiers' window finds no VMA (EFAULT); then
+        unmap_region with the lock downgraded: notifiers fire for the whole range and the
+        PTEs go (vms_complete_munmap_vmas)."""
         self._check_range("munmap", hva, length)
         end = hva + length
         if not self.vmas_in(hva, end):
             return
-        self._split_vmas(hva, end)
+        gone = self._split_vmas(hva, end)
+        for vma in gone:
+            self._forget(vma)
         nstart, nlen = self._notify_range(hva, end)
         yield from self._invalidate_start(nstart, nlen)
-        self._zap_ptes(hva, end)
+        self._zap_ptes(hva, end, gone)
         self._forget_hwpoison(hva, end)
-        for vma in self.vmas_in(hva, end):
-            self._forget(vma)
         yield from self._invalidate_end(nstart, nlen)
 
     @steppable
@@ -939,8 +943,13 @@ class HostMemory:
         __split_huge_pmd invalidates the PMD's whole range) and only the poisoned page goes.
         A hugetlb page is poisoned whole (try_memory_failure_hugetlb): try_to_unmap_one
         replaces its mapping by a hwpoison entry, with the huge page's range notified, and
-        a later access anywhere in it is SIGBUS (VM_FAULT_HWPOISON_LARGE)."""
+        a later access anywhere in it is SIGBUS (VM_FAULT_HWPOISON_LARGE).
+
+        The shared zero page is a reserved page: memory_failure ignores it (MF_IGNORED, no
+        mapping unmapped or notified; the model has no machine check for a later read)."""
         first = self.page_of(u64("pfn", pfn))
+        if first == self.zero_pfn:
+            return
         self.poisoned.add(first)
         owner = self.gmem_frames.get(first)
         if owner is not None:

@@ -74,7 +74,9 @@ def hva_to_pfn(vm: Kvm, hva: int, write: bool, want_writable: bool) -> tuple[int
             continue
         if isinstance(r, int):
             return KVM_PFN_ERR_FAULT, False
-        return r
+        # kvm_resolve_pfn reports the PTE's writability only to a caller that asked for it:
+        # a read-only slot's kvm_follow_pfn dropped its map_writable.
+        return r[0], r[1] and (write or want_writable)
     return KVM_PFN_ERR_FAULT, False
 
 

@@ -433,6 +433,11 @@ class Vcpu(KvmVcpu):
             e = tlb.get((cur >> PAGE_SHIFT, private))
             if e is None or (write and not (e[2] and e[4])) or (fetch and not e[3]):
                 pfn = yield from self._translate(cur, access, chunk, data, pos)
+                if self.dirty_ring is not None:
+                    # Back from the fault, vcpu_enter_guest honours the ring's soft-full
+                    # request before the guest goes on: an access over many pages exits
+                    # there, its earlier pages done, this one not.
+                    _dirty.check_ring_request(self)
             else:
                 pfn = e[1]
             if data is None:

@@ -130,8 +130,10 @@ def test_ring_push_harvest_reset_and_soft_full(vm, host):
     for gfn in range(191):
         vcpu.write(gfn << 12, b"x")
     assert vcpu.dirty_ring.used == 191
-    vcpu.write(191 << 12, b"x")                     # reaches the soft limit
-    with pytest.raises(DirtyRingFullExit):
+    with pytest.raises(DirtyRingFullExit):          # its fault reaches the soft limit:
+        vcpu.write(191 << 12, b"x")                 # the vCPU exits before the write
+    assert host.read(hva + (191 << 12), 1) == b"\0"
+    with pytest.raises(DirtyRingFullExit):          # and again while nothing is harvested
         vcpu.read(0, 1)
     harvested = vcpu.harvest_dirty_ring()
     assert harvested == [(0, gfn) for gfn in range(192)]

@@ -426,3 +426,23 @@ def test_dontneed_of_a_pfnmap_range_is_einval(host, rec):
     with pytest.raises(KvmError) as e:
         host.madvise_dontneed(hva, 4096)
     assert e.value.errno == errno.EINVAL and "VM_PFNMAP" in str(e.value) and rec.calls == []
+
+
+def test_munmap_detaches_the_vmas_before_its_notifiers_run(host, rec):
+    """vms_gather_munmap_vmas detaches the VMAs under the mmap lock before unmap_region's
+    notifiers: in the window a GUP that needs the VMA fails with EFAULT, while GUP-fast,
+    which walks the page table alone, still finds the PTE until it is zapped."""
+    hva = host.mmap(MiB)
+    host.write(hva, b"x")
+    pfn = host.lookup_pte(hva)[0]
+    unmap = host.steps.munmap(hva, MiB)
+    while next(unmap) != "mn_host_window":
+        pass
+    assert host.find_vma(hva) is None
+    with pytest.raises(OSError) as e:
+        host.gup(hva + 4096, False)
+    assert e.value.errno == errno.EFAULT
+    assert host.gup_fast(hva, False) == (pfn, True)
+    unmap.run()
+    assert host.gup_fast(hva, False) is None
+    assert rec.calls == [("start", hva, hva + MiB), ("end", hva, hva + MiB)]

@@ -126,8 +126,9 @@ def test_non_logging_slot_not_pushed(guest):
 
 def test_soft_full_exit(guest, arch, host):
     """When used >= soft_limit (entries - 64 - the CPU's dirty-log buffer: 512 with PML), the
-    vCPU exits KVM_EXIT_DIRTY_RING_FULL before entering the guest; the access does not happen;
-    after harvest + reset it runs again."""
+    vCPU exits KVM_EXIT_DIRTY_RING_FULL before entering the guest again: the write whose fault
+    pushed the entry that reached the limit does not happen; after harvest + reset it runs
+    again."""
     page = guest.vm.page_size
     ring = RING  # 4096 entries of 16 bytes
     entries = ring // 16
@@ -138,12 +139,12 @@ def test_soft_full_exit(guest, arch, host):
     hva = guest.slot(0, GPA, npages * page, LOG)
     pushed = 0
     stride = page
-    n = 0
+    n = -1
     with pytest.raises(DirtyRingFullExit):
         while True:
-            guest.write(GPA + n * stride, b"\x01")
-            pushed += per_write
             n += 1
+            pushed += per_write         # the write's fault pushes before the vCPU exits
+            guest.write(GPA + n * stride, b"\x01")
             assert pushed < soft_limit + per_write + 1
     assert pushed >= soft_limit
     assert pushed - per_write < soft_limit
@@ -154,6 +155,30 @@ def test_soft_full_exit(guest, arch, host):
     guest.vm.reset_dirty_rings()
     guest.write(GPA + n * stride, b"\x02")
     assert guest.read(GPA + n * stride, 1) == b"\x02"
+
+
+def test_one_long_write_exits_when_the_ring_fills(guest, arch, host):
+    """kvm_dirty_ring_check_request runs before every guest entry, so after each fault: a
+    single write over more pages than the ring's soft limit exits KVM_EXIT_DIRTY_RING_FULL
+    in the middle, the ring never overflows, and the pages not reached are untouched."""
+    page = guest.vm.page_size
+    ring = RING
+    entries = ring // 16
+    soft_limit = entries - 64 - (512 if arch.has("pml") else 0)
+    per_write = page >> 12
+    npages = soft_limit // per_write + 8
+    guest.vm.enable_dirty_ring(ring)
+    hva = guest.slot(0, GPA, npages * page, LOG)
+    with pytest.raises(DirtyRingFullExit):
+        guest.write(GPA, b"\x03" * (npages * page))
+    harvested = guest.vcpu.harvest_dirty_ring()
+    assert soft_limit <= len(harvested) < soft_limit + per_write
+    done = len(harvested) // per_write - 1          # the last page faulted, not written
+    assert host.read(hva + (done - 1) * page, 1) == b"\x03"
+    assert host.read(hva + done * page, 1) == b"\x00"
+    guest.vm.reset_dirty_rings()
+    guest.write(GPA + done * page, b"\x03" * ((npages - done) * page))
+    assert host.read(hva + (npages - 1) * page, 1) == b"\x03"
 
 
 def test_enable_size_below_reserved_entries(vm, arch):

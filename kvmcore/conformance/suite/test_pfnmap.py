@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from kvmcore.conformance.helpers import covers
+import pytest
+
+from kvmcore.conformance.helpers import covers, expect_mmio
+from kvmcore.uapi import KVM_MEM_READONLY
 
 GPA = 0x300_0000
 DEV_PFN = 0xF_E000
@@ -65,3 +68,20 @@ def test_pfnmap_munmap_zaps(guest, host):
     host.munmap(hva, page)
     assert guest.vm.lookup(GPA) is None
     assert guest.vm.lookup(GPA + page) is not None
+
+
+@pytest.mark.requires("readonly_mem")
+def test_pfnmap_in_a_readonly_slot_is_never_writable(guest, host):
+    """kvm_follow_pfn drops map_writable for a KVM_MEM_READONLY slot, so the remapped path
+    (kvm_resolve_pfn) cannot report the device PTE's W: the leaf is read-only, and a guest
+    write is an MMIO exit that leaves the device page alone."""
+    page = guest.vm.page_size
+    slot_size = SLOT_PAGES * page
+    hva = guest.slot(0, GPA, slot_size, flags=KVM_MEM_READONLY, kind="pfnmap", pfn=DEV_PFN)
+    guest.read(GPA + page)
+    m = guest.vm.lookup(GPA + page)
+    assert covers(m, GPA + page) and not m.writable
+    before = host.read(hva + page, 8)
+    expect_mmio(guest.write, GPA + page, 8, b"\x5a" * 8, GPA + page, b"\x5a" * 8)
+    assert host.read(hva + page, 8) == before
+    guest.vm.check_invariants()
