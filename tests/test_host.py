@@ -446,3 +446,15 @@ def test_munmap_detaches_the_vmas_before_its_notifiers_run(host, rec):
     unmap.run()
     assert host.gup_fast(hva, False) is None
     assert rec.calls == [("start", hva, hva + MiB), ("end", hva, hva + MiB)]
+
+
+def test_poison_of_an_untouched_page_leaves_the_zero_page_alone(host, rec):
+    """An untouched anonymous page is the shared zero page, a reserved page that
+    memory_failure ignores: no mapping is unmapped or notified, and other mappings of the
+    zero page read on."""
+    a, b = host.mmap(MiB), host.mmap(MiB)
+    assert host.read(b + 4096, 1) == b"\0"
+    host.poison(a)
+    assert rec.calls == []
+    assert host.read(b + 4096, 1) == b"\0"
+    assert host.lookup_pte(b + 4096)[0] == host.zero_pfn
