@@ -427,7 +427,10 @@ class HostMemory:
              pfn: int | None = None, addr: int | None = None, backing=None,
              pgoff: int = 0) -> int:
         """mmap(2). ``kind``: anon, shared, hugetlb_2m, hugetlb_1g, pfnmap (VM_IO|VM_PFNMAP,
-        ``pfn=`` is the device pfn of the first page, in 4 KiB frames). ``addr`` asks for a
+        ``pfn=`` is the device pfn of the first page, in 4 KiB frames). ``shared`` is a
+        MAP_SHARED mapping of a file whose filesystem tracks dirty pages
+        (vma_wants_writenotify: a read fault maps read-only, the first write makes the PTE
+        writable); shmem and memfd, which map writable on a read fault, are not modelled. ``addr`` asks for a
         fixed address (MAP_FIXED_NOREPLACE: EEXIST if taken). Returns the hva."""
         integer("length", length)
         string("kind", kind)
@@ -694,8 +697,9 @@ class HostMemory:
             pfn = vma.backing.pages.get(off)
             if pfn is None:
                 pfn = vma.backing.pages[off] = self._alloc(size >> PAGE_SHIFT)
-            # Shared small pages are mapped read-only on a read fault and made writable on the
-            # first write (do_read_fault / wp_page_shared); hugetlb maps with the VMA's prot.
+            # A writenotify file mapping's small pages are mapped read-only on a read fault and
+            # made writable on the first write (do_read_fault / wp_page_shared); hugetlb maps
+            # with the VMA's prot.
             self._set_pte(base, pfn, writable and (write or kind != "shared"), size)
 
     # ------------------------------------------------------------------ GUP
