@@ -17,6 +17,7 @@ import structlog
 from .args import integer, u32, u64
 from .errors import KvmError
 from .exits import DirtyRingFullExit
+from .locks import stepping
 from .dirty_log import DirtyBitmap, DirtyRing
 from .memslots import kvm_user_mem_slots
 from .uapi import (
@@ -277,7 +278,8 @@ def enable_dirty_ring(vm: Kvm, size: int) -> None:
 
 def reset_dirty_rings(vm: Kvm):
     """KVM_RESET_DIRTY_RINGS (kvm_vm_ioctl_reset_dirty_pages), a flow: every vCPU's ring
-    under slots_lock, each batch under kvm->mmu_lock; one flush at the end."""
+    under slots_lock, each batch under kvm->mmu_lock; one flush at the end, after slots_lock
+    is dropped (``dlog_unlocked_before_flush``)."""
     if not vm.dirty_ring_size:
         raise KvmError(errno.EINVAL, "reset_dirty_rings: the dirty ring is not enabled")
     cleared = 0
@@ -288,6 +290,14 @@ def reset_dirty_rings(vm: Kvm):
     finally:
         vm.slots_lock.unlock()
     if cleared:
+        # Both locks dropped, the re-protected pages' TLB entries not yet flushed: a vCPU
+        # may still write through one (as after GET's unlock).
+        if stepping():
+            vm.flushes_owed += 1
+            try:
+                yield DLOG_UNLOCKED_BEFORE_FLUSH
+            finally:
+                vm.flushes_owed -= 1
         vm.flush_remote_tlbs()
     return cleared
 

@@ -430,8 +430,9 @@ class HostMemory:
         ``pfn=`` is the device pfn of the first page, in 4 KiB frames). ``shared`` is a
         MAP_SHARED mapping of a file whose filesystem tracks dirty pages
         (vma_wants_writenotify: a read fault maps read-only, the first write makes the PTE
-        writable); shmem and memfd, which map writable on a read fault, are not modelled. ``addr`` asks for a
-        fixed address (MAP_FIXED_NOREPLACE: EEXIST if taken). Returns the hva."""
+        writable); shmem and memfd, which map writable on a read fault, are not modelled.
+        ``addr`` asks for a fixed address (MAP_FIXED_NOREPLACE: EEXIST if taken). Returns
+        the hva."""
         integer("length", length)
         string("kind", kind)
         flag("thp", thp)

@@ -47,9 +47,10 @@ def _check_tlbs(vm: Kvm, leaves: list) -> list[str]:
     """Every vCPU TLB entry is backed by a present leaf with the same frame and at least its
     write permission: what a zap removes is flushed before the zapping flow lets go of
     kvm->mmu_lock (notifiers, memslot flushes) or of slots_lock (dirty-log GET/CLEAR flush
-    after dropping mmu_lock). While a flow holds either, a stale entry may legitimately
-    remain, so the check waits for them."""
-    if vm.mmu_lock.held or vm.slots_lock.held or vm.closed:
+    after dropping mmu_lock), or by a flow that owes its flush after dropping both (the
+    dirty-ring reset, ``vm.flushes_owed``). Until then a stale entry may legitimately remain,
+    so the check waits for them."""
+    if vm.mmu_lock.held or vm.slots_lock.held or vm.flushes_owed or vm.closed:
         return []
     out = []
     # The leaves of each address space are in gfn order; those that may cover a gfn start

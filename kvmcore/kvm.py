@@ -61,6 +61,9 @@ class Kvm:
         self.invalid_slot_retry = arch_info.invalid_slot_retry
         self.faultin_retry_unsafe = arch_info.faultin_retry_unsafe
         self.mn_active_invalidate_count = 0
+        #: Flows paused after dropping every lock but before their TLB flush (the dirty-ring
+        #: reset): stale entries are legitimate meanwhile. Model bookkeeping, not Linux's.
+        self.flushes_owed = 0
         #: The address span (log2) of one root table entry, set by a backend's init_vm: the
         #: tables under one entry may be linked by any fault under it, so faults under
         #: different entries touch no table in common (the explorer's reduction). None:

@@ -147,3 +147,29 @@ def test_reset_without_ring_is_einval(vm):
     with pytest.raises(KvmError) as e:
         vm.reset_dirty_rings()
     assert e.value.errno == errno.EINVAL
+
+
+def test_ring_reset_flushes_after_dropping_its_locks(vm, host):
+    """kvm_vm_ioctl_reset_dirty_pages flushes after it has dropped slots_lock: stepped, the
+    reset stops there holding nothing, a vCPU may still write through its stale entry, and
+    the invariants wait for the flush."""
+    vm.enable_dirty_ring(4096)
+    hva = host.mmap(4 * MiB)
+    vm.set_user_memory_region(0, 0, 4 * MiB, hva, LOG)
+    vcpu = vm.create_vcpu(0)
+    vcpu.write(0x1000, b"a")
+    vcpu.harvest_dirty_ring()
+    reset = vm.steps.reset_dirty_rings()
+    points = []
+    while True:
+        points.append(next(reset))
+        if points[-1] == "dlog_unlocked_before_flush":
+            break
+    assert reset.holds == [] and not vm.lookup(0x1000).writable
+    vm.check_invariants()
+    vcpu.write(0x1000, b"b")                          # the stale writable entry
+    assert vcpu.dirty_ring.used == 0
+    assert reset.run() == 1
+    vm.check_invariants()
+    vcpu.write(0x1000, b"c")                          # faults again, and is logged
+    assert vcpu.dirty_ring.used == 1
