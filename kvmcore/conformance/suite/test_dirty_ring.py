@@ -159,26 +159,29 @@ def test_soft_full_exit(guest, arch, host):
 
 def test_one_long_write_exits_when_the_ring_fills(guest, arch, host):
     """kvm_dirty_ring_check_request runs before every guest entry, so after each fault: a
-    single write over more pages than the ring's soft limit exits KVM_EXIT_DIRTY_RING_FULL
-    in the middle, the ring never overflows, and the pages not reached are untouched."""
+    single write over several pages that crosses the ring's soft limit exits
+    KVM_EXIT_DIRTY_RING_FULL in the middle, the ring never overflows, and the pages from the
+    one whose fault reached the limit on are untouched."""
     page = guest.vm.page_size
     ring = RING
     entries = ring // 16
     soft_limit = entries - 64 - (512 if arch.has("pml") else 0)
     per_write = page >> 12
-    npages = soft_limit // per_write + 8
+    pre = soft_limit // per_write - 4
     guest.vm.enable_dirty_ring(ring)
-    hva = guest.slot(0, GPA, npages * page, LOG)
+    hva = guest.slot(0, GPA, (pre + 8) * page, LOG)
+    for i in range(pre):
+        guest.write(GPA + i * page, b"\x01")
     with pytest.raises(DirtyRingFullExit):
-        guest.write(GPA, b"\x03" * (npages * page))
+        guest.write(GPA + pre * page, b"\x03" * (8 * page))
     harvested = guest.vcpu.harvest_dirty_ring()
     assert soft_limit <= len(harvested) < soft_limit + per_write
     done = len(harvested) // per_write - 1          # the last page faulted, not written
     assert host.read(hva + (done - 1) * page, 1) == b"\x03"
     assert host.read(hva + done * page, 1) == b"\x00"
     guest.vm.reset_dirty_rings()
-    guest.write(GPA + done * page, b"\x03" * ((npages - done) * page))
-    assert host.read(hva + (npages - 1) * page, 1) == b"\x03"
+    guest.write(GPA + done * page, b"\x03" * ((pre + 8 - done) * page))
+    assert host.read(hva + (pre + 7) * page, 1) == b"\x03"
 
 
 def test_enable_size_below_reserved_entries(vm, arch):
