@@ -87,6 +87,10 @@ class ArchInfo:
     kvm_handle_guest_abort, ppc kvmppc_book3s_radix_page_fault, riscv
     vcpu_exit.c gstage_page_fault): the gfn's hva is looked up first, and neither a missing nor
     an INVALID slot has one (__gfn_to_hva_many): the access is MMIO, before any snapshot.
+    ``error_pfn_memory_fault``: a fault whose hva gives no page (KVM_PFN_ERR_FAULT) exits
+    KVM_EXIT_MEMORY_FAULT with -EFAULT (x86 kvm_handle_error_pfn); False: KVM_RUN fails with
+    -EFAULT alone (arm64 user_mem_abort, ppc kvmppc_book3s_instantiate_page, riscv
+    kvm_riscv_mmu_map).
     ``mmu_lockless_aging``: CONFIG_KVM_MMU_LOCKLESS_AGING (x86): the MMU notifier's aging
     callbacks walk without kvm->mmu_lock (kvm_age_hva_range's ``lockless``), beside faults
     and zaps; elsewhere they take it for write.
@@ -134,6 +138,7 @@ class ArchInfo:
     invalid_slot_retry: bool = True
     faultin_retry_unsafe: bool = True
     mmu_lockless_aging: bool = False
+    error_pfn_memory_fault: bool = True
     hwpoison_sigbus: bool = True
     hwpoison_lsb_vma: bool = False
     known_divergences: _MappingABC[str, str] = attrs.field(factory=dict, converter=dict,

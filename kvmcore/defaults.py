@@ -61,7 +61,11 @@ def faultin_pfn(vm, fault):
             shift = vm.host.find_vma(hva).page_size.bit_length() - 1
         raise HwPoisonSignal(hva & ~(vm.page_size - 1), shift)
     if pfn == KVM_PFN_ERR_FAULT:
-        raise memory_fault_exit(vm, fault)
+        if vm.arch_info.error_pfn_memory_fault:
+            raise memory_fault_exit(vm, fault)
+        # arm64 user_mem_abort, ppc kvmppc_book3s_instantiate_page, riscv kvm_riscv_mmu_map:
+        # -EFAULT out of KVM_RUN, no KVM_EXIT_MEMORY_FAULT.
+        raise KvmError(errno.EFAULT, f"gpa={fault.gpa:#x}: no page at hva {hva:#x}")
     host = vm.host
     # None when GUP-fast found the PTE of a range munmap has already detached (its
     # notifiers' window): the fault goes on with the pfn, and the staleness check stops it.

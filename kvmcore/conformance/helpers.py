@@ -91,6 +91,16 @@ def expect_memory_fault(page: int, fn, *args, gpa: int, exit_private: bool, err:
     return e
 
 
+def expect_error_pfn(vm, fn, *args, gpa: int, **kwargs) -> None:
+    """A fault whose hva gives no page (KVM_PFN_ERR_FAULT): KVM_EXIT_MEMORY_FAULT (flags 0, the
+    base page, EFAULT) where the arch reports it so (x86 kvm_handle_error_pfn,
+    ``ArchInfo.error_pfn_memory_fault``), else KVM_RUN's -EFAULT alone (arm64, ppc, riscv)."""
+    if vm.arch_info.error_pfn_memory_fault:
+        expect_memory_fault(vm.page_size, fn, *args, gpa=gpa, exit_private=False, **kwargs)
+    else:
+        expect_errno(_errno.EFAULT, fn, *args, **kwargs)
+
+
 def expect_mmio(fn, gpa: int, length: int, data: bytes | None, *args, **kwargs) -> MmioExit:
     """KVM_EXIT_MMIO with exactly these fields (a read carries no data)."""
     with pytest.raises(MmioExit) as info:

@@ -15,7 +15,7 @@ from kvmcore.conformance.helpers import (
     base_page_gfns,
     expect_errno,
     expect_errno_unchanged,
-    expect_memory_fault,
+    expect_error_pfn,
     pattern,
 )
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES as LOG
@@ -141,8 +141,8 @@ def test_write_to_a_logged_page_the_host_made_read_only_exits(guest, host):
     assert not guest.vm.lookup(GPA + 3 * page).writable
     assert guest.vm.get_dirty_log(0) == dirty(guest.vm, 4)
     for off, before in ((3, pattern(1)), (4, pattern(2))):
-        expect_memory_fault(page, guest.write, GPA + off * page + 8, pattern(9),
-                            private=False, gpa=GPA + off * page, exit_private=False)
+        expect_error_pfn(guest.vm, guest.write, GPA + off * page + 8, pattern(9),
+                         private=False, gpa=GPA + off * page)
         m = guest.vm.lookup(GPA + off * page)
         assert m is None or not m.writable
         assert host.read(hva + off * page, 8) == before

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvmcore import HwPoisonSignal
-from kvmcore.conformance.helpers import covers, expect_memory_fault, pattern
+from kvmcore.conformance.helpers import covers, expect_error_pfn, pattern
 
 GPA = 0x40_0000
 SLOT_PAGES = 16  # the usual slot, in base pages
@@ -133,15 +133,16 @@ def test_mappings_sorted_and_within_slots(guest):
 
 def test_write_to_readonly_host_mapping_exits(guest, host):
     """A write where the host VMA forbids writing: GUP fails, KVM_PFN_ERR_FAULT ->
-    KVM_EXIT_MEMORY_FAULT (flags 0, the page's gpa, 4096), errno EFAULT; memory unchanged."""
+    KVM_EXIT_MEMORY_FAULT (flags 0, the page's gpa, 4096), errno EFAULT, or -EFAULT alone
+    (``expect_error_pfn``); memory unchanged."""
     page = guest.vm.page_size
     slot_size = SLOT_PAGES * page
     hva = host.mmap(slot_size, prot="rw")
     host.write(hva + page, pattern(9))
     host.mprotect(hva, slot_size, "r")
     guest.slot(0, GPA, slot_size, hva=hva)
-    expect_memory_fault(page, guest.write, GPA + page + 16, pattern(10), private=False,
-                        gpa=GPA + page, exit_private=False)
+    expect_error_pfn(guest.vm, guest.write, GPA + page + 16, pattern(10), private=False,
+                     gpa=GPA + page)
     assert host.read(hva + page, 8) == pattern(9)
 
 
@@ -157,8 +158,7 @@ def test_hwpoison_sends_sigbus(guest, host):
     host.poison(hva + 2 * page)
     assert guest.vm.lookup(GPA + 2 * page) is None
     if not guest.vm.arch_info.hwpoison_sigbus:
-        expect_memory_fault(page, guest.read, GPA + 2 * page, gpa=GPA + 2 * page,
-                            exit_private=False)
+        expect_error_pfn(guest.vm, guest.read, GPA + 2 * page, gpa=GPA + 2 * page)
         assert guest.vm.lookup(GPA + 2 * page) is None
         assert guest.read(GPA + 3 * page) == bytes(8)
         return

@@ -8,6 +8,7 @@ import pytest
 
 from kvmcore.conformance.helpers import (
     covers,
+    expect_error_pfn,
     expect_memory_fault,
     finish,
     pattern,
@@ -84,7 +85,7 @@ def test_fault_racing_munmap_installs_nothing(guest, host):
     steps = guest.vcpu.step_access("read", GPA + page, 8, private=False)
     step_until(steps, "pf_lock_wait")
     host.munmap(hva + page, page)
-    expect_memory_fault(page, finish, steps, gpa=GPA + page, exit_private=False)
+    expect_error_pfn(guest.vm, finish, steps, gpa=GPA + page)
     assert guest.vm.lookup(GPA + page) is None
 
 

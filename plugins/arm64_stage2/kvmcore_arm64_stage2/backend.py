@@ -100,6 +100,8 @@ def _arch_info(g: Stage2Geometry) -> ArchInfo:
         # kvm_handle_guest_abort: a missing or INVALID slot has no hva, the abort is MMIO
         invalid_slot_retry=False,
         faultin_retry_unsafe=False,
+        # An error pfn is -EFAULT out of KVM_RUN, without KVM_EXIT_MEMORY_FAULT.
+        error_pfn_memory_fault=False,
     )
 
 

@@ -40,7 +40,6 @@ import errno
 import structlog
 from kvmcore import ArchInfo, HwPoisonSignal, KvmError, VmOption, hookimpl
 from kvmcore.arch import vm_options
-from kvmcore.exits import memory_fault_exit
 from kvmcore.hookspecs import SLOT_FLUSH_LOCK_WAIT
 from kvmcore.locks import WRITE, stepping
 from kvmcore.memslots import dirty_logging_toggled
@@ -97,6 +96,8 @@ def _arch_info(page_size: int, huge_past_slot: bool = True) -> ArchInfo:
         # kvmppc_book3s_radix_page_fault: no slot or an INVALID one is emulated MMIO
         invalid_slot_retry=False,
         faultin_retry_unsafe=False,
+        # An error pfn is -EFAULT out of KVM_RUN, without KVM_EXIT_MEMORY_FAULT.
+        error_pfn_memory_fault=False,
         # kvmppc_book3s_instantiate_page: any error pfn is -EFAULT; no hwpoison signal.
         hwpoison_sigbus=False,
         known_divergences=_HUGE_PAST_SLOT if huge_past_slot else {},
@@ -257,7 +258,8 @@ class PpcRadixBackend:
         except HwPoisonSignal:
             vm.stats["hwpoison_signal"] -= 1        # counted by the core; no signal on ppc
             vm.stats["ppc_error_pfn"] += 1
-            raise memory_fault_exit(vm, fault) from None
+            raise KvmError(errno.EFAULT, f"gpa={fault.gpa:#x}: the host page is "
+                           "hardware-poisoned (an error pfn: -EFAULT)") from None
         if result not in (None, RET_PF_CONTINUE):
             return result
         return self._find_host_pte(vm, fault)

@@ -125,6 +125,8 @@ def _arch_info(pgd_levels: int, caps: frozenset = CAPS,
         # vcpu_exit.c gstage_page_fault: a missing or INVALID slot has no hva: MMIO.
         invalid_slot_retry=False,
         faultin_retry_unsafe=False,
+        # An error pfn is -EFAULT out of KVM_RUN, without KVM_EXIT_MEMORY_FAULT.
+        error_pfn_memory_fault=False,
         # kvm_riscv_mmu_map: send_sig_mceerr(BUS_MCEERR_AR, hva, vma_pageshift).
         hwpoison_lsb_vma=True,
         known_divergences=KNOWN_DIVERGENCES if divergences is None else divergences)
