@@ -74,25 +74,20 @@ def kvm_page_fault(vm, fault: PageFault):
     if r is not None:
         vm.stats["fast_page_fault"] += 1
         return r
-    if vm.invalid_slot_retry:
-        fault.mmu_seq = vm.mmu_invalidate.seq
-        if stepping():
-            yield PF_SEQ_SNAPSHOT
-        kvm_mem_check_private(vm, fault)
-        if slot is None:
-            return (yield from kvm_handle_noslot_fault(vm, fault))
-        if slot.invalid:
-            if fault.prefetch:
-                raise KvmError(errno.EAGAIN, "pre_fault_memory: the memslot is being updated")
-            return RET_PF_RETRY
-    else:
-        if slot is None or slot.invalid:
-            fault.slot = None
-            return (yield from kvm_handle_noslot_fault(vm, fault))
-        fault.mmu_seq = vm.mmu_invalidate.seq
-        if stepping():
-            yield PF_SEQ_SNAPSHOT
-        kvm_mem_check_private(vm, fault)
+    if (slot is None or slot.invalid) and not vm.invalid_slot_retry:
+        # No hva for the gfn (arm64, ppc, riscv): MMIO, before any snapshot.
+        fault.slot = None
+        return (yield from kvm_handle_noslot_fault(vm, fault))
+    fault.mmu_seq = vm.mmu_invalidate.seq
+    if stepping():
+        yield PF_SEQ_SNAPSHOT
+    kvm_mem_check_private(vm, fault)
+    if slot is None:
+        return (yield from kvm_handle_noslot_fault(vm, fault))
+    if slot.invalid:
+        if fault.prefetch:
+            raise KvmError(errno.EAGAIN, "pre_fault_memory: the memslot is being updated")
+        return RET_PF_RETRY
     # mmu_invalidate_retry_gfn_unsafe, whose answer is no unless an invalidation is in
     # progress or the seq moved: those two reads first.
     inv = vm.mmu_invalidate

@@ -20,7 +20,7 @@ from sortedcontainers import SortedKeyList
 from .args import integer, u64
 from .errors import EHWPOISON, KvmError
 from .host import SigBus
-from .locks import WRITE, RwLock, Steps, steppable, stepping
+from .locks import RwLock, Steps, steppable
 from .records import GfnRange
 from .hva import kvm_handle_ranges
 from .mmu_notifier import kvm_mmu_unmap_gfn_range
@@ -406,8 +406,7 @@ def kvm_gmem_bind(vm: Kvm, slot: Memslot, gmem, offset: int):
         raise KvmError(errno.EINVAL, f"guest_memfd_offset={offset:#x} + size {size:#x} is "
                                      f"beyond the file's size {gmem.size:#x}")
     lock = gmem.inode.invalidate_lock
-    if stepping() or not lock.try_lock(WRITE):
-        yield from lock.write_lock(GMEM_BIND_LOCK_WAIT)
+    yield from lock.write_lock(GMEM_BIND_LOCK_WAIT)
     try:
         start = offset >> PAGE_SHIFT
         if gmem.bindings_in(start, start + slot.npages):
@@ -429,14 +428,15 @@ def kvm_gmem_unbind(slot: Memslot):
     gmem = slot.gmem_file
     if gmem is None:
         return
-    lock = None if gmem.dying else gmem.inode.invalidate_lock
-    if lock is not None and (stepping() or not lock.try_lock(WRITE)):
-        yield from lock.write_lock(GMEM_UNBIND_LOCK_WAIT)
+    if gmem.dying:
+        _unbind(gmem, slot)
+        return
+    lock = gmem.inode.invalidate_lock
+    yield from lock.write_lock(GMEM_UNBIND_LOCK_WAIT)
     try:
         _unbind(gmem, slot)
     finally:
-        if lock is not None:
-            lock.write_unlock()
+        lock.write_unlock()
 
 
 def kvm_gmem_unbind_now(slot: Memslot) -> None:

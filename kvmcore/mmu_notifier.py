@@ -110,10 +110,10 @@ class KvmMmuNotifier:
     def _age(self, start: int, end: int, handler, flush: bool):
         """kvm_age_hva_range: the walk under kvm->mmu_lock for write (``mn_age_lock_wait``),
         or, where the arch selects CONFIG_KVM_MMU_LOCKLESS_AGING (x86), under kvm->srcu only
-        (``mn_age_lockless``): the backend's aging then races faults that hold the lock for
-        read, and zaps, with atomic updates of one entry at a time (the model updates each
-        entry in one step, so a compare-and-exchange it would lose cannot happen inside the
-        walk; a fault's that loses to it retries)."""
+        (``mn_age_lockless``): the backend's aging then runs beside faults that hold the lock
+        for read, and beside zaps, updating one entry at a time atomically. The model updates
+        each entry in one step, so aging never loses a compare-and-exchange; a fault whose
+        compare-and-exchange meets an entry aging changed retries."""
         lockless = self.vm.arch_info.mmu_lockless_aging
         return kvm_handle_hva_range(self.vm, start, end, handler, flush_on_ret=flush,
                                     lockless=lockless,

@@ -498,14 +498,17 @@ class Vcpu(KvmVcpu):
             if r != RET_PF_FIXED or vm.events is not None:
                 self._fault_done(fault, r, access, chunk, data, pos)
             if r == RET_PF_RETRY and self._retry_blocked(fault.gfn):
-                # The vCPU re-enters the guest (leaving kvm->srcu) and faults again, and
-                # again, until the invalidation ends or the memslot update that made its slot
-                # INVALID is done: modelled as one wait, since every retry in between changes
-                # nothing.
-                yield from wait_until(lambda gfn=fault.gfn: not self._retry_blocked(gfn),
-                                      "the invalidation of this gfn or the update of its "
-                                      "memslot to end", PF_RETRY_WAIT)
+                # The vCPU re-enters the guest (leaving kvm->srcu) and faults again.
+                yield from self._retry_wait(fault.gfn)
         raise self._livelock(gpa)
+
+    def _retry_wait(self, gfn: int):
+        """A fault on ``gfn`` that can only retry (``_retry_blocked``) is taken again and
+        again until the invalidation ends or the memslot update is done: modelled as one
+        wait at ``pf_retry_wait``, since every retry in between changes nothing."""
+        yield from wait_until(lambda: not self._retry_blocked(gfn),
+                              "the invalidation of this gfn or the update of its memslot to "
+                              "end", PF_RETRY_WAIT)
 
     def _retry_blocked(self, gfn: int) -> bool:
         """Whether a fault on ``gfn`` can only retry now: an invalidation of it is in
@@ -633,7 +636,7 @@ class Vcpu(KvmVcpu):
     def _pre_fault_one(self, gpa: int, size: int):
         """kvm_tdp_map_page: the fault for one page, looping while it retries (the caller
         holds kvm->srcu). While an invalidation of the gfn is in progress Linux spins
-        (cond_resched) fault after fault, each retrying: modelled as one wait."""
+        (cond_resched) fault after fault, each retrying: ``_retry_wait``."""
         vm = self.vm
         gfn = gpa >> PAGE_SHIFT
         for _ in range(MAX_FAULT_RETRIES):
@@ -647,8 +650,7 @@ class Vcpu(KvmVcpu):
                                f"gpa={gpa:#x}: the pre-fault exited ({e!r})") from None
             if r == RET_PF_RETRY:
                 if self._retry_blocked(gfn):
-                    yield from wait_until(lambda: not self._retry_blocked(gfn),
-                                          "the invalidation of this gfn to end", PF_RETRY_WAIT)
+                    yield from self._retry_wait(gfn)
                 continue
             if r == RET_PF_EMULATE:
                 raise KvmError(errno.ENOENT, f"gpa={gpa:#x} is not covered by a memslot")
