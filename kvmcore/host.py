@@ -11,7 +11,10 @@ A small, honest model of the parts of Linux's mm that KVM depends on:
 - VM_IO|VM_PFNMAP ranges (``pfnmap``) are populated on first touch by the driver's fault
   handler; GUP refuses them, KVM follows the PTE (hva_to_pfn_remapped);
 - every change that Linux reports to MMU notifiers is reported to each registered VM with its
-  hva range, bracketed by invalidate_range_start / end.
+  hva range, bracketed by invalidate_range_start / end;
+- the host page table holds Linux-like words (frame address | present, writable, special,
+  protnone, dirty): mprotect(PROT_NONE) keeps the pages behind protnone entries, and a later
+  mprotect gives them back.
 
 PAGE_SIZE is the host kernel's (``HostMemory(page_size=...)``: 4 KiB, 16 KiB or 64 KiB, as an
 arm64 or Power kernel is built), and it is the base page of every VM on this host, as in Linux.
@@ -54,6 +57,8 @@ KINDS = ("anon", "shared", "hugetlb_2m", "hugetlb_1g", "pfnmap", "gmem")
 HOST_PAGE_SIZES = (4096, 16384, 65536)
 _HUGETLB = {"hugetlb_2m": SZ_2M, "hugetlb_1g": SZ_1G}
 MMAP_BASE = 1 << 32
+#: The range one P4D entry maps (512 GiB with 4-level paging, where it is the PGD's).
+_P4D_SIZE = 1 << 39
 TASK_SIZE = (1 << 47) - PAGE_SIZE
 
 
@@ -101,19 +106,26 @@ class Vma:
         return self.pgoff + ((hva - self.start) >> PAGE_SHIFT)
 
 
-#: Bits of a host PTE word besides the frame's physical address (pfn << 12): present,
-#: writable, and special (a VM_IO|VM_PFNMAP page, which GUP-fast refuses: pte_special).
+#: Bits of a host page-table word besides the frame's physical address (pfn << 12): present,
+#: writable, special (a VM_IO|VM_PFNMAP page, which GUP-fast refuses: pte_special), protnone
+#: (a PROT_NONE mapping's entry: present for the mm, which keeps the page, but no access
+#: goes through it: pte_protnone) and dirty (pte_dirty: a write went through, which lets
+#: mprotect make a writenotify file page writable again, can_change_pte_writable). Every
+#: level uses this word: a PTE, a THP's PMD, a hugetlb page's entry.
 _PTE_PRESENT = 1 << 0
 _PTE_WRITE = 1 << 1
 _PTE_SPECIAL = 1 << 2
+_PTE_PROTNONE = 1 << 3
+_PTE_DIRTY = 1 << 6
 
 
 class PteTable:
     """The PAGE_SIZE level of the host page table: one PTE page (``array('Q')``, a PMD's worth
-    of entries) per PMD-sized hva range that ever had a PTE, each entry the frame's physical
-    address | present | writable | special, as Linux's PTE pages hold them: 8 bytes per
-    mapped page. Keys are page indexes (``hva >> page_shift``); as a mapping it reads and
-    writes ``(first frame, writable)``."""
+    of entries) per PMD-sized hva range that ever had a PTE, each entry a host page-table word
+    (see ``_PTE_PRESENT``), as Linux's PTE pages hold them: 8 bytes per mapped page. Keys are
+    page indexes (``hva >> page_shift``); read like the dicts of the huge levels (key ->
+    word, 0 for none). PTE pages are never freed: a zap leaves its PTE page, as Linux's
+    does until munmap's free_pgtables."""
 
     __slots__ = ("pages", "bits", "mask", "_empty")
 
@@ -124,54 +136,28 @@ class PteTable:
         self.mask = entries_per_page - 1
         self._empty = bytes(8 * entries_per_page)
 
-    def word(self, key: int) -> int:
-        """The PTE word of page index ``key`` (0: none)."""
+    def get(self, key: int, default: int = 0) -> int:
+        """The word of page index ``key`` (``default`` when there is none)."""
         page = self.pages.get(key >> self.bits)
-        return 0 if page is None else page[key & self.mask]
+        w = 0 if page is None else page[key & self.mask]
+        return w or default
 
-    def set_word(self, key: int, word: int) -> None:
+    def __setitem__(self, key: int, word: int) -> None:
         page = self.pages.get(key >> self.bits)
         if page is None:
             page = self.pages[key >> self.bits] = array("Q", self._empty)
         page[key & self.mask] = word
 
-    def get(self, key: int, default=None):
+    def __contains__(self, key: int) -> bool:
+        return bool(self.get(key))
+
+    def pop(self, key: int) -> int:
+        """Clear page index ``key``'s entry; return its word (0: there was none)."""
         page = self.pages.get(key >> self.bits)
         if page is None:
-            return default
-        w = page[key & self.mask]
-        return (w >> PAGE_SHIFT, bool(w & _PTE_WRITE)) if w else default
-
-    def __getitem__(self, key: int) -> tuple[int, bool]:
-        e = self.get(key)
-        if e is None:
-            raise KeyError(key)
-        return e
-
-    def __setitem__(self, key: int, value: tuple[int, bool]) -> None:
-        pfn, writable = value
-        self.set_word(key, pfn << PAGE_SHIFT | _PTE_PRESENT | (_PTE_WRITE if writable else 0))
-
-    def __contains__(self, key: int) -> bool:
-        return bool(self.word(key))
-
-    def pop(self, key: int, *default):
-        e = self.get(key)
-        if e is None:
-            if default:
-                return default[0]
-            raise KeyError(key)
-        self.pages[key >> self.bits][key & self.mask] = 0
-        return e
-
-    def __delitem__(self, key: int) -> None:
-        self.pop(key)
-
-    def wrprotect(self, key: int) -> None:
-        """Clear the writable bit of a present entry (a special one keeps its bit)."""
-        page = self.pages.get(key >> self.bits)
-        if page is not None:
-            page[key & self.mask] &= ~_PTE_WRITE
+            return 0
+        w, page[key & self.mask] = page[key & self.mask], 0
+        return w
 
     def _pmds(self, lo: int, hi: int):
         """The PMD indexes with a PTE page that page indexes ``[lo, hi)`` touch."""
@@ -194,12 +180,13 @@ class PteTable:
         for page, first, last in self._spans(lo, hi):
             page[first:last] = array("Q", bytes(8 * (last - first)))
 
-    def wrprotect_range(self, lo: int, hi: int) -> None:
-        """Clear the writable bit of the entries of page indexes ``[lo, hi)``."""
+    def modify_range(self, lo: int, hi: int, modify) -> None:
+        """Replace each present entry of page indexes ``[lo, hi)`` by ``modify(word)``
+        (change_pte_range)."""
         for page, first, last in self._spans(lo, hi):
             for i in range(first, last):
                 if page[i]:
-                    page[i] &= ~_PTE_WRITE
+                    page[i] = modify(page[i])
 
     def keys_in(self, lo: int, hi: int) -> list[int]:
         """The page indexes in ``[lo, hi)`` that have an entry, ascending."""
@@ -214,20 +201,22 @@ class PteTable:
             out.extend(base + i for i in range(first, last) if page[i])
         return out
 
-    def __iter__(self):
+    def items(self):
+        """``(page index, word)`` of every entry."""
         bits = self.bits
         for pmd, page in list(self.pages.items()):
             base = pmd << bits
             for i, w in enumerate(page):
                 if w:
-                    yield base + i
+                    yield base + i, w
 
-    def items(self):
-        for key in self:
-            yield key, self.get(key)
 
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
+def _word(pfn: int, writable: bool, special: bool = False) -> int:
+    """A present entry for frame ``pfn``; a writable one is dirty, as every writable entry
+    the model makes comes from a write fault or a mapping made writable (and so dirty) at
+    fault time (do_anonymous_page, hugetlb's make_huge_pte, do_huge_pmd_anonymous_page)."""
+    return (pfn << PAGE_SHIFT | _PTE_PRESENT | (_PTE_WRITE | _PTE_DIRTY if writable else 0)
+            | (_PTE_SPECIAL if special else 0))
 
 
 def _check_prot(prot: str) -> str:
@@ -507,21 +496,30 @@ class HostMemory:
 
     # ------------------------------------------------------------------ host page table
 
-    def _entry(self, hva: int) -> tuple[int, bool, int] | None:
-        """The host page-table entry covering ``hva``: ``(first frame, writable, size)``."""
+    def _entry_word(self, hva: int) -> tuple[int, int] | None:
+        """The host page-table entry covering ``hva``: ``(word, size)``."""
         page = self._pte_pages.get(hva >> self._pmd_shift)
         if page is not None:
             w = page[(hva >> self.page_shift) & self._pte_mask]
             if w:
-                return w >> PAGE_SHIFT, bool(w & _PTE_WRITE), self.page_size
+                return w, self.page_size
         for size, shift, table in self._huge:
-            e = table.get(hva >> shift)
-            if e is not None:
-                return e[0], e[1], size
+            w = table.get(hva >> shift)
+            if w:
+                return w, size
         return None
 
+    def _entry(self, hva: int) -> tuple[int, bool, int] | None:
+        """The host page-table entry covering ``hva``: ``(first frame, writable, size)``."""
+        e = self._entry_word(hva)
+        if e is None:
+            return None
+        return e[0] >> PAGE_SHIFT, bool(e[0] & _PTE_WRITE), e[1]
+
     def lookup_pte(self, hva: int) -> tuple[int, bool, int] | None:
-        """The host mapping of ``hva``: ``(frame of its 4 KiB, writable, mapping size)``."""
+        """The host mapping of ``hva``: ``(frame of its 4 KiB, writable, mapping size)``.
+        A PROT_NONE entry is there (pte_present), never writable: a walk of the page table
+        finds it, as follow_pfnmap_start and __find_linux_pte do; GUP does not use it."""
         page = self._pte_pages.get(hva >> self._pmd_shift)
         if page is not None:
             w = page[(hva >> self.page_shift) & self._pte_mask]
@@ -529,9 +527,10 @@ class HostMemory:
                 return ((w >> PAGE_SHIFT) + ((hva & (self.page_size - 1)) >> PAGE_SHIFT),
                         bool(w & _PTE_WRITE), self.page_size)
         for size, shift, table in self._huge:
-            e = table.get(hva >> shift)
-            if e is not None:
-                return e[0] + ((hva & (size - 1)) >> PAGE_SHIFT), e[1], size
+            w = table.get(hva >> shift)
+            if w:
+                return ((w >> PAGE_SHIFT) + ((hva & (size - 1)) >> PAGE_SHIFT),
+                        bool(w & _PTE_WRITE), size)
         return None
 
     def host_mapping_size(self, hva: int) -> int:
@@ -550,13 +549,19 @@ class HostMemory:
         self.ptes.clear_range(lo, hi)
         for size, hshift, table in self._huge:
             for key in _huge_keys(table, hshift, start, end):
-                e = table.pop(key, None)
-                if e is None:
-                    continue
-                base = key << hshift
-                for off in range(0, size, self.page_size):
-                    if not start <= base + off < end:
-                        self.ptes[(base + off) >> shift] = (e[0] + (off >> PAGE_SHIFT), e[1])
+                w = table.pop(key, 0)
+                if w:
+                    self._split_word(key << hshift, size, w, start, end)
+
+    def _split_word(self, base: int, size: int, word: int, start: int = 0,
+                    end: int = 0) -> None:
+        """Map the huge page of ``word`` at ``base`` by PAGE_SIZE entries with its bits
+        (__split_huge_pmd_locked), leaving out those in ``[start, end)``."""
+        shift = self.page_shift
+        for off in range(0, size, self.page_size):
+            if not start <= base + off < end:
+                # The word is the frame's address | bits: the next page's is ``off`` further.
+                self.ptes[(base + off) >> shift] = word + off
 
     def _record_freed(self, start: int, end: int, vmas: list | None = None) -> None:
         """The anonymous frames that dropping the PTEs of ``[start, end)`` frees: private
@@ -569,10 +574,10 @@ class HostMemory:
             for size, table in self._tables.items():
                 shift = size.bit_length() - 1
                 for key in range(lo >> shift, ((hi - 1) >> shift) + 1):
-                    e = table.get(key)
-                    if e is not None and e[0] != self.zero_pfn and \
+                    pfn = table.get(key, 0) >> PAGE_SHIFT
+                    if pfn and pfn != self.zero_pfn and \
                             lo <= key << shift and (key + 1) << shift <= hi:
-                        self.freed.update(range(e[0], e[0] + (size >> PAGE_SHIFT)))
+                        self.freed.update(range(pfn, pfn + (size >> PAGE_SHIFT)))
 
     def _notify_range(self, start: int, end: int) -> tuple[int, int]:
         """``(hva, length)`` the MMU notifiers see for a change of ``[start, end)``: a huge
@@ -594,11 +599,9 @@ class HostMemory:
         """Map the page of ``size`` (PAGE_SIZE by default) at ``hva`` to frames from ``pfn``;
         ``special``: a VM_IO|VM_PFNMAP page (pte_special)."""
         if size is None or size == self.page_size:
-            self.ptes.set_word(hva >> self.page_shift, pfn << PAGE_SHIFT | _PTE_PRESENT
-                               | (_PTE_WRITE if writable else 0)
-                               | (_PTE_SPECIAL if special else 0))
+            self.ptes[hva >> self.page_shift] = _word(pfn, writable, special)
             return
-        self._tables[size][hva >> (size.bit_length() - 1)] = (pfn, writable)
+        self._tables[size][hva >> (size.bit_length() - 1)] = _word(pfn, writable)
 
     # ------------------------------------------------------------------ faults
 
@@ -636,9 +639,11 @@ class HostMemory:
                 return None
             if vma.kind == "anon" and pfn == self.zero_pfn:
                 return self._cow_break(vma, hva)
-            # wp_page_reuse: an exclusive or shared page just becomes writable; the pfn
-            # does not change, so no notifier fires.
-            self._set_pte(hva & ~(size - 1), pfn, True, size)
+            # wp_page_reuse: an exclusive or shared page just becomes writable (and dirty);
+            # the pfn does not change, so no notifier fires.
+            table = self._tables[size]
+            key = hva >> (size.bit_length() - 1)
+            table[key] = table.get(key) | _PTE_WRITE | _PTE_DIRTY
             return None
         self._fault_in(vma, hva, write)
         return None
@@ -707,22 +712,22 @@ class HostMemory:
 
     def gup_fast(self, hva: int, write: bool) -> tuple[int, bool] | None:
         """get_user_pages_fast_only: a walk of the page table alone (no VMA), which never
-        faults and fails on special (VM_PFNMAP) PTEs and on poisoned pages."""
+        faults and fails on special (VM_PFNMAP) PTEs, PROT_NONE entries (pte_protnone) and
+        poisoned pages."""
         page = self._pte_pages.get(hva >> self._pmd_shift)
         w = 0 if page is None else page[(hva >> self.page_shift) & self._pte_mask]
-        if w:
-            if w & _PTE_SPECIAL or (write and not w & _PTE_WRITE):
+        size = self.page_size
+        if not w:
+            e = self._entry_word(hva)
+            if e is None:
                 return None
-            pfn = (w >> PAGE_SHIFT) + ((hva & (self.page_size - 1)) >> PAGE_SHIFT)
-            writable = bool(w & _PTE_WRITE)
-        else:
-            e = self.lookup_pte(hva)
-            if e is None or (write and not e[1]):
-                return None
-            pfn, writable = e[0], e[1]
+            w, size = e
+        if w & (_PTE_SPECIAL | _PTE_PROTNONE) or (write and not w & _PTE_WRITE):
+            return None
+        pfn = (w >> PAGE_SHIFT) + ((hva & (size - 1)) >> PAGE_SHIFT)
         if self.poisoned and self.page_of(pfn) in self.poisoned:
             return None
-        return pfn, writable
+        return pfn, bool(w & _PTE_WRITE)
 
     def gup(self, hva: int, write: bool) -> int:
         """get_user_pages_unlocked with FOLL_HWPOISON: faults the page in. Raises
@@ -777,8 +782,31 @@ class HostMemory:
 
     @steppable
     def mprotect(self, hva: int, length: int, prot: str) -> None:
-        """mprotect(2): removing a permission fires the notifiers (change_protection) and
-        downgrades the PTEs; adding one changes only the VMA (the next fault upgrades)."""
+        """mprotect(2) (do_mprotect_pkey): every VMA of the range whose protection changes
+        takes the new one, then its page-table entries change (mprotect_fixup ->
+        change_protection) inside an MMU-notifier invalidation (MMU_NOTIFY_PROTECTION_VMA),
+        whether a permission goes or comes:
+
+        - PROT_NONE (neither ``r`` nor ``w``) keeps every page, as protnone entries that no
+          access and no GUP goes through; a later mprotect gives them back;
+        - read-only clears the writable bit;
+        - read-write makes an entry writable where a write fault would not have to do more
+          (can_change_pte_writable): an exclusive anonymous page (any but the zero page: no
+          fork here), a writenotify file page already dirty; a VMA with no writenotify
+          (hugetlb, VM_PFNMAP, guest_memfd) gets writable entries from its new page
+          protection. The others stay read-only until a write faults.
+
+        The invalidation covers the VMA's range from the first 1 GiB with page tables
+        (change_pud_range starts it at the first PUD that is not none; the model's PTE pages
+        are never freed, so "has page tables" means "was ever mapped"), and none fires
+        when there are none; hugetlb always notifies the whole range
+        (hugetlb_change_protection). A THP partly inside is split, its whole range notified.
+
+        Simplified: the mmap lock is not modelled (Linux holds it for write throughout, so a
+        GUP that is not GUP-fast waits for the end; in the model one in the window sees the
+        new VMA protection, and the invalidation makes its fault retry as any other); the
+        range is checked whole before any VMA changes (Linux changes those before a hole,
+        then fails ENOMEM); VMAs are not merged back."""
         prot = _check_prot(prot)
         self._check_range("mprotect", hva, length)
         end = hva + length
@@ -790,31 +818,67 @@ class HostMemory:
             covered = vma.end
         if not vmas or covered < end:
             raise KvmError(errno.ENOMEM, f"mprotect: [{hva:#x}, {end:#x}) is not fully mapped")
-        vmas = self._split_vmas(hva, end)
-        removes = any(set(v.prot) - set(prot) for v in vmas)
-        if removes:
-            nstart, nlen = self._notify_range(hva, end)
-            yield from self._invalidate_start(nstart, nlen)
-            for vma in vmas:
+        for vma in self._split_vmas(hva, end):
+            if vma.prot != prot:
                 vma.prot = prot
-            self._downgrade(hva, end, prot)
-            yield from self._invalidate_end(nstart, nlen)
-        else:
-            for vma in vmas:
-                vma.prot = prot
+                yield from self._change_protection(vma)
 
-    def _downgrade(self, start: int, end: int, prot: str) -> None:
+    def _change_protection(self, vma: Vma):
+        """change_protection of ``vma`` (wholly inside the mprotect range) to its ``prot``."""
+        start, end = vma.start, vma.end
+        if vma.kind in _HUGETLB:
+            ranges = [(start, end - start)]
+        else:
+            ranges = []
+            for chunk in range(start & ~(_P4D_SIZE - 1), end, _P4D_SIZE):
+                lo, hi = max(start, chunk), min(end, chunk + _P4D_SIZE)
+                first = self._first_pud_in_use(lo, hi)
+                if first is not None:
+                    ranges.append(self._notify_range(first, hi))
+        modify = self._pte_modify(vma)
+        for nstart, nlen in ranges:
+            yield from self._invalidate_start(nstart, nlen)
+            lo, hi = max(start, nstart), min(end, nstart + nlen)
+            for size, hshift, table in self._huge:
+                for key in _huge_keys(table, hshift, lo, hi):
+                    w = table.get(key)
+                    if not w:
+                        continue
+                    base = key << hshift
+                    if base < lo or base + size > hi:
+                        del table[key]                  # a THP across the VMA's edge
+                        self._split_word(base, size, w)
+                    else:
+                        table[key] = modify(w)
+            self.ptes.modify_range(lo >> self.page_shift, hi >> self.page_shift, modify)
+            yield from self._invalidate_end(nstart, nlen)
+
+    def _first_pud_in_use(self, start: int, end: int) -> int | None:
+        """The first address of ``[start, end)`` whose 1 GiB has page tables (a PUD entry that
+        is not none), or None."""
+        shift = self.page_shift
+        pmd_keys = self.ptes._pmds(start >> shift, ((end - 1) >> shift) + 1)
+        gibs = [(k << self._pmd_shift) >> 30 for k in pmd_keys[:1]]
+        for _size, hshift, table in self._huge:
+            gibs += [(k << hshift) >> 30 for k in _huge_keys(table, hshift, start, end)
+                     if k in table][:1]
+        return max(start, min(gibs) << 30) if gibs else None
+
+    def _pte_modify(self, vma: Vma):
+        """The change to each present entry of ``vma`` for its new ``prot``: pte_modify, and
+        pte_mkwrite where can_change_pte_writable allows (MM_CP_TRY_CHANGE_WRITABLE)."""
+        prot = vma.prot
         if "r" not in prot and "w" not in prot:
-            self._zap_ptes(start, end)
-            return
-        if "w" in prot:
-            return
-        self.ptes.wrprotect_range(start >> self.page_shift, ((end - 1) >> self.page_shift) + 1)
-        for size, _shift, table in self._huge:
-            shift = size.bit_length() - 1
-            lo, hi = start >> shift, (end - 1) >> shift
-            for key in [k for k in table if lo <= k <= hi]:
-                table[key] = (table[key][0], False)
+            return lambda w: w & ~_PTE_WRITE | _PTE_PROTNONE
+        if "w" not in prot:
+            return lambda w: w & ~(_PTE_WRITE | _PTE_PROTNONE)
+        if vma.kind == "anon":
+            zero = self.zero_pfn
+            return lambda w: w & ~_PTE_PROTNONE | (
+                _PTE_WRITE if w >> PAGE_SHIFT != zero else 0)
+        if vma.kind == "shared":
+            return lambda w: w & ~_PTE_PROTNONE | (_PTE_WRITE if w & _PTE_DIRTY else 0)
+        return lambda w: w & ~_PTE_PROTNONE | _PTE_WRITE
 
     @steppable
     def madvise_dontneed(self, hva: int, length: int) -> None:
@@ -859,16 +923,19 @@ class HostMemory:
             raise KvmError(errno.EFAULT, f"migrate: hva={hva:#x} is not mapped")
         if vma.kind not in ("anon", "shared"):
             raise KvmError(errno.EINVAL, f"migrate: {vma.kind} pages do not migrate")
-        e = self._entry(hva)
-        if e is None or e[0] == self.zero_pfn:
+        e = self._entry_word(hva)
+        if e is None or e[0] >> PAGE_SHIFT == self.zero_pfn:
             raise KvmError(errno.ENOENT, f"migrate: no page present at hva={hva:#x}")
-        old, writable, size = e
+        word, size = e
+        old = word >> PAGE_SHIFT
         base = hva & ~(size - 1)
         npages = size >> PAGE_SHIFT
         yield from self._invalidate_start(base, size)
         new = self._alloc(npages)
         self.copy_frames(old, new, npages)
-        self._set_pte(base, new, writable, size)
+        # remove_migration_pte: the new frame with the old entry's bits
+        self._tables[size][base >> (size.bit_length() - 1)] = (
+            new << PAGE_SHIFT | word & (PAGE_SIZE - 1))
         if self.freed is not None:
             self.freed.update(range(old, old + npages))
         if vma.kind == "shared":
@@ -893,13 +960,10 @@ class HostMemory:
         notifiers fire for the PMD's range."""
         base, pmd = self._thp_block(hva, "split_huge_page")
         table = self._tables[pmd]
-        e = table.get(base >> (pmd.bit_length() - 1))
-        if e is None:
+        if not table.get(base >> (pmd.bit_length() - 1)):
             raise KvmError(errno.EINVAL, f"split_huge_page: no huge page at hva={hva:#x}")
         yield from self._invalidate_start(base, pmd)
-        del table[base >> (pmd.bit_length() - 1)]
-        for off in range(0, pmd, self.page_size):
-            self.ptes[(base + off) >> self.page_shift] = (e[0] + (off >> PAGE_SHIFT), e[1])
+        self._split_word(base, pmd, table.pop(base >> (pmd.bit_length() - 1)))
         yield from self._invalidate_end(base, pmd)
 
     @steppable
@@ -914,11 +978,13 @@ class HostMemory:
         yield from self._invalidate_start(base, pmd)
         new = self._alloc(pmd >> PAGE_SHIFT)
         for i, key in enumerate(keys):
-            pfn, _w = self.ptes.pop(key)
+            pfn = self.ptes.pop(key) >> PAGE_SHIFT
             if pfn != self.zero_pfn:
                 self.copy_frames(pfn, new + i * self.nr_frames, self.nr_frames)
-        vma = self.find_vma(hva)
-        self._set_pte(base, new, "w" in vma.prot, pmd)
+        # mk_huge_pmd with the VMA's page protection: writable and dirty, or protnone.
+        prot = self.find_vma(hva).prot
+        self._tables[pmd][base >> (pmd.bit_length() - 1)] = _word(new, "w" in prot) | (
+            _PTE_PROTNONE if "r" not in prot and "w" not in prot else 0)
         yield from self._invalidate_end(base, pmd)
         return new
 
@@ -965,9 +1031,10 @@ class HostMemory:
         hvas = []
         for size, table in self._tables.items():
             shift = size.bit_length() - 1
-            for key, e in table.items():
-                if e[0] < last and first < e[0] + (size >> PAGE_SHIFT):
-                    hvas.append((key << shift) + ((first - e[0]) << PAGE_SHIFT))
+            for key, w in table.items():
+                pfn = w >> PAGE_SHIFT
+                if pfn < last and first < pfn + (size >> PAGE_SHIFT):
+                    hvas.append((key << shift) + ((first - pfn) << PAGE_SHIFT))
         for hva in hvas:
             vma = self.find_vma(hva)
             if vma is not None and vma.kind in _HUGETLB:
@@ -1020,13 +1087,13 @@ class HostMemory:
         page) whole, even when the range covers only part of it. Costs what is mapped, not
         the range's length."""
         shift = self.page_shift
-        word = self.ptes.word
+        word = self.ptes.get
         units = [(key << shift, self.page_size, word(key) >> PAGE_SHIFT)
                  for key in self.ptes.keys_in(start >> shift, ((end - 1) >> shift) + 1)]
         for size, hshift, table in self._huge:
-            units += [(key << hshift, size, e[0])
+            units += [(key << hshift, size, w >> PAGE_SHIFT)
                       for key in _huge_keys(table, hshift, start, end)
-                      if (e := table.get(key)) is not None]
+                      if (w := table.get(key))]
         units.sort()
         return units
 

@@ -9,6 +9,7 @@ from conftest import MiB
 
 from kvmcore import KvmError
 from kvmcore.host import HostMemory
+from kvmcore.uapi import SZ_1G
 from kvmcore.host import SigBus, SigSegv
 
 
@@ -100,16 +101,81 @@ def test_migrate_moves_contents(host, rec):
     assert rec.calls[0] == ("start", hva, hva + 4096)
 
 
-def test_mprotect_removal_notifies_addition_does_not(host, rec):
+def test_mprotect_notifies_on_every_change(host, rec):
+    """change_protection notifies (MMU_NOTIFY_PROTECTION_VMA) whether a permission goes or
+    comes; an exclusive anonymous page is writable again at once (can_change_pte_writable),
+    the zero page is not; an unchanged protection does nothing."""
     hva = host.mmap(MiB)
     host.write(hva, b"x")
+    host.read(hva + 0x1000, 1)                          # the zero page
     host.mprotect(hva, MiB, "r")
     assert not host.lookup_pte(hva)[1] and len(rec.calls) == 2
     with pytest.raises(SigSegv):
         host.write(hva, b"y")
     host.mprotect(hva, MiB, "rw")
-    assert len(rec.calls) == 2
+    assert rec.calls[2:] == [("start", hva, hva + MiB), ("end", hva, hva + MiB)]
+    assert host.lookup_pte(hva)[1] and not host.lookup_pte(hva + 0x1000)[1]
+    host.mprotect(hva, MiB, "rw")
+    assert len(rec.calls) == 4
     host.write(hva, b"y")
+    assert len(rec.calls) == 4                          # no COW: the page was exclusive
+
+
+def test_mprotect_none_keeps_the_pages(host, rec):
+    """PROT_NONE makes protnone entries: no access and no GUP goes through them, but the
+    page stays, with its contents, for the next mprotect (change_pte_range)."""
+    hva = host.mmap(2 * MiB, thp=True)
+    host.write(hva, b"anon")
+    host.write(hva + MiB, b"huge")
+    pfn, _, size = host.lookup_pte(hva)
+    host.mprotect(hva, 2 * MiB, "")
+    assert host.lookup_pte(hva) == (pfn, False, size)
+    assert host.gup_fast(hva, False) is None
+    with pytest.raises(SigSegv):
+        host.read(hva, 1)
+    with pytest.raises(OSError):
+        host.gup(hva, False)
+    host.mprotect(hva, 2 * MiB, "rw")
+    assert host.lookup_pte(hva) == (pfn, True, size)
+    assert host.read(hva, 4) == b"anon" and host.read(hva + MiB, 4) == b"huge"
+
+
+def test_mprotect_notifies_from_the_first_page_table(host, rec):
+    """The invalidation starts at the first 1 GiB with page tables (change_pud_range), and
+    none fires over a range that never had any; hugetlb notifies its whole range."""
+    hva = host.mmap(3 * SZ_1G)
+    host.mprotect(hva, 3 * SZ_1G, "r")
+    assert rec.calls == []
+    host.read(hva + SZ_1G + 0x5000, 1)
+    host.mprotect(hva, 3 * SZ_1G, "rw")
+    assert rec.calls == [("start", hva + SZ_1G, hva + 3 * SZ_1G),
+                         ("end", hva + SZ_1G, hva + 3 * SZ_1G)]
+    rec.calls.clear()
+    huge = host.mmap(4 * MiB, kind="hugetlb_2m")
+    host.mprotect(huge, 4 * MiB, "r")
+    assert rec.calls == [("start", huge, huge + 4 * MiB), ("end", huge, huge + 4 * MiB)]
+
+
+def test_mprotect_writenotify_page_writable_again_only_if_dirty(host):
+    """A writenotify file page goes back to writable on mprotect only if it is dirty (a
+    write went through); a clean one waits for its write fault (wp_page_shared)."""
+    hva = host.mmap(MiB, kind="shared")
+    host.write(hva, b"d")
+    host.read(hva + 0x1000, 1)
+    host.mprotect(hva, MiB, "r")
+    host.mprotect(hva, MiB, "rw")
+    assert host.lookup_pte(hva)[1] and not host.lookup_pte(hva + 0x1000)[1]
+
+
+def test_mprotect_splits_a_thp_across_the_vma_edge(host, rec):
+    """mprotect of part of a THP splits it (the whole huge range notified) and changes only
+    the pages inside; the rest stay writable."""
+    hva = host.mmap(2 * MiB, thp=True)
+    host.write(hva, b"x")
+    host.mprotect(hva, 0x1000, "r")
+    assert host.lookup_pte(hva)[1:] == (False, 4096)
+    assert host.lookup_pte(hva + 0x1000)[1:] == (True, 4096)
+    assert rec.calls == [("start", hva, hva + 2 * MiB), ("end", hva, hva + 2 * MiB)]
 
 
 def test_munmap_splits_vmas(host, rec):
@@ -398,19 +464,20 @@ def test_hwpoison_signal_names_the_base_page():
 
 def test_pte_pages_hold_one_word_per_page():
     """The PAGE_SIZE level of the host page table is PTE pages of 8-byte words (frame
-    address | present | writable | special), keyed by page index like a mapping; ranged
-    clears and write-protection cross PTE pages; GUP-fast refuses a special PTE."""
-    from kvmcore.host import PteTable
+    address | bits), keyed by page index like the huge levels' dicts; ranged clears and
+    changes cross PTE pages; GUP-fast refuses a special PTE."""
+    from kvmcore.host import _PTE_WRITE, PteTable, _word
 
     t = PteTable(512)
-    t[5] = (0x1234, True)
-    t[512 + 7] = (0x99, False)
-    assert t.get(5) == (0x1234, True) and t[519] == (0x99, False) and 6 not in t
-    assert list(t) == [5, 519] and len(t) == 2 and t.keys_in(0, 600) == [5, 519]
-    t.wrprotect_range(0, 1024)
-    assert t.get(5) == (0x1234, False)
+    t[5] = _word(0x1234, True)
+    t[512 + 7] = _word(0x99, False)
+    assert t.get(5) == 0x1234 << 12 | 0x43 and t.get(519) == 0x99 << 12 | 1
+    assert 6 not in t and t.get(6) == 0
+    assert [k for k, _w in t.items()] == [5, 519] and t.keys_in(0, 600) == [5, 519]
+    t.modify_range(0, 1024, lambda w: w & ~_PTE_WRITE)
+    assert t.get(5) == 0x1234 << 12 | 0x41 and t.get(519) == 0x99 << 12 | 1
     t.clear_range(6, 1024)
-    assert list(t) == [5] and t.pop(5) == (0x1234, False) and t.pop(5, None) is None
+    assert t.keys_in(0, 1024) == [5] and t.pop(5) >> 12 == 0x1234 and t.pop(5) == 0
     assert len(t.pages) == 2 and all(len(p) == 512 for p in t.pages.values())
     host = HostMemory()
     hva = host.mmap(1 << 20, kind="pfnmap", pfn=0x80000)

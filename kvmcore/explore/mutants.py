@@ -115,7 +115,7 @@ _CORE = {m.name: m for m in (
            _pfnmap_no_retry, ("pfnmap_fault_vs_munmap",)),
     Mutant("notifier_without_invalidation", "seed 3: the hva-range operator",
            "the MMU notifier zaps through the operator form: no mmu_invalidate_begin/end",
-           _notifier_without_invalidation, ("fault_vs_munmap",)),
+           _notifier_without_invalidation, ("fault_vs_munmap", "write_vs_mprotect")),
     Mutant("no_flush_on_zap", "zap without its remote TLB flush",
            "kvm_unmap_gfn_range never asks for kvm_flush_remote_tlbs",
            _no_flush_on_zap, ("fault_vs_munmap",)),

@@ -101,6 +101,38 @@ def test_mprotect_readonly_zaps_and_remaps_readonly(guest, host):
     assert not guest.vm.lookup(GPA).writable
 
 
+def test_mprotect_adding_write_zaps_too(guest, host):
+    """mprotect back to read-write notifies as well (change_protection's
+    MMU_NOTIFY_PROTECTION_VMA): the read-only leaf goes. The exclusive anonymous page is
+    writable again at once (can_change_pte_writable), so the next write maps the same frame
+    writable, with no COW."""
+    page = guest.vm.page_size
+    hva = guest.slot(0, GPA, SLOT_PAGES * page)
+    guest.write(GPA, pattern(4))
+    pfn = guest.vm.lookup(GPA).pfn
+    host.mprotect(hva, page, "r")
+    assert guest.read(GPA) == pattern(4) and not guest.vm.lookup(GPA).writable
+    host.mprotect(hva, page, "rw")
+    assert guest.vm.lookup(GPA) is None
+    guest.write(GPA + 8, pattern(5))
+    m = guest.vm.lookup(GPA)
+    assert m.writable and m.pfn == pfn and guest.read(GPA) == pattern(4)
+
+
+def test_mprotect_none_keeps_the_page(guest, host):
+    """PROT_NONE zaps the leaf and leaves the fault no page (its GUP fails: an error pfn),
+    but the host keeps the page (change_pte_range makes protnone entries): after mprotect
+    back to read-write the guest reads what it wrote."""
+    page = guest.vm.page_size
+    hva = guest.slot(0, GPA, SLOT_PAGES * page)
+    guest.write(GPA, pattern(4))
+    host.mprotect(hva, page, "")
+    assert guest.vm.lookup(GPA) is None
+    expect_error_pfn(guest.vm, guest.read, GPA, gpa=GPA)
+    host.mprotect(hva, page, "rw")
+    assert guest.read(GPA) == pattern(4)
+
+
 def test_migrate_zaps_and_moves(guest, host):
     """Migration: the leaf is zapped; the next access maps the new frame with the same data."""
     page = guest.vm.page_size
