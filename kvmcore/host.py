@@ -509,13 +509,6 @@ class HostMemory:
                 return w, size
         return None
 
-    def _entry(self, hva: int) -> tuple[int, bool, int] | None:
-        """The host page-table entry covering ``hva``: ``(first frame, writable, size)``."""
-        e = self._entry_word(hva)
-        if e is None:
-            return None
-        return e[0] >> PAGE_SHIFT, bool(e[0] & _PTE_WRITE), e[1]
-
     def lookup_pte(self, hva: int) -> tuple[int, bool, int] | None:
         """The host mapping of ``hva``: ``(frame of its 4 KiB, writable, mapping size)``.
         A PROT_NONE entry is there (pte_present), never writable: a walk of the page table
@@ -599,7 +592,10 @@ class HostMemory:
         """Map the page of ``size`` (PAGE_SIZE by default) at ``hva`` to frames from ``pfn``;
         ``special``: a VM_IO|VM_PFNMAP page (pte_special)."""
         if size is None or size == self.page_size:
-            self.ptes[hva >> self.page_shift] = _word(pfn, writable, special)
+            # _word's, inline: every fault-in comes here
+            self.ptes[hva >> self.page_shift] = (
+                pfn << PAGE_SHIFT | _PTE_PRESENT | (_PTE_WRITE | _PTE_DIRTY if writable else 0)
+                | (_PTE_SPECIAL if special else 0))
             return
         self._tables[size][hva >> (size.bit_length() - 1)] = _word(pfn, writable)
 
@@ -629,21 +625,20 @@ class HostMemory:
                 self.hwpoison_huge and vma.kind in _HUGETLB
                 and hva & ~(vma.page_size - 1) in self.hwpoison_huge):
             raise SigBus(f"hva={hva:#x}: hardware-poisoned page")
-        e = self._entry(hva)
+        e = self._entry_word(hva)
         if e is not None:
-            pfn, writable, size = e
+            w, size = e
+            pfn = w >> PAGE_SHIFT
             piece = pfn + ((hva & (size - 1)) >> PAGE_SHIFT)
             if self.page_of(piece) in self.poisoned:
                 raise SigBus(f"hva={hva:#x}: hardware-poisoned page")
-            if not write or writable:
+            if not write or w & _PTE_WRITE:
                 return None
             if vma.kind == "anon" and pfn == self.zero_pfn:
                 return self._cow_break(vma, hva)
             # wp_page_reuse: an exclusive or shared page just becomes writable (and dirty);
             # the pfn does not change, so no notifier fires.
-            table = self._tables[size]
-            key = hva >> (size.bit_length() - 1)
-            table[key] = table.get(key) | _PTE_WRITE | _PTE_DIRTY
+            self._tables[size][hva >> (size.bit_length() - 1)] = w | _PTE_WRITE | _PTE_DIRTY
             return None
         self._fault_in(vma, hva, write)
         return None
@@ -1100,8 +1095,8 @@ class HostMemory:
     def _still_mapped(self, hva: int, size: int, pfn: int) -> bool:
         """The entry ``_mapped_units`` found at ``hva`` is still there, same size and frame
         (page_vma_mapped_walk finds a folio only where it is still mapped)."""
-        e = self._entry(hva)
-        return e is not None and e[2] == size and e[0] == pfn
+        e = self._entry_word(hva)
+        return e is not None and e[1] == size and e[0] >> PAGE_SHIFT == pfn
 
     @steppable
     def age(self, hva: int, length: int, flush: bool = True) -> bool:
