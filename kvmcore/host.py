@@ -689,8 +689,11 @@ class HostMemory:
             self._set_pte(page, vma.pfn + ((page - vma.start) >> PAGE_SHIFT), writable,
                           special=True)
         elif kind == "gmem":
+            # A MAP_SHARED mapping with no writenotify (no page_mkwrite, no writeback): its
+            # page protection is writable, so even a read fault maps writable
+            # (set_pte_range with the VMA's vm_page_prot).
             pfn = vma.backing.fault_user_mapping(vma.pgoff_of(page))
-            self._set_pte(page, pfn, writable and write)
+            self._set_pte(page, pfn, writable)
         else:
             size = vma.page_size
             base = hva & ~(size - 1)

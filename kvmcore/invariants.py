@@ -181,11 +181,6 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
     if pte is None:
         return f"the host has no page at hva {hva:#x}"
     pfn, writable, size = pte
-    vma = vm.host.find_vma(hva)
-    if vma is not None and vma.kind == "gmem":
-        # A gmem mmap used as a slot's shared memory: the host PTE may be read-only until
-        # the host writes, yet KVM maps what the file gives.
-        writable = "w" in vma.prot
     return pfn, writable and not slot.readonly, size
 
 

@@ -123,6 +123,17 @@ def test_gmem_only_slot_serves_shared_faults_from_the_file(vm, host):
     assert vm.lookup(0x5000).pfn == gmem.inode.folios[5]
 
 
+def test_gmem_mmap_read_fault_maps_writable(vm, host):
+    """A guest_memfd mapping is MAP_SHARED with no writenotify (no page_mkwrite, no
+    writeback), so its page protection is writable and a read fault maps the page writable
+    (set_pte_range), where a writenotify file maps it read-only until the first write."""
+    gmem = vm.create_guest_memfd(2 * MiB, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    hva = gmem.mmap()
+    assert host.read(hva + 0x3000, 1) == b"\0"
+    assert host.lookup_pte(hva + 0x3000)[1:] == (True, 4096)
+    assert host.gup_fast(hva + 0x3000, True) is not None
+
+
 def test_release_zaps_and_later_faults_efault(pvm, host):
     gmem, _ = private_slot(pvm, host)
     vcpu = pvm.create_vcpu(0)
