@@ -45,7 +45,7 @@ from kvmcore import hookimpl
 from kvmcore.arch import ArchInfo, Mapping, VmOption, vm_options
 from kvmcore.errors import KvmError
 from kvmcore.hookspecs import SLOT_FLUSH_LOCK_WAIT
-from kvmcore.locks import drive
+from kvmcore.locks import READ, drive
 from kvmcore.memslots import dirty_logging_toggled
 from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X
 from kvmcore.records import MISCONFIG, PERMISSION
@@ -97,6 +97,7 @@ from .spte import (
     spte_to_pfn,
 )
 from .tdp_mmu import (
+    X86_DLOG_LOCK_WAIT,
     X86_ZAP_INVALIDATED_LOCK_WAIT,
     ZAP_YIELD_GFNS,
     KVM_DIRECT_ROOTS,
@@ -614,7 +615,8 @@ class X86TdpBackend:
 
     @hookimpl
     def commit_memory_region(self, vm, old, new, change):
-        """x86.c kvm_arch_commit_memory_region -> kvm_mmu_slot_apply_flags, and
+        """x86.c kvm_arch_commit_memory_region -> kvm_mmu_slot_apply_flags (a flow when dirty
+        logging is toggled: recovering huge pages, or starting to log), and
         kvm_arch_memslots_updated's MMIO generation wrap check."""
         new_flags = new.flags if new is not None else 0
         as_id = (new or old).as_id
@@ -626,26 +628,56 @@ class X86TdpBackend:
         if change != KVM_MR_FLAGS_ONLY or new_flags & KVM_MEM_READONLY:
             return
         toggled = dirty_logging_toggled(old, new)
-        if not toggled:
-            return
-        with vm.mmu_lock:
-            if toggled < 0:
-                self.kvm_mmu_recover_huge_pages(vm, new)
-                return
-            if vm.dirty_log_manual_protect_and_init_set():
-                return
-            if self.eager_page_split:
-                self.split_slot(vm, new, new.base_gfn, new.base_gfn + new.npages)
-            roots = self.tdp.roots_of(KVM_VALID_ROOTS, new.as_id)
-            start, end = new.base_gfn, new.base_gfn + new.npages
-            for root in roots:
-                if self.pml:
-                    # kvm_mmu_slot_leaf_clear_dirty + remove write access from huge pages
-                    self.tdp.clear_dirty_gfn_range(vm, root, start, end, self.ad_disabled)
-                    self.tdp.wrprot_gfn_range(vm, root, start, end, PG_LEVEL_2M)
-                else:
-                    self.tdp.wrprot_gfn_range(vm, root, start, end, PG_LEVEL_4K)
-            vm.flush_remote_tlbs_memslot(new)
+        if toggled < 0:
+            return self._shared_step(vm, self.kvm_mmu_recover_huge_pages, vm, new, first=True)
+        if toggled and not vm.dirty_log_manual_protect_and_init_set():
+            return self.kvm_mmu_slot_apply_flags(vm, new)
+        return None
+
+    def kvm_mmu_slot_apply_flags(self, vm, slot):
+        """x86.c kvm_mmu_slot_apply_flags when logging starts, a flow: each step takes
+        kvm->mmu_lock for read and drops it (``x86_dlog_lock_wait`` before every step but
+        the first, which runs right after the commit's own point), so faults run beside
+        them and a notifier's zap between them: eager split (kvm_mmu_slot_try_split_huge_pages),
+        then with PML clear the D bits (kvm_mmu_slot_leaf_clear_dirty) and write-protect the
+        huge leaves, else write-protect every leaf (kvm_mmu_slot_remove_write_access); then the
+        memslot's TLB flush with no mmu_lock held (slots_lock, still held, keeps the dirty-log
+        ioctls out until it is done). Linux may also yield inside a step
+        (tdp_mmu_iter_cond_resched); the model runs each in one stretch."""
+        start, end = slot.base_gfn, slot.base_gfn + slot.npages
+        first = True
+        if self.eager_page_split:
+            yield from self._shared_step(vm, self.split_slot, vm, slot, start, end, first=True)
+            first = False
+        if self.pml:
+            yield from self._shared_step(vm, self._each_root, vm, slot,
+                                         self.tdp.clear_dirty_gfn_range, start, end,
+                                         self.ad_disabled, first=first)
+            yield from self._shared_step(vm, self._each_root, vm, slot,
+                                         self.tdp.wrprot_gfn_range, start, end, PG_LEVEL_2M)
+        else:
+            yield from self._shared_step(vm, self._each_root, vm, slot,
+                                         self.tdp.wrprot_gfn_range, start, end, PG_LEVEL_4K,
+                                         first=first)
+        vm.flush_remote_tlbs_memslot(slot)
+
+    def _each_root(self, vm, slot, fn, *args) -> None:
+        """``fn(vm, root, *args)`` on every valid root of ``slot``'s address space
+        (for_each_valid_tdp_mmu_root_yield_safe)."""
+        for root in self.tdp.roots_of(KVM_VALID_ROOTS, slot.as_id):
+            fn(vm, root, *args)
+
+    @staticmethod
+    def _shared_step(vm, fn, *args, first: bool = False):
+        """``fn(*args)`` under kvm->mmu_lock for read, taken at ``x86_dlog_lock_wait``, or at
+        once for a ``first`` step when it is free (the commit's point came just before)."""
+        lock = vm.mmu_lock
+        if not (first and lock.try_lock(READ)):
+            yield from lock.read_lock(X86_DLOG_LOCK_WAIT)
+        try:
+            fn(*args)
+        finally:
+            lock.read_unlock()
 
     def split_slot(self, vm, slot, start: int, end: int) -> None:
         """kvm_mmu_try_split_huge_pages to 4K over [start, end) of ``slot``."""
@@ -663,8 +695,9 @@ class X86TdpBackend:
 
     def kvm_mmu_recover_huge_pages(self, vm, slot) -> None:
         """mmu.c kvm_mmu_recover_huge_pages: collapse tables back into huge leaves after dirty
-        logging, then flush the memslot if anything changed. Private/gmem-only gfns stay 4K
-        (their order is not known without a fault)."""
+        logging, then flush the memslot if anything changed; under kvm->mmu_lock for read
+        (the commit takes it). Private/gmem-only gfns stay 4K (their order is not known
+        without a fault)."""
         changed = False
         for root in self.tdp.roots_of(KVM_DIRECT_ROOTS, slot.as_id):
             changed |= self.tdp.recover_huge_pages_range(

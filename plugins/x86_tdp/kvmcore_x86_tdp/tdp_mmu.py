@@ -78,8 +78,11 @@ TDP_ZAP_YIELD = "tdp_zap_yield"
 #: kvm_mmu_zap_all_fast has invalidated the roots and dropped the write lock; its
 #: kvm_tdp_mmu_zap_invalidated_roots waits for the lock for read.
 X86_ZAP_INVALIDATED_LOCK_WAIT = "x86_zap_invalidated_lock_wait"
+#: kvm_mmu_slot_apply_flags between two of its steps (eager split, clear D, write-protect),
+#: each under kvm->mmu_lock for read: the next waits for the lock.
+X86_DLOG_LOCK_WAIT = "x86_dlog_lock_wait"
 RACE_POINTS = (X86_PF_LINK_CMPXCHG, X86_PF_LEAF_CMPXCHG, TDP_ZAP_YIELD,
-               X86_ZAP_INVALIDATED_LOCK_WAIT)
+               X86_ZAP_INVALIDATED_LOCK_WAIT, X86_DLOG_LOCK_WAIT)
 
 #: Gfns per yield region of a zap: the model's grain for tdp_mmu_iter_cond_resched.
 ZAP_YIELD_GFNS = 512

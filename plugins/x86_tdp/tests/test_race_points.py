@@ -267,6 +267,31 @@ def test_zap_all_fast_zaps_the_old_roots_after_dropping_the_write_lock(make):
     g.check()
 
 
+@pytest.mark.parametrize("pml", [True, False])
+def test_starting_dirty_logging_drops_the_read_lock_between_steps(make, pml):
+    """kvm_mmu_slot_apply_flags: eager split, then (PML) clear D and write-protect huge leaves
+    or (no PML) write-protect every leaf, each step under kvm->mmu_lock for read, dropped
+    between them (x86_dlog_lock_wait): a fault runs in between, on the split leaves, and the
+    next step still finds what it installed. The flush comes last, with no mmu_lock."""
+    from kvmcore_x86_tdp.tdp_mmu import X86_DLOG_LOCK_WAIT
+
+    g = make(pml=pml)
+    hva = g.slot(0, 0, SZ_2M, thp=True)
+    g.vcpu.write(PAGE, b"1")
+    assert g.leaf(0).size == SZ_2M
+    start = g.vm.steps.set_user_memory_region(0, 0, SZ_2M, hva, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    assert step_to(start, X86_DLOG_LOCK_WAIT)[-2:] == ["slot_commit", X86_DLOG_LOCK_WAIT]
+    assert not any(h.startswith("mmu_lock") for h in start.holds)
+    assert g.leaf(0).size == PAGE and g.leaf(PAGE).writable       # split, not yet protected
+    g.vcpu.write(3 * PAGE, b"3")                  # a fault beside the flow, in a logged slot
+    assert g.leaf(3 * PAGE).writable
+    start.run()
+    assert not g.leaf(PAGE).writable or pml
+    assert not g.leaf(3 * PAGE).writable or pml
+    assert not start.holds and not tlb_gfns(g.vcpu)
+    g.check()
+
+
 @pytest.fixture
 def td(make):
     """A TD with a private page at gfn 5 written by vCPU 0 (its TLB holds it)."""
