@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterable
+from types import GeneratorType
 from typing import TYPE_CHECKING
 
 import structlog
@@ -92,6 +93,15 @@ def kvm_vm_ioctl_clear_dirty_log(vm: Kvm, slot: int, first_page: int, num_pages:
         vm.slots_lock.unlock()
 
 
+def _enable_log_dirty_pt_masked(vm: Kvm, memslot, offset: int, mask: int):
+    """kvm_arch_mmu_enable_log_dirty_pt_masked under kvm->mmu_lock for write: a backend's
+    answer may be a flow, which drops and takes the lock again at its own points (x86's eager
+    split allocates each page table with the lock dropped)."""
+    r = vm.hook.enable_log_dirty_pt_masked(vm=vm, slot=memslot, gfn_offset=offset, mask=mask)
+    if type(r) is GeneratorType:
+        yield from r
+
+
 def kvm_get_dirty_log_protect(vm: Kvm, slot: int):
     """kvm_get_dirty_log_protect (slots_lock held): snapshot and clear, re-protect under
     kvm->mmu_lock, then flush after dropping it; with manual protect, the bitmap is returned
@@ -121,7 +131,7 @@ def kvm_get_dirty_log_protect(vm: Kvm, slot: int):
                 low = word & -word
                 snapshot.append(base + low.bit_length() - 1)
                 word ^= low
-            vm.hook.enable_log_dirty_pt_masked(vm=vm, slot=memslot, gfn_offset=base, mask=mask)
+            yield from _enable_log_dirty_pt_masked(vm, memslot, base, mask)
     finally:
         lock.write_unlock()
     if flush:
@@ -177,8 +187,7 @@ def kvm_clear_dirty_log_protect(vm: Kvm, slot: int, first_page: int, num_pages: 
             mask = masks[k] & bitmap.fetch_andnot(offset >> 6, masks[k])
             if mask:
                 flush = True
-                vm.hook.enable_log_dirty_pt_masked(vm=vm, slot=memslot, gfn_offset=offset,
-                                                   mask=mask)
+                yield from _enable_log_dirty_pt_masked(vm, memslot, offset, mask)
     finally:
         lock.write_unlock()
     if flush:
@@ -250,7 +259,7 @@ def kvm_reset_dirty_gfn(vm: Kvm, slot_id: int, offset: int, mask: int):
     lock = vm.mmu_lock
     yield from lock.write_lock(RING_RESET_BATCH)
     try:
-        vm.hook.enable_log_dirty_pt_masked(vm=vm, slot=memslot, gfn_offset=offset, mask=mask)
+        yield from _enable_log_dirty_pt_masked(vm, memslot, offset, mask)
     finally:
         lock.write_unlock()
 

@@ -275,8 +275,10 @@ def sync_dirty_log(vm: Kvm, slot: Memslot) -> None:
 def enable_log_dirty_pt_masked(vm: Kvm, slot: Memslot, gfn_offset: int, mask: int) -> None:
     """Re-arm dirty tracking for ``slot.base_gfn + gfn_offset + i`` for each bit ``i`` set in
     the 64-bit ``mask``, under the MMU lock (kvm_arch_mmu_enable_log_dirty_pt_masked): write
-    protect, or clear D for PML. The generic caller flushes TLBs afterwards. Default:
-    nothing (a backend that harvests hardware dirty bits needs no re-arming)."""
+    protect, or clear D for PML. The generic caller flushes TLBs afterwards. The answer may
+    be a generator instead of None: a flow, run by the caller, that drops and takes the write
+    lock again at its own race points (x86's eager split allocates page tables unlocked).
+    Default: nothing (a backend that harvests hardware dirty bits needs no re-arming)."""
 
 
 @hookspec

@@ -45,7 +45,7 @@ from kvmcore import hookimpl
 from kvmcore.arch import ArchInfo, Mapping, VmOption, vm_options
 from kvmcore.errors import KvmError
 from kvmcore.hookspecs import SLOT_FLUSH_LOCK_WAIT
-from kvmcore.locks import READ, drive
+from kvmcore.locks import READ, WRITE, drive
 from kvmcore.memslots import dirty_logging_toggled
 from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X
 from kvmcore.records import MISCONFIG, PERMISSION
@@ -647,7 +647,8 @@ class X86TdpBackend:
         start, end = slot.base_gfn, slot.base_gfn + slot.npages
         first = True
         if self.eager_page_split:
-            yield from self._shared_step(vm, self.split_slot, vm, slot, start, end, first=True)
+            yield from self._shared_step(vm, self.split_slot, vm, slot, start, end, READ,
+                                         first=True)
             first = False
         if self.pml:
             yield from self._shared_step(vm, self._each_root, vm, slot,
@@ -675,14 +676,17 @@ class X86TdpBackend:
         if not (first and lock.try_lock(READ)):
             yield from lock.read_lock(X86_DLOG_LOCK_WAIT)
         try:
-            fn(*args)
+            r = fn(*args)
+            if type(r) is GeneratorType:
+                yield from r
         finally:
             lock.read_unlock()
 
-    def split_slot(self, vm, slot, start: int, end: int) -> None:
-        """kvm_mmu_try_split_huge_pages to 4K over [start, end) of ``slot``."""
+    def split_slot(self, vm, slot, start: int, end: int, mode: str):
+        """kvm_tdp_mmu_try_split_huge_pages to 4K over [start, end) of ``slot``, a flow under
+        kvm->mmu_lock held in ``mode``, which each split drops to allocate its table."""
         for root in self.tdp.roots_of(KVM_DIRECT_ROOTS, slot.as_id):
-            self.tdp.split_huge_pages_range(vm, root, start, end, PG_LEVEL_4K)
+            yield from self.tdp.split_huge_pages_range(vm, root, start, end, PG_LEVEL_4K, mode)
 
     def kvm_mmu_max_mapping_level(self, vm, slot, gfn: int) -> int:
         is_private = slot.has_gmem and vm.kvm_mem_is_private(gfn)
@@ -773,24 +777,33 @@ class X86TdpBackend:
 
     @hookimpl
     def enable_log_dirty_pt_masked(self, vm, slot, gfn_offset, mask):
-        """mmu.c kvm_arch_mmu_enable_log_dirty_pt_masked."""
+        """mmu.c kvm_arch_mmu_enable_log_dirty_pt_masked, under kvm->mmu_lock for write: a
+        flow when the slot was initially all dirty (the huge pages around the mask are split
+        eagerly, which drops the lock, then write-protected)."""
         if not mask:
             return None
         base = slot.base_gfn + gfn_offset
+        if vm.dirty_log_manual_protect_and_init_set():
+            return self._protect_huge_then_masked(vm, slot, base, mask)
+        self._clear_dirty_pt_masked(vm, slot, base, mask)
+        return None
+
+    def _protect_huge_then_masked(self, vm, slot, base: int, mask: int):
         start = base + (mask & -mask).bit_length() - 1
         end = base + mask.bit_length() - 1
-        roots = self.tdp.roots_of(KVM_VALID_ROOTS, slot.as_id)
-        if vm.dirty_log_manual_protect_and_init_set():
-            if self.eager_page_split:
-                self.split_slot(vm, slot, start, end + 1)
-            for root in roots:
-                self.write_protect_gfn(vm, root, start, PG_LEVEL_2M)
-                if (start << 12) + (1 << 21) - 1 >> 21 != (end << 12) + (1 << 21) - 1 >> 21:
-                    self.write_protect_gfn(vm, root, end, PG_LEVEL_2M)
-        for root in roots:
+        if self.eager_page_split:
+            yield from self.split_slot(vm, slot, start, end + 1, WRITE)
+        for root in self.tdp.roots_of(KVM_VALID_ROOTS, slot.as_id):
+            self.write_protect_gfn(vm, root, start, PG_LEVEL_2M)
+            if (start << 12) + (1 << 21) - 1 >> 21 != (end << 12) + (1 << 21) - 1 >> 21:
+                self.write_protect_gfn(vm, root, end, PG_LEVEL_2M)
+        self._clear_dirty_pt_masked(vm, slot, base, mask)
+
+    def _clear_dirty_pt_masked(self, vm, slot, base: int, mask: int) -> None:
+        """kvm_mmu_clear_dirty_pt_masked (PML: clear D) or kvm_mmu_write_protect_pt_masked."""
+        for root in self.tdp.roots_of(KVM_VALID_ROOTS, slot.as_id):
             self.tdp.clear_dirty_pt_masked(vm, root, base, mask,
                                            wrprot=not self.pml or self.ad_disabled)
-        return None
 
     def write_protect_gfn(self, vm, root, gfn: int, min_level: int) -> bool:
         """tdp_mmu.c write_protect_gfn: clear W and MMU-writable (write tracking); needs a

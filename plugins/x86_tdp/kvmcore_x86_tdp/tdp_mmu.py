@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 from kvmcore.locks import WRITE, drive, stepping
-from kvmcore.pgtable import LEAF, TABLE_PRE, TableStore, present_indices
+from kvmcore.pgtable import TABLE_PRE, TableStore, present_indices
 from kvmcore.radix import RadixTable
 from kvmcore.uapi import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
                           RET_PF_WRITE_PROTECTED)
@@ -52,8 +52,10 @@ from .spte import (
     EptFormat,
     check_spte_writable_invariants,
     is_accessed_spte,
+    is_large_pte,
     is_last_spte,
     is_mmio_spte,
+    is_shadow_present_pte,
     leaf_spte_change_needs_tlb_flush,
     make_huge_spte,
     mark_spte_for_access_track,
@@ -81,8 +83,11 @@ X86_ZAP_INVALIDATED_LOCK_WAIT = "x86_zap_invalidated_lock_wait"
 #: kvm_mmu_slot_apply_flags between two of its steps (eager split, clear D, write-protect),
 #: each under kvm->mmu_lock for read: the next waits for the lock.
 X86_DLOG_LOCK_WAIT = "x86_dlog_lock_wait"
+#: tdp_mmu_split_huge_pages_root dropped kvm->mmu_lock to allocate a page table
+#: (tdp_mmu_alloc_sp_for_split) and waits to take it again.
+X86_SPLIT_ALLOC = "x86_split_alloc"
 RACE_POINTS = (X86_PF_LINK_CMPXCHG, X86_PF_LEAF_CMPXCHG, TDP_ZAP_YIELD,
-               X86_ZAP_INVALIDATED_LOCK_WAIT, X86_DLOG_LOCK_WAIT)
+               X86_ZAP_INVALIDATED_LOCK_WAIT, X86_DLOG_LOCK_WAIT, X86_SPLIT_ALLOC)
 
 #: Gfns per yield region of a zap: the model's grain for tdp_mmu_iter_cond_resched.
 ZAP_YIELD_GFNS = 512
@@ -413,7 +418,7 @@ class TdpMmu:
 
     def tdp_mmu_split_huge_page(self, vm: Kvm, root: TdpRoot, table, idx: int, gfn: int,
                                 level: int) -> int:
-        """tdp_mmu_split_huge_page under the write lock (eager splitting): fill a child table
+        """tdp_mmu_split_huge_page (eager splitting, in one stretch): fill a child table
         with make_small_spte and replace the huge leaf by a link to it; the translation is
         unchanged, so no TLB flush."""
         child_pa = self._split_child(table[idx], level)
@@ -550,20 +555,30 @@ class TdpMmu:
                 self.set_spte(vm, root, table, idx, g, level, old & ~dbit)
 
     def split_huge_pages_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
-                               target_level: int) -> None:
-        """tdp_mmu_split_huge_pages_root: top-down, one level at a time, every huge leaf
-        overlapping the range is split until none above ``target_level`` remains."""
-        bits = root.gfn_bits
-
-        def visit(ctx):
-            if ctx.level > target_level and ctx.pte & PT_PAGE_SIZE_MASK:
-                self.tdp_mmu_split_huge_page(vm, root, ctx.table, ctx.index,
-                                             (ctx.addr >> 12) - bits, ctx.level)
-
-        lo, hi = self._span(root, start, end)
-        # LEAF visits huge leaves; the walker reloads the entry and descends into the new
-        # table, so a 1G leaf becomes 2M leaves that are split in turn.
-        root.pt.walk(lo, hi, visit, LEAF)
+                               target_level: int, mode: str):
+        """tdp_mmu_split_huge_pages_root, a flow: top-down, every huge leaf overlapping the
+        range is split until none above ``target_level`` remains (a 1G leaf becomes 2M leaves
+        that are split in turn). Before each split, kvm->mmu_lock (held in ``mode``: read
+        when logging starts, write inside a dirty-log GET / CLEAR) is dropped to allocate the
+        child table (tdp_mmu_alloc_sp_for_split) and taken again at ``x86_split_alloc``;
+        the walk then restarts from the root at that gfn, where the leaf may have been
+        zapped, split or replaced meanwhile. Linux may also yield between entries
+        (tdp_mmu_iter_cond_resched); the model does not."""
+        lock = vm.mmu_lock
+        gfn = start
+        while True:
+            huge = next((leaf for leaf in self.iter_leaves(root, gfn, end)
+                         if leaf[2] > target_level), None)
+            if huge is None:
+                return
+            gfn = max(gfn, huge[3])
+            yield from lock.cond_resched(mode, X86_SPLIT_ALLOC)
+            table, idx, level, spte = self.get_last_spte(root, gfn)
+            if level > target_level and is_shadow_present_pte(spte) and is_large_pte(spte):
+                pages = KVM_PAGES_PER_HPAGE(level)
+                self.tdp_mmu_split_huge_page(vm, root, table, idx, gfn & -pages, level)
+                if level - 1 == target_level:       # its children need no split
+                    gfn = (gfn & -pages) + pages
 
     def age_gfn_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
                       test_only: bool) -> bool:

@@ -271,16 +271,18 @@ def test_zap_all_fast_zaps_the_old_roots_after_dropping_the_write_lock(make):
 def test_starting_dirty_logging_drops_the_read_lock_between_steps(make, pml):
     """kvm_mmu_slot_apply_flags: eager split, then (PML) clear D and write-protect huge leaves
     or (no PML) write-protect every leaf, each step under kvm->mmu_lock for read, dropped
-    between them (x86_dlog_lock_wait): a fault runs in between, on the split leaves, and the
-    next step still finds what it installed. The flush comes last, with no mmu_lock."""
-    from kvmcore_x86_tdp.tdp_mmu import X86_DLOG_LOCK_WAIT
+    between them (x86_dlog_lock_wait) and by the split to allocate (x86_split_alloc): a fault
+    runs in between, on the split leaves, and the next step still finds what it installed.
+    The flush comes last, with no mmu_lock."""
+    from kvmcore_x86_tdp.tdp_mmu import X86_DLOG_LOCK_WAIT, X86_SPLIT_ALLOC
 
     g = make(pml=pml)
     hva = g.slot(0, 0, SZ_2M, thp=True)
     g.vcpu.write(PAGE, b"1")
     assert g.leaf(0).size == SZ_2M
     start = g.vm.steps.set_user_memory_region(0, 0, SZ_2M, hva, flags=KVM_MEM_LOG_DIRTY_PAGES)
-    assert step_to(start, X86_DLOG_LOCK_WAIT)[-2:] == ["slot_commit", X86_DLOG_LOCK_WAIT]
+    assert step_to(start, X86_DLOG_LOCK_WAIT)[-3:] == [
+        "slot_commit", X86_SPLIT_ALLOC, X86_DLOG_LOCK_WAIT]
     assert not any(h.startswith("mmu_lock") for h in start.holds)
     assert g.leaf(0).size == PAGE and g.leaf(PAGE).writable       # split, not yet protected
     g.vcpu.write(3 * PAGE, b"3")                  # a fault beside the flow, in a logged slot
@@ -289,6 +291,31 @@ def test_starting_dirty_logging_drops_the_read_lock_between_steps(make, pml):
     assert not g.leaf(PAGE).writable or pml
     assert not g.leaf(3 * PAGE).writable or pml
     assert not start.holds and not tlb_gfns(g.vcpu)
+    g.check()
+
+
+def test_eager_split_in_clear_dirty_log_drops_the_write_lock_to_allocate(make):
+    """With manual protect + INITIALLY_SET, KVM_CLEAR_DIRTY_LOG splits the huge pages around
+    its mask under the write lock (kvm_mmu_try_split_huge_pages), which it drops to allocate
+    each table (x86_split_alloc): a notifier's zap runs there, and the split, restarting from
+    the root, finds no huge leaf left to split."""
+    from kvmcore_x86_tdp.tdp_mmu import X86_SPLIT_ALLOC
+
+    g = make(pml=False)
+    hva = g.slot(0, 0, SZ_2M, thp=True)
+    g.vcpu.write(PAGE, b"h")
+    g.vm.enable_dirty_log_manual_protect(initially_set=True)
+    g.vm.set_user_memory_region(0, 0, SZ_2M, hva, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    assert g.leaf(0).size == SZ_2M and g.leaf(0).writable
+    clear = g.vm.steps.clear_dirty_log(0, 0, 64, range(64))
+    assert step_to(clear, X86_SPLIT_ALLOC)[-2:] == ["dlog_lock_wait", X86_SPLIT_ALLOC]
+    assert not any(h.startswith("mmu_lock") for h in clear.holds)
+    g.host.madvise_dontneed(hva, SZ_2M)                # zaps the huge leaf meanwhile
+    assert g.leaf(0) is None
+    clear.run()
+    assert g.leaf(0) is None and g.vm.stats["x86_tdp.split_huge_page"] == 0
+    g.vcpu.write(PAGE, b"4")                           # refaults 4K, logged
+    assert g.leaf(PAGE).size == PAGE and 1 in g.vm.get_dirty_log(0)
     g.check()
 
 
