@@ -71,6 +71,9 @@ S2_UNMAP_RESCHED = "s2_unmap_resched"
 #: kvm_stage2_wp_range (stage2_apply_range_resched) between two chunks of the write
 #: protection that dirty logging starts with: the write lock is dropped and taken again.
 S2_WP_RESCHED = "s2_wp_resched"
+#: kvm_mmu_split_huge_pages before each chunk: need_split_memcache_topup_or_resched drops the
+#: write lock to refill the split page cache or to reschedule, and takes it again.
+S2_SPLIT_TOPUP = "s2_split_topup"
 
 #: kvm_handle_guest_abort's PARange limit (1 << KVM_IPA_LIMIT): beyond it, an address-size fault.
 _IPA_LIMIT_SIZE = 1 << KVM_IPA_LIMIT
@@ -409,7 +412,16 @@ class Arm64Stage2Backend:
 
     def _start_logging(self, vm, new):
         yield from self.kvm_mmu_wp_memory_region(vm, new)
-        self.split_huge_pages(vm, new.base_gfn << 12, (new.base_gfn + new.npages) << 12)
+        if self.eager_split_chunk_size:
+            # kvm_mmu_split_memory_region
+            lock = vm.mmu_lock
+            if not lock.try_lock(WRITE):
+                yield from lock.write_lock(S2_SPLIT_TOPUP)
+            try:
+                yield from self.kvm_mmu_split_huge_pages(
+                    vm, new.base_gfn << 12, (new.base_gfn + new.npages) << 12)
+            finally:
+                lock.write_unlock()
 
     def kvm_mmu_wp_memory_region(self, vm, slot):
         """kvm_mmu_wp_memory_region, a flow: under kvm->mmu_lock for write, kvm_stage2_wp_range
@@ -434,23 +446,28 @@ class Arm64Stage2Backend:
             lock.write_unlock()
         vm.flush_remote_tlbs_memslot(slot)
 
-    def split_huge_pages(self, vm, start: int, end: int) -> None:
-        """kvm_mmu_split_huge_pages: chunk-aligned steps; nothing when the chunk size is 0."""
+    def kvm_mmu_split_huge_pages(self, vm, start: int, end: int):
+        """kvm_mmu_split_huge_pages, a flow under kvm->mmu_lock for write (the caller's): in
+        chunk-aligned steps, each preceded by need_split_memcache_topup_or_resched, which
+        drops the lock to refill the split page cache or to reschedule
+        (``s2_split_topup``). The model has no page cache and may stop before every chunk, as
+        Linux may when it must reschedule; a chunk's TLBIs complete within it."""
         chunk = self.eager_split_chunk_size
-        if not chunk:
-            return
-        with vm.mmu_lock, self.tlb_batch():
-            addr = start
-            while addr < end:
-                nxt = min((addr & ~(chunk - 1)) + chunk, end)
+        lock = vm.mmu_lock
+        addr = start
+        while addr < end:
+            yield from lock.cond_resched(WRITE, S2_SPLIT_TOPUP)
+            nxt = min((addr & ~(chunk - 1)) + chunk, end)
+            with self.tlb_batch():
                 self.pgt.split(addr, nxt - addr)
-                addr = nxt
+            addr = nxt
         vm.stats["arm64_eager_split"] += 1
 
     @hookimpl
     def enable_log_dirty_pt_masked(self, vm, slot, gfn_offset, mask):
         """kvm_arch_mmu_enable_log_dirty_pt_masked: write-protect [first set bit, last set
-        bit] (gaps included); eager-split it only with manual-protect + initially-all-set."""
+        bit] (gaps included); eager-split it only with manual-protect + initially-all-set,
+        a flow that may drop the write lock before each chunk (``s2_split_topup``)."""
         if not mask:
             return None
         base = slot.base_gfn + gfn_offset
@@ -458,10 +475,8 @@ class Arm64Stage2Backend:
         last = mask.bit_length() - 1
         start, end = (base + first) << 12, (base + last + 1) << 12
         self.pgt.wrprotect(start, end - start)
-        if vm.dirty_log_manual_protect_and_init_set():
-            chunk = self.eager_split_chunk_size
-            if chunk:
-                self.pgt.split(start, end - start)
+        if vm.dirty_log_manual_protect_and_init_set() and self.eager_split_chunk_size:
+            return self.kvm_mmu_split_huge_pages(vm, start, end)
         return None
 
     # ------------------------------------------------------------------ introspection

@@ -477,3 +477,33 @@ def test_starting_dirty_logging_write_protects_a_chunk_at_a_time(make_vm):
     assert not vm.lookup((1 << 30) + 0x1000).writable
     assert vm.get_dirty_log(0) == []
     vm.check_invariants()
+
+
+def test_eager_split_drops_the_write_lock_before_each_chunk(make_vm):
+    """kvm_mmu_split_memory_region -> kvm_mmu_split_huge_pages: before each chunk,
+    need_split_memcache_topup_or_resched may drop the write lock (``s2_split_topup``); a
+    vCPU's write to a block not yet split faults there (the write protection left a
+    permission fault), and its 4K map replaces the block with a table holding that page
+    alone; the next chunk then has no block left to split."""
+    from kvmcore_arm64_stage2.backend import S2_SPLIT_TOPUP
+
+    vm = make_vm(granule=4096, eager_split_chunk_size=2 << 20)
+    size = 4 << 20
+    hva = vm.host.mmap(size, thp=True)
+    vm.set_user_memory_region(0, 0, size, hva)
+    v = vm.create_vcpu(0)
+    v.write(0x1000, b"a")
+    v.write((2 << 20) + 0x1000, b"b")
+    assert vm.lookup(2 << 20).size == 2 << 20
+    update = vm.steps.set_user_memory_region(0, 0, size, hva, KVM_MEM_LOG_DIRTY_PAGES)
+    _advance_to(update, S2_SPLIT_TOPUP)
+    _advance_to(update, S2_SPLIT_TOPUP)                    # the first chunk is split
+    assert not any(h.startswith("mmu_lock") for h in update.holds)
+    assert vm.lookup(0).size == 0x1000 and vm.lookup(2 << 20).size == 2 << 20
+    v.write((2 << 20) + 0x3000, b"c")                      # logged, mapped 4K in the block
+    assert vm.lookup((2 << 20) + 0x3000).size == 0x1000
+    assert vm.lookup((2 << 20) + 0x5000) is None
+    update.run()
+    assert vm.lookup((2 << 20) + 0x3000).writable
+    assert vm.get_dirty_log(0) == [512 + 3]
+    vm.check_invariants()
