@@ -45,7 +45,7 @@ from kvmcore import hookimpl
 from kvmcore.arch import ArchInfo, Mapping, VmOption, vm_options
 from kvmcore.errors import KvmError
 from kvmcore.hookspecs import SLOT_FLUSH_LOCK_WAIT
-from kvmcore.locks import READ, WRITE, drive
+from kvmcore.locks import READ, WRITE, drive, stepping
 from kvmcore.memslots import dirty_logging_toggled
 from kvmcore.radix import PERM_A, PERM_D, PERM_R, PERM_W, PERM_X
 from kvmcore.records import MISCONFIG, PERMISSION
@@ -98,6 +98,7 @@ from .spte import (
 )
 from .tdp_mmu import (
     X86_DLOG_LOCK_WAIT,
+    X86_FAST_PF_CMPXCHG,
     X86_ZAP_INVALIDATED_LOCK_WAIT,
     ZAP_YIELD_GFNS,
     KVM_DIRECT_ROOTS,
@@ -349,7 +350,11 @@ class X86TdpBackend:
 
     @hookimpl
     def fast_page_fault(self, vm, fault):
-        """mmu.c fast_page_fault (and handle_mmio_page_fault for RSVD faults)."""
+        """mmu.c fast_page_fault (and handle_mmio_page_fault for RSVD faults), with no
+        mmu_lock: read the last SPTE, compute the fix, then try_cmpxchg64 it
+        (fast_pf_fix_direct_spte). A stepped fault stops before the exchange
+        (``x86_fast_pf_cmpxchg``), a flow: if the SPTE changed meanwhile the exchange fails
+        and the walk starts again, at most 4 retries, then the slow path."""
         if fault.kind == MISCONFIG:
             return self.handle_mmio_page_fault(vm, fault)
         # page_fault_can_be_fast
@@ -364,6 +369,16 @@ class X86TdpBackend:
             return None
         if fault.is_private and self.tdx is not None:
             return None
+        fix = self._fast_pf_fix(vm, fault)
+        if type(fix) is not tuple:
+            return fix
+        if stepping():
+            return self._fast_pf_retry(vm, fault, fix)
+        return self.fast_pf_fix_direct_spte(vm, fault, *fix)
+
+    def _fast_pf_fix(self, vm, fault):
+        """One pass of fast_page_fault's loop: ``(table, idx, level, old, new)`` to exchange,
+        RET_PF_SPURIOUS, or None for the slow path."""
         root = self.direct_roots.get(fault.as_id)
         if root is None:
             return None
@@ -375,7 +390,7 @@ class X86TdpBackend:
         new = spte
         if is_access_track_spte(spte):
             new = restore_acc_track_spte(new)
-        slot = fault.slot or vm.gfn_to_memslot(fault.gfn, fault.as_id)
+        slot = fault.slot
         if fault.write and is_mmu_writable_spte(spte):
             new |= PT_WRITABLE_MASK
             if level > PG_LEVEL_4K and slot is not None and \
@@ -383,12 +398,27 @@ class X86TdpBackend:
                 return None
         if new == spte or not is_access_allowed(fault.write, fault.exec, new):
             return None
-        # fast_pf_fix_direct_spte
+        return table, idx, level, spte, new
+
+    def _fast_pf_retry(self, vm, fault, fix):
+        for _retry in range(5):
+            yield X86_FAST_PF_CMPXCHG
+            if fix[0][fix[1]] == fix[3]:
+                return self.fast_pf_fix_direct_spte(vm, fault, *fix)
+            vm.stats["x86_tdp.fast_pf_cmpxchg_failed"] += 1
+            fix = self._fast_pf_fix(vm, fault)
+            if type(fix) is not tuple:
+                return fix
+        return None
+
+    def fast_pf_fix_direct_spte(self, vm, fault, table, idx, level, old, new) -> int:
+        """mmu.c fast_pf_fix_direct_spte, once the exchange succeeded: a page made writable
+        is marked dirty."""
         gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
         table[idx] = new
-        self.tdp.handle_changed_spte(vm, root, gfn, spte, new, level)
-        if new & PT_WRITABLE_MASK and not spte & PT_WRITABLE_MASK and slot is not None:
-            vm.mark_page_dirty_in_slot(slot, fault.gfn)
+        self.tdp.handle_changed_spte(vm, self.direct_roots[fault.as_id], gfn, old, new, level)
+        if new & PT_WRITABLE_MASK and not old & PT_WRITABLE_MASK and fault.slot is not None:
+            vm.mark_page_dirty_in_slot(fault.slot, fault.gfn)
         vm.stats["x86_tdp.fast_pf_fixed"] += 1
         return RET_PF_FIXED
 

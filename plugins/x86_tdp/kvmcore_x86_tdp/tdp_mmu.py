@@ -86,8 +86,12 @@ X86_DLOG_LOCK_WAIT = "x86_dlog_lock_wait"
 #: tdp_mmu_split_huge_pages_root dropped kvm->mmu_lock to allocate a page table
 #: (tdp_mmu_alloc_sp_for_split) and waits to take it again.
 X86_SPLIT_ALLOC = "x86_split_alloc"
+#: fast_page_fault read the last SPTE without mmu_lock and is about to try_cmpxchg64 its fix
+#: (fast_pf_fix_direct_spte): a zap, a write protection or aging may change it first.
+X86_FAST_PF_CMPXCHG = "x86_fast_pf_cmpxchg"
 RACE_POINTS = (X86_PF_LINK_CMPXCHG, X86_PF_LEAF_CMPXCHG, TDP_ZAP_YIELD,
-               X86_ZAP_INVALIDATED_LOCK_WAIT, X86_DLOG_LOCK_WAIT, X86_SPLIT_ALLOC)
+               X86_ZAP_INVALIDATED_LOCK_WAIT, X86_DLOG_LOCK_WAIT, X86_SPLIT_ALLOC,
+               X86_FAST_PF_CMPXCHG)
 
 #: Gfns per yield region of a zap: the model's grain for tdp_mmu_iter_cond_resched.
 ZAP_YIELD_GFNS = 512

@@ -319,6 +319,47 @@ def test_eager_split_in_clear_dirty_log_drops_the_write_lock_to_allocate(make):
     g.check()
 
 
+def test_fast_page_fault_exchange_fails_when_a_zap_came_first(make):
+    """fast_page_fault reads the SPTE without mmu_lock and stops before its try_cmpxchg64
+    (x86_fast_pf_cmpxchg); a notifier zaps the SPTE meanwhile, so the exchange fails, the walk
+    finds nothing present and the slow path maps the host's new page: the fix is never
+    stored over the zapped entry."""
+    from kvmcore_x86_tdp.tdp_mmu import X86_FAST_PF_CMPXCHG
+
+    g = make(pml=False)
+    hva = g.slot(0, 0, SZ_2M, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    g.vcpu.write(PAGE, b"old")
+    old = g.leaf(PAGE).pfn
+    assert g.vm.get_dirty_log(0) == [1] and not g.leaf(PAGE).writable
+    write = g.vcpu.steps.write(PAGE, b"new")
+    assert step_to(write, X86_FAST_PF_CMPXCHG) == [X86_FAST_PF_CMPXCHG]
+    g.host.madvise_dontneed(hva + PAGE, PAGE)
+    assert g.leaf(PAGE) is None
+    write.run()
+    m = g.leaf(PAGE)
+    assert m.writable and m.pfn != old and g.vcpu.read(PAGE, 3) == b"new"
+    assert g.vm.stats["x86_tdp.fast_pf_cmpxchg_failed"] == 1
+    assert g.vm.stats["x86_tdp.fast_pf_fixed"] == 0
+    g.check()
+
+
+def test_fast_page_fault_fixes_in_place_when_nothing_raced(make):
+    """Unraced, the stepped fast path restores W on the write-protected SPTE (MMU-writable
+    kept by dirty logging) and logs the page, without the slow path."""
+    from kvmcore_x86_tdp.tdp_mmu import X86_FAST_PF_CMPXCHG
+
+    g = make(pml=False)
+    g.slot(0, 0, SZ_2M, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    g.vcpu.write(PAGE, b"old")
+    old = g.leaf(PAGE).pfn
+    g.vm.get_dirty_log(0)
+    write = g.vcpu.steps.write(PAGE, b"new")
+    assert list(write) == [X86_FAST_PF_CMPXCHG]
+    assert g.leaf(PAGE).writable and g.leaf(PAGE).pfn == old
+    assert g.vm.stats["x86_tdp.fast_pf_fixed"] == 1 and g.vm.get_dirty_log(0) == [1]
+    g.check()
+
+
 @pytest.fixture
 def td(make):
     """A TD with a private page at gfn 5 written by vCPU 0 (its TLB holds it)."""
