@@ -788,7 +788,10 @@ class X86TdpBackend:
     # ------------------------------------------------------------------ dirty logging
     @hookimpl
     def sync_dirty_log(self, vm, slot):
-        """kvm_arch_sync_dirty_log: kick vCPUs so their PML buffers are drained."""
+        """kvm_arch_sync_dirty_log: kick vCPUs so their PML buffers are drained.
+        Simplified: Linux only kicks (kvm_vcpu_kick does not wait), and each vCPU drains its
+        buffer at its next VM exit (vmx_flush_pml_buffer), which may come after the bitmap
+        was read; the model drains them here, as if every vCPU had exited first."""
         for vcpu in vm.vcpus:
             buf = vcpu.arch.get("pml")
             if buf is not None and len(buf):
