@@ -286,23 +286,29 @@ class PpcRadixBackend:
         if host is None:
             vm.stats["ppc_host_pte_retry"] += 1
             return RET_PF_RETRY
-        # Held from here to map_leaf, as Linux's locals are.
-        fault.arch = host
+        # Held from here to map_leaf, as Linux's locals are, with kvmppc_create_pte's look
+        # at the tree before its lock. A flow that is not stepped lets no other flow run
+        # before it takes the lock, so it looks under the lock, with the same answer.
+        fault.arch = host, (radix_mmu.kvmppc_create_pte_look(self, fault.gfn << 12)
+                            if stepping() else None)
         return RET_PF_CONTINUE
 
     @hookimpl
     def map_leaf(self, vm, fault):
-        """kvmppc_book3s_instantiate_page steps 6-10 -> kvmppc_create_pte. 0 is FIXED,
-        -EAGAIN (mmu_seq changed) and -ENOMEM resume the guest to re-fault."""
-        host = fault.arch
-        if host is None:
-            host = find_kvm_host_pte(vm, self, fault.mmu_seq, fault.hva)
+        """kvmppc_book3s_instantiate_page steps 6-10 -> kvmppc_create_pte. 0 is FIXED;
+        -EAGAIN (mmu_seq changed, or a huge leaf raced in where the look saw a table) and
+        -ENOMEM resume the guest to re-fault."""
+        arch = fault.arch
+        if arch is None:
+            host, look = find_kvm_host_pte(vm, self, fault.mmu_seq, fault.hva), None
             if host is None:
                 return RET_PF_RETRY
+        else:
+            host, look = arch
         host_pte, host_shift = host
         before = self.entry(fault.gfn << 12)
         ret, _level = radix_mmu.kvmppc_book3s_instantiate_page(
-            self, vm, fault, host_pte, host_shift, bool(fault.map_writable))
+            self, vm, fault, host_pte, host_shift, bool(fault.map_writable), look)
         if ret:
             return RET_PF_RETRY
         if before & _PAGE_PTE and before == self.entry(fault.gfn << 12):

@@ -10,9 +10,12 @@ talk to the core (dirty marks, TLB flushes).
 
 Model simplifications (each says why):
 
-- One CPU: Linux's lockless pre-allocation look and the locked re-check in
-  ``kvmppc_create_pte`` cannot disagree, so the "another CPU installed a 1G leaf" -EAGAIN never
-  happens here; the mmu_seq re-check still does.
+- ``kvmppc_create_pte``'s lockless look (which tables to pre-allocate) is taken by a stepped
+  fault before it waits for kvm->mmu_lock (``kvmppc_create_pte_look``), as in Linux, so
+  another fault may install a huge leaf where the look saw a table: -EAGAIN, the guest
+  re-faults. A fault that is not stepped looks under the lock, where no other flow can
+  have run since. The tables themselves are allocated under the lock (an allocation nobody
+  can observe).
 - Secure (Ultravisor) guests and nested (L2) shadow tables are not modelled.
 - ``kvm_unmap_gfn_range_hv`` calls ``kvm_unmap_radix`` per gfn; here one walk visits each
   covering leaf once (same result, cost proportional to what is mapped). The gpa passed to
@@ -223,9 +226,35 @@ def kvmppc_unmap_free_entry_table(be, vm, table, idx, pos: int, gpa: int) -> Non
 # --------------------------------------------------------------------------- create_pte
 
 
-def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> int:
-    """Install ``pte`` (CPU order) for ``gpa`` at KVM level ``level`` (kvmppc_create_pte).
-    Returns 0, -EAGAIN (mmu_seq changed: nothing installed) or -ENOMEM.
+def kvmppc_create_pte_look(be, gpa: int) -> tuple[bool, bool, bool]:
+    """kvmppc_create_pte's look at the tree before it takes kvm->mmu_lock, at ``gpa``: whether
+    the PGD entry has no PUD table, the PUD entry no PMD table, the PMD entry no PTE table
+    (what to pre-allocate for a leaf at each level)."""
+    fmt = be.fmt
+    shifts, masks = fmt.geometry.shifts, fmt.index_masks
+    tables = be.table.store.tables
+    pgd = tables[be.table.pt.root][(gpa >> shifts[0]) & masks[0]]
+    if not pgd & _RAW_PRESENT:
+        return _NO_TABLES
+    pud = tables[be.nlb_of[pgd]][(gpa >> shifts[1]) & masks[1]]
+    if not pud & _RAW_PRESENT or pud & _RAW_PTE:
+        return _NO_PMD_TABLE
+    pmd = tables[be.nlb_of[pud]][(gpa >> shifts[2]) & masks[2]]
+    return _ALL_TABLES if pmd & _RAW_PRESENT and not pmd & _RAW_PTE else _NO_PTE_TABLE
+
+
+_NO_TABLES = (True, True, True)
+_NO_PMD_TABLE = (False, True, True)
+_NO_PTE_TABLE = (False, False, True)
+_ALL_TABLES = (False, False, False)
+
+
+def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int,
+                      look: tuple[bool, bool, bool] | None = None) -> int:
+    """Install ``pte`` (CPU order) for ``gpa`` at KVM level ``level`` (kvmppc_create_pte),
+    under kvm->mmu_lock. ``look``: what ``kvmppc_create_pte_look`` saw before the lock (None:
+    look now). Returns 0, -EAGAIN (mmu_seq changed, or a huge leaf where the look saw a table,
+    so nothing was pre-allocated: nothing installed) or -ENOMEM.
 
     Entries are read as stored and tested with the stored form of their bits, as Linux's
     p4d_present, pud_leaf and pte_present test ``pte_raw`` against cpu_to_be64 constants; a
@@ -244,20 +273,11 @@ def kvmppc_create_pte(be, vm, pte: int, gpa: int, level: int, mmu_seq: int) -> i
     pmd_idx = (gpa >> shifts[2]) & masks[2]
     pte_idx = (gpa >> shifts[3]) & masks[3]
 
-    # Step A: pre-allocate from a lockless look at the tree.
-    new_pud = new_pmd = new_ptep = None
-    pgd = root[pgd_idx]
-    pud_table = tables[nlb_of[pgd]] if pgd & _RAW_PRESENT else None
-    if pud_table is None:
-        new_pud = store.alloc(g.entries(1))
-    pud = pud_table[pud_idx] if pud_table is not None else 0
-    if level <= LEVEL_PMD and (not pud & _RAW_PRESENT or pud & _RAW_PTE):
-        new_pmd = store.alloc(g.entries(2))
-    pmd = 0
-    if pud & _RAW_PRESENT and not pud & _RAW_PTE:
-        pmd = tables[nlb_of[pud]][pmd_idx]
-    if level == LEVEL_PTE and not (pmd & _RAW_PRESENT and not pmd & _RAW_PTE):
-        new_ptep = store.alloc(g.entries(3))
+    # Step A: pre-allocate what the lockless look asked for.
+    no_pud, no_pmd, no_ptep = look or kvmppc_create_pte_look(be, gpa)
+    new_pud = store.alloc(g.entries(1)) if no_pud else None
+    new_pmd = store.alloc(g.entries(2)) if no_pmd and level <= LEVEL_PMD else None
+    new_ptep = store.alloc(g.entries(3)) if no_ptep and level == LEVEL_PTE else None
 
     def cleanup(ret):
         # Step I: free what was not used.
@@ -327,6 +347,7 @@ def _install_at(be, vm, table, idx, pos: int, here: int, pte: int, gpa: int, lev
             return 0
         # A smaller mapping under an existing huge leaf: the leaf goes first.
         if not have_table:
+            vm.stats["ppc_create_pte_raced_leaf"] += 1
             return -errno.EAGAIN
         shift = be.fmt.geometry.shifts[pos]
         kvmppc_unmap_pte(be, vm, table, idx, gpa & ~((1 << shift) - 1), shift, None)
@@ -360,9 +381,12 @@ def _merge_extra_bits(be, vm, table, idx, old: int, new: int, gpa: int) -> None:
 
 
 def kvmppc_book3s_instantiate_page(be, vm, fault, host_pte: int, host_shift: int,
-                                   upgrade_write: bool) -> tuple[int, int]:
+                                   upgrade_write: bool,
+                                   look: tuple[bool, bool, bool] | None = None
+                                   ) -> tuple[int, int]:
     """Build the partition PTE from the host Linux PTE and install it
-    (kvmppc_book3s_instantiate_page, steps 6-10). Returns ``(ret, level)``."""
+    (kvmppc_book3s_instantiate_page, steps 6-10; ``look``: kvmppc_create_pte's, taken before
+    the lock). Returns ``(ret, level)``."""
     fmt = be.fmt
     page_shift = fmt.page_shift
     page_size = fmt.page_size
@@ -402,7 +426,7 @@ def kvmppc_book3s_instantiate_page(be, vm, fault, host_pte: int, host_shift: int
     if vm.events is not None:
         vm.trace("ppc.instantiate", gpa=gpa_aligned, level=level, pte=pte)
     # Step 8.
-    ret = kvmppc_create_pte(be, vm, pte, gpa_aligned, level, fault.mmu_seq)
+    ret = kvmppc_create_pte(be, vm, pte, gpa_aligned, level, fault.mmu_seq, look)
     # Step 10.
     if ret == 0:
         if level == LEVEL_PMD:
@@ -489,7 +513,8 @@ def kvm_age_radix(be, vm, start_gpa: int, end_gpa: int, test_only: bool) -> bool
 __all__ = [
     "kvmppc_radix_update_pte", "kvmppc_radix_tlbie_page", "kvmppc_radix_flush_pwc",
     "find_kvm_secondary_pte", "kvmppc_update_dirty_map", "kvmppc_unmap_pte", "kvm_unmap_radix",
-    "kvmppc_radix_flush_memslot", "kvmppc_create_pte", "kvmppc_book3s_instantiate_page",
+    "kvmppc_radix_flush_memslot", "kvmppc_create_pte_look", "kvmppc_create_pte",
+    "kvmppc_book3s_instantiate_page",
     "kvmppc_hv_handle_set_rc", "kvm_radix_test_clear_dirty", "kvmppc_hv_get_dirty_log_radix",
     "kvm_age_radix", "LEVEL_PGD",
 ]

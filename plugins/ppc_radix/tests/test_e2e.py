@@ -4,7 +4,7 @@ leaves, aging, R/C handling, what ppc refuses."""
 import errno
 
 import pytest
-from kvmcore import KvmError
+from kvmcore import InvariantError, KvmError
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 from kvmcore_ppc_radix import pte as P
@@ -438,3 +438,36 @@ def test_memslot_alignment_is_the_hosts_page(make_vm, host, page_size):
     vm.set_user_memory_region(0, GPA + page_size, page_size, hva + page_size)
     vm.create_vcpu(0).write(GPA + page_size, b"ok")
     assert vm.lookup(GPA + page_size).size == page_size
+
+
+def test_huge_leaf_raced_in_after_the_look_makes_create_pte_eagain(make_vm, host, page_size):
+    """kvmppc_create_pte looks at the tree before it takes kvm->mmu_lock to choose what to
+    pre-allocate. A base-page fault in slot 0 that saw a PMD table there (nothing to
+    pre-allocate) waits for the lock while a vCPU faults in slot 1, backed by a THP whose
+    2 MiB block is congruent with the gpa: ppc maps it with a 2 MiB leaf that covers slot 0's
+    half too (the leaf may extend past its memslot), replacing the table. Under the lock the
+    first fault finds that leaf with no table pre-allocated: -EAGAIN, nothing installed, and
+    the guest's access, run again, goes through the huge leaf (to the THP's first half: the
+    leaf past the slot is ppc's quirk)."""
+    half = SZ_2M // 2
+    vm = make_vm(page_size=page_size)
+    small = host.mmap(half)
+    thp = host.mmap(SZ_2M, thp=True)
+    vm.set_user_memory_region(0, GPA, half, small)
+    vm.set_user_memory_region(1, GPA + half, half, thp + half)
+    v0, v1 = vm.create_vcpu(0), vm.create_vcpu(1)
+    v0.write(GPA, b"a")
+    assert vm.lookup(GPA).size == page_size
+    steps = v0.step_access("read", GPA + 3 * page_size, 1)
+    for point in steps:
+        if point == "pf_lock_wait":
+            break
+    v1.write(GPA + half + 5 * page_size, b"b")
+    assert vm.lookup(GPA).size == SZ_2M               # over slot 0's gpas as well
+    for _point in steps:
+        pass
+    assert vm.stats["ppc_create_pte_raced_leaf"] == 1
+    assert vm.lookup(GPA + 3 * page_size).size == SZ_2M
+    assert v0.read(GPA, 1) == b"\0"
+    with pytest.raises(InvariantError, match="crosses the end of slot"):
+        vm.check_invariants()                         # the quirk, as the checks see it
