@@ -315,9 +315,8 @@ class GuestMemfd:
         inode's invalidate lock, bound slots lose the file and every mapping from it is
         zapped; the inode's memory stays. From its start the file is ``dying``: its fd is
         gone (a bind gets EBADF) and an unbind no longer takes its invalidate lock
-        (kvm_gmem_unbind when get_file_active fails). The model simplifies one thing: in
-        Linux kvm_gmem_get_pfn already fails (EFAULT) in that window, before release has
-        zapped; here the file serves faults until release clears the slots' file."""
+        (kvm_gmem_unbind when get_file_active fails) and kvm_gmem_get_pfn fails (EFAULT),
+        while the mappings made before stay until release zaps them."""
         if self.closed or self.dying:
             return
         self.dying = True
@@ -457,7 +456,8 @@ def kvm_gmem_get_pfn(vm: Kvm, slot: Memslot, gfn: int) -> tuple[int, int]:
     """kvm_gmem_get_pfn: ``(pfn, max_order)``; KvmError EFAULT (no live file), EIO (not
     bound to this slot), EHWPOISON (poisoned folio)."""
     gmem = slot.gmem_file
-    if gmem is None or gmem.closed:
+    if gmem is None or gmem.closed or gmem.dying:
+        # kvm_gmem_get_file: get_file_active fails from the last fput on, before release.
         raise KvmError(errno.EFAULT, "guest_memfd: the slot's file was released")
     index = slot.gmem_index(gfn)
     if gmem.binding_at(index) is not slot:

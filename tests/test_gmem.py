@@ -148,6 +148,26 @@ def test_release_zaps_and_later_faults_efault(pvm, host):
                                                            KVM_MEMORY_EXIT_FLAG_PRIVATE, 0)
 
 
+def test_a_dying_file_serves_no_fault_before_release_zaps(pvm, host):
+    """After the last fput the file is dying: kvm_gmem_get_pfn's get_file_active fails, so a
+    fault on a page not mapped yet is -EFAULT (KVM_EXIT_MEMORY_FAULT) even before
+    kvm_gmem_release, waiting for slots_lock, has zapped; a page already mapped is read
+    through its leaf until release zaps it."""
+    gmem, _ = private_slot(pvm, host)
+    vcpu = pvm.create_vcpu(0)
+    vcpu.write(0, b"a")
+    close = gmem.steps.close()
+    assert next(close) == "gmem_slots_lock_wait"
+    with pytest.raises(MemoryFaultExit) as e:
+        vcpu.read(0x1000, 1)
+    assert (e.value.errno, e.value.flags, e.value.gpa) == (errno.EFAULT,
+                                                           KVM_MEMORY_EXIT_FLAG_PRIVATE, 0x1000)
+    assert vcpu.read(0, 1) == b"a"
+    close.run()
+    assert list(pvm.mappings()) == []
+    pvm.check_invariants()
+
+
 def test_memory_error_zaps_and_faults_ehwpoison(pvm, host):
     gmem, _ = private_slot(pvm, host)
     vcpu = pvm.create_vcpu(0)
