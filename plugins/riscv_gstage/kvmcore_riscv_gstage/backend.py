@@ -10,7 +10,8 @@ turns on one later kernel's behaviour and is named after the Linux change that b
 7.0), ``split_huge_on_fault`` (6ad36f39a769 "RISC-V: KVM: Split huge pages during fault
 handling for dirty logging", 2026), ``eager_page_split`` (mmu.c's module parameter of the
 2026 eager-splitting series), ``dirty_log_initially_set`` (df60cb2e6702 "KVM: riscv:
-Support enabling dirty log gradually in small chunks", 6.19).
+Support enabling dirty log gradually in small chunks", 6.19), ``unmap_aligned_steps`` (the
+unmap walk aligns up past an empty entry; the change is not identified).
 
 What the core does for it: the walks (``kvmcore.radix``: write-protect, split, leaves,
 invariants), the hugetlb size policy (``radix.mapping_size``) and dirty logging by write
@@ -148,6 +149,8 @@ class RiscvGstageBackend(RadixBackend):
                                      "splits the slot's blocks"),
         "dirty_log_initially_set": VmOption(False, (False, True), "6.19: "
                                             "KVM_DIRTY_LOG_INITIALLY_SET"),
+        "unmap_aligned_steps": VmOption(False, (False, True), "later kernels: the unmap "
+                                        "walk aligns up past an empty entry"),
     }
     #: kvm_riscv_gstage_unmap_range clears leaves only: tables stay until the VM dies.
     free_tables = False
@@ -291,6 +294,11 @@ class RiscvGstageBackend(RadixBackend):
             vm.flush_remote_tlbs_range((gpa & ~(size - 1)) >> 12, size >> 12)
         return RET_PF_FIXED
 
+    def wrprotect_gfns(self, vm, as_id, start, end) -> bool:
+        """mmu_wp_memory_region (6.18), when logging starts: kvm_riscv_gstage_wp_range over the
+        slot, with its unaligned steps past an empty entry."""
+        return self.kvm_riscv_gstage_wp_range(self.tables[as_id], start << 12, end << 12)
+
     def wrprotect_mask(self, vm, slot, base_gfn, mask) -> bool:
         """kvm_arch_mmu_enable_log_dirty_pt_masked (6.18): kvm_riscv_gstage_wp_range from the
         first set bit's gfn to past the last, so every 4 KiB leaf there loses W, reported or
@@ -380,68 +388,54 @@ class RiscvGstageBackend(RadixBackend):
         return False
 
     def kvm_riscv_gstage_unmap_range(self, vm, t, start: int, end: int) -> None:
-        """Clear the leaves of ``[start, end)`` as Linux's walk does. ``addr`` goes from
-        ``start``; the leaf mapping ``addr`` (kvm_riscv_gstage_get_leaf) is cleared only if
-        ``addr`` is its start and the leaf ends inside the range; otherwise it is skipped
-        — not split, not cleared, silently in 6.18 (later kernels WARN_ONCE), counted here
-        as ``riscv_unmap_skip`` — and either way ``addr`` advances by the leaf's size. A walk
-        that starts inside a huge leaf therefore stays off alignment: it skips later leaves
-        too and never looks at those it steps over, until an empty entry brings it back in
-        line. A Linux quirk, harmless for Linux's callers: the primary MMU notifies a huge
-        page's whole range (it splits first: __split_huge_pmd; a hugetlb page is never cut),
-        memory failure too (``HostMemory.memory_failure``), and a memslot holds its huge
-        leaves whole.
-
-        Simplified, where 6.18 differs: past an empty entry 6.18 adds the entry's size to an
-        ``addr`` that may be unaligned, so a range starting inside an empty 2 MiB or 1 GiB
-        region reaches the next region at the same offset and never looks at its leaves
-        before it — they stay mapped after the unmap (later kernels align ``addr`` up to the
-        entry's end: ALIGN(addr + 1, page_size)). The model steps as the later kernels do:
-        stale leaves over pages the host freed are what the core's invariants reject.
-
-        The model visits the present leaves in order instead of stepping through empty
-        entries: with that alignment, the addresses Linux's steps land on are the same (past
-        an empty entry the next leaf is reached at its start)."""
+        """Clear the leaves of ``[start, end)`` as Linux's walk does, one step at a time
+        (``_unmap_step``)."""
         span = Span()
         addr = start
-        for leaf in t.pt.iter_present(start, end, leaves_only=True):
-            if leaf[3] + (1 << t.g.shifts[leaf[2]]) <= addr:
-                continue                  # stepped over by an off-alignment stride
-            addr = self._unmap_leaf(vm, t, addr, end, leaf, span)
-            if addr >= end:
-                break
+        while addr < end:
+            addr = self._unmap_step(vm, t, addr, end, span)
         span.flush(vm)
 
     def _unmap_resched(self, vm, t, addr: int, end: int):
-        """kvm_riscv_gstage_unmap_range with may_block: cond_resched_lock between two
-        leaves. Each leaf is found again from ``addr`` after the lock was dropped."""
-        while (leaf := next(t.pt.iter_present(addr, end, leaves_only=True), None)) \
-                is not None:
+        """kvm_riscv_gstage_unmap_range with may_block: cond_resched_lock after a step; the
+        model stops there after a step that met a leaf, when one is still ahead."""
+        while addr < end:
             span = Span()
-            addr = self._unmap_leaf(vm, t, addr, end, leaf, span)
+            level, _table, _idx, pte = t.lookup(addr)
+            leaf = t.fmt.is_leaf(pte, level)
+            addr = self._unmap_step(vm, t, addr, end, span)
             span.flush(vm)
-            if addr >= end or next(t.pt.iter_present(addr, end, leaves_only=True),
-                                   None) is None:
-                break
-            vm.stats["riscv_unmap_resched"] += 1
-            yield from vm.mmu_lock.cond_resched(WRITE, RISCV_UNMAP_RESCHED)
+            if leaf and addr < end and next(t.pt.iter_present(addr, end, leaves_only=True),
+                                            None) is not None:
+                vm.stats["riscv_unmap_resched"] += 1
+                yield from vm.mmu_lock.cond_resched(WRITE, RISCV_UNMAP_RESCHED)
         return False
 
-    def _unmap_leaf(self, vm, t, addr: int, end: int, leaf, span: Span) -> int:
-        """One step of kvm_riscv_gstage_unmap_range on ``leaf`` (``iter_present``'s
-        ``(table, index, pos, leaf_addr, raw)``), the first leaf touching ``[addr, end)``:
-        GSTAGE_OP_CLEAR if the walk is at its start and it fits, else the skip. Returns the
-        next ``addr``."""
-        table, idx, pos, start, _raw = leaf
-        size = 1 << t.g.shifts[pos]
-        if start > addr:
-            addr = start                  # the empty entries before it, stepped over
-        if addr == start and end - addr >= size:
+    def _unmap_step(self, vm, t, addr: int, end: int, span: Span) -> int:
+        """One step of kvm_riscv_gstage_unmap_range at ``addr``: the entry the walk of
+        ``addr`` ends on (kvm_riscv_gstage_get_leaf). A leaf is cleared only if ``addr`` is
+        its start and it ends inside the range; otherwise it is skipped — not split, not
+        cleared, silently in 6.18 (later kernels WARN_ONCE), counted here as
+        ``riscv_unmap_skip`` — and either way ``addr`` advances by its size, so a walk that
+        starts inside a huge leaf stays off alignment and skips later leaves too. Past an
+        empty entry 6.18 also adds the entry's size to an ``addr`` that may be unaligned:
+        a range starting inside an empty 2 MiB or 1 GiB region reaches the next region at
+        the same offset and never looks at the leaves before it, which stay mapped over
+        pages the host may free (a use after free the core's invariants report). Later
+        kernels align up there (ALIGN(addr + 1, page_size)): the VM option
+        ``unmap_aligned_steps``. Returns the next ``addr``."""
+        level, table, idx, pte = t.lookup(addr)
+        size = t.size[level]
+        if not t.fmt.is_leaf(pte, level):
+            if self.unmap_aligned_steps:
+                return (addr | (size - 1)) + 1
+            return addr + size
+        if not addr & (size - 1) and end - addr >= size:
             table[idx] = t.st(t.fmt.empty)
-            span.add(start, size)
+            span.add(addr, size)
         else:
             # 6.18 prints nothing here; the stat lets tests see the skip.
             vm.stats[RISCV_UNMAP_SKIP] += 1
-            logger.debug("riscv_gstage.unmap_skip", leaf=hex(start), size=hex(size),
-                         addr=hex(addr), end=hex(end))
+            logger.debug("riscv_gstage.unmap_skip", addr=hex(addr), size=hex(size),
+                         end=hex(end))
         return addr + size

@@ -338,3 +338,26 @@ def test_with_the_dirty_ring_alone_the_fault_path_does_not_log(vm, host):
     level, pte = entry(vm, GPA)
     assert (level, pte & 0x3FF) == (1, LEAF_RW)
     assert cpu.harvest_dirty_ring() == [(0, 0)]          # the block's first gfn
+
+
+def test_618_starting_dirty_logging_misses_leaves_past_an_unaligned_empty_start(vm, host):
+    """mmu_wp_memory_region walks the slot with kvm_riscv_gstage_wp_range: from a slot base
+    1 MiB into an empty 2 MiB region, 6.18's step past the empty entry lands at 3 MiB and
+    never looks at the leaves of [2 MiB, 3 MiB). They keep W: the guest writes through one
+    without a fault and the write is never logged (the core's invariants report it)."""
+    from kvmcore import InvariantError
+
+    base = GPA + SZ_2M // 2
+    hva = host.mmap(2 * SZ_2M)
+    vm.set_user_memory_region(0, base, 2 * SZ_2M, hva)
+    cpu = vm.create_vcpu(0)
+    cpu.write(GPA + SZ_2M + 0x1000, b"a")             # [2 MiB, 3 MiB)
+    cpu.write(GPA + SZ_2M + SZ_2M // 2 + 0x1000, b"b")  # [3 MiB, 4 MiB)
+    vm.set_user_memory_region(0, base, 2 * SZ_2M, hva, LOG)
+    assert entry(vm, GPA + SZ_2M + 0x1000)[1] & W
+    assert not entry(vm, GPA + SZ_2M + SZ_2M // 2 + 0x1000)[1] & W
+    cpu.write(GPA + SZ_2M + 0x1000, b"c")
+    with pytest.raises(InvariantError, match="neither logged nor pending"):
+        vm.check_invariants()
+    assert vm.get_dirty_log(0) == []                   # the write is lost to the log
+    vm.set_user_memory_region(0, base, 2 * SZ_2M, hva)  # logging off: nothing to check

@@ -2,11 +2,14 @@
 walk reaches it at its start and it ends inside the range; one the range cuts is skipped
 (silently in 6.18, WARN_ONCE in later kernels), and the walk goes on by its size from where
 it was. No Linux caller cuts a huge leaf: the host notifies a huge page's whole range,
-memslots hold their leaves whole. Past an empty entry the model steps as later kernels do
-(aligned); 6.18 steps by the entry's size, unaligned (docs/arch/riscv_gstage.md §5)."""
+memslots hold their leaves whole. Past an empty entry 6.18 steps by the entry's size,
+unaligned; later kernels align up (the VM option ``unmap_aligned_steps``; docs/arch/
+riscv_gstage.md §5)."""
 
 from __future__ import annotations
 
+import pytest
+from kvmcore import InvariantError
 from kvmcore.records import GfnRange
 from kvmcore.uapi import SZ_2M
 
@@ -68,10 +71,10 @@ def test_small_leaves_behind_an_off_alignment_step_are_never_looked_at(vm, host)
     assert vm.stats["riscv_unmap_skip"] == 1
 
 
-def test_empty_entries_bring_the_walk_back_in_line(vm, host):
-    """Past an empty entry the walk is aligned again (later kernels' ALIGN(addr + 1,
-    page_size), which the model follows; 6.18 would reach the third block 4 KiB past its
-    start and skip it): a block after a gap is cleared."""
+def test_empty_entries_bring_the_walk_back_in_line_in_later_kernels(make_vm, host):
+    """Past an empty entry later kernels align the walk again (ALIGN(addr + 1, page_size),
+    the VM option ``unmap_aligned_steps``): a block after a gap is cleared."""
+    vm = make_vm(unmap_aligned_steps=True)
     hva = host.mmap(3 * SZ_2M, kind="hugetlb_2m")
     vm.set_user_memory_region(0, GPA, 3 * SZ_2M, hva)
     cpu = vm.create_vcpu(0)
@@ -80,6 +83,27 @@ def test_empty_entries_bring_the_walk_back_in_line(vm, host):
     _zap(vm, GPA + 0x1000, GPA + 3 * SZ_2M)
     assert _sizes(vm) == [(0, SZ_2M)]
     assert vm.stats["riscv_unmap_skip"] == 1
+
+
+def test_618_steps_past_an_empty_entry_unaligned_and_leaves_leaves_mapped(make_vm, host):
+    """6.18 adds an empty entry's size to an unaligned ``addr``: an unmap of gpas
+    [1 MiB, 4 MiB) in a slot whose first 2 MiB region has no table steps from 1 MiB to
+    3 MiB and never looks at the 4 KiB leaves of [2 MiB, 3 MiB). munmap of that range
+    leaves them mapped over pages the host frees: the guest reads freed memory, and the
+    core's invariants report the stale leaves (a use after free)."""
+    vm = make_vm()
+    hva = host.mmap(2 * SZ_2M)
+    vm.set_user_memory_region(0, GPA, 2 * SZ_2M, hva)
+    cpu = vm.create_vcpu(0)
+    cpu.write(GPA + SZ_2M + 0x1000, b"a")              # [2 MiB, 3 MiB): a leaf
+    cpu.write(GPA + SZ_2M + SZ_2M // 2 + 0x1000, b"b")  # [3 MiB, 4 MiB): a leaf
+    host.munmap(hva + SZ_2M // 2, SZ_2M + SZ_2M // 2)
+    assert _sizes(vm) == [(512 + 1, 0x1000)]           # the first stayed, the second went
+    assert cpu.read(GPA + SZ_2M + 0x1000, 1) == b"a"   # through the stale leaf
+    with pytest.raises(InvariantError, match="the host has no page"):
+        vm.check_invariants()
+    vm.set_user_memory_region(0, GPA, 0, hva)          # the slot's flush walks it aligned
+    assert _sizes(vm) == []
 
 
 def test_the_host_never_cuts_a_huge_leaf(make_vm, host):
