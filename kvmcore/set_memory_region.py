@@ -196,6 +196,27 @@ def kvm_swap_active_memslots(vm: Kvm, as_id: int, publish):
                         + vm.nr_address_spaces)
 
 
+def kvm_commit_memory_region(vm: Kvm, old: Memslot | None, new: Memslot | None,
+                             change: int):
+    """kvm_commit_memory_region, a flow, once the new memslots are installed: the page and
+    dirty-logging counts, then kvm_arch_commit_memory_region (which takes kvm->mmu_lock
+    itself where it needs it: ``slot_commit`` waits until it is free), then a deleted
+    slot's kvm_free_memslot (a guest_memfd unbind)."""
+    if change == KVM_MR_DELETE:
+        vm.nr_memslot_pages -= old.npages
+    elif change == KVM_MR_CREATE:
+        vm.nr_memslot_pages += new.npages
+    old_log = bool(old and old.flags & KVM_MEM_LOG_DIRTY_PAGES)
+    new_log = bool(new and new.flags & KVM_MEM_LOG_DIRTY_PAGES)
+    vm.nr_memslots_dirty_logging += new_log - old_log
+    yield from vm.mmu_lock.wait_free(SLOT_COMMIT)
+    for r in vm.hook.commit_memory_region(vm=vm, old=old, new=new, change=change):
+        if type(r) is GeneratorType:
+            yield from r
+    if change == KVM_MR_DELETE and old.gmem_file is not None:
+        yield from kvm_gmem_unbind(old)
+
+
 def kvm_set_memslot(vm: Kvm, old: Memslot | None, new: Memslot | None, change: int):
     """kvm_set_memslot, a flow (slots_lock held): invalidate (DELETE/MOVE: publish an INVALID
     copy, wait for the faults that may still use the old one, then flush it under
@@ -227,22 +248,7 @@ def kvm_set_memslot(vm: Kvm, old: Memslot | None, new: Memslot | None, change: i
     else:
         publish = lambda: slots.replace(old, new)  # noqa: E731
     yield from kvm_swap_active_memslots(vm, as_id, publish)
-    # kvm_commit_memory_region
-    if change == KVM_MR_DELETE:
-        vm.nr_memslot_pages -= old.npages
-    elif change == KVM_MR_CREATE:
-        vm.nr_memslot_pages += new.npages
-    old_log = bool(old and old.flags & KVM_MEM_LOG_DIRTY_PAGES)
-    new_log = bool(new and new.flags & KVM_MEM_LOG_DIRTY_PAGES)
-    vm.nr_memslots_dirty_logging += new_log - old_log
-    # kvm_arch_commit_memory_region takes kvm->mmu_lock itself where it needs it.
-    yield from vm.mmu_lock.wait_free(SLOT_COMMIT)
-    for r in vm.hook.commit_memory_region(vm=vm, old=old, new=new, change=change):
-        if type(r) is GeneratorType:
-            yield from r
-    if change == KVM_MR_DELETE and old.gmem_file is not None:
-        # kvm_free_memslot
-        yield from kvm_gmem_unbind(old)
+    yield from kvm_commit_memory_region(vm, old, new, change)
     vm.stats[f"memslot_{CHANGE_NAMES[change]}"] += 1
     vm.trace(f"memslot.{CHANGE_NAMES[change]}", slot=(old or new).slot_id,
              gpa=(new or old).base_gfn << PAGE_SHIFT, size=(new or old).npages << PAGE_SHIFT,

@@ -79,6 +79,25 @@ def _dirty_clear_no_flush():
 
 
 @contextlib.contextmanager
+def _log_dirty_no_flush():
+    """The memslot flush that follows the write protection (or the clearing of D bits) when
+    dirty logging starts (kvm_arch_commit_memory_region), taken away."""
+    from .. import set_memory_region
+
+    real = set_memory_region.kvm_commit_memory_region
+
+    def no_flush(vm, *args):
+        vm.flush_remote_tlbs_memslot = lambda slot: None
+        try:
+            return (yield from real(vm, *args))
+        finally:
+            del vm.flush_remote_tlbs_memslot
+
+    with patch.object(set_memory_region, "kvm_commit_memory_region", no_flush):
+        yield
+
+
+@contextlib.contextmanager
 def _notifier_without_invalidation():
     """Seed 3: the hva-range operator form used for the notifier's zap, which implies no
     mmu_invalidate_begin/end: a fault that raced the zap is not made stale."""
@@ -122,6 +141,9 @@ _CORE = {m.name: m for m in (
     Mutant("dirty_clear_no_flush", "dirty-log clear that skips the flush",
            "kvm_clear_dirty_log_protect does not flush the memslot's TLBs",
            _dirty_clear_no_flush, ("write_vs_clear_dirty_log",)),
+    Mutant("log_dirty_no_flush", "dirty logging started without its flush",
+           "kvm_arch_commit_memory_region protects the slot but does not flush its TLBs",
+           _log_dirty_no_flush, ("write_vs_log_dirty",)),
 )}
 
 

@@ -289,7 +289,11 @@ class Explorer:
 
 
 def _plain(value):
-    if isinstance(value, bytes | list | tuple | int | str | bool) or value is None:
+    """A flow's result as an end state holds it: hashable (a harvested page list becomes a
+    tuple), or its repr."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, bytes | tuple | int | str | bool) or value is None:
         return value
     return repr(value)
 
