@@ -62,10 +62,10 @@ def _no_flush_on_zap():
 
 
 @contextlib.contextmanager
-def _dirty_clear_no_flush():
-    from .. import dirty
-
-    real = dirty.kvm_clear_dirty_log_protect
+def _without_memslot_flush(module, name: str):
+    """The flow ``module.name`` (the VM its first argument) with kvm_flush_remote_tlbs_memslot
+    a no-op while it runs."""
+    real = getattr(module, name)
 
     def no_flush(vm, *args):
         vm.flush_remote_tlbs_memslot = lambda slot: None
@@ -74,27 +74,22 @@ def _dirty_clear_no_flush():
         finally:
             del vm.flush_remote_tlbs_memslot
 
-    with patch.object(dirty, "kvm_clear_dirty_log_protect", no_flush):
+    with patch.object(module, name, no_flush):
         yield
 
 
-@contextlib.contextmanager
+def _dirty_clear_no_flush():
+    from .. import dirty
+
+    return _without_memslot_flush(dirty, "kvm_clear_dirty_log_protect")
+
+
 def _log_dirty_no_flush():
     """The memslot flush that follows the write protection (or the clearing of D bits) when
     dirty logging starts (kvm_arch_commit_memory_region), taken away."""
     from .. import set_memory_region
 
-    real = set_memory_region.kvm_commit_memory_region
-
-    def no_flush(vm, *args):
-        vm.flush_remote_tlbs_memslot = lambda slot: None
-        try:
-            return (yield from real(vm, *args))
-        finally:
-            del vm.flush_remote_tlbs_memslot
-
-    with patch.object(set_memory_region, "kvm_commit_memory_region", no_flush):
-        yield
+    return _without_memslot_flush(set_memory_region, "kvm_commit_memory_region")
 
 
 @contextlib.contextmanager
