@@ -15,6 +15,7 @@ from types import GeneratorType
 
 from .errors import KvmError
 from .exits import memory_fault_exit
+from .host import MMAP_LOCK_WAIT
 from .locks import READ, stepping
 from .records import PERMISSION, PageFault
 from .uapi import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_RETRY
@@ -162,28 +163,57 @@ def kvm_handle_noslot_fault(vm, fault: PageFault):
 
 def fault_faultin(vm, fault: PageFault) -> int:
     """After the snapshot and the checks, without the MMU lock: the pfn (faultin_pfn).
-    RET_PF_CONTINUE to go on, or a generator returning it when a shared write meets the
-    host's zero page.
+    RET_PF_CONTINUE to go on, or a generator returning it when it must wait for the host's
+    mmap lock or a shared write meets the host's zero page.
 
-    That write's get_user_pages breaks COW (hva_to_pfn_slow -> handle_mm_fault ->
-    do_wp_page), whose MMU-notifier invalidation takes kvm->mmu_lock for write and so may
-    wait for a paused fault holding it for read. The model runs that COW break in the fault's
-    own flow, first thing in faultin (nothing KVM does is observable before GUP there), so it
-    pauses at the notifier's points; the GUP that follows finds the new page writable."""
-    if fault.write and not fault.is_private:
+    A page of the host mm comes from get_user_pages, under mm->mmap_lock for read: while a
+    paused host operation holds it for write (mprotect, munmap's detach) the fault waits at
+    ``mmap_lock_wait``. A shared write to the zero page breaks COW there (hva_to_pfn_slow ->
+    handle_mm_fault -> do_wp_page), whose MMU-notifier invalidation takes kvm->mmu_lock for
+    write and so may wait for a paused fault holding it for read. The model runs that COW
+    break in the fault's own flow, first thing in faultin (nothing KVM does is observable
+    before GUP there), with the mmap lock held, so it pauses at the notifier's points; the
+    GUP that follows finds the new page writable. guest_memfd pages take no mmap lock."""
+    host = vm.host
+    # The lock's writer, inline: every fault passes here.
+    if host.mmap_lock._writer is None:
+        if not fault.write or fault.is_private:
+            return vm.faultin_pfn(vm=vm, fault=fault)
         slot = fault.slot
-        if not slot.readonly and not slot.gmem_only:
-            cow = vm.host.wp_fault(slot.gfn_to_hva(fault.gfn))
-            if cow is not None:
-                return _faultin_after_cow(vm, fault, cow)
-    return vm.faultin_pfn(vm=vm, fault=fault)
+        if slot.readonly or slot.gmem_only:
+            return vm.faultin_pfn(vm=vm, fault=fault)
+        cow = host.wp_fault(slot.gfn_to_hva(fault.gfn))
+        if cow is None:
+            return vm.faultin_pfn(vm=vm, fault=fault)
+        return _faultin_gup(vm, fault, cow)
+    if fault.is_private or fault.slot.gmem_only:
+        return vm.faultin_pfn(vm=vm, fault=fault)
+    return _faultin_gup(vm, fault, None)
 
 
-def _faultin_after_cow(vm, fault: PageFault, cow):
-    yield from cow
-    r = vm.faultin_pfn(vm=vm, fault=fault)
-    if type(r) is GeneratorType:
-        r = yield from r
+def _faultin_gup(vm, fault: PageFault, cow):
+    """faultin_pfn under mm->mmap_lock for read, taken at once when free (with ``cow``, the
+    COW break already found), else waited for at ``mmap_lock_wait``, after which the COW
+    break is looked for again."""
+    host = vm.host
+    lock = host.mmap_lock
+    # A flow that is not stepped runs to its end before another can look at the lock: it
+    # waits for a writer (or cannot run: WouldBlock) but need not hold it.
+    hold = lock._writer is not None or stepping()
+    if hold and not lock.try_lock(READ):
+        yield from lock.read_lock(MMAP_LOCK_WAIT)
+        slot = fault.slot
+        cow = (host.wp_fault(slot.gfn_to_hva(fault.gfn))
+               if fault.write and not slot.readonly else None)
+    try:
+        if cow is not None:
+            yield from cow
+        r = vm.faultin_pfn(vm=vm, fault=fault)
+        if type(r) is GeneratorType:
+            r = yield from r
+    finally:
+        if hold:
+            lock.read_unlock()
     return r
 
 

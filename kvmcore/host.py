@@ -46,7 +46,7 @@ from sortedcontainers import SortedKeyList
 
 from .args import buffer, flag, integer, string, u64
 from .errors import EHWPOISON, KvmError
-from .locks import Steps, drive, steppable, stepping
+from .locks import READ, WRITE, RwLock, Steps, drive, steppable, stepping
 from .uapi import PAGE_SHIFT, PAGE_SIZE, SZ_1G, SZ_2M
 
 logger = structlog.get_logger(__name__)
@@ -57,6 +57,10 @@ KINDS = ("anon", "shared", "hugetlb_2m", "hugetlb_1g", "pfnmap", "gmem")
 HOST_PAGE_SIZES = (4096, 16384, 65536)
 _HUGETLB = {"hugetlb_2m": SZ_2M, "hugetlb_1g": SZ_1G}
 MMAP_BASE = 1 << 32
+#: A host operation, or a KVM fault's get_user_pages, waits for mm->mmap_lock, which a
+#: paused host operation holds (mprotect and munmap's detach for write; madvise, a VMM
+#: access and GUP for read).
+MMAP_LOCK_WAIT = "mmap_lock_wait"
 #: The range one P4D entry maps (512 GiB with 4-level paging, where it is the PGD's).
 _P4D_SIZE = 1 << 39
 TASK_SIZE = (1 << 47) - PAGE_SIZE
@@ -253,6 +257,10 @@ class HostMemory:
         self.poisoned: set[int] = set()        # first frame of each poisoned host page
         self.zero_pfn = self._alloc(self.nr_frames)
         self.vmas = SortedKeyList(key=lambda v: v.start)
+        #: mm->mmap_lock (the model takes it where a flow may pause under it; mmap() itself
+        #: and the rmap-driven operations, migrate, poison, aging and THP split / collapse,
+        #: do not take it).
+        self.mmap_lock = RwLock("mmap_lock")
         self._last_vma: Vma | None = None  # mmap's vmacache: faults come in runs
         # The host page table: per mapping size, hva >> shift -> (first frame, writable).
         # ``ptes`` is the PAGE_SIZE level (PTE pages, see PteTable); ``_huge`` the others
@@ -369,6 +377,13 @@ class HostMemory:
         """This host's mm operations started as steppable ``Flow`` objects
         (``host.steps.munmap(hva, length)``; see ``kvmcore.locks``)."""
         return Steps(self)
+
+    def take_mmap_lock(self, mode: str):
+        """Take mm->mmap_lock in ``mode``: at once when it is free, else at
+        ``mmap_lock_wait``."""
+        lock = self.mmap_lock
+        if not lock.try_lock(mode):
+            yield from (lock.write_lock if mode == WRITE else lock.read_lock)(MMAP_LOCK_WAIT)
 
     # ------------------------------------------------------------------ VMAs
 
@@ -729,7 +744,9 @@ class HostMemory:
 
     def gup(self, hva: int, write: bool) -> int:
         """get_user_pages_unlocked with FOLL_HWPOISON: faults the page in. Raises
-        ``OSError`` with EFAULT (no VMA, VM_IO|VM_PFNMAP, protection) or EHWPOISON."""
+        ``OSError`` with EFAULT (no VMA, VM_IO|VM_PFNMAP, protection) or EHWPOISON. It takes
+        the mmap lock for read in Linux; here its caller does (a KVM fault's faultin,
+        which may have to wait for it)."""
         vma = self.find_vma(hva)
         if vma is None or vma.io_pfnmap:
             raise OSError(errno.EFAULT, f"hva={hva:#x}: GUP refuses this address")
@@ -762,21 +779,28 @@ class HostMemory:
     @steppable
     def munmap(self, hva: int, length: int) -> None:
         """munmap(2): the VMAs are detached first (vms_gather_munmap_vmas, under the mmap
-        lock for write), so a GUP in the notifiers' window finds no VMA (EFAULT); then
-        unmap_region with the lock downgraded: notifiers fire for the whole range and the
-        PTEs go (vms_complete_munmap_vmas)."""
+        lock for write), then the lock is downgraded to read (vms_complete_munmap_vmas), so
+        a GUP in the notifiers' window runs and finds no VMA (EFAULT); unmap_region fires
+        the notifiers for the whole range and the PTEs go."""
         self._check_range("munmap", hva, length)
         end = hva + length
         if not self.vmas_in(hva, end):
             return
-        gone = self._split_vmas(hva, end)
-        for vma in gone:
-            self._forget(vma)
-        nstart, nlen = self._notify_range(hva, end)
-        yield from self._invalidate_start(nstart, nlen)
-        self._zap_ptes(hva, end, gone)
-        self._forget_hwpoison(hva, end)
-        yield from self._invalidate_end(nstart, nlen)
+        yield from self.take_mmap_lock(WRITE)
+        lock, mode = self.mmap_lock, WRITE
+        try:
+            gone = self._split_vmas(hva, end)
+            for vma in gone:
+                self._forget(vma)
+            lock.downgrade()
+            mode = READ
+            nstart, nlen = self._notify_range(hva, end)
+            yield from self._invalidate_start(nstart, nlen)
+            self._zap_ptes(hva, end, gone)
+            self._forget_hwpoison(hva, end)
+            yield from self._invalidate_end(nstart, nlen)
+        finally:
+            (lock.write_unlock if mode == WRITE else lock.read_unlock)()
 
     @steppable
     def mprotect(self, hva: int, length: int, prot: str) -> None:
@@ -800,11 +824,11 @@ class HostMemory:
         when there are none; hugetlb always notifies the whole range
         (hugetlb_change_protection). A THP partly inside is split, its whole range notified.
 
-        Simplified: the mmap lock is not modelled (Linux holds it for write throughout, so a
-        GUP that is not GUP-fast waits for the end; in the model one in the window sees the
-        new VMA protection, and the invalidation makes its fault retry as any other); the
-        range is checked whole before any VMA changes (Linux changes those before a hole,
-        then fails ENOMEM); VMAs are not merged back."""
+        The mmap lock is held for write throughout (``mmap_lock_wait`` when a GUP or another
+        host operation holds it), so a KVM fault's get_user_pages waits for the end.
+
+        Simplified: the range is checked whole before any VMA changes (Linux changes those
+        before a hole, then fails ENOMEM); VMAs are not merged back."""
         prot = _check_prot(prot)
         self._check_range("mprotect", hva, length)
         end = hva + length
@@ -816,10 +840,14 @@ class HostMemory:
             covered = vma.end
         if not vmas or covered < end:
             raise KvmError(errno.ENOMEM, f"mprotect: [{hva:#x}, {end:#x}) is not fully mapped")
-        for vma in self._split_vmas(hva, end):
-            if vma.prot != prot:
-                vma.prot = prot
-                yield from self._change_protection(vma)
+        yield from self.take_mmap_lock(WRITE)
+        try:
+            for vma in self._split_vmas(hva, end):
+                if vma.prot != prot:
+                    vma.prot = prot
+                    yield from self._change_protection(vma)
+        finally:
+            self.mmap_lock.write_unlock()
 
     def _change_protection(self, vma: Vma):
         """change_protection of ``vma`` (wholly inside the mprotect range) to its ``prot``."""
@@ -905,10 +933,14 @@ class HostMemory:
             end = max(end & ~(last.page_size - 1), last.start)
         if end <= hva:
             return
-        nstart, nlen = self._notify_range(hva, end)
-        yield from self._invalidate_start(nstart, nlen)
-        self._zap_ptes(hva, end)
-        yield from self._invalidate_end(nstart, nlen)
+        yield from self.take_mmap_lock(READ)        # madvise_lock: MADV_DONTNEED reads it
+        try:
+            nstart, nlen = self._notify_range(hva, end)
+            yield from self._invalidate_start(nstart, nlen)
+            self._zap_ptes(hva, end)
+            yield from self._invalidate_end(nstart, nlen)
+        finally:
+            self.mmap_lock.read_unlock()
 
     @steppable
     def migrate(self, hva: int) -> int:
@@ -1049,26 +1081,34 @@ class HostMemory:
             yield from self._invalidate_end(nstart, nlen)
 
     def read(self, hva: int, n: int) -> bytes:
-        """A host (VMM) read of ``n`` bytes at ``hva``; faults pages in as needed."""
+        """A host (VMM) read of ``n`` bytes at ``hva``; faults pages in as needed, under the
+        mmap lock for read (a plain call: WouldBlock while a paused operation holds it for
+        write)."""
         self._check_io(hva, integer("n", n))
         out = bytearray()
-        for page_hva, off, chunk in _chunks(hva, n):
-            self.handle_mm_fault(page_hva, False)
-            out += self.read_frame(self.lookup_pte(page_hva)[0], off, chunk)
+        with self.mmap_lock(READ):
+            for page_hva, off, chunk in _chunks(hva, n):
+                self.handle_mm_fault(page_hva, False)
+                out += self.read_frame(self.lookup_pte(page_hva)[0], off, chunk)
         return bytes(out)
 
     @steppable
     def write(self, hva: int, data: bytes) -> None:
-        """A host (VMM) write at ``hva``; breaks COW as needed."""
+        """A host (VMM) write at ``hva``; breaks COW as needed, its faults under the mmap lock
+        for read."""
         data = buffer("data", data)
         self._check_io(hva, len(data))
         pos = 0
-        for page_hva, off, chunk in _chunks(hva, len(data)):
-            cow = self._handle_mm_fault(page_hva, True)
-            if cow is not None:
-                yield from cow
-            self.write_frame(self.lookup_pte(page_hva)[0], off, data[pos:pos + chunk])
-            pos += chunk
+        yield from self.take_mmap_lock(READ)
+        try:
+            for page_hva, off, chunk in _chunks(hva, len(data)):
+                cow = self._handle_mm_fault(page_hva, True)
+                if cow is not None:
+                    yield from cow
+                self.write_frame(self.lookup_pte(page_hva)[0], off, data[pos:pos + chunk])
+                pos += chunk
+        finally:
+            self.mmap_lock.read_unlock()
 
     def _check_io(self, hva: int, n: int) -> None:
         """A VMM access of ``n`` bytes at ``hva``: a negative length is EINVAL; an address

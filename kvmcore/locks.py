@@ -324,6 +324,12 @@ class RwLock:
         the stretch after the point calls code that takes it itself (a hook)."""
         yield from _wait(self, mode, point)
 
+    def downgrade(self) -> None:
+        """mmap_write_downgrade / downgrade_write: the write hold becomes a read hold, with no
+        writer able to get in between."""
+        self._drop(WRITE)
+        self._take(READ)
+
     def cond_resched(self, mode: str, point: str):
         """cond_resched_rwlock_write/_read: drop the lock, let others run, take it again."""
         self._drop(mode)

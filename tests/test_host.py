@@ -525,3 +525,42 @@ def test_poison_of_an_untouched_page_leaves_the_zero_page_alone(host, rec):
     assert rec.calls == []
     assert host.read(b + 4096, 1) == b"\0"
     assert host.lookup_pte(b + 4096)[0] == host.zero_pfn
+
+
+def test_mprotect_holds_mmap_lock_for_write_so_gup_waits(vm, host):
+    """mprotect holds mm->mmap_lock for write throughout: a KVM fault's get_user_pages, even
+    for a page outside the range (whose gfn no invalidation covers), waits for it at
+    mmap_lock_wait, and a VMM access would block."""
+    from kvmcore.locks import WouldBlock
+
+    hva = host.mmap(MiB)
+    vm.set_user_memory_region(0, 0, MiB, hva)
+    host.write(hva, b"x")                 # page tables: change_protection notifies
+    change = host.steps.mprotect(hva, 0x10000, "r")
+    while change.point != "mn_host_window":
+        next(change)
+    assert "mmap_lock(write)" in change.holds
+    with pytest.raises(WouldBlock):
+        host.read(hva + 0x80000, 1)
+    fault = vm.create_vcpu(0).step_access("write", 0x80000, b"y")
+    while fault.runnable:
+        next(fault)
+    assert fault.point == "mmap_lock_wait" and fault.waits_for.startswith("mmap_lock")
+    change.run()
+    fault.run()
+    assert vm.lookup(0x80000).writable and host.read(hva + 0x80000, 1) == b"y"
+    assert not host.mmap_lock.held
+
+
+def test_munmap_downgrades_mmap_lock_for_its_notifiers(vm, host):
+    """munmap detaches the VMAs under mmap_lock for write, then downgrades it to read for
+    the notifiers (vms_complete_munmap_vmas): a VMM access elsewhere runs in that window."""
+    hva = host.mmap(MiB)
+    other = host.mmap(MiB)
+    unmap = host.steps.munmap(hva, MiB)
+    while unmap.point != "mn_host_window":
+        next(unmap)
+    assert "mmap_lock(read)" in unmap.holds
+    assert host.read(other, 1) == b"\0"
+    unmap.run()
+    assert not host.mmap_lock.held
