@@ -257,9 +257,9 @@ class HostMemory:
         self.poisoned: set[int] = set()        # first frame of each poisoned host page
         self.zero_pfn = self._alloc(self.nr_frames)
         self.vmas = SortedKeyList(key=lambda v: v.start)
-        #: mm->mmap_lock (the model takes it where a flow may pause under it; mmap() itself
-        #: and the rmap-driven operations, migrate, poison, aging and THP split / collapse,
-        #: do not take it).
+        #: mm->mmap_lock (the model takes it where a flow may pause under it: mmap() itself
+        #: does not, nor do the rmap-driven operations, migrate, poison, aging and THP
+        #: split; khugepaged's collapse takes it for write).
         self.mmap_lock = RwLock("mmap_lock")
         self._last_vma: Vma | None = None  # mmap's vmacache: faults come in runs
         # The host page table: per mapping size, hva >> shift -> (first frame, writable).
@@ -999,23 +999,27 @@ class HostMemory:
     @steppable
     def collapse_huge_page(self, hva: int) -> int:
         """khugepaged's collapse_huge_page: the present PAGE_SIZE pages of a PMD-sized
-        THP-enabled range become one new huge page (contents copied); the notifiers fire.
-        Returns the new pfn."""
+        THP-enabled range become one new huge page (contents copied); the notifiers fire,
+        under the mmap lock for write. Returns the new pfn."""
         base, pmd = self._thp_block(hva, "collapse_huge_page")
         keys = range(base >> self.page_shift, (base + pmd) >> self.page_shift)
         if not all(k in self.ptes for k in keys):
             raise KvmError(errno.EAGAIN, "collapse_huge_page: not every page is present")
-        yield from self._invalidate_start(base, pmd)
-        new = self._alloc(pmd >> PAGE_SHIFT)
-        for i, key in enumerate(keys):
-            pfn = self.ptes.pop(key) >> PAGE_SHIFT
-            if pfn != self.zero_pfn:
-                self.copy_frames(pfn, new + i * self.nr_frames, self.nr_frames)
-        # mk_huge_pmd with the VMA's page protection: writable and dirty, or protnone.
-        prot = self.find_vma(hva).prot
-        self._tables[pmd][base >> (pmd.bit_length() - 1)] = _word(new, "w" in prot) | (
-            _PTE_PROTNONE if "r" not in prot and "w" not in prot else 0)
-        yield from self._invalidate_end(base, pmd)
+        yield from self.take_mmap_lock(WRITE)
+        try:
+            yield from self._invalidate_start(base, pmd)
+            new = self._alloc(pmd >> PAGE_SHIFT)
+            for i, key in enumerate(keys):
+                pfn = self.ptes.pop(key) >> PAGE_SHIFT
+                if pfn != self.zero_pfn:
+                    self.copy_frames(pfn, new + i * self.nr_frames, self.nr_frames)
+            # mk_huge_pmd with the VMA's page protection: writable and dirty, or protnone.
+            prot = self.find_vma(hva).prot
+            self._tables[pmd][base >> (pmd.bit_length() - 1)] = _word(new, "w" in prot) | (
+                _PTE_PROTNONE if "r" not in prot and "w" not in prot else 0)
+            yield from self._invalidate_end(base, pmd)
+        finally:
+            self.mmap_lock.write_unlock()
         return new
 
     @steppable

@@ -564,3 +564,22 @@ def test_munmap_downgrades_mmap_lock_for_its_notifiers(vm, host):
     assert host.read(other, 1) == b"\0"
     unmap.run()
     assert not host.mmap_lock.held
+
+
+def test_collapse_holds_mmap_lock_for_write(host):
+    """khugepaged's collapse_huge_page takes mm->mmap_lock for write around its
+    invalidation: a paused collapse holds it, and a VMM access would block."""
+    from kvmcore.locks import WouldBlock
+
+    hva = host.mmap(2 * MiB, thp=True)
+    host.write(hva, b"x")                      # a THP
+    host.split_huge_page(hva)                  # its PAGE_SIZE pages, all present
+    collapse = host.steps.collapse_huge_page(hva)
+    while collapse.point != "mn_host_window":
+        next(collapse)
+    assert "mmap_lock(write)" in collapse.holds
+    with pytest.raises(WouldBlock):
+        host.read(hva, 1)
+    collapse.run()
+    assert host.lookup_pte(hva)[2] == 2 * MiB and host.read(hva, 1) == b"x"
+    assert not host.mmap_lock.held
