@@ -176,19 +176,16 @@ def fault_faultin(vm, fault: PageFault) -> int:
     GUP that follows finds the new page writable. guest_memfd pages take no mmap lock."""
     host = vm.host
     # The lock's writer, inline: every fault passes here.
-    if host.mmap_lock._writer is None:
-        if not fault.write or fault.is_private:
-            return vm.faultin_pfn(vm=vm, fault=fault)
+    if host.mmap_lock._writer is not None:
+        if not fault.is_private and not fault.slot.gmem_only:
+            return _faultin_gup(vm, fault, None)
+    elif fault.write and not fault.is_private:
         slot = fault.slot
-        if slot.readonly or slot.gmem_only:
-            return vm.faultin_pfn(vm=vm, fault=fault)
-        cow = host.wp_fault(slot.gfn_to_hva(fault.gfn))
-        if cow is None:
-            return vm.faultin_pfn(vm=vm, fault=fault)
-        return _faultin_gup(vm, fault, cow)
-    if fault.is_private or fault.slot.gmem_only:
-        return vm.faultin_pfn(vm=vm, fault=fault)
-    return _faultin_gup(vm, fault, None)
+        if not slot.readonly and not slot.gmem_only:
+            cow = host.wp_fault(slot.gfn_to_hva(fault.gfn))
+            if cow is not None:
+                return _faultin_gup(vm, fault, cow)
+    return vm.faultin_pfn(vm=vm, fault=fault)
 
 
 def _faultin_gup(vm, fault: PageFault, cow):

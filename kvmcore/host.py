@@ -58,8 +58,8 @@ HOST_PAGE_SIZES = (4096, 16384, 65536)
 _HUGETLB = {"hugetlb_2m": SZ_2M, "hugetlb_1g": SZ_1G}
 MMAP_BASE = 1 << 32
 #: A host operation, or a KVM fault's get_user_pages, waits for mm->mmap_lock, which a
-#: paused host operation holds (mprotect and munmap's detach for write; madvise, a VMM
-#: access and GUP for read).
+#: paused host operation holds (mprotect, munmap's detach and a THP collapse for write;
+#: madvise, a VMM access and GUP for read).
 MMAP_LOCK_WAIT = "mmap_lock_wait"
 #: The range one P4D entry maps (512 GiB with 4-level paging, where it is the PGD's).
 _P4D_SIZE = 1 << 39
