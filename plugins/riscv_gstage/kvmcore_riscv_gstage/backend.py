@@ -11,7 +11,8 @@ turns on one later kernel's behaviour and is named after the Linux change that b
 handling for dirty logging", 2026), ``eager_page_split`` (mmu.c's module parameter of the
 2026 eager-splitting series), ``dirty_log_initially_set`` (df60cb2e6702 "KVM: riscv:
 Support enabling dirty log gradually in small chunks", 6.19), ``unmap_aligned_steps`` (the
-unmap walk aligns up past an empty entry; the change is not identified).
+unmap walk aligns up past an empty entry, as the newest gstage.c is said to [unverified]:
+the change is not identified, and a later text read in session 12 still steps unaligned).
 
 What the core does for it: the walks (``kvmcore.radix``: write-protect, split, leaves,
 invariants), the hugetlb size policy (``radix.mapping_size``) and dirty logging by write
@@ -149,8 +150,8 @@ class RiscvGstageBackend(RadixBackend):
                                      "splits the slot's blocks"),
         "dirty_log_initially_set": VmOption(False, (False, True), "6.19: "
                                             "KVM_DIRTY_LOG_INITIALLY_SET"),
-        "unmap_aligned_steps": VmOption(False, (False, True), "later kernels: the unmap "
-                                        "walk aligns up past an empty entry"),
+        "unmap_aligned_steps": VmOption(False, (False, True), "[unverified] newest: the "
+                                        "unmap walk aligns up past an empty entry"),
     }
     #: kvm_riscv_gstage_unmap_range clears leaves only: tables stay until the VM dies.
     free_tables = False
@@ -421,9 +422,10 @@ class RiscvGstageBackend(RadixBackend):
         empty entry 6.18 also adds the entry's size to an ``addr`` that may be unaligned:
         a range starting inside an empty 2 MiB or 1 GiB region reaches the next region at
         the same offset and never looks at the leaves before it, which stay mapped over
-        pages the host may free (a use after free the core's invariants report). Later
-        kernels align up there (ALIGN(addr + 1, page_size)): the VM option
-        ``unmap_aligned_steps``. Returns the next ``addr``."""
+        pages the host may free (a use after free the core's invariants report). The VM
+        option ``unmap_aligned_steps`` aligns up there (ALIGN(addr + 1, page_size)), as the
+        newest kernel is said to [unverified: docs/arch/riscv_gstage.md §5]. Returns the
+        next ``addr``."""
         level, table, idx, pte = t.lookup(addr)
         size = t.size[level]
         if not t.fmt.is_leaf(pte, level):
