@@ -339,7 +339,7 @@ class ConformanceMachine(RuleBasedStateMachine):
             side.hva[sid] + first * self.unit, count * self.unit))
 
     @precondition(lambda self: self.slots)
-    @rule(data=st.data(), prot=st.sampled_from(["r", "rw"]))
+    @rule(data=st.data(), prot=st.sampled_from(["", "r", "rw"]))
     def host_mprotect(self, data, prot):
         sid, first, count = self.pick_hva_range(data)
         self.both("mprotect", lambda side: side.host.mprotect(
