@@ -124,7 +124,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         if self.RECORD is not None:
             self.RECORD.append(step)
 
-    def both(self, name, call):
+    def both(self, name, call, gpa: int | None = None):
         """Run ``call(side)`` on both sides and require the same outcome. A step the
         backend refuses with an errno it declares as a known divergence of the machine
         (``ArchInfo.known_divergences["state_machine:<step>:<ERRNO>"]``, e.g. RISC-V's EPERM
@@ -140,6 +140,12 @@ class ConformanceMachine(RuleBasedStateMachine):
         if a == ("errno", errno.EFAULT) and _error_pfn_exit(b) and \
                 not self.t.vm.arch_info.error_pfn_memory_fault:
             return a        # the same error pfn, reported as KVM_RUN's -EFAULT alone
+        if gpa is not None and a[:2] == ("exit", "MmioExit") and \
+                b[:2] == ("exit", "MemoryFaultExit") and self.slot_of(gpa) is None:
+            # An MMIO entry the backend cached before the gfn turned private answers first
+            # (x86: the EPT misconfiguration goes to handle_mmio_page_fault, before
+            # kvm_mmu_faultin_pfn's private/shared check); the reference caches none.
+            return a
         assert a == b, f"{name}: backend {a!r} != flat {b!r}"
         return a
 
@@ -267,7 +273,7 @@ class ConformanceMachine(RuleBasedStateMachine):
     def guest_read(self, data, in_slot):
         gpa = self.pick_gpa(data, in_slot)
         private = self.intent(gpa)
-        r = self.both("read", lambda side: side.vcpu.read(gpa, 8, private=private))
+        r = self.both("read", lambda side: side.vcpu.read(gpa, 8, private=private), gpa)
         if r[0] == "ok":
             self.note_access(gpa, False)
 
@@ -276,7 +282,7 @@ class ConformanceMachine(RuleBasedStateMachine):
         gpa = self.pick_gpa(data, in_slot)
         private = self.intent(gpa)
         r = self.both("write", lambda side: side.vcpu.write(gpa, bytes([value]) * 8,
-                                                            private=private))
+                                                            private=private), gpa)
         if r[0] == "ok":
             self.note_access(gpa, True)
 

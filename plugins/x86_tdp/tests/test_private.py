@@ -29,6 +29,25 @@ def test_sw_protected_private_from_attribute(make):
     assert not g.leaf(0x1000).private
 
 
+def test_a_cached_mmio_spte_answers_before_the_private_check(make):
+    """A gfn with no memslot gets an MMIO SPTE on its first access. Converting it to private
+    zaps nothing (kvm_vm_set_mem_attributes walks memslots only), and the next access meets
+    that SPTE: the EPT misconfiguration goes to handle_mmio_page_fault, before
+    kvm_mmu_faultin_pfn's private/shared check, so it is MMIO again, not
+    KVM_EXIT_MEMORY_FAULT. A gfn never accessed exits for the mismatch."""
+    from kvmcore import MmioExit
+
+    g = make("sw_protected")
+    g.gmem_slot(0, SZ_2M, SZ_2M)
+    with pytest.raises(MmioExit):
+        g.vcpu.read(0x3000, 8, private=False)
+    g.make_private(0, SZ_2M)
+    with pytest.raises(MmioExit):
+        g.vcpu.read(0x3000, 8, private=False)
+    with pytest.raises(MemoryFaultExit):
+        g.vcpu.read(0x5000, 8, private=False)
+
+
 def test_invariant_13_sw_protected_private_is_the_attribute(make):
     """SW-protected: is_private comes from the attribute, whatever intent the access states;
     SNP: from the C-bit, so a shared access to a private gfn exits (flags 0)."""
