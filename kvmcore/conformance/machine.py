@@ -141,7 +141,7 @@ class ConformanceMachine(RuleBasedStateMachine):
                 not self.t.vm.arch_info.error_pfn_memory_fault:
             return a        # the same error pfn, reported as KVM_RUN's -EFAULT alone
         if gpa is not None and a[:2] == ("exit", "MmioExit") and \
-                b[:2] == ("exit", "MemoryFaultExit") and self.slot_of(gpa) is None:
+                b[:2] == ("exit", "MemoryFaultExit") and self.slot_of(gpa)[0] is None:
             # An MMIO entry the backend cached before the gfn turned private answers first
             # (x86: the EPT misconfiguration goes to handle_mmio_page_fault, before
             # kvm_mmu_faultin_pfn's private/shared check); the reference caches none.
