@@ -378,13 +378,6 @@ class HostMemory:
         (``host.steps.munmap(hva, length)``; see ``kvmcore.locks``)."""
         return Steps(self)
 
-    def take_mmap_lock(self, mode: str):
-        """Take mm->mmap_lock in ``mode``: at once when it is free, else at
-        ``mmap_lock_wait``."""
-        lock = self.mmap_lock
-        if not lock.try_lock(mode):
-            yield from (lock.write_lock if mode == WRITE else lock.read_lock)(MMAP_LOCK_WAIT)
-
     # ------------------------------------------------------------------ VMAs
 
     def find_vma(self, hva: int) -> Vma | None:
@@ -786,7 +779,7 @@ class HostMemory:
         end = hva + length
         if not self.vmas_in(hva, end):
             return
-        yield from self.take_mmap_lock(WRITE)
+        yield from self.mmap_lock.take(WRITE, MMAP_LOCK_WAIT)
         lock, mode = self.mmap_lock, WRITE
         try:
             gone = self._split_vmas(hva, end)
@@ -840,7 +833,7 @@ class HostMemory:
             covered = vma.end
         if not vmas or covered < end:
             raise KvmError(errno.ENOMEM, f"mprotect: [{hva:#x}, {end:#x}) is not fully mapped")
-        yield from self.take_mmap_lock(WRITE)
+        yield from self.mmap_lock.take(WRITE, MMAP_LOCK_WAIT)
         try:
             for vma in self._split_vmas(hva, end):
                 if vma.prot != prot:
@@ -933,7 +926,8 @@ class HostMemory:
             end = max(end & ~(last.page_size - 1), last.start)
         if end <= hva:
             return
-        yield from self.take_mmap_lock(READ)        # madvise_lock: MADV_DONTNEED reads it
+        # madvise_lock: MADV_DONTNEED takes the mmap lock for read.
+        yield from self.mmap_lock.take(READ, MMAP_LOCK_WAIT)
         try:
             nstart, nlen = self._notify_range(hva, end)
             yield from self._invalidate_start(nstart, nlen)
@@ -1005,7 +999,7 @@ class HostMemory:
         keys = range(base >> self.page_shift, (base + pmd) >> self.page_shift)
         if not all(k in self.ptes for k in keys):
             raise KvmError(errno.EAGAIN, "collapse_huge_page: not every page is present")
-        yield from self.take_mmap_lock(WRITE)
+        yield from self.mmap_lock.take(WRITE, MMAP_LOCK_WAIT)
         try:
             yield from self._invalidate_start(base, pmd)
             new = self._alloc(pmd >> PAGE_SHIFT)
@@ -1103,7 +1097,7 @@ class HostMemory:
         data = buffer("data", data)
         self._check_io(hva, len(data))
         pos = 0
-        yield from self.take_mmap_lock(READ)
+        yield from self.mmap_lock.take(READ, MMAP_LOCK_WAIT)
         try:
             for page_hva, off, chunk in _chunks(hva, len(data)):
                 cow = self._handle_mm_fault(page_hva, True)

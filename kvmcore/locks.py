@@ -319,6 +319,13 @@ class RwLock:
         self._take(mode)
         return True
 
+    def take(self, mode: str, point: str):
+        """Take the lock in ``mode``: at once when it is free, else waiting at ``point`` (a
+        flow that starts with it, or whose point just before waited for it already)."""
+        if not self.try_lock(mode):
+            yield from _wait(self, mode, point)
+            self._take(mode)
+
     def wait_free(self, point: str, mode: str = WRITE):
         """Yield at ``point`` until the lock could be taken in ``mode``, without taking it:
         the stretch after the point calls code that takes it itself (a hook)."""

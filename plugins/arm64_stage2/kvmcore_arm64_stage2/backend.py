@@ -415,8 +415,7 @@ class Arm64Stage2Backend:
         if self.eager_split_chunk_size:
             # kvm_mmu_split_memory_region
             lock = vm.mmu_lock
-            if not lock.try_lock(WRITE):
-                yield from lock.write_lock(S2_SPLIT_TOPUP)
+            yield from lock.take(WRITE, S2_SPLIT_TOPUP)
             try:
                 yield from self.kvm_mmu_split_huge_pages(
                     vm, new.base_gfn << 12, (new.base_gfn + new.npages) << 12)
@@ -430,8 +429,7 @@ class Arm64Stage2Backend:
         where a vCPU may still write, unfaulted and unlogged, to a chunk not yet protected;
         then the slot's TLBs are flushed."""
         lock = vm.mmu_lock
-        if not lock.try_lock(WRITE):
-            yield from lock.write_lock(S2_WP_RESCHED)
+        yield from lock.take(WRITE, S2_WP_RESCHED)
         try:
             addr = slot.base_gfn << 12
             end = addr + (slot.npages << 12)

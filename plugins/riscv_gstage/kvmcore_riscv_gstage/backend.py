@@ -394,7 +394,7 @@ class RiscvGstageBackend(RadixBackend):
         span = Span()
         addr = start
         while addr < end:
-            addr = self._unmap_step(vm, t, addr, end, span)
+            addr = self._unmap_step(vm, t, addr, end, span)[0]
         span.flush(vm)
 
     def _unmap_resched(self, vm, t, addr: int, end: int):
@@ -402,9 +402,7 @@ class RiscvGstageBackend(RadixBackend):
         model stops there after a step that met a leaf, when one is still ahead."""
         while addr < end:
             span = Span()
-            level, _table, _idx, pte = t.lookup(addr)
-            leaf = t.fmt.is_leaf(pte, level)
-            addr = self._unmap_step(vm, t, addr, end, span)
+            addr, leaf = self._unmap_step(vm, t, addr, end, span)
             span.flush(vm)
             if leaf and addr < end and next(t.pt.iter_present(addr, end, leaves_only=True),
                                             None) is not None:
@@ -412,7 +410,7 @@ class RiscvGstageBackend(RadixBackend):
                 yield from vm.mmu_lock.cond_resched(WRITE, RISCV_UNMAP_RESCHED)
         return False
 
-    def _unmap_step(self, vm, t, addr: int, end: int, span: Span) -> int:
+    def _unmap_step(self, vm, t, addr: int, end: int, span: Span) -> tuple[int, bool]:
         """One step of kvm_riscv_gstage_unmap_range at ``addr``: the entry the walk of
         ``addr`` ends on (kvm_riscv_gstage_get_leaf). A leaf is cleared only if ``addr`` is
         its start and it ends inside the range; otherwise it is skipped — not split, not
@@ -425,13 +423,13 @@ class RiscvGstageBackend(RadixBackend):
         pages the host may free (a use after free the core's invariants report). The VM
         option ``unmap_aligned_steps`` aligns up there (ALIGN(addr + 1, page_size)), as the
         newest kernel is said to [unverified: docs/arch/riscv_gstage.md §5]. Returns the
-        next ``addr``."""
+        next ``addr`` and whether the step met a leaf."""
         level, table, idx, pte = t.lookup(addr)
         size = t.size[level]
         if not t.fmt.is_leaf(pte, level):
             if self.unmap_aligned_steps:
-                return (addr | (size - 1)) + 1
-            return addr + size
+                return (addr | (size - 1)) + 1, False
+            return addr + size, False
         if not addr & (size - 1) and end - addr >= size:
             table[idx] = t.st(t.fmt.empty)
             span.add(addr, size)
@@ -440,4 +438,4 @@ class RiscvGstageBackend(RadixBackend):
             vm.stats[RISCV_UNMAP_SKIP] += 1
             logger.debug("riscv_gstage.unmap_skip", addr=hex(addr), size=hex(size),
                          end=hex(end))
-        return addr + size
+        return addr + size, True

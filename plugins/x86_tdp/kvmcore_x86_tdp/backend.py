@@ -703,7 +703,9 @@ class X86TdpBackend:
         """``fn(*args)`` under kvm->mmu_lock for read, taken at ``x86_dlog_lock_wait``, or at
         once for a ``first`` step when it is free (the commit's point came just before)."""
         lock = vm.mmu_lock
-        if not (first and lock.try_lock(READ)):
+        if first:
+            yield from lock.take(READ, X86_DLOG_LOCK_WAIT)
+        else:
             yield from lock.read_lock(X86_DLOG_LOCK_WAIT)
         try:
             r = fn(*args)
