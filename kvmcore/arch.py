@@ -94,6 +94,9 @@ class ArchInfo:
     ``mmu_lockless_aging``: CONFIG_KVM_MMU_LOCKLESS_AGING (x86): the MMU notifier's aging
     callbacks walk without kvm->mmu_lock (kvm_age_hva_range's ``lockless``), beside faults
     and zaps; elsewhere they take it for write.
+    ``elide_tlb_flush_if_young``: CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG (x86):
+    kvm_mmu_notifier_clear_flush_young does not flush the TLBs after aging a young leaf, so a
+    vCPU may keep using a translation aging made old (or access-tracked) until its next flush.
     ``faultin_retry_unsafe``: the fault tests mmu_invalidate_retry_gfn_unsafe before and after
     it gets the pfn and retries without taking mmu_lock (x86 kvm_mmu_faultin_pfn).
 
@@ -138,6 +141,7 @@ class ArchInfo:
     invalid_slot_retry: bool = True
     faultin_retry_unsafe: bool = True
     mmu_lockless_aging: bool = False
+    elide_tlb_flush_if_young: bool = False
     error_pfn_memory_fault: bool = True
     hwpoison_sigbus: bool = True
     hwpoison_lsb_vma: bool = False
@@ -180,6 +184,12 @@ class Mapping:
     for VMs whose private and shared pages share one table, whether it maps guest_memfd
     private memory; ``young``/``dirty`` the hardware accessed/dirty (R/C) state; ``level`` the
     backend's own level number; ``raw`` the entry as the hardware stores it.
+
+    ``mmu_writable``: a write fault may make the leaf writable without kvm->mmu_lock, and
+    whatever takes that right away flushes the TLBs (x86's MMU-writable bit, which
+    fast_page_fault tests). A vCPU's TLB may then still hold a writable translation over a
+    leaf that is not writable: one made before aging turned the leaf into an access-tracked
+    one (x86 with A/D bits disabled), which does not flush.
     """
 
     gfn: int
@@ -193,6 +203,7 @@ class Mapping:
     dirty: bool = False
     level: int = 0
     raw: int = 0
+    mmu_writable: bool = False
 
     @property
     def npages(self) -> int:

@@ -53,6 +53,7 @@ def _check_tlbs(vm: Kvm, leaves: list) -> list[str]:
     if vm.mmu_lock.held or vm.slots_lock.held or vm.flushes_owed or vm.closed:
         return []
     out = []
+    logged = _Logged(vm)
     # The leaves of each address space are in gfn order; those that may cover a gfn start
     # less than the largest leaf's size below it. Indexed for the address spaces of vCPUs
     # whose TLB holds entries (after a flush, none does).
@@ -70,10 +71,16 @@ def _check_tlbs(vm: Kvm, leaves: list) -> list[str]:
             # An aged leaf may have lost its permissions to access tracking (x86 with A/D
             # disabled), and aging does not flush: only the frame must agree then. A dirty
             # entry needs a dirty leaf: one whose D bit was cleared (PML dirty logging) but
-            # not flushed lets writes through unlogged.
+            # not flushed lets writes through unlogged. A writable entry may outlive W on an
+            # MMU-writable leaf (aging, then a read fault restoring the access-tracked leaf
+            # without W): whatever clears MMU-writable flushes, and so does the dirty-log
+            # ioctl that un-records the gfn (kvm_mmu_slot_apply_flags' comment), so the
+            # write it lets through must still be recorded.
             if not any(m.gfn <= gfn < m.gfn + m.npages and m.pfn + gfn - m.gfn == pfn
                        and (not m.young or ((m.writable or not writable)
-                                            and (m.dirty or not dirty))) for m in near):
+                                            and (m.dirty or not dirty))
+                            or m.mmu_writable and logged.recorded(vcpu.as_id, gfn))
+                       for m in near):
                 out.append(f"vcpu {vcpu.id}: TLB entry gfn {gfn:#x} -> pfn {pfn:#x}"
                            f"{' writable' if writable else ''}{' dirty' if dirty else ''} has "
                            "no present leaf like it behind it (a change without its TLB "
@@ -197,11 +204,7 @@ def _check_leaves(vm: Kvm, leaves: list) -> list[str]:
     if not any(leaves):
         return out
     inv = vm.mmu_invalidate
-    pending: dict[int, set[int]] = {}
-    ring_pending = set()
-    for vcpu in vm.vcpus:
-        if vcpu.dirty_ring is not None:
-            ring_pending |= vcpu.dirty_ring.pending()
+    logged = _Logged(vm)
     private_vm = "private_mem" in vm.capabilities
     for as_id, m in ((a, m) for a, per_as in enumerate(leaves) for m in per_as):
         where = f"leaf gfn {m.gfn:#x} size {m.size:#x}"
@@ -250,19 +253,46 @@ def _check_leaves(vm: Kvm, leaves: list) -> list[str]:
         if m.writable and m.dirty and slot.flags & KVM_MEM_LOG_DIRTY_PAGES and (
                 slot.dirty_bitmap is not None or m.size <= vm.page_size) and \
                 not vm.slots_lock.held:
-            if slot.slot_id not in pending:
-                pending[slot.slot_id] = set(
-                    g for found in vm.hook.dirty_pending_gfns(vm=vm, slot=slot)
-                    for g in (found or ()))
             for gfn in range(m.gfn, m.gfn + npages):
-                rel = gfn - slot.base_gfn
-                logged = (slot.dirty_bitmap is not None and slot.dirty_bitmap.test(rel)) or \
-                    (slot.slot_id, rel) in ring_pending or gfn in pending[slot.slot_id]
-                if not logged:
+                if not logged.in_slot(slot, gfn):
                     out.append(f"{where}: dirty and writable in a dirty-logged slot, but gfn "
                                f"{gfn:#x} is neither logged nor pending")
                     break
     return out
+
+
+class _Logged:
+    """Whether a gfn's write is recorded for dirty logging: set in its slot's bitmap, in a
+    dirty ring entry not yet reset, or pending in a vCPU's PML buffer (read once, when first
+    asked)."""
+
+    def __init__(self, vm: Kvm):
+        self.vm = vm
+        self.ring: set | None = None
+        self.pending: dict[int, set[int]] = {}
+
+    def recorded(self, as_id: int, gfn: int) -> bool:
+        """Recorded, or its memslot does not log dirty pages."""
+        slot = self.vm.leaf_memslot(gfn, as_id)
+        return slot is not None and (not slot.flags & KVM_MEM_LOG_DIRTY_PAGES
+                                     or self.in_slot(slot, gfn))
+
+    def in_slot(self, slot, gfn: int) -> bool:
+        rel = gfn - slot.base_gfn
+        if slot.dirty_bitmap is not None and slot.dirty_bitmap.test(rel):
+            return True
+        vm = self.vm
+        if self.ring is None:
+            self.ring = set()
+            for vcpu in vm.vcpus:
+                if vcpu.dirty_ring is not None:
+                    self.ring |= vcpu.dirty_ring.pending()
+        if (slot.slot_id, rel) in self.ring:
+            return True
+        if slot.slot_id not in self.pending:
+            self.pending[slot.slot_id] = {g for found in vm.hook.dirty_pending_gfns(
+                vm=vm, slot=slot) for g in (found or ())}
+        return gfn in self.pending[slot.slot_id]
 
 
 def _check_rings(vm: Kvm) -> list[str]:

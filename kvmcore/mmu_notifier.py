@@ -86,10 +86,12 @@ class KvmMmuNotifier:
 
     def clear_flush_young(self, start: int, end: int):
         """Reclaim's clear_flush_young (kvm_mmu_notifier_clear_flush_young), asked per host
-        mapping: one page or one huge page (``HostMemory.age``). Linux flushes when a leaf
-        was young unless CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG (x86 sets it); the model
-        flushes, which only makes the next access re-walk."""
-        young, _ = yield from self._age(start, end, _age_handler, True)
+        mapping: one page or one huge page (``HostMemory.age``). It flushes the TLBs when a
+        leaf was young, unless the arch selects CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG (x86,
+        ``ArchInfo.elide_tlb_flush_if_young``): there a vCPU keeps its cached translation, and
+        its accesses through it leave the leaf old, which costs reclaim only some precision."""
+        young, _ = yield from self._age(start, end, _age_handler,
+                                        not self.vm.arch_info.elide_tlb_flush_if_young)
         self.vm.stats["mn_clear_flush_young"] += 1
         return young
 

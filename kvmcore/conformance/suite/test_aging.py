@@ -40,15 +40,28 @@ def test_age_twice_without_access_is_old(guest, host):
 
 
 def test_access_makes_young_again(guest, host):
-    """An access after aging sets the accessed state again (hardware A / AF fault / R)."""
+    """An access that walks the table after aging sets the accessed state again (hardware A /
+    AF fault / R). Where clear_flush_young does not flush the TLBs (x86:
+    CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG), the vCPU that used the page keeps its translation
+    and its accesses leave the leaf old; another vCPU walks."""
     page = guest.vm.page_size
     slot_size = SLOT_PAGES * page
     hva = guest.slot(0, GPA, slot_size)
     guest.write(GPA, pattern(3))
+    flushes = guest.vm.stats["tlb_flush"]
     host.age(hva, page)
     assert guest.read(GPA) == pattern(3)
+    vcpu = guest.vcpu
+    if guest.vm.arch_info.elide_tlb_flush_if_young:
+        assert guest.vm.stats["tlb_flush"] == flushes
+        assert not guest.vm.lookup(GPA).young
+        vcpu = guest.vm.create_vcpu(1)
+        assert vcpu.read(GPA, len(pattern(3))) == pattern(3)
+    else:
+        assert guest.vm.stats["tlb_flush"] > flushes
     assert guest.vm.lookup(GPA).young
     assert host.age(hva, page) is True
+    guest.vm.check_invariants()
 
 
 def test_age_unmapped_range_is_old(guest, host):

@@ -137,8 +137,10 @@ ARCH_INFO = ArchInfo(
     nr_address_spaces=2,
     # KVM_INTERNAL_MEM_SLOTS: APIC access page, identity map, TSS.
     internal_mem_slots=3,
-    # arch/x86/kvm/Kconfig selects KVM_MMU_LOCKLESS_AGING: the TDP MMU ages under RCU.
+    # arch/x86/kvm/Kconfig selects KVM_MMU_LOCKLESS_AGING (the TDP MMU ages under RCU) and
+    # KVM_ELIDE_TLB_FLUSH_IF_YOUNG (clear_flush_young does not flush).
     mmu_lockless_aging=True,
+    elide_tlb_flush_if_young=True,
     description="x86 TDP MMU with EPT entries; TDX mirror roots, SNP RMP, SW-protected VMs",
 )
 
@@ -859,7 +861,8 @@ class X86TdpBackend:
             out.append(Mapping(gfn, KVM_HPAGE_SIZE(level), pfn, bool(p & PERM_R),
                                bool(p & PERM_W), bool(p & PERM_X), root.is_mirror or (
                                    per_gfn and self.gfn_is_private_mapping(vm, gfn, pfn)),
-                               bool(p & PERM_A), bool(p & PERM_D), level, spte))
+                               bool(p & PERM_A), bool(p & PERM_D), level, spte,
+                               bool(spte & shadow_mmu_writable_mask)))
         return out
 
     @hookimpl

@@ -150,3 +150,56 @@ def test_tdx_no_mmio_caching(make):
     spte = g.b.tdp.get_last_spte(g.b.direct_roots[0], 0x40000)[3]
     assert spte == S.SHADOW_NONPRESENT_VALUE
     assert RET_PF_EMULATE == 2
+
+
+def _aged_under_a_writable_tlb_entry(g, gpa):
+    """vCPU 0 writes ``gpa``; reclaim ages it (clear_flush_young, no flush: x86 selects
+    CONFIG_KVM_ELIDE_TLB_FLUSH_IF_YOUNG); vCPU 1's read restores the access-tracked leaf
+    without W (fast_page_fault). vCPU 0's TLB still holds the writable translation."""
+    v0 = g.vcpu
+    v0.write(gpa, b"a")
+    v1 = g.vm.create_vcpu(1)
+    flushes = (g.vm.stats["tlb_flush"], g.vm.stats["tlb_flush_range"])
+    assert g.host.age(g.vm.memslots()[0].userspace_addr + gpa, PAGE) is True
+    assert (g.vm.stats["tlb_flush"], g.vm.stats["tlb_flush_range"]) == flushes
+    assert S.is_access_track_spte(g.leaf(gpa).raw)
+    assert v1.read(gpa, 1) == b"a"
+    leaf = g.leaf(gpa)
+    assert leaf.young and not leaf.writable and leaf.mmu_writable
+    assert any(e[2] for e in v0.tlb.values())
+    return v0, v1
+
+
+def test_clear_flush_young_elides_the_flush(make):
+    """A writable TLB entry over an MMU-writable leaf is what Linux allows (the comment in
+    kvm_mmu_slot_apply_flags): the write goes through it without a fault."""
+    g = make(ad_disabled=True)
+    g.slot(0, 0, SZ_2M)
+    v0, v1 = _aged_under_a_writable_tlb_entry(g, 0x1000)
+    g.vm.check_invariants()
+    faults = g.vm.stats["faults"]
+    v0.write(0x1000, b"b")
+    assert g.vm.stats["faults"] == faults
+    assert v1.read(0x1000, 1) == b"b"
+    g.vm.check_invariants()
+
+
+def test_stale_writable_entry_needs_its_write_recorded(make):
+    """In a dirty-logged slot the stale writable entry is allowed only while the write it
+    lets through is still recorded: the dirty-log ioctl that un-records the gfn flushes
+    (kvm_clear_dirty_log_protect / kvm_get_dirty_log_protect). Clearing the bit without that
+    flush is caught."""
+    from kvmcore.errors import InvariantError
+    from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES
+
+    g = make(ad_disabled=True)
+    g.slot(0, 0, SZ_2M, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    _aged_under_a_writable_tlb_entry(g, 0x1000)
+    g.vm.check_invariants()
+    bitmap = g.vm.memslot_sets[0].search(1).dirty_bitmap
+    assert bitmap.fetch_andnot(0, 1 << 1) == 1 << 1
+    with pytest.raises(InvariantError, match="TLB entry gfn 0x1 "):
+        g.vm.check_invariants()
+    bitmap.set(1)
+    assert g.vm.get_dirty_log(0) == [1]      # write-protects and flushes
+    g.vm.check_invariants()
