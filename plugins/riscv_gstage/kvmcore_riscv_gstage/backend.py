@@ -10,7 +10,9 @@ turns on one later kernel's behaviour and is named after the Linux change that b
 7.0), ``split_huge_on_fault`` (6ad36f39a769 "RISC-V: KVM: Split huge pages during fault
 handling for dirty logging", 2026), ``eager_page_split`` (mmu.c's module parameter of the
 2026 eager-splitting series), ``dirty_log_initially_set`` (df60cb2e6702 "KVM: riscv:
-Support enabling dirty log gradually in small chunks", 6.19), ``unmap_aligned_steps`` (the
+Support enabling dirty log gradually in small chunks", 6.19), ``wp_whole_leaves``
+(a216e24fc947 "RISC-V: KVM: Fix lost write protection on huge pages during dirty logging",
+2026), ``unmap_aligned_steps`` (the
 unmap walk aligns up past an empty entry, as the newest gstage.c is said to [unverified]:
 the change is not identified, and a later text read in session 12 still steps unaligned).
 
@@ -152,6 +154,8 @@ class RiscvGstageBackend(RadixBackend):
                                             "KVM_DIRTY_LOG_INITIALLY_SET"),
         "unmap_aligned_steps": VmOption(False, (False, True), "[unverified] newest: the "
                                         "unmap walk aligns up past an empty entry"),
+        "wp_whole_leaves": VmOption(False, (False, True), "2026: the write-protect walk "
+                                    "protects a leaf it reaches inside whole"),
     }
     #: kvm_riscv_gstage_unmap_range clears leaves only: tables stay until the VM dies.
     free_tables = False
@@ -296,17 +300,17 @@ class RiscvGstageBackend(RadixBackend):
         return RET_PF_FIXED
 
     def wrprotect_gfns(self, vm, as_id, start, end) -> bool:
-        """mmu_wp_memory_region (6.18), when logging starts: kvm_riscv_gstage_wp_range over the
+        """mmu_wp_memory_region, when logging starts: kvm_riscv_gstage_wp_range over the
         slot, with its unaligned steps past an empty entry."""
         return self.kvm_riscv_gstage_wp_range(self.tables[as_id], start << 12, end << 12)
 
     def wrprotect_mask(self, vm, slot, base_gfn, mask) -> bool:
-        """kvm_arch_mmu_enable_log_dirty_pt_masked (6.18): kvm_riscv_gstage_wp_range from the
-        first set bit's gfn to past the last, so every 4 KiB leaf there loses W, reported or
-        not, and a block does not (the range, at most 64 pages, never holds one whole). The
-        newest gstage.c protects the leaf of each set bit instead, a block whole
-        (kvm_riscv_gstage_wp_pt_masked); the change was not identified, so no option has
-        it. The caller flushes."""
+        """kvm_arch_mmu_enable_log_dirty_pt_masked: kvm_riscv_gstage_wp_range from the first
+        set bit's gfn to past the last, so every 4 KiB leaf there loses W, reported or not.
+        In 6.18 a block does not (the range, at most 64 pages, never holds one whole); with
+        ``wp_whole_leaves`` it does. The newest gstage.c protects the leaf of each set bit
+        instead (kvm_riscv_gstage_wp_pt_masked); that change was not identified, so no
+        option has it. The caller flushes."""
         if not mask:
             return False
         first, last = (mask & -mask).bit_length() - 1, mask.bit_length() - 1
@@ -314,22 +318,28 @@ class RiscvGstageBackend(RadixBackend):
         return self.kvm_riscv_gstage_wp_range(t, (base_gfn + first) << 12,
                                               (base_gfn + last + 1) << 12)
 
-    @staticmethod
-    def kvm_riscv_gstage_wp_range(t, start: int, end: int) -> bool:
+    def kvm_riscv_gstage_wp_range(self, t, start: int, end: int) -> bool:
         """6.18's walk: from ``start``, the entry the walk of ``addr`` ends on
         (kvm_riscv_gstage_get_leaf); a leaf loses W (GSTAGE_OP_WP) only when ``addr`` is its
         start and it ends inside the range; ``addr`` then advances by the size of that entry,
-        leaf or empty, aligned or not. Returns whether a leaf changed (6.18's op_pte flushed
+        leaf or empty, aligned or not. With ``wp_whole_leaves`` (a216e24fc947, as RVCK's
+        backport of it has gstage.c) ``addr`` first aligns down to the start of a leaf it
+        reaches, which loses W whole, however much of it the range holds; an empty entry is
+        still stepped over unaligned. Returns whether a leaf changed (6.18's op_pte flushed
         each one itself; the model leaves it to the caller's flush)."""
         changed = False
         addr = start
+        whole = self.wp_whole_leaves
         while addr < end:
             level, table, idx, pte = t.lookup(addr)
             size = t.size[level]
-            if t.fmt.is_leaf(pte, level) and not addr & (size - 1) and end - addr >= size \
-                    and pte & t.fmt.W:
-                table[idx] = t.st(pte & ~t.fmt.W)
-                changed = True
+            if t.fmt.is_leaf(pte, level):
+                if whole:
+                    addr &= ~(size - 1)
+                held = not addr & (size - 1) and end - addr >= size
+                if (held or whole) and pte & t.fmt.W:
+                    table[idx] = t.st(pte & ~t.fmt.W)
+                    changed = True
             addr += size
         return changed
 

@@ -199,6 +199,24 @@ def test_a_ring_reset_leaves_a_block_writable(vm, host):
     assert cpu.harvest_dirty_ring() == []
 
 
+def test_wp_whole_leaves_protects_the_block_a_ring_reset_reaches(make_vm, host):
+    """a216e24fc947 (VM option ``wp_whole_leaves``): kvm_riscv_gstage_wp_range aligns down
+    to the leaf it reaches and protects it whole, so the reset takes the block's W and the
+    next write faults and is logged."""
+    vm = make_vm(wp_whole_leaves=True)
+    vm.enable_dirty_ring(1 << 16)
+    hva = host.mmap(SZ_2M, kind="hugetlb_2m")
+    vm.set_user_memory_region(0, GPA, SZ_2M, hva, LOG)
+    cpu = vm.create_vcpu(0)
+    cpu.write(GPA + 0x5000, b"x")
+    assert cpu.harvest_dirty_ring() == [(0, 0)]
+    vm.reset_dirty_rings()
+    assert entry(vm, GPA)[1] & 0x3FF == LEAF_RW & ~W
+    cpu.write(GPA + 0x7000, b"y")
+    assert cpu.harvest_dirty_ring() == [(0, 0)]      # the block's first gfn, as before
+    vm.check_invariants()
+
+
 def test_the_options_take_their_divergences_away(make_vm):
     """A later kernel's behaviour, turned on, is no divergence any more (the conformance
     suite runs with ``--vm-option``)."""
