@@ -127,10 +127,20 @@ def _check_memslots(vm: Kvm) -> list[str]:
 
 
 def _check_invalidation(vm: Kvm) -> list[str]:
+    """mmu_invalidate_in_progress counts the invalidations between their begin and end: each
+    is one of an MMU notifier's start..end (counted in mn_active_invalidate_count first), an
+    attribute change (under slots_lock) or a guest_memfd invalidation (under its inode's
+    invalidate lock). More than those is a begin whose end will never come: faults on its
+    range retry for ever."""
     out = []
     inv = vm.mmu_invalidate
     if inv.in_progress < 0:
         out.append(f"mmu_invalidate_in_progress is {inv.in_progress}")
+    elif inv.in_progress > vm.mn_active_invalidate_count and not vm.slots_lock.held and \
+            not any(g.inode.invalidate_lock.holders() for g in vm.gmem_files):
+        out.append(f"mmu_invalidate_in_progress is {inv.in_progress} but only "
+                   f"{vm.mn_active_invalidate_count} invalidations are active: one began "
+                   "and will never end")
     return out
 
 

@@ -30,6 +30,7 @@ APPLIES = {
     "notifier_without_invalidation": ["x86_tdp", "arm64_stage2", "ppc_radix", FLAT],
     "no_flush_on_zap": ["x86_tdp", FLAT],
     "dirty_clear_no_flush": ["x86_tdp", "arm64_stage2", FLAT],
+    "swap_without_mn_wait": ["x86_tdp", "arm64_stage2", "ppc_radix", "riscv_gstage", FLAT],
     # ppc starts logging with nothing to protect: it harvests C bits.
     "log_dirty_no_flush": ["x86_tdp", "arm64_stage2", "riscv_gstage", FLAT],
     # The backends' own (entry-point group kvmcore.mutants), present when they are installed.
@@ -236,6 +237,30 @@ def test_a_leaf_taken_away_without_an_invalidation_is_a_downgrade():
         vm.hook.unmap_gfn_range(vm=vm, range=GfnRange(slot, 6, 7))
     kind, message = oracles.downgrade(0)
     assert kind == "downgrade" and "gpa 0x6000" in message and "gone" in message
+
+
+def test_an_invalidation_begun_and_never_ended_is_an_invariant_failure():
+    """What a memslot swap between a notifier's start and end leaves (the end found no
+    memslot): mmu_invalidate_in_progress above the invalidations active. Within them, or
+    while an attribute change holds slots_lock, it is not reported."""
+    from kvmcore import InvariantError
+    from kvmcore.invariants import check_vm
+
+    world, _oracles = _world(UAF)
+    vm = world.vm
+    with vm.mmu_lock:
+        vm.mmu_invalidate_begin()
+        vm.mmu_invalidate_range_add(6, 7)
+    with pytest.raises(InvariantError, match="in_progress is 1 but only 0 invalidations"):
+        vm.check_invariants()
+    vm.mn_active_invalidate_count += 1          # a notifier between its start and end
+    vm.check_invariants()
+    vm.mn_active_invalidate_count -= 1
+    with vm.slots_lock:                         # an attribute change between its steps
+        assert not [p for p in check_vm(vm) if "in_progress" in p]
+    with vm.mmu_lock:
+        vm.mmu_invalidate_end()
+    vm.check_invariants()
 
 
 def test_a_shared_leaf_on_a_private_gmem_page_is_a_private_leak():

@@ -92,6 +92,23 @@ def _log_dirty_no_flush():
     return _without_memslot_flush(set_memory_region, "kvm_commit_memory_region")
 
 
+def _swap_without_mn_wait():
+    """kvm_swap_active_memslots before 52ac8b358b0c ("KVM: Block memslot updates across
+    range_start() and range_end()", 2021): a memslot update publishes its set while an
+    MMU-notifier invalidation is between start and end, so the two may see different
+    memslots and begin an invalidation they never end (or end one never begun)."""
+    from .. import set_memory_region
+
+    real = set_memory_region.wait_until
+
+    def no_mn_wait(cond, what, point):
+        if point != set_memory_region.SLOT_SWAP_WAIT_MN:
+            return (yield from real(cond, what, point))
+        return None
+
+    return patch.object(set_memory_region, "wait_until", no_mn_wait)
+
+
 @contextlib.contextmanager
 def _notifier_without_invalidation():
     """Seed 3: the hva-range operator form used for the notifier's zap, which implies no
@@ -136,6 +153,10 @@ _CORE = {m.name: m for m in (
     Mutant("dirty_clear_no_flush", "dirty-log clear that skips the flush",
            "kvm_clear_dirty_log_protect does not flush the memslot's TLBs",
            _dirty_clear_no_flush, ("write_vs_clear_dirty_log",)),
+    Mutant("swap_without_mn_wait", "a memslot update between a notifier's start and end",
+           "kvm_swap_active_memslots publishes the new memslots without waiting for "
+           "mn_active_invalidate_count to reach 0",
+           _swap_without_mn_wait, ("munmap_vs_slot_delete",)),
     Mutant("log_dirty_no_flush", "dirty logging started without its flush",
            "kvm_arch_commit_memory_region protects the slot but does not flush its TLBs",
            _log_dirty_no_flush, ("write_vs_log_dirty",)),
