@@ -31,6 +31,8 @@ APPLIES = {
     "no_flush_on_zap": ["x86_tdp", FLAT],
     "dirty_clear_no_flush": ["x86_tdp", "arm64_stage2", FLAT],
     "swap_without_mn_wait": ["x86_tdp", "arm64_stage2", "ppc_radix", "riscv_gstage", FLAT],
+    # ppc's flush of the old slot bumps mmu_invalidate_seq: the late fault retries.
+    "swap_without_srcu_sync": ["x86_tdp", "arm64_stage2", "riscv_gstage", FLAT],
     # ppc starts logging with nothing to protect: it harvests C bits.
     "log_dirty_no_flush": ["x86_tdp", "arm64_stage2", "riscv_gstage", FLAT],
     # The backends' own (entry-point group kvmcore.mutants), present when they are installed.

@@ -109,6 +109,23 @@ def _swap_without_mn_wait():
     return patch.object(set_memory_region, "wait_until", no_mn_wait)
 
 
+def _swap_without_srcu_sync():
+    """kvm_swap_active_memslots without synchronize_srcu_expedited: the update goes on to
+    zap the old slot while faults that looked it up still run, and may install after the
+    zap."""
+    from .. import set_memory_region
+    from ..locks import Srcu
+
+    real = Srcu.synchronize
+
+    def no_sync(self, point):
+        if point != set_memory_region.SLOT_SRCU_SYNC:
+            return (yield from real(self, point))
+        return None
+
+    return patch.object(Srcu, "synchronize", no_sync)
+
+
 @contextlib.contextmanager
 def _notifier_without_invalidation():
     """Seed 3: the hva-range operator form used for the notifier's zap, which implies no
@@ -157,6 +174,10 @@ _CORE = {m.name: m for m in (
            "kvm_swap_active_memslots publishes the new memslots without waiting for "
            "mn_active_invalidate_count to reach 0",
            _swap_without_mn_wait, ("munmap_vs_slot_delete",)),
+    Mutant("swap_without_srcu_sync", "a memslot update that does not wait for SRCU readers",
+           "kvm_swap_active_memslots does not synchronize_srcu: faults that looked up the old "
+           "slot run past the update's zap",
+           _swap_without_srcu_sync, ("fault_vs_slot_delete",)),
     Mutant("log_dirty_no_flush", "dirty logging started without its flush",
            "kvm_arch_commit_memory_region protects the slot but does not flush its TLBs",
            _log_dirty_no_flush, ("write_vs_log_dirty",)),
