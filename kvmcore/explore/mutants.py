@@ -62,17 +62,17 @@ def _no_flush_on_zap():
 
 
 @contextlib.contextmanager
-def _without_memslot_flush(module, name: str):
-    """The flow ``module.name`` (the VM its first argument) with kvm_flush_remote_tlbs_memslot
-    a no-op while it runs."""
+def _without_flush(module, name: str, flush: str = "flush_remote_tlbs_memslot"):
+    """The flow ``module.name`` (the VM its first argument) with the VM's ``flush``
+    (kvm_flush_remote_tlbs_memslot unless named) a no-op while it runs."""
     real = getattr(module, name)
 
     def no_flush(vm, *args):
-        vm.flush_remote_tlbs_memslot = lambda slot: None
+        setattr(vm, flush, lambda *_args: None)
         try:
             return (yield from real(vm, *args))
         finally:
-            del vm.flush_remote_tlbs_memslot
+            delattr(vm, flush)
 
     with patch.object(module, name, no_flush):
         yield
@@ -81,7 +81,15 @@ def _without_memslot_flush(module, name: str):
 def _dirty_clear_no_flush():
     from .. import dirty
 
-    return _without_memslot_flush(dirty, "kvm_clear_dirty_log_protect")
+    return _without_flush(dirty, "kvm_clear_dirty_log_protect")
+
+
+def _ring_reset_no_flush():
+    """KVM_RESET_DIRTY_RINGS without the kvm_flush_remote_tlbs that follows the re-protection
+    of the reset entries (kvm_vm_ioctl_reset_dirty_pages)."""
+    from .. import dirty
+
+    return _without_flush(dirty, "reset_dirty_rings", "flush_remote_tlbs")
 
 
 def _log_dirty_no_flush():
@@ -89,7 +97,7 @@ def _log_dirty_no_flush():
     dirty logging starts (kvm_arch_commit_memory_region), taken away."""
     from .. import set_memory_region
 
-    return _without_memslot_flush(set_memory_region, "kvm_commit_memory_region")
+    return _without_flush(set_memory_region, "kvm_commit_memory_region")
 
 
 def _swap_without_mn_wait():
@@ -178,6 +186,9 @@ _CORE = {m.name: m for m in (
            "kvm_swap_active_memslots does not synchronize_srcu: faults that looked up the old "
            "slot run past the update's zap",
            _swap_without_srcu_sync, ("fault_vs_slot_delete",)),
+    Mutant("ring_reset_no_flush", "a dirty-ring reset that skips the flush",
+           "kvm_vm_ioctl_reset_dirty_pages re-protects the reset gfns but does not flush",
+           _ring_reset_no_flush, ("write_vs_ring_reset",)),
     Mutant("log_dirty_no_flush", "dirty logging started without its flush",
            "kvm_arch_commit_memory_region protects the slot but does not flush its TLBs",
            _log_dirty_no_flush, ("write_vs_log_dirty",)),

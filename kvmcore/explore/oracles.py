@@ -26,7 +26,7 @@ from ..uapi import GUEST_MEMFD_FLAG_INIT_SHARED, KVM_MEM_LOG_DIRTY_PAGES, PAGE_S
 #: Statistics that count something allowed to take a leaf away or write-protect it.
 _TAKES_AWAY = ("zap_ranges", "mn_clear_young", "mn_clear_flush_young", "get_dirty_log",
                "clear_dirty_log")
-DIRTY_OPS = ("get_dirty_log", "clear_dirty_log", "log_dirty")
+DIRTY_OPS = ("get_dirty_log", "clear_dirty_log", "log_dirty", "reset_dirty_rings")
 
 
 class Oracles:

@@ -34,7 +34,9 @@ Pages are the VM's base pages, so one scenario means the same layout at every pa
 Flow ops: ``read``, ``write`` (a vCPU's access: ``vcpu`` defaults to the flow's index),
 ``set_memory_attributes``, ``punch_hole`` (``slot``, ``page``), ``delete_slot`` / ``move_slot``
 (``slot``; ``gpa`` for a move), ``log_dirty`` (``slot``: turn dirty logging on),
-``get_dirty_log`` / ``clear_dirty_log`` (``slot``), and the host's ``munmap``,
+``get_dirty_log`` / ``clear_dirty_log`` (``slot``), ``reset_dirty_rings`` (the VMM harvests
+every vCPU's dirty ring when the schedule starts, then KVM_RESET_DIRTY_RINGS; ``[vm]
+dirty_ring = <bytes>`` enables the rings), and the host's ``munmap``,
 ``madvise_dontneed``, ``mprotect`` (``prot``), ``migrate``, ``host_write``, ``age``
 (``slot``, ``page``: a page of the slot's host mapping). Addresses are numbers or strings
 (``"0x5000"``); pages count base pages (the VM's PAGE_SIZE).
@@ -59,7 +61,7 @@ from ..uapi import (
 
 ACCESS_OPS = ("read", "write")
 VM_OPS = ("set_memory_attributes", "delete_slot", "move_slot", "log_dirty", "get_dirty_log",
-          "clear_dirty_log")
+          "clear_dirty_log", "reset_dirty_rings")
 GMEM_OPS = ("punch_hole",)
 HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age")
 FLOW_OPS = ACCESS_OPS + VM_OPS + GMEM_OPS + HOST_OPS
@@ -186,6 +188,8 @@ class World:
         self.vm = vm = VM(arch=arch, vm_type=vm_type, host=self.host, **options)
         if scn.vm.get("manual_protect"):
             vm.enable_dirty_log_manual_protect()
+        if scn.vm.get("dirty_ring"):
+            vm.enable_dirty_ring(scn.vm["dirty_ring"])
         page = self.page = vm.page_size
         self.hvas, self.gmems = {}, {}
         for s in scn.slots:
@@ -297,6 +301,10 @@ class World:
                                                    else size, self.hvas[s["slot"]], flags)
         if op == "get_dirty_log":
             return vm.steps.get_dirty_log(s["slot"])
+        if op == "reset_dirty_rings":
+            for vcpu in self.vcpus:
+                vcpu.harvest_dirty_ring()
+            return vm.steps.reset_dirty_rings()
         if op == "clear_dirty_log":
             return vm.steps.clear_dirty_log(s["slot"], 0, s["pages"] * self.page >> 12,
                                             range(s["pages"] * self.page >> 12))
