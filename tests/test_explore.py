@@ -100,6 +100,10 @@ def test_each_mutant_is_found_and_its_shrunk_schedule_replays(mutant, scenario, 
 def test_a_scenario_error_names_the_item():
     with pytest.raises(ValueError, match="flow 1: key 'op'"):
         parse("[[slot]]\n[[flow]]\nop = 'fly'\n")
+    with pytest.raises(ValueError, match="\\[vm\\]: key 'dirty_ring': 'x'"):
+        parse("[vm]\ndirty_ring = 'x'\n[[slot]]\n[[flow]]\nop = 'reset_dirty_rings'\n")
+    assert parse("[vm]\ndirty_ring = '0x10000'\n[[slot]]\n[[flow]]\nop = "
+                 "'reset_dirty_rings'\n").vm["dirty_ring"] == 0x10000
 
 
 def test_a_scenario_names_pages_so_it_means_the_same_at_every_page_size():

@@ -128,6 +128,8 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
     vm = doc.get("vm", {})
     if not isinstance(vm, dict):
         raise RaceScenarioError(f"{path}: [vm] must be a table")
+    if "dirty_ring" in vm:
+        vm["dirty_ring"] = _num(path, "[vm]", "dirty_ring", vm["dirty_ring"])
     slots, accesses, flows = [], [], []
     for i, s in enumerate(doc.get("slot", []), 1):
         item = f"slot {i}"
