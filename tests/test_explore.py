@@ -33,6 +33,7 @@ APPLIES = {
     "swap_without_mn_wait": ["x86_tdp", "arm64_stage2", "ppc_radix", "riscv_gstage", FLAT],
     # ppc's flush of the old slot bumps mmu_invalidate_seq: the late fault retries.
     "swap_without_srcu_sync": ["x86_tdp", "arm64_stage2", "riscv_gstage", FLAT],
+    "gmem_end_before_truncate": ["x86_tdp", FLAT],     # the backends with guest_memfd
     "ring_reset_no_flush": ["x86_tdp", "arm64_stage2", "riscv_gstage", FLAT],   # ppc: no ring
     # ppc starts logging with nothing to protect: it harvests C bits.
     "log_dirty_no_flush": ["x86_tdp", "arm64_stage2", "riscv_gstage", FLAT],

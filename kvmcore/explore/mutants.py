@@ -135,6 +135,27 @@ def _swap_without_srcu_sync():
 
 
 @contextlib.contextmanager
+def _gmem_end_before_truncate():
+    """kvm_gmem_punch_hole ending the invalidation before truncate_inode_pages_range: a fault
+    that snapshots the new mmu_invalidate_seq and gets the folio before it is truncated
+    installs a pfn that is freed next."""
+    from ..gmem import GmemInode
+
+    begin, end = GmemInode.invalidate_begin, GmemInode.invalidate_end
+
+    def begin_and_end(self, start, stop):
+        yield from begin(self, start, stop)
+        yield from end(self, start, stop)
+
+    def no_end(self, start, stop):
+        return
+        yield
+
+    with patch.multiple(GmemInode, invalidate_begin=begin_and_end, invalidate_end=no_end):
+        yield
+
+
+@contextlib.contextmanager
 def _notifier_without_invalidation():
     """Seed 3: the hva-range operator form used for the notifier's zap, which implies no
     mmu_invalidate_begin/end: a fault that raced the zap is not made stale."""
@@ -189,6 +210,9 @@ _CORE = {m.name: m for m in (
     Mutant("ring_reset_no_flush", "a dirty-ring reset that skips the flush",
            "kvm_vm_ioctl_reset_dirty_pages re-protects the reset gfns but does not flush",
            _ring_reset_no_flush, ("write_vs_ring_reset",)),
+    Mutant("gmem_end_before_truncate", "a hole punch that ends its invalidation early",
+           "kvm_gmem_punch_hole ends the invalidation before the folios are truncated",
+           _gmem_end_before_truncate, ("private_fault_vs_punch_hole",)),
     Mutant("log_dirty_no_flush", "dirty logging started without its flush",
            "kvm_arch_commit_memory_region protects the slot but does not flush its TLBs",
            _log_dirty_no_flush, ("write_vs_log_dirty",)),
