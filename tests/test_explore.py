@@ -40,6 +40,7 @@ APPLIES = {
     # The backends' own (entry-point group kvmcore.mutants), present when they are installed.
     "tdx_zap_shared_alias": ["x86_tdp"],
     "tdx_remove_before_track": ["x86_tdp"],
+    "zap_yield_without_flush": ["x86_tdp"],
     "arm64_map_replaces_perms": ["arm64_stage2"],
     "arm64_relax_perms_only": ["arm64_stage2"],
 }

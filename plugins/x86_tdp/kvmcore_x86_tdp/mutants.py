@@ -7,6 +7,11 @@ conversion and the TLB flush.
   root (kvm_gfn_range_filter_to_root_types with the two filters exchanged): the private leaf
   and the TDX module's S-EPT entry survive the conversion, and the guest keeps reading its
   private page where the gfn is now shared.
+* ``zap_yield_without_flush``: tdp_mmu_zap_leafs yielding kvm->mmu_lock with the flush of
+  what it zapped still pending (it is done at the end instead), as before a835429cda91
+  "KVM: x86/mmu: Ensure TLBs are flushed when yielding during GFN range zap" (2021): a
+  notifier that runs meanwhile finds those SPTEs already zapped, so it flushes nothing, and
+  the host frees a page a vCPU's TLB still reaches.
 * ``tdx_remove_before_track``: tdx_sept_remove_private_spte doing TDH.MEM.PAGE.REMOVE right
   after BLOCK, before TDH.MEM.TRACK and the kick: the page leaves the TD while a vCPU's TLB
   may still translate to it (the TDX module refuses this with TDX_TLB_TRACKING_NOT_DONE; the
@@ -21,9 +26,37 @@ from kvmcore.uapi import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 
 from . import backend
 from .spte import spte_to_pfn
+from .tdp_mmu import TdpMmu
 from .tdx import TDX_BLOCK, TDX_PAGE_REMOVE, TDX_TRACK_KICK, Tdx
 
 SCENARIOS = ("tdx_conversion_vs_private_read",)
+
+
+def _zap_yield_without_flush():
+    real = TdpMmu.tdp_mmu_zap_leafs
+
+    def zap_leafs(self, vm, root, start, end, can_yield, flush):
+        """The real walk, each of its stretches run with kvm_flush_remote_tlbs deferred: a
+        flush it asks for before yielding is owed to its caller instead."""
+        deferred = False
+
+        def defer():
+            nonlocal deferred
+            deferred = True
+
+        walk = real(self, vm, root, start, end, can_yield, flush)
+        sent = None
+        while True:
+            vm.flush_remote_tlbs = defer
+            try:
+                point = walk.send(sent)
+            except StopIteration as done:
+                return bool(done.value) or deferred
+            finally:
+                del vm.flush_remote_tlbs
+            sent = yield point
+
+    return patch.object(TdpMmu, "tdp_mmu_zap_leafs", zap_leafs)
 
 
 def _zap_shared_alias():
@@ -65,3 +98,9 @@ TDX_REMOVE_BEFORE_TRACK = dict(
     what="tdx_sept_remove_private_spte removes the page (TDH.MEM.PAGE.REMOVE) before TDH.MEM.TRACK "
     "and the kick: a vCPU's TLB may still reach it",
     patch=_remove_before_track, scenarios=SCENARIOS, arch="x86_tdp")
+
+ZAP_YIELD_WITHOUT_FLUSH = dict(
+    seed="a zap that yields with its flush pending",
+    what="tdp_mmu_zap_leafs drops kvm->mmu_lock before flushing what it zapped (before "
+    "a835429cda91): a notifier meanwhile zaps nothing, flushes nothing and frees the page",
+    patch=_zap_yield_without_flush, scenarios=("munmap_vs_dontneed",), arch="x86_tdp")
