@@ -373,10 +373,13 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
     unknown = [m for m in mutants if m not in ex.MUTANTS]
     if unknown:
         raise UserError(f"--mutant {unknown[0]}: not one of {', '.join(ex.MUTANTS)}")
-    arch = arch or default_arch()
-    _backend_names([arch])
     try:
         scn = ex.load(scenario)
+    except ex.RaceScenarioError as e:
+        raise UserError(str(e)) from None
+    arch = arch or scn.vm.get("arch") or default_arch()
+    _backend_names([arch])
+    try:
         if not ex.supports(scn, arch):
             raise UserError(f"{scn.path}: {arch} has no VM type with "
                             f"{', '.join(scn.vm.get('requires', ()))}")

@@ -106,6 +106,16 @@ def test_a_scenario_error_names_the_item():
         parse("[vm]\ndirty_ring = 'x'\n[[slot]]\n[[flow]]\nop = 'reset_dirty_rings'\n")
     assert parse("[vm]\ndirty_ring = '0x10000'\n[[slot]]\n[[flow]]\nop = "
                  "'reset_dirty_rings'\n").vm["dirty_ring"] == 0x10000
+    for vm, match in (("requires = 5", "key 'requires': 5 is not a list"),
+                      ("requires = [5]", "key 'requires': \\[5\\] is not a list"),
+                      ("manual_protect = 'x'", "key 'manual_protect': 'x' is not true"),
+                      ("vm_type = 7", "key 'vm_type': 7 is not a string"),
+                      ("vcpus = 2", "unknown key 'vcpus'")):
+        with pytest.raises(ValueError, match=f"\\[vm\\]: {match}"):
+            parse(f"[vm]\n{vm}\n[[slot]]\n[[flow]]\nop = 'read'\n")
+    with pytest.raises(ValueError, match="flow 1: punch_hole needs a \\[\\[slot\\]\\] with "
+                                         "guest_memfd = true"):
+        parse("[[slot]]\n[[flow]]\nop = 'punch_hole'\n")
 
 
 def test_a_scenario_names_pages_so_it_means_the_same_at_every_page_size():
@@ -141,6 +151,14 @@ def test_cli_finds_a_mutant_and_replays_it(tmp_path):
     assert events and {"flow", "name"} <= set(events[0])
     r = cli.invoke(main, ["explore", "fault_vs_munmap", "--arch", FLAT])
     assert r.exit_code == 0 and "(all)" in r.output
+
+
+def test_cli_takes_the_arch_from_the_scenario(tmp_path):
+    """[vm] arch is the backend unless --arch names another."""
+    path = tmp_path / "s.toml"
+    path.write_text(f"[vm]\narch = '{FLAT}'\n[[slot]]\n[[flow]]\nop = 'read'\npage = 1\n")
+    r = CliRunner().invoke(main, ["explore", str(path)])
+    assert r.exit_code == 0 and " on flat " in r.output, r.output
 
 
 @pytest.mark.parametrize("args", [["nope.toml"], ["fault_vs_munmap", "--mutant", "nope"],

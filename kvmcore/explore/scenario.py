@@ -66,6 +66,10 @@ GMEM_OPS = ("punch_hole",)
 HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age")
 FLOW_OPS = ACCESS_OPS + VM_OPS + GMEM_OPS + HOST_OPS
 NAMES = "ABCD"
+#: The keys of [vm] and what each holds.
+VM_KEYS = {"arch": str, "vm_type": str, "requires": list, "manual_protect": bool,
+           "dirty_ring": int}
+VM_KEY_KINDS = {str: "a string", list: "a list of capability names", bool: "true or false"}
 
 
 class RaceScenarioError(ValueError):
@@ -128,8 +132,17 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
     vm = doc.get("vm", {})
     if not isinstance(vm, dict):
         raise RaceScenarioError(f"{path}: [vm] must be a table")
-    if "dirty_ring" in vm:
-        vm["dirty_ring"] = _num(path, "[vm]", "dirty_ring", vm["dirty_ring"])
+    for key, value in vm.items():
+        kind = VM_KEYS.get(key)
+        if kind is None:
+            raise RaceScenarioError(f"{path}: [vm]: unknown key {key!r}: one of "
+                                    f"{', '.join(VM_KEYS)}")
+        if kind is int:
+            vm[key] = _num(path, "[vm]", key, value)
+        elif not isinstance(value, kind) or (kind is list and not all(
+                isinstance(v, str) for v in value)):
+            raise RaceScenarioError(f"{path}: [vm]: key {key!r}: {value!r} is not "
+                                    f"{VM_KEY_KINDS[kind]}")
     slots, accesses, flows = [], [], []
     for i, s in enumerate(doc.get("slot", []), 1):
         item = f"slot {i}"
@@ -174,6 +187,10 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
             if item.get("slot", 0) not in ids:
                 raise RaceScenarioError(f"{path}: {kind} {i}: key 'slot': no [[slot]] "
                                         f"{item['slot']}")
+            if item["op"] in GMEM_OPS and not next(
+                    s for s in slots if s["slot"] == item.get("slot", 0))["guest_memfd"]:
+                raise RaceScenarioError(f"{path}: {kind} {i}: {item['op']} needs a [[slot]] "
+                                        "with guest_memfd = true")
             if item["op"] in ACCESS_OPS + ("set_memory_attributes",) and "page" not in item:
                 item.setdefault("gpa", 0)
     return RaceScenario(str(doc.get("name", Path(path).stem)), path, dict(vm), tuple(slots),
