@@ -113,6 +113,10 @@ def test_a_scenario_error_names_the_item():
                       ("vcpus = 2", "unknown key 'vcpus'")):
         with pytest.raises(ValueError, match=f"\\[vm\\]: {match}"):
             parse(f"[vm]\n{vm}\n[[slot]]\n[[flow]]\nop = 'read'\n")
+    for key, match in (("data = 5", "key 'data': 5 is not a string"),
+                       ("private = 'x'", "key 'private': 'x' is not true or false")):
+        with pytest.raises(ValueError, match=f"flow 1: {match}"):
+            parse(f"[[slot]]\n[[flow]]\nop = 'write'\n{key}\n")
     with pytest.raises(ValueError, match="flow 1: punch_hole needs a \\[\\[slot\\]\\] with "
                                          "guest_memfd = true"):
         parse("[[slot]]\n[[flow]]\nop = 'punch_hole'\n")

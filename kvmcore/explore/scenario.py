@@ -69,7 +69,9 @@ NAMES = "ABCD"
 #: The keys of [vm] and what each holds.
 VM_KEYS = {"arch": str, "vm_type": str, "requires": list, "manual_protect": bool,
            "dirty_ring": int}
-VM_KEY_KINDS = {str: "a string", list: "a list of capability names", bool: "true or false"}
+KIND_NAMES = {str: "a string", list: "a list of capability names", bool: "true or false"}
+#: The flow keys that are not numbers.
+FLOW_KEY_KINDS = {"private": bool, "data": str, "prot": str}
 
 
 class RaceScenarioError(ValueError):
@@ -142,7 +144,7 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
         elif not isinstance(value, kind) or (kind is list and not all(
                 isinstance(v, str) for v in value)):
             raise RaceScenarioError(f"{path}: [vm]: key {key!r}: {value!r} is not "
-                                    f"{VM_KEY_KINDS[kind]}")
+                                    f"{KIND_NAMES[kind]}")
     slots, accesses, flows = [], [], []
     for i, s in enumerate(doc.get("slot", []), 1):
         item = f"slot {i}"
@@ -171,10 +173,16 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
                                     f"{', '.join(FLOW_OPS)}")
         flow = {"op": op}
         for key, value in f.items():
-            if key in ("op", "private", "data", "prot"):
+            if key == "op":
+                continue
+            kind = FLOW_KEY_KINDS.get(key)
+            if kind is None:
+                flow[key] = _num(path, item, key, value)
+            elif isinstance(value, kind):
                 flow[key] = value
             else:
-                flow[key] = _num(path, item, key, value)
+                raise RaceScenarioError(f"{path}: {item}: key {key!r}: {value!r} is not "
+                                        f"{KIND_NAMES[kind]}")
         flows.append(flow)
     if not 1 <= len(flows) <= len(NAMES):
         raise RaceScenarioError(f"{path}: a race scenario has 1 to {len(NAMES)} [[flow]]s, "
