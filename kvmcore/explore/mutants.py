@@ -100,6 +100,19 @@ def _log_dirty_no_flush():
     return _without_flush(set_memory_region, "kvm_commit_memory_region")
 
 
+def _not_waiting_at(owner, name: str, point: str):
+    """``owner.name``, a flow that waits and takes its race point last, returning at once
+    when that point is ``point``."""
+    real = getattr(owner, name)
+
+    def skip(*args):
+        if args[-1] != point:
+            return (yield from real(*args))
+        return None
+
+    return patch.object(owner, name, skip)
+
+
 def _swap_without_mn_wait():
     """kvm_swap_active_memslots before 52ac8b358b0c ("KVM: Block memslot updates across
     range_start() and range_end()", 2021): a memslot update publishes its set while an
@@ -107,14 +120,7 @@ def _swap_without_mn_wait():
     memslots and begin an invalidation they never end (or end one never begun)."""
     from .. import set_memory_region
 
-    real = set_memory_region.wait_until
-
-    def no_mn_wait(cond, what, point):
-        if point != set_memory_region.SLOT_SWAP_WAIT_MN:
-            return (yield from real(cond, what, point))
-        return None
-
-    return patch.object(set_memory_region, "wait_until", no_mn_wait)
+    return _not_waiting_at(set_memory_region, "wait_until", set_memory_region.SLOT_SWAP_WAIT_MN)
 
 
 def _swap_without_srcu_sync():
@@ -124,14 +130,7 @@ def _swap_without_srcu_sync():
     from .. import set_memory_region
     from ..locks import Srcu
 
-    real = Srcu.synchronize
-
-    def no_sync(self, point):
-        if point != set_memory_region.SLOT_SRCU_SYNC:
-            return (yield from real(self, point))
-        return None
-
-    return patch.object(Srcu, "synchronize", no_sync)
+    return _not_waiting_at(Srcu, "synchronize", set_memory_region.SLOT_SRCU_SYNC)
 
 
 @contextlib.contextmanager

@@ -181,12 +181,15 @@ def test_clear_dirty_log_reprotects_from_the_first_to_the_last_bit(vm, host):
     assert [p for p in range(4) if not vm.lookup(GPA + p * 4096).writable] == [0, 1, 2]
 
 
-def test_a_ring_reset_leaves_a_block_writable(vm, host):
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_ring_reset_of_a_block(make_vm, host, whole):
     """With the dirty ring alone a hugetlb block is mapped writable in a logging slot (see
-    below); resetting its harvested gfn runs kvm_riscv_gstage_wp_range over that one page,
-    which does not hold the block whole: the block keeps W, and later writes to it are not
-    seen (the lost write protection of huge pages that 2026's a216e24fc947 fixes, by its
-    subject)."""
+    below); resetting its harvested gfn runs kvm_riscv_gstage_wp_range over that one page.
+    6.18's walk protects only a leaf the range holds whole: the block keeps W, and later
+    writes to it are not seen (the lost write protection of huge pages). a216e24fc947 (VM
+    option ``wp_whole_leaves``) aligns down to the leaf the walk reaches and protects it
+    whole: the next write faults and is logged (at the block's first gfn, as before)."""
+    vm = make_vm(wp_whole_leaves=whole)
     vm.enable_dirty_ring(1 << 16)
     hva = host.mmap(SZ_2M, kind="hugetlb_2m")
     vm.set_user_memory_region(0, GPA, SZ_2M, hva, LOG)
@@ -194,26 +197,9 @@ def test_a_ring_reset_leaves_a_block_writable(vm, host):
     cpu.write(GPA + 0x5000, b"x")
     assert cpu.harvest_dirty_ring() == [(0, 0)]
     vm.reset_dirty_rings()
-    assert entry(vm, GPA)[1] & 0x3FF == LEAF_RW
+    assert entry(vm, GPA)[1] & 0x3FF == (LEAF_RW & ~W if whole else LEAF_RW)
     cpu.write(GPA + 0x7000, b"y")
-    assert cpu.harvest_dirty_ring() == []
-
-
-def test_wp_whole_leaves_protects_the_block_a_ring_reset_reaches(make_vm, host):
-    """a216e24fc947 (VM option ``wp_whole_leaves``): kvm_riscv_gstage_wp_range aligns down
-    to the leaf it reaches and protects it whole, so the reset takes the block's W and the
-    next write faults and is logged."""
-    vm = make_vm(wp_whole_leaves=True)
-    vm.enable_dirty_ring(1 << 16)
-    hva = host.mmap(SZ_2M, kind="hugetlb_2m")
-    vm.set_user_memory_region(0, GPA, SZ_2M, hva, LOG)
-    cpu = vm.create_vcpu(0)
-    cpu.write(GPA + 0x5000, b"x")
-    assert cpu.harvest_dirty_ring() == [(0, 0)]
-    vm.reset_dirty_rings()
-    assert entry(vm, GPA)[1] & 0x3FF == LEAF_RW & ~W
-    cpu.write(GPA + 0x7000, b"y")
-    assert cpu.harvest_dirty_ring() == [(0, 0)]      # the block's first gfn, as before
+    assert cpu.harvest_dirty_ring() == ([(0, 0)] if whole else [])
     vm.check_invariants()
 
 
