@@ -46,7 +46,7 @@ class Flow:
     ``StopIteration.value`` (and ``result``) is the flow's result when it ends."""
 
     __slots__ = ("name", "gen", "point", "done", "result", "error", "wait", "held", "vcpu",
-                 "stepping", "__weakref__")
+                 "stepping", "closing", "__weakref__")
 
     def __init__(self, name: str, gen=None, vcpu=None):
         self.name = name
@@ -64,6 +64,8 @@ class Flow:
         self.held: list = []
         #: Driven one stretch at a time (next()), not run to its end (see ``stepping()``).
         self.stepping = False
+        #: Being closed (``close``): its ``finally`` blocks run as the thread is killed.
+        self.closing = False
 
     def __repr__(self) -> str:
         state = "done" if self.done else (self.point or "new")
@@ -143,6 +145,7 @@ class Flow:
             return
         global _current
         prev, _current = _current, self
+        self.closing = True
         try:
             self.gen.close()
         finally:
@@ -201,6 +204,30 @@ def drive(gen):
 
 
 # --------------------------------------------------------------------------- waits
+
+
+def with_attribute(gen, obj, name: str, value):
+    """Run the flow ``gen`` with ``obj.name`` set to ``value`` while it runs, not while it is
+    paused at a race point, where other flows run and must see the real one: how a test or
+    a mutant changes one thing one flow does (a flush it does not make). Returns what the
+    flow returns; closing or throwing into it reaches ``gen``."""
+    sent, thrown = None, None
+    while True:
+        setattr(obj, name, value)
+        try:
+            point = gen.send(sent) if thrown is None else gen.throw(thrown)
+        except StopIteration as done:
+            return done.value
+        finally:
+            delattr(obj, name)
+        sent, thrown = None, None
+        try:
+            sent = yield point
+        except GeneratorExit:
+            gen.close()
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to the flow, as yield from does
+            thrown = e
 
 
 class Wait:
@@ -386,11 +413,11 @@ class RwLock:
         if mode == READ and not self.exclusive:
             if ref in self._readers:
                 self._readers.remove(ref)
-            elif not _drop_dead(self._readers):
+            elif not _drop_dead(self._readers) and not _killed_without(flow, self, mode):
                 raise RuntimeError(f"{self.name} read-unlocked by {flow.name}, not a reader")
         elif self._writer == ref or (self._writer is not None and self._writer() is None):
             self._writer = None
-        else:
+        elif not _killed_without(flow, self, mode):
             raise RuntimeError(f"{self.name} unlocked by {flow.name}, not its holder")
         try:
             flow.held.remove((self, mode))
@@ -400,6 +427,13 @@ class RwLock:
     @property
     def held(self) -> bool:
         return self._writer is not None or bool(self._readers)
+
+
+def _killed_without(flow: Flow, lock, mode: str) -> bool:
+    """``flow`` is being closed and does not hold ``lock`` in ``mode``: killed inside
+    ``cond_resched``, where it had dropped it, its callers' ``finally`` blocks release what
+    it no longer holds, which changes nothing."""
+    return flow.closing and (lock, mode) not in flow.held
 
 
 def _drop_dead(refs: list) -> bool:

@@ -65,3 +65,61 @@ def test_a_run_flow_returns_its_result_and_a_stepped_one_stops_with_it():
         next(stepped)
     assert stop.value.value == 42 and stepped.done and stepped.result == 42
     assert stepped.run() == 42                  # an ended flow keeps its result
+
+
+def test_with_attribute_holds_only_while_the_flow_runs():
+    """A flow run under ``with_attribute`` sees the value in each stretch; while it is paused
+    at a race point everything else sees the real attribute. Closing it closes the flow."""
+    from types import SimpleNamespace
+
+    from kvmcore.locks import with_attribute
+
+    obj = SimpleNamespace()
+    seen, closed = [], []
+
+    def flow():
+        try:
+            seen.append(obj.__dict__.get("x"))
+            yield "p1"
+            seen.append(obj.__dict__.get("x"))
+            yield "p2"
+            return "done"
+        finally:
+            closed.append(True)
+
+    g = with_attribute(flow(), obj, "x", 1)
+    assert next(g) == "p1" and "x" not in obj.__dict__
+    assert g.send(None) == "p2" and "x" not in obj.__dict__
+    with pytest.raises(StopIteration) as end:
+        next(g)
+    assert end.value.value == "done" and seen == [1, 1] and closed == [True]
+    g = with_attribute(flow(), obj, "x", 2)
+    next(g)
+    g.close()
+    assert closed == [True, True] and "x" not in obj.__dict__
+
+
+def test_a_flow_closed_inside_cond_resched_is_not_an_unlock_by_a_stranger():
+    """A flow killed where cond_resched dropped the lock holds nothing: the ``finally`` of
+    its caller, which releases the lock it took, changes nothing (it used to raise 'not its
+    holder', from the garbage collector when the explorer left a schedule there)."""
+    lock = RwLock()
+
+    def flow():
+        yield from lock.write_lock("lock_wait")
+        try:
+            yield from lock.cond_resched(WRITE, "resched")
+        finally:
+            lock.write_unlock()
+
+    f = Flow("f", flow())
+    points = [next(f), next(f)]
+    assert points == ["lock_wait", "resched"] and not lock.held
+    def holder():
+        yield from lock.write_lock("other_wait")
+        yield "holding"
+
+    other = Flow("other", holder())
+    assert [next(other), next(other)] == ["other_wait", "holding"] and lock.held
+    f.close()
+    assert lock.held and f.done

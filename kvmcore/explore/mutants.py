@@ -61,21 +61,18 @@ def _no_flush_on_zap():
     return patch.object(mmu_notifier, "kvm_unmap_gfn_range", no_flush)
 
 
-@contextlib.contextmanager
 def _without_flush(module, name: str, flush: str = "flush_remote_tlbs_memslot"):
     """The flow ``module.name`` (the VM its first argument) with the VM's ``flush``
-    (kvm_flush_remote_tlbs_memslot unless named) a no-op while it runs."""
+    (kvm_flush_remote_tlbs_memslot unless named) a no-op while it runs; other flows, which
+    run while it is paused, still flush."""
+    from ..locks import with_attribute
+
     real = getattr(module, name)
 
     def no_flush(vm, *args):
-        setattr(vm, flush, lambda *_args: None)
-        try:
-            return (yield from real(vm, *args))
-        finally:
-            delattr(vm, flush)
+        return (yield from with_attribute(real(vm, *args), vm, flush, lambda *_args: None))
 
-    with patch.object(module, name, no_flush):
-        yield
+    return patch.object(module, name, no_flush)
 
 
 def _dirty_clear_no_flush():

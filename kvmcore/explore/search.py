@@ -158,6 +158,16 @@ class Explorer:
         return self._indep
 
     def run(self, prefix: list, policy=None, reduce: bool = False, checked: int = 0) -> Run:
+        """``_run``, then the flows a failure or a pruned schedule left paused are closed (as
+        if their threads were killed there: their ``finally`` blocks release their locks),
+        now and each as its own flow, not later by the garbage collector in whatever order
+        it finalizes a flow and its generators."""
+        r = self._run(prefix, policy, reduce, checked)
+        for flow in r.world.flows:
+            flow.close()
+        return r
+
+    def _run(self, prefix: list, policy, reduce: bool, checked: int) -> Run:
         """Run ``prefix``, then ``policy(runnable, step) -> flow index`` (the lowest runnable
         flow by default) until every flow ends or a failure.
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from unittest.mock import patch
 
+from kvmcore.locks import with_attribute
 from kvmcore.uapi import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 
 from . import backend
@@ -36,25 +37,12 @@ def _zap_yield_without_flush():
     real = TdpMmu.tdp_mmu_zap_leafs
 
     def zap_leafs(self, vm, root, start, end, can_yield, flush):
-        """The real walk, each of its stretches run with kvm_flush_remote_tlbs deferred: a
-        flush it asks for before yielding is owed to its caller instead."""
-        deferred = False
-
-        def defer():
-            nonlocal deferred
-            deferred = True
-
-        walk = real(self, vm, root, start, end, can_yield, flush)
-        sent = None
-        while True:
-            vm.flush_remote_tlbs = defer
-            try:
-                point = walk.send(sent)
-            except StopIteration as done:
-                return bool(done.value) or deferred
-            finally:
-                del vm.flush_remote_tlbs
-            sent = yield point
+        """The real walk with kvm_flush_remote_tlbs deferred while it runs: a flush it asks
+        for before yielding is owed to its caller instead."""
+        deferred = []
+        owed = yield from with_attribute(real(self, vm, root, start, end, can_yield, flush),
+                                         vm, "flush_remote_tlbs", lambda: deferred.append(1))
+        return bool(owed or deferred)
 
     return patch.object(TdpMmu, "tdp_mmu_zap_leafs", zap_leafs)
 
