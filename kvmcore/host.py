@@ -109,6 +109,24 @@ class Vma:
     def pgoff_of(self, hva: int) -> int:
         return self.pgoff + ((hva - self.start) >> PAGE_SHIFT)
 
+    def pfnmap_pfn(self, hva: int) -> int:
+        """A VM_PFNMAP VMA maps its device pfns linearly (remap_pfn_range, or a driver's fault
+        handler such as vfio-pci's): the 4 KiB frame at ``hva``, populated or not yet."""
+        return self.pfn + ((hva - self.start) >> PAGE_SHIFT)
+
+    def pfnmap_block(self, hva: int) -> int:
+        """The largest naturally aligned block around ``hva`` that lies inside this VM_PFNMAP
+        VMA with its device address aligned alike: as much as one leaf may map of the linear
+        mapping (arm64's get_vma_page_shift takes its PUD or PMD from this alone)."""
+        pa = (self.pfn << PAGE_SHIFT) + hva - self.start
+        size = self.page_size
+        while True:
+            block = size << 1
+            base = hva & ~(block - 1)
+            if (hva ^ pa) & (block - 1) or base < self.start or base + block > self.end:
+                return size
+            size = block
+
 
 #: Bits of a host page-table word besides the frame's physical address (pfn << 12): present,
 #: writable, special (a VM_IO|VM_PFNMAP page, which GUP-fast refuses: pte_special), protnone
@@ -257,9 +275,9 @@ class HostMemory:
         self.poisoned: set[int] = set()        # first frame of each poisoned host page
         self.zero_pfn = self._alloc(self.nr_frames)
         self.vmas = SortedKeyList(key=lambda v: v.start)
-        #: mm->mmap_lock (the model takes it where a flow may pause under it: mmap() itself
-        #: does not, nor do the rmap-driven operations, migrate, poison, aging and THP
-        #: split; khugepaged's collapse takes it for write).
+        #: mm->mmap_lock (taken where Linux takes it, except by the rmap-driven operations,
+        #: migrate, poison, aging and THP split, which do not; khugepaged's collapse takes it
+        #: for write).
         self.mmap_lock = RwLock("mmap_lock")
         self._last_vma: Vma | None = None  # mmap's vmacache: faults come in runs
         # The host page table: per mapping size, hva >> shift -> (first frame, writable).
@@ -452,23 +470,27 @@ class HostMemory:
             raise KvmError(errno.EINVAL, f"pfn: only for kind='pfnmap', not {kind!r}")
         if thp and kind != "anon":
             raise KvmError(errno.EINVAL, "thp: transparent huge pages are for kind='anon'")
-        if addr is None:
-            align = SZ_1G if kind == "hugetlb_1g" else self.pmd_size if (
-                length >= self.pmd_size) else SZ_2M if length >= SZ_2M else self.page_size
-            align = max(align, page)
-            addr = (self._next_hva + align - 1) & ~(align - 1)
-            self._next_hva = addr + length + self.page_size  # a guard gap between mappings
-        else:
-            if not isinstance(addr, int) or addr % page or addr <= 0:
-                raise KvmError(errno.EINVAL, f"addr={addr!r}: not aligned to {page:#x}")
-            if self.vmas_in(addr, addr + length):
+        if addr is not None and (addr % page or addr <= 0):
+            raise KvmError(errno.EINVAL, f"addr={addr!r}: not aligned to {page:#x}")
+        # do_mmap runs under mmap_lock for write (vm_mmap_pgoff): a plain call, so it
+        # raises WouldBlock, having changed nothing, while a paused flow holds the lock.
+        with self.mmap_lock(WRITE):
+            fixed = addr is not None
+            if not fixed:
+                align = SZ_1G if kind == "hugetlb_1g" else self.pmd_size if (
+                    length >= self.pmd_size) else SZ_2M if length >= SZ_2M else self.page_size
+                align = max(align, page)
+                addr = (self._next_hva + align - 1) & ~(align - 1)
+            elif self.vmas_in(addr, addr + length):
                 raise KvmError(errno.EEXIST, f"addr={addr:#x}: the range is already mapped")
-        if addr + length > TASK_SIZE:
-            raise KvmError(errno.ENOMEM, f"length={length:#x}: no room below TASK_SIZE")
-        if backing is None and kind in ("shared", "hugetlb_2m", "hugetlb_1g"):
-            backing = Backing(page)
-        self.vmas.add(Vma(addr, addr + length, prot, kind, page, thp, pfn or 0, backing,
-                          pgoff))
+            if addr + length > TASK_SIZE:
+                raise KvmError(errno.ENOMEM, f"length={length:#x}: no room below TASK_SIZE")
+            if not fixed:
+                self._next_hva = addr + length + self.page_size  # a guard gap after it
+            if backing is None and kind in ("shared", "hugetlb_2m", "hugetlb_1g"):
+                backing = Backing(page)
+            self.vmas.add(Vma(addr, addr + length, prot, kind, page, thp, pfn or 0, backing,
+                              pgoff))
         return addr
 
     def _check_range(self, name: str, hva: int, length: int) -> None:
@@ -483,9 +505,12 @@ class HostMemory:
             raise KvmError(errno.EINVAL, f"{name}: length={length!r} is not a positive "
                                          "multiple of the page size")
 
-    def _split_vmas(self, start: int, end: int) -> list[Vma]:
-        """Split VMAs at ``start`` and ``end``; return those inside."""
+    def _split_vmas(self, start: int, end: int, prot: str | None = None) -> list[Vma]:
+        """Split VMAs at ``start`` and ``end``; return those inside. With ``prot``, only
+        those whose protection differs (mprotect_fixup leaves the others whole)."""
         for vma in self.vmas_in(start, end):
+            if vma.prot == prot:
+                continue
             for cut in (start, end):
                 if vma.start < cut < vma.end:
                     if cut % vma.page_size:
@@ -694,8 +719,7 @@ class HostMemory:
             else:
                 self._set_pte(page, self.zero_pfn, False)
         elif kind == "pfnmap":
-            self._set_pte(page, vma.pfn + ((page - vma.start) >> PAGE_SHIFT), writable,
-                          special=True)
+            self._set_pte(page, vma.pfnmap_pfn(page), writable, special=True)
         elif kind == "gmem":
             # A MAP_SHARED mapping with no writenotify (no page_mkwrite, no writeback): its
             # page protection is writable, so even a read fault maps writable
@@ -835,7 +859,7 @@ class HostMemory:
             raise KvmError(errno.ENOMEM, f"mprotect: [{hva:#x}, {end:#x}) is not fully mapped")
         yield from self.mmap_lock.take(WRITE, MMAP_LOCK_WAIT)
         try:
-            for vma in self._split_vmas(hva, end):
+            for vma in self._split_vmas(hva, end, prot):
                 if vma.prot != prot:
                     vma.prot = prot
                     yield from self._change_protection(vma)
@@ -1100,9 +1124,16 @@ class HostMemory:
         yield from self.mmap_lock.take(READ, MMAP_LOCK_WAIT)
         try:
             for page_hva, off, chunk in _chunks(hva, len(data)):
-                cow = self._handle_mm_fault(page_hva, True)
-                if cow is not None:
+                while True:
+                    cow = self._handle_mm_fault(page_hva, True)
+                    if cow is None:
+                        break
                     yield from cow
+                    # A flow that ran in the COW break's notifier window (a DONTNEED, a
+                    # migration) may have taken the new page: the store faults again.
+                    e = self.lookup_pte(page_hva)
+                    if e is not None and e[1]:
+                        break
                 self.write_frame(self.lookup_pte(page_hva)[0], off, data[pos:pos + chunk])
                 pos += chunk
         finally:

@@ -194,7 +194,16 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
         base, pfn = folio
         return pfn + index - base, not slot.readonly, 4096 << gmem.inode.order
     hva = slot.gfn_to_hva(gfn)
-    pte = vm.host.lookup_pte(hva)
+    host = vm.host
+    pte = host.lookup_pte(hva)
+    vma = host.find_vma(hva)
+    if vma is not None and vma.io_pfnmap:
+        # Linear device pfns: a fresh fault populates a missing PTE with the same pfn
+        # (fixup_user_fault), and a leaf may be a block of the VMA's (get_vma_page_shift).
+        if pte is None:
+            return vma.pfnmap_pfn(hva), "w" in vma.prot and not slot.readonly, \
+                vma.pfnmap_block(hva)
+        return pte[0], pte[1] and not slot.readonly, vma.pfnmap_block(hva)
     if pte is None:
         return f"the host has no page at hva {hva:#x}"
     pfn, writable, size = pte

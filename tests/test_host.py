@@ -583,3 +583,69 @@ def test_collapse_holds_mmap_lock_for_write(host):
     collapse.run()
     assert host.lookup_pte(hva)[2] == 2 * MiB and host.read(hva, 1) == b"x"
     assert not host.mmap_lock.held
+
+
+def test_mmap_takes_mmap_lock_for_write(host):
+    """mmap(2) runs do_mmap under mm->mmap_lock for write (vm_mmap_pgoff): while a paused
+    munmap holds it, even for read across its notifiers, a plain mmap() would block; it
+    changes nothing then, and succeeds once the munmap has finished."""
+    from kvmcore.locks import WouldBlock
+
+    hva = host.mmap(MiB)
+    host.write(hva, b"x")
+    unmap = host.steps.munmap(hva, MiB)
+    while unmap.point != "mn_host_window":
+        next(unmap)
+    assert "mmap_lock(read)" in unmap.holds
+    vmas = list(host.vmas)
+    with pytest.raises(WouldBlock):
+        host.mmap(MiB)
+    assert list(host.vmas) == vmas
+    unmap.run()
+    other = host.mmap(MiB)
+    assert host.read(other, 1) == b"\0" and not host.mmap_lock.held
+
+
+def test_mmap_without_room_changes_nothing(host):
+    """An mmap that finds no room below TASK_SIZE fails with ENOMEM and leaves the address
+    space as it was: the next mmap still finds room."""
+    from kvmcore.host import TASK_SIZE
+
+    first = host.mmap(MiB)
+    with pytest.raises(KvmError) as e:
+        host.mmap(TASK_SIZE)
+    assert e.value.errno == errno.ENOMEM
+    assert host.mmap(MiB) > first
+
+
+def test_vmm_write_refaults_when_dontneed_takes_its_cow_page(vm, host):
+    """A VMM write that breaks COW sleeps in the break's notifiers; a madvise(DONTNEED)
+    (mmap lock for read too) that runs meanwhile zaps the new page: the store faults again,
+    as the CPU's would, instead of writing through a PTE that is gone."""
+    hva = host.mmap(MiB)
+    vm.set_user_memory_region(0, 0, MiB, hva)
+    assert host.read(hva, 1) == b"\0"                  # the zero page: the write breaks COW
+    write = host.steps.write(hva, b"V")
+    while write.point != "mn_end_lock_wait":
+        next(write)
+    host.madvise_dontneed(hva, host.page_size)
+    assert host.lookup_pte(hva) is None
+    write.run()
+    assert host.read(hva, 1) == b"V" and host.lookup_pte(hva)[1]
+    vm.check_invariants()
+
+
+def test_mprotect_to_the_same_protection_changes_nothing(host, rec):
+    """mprotect_fixup returns early for a VMA whose flags would not change: it is not
+    split and no notifier fires (a VM_PFNMAP block stays one VMA, as arm64's
+    get_vma_page_shift sees it)."""
+    for kind, kw in (("anon", {}), ("pfnmap", {"pfn": 0x20_0000})):
+        hva = host.mmap(2 * MiB, kind=kind, **kw)
+        host.read(hva, 1)
+        rec.calls.clear()
+        host.mprotect(hva + 4096, 4096, "rw")
+        assert rec.calls == []
+        assert [(v.start, v.end) for v in host.vmas_in(hva, hva + 2 * MiB)] == \
+            [(hva, hva + 2 * MiB)]
+        host.mprotect(hva + 4096, 4096, "r")          # a change splits and notifies
+        assert len(host.vmas_in(hva, hva + 2 * MiB)) == 3 and rec.calls

@@ -118,3 +118,26 @@ def test_huge_slot_metadata_is_cheap(make):
     g.vm.set_user_memory_region(0, 0, 1 << 40, hva)
     info = g.vm.memslots()[0].arch["lpage_info"]
     assert len(info[2]) == 1 << 19 and len(info[3]) == 1 << 10
+
+
+def test_mixed_flags_wait_for_the_post_set_of_a_paused_conversion(make):
+    """KVM_SET_MEMORY_ATTRIBUTES stores the attributes, then updates the MIXED flags in
+    kvm_arch_post_set_memory_attributes under mmu_lock: paused in between
+    (``attr_post_lock_wait``), the flags of the huge pages its invalidation covers are not
+    yet due, and the invariant must not report them; once it ends they are exact."""
+    g = make("sw_protected")
+    g.gmem_slot(0, 0, 2 * SZ_2M)
+    g.make_private(0, 2 * SZ_2M)
+    slot = g.vm.memslots()[0]
+    conv = g.vm.steps.set_memory_attributes(2 * PAGE, 2 * PAGE, 0)
+    while conv.point != "attr_post_lock_wait":
+        next(conv)
+    assert not mixed(g, 0, 2)                        # the post-set has not run yet
+    assert _mixed_problems(g.vm, slot, slot.arch["lpage_info"]) == []
+    g.vm.check_invariants()
+    mmu.hugepage_set_mixed(slot, 512, 2)             # outside the invalidation: still seen
+    assert _mixed_problems(g.vm, slot, slot.arch["lpage_info"])
+    mmu.hugepage_clear_mixed(slot, 512, 2)
+    conv.run()
+    assert mixed(g, 0, 2) and not mixed(g, 512, 2)
+    assert _mixed_problems(g.vm, slot, slot.arch["lpage_info"]) == []
