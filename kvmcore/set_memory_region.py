@@ -17,7 +17,7 @@ from .args import unsigned
 from .dirty import prepare_dirty_bitmap
 from .errors import KvmError
 from .gmem import kvm_gmem_bind, kvm_gmem_unbind, kvm_gmem_unbind_now
-from .locks import drive, wait_until
+from .locks import wait_until
 from .memslots import CHANGE_NAMES, TASK_SIZE, U64, Memslot, kvm_user_mem_slots
 from .uapi import (
     KVM_MEM_GUEST_MEMFD,
@@ -235,9 +235,11 @@ def kvm_set_memslot(vm: Kvm, old: Memslot | None, new: Memslot | None, change: i
         if change != KVM_MR_DELETE:
             prepare_dirty_bitmap(vm, old, new)
         vm.hook.prepare_memory_region(vm=vm, old=old, new=new, change=change)
-    except BaseException:
+    except Exception:
+        # kvm_activate_memslot puts the old slot back: a swap, which waits for the notifier
+        # invalidations in progress like any other.
         if invalid is not None:
-            drive(kvm_swap_active_memslots(vm, as_id, lambda: slots.replace(invalid, old)))
+            yield from kvm_swap_active_memslots(vm, as_id, lambda: slots.replace(invalid, old))
         raise
     if change == KVM_MR_CREATE:
         publish = lambda: slots.replace(None, new)  # noqa: E731

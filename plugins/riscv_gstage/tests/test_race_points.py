@@ -42,3 +42,34 @@ def test_an_unmap_run_to_its_end_has_no_point(vm, host):
     hva, _a = _two_leaves(vm, host)
     host.madvise_dontneed(hva, 4 * 4096)
     assert list(vm.mappings()) == [] and vm.stats["riscv_unmap_resched"] == 0
+
+
+def test_failed_move_waits_to_restore_the_old_slot(vm, host):
+    """kvm_set_memslot: a MOVE whose kvm_arch_prepare_memory_region fails (-EPERM: the VMA
+    became read-only) puts the old slot back with kvm_activate_memslot, which waits, as
+    every swap does, for the notifier invalidations in progress to end: it pauses at
+    ``slot_swap_wait_mn`` while an mprotect sits between its start and end (it crashed
+    there with WouldBlock), then fails once that has ended."""
+    import errno
+
+    import pytest
+    from kvmcore import KvmError
+
+    hva = host.mmap(4 * 4096)
+    host.write(hva, b"x")
+    vm.set_user_memory_region(0, GPA, 4 * 4096, hva)
+    move = vm.steps.set_user_memory_region(0, GPA + (1 << 24), 4 * 4096, hva)
+    while move.point != "slot_srcu_sync":
+        next(move)
+    protect = host.steps.mprotect(hva, 4096, "r")
+    while protect.point != "mn_end_lock_wait":
+        next(protect)
+    while move.runnable:
+        next(move)
+    assert move.point == "slot_swap_wait_mn"
+    assert not vm.memslots()                           # the INVALID copy is published
+    protect.run()
+    with pytest.raises(KvmError) as e:
+        move.run()
+    assert e.value.errno == errno.EPERM
+    assert vm.memslots()[0].base_gfn == GPA >> 12 and not vm.memslots()[0].flags
