@@ -467,3 +467,36 @@ def test_the_end_state_is_read_from_the_state_after_the_run(name):
         assert ex.end_state(r)[1] == tuple(fresh)
     assert runs and (0 < harvested < runs if name == "write_vs_clear_dirty_log"
                      else not harvested)
+
+
+BIG_AGING = """
+name = "big_aging"
+[[slot]]
+pages = 512
+populate = true
+[[access]]
+op = "write"
+page = 300
+[[flow]]
+op = "age"
+page = 100
+pages = 400
+[[flow]]
+op = "read"
+page = 300
+"""
+
+
+def test_a_long_flow_is_work_not_a_livelock(monkeypatch):
+    """Aging 400 pages stops at every page (the notifier's clear_flush_young per PTE): more
+    than MAX_FLOW_STEPS stretches, as many as it takes alone, which is no livelock. A flow
+    that does not end alone within SOLO_CAP stretches gets MAX_FLOW_STEPS."""
+    import kvmcore.explore.search as search
+
+    result = explore(parse(BIG_AGING), FLAT, max_schedules=20)
+    assert result.schedules == 20 and not result.failures
+    monkeypatch.setattr(search, "SOLO_CAP", 50)
+    monkeypatch.setattr(search, "MAX_FLOW_STEPS", 10)
+    result = explore(parse(BIG_AGING), FLAT, max_schedules=20)
+    assert result.failures[0].kind == "livelock"
+    assert "ran 10 stretches without ending" in result.failures[0].message

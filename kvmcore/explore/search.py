@@ -17,10 +17,11 @@ progress, every TLB entry is backed by a leaf once no flow holds the MMU lock); 
 entry reaches a frame the host freed; a leaf that a completed access used is not taken away or
 made read-only without an invalidation; a flow raising anything but a guest exit, KvmError or a
 host signal is a crash; no runnable flow while some are unfinished is a deadlock; a flow still
-running after ``MAX_FLOW_STEPS`` stretches, or a vCPU access whose fault retried without
-progress until it gave up (``FaultLivelock``), is a livelock. At the end, the invariants again
-and dirty-log completeness: every guest write that completed after the last dirty-log ioctl
-returned is reported by the next KVM_GET_DIRTY_LOG or dirty ring harvest.
+running after ``MAX_FLOW_STEPS`` stretches more than it takes alone, or a vCPU access whose
+fault retried without progress until it gave up (``FaultLivelock``), is a livelock. At the
+end, the invariants again and dirty-log completeness: every guest write that completed after
+the last dirty-log ioctl returned is reported by the next KVM_GET_DIRTY_LOG or dirty ring
+harvest.
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ from ..plugins import resolve_backend
 from .oracles import Oracles
 from .scenario import NAMES, RaceScenario, World
 
-#: A flow that has run this many stretches in one schedule is reported as a livelock.
+#: A flow that has run this many stretches more than it runs alone (``Explorer.budgets``)
+#: in one schedule is reported as a livelock.
 MAX_FLOW_STEPS = 200
+#: A flow still running after this many stretches alone never ends: its budget is
+#: MAX_FLOW_STEPS.
+SOLO_CAP = 100_000
 
 
 @attrs.define
@@ -143,6 +148,7 @@ class Explorer:
         self.options = dict(options or {})
         self.keep_trace = trace
         self._indep = None
+        self._budgets = None
         #: The backend class, resolved once for every world of the search.
         self.backend = resolve_backend(arch)
 
@@ -156,6 +162,26 @@ class Explorer:
                 k in b and "w" in (a[k], b[k]) for k in a) for j, b in enumerate(fps)]
                 for i, a in enumerate(fps)]
         return self._indep
+
+    def budgets(self) -> list[int]:
+        """Per flow, the stretches after which it is reported as a livelock: MAX_FLOW_STEPS
+        more than it runs alone from the setup state. An aging or a zap of a large range
+        stops at every page, as Linux's loop does: that is work, not a livelock."""
+        if self._budgets is None:
+            self._budgets = []
+            for i in range(len(self.scn.flows)):
+                world = World(self.scn, self.backend, self.vm_type, self.options)
+                flow, n = world.flows[i], 0
+                try:
+                    while n < SOLO_CAP:
+                        n += 1
+                        next(flow)
+                except Exception:  # noqa: BLE001 - it ended: returned, raised or crashed
+                    pass
+                for f in world.flows:
+                    f.close()
+                self._budgets.append(MAX_FLOW_STEPS + (n if n < SOLO_CAP else 0))
+        return self._budgets
 
     def run(self, prefix: list, policy=None, reduce: bool = False, checked: int = 0) -> Run:
         """``_run``, then the flows a failure or a pruned schedule left paused are closed (as
@@ -188,6 +214,7 @@ class Explorer:
         indep = self.independence(r.world) if reduce else None
         asleep: set = set()
         steps_of = [0] * len(flows)
+        budgets = self.budgets()
         step, replayed = 0, len(prefix)
         while True:
             runnable = [i for i, f in enumerate(flows) if f.runnable]
@@ -230,8 +257,8 @@ class Explorer:
             r.schedule.append(choice)
             step += 1
             steps_of[choice] += 1
-            if steps_of[choice] > MAX_FLOW_STEPS:
-                r.failure = Failure("livelock", f"{flows[choice].name} ran {MAX_FLOW_STEPS} "
+            if steps_of[choice] > budgets[choice]:
+                r.failure = Failure("livelock", f"{flows[choice].name} ran {budgets[choice]} "
                                     "stretches without ending", list(r.schedule))
                 return r
             ended = self._step(r, choice)
