@@ -114,19 +114,6 @@ class Vma:
         handler such as vfio-pci's): the 4 KiB frame at ``hva``, populated or not yet."""
         return self.pfn + ((hva - self.start) >> PAGE_SHIFT)
 
-    def pfnmap_block(self, hva: int) -> int:
-        """The largest naturally aligned block around ``hva`` that lies inside this VM_PFNMAP
-        VMA with its device address aligned alike: as much as one leaf may map of the linear
-        mapping (arm64's get_vma_page_shift takes its PUD or PMD from this alone)."""
-        pa = (self.pfn << PAGE_SHIFT) + hva - self.start
-        size = self.page_size
-        while True:
-            block = size << 1
-            base = hva & ~(block - 1)
-            if (hva ^ pa) & (block - 1) or base < self.start or base + block > self.end:
-                return size
-            size = block
-
 
 #: Bits of a host page-table word besides the frame's physical address (pfn << 12): present,
 #: writable, special (a VM_IO|VM_PFNMAP page, which GUP-fast refuses: pte_special), protnone
@@ -279,6 +266,8 @@ class HostMemory:
         #: migrate, poison, aging and THP split, which do not; khugepaged's collapse takes it
         #: for write).
         self.mmap_lock = RwLock("mmap_lock")
+        #: The VMAs a munmap has detached and whose PTEs its notifiers have not zapped yet.
+        self.detached: list[Vma] = []
         self._last_vma: Vma | None = None  # mmap's vmacache: faults come in runs
         # The host page table: per mapping size, hva >> shift -> (first frame, writable).
         # ``ptes`` is the PAGE_SIZE level (PTE pages, see PteTable); ``_huge`` the others
@@ -804,20 +793,59 @@ class HostMemory:
         if not self.vmas_in(hva, end):
             return
         yield from self.mmap_lock.take(WRITE, MMAP_LOCK_WAIT)
-        lock, mode = self.mmap_lock, WRITE
+        lock, mode, gone = self.mmap_lock, WRITE, []
         try:
             gone = self._split_vmas(hva, end)
             for vma in gone:
                 self._forget(vma)
+            self.detached += gone
             lock.downgrade()
             mode = READ
             nstart, nlen = self._notify_range(hva, end)
             yield from self._invalidate_start(nstart, nlen)
             self._zap_ptes(hva, end, gone)
+            self._forget_detached(gone)
             self._forget_hwpoison(hva, end)
             yield from self._invalidate_end(nstart, nlen)
         finally:
             (lock.write_unlock if mode == WRITE else lock.read_unlock)()
+            self._forget_detached(gone)
+
+    def _forget_detached(self, gone: list[Vma]) -> None:
+        if gone and self.detached:
+            self.detached = [v for v in self.detached if v not in gone]
+
+    def linear_pfnmap(self, hva: int) -> tuple[int, int] | None:
+        """The VM_PFNMAP mapping at ``hva``, for the leaf check: None where there is none,
+        else the pfn its driver maps there, populated or not (it maps device pfns linearly:
+        remap_pfn_range, or a fault handler such as vfio-pci's), and the largest naturally
+        aligned block around ``hva`` that the linear mapping covers with its device address
+        aligned alike, as much as one leaf may map (arm64's get_vma_page_shift takes its
+        PUD or PMD block from the VMA alone). The pieces mprotect or munmap cut from one
+        mapping stay one linear range, and the VMAs a munmap detached are mapped until its
+        notifiers have zapped their PTEs."""
+        def at(addr):
+            vma = self.find_vma(addr)
+            if vma is None:
+                vma = next((v for v in self.detached if v.start <= addr < v.end), None)
+            return vma if vma is not None and vma.io_pfnmap else None
+
+        vma = at(hva)
+        if vma is None:
+            return None
+        pfn = vma.pfnmap_pfn(hva)
+        lo, hi = vma.start, vma.end
+        while (v := at(lo - 1)) is not None and v.pfnmap_pfn(lo - 1) + 1 == vma.pfnmap_pfn(lo):
+            lo = v.start
+        while (v := at(hi)) is not None and v.pfnmap_pfn(hi) == vma.pfnmap_pfn(hi):
+            hi = v.end
+        size, pa = self.page_size, pfn << PAGE_SHIFT | hva & (PAGE_SIZE - 1)
+        while True:
+            block = size << 1
+            base = hva & ~(block - 1)
+            if (hva ^ pa) & (block - 1) or base < lo or base + block > hi:
+                return pfn, size
+            size = block
 
     @steppable
     def mprotect(self, hva: int, length: int, prot: str) -> None:

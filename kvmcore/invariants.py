@@ -196,14 +196,15 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
     hva = slot.gfn_to_hva(gfn)
     host = vm.host
     pte = host.lookup_pte(hva)
-    vma = host.find_vma(hva)
-    if vma is not None and vma.io_pfnmap:
-        # Linear device pfns: a fresh fault populates a missing PTE with the same pfn
-        # (fixup_user_fault), and a leaf may be a block of the VMA's (get_vma_page_shift).
+    linear = host.linear_pfnmap(hva)
+    if linear is not None:
+        # A fresh fault populates a missing PTE with the linear pfn (fixup_user_fault); a
+        # page not populated has no host protection to check (an mprotect changes the VMA
+        # before its notifiers run).
+        pfn, block = linear
         if pte is None:
-            return vma.pfnmap_pfn(hva), "w" in vma.prot and not slot.readonly, \
-                vma.pfnmap_block(hva)
-        return pte[0], pte[1] and not slot.readonly, vma.pfnmap_block(hva)
+            return pfn, not slot.readonly, block
+        return pte[0], pte[1] and not slot.readonly, block
     if pte is None:
         return f"the host has no page at hva {hva:#x}"
     pfn, writable, size = pte

@@ -497,3 +497,22 @@ def test_64k_poison_signals_the_host_page(make_vm):
     assert (e.value.hva, e.value.lsb) == (hva, 16)
     assert vcpu.read(GPA + 65536 + 2 * PAGE, 1) == b"\0", "the next page is unaffected"
     host.munmap(hva, 2 * 65536)
+
+
+def test_pfnmap_block_outlives_the_vma_split_until_the_notifier(vm, host):
+    """munmap of two pages inside a block-mapped VM_PFNMAP range: the VMA is cut and the
+    middle detached before the notifiers run. Until then the stage-2 block still maps the
+    linear device range, as in Linux (the detached pages are mapped until their PTEs go);
+    the notifier then zaps the whole block."""
+    hva = host.mmap(2 * SZ_2M, kind="pfnmap", pfn=0x20_0000)
+    vm.set_user_memory_region(0, GPA, 2 * SZ_2M, hva)
+    vm.create_vcpu(0).read(GPA + 3 * PAGE, 4)
+    assert vm.lookup(GPA).size == SZ_2M
+    unmap = host.steps.munmap(hva + 3 * PAGE, 2 * PAGE)
+    assert next(unmap) == "mn_start_lock_wait"
+    assert len(host.vmas_in(hva, hva + 2 * SZ_2M)) == 2
+    vm.check_invariants()
+    assert len(host.detached) == 1
+    unmap.run()
+    assert vm.lookup(GPA) is None and not host.detached
+    vm.check_invariants()
