@@ -31,7 +31,10 @@ def check_vm(backend, vm) -> list[str]:
                 problems.append(f"{where}: block crosses its memslot")
             if slot.has_gmem:
                 problems.append(f"{where}: gmem_abort maps only PAGE_SIZE, found a block")
-            if (pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W and slot.logging and not init_set):
+            # Not while slots_lock is held: a memslot update publishes the logging slot
+            # before kvm_arch_commit_memory_region write-protects it.
+            if (pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W and slot.logging and not init_set
+                    and not vm.slots_lock.held):
                 problems.append(f"{where}: writable block in a dirty-logging slot")
         if pte_memattr(pte) == device and not slot.has_gmem:
             vma = vm.host.find_vma(slot.gfn_to_hva(gfn))

@@ -516,3 +516,21 @@ def test_pfnmap_block_outlives_the_vma_split_until_the_notifier(vm, host):
     unmap.run()
     assert vm.lookup(GPA) is None and not host.detached
     vm.check_invariants()
+
+
+def test_logging_slot_is_published_before_its_blocks_are_protected(vm, host):
+    """Turning logging on publishes the new slot (swap, then synchronize_srcu) before
+    kvm_arch_commit_memory_region write-protects it: paused in between, the writable block
+    is not reported; after the commit it is read-only."""
+    from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES
+
+    hva = host.mmap(SZ_2M, kind="hugetlb_2m")
+    vm.set_user_memory_region(0, GPA, SZ_2M, hva)
+    vm.create_vcpu(0).write(GPA, b"x")
+    assert vm.lookup(GPA).size == SZ_2M and vm.lookup(GPA).writable
+    update = vm.steps.set_user_memory_region(0, GPA, SZ_2M, hva, KVM_MEM_LOG_DIRTY_PAGES)
+    while update.point != "slot_srcu_sync":
+        next(update)
+    vm.check_invariants()
+    update.run()
+    assert not vm.lookup(GPA).writable

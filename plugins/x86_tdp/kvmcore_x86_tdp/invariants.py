@@ -128,9 +128,10 @@ def _slot_leaf_problems(backend, vm, root, slot, level, gfn, spte, pfn, init_set
     """The x86 invariants of a present leaf that depend on its memslot."""
     # 9: no writable huge leaf in a dirty-logged slot -- unless manual protect with
     # INITIALLY_SET: kvm_mmu_slot_apply_flags then neither write-protects nor splits (every
-    # page is reported dirty anyway); CLEAR does it lazily.
+    # page is reported dirty anyway); CLEAR does it lazily. Nor while slots_lock is held: a
+    # memslot update publishes the logging slot before kvm_mmu_slot_apply_flags protects it.
     if slot.flags & KVM_MEM_LOG_DIRTY_PAGES and level > PG_LEVEL_4K and \
-            spte & PT_WRITABLE_MASK and not init_set:
+            spte & PT_WRITABLE_MASK and not init_set and not vm.slots_lock.held:
         found.append("writable huge leaf in a dirty-logged slot")
     # 10: level allowed by lpage_info.
     if level > PG_LEVEL_4K:

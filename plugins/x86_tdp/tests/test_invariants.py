@@ -90,6 +90,25 @@ def test_9_writable_huge_leaf_in_logging_slot(make):
     table[idx] = spte
 
 
+def test_9_waits_for_the_commit_of_a_paused_memslot_update(make):
+    """A memslot update that turns logging on publishes the new slot (swap, then
+    synchronize_srcu) before kvm_mmu_slot_apply_flags protects its leaves: paused in
+    between, the writable huge leaf is not yet due to be protected."""
+    g = make(pml=False, eager_page_split=False)
+    hva = g.slot(0, 0, 4 << 20, thp=True)
+    g.vcpu.write(0, b"x")
+    update = g.vm.steps.set_user_memory_region(0, 0, 4 << 20, hva,
+                                               flags=KVM_MEM_LOG_DIRTY_PAGES)
+    while update.point != "slot_srcu_sync":
+        next(update)
+    table, idx, level, spte = leaf_slot(g, 0)
+    assert level == 2 and spte & S.PT_WRITABLE_MASK
+    assert not any("dirty-logged slot" in p for p in problems(g))
+    update.run()
+    assert not leaf_slot(g, 0)[3] & S.PT_WRITABLE_MASK
+    assert problems(g) == []
+
+
 def test_10_huge_leaf_where_disallowed(g4k):
     slot = g4k.vm.memslots()[0]
     slot.arch["lpage_info"][2][0] = 1
