@@ -113,7 +113,9 @@ class ArchInfo:
     conformance test's name (``test_x``: every parametrization), its name with the other
     parameters (``test_x[pf_lock_wait]``), or either prefixed by its file
     (``test_races.py::test_x``); ``state_machine:<step>:<ERRNO>`` lets the state machine
-    accept that errno from the backend for that step (the reference does not run it). The
+    accept that errno from the backend for that step (the reference does not run it);
+    ``explore:<oracle kind>`` makes ``kvmcore swarm`` list a random scenario that fails that
+    oracle (``downgrade``, ``invariant``, ...) as a declared divergence, not a failure. The
     suite reports each test as a strict xfail with that reason
     (an unexpected pass fails: the divergence is gone and the entry must go too);
     ``kvmcore archs`` lists them. Linux-exact behaviour is the default, not an option.

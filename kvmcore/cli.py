@@ -430,6 +430,87 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
         sys.exit(1)
 
 
+@main.command()
+@click.option("--arch", help="Backend: an installed name or module:Class (default: x86_tdp if "
+                             "installed).")
+@click.option("--scenarios", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Random scenarios to generate and explore.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed: the same seed gives the same scenarios.")
+@click.option("--max-schedules", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Schedules explored (depth first) per scenario.")
+@click.option("--mutant", "mutants", multiple=True,
+              help="Switch a seed bug on (repeatable): how soon the swarm finds it.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Write each failing scenario to DIR/<name>.toml, for kvmcore explore.")
+@click.option("--stop-at-first", is_flag=True, help="Stop at the first failing scenario.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def swarm(arch, scenarios, seed, max_schedules, mutants, out_dir, stop_at_first,
+          as_json) -> None:
+    """Explore random race scenarios (swarm testing): each draws its flows from a random
+    subset of what the backend offers. Exit code 1 when one fails an oracle; a failure of
+    a kind the backend declares as a divergence from Linux's common contract is listed,
+    not counted."""
+    from . import explore as ex
+    from .explore.swarm import swarm as run_swarm
+
+    unknown = [m for m in mutants if m not in ex.MUTANTS]
+    if unknown:
+        raise UserError(f"--mutant {unknown[0]}: not one of {', '.join(ex.MUTANTS)}")
+    arch = arch or default_arch()
+    _backend_names([arch])
+    out = Path(out_dir) if out_dir else None
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {out_dir}: {e.strerror}") from None
+    with _swarm_progress(scenarios, as_json) as progress:
+        result = run_swarm(arch, scenarios, seed, max_schedules, mutants,
+                           stop_at_first=stop_at_first, progress=progress)
+    files = {}
+    for f in result.findings + result.declared:
+        if out is not None:
+            files[f.index] = path = out / f"{f.name}.toml"
+            path.write_text(f.text)
+    if as_json:
+        summary = result.summary()
+        for item, f in zip(summary["findings"] + summary["declared"],
+                           result.findings + result.declared, strict=True):
+            if f.index in files:
+                item["file"] = str(files[f.index])
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"swarm on {result.arch}{' with ' + ', '.join(mutants) if mutants else ''}"
+                   f", seed {seed}: {result.scenarios} scenarios explored"
+                   f"{f' ({result.refused} refused at setup)' if result.refused else ''}, "
+                   f"{result.schedules} schedules in {result.seconds:.1f} s, "
+                   f"{len(result.findings)} failing")
+        for f in result.findings + result.declared:
+            label = "declared divergence" if f.declared else "FAILED"
+            click.echo(f"  {label} {f.failure.kind} in {f.name} ({f.vm_type}), schedule "
+                       f"{f.failure.id}: {f.failure.message}")
+            if f.index in files:
+                click.echo(f"  replay: kvmcore explore {files[f.index]} --arch {arch} "
+                           f"--replay {f.failure.id}"
+                           + "".join(f" --mutant {m}" for m in mutants))
+    if result.findings:
+        sys.exit(1)
+
+
+@contextlib.contextmanager
+def _swarm_progress(total: int, quiet: bool):
+    """A rich progress bar on stderr for the scenarios (a terminal only)."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("scenarios", total=total)
+        yield lambda done: bar.update(task, completed=done)
+
+
 @contextlib.contextmanager
 def _explore_progress(max_schedules: int, quiet: bool):
     """A rich progress bar on stderr for a search that may be long (a terminal only)."""

@@ -14,7 +14,8 @@ from .mutants import MUTANTS, Mutant
 from .scenario import RaceScenario, RaceScenarioError, builtin_names, load, parse
 from .search import (Failure, Result, choose_vm_type, explore, parse_schedule_id, replay,
                      schedule_id, supports)
+from .swarm import Finding, SwarmResult, swarm
 
-__all__ = ["MUTANTS", "Failure", "Mutant", "RaceScenario", "RaceScenarioError", "Result",
-           "builtin_names", "choose_vm_type", "explore", "load", "parse", "parse_schedule_id",
-           "replay", "schedule_id", "supports"]
+__all__ = ["MUTANTS", "Failure", "Finding", "Mutant", "RaceScenario", "RaceScenarioError",
+           "Result", "SwarmResult", "builtin_names", "choose_vm_type", "explore", "load",
+           "parse", "parse_schedule_id", "replay", "schedule_id", "supports", "swarm"]

@@ -1,0 +1,205 @@
+"""Swarm testing: random race scenarios, each one explored, to find the interleavings no
+written scenario covers.
+
+Each scenario draws its flows from a random subset of the operations the backend's VM type
+offers (swarm testing, Groce et al., ISSTA 2012: leaving features out of a test lets the
+others go deeper than one mix of everything would), on one or two memslots of a random kind,
+with accesses before the flows start, on pages chosen from a few so that the flows meet.
+A failure on a model without mutants is a bug of the model or a race of Linux itself; with
+a mutant on, the number of scenarios it takes to find it measures the swarm.
+
+A backend's declared departures from the common contract (``ArchInfo.known_divergences``)
+include ``explore:<oracle kind>`` entries (RISC-V: ``explore:downgrade``): a failure of
+that kind is counted as declared, not as a finding.
+
+Every scenario is a TOML text of the race-scenario format (``scenario.py``) with its number
+in its name: ``kvmcore swarm --out DIR`` writes each finding's file, which
+``kvmcore explore FILE --replay ID`` replays; the same seed gives the same scenarios.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import attrs
+
+from ..errors import KvmError
+from .scenario import parse
+from .search import Failure, explore
+
+#: Pages a flow may name: a few low ones, so that flows meet on them, and one anywhere.
+HOT_PAGES = 3
+#: Host mapping kinds of a slot, with the page counts each allows (hugetlb: whole 2 MiB
+#: pages of 4 KiB base pages; a scenario counts base pages).
+SLOT_KINDS = {"anon": (4, 16, 1024), "shared": (16, 1024), "pfnmap": (16, 1024),
+              "hugetlb_2m": (512, 1024)}
+HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age")
+SLOT_OPS = ("delete_slot", "move_slot", "log_dirty")
+
+
+@attrs.frozen
+class Finding:
+    """A scenario with a failing schedule."""
+    index: int
+    text: str
+    vm_type: str
+    failure: Failure
+    #: The backend's declared reason, when the failure is a divergence it declares.
+    declared: str | None = None
+
+    @property
+    def name(self) -> str:
+        return parse(self.text).name
+
+
+@attrs.define
+class SwarmResult:
+    arch: str
+    seed: int
+    mutants: tuple
+    scenarios: int = 0          # explored
+    refused: int = 0            # whose setup the model refused (KvmError): not explored
+    schedules: int = 0
+    seconds: float = 0.0
+    findings: list = attrs.field(factory=list)
+    declared: list = attrs.field(factory=list)
+
+    def summary(self) -> dict:
+        return {"arch": self.arch, "seed": self.seed, "mutants": list(self.mutants),
+                "scenarios": self.scenarios, "refused": self.refused,
+                "schedules": self.schedules, "seconds": round(self.seconds, 3),
+                "findings": [_finding(f) for f in self.findings],
+                "declared": [_finding(f) for f in self.declared]}
+
+
+def _finding(f: Finding) -> dict:
+    return {"scenario": f.name, "vm_type": f.vm_type, "kind": f.failure.kind,
+            "schedule": f.failure.id, "message": f.failure.message,
+            **({"declared": f.declared} if f.declared else {})}
+
+
+def vm_type_caps(arch, options: dict | None = None) -> dict[str, frozenset]:
+    """The capabilities of each VM type of ``arch``, read from VMs (a backend may claim
+    per VM option)."""
+    from ..vm import VM
+
+    probe = VM(arch=arch, **(options or {}))
+    caps = {}
+    for vm_type in probe.arch_info.vm_types:
+        vm = probe if vm_type == probe.vm_type else VM(arch=arch, vm_type=vm_type,
+                                                      **(options or {}))
+        caps[vm_type] = frozenset(vm.capabilities)
+        if vm is not probe:
+            vm.close()
+    probe.close()
+    return caps
+
+
+def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> str:
+    """A random race scenario for a VM of type ``vm_type`` with capabilities ``caps``."""
+    # A scenario's guest_memfd slot has no GUEST_MEMFD_FLAG_MMAP: only a VM type with
+    # private memory takes it.
+    gmem = "gmem" in caps and "private_mem" in caps and rng.random() < 0.5
+    private = gmem and rng.random() < 0.6
+    kind = "anon" if gmem else rng.choice(list(SLOT_KINDS))
+    pages = rng.choice(SLOT_KINDS[kind])
+    # A dirty ring logs the writes to the slots with KVM_MEM_LOG_DIRTY_PAGES, and then
+    # KVM_GET_DIRTY_LOG has no bitmap to read.
+    ring = "dirty_ring" in caps and not gmem and kind != "pfnmap" and rng.random() < 0.2
+    logging = ring or ("dirty_log" in caps and not gmem and kind != "pfnmap" and
+                       rng.random() < 0.3)
+    # The operations this scenario may draw from: a random half of what the VM offers.
+    offered = list(HOST_OPS + SLOT_OPS)
+    if gmem:
+        offered += ["punch_hole"]
+    if private:
+        offered += ["set_memory_attributes"]
+    if ring:
+        offered += ["reset_dirty_rings"]
+    elif logging:
+        offered += ["get_dirty_log", "clear_dirty_log"]
+    offered = rng.sample(offered, max(1, len(offered) // 2))
+    ops = ["read", "write"] * 2 + offered
+    hot = [rng.randrange(min(pages, 4)) for _ in range(HOT_PAGES - 1)] + [rng.randrange(pages)]
+
+    lines = [f'name = "{name}"', "[vm]", f'vm_type = "{vm_type}"']
+    if ring:
+        lines.append("dirty_ring = 65536")
+    if logging and not ring and "manual_dirty_protect" in caps and rng.random() < 0.5:
+        lines.append("manual_protect = true")
+    lines += ["[[slot]]", "slot = 0", "gpa = 0x0", f"pages = {pages}", f'kind = "{kind}"']
+    lines += [f"{key} = true" for key, on in (
+        ("guest_memfd", gmem), ("private", private), ("log_dirty", logging),
+        ("populate", kind != "pfnmap" and rng.random() < 0.3)) if on]
+    for _ in range(rng.randrange(3)):
+        lines += ["[[access]]", f'op = "{rng.choice(("read", "write"))}"',
+                  f"page = {rng.choice(hot)}"]
+        if private:
+            lines.append("private = true")
+    for _ in range(rng.choice((2, 2, 2, 3))):
+        lines += _flow(rng, rng.choice(ops), pages, hot, private)
+    return "\n".join(lines) + "\n"
+
+
+def _flow(rng: random.Random, op: str, pages: int, hot: list, private: bool) -> list[str]:
+    page = rng.choice(hot)
+    lines = ["[[flow]]", f'op = "{op}"']
+    if op in ("read", "write"):
+        lines.append(f"page = {page}")
+        if private and rng.random() < 0.7:
+            lines.append("private = true")
+        if rng.random() < 0.3:
+            lines.append(f"vcpu = {rng.randrange(2)}")
+    elif op == "set_memory_attributes":
+        lines += [f"page = {page}", f"pages = {rng.choice((1, 2, 512))}",
+                  f"attributes = {rng.choice((0, 8))}"]
+    elif op == "punch_hole":
+        lines += [f"page = {page}", f"pages = {rng.choice((1, 2))}"]
+    elif op == "move_slot":
+        lines.append(f"gpa = {rng.choice((pages, 2 * pages, 4096)) * 4096:#x}")
+    elif op in ("munmap", "madvise_dontneed", "age"):
+        lines += [f"page = {page}", f"pages = {rng.choice((1, 2, pages - page))}"]
+    elif op in ("mprotect", "migrate", "host_write"):
+        lines.append(f"page = {page}")
+        if op == "mprotect":
+            lines.append(f'prot = "{rng.choice(("r", "", "rw"))}"')
+    return lines
+
+
+def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
+          mutants=(), options: dict | None = None, stop_at_first: bool = False,
+          progress=None) -> SwarmResult:
+    """Generate ``scenarios`` random scenarios for ``arch`` (scenario ``k`` from
+    ``random.Random(f"{seed}:{k}")``, on a VM type drawn from the backend's) and explore
+    each depth first for up to ``max_schedules`` schedules with ``mutants`` on.
+    ``progress(k)`` is called after each one."""
+    from ..plugins import resolve_backend
+
+    info = resolve_backend(arch).arch_info
+    caps = vm_type_caps(arch, options)
+    result = SwarmResult(info.name, seed, tuple(mutants))
+    t0 = time.perf_counter()
+    for k in range(scenarios):
+        rng = random.Random(f"{seed}:{k}")
+        vm_type = rng.choice(sorted(caps))
+        text = generate(rng, vm_type, caps[vm_type], f"swarm-{seed}-{k}")
+        try:
+            r = explore(parse(text), arch, vm_type, options=options,
+                        max_schedules=max_schedules, mutants=mutants)
+        except KvmError:
+            result.refused += 1
+        else:
+            result.scenarios += 1
+            result.schedules += r.schedules
+            if r.failures:
+                failure = r.failures[0]
+                why = info.known_divergences.get(f"explore:{failure.kind}")
+                finding = Finding(k, text, vm_type, failure, why)
+                (result.declared if why else result.findings).append(finding)
+        if progress is not None:
+            progress(k + 1)
+        if stop_at_first and result.findings:
+            break
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,89 @@
+"""Swarm testing: random race scenarios (kvmcore.explore.swarm, ``kvmcore swarm``)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import attrs
+from click.testing import CliRunner
+
+from kvmcore.cli import main
+from kvmcore.explore import parse, replay
+from kvmcore.explore.swarm import generate, swarm, vm_type_caps
+from kvmcore.testing import FlatBackend
+
+FLAT = "kvmcore.testing:FlatBackend"
+
+
+def test_scenarios_are_valid_and_the_seed_fixes_them():
+    caps = vm_type_caps(FLAT)
+    texts = []
+    for k in range(200):
+        rng = random.Random(f"7:{k}")
+        vm_type = rng.choice(sorted(caps))
+        text = generate(rng, vm_type, caps[vm_type], f"swarm-7-{k}")
+        scn = parse(text)
+        assert scn.name == f"swarm-7-{k}" and 2 <= len(scn.flows) <= 3
+        texts.append(text)
+    assert len(set(texts)) == len(texts)
+    again = swarm(FLAT, scenarios=5, seed=7, max_schedules=5)
+    assert again.scenarios + again.refused == 5
+    assert swarm(FLAT, scenarios=5, seed=7, max_schedules=5).summary()["schedules"] == \
+        again.schedules
+
+
+def test_the_model_is_clean_under_the_swarm():
+    """A regression net: every bug the swarm has found in the model stays fixed (each also
+    has its own test)."""
+    result = swarm(FLAT, scenarios=40, seed=0)
+    assert result.scenarios > 30 and result.schedules > 1000
+    assert result.findings == [], result.findings[0].text
+
+
+def test_the_swarm_finds_a_mutant_and_its_scenario_replays():
+    result = swarm(FLAT, scenarios=50, seed=0, mutants=("no_flush_on_zap",),
+                   stop_at_first=True)
+    finding = result.findings[0]
+    assert finding.failure.kind == "invariant" and "TLB" in finding.failure.message
+    run = replay(parse(finding.text), FLAT, finding.failure.id, finding.vm_type,
+                 mutants=("no_flush_on_zap",))
+    assert run.failure is not None and run.failure.kind == "invariant"
+
+
+class DeclaringFlat(FlatBackend):
+    arch_info = attrs.evolve(FlatBackend.arch_info, known_divergences={
+        "explore:invariant": "a test's declared divergence"})
+
+
+def test_a_declared_kind_is_listed_not_counted():
+    result = swarm(DeclaringFlat, scenarios=20, seed=0, mutants=("no_flush_on_zap",))
+    assert result.findings == [] and result.declared
+    assert result.declared[0].declared == "a test's declared divergence"
+    assert result.summary()["declared"][0]["declared"] == "a test's declared divergence"
+
+
+def test_cli_writes_the_failing_scenarios_and_exits_1(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "30",
+                             "--mutant", "no_flush_on_zap", "--stop-at-first",
+                             "--out", str(tmp_path), "--json"])
+    assert r.exit_code == 1, r.output
+    summary = json.loads(r.output)
+    item = summary["findings"][0]
+    r = runner.invoke(main, ["explore", item["file"], "--arch", FLAT, "--replay",
+                             item["schedule"], "--mutant", "no_flush_on_zap"])
+    assert r.exit_code == 1 and "FAILED invariant" in r.output
+    r = runner.invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "3"])
+    assert r.exit_code == 0 and "3 scenarios explored" in r.output
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    runner = CliRunner()
+    for args in (["--mutant", "nope"], ["--arch", "nope"], ["--scenarios", "0"],
+                 ["--out", str(tmp_path / "f" / "x")]):
+        if args[0] == "--out":
+            (tmp_path / "f").write_text("")
+        r = runner.invoke(main, ["swarm", *args])
+        assert r.exit_code == 2, (args, r.output)
+        assert r.exception is None or isinstance(r.exception, SystemExit)
