@@ -24,3 +24,17 @@ def test_race_scenario_is_clean_in_every_interleaving(arch, name):
     result.assert_clean()
     assert result.exhausted, f"{name}: more than 5000 schedules"
     assert result.schedules > 1
+
+
+def test_random_race_scenarios_are_clean(arch):
+    """``kvmcore swarm``: random scenarios over every host kind and operation the backend's
+    VM types offer, each explored depth first: none fails an oracle (a kind the backend
+    declares as ``explore:<kind>`` is its divergence, listed apart)."""
+    from kvmcore.explore import swarm
+
+    result = swarm(arch.config.backend, scenarios=25, seed=0, max_schedules=200,
+                   options=dict(arch.config.options))
+    assert result.scenarios >= 15, f"{result.refused} of 25 scenarios refused at setup"
+    for f in result.findings:
+        pytest.fail(f"{f.name} ({f.vm_type}): {f.failure.kind} in schedule {f.failure.id}: "
+                    f"{f.failure.message}\n{f.text}")
