@@ -6,6 +6,7 @@ import collections
 import types
 
 from kvmcore.invalidate import InvalidateState
+from kvmcore.locks import Mutex
 
 
 class FakeSlot:
@@ -49,6 +50,7 @@ class FakeVM:
         self.host = host if host is not None else FakeHost()
         self.stats = collections.Counter()
         self.mmu_invalidate = InvalidateState()
+        self.slots_lock = Mutex("slots_lock")       # no memslot update runs here
         self.slots = list(slots)
         self.flushed: list[tuple[int, int]] = []
         self.dirty: list[int] = []
