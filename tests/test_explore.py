@@ -120,6 +120,41 @@ def test_a_scenario_error_names_the_item():
     with pytest.raises(ValueError, match="flow 1: punch_hole needs a \\[\\[slot\\]\\] with "
                                          "guest_memfd = true"):
         parse("[[slot]]\n[[flow]]\nop = 'punch_hole'\n")
+    with pytest.raises(ValueError, match="slot 1: key 'guest_memfd': 'x' is not true, false"):
+        parse("[[slot]]\nguest_memfd = 'x'\n[[flow]]\nop = 'read'\n")
+
+
+GMEM_MMAP = """
+name = "gmem_mmap_fault_vs_punch"
+[vm]
+requires = ["gmem"]
+[[slot]]
+pages = 16
+guest_memfd = "mmap"
+[[access]]
+op = "write"
+page = 5
+[[flow]]
+op = "read"
+page = 5
+[[flow]]
+op = "punch_hole"
+page = 5
+"""
+
+
+def test_a_gmem_mmap_slot_is_a_shared_guest_memfd_mapped_by_its_own_mmap():
+    """``guest_memfd = "mmap"``: GUEST_MEMFD_FLAG_MMAP | INIT_SHARED, the file's own mmap as
+    the slot's userspace_addr; a fault on it racing a hole punch is clean in every
+    interleaving, and the punched page reads as zeros."""
+    scn = parse(GMEM_MMAP)
+    world = World(scn, FLAT, "default", {})
+    slot = world.vm.memslots()[0]
+    assert world.gmems[0].flags == 0x3 and world.host.find_vma(world.hvas[0]).kind == "gmem"
+    assert slot.userspace_addr == world.hvas[0]
+    result = explore(scn, FLAT)
+    assert result.exhausted and not result.failures
+    assert {s[0][0][1] for s in result.end_states} == {("ok", b"\x5a" * 8), ("ok", bytes(8))}
 
 
 def test_a_scenario_names_pages_so_it_means_the_same_at_every_page_size():

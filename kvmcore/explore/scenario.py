@@ -10,7 +10,9 @@ requires = ["private_mem"]
 slot = 0
 gpa = 0x0
 pages = 16
-guest_memfd = true          # optional; log_dirty = true also; kind = "pfnmap" (a VM_IO |
+guest_memfd = true          # optional ("mmap": a guest_memfd with GUEST_MEMFD_FLAG_MMAP |
+                            #   INIT_SHARED, its own mmap the slot's userspace_addr);
+                            #   log_dirty = true also; kind = "pfnmap" (a VM_IO |
                             #   VM_PFNMAP device range) or another host mmap kind;
                             #   populate = true: the VMM wrote every page first (no zero page)
 private = true              # optional: the whole slot becomes private
@@ -54,6 +56,8 @@ from ..errors import KvmError
 from ..uapi import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -148,10 +152,14 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
     slots, accesses, flows = [], [], []
     for i, s in enumerate(doc.get("slot", []), 1):
         item = f"slot {i}"
+        gmem = s.get("guest_memfd", False)
+        if gmem not in (True, False, "mmap"):
+            raise RaceScenarioError(f"{path}: {item}: key 'guest_memfd': {gmem!r} is not "
+                                    'true, false or "mmap"')
         slots.append({"slot": _num(path, item, "slot", s.get("slot", i - 1)),
                       "gpa": _num(path, item, "gpa", s.get("gpa", 0)),
                       "pages": _num(path, item, "pages", s.get("pages", 16)),
-                      "guest_memfd": bool(s.get("guest_memfd", False)),
+                      "guest_memfd": bool(gmem), "gmem_mmap": gmem == "mmap",
                       "log_dirty": bool(s.get("log_dirty", False)),
                       "private": bool(s.get("private", False)),
                       "populate": bool(s.get("populate", False)),
@@ -221,17 +229,22 @@ class World:
         self.hvas, self.gmems = {}, {}
         for s in scn.slots:
             size = s["pages"] * page
-            if s["kind"] == "pfnmap":       # a device range: pfns far above RAM
+            gmem = None
+            if s["guest_memfd"]:
+                gmem = vm.create_guest_memfd(size, GUEST_MEMFD_FLAG_MMAP |
+                                             GUEST_MEMFD_FLAG_INIT_SHARED
+                                             if s["gmem_mmap"] else 0)
+            if s["gmem_mmap"]:
+                hva = gmem.mmap()
+            elif s["kind"] == "pfnmap":     # a device range: pfns far above RAM
                 hva = self.host.mmap(size, kind="pfnmap", pfn=0x80000)
             else:
                 hva = self.host.mmap(size, kind=s["kind"])
-                if s["populate"]:
-                    for off in range(0, size, page):
-                        self.host.write(hva + off, b"\0")
+            if s["populate"] and s["kind"] != "pfnmap":
+                for off in range(0, size, page):
+                    self.host.write(hva + off, b"\0")
             flags = KVM_MEM_LOG_DIRTY_PAGES if s["log_dirty"] else 0
-            gmem = None
-            if s["guest_memfd"]:
-                gmem = vm.create_guest_memfd(size)
+            if gmem is not None:
                 flags |= KVM_MEM_GUEST_MEMFD
             vm.set_user_memory_region(s["slot"], s["gpa"], size, hva, flags, guest_memfd=gmem)
             self.hvas[s["slot"]], self.gmems[s["slot"]] = hva, gmem

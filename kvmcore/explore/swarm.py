@@ -98,10 +98,12 @@ def vm_type_caps(arch, options: dict | None = None) -> dict[str, frozenset]:
 
 def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> str:
     """A random race scenario for a VM of type ``vm_type`` with capabilities ``caps``."""
-    # A scenario's guest_memfd slot has no GUEST_MEMFD_FLAG_MMAP: only a VM type with
-    # private memory takes it.
-    gmem = "gmem" in caps and "private_mem" in caps and rng.random() < 0.5
-    private = gmem and rng.random() < 0.6
+    # A guest_memfd slot: private memory where the VM type has it, else one with
+    # GUEST_MEMFD_FLAG_MMAP whose own mmap is the slot's userspace_addr (6.18 gives the
+    # flag only to VM types without private memory).
+    gmem = "gmem" in caps and rng.random() < 0.5
+    mmap = gmem and "private_mem" not in caps
+    private = gmem and not mmap and rng.random() < 0.6
     kind = "anon" if gmem else rng.choice(list(SLOT_KINDS))
     pages = rng.choice(SLOT_KINDS[kind])
     # A dirty ring logs the writes to the slots with KVM_MEM_LOG_DIRTY_PAGES, and then
@@ -129,8 +131,10 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
     if logging and not ring and "manual_dirty_protect" in caps and rng.random() < 0.5:
         lines.append("manual_protect = true")
     lines += ["[[slot]]", "slot = 0", "gpa = 0x0", f"pages = {pages}", f'kind = "{kind}"']
+    if gmem:
+        lines.append('guest_memfd = "mmap"' if mmap else "guest_memfd = true")
     lines += [f"{key} = true" for key, on in (
-        ("guest_memfd", gmem), ("private", private), ("log_dirty", logging),
+        ("private", private), ("log_dirty", logging),
         ("populate", kind != "pfnmap" and rng.random() < 0.3)) if on]
     for _ in range(rng.randrange(3)):
         lines += ["[[access]]", f'op = "{rng.choice(("read", "write"))}"',
