@@ -403,7 +403,8 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
             except ImportError as e:
                 raise UserError(f"--dask needs distributed (pip install 'kvmcore[dask]'): "
                                 f"{e}") from None
-        with _explore_progress(max_schedules, as_json) as progress:
+        with _progress("schedules", max_schedules, as_json or max_schedules < 5000,
+                       lambda result: result.schedules) as progress:
             result = ex.explore(scn, arch, vm_type, strategy=strategy,
                                 max_schedules=max_schedules, seconds=seconds, seed=seed,
                                 depth=depth, mutants=mutants, workers=workers,
@@ -465,7 +466,7 @@ def swarm(arch, scenarios, seed, max_schedules, mutants, out_dir, stop_at_first,
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"--out {out_dir}: {e.strerror}") from None
-    with _swarm_progress(scenarios, as_json) as progress:
+    with _progress("scenarios", scenarios, as_json) as progress:
         result = run_swarm(arch, scenarios, seed, max_schedules, mutants,
                            stop_at_first=stop_at_first, progress=progress)
     files = {}
@@ -499,29 +500,17 @@ def swarm(arch, scenarios, seed, max_schedules, mutants, out_dir, stop_at_first,
 
 
 @contextlib.contextmanager
-def _swarm_progress(total: int, quiet: bool):
-    """A rich progress bar on stderr for the scenarios (a terminal only)."""
+def _progress(what: str, total: int, quiet: bool, count=None):
+    """A rich progress bar on stderr (a terminal only, unless ``quiet``): yields the callback
+    that moves it to ``count(x)`` (``x`` itself by default), or None."""
     if quiet or not sys.stderr.isatty():
         yield None
         return
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:
-        task = bar.add_task("scenarios", total=total)
-        yield lambda done: bar.update(task, completed=done)
-
-
-@contextlib.contextmanager
-def _explore_progress(max_schedules: int, quiet: bool):
-    """A rich progress bar on stderr for a search that may be long (a terminal only)."""
-    if quiet or max_schedules < 5000 or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task("schedules", total=max_schedules)
-        yield lambda result: bar.update(task, completed=result.schedules)
+        task = bar.add_task(what, total=total)
+        yield lambda x: bar.update(task, completed=x if count is None else count(x))
 
 
 def _print_replay(run, trace_path) -> None:
