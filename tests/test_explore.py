@@ -569,3 +569,45 @@ def test_a_ring_without_bitmap_reports_a_block_by_its_first_gfn(arch):
     ring = world.vcpus[0].harvest_dirty_ring()
     size = world.vm.lookup(449 << 12).size
     assert (size, ring) == ((4096, [(0, 449)]) if arch == "x86_tdp" else (2 << 20, [(0, 0)]))
+
+
+ALIASED = """
+name = "aliased_slots"
+[[slot]]
+pages = 16
+[[slot]]
+slot = 1
+gpa = 0x100000000
+pages = 16
+alias = 0
+[[access]]
+op = "write"
+page = 5
+slot = 1
+[[flow]]
+op = "read"
+page = 5
+[[flow]]
+op = "munmap"
+page = 5
+"""
+
+
+def test_an_alias_slot_maps_the_host_pages_of_another_at_another_gpa():
+    """``alias = 0``: two memslots over the same host pages; a munmap zaps both gfns (the
+    notifier walks every slot the hva range intersects), in every interleaving with a read
+    through the other slot."""
+    scn = parse(ALIASED)
+    world = World(scn, FLAT, "default", {})
+    vm = world.vm
+    assert world.hvas[0] == world.hvas[1]
+    assert vm.lookup((1 << 32) + 5 * 4096).writable
+    assert world.vcpus[0].read(5 * 4096, 8) == b"\x5a" * 8
+    world.flows[1].run()
+    assert vm.lookup(5 * 4096) is None and vm.lookup((1 << 32) + 5 * 4096) is None
+    result = explore(scn, FLAT)
+    assert result.exhausted and not result.failures
+    with pytest.raises(ValueError, match="slot 2: key 'alias': 3 is not an earlier"):
+        parse("[[slot]]\n[[slot]]\nslot = 1\nalias = 3\n[[flow]]\nop = 'read'\n")
+    with pytest.raises(ValueError, match="an alias covers at most the 16 pages of slot 0"):
+        parse("[[slot]]\n[[slot]]\nslot = 1\npages = 32\nalias = 0\n[[flow]]\nop = 'read'\n")

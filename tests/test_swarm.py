@@ -37,7 +37,7 @@ def test_the_model_is_clean_under_the_swarm():
     """A regression net: every bug the swarm has found in the model stays fixed (each also
     has its own test)."""
     result = swarm(FLAT, scenarios=40, seed=0)
-    assert result.scenarios > 30 and result.schedules > 1000
+    assert result.scenarios > 30 and result.schedules > 10 * result.scenarios
     assert result.findings == [], result.findings[0].text
 
 

@@ -16,6 +16,8 @@ guest_memfd = true          # optional ("mmap": a guest_memfd with GUEST_MEMFD_F
                             #   VM_PFNMAP device range) or another host mmap kind;
                             #   populate = true: the VMM wrote every page first (no zero page)
 private = true              # optional: the whole slot becomes private
+                            # alias = 0: a slot over the host pages of an earlier one
+                            #   (the same userspace_addr at another gpa; no guest_memfd)
 [[access]]                  # optional setup accesses (vCPU 0), before the flows start
 op = "write"
 page = 5                    # page 5 of slot 0 (``slot = N`` for another); or ``gpa = 0x5000``
@@ -164,6 +166,16 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
                       "private": bool(s.get("private", False)),
                       "populate": bool(s.get("populate", False)),
                       "kind": str(s.get("kind", "anon"))})
+        if "alias" in s:
+            alias = _num(path, item, "alias", s["alias"])
+            target = next((t for t in slots[:-1] if t["slot"] == alias), None)
+            if target is None or target["guest_memfd"] or slots[-1]["guest_memfd"]:
+                raise RaceScenarioError(f"{path}: {item}: key 'alias': {alias} is not an "
+                                        "earlier [[slot]] without guest_memfd")
+            if slots[-1]["pages"] > target["pages"]:
+                raise RaceScenarioError(f"{path}: {item}: key 'pages': an alias covers at "
+                                        f"most the {target['pages']} pages of slot {alias}")
+            slots[-1]["alias"] = alias
     for i, a in enumerate(doc.get("access", []), 1):
         item = f"access {i}"
         if a.get("op") not in ACCESS_OPS:
@@ -234,13 +246,15 @@ class World:
                 gmem = vm.create_guest_memfd(size, GUEST_MEMFD_FLAG_MMAP |
                                              GUEST_MEMFD_FLAG_INIT_SHARED
                                              if s["gmem_mmap"] else 0)
-            if s["gmem_mmap"]:
+            if "alias" in s:              # the same host pages at another gpa
+                hva = self.hvas[s["alias"]]
+            elif s["gmem_mmap"]:
                 hva = gmem.mmap()
             elif s["kind"] == "pfnmap":     # a device range: pfns far above RAM
                 hva = self.host.mmap(size, kind="pfnmap", pfn=0x80000)
             else:
                 hva = self.host.mmap(size, kind=s["kind"])
-            if s["populate"] and s["kind"] != "pfnmap":
+            if s["populate"] and s["kind"] != "pfnmap" and "alias" not in s:
                 for off in range(0, size, page):
                     self.host.write(hva + off, b"\0")
             flags = KVM_MEM_LOG_DIRTY_PAGES if s["log_dirty"] else 0

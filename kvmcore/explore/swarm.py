@@ -105,12 +105,19 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
     mmap = gmem and "private_mem" not in caps
     private = gmem and not mmap and rng.random() < 0.6
     kind = "anon" if gmem else rng.choice(list(SLOT_KINDS))
-    pages = rng.choice(SLOT_KINDS[kind])
+    pages = {0: rng.choice(SLOT_KINDS[kind])}
     # A dirty ring logs the writes to the slots with KVM_MEM_LOG_DIRTY_PAGES, and then
     # KVM_GET_DIRTY_LOG has no bitmap to read.
     ring = "dirty_ring" in caps and not gmem and kind != "pfnmap" and rng.random() < 0.2
     logging = ring or ("dirty_log" in caps and not gmem and kind != "pfnmap" and
                        rng.random() < 0.3)
+    # Sometimes a second slot: most often an alias of the first (its host pages at another
+    # gpa: one host change, two gfn ranges to invalidate), else a small one of its own.
+    alias = None
+    if not gmem and rng.random() < 0.25:
+        alias = rng.random() < 0.6
+        pages[1] = rng.choice([n for n in (4, 16, pages[0]) if n <= pages[0]]) if alias \
+            else 16
     # The operations this scenario may draw from: a random half of what the VM offers.
     offered = list(HOST_OPS + SLOT_OPS)
     if gmem:
@@ -123,22 +130,32 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
         offered += ["get_dirty_log", "clear_dirty_log"]
     offered = rng.sample(offered, max(1, len(offered) // 2))
     ops = ["read", "write"] * 2 + offered
-    hot = [rng.randrange(min(pages, 4)) for _ in range(HOT_PAGES - 1)] + [rng.randrange(pages)]
+    hot = [(0, rng.randrange(min(pages[0], 4))) for _ in range(HOT_PAGES - 1)] + \
+        [(0, rng.randrange(pages[0]))]
+    if alias is not None:
+        hot += [(1, rng.randrange(min(pages[1], 4)))]
 
     lines = [f'name = "{name}"', "[vm]", f'vm_type = "{vm_type}"']
     if ring:
         lines.append("dirty_ring = 65536")
     if logging and not ring and "manual_dirty_protect" in caps and rng.random() < 0.5:
         lines.append("manual_protect = true")
-    lines += ["[[slot]]", "slot = 0", "gpa = 0x0", f"pages = {pages}", f'kind = "{kind}"']
+    lines += ["[[slot]]", "slot = 0", "gpa = 0x0", f"pages = {pages[0]}", f'kind = "{kind}"']
     if gmem:
         lines.append('guest_memfd = "mmap"' if mmap else "guest_memfd = true")
     lines += [f"{key} = true" for key, on in (
         ("private", private), ("log_dirty", logging),
         ("populate", kind != "pfnmap" and rng.random() < 0.3)) if on]
+    if alias is not None:
+        # At 4 GiB: above slot 0 at every base page size.
+        lines += ["[[slot]]", "slot = 1", "gpa = 0x100000000", f"pages = {pages[1]}",
+                  "alias = 0" if alias else 'kind = "anon"']
+        if logging:
+            lines.append("log_dirty = true")
     for _ in range(rng.randrange(3)):
-        lines += ["[[access]]", f'op = "{rng.choice(("read", "write"))}"',
-                  f"page = {rng.choice(hot)}"]
+        slot, page = rng.choice(hot)
+        lines += ["[[access]]", f'op = "{rng.choice(("read", "write"))}"', f"page = {page}"]
+        lines += [f"slot = {slot}"] if slot else []
         if private:
             lines.append("private = true")
     for _ in range(rng.choice((2, 2, 2, 3))):
@@ -146,9 +163,11 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
     return "\n".join(lines) + "\n"
 
 
-def _flow(rng: random.Random, op: str, pages: int, hot: list, private: bool) -> list[str]:
-    page = rng.choice(hot)
-    lines = ["[[flow]]", f'op = "{op}"']
+def _flow(rng: random.Random, op: str, pages: dict, hot: list, private: bool) -> list[str]:
+    slot, page = rng.choice(hot)
+    if op in SLOT_OPS + ("get_dirty_log", "clear_dirty_log"):
+        slot = rng.choice(sorted(pages))
+    lines = ["[[flow]]", f'op = "{op}"'] + ([f"slot = {slot}"] if slot else [])
     if op in ("read", "write"):
         lines.append(f"page = {page}")
         if private and rng.random() < 0.7:
@@ -161,9 +180,9 @@ def _flow(rng: random.Random, op: str, pages: int, hot: list, private: bool) -> 
     elif op == "punch_hole":
         lines += [f"page = {page}", f"pages = {rng.choice((1, 2))}"]
     elif op == "move_slot":
-        lines.append(f"gpa = {rng.choice((pages, 2 * pages, 4096)) * 4096:#x}")
+        lines.append(f"gpa = {rng.choice((pages[slot], 2 * pages[slot], 4096)) * 4096:#x}")
     elif op in ("munmap", "madvise_dontneed", "age"):
-        lines += [f"page = {page}", f"pages = {rng.choice((1, 2, pages - page))}"]
+        lines += [f"page = {page}", f"pages = {rng.choice((1, 2, pages[slot] - page))}"]
     elif op in ("mprotect", "migrate", "host_write"):
         lines.append(f"page = {page}")
         if op == "mprotect":
