@@ -439,15 +439,20 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
 @click.option("--seed", default=0, show_default=True,
               help="Seed: the same seed gives the same scenarios.")
 @click.option("--max-schedules", type=click.IntRange(min=1), default=300, show_default=True,
-              help="Schedules explored (depth first) per scenario.")
+              help="Schedules explored per scenario.")
+@click.option("--strategy", type=click.Choice(["dfs", "pct"]), default="dfs", show_default=True,
+              help="dfs: the first schedules depth first; pct: randomized priority schedules "
+                   "(seeded by the scenario's number).")
+@click.option("--depth", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Bug depth d of the pct strategy.")
 @click.option("--mutant", "mutants", multiple=True,
               help="Switch a seed bug on (repeatable): how soon the swarm finds it.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Write each failing scenario to DIR/<name>.toml, for kvmcore explore.")
 @click.option("--stop-at-first", is_flag=True, help="Stop at the first failing scenario.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def swarm(arch, scenarios, seed, max_schedules, mutants, out_dir, stop_at_first,
-          as_json) -> None:
+def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_dir,
+          stop_at_first, as_json) -> None:
     """Explore random race scenarios (swarm testing): each draws its flows from a random
     subset of what the backend offers. Exit code 1 when one fails an oracle; a failure of
     a kind the backend declares as a divergence from Linux's common contract is listed,
@@ -468,7 +473,8 @@ def swarm(arch, scenarios, seed, max_schedules, mutants, out_dir, stop_at_first,
             raise UserError(f"--out {out_dir}: {e.strerror}") from None
     with _progress("scenarios", scenarios, as_json) as progress:
         result = run_swarm(arch, scenarios, seed, max_schedules, mutants,
-                           stop_at_first=stop_at_first, progress=progress)
+                           stop_at_first=stop_at_first, progress=progress,
+                           strategy=strategy, depth=depth)
     files = {}
     for f in result.findings + result.declared:
         if out is not None:

@@ -87,3 +87,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
         r = runner.invoke(main, ["swarm", *args])
         assert r.exit_code == 2, (args, r.output)
         assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_pct_spreads_the_budget_and_finds_the_mutant_too():
+    result = swarm(FLAT, scenarios=30, seed=0, max_schedules=100, strategy="pct",
+                   mutants=("no_flush_on_zap",), stop_at_first=True)
+    finding = result.findings[0]
+    run = replay(parse(finding.text), FLAT, finding.failure.id, finding.vm_type,
+                 mutants=("no_flush_on_zap",))
+    assert run.failure is not None and run.failure.kind == finding.failure.kind
+    assert swarm(FLAT, scenarios=10, seed=0, max_schedules=50, strategy="pct").findings == []

@@ -192,10 +192,12 @@ def _flow(rng: random.Random, op: str, pages: dict, hot: list, private: bool) ->
 
 def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
           mutants=(), options: dict | None = None, stop_at_first: bool = False,
-          progress=None) -> SwarmResult:
+          progress=None, strategy: str = "dfs", depth: int = 3) -> SwarmResult:
     """Generate ``scenarios`` random scenarios for ``arch`` (scenario ``k`` from
     ``random.Random(f"{seed}:{k}")``, on a VM type drawn from the backend's) and explore
-    each depth first for up to ``max_schedules`` schedules with ``mutants`` on.
+    each for up to ``max_schedules`` schedules with ``mutants`` on: depth first, or with
+    ``strategy="pct"`` by random priorities of bug depth ``depth`` (seeded by ``k``), which
+    spreads a small budget over the whole tree where depth first varies its last steps.
     ``progress(k)`` is called after each one."""
     from ..plugins import resolve_backend
 
@@ -208,8 +210,8 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
         vm_type = rng.choice(sorted(caps))
         text = generate(rng, vm_type, caps[vm_type], f"swarm-{seed}-{k}")
         try:
-            r = explore(parse(text), arch, vm_type, options=options,
-                        max_schedules=max_schedules, mutants=mutants)
+            r = explore(parse(text), arch, vm_type, options=options, strategy=strategy,
+                        max_schedules=max_schedules, seed=k, depth=depth, mutants=mutants)
         except KvmError:
             result.refused += 1
         else:
