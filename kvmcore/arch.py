@@ -115,7 +115,8 @@ class ArchInfo:
     (``test_races.py::test_x``); ``state_machine:<step>:<ERRNO>`` lets the state machine
     accept that errno from the backend for that step (the reference does not run it);
     ``explore:<oracle kind>`` makes ``kvmcore swarm`` list a random scenario that fails that
-    oracle (``downgrade``, ``invariant``, ...) as a declared divergence, not a failure. The
+    oracle (``downgrade``, ``invariant``, ...) as a declared divergence, not a failure, and
+    ``explore:<oracle kind>:<text>`` one whose every problem says ``text``. The
     suite reports each test as a strict xfail with that reason
     (an unexpected pass fails: the divergence is gone and the entry must go too);
     ``kvmcore archs`` lists them. Linux-exact behaviour is the default, not an option.

@@ -97,3 +97,17 @@ def test_pct_spreads_the_budget_and_finds_the_mutant_too():
                  mutants=("no_flush_on_zap",))
     assert run.failure is not None and run.failure.kind == finding.failure.kind
     assert swarm(FLAT, scenarios=10, seed=0, max_schedules=50, strategy="pct").findings == []
+
+
+def test_a_declared_text_covers_only_failures_whose_every_problem_says_it():
+    from kvmcore.explore import Failure
+    from kvmcore.explore.swarm import declared
+
+    ppc = {"explore:invariant:crosses the end of slot": "ppc's quirk"}
+    one = Failure("invariant", "after B: leaf gfn 0x100000: crosses the end of slot 0x1", [])
+    two = Failure("invariant", "after B: leaf gfn 0x100000: crosses the end of slot 0x1; "
+                               "leaf gfn 0x5: maps pfn 0x9, the backing gives 0x7", [])
+    assert declared(ppc, one) == "ppc's quirk" and declared(ppc, two) is None
+    assert declared({"explore:invariant": "all"}, two) == "all"
+    assert declared({"explore:downgrade": "riscv"}, two) is None
+    assert declared({"test_x": "a conformance test"}, one) is None

@@ -9,8 +9,9 @@ A failure on a model without mutants is a bug of the model or a race of Linux it
 a mutant on, the number of scenarios it takes to find it measures the swarm.
 
 A backend's declared departures from the common contract (``ArchInfo.known_divergences``)
-include ``explore:<oracle kind>`` entries (RISC-V: ``explore:downgrade``): a failure of
-that kind is counted as declared, not as a finding.
+include ``explore:<oracle kind>[:<text>]`` entries (RISC-V: ``explore:downgrade``; ppc:
+``explore:invariant:crosses the end of slot``): a failure they cover (``declared``) is
+listed as declared, not as a finding.
 
 Every scenario is a TOML text of the race-scenario format (``scenario.py``) with its number
 in its name: ``kvmcore swarm --out DIR`` writes each finding's file, which
@@ -77,6 +78,20 @@ def _finding(f: Finding) -> dict:
     return {"scenario": f.name, "vm_type": f.vm_type, "kind": f.failure.kind,
             "schedule": f.failure.id, "message": f.failure.message,
             **({"declared": f.declared} if f.declared else {})}
+
+
+def declared(divergences, failure: Failure) -> str | None:
+    """The reason a backend's ``known_divergences`` gives for ``failure``: a key
+    ``explore:<kind>`` covers every failure of that oracle, ``explore:<kind>:<text>`` one
+    whose every problem (the ``; ``-separated parts of its message) contains ``text``."""
+    problems = failure.message.split(": ", 1)[-1].split("; ")
+    for key, why in divergences.items():
+        scope, _, rest = key.partition(":")
+        kind, _, text = rest.partition(":")
+        if scope == "explore" and kind == failure.kind and \
+                all(text in p for p in problems):
+            return why
+    return None
 
 
 def vm_type_caps(arch, options: dict | None = None) -> dict[str, frozenset]:
@@ -219,7 +234,7 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
             result.schedules += r.schedules
             if r.failures:
                 failure = r.failures[0]
-                why = info.known_divergences.get(f"explore:{failure.kind}")
+                why = declared(info.known_divergences, failure)
                 finding = Finding(k, text, vm_type, failure, why)
                 (result.declared if why else result.findings).append(finding)
         if progress is not None:
