@@ -354,9 +354,11 @@ def _backend_names(names) -> None:
 @click.option("--dask", "dask_address", metavar="ADDRESS",
               help="Shard the search over the Dask scheduler at ADDRESS (pip install "
                    "'kvmcore[dask]').")
+@click.option("--vm-option", "vm_options", multiple=True, metavar="KEY=VALUE",
+              help="A VM option of the backend (repeatable), e.g. wp_whole_leaves=True.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, depth, mutants,
-            list_mutants, replay_id, trace_path, picture, workers, dask_address,
+            list_mutants, replay_id, trace_path, picture, workers, dask_address, vm_options,
             as_json) -> None:
     """Search the interleavings of a race SCENARIO (a TOML file or a built-in name; without
     one, list the built-in ones). Exit code 1 when a schedule fails an oracle."""
@@ -379,6 +381,7 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
         raise UserError(str(e)) from None
     arch = arch or scn.vm.get("arch") or default_arch()
     _backend_names([arch])
+    options = _vm_options(vm_options)
     try:
         if not ex.supports(scn, arch):
             raise UserError(f"{scn.path}: {arch} has no VM type with "
@@ -387,7 +390,7 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
         if replay_id:
             if picture:
                 _check_picture(picture)
-            run = ex.replay(scn, arch, replay_id, vm_type, mutants=mutants)
+            run = ex.replay(scn, arch, replay_id, vm_type, options, mutants=mutants)
             _print_replay(run, trace_path)
             if picture:
                 from .explore.picture import draw
@@ -405,7 +408,7 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
                                 f"{e}") from None
         with _progress("schedules", max_schedules, as_json or max_schedules < 5000,
                        lambda result: result.schedules) as progress:
-            result = ex.explore(scn, arch, vm_type, strategy=strategy,
+            result = ex.explore(scn, arch, vm_type, options, strategy=strategy,
                                 max_schedules=max_schedules, seconds=seconds, seed=seed,
                                 depth=depth, mutants=mutants, workers=workers,
                                 dask=dask_address or None, progress=progress)
@@ -426,7 +429,8 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
         for f in summary["failures"]:
             click.echo(f"  FAILED {f['kind']} in schedule {f['schedule']}: {f['message']}")
             click.echo(f"  replay: kvmcore explore {scenario} --arch {arch} --replay "
-                       f"{f['schedule']}" + "".join(f" --mutant {m}" for m in mutants))
+                       f"{f['schedule']}" + "".join(f" --mutant {m}" for m in mutants)
+                       + "".join(f" --vm-option {o}" for o in vm_options))
     if not result.clean:
         sys.exit(1)
 
@@ -450,9 +454,11 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Write each failing scenario to DIR/<name>.toml, for kvmcore explore.")
 @click.option("--stop-at-first", is_flag=True, help="Stop at the first failing scenario.")
+@click.option("--vm-option", "vm_options", multiple=True, metavar="KEY=VALUE",
+              help="A VM option of the backend (repeatable), e.g. wp_whole_leaves=True.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_dir,
-          stop_at_first, as_json) -> None:
+          stop_at_first, vm_options, as_json) -> None:
     """Explore random race scenarios (swarm testing): each draws its flows from a random
     subset of what the backend offers. Exit code 1 when one fails an oracle; a failure of
     a kind the backend declares as a divergence from Linux's common contract is listed,
@@ -471,10 +477,14 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_di
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"--out {out_dir}: {e.strerror}") from None
-    with _progress("scenarios", scenarios, as_json) as progress:
-        result = run_swarm(arch, scenarios, seed, max_schedules, mutants,
-                           stop_at_first=stop_at_first, progress=progress,
-                           strategy=strategy, depth=depth)
+    options = _vm_options(vm_options)
+    try:
+        with _progress("scenarios", scenarios, as_json) as progress:
+            result = run_swarm(arch, scenarios, seed, max_schedules, mutants, options,
+                               stop_at_first=stop_at_first, progress=progress,
+                               strategy=strategy, depth=depth)
+    except KvmError as e:
+        raise UserError(str(e)) from None
     files = {}
     for f in result.findings + result.declared:
         if out is not None:
@@ -500,9 +510,27 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_di
             if f.index in files:
                 click.echo(f"  replay: kvmcore explore {files[f.index]} --arch {arch} "
                            f"--replay {f.failure.id}"
-                           + "".join(f" --mutant {m}" for m in mutants))
+                           + "".join(f" --mutant {m}" for m in mutants)
+                           + "".join(f" --vm-option {o}" for o in vm_options))
     if result.findings:
         sys.exit(1)
+
+
+def _vm_options(pairs) -> dict:
+    """``--vm-option KEY=VALUE``s as a dict; a VALUE that reads as a Python literal
+    (``True``, ``16384``) is that literal, any other a string."""
+    import ast
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--vm-option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
 
 
 @contextlib.contextmanager

@@ -111,3 +111,22 @@ def test_a_declared_text_covers_only_failures_whose_every_problem_says_it():
     assert declared({"explore:invariant": "all"}, two) == "all"
     assert declared({"explore:downgrade": "riscv"}, two) is None
     assert declared({"test_x": "a conformance test"}, one) is None
+
+
+def test_cli_passes_vm_options_and_refuses_bad_ones(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "3",
+                             "--vm-option", "page_size=65536"])
+    assert r.exit_code == 0 and "3 scenarios explored" in r.output
+    for bad in ("page_size", "nope=1"):
+        r = runner.invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "1",
+                                 "--vm-option", bad])
+        assert r.exit_code == 2, r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit)
+    path = tmp_path / "s.toml"
+    path.write_text("[[slot]]\n[[flow]]\nop = 'read'\n")
+    r = runner.invoke(main, ["explore", str(path), "--arch", FLAT,
+                             "--vm-option", "page_size=65536"])
+    assert r.exit_code == 0 and "1 schedules (all)" in r.output
+    r = runner.invoke(main, ["explore", str(path), "--arch", FLAT, "--vm-option", "nope=1"])
+    assert r.exit_code == 2
