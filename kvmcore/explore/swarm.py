@@ -97,6 +97,12 @@ def declared(divergences, failure: Failure) -> str | None:
 def vm_type_caps(arch, options: dict | None = None) -> dict[str, frozenset]:
     """The capabilities of each VM type of ``arch``, read from VMs (a backend may claim
     per VM option)."""
+    return _probe(arch, options)[1]
+
+
+def _probe(arch, options: dict | None):
+    """``(ArchInfo, {vm_type: capabilities})`` of ``arch``'s VMs with ``options`` (a
+    backend describes itself per VM option: ppc's huge_past_slot=False declares nothing)."""
     from ..vm import VM
 
     probe = VM(arch=arch, **(options or {}))
@@ -108,7 +114,7 @@ def vm_type_caps(arch, options: dict | None = None) -> dict[str, frozenset]:
         if vm is not probe:
             vm.close()
     probe.close()
-    return caps
+    return probe.arch_info, caps
 
 
 def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> str:
@@ -214,10 +220,7 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
     ``strategy="pct"`` by random priorities of bug depth ``depth`` (seeded by ``k``), which
     spreads a small budget over the whole tree where depth first varies its last steps.
     ``progress(k)`` is called after each one."""
-    from ..plugins import resolve_backend
-
-    info = resolve_backend(arch).arch_info
-    caps = vm_type_caps(arch, options)
+    info, caps = _probe(arch, options)
     result = SwarmResult(info.name, seed, tuple(mutants))
     t0 = time.perf_counter()
     for k in range(scenarios):
