@@ -496,7 +496,9 @@ class HostMemory:
 
     def _split_vmas(self, start: int, end: int, prot: str | None = None) -> list[Vma]:
         """Split VMAs at ``start`` and ``end``; return those inside. With ``prot``, only
-        those whose protection differs (mprotect_fixup leaves the others whole)."""
+        those whose protection differs (mprotect_fixup leaves the others whole). Both
+        pieces are new objects: a fault that read a VMA under the mmap lock (its bounds,
+        for vma_pagesize) keeps what it read, as Linux keeps it in locals."""
         for vma in self.vmas_in(start, end):
             if vma.prot == prot:
                 continue
@@ -509,11 +511,10 @@ class HostMemory:
                     right = attrs.evolve(vma, start=cut, pfn=vma.pfn + (
                         (cut - vma.start) >> PAGE_SHIFT if vma.kind == "pfnmap" else 0),
                         pgoff=vma.pgoff_of(cut))
-                    vma.end = cut
-                    self.vmas.add(vma)
+                    left = attrs.evolve(vma, end=cut)
+                    self.vmas.add(left)
                     self.vmas.add(right)
-                    if cut == start:
-                        vma = right
+                    vma = right if cut == start else left
         return self.vmas_in(start, end)
 
     # ------------------------------------------------------------------ host page table
