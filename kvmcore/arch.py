@@ -38,6 +38,17 @@ class VmOption:
                                           f"{', '.join(map(repr, self.choices))}")
 
 
+def option_value(text: str):
+    """A VM option's value written on a command line (``--vm-option KEY=VALUE``): a Python
+    literal (``True``, ``16384``) as that literal, any other text as itself."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def vm_options(arch: str, declared: _MappingABC[str, VmOption], given: dict) -> dict:
     """Every declared option's value, ``given`` or its default, each checked; EINVAL for a
     name ``declared`` does not have. What a backend's ``__init__`` does with its options."""

@@ -517,19 +517,15 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_di
 
 
 def _vm_options(pairs) -> dict:
-    """``--vm-option KEY=VALUE``s as a dict; a VALUE that reads as a Python literal
-    (``True``, ``16384``) is that literal, any other a string."""
-    import ast
+    """``--vm-option KEY=VALUE``s as a dict (``arch.option_value``)."""
+    from .arch import option_value
 
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--vm-option {pair!r}: expected KEY=VALUE")
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value
+        options[key] = option_value(value)
     return options
 
 

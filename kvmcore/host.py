@@ -1153,16 +1153,10 @@ class HostMemory:
         yield from self.mmap_lock.take(READ, MMAP_LOCK_WAIT)
         try:
             for page_hva, off, chunk in _chunks(hva, len(data)):
-                while True:
-                    cow = self._handle_mm_fault(page_hva, True)
-                    if cow is None:
-                        break
+                # A flow that ran in a COW break's notifier window (a DONTNEED, a migration)
+                # may have taken the new page: the store faults again.
+                while (cow := self._handle_mm_fault(page_hva, True)) is not None:
                     yield from cow
-                    # A flow that ran in the COW break's notifier window (a DONTNEED, a
-                    # migration) may have taken the new page: the store faults again.
-                    e = self.lookup_pte(page_hva)
-                    if e is not None and e[1]:
-                        break
                 self.write_frame(self.lookup_pte(page_hva)[0], off, data[pos:pos + chunk])
                 pos += chunk
         finally:

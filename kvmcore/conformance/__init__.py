@@ -48,7 +48,6 @@ Hypothesis profiles: ``ci`` (the default while this plugin is loaded; derandomiz
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib
 import importlib.metadata
 from pathlib import Path
@@ -56,6 +55,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from ..arch import option_value
 from . import profiles
 
 # Registered at import (``-p`` imports the plugin before hypothesis's own pytest_configure
@@ -108,13 +108,6 @@ class _SpecAction(argparse.Action):
         setattr(namespace, _DEST, specs)
 
 
-def _parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def installed_backends() -> list[str]:
     return sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
 
@@ -131,7 +124,7 @@ def selected_configs(config) -> list[ArchConfig]:
             if not sep or not key:
                 raise pytest.UsageError(f"--vm-option {value!r}: expected KEY=VALUE")
             target = archs[-1][1] if archs else global_opts
-            target[key] = _parse_value(val)
+            target[key] = option_value(val)
     if not archs:
         names = installed_backends() or [FLAT_BACKEND]
         archs = [(name, dict(global_opts)) for name in names]

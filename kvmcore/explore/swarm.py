@@ -43,15 +43,12 @@ SLOT_OPS = ("delete_slot", "move_slot", "log_dirty")
 class Finding:
     """A scenario with a failing schedule."""
     index: int
+    name: str
     text: str
     vm_type: str
     failure: Failure
     #: The backend's declared reason, when the failure is a divergence it declares.
     declared: str | None = None
-
-    @property
-    def name(self) -> str:
-        return parse(self.text).name
 
 
 @attrs.define
@@ -226,7 +223,8 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
     for k in range(scenarios):
         rng = random.Random(f"{seed}:{k}")
         vm_type = rng.choice(sorted(caps))
-        text = generate(rng, vm_type, caps[vm_type], f"swarm-{seed}-{k}")
+        name = f"swarm-{seed}-{k}"
+        text = generate(rng, vm_type, caps[vm_type], name)
         try:
             r = explore(parse(text), arch, vm_type, options=options, strategy=strategy,
                         max_schedules=max_schedules, seed=k, depth=depth, mutants=mutants)
@@ -238,7 +236,7 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
             if r.failures:
                 failure = r.failures[0]
                 why = declared(info.known_divergences, failure)
-                finding = Finding(k, text, vm_type, failure, why)
+                finding = Finding(k, name, text, vm_type, failure, why)
                 (result.declared if why else result.findings).append(finding)
         if progress is not None:
             progress(k + 1)
