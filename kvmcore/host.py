@@ -1034,37 +1034,55 @@ class HostMemory:
     @steppable
     def split_huge_page(self, hva: int) -> None:
         """split_huge_pmd: the THP at ``hva`` becomes PAGE_SIZE PTEs on the same frames; the
-        notifiers fire for the PMD's range."""
+        notifiers fire for the PMD's range. As __split_huge_pmd does under the PMD lock, it
+        looks at the PMD again once the notifiers have started: another split (a partial
+        mprotect, munmap or DONTNEED in the window) leaves it nothing to do."""
         base, pmd = self._thp_block(hva, "split_huge_page")
-        table = self._tables[pmd]
-        if not table.get(base >> (pmd.bit_length() - 1)):
+        table, key = self._tables[pmd], base >> (pmd.bit_length() - 1)
+        if not table.get(key):
             raise KvmError(errno.EINVAL, f"split_huge_page: no huge page at hva={hva:#x}")
         yield from self._invalidate_start(base, pmd)
-        self._split_word(base, pmd, table.pop(base >> (pmd.bit_length() - 1)))
+        word = table.pop(key, 0)
+        if word:
+            self._split_word(base, pmd, word)
         yield from self._invalidate_end(base, pmd)
 
     @steppable
     def collapse_huge_page(self, hva: int) -> int:
         """khugepaged's collapse_huge_page: the present PAGE_SIZE pages of a PMD-sized
-        THP-enabled range become one new huge page (contents copied); the notifiers fire,
-        under the mmap lock for write. Returns the new pfn."""
+        THP-enabled range become one new huge page (contents copied), under the mmap lock
+        for write. As in Linux, the notifiers' range covers clearing the old PTEs
+        (pmdp_collapse_flush) and ends before the copy and the new PMD: the mmap lock keeps
+        every fault out until the PMD is set. The model collapses only a range whose every
+        page is present (khugepaged_max_ptes_none = 0), checked under the lock and again
+        once the PTEs are cleared (a page unmapped meanwhile, by memory_failure, makes
+        __collapse_huge_page_isolate fail: the PTEs go back, EAGAIN). Returns the new pfn."""
         base, pmd = self._thp_block(hva, "collapse_huge_page")
         keys = range(base >> self.page_shift, (base + pmd) >> self.page_shift)
-        if not all(k in self.ptes for k in keys):
-            raise KvmError(errno.EAGAIN, "collapse_huge_page: not every page is present")
         yield from self.mmap_lock.take(WRITE, MMAP_LOCK_WAIT)
         try:
+            if not all(k in self.ptes for k in keys):
+                raise KvmError(errno.EAGAIN, "collapse_huge_page: not every page is present")
             yield from self._invalidate_start(base, pmd)
+            old = [self.ptes.pop(key) for key in keys]
+            yield from self._invalidate_end(base, pmd)
+            if not all(old):
+                for key, word in zip(keys, old, strict=True):
+                    if word:
+                        self.ptes[key] = word
+                raise KvmError(errno.EAGAIN, "collapse_huge_page: a page went during the "
+                                             "collapse")
             new = self._alloc(pmd >> PAGE_SHIFT)
-            for i, key in enumerate(keys):
-                pfn = self.ptes.pop(key) >> PAGE_SHIFT
+            for i, word in enumerate(old):
+                pfn = word >> PAGE_SHIFT
                 if pfn != self.zero_pfn:
                     self.copy_frames(pfn, new + i * self.nr_frames, self.nr_frames)
+                    if self.freed is not None:      # the old pages go back to the allocator
+                        self.freed.update(range(pfn, pfn + self.nr_frames))
             # mk_huge_pmd with the VMA's page protection: writable and dirty, or protnone.
             prot = self.find_vma(hva).prot
             self._tables[pmd][base >> (pmd.bit_length() - 1)] = _word(new, "w" in prot) | (
                 _PTE_PROTNONE if "r" not in prot and "w" not in prot else 0)
-            yield from self._invalidate_end(base, pmd)
         finally:
             self.mmap_lock.write_unlock()
         return new

@@ -585,6 +585,62 @@ def test_collapse_holds_mmap_lock_for_write(host):
     assert not host.mmap_lock.held
 
 
+def test_collapse_frees_the_small_pages_and_ends_the_invalidation_before_the_new_pmd(host):
+    """collapse_huge_page clears the old PTEs inside its notifier range and ends it before
+    the copy and set_pmd_at (the mmap lock keeps faults out until then); the old pages go
+    back to the allocator, so a stage-2 entry still holding one is a use-after-free."""
+    seen = []
+
+    class AtEnd(Recorder):
+        def invalidate_range_end(self, start, end):
+            seen.append((host.lookup_pte(start), host.lookup_pte(start + 0x1000)))
+
+    host.register_notifier(AtEnd())
+    hva = host.mmap(2 * MiB, thp=True)
+    host.write(hva, b"x")
+    host.split_huge_page(hva)
+    small = host.lookup_pte(hva + 0x1000)[0]
+    host.freed = set()
+    seen.clear()
+    new = host.collapse_huge_page(hva)
+    assert seen == [(None, None)]
+    assert small in host.freed and host.zero_pfn not in host.freed
+    assert host.lookup_pte(hva + 0x1000) == (new + 1, True, 2 * MiB)
+
+
+def test_a_split_finds_its_thp_split_already_by_an_mprotect_in_its_window(host):
+    """__split_huge_pmd looks at the PMD under its lock after the notifiers start: an
+    mprotect of part of the THP that ran meanwhile split it, so there is nothing left to do
+    (the model's split raised KeyError there; found by kvmcore swarm)."""
+    hva = host.mmap(2 * MiB, thp=True)
+    host.write(hva, b"x")
+    split = host.steps.split_huge_page(hva)
+    while split.point != "mn_host_window":
+        next(split)
+    host.mprotect(hva + 0x2000, 0x1000, "r")
+    split.run()
+    assert host.lookup_pte(hva)[1:] == (True, 4096)
+    assert host.lookup_pte(hva + 0x2000)[1:] == (False, 4096)
+
+
+def test_a_collapse_that_loses_a_page_in_its_window_puts_the_ptes_back(host):
+    """A page unmapped by memory_failure while the collapse's PTEs are cleared: the
+    isolation fails (khugepaged_max_ptes_none 0 in the model), the other PTEs go back."""
+    hva = host.mmap(2 * MiB, thp=True)
+    host.write(hva, b"x")
+    host.split_huge_page(hva)
+    before = {i: host.lookup_pte(hva + i * 4096) for i in range(512)}
+    collapse = host.steps.collapse_huge_page(hva)
+    while collapse.point != "mn_host_window":
+        next(collapse)
+    host.poison(hva + 0x5000)
+    with pytest.raises(KvmError) as e:
+        collapse.run()
+    assert e.value.errno == errno.EAGAIN and not host.mmap_lock.held
+    assert host.lookup_pte(hva + 0x5000) is None
+    assert all(host.lookup_pte(hva + i * 4096) == before[i] for i in range(512) if i != 5)
+
+
 def test_mmap_takes_mmap_lock_for_write(host):
     """mmap(2) runs do_mmap under mm->mmap_lock for write (vm_mmap_pgoff): while a paused
     munmap holds it, even for read across its notifiers, a plain mmap() would block; it
