@@ -278,7 +278,7 @@ def _check_leaves(vm: Kvm, leaves: list) -> list[str]:
                     out.append(f"{where}: dirty and writable in a dirty-logged slot, but gfn "
                                f"{gfn:#x} is neither logged nor pending")
                     break
-    return out
+    return list(dict.fromkeys(out))     # a leaf's problem at each page it checks, once
 
 
 class _Logged:

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvmcore.cli import main
+from kvmcore.errors import KvmError
 from kvmcore.explore.oracles import Oracles
 from kvmcore.explore.scenario import World
 from kvmcore.explore import (MUTANTS, builtin_names, choose_vm_type, explore, load, parse,
@@ -122,6 +123,28 @@ def test_a_scenario_error_names_the_item():
         parse("[[slot]]\n[[flow]]\nop = 'punch_hole'\n")
     with pytest.raises(ValueError, match="slot 1: key 'guest_memfd': 'x' is not true, false"):
         parse("[[slot]]\nguest_memfd = 'x'\n[[flow]]\nop = 'read'\n")
+    for slot in ("thp = 'yes'", "thp = 1", "kind = 'shared'\nthp = true",
+                 "guest_memfd = true\nthp = 'split'"):
+        with pytest.raises(ValueError, match="slot 1: key 'thp': .* only for an anonymous"):
+            parse(f"[[slot]]\n{slot}\n[[flow]]\nop = 'read'\n")
+
+
+def test_a_split_thp_slot_starts_with_small_ptes_for_khugepaged():
+    """``thp = "split"``: every 2 MiB block populated as a THP, then split to PTEs, so the
+    collapse flow finds every page present; ``thp = true`` faults in whole huge pages."""
+    for thp, size in (('"split"', 4096), ("true", 2 * 1024 * 1024)):
+        world = World(parse(f"[[slot]]\npages = 1024\nthp = {thp}\npopulate = true\n"
+                            "[[flow]]\nop = 'collapse_huge_page'\npage = 512\n"),
+                      FLAT, "default", {})
+        hva = world.hvas[0]
+        assert {world.host.lookup_pte(hva + i * 4096)[2] for i in range(1024)} == {size}
+        flow = world.flows[0]
+        if thp == "true":       # no small pages to collapse
+            with pytest.raises(KvmError, match="not every page is present"):
+                flow.run()
+        else:
+            new = flow.run()
+            assert world.host.lookup_pte(hva + 512 * 4096) == (new, True, 2 * 1024 * 1024)
 
 
 GMEM_MMAP = """

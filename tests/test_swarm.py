@@ -27,6 +27,11 @@ def test_scenarios_are_valid_and_the_seed_fixes_them():
         assert scn.name == f"swarm-7-{k}" and 2 <= len(scn.flows) <= 3
         texts.append(text)
     assert len(set(texts)) == len(texts)
+    # Every slot kind, THP among them (whole or split for khugepaged), with its operations.
+    for key in ('kind = "pfnmap"', 'kind = "hugetlb_2m"', "thp = true", 'thp = "split"',
+                'op = "collapse_huge_page"', 'op = "split_huge_page"', "alias = 0"):
+        assert any(key in t for t in texts), key
+    assert not any("huge_page" in t and "thp" not in t for t in texts)
     again = swarm(FLAT, scenarios=5, seed=7, max_schedules=5)
     assert again.scenarios + again.refused == 5
     assert swarm(FLAT, scenarios=5, seed=7, max_schedules=5).summary()["schedules"] == \

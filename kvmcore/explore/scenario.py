@@ -14,7 +14,10 @@ guest_memfd = true          # optional ("mmap": a guest_memfd with GUEST_MEMFD_F
                             #   INIT_SHARED, its own mmap the slot's userspace_addr);
                             #   log_dirty = true also; kind = "pfnmap" (a VM_IO |
                             #   VM_PFNMAP device range) or another host mmap kind;
-                            #   populate = true: the VMM wrote every page first (no zero page)
+                            #   populate = true: the VMM wrote every page first (no zero page);
+                            #   thp = true: an anonymous range with transparent huge pages
+                            #   ("split": populated, each huge page then split to PTEs,
+                            #   as a partial mprotect leaves them, for khugepaged to collapse)
 private = true              # optional: the whole slot becomes private
                             # alias = 0: a slot over the host pages of an earlier one
                             #   (the same userspace_addr at another gpa; no guest_memfd)
@@ -42,8 +45,10 @@ Flow ops: ``read``, ``write`` (a vCPU's access: ``vcpu`` defaults to the flow's 
 every vCPU's dirty ring when the schedule starts, then KVM_RESET_DIRTY_RINGS; ``[vm]
 dirty_ring = <bytes>`` enables the rings), and the host's ``munmap``,
 ``madvise_dontneed``, ``mprotect`` (``prot``), ``migrate``, ``host_write``, ``age``
-(``slot``, ``page``: a page of the slot's host mapping). Addresses are numbers or strings
-(``"0x5000"``); pages count base pages (the VM's PAGE_SIZE).
+(``slot``, ``page``: a page of the slot's host mapping), ``split_huge_page`` and
+``collapse_huge_page`` (khugepaged; the PMD-sized block of a ``thp`` slot holding ``page``).
+Addresses are numbers or strings (``"0x5000"``); pages count base pages (the VM's
+PAGE_SIZE).
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ ACCESS_OPS = ("read", "write")
 VM_OPS = ("set_memory_attributes", "delete_slot", "move_slot", "log_dirty", "get_dirty_log",
           "clear_dirty_log", "reset_dirty_rings")
 GMEM_OPS = ("punch_hole",)
-HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age")
+HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age",
+            "split_huge_page", "collapse_huge_page")
 FLOW_OPS = ACCESS_OPS + VM_OPS + GMEM_OPS + HOST_OPS
 NAMES = "ABCD"
 #: The keys of [vm] and what each holds.
@@ -165,7 +171,14 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
                       "log_dirty": bool(s.get("log_dirty", False)),
                       "private": bool(s.get("private", False)),
                       "populate": bool(s.get("populate", False)),
+                      "thp": s.get("thp", False),
                       "kind": str(s.get("kind", "anon"))})
+        thp = slots[-1]["thp"]
+        if not (isinstance(thp, bool) or thp == "split") or thp and (
+                slots[-1]["kind"] != "anon" or gmem or "alias" in s):
+            raise RaceScenarioError(f"{path}: {item}: key 'thp': {thp!r}: true, "
+                                    'false or "split", and only for an anonymous slot '
+                                    "without guest_memfd or alias")
         if "alias" in s:
             alias = _num(path, item, "alias", s["alias"])
             target = next((t for t in slots[:-1] if t["slot"] == alias), None)
@@ -253,10 +266,17 @@ class World:
             elif s["kind"] == "pfnmap":     # a device range: pfns far above RAM
                 hva = self.host.mmap(size, kind="pfnmap", pfn=0x80000)
             else:
-                hva = self.host.mmap(size, kind=s["kind"])
-            if s["populate"] and s["kind"] != "pfnmap" and "alias" not in s:
+                hva = self.host.mmap(size, kind=s["kind"], thp=bool(s["thp"]))
+            if (s["populate"] or s["thp"] == "split") and s["kind"] != "pfnmap" and \
+                    "alias" not in s:
                 for off in range(0, size, page):
-                    self.host.write(hva + off, b"\0")
+                    # A THP's first write allocated its whole huge page.
+                    if not (s["thp"] and self.host.lookup_pte(hva + off)):
+                        self.host.write(hva + off, b"\0")
+            if s["thp"] == "split":
+                pmd = self.host.pmd_size
+                for off in range(-hva % pmd, size - pmd + 1, pmd):
+                    self.host.split_huge_page(hva + off)
             flags = KVM_MEM_LOG_DIRTY_PAGES if s["log_dirty"] else 0
             if gmem is not None:
                 flags |= KVM_MEM_GUEST_MEMFD
@@ -371,4 +391,6 @@ class World:
             return host.steps.write(hva, b"HOST")
         if op == "age":
             return host.steps.age(hva, f.get("pages", 1) * self.page)
+        if op in ("split_huge_page", "collapse_huge_page"):
+            return getattr(host.steps, op)(hva)
         return getattr(host.steps, op)(hva, f.get("pages", 1) * self.page)

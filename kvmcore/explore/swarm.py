@@ -31,11 +31,13 @@ from .search import Failure, explore
 
 #: Pages a flow may name: a few low ones, so that flows meet on them, and one anywhere.
 HOT_PAGES = 3
-#: Host mapping kinds of a slot, with the page counts each allows (hugetlb: whole 2 MiB
-#: pages of 4 KiB base pages; a scenario counts base pages).
+#: Host mapping kinds of a slot, with the page counts each allows (hugetlb and THP: whole
+#: 2 MiB pages of 4 KiB base pages; a scenario counts base pages). "thp" is anonymous memory
+#: with transparent huge pages.
 SLOT_KINDS = {"anon": (4, 16, 1024), "shared": (16, 1024), "pfnmap": (16, 1024),
-              "hugetlb_2m": (512, 1024)}
+              "hugetlb_2m": (512, 1024), "thp": (512, 1024)}
 HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age")
+THP_OPS = ("split_huge_page", "collapse_huge_page")
 SLOT_OPS = ("delete_slot", "move_slot", "log_dirty")
 
 
@@ -140,6 +142,8 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
     offered = list(HOST_OPS + SLOT_OPS)
     if gmem:
         offered += ["punch_hole"]
+    if kind == "thp":
+        offered += THP_OPS
     if private:
         offered += ["set_memory_attributes"]
     if ring:
@@ -158,7 +162,10 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
         lines.append("dirty_ring = 65536")
     if logging and not ring and "manual_dirty_protect" in caps and rng.random() < 0.5:
         lines.append("manual_protect = true")
-    lines += ["[[slot]]", "slot = 0", "gpa = 0x0", f"pages = {pages[0]}", f'kind = "{kind}"']
+    lines += ["[[slot]]", "slot = 0", "gpa = 0x0", f"pages = {pages[0]}"]
+    # A THP range faulted in whole, or populated and split to PTEs for khugepaged.
+    lines.append("thp = " + rng.choice(("true", '"split"')) if kind == "thp"
+                 else f'kind = "{kind}"')
     if gmem:
         lines.append('guest_memfd = "mmap"' if mmap else "guest_memfd = true")
     lines += [f"{key} = true" for key, on in (
@@ -201,7 +208,7 @@ def _flow(rng: random.Random, op: str, pages: dict, hot: list, private: bool) ->
         lines.append(f"gpa = {rng.choice((pages[slot], 2 * pages[slot], 4096)) * 4096:#x}")
     elif op in ("munmap", "madvise_dontneed", "age"):
         lines += [f"page = {page}", f"pages = {rng.choice((1, 2, pages[slot] - page))}"]
-    elif op in ("mprotect", "migrate", "host_write"):
+    elif op in ("mprotect", "migrate", "host_write") + THP_OPS:
         lines.append(f"page = {page}")
         if op == "mprotect":
             lines.append(f'prot = "{rng.choice(("r", "", "rw"))}"')
