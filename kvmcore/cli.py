@@ -47,6 +47,15 @@ def _configure_logging(level: str, trace_file=None) -> None:
                         cache_logger_on_first_use=False)
 
 
+def _quiet_unless_asked() -> None:
+    """explore and swarm run the same flows thousands of times: what the model logs on the
+    way (a Linux WARN, a refused map) would repeat once per schedule, so they show it only
+    at a ``--log-level`` given explicitly; their oracles report what went wrong."""
+    root = click.get_current_context().find_root()
+    if root.get_parameter_source("log_level") is click.core.ParameterSource.DEFAULT:
+        _configure_logging("critical")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kvmcore")
 @click.option("--log-level", default="warning", show_default=True,
@@ -364,6 +373,8 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
     one, list the built-in ones). Exit code 1 when a schedule fails an oracle."""
     from . import explore as ex
 
+    _quiet_unless_asked()
+
     if list_mutants:
         for m in ex.MUTANTS.values():
             where = f" [{m.arch}]" if m.arch else ""
@@ -465,6 +476,8 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_di
     not counted."""
     from . import explore as ex
     from .explore.swarm import swarm as run_swarm
+
+    _quiet_unless_asked()
 
     unknown = [m for m in mutants if m not in ex.MUTANTS]
     if unknown:

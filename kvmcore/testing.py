@@ -174,6 +174,8 @@ class FlatBackend(WriteProtectDirtyLog):
         else:
             for old in existing:
                 del root[old.gfn]
+                if old.size > size:         # as arm64's map walk: the rest refaults lazily
+                    vm.stats["fault_block_unmapped"] += 1
             if existing:
                 lo = min(old.gfn for old in existing)
                 vm.flush_remote_tlbs_range(lo, max(old.end for old in existing) - lo)

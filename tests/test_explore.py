@@ -547,17 +547,48 @@ page = 300
 
 def test_a_long_flow_is_work_not_a_livelock(monkeypatch):
     """Aging 400 pages stops at every page (the notifier's clear_flush_young per PTE): more
-    than MAX_FLOW_STEPS stretches, as many as it takes alone, which is no livelock. A flow
-    that does not end alone within SOLO_CAP stretches gets MAX_FLOW_STEPS."""
+    than MAX_FLOW_STEPS stretches, as many as it takes alone, which is no livelock. A flow's
+    budget is MAX_FLOW_STEPS + its stretches alone + the pages of its range; a flow that
+    does not end alone within SOLO_CAP stretches counts none alone."""
     import kvmcore.explore.search as search
 
     result = explore(parse(BIG_AGING), FLAT, max_schedules=20)
     assert result.schedules == 20 and not result.failures
+    alone = search.Explorer(parse(BIG_AGING), FLAT, "default").budgets()
+    assert alone[0] > 200 + 400 + 400 and alone[1] < 200 + 1 + 20
     monkeypatch.setattr(search, "SOLO_CAP", 50)
     monkeypatch.setattr(search, "MAX_FLOW_STEPS", 10)
+    assert search.Explorer(parse(BIG_AGING), FLAT, "default").budgets()[0] == 10 + 400
+    monkeypatch.setattr(search.Explorer, "budgets", lambda self: [50, 50])
     result = explore(parse(BIG_AGING), FLAT, max_schedules=20)
     assert result.failures[0].kind == "livelock"
-    assert "ran 10 stretches without ending" in result.failures[0].message
+    assert "ran 50 stretches without ending" in result.failures[0].message
+
+
+THP_AGING_VS_DONTNEED = """
+name = "thp_aging_vs_dontneed"
+[[slot]]
+pages = 1024
+thp = true
+[[access]]
+op = "write"
+page = 0
+[[flow]]
+op = "age"
+page = 0
+pages = 1024
+[[flow]]
+op = "madvise_dontneed"
+page = 115
+"""
+
+
+def test_an_aging_that_meets_a_thp_split_by_another_flow_is_no_livelock():
+    """Alone, the aging meets the THP once; a DONTNEED of one of its pages first splits it,
+    and the aging then stops at each of the 511 PTEs left: work another flow made, within
+    the budget's page per page of the range (found by kvmcore swarm, seed 61)."""
+    result = explore(parse(THP_AGING_VS_DONTNEED), FLAT, max_schedules=50)
+    assert result.schedules == 50 and not result.failures, result.failures
 
 
 RING_ONLY_BLOCK = """
@@ -634,3 +665,36 @@ def test_an_alias_slot_maps_the_host_pages_of_another_at_another_gpa():
         parse("[[slot]]\n[[slot]]\nslot = 1\nalias = 3\n[[flow]]\nop = 'read'\n")
     with pytest.raises(ValueError, match="an alias covers at most the 16 pages of slot 0"):
         parse("[[slot]]\n[[slot]]\nslot = 1\npages = 32\nalias = 0\n[[flow]]\nop = 'read'\n")
+
+
+BLOCK_SPLIT_BY_A_LOGGING_WRITE = """
+name = "block_split_by_a_logging_write"
+[[slot]]
+pages = 512
+thp = true
+populate = true
+[[access]]
+op = "read"
+page = 2
+[[flow]]
+op = "read"
+page = 393
+[[flow]]
+op = "log_dirty"
+[[flow]]
+op = "write"
+page = 2
+"""
+
+
+def test_a_fault_that_unmaps_the_rest_of_a_block_is_no_downgrade():
+    """A 4K write fault under a block of a slot that logs now replaces the block (arm64's
+    stage2_map_walk_leaf, the flat backend's map_leaf): the page another access read
+    through it is gone until it refaults. The backend counts it as
+    ``fault_block_unmapped``, which the downgrade oracle allows."""
+    result = explore(parse(BLOCK_SPLIT_BY_A_LOGGING_WRITE), FLAT)
+    assert result.exhausted and not result.failures, result.failures
+    world = World(parse(BLOCK_SPLIT_BY_A_LOGGING_WRITE), FLAT, "default", {})
+    for flow in world.flows:
+        flow.run()
+    assert world.vm.stats["fault_block_unmapped"] == 1

@@ -135,3 +135,29 @@ def test_cli_passes_vm_options_and_refuses_bad_ones(tmp_path):
     assert r.exit_code == 0 and "1 schedules (all)" in r.output
     r = runner.invoke(main, ["explore", str(path), "--arch", FLAT, "--vm-option", "nope=1"])
     assert r.exit_code == 2
+
+
+def test_the_model_logs_only_at_a_log_level_asked_for(monkeypatch):
+    """explore and swarm replay the same flows per schedule: what the model logs (a Linux
+    WARN a backend prints) would repeat thousands of times, so it shows only when
+    --log-level is given."""
+    import importlib
+
+    import structlog
+
+    sw = importlib.import_module("kvmcore.explore.swarm")   # the module, not the function
+
+    real = sw.explore
+
+    def warning_explore(*args, **kwargs):
+        structlog.get_logger("kvmcore.test").warning("model.warn_once_per_schedule")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sw, "explore", warning_explore)
+    runner = CliRunner()
+    r = runner.invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "2",
+                             "--max-schedules", "2"])
+    assert r.exit_code == 0 and "model.warn_once_per_schedule" not in r.output
+    r = runner.invoke(main, ["--log-level", "warning", "swarm", "--arch", FLAT,
+                             "--scenarios", "2", "--max-schedules", "2"])
+    assert r.exit_code == 0 and r.output.count("model.warn_once_per_schedule") == 2

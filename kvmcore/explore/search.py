@@ -165,8 +165,10 @@ class Explorer:
 
     def budgets(self) -> list[int]:
         """Per flow, the stretches after which it is reported as a livelock: MAX_FLOW_STEPS
-        more than it runs alone from the setup state. An aging or a zap of a large range
-        stops at every page, as Linux's loop does: that is work, not a livelock."""
+        more than it runs alone from the setup state, plus one per page of its range. An
+        aging or a zap of a large range stops at every mapping it meets, as Linux's loop
+        does, and another flow may split a huge mapping it would have met once (a THP split
+        by a DONTNEED) into a mapping per page: that is work, not a livelock."""
         if self._budgets is None:
             self._budgets = []
             for i in range(len(self.scn.flows)):
@@ -180,7 +182,8 @@ class Explorer:
                     pass
                 for f in world.flows:
                     f.close()
-                self._budgets.append(MAX_FLOW_STEPS + (n if n < SOLO_CAP else 0))
+                self._budgets.append(MAX_FLOW_STEPS + self.scn.flows[i].get("pages", 1) +
+                                     (n if n < SOLO_CAP else 0))
         return self._budgets
 
     def run(self, prefix: list, policy=None, reduce: bool = False, checked: int = 0) -> Run:

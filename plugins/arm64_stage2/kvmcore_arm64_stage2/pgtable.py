@@ -130,6 +130,9 @@ KVM_PGTABLE_WALK_SKIP_CMO = 1 << 6
 #: The flags user_mem_abort / gmem_abort / handle_access_fault pass ([6.17]).
 FAULT_WALK_FLAGS = KVM_PGTABLE_WALK_HANDLE_FAULT | KVM_PGTABLE_WALK_SHARED
 
+#: The TLBI of a valid block that a map walk replaces by an empty table
+#: (stage2_map_walk_leaf): the rest of the block is unmapped, to be faulted in lazily.
+BBM_BLOCK_TO_TABLE = "bbm_block_to_table"
 #: Race points of the shared walks (reference/races.md §1.B): the old entry read, before the
 #: cmpxchg to LOCKED (stage2_try_break_pte); the entry LOCKED, before the new one is stored
 #: (stage2_make_pte); relax_perms' old entry read, before its cmpxchg (stage2_attr_walker).
@@ -582,9 +585,9 @@ class Stage2PageTable:
         table[index] = ctx.pte = new            # ctx.set
         return True
 
-    def _try_break_pte(self, ctx) -> bool:
+    def _try_break_pte(self, ctx, why: str = "bbm") -> bool:
         """stage2_try_break_pte: LOCKED -> TLBI (by range for a table, by IPA + level for a
-        leaf) -> drop the old entry's reference."""
+        leaf, named ``why``) -> drop the old entry's reference."""
         old = ctx.pte
         if old & _LOCKED_BITS == KVM_INVALID_PTE_LOCKED:          # stage2_pte_is_locked
             if not ctx.arg & KVM_PGTABLE_WALK_SHARED:
@@ -599,7 +602,7 @@ class Stage2PageTable:
                     size = self.geom.size(ctx.level)
                     self.tlb_flush_vmid_range(ctx.addr & ~(size - 1), size, "bbm_table")
                 elif old & KVM_PTE_VALID:
-                    self.tlb_flush_vmid_ipa(ctx.addr, ctx.level, "bbm")
+                    self.tlb_flush_vmid_ipa(ctx.addr, ctx.level, why)
             # stage2_pte_is_counted: mm_ops->put_page on the entry's table page.
             self._put_page(ctx.table_pa + ((ctx.index << 3) & self._page_mask))
         return True
@@ -627,7 +630,7 @@ class Stage2PageTable:
             return -errno.EAGAIN
         if data.steps:
             return self._bbm_steps(ctx, new, phys)
-        if not self._try_break_pte(ctx):
+        if not self._try_break_pte(ctx, BBM_BLOCK_TO_TABLE if new is None else "bbm"):
             return -errno.EAGAIN
         if (phys is not None and not self._cmos_noop
                 and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO):
@@ -641,7 +644,7 @@ class Stage2PageTable:
         store of the new one."""
         yield ARM64_PTE_BREAK
         old = ctx.pte
-        if not self._try_break_pte(ctx):
+        if not self._try_break_pte(ctx, BBM_BLOCK_TO_TABLE if new is None else "bbm"):
             return -errno.EAGAIN
         if (phys is not None and not self._cmos_noop
                 and not ctx.arg & KVM_PGTABLE_WALK_SKIP_CMO):

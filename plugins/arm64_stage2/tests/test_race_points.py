@@ -23,7 +23,7 @@ import errno
 
 import pytest
 from kvmcore.errors import FaultLivelock, KvmError
-from kvmcore.explore import MUTANTS, explore, load
+from kvmcore.explore import MUTANTS, explore, load, parse
 from kvmcore.fault import PF_LOCK_WAIT, PF_SEQ_SNAPSHOT
 from kvmcore.locks import WouldBlock
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES
@@ -507,3 +507,61 @@ def test_eager_split_drops_the_write_lock_before_each_chunk(make_vm):
     assert vm.lookup((2 << 20) + 0x3000).writable
     assert vm.get_dirty_log(0) == [512 + 3]
     vm.check_invariants()
+
+
+THP_RING_ONLY = """
+name = "thp_ring_only"
+[vm]
+dirty_ring = 65536
+[[slot]]
+pages = 1024
+thp = true
+log_dirty = true
+[[flow]]
+op = "read"
+page = 252
+vcpu = 1
+[[flow]]
+op = "write"
+page = 1
+"""
+
+
+def test_a_thp_block_of_a_ring_only_slot_reports_its_faulting_gfn():
+    """With a dirty ring and no bitmap memslot_is_logging is false: a read fault maps the
+    THP's block writable and marks the gfn user_mem_abort took before
+    transparent_hugepage_adjust aligned the ipa (the faulting one, 252); a later write
+    elsewhere in the block faults no more. The dirty-log oracle takes a gfn anywhere in the
+    block as the report (it wanted the block's first gfn; found by kvmcore swarm, seed 61)."""
+    result = explore(parse(THP_RING_ONLY), "arm64_stage2", max_schedules=200)
+    assert result.schedules == 200 and not result.failures, result.failures
+
+
+def test_a_write_that_splits_a_block_of_a_logging_slot_unmaps_the_rest_of_it():
+    """Dirty logging turned on over a THP block: the block is write-protected, not split
+    (no eager split). A read elsewhere in it then completes through it, and a write fault
+    maps 4K under it: stage2_map_walk_leaf replaces the block by an empty table, so the read's
+    page is gone until it refaults, which Linux allows ('mapped lazily'); the downgrade oracle
+    counts the replacement (``fault_block_unmapped``) as something that may take it away
+    (found by kvmcore swarm, seed 61)."""
+    text = """
+name = "block_split_by_a_logging_write"
+[[slot]]
+pages = 512
+thp = true
+populate = true
+[[access]]
+op = "read"
+page = 2
+[[flow]]
+op = "read"
+page = 393
+[[flow]]
+op = "log_dirty"
+[[flow]]
+op = "write"
+page = 2
+"""
+    result = explore(parse(text), "arm64_stage2")
+    assert result.exhausted and not result.failures, result.failures
+    assert len(result.end_states) > 1
