@@ -667,34 +667,15 @@ def test_an_alias_slot_maps_the_host_pages_of_another_at_another_gpa():
         parse("[[slot]]\n[[slot]]\nslot = 1\npages = 32\nalias = 0\n[[flow]]\nop = 'read'\n")
 
 
-BLOCK_SPLIT_BY_A_LOGGING_WRITE = """
-name = "block_split_by_a_logging_write"
-[[slot]]
-pages = 512
-thp = true
-populate = true
-[[access]]
-op = "read"
-page = 2
-[[flow]]
-op = "read"
-page = 393
-[[flow]]
-op = "log_dirty"
-[[flow]]
-op = "write"
-page = 2
-"""
-
-
 def test_a_fault_that_unmaps_the_rest_of_a_block_is_no_downgrade():
     """A 4K write fault under a block of a slot that logs now replaces the block (arm64's
     stage2_map_walk_leaf, the flat backend's map_leaf): the page another access read
     through it is gone until it refaults. The backend counts it as
     ``fault_block_unmapped``, which the downgrade oracle allows."""
-    result = explore(parse(BLOCK_SPLIT_BY_A_LOGGING_WRITE), FLAT)
+    scn = load("block_read_vs_log_dirty_write")
+    result = explore(scn, FLAT)
     assert result.exhausted and not result.failures, result.failures
-    world = World(parse(BLOCK_SPLIT_BY_A_LOGGING_WRITE), FLAT, "default", {})
+    world = World(scn, FLAT, "default", {})
     for flow in world.flows:
         flow.run()
     assert world.vm.stats["fault_block_unmapped"] == 1

@@ -212,7 +212,7 @@ _CORE = {m.name: m for m in (
            _gmem_end_before_truncate, ("private_fault_vs_punch_hole",)),
     Mutant("log_dirty_no_flush", "dirty logging started without its flush",
            "kvm_arch_commit_memory_region protects the slot but does not flush its TLBs",
-           _log_dirty_no_flush, ("write_vs_log_dirty",)),
+           _log_dirty_no_flush, ("write_vs_log_dirty", "block_read_vs_log_dirty_write")),
 )}
 
 

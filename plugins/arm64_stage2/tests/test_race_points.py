@@ -31,7 +31,7 @@ from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES
 from conftest import GPA, backend_of
 from kvmcore_arm64_stage2.backend import S2_UNMAP_RESCHED
 from kvmcore_arm64_stage2.mmu import ARM64_PTE_LOCKED_WAIT
-from kvmcore_arm64_stage2.pgtable import (ARM64_PTE_BREAK, ARM64_PTE_MAKE,
+from kvmcore_arm64_stage2.pgtable import (ARM64_PTE_BREAK, ARM64_PTE_MAKE, BBM_BLOCK_TO_TABLE,
                                           ARM64_RELAX_CMPXCHG, KVM_INVALID_PTE_LOCKED,
                                           KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)
 
@@ -544,24 +544,14 @@ def test_a_write_that_splits_a_block_of_a_logging_slot_unmaps_the_rest_of_it():
     page is gone until it refaults, which Linux allows ('mapped lazily'); the downgrade oracle
     counts the replacement (``fault_block_unmapped``) as something that may take it away
     (found by kvmcore swarm, seed 61)."""
-    text = """
-name = "block_split_by_a_logging_write"
-[[slot]]
-pages = 512
-thp = true
-populate = true
-[[access]]
-op = "read"
-page = 2
-[[flow]]
-op = "read"
-page = 393
-[[flow]]
-op = "log_dirty"
-[[flow]]
-op = "write"
-page = 2
-"""
-    result = explore(parse(text), "arm64_stage2")
+    from kvmcore.explore.scenario import World
+
+    scn = load("block_read_vs_log_dirty_write")
+    result = explore(scn, "arm64_stage2")
     assert result.exhausted and not result.failures, result.failures
     assert len(result.end_states) > 1
+    world = World(scn, "arm64_stage2", "default", {})
+    for flow in world.flows:
+        flow.run()
+    assert world.vm.stats["fault_block_unmapped"] == 1
+    assert BBM_BLOCK_TO_TABLE in [t.why for t in backend_of(world.vm).tlbi_log]
