@@ -14,7 +14,7 @@ from .errors import KvmError
 KNOWN_CAPABILITIES = frozenset({
     "private_mem", "gmem", "gmem_mmap", "readonly_mem", "dirty_log", "manual_dirty_protect",
     "dirty_ring", "pml", "hugepage_2m", "hugepage_1g", "relax_perms", "pre_fault", "aging",
-    "memory_attributes", "initially_set", "private_alias",
+    "memory_attributes", "initially_set", "private_alias", "pfncache",
 })
 
 

@@ -36,6 +36,8 @@ def check_vm(vm: Kvm, leaves: list | None = None) -> list[str]:
     problems += _check_gmem(vm)
     problems += _check_leaves(vm, leaves)
     problems += _check_rings(vm)
+    if vm.gpc_list:
+        problems += _check_gpcs(vm)
     problems += _check_tlbs(vm, leaves)
     problems += _check_destroyed(vm)
     for found in vm.arch_check_invariants(vm=vm):
@@ -209,6 +211,30 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
         return f"the host has no page at hva {hva:#x}"
     pfn, writable, size = pte
     return pfn, writable and not slot.readonly, size
+
+
+def _check_gpcs(vm: Kvm) -> list[str]:
+    """A valid pfn cache maps the frame the host maps at its hva now, once no MMU-notifier
+    invalidation is between its start and end (the start made the caches it covers invalid
+    before the host changed anything; a refresh that raced it retries)."""
+    out = []
+    if vm.mn_active_invalidate_count:
+        return out
+    host = vm.host
+    for gpc in vm.gpc_list:
+        if not gpc.valid:
+            continue
+        where = f"pfn cache of gpa {gpc.gpa:#x} (hva {gpc.uhva:#x})"
+        if not gpc.active:
+            out.append(f"{where}: valid but not active")
+        pte = host.lookup_pte(gpc.uhva)
+        linear = host.linear_pfnmap(gpc.uhva)
+        pfn = pte[0] if pte is not None else linear[0] if linear is not None else None
+        if pfn != gpc.pfn:
+            now = "no page" if pfn is None else f"pfn {pfn:#x}"
+            out.append(f"{where}: valid with pfn {gpc.pfn:#x}, but the host maps {now} there "
+                       "(a missed invalidation)")
+    return out
 
 
 def all_leaves(vm: Kvm) -> list[list]:

@@ -77,6 +77,8 @@ class Kvm:
         self.srcu = Srcu("srcu")
         self.attributes = AttributeRanges()
         self.gmem_files: list = []
+        #: kvm->gpc_list: the active gfn_to_pfn_caches (kvmcore.pfncache).
+        self.gpc_list: list = []
         self.vcpus: list[KvmVcpu] = []
         self.stats: Counter = Counter()
         self.dirty_ring_size = 0

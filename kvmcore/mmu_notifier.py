@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .hva import kvm_handle_hva_range
+from .pfncache import gfn_to_pfn_cache_invalidate_start
 from .records import GfnRange
 
 if TYPE_CHECKING:
@@ -65,6 +66,10 @@ class KvmMmuNotifier:
         shared alias, flushing before the lock is dropped."""
         vm = self.vm
         vm.mn_active_invalidate_count += 1
+        # The pfn caches first, without mmu_lock: their refresh tests the count raised above,
+        # not mmu_invalidate_in_progress, which is raised only under the lock.
+        if vm.gpc_list:
+            gfn_to_pfn_cache_invalidate_start(vm, start, end)
         _ret, found = yield from kvm_handle_hva_range(
             vm, start, end, kvm_mmu_unmap_gfn_range, on_lock=vm.mmu_invalidate_begin,
             flush_on_ret=True, may_block=blockable, point=MN_START_LOCK_WAIT)

@@ -38,7 +38,7 @@ from .uapi import (
 
 _COMMON = frozenset({"readonly_mem", "dirty_log", "manual_dirty_protect", "initially_set",
                      "dirty_ring", "hugepage_2m", "hugepage_1g", "relax_perms", "pre_fault",
-                     "aging", "memory_attributes", "gmem", "gmem_mmap"})
+                     "aging", "memory_attributes", "gmem", "gmem_mmap", "pfncache"})
 
 
 @attrs.define(slots=True, eq=False)

@@ -27,6 +27,7 @@ from .host import HOST_PAGE_SIZES, HostMemory
 from .kvm import Kvm, KvmVcpu
 from .locks import Flow, Steps, drive, steppable, wait_until
 from .mmu_notifier import KvmMmuNotifier
+from .pfncache import GfnToPfnCache
 from .set_attributes import kvm_vm_ioctl_set_mem_attributes
 from .set_memory_region import kvm_set_memory_region
 from .plugins import (HOT_HOOKS, BoundHooks, bind_hot_hook, class_plugin_manager,
@@ -198,6 +199,19 @@ class VM(Kvm):
         ``4 KiB << folio_order`` (in flight upstream; upstream always uses order 0)."""
         self._check_open()
         return kvm_gmem_create(self, size, flags, folio_order)
+
+    # ------------------------------------------------------------------ pfn caches
+
+    def gpc_init(self) -> GfnToPfnCache:
+        """kvm_gpc_init: a gfn_to_pfn_cache of this VM, inactive (``activate(gpa, length)``;
+        see kvmcore.pfncache). KVM's own users (kvmclock, Xen's shared pages) have no uapi of
+        their own; EOPNOTSUPP where the arch does not select CONFIG_HAVE_KVM_PFNCACHE
+        (every arch but x86)."""
+        self._check_open()
+        if "pfncache" not in self.capabilities:
+            raise KvmError(errno.EOPNOTSUPP, f"gpc_init: {self.arch_info.name} has no "
+                                             "gfn_to_pfn_cache (CONFIG_HAVE_KVM_PFNCACHE)")
+        return GfnToPfnCache(self)
 
     # ------------------------------------------------------------------ attributes
 

@@ -26,7 +26,7 @@ LAYERS = {
     # 3 flows, each over Kvm
     "hva": 3, "mmu_notifier": 3, "pfn": 3, "gmem": 3, "dirty": 3, "set_attributes": 3,
     "set_memory_region": 3, "capabilities": 3, "fault": 3, "defaults": 3, "invariants": 3,
-    "plugins": 3,
+    "plugins": 3, "pfncache": 3,
     # 4 the ioctl facade
     "vm": 4,
     # 5 tools

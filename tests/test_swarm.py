@@ -19,7 +19,7 @@ FLAT = "kvmcore.testing:FlatBackend"
 def test_scenarios_are_valid_and_the_seed_fixes_them():
     caps = vm_type_caps(FLAT)
     texts = []
-    for k in range(200):
+    for k in range(400):
         rng = random.Random(f"7:{k}")
         vm_type = rng.choice(sorted(caps))
         text = generate(rng, vm_type, caps[vm_type], f"swarm-7-{k}")
@@ -27,9 +27,11 @@ def test_scenarios_are_valid_and_the_seed_fixes_them():
         assert scn.name == f"swarm-7-{k}" and 2 <= len(scn.flows) <= 3
         texts.append(text)
     assert len(set(texts)) == len(texts)
-    # Every slot kind, THP among them (whole or split for khugepaged), with its operations.
+    # Every slot kind, THP among them (whole or split for khugepaged), with its operations,
+    # and the pfn cache's (flat, as x86, has CONFIG_HAVE_KVM_PFNCACHE).
     for key in ('kind = "pfnmap"', 'kind = "hugetlb_2m"', "thp = true", 'thp = "split"',
-                'op = "collapse_huge_page"', 'op = "split_huge_page"', "alias = 0"):
+                'op = "collapse_huge_page"', 'op = "split_huge_page"', "alias = 0",
+                'op = "gpc_activate"', 'op = "gpc_read"', 'op = "gpc_write"'):
         assert any(key in t for t in texts), key
     assert not any("huge_page" in t and "thp" not in t for t in texts)
     again = swarm(FLAT, scenarios=5, seed=7, max_schedules=5)

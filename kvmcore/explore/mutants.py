@@ -179,6 +179,47 @@ def _notifier_without_invalidation():
         cls.invalidate_range_start, cls.invalidate_range_end = start, end
 
 
+def _gpc_retry_in_progress():
+    """hva_to_pfn_retry before c496097d2c0b ("KVM: Fix race between mmu_notifier
+    invalidation and pfncache refresh", 2022): the retry tested mmu_invalidate_in_progress,
+    which the notifier raises under mmu_lock only after it has invalidated the caches, so a
+    refresh between the two keeps a pfn the host frees next."""
+    from .. import pfncache
+
+    def retry(vm, mmu_seq):
+        return bool(vm.mmu_invalidate.in_progress) or vm.mmu_invalidate.seq != mmu_seq
+
+    return patch.object(pfncache, "mmu_notifier_retry_cache", retry)
+
+
+class _NoLock:
+    """A refresh_lock that serialises nothing."""
+
+    def take(self, mode, point):
+        return
+        yield
+
+    def unlock(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _gpc_refresh_unserialized():
+    """kvm_gpc_refresh before 93984f19e7bc ("KVM: Fully serialize gfn=>pfn cache refresh via
+    mutex", 2022): two refreshes interleave around their sleeping hva_to_pfn, and the one that
+    finishes last stores its pfn under the other's gpa."""
+    from ..pfncache import GfnToPfnCache
+
+    init = GfnToPfnCache.__init__
+
+    def unserialized(self, vm):
+        init(self, vm)
+        self.refresh_lock = _NoLock()
+
+    with patch.object(GfnToPfnCache, "__init__", unserialized):
+        yield
+
+
 _CORE = {m.name: m for m in (
     Mutant("no_stale_check", "seed 1: private fault vs conversion",
            "the fault installs without is_page_fault_stale (mmu_invalidate_retry[_gfn])",
@@ -210,6 +251,12 @@ _CORE = {m.name: m for m in (
     Mutant("gmem_end_before_truncate", "a hole punch that ends its invalidation early",
            "kvm_gmem_punch_hole ends the invalidation before the folios are truncated",
            _gmem_end_before_truncate, ("private_fault_vs_punch_hole",)),
+    Mutant("gpc_retry_in_progress", "a pfn cache refresh racing an invalidation",
+           "hva_to_pfn_retry tests mmu_invalidate_in_progress, not mn_active_invalidate_count",
+           _gpc_retry_in_progress, ("gpc_refresh_vs_munmap",)),
+    Mutant("gpc_refresh_unserialized", "two pfn cache refreshes at once",
+           "kvm_gpc_refresh without gpc->refresh_lock", _gpc_refresh_unserialized,
+           ("two_gpc_activates",)),
     Mutant("log_dirty_no_flush", "dirty logging started without its flush",
            "kvm_arch_commit_memory_region protects the slot but does not flush its TLBs",
            _log_dirty_no_flush, ("write_vs_log_dirty", "block_read_vs_log_dirty_write")),

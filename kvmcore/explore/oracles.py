@@ -1,9 +1,10 @@
 """The explorer's oracles beyond ``vm.check_invariants()``: what must hold in every schedule.
 
-- **Use after free**: no leaf and no vCPU TLB entry reaches a frame the host gave back
-  (``HostMemory.freed``: anonymous pages unmapped or migrated away, truncated guest_memfd
-  folios). Linux frees a page only after invalidate_range_start has zapped and flushed, so
-  this holds at every step, whatever locks are held.
+- **Use after free**: no leaf, no vCPU TLB entry and no valid pfn cache reaches a frame the
+  host gave back (``HostMemory.freed``: anonymous pages unmapped or migrated away, truncated
+  guest_memfd folios). Linux frees a page only after invalidate_range_start has zapped and
+  flushed (and made the pfn caches over it invalid), so this holds at every step, whatever
+  locks are held.
 - **No private leak**: no shared (non-private) leaf maps a page of a guest_memfd that is not
   shared (without GUEST_MEMFD_FLAG_INIT_SHARED): a shared access never reaches private memory.
 - **No downgrade without an invalidation**: once an access completed, the leaf it used stays
@@ -84,6 +85,10 @@ class Oracles:
         if leaves is None:
             leaves = all_leaves(vm)
         if freed:
+            for gpc in vm.gpc_list:
+                if gpc.valid and gpc.pfn in freed:
+                    return ("use-after-free", f"the pfn cache of gpa {gpc.gpa:#x} is valid "
+                            f"with pfn {gpc.pfn:#x}, a frame the host has freed")
             for vcpu in vm.vcpus:
                 for (gfn, pfn, _w, _x, _d) in vcpu.tlb.values():
                     if pfn in freed:

@@ -46,7 +46,10 @@ every vCPU's dirty ring when the schedule starts, then KVM_RESET_DIRTY_RINGS; ``
 dirty_ring = <bytes>`` enables the rings), and the host's ``munmap``,
 ``madvise_dontneed``, ``mprotect`` (``prot``), ``migrate``, ``host_write``, ``age``
 (``slot``, ``page``: a page of the slot's host mapping), ``split_huge_page`` and
-``collapse_huge_page`` (khugepaged; the PMD-sized block of a ``thp`` slot holding ``page``).
+``collapse_huge_page`` (khugepaged; the PMD-sized block of a ``thp`` slot holding ``page``),
+and KVM's own accesses through a gfn_to_pfn_cache (``gpc = N``, default 0; the VM type needs
+``pfncache``): ``gpc_activate`` (``page`` or ``gpa``; also a setup ``[[access]]``),
+``gpc_read`` and ``gpc_write`` (refreshing the cache while kvm_gpc_check fails).
 Addresses are numbers or strings (``"0x5000"``); pages count base pages (the VM's
 PAGE_SIZE).
 """
@@ -76,7 +79,11 @@ VM_OPS = ("set_memory_attributes", "delete_slot", "move_slot", "log_dirty", "get
 GMEM_OPS = ("punch_hole",)
 HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age",
             "split_huge_page", "collapse_huge_page")
-FLOW_OPS = ACCESS_OPS + VM_OPS + GMEM_OPS + HOST_OPS
+#: KVM's own accesses through a gfn_to_pfn_cache (``gpc = N`` names the cache, default 0).
+GPC_OPS = ("gpc_activate", "gpc_read", "gpc_write")
+FLOW_OPS = ACCESS_OPS + VM_OPS + GMEM_OPS + HOST_OPS + GPC_OPS
+#: What a page or gpa of an item names: the guest physical address it goes to.
+GPA_OPS = ACCESS_OPS + ("set_memory_attributes",) + GPC_OPS
 NAMES = "ABCD"
 #: The keys of [vm] and what each holds.
 VM_KEYS = {"arch": str, "vm_type": str, "requires": list, "manual_protect": bool,
@@ -191,10 +198,11 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
             slots[-1]["alias"] = alias
     for i, a in enumerate(doc.get("access", []), 1):
         item = f"access {i}"
-        if a.get("op") not in ACCESS_OPS:
-            raise RaceScenarioError(f"{path}: {item}: key 'op': one of {ACCESS_OPS}")
+        if a.get("op") not in ACCESS_OPS + ("gpc_activate",):
+            raise RaceScenarioError(f"{path}: {item}: key 'op': one of "
+                                    f"{ACCESS_OPS + ('gpc_activate',)}")
         access = {"op": a["op"], "private": bool(a.get("private", False))}
-        for key in ("gpa", "page", "slot"):
+        for key in ("gpa", "page", "slot", "gpc"):
             if key in a:
                 access[key] = _num(path, item, key, a[key])
         accesses.append(access)
@@ -232,8 +240,10 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
                     s for s in slots if s["slot"] == item.get("slot", 0))["guest_memfd"]:
                 raise RaceScenarioError(f"{path}: {kind} {i}: {item['op']} needs a [[slot]] "
                                         "with guest_memfd = true")
-            if item["op"] in ACCESS_OPS + ("set_memory_attributes",) and "page" not in item:
+            if item["op"] in GPA_OPS and "page" not in item:
                 item.setdefault("gpa", 0)
+    if any(item["op"] in GPC_OPS for item in accesses + flows):
+        vm["requires"] = sorted({*vm.get("requires", ()), "pfncache"})
     return RaceScenario(str(doc.get("name", Path(path).stem)), path, dict(vm), tuple(slots),
                         tuple(accesses), tuple(flows))
 
@@ -285,6 +295,10 @@ class World:
             if s["private"]:
                 vm.set_memory_attributes(s["gpa"], size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
         self.slots = {s["slot"]: s for s in scn.slots}
+        #: The gfn_to_pfn_caches the items name, made inactive here (kvm_gpc_init).
+        self.gpcs = {n: vm.gpc_init() for n in sorted({
+            item.get("gpc", 0) for item in scn.accesses + scn.flows
+            if item["op"] in GPC_OPS})}
         self.scn_flows = tuple(self._in_bytes(f) for f in scn.flows)
         nvcpus = max([f.get("vcpu", i) for i, f in enumerate(scn.flows)] + [0]) + 1
         self.vcpus = [vm.create_vcpu(i) for i in range(nvcpus)]
@@ -297,7 +311,7 @@ class World:
     def _in_bytes(self, f: dict) -> dict:
         """An access or attribute item with ``page`` (of ``slot``) and ``pages`` turned into
         the ``gpa`` and ``size`` in bytes its ioctl takes; host items keep their pages."""
-        if f["op"] not in ACCESS_OPS + ("set_memory_attributes",) or "page" not in f:
+        if f["op"] not in GPA_OPS or "page" not in f:
             return f
         f = dict(f)
         f["gpa"] = self.slots[f.get("slot", 0)]["gpa"] + f.pop("page") * self.page
@@ -334,10 +348,12 @@ class World:
         """The vCPU that flow ``i`` (an access) runs on."""
         return self.vcpus[self.scn_flows[i].get("vcpu", i)]
 
-    @staticmethod
-    def _access(vcpu, a):
+    def _access(self, vcpu, a):
         from ..exits import VcpuExit
 
+        if a["op"] == "gpc_activate":
+            self.gpcs[a.get("gpc", 0)].activate(a["gpa"], 8)
+            return
         try:
             if a["op"] == "write":
                 vcpu.write(a["gpa"], b"\x5a" * 8, private=a["private"])
@@ -358,6 +374,13 @@ class World:
                 return vcpu.steps.write(f["gpa"], bytes(f.get("data", "W" * 8), "latin-1"),
                                         private=private)
             return vcpu.steps.read(f["gpa"], f.get("n", 8), private=private)
+        if op in GPC_OPS:
+            gpc = self.gpcs[f.get("gpc", 0)]
+            if op == "gpc_activate":
+                return gpc.steps.activate(f["gpa"], f.get("n", 8))
+            if op == "gpc_write":
+                return gpc.steps.write(bytes(f.get("data", "G" * 8), "latin-1"))
+            return gpc.steps.read(f.get("n", 8))
         if op == "set_memory_attributes":
             return vm.steps.set_memory_attributes(f["gpa"], f.get("size", self.page),
                                                   f.get("attributes", 0))

@@ -26,7 +26,7 @@ import time
 import attrs
 
 from ..errors import KvmError
-from .scenario import parse
+from .scenario import GPC_OPS, parse
 from .search import Failure, explore
 
 #: Pages a flow may name: a few low ones, so that flows meet on them, and one anywhere.
@@ -144,6 +144,10 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
         offered += ["punch_hole"]
     if kind == "thp":
         offered += THP_OPS
+    # KVM's own mapping of a page (a gfn_to_pfn_cache), where the arch has one.
+    gpc = "pfncache" in caps and not gmem and kind != "pfnmap" and rng.random() < 0.3
+    if gpc:
+        offered += GPC_OPS
     if private:
         offered += ["set_memory_attributes"]
     if ring:
@@ -177,14 +181,20 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
                   "alias = 0" if alias else 'kind = "anon"']
         if logging:
             lines.append("log_dirty = true")
+    if gpc and rng.random() < 0.5:             # a cache already valid when the flows start
+        slot, page = rng.choice(hot)
+        lines += ["[[access]]", 'op = "gpc_activate"', f"page = {page}"]
+        lines += [f"slot = {slot}"] if slot else []
     for _ in range(rng.randrange(3)):
         slot, page = rng.choice(hot)
         lines += ["[[access]]", f'op = "{rng.choice(("read", "write"))}"', f"page = {page}"]
         lines += [f"slot = {slot}"] if slot else []
         if private:
             lines.append("private = true")
-    for _ in range(rng.choice((2, 2, 2, 3))):
-        lines += _flow(rng, rng.choice(ops), pages, hot, private)
+    for i in range(rng.choice((2, 2, 2, 3))):
+        # A scenario with a pfn cache is about it: its first flow uses the cache.
+        op = rng.choice(GPC_OPS) if gpc and i == 0 else rng.choice(ops)
+        lines += _flow(rng, op, pages, hot, private)
     return "\n".join(lines) + "\n"
 
 
@@ -193,7 +203,9 @@ def _flow(rng: random.Random, op: str, pages: dict, hot: list, private: bool) ->
     if op in SLOT_OPS + ("get_dirty_log", "clear_dirty_log"):
         slot = rng.choice(sorted(pages))
     lines = ["[[flow]]", f'op = "{op}"'] + ([f"slot = {slot}"] if slot else [])
-    if op in ("read", "write"):
+    if op == "gpc_activate":
+        lines.append(f"page = {page}")
+    elif op in ("read", "write"):
         lines.append(f"page = {page}")
         if private and rng.random() < 0.7:
             lines.append("private = true")

@@ -118,8 +118,10 @@ KVM_X86_SW_PROTECTED_VM = "sw_protected"
 KVM_X86_SNP_VM = "snp"
 KVM_X86_TDX_VM = "tdx"
 
+# pfncache: KVM_X86 selects HAVE_KVM_PFNCACHE (kvmclock, Xen's shared pages).
 _COMMON = {"memory_attributes", "dirty_log", "manual_dirty_protect", "initially_set",
-           "dirty_ring", "pml", "hugepage_2m", "hugepage_1g", "pre_fault", "aging", "gmem"}
+           "dirty_ring", "pml", "hugepage_2m", "hugepage_1g", "pre_fault", "aging", "gmem",
+           "pfncache"}
 
 ARCH_INFO = ArchInfo(
     name="x86_tdp",
