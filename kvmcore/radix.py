@@ -153,12 +153,15 @@ class _Stored:
 
 
 class Span:
-    """The input-address range whose translations changed: what to flush (whole leaves)."""
+    """The input-address range whose translations changed: what to flush (whole leaves);
+    ``dropped``: the blocks a map replaced by a table without their other pages, which
+    fault in again lazily."""
 
-    __slots__ = ("lo", "hi")
+    __slots__ = ("lo", "hi", "dropped")
 
     def __init__(self):
         self.lo, self.hi = 1 << 64, 0
+        self.dropped = 0
 
     def add(self, addr: int, size: int) -> None:
         self.lo, self.hi = min(self.lo, addr), max(self.hi, addr + size)
@@ -280,6 +283,7 @@ class RadixTable:
                     self._split_entry(table, idx, pos, pte)
                 else:
                     table[idx] = st(fmt.empty)
+                    span.dropped += 1
                 pte = ld(table[idx])
             if not fmt.is_valid(pte, lvl):
                 table[idx] = st(pte := fmt.make_table(self._alloc(pos + 1), lvl))
@@ -647,7 +651,10 @@ class RadixBackend(WriteProtectDirtyLog):
         level = t.level_of[size]
         gpa = fault.gpa & ~(size - 1)
         pa = (fault.pfn << 12) - (fault.gpa - gpa)
-        t.map(gpa, level, t.fmt.make_leaf(pa, level, perms), split).flush(vm)
+        span = t.map(gpa, level, t.fmt.make_leaf(pa, level, perms), split)
+        if span.dropped:        # what a completed access used may be gone: the oracles know
+            vm.stats["fault_block_unmapped"] += span.dropped
+        span.flush(vm)
         if perms & PERM_W:
             vm.mark_page_dirty_in_slot(fault.slot, fault.gfn)
         return RET_PF_FIXED
