@@ -279,10 +279,11 @@ class World:
                 hva = self.host.mmap(size, kind=s["kind"], thp=bool(s["thp"]))
             if (s["populate"] or s["thp"] == "split") and s["kind"] != "pfnmap" and \
                     "alias" not in s:
+                # The VMM's first store to each page (handle_mm_fault for write: a page of
+                # zeros, the store changes nothing); a THP's allocated its whole huge page.
                 for off in range(0, size, page):
-                    # A THP's first write allocated its whole huge page.
                     if not (s["thp"] and self.host.lookup_pte(hva + off)):
-                        self.host.write(hva + off, b"\0")
+                        self.host.handle_mm_fault(hva + off, True)
             if s["thp"] == "split":
                 pmd = self.host.pmd_size
                 for off in range(-hva % pmd, size - pmd + 1, pmd):
