@@ -77,8 +77,8 @@ ACCESS_OPS = ("read", "write")
 VM_OPS = ("set_memory_attributes", "delete_slot", "move_slot", "log_dirty", "get_dirty_log",
           "clear_dirty_log", "reset_dirty_rings")
 GMEM_OPS = ("punch_hole",)
-HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age",
-            "split_huge_page", "collapse_huge_page")
+THP_OPS = ("split_huge_page", "collapse_huge_page")
+HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age") + THP_OPS
 #: KVM's own accesses through a gfn_to_pfn_cache (``gpc = N`` names the cache, default 0).
 GPC_OPS = ("gpc_activate", "gpc_read", "gpc_write")
 FLOW_OPS = ACCESS_OPS + VM_OPS + GMEM_OPS + HOST_OPS + GPC_OPS
@@ -280,7 +280,8 @@ class World:
             if (s["populate"] or s["thp"] == "split") and s["kind"] != "pfnmap" and \
                     "alias" not in s:
                 # The VMM's first store to each page (handle_mm_fault for write: a page of
-                # zeros, the store changes nothing); a THP's allocated its whole huge page.
+                # zeros, which the store leaves as it is); a THP's first store allocated the
+                # whole huge page.
                 for off in range(0, size, page):
                     if not (s["thp"] and self.host.lookup_pte(hva + off)):
                         self.host.handle_mm_fault(hva + off, True)
@@ -415,6 +416,6 @@ class World:
             return host.steps.write(hva, b"HOST")
         if op == "age":
             return host.steps.age(hva, f.get("pages", 1) * self.page)
-        if op in ("split_huge_page", "collapse_huge_page"):
+        if op in THP_OPS:
             return getattr(host.steps, op)(hva)
         return getattr(host.steps, op)(hva, f.get("pages", 1) * self.page)

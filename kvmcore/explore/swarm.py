@@ -26,7 +26,7 @@ import time
 import attrs
 
 from ..errors import KvmError
-from .scenario import GPC_OPS, parse
+from .scenario import GPC_OPS, HOST_OPS, THP_OPS, parse
 from .search import Failure, explore
 
 #: Pages a flow may name: a few low ones, so that flows meet on them, and one anywhere.
@@ -36,8 +36,8 @@ HOT_PAGES = 3
 #: with transparent huge pages.
 SLOT_KINDS = {"anon": (4, 16, 1024), "shared": (16, 1024), "pfnmap": (16, 1024),
               "hugetlb_2m": (512, 1024), "thp": (512, 1024)}
-HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age")
-THP_OPS = ("split_huge_page", "collapse_huge_page")
+#: The host operations on any slot (a THP slot adds THP_OPS).
+ANY_HOST_OPS = tuple(op for op in HOST_OPS if op not in THP_OPS)
 SLOT_OPS = ("delete_slot", "move_slot", "log_dirty")
 
 
@@ -139,7 +139,7 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
         pages[1] = rng.choice([n for n in (4, 16, pages[0]) if n <= pages[0]]) if alias \
             else 16
     # The operations this scenario may draw from: a random half of what the VM offers.
-    offered = list(HOST_OPS + SLOT_OPS)
+    offered = list(ANY_HOST_OPS + SLOT_OPS)
     if gmem:
         offered += ["punch_hole"]
     if kind == "thp":
