@@ -365,10 +365,13 @@ def _backend_names(names) -> None:
                    "'kvmcore[dask]').")
 @click.option("--vm-option", "vm_options", multiple=True, metavar="KEY=VALUE",
               help="A VM option of the backend (repeatable), e.g. wp_whole_leaves=True.")
+@click.option("--minimize", "minimize_path", type=click.Path(dir_okay=False),
+              help="When a schedule fails, write the smallest scenario found that still fails "
+                   "an oracle of the same kind to this file (docs/races.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, depth, mutants,
             list_mutants, replay_id, trace_path, picture, workers, dask_address, vm_options,
-            as_json) -> None:
+            minimize_path, as_json) -> None:
     """Search the interleavings of a race SCENARIO (a TOML file or a built-in name; without
     one, list the built-in ones). Exit code 1 when a schedule fails an oracle."""
     from . import explore as ex
@@ -387,7 +390,8 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
     if unknown:
         raise UserError(f"--mutant {unknown[0]}: not one of {', '.join(ex.MUTANTS)}")
     try:
-        scn = ex.load(scenario)
+        text, path = ex.read_text(scenario)
+        scn = ex.parse(text, path)
     except ex.RaceScenarioError as e:
         raise UserError(str(e)) from None
     arch = arch or scn.vm.get("arch") or default_arch()
@@ -423,11 +427,20 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
                                 max_schedules=max_schedules, seconds=seconds, seed=seed,
                                 depth=depth, mutants=mutants, workers=workers,
                                 dask=dask_address or None, progress=progress)
+            minimized = None
+            if minimize_path and result.failures:
+                # A candidate must fail within about the effort the original took.
+                minimized = _minimize(Path(minimize_path), text, scenario, arch, vm_type,
+                                      options, mutants, vm_options, strategy=strategy,
+                                      seed=seed, depth=depth,
+                                      max_schedules=max(300, 2 * result.schedules))
     except (ex.RaceScenarioError, ValueError) as e:
         raise UserError(str(e)) from None
     except KvmError as e:
         raise UserError(f"{scenario}: {e}") from None
     summary = result.summary()
+    if minimized is not None:
+        summary["minimized"] = minimized
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -439,9 +452,12 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
                    f"{summary['distinct_end_states']} distinct end states")
         for f in summary["failures"]:
             click.echo(f"  FAILED {f['kind']} in schedule {f['schedule']}: {f['message']}")
-            click.echo(f"  replay: kvmcore explore {scenario} --arch {arch} --replay "
-                       f"{f['schedule']}" + "".join(f" --mutant {m}" for m in mutants)
-                       + "".join(f" --vm-option {o}" for o in vm_options))
+            click.echo("  replay: " + _replay_command(scenario, arch, f["schedule"], mutants,
+                                                      vm_options))
+        if minimized is not None:
+            click.echo(f"  minimized ({minimized['explorations']} explorations, "
+                       f"{minimized['seconds']} s): {minimized['file']}")
+            click.echo(f"  replay: {minimized['replay']}")
     if not result.clean:
         sys.exit(1)
 
@@ -464,12 +480,15 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
               help="Switch a seed bug on (repeatable): how soon the swarm finds it.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Write each failing scenario to DIR/<name>.toml, for kvmcore explore.")
+@click.option("--minimize", is_flag=True,
+              help="With --out: also write each failing scenario minimized, to "
+                   "DIR/<name>.min.toml (the smallest that still fails the same way).")
 @click.option("--stop-at-first", is_flag=True, help="Stop at the first failing scenario.")
 @click.option("--vm-option", "vm_options", multiple=True, metavar="KEY=VALUE",
               help="A VM option of the backend (repeatable), e.g. wp_whole_leaves=True.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_dir,
-          stop_at_first, vm_options, as_json) -> None:
+          minimize, stop_at_first, vm_options, as_json) -> None:
     """Explore random race scenarios (swarm testing): each draws its flows from a random
     subset of what the backend offers. Exit code 1 when one fails an oracle; a failure of
     a kind the backend declares as a divergence from Linux's common contract is listed,
@@ -482,6 +501,8 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_di
     unknown = [m for m in mutants if m not in ex.MUTANTS]
     if unknown:
         raise UserError(f"--mutant {unknown[0]}: not one of {', '.join(ex.MUTANTS)}")
+    if minimize and not out_dir:
+        raise UserError("--minimize: needs --out DIR to write the minimized scenarios to")
     arch = arch or default_arch()
     _backend_names([arch])
     out = Path(out_dir) if out_dir else None
@@ -498,17 +519,28 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_di
                                strategy=strategy, depth=depth)
     except KvmError as e:
         raise UserError(str(e)) from None
-    files = {}
+    files, smaller = {}, {}
     for f in result.findings + result.declared:
         if out is not None:
             files[f.index] = path = out / f"{f.name}.toml"
             path.write_text(f.text)
+    if minimize:
+        with _progress("minimizing", len(result.findings), as_json) as progress:
+            for n, f in enumerate(result.findings, 1):
+                smaller[f.index] = _minimize(
+                    out / f"{f.name}.min.toml", f.text, str(files[f.index]), arch, f.vm_type,
+                    options, mutants, vm_options, strategy=strategy, seed=f.index,
+                    depth=depth, max_schedules=max_schedules)
+                if progress is not None:
+                    progress(n)
     if as_json:
         summary = result.summary()
         for item, f in zip(summary["findings"] + summary["declared"],
                            result.findings + result.declared, strict=True):
             if f.index in files:
                 item["file"] = str(files[f.index])
+            if f.index in smaller:
+                item["minimized"] = smaller[f.index]
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(f"swarm on {result.arch}{' with ' + ', '.join(mutants) if mutants else ''}"
@@ -521,12 +553,40 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_di
             click.echo(f"  {label} {f.failure.kind} in {f.name} ({f.vm_type}), schedule "
                        f"{f.failure.id}: {f.failure.message}")
             if f.index in files:
-                click.echo(f"  replay: kvmcore explore {files[f.index]} --arch {arch} "
-                           f"--replay {f.failure.id}"
-                           + "".join(f" --mutant {m}" for m in mutants)
-                           + "".join(f" --vm-option {o}" for o in vm_options))
+                click.echo("  replay: " + _replay_command(files[f.index], arch, f.failure.id,
+                                                          mutants, vm_options))
+            if f.index in smaller:
+                click.echo(f"  minimized: {smaller[f.index]['file']}")
+                click.echo(f"  replay: {smaller[f.index]['replay']}")
     if result.findings:
         sys.exit(1)
+
+
+def _replay_command(scenario, arch: str, schedule: str, mutants, vm_options) -> str:
+    return (f"kvmcore explore {scenario} --arch {arch} --replay {schedule}"
+            + "".join(f" --mutant {m}" for m in mutants)
+            + "".join(f" --vm-option {o}" for o in vm_options))
+
+
+def _minimize(path: Path, text: str, source: str, arch: str, vm_type: str, options: dict,
+              mutants, vm_options, **budget) -> dict:
+    """Minimize the failing scenario ``text`` (from ``source``) and write it to ``path``
+    with a header saying where it came from and how it fails; what was done, as a dict."""
+    from .explore.minimize import minimize
+
+    m = minimize(text, arch, vm_type, options, mutants, **budget)
+    replay = _replay_command(path, arch, m.failure.id, mutants, vm_options)
+    message = " ".join(m.failure.message.split())
+    header = (f"# Minimized from {source} on {arch}"
+              f"{' with ' + ', '.join(mutants) if mutants else ''} ({m.tests} explorations): "
+              f"it fails {m.failure.kind}, as the original did in schedule {m.original.id}.\n"
+              f"# {message}\n# replay: {replay}\n")
+    try:
+        path.write_text(header + m.text)
+    except OSError as e:
+        raise UserError(f"--minimize {path}: {e.strerror}") from None
+    return {"file": str(path), "kind": m.failure.kind, "schedule": m.failure.id,
+            "replay": replay, "explorations": m.tests, "seconds": round(m.seconds, 3)}
 
 
 def _vm_options(pairs) -> dict:

@@ -10,12 +10,15 @@ explore(load("private_fault_vs_conversion"), "x86_tdp").assert_clean()
 
 from __future__ import annotations
 
+from .minimize import Minimized, minimize
 from .mutants import MUTANTS, Mutant
-from .scenario import RaceScenario, RaceScenarioError, builtin_names, load, parse
+from .scenario import (RaceScenario, RaceScenarioError, builtin_names, dumps, load, parse,
+                       read_text)
 from .search import (Failure, Result, choose_vm_type, explore, parse_schedule_id, replay,
                      schedule_id, supports)
 from .swarm import Finding, SwarmResult, swarm
 
-__all__ = ["MUTANTS", "Failure", "Finding", "Mutant", "RaceScenario", "RaceScenarioError",
-           "Result", "SwarmResult", "builtin_names", "choose_vm_type", "explore", "load",
-           "parse", "parse_schedule_id", "replay", "schedule_id", "supports", "swarm"]
+__all__ = ["MUTANTS", "Failure", "Finding", "Minimized", "Mutant", "RaceScenario",
+           "RaceScenarioError", "Result", "SwarmResult", "builtin_names", "choose_vm_type",
+           "dumps", "explore", "load", "minimize", "parse", "parse_schedule_id", "read_text",
+           "replay", "schedule_id", "supports", "swarm"]

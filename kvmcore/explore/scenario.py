@@ -56,6 +56,7 @@ PAGE_SIZE).
 
 from __future__ import annotations
 
+import json
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -117,20 +118,45 @@ def builtin_names() -> list[str]:
 
 def load(source: str | Path) -> RaceScenario:
     """A race scenario from a file, or a built-in one by name (``kvmcore/scenarios/races``)."""
-    text = None
-    path = str(source)
+    return parse(*read_text(source))
+
+
+def read_text(source: str | Path) -> tuple[str, str]:
+    """The TOML text of a race scenario file or built-in one, and the path that names it."""
     if not str(source).endswith(".toml") and str(source) in builtin_names():
-        text = (resources.files("kvmcore.scenarios.races") / f"{source}.toml").read_text()
-        path = f"<built-in {source}>"
-    else:
-        try:
-            text = Path(source).read_bytes().decode()
-        except OSError as e:
-            raise RaceScenarioError(f"{source}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise RaceScenarioError(f"{source}: not UTF-8 ({e.reason} at byte {e.start})") \
-                from None
-    return parse(text, path)
+        return ((resources.files("kvmcore.scenarios.races") / f"{source}.toml").read_text(),
+                f"<built-in {source}>")
+    try:
+        return Path(source).read_bytes().decode(), str(source)
+    except OSError as e:
+        raise RaceScenarioError(f"{source}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise RaceScenarioError(f"{source}: not UTF-8 ({e.reason} at byte {e.start})") \
+            from None
+
+
+def dumps(doc: dict) -> str:
+    """A race scenario's TOML document (as ``tomllib`` reads it) as the text of the format:
+    top-level keys, ``[vm]``, then each ``[[slot]]``, ``[[access]]`` and ``[[flow]]`` with one
+    key per line, gpas in hex. (tomli-w would write short arrays of tables inline.)"""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)          # a JSON string or integer is a TOML one
+
+    def keys(table):
+        return [f"{k} = " + (f"{v:#x}" if k == "gpa" and isinstance(v, int) else value(v))
+                for k, v in table.items()]
+
+    lines = keys({k: v for k, v in doc.items() if not isinstance(v, (dict, list))})
+    if doc.get("vm"):
+        lines += ["[vm]"] + keys(doc["vm"])
+    for table in ("slot", "access", "flow"):
+        for item in doc.get(table, ()):
+            lines += [f"[[{table}]]"] + keys(item)
+    return "\n".join(lines) + "\n"
 
 
 def _num(path, item, key, value):
