@@ -253,11 +253,40 @@ class X86TdpBackend:
             return bool(access.private)
         return False
 
-    def root_for(self, as_id: int, private: bool) -> TdpRoot:
-        """tdp_mmu_get_root_for_fault: the mirror root for a TDX private access."""
-        if private and self.tdx is not None:
-            return self.mirror_roots[as_id]
-        return self.direct_roots[as_id]
+    def fault_root(self, vm, fault) -> TdpRoot:
+        """tdp_mmu_get_root_for_fault: the mirror root for a TDX private access, else the
+        root the faulting vCPU runs on (vcpu->arch.mmu->root.hpa). That is the one it loaded
+        when it last entered the guest: a fault in flight keeps it after
+        kvm_mmu_zap_all_fast has made it invalid (is_page_fault_stale then retries)."""
+        if fault.is_private and self.tdx is not None:
+            return self.mirror_roots[fault.as_id]
+        vcpu = fault.vcpu
+        if vcpu is None or self.tdx is not None:
+            return self.direct_roots[fault.as_id]
+        root = vcpu.arch["roots"].get(fault.as_id)
+        return root if root is not None else self.kvm_mmu_reload(vm, vcpu)
+
+    def kvm_mmu_reload(self, vm, vcpu) -> TdpRoot:
+        """vcpu_enter_guest: KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (kvm_mmu_free_obsolete_roots puts
+        a root kvm_mmu_zap_all_fast made invalid), then kvm_mmu_reload -> kvm_mmu_load: the
+        valid root of the vCPU's address space, with the vCPU's reference (a TD's roots are
+        never made obsolete: its vCPUs use the VM's)."""
+        roots = vcpu.arch["roots"]
+        as_id = vcpu.as_id
+        old = roots.get(as_id)
+        if old is not None:
+            if not old.invalid:
+                return old
+            self.tdp.kvm_tdp_mmu_put_root(old)
+        root = roots[as_id] = self.direct_roots[as_id]
+        root.refs += 1
+        return root
+
+    @staticmethod
+    def is_obsolete_sp(root: TdpRoot) -> bool:
+        """is_obsolete_sp for a TDP MMU root: role.invalid (TDP MMU pages do not use the MMU
+        generation)."""
+        return root.invalid
 
     def _alloc_roots(self) -> None:
         """mmu_alloc_direct_roots: the mirror root first (TDX), then the direct root."""
@@ -311,6 +340,8 @@ class X86TdpBackend:
 
     @hookimpl
     def vcpu_create(self, vm, vcpu):
+        # The root each address space's vCPU runs on, loaded at its first entry.
+        vcpu.arch["roots"] = {}
         if self.pml:
             vcpu.arch["pml"] = PmlBuffer()
 
@@ -383,9 +414,9 @@ class X86TdpBackend:
     def _fast_pf_fix(self, vm, fault):
         """One pass of fast_page_fault's loop: ``(table, idx, level, old, new)`` to exchange,
         RET_PF_SPURIOUS, or None for the slow path."""
-        root = self.direct_roots.get(fault.as_id)
-        if root is None:
+        if fault.as_id not in self.direct_roots:
             return None
+        root = self.fault_root(vm, fault)
         table, idx, level, spte = self.tdp.get_last_spte(root, fault.gfn)
         if not spte & SPTE_MMU_PRESENT_MASK or not is_last_spte(spte, level):
             return None
@@ -420,7 +451,7 @@ class X86TdpBackend:
         is marked dirty."""
         gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1)
         table[idx] = new
-        self.tdp.handle_changed_spte(vm, self.direct_roots[fault.as_id], gfn, old, new, level)
+        self.tdp.handle_changed_spte(vm, self.fault_root(vm, fault), gfn, old, new, level)
         if new & PT_WRITABLE_MASK and not old & PT_WRITABLE_MASK and fault.slot is not None:
             vm.mark_page_dirty_in_slot(fault.slot, fault.gfn)
         vm.stats["x86_tdp.fast_pf_fixed"] += 1
@@ -429,10 +460,9 @@ class X86TdpBackend:
     def handle_mmio_page_fault(self, vm, fault):
         """mmu.c handle_mmio_page_fault: a current-generation MMIO SPTE emulates; a stale one
         goes to the slow path (RET_PF_INVALID -> None); a zapped one retries."""
-        root = self.direct_roots.get(fault.as_id)
-        if root is None:
+        if fault.as_id not in self.direct_roots:
             return None
-        _t, _i, _level, spte = self.tdp.get_last_spte(root, fault.gfn)
+        _t, _i, _level, spte = self.tdp.get_last_spte(self.fault_root(vm, fault), fault.gfn)
         if self.shadow_mmio_value is not None and is_mmio_spte(spte, self.shadow_mmio_value,
                                                                self.enable_mmio_caching):
             gen = vm.memslot_generation(fault.as_id)
@@ -446,12 +476,15 @@ class X86TdpBackend:
 
     @hookimpl
     def handle_noslot_fault(self, vm, fault):
-        """kvm_handle_noslot_fault + the MMIO branch of tdp_mmu_map_handle_target_level."""
+        """kvm_handle_noslot_fault + the MMIO branch of tdp_mmu_map_handle_target_level.
+        Simplified: on an obsolete root (is_page_fault_stale) it caches nothing and the access
+        exits as MMIO, where Linux retries and caches it on the new root first."""
         if (not self.enable_mmio_caching or self.shadow_mmio_value is None
-                or fault.gfn >= 1 << (self.max_gpa_bits - 12)):
+                or fault.gfn >= 1 << (self.max_gpa_bits - 12)
+                or fault.as_id not in self.direct_roots):
             return RET_PF_EMULATE
-        root = self.direct_roots.get(fault.as_id)
-        if root is None:
+        root = self.fault_root(vm, fault)
+        if self.is_obsolete_sp(root):
             return RET_PF_EMULATE
         gen = vm.memslot_generation(fault.as_id)
         spte = make_mmio_spte(fault.gfn, gen & MMIO_SPTE_GEN_MASK, self.shadow_mmio_value)
@@ -516,8 +549,15 @@ class X86TdpBackend:
     def map_leaf(self, vm, fault):
         """kvm_tdp_mmu_map after kvm_mmu_hugepage_adjust: a RET_PF_* code, or a flow that
         pauses at ``x86_pf_link_cmpxchg`` / ``x86_pf_leaf_cmpxchg`` when the fault is stepped
-        (tdp_mmu.py)."""
-        root = self.root_for(fault.as_id, fault.is_private)
+        (tdp_mmu.py). First is_page_fault_stale's test of the root (the core's check, in the
+        same stretch under the lock, is the invalidation sequence's): a root that
+        kvm_mmu_zap_all_fast made obsolete while the fault was in flight retries, and the
+        vCPU loads the new root as it enters the guest again (a955cad84cda: installing into
+        the old root after kvm_tdp_mmu_zap_invalidated_roots passed it leaks the tables)."""
+        root = self.fault_root(vm, fault)
+        if self.is_obsolete_sp(root):
+            vm.stats["x86_tdp.fault_obsolete_root"] += 1
+            return RET_PF_RETRY
         goal = self.kvm_mmu_hugepage_adjust(vm, fault)
         fault.goal_level = goal
         fault.goal_size = KVM_HPAGE_SIZE(goal)
@@ -590,13 +630,15 @@ class X86TdpBackend:
         """mmu.c kvm_mmu_zap_all_fast, a flow. Under kvm->mmu_lock for write
         (``slot_flush_lock_wait``): invalidate the direct roots (never mirror roots: the S-EPT
         cannot be zapped fast) and make every vCPU drop its root
-        (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS): the model loads the new roots at once and flushes
-        the vCPUs' TLBs, standing for the flush a new root gets on load. Then, the write lock
-        dropped, kvm_tdp_mmu_zap_invalidated_roots with ``shared``: under the lock for read
-        (``x86_zap_invalidated_lock_wait``) the old roots are zapped whole and freed, while
-        faults on the new roots run beside it and an MMU notifier, which zaps invalid roots
-        too, waits. Linux may also yield inside a root's zap (cond_resched_rwlock_read); the
-        model zaps each root in one stretch."""
+        (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS): each vCPU loads the new root when it next enters
+        the guest (``kvm_mmu_reload``), a fault in flight keeps the old one and retries
+        (``map_leaf``); the model allocates the new roots here and flushes the vCPUs' TLBs,
+        standing for the flush a new root gets on load. Then, the write lock dropped,
+        kvm_tdp_mmu_zap_invalidated_roots with ``shared``: under the lock for read
+        (``x86_zap_invalidated_lock_wait``) the old roots are zapped whole and the TDP MMU's
+        reference put (the last vCPU to reload frees each), while faults run beside it and
+        an MMU notifier, which zaps invalid roots too, waits. Linux may also yield inside a
+        root's zap (cond_resched_rwlock_read); the model zaps each root in one stretch."""
         lock = vm.mmu_lock
         yield from lock.write_lock(SLOT_FLUSH_LOCK_WAIT)
         try:
@@ -614,8 +656,7 @@ class X86TdpBackend:
         try:
             for root in old:
                 self.tdp.tdp_mmu_zap_root(vm, root)
-                self.tdp.store.free(root.pt.root)
-                self.tdp.roots.remove(root)
+                self.tdp.kvm_tdp_mmu_put_root(root)
         finally:
             lock.read_unlock()
 

@@ -84,7 +84,11 @@ def ept_translate(backend, vm, vcpu, gpa: int, access) -> Translation | Violatio
         gfn = gpa >> 12
         private = backend.access_is_private(vm, gfn, access) if backend.has_private_mem \
             else False
-        root = backend.direct_roots[vcpu.as_id]
+        # The root the vCPU runs on, reloaded at entry when a memslot update made it
+        # obsolete (kvm_mmu_reload).
+        root = vcpu.arch["roots"].get(vcpu.as_id)
+        if root is None or root.invalid:
+            root = backend.kvm_mmu_reload(vm, vcpu)
     pos, table, idx, spte = root.pt.lookup((gfn + root.gfn_bits) << 12)
     level = root.level - pos
     rwx = spte & VMX_EPT_RWX_MASK

@@ -16,6 +16,11 @@ conversion and the TLB flush.
   after BLOCK, before TDH.MEM.TRACK and the kick: the page leaves the TD while a vCPU's TLB
   may still translate to it (the TDX module refuses this with TDX_TLB_TRACKING_NOT_DONE; the
   model's check of the removal order reports it).
+* ``obsolete_root_no_retry``: is_page_fault_stale without the obsolete-root test of
+  a955cad84cda "KVM: x86/mmu: Retry page fault if root is invalidated by memslot update"
+  (2021): a fault that entered on a root kvm_mmu_zap_all_fast has since made invalid
+  installs into it once kvm_tdp_mmu_zap_invalidated_roots has zapped it; when the vCPU
+  reloads, the root is freed and the page tables the fault linked below it leak.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ def _zap_yield_without_flush():
         return bool(owed or deferred)
 
     return patch.object(TdpMmu, "tdp_mmu_zap_leafs", zap_leafs)
+
+
+def _obsolete_root_no_retry():
+    return patch.object(backend.X86TdpBackend, "is_obsolete_sp", staticmethod(lambda root: False))
 
 
 def _zap_shared_alias():
@@ -92,3 +101,10 @@ ZAP_YIELD_WITHOUT_FLUSH = dict(
     what="tdp_mmu_zap_leafs drops kvm->mmu_lock before flushing what it zapped (before "
     "a835429cda91): a notifier meanwhile zaps nothing, flushes nothing and frees the page",
     patch=_zap_yield_without_flush, scenarios=("munmap_vs_dontneed",), arch="x86_tdp")
+
+OBSOLETE_ROOT_NO_RETRY = dict(
+    seed="a fault racing a memslot update's fast zap",
+    what="is_page_fault_stale without its obsolete-root test (before a955cad84cda): a fault "
+    "that entered on a root kvm_mmu_zap_all_fast made invalid installs into it after "
+    "kvm_tdp_mmu_zap_invalidated_roots zapped it, and its page tables leak",
+    patch=_obsolete_root_no_retry, scenarios=("fault_vs_other_slot_delete",), arch="x86_tdp")

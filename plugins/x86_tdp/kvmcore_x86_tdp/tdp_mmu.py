@@ -109,11 +109,13 @@ KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
 
 class TdpRoot:
     """A root kvm_mmu_page: its tree (``rt``, a RadixTable in the VM's shared store; ``pt``
-    its PageTable), ``role.is_mirror``, ``role.invalid``, the address space (role.smm) and
-    the alias bits OR-ed into the walk index (kvm_gfn_root_bits)."""
+    its PageTable), ``role.is_mirror``, ``role.invalid``, the address space (role.smm), the
+    alias bits OR-ed into the walk index (kvm_gfn_root_bits) and ``refs``
+    (tdp_mmu_root_count: the TDP MMU's own reference while the root is valid, and one per
+    vCPU that has it loaded)."""
 
     __slots__ = ("rt", "pt", "as_id", "is_mirror", "gfn_bits", "level", "invalid", "table",
-                 "name")
+                 "name", "refs")
 
     def __init__(self, rt: RadixTable, as_id: int, is_mirror: bool, gfn_bits: int, level: int):
         self.rt = rt
@@ -123,6 +125,7 @@ class TdpRoot:
         self.gfn_bits = gfn_bits
         self.level = level
         self.invalid = False
+        self.refs = 1
         self.table = pt.store[pt.root]
         self.name = f"{'mirror' if is_mirror else 'direct'} root as{as_id}"
 
@@ -181,6 +184,17 @@ class TdpMmu:
                        0 if is_mirror else gfn_bits, self.root_level)
         self.roots.append(root)
         return root
+
+    def kvm_tdp_mmu_put_root(self, root: TdpRoot) -> None:
+        """kvm_tdp_mmu_put_root: drop a reference; the last one (never a valid root's) takes
+        the root off the list and frees its own page only. Whatever is still linked below
+        it leaks, as in Linux: it is kvm_tdp_mmu_zap_invalidated_roots that frees an invalid
+        root's tables, and the invariants report tables no root reaches."""
+        root.refs -= 1
+        if root.refs:
+            return
+        self.roots.remove(root)
+        self.store.free(root.pt.root)
 
     def roots_of(self, types: int, as_id: int | None = None) -> list[TdpRoot]:
         return [r for r in self.roots if tdp_mmu_root_match(r, types)

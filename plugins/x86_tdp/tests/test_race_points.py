@@ -5,6 +5,8 @@ tdx_page_remove), each paused while another flow runs."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from kvmcore import InvariantError
 from kvmcore.exits import MemoryFaultExit
@@ -265,6 +267,42 @@ def test_zap_all_fast_zaps_the_old_roots_after_dropping_the_write_lock(make):
     assert not [r for r in g.b.tdp.roots if r.invalid]
     assert g.vm.stats["x86_tdp.zap_all_fast"] == 1
     g.check()
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_a_fault_in_flight_on_an_obsoleted_root_retries_on_the_new_one(fixed):
+    """A fault that entered on the root kvm_mmu_zap_all_fast then invalidates finds it
+    obsolete in is_page_fault_stale and retries; the vCPU loads the new root as it enters
+    again and puts the old one, which is freed, its tables zapped. Without that test
+    (before a955cad84cda) the fault installs into the old root after
+    kvm_tdp_mmu_zap_invalidated_roots zapped it, and the tables it linked leak."""
+    from kvmcore.explore import MUTANTS
+    from kvmcore_x86_tdp.tdp_mmu import X86_ZAP_INVALIDATED_LOCK_WAIT
+
+    g = G("default")                     # not ``make``: its final check would see the leak
+    hva = g.slot(0, 0, SZ_2M)
+    g.slot(1, 4 * SZ_2M, SZ_2M)
+    g.vcpu.write(PAGE, b"1")
+    old = g.vcpu.arch["roots"][0]
+    delete = g.vm.steps.set_user_memory_region(0, 0, 0, hva)
+    step_to(delete, "slot_flush_lock_wait")          # the INVALID copy is out, SRCU synced
+    fault = g.vcpu.steps.read(4 * SZ_2M + PAGE, 1)
+    step_to(fault, "pf_lock_wait")
+    step_to(delete, X86_ZAP_INVALIDATED_LOCK_WAIT)
+    assert old.invalid and old.refs == 2              # the TDP MMU's and the vCPU's
+    assert next(delete) == "slot_srcu_sync"           # zapped; waits for the fault's SRCU
+    assert old.refs == 1 and old in g.b.tdp.roots
+    with contextlib.nullcontext() if fixed else MUTANTS["obsolete_root_no_retry"].patch():
+        fault.run()
+    delete.run()
+    assert old not in g.b.tdp.roots and g.vcpu.arch["roots"][0] is g.b.direct_roots[0]
+    assert g.vm.stats["x86_tdp.fault_obsolete_root"] == (1 if fixed else 0)
+    assert g.leaf(4 * SZ_2M + PAGE) is not None
+    if fixed:
+        g.check()
+    else:
+        with pytest.raises(InvariantError, match="3 table\\(s\\) are leaked"):
+            g.check()
 
 
 @pytest.mark.parametrize("pml", [True, False])
