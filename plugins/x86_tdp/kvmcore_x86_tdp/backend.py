@@ -258,13 +258,12 @@ class X86TdpBackend:
         root the faulting vCPU runs on (vcpu->arch.mmu->root.hpa). That is the one it loaded
         when it last entered the guest: a fault in flight keeps it after
         kvm_mmu_zap_all_fast has made it invalid (is_page_fault_stale then retries)."""
-        if fault.is_private and self.tdx is not None:
-            return self.mirror_roots[fault.as_id]
+        if self.tdx is not None:
+            return (self.mirror_roots if fault.is_private else self.direct_roots)[fault.as_id]
         vcpu = fault.vcpu
-        if vcpu is None or self.tdx is not None:
+        if vcpu is None:
             return self.direct_roots[fault.as_id]
-        root = vcpu.arch["roots"].get(fault.as_id)
-        return root if root is not None else self.kvm_mmu_reload(vm, vcpu)
+        return vcpu.arch["roots"].get(fault.as_id) or self.kvm_mmu_reload(vm, vcpu)
 
     def kvm_mmu_reload(self, vm, vcpu) -> TdpRoot:
         """vcpu_enter_guest: KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (kvm_mmu_free_obsolete_roots puts
