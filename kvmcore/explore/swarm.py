@@ -39,6 +39,10 @@ SLOT_KINDS = {"anon": (4, 16, 1024), "shared": (16, 1024), "pfnmap": (16, 1024),
 #: The host operations on any slot (a THP slot adds THP_OPS).
 ANY_HOST_OPS = tuple(op for op in HOST_OPS if op not in THP_OPS)
 SLOT_OPS = ("delete_slot", "move_slot", "log_dirty")
+#: Host operations that change nothing on a slot of a kind, not drawn for it: Linux refuses
+#: MADV_DONTNEED on VM_PFNMAP (madvise_dontneed_free_valid_vma: EINVAL), reclaim never ages a
+#: VM_PFNMAP page (it has no rmap), and the model migrates only anonymous and shared pages.
+NOT_ON_KIND = {"pfnmap": ("madvise_dontneed", "migrate", "age"), "hugetlb_2m": ("migrate",)}
 
 
 @attrs.frozen
@@ -139,7 +143,8 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
         pages[1] = rng.choice([n for n in (4, 16, pages[0]) if n <= pages[0]]) if alias \
             else 16
     # The operations this scenario may draw from: a random half of what the VM offers.
-    offered = list(ANY_HOST_OPS + SLOT_OPS)
+    offered = [op for op in ANY_HOST_OPS if op not in NOT_ON_KIND.get(kind, ())] + \
+        list(SLOT_OPS)
     if gmem:
         offered += ["punch_hole"]
     if kind == "thp":
