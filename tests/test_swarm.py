@@ -34,6 +34,11 @@ def test_scenarios_are_valid_and_the_seed_fixes_them():
                 'op = "gpc_activate"', 'op = "gpc_read"', 'op = "gpc_write"'):
         assert any(key in t for t in texts), key
     assert not any("huge_page" in t and "thp" not in t for t in texts)
+    # Nothing Linux refuses on, or never does to, a VM_PFNMAP range.
+    pfnmap = [t for t in texts if 'kind = "pfnmap"' in t]
+    assert pfnmap and not any(f'op = "{op}"' in t for t in pfnmap
+                              for op in ("madvise_dontneed", "migrate", "age"))
+    assert any('op = "munmap"' in t for t in pfnmap)
     again = swarm(FLAT, scenarios=5, seed=7, max_schedules=5)
     assert again.scenarios + again.refused == 5
     assert swarm(FLAT, scenarios=5, seed=7, max_schedules=5).summary()["schedules"] == \
