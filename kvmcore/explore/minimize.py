@@ -102,14 +102,13 @@ def minimize(text: str, arch, vm_type: str | None = None, options: dict | None =
     kept = True
     while kept:
         kept = False
-        i = 0
-        while True:
-            candidates = list(_candidates(doc))
-            if i >= len(candidates):
-                break
+        candidates, i = list(_candidates(doc)), 0
+        while i < len(candidates):
             f = first_failure(candidates[i])
             if same(f):
+                # Go on from the same place among the smaller scenario's candidates.
                 doc, best, kept = candidates[i], f, True
+                candidates = list(_candidates(doc))
             else:
                 i += 1
     if isinstance(doc.get("name"), str) and not doc["name"].endswith("-min"):
