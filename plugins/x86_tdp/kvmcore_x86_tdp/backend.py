@@ -267,18 +267,20 @@ class X86TdpBackend:
 
     def kvm_mmu_reload(self, vm, vcpu) -> TdpRoot:
         """vcpu_enter_guest: KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (kvm_mmu_free_obsolete_roots puts
-        a root kvm_mmu_zap_all_fast made invalid), then kvm_mmu_reload -> kvm_mmu_load: the
-        valid root of the vCPU's address space, with the vCPU's reference (a TD's roots are
-        never made obsolete: its vCPUs use the VM's)."""
+        every root of the vCPU kvm_mmu_zap_all_fast made invalid: its current one and the
+        other address space's, which Linux keeps among its prev_roots), then kvm_mmu_reload
+        -> kvm_mmu_load: the valid root of the vCPU's address space, with the vCPU's
+        reference (a TD's roots are never made obsolete: its vCPUs use the VM's)."""
         roots = vcpu.arch["roots"]
+        for as_id, old in list(roots.items()):
+            if old.invalid:
+                del roots[as_id]
+                self.tdp.kvm_tdp_mmu_put_root(old)
         as_id = vcpu.as_id
-        old = roots.get(as_id)
-        if old is not None:
-            if not old.invalid:
-                return old
-            self.tdp.kvm_tdp_mmu_put_root(old)
-        root = roots[as_id] = self.direct_roots[as_id]
-        root.refs += 1
+        root = roots.get(as_id)
+        if root is None:
+            root = roots[as_id] = self.direct_roots[as_id]
+            root.refs += 1
         return root
 
     @staticmethod

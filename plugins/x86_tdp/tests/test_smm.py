@@ -91,3 +91,23 @@ def test_setting_the_same_mode_keeps_the_tlb(make):
     g.vcpu.set_vcpu_events(smm=False)
     g.vcpu.set_vcpu_events()
     assert g.vcpu.tlb and g.events("vcpu.memslots_id") == []
+
+
+def test_reentry_puts_the_obsolete_roots_of_both_address_spaces(make):
+    """kvm_mmu_zap_all_fast obsoletes the SMM root too; the vCPU's next entry puts every
+    obsolete root it holds (kvm_mmu_free_obsolete_roots: the current root and the previous
+    ones), so neither outlives it, whichever mode it enters in."""
+    g = make()
+    hva = g.slot(0, 0, SZ_2M)
+    g.slot(SMM | 1, 0, SZ_2M)
+    g.vcpu.write(PAGE, b"n")
+    g.vcpu.set_vcpu_events(smm=True)
+    g.vcpu.write(PAGE, b"s")
+    old = dict(g.vcpu.arch["roots"])
+    assert sorted(old) == [0, 1] and all(r.refs == 2 for r in old.values())
+    g.vm.set_user_memory_region(0, 0, 0, hva)          # DEFAULT_VM: kvm_mmu_zap_all_fast
+    assert all(r.invalid and r.refs == 1 for r in old.values())
+    g.vcpu.read(PAGE, 1)                               # enters in SMM
+    assert not any(r in g.b.tdp.roots for r in old.values())
+    assert g.vcpu.arch["roots"] == {1: g.b.direct_roots[1]}
+    g.check()
