@@ -195,8 +195,16 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
             return f"guest_memfd page {index} is not allocated (punched?)"
         base, pfn = folio
         return pfn + index - base, not slot.readonly, 4096 << gmem.inode.order
-    hva = slot.gfn_to_hva(gfn)
-    host = vm.host
+    frame = _host_frame(vm.host, slot.gfn_to_hva(gfn))
+    if type(frame) is str:
+        return frame
+    pfn, writable, size = frame
+    return pfn, writable and not slot.readonly, size
+
+
+def _host_frame(host, hva: int):
+    """The frame the host maps at ``hva`` now: ``(pfn, writable, size)``, or a string saying
+    there is none."""
     pte = host.lookup_pte(hva)
     linear = host.linear_pfnmap(hva)
     if linear is not None:
@@ -204,13 +212,10 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
         # page not populated has no host protection to check (an mprotect changes the VMA
         # before its notifiers run).
         pfn, block = linear
-        if pte is None:
-            return pfn, not slot.readonly, block
-        return pte[0], pte[1] and not slot.readonly, block
+        return (pfn, True, block) if pte is None else (pte[0], pte[1], block)
     if pte is None:
         return f"the host has no page at hva {hva:#x}"
-    pfn, writable, size = pte
-    return pfn, writable and not slot.readonly, size
+    return pte
 
 
 def _check_gpcs(vm: Kvm) -> list[str]:
@@ -220,18 +225,15 @@ def _check_gpcs(vm: Kvm) -> list[str]:
     out = []
     if vm.mn_active_invalidate_count:
         return out
-    host = vm.host
     for gpc in vm.gpc_list:
         if not gpc.valid:
             continue
         where = f"pfn cache of gpa {gpc.gpa:#x} (hva {gpc.uhva:#x})"
         if not gpc.active:
             out.append(f"{where}: valid but not active")
-        pte = host.lookup_pte(gpc.uhva)
-        linear = host.linear_pfnmap(gpc.uhva)
-        pfn = pte[0] if pte is not None else linear[0] if linear is not None else None
-        if pfn != gpc.pfn:
-            now = "no page" if pfn is None else f"pfn {pfn:#x}"
+        frame = _host_frame(vm.host, gpc.uhva)
+        if type(frame) is str or frame[0] != gpc.pfn:
+            now = "no page" if type(frame) is str else f"pfn {frame[0]:#x}"
             out.append(f"{where}: valid with pfn {gpc.pfn:#x}, but the host maps {now} there "
                        "(a missed invalidation)")
     return out

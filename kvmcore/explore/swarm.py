@@ -26,7 +26,7 @@ import time
 import attrs
 
 from ..errors import KvmError
-from .scenario import GPC_OPS, HOST_OPS, THP_OPS, parse
+from .scenario import GPC_OPS, HOST_OPS, THP_OPS, dumps, parse
 from .search import Failure, explore
 
 #: Pages a flow may name: a few low ones, so that flows meet on them, and one anywhere.
@@ -166,70 +166,74 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
     if alias is not None:
         hot += [(1, rng.randrange(min(pages[1], 4)))]
 
-    lines = [f'name = "{name}"', "[vm]", f'vm_type = "{vm_type}"']
+    vm = {"vm_type": vm_type}
     if ring:
-        lines.append("dirty_ring = 65536")
+        vm["dirty_ring"] = 65536
     if logging and not ring and "manual_dirty_protect" in caps and rng.random() < 0.5:
-        lines.append("manual_protect = true")
-    lines += ["[[slot]]", "slot = 0", "gpa = 0x0", f"pages = {pages[0]}"]
+        vm["manual_protect"] = True
+    slot0 = {"slot": 0, "gpa": 0, "pages": pages[0]}
     # A THP range faulted in whole, or populated and split to PTEs for khugepaged.
-    lines.append("thp = " + rng.choice(("true", '"split"')) if kind == "thp"
-                 else f'kind = "{kind}"')
+    if kind == "thp":
+        slot0["thp"] = rng.choice((True, "split"))
+    else:
+        slot0["kind"] = kind
     if gmem:
-        lines.append('guest_memfd = "mmap"' if mmap else "guest_memfd = true")
-    lines += [f"{key} = true" for key, on in (
+        slot0["guest_memfd"] = "mmap" if mmap else True
+    slot0.update((key, True) for key, on in (
         ("private", private), ("log_dirty", logging),
-        ("populate", kind != "pfnmap" and rng.random() < 0.3)) if on]
+        ("populate", kind != "pfnmap" and rng.random() < 0.3)) if on)
+    slots = [slot0]
     if alias is not None:
         # At 4 GiB: above slot 0 at every base page size.
-        lines += ["[[slot]]", "slot = 1", "gpa = 0x100000000", f"pages = {pages[1]}",
-                  "alias = 0" if alias else 'kind = "anon"']
-        if logging:
-            lines.append("log_dirty = true")
+        slots.append({"slot": 1, "gpa": 1 << 32, "pages": pages[1],
+                      **({"alias": 0} if alias else {"kind": "anon"}),
+                      **({"log_dirty": True} if logging else {})})
+    accesses = []
     if gpc and rng.random() < 0.5:             # a cache already valid when the flows start
-        slot, page = rng.choice(hot)
-        lines += ["[[access]]", 'op = "gpc_activate"', f"page = {page}"]
-        lines += [f"slot = {slot}"] if slot else []
+        accesses.append(_on_page("gpc_activate", *rng.choice(hot)))
     for _ in range(rng.randrange(3)):
         slot, page = rng.choice(hot)
-        lines += ["[[access]]", f'op = "{rng.choice(("read", "write"))}"', f"page = {page}"]
-        lines += [f"slot = {slot}"] if slot else []
+        accesses.append(_on_page(rng.choice(("read", "write")), slot, page))
         if private:
-            lines.append("private = true")
+            accesses[-1]["private"] = True
+    flows = []
     for i in range(rng.choice((2, 2, 2, 3))):
         # A scenario with a pfn cache is about it: its first flow uses the cache.
         op = rng.choice(GPC_OPS) if gpc and i == 0 else rng.choice(ops)
-        lines += _flow(rng, op, pages, hot, private)
-    return "\n".join(lines) + "\n"
+        flows.append(_flow(rng, op, pages, hot, private))
+    return dumps({"name": name, "vm": vm, "slot": slots, "access": accesses, "flow": flows})
 
 
-def _flow(rng: random.Random, op: str, pages: dict, hot: list, private: bool) -> list[str]:
+def _on_page(op: str, slot: int, page: int) -> dict:
+    return {"op": op, "page": page, **({"slot": slot} if slot else {})}
+
+
+def _flow(rng: random.Random, op: str, pages: dict, hot: list, private: bool) -> dict:
     slot, page = rng.choice(hot)
     if op in SLOT_OPS + ("get_dirty_log", "clear_dirty_log"):
         slot = rng.choice(sorted(pages))
-    lines = ["[[flow]]", f'op = "{op}"'] + ([f"slot = {slot}"] if slot else [])
+    flow = {"op": op, **({"slot": slot} if slot else {})}
     if op == "gpc_activate":
-        lines.append(f"page = {page}")
+        flow["page"] = page
     elif op in ("read", "write"):
-        lines.append(f"page = {page}")
+        flow["page"] = page
         if private and rng.random() < 0.7:
-            lines.append("private = true")
+            flow["private"] = True
         if rng.random() < 0.3:
-            lines.append(f"vcpu = {rng.randrange(2)}")
+            flow["vcpu"] = rng.randrange(2)
     elif op == "set_memory_attributes":
-        lines += [f"page = {page}", f"pages = {rng.choice((1, 2, 512))}",
-                  f"attributes = {rng.choice((0, 8))}"]
+        flow.update(page=page, pages=rng.choice((1, 2, 512)), attributes=rng.choice((0, 8)))
     elif op == "punch_hole":
-        lines += [f"page = {page}", f"pages = {rng.choice((1, 2))}"]
+        flow.update(page=page, pages=rng.choice((1, 2)))
     elif op == "move_slot":
-        lines.append(f"gpa = {rng.choice((pages[slot], 2 * pages[slot], 4096)) * 4096:#x}")
+        flow["gpa"] = rng.choice((pages[slot], 2 * pages[slot], 4096)) * 4096
     elif op in ("munmap", "madvise_dontneed", "age"):
-        lines += [f"page = {page}", f"pages = {rng.choice((1, 2, pages[slot] - page))}"]
+        flow.update(page=page, pages=rng.choice((1, 2, pages[slot] - page)))
     elif op in ("mprotect", "migrate", "host_write") + THP_OPS:
-        lines.append(f"page = {page}")
+        flow["page"] = page
         if op == "mprotect":
-            lines.append(f'prot = "{rng.choice(("r", "", "rw"))}"')
-    return lines
+            flow["prot"] = rng.choice(("r", "", "rw"))
+    return flow
 
 
 def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
