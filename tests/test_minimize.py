@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from kvmcore.cli import main
-from kvmcore.explore import builtin_names, dumps, explore, minimize, parse, read_text
+from kvmcore.explore import (RaceScenarioError, builtin_names, dumps, explore, minimize, parse,
+                             read_text)
 
 FLAT = "kvmcore.testing:FlatBackend"
 
@@ -76,9 +77,13 @@ def test_a_padded_finding_comes_down_to_the_written_race():
     assert 1 < m.tests < 100
 
 
-def test_a_scenario_that_does_not_fail_is_refused():
+def test_a_scenario_that_does_not_fail_or_cannot_be_read_is_refused():
     with pytest.raises(ValueError, match="does not fail"):
         minimize(PADDED, FLAT)
+    with pytest.raises(RaceScenarioError, match="needs at least one \\[\\[slot\\]\\]"):
+        minimize("[[flow]]\nop = 'read'\n", FLAT)
+    with pytest.raises(RaceScenarioError, match="flow 1: key 'op'"):
+        minimize("[[slot]]\n[[flow]]\nop = 'fly'\n", FLAT)
 
 
 def test_cli_explore_writes_the_minimized_scenario(tmp_path):

@@ -56,11 +56,13 @@ def minimize(text: str, arch, vm_type: str | None = None, options: dict | None =
     ``options`` and ``mutants`` as ``explore`` takes them): the smallest scenario found whose
     exploration (``strategy``, ``max_schedules``, ``seed``, ``depth``) fails an oracle of the
     kind the original's first failure has. ``progress(tests)`` is called after each
-    exploration. ``ValueError`` if the original does not fail within the budget."""
+    exploration. ``RaceScenarioError`` if ``text`` is not a race scenario, ``ValueError``
+    if it does not fail within the budget."""
     from ..vm import VM
     from .swarm import declared
 
     t0 = time.perf_counter()
+    parse(text)                         # a scenario that cannot be read says why, first
     doc = tomllib.loads(text)
     if vm_type is not None:
         doc.setdefault("vm", {})["vm_type"] = vm_type
