@@ -142,3 +142,8 @@ def post_set_memory_attributes(vm, range):
 def page_table_bytes(vm):
     return 0
 
+
+@hookimpl(trylast=True)
+def stale_leaves(vm):
+    return ()
+

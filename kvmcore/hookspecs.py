@@ -25,7 +25,7 @@ stretch runs atomically.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -299,6 +299,16 @@ def leaves(vm: Kvm, start: int, end: int, as_id: int) -> Iterator[Mapping]:
     ``vm.nr_address_spaces``) that maps a gfn in ``[start, end)``, ascending by gfn (the
     private alias after the shared one for the same gfn), as uniform ``Mapping`` records.
     Costs what is mapped, not the range size. Required."""
+
+
+@hookspec(firstresult=True)
+def stale_leaves(vm: Kvm) -> Iterable[Mapping]:
+    """The present leaves of page tables no vCPU walks any more but KVM still holds until a
+    zap reaches them (x86: the roots kvm_mmu_zap_all_fast made invalid, until
+    kvm_tdp_mmu_zap_invalidated_roots has zapped them), as ``Mapping`` records. Called by
+    checks only (the explorer's use-after-free oracle): an MMU notifier's invalidation zaps
+    these too, since KVM may hold no reference to a page once the invalidation of its range
+    has returned. Default: none."""
 
 
 @hookspec(firstresult=True)

@@ -348,7 +348,8 @@ class PageTable:
         return out
 
     def iter_present(self, start: int, end: int, leaves_only: bool = False,
-                     snapshot: bool = False) -> Iterator[tuple[array, int, int, int, int]]:
+                     snapshot: bool = False, max_pos: int | None = None
+                     ) -> Iterator[tuple[array, int, int, int, int]]:
         """Every valid entry touching ``[start, end)`` in address order, a table entry before
         the entries below it, as ``(table, index, pos, addr, pte)``: the Python form of x86's
         ``for_each_tdp_pte`` for code that is not a visitor (``leaves_only``: only entries
@@ -364,9 +365,15 @@ class PageTable:
         ``snapshot``: for a caller that changes nothing and lets no other flow run while it
         iterates (an enumeration of the leaves, an invariant check): each table's present
         entries are found when the iteration enters it, by the walker's scan, which a table
-        unchanged since its last scan does not repeat."""
+        unchanged since its last scan does not repeat.
+
+        ``max_pos``: entries at that depth (0: the root table's) are the deepest visited, each
+        yielded whether it maps or links a table, which is not entered: for_each_tdp_pte_min_level
+        with a level above the last (a zap that removes whole tables at that level)."""
         fmt, tables = self.fmt, self.store.tables
         shifts, _masks, level_ids, last_pos, (tmask, tvalue, amask, addr_of) = self._per_level
+        if max_pos is not None and max_pos < last_pos:
+            last_pos = max_pos
         if end > self._ia_end:
             end = self._ia_end
         if start >= end:

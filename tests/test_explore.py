@@ -46,6 +46,8 @@ APPLIES = {
     "tdx_remove_before_track": ["x86_tdp"],
     "zap_yield_without_flush": ["x86_tdp"],
     "obsolete_root_no_retry": ["x86_tdp"],
+    "zap_root_restart_advances": ["x86_tdp"],
+    "unmap_valid_roots_only": ["x86_tdp"],
     "arm64_map_replaces_perms": ["arm64_stage2"],
     "arm64_relax_perms_only": ["arm64_stage2"],
 }

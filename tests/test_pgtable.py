@@ -202,6 +202,25 @@ def test_iter_present_yields_what_the_walker_visits():
                 == [e[2:] for e in pt.iter_present(start, end, leaves_only)]
 
 
+def test_iter_present_stops_at_max_pos():
+    """``max_pos``: the entries at that depth are yielded, tables too, and not entered
+    (for_each_tdp_pte_min_level above the last level); the ones above are the walk's."""
+    import random
+
+    rng = random.Random(11)
+    for _ in range(100):
+        _store, pt = _random_tree(rng)
+        want: list = []
+        pt.walk(0, 1 << 40, lambda c, out=want: out.append((c.pos, c.addr, c.pte)),
+                LEAF | TABLE_PRE)
+        got = [(pos, addr, pte) for _t, _i, pos, addr, pte in
+               pt.iter_present(0, 1 << 40, max_pos=0)]
+        assert got == [e for e in want if e[0] == 0]
+        for leaves_only in (False, True):
+            assert [e[2:] for e in pt.iter_present(0, 1 << 40, leaves_only, max_pos=1)] == \
+                [e[2:] for e in pt.iter_present(0, 1 << 40, leaves_only)]
+
+
 def test_iter_present_reads_each_entry_when_it_gets_there():
     """Lazy, as Linux's iterator: an entry set behind the iteration's position while it is
     paused is seen, one cleared is not, and the tuple gives the table and index to store

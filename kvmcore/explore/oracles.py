@@ -2,9 +2,10 @@
 
 - **Use after free**: no leaf, no vCPU TLB entry and no valid pfn cache reaches a frame the
   host gave back (``HostMemory.freed``: anonymous pages unmapped or migrated away, truncated
-  guest_memfd folios). Linux frees a page only after invalidate_range_start has zapped and
-  flushed (and made the pfn caches over it invalid), so this holds at every step, whatever
-  locks are held.
+  guest_memfd folios), nor a leaf of a page table KVM still holds though no vCPU walks it
+  (the ``stale_leaves`` hook: x86's invalid roots being zapped). Linux frees a page only
+  after invalidate_range_start has zapped (every root, valid or not) and flushed (and made
+  the pfn caches over it invalid), so this holds at every step, whatever locks are held.
 - **No private leak**: no shared (non-private) leaf maps a page of a guest_memfd that is not
   shared (without GUEST_MEMFD_FLAG_INIT_SHARED): a shared access never reaches private memory.
 - **No downgrade without an invalidation**: once an access completed, the leaf it used stays
@@ -105,6 +106,12 @@ class Oracles:
                     if owner is not None and not owner[0].flags & GUEST_MEMFD_FLAG_INIT_SHARED:
                         return ("private-leak", f"shared leaf gfn {m.gfn:#x} -> pfn "
                                 f"{m.pfn:#x} maps a private guest_memfd page")
+        if freed:
+            for m in vm.hook.stale_leaves(vm=vm):
+                if not freed.isdisjoint(range(m.pfn, m.pfn + m.npages)):
+                    return ("use-after-free", f"leaf gfn {m.gfn:#x} -> pfn {m.pfn:#x} of a "
+                            "page table no vCPU walks any more (not zapped yet) maps a frame "
+                            "the host has freed")
         return None
 
     def count_step(self, i: int) -> None:

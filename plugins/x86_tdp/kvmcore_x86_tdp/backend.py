@@ -374,9 +374,11 @@ class X86TdpBackend:
     @hookimpl
     def flush_shadow_all(self, vm):
         """kvm_tdp_mmu_zap_all: direct and invalid roots only, whole roots, no flush; a TD's
-        private memory goes with the TD, not with the MMU notifier's release."""
+        private memory goes with the TD, not with the MMU notifier's release. The caller
+        holds kvm->mmu_lock for write; run in one stretch (Linux may yield between entries,
+        but nothing runs in the model while a VM goes away)."""
         for root in self.tdp.roots_of(KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS):
-            self.tdp.tdp_mmu_zap_root(vm, root)
+            drive(self.tdp.tdp_mmu_zap_root(vm, root, shared=False))
         return True
 
     # ------------------------------------------------------------------ fault path
@@ -638,8 +640,8 @@ class X86TdpBackend:
         kvm_tdp_mmu_zap_invalidated_roots with ``shared``: under the lock for read
         (``x86_zap_invalidated_lock_wait``) the old roots are zapped whole and the TDP MMU's
         reference put (the last vCPU to reload frees each), while faults run beside it and
-        an MMU notifier, which zaps invalid roots too, waits. Linux may also yield inside a
-        root's zap (cond_resched_rwlock_read); the model zaps each root in one stretch."""
+        an MMU notifier, which zaps invalid roots too, waits, unless the zap yields
+        (``tdp_zap_yield``: cond_resched_rwlock_read between two regions)."""
         lock = vm.mmu_lock
         yield from lock.write_lock(SLOT_FLUSH_LOCK_WAIT)
         try:
@@ -656,7 +658,8 @@ class X86TdpBackend:
         yield from lock.read_lock(X86_ZAP_INVALIDATED_LOCK_WAIT)
         try:
             for root in old:
-                self.tdp.tdp_mmu_zap_root(vm, root)
+                yield from self.tdp.tdp_mmu_zap_root(vm, root, shared=True)
+                root.zapped = True
                 self.tdp.kvm_tdp_mmu_put_root(root)
         finally:
             lock.read_unlock()
@@ -917,6 +920,12 @@ class X86TdpBackend:
             return iter(shared)
         private = self._root_leaves(vm, self.mirror_roots[as_id], start, end)
         return heapq.merge(shared, private, key=lambda m: (m.gfn, m.private))
+
+    @hookimpl
+    def stale_leaves(self, vm):
+        """The leaves of the invalid roots, which kvm_tdp_mmu_unmap_gfn_range zaps too."""
+        return [m for root in self.tdp.roots if root.invalid
+                for m in self._root_leaves(vm, root, 0, KVM_PAGES_PER_HPAGE(root.level + 1))]
 
     @hookimpl
     def page_table_bytes(self, vm):

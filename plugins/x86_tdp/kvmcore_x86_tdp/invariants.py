@@ -7,6 +7,7 @@ MAP_SHARED page changes it). Flow invariants (8, 13, 16-18, 21-24) have tests in
 
 from __future__ import annotations
 
+from kvmcore.pgtable import present_indices
 from kvmcore.radix import check_entries
 from kvmcore.uapi import KVM_MEM_LOG_DIRTY_PAGES
 
@@ -16,6 +17,7 @@ from .spte import (
     KVM_PAGES_PER_HPAGE,
     PG_LEVEL_4K,
     PT_WRITABLE_MASK,
+    SHADOW_NONPRESENT_VALUE,
     SPTE_MMU_PRESENT_MASK,
     SPTE_TDP_AD_DISABLED,
     SPTE_TDP_AD_MASK,
@@ -43,6 +45,9 @@ def check_invariants(backend, vm) -> list[str]:
         mirrors = mirrors or root.is_mirror
         if root.level not in (4, 5):  # 25
             problems.append(f"root level {root.level} is neither 4 nor 5")
+        if root.zapped and any(present_indices(root.table, SHADOW_NONPRESENT_VALUE)):
+            problems.append(f"{root}: kvm_tdp_mmu_zap_invalidated_roots zapped it, yet it has "
+                            "present entries")
     if tdx is None and mirrors:
         problems.append("a non-TDX VM has mirror roots")
     if tdx is not None and not mirrors:

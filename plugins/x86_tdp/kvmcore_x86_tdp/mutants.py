@@ -21,6 +21,17 @@ conversion and the TLB flush.
   (2021): a fault that entered on a root kvm_mmu_zap_all_fast has since made invalid
   installs into it once kvm_tdp_mmu_zap_invalidated_roots has zapped it; when the vCPU
   reloads, the root is freed and the page tables the fault linked below it leak.
+* ``zap_root_restart_advances``: tdp_iter_next stepping on after tdp_iter_restart, as before
+  3a0f64de479c "KVM: x86/mmu: Don't advance iterator after restart due to yielding"
+  (2021): a pass of tdp_mmu_zap_root at the root's level cannot step down from the entry it
+  restarted at, so it steps aside and never zaps the entry where it yielded; the tables
+  below stay linked in a root that kvm_tdp_mmu_zap_invalidated_roots has zapped (and leak
+  when it is freed).
+* ``unmap_valid_roots_only``: kvm_tdp_mmu_unmap_gfn_range walking the valid roots only, as
+  before d62007edf01f "KVM: x86/mmu: Zap _all_ roots when unmapping gfn range in TDP MMU"
+  (2021): an MMU notifier that runs between kvm_mmu_zap_all_fast's invalidation and the
+  zap of the invalid roots (or while that zap yields) returns with an invalid root still
+  mapping the page the host then frees.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from kvmcore.uapi import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 
 from . import backend
 from .spte import spte_to_pfn
+from .spte import KVM_PAGES_PER_HPAGE
 from .tdp_mmu import TdpMmu
 from .tdx import TDX_BLOCK, TDX_PAGE_REMOVE, TDX_TRACK_KICK, Tdx
 
@@ -54,6 +66,22 @@ def _zap_yield_without_flush():
 
 def _obsolete_root_no_retry():
     return patch.object(backend.X86TdpBackend, "is_obsolete_sp", staticmethod(lambda root: False))
+
+
+def _zap_root_restart_advances():
+    def restart(root, gfn: int, min_level: int) -> int:
+        return gfn + KVM_PAGES_PER_HPAGE(min_level) if min_level == root.level else gfn
+
+    return patch.object(TdpMmu, "tdp_iter_restart", staticmethod(restart))
+
+
+def _unmap_valid_roots_only():
+    real = backend.X86TdpBackend.roots_for_range
+
+    def roots_for_range(self, range, types_extra: int = 0):
+        return real(self, range)
+
+    return patch.object(backend.X86TdpBackend, "roots_for_range", roots_for_range)
 
 
 def _zap_shared_alias():
@@ -108,3 +136,16 @@ OBSOLETE_ROOT_NO_RETRY = dict(
     "that entered on a root kvm_mmu_zap_all_fast made invalid installs into it after "
     "kvm_tdp_mmu_zap_invalidated_roots zapped it, and its page tables leak",
     patch=_obsolete_root_no_retry, scenarios=("fault_vs_other_slot_delete",), arch="x86_tdp")
+
+ZAP_ROOT_RESTART_ADVANCES = dict(
+    seed="a memslot update's zap of the old roots, yielding",
+    what="tdp_mmu_zap_root's root-level pass steps past the entry it yielded at (before "
+    "3a0f64de479c): the tables below it stay linked in a root said to be zapped",
+    patch=_zap_root_restart_advances, scenarios=("munmap_vs_other_slot_delete",),
+    arch="x86_tdp")
+
+UNMAP_VALID_ROOTS_ONLY = dict(
+    seed="an MMU notifier racing a memslot update's fast zap",
+    what="kvm_tdp_mmu_unmap_gfn_range skips the invalid roots (before d62007edf01f): a "
+    "notifier returns while a root kvm_mmu_zap_all_fast invalidated still maps the page",
+    patch=_unmap_valid_roots_only, scenarios=("munmap_vs_other_slot_delete",), arch="x86_tdp")

@@ -30,7 +30,7 @@ from types import GeneratorType
 from typing import TYPE_CHECKING
 
 import structlog
-from kvmcore.locks import WRITE, drive, stepping
+from kvmcore.locks import READ, WRITE, drive, stepping
 from kvmcore.pgtable import TABLE_PRE, TableStore, present_indices
 from kvmcore.radix import RadixTable
 from kvmcore.uapi import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
@@ -39,6 +39,7 @@ from kvmcore.uapi import (RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPU
 from .spte import (
     FROZEN_SPTE,
     NONPRESENT_TABLE,
+    PG_LEVEL_1G,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
     PT_PAGE_SIZE_MASK,
@@ -112,10 +113,12 @@ class TdpRoot:
     its PageTable), ``role.is_mirror``, ``role.invalid``, the address space (role.smm), the
     alias bits OR-ed into the walk index (kvm_gfn_root_bits) and ``refs``
     (tdp_mmu_root_count: the TDP MMU's own reference while the root is valid, and one per
-    vCPU that has it loaded)."""
+    vCPU that has it loaded). ``zapped``, the model's own record: this invalid root has been
+    through kvm_tdp_mmu_zap_invalidated_roots, and nothing may fill it again (faults retry
+    on it, every other walk takes valid roots only)."""
 
     __slots__ = ("rt", "pt", "as_id", "is_mirror", "gfn_bits", "level", "invalid", "table",
-                 "name", "refs")
+                 "name", "refs", "zapped")
 
     def __init__(self, rt: RadixTable, as_id: int, is_mirror: bool, gfn_bits: int, level: int):
         self.rt = rt
@@ -125,6 +128,7 @@ class TdpRoot:
         self.gfn_bits = gfn_bits
         self.level = level
         self.invalid = False
+        self.zapped = False
         self.refs = 1
         self.table = pt.store[pt.root]
         self.name = f"{'mirror' if is_mirror else 'direct'} root as{as_id}"
@@ -498,7 +502,8 @@ class TdpMmu:
                 # tdp_iter_restart: the walk starts again from the root at this gfn and reads
                 # every entry as it is now: a table on its path may be gone, this leaf split,
                 # or a table linked where it was (a leaf is zapped, a table never).
-                leaves = self.iter_leaves(root, max(gfn, start), end)
+                leaves = self.iter_leaves(
+                    root, self.tdp_iter_restart(root, max(gfn, start), PG_LEVEL_4K), end)
                 continue
             region = here
             old = table[idx]
@@ -514,26 +519,67 @@ class TdpMmu:
             vm.stats["x86_tdp.zap_leafs"] += 1
         return flush
 
-    def iter_leaves(self, root: TdpRoot, start: int, end: int, snapshot: bool = False):
+    def iter_leaves(self, root: TdpRoot, start: int, end: int, snapshot: bool = False,
+                    min_level: int = PG_LEVEL_4K):
         """The present leaves overlapping gfns [start, end), in gfn order, as ``(table,
-        index, level, gfn)``: for_each_tdp_pte_min_level(PG_LEVEL_4K), the core's lazy
-        iterator, which reads each table when it gets there, so a walk restarted after a
-        yield sees the tables as they are then (``snapshot``: for a reader that yields
-        nothing, ``PageTable.iter_present``'s)."""
+        index, level, gfn)``: for_each_tdp_pte_min_level, the core's lazy iterator, which
+        reads each table when it gets there, so a walk restarted after a yield sees the
+        tables as they are then (``snapshot``: for a reader that yields nothing,
+        ``PageTable.iter_present``'s). Above ``min_level`` only huge leaves; at it every
+        present entry, a leaf or a table, whose table is not entered."""
         bits, top = root.gfn_bits, root.level
         return ((table, idx, top - pos, (addr >> 12) - bits) for table, idx, pos, addr, _
                 in root.pt.iter_present(*self._span(root, start, end), leaves_only=True,
-                                        snapshot=snapshot))
+                                        snapshot=snapshot, max_pos=top - min_level))
 
-    def tdp_mmu_zap_root(self, vm: Kvm, root: TdpRoot) -> None:
-        """tdp_mmu_zap_root: zap every SPTE of the root, freeing all its page tables."""
-        table = root.table
-        step = KVM_PAGES_PER_HPAGE(root.level)
-        for i in range(SPTE_ENT_PER_PAGE):
-            old = table[i]
-            if old & SPTE_MMU_PRESENT_MASK:
-                self.set_spte(vm, root, table, i, max(0, i * step - root.gfn_bits),
-                              root.level, SHADOW_NONPRESENT_VALUE)
+    @staticmethod
+    def tdp_iter_restart(root: TdpRoot, gfn: int, min_level: int) -> int:
+        """Where a walk that yielded at the entry of ``gfn`` goes on: tdp_iter_restart
+        takes the iterator back to the root, and the loop's next step goes down to that
+        same entry again, reading everything on its path afresh."""
+        return gfn
+
+    def tdp_mmu_zap_root(self, vm: Kvm, root: TdpRoot, shared: bool):
+        """tdp_mmu.c tdp_mmu_zap_root, a flow (the caller holds kvm->mmu_lock, for read when
+        ``shared``): zap every SPTE of the root in passes of decreasing granularity, the
+        4K entries, then those at 2M, 1G and the root's level (__tdp_mmu_zap_root each), so
+        each pass removes the tables the one before emptied and no stretch frees a whole
+        populated 1G region (the model builds without CONFIG_KVM_PROVE_MMU, which skips the
+        first two). A pass may yield the lock as ``tdp_mmu_zap_leafs`` does, at the first
+        entry of each region of its level (2 MiB at least) after one where it zapped, with
+        no flush (an invalid root needs none; kvm_tdp_mmu_zap_all's caller flushes nothing),
+        and goes on from the entry it stopped at (``tdp_iter_restart``)."""
+        for zap_level in (PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G, root.level):
+            yield from self._tdp_mmu_zap_root(vm, root, shared, zap_level)
+
+    def _tdp_mmu_zap_root(self, vm: Kvm, root: TdpRoot, shared: bool, zap_level: int):
+        """__tdp_mmu_zap_root: one pass over every entry of the root at ``zap_level``
+        (tdp_mmu_set_spte_atomic when ``shared``: a stretch runs atomically in the model).
+        A huge leaf above ``zap_level`` waits for its own pass."""
+        lock = vm.mmu_lock
+        grain = max(ZAP_YIELD_GFNS, KVM_PAGES_PER_HPAGE(zap_level))
+        end = KVM_PAGES_PER_HPAGE(root.level + 1)      # all the root spans
+        entries = self.iter_leaves(root, 0, end, min_level=zap_level)
+        region = None
+        progress = False
+        while True:
+            item = next(entries, None)
+            if item is None:
+                return
+            table, idx, level, gfn = item
+            if level > zap_level:
+                continue
+            here = gfn // grain
+            if progress and here != region:
+                yield from lock.cond_resched(READ if shared else WRITE, TDP_ZAP_YIELD)
+                progress = False
+                entries = self.iter_leaves(root, self.tdp_iter_restart(root, gfn, zap_level),
+                                           end, min_level=zap_level)
+                continue
+            region = here
+            if table[idx] & SPTE_MMU_PRESENT_MASK:
+                self.set_spte(vm, root, table, idx, gfn, level, SHADOW_NONPRESENT_VALUE)
+                progress = True
 
     def clear_spte_bits(self, vm: Kvm, root: TdpRoot, start: int, end: int, mask: int,
                         min_level: int = PG_LEVEL_4K) -> bool:

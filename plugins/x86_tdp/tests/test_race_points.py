@@ -471,3 +471,63 @@ def test_tdx_removal_abandoned_midway_is_reported():
     with pytest.raises(InvariantError, match="S-EPT differ") as e:
         g.vm.check_invariants()
     assert "left BLOCKED" in str(e.value) and "removal stopped" in str(e.value)
+
+
+FAR = 512 << 30                          # under the root's second entry (4-level: 512 GiB)
+
+
+def _two_far_slots():
+    """A DEFAULT_VM (KVM_X86_QUIRK_SLOT_ZAP_ALL) with a written page in slot 0 at 0 and one
+    in slot 1 at 512 GiB, and the steps of slot 0's deletion."""
+    g = G("default")                     # not ``make``: a mutant's final check fails
+    hva = g.slot(0, 0, SZ_2M)
+    far = g.slot(1, FAR, SZ_2M)
+    g.vcpu.write(PAGE, b"0")
+    g.vcpu.write(FAR + 5 * PAGE, b"1")
+    return g, far, g.vm.steps.set_user_memory_region(0, 0, 0, hva)
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_the_zap_of_an_invalid_root_goes_on_where_it_yielded(fixed):
+    """kvm_tdp_mmu_zap_invalidated_roots zaps the old root in four passes (4K, 2M, 1G, the
+    root's level), each yielding kvm->mmu_lock between its two regions, and goes on from the
+    entry it stopped at. Stepping past it after the restart (before 3a0f64de479c) skips the
+    root-level entry of the far slot: the zapped root still links its tables."""
+    from kvmcore.explore import MUTANTS
+    from kvmcore_x86_tdp.tdp_mmu import TDP_ZAP_YIELD
+
+    g, _far, delete = _two_far_slots()
+    old = g.vcpu.arch["roots"][0]
+    with contextlib.nullcontext() if fixed else MUTANTS["zap_root_restart_advances"].patch():
+        points = list(delete)
+    assert points.count(TDP_ZAP_YIELD) == 4
+    assert old.zapped and old in g.b.tdp.roots             # the vCPU still holds it
+    assert g.vcpu.read(FAR + 5 * PAGE, 1) == b"1"          # reloads: the old root is put
+    assert old not in g.b.tdp.roots
+    if fixed:
+        g.check()
+    else:
+        with pytest.raises(InvariantError, match="table\\(s\\) are leaked"):
+            g.check()
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_a_notifier_zaps_the_invalid_roots_while_their_zap_yields(fixed):
+    """An munmap that runs while kvm_tdp_mmu_zap_invalidated_roots has yielded the lock, the
+    far slot's leaf not zapped yet in the old root: kvm_tdp_mmu_unmap_gfn_range walks the
+    invalid roots too (d62007edf01f), so when the notifier returns no page table KVM holds
+    maps the page the host frees. Walking the valid roots only leaves it in the old root."""
+    from kvmcore.explore import MUTANTS
+    from kvmcore_x86_tdp.tdp_mmu import TDP_ZAP_YIELD
+
+    g, far, delete = _two_far_slots()
+    step_to(delete, TDP_ZAP_YIELD)                 # slot 0's leaf zapped, the far one not
+    stale = [m.gfn for m in g.vm.hook.stale_leaves(vm=g.vm)]
+    assert stale == [(FAR >> 12) + 5]
+    with contextlib.nullcontext() if fixed else MUTANTS["unmap_valid_roots_only"].patch():
+        g.host.munmap(far + 5 * PAGE, PAGE)
+    stale = [m.gfn for m in g.vm.hook.stale_leaves(vm=g.vm)]
+    assert stale == ([] if fixed else [(FAR >> 12) + 5])
+    delete.run()
+    assert list(g.vm.hook.stale_leaves(vm=g.vm)) == []
+    g.check()
