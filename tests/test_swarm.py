@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import tomllib
 
 import attrs
 from click.testing import CliRunner
@@ -39,6 +40,11 @@ def test_scenarios_are_valid_and_the_seed_fixes_them():
     assert pfnmap and not any(f'op = "{op}"' in t for t in pfnmap
                               for op in ("madvise_dontneed", "migrate", "age"))
     assert any('op = "munmap"' in t for t in pfnmap)
+    # A second slot at 512 GiB comes with a page of each slot mapped at setup.
+    far = [d for d in map(tomllib.loads, texts)
+           if len(d["slot"]) == 2 and d["slot"][1]["gpa"] == 1 << 39]
+    assert far and all({a.get("slot", 0) for a in d["access"] if a["op"] in ("read", "write")}
+                       == {0, 1} for d in far)
     again = swarm(FLAT, scenarios=5, seed=7, max_schedules=5)
     assert again.scenarios + again.refused == 5
     assert swarm(FLAT, scenarios=5, seed=7, max_schedules=5).summary()["schedules"] == \

@@ -201,6 +201,14 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
         # A scenario with a pfn cache is about it: its first flow uses the cache.
         op = rng.choice(GPC_OPS) if gpc and i == 0 else rng.choice(ops)
         flows.append(_flow(rng, op, pages, hot, private))
+    if alias is not None and rng.random() < 0.3:
+        # At 512 GiB: a root-level entry of its own on x86 (4-level EPT), so a zap of a
+        # whole root yields between the two slots, which the setup has both mapped. Drawn
+        # last: the rest is as it was.
+        slots[1]["gpa"] = 1 << 39
+        mapped = {a.get("slot", 0) for a in accesses if a["op"] in ("read", "write")}
+        for slot in {0, 1} - mapped:
+            accesses.append(_on_page("write", *next(h for h in hot if h[0] == slot)))
     return dumps({"name": name, "vm": vm, "slot": slots, "access": accesses, "flow": flows})
 
 
