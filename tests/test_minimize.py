@@ -77,6 +77,20 @@ def test_a_padded_finding_comes_down_to_the_written_race():
     assert 1 < m.tests < 100
 
 
+def test_a_slot_placed_far_up_for_nothing_comes_down():
+    """The pfnmap race on a second slot at 512 GiB (as the swarm places one) needs the slot,
+    not its place: its gpa halves while it still fails and overlaps nothing."""
+    far = PADDED.replace("gpa = 0x100000", "gpa = 0x8000000000").replace(
+        'kind = "pfnmap"\n', "").replace("populate = true", 'kind = "pfnmap"')
+    far = far.replace("page = 9\n", "page = 9\nslot = 1\n").replace(
+        "pages = 8\n", "pages = 8\nslot = 1\n")
+    m = minimize(far, FLAT, mutants=("pfnmap_no_retry",))
+    doc = tomllib.loads(m.text)
+    assert doc["slot"] == [{"slot": 0, "gpa": 0, "pages": 1},
+                           {"slot": 1, "gpa": 0x1000, "pages": 1, "kind": "pfnmap"}]
+    assert explore(parse(m.text), FLAT, mutants=("pfnmap_no_retry",)).failures
+
+
 def test_a_scenario_that_does_not_fail_or_cannot_be_read_is_refused():
     with pytest.raises(ValueError, match="does not fail"):
         minimize(PADDED, FLAT)

@@ -5,9 +5,10 @@ dirty ring, on pages picked from a few. Most of it is beside the point. ``minimi
 apart one piece at a time, as delta debugging does (Zeller and Hildebrandt, "Simplifying and
 isolating failure-inducing input", TSE 2002; C-Reduce's greedy passes): drop a flow, an
 access, a slot; drop an optional key (populate, log_dirty, a vCPU number, a prot); make a
-number smaller (a slot's pages, a range's pages, a page). A candidate is kept when exploring it
-still fails an oracle of the same kind within the budget, and is not a failure the backend
-declares as a divergence when the original was not one. Passes repeat until one keeps nothing.
+number smaller (a slot's pages or gpa, a range's pages, a page). A candidate is kept when
+exploring it still fails an oracle of the same kind within the budget, and is not a failure
+the backend declares as a divergence when the original was not one. Passes repeat until one
+keeps nothing.
 
 The result is a scenario of the same format, its failure (the schedule shrunk as ``explore``
 shrinks it), and how many explorations it took. Each candidate is explored from scratch with the
@@ -120,7 +121,8 @@ def minimize(text: str, arch, vm_type: str | None = None, options: dict | None =
 
 def _candidates(doc: dict):
     """Smaller variants of ``doc``, the coarsest first: without a flow, an access, a slot
-    (with the items on it), an optional key; with a smaller number."""
+    (with the items on it), an optional key; with a smaller number (a slot's pages, then its
+    gpa; a range's pages; a page)."""
     flows, accesses = doc.get("flow", []), doc.get("access", [])
     slots = doc.get("slot", [])
     if len(flows) > 1:
@@ -153,6 +155,10 @@ def _candidates(doc: dict):
         for n in SLOT_PAGES:
             if n < s.get("pages", 16):
                 yield _with(doc, "slot", i, "pages", n)
+        # Half the gpa, while it stays page-aligned: a slot placed far up for nothing comes
+        # down next to the others (one that overlaps them is refused, so not kept).
+        if isinstance(s.get("gpa"), int) and s["gpa"] and s["gpa"] % 8192 == 0:
+            yield _with(doc, "slot", i, "gpa", s["gpa"] // 2)
     used = sorted({item["page"] for item in accesses + flows if isinstance(item.get("page"), int)})
     # A page every item names at once, then one item's: flows meet where they did.
     for p in reversed(used):
