@@ -259,7 +259,8 @@ _CORE = {m.name: m for m in (
            ("two_gpc_activates",)),
     Mutant("log_dirty_no_flush", "dirty logging started without its flush",
            "kvm_arch_commit_memory_region protects the slot but does not flush its TLBs",
-           _log_dirty_no_flush, ("write_vs_log_dirty", "block_read_vs_log_dirty_write")),
+           _log_dirty_no_flush, ("write_vs_log_dirty", "block_read_vs_log_dirty_write",
+                                 "writes_vs_log_dirty_two_regions")),
 )}
 
 

@@ -721,8 +721,8 @@ class X86TdpBackend:
         then with PML clear the D bits (kvm_mmu_slot_leaf_clear_dirty) and write-protect the
         huge leaves, else write-protect every leaf (kvm_mmu_slot_remove_write_access); then the
         memslot's TLB flush with no mmu_lock held (slots_lock, still held, keeps the dirty-log
-        ioctls out until it is done). Linux may also yield inside a step
-        (tdp_mmu_iter_cond_resched); the model runs each in one stretch."""
+        ioctls out until it is done). The write protection and D-bit clearing yield the
+        lock between 2 MiB regions too (``x86_dlog_yield``, tdp_mmu_iter_cond_resched)."""
         start, end = slot.base_gfn, slot.base_gfn + slot.npages
         first = True
         if self.eager_page_split:
@@ -741,11 +741,13 @@ class X86TdpBackend:
                                          first=first)
         vm.flush_remote_tlbs_memslot(slot)
 
-    def _each_root(self, vm, slot, fn, *args) -> None:
-        """``fn(vm, root, *args)`` on every valid root of ``slot``'s address space
-        (for_each_valid_tdp_mmu_root_yield_safe)."""
+    def _each_root(self, vm, slot, fn, *args):
+        """The flow ``fn(vm, root, *args)`` on every valid root of ``slot``'s address space
+        (for_each_valid_tdp_mmu_root_yield_safe: a root invalidated while an earlier one's
+        walk yielded is skipped)."""
         for root in self.tdp.roots_of(KVM_VALID_ROOTS, slot.as_id):
-            fn(vm, root, *args)
+            if not root.invalid:
+                yield from fn(vm, root, *args)
 
     @staticmethod
     def _shared_step(vm, fn, *args, first: bool = False):

@@ -16,11 +16,13 @@ page, ``x86_pf_leaf_cmpxchg`` before the leaf) and then re-reads the entry; if a
 changed it meanwhile the exchange fails and the fault returns RET_PF_RETRY, as in Linux. The
 fault path is hot: it pauses there only when its flow is stepped
 (``kvmcore.locks.stepping()``), and only then is the walk a generator; a plain call, which no
-other flow can interleave, goes straight on. A zap that may block drops the write lock
-between 2 MiB regions (``tdp_zap_yield``, tdp_mmu_iter_cond_resched), flushing first what it
-zapped. A stretch between two points runs atomically; RCU-deferred freeing of page tables is
-immediate, and a page table removed under the read lock is filled with FROZEN_SPTE
-(handle_removed_pt), so a flow paused with a pointer into it fails its exchange.
+other flow can interleave, goes straight on. A zap that may block drops the write lock between
+2 MiB regions (``tdp_zap_yield``, tdp_mmu_iter_cond_resched), flushing first what it zapped;
+the zap of a whole root and the write protection and D-bit clearing of a memslot whose dirty
+logging starts yield between regions too (``TdpIter``). A stretch between two points runs
+atomically; RCU-deferred freeing of page tables is immediate, and a page table removed under
+the read lock is filled with FROZEN_SPTE (handle_removed_pt), so a flow paused with a pointer
+into it fails its exchange.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ X86_ZAP_INVALIDATED_LOCK_WAIT = "x86_zap_invalidated_lock_wait"
 #: kvm_mmu_slot_apply_flags between two of its steps (eager split, clear D, write-protect),
 #: each under kvm->mmu_lock for read: the next waits for the lock.
 X86_DLOG_LOCK_WAIT = "x86_dlog_lock_wait"
+#: wrprot_gfn_range or clear_dirty_gfn_range (the steps of kvm_mmu_slot_apply_flags) yields
+#: kvm->mmu_lock between two regions (tdp_mmu_iter_cond_resched) and waits to take it again.
+X86_DLOG_YIELD = "x86_dlog_yield"
 #: tdp_mmu_split_huge_pages_root dropped kvm->mmu_lock to allocate a page table
 #: (tdp_mmu_alloc_sp_for_split) and waits to take it again.
 X86_SPLIT_ALLOC = "x86_split_alloc"
@@ -91,8 +96,8 @@ X86_SPLIT_ALLOC = "x86_split_alloc"
 #: (fast_pf_fix_direct_spte): a zap, a write protection or aging may change it first.
 X86_FAST_PF_CMPXCHG = "x86_fast_pf_cmpxchg"
 RACE_POINTS = (X86_PF_LINK_CMPXCHG, X86_PF_LEAF_CMPXCHG, TDP_ZAP_YIELD,
-               X86_ZAP_INVALIDATED_LOCK_WAIT, X86_DLOG_LOCK_WAIT, X86_SPLIT_ALLOC,
-               X86_FAST_PF_CMPXCHG)
+               X86_ZAP_INVALIDATED_LOCK_WAIT, X86_DLOG_LOCK_WAIT, X86_DLOG_YIELD,
+               X86_SPLIT_ALLOC, X86_FAST_PF_CMPXCHG)
 
 #: Gfns per yield region of a zap: the model's grain for tdp_mmu_iter_cond_resched.
 ZAP_YIELD_GFNS = 512
@@ -157,6 +162,50 @@ def is_access_allowed(write: bool, exec_: bool, spte: int) -> bool:
     if write:
         return bool(spte & PT_WRITABLE_MASK)
     return bool(spte & 0x1)
+
+
+class TdpIter:
+    """A leaf walk that may yield kvm->mmu_lock (struct tdp_iter's share in it): ``next()``
+    gives the next present entry ``(table, index, level, gfn)`` of ``TdpMmu.iter_leaves``
+    over [start, end) at ``min_level``, or None at the end. ``need_resched(gfn)`` stands for
+    tdp_mmu_iter_need_resched: Linux yields when need_resched() or the lock is contended,
+    once the walk moved since it last yielded; the model yields at the first entry of each
+    region of ``grain`` gfns after one where the walk changed an entry (its owner sets
+    ``progress``), which keeps the explorer's schedules few while another flow can still
+    run between two parts of the walk. ``restart()`` after the yield: tdp_iter_restart,
+    the walk reads every entry afresh from the root, from the gfn it stopped at."""
+
+    __slots__ = ("mmu", "root", "end", "min_level", "grain", "leaves", "gfn", "region",
+                 "progress")
+
+    def __init__(self, mmu: TdpMmu, root: TdpRoot, start: int, end: int,
+                 min_level: int = PG_LEVEL_4K, grain: int = ZAP_YIELD_GFNS):
+        self.mmu, self.root, self.end, self.min_level = mmu, root, end, min_level
+        self.grain = grain
+        self.leaves = mmu.iter_leaves(root, start, end, min_level=min_level)
+        self.gfn = start
+        self.region = None
+        self.progress = False
+
+    def next(self):
+        item = next(self.leaves, None)
+        if item is not None:
+            self.gfn = max(self.gfn, item[3])
+        return item
+
+    def need_resched(self, gfn: int) -> bool:
+        here = gfn // self.grain
+        if self.progress and here != self.region:
+            return True
+        self.region = here
+        return False
+
+    def restart(self) -> None:
+        # Every entry is read as it is now: a table on the path may be gone, the leaf split,
+        # or a table linked where a leaf was.
+        self.progress = False
+        gfn = self.mmu.tdp_iter_restart(self.root, self.gfn, self.min_level)
+        self.leaves = self.mmu.iter_leaves(self.root, gfn, self.end, min_level=self.min_level)
 
 
 class TdpMmu:
@@ -471,41 +520,20 @@ class TdpMmu:
         """tdp_mmu.c tdp_mmu_zap_leafs, a flow (the caller holds kvm->mmu_lock for write) that
         returns whether a TLB flush is still owed: every present leaf overlapping [start, end)
         becomes SHADOW_NONPRESENT_VALUE (tdp_mmu_iter_set_spte); a mirror leaf then goes
-        through remove_external_spte, whose TDX steps pause at their own points.
-
-        With ``can_yield`` (range.may_block) it stands for tdp_mmu_iter_cond_resched: Linux
-        may yield before any SPTE once it has made progress, when need_resched() or the lock
-        is contended; the model yields at the first leaf of each 2 MiB region
-        (``ZAP_YIELD_GFNS``) after one where it zapped something, which keeps the explorer's
-        schedules few while a fault can still run between two parts of the zap. Before
-        yielding it flushes what it zapped (kvm_flush_remote_tlbs) and then owes nothing; it
-        drops the lock at ``tdp_zap_yield`` and, having taken it again, goes on from the gfn
-        it stopped at (the iterator's restart from the root)."""
-        lock = vm.mmu_lock
+        through remove_external_spte, whose TDX steps pause at their own points. With
+        ``can_yield`` (range.may_block) it may yield between 2 MiB regions
+        (``tdp_mmu_iter_cond_resched`` at ``tdp_zap_yield``), flushing first what it zapped,
+        and then owes nothing."""
         mirror = root.is_mirror
         flush_needed = not root.invalid
-        leaves = self.iter_leaves(root, start, end)
-        region = None
-        progress = zapped = False
-        while True:
-            item = next(leaves, None)
-            if item is None:
-                break
+        it = TdpIter(self, root, start, end)
+        zapped = False
+        while (item := it.next()) is not None:
             table, idx, level, gfn = item
-            here = gfn // ZAP_YIELD_GFNS
-            if can_yield and progress and here != region:
-                if flush:
-                    vm.flush_remote_tlbs()
-                    flush = False
-                yield from lock.cond_resched(WRITE, TDP_ZAP_YIELD)
-                progress = False
-                # tdp_iter_restart: the walk starts again from the root at this gfn and reads
-                # every entry as it is now: a table on its path may be gone, this leaf split,
-                # or a table linked where it was (a leaf is zapped, a table never).
-                leaves = self.iter_leaves(
-                    root, self.tdp_iter_restart(root, max(gfn, start), PG_LEVEL_4K), end)
+            if can_yield and it.need_resched(gfn):
+                yield from self.tdp_mmu_iter_cond_resched(vm, it, flush, WRITE, TDP_ZAP_YIELD)
+                flush = False
                 continue
-            region = here
             old = table[idx]
             if not old & SPTE_MMU_PRESENT_MASK:
                 continue        # zapped by another flow while this one had yielded
@@ -513,11 +541,21 @@ class TdpMmu:
             self.handle_changed_spte(vm, root, gfn, old, SHADOW_NONPRESENT_VALUE, level)
             if mirror:
                 yield from self.backend.remove_external_spte(vm, gfn, level, old)
-            progress = zapped = True
+            it.progress = zapped = True
             flush = flush or flush_needed
         if zapped:
             vm.stats["x86_tdp.zap_leafs"] += 1
         return flush
+
+    @staticmethod
+    def tdp_mmu_iter_cond_resched(vm: Kvm, it: TdpIter, flush: bool, mode: str, point: str):
+        """tdp_mmu_iter_cond_resched where ``it.need_resched`` said so, a flow: flush what
+        the walk owes (kvm_flush_remote_tlbs), drop kvm->mmu_lock (held in ``mode``) at
+        ``point`` and take it again, then restart the walk from the root."""
+        if flush:
+            vm.flush_remote_tlbs()
+        yield from vm.mmu_lock.cond_resched(mode, point)
+        it.restart()
 
     def iter_leaves(self, root: TdpRoot, start: int, end: int, snapshot: bool = False,
                     min_level: int = PG_LEVEL_4K):
@@ -556,30 +594,20 @@ class TdpMmu:
         """__tdp_mmu_zap_root: one pass over every entry of the root at ``zap_level``
         (tdp_mmu_set_spte_atomic when ``shared``: a stretch runs atomically in the model).
         A huge leaf above ``zap_level`` waits for its own pass."""
-        lock = vm.mmu_lock
-        grain = max(ZAP_YIELD_GFNS, KVM_PAGES_PER_HPAGE(zap_level))
-        end = KVM_PAGES_PER_HPAGE(root.level + 1)      # all the root spans
-        entries = self.iter_leaves(root, 0, end, min_level=zap_level)
-        region = None
-        progress = False
-        while True:
-            item = next(entries, None)
-            if item is None:
-                return
+        it = TdpIter(self, root, 0, KVM_PAGES_PER_HPAGE(root.level + 1), zap_level,
+                     max(ZAP_YIELD_GFNS, KVM_PAGES_PER_HPAGE(zap_level)))
+        while (item := it.next()) is not None:
             table, idx, level, gfn = item
             if level > zap_level:
                 continue
-            here = gfn // grain
-            if progress and here != region:
-                yield from lock.cond_resched(READ if shared else WRITE, TDP_ZAP_YIELD)
-                progress = False
-                entries = self.iter_leaves(root, self.tdp_iter_restart(root, gfn, zap_level),
-                                           end, min_level=zap_level)
+            if it.need_resched(gfn):
+                yield from self.tdp_mmu_iter_cond_resched(vm, it, False,
+                                                          READ if shared else WRITE,
+                                                          TDP_ZAP_YIELD)
                 continue
-            region = here
             if table[idx] & SPTE_MMU_PRESENT_MASK:
                 self.set_spte(vm, root, table, idx, gfn, level, SHADOW_NONPRESENT_VALUE)
-                progress = True
+                it.progress = True
 
     def clear_spte_bits(self, vm: Kvm, root: TdpRoot, start: int, end: int, mask: int,
                         min_level: int = PG_LEVEL_4K) -> bool:
@@ -594,17 +622,39 @@ class TdpMmu:
         return changed
 
     def wrprot_gfn_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
-                         min_level: int) -> bool:
-        """tdp_mmu.c wrprot_gfn_range: clear W (keeping MMU-writable, so the fast path may
-        restore it) on leaves at or above ``min_level``."""
-        return self.clear_spte_bits(vm, root, start, end, PT_WRITABLE_MASK, min_level)
+                         min_level: int):
+        """tdp_mmu.c wrprot_gfn_range, a flow under kvm->mmu_lock for read that returns
+        whether a leaf changed: clear W (keeping MMU-writable, so the fast path may restore
+        it) on leaves at or above ``min_level``."""
+        return self._clear_bits_shared(vm, root, start, end, PT_WRITABLE_MASK, min_level)
 
     def clear_dirty_gfn_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
-                              wrprot: bool) -> bool:
-        """tdp_mmu.c clear_dirty_gfn_range: clear D (or W when write protection is needed:
-        A/D disabled) on every leaf in the range."""
-        return self.clear_spte_bits(vm, root, start, end,
-                                    PT_WRITABLE_MASK if wrprot else shadow_dirty_mask)
+                              wrprot: bool):
+        """tdp_mmu.c clear_dirty_gfn_range, a flow under kvm->mmu_lock for read that returns
+        whether a leaf changed: clear D (or W when write protection is needed: A/D
+        disabled) on every leaf in the range."""
+        return self._clear_bits_shared(vm, root, start, end,
+                                       PT_WRITABLE_MASK if wrprot else shadow_dirty_mask,
+                                       PG_LEVEL_4K)
+
+    def _clear_bits_shared(self, vm: Kvm, root: TdpRoot, start: int, end: int, mask: int,
+                           min_level: int):
+        """The walk of wrprot_gfn_range and clear_dirty_gfn_range: tdp_mmu_set_spte_atomic
+        clearing ``mask`` on each present leaf at or above ``min_level`` that has a bit of
+        it, with tdp_mmu_iter_cond_resched (shared, no flush: the caller flushes the memslot
+        at the end) between 2 MiB regions at ``x86_dlog_yield``."""
+        it = TdpIter(self, root, start, end)
+        changed = False
+        while (item := it.next()) is not None:
+            table, idx, level, gfn = item
+            if it.need_resched(gfn):
+                yield from self.tdp_mmu_iter_cond_resched(vm, it, False, READ, X86_DLOG_YIELD)
+                continue
+            old = table[idx]
+            if level >= min_level and old & SPTE_MMU_PRESENT_MASK and old & mask:
+                self.set_spte(vm, root, table, idx, gfn, level, old & ~mask)
+                it.progress = changed = True
+        return changed
 
     def clear_dirty_pt_masked(self, vm: Kvm, root: TdpRoot, gfn: int, mask: int,
                               wrprot: bool) -> None:

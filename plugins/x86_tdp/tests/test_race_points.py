@@ -1,7 +1,8 @@
 """The x86 backend's own race points (docs/races.md): the fault's compare-and-exchanges under
 the read lock (x86_pf_link_cmpxchg, x86_pf_leaf_cmpxchg), a zap that drops the write lock
-between regions (tdp_zap_yield), and TDX's private removal steps (tdx_block, tdx_track_kick,
-tdx_page_remove), each paused while another flow runs."""
+between regions (tdp_zap_yield), dirty logging's steps and the yields inside them
+(x86_dlog_lock_wait, x86_dlog_yield, x86_split_alloc), and TDX's private removal steps
+(tdx_block, tdx_track_kick, tdx_page_remove), each paused while another flow runs."""
 
 from __future__ import annotations
 
@@ -329,6 +330,41 @@ def test_starting_dirty_logging_drops_the_read_lock_between_steps(make, pml):
     assert not g.leaf(PAGE).writable or pml
     assert not g.leaf(3 * PAGE).writable or pml
     assert not start.holds and not tlb_gfns(g.vcpu)
+    g.check()
+
+
+@pytest.mark.parametrize("pml", [True, False])
+def test_starting_dirty_logging_yields_inside_a_step_between_regions(make, pml):
+    """The D-bit clearing (PML) or write protection (no PML) of kvm_mmu_slot_apply_flags
+    yields kvm->mmu_lock between 2 MiB regions (x86_dlog_yield, tdp_mmu_iter_cond_resched):
+    the first region's leaf is done, the second's not yet. A notifier zaps that one there,
+    and the walk, going on from the root at the leaf it stopped at, finds nothing left to
+    change; a write then refaults it, logged. No flush at the yield: the memslot's comes at
+    the end."""
+    from kvmcore_x86_tdp.tdp_mmu import X86_DLOG_YIELD
+
+    g = make(pml=pml)
+    hva = g.slot(0, 0, 2 * SZ_2M)
+    for gpa in (PAGE, SZ_2M + PAGE):
+        g.vcpu.write(gpa, b"w")
+    def flushes():
+        return g.vm.stats["tlb_flush"] + g.vm.stats["tlb_flush_range"]
+
+    before = flushes()
+    start = g.vm.steps.set_user_memory_region(0, 0, 2 * SZ_2M, hva,
+                                              flags=KVM_MEM_LOG_DIRTY_PAGES)
+    step_to(start, X86_DLOG_YIELD)
+    assert not any(h.startswith("mmu_lock") for h in start.holds)
+    assert flushes() == before
+    done, todo = g.leaf(PAGE), g.leaf(SZ_2M + PAGE)
+    assert (not done.dirty and todo.dirty) if pml else (not done.writable and todo.writable)
+    g.host.madvise_dontneed(hva + SZ_2M, SZ_2M)
+    assert g.leaf(SZ_2M + PAGE) is None
+    before = flushes()
+    assert X86_DLOG_YIELD not in list(start)
+    assert g.leaf(SZ_2M + PAGE) is None and flushes() > before
+    g.vcpu.write(SZ_2M + PAGE, b"v")
+    assert 512 + 1 in g.vm.get_dirty_log(0)
     g.check()
 
 
