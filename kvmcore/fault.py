@@ -86,9 +86,7 @@ def kvm_page_fault(vm, fault: PageFault):
     if slot is None:
         return (yield from kvm_handle_noslot_fault(vm, fault))
     if slot.invalid:
-        if fault.prefetch:
-            raise KvmError(errno.EAGAIN, "pre_fault_memory: the memslot is being updated")
-        return RET_PF_RETRY
+        return kvm_faultin_invalid_slot(fault)
     # mmu_invalidate_retry_gfn_unsafe, whose answer is no unless an invalidation is in
     # progress or the seq moved: those two reads first.
     inv = vm.mmu_invalidate
@@ -135,6 +133,17 @@ def kvm_page_fault(vm, fault: PageFault):
             yield after[0]
         after[1](*after[2])
     return r
+
+
+def kvm_faultin_invalid_slot(fault: PageFault) -> int:
+    """kvm_mmu_faultin_pfn on a slot being deleted or moved (KVM_MEMSLOT_INVALID): a vCPU's
+    fault retries until the update is done, which zaps the old slot's SPTEs first; a
+    pre-fault fails with -EAGAIN instead (3ccbf6f47098, 6.18): it holds kvm->srcu across its
+    loop, so retrying would wait for the update while the update's synchronize_srcu waits
+    for it."""
+    if fault.prefetch:
+        raise KvmError(errno.EAGAIN, "pre_fault_memory: the memslot is being updated")
+    return RET_PF_RETRY
 
 
 def kvm_mem_check_private(vm, fault: PageFault) -> None:

@@ -38,6 +38,8 @@ APPLIES = {
     "ring_reset_no_flush": ["x86_tdp", "arm64_stage2", "riscv_gstage", FLAT],   # ppc: no ring
     # ppc starts logging with nothing to protect: it harvests C bits.
     "log_dirty_no_flush": ["x86_tdp", "arm64_stage2", "riscv_gstage", FLAT],
+    # The backends with KVM_PRE_FAULT_MEMORY in 6.18.
+    "prefault_retries_invalid_slot": ["x86_tdp", FLAT],
     # The pfn cache: x86 (CONFIG_HAVE_KVM_PFNCACHE) and the flat backend.
     "gpc_retry_in_progress": ["x86_tdp", FLAT],
     "gpc_refresh_unserialized": ["x86_tdp", FLAT],
@@ -221,6 +223,26 @@ def test_a_scenario_names_pages_so_it_means_the_same_at_every_page_size():
         assert w._hva(w.scn_flows[1]) == slot.gfn_to_hva(6 * w.vm.page_size >> 12)
     with pytest.raises(ValueError, match="flow 1: key 'slot': no \\[\\[slot\\]\\] 3"):
         parse("[[slot]]\n[[flow]]\nop = 'read'\nslot = 3\npage = 1\n")
+
+
+def test_a_pre_fault_flow_maps_its_pages_or_fails_with_eagain_on_a_deleted_slot():
+    """``op = "pre_fault"`` is KVM_PRE_FAULT_MEMORY on its vCPU over ``page`` and ``pages``,
+    on a VM type with ``pre_fault``. Against a deletion it maps its pages first, or meets the
+    INVALID slot after some (it returns the rest) or before any (EAGAIN, 3ccbf6f47098), or
+    runs after the deletion (ENOENT)."""
+    from kvmcore.explore.scenario import World
+
+    scn = load("pre_fault_vs_slot_delete")
+    assert scn.vm["requires"] == ["pre_fault"] and not supports(scn, "arm64_stage2")
+    w = World(scn, FLAT, choose_vm_type(scn, FLAT), {})
+    assert (w.scn_flows[0]["gpa"], w.scn_flows[0]["size"]) == (0, 4 * w.vm.page_size)
+    result = explore(scn, FLAT)
+    assert result.exhausted and not result.failures
+    page = w.vm.page_size
+    outcomes = {s[0][0][1] for s in result.end_states}
+    assert {("ok", (n * page, (4 - n) * page)) for n in (1, 2, 3, 4)} <= outcomes
+    errors = {o[2].split("]")[0] for o in outcomes if o[0] == "raised"}
+    assert errors == {"[EAGAIN", "[ENOENT"}, outcomes
 
 
 def test_cli_finds_a_mutant_and_replays_it(tmp_path):

@@ -29,10 +29,11 @@ def test_scenarios_are_valid_and_the_seed_fixes_them():
         texts.append(text)
     assert len(set(texts)) == len(texts)
     # Every slot kind, THP among them (whole or split for khugepaged), with its operations,
-    # and the pfn cache's (flat, as x86, has CONFIG_HAVE_KVM_PFNCACHE).
+    # the pfn cache's (flat, as x86, has CONFIG_HAVE_KVM_PFNCACHE) and KVM_PRE_FAULT_MEMORY.
     for key in ('kind = "pfnmap"', 'kind = "hugetlb_2m"', "thp = true", 'thp = "split"',
                 'op = "collapse_huge_page"', 'op = "split_huge_page"', "alias = 0",
-                'op = "gpc_activate"', 'op = "gpc_read"', 'op = "gpc_write"'):
+                'op = "gpc_activate"', 'op = "gpc_read"', 'op = "gpc_write"',
+                'op = "pre_fault"'):
         assert any(key in t for t in texts), key
     assert not any("huge_page" in t and "thp" not in t for t in texts)
     # Nothing Linux refuses on, or never does to, a VM_PFNMAP range.

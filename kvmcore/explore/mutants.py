@@ -192,6 +192,17 @@ def _gpc_retry_in_progress():
     return patch.object(pfncache, "mmu_notifier_retry_cache", retry)
 
 
+def _prefault_retries_invalid_slot():
+    """kvm_mmu_faultin_pfn before 3ccbf6f47098 ("KVM: x86/mmu: Return -EAGAIN if userspace
+    deletes/moves memslot during prefault", 6.18): a pre-fault on a slot being deleted or
+    moved retries as a vCPU's fault does, and kvm_tdp_map_page loops on the retry holding
+    kvm->srcu, which the update's synchronize_srcu waits for."""
+    from .. import fault
+    from ..uapi import RET_PF_RETRY
+
+    return patch.object(fault, "kvm_faultin_invalid_slot", lambda f: RET_PF_RETRY)
+
+
 class _NoLock:
     """A refresh_lock that serialises nothing."""
 
@@ -257,6 +268,10 @@ _CORE = {m.name: m for m in (
     Mutant("gpc_refresh_unserialized", "two pfn cache refreshes at once",
            "kvm_gpc_refresh without gpc->refresh_lock", _gpc_refresh_unserialized,
            ("two_gpc_activates",)),
+    Mutant("prefault_retries_invalid_slot", "a pre-fault racing a memslot deletion",
+           "KVM_PRE_FAULT_MEMORY retries on a slot being deleted (before 3ccbf6f47098) while "
+           "holding kvm->srcu, which the deletion's synchronize_srcu waits for",
+           _prefault_retries_invalid_slot, ("pre_fault_vs_slot_delete",)),
     Mutant("log_dirty_no_flush", "dirty logging started without its flush",
            "kvm_arch_commit_memory_region protects the slot but does not flush its TLBs",
            _log_dirty_no_flush, ("write_vs_log_dirty", "block_read_vs_log_dirty_write",

@@ -49,7 +49,9 @@ dirty_ring = <bytes>`` enables the rings), and the host's ``munmap``,
 ``collapse_huge_page`` (khugepaged; the PMD-sized block of a ``thp`` slot holding ``page``),
 and KVM's own accesses through a gfn_to_pfn_cache (``gpc = N``, default 0; the VM type needs
 ``pfncache``): ``gpc_activate`` (``page`` or ``gpa``; also a setup ``[[access]]``),
-``gpc_read`` and ``gpc_write`` (refreshing the cache while kvm_gpc_check fails).
+``gpc_read`` and ``gpc_write`` (refreshing the cache while kvm_gpc_check fails), and a
+vCPU's ``pre_fault`` (KVM_PRE_FAULT_MEMORY: ``page`` and ``pages``, or ``gpa`` and
+``size``; ``vcpu`` as for an access; the VM type needs ``pre_fault``).
 Addresses are numbers or strings (``"0x5000"``); pages count base pages (the VM's
 PAGE_SIZE).
 """
@@ -82,9 +84,13 @@ THP_OPS = ("split_huge_page", "collapse_huge_page")
 HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age") + THP_OPS
 #: KVM's own accesses through a gfn_to_pfn_cache (``gpc = N`` names the cache, default 0).
 GPC_OPS = ("gpc_activate", "gpc_read", "gpc_write")
-FLOW_OPS = ACCESS_OPS + VM_OPS + GMEM_OPS + HOST_OPS + GPC_OPS
+#: vCPU ioctls: KVM_PRE_FAULT_MEMORY (``vcpu``, ``page`` and ``pages``, or ``gpa`` and ``size``).
+VCPU_OPS = ("pre_fault",)
+FLOW_OPS = ACCESS_OPS + VM_OPS + GMEM_OPS + HOST_OPS + GPC_OPS + VCPU_OPS
 #: What a page or gpa of an item names: the guest physical address it goes to.
-GPA_OPS = ACCESS_OPS + ("set_memory_attributes",) + GPC_OPS
+GPA_OPS = ACCESS_OPS + ("set_memory_attributes",) + GPC_OPS + VCPU_OPS
+#: The ops whose range is ``gpa`` and ``size`` in bytes (or ``page`` and ``pages``).
+SIZED_OPS = ("set_memory_attributes",) + VCPU_OPS
 NAMES = "ABCD"
 #: The keys of [vm] and what each holds.
 VM_KEYS = {"arch": str, "vm_type": str, "requires": list, "manual_protect": bool,
@@ -270,6 +276,8 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
                 item.setdefault("gpa", 0)
     if any(item["op"] in GPC_OPS for item in accesses + flows):
         vm["requires"] = sorted({*vm.get("requires", ()), "pfncache"})
+    if any(item["op"] in VCPU_OPS for item in flows):
+        vm["requires"] = sorted({*vm.get("requires", ()), "pre_fault"})
     return RaceScenario(str(doc.get("name", Path(path).stem)), path, dict(vm), tuple(slots),
                         tuple(accesses), tuple(flows))
 
@@ -343,7 +351,7 @@ class World:
             return f
         f = dict(f)
         f["gpa"] = self.slots[f.get("slot", 0)]["gpa"] + f.pop("page") * self.page
-        if f["op"] == "set_memory_attributes" and "size" not in f:
+        if f["op"] in SIZED_OPS and "size" not in f:
             f["size"] = f.pop("pages", 1) * self.page
         return f
 
@@ -409,6 +417,9 @@ class World:
             if op == "gpc_write":
                 return gpc.steps.write(bytes(f.get("data", "G" * 8), "latin-1"))
             return gpc.steps.read(f.get("n", 8))
+        if op == "pre_fault":
+            return self.vcpus[f.get("vcpu", i)].steps.pre_fault_memory(
+                f["gpa"], f.get("size", self.page))
         if op == "set_memory_attributes":
             return vm.steps.set_memory_attributes(f["gpa"], f.get("size", self.page),
                                                   f.get("attributes", 0))

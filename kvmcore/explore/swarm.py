@@ -159,6 +159,8 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
         offered += ["reset_dirty_rings"]
     elif logging:
         offered += ["get_dirty_log", "clear_dirty_log"]
+    if "pre_fault" in caps:
+        offered += ["pre_fault"]
     offered = rng.sample(offered, max(1, len(offered) // 2))
     ops = ["read", "write"] * 2 + offered
     hot = [(0, rng.randrange(min(pages[0], 4))) for _ in range(HOT_PAGES - 1)] + \
@@ -233,6 +235,8 @@ def _flow(rng: random.Random, op: str, pages: dict, hot: list, private: bool) ->
         flow.update(page=page, pages=rng.choice((1, 2, 512)), attributes=rng.choice((0, 8)))
     elif op == "punch_hole":
         flow.update(page=page, pages=rng.choice((1, 2)))
+    elif op == "pre_fault":
+        flow.update(page=page, pages=rng.choice((1, 4)))
     elif op == "move_slot":
         flow["gpa"] = rng.choice((pages[slot], 2 * pages[slot], 4096)) * 4096
     elif op in ("munmap", "madvise_dontneed", "age"):
