@@ -146,4 +146,3 @@ def page_table_bytes(vm):
 @hookimpl(trylast=True)
 def stale_leaves(vm):
     return ()
-
