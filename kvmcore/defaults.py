@@ -146,3 +146,8 @@ def page_table_bytes(vm):
 @hookimpl(trylast=True)
 def stale_leaves(vm):
     return ()
+
+
+@hookimpl(trylast=True)
+def fault_retries_locally(vm, fault):
+    return False

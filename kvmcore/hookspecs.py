@@ -106,6 +106,15 @@ def translate(vm: Kvm, vcpu: KvmVcpu, gpa: int, access: Access) -> Translation |
 
 
 @hookspec(firstresult=True)
+def fault_retries_locally(vm: Kvm, fault: PageFault) -> bool:
+    """Whether a vCPU's ``fault`` that returned RET_PF_RETRY, and can only retry until an
+    invalidation of its gfn or an update of its memslot ends, is retried inside the exit
+    handler with kvm->srcu still held (x86 TDX: tdx_handle_ept_violation's local retry of a
+    private gpa), instead of re-entering the guest, which leaves kvm->srcu. Called on such
+    a retry only. Default: False."""
+
+
+@hookspec(firstresult=True)
 def fast_page_fault(vm: Kvm, fault: PageFault) -> int | None:
     """Try to resolve ``fault`` without the slow path, after the memslot lookup
     (``fault.slot``, None outside memslots) and before the core snapshots

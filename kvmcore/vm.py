@@ -504,6 +504,16 @@ class Vcpu(KvmVcpu):
             idx = srcu.read_lock()
             try:
                 r = yield from kvm_page_fault(vm, fault)
+                while r == RET_PF_RETRY and self._retries_locally(fault):
+                    # The exit handler takes the fault again (TDX's local retry) with
+                    # kvm->srcu held throughout, once the wait is over or it would stop.
+                    yield from wait_until(lambda f=fault: not self._retries_locally(f),
+                                          "the invalidation of this gfn to end",
+                                          PF_RETRY_WAIT)
+                    fault = self._walk(gpa, access)
+                    if type(fault) is int:
+                        return fault
+                    r = yield from kvm_page_fault(vm, fault)
             except VcpuExit as exc:
                 self._count_exit(fault, exc)
                 raise
@@ -523,6 +533,12 @@ class Vcpu(KvmVcpu):
         yield from wait_until(lambda: not self._retry_blocked(gfn),
                               "the invalidation of this gfn or the update of its memslot to "
                               "end", PF_RETRY_WAIT)
+
+    def _retries_locally(self, fault: PageFault) -> bool:
+        """Whether ``fault``, which can only retry now, is retried inside the exit handler
+        (the backend's ``fault_retries_locally``) rather than after a guest entry."""
+        return self._retry_blocked(fault.gfn) and \
+            self.vm.hook.fault_retries_locally(vm=self.vm, fault=fault)
 
     def _retry_blocked(self, gfn: int) -> bool:
         """Whether a fault on ``gfn`` can only retry now: an invalidation of it is in

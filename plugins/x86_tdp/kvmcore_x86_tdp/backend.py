@@ -387,6 +387,11 @@ class X86TdpBackend:
         return ept_translate(self, vm, vcpu, gpa, access)
 
     @hookimpl
+    def fault_retries_locally(self, vm, fault):
+        """A TD's private faults retry in tdx_handle_ept_violation (``Tdx.local_retry``)."""
+        return self.tdx is not None and self.tdx.local_retry(vm, fault)
+
+    @hookimpl
     def fast_page_fault(self, vm, fault):
         """mmu.c fast_page_fault (and handle_mmio_page_fault for RSVD faults), with no
         mmu_lock: read the last SPTE, compute the fix, then try_cmpxchg64 it

@@ -80,6 +80,18 @@ class Tdx:
         #: SEAMCALL names that fail once with OPERAND_BUSY (fault injection for tests).
         self.fail_next: set[str] = set()
 
+    @staticmethod
+    def local_retry(vm: Kvm, fault) -> bool:
+        """tdx_handle_ept_violation's loop: a fault on a private gpa that returned
+        RET_PF_RETRY is taken again inside the handler (local_retry, against the TDX
+        module's zero-step mitigation; kvm->srcu stays held), unless the gfn's memslot is
+        being deleted or moved (2bc2694fe20b, 6.18): its synchronize_srcu would wait for the
+        handler while the handler waits for it."""
+        if not fault.is_private:
+            return False
+        slot = vm.memslot_sets[fault.as_id].search(fault.gfn)
+        return slot is None or not slot.invalid
+
     def seamcall(self, vm: Kvm, op: str, gfn: int, level: int = PG_LEVEL_4K,
                  pfn: int | None = None) -> None:
         if op in self.fail_next:

@@ -7,6 +7,7 @@ between regions (tdp_zap_yield), dirty logging's steps and the yields inside the
 from __future__ import annotations
 
 import contextlib
+from unittest.mock import patch
 
 import pytest
 from kvmcore import InvariantError
@@ -488,6 +489,44 @@ def test_tdx_private_zap_pauses_between_block_track_and_remove(td):
     for flow in (walker, stuck):                         # private accesses of a shared gfn
         with pytest.raises(MemoryFaultExit):
             flow.run()
+    g.check()
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_a_td_private_fault_retries_holding_srcu_but_not_on_an_invalid_slot(fixed):
+    """tdx_handle_ept_violation retries a private fault inside the handler, kvm->srcu held
+    (local_retry): a fault that meets a hole punch's invalidation waits there, and a memslot
+    deletion's synchronize_srcu waits for it. When the punch ends the slot is INVALID: the
+    handler stops retrying locally (2bc2694fe20b, 6.18) and re-enters the guest, leaving
+    kvm->srcu, and the deletion goes on; before that fix (``fixed`` False) each waits for
+    the other."""
+    from kvmcore.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+
+    g = G("tdx")
+    gmem = g.gmem_slot(0, 0, SZ_2M)
+    g.make_private(0, SZ_2M)
+    punch = gmem.steps.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 5 * PAGE, PAGE)
+    step_to(punch, "gmem_begin_done")
+    read = g.vm.create_vcpu(1).steps.read(5 * PAGE, 4)
+    assert step_to(read, "pf_retry_wait") == ["pf_seq_snapshot", "pf_retry_wait"]
+    assert read.holds == ["srcu"] and not read.runnable
+    delete = g.vm.steps.set_user_memory_region(0, 0, 0, 0)
+    assert step_to(delete, "slot_srcu_sync")[-1] == "slot_srcu_sync"
+    assert not delete.runnable and delete.waits_for == "srcu grace period"
+    with contextlib.ExitStack() as stack:
+        if not fixed:
+            stack.enter_context(patch.object(T.Tdx, "local_retry",
+                                             staticmethod(lambda vm, fault: fault.is_private)))
+        punch.run()
+        if not fixed:
+            assert not read.runnable and not delete.runnable     # a deadlock
+            return
+        # It faults once more, meets the INVALID slot and leaves the handler.
+        assert step_to(read, "pf_retry_wait") == ["pf_seq_snapshot", "pf_retry_wait"]
+        assert read.holds == [] and delete.runnable
+        delete.run()
+        with pytest.raises(MemoryFaultExit):
+            read.run()                        # no memslot now: the private access exits
     g.check()
 
 
