@@ -530,6 +530,44 @@ def test_a_td_private_fault_retries_holding_srcu_but_not_on_an_invalid_slot(fixe
     g.check()
 
 
+#: The race above as a scenario: too many interleavings (three flows, 16 points) to exhaust
+#: in the conformance suite's budget, so not a built-in; the explorer still finds the
+#: deadlock of the fault's local retry on an INVALID slot at once.
+TDX_FAULT_VS_PUNCH_AND_DELETE = """
+name = "tdx_private_fault_vs_punch_and_slot_delete"
+[vm]
+requires = ["private_mem", "gmem", "private_alias"]
+[[slot]]
+slot = 0
+gpa = 0x0
+pages = 16
+guest_memfd = true
+private = true
+[[flow]]
+op = "punch_hole"
+page = 5
+[[flow]]
+op = "read"
+page = 5
+private = true
+[[flow]]
+op = "delete_slot"
+"""
+
+
+def test_the_explorer_finds_the_local_retry_deadlock_without_2bc2694fe20b():
+    from kvmcore.explore import explore, parse
+
+    scn = parse(TDX_FAULT_VS_PUNCH_AND_DELETE)
+    assert explore(scn, "x86_tdp", strategy="pct", max_schedules=300).clean
+    with patch.object(T.Tdx, "local_retry", staticmethod(lambda vm, fault: fault.is_private)):
+        for strategy in ("dfs", "pct"):
+            result = explore(scn, "x86_tdp", strategy=strategy, max_schedules=300)
+            assert result.failures[0].kind == "deadlock", strategy
+            assert "pf_retry_wait" in result.failures[0].message
+            assert "srcu grace period" in result.failures[0].message
+
+
 def test_tdx_removal_abandoned_midway_is_reported():
     """A removal stopped for good between BLOCK and REMOVE (its flow closed, its locks
     released) leaves the S-EPT holding a BLOCKED page KVM's mirror no longer maps: the
