@@ -508,8 +508,8 @@ class Vcpu(KvmVcpu):
                     # The exit handler takes the fault again (TDX's local retry) with
                     # kvm->srcu held throughout, once the wait is over or it would stop.
                     yield from wait_until(lambda f=fault: not self._retries_locally(f),
-                                          "the invalidation of this gfn to end",
-                                          PF_RETRY_WAIT)
+                                          "the invalidation of this gfn or the update of "
+                                          "its memslot to end", PF_RETRY_WAIT)
                     fault = self._walk(gpa, access)
                     if type(fault) is int:
                         return fault

@@ -42,8 +42,7 @@ from kvmcore.locks import with_attribute
 from kvmcore.uapi import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 
 from . import backend
-from .spte import spte_to_pfn
-from .spte import KVM_PAGES_PER_HPAGE
+from .spte import KVM_PAGES_PER_HPAGE, spte_to_pfn
 from .tdp_mmu import TdpMmu
 from .tdx import TDX_BLOCK, TDX_PAGE_REMOVE, TDX_TRACK_KICK, Tdx
 

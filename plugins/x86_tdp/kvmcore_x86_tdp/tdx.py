@@ -86,7 +86,8 @@ class Tdx:
         RET_PF_RETRY is taken again inside the handler (local_retry, against the TDX
         module's zero-step mitigation; kvm->srcu stays held), unless the gfn's memslot is
         being deleted or moved (2bc2694fe20b, 6.18): its synchronize_srcu would wait for the
-        handler while the handler waits for it."""
+        handler while the handler waits for it. (A pending event or signal also ends the
+        loop in Linux; the model has neither.)"""
         if not fault.is_private:
             return False
         slot = vm.memslot_sets[fault.as_id].search(fault.gfn)
