@@ -899,8 +899,8 @@ class X86TdpBackend:
     def write_protect_gfn(self, vm, root, gfn: int, min_level: int) -> bool:
         """tdp_mmu.c write_protect_gfn: clear W and MMU-writable (write tracking); needs a
         flush, which the GET/CLEAR caller does."""
-        return self.tdp.clear_spte_bits(vm, root, gfn, gfn + 1,
-                                        PT_WRITABLE_MASK | shadow_mmu_writable_mask, min_level)
+        return drive(self.tdp.clear_spte_bits(vm, root, gfn, gfn + 1, PT_WRITABLE_MASK |
+                                              shadow_mmu_writable_mask, min_level))
 
     # ------------------------------------------------------------------ introspection
     def _root_leaves(self, vm, root: TdpRoot, start: int, end: int) -> list[Mapping]:

@@ -609,40 +609,30 @@ class TdpMmu:
                 self.set_spte(vm, root, table, idx, gfn, level, SHADOW_NONPRESENT_VALUE)
                 it.progress = True
 
-    def clear_spte_bits(self, vm: Kvm, root: TdpRoot, start: int, end: int, mask: int,
-                        min_level: int = PG_LEVEL_4K) -> bool:
-        """tdp_mmu_clear_spte_bits on every present leaf at or above ``min_level`` overlapping
-        [start, end) that has any bit of ``mask``; whether one changed."""
-        changed = False
-        for table, idx, level, gfn in self.iter_leaves(root, start, end):
-            old = table[idx]
-            if level >= min_level and old & mask:
-                self.set_spte(vm, root, table, idx, gfn, level, old & ~mask)
-                changed = True
-        return changed
-
     def wrprot_gfn_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
                          min_level: int):
         """tdp_mmu.c wrprot_gfn_range, a flow under kvm->mmu_lock for read that returns
         whether a leaf changed: clear W (keeping MMU-writable, so the fast path may restore
         it) on leaves at or above ``min_level``."""
-        return self._clear_bits_shared(vm, root, start, end, PT_WRITABLE_MASK, min_level)
+        return self.clear_spte_bits(vm, root, start, end, PT_WRITABLE_MASK, min_level)
 
     def clear_dirty_gfn_range(self, vm: Kvm, root: TdpRoot, start: int, end: int,
                               wrprot: bool):
         """tdp_mmu.c clear_dirty_gfn_range, a flow under kvm->mmu_lock for read that returns
         whether a leaf changed: clear D (or W when write protection is needed: A/D
         disabled) on every leaf in the range."""
-        return self._clear_bits_shared(vm, root, start, end,
-                                       PT_WRITABLE_MASK if wrprot else shadow_dirty_mask,
-                                       PG_LEVEL_4K)
+        return self.clear_spte_bits(vm, root, start, end,
+                                    PT_WRITABLE_MASK if wrprot else shadow_dirty_mask,
+                                    PG_LEVEL_4K)
 
-    def _clear_bits_shared(self, vm: Kvm, root: TdpRoot, start: int, end: int, mask: int,
-                           min_level: int):
-        """The walk of wrprot_gfn_range and clear_dirty_gfn_range: tdp_mmu_set_spte_atomic
-        clearing ``mask`` on each present leaf at or above ``min_level`` that has a bit of
-        it, with tdp_mmu_iter_cond_resched (shared, no flush: the caller flushes the memslot
-        at the end) between 2 MiB regions at ``x86_dlog_yield``."""
+    def clear_spte_bits(self, vm: Kvm, root: TdpRoot, start: int, end: int, mask: int,
+                        min_level: int = PG_LEVEL_4K):
+        """A flow that returns whether a leaf changed: tdp_mmu_clear_spte_bits on each
+        present leaf at or above ``min_level`` overlapping [start, end) that has a bit of
+        ``mask`` (the walk of wrprot_gfn_range, clear_dirty_gfn_range and, over one gfn,
+        write_protect_gfn), with tdp_mmu_iter_cond_resched (shared, no flush: the caller
+        flushes) between 2 MiB regions at ``x86_dlog_yield``; a range inside one region
+        never yields."""
         it = TdpIter(self, root, start, end)
         changed = False
         while (item := it.next()) is not None:
