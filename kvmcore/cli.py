@@ -324,6 +324,29 @@ def _check_picture(picture: str) -> None:
                         f"{e}") from None
 
 
+def _bound(ctx, param, value):
+    """--preemption-bound: a non-negative number, ``none``, or the scenario's (not given)."""
+    if value is None:
+        return "scenario"
+    if value.lower() == "none":
+        return None
+    try:
+        n = int(value, 0)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise click.BadParameter(f"{value!r} is not a non-negative number or none")
+    return n
+
+
+def _exhausted(result) -> str:
+    if not result.exhausted:
+        return ""
+    if result.preemption_bound is None:
+        return " (all)"
+    return f" (all with at most {result.preemption_bound} preemptions)"
+
+
 def _backend_names(names) -> None:
     """Refuse, as one line, a --arch that names no backend (sc.backend_class)."""
     from .scenario import backend_class
@@ -348,6 +371,10 @@ def _backend_names(names) -> None:
 @click.option("--time", "seconds", type=float, help="Stop after this many seconds.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the pct strategy.")
 @click.option("--depth", default=3, show_default=True, help="Bug depth d of the pct strategy.")
+@click.option("--preemption-bound", "bound", metavar="N|none", callback=_bound,
+              help="dfs: only the schedules with at most N preemptions (a switch away from a "
+                   "flow that could go on); none: every schedule. Default: the scenario's "
+                   "preemption_bound, else none.")
 @click.option("--mutant", "mutants", multiple=True,
               help="Switch a seed bug on (repeatable); --list-mutants names them.")
 @click.option("--list-mutants", is_flag=True, help="List the mutants and exit.")
@@ -369,9 +396,9 @@ def _backend_names(names) -> None:
               help="When a schedule fails, write the smallest scenario found that still fails "
                    "an oracle of the same kind to this file (docs/races.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, depth, mutants,
-            list_mutants, replay_id, trace_path, picture, workers, dask_address, vm_options,
-            minimize_path, as_json) -> None:
+def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, depth, bound,
+            mutants, list_mutants, replay_id, trace_path, picture, workers, dask_address,
+            vm_options, minimize_path, as_json) -> None:
     """Search the interleavings of a race SCENARIO (a TOML file or a built-in name; without
     one, list the built-in ones). Exit code 1 when a schedule fails an oracle."""
     from . import explore as ex
@@ -426,13 +453,14 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
             result = ex.explore(scn, arch, vm_type, options, strategy=strategy,
                                 max_schedules=max_schedules, seconds=seconds, seed=seed,
                                 depth=depth, mutants=mutants, workers=workers,
-                                dask=dask_address or None, progress=progress)
+                                dask=dask_address or None, progress=progress,
+                                preemption_bound=bound)
             minimized = None
             if minimize_path and result.failures:
                 # A candidate must fail within about the effort the original took.
                 minimized = _minimize(Path(minimize_path), text, scenario, arch, vm_type,
                                       options, mutants, vm_options, strategy=strategy,
-                                      seed=seed, depth=depth,
+                                      seed=seed, depth=depth, preemption_bound=bound,
                                       max_schedules=max(300, 2 * result.schedules))
     except (ex.RaceScenarioError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -447,7 +475,7 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
         click.echo(f"{summary['scenario']} on {summary['arch']} ({vm_type}), {strategy}"
                    f"{' with ' + ', '.join(mutants) if mutants else ''}: "
                    f"{summary['schedules']} schedules"
-                   f"{' (all)' if result.exhausted else ''}, {summary['steps']} steps in "
+                   f"{_exhausted(result)}, {summary['steps']} steps in "
                    f"{summary['seconds']} s ({summary['schedules_per_s']}/s), "
                    f"{summary['distinct_end_states']} distinct end states")
         for f in summary["failures"]:

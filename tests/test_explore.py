@@ -50,6 +50,7 @@ APPLIES = {
     "obsolete_root_no_retry": ["x86_tdp"],
     "zap_root_restart_advances": ["x86_tdp"],
     "unmap_valid_roots_only": ["x86_tdp"],
+    "tdx_local_retry_invalid_slot": ["x86_tdp"],
     "arm64_map_replaces_perms": ["arm64_stage2"],
     "arm64_relax_perms_only": ["arm64_stage2"],
 }
@@ -125,6 +126,81 @@ def test_each_mutant_is_found_and_its_shrunk_schedule_replays(mutant, scenario, 
     # with its invalidation, waits at pf_retry_wait for the invalidation to end).
     clean = replay(scn, arch, failure.id, vm_type).failure
     assert clean is None or clean.kind == "replay", clean
+
+
+def _preemptions(r) -> int:
+    """The preemptions of run ``r``: switches away from a flow that could have gone on."""
+    return sum(1 for k in range(1, len(r.schedule))
+               if r.schedule[k] != r.schedule[k - 1] and r.schedule[k - 1] in r.choices[k])
+
+
+def test_a_bounded_search_runs_exactly_the_schedules_within_its_bound():
+    """Context bounding: the bounded depth-first search runs every schedule of the unbounded
+    one that has at most N preemptions, and no other (three flows, two of them waiting for
+    locks on the way: a switch away from a waiting flow is free)."""
+    from kvmcore.explore.search import Explorer, _dfs
+
+    scn = load("write_vs_log_dirty")
+    vm_type = choose_vm_type(scn, FLAT)
+    every = {tuple(r.schedule): _preemptions(r)
+             for r in _dfs(Explorer(scn, FLAT, vm_type), [], reduce=False)}
+    assert len(every) == 105 and max(every.values()) == 5
+    for bound in range(5):
+        runs = list(_dfs(Explorer(scn, FLAT, vm_type, preemption_bound=bound), [],
+                         reduce=False))
+        assert all(_preemptions(r) <= bound for r in runs)
+        assert {tuple(r.schedule) for r in runs} == \
+            {s for s, n in every.items() if n <= bound}, bound
+    assert len({s for s, n in every.items() if n == 0}) == 6      # 3! serial orders
+
+
+def test_a_scenario_declares_its_preemption_bound():
+    bounded = parse("preemption_bound = 1\n" + _builtin_text("write_vs_log_dirty"))
+    assert bounded.preemption_bound == 1 and load("write_vs_log_dirty").preemption_bound is None
+    r = explore(bounded, FLAT)
+    assert r.exhausted and r.schedules == 35 and r.preemption_bound == 1
+    assert r.summary()["preemption_bound"] == 1 and r.pruned == 0      # no sleep sets
+    assert explore(bounded, FLAT, preemption_bound=None).schedules == 105
+    assert explore(bounded, FLAT, preemption_bound=0).schedules == 6
+    assert explore(bounded, FLAT, strategy="pct", max_schedules=20).preemption_bound is None
+    for bad in (-1, True, "2", 1.5):
+        with pytest.raises(ValueError, match="preemption_bound="):
+            explore(bounded, FLAT, preemption_bound=bad)
+    with pytest.raises(ValueError, match="for the dfs strategy"):
+        explore(bounded, FLAT, strategy="pct", preemption_bound=1)
+    with pytest.raises(ValueError, match="key 'preemption_bound': -1 is not a non-negative"):
+        parse("preemption_bound = -1\n[[slot]]\n[[flow]]\nop = 'read'\n")
+    with pytest.raises(ValueError, match="unknown key 'preemptions': one of name, "):
+        parse("preemptions = 1\n[[slot]]\n[[flow]]\nop = 'read'\n")
+
+
+def _builtin_text(name: str) -> str:
+    from kvmcore.explore.scenario import read_text
+
+    return read_text(name)[0]
+
+
+def test_cli_bounds_the_search_and_says_so(tmp_path):
+    r = CliRunner().invoke(main, ["explore", "write_vs_log_dirty", "--arch", FLAT,
+                                  "--preemption-bound", "1"])
+    assert r.exit_code == 0, r.output
+    assert "35 schedules (all with at most 1 preemptions)" in r.output
+    scn = tmp_path / "bounded.toml"
+    scn.write_text("preemption_bound = 0\n" + _builtin_text("write_vs_log_dirty"))
+    r = CliRunner().invoke(main, ["explore", str(scn), "--arch", FLAT, "--json"])
+    assert json.loads(r.output)["schedules"] == 6
+    r = CliRunner().invoke(main, ["explore", str(scn), "--arch", FLAT, "--json",
+                                  "--preemption-bound", "none"])
+    assert json.loads(r.output)["preemption_bound"] is None
+    assert json.loads(r.output)["schedules"] == 105
+    for bad in ("-1", "x"):
+        r = CliRunner().invoke(main, ["explore", "write_vs_log_dirty", "--arch", FLAT,
+                                      "--preemption-bound", bad])
+        assert r.exit_code == 2 and "not a non-negative number or none" in r.output
+        assert "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["explore", "write_vs_log_dirty", "--arch", FLAT,
+                                  "--strategy", "pct", "--preemption-bound", "1"])
+    assert r.exit_code == 2 and "for the dfs strategy" in r.output
 
 
 def test_a_scenario_error_names_the_item():

@@ -59,8 +59,8 @@ def test_the_writer_gives_back_the_same_scenario(name):
     text, path = read_text(name)
     again = dumps(tomllib.loads(text))
     a, b = parse(text, path), parse(again, path)
-    assert (a.name, a.vm, a.slots, a.accesses, a.flows) == \
-        (b.name, b.vm, b.slots, b.accesses, b.flows)
+    assert (a.name, a.vm, a.slots, a.accesses, a.flows, a.preemption_bound) == \
+        (b.name, b.vm, b.slots, b.accesses, b.flows, b.preemption_bound)
 
 
 def test_a_padded_finding_comes_down_to_the_written_race():
@@ -75,6 +75,20 @@ def test_a_padded_finding_comes_down_to_the_written_race():
     assert r.failures and r.failures[0].id == m.failure.id
     assert explore(parse(m.text), FLAT).clean
     assert 1 < m.tests < 100
+
+
+def test_a_bound_the_search_was_given_is_kept_in_the_minimized_scenario():
+    """The candidates are explored with the bound the finding was made with, and the file
+    says so (its replay and a later search mean the same thing); None takes a declared one
+    away."""
+    m = minimize(PADDED, FLAT, mutants=("pfnmap_no_retry",), preemption_bound=1)
+    assert tomllib.loads(m.text)["preemption_bound"] == 1
+    assert parse(m.text).preemption_bound == 1
+    m = minimize("preemption_bound = 3\n" + PADDED, FLAT, mutants=("pfnmap_no_retry",),
+                 preemption_bound=None)
+    assert "preemption_bound" not in tomllib.loads(m.text)
+    m = minimize("preemption_bound = 3\n" + PADDED, FLAT, mutants=("pfnmap_no_retry",))
+    assert tomllib.loads(m.text)["preemption_bound"] == 3
 
 
 def test_a_slot_placed_far_up_for_nothing_comes_down():

@@ -52,11 +52,13 @@ class Minimized:
 
 def minimize(text: str, arch, vm_type: str | None = None, options: dict | None = None,
              mutants=(), max_schedules: int = 300, strategy: str = "dfs", seed: int = 0,
-             depth: int = 3, progress=None) -> Minimized:
+             depth: int = 3, progress=None,
+             preemption_bound: int | None | str = "scenario") -> Minimized:
     """Minimize the race scenario ``text`` (TOML) on backend ``arch`` (with ``vm_type``,
     ``options`` and ``mutants`` as ``explore`` takes them): the smallest scenario found whose
-    exploration (``strategy``, ``max_schedules``, ``seed``, ``depth``) fails an oracle of the
-    kind the original's first failure has. ``progress(tests)`` is called after each
+    exploration (``strategy``, ``max_schedules``, ``seed``, ``depth``, ``preemption_bound``:
+    written into each candidate unless ``"scenario"``) fails an oracle of the kind the
+    original's first failure has. ``progress(tests)`` is called after each
     exploration. ``RaceScenarioError`` if ``text`` is not a race scenario, ``ValueError``
     if it does not fail within the budget."""
     from ..vm import VM
@@ -67,6 +69,10 @@ def minimize(text: str, arch, vm_type: str | None = None, options: dict | None =
     doc = tomllib.loads(text)
     if vm_type is not None:
         doc.setdefault("vm", {})["vm_type"] = vm_type
+    if preemption_bound != "scenario":
+        doc.pop("preemption_bound", None)
+        if preemption_bound is not None:
+            doc["preemption_bound"] = preemption_bound
     probe = VM(arch=arch, **(options or {}))
     divergences = probe.arch_info.known_divergences
     probe.close()

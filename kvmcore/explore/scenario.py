@@ -2,6 +2,7 @@
 
 ```toml
 name = "private fault vs conversion"
+preemption_bound = 2        # optional: the depth-first search's default bound (below)
 [vm]
 arch = "x86_tdp"            # optional: the CLI's --arch wins
 vm_type = "sw_protected"    # optional: the first VM type with every capability `requires` lists
@@ -54,6 +55,12 @@ vCPU's ``pre_fault`` (KVM_PRE_FAULT_MEMORY: ``page`` and ``pages``, or ``gpa`` a
 ``size``; ``vcpu`` as for an access; the VM type needs ``pre_fault``).
 Addresses are numbers or strings (``"0x5000"``); pages count base pages (the VM's
 PAGE_SIZE).
+
+``preemption_bound = N``: the depth-first search explores the schedules with at most N
+preemptions (a switch away from a flow that could go on; ``Explorer._run``) unless told
+otherwise. It is for a scenario with too many interleavings to search whole: most races need
+one or two preemptions (Musuvathi and Qadeer, PLDI 2007), and a bounded search is exhaustive
+within its bound.
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ GPA_OPS = ACCESS_OPS + ("set_memory_attributes",) + GPC_OPS + VCPU_OPS
 SIZED_OPS = ("set_memory_attributes",) + VCPU_OPS
 NAMES = "ABCD"
 #: The keys of [vm] and what each holds.
+TOP_KEYS = ("name", "preemption_bound", "vm", "slot", "access", "flow")
 VM_KEYS = {"arch": str, "vm_type": str, "requires": list, "manual_protect": bool,
            "dirty_ring": int}
 KIND_NAMES = {str: "a string", list: "a list of capability names", bool: "true or false"}
@@ -112,6 +120,8 @@ class RaceScenario:
     slots: tuple
     accesses: tuple
     flows: tuple
+    #: The depth-first search's preemption bound unless told otherwise (None: no bound).
+    preemption_bound: int | None = None
 
     def flow_names(self) -> str:
         return NAMES[:len(self.flows)]
@@ -182,6 +192,13 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RaceScenarioError(f"{path}: {e}") from None
+    for key in doc:
+        if key not in TOP_KEYS:
+            raise RaceScenarioError(f"{path}: unknown key {key!r}: one of "
+                                    f"{', '.join(TOP_KEYS)}")
+    bound = doc.get("preemption_bound")
+    if bound is not None:
+        bound = _num(path, "top level", "preemption_bound", bound)
     vm = doc.get("vm", {})
     if not isinstance(vm, dict):
         raise RaceScenarioError(f"{path}: [vm] must be a table")
@@ -279,7 +296,7 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
     if any(item["op"] in VCPU_OPS for item in flows):
         vm["requires"] = sorted({*vm.get("requires", ()), "pre_fault"})
     return RaceScenario(str(doc.get("name", Path(path).stem)), path, dict(vm), tuple(slots),
-                        tuple(accesses), tuple(flows))
+                        tuple(accesses), tuple(flows), bound)
 
 
 class World:

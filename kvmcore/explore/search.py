@@ -76,6 +76,8 @@ class Result:
     #: dfs with the reduction: runs stopped because every runnable flow was asleep (each
     #: stands for a subtree of orderings equivalent to explored ones).
     pruned: int = 0
+    #: dfs: at most this many preemptions per schedule (``exhausted``: every such schedule).
+    preemption_bound: int | None = None
 
     @property
     def schedules_per_second(self) -> float:
@@ -98,6 +100,7 @@ class Result:
                 "seconds": round(self.seconds, 3),
                 "schedules_per_s": round(self.schedules_per_second, 1),
                 "distinct_end_states": len(self.end_states), "pruned": self.pruned,
+                "preemption_bound": self.preemption_bound,
                 "failures": [{"kind": f.kind, "schedule": f.id, "message": f.message}
                              for f in self.failures]}
 
@@ -141,8 +144,10 @@ class Explorer:
     """Runs schedules of one race scenario on one backend configuration."""
 
     def __init__(self, scn: RaceScenario, arch, vm_type: str, options: dict | None = None,
-                 trace: bool = False):
+                 trace: bool = False, preemption_bound: int | None = None):
         self.scn = scn
+        #: At most this many preemptions per schedule (``_run``); None: no bound.
+        self.preemption_bound = preemption_bound
         self.arch = arch
         self.vm_type = vm_type
         self.options = dict(options or {})
@@ -210,7 +215,13 @@ class Explorer:
         c at a step, a flow stays asleep while it commutes with what runs; a flow that was
         runnable and below c was explored before c in the depth-first order, so it falls
         asleep too. A step where every runnable flow is asleep would only repeat an
-        explored ordering: the run stops there (``pruned``)."""
+        explored ordering: the run stops there (``pruned``).
+
+        With ``preemption_bound`` (Musuvathi and Qadeer's iterative context bounding, PLDI
+        2007): a *preemption* is a switch away from a flow that could have gone on (not one
+        that ended or waits for a lock or a grace period); once a schedule has made that many,
+        the flow that ran last is the only choice while it can run. ``choices`` records the
+        allowed flows, so the depth-first search tries no other."""
         r = Run(World(self.scn, self.backend, self.vm_type, self.options))
         r.oracles = Oracles(r.world)
         flows = r.world.flows
@@ -218,8 +229,12 @@ class Explorer:
         asleep: set = set()
         steps_of = [0] * len(flows)
         step, replayed = 0, len(prefix)
+        bound, preemptions, last = self.preemption_bound, 0, None
         while True:
             runnable = [i for i, f in enumerate(flows) if f.runnable]
+            if bound is not None and last in runnable:
+                if preemptions >= bound:
+                    runnable = [last]
             if not runnable:
                 if any(not f.done for f in flows):
                     r.failure = Failure("deadlock", "no flow can run: " + "; ".join(
@@ -257,6 +272,10 @@ class Explorer:
                 asleep = {t for t in asleep.union(runnable[:runnable.index(choice)])
                           if row[t]}
             r.schedule.append(choice)
+            if bound is not None:
+                if choice != last and last in runnable:
+                    preemptions += 1
+                last = choice
             step += 1
             steps_of[choice] += 1
             # The budgets are measured only when a flow runs long (most never do).
@@ -343,7 +362,7 @@ def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict |
             strategy: str = "dfs", max_schedules: int = 100_000, seconds: float | None = None,
             seed: int = 0, depth: int = 3, mutants=(), stop_at_first: bool = True,
             progress=None, workers: int = 1, dask: str | object | None = None,
-            reduce: bool = True) -> Result:
+            reduce: bool = True, preemption_bound: int | None | str = "scenario") -> Result:
     """Explore ``scn`` on backend ``arch``; see the module docstring.
 
     ``workers`` > 1 runs the search in that many local processes, ``dask`` (a scheduler
@@ -353,20 +372,36 @@ def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict |
     random choices seeded by its number), and the results are merged in that order, so the
     schedule ids and the totals are those of a single-process run (``seconds`` apart).
     ``reduce`` (dfs): the partial-order reduction (sleep sets over the commuting guest
-    accesses; ``Explorer.run``)."""
+    accesses; ``Explorer.run``).
+
+    ``preemption_bound`` (dfs): only the schedules with at most that many preemptions
+    (``Explorer._run``); ``"scenario"``: the scenario's ``preemption_bound``; None: every
+    schedule. A bounded search keeps no sleep sets: an ordering they prune may stand for
+    one that needs more preemptions than the bound allows, and the class would be lost
+    (Coons, Musuvathi and McKinley, OOPSLA 2013)."""
     vm_type = vm_type or choose_vm_type(scn, arch)
     if strategy not in ("dfs", "pct"):
         raise ValueError(f"strategy={strategy!r}: dfs or pct")
+    if preemption_bound == "scenario":
+        preemption_bound = scn.preemption_bound if strategy == "dfs" else None
+    elif preemption_bound is not None and (
+            not isinstance(preemption_bound, int) or isinstance(preemption_bound, bool) or
+            preemption_bound < 0 or strategy != "dfs"):
+        raise ValueError(f"preemption_bound={preemption_bound!r}: a non-negative number, "
+                         "for the dfs strategy")
+    reduce = reduce and preemption_bound is None
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers={workers!r}: a positive number of processes")
-    result = Result(scn.name, _arch_name(arch), strategy, tuple(mutants))
+    result = Result(scn.name, _arch_name(arch), strategy, tuple(mutants),
+                    preemption_bound=preemption_bound)
     spec = {"scn": scn, "arch": arch, "vm_type": vm_type, "options": dict(options or {}),
             "strategy": strategy, "seed": seed, "depth": depth, "mutants": tuple(mutants),
             "max_schedules": max_schedules, "seconds": seconds,
-            "stop_at_first": stop_at_first, "reduce": reduce}
+            "stop_at_first": stop_at_first, "reduce": reduce,
+            "preemption_bound": preemption_bound}
     t0 = time.perf_counter()
     with _mutated(mutants):
-        ex = Explorer(scn, arch, vm_type, options)
+        ex = Explorer(scn, arch, vm_type, options, preemption_bound=preemption_bound)
         if workers == 1 and dask is None:
             streams = [_records(ex, spec, None)]
         else:
@@ -471,7 +506,8 @@ def _plan(ex: Explorer, spec: dict, workers: int) -> list:
 def _run_task(spec: dict, task) -> list:
     """One task in a worker process (or a Dask worker): its records."""
     with _mutated(spec["mutants"]):
-        ex = Explorer(spec["scn"], spec["arch"], spec["vm_type"], spec["options"])
+        ex = Explorer(spec["scn"], spec["arch"], spec["vm_type"], spec["options"],
+                      preemption_bound=spec["preemption_bound"])
         return list(_records(ex, spec, task))
 
 

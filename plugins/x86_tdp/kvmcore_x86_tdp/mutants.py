@@ -32,6 +32,11 @@ conversion and the TLB flush.
   (2021): an MMU notifier that runs between kvm_mmu_zap_all_fast's invalidation and the
   zap of the invalid roots (or while that zap yields) returns with an invalid root still
   mapping the page the host then frees.
+* ``tdx_local_retry_invalid_slot``: tdx_handle_ept_violation retrying a private fault
+  locally (kvm->srcu held) whatever made it retry, as before 2bc2694fe20b "KVM: TDX: Do not
+  retry locally when the retry is caused by invalid memslot" (2025): a fault that a hole
+  punch's invalidation made retry, on a memslot being deleted, keeps kvm->srcu while the
+  deletion waits for it in synchronize_srcu: a deadlock.
 """
 
 from __future__ import annotations
@@ -81,6 +86,10 @@ def _unmap_valid_roots_only():
         return real(self, range)
 
     return patch.object(backend.X86TdpBackend, "roots_for_range", roots_for_range)
+
+
+def _tdx_local_retry_invalid_slot():
+    return patch.object(Tdx, "local_retry", staticmethod(lambda vm, fault: fault.is_private))
 
 
 def _zap_shared_alias():
@@ -148,3 +157,11 @@ UNMAP_VALID_ROOTS_ONLY = dict(
     what="kvm_tdp_mmu_unmap_gfn_range skips the invalid roots (before d62007edf01f): a "
     "notifier returns while a root kvm_mmu_zap_all_fast invalidated still maps the page",
     patch=_unmap_valid_roots_only, scenarios=("munmap_vs_other_slot_delete",), arch="x86_tdp")
+
+TDX_LOCAL_RETRY_INVALID_SLOT = dict(
+    seed="a TDX private fault racing a hole punch and a memslot deletion",
+    what="tdx_handle_ept_violation retries a private fault locally, kvm->srcu held, on a "
+    "memslot being deleted (before 2bc2694fe20b): the fault waits for the deletion, whose "
+    "synchronize_srcu waits for the fault",
+    patch=_tdx_local_retry_invalid_slot,
+    scenarios=("tdx_private_read_vs_punch_and_delete",), arch="x86_tdp")

@@ -530,42 +530,25 @@ def test_a_td_private_fault_retries_holding_srcu_but_not_on_an_invalid_slot(fixe
     g.check()
 
 
-#: The race above as a scenario: too many interleavings (three flows, 16 points) to exhaust
-#: in the conformance suite's budget, so not a built-in; the explorer still finds the
-#: deadlock of the fault's local retry on an INVALID slot at once.
-TDX_FAULT_VS_PUNCH_AND_DELETE = """
-name = "tdx_private_fault_vs_punch_and_slot_delete"
-[vm]
-requires = ["private_mem", "gmem", "private_alias"]
-[[slot]]
-slot = 0
-gpa = 0x0
-pages = 16
-guest_memfd = true
-private = true
-[[flow]]
-op = "punch_hole"
-page = 5
-[[flow]]
-op = "read"
-page = 5
-private = true
-[[flow]]
-op = "delete_slot"
-"""
-
-
 def test_the_explorer_finds_the_local_retry_deadlock_without_2bc2694fe20b():
-    from kvmcore.explore import explore, parse
+    """The race above as the built-in scenario: three flows, searched whole within two
+    preemptions (its declared bound), by priorities, and without a bound; the deadlock
+    needs one preemption."""
+    from kvmcore.explore import explore, load
 
-    scn = parse(TDX_FAULT_VS_PUNCH_AND_DELETE)
+    scn = load("tdx_private_read_vs_punch_and_delete")
+    assert scn.preemption_bound == 2
+    clean = explore(scn, "x86_tdp")
+    assert clean.clean and clean.exhausted and clean.schedules == 1208
     assert explore(scn, "x86_tdp", strategy="pct", max_schedules=300).clean
-    with patch.object(T.Tdx, "local_retry", staticmethod(lambda vm, fault: fault.is_private)):
-        for strategy in ("dfs", "pct"):
-            result = explore(scn, "x86_tdp", strategy=strategy, max_schedules=300)
-            assert result.failures[0].kind == "deadlock", strategy
-            assert "pf_retry_wait" in result.failures[0].message
-            assert "srcu grace period" in result.failures[0].message
+    for kw in ({}, {"preemption_bound": None}, {"strategy": "pct"}, {"preemption_bound": 1}):
+        result = explore(scn, "x86_tdp", mutants=["tdx_local_retry_invalid_slot"],
+                         max_schedules=300, **kw)
+        assert result.failures[0].kind == "deadlock", kw
+        assert "pf_retry_wait" in result.failures[0].message
+        assert "srcu grace period" in result.failures[0].message
+    assert explore(scn, "x86_tdp", mutants=["tdx_local_retry_invalid_slot"],
+                   preemption_bound=0).clean
 
 
 def test_tdx_removal_abandoned_midway_is_reported():
