@@ -504,6 +504,9 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
                    "(seeded by the scenario's number).")
 @click.option("--depth", type=click.IntRange(min=1), default=3, show_default=True,
               help="Bug depth d of the pct strategy.")
+@click.option("--preemption-bound", "bound", type=click.IntRange(min=0),
+              help="dfs: each scenario declares this bound and its search runs only the "
+                   "schedules with at most that many preemptions (default: no bound).")
 @click.option("--mutant", "mutants", multiple=True,
               help="Switch a seed bug on (repeatable): how soon the swarm finds it.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -515,7 +518,7 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
 @click.option("--vm-option", "vm_options", multiple=True, metavar="KEY=VALUE",
               help="A VM option of the backend (repeatable), e.g. wp_whole_leaves=True.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_dir,
+def swarm(arch, scenarios, seed, max_schedules, strategy, depth, bound, mutants, out_dir,
           minimize, stop_at_first, vm_options, as_json) -> None:
     """Explore random race scenarios (swarm testing): each draws its flows from a random
     subset of what the backend offers. Exit code 1 when one fails an oracle; a failure of
@@ -531,6 +534,8 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_di
         raise UserError(f"--mutant {unknown[0]}: not one of {', '.join(ex.MUTANTS)}")
     if minimize and not out_dir:
         raise UserError("--minimize: needs --out DIR to write the minimized scenarios to")
+    if bound is not None and strategy != "dfs":
+        raise UserError("--preemption-bound: bounds the dfs strategy only")
     arch = arch or default_arch()
     _backend_names([arch])
     out = Path(out_dir) if out_dir else None
@@ -544,7 +549,7 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, mutants, out_di
         with _progress("scenarios", scenarios, as_json) as progress:
             result = run_swarm(arch, scenarios, seed, max_schedules, mutants, options,
                                stop_at_first=stop_at_first, progress=progress,
-                               strategy=strategy, depth=depth)
+                               strategy=strategy, depth=depth, preemption_bound=bound)
     except KvmError as e:
         raise UserError(str(e)) from None
     files, smaller = {}, {}

@@ -531,6 +531,9 @@ def test_workers_give_the_single_process_totals(strategy):
     found = explore(scn, FLAT, workers=2, mutants=["no_stale_check"])
     assert [f.id for f in found.failures] == \
         [f.id for f in explore(scn, FLAT, mutants=["no_stale_check"]).failures]
+    if strategy == "dfs":                 # each worker keeps the bound
+        bounded = explore(load("write_vs_log_dirty"), FLAT, preemption_bound=1, workers=2)
+        assert bounded.schedules == 35 and bounded.exhausted
 
 
 def test_dask_gives_the_single_process_totals():

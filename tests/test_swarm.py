@@ -7,6 +7,7 @@ import random
 import tomllib
 
 import attrs
+import pytest
 from click.testing import CliRunner
 
 from kvmcore.cli import main
@@ -68,6 +69,33 @@ def test_the_swarm_finds_a_mutant_and_its_scenario_replays():
     run = replay(parse(finding.text), FLAT, finding.failure.id, finding.vm_type,
                  mutants=("no_flush_on_zap",))
     assert run.failure is not None and run.failure.kind == "invariant"
+
+
+def test_a_bounded_swarm_draws_the_same_scenarios_and_declares_its_bound():
+    """``preemption_bound`` draws nothing (the scenarios are the unbounded swarm's with the
+    key added); each is searched within it, so its searches are smaller, and it finds the
+    mutant in the same scenario (the bug needs one preemption)."""
+    caps = vm_type_caps(FLAT)
+    for k in range(50):
+        a, b = (generate(random.Random(f"3:{k}"), "default", caps["default"], "s", bound)
+                for bound in (None, 1))
+        assert b == a.replace('name = "s"\n', 'name = "s"\npreemption_bound = 1\n')
+        assert parse(b).preemption_bound == 1
+    bounded = swarm(FLAT, scenarios=50, seed=0, mutants=("no_flush_on_zap",),
+                    stop_at_first=True, preemption_bound=1)
+    free = swarm(FLAT, scenarios=50, seed=0, mutants=("no_flush_on_zap",), stop_at_first=True)
+    assert bounded.findings[0].index == free.findings[0].index
+    assert "preemption_bound = 1" in bounded.findings[0].text
+    clean = swarm(FLAT, scenarios=8, seed=0, preemption_bound=1)
+    assert clean.findings == [] and clean.schedules < swarm(FLAT, scenarios=8, seed=0).schedules
+    with pytest.raises(ValueError, match="for the dfs strategy"):
+        swarm(FLAT, scenarios=1, strategy="pct", preemption_bound=1)
+    r = CliRunner().invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "2",
+                                  "--strategy", "pct", "--preemption-bound", "1"])
+    assert r.exit_code == 2 and "bounds the dfs strategy only" in r.output
+    r = CliRunner().invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "3",
+                                  "--preemption-bound", "2", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["scenarios"] == 3
 
 
 class DeclaringFlat(FlatBackend):

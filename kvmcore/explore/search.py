@@ -7,6 +7,8 @@ world (VM creation costs a fraction of a millisecond), so the search keeps no mo
 
 - ``dfs``: every schedule, depth first: run the lowest runnable flow at each step, then
   backtrack to the deepest step with an untried runnable flow (stateless model checking);
+  with a preemption bound N (``--preemption-bound``, or the scenario's), every schedule with
+  at most N switches away from a flow that could have gone on;
 - ``pct``: probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010): random flow
   priorities, ``depth - 1`` random steps at which the running flow drops to the lowest
   priority; each schedule has probability >= 1/(n * k^(d-1)) of hitting a given bug of depth d.
@@ -232,9 +234,8 @@ class Explorer:
         bound, preemptions, last = self.preemption_bound, 0, None
         while True:
             runnable = [i for i, f in enumerate(flows) if f.runnable]
-            if bound is not None and last in runnable:
-                if preemptions >= bound:
-                    runnable = [last]
+            if bound is not None and preemptions >= bound and last in runnable:
+                runnable = [last]
             if not runnable:
                 if any(not f.done for f in flows):
                     r.failure = Failure("deadlock", "no flow can run: " + "; ".join(

@@ -120,8 +120,10 @@ def _probe(arch, options: dict | None):
     return probe.arch_info, caps
 
 
-def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> str:
-    """A random race scenario for a VM of type ``vm_type`` with capabilities ``caps``."""
+def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str,
+             preemption_bound: int | None = None) -> str:
+    """A random race scenario for a VM of type ``vm_type`` with capabilities ``caps``
+    (declaring ``preemption_bound`` if given: it draws nothing)."""
     # A guest_memfd slot: private memory where the VM type has it, else one with
     # GUEST_MEMFD_FLAG_MMAP whose own mmap is the slot's userspace_addr (6.18 gives the
     # flag only to VM types without private memory).
@@ -211,7 +213,9 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str) -> st
         mapped = {a.get("slot", 0) for a in accesses if a["op"] in ("read", "write")}
         for slot in {0, 1} - mapped:
             accesses.append(_on_page("write", *next(h for h in hot if h[0] == slot)))
-    return dumps({"name": name, "vm": vm, "slot": slots, "access": accesses, "flow": flows})
+    head = {"name": name} if preemption_bound is None else \
+        {"name": name, "preemption_bound": preemption_bound}
+    return dumps({**head, "vm": vm, "slot": slots, "access": accesses, "flow": flows})
 
 
 def _on_page(op: str, slot: int, page: int) -> dict:
@@ -250,13 +254,21 @@ def _flow(rng: random.Random, op: str, pages: dict, hot: list, private: bool) ->
 
 def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
           mutants=(), options: dict | None = None, stop_at_first: bool = False,
-          progress=None, strategy: str = "dfs", depth: int = 3) -> SwarmResult:
+          progress=None, strategy: str = "dfs", depth: int = 3,
+          preemption_bound: int | None = None) -> SwarmResult:
     """Generate ``scenarios`` random scenarios for ``arch`` (scenario ``k`` from
     ``random.Random(f"{seed}:{k}")``, on a VM type drawn from the backend's) and explore
     each for up to ``max_schedules`` schedules with ``mutants`` on: depth first, or with
     ``strategy="pct"`` by random priorities of bug depth ``depth`` (seeded by ``k``), which
     spreads a small budget over the whole tree where depth first varies its last steps.
-    ``progress(k)`` is called after each one."""
+    ``preemption_bound`` (dfs): each scenario declares it, and its search runs the schedules
+    with at most that many preemptions (``explore``). ``progress(k)`` is called after each
+    one."""
+    if preemption_bound is not None and (
+            not isinstance(preemption_bound, int) or isinstance(preemption_bound, bool) or
+            preemption_bound < 0 or strategy != "dfs"):
+        raise ValueError(f"preemption_bound={preemption_bound!r}: a non-negative number, "
+                         "for the dfs strategy")
     info, caps = _probe(arch, options)
     result = SwarmResult(info.name, seed, tuple(mutants))
     t0 = time.perf_counter()
@@ -264,7 +276,7 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
         rng = random.Random(f"{seed}:{k}")
         vm_type = rng.choice(sorted(caps))
         name = f"swarm-{seed}-{k}"
-        text = generate(rng, vm_type, caps[vm_type], name)
+        text = generate(rng, vm_type, caps[vm_type], name, preemption_bound)
         try:
             r = explore(parse(text), arch, vm_type, options=options, strategy=strategy,
                         max_schedules=max_schedules, seed=k, depth=depth, mutants=mutants)
