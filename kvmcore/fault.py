@@ -157,17 +157,18 @@ def kvm_mem_check_private(vm, fault: PageFault) -> None:
 def kvm_handle_noslot_fault(vm, fault: PageFault):
     """kvm_handle_noslot_fault, a flow: a private access exits (KVM_EXIT_MEMORY_FAULT); a
     shared one is MMIO, which the backend may cache (x86's MMIO SPTE, installed under the
-    read lock); RET_PF_EMULATE."""
+    read lock): RET_PF_EMULATE, or RET_PF_RETRY where the backend found the fault stale
+    before caching (x86: is_page_fault_stale, as for any fault that reaches the map)."""
     if fault.is_private:
         raise memory_fault_exit(vm, fault)
     lock = vm.mmu_lock
     if stepping() or not lock.try_lock(READ):
         yield from lock.read_lock(PF_LOCK_WAIT)
     try:
-        vm.hook.handle_noslot_fault(vm=vm, fault=fault)
+        r = vm.hook.handle_noslot_fault(vm=vm, fault=fault)
     finally:
         lock.read_unlock()
-    return RET_PF_EMULATE
+    return RET_PF_RETRY if r == RET_PF_RETRY else RET_PF_EMULATE
 
 
 def fault_faultin(vm, fault: PageFault) -> int:

@@ -114,6 +114,16 @@ def fault_retries_locally(vm: Kvm, fault: PageFault) -> bool:
     a retry only. Default: False."""
 
 
+@hookspec
+def mmu_reload(vm: Kvm, vcpu: KvmVcpu) -> None:
+    """kvm_mmu_reload outside a guest entry: KVM_PRE_FAULT_MEMORY calls it before each range
+    it maps (kvm_arch_vcpu_pre_fault_memory), since no vcpu_enter_guest runs there. The
+    backend drops the roots a memslot update made obsolete and loads the current one (x86,
+    20a6cff3b283: else every fault of the pre-fault finds its root obsolete and retries for
+    ever). A guest access needs no call: the backend's ``translate`` enters the guest.
+    Default: nothing."""
+
+
 @hookspec(firstresult=True)
 def fast_page_fault(vm: Kvm, fault: PageFault) -> int | None:
     """Try to resolve ``fault`` without the slow path, after the memslot lookup
@@ -131,7 +141,10 @@ def fast_page_fault(vm: Kvm, fault: PageFault) -> int | None:
 def handle_noslot_fault(vm: Kvm, fault: PageFault) -> int | None:
     """A shared fault on a gfn with no visible memslot (kvm_handle_noslot_fault), under the
     MMU lock. A backend may cache an MMIO entry (x86 MMIO SPTE with the memslot generation).
-    Whatever it returns, the core then exits to userspace with ``MmioExit``. Default: nothing.
+    ``RET_PF_RETRY``: the fault is stale (x86: its root is obsolete, is_page_fault_stale,
+    whose invalidation-sequence test applies only to a fault with a memslot) and cached
+    nothing, so the vCPU faults again; for anything else the core exits to userspace with
+    ``MmioExit``. Default: nothing.
     """
 
 

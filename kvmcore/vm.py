@@ -652,6 +652,8 @@ class Vcpu(KvmVcpu):
             while size:
                 try:
                     done = yield from self._pre_fault_one(gpa, size)
+                except FaultLivelock:
+                    raise               # Linux would spin until a signal: no result
                 except KvmError as e:
                     err = e
                     break
@@ -664,11 +666,14 @@ class Vcpu(KvmVcpu):
         return gpa, size
 
     def _pre_fault_one(self, gpa: int, size: int):
-        """kvm_tdp_map_page: the fault for one page, looping while it retries (the caller
-        holds kvm->srcu). While an invalidation of the gfn is in progress Linux spins
-        (cond_resched) fault after fault, each retrying: ``_retry_wait``."""
+        """kvm_arch_vcpu_pre_fault_memory for one page: kvm_mmu_reload (the backend's
+        ``mmu_reload``), then kvm_tdp_map_page: the fault, looping while it retries (the
+        caller holds kvm->srcu). While an invalidation of the gfn is in progress Linux spins
+        (cond_resched) fault after fault, each retrying: ``_retry_wait``. A fault that
+        retries with nothing to wait for would spin until a signal: ``FaultLivelock``."""
         vm = self.vm
         gfn = gpa >> PAGE_SHIFT
+        vm.hook.mmu_reload(vm=vm, vcpu=self)
         for _ in range(MAX_FAULT_RETRIES):
             fault = PageFault(addr=gpa, gfn=gfn, is_private=vm.kvm_mem_is_private(gfn),
                               prefetch=True, as_id=self.as_id, vcpu=self)
@@ -690,7 +695,7 @@ class Vcpu(KvmVcpu):
             leaf_size = leaf.size if leaf is not None else vm.page_size
             end = (gpa & ~(leaf_size - 1)) + leaf_size
             return min(size, end - gpa)
-        raise KvmError(errno.EIO, f"gpa={gpa:#x}: the pre-fault kept retrying")
+        raise self._livelock(gpa)
 
     def harvest_dirty_ring(self) -> list[tuple[int, int]]:
         """What userspace does with the mmap()ed ring: collect the dirty (slot, offset)

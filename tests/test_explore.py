@@ -51,6 +51,7 @@ APPLIES = {
     "zap_root_restart_advances": ["x86_tdp"],
     "unmap_valid_roots_only": ["x86_tdp"],
     "tdx_local_retry_invalid_slot": ["x86_tdp"],
+    "reload_keeps_obsolete_root": ["x86_tdp"],
     "arm64_map_replaces_perms": ["arm64_stage2"],
     "arm64_relax_perms_only": ["arm64_stage2"],
 }

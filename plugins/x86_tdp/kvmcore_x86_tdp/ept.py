@@ -85,9 +85,10 @@ def ept_translate(backend, vm, vcpu, gpa: int, access) -> Translation | Violatio
         private = backend.access_is_private(vm, gfn, access) if backend.has_private_mem \
             else False
         # The root the vCPU runs on, reloaded at entry when a memslot update made it
-        # obsolete (kvm_mmu_reload).
+        # obsolete (vcpu_enter_guest: the request, then kvm_mmu_reload).
         root = vcpu.arch["roots"].get(vcpu.as_id)
         if root is None or root.invalid:
+            backend.kvm_mmu_free_obsolete_roots(vm, vcpu)
             root = backend.kvm_mmu_reload(vm, vcpu)
     pos, table, idx, spte = root.pt.lookup((gfn + root.gfn_bits) << 12)
     level = root.level - pos

@@ -32,6 +32,11 @@ conversion and the TLB flush.
   (2021): an MMU notifier that runs between kvm_mmu_zap_all_fast's invalidation and the
   zap of the invalid roots (or while that zap yields) returns with an invalid root still
   mapping the page the host then frees.
+* ``reload_keeps_obsolete_root``: kvm_mmu_reload loading a root only when the vCPU has none,
+  as before 20a6cff3b283 "KVM: x86/mmu: Check and free obsolete roots in kvm_mmu_reload()"
+  (2025): the request to drop the roots kvm_mmu_zap_all_fast made obsolete is processed
+  only by vcpu_enter_guest, so a KVM_PRE_FAULT_MEMORY after a memslot update keeps the
+  obsolete root, whose every fault is stale, and retries for ever.
 * ``tdx_local_retry_invalid_slot``: tdx_handle_ept_violation retrying a private fault
   locally (kvm->srcu held) whatever made it retry, as before 2bc2694fe20b "KVM: TDX: Do not
   retry locally when the retry is caused by invalid memslot" (2025): a fault that a hole
@@ -86,6 +91,18 @@ def _unmap_valid_roots_only():
         return real(self, range)
 
     return patch.object(backend.X86TdpBackend, "roots_for_range", roots_for_range)
+
+
+def _reload_keeps_obsolete_root():
+    def kvm_mmu_reload(self, vm, vcpu):
+        roots = vcpu.arch["roots"]
+        root = roots.get(vcpu.as_id)
+        if root is None:
+            root = roots[vcpu.as_id] = self.direct_roots[vcpu.as_id]
+            root.refs += 1
+        return root
+
+    return patch.object(backend.X86TdpBackend, "kvm_mmu_reload", kvm_mmu_reload)
 
 
 def _tdx_local_retry_invalid_slot():
@@ -165,3 +182,11 @@ TDX_LOCAL_RETRY_INVALID_SLOT = dict(
     "synchronize_srcu waits for the fault",
     patch=_tdx_local_retry_invalid_slot,
     scenarios=("tdx_private_read_vs_punch_and_delete",), arch="x86_tdp")
+
+RELOAD_KEEPS_OBSOLETE_ROOT = dict(
+    seed="KVM_PRE_FAULT_MEMORY after a memslot update's fast zap",
+    what="kvm_mmu_reload leaves KVM_REQ_MMU_FREE_OBSOLETE_ROOTS to vcpu_enter_guest (before "
+    "20a6cff3b283): a pre-fault keeps the root kvm_mmu_zap_all_fast made obsolete, finds "
+    "every fault stale and retries for ever",
+    patch=_reload_keeps_obsolete_root, scenarios=("pre_fault_vs_other_slot_delete",),
+    arch="x86_tdp")

@@ -307,6 +307,113 @@ def test_a_fault_in_flight_on_an_obsoleted_root_retries_on_the_new_one(fixed):
             g.check()
 
 
+def test_an_mmio_fault_on_an_obsoleted_root_retries_and_caches_on_the_new_one():
+    """A fault on a gfn without a memslot goes on to kvm_tdp_mmu_map with MMIO caching, so it
+    passes is_page_fault_stale like any other: on a root kvm_mmu_zap_all_fast made obsolete
+    meanwhile it retries, and the vCPU caches the MMIO SPTE on the new root before it exits
+    (the next access then takes the fast MMIO path)."""
+    from kvmcore import MmioExit
+
+    g = G("default")
+    hva = g.slot(0, 0, SZ_2M)
+    g.vcpu.write(PAGE, b"1")
+    mmio = 0x4000_0000
+    old = g.vcpu.arch["roots"][0]
+    delete = g.vm.steps.set_user_memory_region(0, 0, 0, hva)
+    step_to(delete, "slot_flush_lock_wait")
+    fault = g.vcpu.steps.read(mmio, 4)
+    step_to(fault, "pf_lock_wait")
+    step_to(delete, "slot_srcu_sync")   # kvm_mmu_zap_all_fast: the fault's root is obsolete
+    assert old.invalid
+    with pytest.raises(MmioExit):
+        fault.run()
+    assert g.vm.stats["x86_tdp.fault_obsolete_root"] == 1
+    new = g.vcpu.arch["roots"][0]
+    assert new is not old and not new.invalid
+    spte = g.b.tdp.get_last_spte(new, mmio >> 12)[3]
+    # Cached with the generation of the memslots the vCPU saw, mid-update.
+    assert S.is_mmio_spte(spte) and S.get_mmio_spte_generation(spte) == \
+        g.vm.memslot_generation(0) & S.MMIO_SPTE_GEN_MASK
+    delete.run()
+    for _ in range(2):      # a new generation: stale, cached again, then the fast path
+        with pytest.raises(MmioExit):
+            g.vcpu.read(mmio, 4)
+    assert g.vm.stats["x86_tdp.mmio_spte_stale"] == 1
+    assert g.vm.stats["x86_tdp.mmio_spte_hit"] == 1
+    g.check()
+
+
+def test_an_mmio_fault_is_not_stale_for_an_invalidation_since_its_snapshot():
+    """is_page_fault_stale tests the invalidation sequence only for a fault with a memslot:
+    an MMIO fault whose snapshot a notifier (elsewhere in the VM) made stale caches its MMIO
+    SPTE anyway (the memslot generation in the SPTE, not the sequence, keeps it honest)."""
+    from kvmcore import MmioExit
+
+    g = G("default")
+    hva = g.slot(0, 0, SZ_2M)
+    g.vcpu.write(PAGE, b"1")
+    fault = g.vcpu.steps.read(0x4000_0000, 4)
+    step_to(fault, "pf_seq_snapshot")
+    g.host.munmap(hva + PAGE, PAGE)
+    with pytest.raises(MmioExit):
+        fault.run()
+    assert g.vm.stats["fault_retry_stale"] == 0
+    assert S.is_mmio_spte(g.b.tdp.get_last_spte(g.b.direct_roots[0], 0x40000)[3])
+    g.check()
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_a_pre_fault_after_a_memslot_update_drops_the_obsolete_root(fixed):
+    """KVM_PRE_FAULT_MEMORY runs no vcpu_enter_guest: its kvm_mmu_reload drops the root
+    kvm_mmu_zap_all_fast made obsolete and loads the new one (20a6cff3b283). Before that
+    (``fixed`` False) every fault of the pre-fault finds its root obsolete and retries for
+    ever (a livelock; Linux spins until a signal)."""
+    from kvmcore.errors import FaultLivelock
+    from kvmcore.explore import MUTANTS
+
+    g = G("default")
+    hva = g.slot(0, 0, SZ_2M)
+    g.slot(1, 4 * SZ_2M, SZ_2M)
+    g.vcpu.read(PAGE, 1)
+    old = g.vcpu.arch["roots"][0]
+    g.vm.set_user_memory_region(0, 0, 0, hva)             # DELETE: kvm_mmu_zap_all_fast
+    assert old.invalid
+    with contextlib.nullcontext() if fixed else MUTANTS["reload_keeps_obsolete_root"].patch():
+        if not fixed:
+            with pytest.raises(FaultLivelock):
+                g.vcpu.pre_fault_memory(4 * SZ_2M, PAGE)
+            return
+        assert g.vcpu.pre_fault_memory(4 * SZ_2M, PAGE) == (4 * SZ_2M + PAGE, 0)
+    assert g.vcpu.arch["roots"][0] is g.b.direct_roots[0] and not old.refs
+    assert g.leaf(4 * SZ_2M) is not None
+    g.check()
+
+
+def test_a_pre_fault_whose_root_goes_obsolete_mid_page_retries_until_a_signal():
+    """What 6.18 still does (a model finding, docs/races.md): kvm_tdp_map_page retries
+    without reloading, so a pre-fault that began while a DEFAULT_VM memslot deletion waited
+    in its first synchronize_srcu, and whose fault meets the root kvm_mmu_zap_all_fast then
+    made obsolete, never completes; the deletion waits for its kvm->srcu. It takes two
+    preemptions (the deletion's, then the fault's before its lock); on a VM type that zaps
+    only the slot the scenario is clean."""
+    from kvmcore.explore import explore, load, replay
+
+    scn = load("pre_fault_vs_other_slot_delete")
+    r = explore(scn, "x86_tdp")
+    assert r.failures[0].kind == "livelock" and r.failures[0].id == "B2.A2.B2.A127"
+    assert "pre_fault_memory" in r.failures[0].message
+    bounded = explore(scn, "x86_tdp", preemption_bound=1)
+    assert bounded.clean and bounded.exhausted
+    assert explore(scn, "x86_tdp", preemption_bound=2).failures
+    steps = [(t["flow"], t["point"]) for t in replay(scn, "x86_tdp", "B2.A2.B2.A3").trace
+             if "point" in t]
+    assert steps[:6] == [("B", "slots_lock_wait"), ("B", "slot_srcu_sync"),
+                         ("A", "pf_seq_snapshot"), ("A", "pf_lock_wait"),
+                         ("B", "slot_flush_lock_wait"),
+                         ("B", "x86_zap_invalidated_lock_wait")]
+    assert explore(scn, "x86_tdp", "sw_protected").clean
+
+
 @pytest.mark.parametrize("pml", [True, False])
 def test_starting_dirty_logging_drops_the_read_lock_between_steps(make, pml):
     """kvm_mmu_slot_apply_flags: eager split, then (PML) clear D and write-protect huge leaves
