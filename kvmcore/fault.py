@@ -158,7 +158,7 @@ def kvm_handle_noslot_fault(vm, fault: PageFault):
     """kvm_handle_noslot_fault, a flow: a private access exits (KVM_EXIT_MEMORY_FAULT); a
     shared one is MMIO, which the backend may cache (x86's MMIO SPTE, installed under the
     read lock): RET_PF_EMULATE, or RET_PF_RETRY where the backend found the fault stale
-    before caching (x86: is_page_fault_stale, as for any fault that reaches the map)."""
+    before caching (x86: an obsolete root, is_page_fault_stale's test for every fault)."""
     if fault.is_private:
         raise memory_fault_exit(vm, fault)
     lock = vm.mmu_lock

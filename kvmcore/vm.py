@@ -626,7 +626,8 @@ class Vcpu(KvmVcpu):
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> tuple[int, int]:
         """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory + x86 kvm_tdp_map_page): map as a
         read fault, without Accessed, without breaking COW. Returns the unprocessed
-        ``(gpa, size)``; raises KvmError only when nothing was processed."""
+        ``(gpa, size)``; raises KvmError only when nothing was processed, or FaultLivelock
+        where a fault retries with nothing to wait for (Linux spins until a signal)."""
         vm = self.vm
         vm._check_open()
         if "pre_fault" not in vm.arch_capabilities:
