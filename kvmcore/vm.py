@@ -534,6 +534,14 @@ class Vcpu(KvmVcpu):
                               "the invalidation of this gfn or the update of its memslot to "
                               "end", PF_RETRY_WAIT)
 
+    def _prefault_blocked(self, gfn: int) -> bool:
+        """Whether a pre-fault on ``gfn`` can only retry now: an invalidation of it is in
+        progress on a usable memslot. A slot being deleted or moved is no wait for it: its
+        next fault fails with -EAGAIN (3ccbf6f47098), and with no slot the gfn is MMIO."""
+        slot = self.vm.memslot_sets[self.as_id].search(gfn)
+        return slot is not None and not slot.invalid and \
+            self.vm.mmu_invalidate.in_progress_covers(gfn)
+
     def _retries_locally(self, fault: PageFault) -> bool:
         """Whether ``fault``, which can only retry now, is retried inside the exit handler
         (the backend's ``fault_retries_locally``) rather than after a guest entry."""
@@ -670,8 +678,10 @@ class Vcpu(KvmVcpu):
         """kvm_arch_vcpu_pre_fault_memory for one page: kvm_mmu_reload (the backend's
         ``mmu_reload``), then kvm_tdp_map_page: the fault, looping while it retries (the
         caller holds kvm->srcu). While an invalidation of the gfn is in progress Linux spins
-        (cond_resched) fault after fault, each retrying: ``_retry_wait``. A fault that
-        retries with nothing to wait for would spin until a signal: ``FaultLivelock``."""
+        (cond_resched) fault after fault, each retrying: one wait (``_prefault_blocked``),
+        which a deletion or move of the slot also ends, since the next fault then fails.
+        A fault that retries with nothing to wait for would spin until a signal:
+        ``FaultLivelock``."""
         vm = self.vm
         gfn = gpa >> PAGE_SHIFT
         vm.hook.mmu_reload(vm=vm, vcpu=self)
@@ -685,8 +695,10 @@ class Vcpu(KvmVcpu):
                 raise KvmError(e.errno or errno.EFAULT,
                                f"gpa={gpa:#x}: the pre-fault exited ({e!r})") from None
             if r == RET_PF_RETRY:
-                if self._retry_blocked(gfn):
-                    yield from self._retry_wait(gfn)
+                if self._prefault_blocked(gfn):
+                    yield from wait_until(lambda: not self._prefault_blocked(gfn),
+                                          "the invalidation of this gfn to end",
+                                          PF_RETRY_WAIT)
                 continue
             if r == RET_PF_EMULATE:
                 raise KvmError(errno.ENOENT, f"gpa={gpa:#x} is not covered by a memslot")

@@ -135,6 +135,43 @@ def _preemptions(r) -> int:
                if r.schedule[k] != r.schedule[k - 1] and r.schedule[k - 1] in r.choices[k])
 
 
+PRE_FAULT_THROUGH_AN_UPDATE = """
+name = "dontneed_pre_fault_move"
+[[slot]]
+pages = 16
+populate = true
+[[access]]
+op = "read"
+page = 2
+[[flow]]
+op = "madvise_dontneed"
+page = 0
+pages = 16
+[[flow]]
+op = "pre_fault"
+page = 2
+pages = 1
+[[flow]]
+op = "move_slot"
+gpa = 0x800000
+"""
+
+
+def test_a_pre_fault_waiting_out_an_invalidation_stops_when_its_slot_is_moved():
+    """A pre-fault that retries while a DONTNEED's invalidation is in progress spins fault
+    after fault in kvm_tdp_map_page; once a MOVE of its slot has made it INVALID, the next
+    fault fails with -EAGAIN and the pre-fault leaves kvm->srcu, which the MOVE's
+    synchronize_srcu waits for. (The model waited for the update itself there: a deadlock
+    the swarm found with a preemption bound, ``A4.B2.A1.C2``.)"""
+    scn = parse(PRE_FAULT_THROUGH_AN_UPDATE)
+    run = replay(scn, FLAT, "A4.B2.A1.C2")
+    assert run.failure is None
+    assert run.outcomes[1] == ("raised", "KvmError",
+                               "[EAGAIN] pre_fault_memory: the memslot is being updated")
+    result = explore(scn, FLAT, preemption_bound=2)
+    assert result.clean and result.exhausted and result.schedules == 527
+
+
 def test_a_bounded_search_runs_exactly_the_schedules_within_its_bound():
     """Context bounding: the bounded depth-first search runs every schedule of the unbounded
     one that has at most N preemptions, and no other (three flows, two of them waiting for
