@@ -610,6 +610,23 @@ class HostMemory:
                         lo, hi = min(lo, base), max(hi, base + size)
         return lo, hi - lo
 
+    def _late_splits(self, start: int, end: int, nstart: int, nend: int) -> list:
+        """``(base, size)`` of each huge entry that ``[start, end)`` covers in part and the
+        notified ``[nstart, nend)`` does not hold whole: one made after the range was
+        notified. The model splits a huge entry it knows of at the start by widening the
+        notified range (``_notify_range``); __split_huge_pmd's own invalidation of the
+        entry's range, nested in the caller's, is what this one gets."""
+        late = []
+        for size, hshift, table in self._huge:
+            for key in _huge_keys(table, hshift, start, end):
+                if key not in table:
+                    continue
+                base = key << hshift
+                if (base < start or base + size > end) and \
+                        not (nstart <= base and base + size <= nend):
+                    late.append((base, size))
+        return late
+
     def _set_pte(self, hva: int, pfn: int, writable: bool, size: int | None = None,
                  special: bool = False) -> None:
         """Map the page of ``size`` (PAGE_SIZE by default) at ``hva`` to frames from ``pfn``;
@@ -984,7 +1001,15 @@ class HostMemory:
         try:
             nstart, nlen = self._notify_range(hva, end)
             yield from self._invalidate_start(nstart, nlen)
+            # A fault under the same read lock may have made a THP across the range's edge
+            # since: the zap splits it (zap_pmd_range -> __split_huge_pmd), and the split
+            # invalidates its whole range inside this one.
+            late = self._late_splits(hva, end, nstart, nstart + nlen)
+            for base, size in late:
+                yield from self._invalidate_start(base, size)
             self._zap_ptes(hva, end)
+            for base, size in late:
+                yield from self._invalidate_end(base, size)
             yield from self._invalidate_end(nstart, nlen)
         finally:
             self.mmap_lock.read_unlock()

@@ -705,3 +705,22 @@ def test_mprotect_to_the_same_protection_changes_nothing(host, rec):
             [(hva, hva + 2 * MiB)]
         host.mprotect(hva + 4096, 4096, "r")          # a change splits and notifies
         assert len(host.vmas_in(hva, hva + 2 * MiB)) == 3 and rec.calls
+
+
+def test_a_thp_made_inside_a_dontneed_window_is_split_under_its_own_invalidation(host, rec):
+    """MADV_DONTNEED holds the mmap lock for read, so a fault may make a THP across the end
+    of its range after it notified the range; the zap splits it, and __split_huge_pmd
+    invalidates the whole huge range inside the DONTNEED's (the range's own pages go, the
+    others stay as PAGE_SIZE entries)."""
+    hva = host.mmap(2 * MiB, thp=True)
+    start, end = hva + 2 * MiB - 16 * 4096, hva + 2 * MiB - 4096
+    flow = host.steps.madvise_dontneed(start, end - start)
+    while next(flow) != "mn_host_window":
+        pass
+    host.write(hva, b"x")                        # handle_mm_fault: the whole THP
+    assert host.lookup_pte(hva)[2] == 2 * MiB
+    flow.run()
+    assert rec.calls == [("start", start, end), ("start", hva, hva + 2 * MiB),
+                         ("end", hva, hva + 2 * MiB), ("end", start, end)]
+    assert host.lookup_pte(hva)[2] == 4096 and host.lookup_pte(start) is None
+    assert host.lookup_pte(end)[2] == 4096 and host.read(hva, 1) == b"x"
