@@ -30,7 +30,8 @@ from ..uapi import GUEST_MEMFD_FLAG_INIT_SHARED, KVM_MEM_LOG_DIRTY_PAGES, PAGE_S
 
 #: Statistics that count something allowed to take a leaf away or write-protect it:
 #: ``fault_block_unmapped``, a backend's fault that replaced a valid block by an empty table
-#: (arm64's stage2_map_walk_leaf, a 4K write fault under a block of a slot that logs now).
+#: (arm64's stage2_map_walk_leaf, ppc's kvmppc_create_pte: a 4K fault under a block of a slot
+#: that logs now) or broke a table to make a block (arm64's stage2_map_walk_table_pre).
 _TAKES_AWAY = ("zap_ranges", "mn_clear_young", "mn_clear_flush_young", "get_dirty_log",
                "clear_dirty_log", "fault_block_unmapped")
 DIRTY_OPS = ("get_dirty_log", "clear_dirty_log", "log_dirty", "reset_dirty_rings")

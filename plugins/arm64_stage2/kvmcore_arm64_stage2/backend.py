@@ -59,7 +59,8 @@ from .mmu import ESR_ELx_FSC_ACCESS, ESR_ELx_FSC_FAULT, ESR_ELx_FSC_PERM, AbortP
 from .invariants import check_vm
 from .pgtable import (KVM_PTE_LEAF_ATTR_HI_S2_XN, KVM_PTE_LEAF_ATTR_LO_S2_AF,
                       KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R, KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
-                      KVM_PTE_TYPE, KVM_PTE_VALID, BBM_BLOCK_TO_TABLE, Stage2PageTable, Tlbi)
+                      KVM_PTE_TYPE, KVM_PTE_VALID, BBM_BLOCK_TO_TABLE, BBM_TABLE,
+                      Stage2PageTable, Tlbi)
 
 logger = structlog.get_logger(__name__)
 
@@ -183,9 +184,10 @@ class Arm64Stage2Backend:
         themselves are all recorded."""
         if self.vm is None:
             return
-        if rec.why == BBM_BLOCK_TO_TABLE:
-            # The rest of the block is gone until it refaults: allowed to take away what a
-            # completed access used (the explorer's downgrade oracle counts it).
+        if rec.why == BBM_BLOCK_TO_TABLE or rec.why == BBM_TABLE:
+            # The rest of the block is gone until it refaults, or the table's leaves until
+            # the block is made: allowed to take away what a completed access used (the
+            # explorer's downgrade oracle counts it).
             self.vm.stats["fault_block_unmapped"] += 1
         if self.vm.events is not None:
             self.vm.trace("arm64.tlbi", op=rec.op, ipa=rec.ipa, size=rec.size,

@@ -133,6 +133,9 @@ FAULT_WALK_FLAGS = KVM_PGTABLE_WALK_HANDLE_FAULT | KVM_PGTABLE_WALK_SHARED
 #: The TLBI of a valid block that a map walk replaces by an empty table
 #: (stage2_map_walk_leaf): the rest of the block is unmapped, to be faulted in lazily.
 BBM_BLOCK_TO_TABLE = "bbm_block_to_table"
+#: The TLBI of a table that a map walk replaces by a block (stage2_map_walk_table_pre, e.g.
+#: a fault of a slot that stopped logging): nothing maps the table's range until the make.
+BBM_TABLE = "bbm_table"
 #: Race points of the shared walks (reference/races.md §1.B): the old entry read, before the
 #: cmpxchg to LOCKED (stage2_try_break_pte); the entry LOCKED, before the new one is stored
 #: (stage2_make_pte); relax_perms' old entry read, before its cmpxchg (stage2_attr_walker).
@@ -600,7 +603,7 @@ class Stage2PageTable:
             if not ctx.arg & KVM_PGTABLE_WALK_SKIP_BBM_TLBI:
                 if kvm_pte_table(old, ctx.level):
                     size = self.geom.size(ctx.level)
-                    self.tlb_flush_vmid_range(ctx.addr & ~(size - 1), size, "bbm_table")
+                    self.tlb_flush_vmid_range(ctx.addr & ~(size - 1), size, BBM_TABLE)
                 elif old & KVM_PTE_VALID:
                     self.tlb_flush_vmid_ipa(ctx.addr, ctx.level, why)
             # stage2_pte_is_counted: mm_ops->put_page on the entry's table page.

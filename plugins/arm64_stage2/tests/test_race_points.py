@@ -555,3 +555,35 @@ def test_a_write_that_splits_a_block_of_a_logging_slot_unmaps_the_rest_of_it():
         flow.run()
     assert world.vm.stats["fault_block_unmapped"] == 1
     assert BBM_BLOCK_TO_TABLE in [t.why for t in backend_of(world.vm).tlbi_log]
+
+
+HUGETLB_READS_VS_LOG_DIRTY = """
+[[slot]]
+pages = 512
+kind = "hugetlb_2m"
+[[flow]]
+op = "read"
+page = 4
+[[flow]]
+op = "read"
+page = 0
+[[flow]]
+op = "log_dirty"
+"""
+
+
+def test_a_block_fault_that_breaks_a_table_may_take_its_leaves_away():
+    """A read fault that looked the slot up before dirty logging started maps a block over
+    the table that a read in the logging slot has just linked (stage2_map_walk_table_pre):
+    between the break and the make nothing maps the range, which the downgrade oracle
+    counts as a fault's break (``fault_block_unmapped``), not a downgrade (found by kvmcore
+    swarm, seed 12, with a preemption bound of 2)."""
+    from kvmcore.explore import parse, replay
+    from kvmcore_arm64_stage2.pgtable import BBM_TABLE
+
+    scn = parse(HUGETLB_READS_VS_LOG_DIRTY)
+    run = replay(scn, "arm64_stage2", "A2.C2.B9.A2")
+    assert run.failure is None
+    assert run.world.vm.stats["fault_block_unmapped"] == 1
+    assert BBM_TABLE in [t.why for t in backend_of(run.world.vm).tlbi_log]
+    assert explore(scn, "arm64_stage2", preemption_bound=2).clean

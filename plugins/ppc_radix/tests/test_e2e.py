@@ -490,3 +490,30 @@ def test_logging_slot_is_published_before_its_huge_leaves_are_flushed(make_vm, h
     update.run()
     assert vm.lookup(GPA) is None
     assert_invariants(vm)
+
+
+def test_a_small_fault_under_a_huge_leaf_may_take_the_rest_of_it_away():
+    """A write maps a 2 MiB leaf from the slot it looked up before dirty logging started; a
+    read in the logging slot, begun before, then maps 4K under it: kvmppc_create_pte removes
+    the huge leaf (kvmppc_unmap_pte) and the rest of it refaults, which the downgrade oracle
+    counts as a fault's unmap (``fault_block_unmapped``), not a downgrade (found by kvmcore
+    swarm, seed 2)."""
+    from kvmcore.explore import parse, replay
+
+    scn = parse("""
+[[slot]]
+pages = 512
+kind = "hugetlb_2m"
+[[flow]]
+op = "write"
+page = 0
+[[flow]]
+op = "log_dirty"
+[[flow]]
+op = "read"
+page = 310
+vcpu = 1
+""")
+    run = replay(scn, "ppc_radix", "A3.B2.C1.A1.C3")
+    assert run.failure is None
+    assert run.world.vm.stats["fault_block_unmapped"] == 1
