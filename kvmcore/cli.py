@@ -504,9 +504,11 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
                    "(seeded by the scenario's number).")
 @click.option("--depth", type=click.IntRange(min=1), default=3, show_default=True,
               help="Bug depth d of the pct strategy.")
-@click.option("--preemption-bound", "bound", type=click.IntRange(min=0),
+@click.option("--preemption-bound", "bound", metavar="N|none", default="2",
+              show_default=True, callback=_bound,
               help="dfs: each scenario declares this bound and its search runs only the "
-                   "schedules with at most that many preemptions (default: no bound).")
+                   "schedules with at most that many preemptions; none: every schedule "
+                   "(pct ignores it).")
 @click.option("--mutant", "mutants", multiple=True,
               help="Switch a seed bug on (repeatable): how soon the swarm finds it.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -534,8 +536,6 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, bound, mutants,
         raise UserError(f"--mutant {unknown[0]}: not one of {', '.join(ex.MUTANTS)}")
     if minimize and not out_dir:
         raise UserError("--minimize: needs --out DIR to write the minimized scenarios to")
-    if bound is not None and strategy != "dfs":
-        raise UserError("--preemption-bound: bounds the dfs strategy only")
     arch = arch or default_arch()
     _backend_names([arch])
     out = Path(out_dir) if out_dir else None

@@ -72,9 +72,9 @@ def test_the_swarm_finds_a_mutant_and_its_scenario_replays():
 
 
 def test_a_bounded_swarm_draws_the_same_scenarios_and_declares_its_bound():
-    """``preemption_bound`` draws nothing (the scenarios are the unbounded swarm's with the
-    key added); each is searched within it, so its searches are smaller, and it finds the
-    mutant in the same scenario (the bug needs one preemption)."""
+    """``preemption_bound`` (2 by default) draws nothing: the scenarios are the unbounded
+    swarm's with the key added; each is searched within it, and the swarm finds the mutant
+    in the same scenario (the bug needs one preemption)."""
     caps = vm_type_caps(FLAT)
     for k in range(50):
         a, b = (generate(random.Random(f"3:{k}"), "default", caps["default"], "s", bound)
@@ -82,20 +82,28 @@ def test_a_bounded_swarm_draws_the_same_scenarios_and_declares_its_bound():
         assert b == a.replace('name = "s"\n', 'name = "s"\npreemption_bound = 1\n')
         assert parse(b).preemption_bound == 1
     bounded = swarm(FLAT, scenarios=50, seed=0, mutants=("no_flush_on_zap",),
-                    stop_at_first=True, preemption_bound=1)
-    free = swarm(FLAT, scenarios=50, seed=0, mutants=("no_flush_on_zap",), stop_at_first=True)
+                    stop_at_first=True)
+    free = swarm(FLAT, scenarios=50, seed=0, mutants=("no_flush_on_zap",), stop_at_first=True,
+                 preemption_bound=None)
     assert bounded.findings[0].index == free.findings[0].index
-    assert "preemption_bound = 1" in bounded.findings[0].text
-    clean = swarm(FLAT, scenarios=8, seed=0, preemption_bound=1)
-    assert clean.findings == [] and clean.schedules < swarm(FLAT, scenarios=8, seed=0).schedules
-    with pytest.raises(ValueError, match="for the dfs strategy"):
-        swarm(FLAT, scenarios=1, strategy="pct", preemption_bound=1)
-    r = CliRunner().invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "2",
-                                  "--strategy", "pct", "--preemption-bound", "1"])
-    assert r.exit_code == 2 and "bounds the dfs strategy only" in r.output
-    r = CliRunner().invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "3",
-                                  "--preemption-bound", "2", "--json"])
-    assert r.exit_code == 0 and json.loads(r.output)["scenarios"] == 3
+    assert "preemption_bound = 2" in bounded.findings[0].text
+    assert "preemption_bound" not in free.findings[0].text
+    clean = swarm(FLAT, scenarios=8, seed=0)
+    assert clean.findings == [] and \
+        clean.schedules < swarm(FLAT, scenarios=8, seed=0, preemption_bound=None).schedules
+    pct = swarm(FLAT, scenarios=2, seed=0, strategy="pct", max_schedules=5)
+    assert pct.schedules == 10                   # pct ignores the bound
+    for bad in (-1, True, "2"):
+        with pytest.raises(ValueError, match="preemption_bound="):
+            swarm(FLAT, scenarios=1, preemption_bound=bad)
+    for arg, ok in (("none", True), ("1", True), ("-1", False), ("x", False)):
+        r = CliRunner().invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "3",
+                                      "--preemption-bound", arg, "--json"])
+        assert (r.exit_code == 0) is ok, (arg, r.output)
+        if ok:
+            assert json.loads(r.output)["scenarios"] == 3
+        else:
+            assert r.exit_code == 2 and "not a non-negative number or none" in r.output
 
 
 class DeclaringFlat(FlatBackend):
