@@ -99,8 +99,9 @@ GPA_OPS = ACCESS_OPS + ("set_memory_attributes",) + GPC_OPS + VCPU_OPS
 #: The ops whose range is ``gpa`` and ``size`` in bytes (or ``page`` and ``pages``).
 SIZED_OPS = ("set_memory_attributes",) + VCPU_OPS
 NAMES = "ABCD"
-#: The keys of [vm] and what each holds.
+#: The top-level keys of a scenario file.
 TOP_KEYS = ("name", "preemption_bound", "vm", "slot", "access", "flow")
+#: The keys of [vm] and what each holds.
 VM_KEYS = {"arch": str, "vm_type": str, "requires": list, "manual_protect": bool,
            "dirty_ring": int}
 KIND_NAMES = {str: "a string", list: "a list of capability names", bool: "true or false"}

@@ -513,8 +513,8 @@ class X86TdpBackend:
         is_page_fault_stale under the read lock, where a root kvm_mmu_zap_all_fast made
         obsolete retries (the vCPU caches on its next attempt, on the root it then loads;
         the invalidation-sequence test is only for a fault with a memslot), then
-        kvm_tdp_mmu_map. (Linux decides to
-        emulate without caching before it takes the lock; the model holds it then too.)"""
+        kvm_tdp_mmu_map. (Linux decides to emulate without caching before it takes the
+        lock; the model holds it then too.)"""
         if (not self.enable_mmio_caching or self.shadow_mmio_value is None
                 or fault.gfn >= 1 << (self.max_gpa_bits - 12)
                 or fault.as_id not in self.direct_roots):
