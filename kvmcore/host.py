@@ -601,14 +601,20 @@ class HostMemory:
         huge range (__split_huge_pmd's mmu_notifier_range), since the mapping size of every
         page in it changes."""
         lo, hi = start, end
+        for base, size in self._huge_across_edges(start, end):
+            lo, hi = min(lo, base), max(hi, base + size)
+        return lo, hi - lo
+
+    def _huge_across_edges(self, start: int, end: int):
+        """``(base, size)`` of each huge entry that ``[start, end)`` covers in part: one can
+        only hold an edge of the range."""
         for size, hshift, table in self._huge:
             for edge in (start, end - 1):
                 key = edge >> hshift
                 if key in table:
                     base = key << hshift
                     if base < start or base + size > end:
-                        lo, hi = min(lo, base), max(hi, base + size)
-        return lo, hi - lo
+                        yield base, size
 
     def _late_splits(self, start: int, end: int, nstart: int, nend: int) -> list:
         """``(base, size)`` of each huge entry that ``[start, end)`` covers in part and the
@@ -616,16 +622,8 @@ class HostMemory:
         notified. The model splits a huge entry it knows of at the start by widening the
         notified range (``_notify_range``); __split_huge_pmd's own invalidation of the
         entry's range, nested in the caller's, is what this one gets."""
-        late = []
-        for size, hshift, table in self._huge:
-            for key in _huge_keys(table, hshift, start, end):
-                if key not in table:
-                    continue
-                base = key << hshift
-                if (base < start or base + size > end) and \
-                        not (nstart <= base and base + size <= nend):
-                    late.append((base, size))
-        return late
+        return sorted({(base, size) for base, size in self._huge_across_edges(start, end)
+                       if not nstart <= base <= base + size <= nend})
 
     def _set_pte(self, hva: int, pfn: int, writable: bool, size: int | None = None,
                  special: bool = False) -> None:

@@ -385,9 +385,8 @@ def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict |
         raise ValueError(f"strategy={strategy!r}: dfs or pct")
     if preemption_bound == "scenario":
         preemption_bound = scn.preemption_bound if strategy == "dfs" else None
-    elif preemption_bound is not None and (
-            not isinstance(preemption_bound, int) or isinstance(preemption_bound, bool) or
-            preemption_bound < 0 or strategy != "dfs"):
+    elif not is_bound(preemption_bound) or (preemption_bound is not None and
+                                            strategy != "dfs"):
         raise ValueError(f"preemption_bound={preemption_bound!r}: a non-negative number, "
                          "for the dfs strategy")
     reduce = reduce and preemption_bound is None
@@ -414,6 +413,11 @@ def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict |
             result.failures = [_shrink(ex, f) for f in result.failures[:1]] + \
                 result.failures[1:]
     return result
+
+
+def is_bound(value) -> bool:
+    """A preemption bound: None (none) or a non-negative int (a bool is no number here)."""
+    return value is None or (type(value) is int and value >= 0)
 
 
 @contextlib.contextmanager

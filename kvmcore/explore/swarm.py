@@ -27,7 +27,7 @@ import attrs
 
 from ..errors import KvmError
 from .scenario import GPC_OPS, HOST_OPS, THP_OPS, dumps, parse
-from .search import Failure, explore
+from .search import Failure, explore, is_bound
 
 #: Pages a flow may name: a few low ones, so that flows meet on them, and one anywhere.
 HOT_PAGES = 3
@@ -266,9 +266,7 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
     every known bug of the built-in scenarios needs at most two, and a bounded search of
     three flows reaches what depth first leaves for ever beyond its budget (docs/races.md).
     ``progress(k)`` is called after each one."""
-    if preemption_bound is not None and (
-            not isinstance(preemption_bound, int) or isinstance(preemption_bound, bool) or
-            preemption_bound < 0):
+    if not is_bound(preemption_bound):
         raise ValueError(f"preemption_bound={preemption_bound!r}: a non-negative number "
                          "or None")
     if strategy != "dfs":
