@@ -516,7 +516,9 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
 @click.option("--minimize", is_flag=True,
               help="With --out: also write each failing scenario minimized, to "
                    "DIR/<name>.min.toml (the smallest that still fails the same way).")
-@click.option("--stop-at-first", is_flag=True, help="Stop at the first failing scenario.")
+@click.option("--stop-at-first", is_flag=True,
+              help="Stop at the first failing scenario (with --mutant: the first that is "
+                   "clean without the mutants).")
 @click.option("--vm-option", "vm_options", multiple=True, metavar="KEY=VALUE",
               help="A VM option of the backend (repeatable), e.g. wp_whole_leaves=True.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -525,7 +527,8 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, bound, mutants,
     """Explore random race scenarios (swarm testing): each draws its flows from a random
     subset of what the backend offers. Exit code 1 when one fails an oracle; a failure of
     a kind the backend declares as a divergence from Linux's common contract is listed,
-    not counted."""
+    not counted. With --mutant, a failing scenario is explored again without the mutants:
+    one that fails there too is marked as not the mutants' finding."""
     from . import explore as ex
     from .explore.swarm import swarm as run_swarm
 
@@ -576,15 +579,20 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, bound, mutants,
                 item["minimized"] = smaller[f.index]
         click.echo(json.dumps(summary, indent=2))
     else:
+        unmutated = sum(f.without_mutants is not None for f in result.findings)
         click.echo(f"swarm on {result.arch}{' with ' + ', '.join(mutants) if mutants else ''}"
                    f", seed {seed}: {result.scenarios} scenarios explored"
                    f"{f' ({result.refused} refused at setup)' if result.refused else ''}, "
                    f"{result.schedules} schedules in {result.seconds:.1f} s, "
-                   f"{len(result.findings)} failing")
+                   f"{len(result.findings)} failing"
+                   f"{f' ({unmutated} also without the mutants)' if unmutated else ''}")
         for f in result.findings + result.declared:
             label = "declared divergence" if f.declared else "FAILED"
             click.echo(f"  {label} {f.failure.kind} in {f.name} ({f.vm_type}), schedule "
                        f"{f.failure.id}: {f.failure.message}")
+            if f.without_mutants is not None:
+                click.echo(f"  not the mutants': it fails without them too "
+                           f"({f.without_mutants.kind}, schedule {f.without_mutants.id})")
             if f.index in files:
                 click.echo("  replay: " + _replay_command(files[f.index], arch, f.failure.id,
                                                           mutants, vm_options))

@@ -6,7 +6,10 @@ offers (swarm testing, Groce et al., ISSTA 2012: leaving features out of a test 
 others go deeper than one mix of everything would), on one or two memslots of a random kind,
 with accesses before the flows start, on pages chosen from a few so that the flows meet.
 A failure on a model without mutants is a bug of the model or a race of Linux itself; with
-a mutant on, the number of scenarios it takes to find it measures the swarm.
+a mutant on, the number of scenarios it takes to find it measures the swarm. A scenario that
+fails with mutants on is explored again without them (the same search and budget): one that
+fails there too is not the mutants' finding, and says so (``Finding.without_mutants``), so a
+model bug or a race of Linux cannot pass for a mutant's in a measure of the swarm's power.
 
 A backend's declared departures from the common contract (``ArchInfo.known_divergences``)
 include ``explore:<oracle kind>[:<text>]`` entries (RISC-V: ``explore:downgrade``; ppc:
@@ -55,6 +58,10 @@ class Finding:
     failure: Failure
     #: The backend's declared reason, when the failure is a divergence it declares.
     declared: str | None = None
+    #: With mutants on: the first failure of the same scenario explored without them (the
+    #: same search, the same budget), None when that is clean: a finding with one is the
+    #: model's or Linux's, not the mutants'.
+    without_mutants: Failure | None = None
 
 
 @attrs.define
@@ -78,9 +85,13 @@ class SwarmResult:
 
 
 def _finding(f: Finding) -> dict:
-    return {"scenario": f.name, "vm_type": f.vm_type, "kind": f.failure.kind,
-            "schedule": f.failure.id, "message": f.failure.message,
-            **({"declared": f.declared} if f.declared else {})}
+    return {"scenario": f.name, "vm_type": f.vm_type, **_failure(f.failure),
+            **({"declared": f.declared} if f.declared else {}),
+            **({"without_mutants": _failure(f.without_mutants)} if f.without_mutants else {})}
+
+
+def _failure(failure: Failure) -> dict:
+    return {"kind": failure.kind, "schedule": failure.id, "message": failure.message}
 
 
 def declared(divergences, failure: Failure) -> str | None:
@@ -265,7 +276,9 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
     runs the schedules with at most that many preemptions (``explore``). Two by default:
     every known bug of the built-in scenarios needs at most two, and a bounded search of
     three flows reaches what depth first leaves for ever beyond its budget (docs/races.md).
-    ``progress(k)`` is called after each one."""
+    With ``mutants``, a failing scenario is explored again without them (``Finding.
+    without_mutants``), and ``stop_at_first`` stops at the first that is clean there: the
+    first finding that is the mutants'. ``progress(k)`` is called after each one."""
     if not is_bound(preemption_bound):
         raise ValueError(f"preemption_bound={preemption_bound!r}: a non-negative number "
                          "or None")
@@ -279,9 +292,10 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
         vm_type = rng.choice(sorted(caps))
         name = f"swarm-{seed}-{k}"
         text = generate(rng, vm_type, caps[vm_type], name, preemption_bound)
+        search = dict(options=options, strategy=strategy, max_schedules=max_schedules,
+                      seed=k, depth=depth)
         try:
-            r = explore(parse(text), arch, vm_type, options=options, strategy=strategy,
-                        max_schedules=max_schedules, seed=k, depth=depth, mutants=mutants)
+            r = explore(parse(text), arch, vm_type, mutants=mutants, **search)
         except KvmError:
             result.refused += 1
         else:
@@ -290,11 +304,15 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
             if r.failures:
                 failure = r.failures[0]
                 why = declared(info.known_divergences, failure)
-                finding = Finding(k, name, text, vm_type, failure, why)
+                unmutated = None
+                if mutants and why is None:
+                    again = explore(parse(text), arch, vm_type, **search)
+                    unmutated = again.failures[0] if again.failures else None
+                finding = Finding(k, name, text, vm_type, failure, why, unmutated)
                 (result.declared if why else result.findings).append(finding)
         if progress is not None:
             progress(k + 1)
-        if stop_at_first and result.findings:
+        if stop_at_first and any(f.without_mutants is None for f in result.findings):
             break
     result.seconds = time.perf_counter() - t0
     return result
