@@ -494,11 +494,14 @@ class HostMemory:
             raise KvmError(errno.EINVAL, f"{name}: length={length!r} is not a positive "
                                          "multiple of the page size")
 
-    def _split_vmas(self, start: int, end: int, prot: str | None = None) -> list[Vma]:
-        """Split VMAs at ``start`` and ``end``; return those inside. With ``prot``, only
-        those whose protection differs (mprotect_fixup leaves the others whole). Both
-        pieces are new objects: a fault that read a VMA under the mmap lock (its bounds,
-        for vma_pagesize) keeps what it read, as Linux keeps it in locals."""
+    def _split_vmas(self, start: int, end: int, prot: str | None = None):
+        """Split VMAs at ``start`` and ``end`` (__split_vma, under the mmap lock for write);
+        return those inside. With ``prot``, only those whose protection differs
+        (mprotect_fixup leaves the others whole). A transparent huge page across a cut is
+        split first, with its own invalidation (vma_adjust_trans_huge -> __split_huge_pmd),
+        so that none straddles a VMA's edge. Both pieces are new objects: a fault that read
+        a VMA under the mmap lock (its bounds, for vma_pagesize) keeps what it read, as
+        Linux keeps it in locals."""
         for vma in self.vmas_in(start, end):
             if vma.prot == prot:
                 continue
@@ -507,6 +510,9 @@ class HostMemory:
                     if cut % vma.page_size:
                         raise KvmError(errno.EINVAL, f"hva={cut:#x}: not aligned to the "
                                                      "hugetlb page size")
+                    for size, hshift, table in self._huge:
+                        if cut >> hshift in table and cut % size:
+                            yield from self._split_huge_pmd(cut & ~(size - 1), size)
                     self._forget(vma)
                     right = attrs.evolve(vma, start=cut, pfn=vma.pfn + (
                         (cut - vma.start) >> PAGE_SHIFT if vma.kind == "pfnmap" else 0),
@@ -595,35 +601,29 @@ class HostMemory:
                             lo <= key << shift and (key + 1) << shift <= hi:
                         self.freed.update(range(pfn, pfn + (size >> PAGE_SHIFT)))
 
-    def _notify_range(self, start: int, end: int) -> tuple[int, int]:
-        """``(hva, length)`` the MMU notifiers see for a change of ``[start, end)``: a huge
-        entry only partly inside is split first, and split_huge_pmd invalidates the whole
-        huge range (__split_huge_pmd's mmu_notifier_range), since the mapping size of every
-        page in it changes."""
-        lo, hi = start, end
-        for base, size in self._huge_across_edges(start, end):
-            lo, hi = min(lo, base), max(hi, base + size)
-        return lo, hi - lo
-
-    def _huge_across_edges(self, start: int, end: int):
-        """``(base, size)`` of each huge entry that ``[start, end)`` covers in part: one can
-        only hold an edge of the range."""
+    def _huge_across_edges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """``(base, size)`` of each huge entry that ``[start, end)`` covers in part, in
+        address order: one can only hold an edge of the range."""
+        found = set()
         for size, hshift, table in self._huge:
             for edge in (start, end - 1):
                 key = edge >> hshift
                 if key in table:
                     base = key << hshift
                     if base < start or base + size > end:
-                        yield base, size
+                        found.add((base, size))
+        return sorted(found)
 
-    def _late_splits(self, start: int, end: int, nstart: int, nend: int) -> list:
-        """``(base, size)`` of each huge entry that ``[start, end)`` covers in part and the
-        notified ``[nstart, nend)`` does not hold whole: one made after the range was
-        notified. The model splits a huge entry it knows of at the start by widening the
-        notified range (``_notify_range``); __split_huge_pmd's own invalidation of the
-        entry's range, nested in the caller's, is what this one gets."""
-        return sorted({(base, size) for base, size in self._huge_across_edges(start, end)
-                       if not nstart <= base <= base + size <= nend})
+    def _split_huge_pmd(self, base: int, size: int):
+        """__split_huge_pmd: the huge entry at ``base`` becomes PAGE_SIZE entries on the same
+        frames inside an invalidation of its whole range (the mapping size of every page in
+        it changes); under the PMD lock it looks at the entry again, so one that another
+        split took meanwhile leaves it nothing to do."""
+        yield from self._invalidate_start(base, size)
+        word = self._tables[size].pop(base >> (size.bit_length() - 1), 0)
+        if word:
+            self._split_word(base, size, word)
+        yield from self._invalidate_end(base, size)
 
     def _set_pte(self, hva: int, pfn: int, writable: bool, size: int | None = None,
                  special: bool = False) -> None:
@@ -800,10 +800,11 @@ class HostMemory:
 
     @steppable
     def munmap(self, hva: int, length: int) -> None:
-        """munmap(2): the VMAs are detached first (vms_gather_munmap_vmas, under the mmap
-        lock for write), then the lock is downgraded to read (vms_complete_munmap_vmas), so
-        a GUP in the notifiers' window runs and finds no VMA (EFAULT); unmap_region fires
-        the notifiers for the whole range and the PTEs go."""
+        """munmap(2): the VMAs are split at the range's edges and detached
+        (vms_gather_munmap_vmas, under the mmap lock for write; a THP across an edge is
+        split with its own invalidation), then the lock is downgraded to read
+        (vms_complete_munmap_vmas), so a GUP in the notifiers' window runs and finds no VMA
+        (EFAULT); unmap_region fires the notifiers for the range and the PTEs go."""
         self._check_range("munmap", hva, length)
         end = hva + length
         if not self.vmas_in(hva, end):
@@ -811,18 +812,17 @@ class HostMemory:
         yield from self.mmap_lock.take(WRITE, MMAP_LOCK_WAIT)
         lock, mode, gone = self.mmap_lock, WRITE, []
         try:
-            gone = self._split_vmas(hva, end)
+            gone = yield from self._split_vmas(hva, end)
             for vma in gone:
                 self._forget(vma)
             self.detached += gone
             lock.downgrade()
             mode = READ
-            nstart, nlen = self._notify_range(hva, end)
-            yield from self._invalidate_start(nstart, nlen)
+            yield from self._invalidate_start(hva, length)
             self._zap_ptes(hva, end, gone)
             self._forget_detached(gone)
             self._forget_hwpoison(hva, end)
-            yield from self._invalidate_end(nstart, nlen)
+            yield from self._invalidate_end(hva, length)
         finally:
             (lock.write_unlock if mode == WRITE else lock.read_unlock)()
             self._forget_detached(gone)
@@ -883,7 +883,8 @@ class HostMemory:
         (change_pud_range starts it at the first PUD that is not none; the model's PTE pages
         are never freed, so "has page tables" means "was ever mapped"), and none fires
         when there are none; hugetlb always notifies the whole range
-        (hugetlb_change_protection). A THP partly inside is split, its whole range notified.
+        (hugetlb_change_protection). A THP across the range's edge was split with the VMA
+        (``_split_vmas``).
 
         The mmap lock is held for write throughout (``mmap_lock_wait`` when a GUP or another
         host operation holds it), so a KVM fault's get_user_pages waits for the end.
@@ -903,7 +904,7 @@ class HostMemory:
             raise KvmError(errno.ENOMEM, f"mprotect: [{hva:#x}, {end:#x}) is not fully mapped")
         yield from self.mmap_lock.take(WRITE, MMAP_LOCK_WAIT)
         try:
-            for vma in self._split_vmas(hva, end, prot):
+            for vma in (yield from self._split_vmas(hva, end, prot)):
                 if vma.prot != prot:
                     vma.prot = prot
                     yield from self._change_protection(vma)
@@ -921,21 +922,15 @@ class HostMemory:
                 lo, hi = max(start, chunk), min(end, chunk + _P4D_SIZE)
                 first = self._first_pud_in_use(lo, hi)
                 if first is not None:
-                    ranges.append(self._notify_range(first, hi))
+                    ranges.append((first, hi - first))
         modify = self._pte_modify(vma)
         for nstart, nlen in ranges:
             yield from self._invalidate_start(nstart, nlen)
             lo, hi = max(start, nstart), min(end, nstart + nlen)
-            for size, hshift, table in self._huge:
+            for _size, hshift, table in self._huge:
                 for key in _huge_keys(table, hshift, lo, hi):
                     w = table.get(key)
-                    if not w:
-                        continue
-                    base = key << hshift
-                    if base < lo or base + size > hi:
-                        del table[key]                  # a THP across the VMA's edge
-                        self._split_word(base, size, w)
-                    else:
+                    if w:
                         table[key] = modify(w)
             self.ptes.modify_range(lo >> self.page_shift, hi >> self.page_shift, modify)
             yield from self._invalidate_end(nstart, nlen)
@@ -997,18 +992,14 @@ class HostMemory:
         # madvise_lock: MADV_DONTNEED takes the mmap lock for read.
         yield from self.mmap_lock.take(READ, MMAP_LOCK_WAIT)
         try:
-            nstart, nlen = self._notify_range(hva, end)
-            yield from self._invalidate_start(nstart, nlen)
-            # A fault under the same read lock may have made a THP across the range's edge
-            # since: the zap splits it (zap_pmd_range -> __split_huge_pmd), and the split
-            # invalidates its whole range inside this one.
-            late = self._late_splits(hva, end, nstart, nstart + nlen)
-            for base, size in late:
-                yield from self._invalidate_start(base, size)
+            yield from self._invalidate_start(hva, end - hva)
+            # The zap splits a THP across the range's edge (zap_pmd_range ->
+            # __split_huge_pmd) inside this invalidation, with its own; a fault under the
+            # same read lock may have made the THP after this one started.
+            for base, size in self._huge_across_edges(hva, end):
+                yield from self._split_huge_pmd(base, size)
             self._zap_ptes(hva, end)
-            for base, size in late:
-                yield from self._invalidate_end(base, size)
-            yield from self._invalidate_end(nstart, nlen)
+            yield from self._invalidate_end(hva, end - hva)
         finally:
             self.mmap_lock.read_unlock()
 
@@ -1064,11 +1055,7 @@ class HostMemory:
         table, key = self._tables[pmd], base >> (pmd.bit_length() - 1)
         if not table.get(key):
             raise KvmError(errno.EINVAL, f"split_huge_page: no huge page at hva={hva:#x}")
-        yield from self._invalidate_start(base, pmd)
-        word = table.pop(key, 0)
-        if word:
-            self._split_word(base, pmd, word)
-        yield from self._invalidate_end(base, pmd)
+        yield from self._split_huge_pmd(base, pmd)
 
     @steppable
     def collapse_huge_page(self, hva: int) -> int:
@@ -1133,7 +1120,8 @@ class HostMemory:
         later touch gets SIGBUS / -EHWPOISON.
 
         A THP holding the page is split first (try_to_split_thp_page: split_huge_page, whose
-        __split_huge_pmd invalidates the PMD's whole range) and only the poisoned page goes.
+        PMD split invalidates the PMD's whole range), then only the poisoned page goes, in
+        an invalidation of its own (hwpoison_user_mappings -> try_to_unmap).
         A hugetlb page is poisoned whole (try_memory_failure_hugetlb): try_to_unmap_one
         replaces its mapping by a hwpoison entry, with the huge page's range notified, and
         a later access anywhere in it is SIGBUS (VM_FAULT_HWPOISON_LARGE).
@@ -1166,11 +1154,12 @@ class HostMemory:
                 self.hwpoison_huge[base] = size
                 yield from self._invalidate_end(base, size)
                 continue
-            nstart, nlen = self._notify_range(hva, hva + self.page_size)
-            yield from self._invalidate_start(nstart, nlen)
+            for base, size in self._huge_across_edges(hva, hva + self.page_size):
+                yield from self._split_huge_pmd(base, size)
+            yield from self._invalidate_start(hva, self.page_size)
             self._zap_ptes(hva, hva + self.page_size)
             self.hwpoison_pages.add(hva >> self.page_shift)
-            yield from self._invalidate_end(nstart, nlen)
+            yield from self._invalidate_end(hva, self.page_size)
 
     def read(self, hva: int, n: int) -> bytes:
         """A host (VMM) read of ``n`` bytes at ``hva``; faults pages in as needed, under the

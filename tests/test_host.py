@@ -168,14 +168,38 @@ def test_mprotect_writenotify_page_writable_again_only_if_dirty(host):
 
 
 def test_mprotect_splits_a_thp_across_the_vma_edge(host, rec):
-    """mprotect of part of a THP splits it (the whole huge range notified) and changes only
-    the pages inside; the rest stay writable."""
+    """mprotect of part of a THP splits it with the VMA (__split_vma ->
+    vma_adjust_trans_huge: the whole huge range notified on its own), then changes only the
+    pages inside, their range notified; the rest stay writable."""
     hva = host.mmap(2 * MiB, thp=True)
     host.write(hva, b"x")
     host.mprotect(hva, 0x1000, "r")
     assert host.lookup_pte(hva)[1:] == (False, 4096)
     assert host.lookup_pte(hva + 0x1000)[1:] == (True, 4096)
-    assert rec.calls == [("start", hva, hva + 2 * MiB), ("end", hva, hva + 2 * MiB)]
+    assert rec.calls == [("start", hva, hva + 2 * MiB), ("end", hva, hva + 2 * MiB),
+                         ("start", hva, hva + 0x1000), ("end", hva, hva + 0x1000)]
+
+
+def test_munmap_and_dontneed_split_a_thp_across_the_edge_with_its_own_invalidation(host, rec):
+    """The notifiers see the range itself and, on their own, the whole range of a THP
+    across its edge (__split_huge_pmd): munmap splits it with the VMA, under the mmap lock
+    for write, before unmap_region's invalidation; MADV_DONTNEED when its zap meets it,
+    nested inside its own."""
+    hva = host.mmap(4 * MiB, thp=True)
+    host.write(hva, b"x")
+    host.write(hva + 2 * MiB, b"y")
+    rec.calls.clear()
+    page = hva + 2 * MiB - 0x1000
+    host.munmap(page, 0x1000)
+    assert rec.calls == [("start", hva, hva + 2 * MiB), ("end", hva, hva + 2 * MiB),
+                         ("start", page, page + 0x1000), ("end", page, page + 0x1000)]
+    rec.calls.clear()
+    page = hva + 2 * MiB
+    host.madvise_dontneed(page, 0x1000)
+    assert rec.calls == [("start", page, page + 0x1000), ("start", page, page + 2 * MiB),
+                         ("end", page, page + 2 * MiB), ("end", page, page + 0x1000)]
+    assert host.host_mapping_size(page + 0x1000) == 0x1000
+    assert host.read(page, 1) == b"\0" and host.read(hva, 1) == b"x"
 
 
 def test_munmap_splits_vmas(host, rec):
@@ -199,15 +223,18 @@ def test_poison(host, rec):
 @pytest.mark.parametrize("kind", ["thp", "hugetlb_2m"])
 def test_poison_in_a_huge_page_notifies_its_whole_range(host, rec, kind):
     """memory_failure splits a THP before it unmaps the poisoned page (try_to_split_thp_page:
-    __split_huge_pmd invalidates the PMD's range), and try_to_unmap_one's range for a hugetlb
-    page is the huge page: a secondary MMU is never told about part of a huge mapping."""
+    the PMD's split invalidates its range), then unmaps that page alone
+    (hwpoison_user_mappings), and try_to_unmap_one's range for a hugetlb page is the huge
+    page: a secondary MMU is never told about part of a huge mapping."""
     hva = host.mmap(4 * MiB, thp=True) if kind == "thp" else host.mmap(4 * MiB, kind=kind)
     host.write(hva + 2 * MiB, b"x")
     assert host.host_mapping_size(hva + 2 * MiB) == 2 * MiB
     rec.calls.clear()
-    host.poison(hva + 2 * MiB + 0x3000)
-    assert rec.calls == [("start", hva + 2 * MiB, hva + 4 * MiB),
-                         ("end", hva + 2 * MiB, hva + 4 * MiB)]
+    page = hva + 2 * MiB + 0x3000
+    host.poison(page)
+    huge = [("start", hva + 2 * MiB, hva + 4 * MiB), ("end", hva + 2 * MiB, hva + 4 * MiB)]
+    assert rec.calls == huge + ([("start", page, page + 0x1000), ("end", page, page + 0x1000)]
+                                if kind == "thp" else [])
     with pytest.raises(SigBus):
         host.read(hva + 2 * MiB + 0x3000, 1)
     # The rest of a THP stays mapped; a hugetlb page is poisoned whole.
