@@ -395,10 +395,13 @@ def _backend_names(names) -> None:
 @click.option("--minimize", "minimize_path", type=click.Path(dir_okay=False),
               help="When a schedule fails, write the smallest scenario found that still fails "
                    "an oracle of the same kind to this file (docs/races.md).")
+@click.option("--coverage", is_flag=True,
+              help="Also report the race windows the schedules opened: each stretch of a "
+                   "flow that ran while another stood at a race point.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, depth, bound,
             mutants, list_mutants, replay_id, trace_path, picture, workers, dask_address,
-            vm_options, minimize_path, as_json) -> None:
+            vm_options, minimize_path, coverage, as_json) -> None:
     """Search the interleavings of a race SCENARIO (a TOML file or a built-in name; without
     one, list the built-in ones). Exit code 1 when a schedule fails an oracle."""
     from . import explore as ex
@@ -454,7 +457,7 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
                                 max_schedules=max_schedules, seconds=seconds, seed=seed,
                                 depth=depth, mutants=mutants, workers=workers,
                                 dask=dask_address or None, progress=progress,
-                                preemption_bound=bound)
+                                preemption_bound=bound, coverage=coverage)
             minimized = None
             if minimize_path and result.failures:
                 # A candidate must fail within about the effort the original took.
@@ -486,8 +489,27 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
             click.echo(f"  minimized ({minimized['explorations']} explorations, "
                        f"{minimized['seconds']} s): {minimized['file']}")
             click.echo(f"  replay: {minimized['replay']}")
+        if coverage:
+            _print_windows(result.windows, scn)
     if not result.clean:
         sys.exit(1)
+
+
+def _print_windows(windows, scn) -> None:
+    """The race windows of a search, a line per flow and point it stood at: the stretches of
+    the other flows that ran meanwhile (``from->to``)."""
+    from .explore.scenario import NAMES
+
+    ops = {NAMES[i]: f"{NAMES[i]} ({f['op']})" for i, f in enumerate(scn.flows)}
+    click.echo(f"  {len(windows)} race windows opened (a flow stands at a point while "
+               "another runs a stretch):")
+    stands: dict = {}
+    for w in sorted(windows):
+        stands.setdefault((w.stands, w.at), {}).setdefault(w.runs, []).append(
+            f"{w.start}->{w.end}")
+    for (flow, at), runs in stands.items():
+        click.echo(f"    {ops[flow]} at {at}: " + "; ".join(
+            f"{ops[other]} {', '.join(stretches)}" for other, stretches in runs.items()))
 
 
 @main.command()
@@ -586,6 +608,9 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, bound, mutants,
                    f"{result.schedules} schedules in {result.seconds:.1f} s, "
                    f"{len(result.findings)} failing"
                    f"{f' ({unmutated} also without the mutants)' if unmutated else ''}")
+        tail = result.new_windows[len(result.new_windows) * 3 // 4:]
+        click.echo(f"  {len(result.windows)} race windows opened (by operation and point; "
+                   f"the last {len(tail)} scenarios opened {sum(tail)} new)")
         for f in result.findings + result.declared:
             label = "declared divergence" if f.declared else "FAILED"
             click.echo(f"  {label} {f.failure.kind} in {f.name} ({f.vm_type}), schedule "

@@ -3,6 +3,7 @@ backends where the core's mechanism is the only defence), shrinking and replay, 
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from kvmcore.explore.oracles import Oracles
 from kvmcore.explore.scenario import World
 from kvmcore.explore import (MUTANTS, builtin_names, choose_vm_type, explore, load, parse,
                              parse_schedule_id, replay, schedule_id, supports)
+from kvmcore.explore import Window
 from kvmcore.plugins import installed_backends
 
 FLAT = "kvmcore.testing:FlatBackend"
@@ -555,16 +557,18 @@ vcpu = 0
 
 def _totals(result):
     return (result.schedules, result.steps, sorted(map(repr, result.end_states)),
-            [f.id for f in result.failures], result.exhausted)
+            [f.id for f in result.failures], result.exhausted,
+            None if result.windows is None else sorted(result.windows))
 
 
 @pytest.mark.parametrize("strategy", ["dfs", "pct"])
 def test_workers_give_the_single_process_totals(strategy):
     scn = load("fault_vs_munmap")
-    kw = dict(strategy=strategy, max_schedules=200, stop_at_first=False, seed=3)
+    kw = dict(strategy=strategy, max_schedules=200, stop_at_first=False, seed=3,
+              coverage=True)
     one = explore(scn, FLAT, **kw)
     two = explore(scn, FLAT, workers=2, **kw)
-    assert _totals(one) == _totals(two)
+    assert _totals(one) == _totals(two) and one.windows
     assert one.schedules == (19 if strategy == "dfs" else 200)
     found = explore(scn, FLAT, workers=2, mutants=["no_stale_check"])
     assert [f.id for f in found.failures] == \
@@ -577,15 +581,45 @@ def test_workers_give_the_single_process_totals(strategy):
 def test_dask_gives_the_single_process_totals():
     distributed = pytest.importorskip("distributed")
     scn = load("private_fault_vs_conversion")
-    one = explore(scn, FLAT, stop_at_first=False)
+    one = explore(scn, FLAT, stop_at_first=False, coverage=True)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
-        on_dask = explore(scn, FLAT, stop_at_first=False, dask=client)
+        on_dask = explore(scn, FLAT, stop_at_first=False, dask=client, coverage=True)
         found = explore(scn, FLAT, dask=client, mutants=["no_stale_check"])
     assert _totals(one) == _totals(on_dask) and one.exhausted
     assert found.failures and found.failures[0].id == \
         explore(scn, FLAT, mutants=["no_stale_check"]).failures[0].id
+
+
+def test_coverage_reports_the_race_windows_the_search_opened():
+    """``coverage``: each stretch of a flow that ran while another stood at a race point,
+    for the schedules searched. A bound of N opens a subset of what N + 1 opens; here none
+    without a preemption, and with one every window of the whole tree (35 schedules of
+    105), among them the write run whole while the memslot update that turns logging on
+    stands waiting for its SRCU readers (the window of ``log_dirty_no_flush``); the CLI
+    lists it."""
+    scn = load("write_vs_log_dirty")
+    assert explore(scn, FLAT).windows is None and "windows" not in explore(scn, FLAT).summary()
+    whole = explore(scn, FLAT, coverage=True, reduce=False, preemption_bound=None)
+    bounded = [explore(scn, FLAT, coverage=True, preemption_bound=n) for n in range(3)]
+    assert all(a.windows <= b.windows <= whole.windows for a, b in itertools.pairwise(bounded))
+    assert (bounded[0].windows, bounded[1].windows) == (set(), whole.windows)
+    assert (bounded[1].schedules, whole.schedules, len(whole.windows)) == (35, 105, 24)
+    w = Window("B", "slot_srcu_sync", "A", "start", "end")
+    assert w in bounded[1].windows
+    # A stretch that fails (a pre-fault's livelock: the flow stops there) runs to "end".
+    failing = explore(load("pre_fault_vs_slot_delete"), FLAT, coverage=True,
+                      mutants=["prefault_retries_invalid_slot"], stop_at_first=False)
+    assert failing.failures[0].kind == "livelock" and failing.windows
+    assert all(isinstance(field, str) for w in sorted(failing.windows) for field in
+               (w.stands, w.at, w.runs, w.start, w.end))
+    assert {"stands": "B", "at": "slot_srcu_sync", "runs": "A", "start": "start",
+            "end": "end"} in bounded[1].summary()["windows"]
+    r = CliRunner().invoke(main, ["explore", "write_vs_log_dirty", "--arch", FLAT,
+                                  "--coverage", "--preemption-bound", "1"])
+    assert r.exit_code == 0 and f"{len(bounded[1].windows)} race windows opened" in r.output
+    assert "B (log_dirty) at slot_srcu_sync: A (write) start->end" in r.output
 
 
 def test_the_reduction_keeps_every_end_state_with_fewer_schedules():

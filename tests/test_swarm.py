@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import tomllib
 
 import attrs
@@ -60,6 +61,12 @@ def test_the_model_is_clean_under_the_swarm():
     result = swarm(FLAT, scenarios=40, seed=0)
     assert result.scenarios > 30 and result.schedules > 10 * result.scenarios
     assert result.findings == [], result.findings[0].text
+    # The race windows the scenarios opened, named by operation: each counted once, by the
+    # scenario that opened it first.
+    assert len(result.new_windows) == result.scenarios
+    assert sum(result.new_windows) == len(result.windows) == result.summary()["windows"]
+    ops = {w.stands for w in result.windows} | {w.runs for w in result.windows}
+    assert {"read", "write", "munmap"} <= ops and not ops & {"A", "B", "C"}
 
 
 def test_the_swarm_finds_a_mutant_and_its_scenario_replays():
@@ -156,6 +163,8 @@ def test_cli_writes_the_failing_scenarios_and_exits_1(tmp_path):
     assert r.exit_code == 1 and "FAILED invariant" in r.output
     r = runner.invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "3"])
     assert r.exit_code == 0 and "3 scenarios explored" in r.output
+    assert re.search(r"\d+ race windows opened \(by operation and point; the last 1 "
+                     r"scenarios opened \d+ new\)", r.output)
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):

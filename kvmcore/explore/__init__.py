@@ -14,11 +14,11 @@ from .minimize import Minimized, minimize
 from .mutants import MUTANTS, Mutant
 from .scenario import (RaceScenario, RaceScenarioError, builtin_names, dumps, load, parse,
                        read_text)
-from .search import (Failure, Result, choose_vm_type, explore, parse_schedule_id, replay,
-                     schedule_id, supports)
+from .search import (Failure, Result, Window, choose_vm_type, explore, parse_schedule_id,
+                     replay, schedule_id, supports)
 from .swarm import Finding, SwarmResult, swarm
 
 __all__ = ["MUTANTS", "Failure", "Finding", "Minimized", "Mutant", "RaceScenario",
            "RaceScenarioError", "Result", "SwarmResult", "builtin_names", "choose_vm_type",
            "dumps", "explore", "load", "minimize", "parse", "parse_schedule_id", "read_text",
-           "replay", "schedule_id", "supports", "swarm"]
+           "replay", "schedule_id", "supports", "swarm", "Window"]

@@ -80,6 +80,8 @@ class Result:
     pruned: int = 0
     #: dfs: at most this many preemptions per schedule (``exhausted``: every such schedule).
     preemption_bound: int | None = None
+    #: With ``coverage``: the race windows the schedules opened (``Window``), else None.
+    windows: set | None = None
 
     @property
     def schedules_per_second(self) -> float:
@@ -104,7 +106,24 @@ class Result:
                 "distinct_end_states": len(self.end_states), "pruned": self.pruned,
                 "preemption_bound": self.preemption_bound,
                 "failures": [{"kind": f.kind, "schedule": f.id, "message": f.message}
-                             for f in self.failures]}
+                             for f in self.failures],
+                **({} if self.windows is None else
+                   {"windows": [attrs.asdict(w) for w in sorted(self.windows)]})}
+
+
+@attrs.frozen(order=True)
+class Window:
+    """A race window a schedule opened: while flow ``stands`` was paused at its race point
+    ``at`` (started, not ended), flow ``runs`` ran one stretch, from its point ``start`` (its
+    first stretch: ``"start"``) to ``end`` (its last: ``"end"``). The code of that stretch
+    ran inside the window: a fault standing at ``pf_seq_snapshot`` while a conversion runs
+    from ``attr_reserve`` to ``attr_pre_lock_wait`` is the interleaving of the seed threads'
+    first race. Flows are named by their letters (``A``, ``B``, ...)."""
+    stands: str
+    at: str
+    runs: str
+    start: str
+    end: str
 
 
 def schedule_id(schedule: list) -> str:
@@ -140,14 +159,19 @@ class Run:
     #: The present leaves of the state the oracles checked last (``all_leaves``), while it is
     #: the state now: the end state reads them.
     leaves: list | None = None
+    #: With the Explorer's ``coverage``: the windows this run opened (``Window``).
+    windows: set = attrs.field(factory=set)
 
 
 class Explorer:
     """Runs schedules of one race scenario on one backend configuration."""
 
     def __init__(self, scn: RaceScenario, arch, vm_type: str, options: dict | None = None,
-                 trace: bool = False, preemption_bound: int | None = None):
+                 trace: bool = False, preemption_bound: int | None = None,
+                 coverage: bool = False):
         self.scn = scn
+        #: Record the race windows each run opens (``Run.windows``).
+        self.coverage = coverage
         #: At most this many preemptions per schedule (``_run``); None: no bound.
         self.preemption_bound = preemption_bound
         self.arch = arch
@@ -285,7 +309,15 @@ class Explorer:
                                     f"{self.budgets()[choice]} stretches without ending",
                                     list(r.schedule))
                 return r
+            start = flows[choice].point or "start"
             ended = self._step(r, choice)
+            if self.coverage:
+                # A stretch that ended the flow, or failed (the flow stops there), runs to "end".
+                point = flows[choice].point
+                end = point if point is not None and not ended and r.failure is None else "end"
+                for i, f in enumerate(flows):
+                    if i != choice and f.point is not None and not f.done:
+                        r.windows.add(Window(NAMES[i], f.point, NAMES[choice], start, end))
             if step <= checked:
                 if ended:
                     r.oracles.flow_ended(choice, r.outcomes[choice])
@@ -363,7 +395,8 @@ def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict |
             strategy: str = "dfs", max_schedules: int = 100_000, seconds: float | None = None,
             seed: int = 0, depth: int = 3, mutants=(), stop_at_first: bool = True,
             progress=None, workers: int = 1, dask: str | object | None = None,
-            reduce: bool = True, preemption_bound: int | None | str = "scenario") -> Result:
+            reduce: bool = True, preemption_bound: int | None | str = "scenario",
+            coverage: bool = False) -> Result:
     """Explore ``scn`` on backend ``arch``; see the module docstring.
 
     ``workers`` > 1 runs the search in that many local processes, ``dask`` (a scheduler
@@ -379,7 +412,11 @@ def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict |
     (``Explorer._run``); ``"scenario"``: the scenario's ``preemption_bound``; None: every
     schedule. A bounded search keeps no sleep sets: an ordering they prune may stand for
     one that needs more preemptions than the bound allows, and the class would be lost
-    (Coons, Musuvathi and McKinley, OOPSLA 2013)."""
+    (Coons, Musuvathi and McKinley, OOPSLA 2013).
+
+    ``coverage``: ``Result.windows``, the race windows the counted schedules opened
+    (``Window``: which stretch of a flow ran while another stood at which point), the same
+    from any number of workers."""
     vm_type = vm_type or choose_vm_type(scn, arch)
     if strategy not in ("dfs", "pct"):
         raise ValueError(f"strategy={strategy!r}: dfs or pct")
@@ -393,15 +430,16 @@ def explore(scn: RaceScenario, arch, vm_type: str | None = None, options: dict |
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers={workers!r}: a positive number of processes")
     result = Result(scn.name, _arch_name(arch), strategy, tuple(mutants),
-                    preemption_bound=preemption_bound)
+                    preemption_bound=preemption_bound, windows=set() if coverage else None)
     spec = {"scn": scn, "arch": arch, "vm_type": vm_type, "options": dict(options or {}),
             "strategy": strategy, "seed": seed, "depth": depth, "mutants": tuple(mutants),
             "max_schedules": max_schedules, "seconds": seconds,
             "stop_at_first": stop_at_first, "reduce": reduce,
-            "preemption_bound": preemption_bound}
+            "preemption_bound": preemption_bound, "coverage": coverage}
     t0 = time.perf_counter()
     with _mutated(mutants):
-        ex = Explorer(scn, arch, vm_type, options, preemption_bound=preemption_bound)
+        ex = Explorer(scn, arch, vm_type, options, preemption_bound=preemption_bound,
+                      coverage=coverage)
         if workers == 1 and dask is None:
             streams = [_records(ex, spec, None)]
         else:
@@ -432,20 +470,26 @@ def _mutated(mutants):
 
 def _records(ex: Explorer, spec: dict, task):
     """Run the schedules of ``task`` (None: the whole search), as records ``(steps,
-    end state or None, Failure or None)``, stopping where a single-process search would."""
+    end state or None, Failure or None, windows)``, stopping where a single-process search
+    would; ``windows``: with coverage, those the run opened that no earlier run of the task
+    did (the merge counts each record's), else None."""
     deadline = None if spec["seconds"] is None else time.perf_counter() + spec["seconds"]
     if spec["strategy"] == "dfs":
         runs = _dfs(ex, [] if task is None else task, spec["reduce"])
     else:
         lo, hi = (0, None) if task is None else task
         runs = _pct(ex, spec["seed"], spec["depth"], lo, hi)
-    n = 0
+    n, seen = 0, set()
     for r in runs:
         if r.pruned:
             yield "pruned"
             continue
         n += 1
-        yield (len(r.schedule), None if r.failure else ex.end_state(r), r.failure)
+        new = None
+        if ex.coverage:
+            new = r.windows - seen
+            seen |= new
+        yield (len(r.schedule), None if r.failure else ex.end_state(r), r.failure, new)
         if (r.failure is not None and spec["stop_at_first"]) or n >= spec["max_schedules"] \
                 or (deadline is not None and time.perf_counter() > deadline):
             yield None          # stopped before the end of the task
@@ -462,9 +506,11 @@ def _merge(result: Result, streams, spec: dict, progress) -> bool:
             if rec == "pruned":
                 result.pruned += 1
                 continue
-            steps, end_state, failure = rec
+            steps, end_state, failure, windows = rec
             result.schedules += 1
             result.steps += steps
+            if windows:
+                result.windows |= windows
             if progress is not None:
                 progress(result)
             if failure is not None:
@@ -512,7 +558,7 @@ def _run_task(spec: dict, task) -> list:
     """One task in a worker process (or a Dask worker): its records."""
     with _mutated(spec["mutants"]):
         ex = Explorer(spec["scn"], spec["arch"], spec["vm_type"], spec["options"],
-                      preemption_bound=spec["preemption_bound"])
+                      preemption_bound=spec["preemption_bound"], coverage=spec["coverage"])
         return list(_records(ex, spec, task))
 
 

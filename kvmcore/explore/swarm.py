@@ -29,7 +29,7 @@ import time
 import attrs
 
 from ..errors import KvmError
-from .scenario import GPC_OPS, HOST_OPS, THP_OPS, dumps, parse
+from .scenario import GPC_OPS, HOST_OPS, NAMES, THP_OPS, dumps, parse
 from .search import Failure, explore, is_bound
 
 #: Pages a flow may name: a few low ones, so that flows meet on them, and one anywhere.
@@ -75,11 +75,17 @@ class SwarmResult:
     seconds: float = 0.0
     findings: list = attrs.field(factory=list)
     declared: list = attrs.field(factory=list)
+    #: The race windows the scenarios opened (``Window``s with each flow named by its
+    #: operation, so that scenarios share them), and how many each explored scenario added
+    #: first: a long tail of zeros says more scenarios of this kind add little.
+    windows: set = attrs.field(factory=set)
+    new_windows: list = attrs.field(factory=list)
 
     def summary(self) -> dict:
         return {"arch": self.arch, "seed": self.seed, "mutants": list(self.mutants),
                 "scenarios": self.scenarios, "refused": self.refused,
                 "schedules": self.schedules, "seconds": round(self.seconds, 3),
+                "windows": len(self.windows), "new_windows": self.new_windows,
                 "findings": [_finding(f) for f in self.findings],
                 "declared": [_finding(f) for f in self.declared]}
 
@@ -294,13 +300,19 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
         text = generate(rng, vm_type, caps[vm_type], name, preemption_bound)
         search = dict(options=options, strategy=strategy, max_schedules=max_schedules,
                       seed=k, depth=depth)
+        scn = parse(text)
         try:
-            r = explore(parse(text), arch, vm_type, mutants=mutants, **search)
+            r = explore(scn, arch, vm_type, mutants=mutants, coverage=True, **search)
         except KvmError:
             result.refused += 1
         else:
             result.scenarios += 1
             result.schedules += r.schedules
+            ops = {NAMES[i]: flow["op"] for i, flow in enumerate(scn.flows)}
+            new = {attrs.evolve(w, stands=ops[w.stands], runs=ops[w.runs])
+                   for w in r.windows} - result.windows
+            result.windows |= new
+            result.new_windows.append(len(new))
             if r.failures:
                 failure = r.failures[0]
                 why = declared(info.known_divergences, failure)
