@@ -994,10 +994,12 @@ class HostMemory:
         try:
             yield from self._invalidate_start(hva, end - hva)
             # The zap splits a THP across the range's edge (zap_pmd_range ->
-            # __split_huge_pmd) inside this invalidation, with its own; a fault under the
-            # same read lock may have made the THP after this one started.
-            for base, size in self._huge_across_edges(hva, end):
-                yield from self._split_huge_pmd(base, size)
+            # __split_huge_pmd) inside this invalidation, with its own. A fault under the
+            # same read lock may make one after this invalidation started, or while a
+            # split waits: the zap looks at each edge when it gets there, so again after
+            # every split, and zaps once none is left.
+            while across := self._huge_across_edges(hva, end):
+                yield from self._split_huge_pmd(*across[0])
             self._zap_ptes(hva, end)
             yield from self._invalidate_end(hva, end - hva)
         finally:

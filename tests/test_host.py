@@ -751,3 +751,23 @@ def test_a_thp_made_inside_a_dontneed_window_is_split_under_its_own_invalidation
                          ("end", hva, hva + 2 * MiB), ("end", start, end)]
     assert host.lookup_pte(hva)[2] == 4096 and host.lookup_pte(start) is None
     assert host.lookup_pte(end)[2] == 4096 and host.read(hva, 1) == b"x"
+
+
+def test_a_thp_made_while_a_dontneed_splits_the_other_edge_is_split_too(host, rec):
+    """A DONTNEED across two THP ranges splits the THP at its start; while that split
+    waits, a fault makes the THP at its end: the zap splits that one too, with its own
+    invalidation, before any page goes (none is split silently under a KVM 2 MiB leaf)."""
+    hva = host.mmap(4 * MiB, thp=True)
+    host.write(hva, b"x")
+    start, end = hva + 2 * MiB - 4096, hva + 2 * MiB + 4096
+    flow = host.steps.madvise_dontneed(start, end - start)
+    assert next(flow) == "mn_host_window"        # the DONTNEED's own invalidation
+    assert next(flow) == "mn_host_window"        # the split of [hva, hva + 2 MiB)
+    host.write(hva + 3 * MiB, b"y")              # a THP at the range's end
+    assert host.lookup_pte(end)[2] == 2 * MiB
+    flow.run()
+    first, second = (hva, hva + 2 * MiB), (hva + 2 * MiB, hva + 4 * MiB)
+    assert rec.calls == [("start", start, end), ("start", *first), ("end", *first),
+                         ("start", *second), ("end", *second), ("end", start, end)]
+    assert host.lookup_pte(start) is None and host.lookup_pte(end - 4096) is None
+    assert host.lookup_pte(end)[2] == 4096 and host.read(hva + 3 * MiB, 1) == b"y"
