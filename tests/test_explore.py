@@ -597,8 +597,7 @@ def test_coverage_reports_the_race_windows_the_search_opened():
     for the schedules searched. A bound of N opens a subset of what N + 1 opens; here none
     without a preemption, and with one every window of the whole tree (35 schedules of
     105), among them the write run whole while the memslot update that turns logging on
-    stands waiting for its SRCU readers (the window of ``log_dirty_no_flush``); the CLI
-    lists it."""
+    stands waiting for its SRCU readers; the CLI lists it."""
     scn = load("write_vs_log_dirty")
     assert explore(scn, FLAT).windows is None and "windows" not in explore(scn, FLAT).summary()
     whole = explore(scn, FLAT, coverage=True, reduce=False, preemption_bound=None)

@@ -19,6 +19,6 @@ from .search import (Failure, Result, Window, choose_vm_type, explore, parse_sch
 from .swarm import Finding, SwarmResult, swarm
 
 __all__ = ["MUTANTS", "Failure", "Finding", "Minimized", "Mutant", "RaceScenario",
-           "RaceScenarioError", "Result", "SwarmResult", "builtin_names", "choose_vm_type",
-           "dumps", "explore", "load", "minimize", "parse", "parse_schedule_id", "read_text",
-           "replay", "schedule_id", "supports", "swarm", "Window"]
+           "RaceScenarioError", "Result", "SwarmResult", "Window", "builtin_names",
+           "choose_vm_type", "dumps", "explore", "load", "minimize", "parse",
+           "parse_schedule_id", "read_text", "replay", "schedule_id", "supports", "swarm"]

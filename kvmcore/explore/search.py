@@ -117,8 +117,8 @@ class Window:
     ``at`` (started, not ended), flow ``runs`` ran one stretch, from its point ``start`` (its
     first stretch: ``"start"``) to ``end`` (its last: ``"end"``). The code of that stretch
     ran inside the window: a fault standing at ``pf_seq_snapshot`` while a conversion runs
-    from ``attr_reserve`` to ``attr_pre_lock_wait`` is the interleaving of the seed threads'
-    first race. Flows are named by their letters (``A``, ``B``, ...)."""
+    from ``attr_pre_lock_wait`` to ``attr_store_window`` (its zap) is the interleaving of the
+    seed threads' first race. Flows are named by their letters (``A``, ``B``, ...)."""
     stands: str
     at: str
     runs: str

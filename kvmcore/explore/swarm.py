@@ -318,7 +318,7 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
                 why = declared(info.known_divergences, failure)
                 unmutated = None
                 if mutants and why is None:
-                    again = explore(parse(text), arch, vm_type, **search)
+                    again = explore(scn, arch, vm_type, **search)
                     unmutated = again.failures[0] if again.failures else None
                 finding = Finding(k, name, text, vm_type, failure, why, unmutated)
                 (result.declared if why else result.findings).append(finding)
