@@ -1008,7 +1008,8 @@ class HostMemory:
     @steppable
     def migrate(self, hva: int) -> int:
         """Migrate the page (or transparent huge page) at ``hva`` to new frames, as NUMA
-        balancing or compaction would: notifiers fire, contents move. Returns the new frame
+        balancing or compaction would: notifiers fire, contents move, and what maps the old
+        frames when the page-table lock is taken maps the new ones. Returns the new frame
         of ``hva``'s 4 KiB."""
         u64("hva", hva)
         vma = self.find_vma(hva)
@@ -1026,9 +1027,14 @@ class HostMemory:
         yield from self._invalidate_start(base, size)
         new = self._alloc(npages)
         self.copy_frames(old, new, npages)
-        # remove_migration_pte: the new frame with the old entry's bits
-        self._tables[size][base >> (size.bit_length() - 1)] = (
-            new << PAGE_SHIFT | word & (PAGE_SIZE - 1))
+        # Under the page-table lock, as try_to_migrate_one's page_vma_mapped_walk: the
+        # folio moves where it is mapped now. A THP split in the window (an mprotect or
+        # munmap of part of it) left PTEs on its frames: each gets its new frame with its
+        # own bits (remove_migration_pte); a zap in the window left nothing to remap.
+        for at, unit, first in self._mapped_units(base, base + size):
+            if old <= first < old + npages:
+                table, key = self._tables[unit], at >> (unit.bit_length() - 1)
+                table[key] = (new + first - old) << PAGE_SHIFT | table.get(key) & (PAGE_SIZE - 1)
         if self.freed is not None:
             self.freed.update(range(old, old + npages))
         if vma.kind == "shared":

@@ -202,6 +202,28 @@ def test_munmap_and_dontneed_split_a_thp_across_the_edge_with_its_own_invalidati
     assert host.read(page, 1) == b"\0" and host.read(hva, 1) == b"x"
 
 
+def test_a_thp_split_while_it_migrates_gets_the_new_frames_in_its_ptes(host, rec):
+    """A migration of a THP that an mprotect of one page splits inside its notifier window
+    moves the folio where it is mapped when it takes the page-table lock: each PTE the split
+    left gets its new frame, with its own bits; none keeps a frame the migration frees."""
+    hva = host.mmap(2 * MiB, thp=True)
+    host.write(hva, b"x")
+    host.write(hva + MiB, b"y")
+    old = host.lookup_pte(hva)[0]
+    host.freed = set()
+    flow = host.steps.migrate(hva)
+    while next(flow) != "mn_host_window":
+        pass
+    host.mprotect(hva, 0x1000, "r")              # splits the THP with the VMA
+    flow.run()
+    new = flow.result
+    assert new != old and host.lookup_pte(hva) == (new, False, 0x1000)
+    assert host.lookup_pte(hva + MiB) == (new + 256, True, 0x1000)
+    assert all(host.lookup_pte(hva + i * 0x1000)[0] == new + i for i in range(512))
+    assert host.read(hva, 1) == b"x" and host.read(hva + MiB, 1) == b"y"
+    assert old in host.freed and new not in host.freed
+
+
 def test_munmap_splits_vmas(host, rec):
     hva = host.mmap(3 * MiB)
     host.munmap(hva + MiB, MiB)
