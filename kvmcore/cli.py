@@ -541,11 +541,14 @@ def _print_windows(windows, scn) -> None:
 @click.option("--stop-at-first", is_flag=True,
               help="Stop at the first failing scenario (with --mutant: the first that is "
                    "clean without the mutants).")
+@click.option("--guided", is_flag=True,
+              help="Coverage-guided: every other scenario after the first changes one of "
+                   "those that opened race windows no earlier one did.")
 @click.option("--vm-option", "vm_options", multiple=True, metavar="KEY=VALUE",
               help="A VM option of the backend (repeatable), e.g. wp_whole_leaves=True.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def swarm(arch, scenarios, seed, max_schedules, strategy, depth, bound, mutants, out_dir,
-          minimize, stop_at_first, vm_options, as_json) -> None:
+          minimize, stop_at_first, guided, vm_options, as_json) -> None:
     """Explore random race scenarios (swarm testing): each draws its flows from a random
     subset of what the backend offers. Exit code 1 when one fails an oracle; a failure of
     a kind the backend declares as a divergence from Linux's common contract is listed,
@@ -574,7 +577,8 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, bound, mutants,
         with _progress("scenarios", scenarios, as_json) as progress:
             result = run_swarm(arch, scenarios, seed, max_schedules, mutants, options,
                                stop_at_first=stop_at_first, progress=progress,
-                               strategy=strategy, depth=depth, preemption_bound=bound)
+                               strategy=strategy, depth=depth, preemption_bound=bound,
+                               guided=guided)
     except KvmError as e:
         raise UserError(str(e)) from None
     files, smaller = {}, {}
@@ -605,8 +609,9 @@ def swarm(arch, scenarios, seed, max_schedules, strategy, depth, bound, mutants,
         click.echo(f"swarm on {result.arch}{' with ' + ', '.join(mutants) if mutants else ''}"
                    f", seed {seed}: {result.scenarios} scenarios explored"
                    f"{f' ({result.refused} refused at setup)' if result.refused else ''}, "
-                   f"{result.schedules} schedules in {result.seconds:.1f} s, "
-                   f"{len(result.findings)} failing"
+                   f"{result.schedules} schedules in {result.seconds:.1f} s"
+                   f"{f' ({result.mutated} of them changed corpus scenarios)' if guided else ''}"
+                   f", {len(result.findings)} failing"
                    f"{f' ({unmutated} also without the mutants)' if unmutated else ''}")
         tail = result.new_windows[len(result.new_windows) * 3 // 4:]
         click.echo(f"  {len(result.windows)} race windows opened (by operation and point; "

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from kvmcore import fault
 from kvmcore.cli import main
 from kvmcore.explore import parse, replay
-from kvmcore.explore.swarm import generate, swarm, vm_type_caps
+from kvmcore.explore.swarm import generate, mutate, swarm, vm_type_caps
 from kvmcore.testing import FlatBackend
 
 FLAT = "kvmcore.testing:FlatBackend"
@@ -136,6 +136,49 @@ def test_a_bounded_swarm_draws_the_same_scenarios_and_declares_its_bound():
             assert json.loads(r.output)["scenarios"] == 3
         else:
             assert r.exit_code == 2 and "not a non-negative number or none" in r.output
+
+
+def test_mutate_makes_one_change_that_parses():
+    """A corpus scenario with one change: each kind is drawn, the result parses, keeps two
+    or three flows and the rest of the scenario, and says what it came from."""
+    caps = vm_type_caps(FLAT)
+    seen = set()
+    for k in range(200):
+        rng = random.Random(f"5:{k}")
+        vm_type = rng.choice(sorted(caps))
+        text = generate(rng, vm_type, caps[vm_type], f"swarm-5-{k}", 2)
+        again = mutate(random.Random(k), text, caps[vm_type], "child")
+        assert again == mutate(random.Random(k), text, caps[vm_type], "child")
+        change = re.match(r"# swarm-5-\d+ with one change \((\w+)\)\n", again).group(1)
+        seen.add(change)
+        scn, before = parse(again), parse(text)
+        assert scn.name == "child" and 2 <= len(scn.flows) <= 3
+        assert (scn.vm["vm_type"], scn.slots, scn.accesses, scn.preemption_bound) == \
+            (before.vm["vm_type"], before.slots, before.accesses, before.preemption_bound)
+        if change == "swap":
+            assert sorted(map(str, scn.flows)) == sorted(map(str, before.flows))
+        elif change in ("add", "drop"):
+            assert abs(len(scn.flows) - len(before.flows)) == 1
+    assert seen == {"redraw", "page", "swap", "add", "drop"}
+
+
+def test_a_guided_swarm_changes_what_opened_new_windows():
+    """Guided, every other scenario after the first changes one that opened new race
+    windows; the others are the unguided swarm's, and the same seed gives the same run."""
+    plain = swarm(FLAT, scenarios=30, seed=0, max_schedules=50)
+    guided = swarm(FLAT, scenarios=30, seed=0, max_schedules=50, guided=True)
+    assert plain.mutated == 0 and 5 < guided.mutated < 25
+    assert guided.summary() | {"seconds": 0} == \
+        swarm(FLAT, scenarios=30, seed=0, max_schedules=50, guided=True).summary() | \
+        {"seconds": 0}
+    # Scenario 0 is drawn fresh either way (the corpus is empty before it).
+    assert guided.new_windows[0] == plain.new_windows[0]
+    found = swarm(FLAT, scenarios=50, seed=0, mutants=("no_flush_on_zap",),
+                  stop_at_first=True, guided=True)
+    assert found.findings and found.findings[-1].without_mutants is None
+    r = CliRunner().invoke(main, ["swarm", "--arch", FLAT, "--scenarios", "6", "--guided",
+                                  "--max-schedules", "20", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["mutated"] > 0
 
 
 class DeclaringFlat(FlatBackend):

@@ -16,6 +16,13 @@ include ``explore:<oracle kind>[:<text>]`` entries (RISC-V: ``explore:downgrade`
 ``explore:invariant:crosses the end of slot``): a failure they cover (``declared``) is
 listed as declared, not as a finding.
 
+Guided (``guided=True``, ``kvmcore swarm --guided``): the scenarios that opened race windows
+no earlier one did (``Window``, named by operation) make a corpus, and every other scenario
+after the first is one of them with one change (a flow drawn again, moved to another page,
+added, dropped, or two flows swapped), as a coverage-guided fuzzer keeps what reached new
+code (syzkaller's corpus; for interleavings, KRACE's and Snowboard's coverage of what ran
+concurrently). The fresh scenarios are those of the unguided swarm with the same seed.
+
 Every scenario is a TOML text of the race-scenario format (``scenario.py``) with its number
 in its name: ``kvmcore swarm --out DIR`` writes each finding's file, which
 ``kvmcore explore FILE --replay ID`` replays; the same seed gives the same scenarios.
@@ -25,11 +32,12 @@ from __future__ import annotations
 
 import random
 import time
+import tomllib
 
 import attrs
 
 from ..errors import KvmError
-from .scenario import GPC_OPS, HOST_OPS, NAMES, THP_OPS, dumps, parse
+from .scenario import GPC_OPS, HOST_OPS, NAMES, THP_OPS, RaceScenarioError, dumps, parse
 from .search import Failure, explore, is_bound
 
 #: Pages a flow may name: a few low ones, so that flows meet on them, and one anywhere.
@@ -80,12 +88,15 @@ class SwarmResult:
     #: first: a long tail of zeros says more scenarios of this kind add little.
     windows: set = attrs.field(factory=set)
     new_windows: list = attrs.field(factory=list)
+    #: Guided: the scenarios that were a corpus scenario changed (the others are drawn fresh).
+    mutated: int = 0
 
     def summary(self) -> dict:
         return {"arch": self.arch, "seed": self.seed, "mutants": list(self.mutants),
                 "scenarios": self.scenarios, "refused": self.refused,
                 "schedules": self.schedules, "seconds": round(self.seconds, 3),
                 "windows": len(self.windows), "new_windows": self.new_windows,
+                "mutated": self.mutated,
                 "findings": [_finding(f) for f in self.findings],
                 "declared": [_finding(f) for f in self.declared]}
 
@@ -269,10 +280,72 @@ def _flow(rng: random.Random, op: str, pages: dict, hot: list, private: bool) ->
     return flow
 
 
+def _offered(doc: dict, caps: frozenset) -> list[str]:
+    """Every operation ``generate`` could have drawn for the scenario ``doc`` (its slot's
+    kind, its VM's features), for a change to draw from."""
+    slot0 = doc["slot"][0]
+    kind = "thp" if "thp" in slot0 else slot0.get("kind", "anon")
+    items = doc.get("access", []) + doc["flow"]
+    ops = ["read", "write"] + [op for op in ANY_HOST_OPS
+                               if op not in NOT_ON_KIND.get(kind, ())] + list(SLOT_OPS)
+    if "guest_memfd" in slot0:
+        ops.append("punch_hole")
+    if kind == "thp":
+        ops += THP_OPS
+    if any(item["op"] in GPC_OPS for item in items):
+        ops += GPC_OPS
+    if slot0.get("private"):
+        ops.append("set_memory_attributes")
+    if doc["vm"].get("dirty_ring"):
+        ops.append("reset_dirty_rings")
+    elif slot0.get("log_dirty"):
+        ops += ["get_dirty_log", "clear_dirty_log"]
+    if "pre_fault" in caps:
+        ops.append("pre_fault")
+    return ops
+
+
+def mutate(rng: random.Random, text: str, caps: frozenset, name: str) -> str:
+    """``text`` (a swarm scenario) with one change drawn by ``rng``: a flow drawn again (from
+    the operations ``generate`` could have offered it), moved to another page, a flow added
+    (to two) or dropped (from three), or two flows swapped (the letters, so the order the
+    search tries them, change); named ``name``, with a comment saying what changed."""
+    doc = tomllib.loads(text)
+    flows = doc["flow"]
+    pages = {slot["slot"]: slot["pages"] for slot in doc["slot"]}
+    hot = sorted({(item.get("slot", 0), item["page"]) for item in doc.get("access", []) + flows
+                  if "page" in item} or {(0, 0)})
+    private = bool(doc["slot"][0].get("private"))
+    paged = [i for i, flow in enumerate(flows) if "page" in flow]
+    changes = ["redraw", "swap"] + (["page"] if paged else []) + \
+        (["add"] if len(flows) < 3 else ["drop"])
+    change = rng.choice(changes)
+    i = rng.randrange(len(flows))
+    if change == "redraw":
+        flows[i] = _flow(rng, rng.choice(_offered(doc, caps)), pages, hot, private)
+    elif change == "page":
+        flow = flows[rng.choice(paged)]
+        slot = flow.get("slot", 0)
+        # Mostly a low page, where the other flows meet it.
+        flow["page"] = rng.randrange(min(pages[slot], 4) if rng.random() < 0.7
+                                     else pages[slot])
+    elif change == "swap":
+        j = (i + 1 + rng.randrange(len(flows) - 1)) % len(flows)
+        flows[i], flows[j] = flows[j], flows[i]
+    elif change == "add":
+        flows.insert(rng.randrange(len(flows) + 1),
+                     _flow(rng, rng.choice(_offered(doc, caps)), pages, hot, private))
+    else:
+        del flows[i]
+    old = doc["name"]
+    doc["name"] = name
+    return f"# {old} with one change ({change})\n" + dumps(doc)
+
+
 def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
           mutants=(), options: dict | None = None, stop_at_first: bool = False,
           progress=None, strategy: str = "dfs", depth: int = 3,
-          preemption_bound: int | None = 2) -> SwarmResult:
+          preemption_bound: int | None = 2, guided: bool = False) -> SwarmResult:
     """Generate ``scenarios`` random scenarios for ``arch`` (scenario ``k`` from
     ``random.Random(f"{seed}:{k}")``, on a VM type drawn from the backend's) and explore
     each for up to ``max_schedules`` schedules with ``mutants`` on: depth first, or with
@@ -284,7 +357,9 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
     three flows reaches what depth first leaves for ever beyond its budget (docs/races.md).
     With ``mutants``, a failing scenario is explored again without them (``Finding.
     without_mutants``), and ``stop_at_first`` stops at the first that is clean there: the
-    first finding that is the mutants'. ``progress(k)`` is called after each one."""
+    first finding that is the mutants'. ``guided``: every other scenario after the first
+    changes one from the corpus of those that opened new race windows (``mutate``; the
+    module docstring). ``progress(k)`` is called after each one."""
     if not is_bound(preemption_bound):
         raise ValueError(f"preemption_bound={preemption_bound!r}: a non-negative number "
                          "or None")
@@ -292,18 +367,28 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
         preemption_bound = None
     info, caps = _probe(arch, options)
     result = SwarmResult(info.name, seed, tuple(mutants))
+    corpus: list = []           # (text, vm_type, new windows) of the scenarios kept
     t0 = time.perf_counter()
     for k in range(scenarios):
         rng = random.Random(f"{seed}:{k}")
         vm_type = rng.choice(sorted(caps))
         name = f"swarm-{seed}-{k}"
-        text = generate(rng, vm_type, caps[vm_type], name, preemption_bound)
+        text = None
+        if guided and corpus:
+            grng = random.Random(f"{seed}:{k}:guided")
+            if grng.random() < 0.5:
+                base, vm_type, _ = grng.choices(corpus, [n for *_, n in corpus])[0]
+                text = mutate(grng, base, caps[vm_type], name)
+                result.mutated += 1
+        if text is None:
+            text = generate(rng, vm_type, caps[vm_type], name, preemption_bound)
         search = dict(options=options, strategy=strategy, max_schedules=max_schedules,
                       seed=k, depth=depth)
-        scn = parse(text)
         try:
+            scn = parse(text)
             r = explore(scn, arch, vm_type, mutants=mutants, coverage=True, **search)
-        except KvmError:
+        except (KvmError, RaceScenarioError):
+            # Refused at setup, or (a change) by the format: not explored.
             result.refused += 1
         else:
             result.scenarios += 1
@@ -313,6 +398,8 @@ def swarm(arch, scenarios: int = 100, seed: int = 0, max_schedules: int = 300,
                    for w in r.windows} - result.windows
             result.windows |= new
             result.new_windows.append(len(new))
+            if new and guided:
+                corpus.append((text, vm_type, len(new)))
             if r.failures:
                 failure = r.failures[0]
                 why = declared(info.known_divergences, failure)
