@@ -62,6 +62,9 @@ class Failure:
     def id(self) -> str:
         return schedule_id(self.schedule)
 
+    def summary(self) -> dict:
+        return {"kind": self.kind, "schedule": self.id, "message": self.message}
+
 
 @attrs.define
 class Result:
@@ -105,8 +108,7 @@ class Result:
                 "schedules_per_s": round(self.schedules_per_second, 1),
                 "distinct_end_states": len(self.end_states), "pruned": self.pruned,
                 "preemption_bound": self.preemption_bound,
-                "failures": [{"kind": f.kind, "schedule": f.id, "message": f.message}
-                             for f in self.failures],
+                "failures": [f.summary() for f in self.failures],
                 **({} if self.windows is None else
                    {"windows": [attrs.asdict(w) for w in sorted(self.windows)]})}
 
@@ -309,9 +311,9 @@ class Explorer:
                                     f"{self.budgets()[choice]} stretches without ending",
                                     list(r.schedule))
                 return r
-            start = flows[choice].point or "start"
+            start = (flows[choice].point or "start") if self.coverage else None
             ended = self._step(r, choice)
-            if self.coverage:
+            if start is not None:
                 # A stretch that ended the flow, or failed (the flow stops there), runs to "end".
                 point = flows[choice].point
                 end = point if point is not None and not ended and r.failure is None else "end"

@@ -102,13 +102,9 @@ class SwarmResult:
 
 
 def _finding(f: Finding) -> dict:
-    return {"scenario": f.name, "vm_type": f.vm_type, **_failure(f.failure),
+    return {"scenario": f.name, "vm_type": f.vm_type, **f.failure.summary(),
             **({"declared": f.declared} if f.declared else {}),
-            **({"without_mutants": _failure(f.without_mutants)} if f.without_mutants else {})}
-
-
-def _failure(failure: Failure) -> dict:
-    return {"kind": failure.kind, "schedule": failure.id, "message": failure.message}
+            **({"without_mutants": f.without_mutants.summary()} if f.without_mutants else {})}
 
 
 def declared(divergences, failure: Failure) -> str | None:
