@@ -702,10 +702,19 @@ class HostMemory:
         return self._cow_break(vma, hva)
 
     def _cow_break(self, vma: Vma, hva: int):
-        """do_wp_page on the shared zero page: a new frame, inside an invalidation."""
+        """do_wp_page on the shared zero page (wp_page_copy): a new frame, inside an
+        invalidation, installed only if the PTE is still the one the fault found (pte_same
+        under the PTE lock): another write may have broken the same COW, or a DONTNEED
+        zapped the page, while this one waited in invalidate_range_start. Then nothing is
+        installed and the caller's access faults again. The model takes the new frame at the
+        PTE lock; Linux allocates it before the notifier and frees it on a lost race, and no
+        one else sees the frame meanwhile."""
         page = hva & ~(self.page_size - 1)
+        key = page >> self.page_shift
+        orig = self.ptes.get(key)
         yield from self._invalidate_start(page, self.page_size)
-        self._set_pte(page, self._alloc(self.nr_frames), True)
+        if self.ptes.get(key) == orig:
+            self._set_pte(page, self._alloc(self.nr_frames), True)
         yield from self._invalidate_end(page, self.page_size)
 
     def _fault_in(self, vma: Vma, hva: int, write: bool) -> None:

@@ -793,3 +793,25 @@ def test_a_thp_made_while_a_dontneed_splits_the_other_edge_is_split_too(host, re
                          ("start", *second), ("end", *second), ("end", start, end)]
     assert host.lookup_pte(start) is None and host.lookup_pte(end - 4096) is None
     assert host.lookup_pte(end)[2] == 4096 and host.read(hva + 3 * MiB, 1) == b"y"
+
+
+def test_a_cow_break_that_lost_the_race_keeps_the_winners_page(vm, host):
+    """wp_page_copy installs its new page only if the PTE is still the one it faulted on
+    (pte_same under the PTE lock, after invalidate_range_start): two writes that both found
+    the zero page break COW once, and the first one's data stays. Before, the second COW
+    put a fresh page over the first's, and its bytes were lost."""
+    hva = host.mmap(MiB)
+    vm.set_user_memory_region(0, 0, MiB, hva)
+    assert host.read(hva, 1) == b"\0"                        # the zero page
+    first = host.steps.write(hva, b"a")
+    second = host.steps.write(hva + 8, b"b")
+    while first.point != "mn_host_window":
+        next(first)
+    while second.point != "mn_host_window":                # found the zero page too
+        next(second)
+    first.run()
+    pfn = host.lookup_pte(hva)[0]
+    second.run()
+    assert host.lookup_pte(hva)[0] == pfn
+    assert host.read(hva, 9) == b"a" + b"\0" * 7 + b"b"
+    assert not host.mmap_lock.held
