@@ -260,6 +260,9 @@ class HostMemory:
         self._next_pfn = 0x1000
         self.frames: dict[int, bytearray] = {}
         self.poisoned: set[int] = set()        # first frame of each poisoned host page
+        #: First frame of each folio a migration has taken off the LRU (folio_isolate_lru):
+        #: another migration of it fails with EBUSY until the first is done.
+        self.isolated: set[int] = set()
         self.zero_pfn = self._alloc(self.nr_frames)
         self.vmas = SortedKeyList(key=lambda v: v.start)
         #: mm->mmap_lock (taken where Linux takes it, except by the rmap-driven operations,
@@ -292,6 +295,10 @@ class HostMemory:
         #: race explorer's use-after-free oracle): the bump allocator never reuses a frame,
         #: so a frame in here that a leaf or TLB entry still maps is a use after free.
         self.freed: set[int] | None = None
+        #: ``(first frame, frames)`` of every anonymous page allocated, recorded only when a
+        #: checker sets it to a list (the race explorer's leak oracle): an anonymous page that
+        #: no PTE maps and that was not freed is lost to the allocator.
+        self.anon_allocs: list[tuple[int, int]] | None = None
 
     def __repr__(self) -> str:
         return f"HostMemory(page_size={self.page_size}, pmd_size={self.pmd_size:#x})"
@@ -301,6 +308,12 @@ class HostMemory:
     def _alloc(self, npages: int) -> int:
         pfn = (self._next_pfn + npages - 1) & ~(npages - 1)
         self._next_pfn = pfn + npages
+        return pfn
+
+    def _alloc_anon(self, npages: int) -> int:
+        pfn = self._alloc(npages)
+        if self.anon_allocs is not None:
+            self.anon_allocs.append((pfn, npages))
         return pfn
 
     def alloc_frames(self, npages: int) -> int:
@@ -714,7 +727,7 @@ class HostMemory:
         orig = self.ptes.get(key)
         yield from self._invalidate_start(page, self.page_size)
         if self.ptes.get(key) == orig:
-            self._set_pte(page, self._alloc(self.nr_frames), True)
+            self._set_pte(page, self._alloc_anon(self.nr_frames), True)
         yield from self._invalidate_end(page, self.page_size)
 
     def _fault_in(self, vma: Vma, hva: int, write: bool) -> None:
@@ -727,9 +740,9 @@ class HostMemory:
             shift = self.page_shift
             if (vma.thp and block >= vma.start and block + pmd <= vma.end
                     and not self.ptes.keys_in(block >> shift, (block + pmd) >> shift)):
-                self._set_pte(block, self._alloc(pmd >> PAGE_SHIFT), writable, pmd)
+                self._set_pte(block, self._alloc_anon(pmd >> PAGE_SHIFT), writable, pmd)
             elif write:
-                self._set_pte(page, self._alloc(self.nr_frames), True)
+                self._set_pte(page, self._alloc_anon(self.nr_frames), True)
             else:
                 self._set_pte(page, self.zero_pfn, False)
         elif kind == "pfnmap":
@@ -1019,7 +1032,8 @@ class HostMemory:
         """Migrate the page (or transparent huge page) at ``hva`` to new frames, as NUMA
         balancing or compaction would: notifiers fire, contents move, and what maps the old
         frames when the page-table lock is taken maps the new ones. Returns the new frame
-        of ``hva``'s 4 KiB."""
+        of ``hva``'s 4 KiB. The folio is taken off the LRU first (folio_isolate_lru), so a
+        second migration of it meanwhile fails with EBUSY, as move_pages reports it."""
         u64("hva", hva)
         vma = self.find_vma(hva)
         if vma is None:
@@ -1031,24 +1045,37 @@ class HostMemory:
             raise KvmError(errno.ENOENT, f"migrate: no page present at hva={hva:#x}")
         word, size = e
         old = word >> PAGE_SHIFT
+        if old in self.isolated:
+            raise KvmError(errno.EBUSY, f"migrate: the page at hva={hva:#x} is being migrated")
         base = hva & ~(size - 1)
         npages = size >> PAGE_SHIFT
-        yield from self._invalidate_start(base, size)
-        new = self._alloc(npages)
-        self.copy_frames(old, new, npages)
-        # Under the page-table lock, as try_to_migrate_one's page_vma_mapped_walk: the
-        # folio moves where it is mapped now. A THP split in the window (an mprotect or
-        # munmap of part of it) left PTEs on its frames: each gets its new frame with its
-        # own bits (remove_migration_pte); a zap in the window left nothing to remap.
-        for at, unit, first in self._mapped_units(base, base + size):
-            if old <= first < old + npages:
-                table, key = self._tables[unit], at >> (unit.bit_length() - 1)
-                table[key] = (new + first - old) << PAGE_SHIFT | table.get(key) & (PAGE_SIZE - 1)
-        if self.freed is not None:
-            self.freed.update(range(old, old + npages))
-        if vma.kind == "shared":
-            vma.backing.pages[vma.pgoff_of(base)] = new
-        yield from self._invalidate_end(base, size)
+        self.isolated.add(old)
+        try:
+            yield from self._invalidate_start(base, size)
+            new = self._alloc(npages) if vma.kind == "shared" else self._alloc_anon(npages)
+            self.copy_frames(old, new, npages)
+            # Under the page-table lock, as try_to_migrate_one's page_vma_mapped_walk: the
+            # folio moves where it is mapped now. A THP split in the window (an mprotect or
+            # munmap of part of it) left PTEs on its frames: each gets its new frame with its
+            # own bits (remove_migration_pte); a zap in the window left nothing to remap.
+            remapped = False
+            for at, unit, first in self._mapped_units(base, base + size):
+                if old <= first < old + npages:
+                    table, key = self._tables[unit], at >> (unit.bit_length() - 1)
+                    table[key] = (new + first - old) << PAGE_SHIFT | \
+                        table.get(key) & (PAGE_SIZE - 1)
+                    remapped = True
+            if self.freed is not None:
+                self.freed.update(range(old, old + npages))
+                if not remapped and vma.kind == "anon":
+                    # No mapping holds the new anonymous folio: it goes with the
+                    # migration's own reference.
+                    self.freed.update(range(new, new + npages))
+            if vma.kind == "shared":
+                vma.backing.pages[vma.pgoff_of(base)] = new
+            yield from self._invalidate_end(base, size)
+        finally:
+            self.isolated.discard(old)
         return new + ((hva - base) >> PAGE_SHIFT)
 
     def _thp_block(self, hva: int, name: str) -> tuple[int, int]:
@@ -1099,7 +1126,7 @@ class HostMemory:
                         self.ptes[key] = word
                 raise KvmError(errno.EAGAIN, "collapse_huge_page: a page went during the "
                                              "collapse")
-            new = self._alloc(pmd >> PAGE_SHIFT)
+            new = self._alloc_anon(pmd >> PAGE_SHIFT)
             for i, word in enumerate(old):
                 pfn = word >> PAGE_SHIFT
                 if pfn != self.zero_pfn:

@@ -174,6 +174,74 @@ def test_a_pre_fault_waiting_out_an_invalidation_stops_when_its_slot_is_moved():
     assert result.clean and result.exhausted and result.schedules == 527
 
 
+WRITES_ON_THE_ZERO_PAGE = """
+name = "host_write_vs_write_one_cow"
+[[slot]]
+pages = 16
+[[access]]
+op = "read"
+page = 1
+[[flow]]
+op = "host_write"
+page = 1
+[[flow]]
+op = "write"
+page = 1
+"""
+
+
+def test_a_page_lost_by_a_cow_break_is_found(monkeypatch):
+    """The lost-page oracle: a VMM write and a guest write that both find the zero page break
+    COW once. Without wp_page_copy's pte_same check (the model's bug before b53d767), the
+    loser's copy goes over the winner's page, which nobody maps or frees any more."""
+    from kvmcore.host import HostMemory
+
+    scn = parse(WRITES_ON_THE_ZERO_PAGE)
+    assert explore(scn, FLAT).clean
+
+    def cow_break_without_pte_same(self, vma, hva):
+        page = hva & ~(self.page_size - 1)
+        yield from self._invalidate_start(page, self.page_size)
+        self._set_pte(page, self._alloc_anon(self.nr_frames), True)
+        yield from self._invalidate_end(page, self.page_size)
+
+    monkeypatch.setattr(HostMemory, "_cow_break", cow_break_without_pte_same)
+    failure = explore(scn, FLAT).failures[0]
+    assert failure.kind == "lost-page" and "neither mapped by the host nor freed" in \
+        failure.message
+    assert replay(scn, FLAT, failure.id).failure.kind == "lost-page"
+
+
+MIGRATIONS_AND_A_ZAP = """
+name = "migrations_and_a_zap"
+[[slot]]
+pages = 16
+populate = true
+[[flow]]
+op = "migrate"
+page = 3
+[[flow]]
+op = "migrate"
+page = 3
+[[flow]]
+op = "madvise_dontneed"
+page = 3
+"""
+
+
+def test_a_migration_loses_no_page():
+    """Found by the lost-page oracle (x86 swarm, seed 1, scenarios 17 and 184): a second
+    migration of a folio the first had isolated copied it again and mapped its copy nowhere
+    (now EBUSY, folio_isolate_lru), and a migration whose page a DONTNEED or munmap zapped
+    in its window kept the new folio it mapped nowhere (now freed with it)."""
+    scn = parse(MIGRATIONS_AND_A_ZAP)
+    result = explore(scn, FLAT)
+    assert result.clean and result.exhausted
+    run = replay(scn, FLAT, "A1.B1")       # A in its window: B finds the folio isolated
+    assert run.outcomes[1] == ("raised", "KvmError",
+                               "[EBUSY] migrate: the page at hva=0x100003000 is being migrated")
+
+
 def test_a_bounded_search_runs_exactly_the_schedules_within_its_bound():
     """Context bounding: the bounded depth-first search runs every schedule of the unbounded
     one that has at most N preemptions, and no other (three flows, two of them waiting for

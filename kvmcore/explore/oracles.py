@@ -13,6 +13,10 @@
   invalidation (mmu_invalidate_seq or _in_progress moves), a zap, aging, a dirty-log
   write-protect, a memslot update. This is how the arm64 break-before-make race of 2020 shows:
   a vCPU that raced another's fault replaced its valid writable entry by a read-only one.
+- **No lost page**: at the end, every anonymous page the host allocated while the flows ran
+  is mapped by a host PTE or was freed (or poisoned). A host operation that put a page over
+  another without freeing it (a COW break that lost a race installing its copy over the
+  winner's: wp_page_copy's pte_same check) loses what was written there.
 - **Dirty-log completeness**: at the end, every guest write that completed after the last
   dirty-log ioctl (GET, CLEAR, or the memslot update that turned logging on) returned is
   reported by a KVM_GET_DIRTY_LOG or the dirty rings: KVM's contract with live migration.
@@ -43,6 +47,7 @@ class Oracles:
     def __init__(self, world):
         self.world = world
         world.host.freed = set()
+        world.host.anon_allocs = []       # the setup's pages are not the flows' to lose
         #: Completed accesses whose leaf must stay: (gpa, private, writable, as_id, epoch).
         self.used: list = []
         #: Stretches run by flows other than guest accesses: any of them may be the part of
@@ -146,8 +151,28 @@ class Oracles:
         self.used = keep
         return None
 
+    def lost_page(self):
+        """An anonymous page allocated while the flows ran that no host PTE maps and that was
+        not freed (see the module docstring), or None."""
+        host = self.world.host
+        if not host.anon_allocs:
+            return None
+        mapped = {w >> PAGE_SHIFT for table in host._tables.values()
+                  for _key, w in table.items()}
+        gone = host.freed | host.poisoned
+        step = host.nr_frames
+        for pfn, frames in host.anon_allocs:
+            # A THP split since maps its frames one PAGE_SIZE page at a time.
+            if not any(p in mapped or p in gone for p in range(pfn, pfn + frames, step)):
+                return ("lost-page", f"the anonymous page at pfn {pfn:#x} ({frames} frames) "
+                        "is neither mapped by the host nor freed")
+        return None
+
     def at_end(self, run):
-        """Dirty-log completeness (see the module docstring)."""
+        """No lost page, then dirty-log completeness (see the module docstring)."""
+        problem = self.lost_page()
+        if problem:
+            return problem
         world = self.world
         vm = world.vm
         flows = world.scn_flows

@@ -21,8 +21,9 @@ made read-only without an invalidation; a flow raising anything but a guest exit
 host signal is a crash; no runnable flow while some are unfinished is a deadlock; a flow still
 running after ``MAX_FLOW_STEPS`` stretches more than it takes alone, or a vCPU access whose
 fault retried without progress until it gave up (``FaultLivelock``), is a livelock. At the
-end, the invariants again and dirty-log completeness: every guest write that completed after
-the last dirty-log ioctl returned is reported by the next KVM_GET_DIRTY_LOG or dirty ring
+end, the invariants again; no lost page: every anonymous page the host allocated while the
+flows ran is mapped or was freed; and dirty-log completeness: every guest write that completed
+after the last dirty-log ioctl returned is reported by the next KVM_GET_DIRTY_LOG or dirty ring
 harvest.
 """
 
