@@ -296,8 +296,8 @@ class HostMemory:
         #: so a frame in here that a leaf or TLB entry still maps is a use after free.
         self.freed: set[int] | None = None
         #: ``(first frame, frames)`` of every anonymous page allocated, recorded only when a
-        #: checker sets it to a list (the race explorer's leak oracle): an anonymous page that
-        #: no PTE maps and that was not freed is lost to the allocator.
+        #: checker sets it to a list (the race explorer's lost-page oracle): an anonymous
+        #: page that no PTE maps and that was not freed is lost to the allocator.
         self.anon_allocs: list[tuple[int, int]] | None = None
 
     def __repr__(self) -> str:
