@@ -155,17 +155,18 @@ class Oracles:
         """An anonymous page allocated while the flows ran that no host PTE maps and that was
         not freed (see the module docstring), or None."""
         host = self.world.host
-        if not host.anon_allocs:
+        freed, poisoned, step = host.freed, host.poisoned, host.nr_frames
+        # A THP split since maps (or frees) its frames one PAGE_SIZE page at a time.
+        kept = [(pfn, range(pfn, pfn + frames, step)) for pfn, frames in host.anon_allocs
+                if not any(p in freed or p in poisoned for p in range(pfn, pfn + frames, step))]
+        if not kept:
             return None
         mapped = {w >> PAGE_SHIFT for table in host._tables.values()
                   for _key, w in table.items()}
-        gone = host.freed | host.poisoned
-        step = host.nr_frames
-        for pfn, frames in host.anon_allocs:
-            # A THP split since maps its frames one PAGE_SIZE page at a time.
-            if not any(p in mapped or p in gone for p in range(pfn, pfn + frames, step)):
-                return ("lost-page", f"the anonymous page at pfn {pfn:#x} ({frames} frames) "
-                        "is neither mapped by the host nor freed")
+        for pfn, pages in kept:
+            if mapped.isdisjoint(pages):
+                return ("lost-page", f"the anonymous page at pfn {pfn:#x} ({len(pages)} "
+                        "pages) is neither mapped by the host nor freed")
         return None
 
     def at_end(self, run):
