@@ -568,6 +568,11 @@ class HostMemory:
                         bool(w & _PTE_WRITE), size)
         return None
 
+    def mapped_pfns(self) -> set[int]:
+        """The first frame of every entry of the host page table (what some PTE, PMD or PUD
+        maps), for a checker: Linux would ask each folio's rmap."""
+        return {w >> PAGE_SHIFT for table in self._tables.values() for _key, w in table.items()}
+
     def host_mapping_size(self, hva: int) -> int:
         """host_pfn_mapping_level / get_user_mapping_size: the size of the host mapping."""
         e = self.lookup_pte(hva)

@@ -157,16 +157,16 @@ class Oracles:
         host = self.world.host
         freed, poisoned, step = host.freed, host.poisoned, host.nr_frames
         # A THP split since maps (or frees) its frames one PAGE_SIZE page at a time.
-        kept = [(pfn, range(pfn, pfn + frames, step)) for pfn, frames in host.anon_allocs
-                if not any(p in freed or p in poisoned for p in range(pfn, pfn + frames, step))]
+        kept = [pages for pages in (range(pfn, pfn + frames, step)
+                                    for pfn, frames in host.anon_allocs)
+                if not any(p in freed or p in poisoned for p in pages)]
         if not kept:
             return None
-        mapped = {w >> PAGE_SHIFT for table in host._tables.values()
-                  for _key, w in table.items()}
-        for pfn, pages in kept:
+        mapped = host.mapped_pfns()
+        for pages in kept:
             if mapped.isdisjoint(pages):
-                return ("lost-page", f"the anonymous page at pfn {pfn:#x} ({len(pages)} "
-                        "pages) is neither mapped by the host nor freed")
+                return ("lost-page", f"the anonymous page at pfn {pages.start:#x} "
+                        f"({len(pages)} pages) is neither mapped by the host nor freed")
         return None
 
     def at_end(self, run):

@@ -168,25 +168,10 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str,
         alias = rng.random() < 0.6
         pages[1] = rng.choice([n for n in (4, 16, pages[0]) if n <= pages[0]]) if alias \
             else 16
-    # The operations this scenario may draw from: a random half of what the VM offers.
-    offered = [op for op in ANY_HOST_OPS if op not in NOT_ON_KIND.get(kind, ())] + \
-        list(SLOT_OPS)
-    if gmem:
-        offered += ["punch_hole"]
-    if kind == "thp":
-        offered += THP_OPS
     # KVM's own mapping of a page (a gfn_to_pfn_cache), where the arch has one.
     gpc = "pfncache" in caps and not gmem and kind != "pfnmap" and rng.random() < 0.3
-    if gpc:
-        offered += GPC_OPS
-    if private:
-        offered += ["set_memory_attributes"]
-    if ring:
-        offered += ["reset_dirty_rings"]
-    elif logging:
-        offered += ["get_dirty_log", "clear_dirty_log"]
-    if "pre_fault" in caps:
-        offered += ["pre_fault"]
+    # The operations this scenario may draw from: a random half of what the VM offers.
+    offered = _ops_offered(kind, gmem, gpc, private, ring, logging, caps)
     offered = rng.sample(offered, max(1, len(offered) // 2))
     ops = ["read", "write"] * 2 + offered
     hot = [(0, rng.randrange(min(pages[0], 4))) for _ in range(HOT_PAGES - 1)] + \
@@ -276,29 +261,37 @@ def _flow(rng: random.Random, op: str, pages: dict, hot: list, private: bool) ->
     return flow
 
 
-def _offered(doc: dict, caps: frozenset) -> list[str]:
-    """Every operation ``generate`` could have drawn for the scenario ``doc`` (its slot's
-    kind, its VM's features), for a change to draw from."""
-    slot0 = doc["slot"][0]
-    kind = "thp" if "thp" in slot0 else slot0.get("kind", "anon")
-    items = doc.get("access", []) + doc["flow"]
-    ops = ["read", "write"] + [op for op in ANY_HOST_OPS
-                               if op not in NOT_ON_KIND.get(kind, ())] + list(SLOT_OPS)
-    if "guest_memfd" in slot0:
+def _ops_offered(kind: str, gmem: bool, gpc: bool, private: bool, ring: bool, logging: bool,
+                 caps: frozenset) -> list[str]:
+    """The operations besides guest accesses that a scenario on a slot of ``kind`` offers
+    (guest_memfd, a pfn cache, private memory, a dirty ring or a dirty log as drawn)."""
+    ops = [op for op in ANY_HOST_OPS if op not in NOT_ON_KIND.get(kind, ())] + list(SLOT_OPS)
+    if gmem:
         ops.append("punch_hole")
     if kind == "thp":
         ops += THP_OPS
-    if any(item["op"] in GPC_OPS for item in items):
+    if gpc:
         ops += GPC_OPS
-    if slot0.get("private"):
+    if private:
         ops.append("set_memory_attributes")
-    if doc["vm"].get("dirty_ring"):
+    if ring:
         ops.append("reset_dirty_rings")
-    elif slot0.get("log_dirty"):
+    elif logging:
         ops += ["get_dirty_log", "clear_dirty_log"]
     if "pre_fault" in caps:
         ops.append("pre_fault")
     return ops
+
+
+def _offered(doc: dict, caps: frozenset) -> list[str]:
+    """Every operation ``generate`` could have drawn for the scenario ``doc``, read from what
+    it drew (its slot's kind, its VM's features), for a change to draw from."""
+    slot0 = doc["slot"][0]
+    kind = "thp" if "thp" in slot0 else slot0.get("kind", "anon")
+    gpc = any(item["op"] in GPC_OPS for item in doc.get("access", []) + doc["flow"])
+    return ["read", "write"] + _ops_offered(
+        kind, "guest_memfd" in slot0, gpc, bool(slot0.get("private")),
+        bool(doc["vm"].get("dirty_ring")), bool(slot0.get("log_dirty")), caps)
 
 
 def mutate(rng: random.Random, text: str, caps: frozenset, name: str) -> str:
