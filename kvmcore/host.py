@@ -568,6 +568,32 @@ class HostMemory:
                         bool(w & _PTE_WRITE), size)
         return None
 
+    def peek(self, hva: int, n: int) -> bytes | None:
+        """The ``n`` bytes (within one 4 KiB frame) a VMM read at ``hva`` would see now, for a
+        checker: read without faulting anything in (the mapped frame's; else what a fault
+        would map: zeros for anonymous memory or a file page not allocated yet, the file's
+        page, the device's frame). None where no VMA is."""
+        off = hva & (PAGE_SIZE - 1)
+        pte = self.lookup_pte(hva)
+        if pte is not None:
+            return self.read_frame(pte[0], off, n)
+        vma = self.find_vma(hva)
+        if vma is None:
+            return None
+        if vma.kind == "anon":
+            return bytes(n)
+        if vma.kind == "pfnmap":
+            return self.read_frame(vma.pfnmap_pfn(hva), off, n)
+        index = vma.pgoff_of(hva)
+        if vma.kind == "gmem":
+            found = vma.backing.folio_of(index)
+        else:
+            first = vma.pgoff_of(hva & ~(vma.page_size - 1))
+            pfn = vma.backing.pages.get(first)
+            found = None if pfn is None else (first, pfn)
+        return bytes(n) if found is None else self.read_frame(found[1] + index - found[0],
+                                                              off, n)
+
     def mapped_pfns(self) -> set[int]:
         """The first frame of every entry of the host page table (what some PTE, PMD or PUD
         maps), for a checker: Linux would ask each folio's rmap."""

@@ -17,6 +17,16 @@
   is mapped by a host PTE or was freed (or poisoned). A host operation that put a page over
   another without freeing it (a COW break that lost a race installing its copy over the
   winner's: wp_page_copy's pte_same check) loses what was written there.
+- **No lost write**: at the end, the bytes of every store that completed (a vCPU's write, the
+  VMM's, a pfn cache's; each flow stores at bytes of its own, see ``scenario.py``) are where
+  it stored them: in the page the host maps at its hva now (or would map: a file's page,
+  guest_memfd's folio), or, for a private write, in guest_memfd's folio. A page copied
+  (migration, a THP collapse, a COW break) must carry what was written before it was
+  unmapped, and a write that went to the old frame through a stale translation afterwards
+  is lost. Not checked: a store on a page that a flow may discard (MADV_DONTNEED, munmap, a
+  punched hole) or, for a private write, convert (a conversion may take the page's
+  contents: TDX clears a removed private page); a store another completed store overlaps
+  in part. Where stores overlap whole, the end must hold one of them.
 - **Dirty-log completeness**: at the end, every guest write that completed after the last
   dirty-log ioctl (GET, CLEAR, or the memslot update that turned logging on) returned is
   reported by a KVM_GET_DIRTY_LOG or the dirty rings: KVM's contract with live migration.
@@ -30,7 +40,7 @@ Each check returns None or ``(kind, message)``.
 from __future__ import annotations
 
 from ..invariants import all_leaves
-from ..uapi import GUEST_MEMFD_FLAG_INIT_SHARED, KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT
+from ..uapi import GUEST_MEMFD_FLAG_INIT_SHARED, KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE
 
 #: Statistics that count something allowed to take a leaf away or write-protect it:
 #: ``fault_block_unmapped``, a backend's fault that replaced a valid block by an empty table
@@ -55,6 +65,9 @@ class Oracles:
         #: before the ioctl counts itself).
         self.other_steps = 0
         self._access = [f["op"] in ("read", "write") for f in world.scn_flows]
+        #: Completed stores: (flow, where, data); ``where`` is ("hva", hva) or ("gmem",
+        #: inode, byte offset in the file).
+        self.stores: list = []
 
     def epoch(self) -> tuple:
         vm = self.world.vm
@@ -67,6 +80,11 @@ class Oracles:
         """Flow ``i`` has just ended with ``outcome``. ``leaves``: the present leaves per
         address space now, if the caller has them (else each leaf is looked up)."""
         f = self.world.scn_flows[i]
+        if f["op"] in ("host_write", "gpc_write") and outcome[0] == "ok":
+            world = self.world
+            hva = (world._hva(f) + f["offset"] if f["op"] == "host_write"
+                   else world.gpcs[f.get("gpc", 0)].uhva)
+            self.stores.append((i, ("hva", hva), world.data(f)))
         if f["op"] in ("read", "write") and outcome[0] == "ok":
             # The leaf the access used: of its intent, or of the gfn's attribute where the
             # VM type takes privateness from the attributes (sw_protected, arm64).
@@ -78,7 +96,22 @@ class Oracles:
                      else _leaf_at(leaves[as_id], gpa >> PAGE_SHIFT, private))
                 if m is not None:
                     self.used.append((gpa, private, m.writable, as_id, self.epoch()))
+                    if f["op"] == "write":
+                        self._stored(i, f, private, as_id)
                     break
+
+    def _stored(self, i: int, f: dict, private: bool, as_id: int) -> None:
+        """Record where vCPU write ``i`` stored, by the slot and privateness its leaf has."""
+        gpa = f["gpa"]
+        slot = self.world.vm.leaf_memslot(gpa >> PAGE_SHIFT, as_id)
+        if slot is None:
+            return
+        if private:
+            where = ("gmem", slot.gmem_file.inode,
+                     (slot.gmem_index(gpa >> PAGE_SHIFT) << PAGE_SHIFT) + gpa % PAGE_SIZE)
+        else:
+            where = ("hva", slot.gfn_to_hva(gpa >> PAGE_SHIFT) + gpa % PAGE_SIZE)
+        self.stores.append((i, where, self.world.data(f)))
 
     def use_after_free(self, leaves: list | None = None):
         """Use after free, and a shared leaf that reaches a private guest_memfd page (one
@@ -169,9 +202,72 @@ class Oracles:
                         f"({len(pages)} pages) is neither mapped by the host nor freed")
         return None
 
+    def lost_write(self):
+        """A completed store whose bytes are not where it stored them at the end (see the
+        module docstring), or None."""
+        if not self.stores:
+            return None
+        discards = self._discards()
+        for i, where, data in self.stores:
+            end = where[-1] + len(data)
+            if any(d[:-2] == where[:-1] and d[-2] < end and where[-1] < d[-1]
+                   for d in discards):
+                continue
+            others = [(w, d) for j, w, d in self.stores if j != i and w[:-1] == where[:-1]
+                      and w[-1] < end and where[-1] < w[-1] + len(d)]
+            if any(w != where or len(d) != len(data) for w, d in others):
+                continue                        # overlapped in part: no single answer
+            now = self._peek(where, len(data))
+            if now is None or now == data or now in {d for _w, d in others}:
+                continue
+            name = self.world.flows[i].name
+            at = (f"hva {where[1]:#x}" if where[0] == "hva"
+                  else f"byte {where[2]:#x} of its guest_memfd")
+            return ("lost-write", f"{name} stored {data!r} at {at} and completed, but "
+                    f"{now!r} is there at the end")
+        return None
+
+    def _peek(self, where: tuple, n: int) -> bytes | None:
+        host = self.world.host
+        if where[0] == "hva":
+            return host.peek(where[1], n)
+        inode, pos = where[1], where[2]
+        found = inode.folio_of(pos >> PAGE_SHIFT)
+        if found is None:
+            return bytes(n)
+        base, pfn = found
+        return host.read_frame(pfn + (pos >> PAGE_SHIFT) - base, pos % PAGE_SIZE, n)
+
+    def _discards(self) -> list:
+        """The ranges of memory a flow of the scenario may discard, as ``(*where without its
+        offset, start, end)``: the hvas of a MADV_DONTNEED or munmap, a punched hole's bytes
+        of guest_memfd (and of its mmap), and the private memory of a conversion's gpas."""
+        world = self.world
+        out = []
+        for f in world.scn_flows:
+            op = f["op"]
+            if op in ("madvise_dontneed", "munmap") or (
+                    op == "punch_hole" and world.slots[f.get("slot", 0)]["gmem_mmap"]):
+                hva = world._hva(f)
+                out.append(("hva", hva, hva + f.get("pages", 1) * world.page))
+            if op == "punch_hole":
+                start = f.get("page", 0) * world.page
+                out.append(("gmem", world.gmems[f.get("slot", 0)].inode, start,
+                            start + f.get("pages", 1) * world.page))
+            if op == "set_memory_attributes":
+                for s in world.slots.values():
+                    gmem = world.gmems[s["slot"]]
+                    lo = max(f["gpa"], s["gpa"])
+                    hi = min(f["gpa"] + f.get("size", world.page),
+                             s["gpa"] + s["pages"] * world.page)
+                    if gmem is not None and lo < hi:
+                        out.append(("gmem", gmem.inode, lo - s["gpa"], hi - s["gpa"]))
+        return out
+
     def at_end(self, run):
-        """No lost page, then dirty-log completeness (see the module docstring)."""
-        problem = self.lost_page()
+        """No lost page, no lost write, then dirty-log completeness (see the module
+        docstring)."""
+        problem = self.lost_page() or self.lost_write()
         if problem:
             return problem
         world = self.world

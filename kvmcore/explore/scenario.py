@@ -27,7 +27,7 @@ op = "write"
 page = 5                    # page 5 of slot 0 (``slot = N`` for another); or ``gpa = 0x5000``
 private = true
 [[flow]]                    # the flows to interleave, named A, B, C, ... in order
-op = "read"                 # read / write (vcpu = N, page or gpa, private, data)
+op = "read"                 # read / write (vcpu = N, page or gpa, private, data, offset)
 page = 5
 private = true
 [[flow]]
@@ -38,6 +38,13 @@ attributes = 0
 
 Pages are the VM's base pages, so one scenario means the same layout at every page size; a
 ``gpa`` or ``size`` is in bytes as given.
+
+A store of a flow (``write``, ``host_write``) named by ``page`` goes at byte ``offset`` of it,
+by default 8 times the flow's number (A at 8, B at 16, ...), and a setup write at byte 0, so
+that each store has bytes of its own for the lost-write oracle to look for at the end; a
+``gpa`` names the byte itself. A ``read`` returns ``n`` bytes, by default 40 (the setup's and
+every flow's); ``data`` is the ASCII text a store writes (default ``WWWWWWWW``, ``HOST``, or
+``GGGGGGGG`` for a pfn cache's, which writes at the byte its activation named).
 
 Flow ops: ``read``, ``write`` (a vCPU's access: ``vcpu`` defaults to the flow's index),
 ``set_memory_attributes``, ``punch_hole`` (``slot``, ``page``), ``delete_slot`` / ``move_slot``
@@ -107,6 +114,12 @@ VM_KEYS = {"arch": str, "vm_type": str, "requires": list, "manual_protect": bool
 KIND_NAMES = {str: "a string", list: "a list of capability names", bool: "true or false"}
 #: The flow keys that are not numbers.
 FLOW_KEY_KINDS = {"private": bool, "data": str, "prot": str}
+#: What a read flow returns by default: the setup's store and every flow's (see ``offset``).
+READ_BYTES = 8 * (len(NAMES) + 1)
+#: What a store writes unless its flow says (``data``).
+DEFAULT_DATA = {"write": "W" * 8, "host_write": "HOST", "gpc_write": "G" * 8}
+#: The page every store's offset fits in: the smallest PAGE_SIZE.
+MIN_PAGE = 4096
 
 
 class RaceScenarioError(ValueError):
@@ -292,6 +305,17 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
                                         "with guest_memfd = true")
             if item["op"] in GPA_OPS and "page" not in item:
                 item.setdefault("gpa", 0)
+            if kind == "flow" and item["op"] in DEFAULT_DATA:
+                data = item.get("data", DEFAULT_DATA[item["op"]])
+                if not data or not data.isascii():
+                    raise RaceScenarioError(f"{path}: flow {i}: key 'data': {data!r} is not "
+                                            "a non-empty ASCII text")
+            if kind == "flow" and item["op"] in ("write", "host_write") and "gpa" not in item:
+                offset = item.setdefault("offset", 8 * i)
+                if not 0 <= offset <= MIN_PAGE - len(data):
+                    raise RaceScenarioError(f"{path}: flow {i}: key 'offset': {offset} does "
+                                            f"not leave the {len(data)} bytes of its store "
+                                            f"in a {MIN_PAGE}-byte page")
     if any(item["op"] in GPC_OPS for item in accesses + flows):
         vm["requires"] = sorted({*vm.get("requires", ()), "pfncache"})
     if any(item["op"] in VCPU_OPS for item in flows):
@@ -368,7 +392,8 @@ class World:
         if f["op"] not in GPA_OPS or "page" not in f:
             return f
         f = dict(f)
-        f["gpa"] = self.slots[f.get("slot", 0)]["gpa"] + f.pop("page") * self.page
+        f["gpa"] = self.slots[f.get("slot", 0)]["gpa"] + f.pop("page") * self.page + \
+            f.pop("offset", 0)
         if f["op"] in SIZED_OPS and "size" not in f:
             f["size"] = f.pop("pages", 1) * self.page
         return f
@@ -416,6 +441,11 @@ class World:
         except (VcpuExit, KvmError):
             pass
 
+    @staticmethod
+    def data(f: dict) -> bytes:
+        """What store flow ``f`` writes."""
+        return f.get("data", DEFAULT_DATA[f["op"]]).encode()
+
     def _hva(self, f):
         return self.hvas[f.get("slot", 0)] + f.get("page", 0) * self.page
 
@@ -425,15 +455,14 @@ class World:
             vcpu = self.vcpus[f.get("vcpu", i)]
             private = f.get("private", False)
             if op == "write":
-                return vcpu.steps.write(f["gpa"], bytes(f.get("data", "W" * 8), "latin-1"),
-                                        private=private)
-            return vcpu.steps.read(f["gpa"], f.get("n", 8), private=private)
+                return vcpu.steps.write(f["gpa"], self.data(f), private=private)
+            return vcpu.steps.read(f["gpa"], f.get("n", READ_BYTES), private=private)
         if op in GPC_OPS:
             gpc = self.gpcs[f.get("gpc", 0)]
             if op == "gpc_activate":
                 return gpc.steps.activate(f["gpa"], f.get("n", 8))
             if op == "gpc_write":
-                return gpc.steps.write(bytes(f.get("data", "G" * 8), "latin-1"))
+                return gpc.steps.write(self.data(f))
             return gpc.steps.read(f.get("n", 8))
         if op == "pre_fault":
             return self.vcpus[f.get("vcpu", i)].steps.pre_fault_memory(
@@ -468,7 +497,7 @@ class World:
         if op == "migrate":
             return host.steps.migrate(hva)
         if op == "host_write":
-            return host.steps.write(hva, b"HOST")
+            return host.steps.write(hva + f["offset"], self.data(f))
         if op == "age":
             return host.steps.age(hva, f.get("pages", 1) * self.page)
         if op in THP_OPS:

@@ -13,8 +13,9 @@ handling for dirty logging", 2026), ``eager_page_split`` (mmu.c's module paramet
 Support enabling dirty log gradually in small chunks", 6.19), ``wp_whole_leaves``
 (a216e24fc947 "RISC-V: KVM: Fix lost write protection on huge pages during dirty logging",
 2026), ``unmap_aligned_steps`` (the
-unmap walk aligns up past an empty entry, as the newest gstage.c is said to [unverified]:
-the change is not identified, and a later text read in session 12 still steps unaligned).
+unmap walk aligns up past an empty entry, as mainline's gstage.c does in a tree that has
+6ad36f39a769 and a216e24fc947 (torvalds/linux 1b5ea65ffde7, read); the commit that changed it
+is not identified: a text read earlier, with a216e24fc947, still stepped unaligned).
 
 What the core does for it: the walks (``kvmcore.radix``: write-protect, split, leaves,
 invariants), the hugetlb size policy (``radix.mapping_size``) and dirty logging by write
@@ -154,8 +155,8 @@ class RiscvGstageBackend(RadixBackend):
                                      "splits the slot's blocks"),
         "dirty_log_initially_set": VmOption(False, (False, True), "6.19: "
                                             "KVM_DIRTY_LOG_INITIALLY_SET"),
-        "unmap_aligned_steps": VmOption(False, (False, True), "[unverified] newest: the "
-                                        "unmap walk aligns up past an empty entry"),
+        "unmap_aligned_steps": VmOption(False, (False, True), "newest: the unmap walk "
+                                        "aligns up past an empty entry"),
         "wp_whole_leaves": VmOption(False, (False, True), "2026: the write-protect walk "
                                     "protects a leaf it reaches inside whole"),
     }
@@ -433,8 +434,8 @@ class RiscvGstageBackend(RadixBackend):
         a range starting inside an empty 2 MiB or 1 GiB region reaches the next region at
         the same offset and never looks at the leaves before it, which stay mapped over
         pages the host may free (a use after free the core's invariants report). The VM
-        option ``unmap_aligned_steps`` aligns up there (ALIGN(addr + 1, page_size)), as the
-        newest kernel is said to [unverified: docs/arch/riscv_gstage.md §5]. Returns the
+        option ``unmap_aligned_steps`` aligns up there (ALIGN(addr + 1, page_size)), as
+        mainline does now (docs/arch/riscv_gstage.md §5). Returns the
         next ``addr`` and whether the step met a leaf."""
         level, table, idx, pte = t.lookup(addr)
         size = t.size[level]
