@@ -78,6 +78,40 @@ def test_dontneed_anon_loses_data_shared_keeps_it(host):
     assert host.read(shared, 4) == b"keep"
 
 
+def test_peek_reads_what_a_read_would_see_without_faulting(host):
+    """HostMemory.peek, the lost-write oracle's reader: the mapped frame's bytes, else what a
+    fault would map (zeros for anonymous memory, the file's page, the device's frame), and
+    nothing is faulted in; None where no VMA is."""
+    anon, shared = host.mmap(MiB), host.mmap(MiB, kind="shared")
+    inside_huge = host.mmap(4 * MiB, kind="hugetlb_2m") + MiB + 0x3010
+    for hva in (anon, shared, inside_huge):
+        host.write(hva, b"keep")
+        assert host.peek(hva, 4) == b"keep"
+    for hva in (anon, shared):
+        host.madvise_dontneed(hva, 4096)
+    assert host.lookup_pte(anon) is None and host.peek(anon, 4) == bytes(4)
+    assert host.lookup_pte(shared) is None and host.peek(shared, 4) == b"keep"
+    assert host.peek(shared + 0x1000, 4) == bytes(4) and host.lookup_pte(shared + 0x1000) is None
+    host.munmap(inside_huge & ~(2 * MiB - 1), 2 * MiB)
+    assert host.peek(inside_huge, 4) is None
+    dev = host.mmap(MiB, kind="pfnmap", pfn=0x80000)
+    host.write_frame(0x80002, 8, b"bar0")
+    assert host.peek(dev + 0x2008, 4) == b"bar0" and host.lookup_pte(dev + 0x2008) is None
+
+
+def test_peek_reads_a_guest_memfd_mapping_from_its_folio():
+    from kvmcore.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
+    from kvmcore.vm import VM
+
+    vm = VM(arch="kvmcore.testing:FlatBackend")
+    gmem = vm.create_guest_memfd(MiB, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    hva = gmem.mmap()
+    assert vm.host.peek(hva + 0x5008, 4) == bytes(4) and not gmem.inode.folios
+    vm.host.write(hva + 0x5008, b"gmem")
+    vm.host.madvise_dontneed(hva, MiB)                # the folio stays in the file
+    assert vm.host.lookup_pte(hva + 0x5008) is None and vm.host.peek(hva + 0x5008, 4) == b"gmem"
+
+
 def test_thp_split_and_collapse(host, rec):
     hva = host.mmap(4 * MiB, thp=True)
     host.write(hva + 0x1000, b"huge")
