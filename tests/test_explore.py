@@ -3,6 +3,7 @@ backends where the core's mechanism is the only defence), shrinking and replay, 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from kvmcore.cli import main
 from kvmcore.errors import KvmError
 from kvmcore.explore.oracles import Oracles
-from kvmcore.explore.scenario import World
+from kvmcore.explore.scenario import World, read_text
 from kvmcore.explore import (MUTANTS, builtin_names, choose_vm_type, explore, load, parse,
                              parse_schedule_id, replay, schedule_id, supports)
 from kvmcore.explore import Window
@@ -303,6 +304,32 @@ def test_a_store_on_a_page_a_flow_discards_is_not_claimed():
     oracles.world.host.write_frame(oracles.world.host.lookup_pte(
         run.world.hvas[0] + 5 * 4096)[0], 24, b"gone")
     assert oracles.lost_write()[0] == "lost-write"
+
+
+def test_a_flow_that_ends_as_its_scenario_does_not_expect_fails_the_schedule():
+    """``expect`` lists the outcomes a flow may end with in any schedule: the built-in
+    pre-fault racing its slot's deletion ends with ok, EAGAIN or ENOENT; a copy that expects
+    only ok or EAGAIN fails where the deletion ran first, with the outcome named."""
+    from kvmcore.explore.scenario import outcome_name
+    from kvmcore.exits import MemoryFaultExit
+    from kvmcore.host import SigBus
+
+    scn = load("pre_fault_vs_slot_delete")
+    assert scn.flows[0]["expect"] == ["ok", "EAGAIN", "ENOENT"]
+    assert explore(scn, FLAT).clean
+    text = read_text("pre_fault_vs_slot_delete")[0].replace('"EAGAIN", "ENOENT"', '"EAGAIN"')
+    failure = explore(parse(text), FLAT).failures[0]
+    assert failure.kind == "unexpected" and failure.message == (
+        "A:vcpu0.pre_fault_memory ended with ENOENT ([ENOENT] gpa=0x0 is not covered by a "
+        "memslot); the scenario expects ok or EAGAIN")
+    assert replay(parse(text), FLAT, failure.id).failure.kind == "unexpected"
+    assert [outcome_name(e) for e in (None, KvmError(errno.EAGAIN, "x"),
+                                      MemoryFaultExit(0, 0, 4096), SigBus("x"))] == \
+        ["ok", "EAGAIN", "memory_fault", "sigbus"]
+    for bad in ('"ok"', '[]', '["ok", "EWHAT"]', '[1]'):
+        with pytest.raises(ValueError, match="flow 1: key 'expect': .* is not a list of "
+                                             "outcomes: ok, an errno name"):
+            parse(f"[[slot]]\n[[flow]]\nop = 'read'\nexpect = {bad}\n")
 
 
 def test_a_store_offset_must_leave_its_bytes_in_the_page():

@@ -46,6 +46,11 @@ that each store has bytes of its own for the lost-write oracle to look for at th
 every flow's); ``data`` is the ASCII text a store writes (default ``WWWWWWWW``, ``HOST``, or
 ``GGGGGGGG`` for a pfn cache's, which writes at the byte its activation named).
 
+A flow may list the outcomes it may end with in any schedule: ``expect = ["ok", "EAGAIN"]``
+(``ok``, the errno name of a failed call, a guest access's exit as ``kvmcore run`` names it:
+``mmio``, ``memory_fault``, ``hwpoison``, ``dirty_ring_full``, ``guest_abort``, or a host
+signal: ``sigbus``, ``sigsegv``); a schedule where it ends otherwise fails (``unexpected``).
+
 Flow ops: ``read``, ``write`` (a vCPU's access: ``vcpu`` defaults to the flow's index),
 ``set_memory_attributes``, ``punch_hole`` (``slot``, ``page``), ``delete_slot`` / ``move_slot``
 (``slot``; ``gpa`` for a move), ``log_dirty`` (``slot``: turn dirty logging on),
@@ -72,6 +77,7 @@ within its bound.
 
 from __future__ import annotations
 
+import errno
 import json
 import tomllib
 from importlib import resources
@@ -79,7 +85,7 @@ from pathlib import Path
 
 import attrs
 
-from ..errors import KvmError
+from ..errors import EHWPOISON, KvmError
 from ..uapi import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -120,6 +126,34 @@ READ_BYTES = 8 * (len(NAMES) + 1)
 DEFAULT_DATA = {"write": "W" * 8, "host_write": "HOST", "gpc_write": "G" * 8}
 #: The page every store's offset fits in: the smallest PAGE_SIZE.
 MIN_PAGE = 4096
+
+
+#: How a flow's ``expect`` names the way it ended, by exception: a guest access's exits (as
+#: ``kvmcore run`` names them) and the host's signals; a failed call is its errno's name.
+EXIT_NAMES = {"MmioExit": "mmio", "MemoryFaultExit": "memory_fault",
+              "HwPoisonSignal": "hwpoison", "DirtyRingFullExit": "dirty_ring_full",
+              "GuestAbort": "guest_abort", "SigBus": "sigbus", "SigSegv": "sigsegv"}
+
+
+def outcome_name(exc: BaseException | None) -> str:
+    """The name ``expect`` gives a flow's end: ``ok`` (``exc`` None), the errno name of a
+    failed call, or an exit's or signal's name (``EXIT_NAMES``)."""
+    if exc is None:
+        return "ok"
+    if isinstance(exc, KvmError):
+        return errno.errorcode.get(exc.errno, "EHWPOISON" if exc.errno == EHWPOISON
+                                   else str(exc.errno))
+    return EXIT_NAMES.get(type(exc).__name__, type(exc).__name__)
+
+
+def _expect(path: str, item: str, value) -> list[str]:
+    known = {"ok", "EHWPOISON", *EXIT_NAMES.values(), *errno.errorcode.values()}
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and v in known for v in value):
+        raise RaceScenarioError(f"{path}: {item}: key 'expect': {value!r} is not a list of "
+                                "outcomes: ok, an errno name (EAGAIN), or one of "
+                                f"{', '.join(EXIT_NAMES.values())}")
+    return list(value)
 
 
 class RaceScenarioError(ValueError):
@@ -277,7 +311,9 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
                                     f"{', '.join(FLOW_OPS)}")
         flow = {"op": op}
         for key, value in f.items():
-            if key == "op":
+            if key in ("op", "expect"):
+                if key == "expect":
+                    flow[key] = _expect(path, item, value)
                 continue
             kind = FLOW_KEY_KINDS.get(key)
             if kind is None:

@@ -43,7 +43,7 @@ from ..host import SigBus, SigSegv
 from ..invariants import all_leaves, check_vm
 from ..plugins import resolve_backend
 from .oracles import Oracles
-from .scenario import NAMES, RaceScenario, World
+from .scenario import NAMES, RaceScenario, World, outcome_name
 
 #: A flow that has run this many stretches more than it runs alone (``Explorer.budgets``)
 #: in one schedule is reported as a livelock.
@@ -341,15 +341,22 @@ class Explorer:
                                 "holds": flow.holds})
         except StopIteration as stop:
             r.outcomes[i] = ("ok", _plain(stop.value))
+            ended = outcome_name(None)
         except FaultLivelock as e:
             r.failure = Failure("livelock", f"{flow.name}: {e}", list(r.schedule))
         except (VcpuExit, KvmError, SigBus, SigSegv) as e:
             r.outcomes[i] = ("raised", type(e).__name__, str(e))
+            ended = outcome_name(e)
         except Exception as e:  # noqa: BLE001 - any other exception is a crash of the model
             r.failure = Failure("crash", f"{flow.name}: {type(e).__name__}: {e}",
                                 list(r.schedule))
         if i not in r.outcomes:
             return False
+        expect = r.world.scn_flows[i].get("expect")
+        if expect is not None and ended not in expect:
+            got = "" if ended == "ok" else f" ({r.outcomes[i][2]})"
+            r.failure = Failure("unexpected", f"{flow.name} ended with {ended}{got}; the "
+                                f"scenario expects {' or '.join(expect)}", list(r.schedule))
         r.ended_at[i] = len(r.schedule)
         if self.keep_trace:
             r.trace.append({"flow": NAMES[i], "name": flow.name, "end": r.outcomes[i]})
