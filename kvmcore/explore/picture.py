@@ -27,8 +27,7 @@ def draw(run, scn, path: str, title: str = "") -> None:
                                       else "")
             marker = "o"
         else:
-            label = "end: " + str(event["end"][0] if isinstance(event["end"], tuple)
-                                  else event["end"])
+            label = "end: " + event["outcome"]
             marker = "s"
         ax.plot(x, lane, marker, color=colour, markersize=10, zorder=2)
         ax.annotate(label, (x, lane), textcoords="offset points", xytext=(0, 10),

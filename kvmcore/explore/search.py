@@ -359,7 +359,8 @@ class Explorer:
                                 f"scenario expects {' or '.join(expect)}", list(r.schedule))
         r.ended_at[i] = len(r.schedule)
         if self.keep_trace:
-            r.trace.append({"flow": NAMES[i], "name": flow.name, "end": r.outcomes[i]})
+            r.trace.append({"flow": NAMES[i], "name": flow.name, "end": r.outcomes[i],
+                            "outcome": ended})
         return True
 
     def _check(self, r: Run, when: str, stepped: int | None = None,
