@@ -164,7 +164,8 @@ def _check_attributes(vm: Kvm) -> list[str]:
 def _check_gmem(vm: Kvm) -> list[str]:
     out = []
     for gmem in vm.gmem_files:
-        if gmem.closed:
+        if gmem.closed or gmem.dying:
+            # kvm_gmem_release takes the file from its slots before it zaps and unbinds.
             continue
         prev_end = 0
         for start, end, slot in gmem.bindings:
@@ -186,7 +187,7 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
     """What the leaf for ``gfn`` must map now: ``(pfn, writable_allowed, max_size)``, or a
     string saying why nothing may be mapped."""
     if private or slot.gmem_only:
-        gmem = slot.gmem_file
+        gmem = slot.gmem_file or _releasing(vm, slot)
         if gmem is None or gmem.closed:
             return "its guest_memfd was released"
         index = slot.gmem_index(gfn)
@@ -200,6 +201,14 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
         return frame
     pfn, writable, size = frame
     return pfn, writable and not slot.readonly, size
+
+
+def _releasing(vm: Kvm, slot):
+    """The guest_memfd whose release has taken it from ``slot`` but not zapped and unbound
+    yet (kvm_gmem_release: the slot's leaves stay until its invalidation zaps them), or
+    None."""
+    return next((f for f in vm.gmem_files if f.dying and not f.closed
+                 and any(s is slot for _b, _e, s in f.bindings)), None)
 
 
 def _host_frame(host, hva: int):

@@ -52,7 +52,9 @@ A flow may list the outcomes it may end with in any schedule: ``expect = ["ok", 
 signal: ``sigbus``, ``sigsegv``); a schedule where it ends otherwise fails (``unexpected``).
 
 Flow ops: ``read``, ``write`` (a vCPU's access: ``vcpu`` defaults to the flow's index),
-``set_memory_attributes``, ``punch_hole`` (``slot``, ``page``), ``delete_slot`` / ``move_slot``
+``set_memory_attributes``, ``punch_hole`` (``slot``, ``page``), ``close_gmem`` (``slot``: the
+VMM closes the slot's guest_memfd, its last reference: kvm_gmem_release; not for ``"mmap"``,
+whose mapping holds the file), ``delete_slot`` / ``move_slot``
 (``slot``; ``gpa`` for a move), ``log_dirty`` (``slot``: turn dirty logging on),
 ``get_dirty_log`` / ``clear_dirty_log`` (``slot``), ``reset_dirty_rings`` (the VMM harvests
 every vCPU's dirty ring when the schedule starts, then KVM_RESET_DIRTY_RINGS; ``[vm]
@@ -99,7 +101,7 @@ from ..uapi import (
 ACCESS_OPS = ("read", "write")
 VM_OPS = ("set_memory_attributes", "delete_slot", "move_slot", "log_dirty", "get_dirty_log",
           "clear_dirty_log", "reset_dirty_rings")
-GMEM_OPS = ("punch_hole",)
+GMEM_OPS = ("punch_hole", "close_gmem")
 THP_OPS = ("split_huge_page", "collapse_huge_page")
 HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age") + THP_OPS
 #: KVM's own accesses through a gfn_to_pfn_cache (``gpc = N`` names the cache, default 0).
@@ -335,10 +337,14 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
             if item.get("slot", 0) not in ids:
                 raise RaceScenarioError(f"{path}: {kind} {i}: key 'slot': no [[slot]] "
                                         f"{item['slot']}")
-            if item["op"] in GMEM_OPS and not next(
-                    s for s in slots if s["slot"] == item.get("slot", 0))["guest_memfd"]:
+            slot = next(s for s in slots if s["slot"] == item.get("slot", 0))
+            if item["op"] in GMEM_OPS and not slot["guest_memfd"]:
                 raise RaceScenarioError(f"{path}: {kind} {i}: {item['op']} needs a [[slot]] "
                                         "with guest_memfd = true")
+            if item["op"] == "close_gmem" and slot["gmem_mmap"]:
+                raise RaceScenarioError(f"{path}: {kind} {i}: close_gmem: the mapping of a "
+                                        'guest_memfd = "mmap" slot holds its file: closing '
+                                        "the fd does not release it")
             if item["op"] in GPA_OPS and "page" not in item:
                 item.setdefault("gpa", 0)
             if kind == "flow" and item["op"] in DEFAULT_DATA:
@@ -511,6 +517,8 @@ class World:
             return gmem.steps.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
                                         f.get("page", 0) * self.page,
                                         f.get("pages", 1) * self.page)
+        if op == "close_gmem":
+            return self.gmems[f.get("slot", 0)].steps.close()
         s = self.slots.get(f.get("slot", 0))
         if op in ("delete_slot", "move_slot", "log_dirty"):
             size = s["pages"] * self.page
