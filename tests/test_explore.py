@@ -191,6 +191,14 @@ page = 1
 """
 
 
+def _cow_break_without_pte_same(self, vma, hva):
+    """HostMemory._cow_break before b53d767: no pte_same check before the install."""
+    page = hva & ~(self.page_size - 1)
+    yield from self._invalidate_start(page, self.page_size)
+    self._set_pte(page, self._alloc_anon(self.nr_frames), True)
+    yield from self._invalidate_end(page, self.page_size)
+
+
 def test_a_page_lost_by_a_cow_break_is_found(monkeypatch):
     """The lost-page oracle: a VMM write and a guest write that both find the zero page break
     COW once. Without wp_page_copy's pte_same check (the model's bug before b53d767), the
@@ -200,13 +208,7 @@ def test_a_page_lost_by_a_cow_break_is_found(monkeypatch):
     scn = parse(WRITES_ON_THE_ZERO_PAGE)
     assert explore(scn, FLAT).clean
 
-    def cow_break_without_pte_same(self, vma, hva):
-        page = hva & ~(self.page_size - 1)
-        yield from self._invalidate_start(page, self.page_size)
-        self._set_pte(page, self._alloc_anon(self.nr_frames), True)
-        yield from self._invalidate_end(page, self.page_size)
-
-    monkeypatch.setattr(HostMemory, "_cow_break", cow_break_without_pte_same)
+    monkeypatch.setattr(HostMemory, "_cow_break", _cow_break_without_pte_same)
     failure = explore(scn, FLAT).failures[0]
     assert failure.kind == "lost-page" and "neither mapped by the host nor freed" in \
         failure.message
@@ -214,8 +216,8 @@ def test_a_page_lost_by_a_cow_break_is_found(monkeypatch):
 
 
 def test_a_store_lost_by_a_cow_break_is_found(monkeypatch):
-    """The lost-write oracle, with the lost-page oracle off: without pte_same the guest's
-    store goes to the page the loser's copy replaced, and the end holds zeros where it
+    """The lost-write oracle, with the lost-page oracle off: without pte_same the first
+    store goes to the page the loser's copy then replaced, and the end holds zeros where it
     wrote. Each flow stores at bytes of its own (A at 8, B at 16), so no order of the two
     explains the loss."""
     from kvmcore.explore.oracles import Oracles
@@ -224,13 +226,7 @@ def test_a_store_lost_by_a_cow_break_is_found(monkeypatch):
     scn = parse(WRITES_ON_THE_ZERO_PAGE)
     assert [f["offset"] for f in scn.flows] == [8, 16]
 
-    def cow_break_without_pte_same(self, vma, hva):
-        page = hva & ~(self.page_size - 1)
-        yield from self._invalidate_start(page, self.page_size)
-        self._set_pte(page, self._alloc_anon(self.nr_frames), True)
-        yield from self._invalidate_end(page, self.page_size)
-
-    monkeypatch.setattr(HostMemory, "_cow_break", cow_break_without_pte_same)
+    monkeypatch.setattr(HostMemory, "_cow_break", _cow_break_without_pte_same)
     monkeypatch.setattr(Oracles, "lost_page", lambda self: None)
     failure = explore(scn, FLAT).failures[0]
     assert (failure.kind, failure.id) == ("lost-write", "A1.B2.A4.B5")
