@@ -107,7 +107,10 @@ class Oracles:
         if slot is None:
             return
         if private:
-            where = ("gmem", slot.gmem_file.inode,
+            # The scenario's file for the slot: a release may have taken it from the slot
+            # already (the store went through a leaf its zap had not reached).
+            gmem = self.world.gmems[slot.slot_id & 0xFFFF]
+            where = ("gmem", gmem.inode,
                      (slot.gmem_index(gpa >> PAGE_SHIFT) << PAGE_SHIFT) + gpa % PAGE_SIZE)
         else:
             where = ("hva", slot.gfn_to_hva(gpa >> PAGE_SHIFT) + gpa % PAGE_SIZE)

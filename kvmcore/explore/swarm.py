@@ -268,6 +268,9 @@ def _ops_offered(kind: str, gmem: bool, gpc: bool, private: bool, ring: bool, lo
     ops = [op for op in ANY_HOST_OPS if op not in NOT_ON_KIND.get(kind, ())] + list(SLOT_OPS)
     if gmem:
         ops.append("punch_hole")
+        if "private_mem" in caps:
+            # Not a GUEST_MEMFD_FLAG_MMAP file: the slot's mapping of one holds it open.
+            ops.append("close_gmem")
     if kind == "thp":
         ops += THP_OPS
     if gpc:
