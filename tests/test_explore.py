@@ -355,6 +355,39 @@ def test_close_gmem_releases_the_file_unless_a_mapping_holds_it():
         parse('[[slot]]\nguest_memfd = "mmap"\n[[flow]]\nop = "close_gmem"\n')
 
 
+STORE_DURING_RELEASE = """
+name = "private_store_vs_gmem_release"
+[vm]
+requires = ["private_mem", "gmem"]
+[[slot]]
+pages = 16
+guest_memfd = true
+private = true
+[[access]]
+op = "write"
+page = 5
+private = true
+[[flow]]
+op = "close_gmem"
+[[flow]]
+op = "write"
+page = 5
+private = true
+"""
+
+
+def test_a_private_store_through_a_leaf_a_release_has_not_zapped_yet_is_checked():
+    """A store that completes through the leaf of a slot whose guest_memfd a release has
+    taken away (before its zap) went to the file's folio: the lost-write oracle looks for it
+    there (it asked the slot for the file, which was None: a crash, found by the swarm)."""
+    scn = parse(STORE_DURING_RELEASE)
+    run = replay(scn, FLAT, "A3.B1")
+    assert run.failure is None and run.outcomes[1][0] == "ok"
+    assert [(i, where[0], where[2]) for i, where, _d in run.oracles.stores] == \
+        [(1, "gmem", 0x5010)]
+    assert explore(scn, FLAT).clean
+
+
 def test_a_store_offset_must_leave_its_bytes_in_the_page():
     with pytest.raises(ValueError, match="flow 1: key 'offset': 4090 does not leave the 8 "
                                          "bytes of its store in a 4096-byte page"):
