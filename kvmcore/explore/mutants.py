@@ -236,7 +236,7 @@ _CORE = {m.name: m for m in (
            "the fault installs without is_page_fault_stale (mmu_invalidate_retry[_gfn])",
            _no_stale_check, ("private_fault_vs_conversion", "fault_vs_munmap",
                              "fault_vs_thp_collapse", "fault_vs_thp_split",
-                             "private_fault_vs_gmem_release")),
+                             "private_fault_vs_gmem_release", "fault_vs_memory_failure")),
     Mutant("pfnmap_no_retry", "seed 2: a PFNMAP pfn racing an invalidation",
            "a VM_IO | VM_PFNMAP pfn is installed without the mmu_invalidate retry",
            _pfnmap_no_retry, ("pfnmap_fault_vs_munmap",)),

@@ -59,8 +59,10 @@ whose mapping holds the file), ``delete_slot`` / ``move_slot``
 ``get_dirty_log`` / ``clear_dirty_log`` (``slot``), ``reset_dirty_rings`` (the VMM harvests
 every vCPU's dirty ring when the schedule starts, then KVM_RESET_DIRTY_RINGS; ``[vm]
 dirty_ring = <bytes>`` enables the rings), and the host's ``munmap``,
-``madvise_dontneed``, ``mprotect`` (``prot``), ``migrate``, ``host_write``, ``age``
-(``slot``, ``page``: a page of the slot's host mapping), ``split_huge_page`` and
+``madvise_dontneed``, ``mprotect`` (``prot``), ``migrate``, ``host_write``, ``age``, ``poison``
+(a memory error: memory_failure on the page's frame; a guest_memfd page's goes to
+kvm_gmem_error_folio) (``slot``, ``page``: a page of the slot's host mapping),
+``split_huge_page`` and
 ``collapse_huge_page`` (khugepaged; the PMD-sized block of a ``thp`` slot holding ``page``),
 and KVM's own accesses through a gfn_to_pfn_cache (``gpc = N``, default 0; the VM type needs
 ``pfncache``): ``gpc_activate`` (``page`` or ``gpa``; also a setup ``[[access]]``),
@@ -103,7 +105,8 @@ VM_OPS = ("set_memory_attributes", "delete_slot", "move_slot", "log_dirty", "get
           "clear_dirty_log", "reset_dirty_rings")
 GMEM_OPS = ("punch_hole", "close_gmem")
 THP_OPS = ("split_huge_page", "collapse_huge_page")
-HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age") + THP_OPS
+HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age",
+            "poison") + THP_OPS
 #: KVM's own accesses through a gfn_to_pfn_cache (``gpc = N`` names the cache, default 0).
 GPC_OPS = ("gpc_activate", "gpc_read", "gpc_write")
 #: vCPU ioctls: KVM_PRE_FAULT_MEMORY (``vcpu``, ``page`` and ``pages``, or ``gpa`` and ``size``).
@@ -544,6 +547,8 @@ class World:
             return host.steps.write(hva + f["offset"], self.data(f))
         if op == "age":
             return host.steps.age(hva, f.get("pages", 1) * self.page)
+        if op == "poison":
+            return host.steps.poison(hva)
         if op in THP_OPS:
             return getattr(host.steps, op)(hva)
         return getattr(host.steps, op)(hva, f.get("pages", 1) * self.page)

@@ -52,8 +52,10 @@ ANY_HOST_OPS = tuple(op for op in HOST_OPS if op not in THP_OPS)
 SLOT_OPS = ("delete_slot", "move_slot", "log_dirty")
 #: Host operations that change nothing on a slot of a kind, not drawn for it: Linux refuses
 #: MADV_DONTNEED on VM_PFNMAP (madvise_dontneed_free_valid_vma: EINVAL), reclaim never ages a
-#: VM_PFNMAP page (it has no rmap), and the model migrates only anonymous and shared pages.
-NOT_ON_KIND = {"pfnmap": ("madvise_dontneed", "migrate", "age"), "hugetlb_2m": ("migrate",)}
+#: VM_PFNMAP page (it has no rmap), memory_failure ignores a pfn that is no online RAM
+#: (pfn_to_online_page), and the model migrates only anonymous and shared pages.
+NOT_ON_KIND = {"pfnmap": ("madvise_dontneed", "migrate", "age", "poison"),
+               "hugetlb_2m": ("migrate",)}
 
 
 @attrs.frozen
