@@ -1140,8 +1140,9 @@ class HostMemory:
         (pmdp_collapse_flush) and ends before the copy and the new PMD: the mmap lock keeps
         every fault out until the PMD is set. The model collapses only a range whose every
         page is present (khugepaged_max_ptes_none = 0), checked under the lock and again
-        once the PTEs are cleared (a page unmapped meanwhile, by memory_failure, makes
-        __collapse_huge_page_isolate fail: the PTEs go back, EAGAIN). Returns the new pfn."""
+        once the PTEs are cleared (a page unmapped meanwhile, or one memory_failure has
+        begun on and holds, makes __collapse_huge_page_isolate fail: the PTEs go back,
+        EAGAIN). Returns the new pfn."""
         base, pmd = self._thp_block(hva, "collapse_huge_page")
         keys = range(base >> self.page_shift, (base + pmd) >> self.page_shift)
         yield from self.mmap_lock.take(WRITE, MMAP_LOCK_WAIT)
@@ -1151,12 +1152,15 @@ class HostMemory:
             yield from self._invalidate_start(base, pmd)
             old = [self.ptes.pop(key) for key in keys]
             yield from self._invalidate_end(base, pmd)
-            if not all(old):
+            # A page memory_failure holds (its reference fails is_refcount_suitable; copy_mc
+            # would fail on it anyway) is not collapsed either.
+            if not all(old) or any(self.page_of(w >> PAGE_SHIFT) in self.poisoned
+                                   for w in old):
                 for key, word in zip(keys, old, strict=True):
                     if word:
                         self.ptes[key] = word
                 raise KvmError(errno.EAGAIN, "collapse_huge_page: a page went during the "
-                                             "collapse")
+                                             "collapse, or is being poisoned")
             new = self._alloc_anon(pmd >> PAGE_SHIFT)
             for i, word in enumerate(old):
                 pfn = word >> PAGE_SHIFT
@@ -1174,17 +1178,25 @@ class HostMemory:
 
     @steppable
     def poison(self, hva: int) -> None:
-        """A memory error on the page at ``hva`` (memory_failure on its pfn)."""
+        """A memory error on the page at ``hva`` (memory_failure on its pfn), as
+        madvise(MADV_HWPOISON) injects one: the page from get_user_pages_fast, whose slow path
+        faults it in under the mmap lock for read (so it waits for a collapse or a munmap
+        holding it for write), then memory_failure, which takes no mmap lock."""
         u64("hva", hva)
-        vma = self.find_vma(hva)
-        if vma is None:
+        if self.find_vma(hva) is None:
             raise KvmError(errno.EFAULT, f"poison: hva={hva:#x} is not mapped")
         e = self.lookup_pte(hva)
         if e is None:
-            cow = self._handle_mm_fault(hva, False)
-            if cow is not None:
-                yield from cow
-            e = self.lookup_pte(hva)
+            yield from self.mmap_lock.take(READ, MMAP_LOCK_WAIT)
+            try:
+                if self.find_vma(hva) is None:
+                    raise KvmError(errno.EFAULT, f"poison: hva={hva:#x} is not mapped")
+                cow = self._handle_mm_fault(hva, False)
+                if cow is not None:
+                    yield from cow
+                e = self.lookup_pte(hva)
+            finally:
+                self.mmap_lock.read_unlock()
         yield from self.memory_failure.flow(e[0])
 
     @steppable

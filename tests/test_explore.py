@@ -388,6 +388,68 @@ def test_a_private_store_through_a_leaf_a_release_has_not_zapped_yet_is_checked(
     assert explore(scn, FLAT).clean
 
 
+POISON_DURING_COLLAPSE = """
+name = "poison_vs_collapse"
+[[slot]]
+pages = 512
+thp = "split"
+[[flow]]
+op = "poison"
+[[flow]]
+op = "write"
+page = 125
+[[flow]]
+op = "collapse_huge_page"
+"""
+
+
+def test_a_memory_error_injected_during_a_collapse_waits_for_its_mmap_lock():
+    """Found by the lost-write oracle (ppc swarm, seed 0, the 272nd): a memory error
+    injected on a page a collapse had taken out of its PTEs faulted the page in again
+    without the mmap lock (a new THP under the collapse), and the collapse's huge page then
+    sat beside the PTEs of the fault's split: the write before it was lost. The page comes
+    from get_user_pages_fast, whose slow path takes the mmap lock for read. And a collapse
+    fails on a page memory_failure has begun on and holds (__collapse_huge_page_isolate's
+    refcount check): it collapsed it, and the memory error then cut a 4 KiB page out of
+    the new huge mapping without the invalidation of its split (``A1.C4.A1.B3.A1``)."""
+    scn = parse(POISON_DURING_COLLAPSE)
+    result = explore(scn, FLAT, preemption_bound=2)
+    assert result.clean, result.failures[0]
+    run = replay(scn, FLAT, "C3.A1")         # the collapse has taken the PTEs out
+    assert run.failure is None
+    assert [e.get("point") for e in run.trace if e["flow"] == "A"][:1] == ["mmap_lock_wait"]
+
+
+GPC_WRITE_ON_POISON = """
+name = "gpc_write_vs_poison"
+[[slot]]
+pages = 1024
+kind = "hugetlb_2m"
+[[access]]
+op = "gpc_activate"
+page = 3
+[[flow]]
+op = "gpc_write"
+expect = ["ok", "EFAULT"]
+[[flow]]
+op = "poison"
+"""
+
+
+def test_a_pfn_cache_write_whose_refresh_failed_stored_nothing():
+    """A pfn cache's write returns -errno when its refresh fails (the hugetlb page it maps
+    was poisoned whole): it stored nothing, which the lost-write oracle took for a lost
+    store (x86 swarm, seed 1, the 25th), and ``expect`` names the outcome by its errno."""
+    scn = parse(GPC_WRITE_ON_POISON)
+    run = replay(scn, FLAT, "B4")                    # the poison first, whole
+    assert run.failure is None and run.outcomes[0] == ("ok", -errno.EFAULT)
+    assert run.oracles.stores == []
+    assert explore(scn, FLAT).clean
+    failure = explore(parse(GPC_WRITE_ON_POISON.replace('"ok", "EFAULT"', '"ok"')),
+                      FLAT).failures[0]
+    assert failure.kind == "unexpected" and "ended with EFAULT;" in failure.message
+
+
 def test_a_store_offset_must_leave_its_bytes_in_the_page():
     with pytest.raises(ValueError, match="flow 1: key 'offset': 4090 does not leave the 8 "
                                          "bytes of its store in a 4096-byte page"):

@@ -80,7 +80,8 @@ class Oracles:
         """Flow ``i`` has just ended with ``outcome``. ``leaves``: the present leaves per
         address space now, if the caller has them (else each leaf is looked up)."""
         f = self.world.scn_flows[i]
-        if f["op"] in ("host_write", "gpc_write") and outcome[0] == "ok":
+        # A pfn cache's write returns -errno when its refresh failed: it stored nothing.
+        if f["op"] in ("host_write", "gpc_write") and outcome[0] == "ok" and not outcome[1]:
             world = self.world
             hva = (world._hva(f) + f["offset"] if f["op"] == "host_write"
                    else world.gpcs[f.get("gpc", 0)].uhva)

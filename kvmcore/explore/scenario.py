@@ -140,15 +140,21 @@ EXIT_NAMES = {"MmioExit": "mmio", "MemoryFaultExit": "memory_fault",
               "GuestAbort": "guest_abort", "SigBus": "sigbus", "SigSegv": "sigsegv"}
 
 
-def outcome_name(exc: BaseException | None) -> str:
+def outcome_name(exc: BaseException | None, value=None) -> str:
     """The name ``expect`` gives a flow's end: ``ok`` (``exc`` None), the errno name of a
-    failed call, or an exit's or signal's name (``EXIT_NAMES``)."""
+    failed call (raised, or returned as -errno, as a pfn cache's calls return it: ``value``),
+    or an exit's or signal's name (``EXIT_NAMES``)."""
     if exc is None:
+        if type(value) is int and value < 0:
+            return _errno_name(-value)
         return "ok"
     if isinstance(exc, KvmError):
-        return errno.errorcode.get(exc.errno, "EHWPOISON" if exc.errno == EHWPOISON
-                                   else str(exc.errno))
+        return _errno_name(exc.errno)
     return EXIT_NAMES.get(type(exc).__name__, type(exc).__name__)
+
+
+def _errno_name(err: int) -> str:
+    return errno.errorcode.get(err, "EHWPOISON" if err == EHWPOISON else str(err))
 
 
 def _expect(path: str, item: str, value) -> list[str]:

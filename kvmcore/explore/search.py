@@ -341,7 +341,7 @@ class Explorer:
                                 "holds": flow.holds})
         except StopIteration as stop:
             r.outcomes[i] = ("ok", _plain(stop.value))
-            ended = outcome_name(None)
+            ended = outcome_name(None, stop.value)
         except FaultLivelock as e:
             r.failure = Failure("livelock", f"{flow.name}: {e}", list(r.schedule))
         except (VcpuExit, KvmError, SigBus, SigSegv) as e:
@@ -354,7 +354,7 @@ class Explorer:
             return False
         expect = r.world.scn_flows[i].get("expect")
         if expect is not None and ended not in expect:
-            got = "" if ended == "ok" else f" ({r.outcomes[i][2]})"
+            got = "" if len(r.outcomes[i]) < 3 else f" ({r.outcomes[i][2]})"
             r.failure = Failure("unexpected", f"{flow.name} ended with {ended}{got}; the "
                                 f"scenario expects {' or '.join(expect)}", list(r.schedule))
         r.ended_at[i] = len(r.schedule)
