@@ -24,9 +24,9 @@
   (migration, a THP collapse, a COW break) must carry what was written before it was
   unmapped, and a write that went to the old frame through a stale translation afterwards
   is lost. Not checked: a store on a page that a flow may discard (MADV_DONTNEED, munmap, a
-  memory error, a punched hole) or, for a private write, convert (a conversion may take the page's
-  contents: TDX clears a removed private page); a store another completed store overlaps
-  in part. Where stores overlap whole, the end must hold one of them.
+  memory error, a punched hole) or, for a private write, convert (a conversion may take the
+  page's contents: TDX clears a removed private page); a store another completed store
+  overlaps in part. Where stores overlap whole, the end must hold one of them.
 - **Dirty-log completeness**: at the end, every guest write that completed after the last
   dirty-log ioctl (GET, CLEAR, or the memslot update that turned logging on) returned is
   reported by a KVM_GET_DIRTY_LOG or the dirty rings: KVM's contract with live migration.
@@ -244,9 +244,9 @@ class Oracles:
 
     def _discards(self) -> list:
         """The ranges of memory a flow of the scenario may discard, as ``(*where without its
-        offset, start, end)``: the hvas of a MADV_DONTNEED, a munmap or a memory error (its page
-        is gone: a later touch is SIGBUS; the model frees nothing there), a punched hole's bytes
-        of guest_memfd (and of its mmap), and the private memory of a conversion's gpas."""
+        offset, start, end)``: the hvas of a MADV_DONTNEED, a munmap or a memory error (its
+        page is gone: a later touch is SIGBUS), a punched hole's bytes of guest_memfd (and of
+        its mmap), and the private memory of a conversion's gpas."""
         world = self.world
         out = []
         for f in world.scn_flows:

@@ -59,11 +59,11 @@ whose mapping holds the file), ``delete_slot`` / ``move_slot``
 ``get_dirty_log`` / ``clear_dirty_log`` (``slot``), ``reset_dirty_rings`` (the VMM harvests
 every vCPU's dirty ring when the schedule starts, then KVM_RESET_DIRTY_RINGS; ``[vm]
 dirty_ring = <bytes>`` enables the rings), and the host's ``munmap``,
-``madvise_dontneed``, ``mprotect`` (``prot``), ``migrate``, ``host_write``, ``age``, ``poison``
-(a memory error: memory_failure on the page's frame; a guest_memfd page's goes to
-kvm_gmem_error_folio) (``slot``, ``page``: a page of the slot's host mapping),
-``split_huge_page`` and
-``collapse_huge_page`` (khugepaged; the PMD-sized block of a ``thp`` slot holding ``page``),
+``madvise_dontneed``, ``mprotect`` (``prot``), ``migrate``, ``host_write``, ``age``,
+``poison`` (a memory error, as MADV_HWPOISON injects one: memory_failure on the page's
+frame; a guest_memfd page's goes to kvm_gmem_error_folio) (``slot``, ``page``: a page of the
+slot's host mapping), ``split_huge_page`` and ``collapse_huge_page`` (khugepaged; the
+PMD-sized block of a ``thp`` slot holding ``page``),
 and KVM's own accesses through a gfn_to_pfn_cache (``gpc = N``, default 0; the VM type needs
 ``pfncache``): ``gpc_activate`` (``page`` or ``gpa``; also a setup ``[[access]]``),
 ``gpc_read`` and ``gpc_write`` (refreshing the cache while kvm_gpc_check fails), and a
