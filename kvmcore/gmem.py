@@ -85,6 +85,12 @@ class GmemInode:
         pfn = self.folios.get(base)
         return None if pfn is None else (base, pfn)
 
+    def frame_of(self, index: int) -> int | None:
+        """The 4 KiB frame holding page ``index``, if its folio is allocated (a checker's
+        look: nothing is allocated)."""
+        found = self.folio_of(index)
+        return None if found is None else found[1] + index - found[0]
+
     def get_folio(self, index: int) -> tuple[int, int]:
         """kvm_gmem_get_folio: the folio containing ``index`` (allocated zeroed on first use)."""
         found = self.folio_of(index)

@@ -586,13 +586,13 @@ class HostMemory:
             return self.read_frame(vma.pfnmap_pfn(hva), off, n)
         index = vma.pgoff_of(hva)
         if vma.kind == "gmem":
-            found = vma.backing.folio_of(index)
+            pfn = vma.backing.frame_of(index)
         else:
+            # A file's pages are keyed by the first offset of each (huge) page.
             first = vma.pgoff_of(hva & ~(vma.page_size - 1))
             pfn = vma.backing.pages.get(first)
-            found = None if pfn is None else (first, pfn)
-        return bytes(n) if found is None else self.read_frame(found[1] + index - found[0],
-                                                              off, n)
+            pfn = None if pfn is None else pfn + index - first
+        return bytes(n) if pfn is None else self.read_frame(pfn, off, n)
 
     def mapped_pfns(self) -> set[int]:
         """The first frame of every entry of the host page table (what some PTE, PMD or PUD

@@ -191,11 +191,10 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
         if gmem is None or gmem.closed:
             return "its guest_memfd was released"
         index = slot.gmem_index(gfn)
-        folio = gmem.inode.folio_of(index)
-        if folio is None:
+        pfn = gmem.inode.frame_of(index)
+        if pfn is None:
             return f"guest_memfd page {index} is not allocated (punched?)"
-        base, pfn = folio
-        return pfn + index - base, not slot.readonly, 4096 << gmem.inode.order
+        return pfn, not slot.readonly, 4096 << gmem.inode.order
     frame = _host_frame(vm.host, slot.gfn_to_hva(gfn))
     if type(frame) is str:
         return frame

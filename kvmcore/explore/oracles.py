@@ -236,11 +236,8 @@ class Oracles:
         if where[0] == "hva":
             return host.peek(where[1], n)
         inode, pos = where[1], where[2]
-        found = inode.folio_of(pos >> PAGE_SHIFT)
-        if found is None:
-            return bytes(n)
-        base, pfn = found
-        return host.read_frame(pfn + (pos >> PAGE_SHIFT) - base, pos % PAGE_SIZE, n)
+        pfn = inode.frame_of(pos >> PAGE_SHIFT)
+        return bytes(n) if pfn is None else host.read_frame(pfn, pos % PAGE_SIZE, n)
 
     def _discards(self) -> list:
         """The ranges of memory a flow of the scenario may discard, as ``(*where without its

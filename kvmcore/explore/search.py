@@ -22,9 +22,11 @@ host signal is a crash; no runnable flow while some are unfinished is a deadlock
 running after ``MAX_FLOW_STEPS`` stretches more than it takes alone, or a vCPU access whose
 fault retried without progress until it gave up (``FaultLivelock``), is a livelock. At the
 end, the invariants again; no lost page: every anonymous page the host allocated while the
-flows ran is mapped or was freed; and dirty-log completeness: every guest write that completed
-after the last dirty-log ioctl returned is reported by the next KVM_GET_DIRTY_LOG or dirty ring
-harvest.
+flows ran is mapped or was freed; no lost write: every store that completed is where it stored
+at the end; and dirty-log completeness: every guest write that completed after the last
+dirty-log ioctl returned is reported by the next KVM_GET_DIRTY_LOG or dirty ring harvest. A
+flow whose scenario lists how it may end (``expect``) and that ends otherwise is
+``unexpected``.
 """
 
 from __future__ import annotations
