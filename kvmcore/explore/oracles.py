@@ -6,6 +6,16 @@
   (the ``stale_leaves`` hook: x86's invalid roots being zapped). Linux frees a page only
   after invalidate_range_start has zapped (every root, valid or not) and flushed (and made
   the pfn caches over it invalid), so this holds at every step, whatever locks are held.
+- **No stale access**: an access that completed (a vCPU's read or write, a pfn cache's) went
+  to the frame the host maps at its hva at that moment (where a VM_PFNMAP range has no PTE
+  yet, the device page its VMA places there: arm64 maps such a range in blocks by the VMA's
+  geometry, get_vma_page_shift), or to guest_memfd's folio of its gfn: every way a frame
+  leaves an hva (an unmap, a migration, a COW break, a collapse, a truncation) zaps KVM's
+  mappings and flushes in invalidate_range_start, before the host's page table changes, so
+  no translation a vCPU or a pfn cache still uses reaches an old frame, even where it is not
+  freed (the shared zero page a COW break replaced, a page a migration copied from and has
+  not freed yet). The symptom a guest sees: a read of bytes the host no longer holds there,
+  a write the host never sees.
 - **No private leak**: no shared (non-private) leaf maps a page of a guest_memfd that is not
   shared (without GUEST_MEMFD_FLAG_INIT_SHARED): a shared access never reaches private memory.
 - **No downgrade without an invalidation**: once an access completed, the leaf it used stays
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 from ..invariants import all_leaves
 from ..uapi import GUEST_MEMFD_FLAG_INIT_SHARED, KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE
+from .scenario import READ_BYTES
 
 #: Statistics that count something allowed to take a leaf away or write-protect it:
 #: ``fault_block_unmapped``, a backend's fault that replaced a valid block by an empty table
@@ -116,6 +127,63 @@ class Oracles:
         else:
             where = ("hva", slot.gfn_to_hva(gpa >> PAGE_SHIFT) + gpa % PAGE_SIZE)
         self.stores.append((i, where, self.world.data(f)))
+
+    def stale_access(self, i: int, outcome: tuple):
+        """Flow ``i`` has just ended with ``outcome``: if it is an access that completed,
+        the frame it went through, unless the host (or guest_memfd) holds the page there
+        now (see the module docstring), as ``(kind, message)``; else None. The frame is the
+        vCPU's TLB entry for the page (hit or filled by the access: no other flow ran since),
+        or the pfn cache's."""
+        f = self.world.scn_flows[i]
+        op = f["op"]
+        if outcome[0] != "ok":
+            return None
+        world, host = self.world, self.world.host
+        name = world.flows[i].name
+        if op in ("gpc_read", "gpc_write"):
+            if outcome[1] != 0 if op == "gpc_write" else type(outcome[1]) is not bytes:
+                return None                 # -errno: a refresh failed, nothing copied
+            gpc = world.gpcs[f.get("gpc", 0)]
+            pte = host.lookup_pte(gpc.uhva)
+            if pte is None or pte[0] != gpc.pfn:
+                return ("stale-access", f"{name} went through the pfn cache's pfn "
+                        f"{gpc.pfn:#x}, but the host maps its hva {gpc.uhva:#x} to "
+                        f"{'nothing' if pte is None else f'pfn {pte[0]:#x}'}")
+            return None
+        if op not in ("read", "write"):
+            return None
+        vcpu = world.vcpu_of(i)
+        gpa, private = f["gpa"], f.get("private", False)
+        n = len(world.data(f)) if op == "write" else f.get("n", READ_BYTES)
+        for page in range(gpa >> PAGE_SHIFT, ((gpa + n - 1) >> PAGE_SHIFT) + 1):
+            e = vcpu.tlb.get((page, private))
+            if e is None:
+                continue                    # a later page's fill evicted it (TLB_ENTRIES)
+            gfn, pfn = e[0], e[1]
+            # A slot being deleted or moved keeps its INVALID copy until its flush is done.
+            slot = world.vm.memslot_sets[vcpu.as_id].search(gfn)
+            if slot is None:
+                return ("stale-access", f"{name} went to gpa {gfn << PAGE_SHIFT:#x} "
+                        f"through pfn {pfn:#x}, but no memslot covers it")
+            hva = slot.gfn_to_hva(gfn)
+            pte = host.lookup_pte(hva)
+            if pte is not None and pte[0] == pfn:
+                continue
+            if pte is None and (vma := host.find_vma(hva)) is not None and \
+                    vma.kind == "pfnmap" and vma.pfnmap_pfn(hva) == pfn:
+                # arm64 maps a VM_PFNMAP range by its VMA's geometry (get_vma_page_shift):
+                # a block may cover device pages whose host PTEs are not populated yet.
+                continue
+            gmem = world.gmems.get(slot.slot_id & 0xFFFF)
+            folio = None if gmem is None else gmem.inode.frame_of(slot.gmem_index(gfn))
+            if folio == pfn:
+                continue
+            return ("stale-access", f"{name} went to gpa {gfn << PAGE_SHIFT:#x} through pfn "
+                    f"{pfn:#x}, but the host maps its hva {hva:#x} to "
+                    f"{'nothing' if pte is None else f'pfn {pte[0]:#x}'}"
+                    + ("" if gmem is None else
+                       f" and guest_memfd's folio is {'none' if folio is None else hex(folio)}"))
+        return None
 
     def use_after_free(self, leaves: list | None = None):
         """Use after free, and a shared leaf that reaches a private guest_memfd page (one

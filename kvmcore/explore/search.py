@@ -15,7 +15,8 @@ world (VM creation costs a fraction of a millisecond), so the search keeps no mo
 
 Oracles (``oracles.py``), after every step: ``vm.check_invariants()`` (the core's and the
 backend's: every leaf maps what a fresh fault would resolve now outside an invalidation in
-progress, every TLB entry is backed by a leaf once no flow holds the MMU lock); no leaf or TLB
+progress, every TLB entry is backed by a leaf once no flow holds the MMU lock); an access that
+completed went to the frame the host maps at its hva (or guest_memfd's folio); no leaf or TLB
 entry reaches a frame the host freed; a leaf that a completed access used is not taken away or
 made read-only without an invalidation; a flow raising anything but a guest exit, KvmError or a
 host signal is a crash; no runnable flow while some are unfinished is a deadlock; a flow still
@@ -375,9 +376,12 @@ class Explorer:
         vm = r.world.vm
         # One enumeration of the leaves serves every oracle of this step.
         r.leaves = leaves = all_leaves(vm)
+        problem = None
         if ended:
             oracles.flow_ended(stepped, r.outcomes[stepped], leaves)
-        problem = oracles.use_after_free(leaves)
+            problem = oracles.stale_access(stepped, r.outcomes[stepped])
+        if problem is None:
+            problem = oracles.use_after_free(leaves)
         if problem is None:
             found = check_vm(vm, leaves)
             if found:
