@@ -65,6 +65,9 @@ class GmemInode:
         self.order = folio_order + host.page_shift - PAGE_SHIFT
         self.folios: dict[int, int] = {}
         self.poisoned: set[int] = set()
+        #: Poisoned pages whose error handler has not invalidated them yet (memory_failure
+        #: sets the flag first): a leaf mapped before may stay until the invalidation begins.
+        self.poison_pending: set[int] = set()
         self.files: list[GuestMemfd] = []
         #: filemap_invalidate_lock of the inode's mapping, an rw_semaphore: punch hole, release,
         #: bind and unbind take it for write, allocation and a memory error for read
@@ -155,6 +158,7 @@ class GmemInode:
                     self.host.gmem_frames.pop(pfn + i, None)
                     self.host.frames.pop(pfn + i, None)
                     self.poisoned.discard(base + i)
+                    self.poison_pending.discard(base + i)
             else:
                 for i in range(max(start, base) - base, min(end, base + size) - base):
                     self.host.frames.pop(pfn + i, None)
@@ -179,9 +183,11 @@ class GmemInode:
         base = index & ~((1 << self.order) - 1)
         end = base + (1 << self.order)
         self.poisoned.update(range(base, end))
+        self.poison_pending.update(range(base, end))
         yield from self.invalidate_lock.read_lock(GMEM_INVAL_LOCK_WAIT)
         try:
             yield from self.invalidate_begin(base, end)
+            self.poison_pending.difference_update(range(base, end))
             yield from self.invalidate_end(base, end)
         finally:
             self.invalidate_lock.read_unlock()

@@ -191,9 +191,13 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
         if gmem is None or gmem.closed:
             return "its guest_memfd was released"
         index = slot.gmem_index(gfn)
-        pfn = gmem.inode.frame_of(index)
+        inode = gmem.inode
+        pfn = inode.frame_of(index)
         if pfn is None:
             return f"guest_memfd page {index} is not allocated (punched?)"
+        if index in inode.poisoned and index not in inode.poison_pending:
+            # kvm_gmem_get_pfn fails with -EHWPOISON once the error's invalidation began.
+            return f"guest_memfd page {index} is hardware-poisoned"
         return pfn, not slot.readonly, 4096 << gmem.inode.order
     frame = _host_frame(vm.host, slot.gfn_to_hva(gfn))
     if type(frame) is str:

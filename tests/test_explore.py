@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from kvmcore.cli import main
 from kvmcore.errors import KvmError
 from kvmcore.explore.oracles import Oracles
-from kvmcore.explore.scenario import World, read_text
+from kvmcore.explore.scenario import RaceScenarioError, World, read_text
 from kvmcore.explore import (MUTANTS, builtin_names, choose_vm_type, explore, load, parse,
                              parse_schedule_id, replay, schedule_id, supports)
 from kvmcore.explore import Window
@@ -495,6 +495,27 @@ def test_a_memory_error_injected_during_a_collapse_waits_for_its_mmap_lock():
     run = replay(scn, FLAT, "C3.A1")         # the collapse has taken the PTEs out
     assert run.failure is None
     assert [e.get("point") for e in run.trace if e["flow"] == "A"][:1] == ["mmap_lock_wait"]
+
+
+def test_a_memory_error_on_private_memory_hits_the_guest_memfd_folio():
+    """``poison`` with ``private = true``: memory_failure on the frame of the slot's
+    guest_memfd folio (allocated first when the setup did not: a memory error hits memory),
+    whose error handler invalidates it; the private write after it exits with -EHWPOISON.
+    Only a slot with a guest_memfd of its own has such a page."""
+    scn = load("private_fault_vs_memory_failure")
+    arch = "x86_tdp" if _available("x86_tdp") else FLAT
+    run = replay(scn, arch, "B3.A1")
+    assert run.failure is None and run.outcomes[1] == ("ok", None)
+    assert run.outcomes[0][:2] == ("raised", "MemoryFaultExit") and \
+        "errno=0x85" in run.outcomes[0][2]
+    inode = run.world.gmems[0].inode
+    assert inode.poisoned == {5} and inode.frame_of(5) in run.world.host.poisoned
+    assert explore(scn, arch).clean
+    for slot in ("", 'guest_memfd = "mmap"'):
+        text = f"""[[slot]]\n{slot}\n[[flow]]\nop = "poison"\npage = 1\nprivate = true\n"""
+        with pytest.raises(RaceScenarioError, match="poison: private = true names a page of "
+                                                    "the slot's guest_memfd"):
+            parse(text)
 
 
 GPC_WRITE_ON_POISON = """

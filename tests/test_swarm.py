@@ -39,6 +39,11 @@ def test_scenarios_are_valid_and_the_seed_fixes_them():
                 'op = "pre_fault"'):
         assert any(key in t for t in texts), key
     assert not any("huge_page" in t and "thp" not in t for t in texts)
+    # A memory error names its page (a hot one, as the other flows' are), and on private
+    # memory sometimes the guest_memfd folio's.
+    poisons = [f for d in map(tomllib.loads, texts) for f in d["flow"] if f["op"] == "poison"]
+    assert poisons and all("page" in f for f in poisons)
+    assert any(f.get("private") for f in poisons)
     # Nothing Linux refuses on, or never does to, a VM_PFNMAP range.
     pfnmap = [t for t in texts if 'kind = "pfnmap"' in t]
     assert pfnmap and not any(f'op = "{op}"' in t for t in pfnmap

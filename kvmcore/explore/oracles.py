@@ -311,16 +311,18 @@ class Oracles:
         """The ranges of memory a flow of the scenario may discard, as ``(*where without its
         offset, start, end)``: the hvas of a MADV_DONTNEED, a munmap or a memory error (its
         page is gone: a later touch is SIGBUS), a punched hole's bytes of guest_memfd (and of
-        its mmap), and the private memory of a conversion's gpas."""
+        its mmap) or a memory error's in it, and the private memory of a conversion's
+        gpas."""
         world = self.world
         out = []
         for f in world.scn_flows:
             op = f["op"]
-            if op in ("madvise_dontneed", "munmap", "poison") or (
+            private_error = op == "poison" and f.get("private", False)
+            if op in ("madvise_dontneed", "munmap", "poison") and not private_error or (
                     op == "punch_hole" and world.slots[f.get("slot", 0)]["gmem_mmap"]):
                 hva = world._hva(f)
                 out.append(("hva", hva, hva + f.get("pages", 1) * world.page))
-            if op == "punch_hole":
+            if op == "punch_hole" or private_error:
                 start = f.get("page", 0) * world.page
                 out.append(("gmem", world.gmems[f.get("slot", 0)].inode, start,
                             start + f.get("pages", 1) * world.page))

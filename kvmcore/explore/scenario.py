@@ -62,8 +62,9 @@ dirty_ring = <bytes>`` enables the rings), and the host's ``munmap``,
 ``madvise_dontneed``, ``mprotect`` (``prot``), ``migrate``, ``host_write``, ``age``,
 ``poison`` (a memory error, as MADV_HWPOISON injects one: memory_failure on the page's
 frame; a guest_memfd page's goes to kvm_gmem_error_folio) (``slot``, ``page``: a page of the
-slot's host mapping), ``split_huge_page`` and ``collapse_huge_page`` (khugepaged; the
-PMD-sized block of a ``thp`` slot holding ``page``),
+slot's host mapping; ``private = true``: of its guest_memfd instead, a machine check on
+private memory, allocated first if the setup did not), ``split_huge_page`` and
+``collapse_huge_page`` (khugepaged; the PMD-sized block of a ``thp`` slot holding ``page``),
 and KVM's own accesses through a gfn_to_pfn_cache (``gpc = N``, default 0; the VM type needs
 ``pfncache``): ``gpc_activate`` (``page`` or ``gpa``; also a setup ``[[access]]``),
 ``gpc_read`` and ``gpc_write`` (refreshing the cache while kvm_gpc_check fails), and a
@@ -98,6 +99,7 @@ from ..uapi import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    PAGE_SHIFT,
 )
 
 ACCESS_OPS = ("read", "write")
@@ -350,6 +352,12 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
             if item["op"] in GMEM_OPS and not slot["guest_memfd"]:
                 raise RaceScenarioError(f"{path}: {kind} {i}: {item['op']} needs a [[slot]] "
                                         "with guest_memfd = true")
+            if item["op"] == "poison" and item.get("private") and (
+                    not slot["guest_memfd"] or slot["gmem_mmap"]):
+                raise RaceScenarioError(f"{path}: {kind} {i}: poison: private = true names "
+                                        "a page of the slot's guest_memfd: it needs a "
+                                        "[[slot]] with guest_memfd = true (a \"mmap\" one's "
+                                        "pages are poisoned through its mapping)")
             if item["op"] == "close_gmem" and slot["gmem_mmap"]:
                 raise RaceScenarioError(f"{path}: {kind} {i}: close_gmem: the mapping of a "
                                         'guest_memfd = "mmap" slot holds its file: closing '
@@ -497,6 +505,16 @@ class World:
         """What store flow ``f`` writes."""
         return f.get("data", DEFAULT_DATA[f["op"]]).encode()
 
+    def _gmem_memory_failure(self, f: dict):
+        """memory_failure on the frame of the guest_memfd folio of ``f``'s page: a machine
+        check on private memory, which no host PTE maps. A folio not allocated yet is
+        allocated first, as the VMM's fallocate would have (a memory error hits memory)."""
+        inode = self.gmems[f.get("slot", 0)].inode
+        offset = f.get("page", 0) * self.page
+        if inode.frame_of(offset >> PAGE_SHIFT) is None:
+            self.gmems[f.get("slot", 0)].fallocate(FALLOC_FL_KEEP_SIZE, offset, self.page)
+        return self.host.steps.memory_failure(inode.frame_of(offset >> PAGE_SHIFT))
+
     def _hva(self, f):
         return self.hvas[f.get("slot", 0)] + f.get("page", 0) * self.page
 
@@ -554,6 +572,8 @@ class World:
         if op == "age":
             return host.steps.age(hva, f.get("pages", 1) * self.page)
         if op == "poison":
+            if f.get("private"):
+                return self._gmem_memory_failure(f)
             return host.steps.poison(hva)
         if op in THP_OPS:
             return getattr(host.steps, op)(hva)

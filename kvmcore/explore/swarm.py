@@ -256,10 +256,12 @@ def _flow(rng: random.Random, op: str, pages: dict, hot: list, private: bool) ->
         flow["gpa"] = rng.choice((pages[slot], 2 * pages[slot], 4096)) * 4096
     elif op in ("munmap", "madvise_dontneed", "age"):
         flow.update(page=page, pages=rng.choice((1, 2, pages[slot] - page)))
-    elif op in ("mprotect", "migrate", "host_write") + THP_OPS:
+    elif op in ("mprotect", "migrate", "host_write", "poison") + THP_OPS:
         flow["page"] = page
         if op == "mprotect":
             flow["prot"] = rng.choice(("r", "", "rw"))
+        if op == "poison" and private and rng.random() < 0.5:
+            flow["private"] = True          # a machine check on the guest_memfd folio
     return flow
 
 
