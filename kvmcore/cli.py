@@ -472,6 +472,8 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
     summary = result.summary()
     if minimized is not None:
         summary["minimized"] = minimized
+    if scn.linux_race is not None:
+        summary["linux_race"] = scn.linux_race
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -485,6 +487,8 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
             click.echo(f"  FAILED {f['kind']} in schedule {f['schedule']}: {f['message']}")
             click.echo("  replay: " + _replay_command(scenario, arch, f["schedule"], mutants,
                                                       vm_options))
+        if summary["failures"] and scn.linux_race is not None:
+            click.echo(f"  a race of Linux itself, as the scenario says: {scn.linux_race}")
         if minimized is not None:
             click.echo(f"  minimized ({minimized['explorations']} explorations, "
                        f"{minimized['seconds']} s): {minimized['file']}")

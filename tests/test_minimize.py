@@ -59,8 +59,8 @@ def test_the_writer_gives_back_the_same_scenario(name):
     text, path = read_text(name)
     again = dumps(tomllib.loads(text))
     a, b = parse(text, path), parse(again, path)
-    assert (a.name, a.vm, a.slots, a.accesses, a.flows, a.preemption_bound) == \
-        (b.name, b.vm, b.slots, b.accesses, b.flows, b.preemption_bound)
+    assert (a.name, a.vm, a.slots, a.accesses, a.flows, a.preemption_bound, a.linux_race) == \
+        (b.name, b.vm, b.slots, b.accesses, b.flows, b.preemption_bound, b.linux_race)
 
 
 def test_a_padded_finding_comes_down_to_the_written_race():

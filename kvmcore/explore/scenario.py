@@ -73,6 +73,10 @@ vCPU's ``pre_fault`` (KVM_PRE_FAULT_MEMORY: ``page`` and ``pages``, or ``gpa`` a
 Addresses are numbers or strings (``"0x5000"``); pages count base pages (the VM's
 PAGE_SIZE).
 
+``linux_race = "..."``: the scenario shows a race of Linux itself (where, and why), so its
+exploration fails wherever the model follows that kernel; the conformance suite requires the
+failure, and ``kvmcore explore`` prints the text with it.
+
 ``preemption_bound = N``: the depth-first search explores the schedules with at most N
 preemptions (a switch away from a flow that could go on; ``Explorer._run``) unless told
 otherwise. It is for a scenario with too many interleavings to search whole: most races need
@@ -120,7 +124,7 @@ GPA_OPS = ACCESS_OPS + ("set_memory_attributes",) + GPC_OPS + VCPU_OPS
 SIZED_OPS = ("set_memory_attributes",) + VCPU_OPS
 NAMES = "ABCD"
 #: The top-level keys of a scenario file.
-TOP_KEYS = ("name", "preemption_bound", "vm", "slot", "access", "flow")
+TOP_KEYS = ("name", "preemption_bound", "linux_race", "vm", "slot", "access", "flow")
 #: The keys of [vm] and what each holds.
 VM_KEYS = {"arch": str, "vm_type": str, "requires": list, "manual_protect": bool,
            "dirty_ring": int}
@@ -183,6 +187,10 @@ class RaceScenario:
     flows: tuple
     #: The depth-first search's preemption bound unless told otherwise (None: no bound).
     preemption_bound: int | None = None
+    #: A scenario that shows a race of Linux itself says so, with where and why: its
+    #: exploration is to fail (``linux_race = "..."``), and does wherever the model follows
+    #: the kernel it names.
+    linux_race: str | None = None
 
     def flow_names(self) -> str:
         return NAMES[:len(self.flows)]
@@ -260,6 +268,10 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
     bound = doc.get("preemption_bound")
     if bound is not None:
         bound = _num(path, "top level", "preemption_bound", bound)
+    race = doc.get("linux_race")
+    if race is not None and not (isinstance(race, str) and race.strip()):
+        raise RaceScenarioError(f"{path}: top level: key 'linux_race': {race!r} is not a "
+                                "text saying where Linux races and why")
     vm = doc.get("vm", {})
     if not isinstance(vm, dict):
         raise RaceScenarioError(f"{path}: [vm] must be a table")
@@ -380,7 +392,7 @@ def parse(text: str, path: str = "<race scenario>") -> RaceScenario:
     if any(item["op"] in VCPU_OPS for item in flows):
         vm["requires"] = sorted({*vm.get("requires", ()), "pre_fault"})
     return RaceScenario(str(doc.get("name", Path(path).stem)), path, dict(vm), tuple(slots),
-                        tuple(accesses), tuple(flows), bound)
+                        tuple(accesses), tuple(flows), bound, race)
 
 
 class World:
