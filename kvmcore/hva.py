@@ -62,6 +62,9 @@ def kvm_handle_ranges(vm, ranges, handler, on_lock=None, flush_on_ret: bool = Fa
                     yield point     # no mmu_lock: the walk runs beside faults and zaps
                 if handler is None:
                     break
+            if rng.slot.freed:
+                vm.freed_slot_uses.append(f"{handler.__name__} on gfns [{rng.start:#x}, "
+                                          f"{rng.end:#x}) of memslot {rng.slot.slot_id:#x}")
             r = handler(vm, rng)
             if type(r) is GeneratorType:
                 r = yield from r

@@ -29,7 +29,8 @@ def check_vm(vm: Kvm, leaves: list | None = None) -> list[str]:
     address space (``vm.mappings(as_id=...)`` as lists), when the caller already has them."""
     if leaves is None:
         leaves = all_leaves(vm)
-    problems: list[str] = []
+    problems: list[str] = [f"{use}: the memslot was freed (kvm_free_memslot)"
+                           for use in vm.freed_slot_uses]
     problems += _check_memslots(vm)
     problems += _check_invalidation(vm)
     problems += _check_attributes(vm)

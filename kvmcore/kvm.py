@@ -77,6 +77,9 @@ class Kvm:
         self.srcu = Srcu("srcu")
         self.attributes = AttributeRanges()
         self.gmem_files: list = []
+        #: What used a memslot after kvm_free_memslot freed it (a use after free in Linux),
+        #: for the invariants to report.
+        self.freed_slot_uses: list[str] = []
         #: kvm->gpc_list: the active gfn_to_pfn_caches (kvmcore.pfncache).
         self.gpc_list: list = []
         self.vcpus: list[KvmVcpu] = []

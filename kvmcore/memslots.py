@@ -77,6 +77,9 @@ class Memslot:
     gmem_pgoff: int = 0
     dirty_bitmap: object = None
     arch: dict = attrs.Factory(dict)
+    #: kvm_free_memslot has freed it (the model keeps the object, so that a flow still
+    #: holding it, as KASAN would report, is named: ``Kvm.freed_slot_uses``).
+    freed: bool = False
 
     @property
     def end_gfn(self) -> int:

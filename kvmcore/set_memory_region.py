@@ -213,8 +213,11 @@ def kvm_commit_memory_region(vm: Kvm, old: Memslot | None, new: Memslot | None,
     for r in vm.hook.commit_memory_region(vm=vm, old=old, new=new, change=change):
         if type(r) is GeneratorType:
             yield from r
-    if change == KVM_MR_DELETE and old.gmem_file is not None:
-        yield from kvm_gmem_unbind(old)
+    if change == KVM_MR_DELETE:
+        # kvm_free_memslot: the guest_memfd binding goes, then the slot itself.
+        if old.gmem_file is not None:
+            yield from kvm_gmem_unbind(old)
+        old.freed = True
 
 
 def kvm_set_memslot(vm: Kvm, old: Memslot | None, new: Memslot | None, change: int):
