@@ -200,7 +200,7 @@ def _backing_pfn(vm: Kvm, slot, gfn: int, private: bool):
             # kvm_gmem_get_pfn fails with -EHWPOISON once the error's invalidation began.
             return f"guest_memfd page {index} is hardware-poisoned"
         return pfn, not slot.readonly, 4096 << gmem.inode.order
-    frame = _host_frame(vm.host, slot.gfn_to_hva(gfn))
+    frame = host_frame(vm.host, slot.gfn_to_hva(gfn))
     if type(frame) is str:
         return frame
     pfn, writable, size = frame
@@ -215,7 +215,7 @@ def _releasing(vm: Kvm, slot):
                  and any(s is slot for _b, _e, s in f.bindings)), None)
 
 
-def _host_frame(host, hva: int):
+def host_frame(host, hva: int):
     """The frame the host maps at ``hva`` now: ``(pfn, writable, size)``, or a string saying
     there is none."""
     pte = host.lookup_pte(hva)
@@ -244,7 +244,7 @@ def _check_gpcs(vm: Kvm) -> list[str]:
         where = f"pfn cache of gpa {gpc.gpa:#x} (hva {gpc.uhva:#x})"
         if not gpc.active:
             out.append(f"{where}: valid but not active")
-        frame = _host_frame(vm.host, gpc.uhva)
+        frame = host_frame(vm.host, gpc.uhva)
         if type(frame) is str or frame[0] != gpc.pfn:
             now = "no page" if type(frame) is str else f"pfn {frame[0]:#x}"
             out.append(f"{where}: valid with pfn {gpc.pfn:#x}, but the host maps {now} there "

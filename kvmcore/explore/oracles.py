@@ -49,7 +49,7 @@ Each check returns None or ``(kind, message)``.
 
 from __future__ import annotations
 
-from ..invariants import all_leaves
+from ..invariants import all_leaves, host_frame
 from ..uapi import GUEST_MEMFD_FLAG_INIT_SHARED, KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, PAGE_SIZE
 from .scenario import READ_BYTES
 
@@ -144,11 +144,11 @@ class Oracles:
             if outcome[1] != 0 if op == "gpc_write" else type(outcome[1]) is not bytes:
                 return None                 # -errno: a refresh failed, nothing copied
             gpc = world.gpcs[f.get("gpc", 0)]
-            pte = host.lookup_pte(gpc.uhva)
-            if pte is None or pte[0] != gpc.pfn:
+            frame = host_frame(host, gpc.uhva)
+            if type(frame) is str or frame[0] != gpc.pfn:
                 return ("stale-access", f"{name} went through the pfn cache's pfn "
                         f"{gpc.pfn:#x}, but the host maps its hva {gpc.uhva:#x} to "
-                        f"{'nothing' if pte is None else f'pfn {pte[0]:#x}'}")
+                        f"{_frame_name(frame)}")
             return None
         if op not in ("read", "write"):
             return None
@@ -165,22 +165,19 @@ class Oracles:
             if slot is None:
                 return ("stale-access", f"{name} went to gpa {gfn << PAGE_SHIFT:#x} "
                         f"through pfn {pfn:#x}, but no memslot covers it")
+            # What a fault would map there: the host's frame (for a VM_PFNMAP range, its
+            # device page even where no PTE is populated yet: arm64 maps such a range in
+            # blocks by the VMA's geometry), else guest_memfd's folio.
             hva = slot.gfn_to_hva(gfn)
-            pte = host.lookup_pte(hva)
-            if pte is not None and pte[0] == pfn:
-                continue
-            if pte is None and (vma := host.find_vma(hva)) is not None and \
-                    vma.kind == "pfnmap" and vma.pfnmap_pfn(hva) == pfn:
-                # arm64 maps a VM_PFNMAP range by its VMA's geometry (get_vma_page_shift):
-                # a block may cover device pages whose host PTEs are not populated yet.
+            frame = host_frame(host, hva)
+            if type(frame) is not str and frame[0] == pfn:
                 continue
             gmem = world.gmems.get(slot.slot_id & 0xFFFF)
             folio = None if gmem is None else gmem.inode.frame_of(slot.gmem_index(gfn))
             if folio == pfn:
                 continue
             return ("stale-access", f"{name} went to gpa {gfn << PAGE_SHIFT:#x} through pfn "
-                    f"{pfn:#x}, but the host maps its hva {hva:#x} to "
-                    f"{'nothing' if pte is None else f'pfn {pte[0]:#x}'}"
+                    f"{pfn:#x}, but the host maps its hva {hva:#x} to {_frame_name(frame)}"
                     + ("" if gmem is None else
                        f" and guest_memfd's folio is {'none' if folio is None else hex(folio)}"))
         return None
@@ -403,3 +400,8 @@ def _leaf_at(leaves: list, gfn: int, private: bool):
         if m.private == private and gfn < m.gfn + m.npages:
             return m
     return None
+
+
+def _frame_name(frame) -> str:
+    """``host_frame``'s answer as the stale-access oracle's message names it."""
+    return "nothing" if type(frame) is str else f"pfn {frame[0]:#x}"
