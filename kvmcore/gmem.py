@@ -435,13 +435,19 @@ def kvm_gmem_bind(vm: Kvm, slot: Memslot, gmem, offset: int):
 def kvm_gmem_unbind(slot: Memslot):
     """kvm_gmem_unbind, a flow: the slot's binding goes under the inode's invalidate lock
     (``gmem_unbind_lock_wait``), or without it when the file is dying (release holds
-    slots_lock for its whole walk, which the caller holds too)."""
+    slots_lock for its whole walk, which the caller holds too; a memory error's invalidation
+    holds only the invalidate lock, which is how ``gmem_error_vs_dying_unbind`` races)."""
     gmem = slot.gmem_file
     if gmem is None:
         return
     if gmem.dying:
         _unbind(gmem, slot)
         return
+    yield from unbind_locked(gmem, slot)
+
+
+def unbind_locked(gmem: GuestMemfd, slot: Memslot):
+    """The binding of ``slot`` goes under the inode's invalidate lock, a flow."""
     lock = gmem.inode.invalidate_lock
     yield from lock.write_lock(GMEM_UNBIND_LOCK_WAIT)
     try:

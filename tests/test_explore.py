@@ -524,17 +524,10 @@ def test_a_memory_error_on_private_memory_hits_the_guest_memfd_folio():
 def _unbind_under_the_lock(slot):
     """kvm_gmem_unbind taking the inode's invalidate lock for a dying file too (the file and
     its mapping live until the release, which waits for the slots_lock the caller holds)."""
-    from kvmcore.gmem import GMEM_UNBIND_LOCK_WAIT, _unbind
+    from kvmcore.gmem import unbind_locked
 
-    gmem = slot.gmem_file
-    if gmem is None:
-        return
-    lock = gmem.inode.invalidate_lock
-    yield from lock.write_lock(GMEM_UNBIND_LOCK_WAIT)
-    try:
-        _unbind(gmem, slot)
-    finally:
-        lock.write_unlock()
+    if slot.gmem_file is not None:
+        yield from unbind_locked(slot.gmem_file, slot)
 
 
 def test_the_race_of_a_dying_guest_memfd_unbind_is_found_and_goes_with_the_lock(monkeypatch):
