@@ -414,7 +414,9 @@ def explore(scenario, arch, vm_type, strategy, max_schedules, seconds, seed, dep
             click.echo(f"{m.name:32} {m.seed}{where}: {m.what}")
         return
     if scenario is None:
-        click.echo("built-in race scenarios: " + ", ".join(ex.builtin_names()))
+        click.echo("built-in race scenarios: " + ", ".join(
+            name + (" (a race of Linux)" if ex.load(name).linux_race is not None else "")
+            for name in ex.builtin_names()))
         return
     unknown = [m for m in mutants if m not in ex.MUTANTS]
     if unknown:

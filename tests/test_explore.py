@@ -856,6 +856,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(args):
     assert r.stderr.strip().startswith("kvmcore: error:")
 
 
+def test_cli_lists_the_builtin_scenarios_and_says_which_show_a_race_of_linux():
+    r = CliRunner().invoke(main, ["explore"])
+    assert r.exit_code == 0 and "gmem_error_vs_dying_unbind (a race of Linux)" in r.output
+    assert "fault_vs_munmap," in r.output
+
+
+def test_cli_prints_the_race_of_linux_a_scenario_shows(tmp_path):
+    r = CliRunner().invoke(main, ["explore", "gmem_error_vs_dying_unbind", "--arch", FLAT])
+    assert r.exit_code == 1
+    assert "\n  a race of Linux itself, as the scenario says: virt/kvm/guest_memfd.c:" \
+        "kvm_gmem_unbind" in r.output
+    r = CliRunner().invoke(main, ["explore", "gmem_error_vs_dying_unbind", "--arch", FLAT,
+                                  "--json"])
+    assert json.loads(r.output)["linux_race"].startswith("virt/kvm/guest_memfd.c")
+
+
 def test_cli_replay_draws_the_schedule(tmp_path):
     pytest.importorskip("matplotlib")
     picture = tmp_path / "race.png"
