@@ -47,6 +47,7 @@ APPLIES = {
     # The pfn cache: x86 (CONFIG_HAVE_KVM_PFNCACHE) and the flat backend.
     "gpc_retry_in_progress": ["x86_tdp", FLAT],
     "gpc_refresh_unserialized": ["x86_tdp", FLAT],
+    "gpc_refresh_inactive": ["x86_tdp", FLAT],
     # The backends' own (entry-point group kvmcore.mutants), present when they are installed.
     "tdx_zap_shared_alias": ["x86_tdp"],
     "tdx_remove_before_track": ["x86_tdp"],

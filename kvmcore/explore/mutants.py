@@ -203,6 +203,38 @@ def _prefault_retries_invalid_slot():
     return patch.object(fault, "kvm_faultin_invalid_slot", lambda f: RET_PF_RETRY)
 
 
+@contextlib.contextmanager
+def _gpc_refresh_inactive():
+    """kvm_gpc_check and __kvm_gpc_refresh before ecbcf030b456 ("KVM: Reject attempts to
+    consume or refresh inactive gfn_to_pfn_cache", 2022): neither tests ``active``. The
+    refresh of an inactive cache runs as an active one's: the flag reads True for its
+    length, which nothing else can see (deactivate and activate wait for the refresh_lock
+    it holds; the mutated check ignores the flag; the notifier walks kvm->gpc_list)."""
+    from ..pfncache import GfnToPfnCache
+
+    check, refresh = GfnToPfnCache.check, GfnToPfnCache._refresh
+
+    def check_inactive(self, length):
+        was, self.active = self.active, True
+        try:
+            return check(self, length)
+        finally:
+            self.active = was
+
+    def refresh_inactive(self, gpa):
+        if self.active:
+            return (yield from refresh(self, gpa))
+        self.active = True
+        try:
+            return (yield from refresh(self, gpa))
+        finally:
+            self.active = False
+
+    with patch.object(GfnToPfnCache, "check", check_inactive), \
+            patch.object(GfnToPfnCache, "_refresh", refresh_inactive):
+        yield
+
+
 class _NoLock:
     """A refresh_lock that serialises nothing."""
 
@@ -270,6 +302,11 @@ _CORE = {m.name: m for m in (
     Mutant("gpc_refresh_unserialized", "two pfn cache refreshes at once",
            "kvm_gpc_refresh without gpc->refresh_lock", _gpc_refresh_unserialized,
            ("two_gpc_activates",)),
+    Mutant("gpc_refresh_inactive", "a pfn cache used after its deactivation",
+           "kvm_gpc_check and kvm_gpc_refresh before ecbcf030b456 do not reject an inactive "
+           "cache: a refresh after kvm_gpc_deactivate makes it valid off kvm->gpc_list, "
+           "where no invalidation reaches it", _gpc_refresh_inactive,
+           ("gpc_read_vs_deactivate",)),
     Mutant("prefault_retries_invalid_slot", "a pre-fault racing a memslot deletion",
            "KVM_PRE_FAULT_MEMORY retries on a slot being deleted (before 3ccbf6f47098) while "
            "holding kvm->srcu, which the deletion's synchronize_srcu waits for",

@@ -16,6 +16,9 @@
   freed (the shared zero page a COW break replaced, a page a migration copied from and has
   not freed yet). The symptom a guest sees: a read of bytes the host no longer holds there,
   a write the host never sees.
+- **No unreachable cache**: a valid pfn cache is on kvm->gpc_list, where the MMU notifier
+  finds it (kvm_gpc_activate puts it there before it is active; kvm_gpc_deactivate makes it
+  invalid before it takes it off, and a refresh of an inactive cache fails).
 - **No private leak**: no shared (non-private) leaf maps a page of a guest_memfd that is not
   shared (without GUEST_MEMFD_FLAG_INIT_SHARED): a shared access never reaches private memory.
 - **No downgrade without an invalidation**: once an access completed, the leaf it used stays
@@ -183,14 +186,20 @@ class Oracles:
         return None
 
     def use_after_free(self, leaves: list | None = None):
-        """Use after free, and a shared leaf that reaches a private guest_memfd page (one
-        pass over ``leaves``, the present leaves per address space, only when the host has
-        freed a frame or guest_memfd holds one)."""
+        """A valid pfn cache the notifier cannot reach, use after free, and a shared leaf
+        that reaches a private guest_memfd page (one pass over ``leaves``, the present
+        leaves per address space, only when the host has freed a frame or guest_memfd holds
+        one)."""
         host = self.world.host
+        vm = self.world.vm
+        for gpc in self.world.gpcs.values():
+            if gpc.valid and gpc not in vm.gpc_list:
+                return ("unreachable-cache", f"the pfn cache of gpa {gpc.gpa:#x} is valid "
+                        f"(pfn {gpc.pfn:#x}) but not on kvm->gpc_list: no invalidation "
+                        "reaches it")
         freed, gmem = host.freed, host.gmem_frames
         if not freed and not gmem:
             return None
-        vm = self.world.vm
         if leaves is None:
             leaves = all_leaves(vm)
         if freed:

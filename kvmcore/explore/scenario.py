@@ -67,7 +67,8 @@ private memory, allocated first if the setup did not), ``split_huge_page`` and
 ``collapse_huge_page`` (khugepaged; the PMD-sized block of a ``thp`` slot holding ``page``),
 and KVM's own accesses through a gfn_to_pfn_cache (``gpc = N``, default 0; the VM type needs
 ``pfncache``): ``gpc_activate`` (``page`` or ``gpa``; also a setup ``[[access]]``),
-``gpc_read`` and ``gpc_write`` (refreshing the cache while kvm_gpc_check fails), and a
+``gpc_read`` and ``gpc_write`` (refreshing the cache while kvm_gpc_check fails),
+``gpc_deactivate`` (kvm_gpc_deactivate: invalid and off the VM's list), and a
 vCPU's ``pre_fault`` (KVM_PRE_FAULT_MEMORY: ``page`` and ``pages``, or ``gpa`` and
 ``size``; ``vcpu`` as for an access; the VM type needs ``pre_fault``).
 Addresses are numbers or strings (``"0x5000"``); pages count base pages (the VM's
@@ -114,7 +115,7 @@ THP_OPS = ("split_huge_page", "collapse_huge_page")
 HOST_OPS = ("munmap", "madvise_dontneed", "mprotect", "migrate", "host_write", "age",
             "poison") + THP_OPS
 #: KVM's own accesses through a gfn_to_pfn_cache (``gpc = N`` names the cache, default 0).
-GPC_OPS = ("gpc_activate", "gpc_read", "gpc_write")
+GPC_OPS = ("gpc_activate", "gpc_read", "gpc_write", "gpc_deactivate")
 #: vCPU ioctls: KVM_PRE_FAULT_MEMORY (``vcpu``, ``page`` and ``pages``, or ``gpa`` and ``size``).
 VCPU_OPS = ("pre_fault",)
 FLOW_OPS = ACCESS_OPS + VM_OPS + GMEM_OPS + HOST_OPS + GPC_OPS + VCPU_OPS
@@ -544,6 +545,8 @@ class World:
                 return gpc.steps.activate(f["gpa"], f.get("n", 8))
             if op == "gpc_write":
                 return gpc.steps.write(self.data(f))
+            if op == "gpc_deactivate":
+                return gpc.steps.deactivate()
             return gpc.steps.read(f.get("n", 8))
         if op == "pre_fault":
             return self.vcpus[f.get("vcpu", i)].steps.pre_fault_memory(

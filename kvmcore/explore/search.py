@@ -16,18 +16,18 @@ world (VM creation costs a fraction of a millisecond), so the search keeps no mo
 Oracles (``oracles.py``), after every step: ``vm.check_invariants()`` (the core's and the
 backend's: every leaf maps what a fresh fault would resolve now outside an invalidation in
 progress, every TLB entry is backed by a leaf once no flow holds the MMU lock); an access that
-completed went to the frame the host maps at its hva (or guest_memfd's folio); no leaf or TLB
-entry reaches a frame the host freed; a leaf that a completed access used is not taken away or
-made read-only without an invalidation; a flow raising anything but a guest exit, KvmError or a
-host signal is a crash; no runnable flow while some are unfinished is a deadlock; a flow still
-running after ``MAX_FLOW_STEPS`` stretches more than it takes alone, or a vCPU access whose
-fault retried without progress until it gave up (``FaultLivelock``), is a livelock. At the
-end, the invariants again; no lost page: every anonymous page the host allocated while the
-flows ran is mapped or was freed; no lost write: every store that completed is where it stored
-at the end; and dirty-log completeness: every guest write that completed after the last
-dirty-log ioctl returned is reported by the next KVM_GET_DIRTY_LOG or dirty ring harvest. A
-flow whose scenario lists how it may end (``expect``) and that ends otherwise is
-``unexpected``.
+completed went to the frame the host maps at its hva (or guest_memfd's folio); a valid pfn cache
+is on kvm->gpc_list; no leaf or TLB entry reaches a frame the host freed; a leaf that a
+completed access used is not taken away or made read-only without an invalidation; a flow
+raising anything but a guest exit, KvmError or a host signal is a crash; no runnable flow while
+some are unfinished is a deadlock; a flow still running after ``MAX_FLOW_STEPS`` stretches more
+than it takes alone, or a vCPU access whose fault retried without progress until it gave up
+(``FaultLivelock``), is a livelock. At the end, the invariants again; no lost page: every
+anonymous page the host allocated while the flows ran is mapped or was freed; no lost write:
+every store that completed is where it stored at the end; and dirty-log completeness: every
+guest write that completed after the last dirty-log ioctl returned is reported by the next
+KVM_GET_DIRTY_LOG or dirty ring harvest. A flow whose scenario lists how it may end (``expect``)
+and that ends otherwise is ``unexpected``.
 """
 
 from __future__ import annotations
