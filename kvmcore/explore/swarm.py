@@ -213,9 +213,18 @@ def generate(rng: random.Random, vm_type: str, caps: frozenset, name: str,
             accesses[-1]["private"] = True
     flows = []
     for i in range(rng.choice((2, 2, 2, 3))):
-        # A scenario with a pfn cache is about it: its first flow uses the cache.
-        op = rng.choice(GPC_OPS) if gpc and i == 0 else rng.choice(ops)
+        # A scenario with a pfn cache is about it: its first flow uses the cache, and a
+        # deactivation races a user of the cache, which the setup made active.
+        if gpc and i == 0:
+            op = rng.choice(GPC_OPS)
+        elif gpc and i == 1 and flows[0]["op"] == "gpc_deactivate":
+            op = rng.choice(("gpc_read", "gpc_write"))
+        else:
+            op = rng.choice(ops)
         flows.append(_flow(rng, op, pages, hot, private))
+    if flows[0]["op"] == "gpc_deactivate" and all(a["op"] != "gpc_activate"
+                                                  for a in accesses):
+        accesses.insert(0, _on_page("gpc_activate", *hot[0]))
     if alias is not None and rng.random() < 0.3:
         # At 512 GiB: a root-level entry of its own on x86 (4-level EPT), so a zap of a
         # whole root yields between the two slots, which the setup has both mapped. Drawn
