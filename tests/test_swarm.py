@@ -44,6 +44,12 @@ def test_scenarios_are_valid_and_the_seed_fixes_them():
     poisons = [f for d in map(tomllib.loads, texts) for f in d["flow"] if f["op"] == "poison"]
     assert poisons and all("page" in f for f in poisons)
     assert any(f.get("private") for f in poisons)
+    # A deactivation of the pfn cache races a user of it, on a cache the setup activated.
+    deactivating = [d for d in map(tomllib.loads, texts)
+                    if d["flow"][0]["op"] == "gpc_deactivate"]
+    assert deactivating and all(
+        d["flow"][1]["op"] in ("gpc_read", "gpc_write") and
+        any(a["op"] == "gpc_activate" for a in d["access"]) for d in deactivating)
     # Nothing Linux refuses on, or never does to, a VM_PFNMAP range.
     pfnmap = [t for t in texts if 'kind = "pfnmap"' in t]
     assert pfnmap and not any(f'op = "{op}"' in t for t in pfnmap
