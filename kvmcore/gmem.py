@@ -176,14 +176,23 @@ class GmemInode:
                     self.host._zap_ptes(hva, hva + length)
                     yield from self.host._invalidate_end(hva, length)
 
+    def mark_poisoned(self, index: int) -> None:
+        """The hwpoison flag of the folio holding page ``index``, which memory_failure sets
+        before anything else: kvm_gmem_get_pfn fails with -EHWPOISON from then on, while a
+        leaf mapped before may stay until the error handler's invalidation begins
+        (``poison_pending``)."""
+        base = index & ~((1 << self.order) - 1)
+        pages = range(base, base + (1 << self.order))
+        self.poisoned.update(pages)
+        self.poison_pending.update(pages)
+
     def error_folio(self, index: int):
-        """kvm_gmem_error_folio, a flow: under the invalidate lock taken shared (two memory
-        errors, or one and an allocation, run together), invalidate the folio's range, do not
-        truncate; later get_pfn gives -EHWPOISON."""
+        """kvm_gmem_error_folio, a flow (memory_failure has marked the folio): under the
+        invalidate lock taken shared (two memory errors, or one and an allocation, run
+        together), invalidate the folio's range, do not truncate; later get_pfn gives
+        -EHWPOISON."""
         base = index & ~((1 << self.order) - 1)
         end = base + (1 << self.order)
-        self.poisoned.update(range(base, end))
-        self.poison_pending.update(range(base, end))
         yield from self.invalidate_lock.read_lock(GMEM_INVAL_LOCK_WAIT)
         try:
             yield from self.invalidate_begin(base, end)

@@ -1201,10 +1201,11 @@ class HostMemory:
 
     @steppable
     def memory_failure(self, pfn: int) -> None:
-        """memory_failure(pfn): the host page holding frame ``pfn`` is poisoned.
-        guest_memfd pages go to the file's error handler (kvm_gmem_error_folio: invalidate,
-        no truncation); other pages are unmapped from every mapping (notifiers fire) and a
-        later touch gets SIGBUS / -EHWPOISON.
+        """memory_failure(pfn): the host page holding frame ``pfn`` is poisoned: it is
+        unmapped from every user mapping (hwpoison_user_mappings; notifiers fire) and a
+        later touch gets SIGBUS / -EHWPOISON; then a guest_memfd page goes to the file's
+        error handler (truncate_error_folio -> kvm_gmem_error_folio: invalidate, no
+        truncation).
 
         A THP holding the page is split first (try_to_split_thp_page: split_huge_page, whose
         PMD split invalidates the PMD's whole range), then only the poisoned page goes, in
@@ -1221,9 +1222,7 @@ class HostMemory:
         self.poisoned.add(first)
         owner = self.gmem_frames.get(first)
         if owner is not None:
-            inode, index = owner
-            yield from inode.error_folio(index)
-            return
+            owner[0].mark_poisoned(owner[1])
         last = first + self.nr_frames
         hvas = []
         for size, table in self._tables.items():
@@ -1247,6 +1246,9 @@ class HostMemory:
             self._zap_ptes(hva, hva + self.page_size)
             self.hwpoison_pages.add(hva >> self.page_shift)
             yield from self._invalidate_end(hva, self.page_size)
+        if owner is not None:
+            inode, index = owner
+            yield from inode.error_folio(index)
 
     def read(self, hva: int, n: int) -> bytes:
         """A host (VMM) read of ``n`` bytes at ``hva``; faults pages in as needed, under the

@@ -123,6 +123,28 @@ def test_gmem_only_slot_serves_shared_faults_from_the_file(vm, host):
     assert vm.lookup(0x5000).pfn == gmem.inode.folios[5]
 
 
+def test_a_memory_error_unmaps_a_guest_memfd_page_from_its_mapping_first(vm, host):
+    """memory_failure unmaps a poisoned page-cache folio from every user mapping first
+    (hwpoison_user_mappings: try_to_unmap with TTU_HWPOISON, in an MMU-notifier
+    invalidation of the page, which leaves a hwpoison entry), then calls the file's
+    error_remove_folio (kvm_gmem_error_folio's invalidation): the host's mapping of a
+    guest_memfd page goes, and a touch is SIGBUS from the entry."""
+    gmem = vm.create_guest_memfd(2 * MiB, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    hva = gmem.mmap()
+    vm.set_user_memory_region(0, 0, 2 * MiB, hva, KVM_MEM_GUEST_MEMFD, guest_memfd=gmem)
+    host.write(hva + 0x5000, b"x")
+    vm.create_vcpu(0).read(0x5000, 1)
+    seq = vm.mmu_invalidate.seq
+    host.poison(hva + 0x5000)
+    assert host.lookup_pte(hva + 0x5000) is None and vm.lookup(0x5000) is None
+    assert gmem.inode.poisoned == {5} and 5 in gmem.inode.folios
+    assert vm.mmu_invalidate.seq == seq + 2           # the unmap's, then the file's
+    with pytest.raises(SigBus, match="hardware-poisoned"):
+        host.read(hva + 0x5000, 1)
+    assert host.read(hva + 0x6000, 1) == b"\0"
+    vm.check_invariants()
+
+
 def test_gmem_mmap_read_fault_maps_writable(vm, host):
     """A guest_memfd mapping is MAP_SHARED with no writenotify (no page_mkwrite, no
     writeback), so its page protection is writable and a read fault maps the page writable
