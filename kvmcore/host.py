@@ -1042,19 +1042,24 @@ class HostMemory:
             end = max(end & ~(last.page_size - 1), last.start)
         if end <= hva:
             return
-        # madvise_lock: MADV_DONTNEED takes the mmap lock for read.
+        # madvise_lock: MADV_DONTNEED takes the mmap lock for read; madvise_walk_vmas then
+        # zaps each VMA of the range as the tree holds it now, alone
+        # (zap_page_range_single: an invalidation of its part), and skips a hole: the PTEs
+        # of a VMA a munmap detached are the munmap's to zap (and free).
         yield from self.mmap_lock.take(READ, MMAP_LOCK_WAIT)
         try:
-            yield from self._invalidate_start(hva, end - hva)
-            # The zap splits a THP across the range's edge (zap_pmd_range ->
-            # __split_huge_pmd) inside this invalidation, with its own. A fault under the
-            # same read lock may make one after this invalidation started, or while a
-            # split waits: the zap looks at each edge when it gets there, so again after
-            # every split, and zaps once none is left.
-            while across := self._huge_across_edges(hva, end):
-                yield from self._split_huge_pmd(*across[0])
-            self._zap_ptes(hva, end)
-            yield from self._invalidate_end(hva, end - hva)
+            for vma in self.vmas_in(hva, end):
+                lo, hi = max(hva, vma.start), min(end, vma.end)
+                yield from self._invalidate_start(lo, hi - lo)
+                # The zap splits a THP across the part's edge (zap_pmd_range ->
+                # __split_huge_pmd) inside this invalidation, with its own. A fault under
+                # the same read lock may make one after this invalidation started, or while
+                # a split waits: the zap looks at each edge when it gets there, so again
+                # after every split, and zaps once none is left.
+                while across := self._huge_across_edges(lo, hi):
+                    yield from self._split_huge_pmd(*across[0])
+                self._zap_ptes(lo, hi)
+                yield from self._invalidate_end(lo, hi - lo)
         finally:
             self.mmap_lock.read_unlock()
 

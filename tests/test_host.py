@@ -267,6 +267,25 @@ def test_munmap_splits_vmas(host, rec):
         host.read(hva + MiB, 1)
 
 
+def test_dontneed_leaves_the_ptes_of_a_vma_a_munmap_detached(host):
+    """madvise(MADV_DONTNEED) zaps the VMAs of its range as the tree holds them under its
+    mmap lock, one by one; one a munmap has detached (the munmap holds the lock for read
+    across its notifiers, then zaps and frees its PTEs) is a hole to it. It zapped the
+    whole range, so the munmap found no PTE to free and the page was lost (the swarm's
+    lost-page oracle, seed 17, the 51st)."""
+    host.freed = set()
+    hva = host.mmap(16 * 4096)
+    host.write(hva + 7 * 4096, b"x")
+    pfn = host.lookup_pte(hva + 7 * 4096)[0]
+    unmap = host.steps.munmap(hva + 7 * 4096, 4096)
+    assert next(unmap) == "mn_host_window"          # detached, the PTE still there
+    host.madvise_dontneed(hva + 4096, 15 * 4096)
+    assert host.lookup_pte(hva + 7 * 4096) is not None
+    assert host.lookup_pte(hva + 6 * 4096) is None
+    unmap.run()
+    assert host.lookup_pte(hva + 7 * 4096) is None and pfn in host.freed
+
+
 def test_poison(host, rec):
     hva = host.mmap(MiB)
     host.write(hva, b"x")
