@@ -20,7 +20,7 @@ from sortedcontainers import SortedKeyList
 from .args import integer, u64
 from .errors import EHWPOISON, KvmError
 from .host import SigBus
-from .locks import RwLock, Steps, steppable
+from .locks import RwLock, Steps, steppable, wait_until
 from .records import GfnRange
 from .hva import kvm_handle_ranges
 from .mmu_notifier import kvm_mmu_unmap_gfn_range
@@ -50,6 +50,7 @@ GMEM_INVAL_LOCK_WAIT = "gmem_inval_lock_wait"
 GMEM_SLOTS_LOCK_WAIT = "gmem_slots_lock_wait"
 GMEM_BIND_LOCK_WAIT = "gmem_bind_lock_wait"
 GMEM_UNBIND_LOCK_WAIT = "gmem_unbind_lock_wait"
+GMEM_LAST_FPUT_WAIT = "gmem_last_fput_wait"
 
 
 class GmemInode:
@@ -211,6 +212,10 @@ class GuestMemfd:
         self.inode = inode
         self.bindings = SortedKeyList(key=lambda b: b[0])  # (start, end, slot)
         self.closed = False
+        #: close(2) took the fd away: a new syscall on it is EBADF.
+        self.fd_closed = False
+        #: Syscalls on the file in flight, each holding a reference (fdget): a fallocate.
+        self.refs = 0
         #: The last reference was dropped and release (``close``) has begun.
         self.dying = False
         inode.files.append(self)
@@ -303,23 +308,28 @@ class GuestMemfd:
             raise KvmError(errno.EINVAL, f"offset={offset:#x} or length={length:#x} is not "
                                          f"aligned to PAGE_SIZE {mask + 1:#x}")
         start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
-        if mode & FALLOC_FL_PUNCH_HOLE:
-            yield from self.inode.punch_hole(start, min(end, self.inode.npages))
-            self.vm.stats["gmem_punch_hole"] += 1
-            self.vm.trace("gmem.punch_hole", offset=offset, length=length)
-            return
-        if offset + length > self.size:
+        if not mode & FALLOC_FL_PUNCH_HOLE and offset + length > self.size:
             raise KvmError(errno.EINVAL, f"offset={offset:#x} + length={length:#x} is beyond "
                                          f"the file's size {self.size:#x}")
-        # kvm_gmem_allocate: the invalidate lock shared, so allocations run together but not
-        # beside a punch hole.
-        lock = self.inode.invalidate_lock
-        yield from lock.read_lock(GMEM_INVAL_LOCK_WAIT)
+        # The syscall's reference (fdget): a close meanwhile is not the last fput.
+        self.refs += 1
         try:
-            for index in range(start, end, 1 << self.inode.order):
-                self.inode.get_folio(index)
+            if mode & FALLOC_FL_PUNCH_HOLE:
+                yield from self.inode.punch_hole(start, min(end, self.inode.npages))
+                self.vm.stats["gmem_punch_hole"] += 1
+                self.vm.trace("gmem.punch_hole", offset=offset, length=length)
+                return
+            # kvm_gmem_allocate: the invalidate lock shared, so allocations run together but
+            # not beside a punch hole.
+            lock = self.inode.invalidate_lock
+            yield from lock.read_lock(GMEM_INVAL_LOCK_WAIT)
+            try:
+                for index in range(start, end, 1 << self.inode.order):
+                    self.inode.get_folio(index)
+            finally:
+                lock.read_unlock()
         finally:
-            lock.read_unlock()
+            self.refs -= 1
 
     def mmap(self) -> int:
         """mmap(2) of the file, MAP_SHARED (kvm_gmem_mmap): needs GUEST_MEMFD_FLAG_MMAP."""
@@ -331,15 +341,22 @@ class GuestMemfd:
 
     @steppable
     def close(self) -> None:
-        """The last reference goes (kvm_gmem_release): under kvm->slots_lock (so that no
-        memslot update unbinds and frees a slot while release walks the bindings), then the
-        inode's invalidate lock, bound slots lose the file and every mapping from it is
-        zapped; the inode's memory stays. From its start the file is ``dying``: its fd is
-        gone (a bind gets EBADF) and an unbind no longer takes its invalidate lock
-        (kvm_gmem_unbind when get_file_active fails) and kvm_gmem_get_pfn fails (EFAULT),
-        while the mappings made before stay until release zaps them."""
-        if self.closed or self.dying:
+        """close(2) of the file's fd, its last: the fd goes at once (a fallocate or a bind
+        gets EBADF), and the last reference with it, or, while a syscall on the file holds
+        one (a fallocate in flight), when that returns (``gmem_last_fput_wait``). Then the
+        release (kvm_gmem_release): under kvm->slots_lock (so that no memslot update unbinds
+        and frees a slot while release walks the bindings), then the inode's invalidate
+        lock, bound slots lose the file and every mapping from it is zapped; the inode's
+        memory stays. From the last reference on the file is ``dying``: an unbind no longer
+        takes its invalidate lock (kvm_gmem_unbind when get_file_active fails) and
+        kvm_gmem_get_pfn fails (EFAULT), while the mappings made before stay until release
+        zaps them."""
+        if self.closed or self.fd_closed:
             return
+        self.fd_closed = True
+        if self.refs:
+            yield from wait_until(lambda: not self.refs, "the syscalls on the file to drop "
+                                  "their references", GMEM_LAST_FPUT_WAIT)
         self.dying = True
         inode, slots_lock = self.inode, self.vm.slots_lock
         yield from slots_lock.lock(GMEM_SLOTS_LOCK_WAIT)
@@ -361,7 +378,7 @@ class GuestMemfd:
         self.vm.trace("gmem.release", size=self.size)
 
     def _check_open(self) -> None:
-        if self.closed:
+        if self.fd_closed:
             raise KvmError(errno.EBADF, "guest_memfd is closed")
 
 
@@ -415,7 +432,7 @@ def kvm_gmem_bind(vm: Kvm, slot: Memslot, gmem, offset: int):
     write (``gmem_bind_lock_wait``), that the range is unbound (EINVAL) and the binding
     stored: a punch hole or release never sees the bindings change between its begin and
     its end."""
-    if gmem is None or (isinstance(gmem, GuestMemfd) and (gmem.closed or gmem.dying)):
+    if gmem is None or (isinstance(gmem, GuestMemfd) and gmem.fd_closed):
         raise KvmError(errno.EBADF, "guest_memfd: not an open file")
     if not isinstance(gmem, GuestMemfd):
         raise KvmError(errno.EINVAL, f"guest_memfd={gmem!r} is not a guest_memfd")

@@ -531,6 +531,34 @@ def _unbind_under_the_lock(slot):
         yield from unbind_locked(slot.gmem_file, slot)
 
 
+PUNCH_DELETE_CLOSE = """
+name = "punch_vs_slot_delete_vs_close"
+[vm]
+requires = ["private_mem"]
+[[slot]]
+pages = 16
+guest_memfd = true
+private = true
+[[flow]]
+op = "punch_hole"
+page = 9
+pages = 2
+[[flow]]
+op = "delete_slot"
+[[flow]]
+op = "close_gmem"
+"""
+
+
+def test_a_hole_punch_keeps_the_file_alive_across_a_close():
+    """The swarm (seed 16, the 202nd) found the hole punch's invalidation left in progress
+    when a close made the file dying at once and a memslot deletion then unbound it without
+    the invalidate lock: the punch's fallocate holds a reference, so the close is not the
+    last fput and the unbind waits for the lock. Clean in every interleaving."""
+    result = explore(parse(PUNCH_DELETE_CLOSE), FLAT, preemption_bound=None)
+    assert result.clean and result.exhausted
+
+
 def test_the_race_of_a_dying_guest_memfd_unbind_is_found_and_goes_with_the_lock(monkeypatch):
     """``gmem_error_vs_dying_unbind``, a race of Linux the swarm found: a memory error's
     invalidation has read a slot's binding when the slot's deletion unbinds it without the

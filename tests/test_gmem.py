@@ -190,6 +190,31 @@ def test_a_dying_file_serves_no_fault_before_release_zaps(pvm, host):
     pvm.check_invariants()
 
 
+def test_a_close_while_a_fallocate_holds_the_file_is_not_its_last_fput(pvm, host):
+    """A fallocate holds a reference to the file (fdget) for its length: the close of the
+    fd then is not the last fput. The fd is gone at once (a new fallocate is EBADF), but the
+    file is not dying, and the release runs when the fallocate returns (before, the file
+    was dying at once: a memslot deletion then unbound it without the invalidate lock under
+    the hole punch's invalidation, whose end found no binding; the swarm, seed 16, the
+    202nd)."""
+    gmem, _ = private_slot(pvm, host)
+    pvm.create_vcpu(0).write(0x3000, b"a")
+    punch = gmem.steps.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, 0x2000)
+    assert next(punch) == "gmem_inval_lock_wait"
+    close = gmem.steps.close()
+    assert next(close) == "gmem_last_fput_wait" and not close.runnable
+    assert gmem.fd_closed and not gmem.dying and gmem.refs == 1
+    with pytest.raises(KvmError) as e:
+        gmem.fallocate(FALLOC_FL_KEEP_SIZE, 0, 0x1000)
+    assert e.value.errno == errno.EBADF
+    assert pvm.create_vcpu(1).read(0x3000, 1) == b"a"     # the file still serves faults
+    punch.run()
+    assert close.runnable
+    close.run()
+    assert gmem.closed and list(pvm.mappings()) == []
+    pvm.check_invariants()
+
+
 def test_memory_error_zaps_and_faults_ehwpoison(pvm, host):
     gmem, _ = private_slot(pvm, host)
     vcpu = pvm.create_vcpu(0)

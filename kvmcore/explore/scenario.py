@@ -53,9 +53,9 @@ signal: ``sigbus``, ``sigsegv``); a schedule where it ends otherwise fails (``un
 
 Flow ops: ``read``, ``write`` (a vCPU's access: ``vcpu`` defaults to the flow's index),
 ``set_memory_attributes``, ``punch_hole`` (``slot``, ``page``), ``close_gmem`` (``slot``: the
-VMM closes the slot's guest_memfd, its last reference: kvm_gmem_release; not for ``"mmap"``,
-whose mapping holds the file), ``delete_slot`` / ``move_slot``
-(``slot``; ``gpa`` for a move), ``log_dirty`` (``slot``: turn dirty logging on),
+VMM closes the slot's guest_memfd's fd, its last: kvm_gmem_release, once a fallocate in flight
+has dropped its reference; not for ``"mmap"``, whose mapping holds the file),
+``delete_slot`` / ``move_slot`` (``slot``; ``gpa`` for a move), ``log_dirty`` (``slot``: turn dirty logging on),
 ``get_dirty_log`` / ``clear_dirty_log`` (``slot``), ``reset_dirty_rings`` (the VMM harvests
 every vCPU's dirty ring when the schedule starts, then KVM_RESET_DIRTY_RINGS; ``[vm]
 dirty_ring = <bytes>`` enables the rings), and the host's ``munmap``,
