@@ -55,7 +55,8 @@ Flow ops: ``read``, ``write`` (a vCPU's access: ``vcpu`` defaults to the flow's 
 ``set_memory_attributes``, ``punch_hole`` (``slot``, ``page``), ``close_gmem`` (``slot``: the
 VMM closes the slot's guest_memfd's fd, its last: kvm_gmem_release, once a fallocate in flight
 has dropped its reference; not for ``"mmap"``, whose mapping holds the file),
-``delete_slot`` / ``move_slot`` (``slot``; ``gpa`` for a move), ``log_dirty`` (``slot``: turn dirty logging on),
+``delete_slot`` / ``move_slot`` (``slot``; ``gpa`` for a move), ``log_dirty`` (``slot``: turn
+dirty logging on),
 ``get_dirty_log`` / ``clear_dirty_log`` (``slot``), ``reset_dirty_rings`` (the VMM harvests
 every vCPU's dirty ring when the schedule starts, then KVM_RESET_DIRTY_RINGS; ``[vm]
 dirty_ring = <bytes>`` enables the rings), and the host's ``munmap``,
