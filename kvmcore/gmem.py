@@ -89,6 +89,11 @@ class GmemInode:
         pfn = self.folios.get(base)
         return None if pfn is None else (base, pfn)
 
+    def folio_pages(self, index: int) -> range:
+        """The page indices of the folio that holds (or would hold) page ``index``."""
+        base = index & ~((1 << self.order) - 1)
+        return range(base, base + (1 << self.order))
+
     def frame_of(self, index: int) -> int | None:
         """The 4 KiB frame holding page ``index``, if its folio is allocated (a checker's
         look: nothing is allocated)."""
@@ -100,12 +105,12 @@ class GmemInode:
         found = self.folio_of(index)
         if found is not None:
             return found
-        base = index & ~((1 << self.order) - 1)
-        pfn = self.host.alloc_frames(1 << self.order)
-        self.folios[base] = pfn
-        for i in range(1 << self.order):
-            self.host.gmem_frames[pfn + i] = (self, base + i)
-        return base, pfn
+        pages = self.folio_pages(index)
+        pfn = self.host.alloc_frames(len(pages))
+        self.folios[pages.start] = pfn
+        for i, page in enumerate(pages):
+            self.host.gmem_frames[pfn + i] = (self, page)
+        return pages.start, pfn
 
     def fault_user_mapping(self, index: int) -> int:
         """kvm_gmem_fault_user_mapping: a host touch of an mmap()ed guest_memfd page."""
@@ -182,8 +187,7 @@ class GmemInode:
         before anything else: kvm_gmem_get_pfn fails with -EHWPOISON from then on, while a
         leaf mapped before may stay until the error handler's invalidation begins
         (``poison_pending``)."""
-        base = index & ~((1 << self.order) - 1)
-        pages = range(base, base + (1 << self.order))
+        pages = self.folio_pages(index)
         self.poisoned.update(pages)
         self.poison_pending.update(pages)
 
@@ -192,13 +196,12 @@ class GmemInode:
         invalidate lock taken shared (two memory errors, or one and an allocation, run
         together), invalidate the folio's range, do not truncate; later get_pfn gives
         -EHWPOISON."""
-        base = index & ~((1 << self.order) - 1)
-        end = base + (1 << self.order)
+        pages = self.folio_pages(index)
         yield from self.invalidate_lock.read_lock(GMEM_INVAL_LOCK_WAIT)
         try:
-            yield from self.invalidate_begin(base, end)
-            self.poison_pending.difference_update(range(base, end))
-            yield from self.invalidate_end(base, end)
+            yield from self.invalidate_begin(pages.start, pages.stop)
+            self.poison_pending.difference_update(pages)
+            yield from self.invalidate_end(pages.start, pages.stop)
         finally:
             self.invalidate_lock.read_unlock()
 

@@ -124,7 +124,7 @@ class Oracles:
         if private:
             # The scenario's file for the slot: a release may have taken it from the slot
             # already (the store went through a leaf its zap had not reached).
-            gmem = self.world.gmems[slot.slot_id & 0xFFFF]
+            gmem = self.world.gmem_of(slot)
             where = ("gmem", gmem.inode,
                      (slot.gmem_index(gpa >> PAGE_SHIFT) << PAGE_SHIFT) + gpa % PAGE_SIZE)
         else:
@@ -175,7 +175,7 @@ class Oracles:
             frame = host_frame(host, hva)
             if type(frame) is not str and frame[0] == pfn:
                 continue
-            gmem = world.gmems.get(slot.slot_id & 0xFFFF)
+            gmem = world.gmem_of(slot)
             folio = None if gmem is None else gmem.inode.frame_of(slot.gmem_index(gfn))
             if folio == pfn:
                 continue

@@ -523,11 +523,18 @@ class World:
         """memory_failure on the frame of the guest_memfd folio of ``f``'s page: a machine
         check on private memory, which no host PTE maps. A folio not allocated yet is
         allocated first, as the VMM's fallocate would have (a memory error hits memory)."""
-        inode = self.gmems[f.get("slot", 0)].inode
+        gmem = self.gmems[f.get("slot", 0)]
         offset = f.get("page", 0) * self.page
-        if inode.frame_of(offset >> PAGE_SHIFT) is None:
-            self.gmems[f.get("slot", 0)].fallocate(FALLOC_FL_KEEP_SIZE, offset, self.page)
-        return self.host.steps.memory_failure(inode.frame_of(offset >> PAGE_SHIFT))
+        pfn = gmem.inode.frame_of(offset >> PAGE_SHIFT)
+        if pfn is None:
+            gmem.fallocate(FALLOC_FL_KEEP_SIZE, offset, self.page)
+            pfn = gmem.inode.frame_of(offset >> PAGE_SHIFT)
+        return self.host.steps.memory_failure(pfn)
+
+    def gmem_of(self, slot):
+        """The scenario's guest_memfd file of memslot ``slot`` (None without one), even where
+        a release has already taken it from the slot."""
+        return self.gmems.get(slot.slot_id & 0xFFFF)
 
     def _hva(self, f):
         return self.hvas[f.get("slot", 0)] + f.get("page", 0) * self.page
